@@ -167,7 +167,13 @@ def read_state_dict(url: str) -> Mapping[str, torch.Tensor]:
             payload = f.read()
     except FileNotFoundError as exc:
         raise WeightsUnavailable(f"weights file {url!r} not found") from exc
-    state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle.UnpicklingError for objects outside the safe set
+        raise WeightsUnavailable(
+            f"refusing to load {url!r}: it is not a plain tensor state dict (weights_only=True "
+            f"loading failed: {str(exc).splitlines()[0]}). Save it with torch.save(model.state_dict(), path)."
+        ) from None
     if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
         state = state["state_dict"]
     if not isinstance(state, Mapping):

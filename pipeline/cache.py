@@ -1,0 +1,677 @@
+"""Feature cache: last-conv feature maps F of a frozen backbone in a Zarr v3 store.
+
+Layout at URL (local path, s3://, gs://, any fsspec URL)::
+
+    zarr.json        root group; attrs {"format", "identity", "fingerprint"}
+    manifest.json    written by the driver only, atomically (which shards are done)
+    shards/<id>/     one group per source shard, written by ONE task; attrs {"source", "keys", "count"}
+        features     (n, V, C, h, w)  float16 | float32 | bfloat16 (stored as uint16 bits)
+        labels       (n,) int32, -1 = no label
+        top5_classes (n, 5) int32;  top5_probs (n, 5) float32
+        logits       (n, K) float16, only with store_logits
+
+Why this shape: every chunk object has exactly one writer (the task that owns the
+shard), a re-run task rewrites its group identically, and the only shared mutable
+object (manifest.json) has a single writer (the driver). A shard counts as done only
+once it is in the manifest; a group without a manifest entry is left-over work.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import math
+import re
+import threading
+import time
+from collections import Counter, OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import zarr
+from zarr.codecs import ZstdCodec
+
+from .errors import UserError
+from .fs import StorageOptions, get_fs, join, read_json, write_json_atomic
+
+FORMAT = "lcam-feature-cache/1"
+DTYPES = {"float16": "float16", "float32": "float32", "bfloat16": "uint16"}  # name -> stored numpy dtype
+DEFAULT_CHUNK_ROWS = 64  # 64 x 1280x7x7 float16 = 8 MB raw per view, ~1 MB compressed: a good object size
+TOP_K = 5
+
+
+def default_compressors() -> list:
+    """zstd level 1: best ratio and fastest decode on real features (benchmarks/RESULTS.md)."""
+    return [ZstdCodec(level=1)]
+
+
+class CacheMismatch(UserError):
+    """A cache exists at the URL but was made for other features (another fingerprint)."""
+
+
+class CacheNotFound(UserError):
+    """No feature cache at the URL."""
+
+
+class NonFiniteFeatures(UserError):
+    """Features hold NaN/Inf after casting to the cache dtype (e.g. float16 overflow)."""
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _canonical(obj: Any) -> Any:
+    """JSON round trip: tuples become lists, so a stored identity equals a recomputed one."""
+    return json.loads(json.dumps(obj, sort_keys=True))
+
+
+def fingerprint_of(identity: Mapping[str, Any]) -> str:
+    """sha256 (first 16 hex) of the canonical JSON; same recipe as lcam's backbone_fingerprint."""
+    return hashlib.sha256(json.dumps(_canonical(identity), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: obj}
+
+
+def identity_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """Human-readable list of dotted fields that differ between two identities."""
+    a, b = _flatten(_canonical(old)), _flatten(_canonical(new))
+
+    def short(v: Any) -> str:
+        s = json.dumps(v) if v is not None else "(absent)"
+        return s if len(s) <= 60 else s[:57] + "..."
+
+    return [f"{k}: cache has {short(a.get(k))}, requested {short(b.get(k))}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def _normalize_source(source_url: str) -> str:
+    return source_url[len("file://") :] if source_url.startswith("file://") else source_url
+
+
+def shard_id_for(source_url: str) -> str:
+    """Readable, path-safe, deterministic: ``<basename without .tar>-<8 hex of the full URL>``.
+
+    The hash keeps ``a/shard-000000.tar`` and ``b/shard-000000.tar`` apart.
+    """
+    url = _normalize_source(source_url)
+    base = url.rstrip("/").rsplit("/", 1)[-1]
+    for ext in (".tar.gz", ".tgz", ".tar"):
+        if base.endswith(ext):
+            base = base[: -len(ext)]
+            break
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", base).strip("._-")[:80] or "shard"
+    return f"{base}-{hashlib.sha256(url.encode()).hexdigest()[:8]}"
+
+
+def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 stored as uint16 -> float32 (exact: bf16 is the top half of an f32)."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def _to_storage(features: Any, dtype: str) -> np.ndarray:
+    """Cast to the stored numpy dtype; bfloat16 goes through torch (round to nearest even)."""
+    if dtype == "bfloat16":
+        import torch
+
+        t = features if isinstance(features, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+        return t.detach().cpu().to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    if hasattr(features, "detach"):  # torch tensor (possibly bf16, which numpy lacks)
+        features = features.detach().cpu().float().numpy()
+    return np.ascontiguousarray(features, dtype=DTYPES[dtype])
+
+
+def _finite_rows(stored: np.ndarray, dtype: str) -> np.ndarray:
+    """Per-row bool: all values finite. Works on the stored representation."""
+    flat = stored.reshape(len(stored), int(np.prod(stored.shape[1:])))
+    if dtype == "bfloat16":
+        return ~((flat & 0x7F80) == 0x7F80).any(axis=1)  # exponent all ones = Inf/NaN
+    return np.isfinite(flat).all(axis=1)
+
+
+def _make_store(url: str, storage_options: StorageOptions, read_only: bool) -> Any:
+    from zarr.storage import FsspecStore, LocalStore
+
+    if "://" not in url or url.startswith("file://"):
+        return LocalStore(_normalize_source(url), read_only=read_only)
+    return FsspecStore.from_url(url, storage_options=dict(storage_options or {}), read_only=read_only)
+
+
+@dataclass
+class VerifyReport:
+    """Outcome of :meth:`FeatureCache.verify`; ``problems`` empty means ok."""
+
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    shards: int = 0
+    rows: int = 0
+    chunks_read: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "problems": self.problems, "notes": self.notes, "shards": self.shards, "rows": self.rows, "chunks_read": self.chunks_read}
+
+
+class FeatureCache:
+    """One feature cache. Picklable (ships to Ray tasks as URL + options; handles reopen lazily)."""
+
+    def __init__(self, url: str, root_attrs: Mapping[str, Any], manifest: Mapping[str, Any], storage_options: StorageOptions = None, writable: bool = False) -> None:
+        self.url = url.rstrip("/")
+        self.storage_options = dict(storage_options or {})
+        self.identity: dict[str, Any] = dict(root_attrs["identity"])
+        self.fingerprint: str = root_attrs["fingerprint"]
+        layout = self.identity["cache"]
+        self.dtype: str = layout["dtype"]
+        self.views: tuple[str, ...] = tuple(layout["views"])
+        self.feature_shape: tuple[int, int, int] = tuple(layout["feature_shape"])
+        self.chunk_rows: int = int(layout["chunk_rows"])
+        self.store_logits: bool = bool(layout["store_logits"])
+        self.num_classes: int = int(layout["num_classes"])
+        self.writable = writable
+        self._manifest: dict[str, Any] = dict(manifest)
+        self._init_handles()
+
+    # ---- pickling: drop stores and open handles, they hold event loops and sockets
+    def _init_handles(self) -> None:
+        self._store: Any = None
+        self._handles: OrderedDict[str, tuple[dict[str, Any], Any]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_store", "_handles", "_lock")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._init_handles()
+
+    def __repr__(self) -> str:
+        return f"FeatureCache({self.url!r}, fingerprint={self.fingerprint}, shards={len(self._manifest.get('shards', {}))})"
+
+    # ---- opening
+    @classmethod
+    def create_or_open(
+        cls,
+        url: str,
+        identity: Mapping[str, Any],
+        *,
+        feature_shape: Sequence[int],
+        views: Sequence[str] = ("center",),
+        dtype: str = "float16",
+        chunk_rows: int = DEFAULT_CHUNK_ROWS,
+        store_logits: bool = False,
+        num_classes: int = 1000,
+        storage_options: StorageOptions = None,
+    ) -> "FeatureCache":
+        """Open the cache at ``url`` for writing, creating it if absent (driver only).
+
+        Refuses (:class:`CacheMismatch`) a cache made for other features: never mixes them.
+        """
+        if dtype not in DTYPES:
+            raise UserError(f"cache dtype {dtype!r} not supported; choose one of {', '.join(DTYPES)}")
+        if len(tuple(feature_shape)) != 3:
+            raise ValueError(f"feature_shape must be (C, h, w), got {tuple(feature_shape)}")
+        if not views or len(set(views)) != len(views):
+            raise ValueError(f"views must be distinct names, got {list(views)}")
+        if chunk_rows < 1:
+            raise ValueError("chunk_rows must be >= 1")
+        if "feature_shape" in identity and list(identity["feature_shape"]) != list(feature_shape):
+            raise ValueError(f"identity says feature_shape {identity['feature_shape']}, caller passed {list(feature_shape)}")
+        full = _canonical(dict(identity))
+        full["cache"] = {
+            "dtype": dtype,
+            "views": list(views),
+            "feature_shape": [int(s) for s in feature_shape],
+            "chunk_rows": int(chunk_rows),
+            "store_logits": bool(store_logits),
+            "num_classes": int(num_classes),
+        }
+        fp = fingerprint_of(full)
+        url = url.rstrip("/")
+        attrs = _read_root_attrs(url, storage_options)
+        if attrs is not None:
+            if attrs.get("fingerprint") != fp:
+                diff = identity_diff(attrs.get("identity", {}), full)
+                raise CacheMismatch(
+                    f"a feature cache already exists at {url} for other features (fingerprint {attrs.get('fingerprint')}, "
+                    f"requested {fp}). Differing fields:\n  " + "\n  ".join(diff or ["(identities equal; fingerprint recipe changed)"])
+                    + f"\nUse another cache URL for these features, or delete the existing cache ({url}) to rebuild it."
+                )
+            manifest = read_json(join(url, "manifest.json"), storage_options) or _new_manifest(fp)
+            return cls(url, attrs, manifest, storage_options, writable=True)
+
+        fs, path = get_fs(url, storage_options)
+        if fs.exists(path) and fs.ls(path):
+            raise UserError(f"{url} exists and holds files but no feature cache (no zarr.json); pick an empty or new location")
+        attrs = {"format": FORMAT, "identity": full, "fingerprint": fp}
+        store = _make_store(url, storage_options, read_only=False)
+        zarr.open_group(store, mode="w", attributes=attrs)
+        zarr.open_group(store, path="shards", mode="w")
+        manifest = _new_manifest(fp)
+        write_json_atomic(join(url, "manifest.json"), manifest, storage_options)
+        return cls(url, attrs, manifest, storage_options, writable=True)
+
+    @classmethod
+    def open(cls, url: str, storage_options: StorageOptions = None) -> "FeatureCache":
+        """Open read-only (training, CAMs, info, verify)."""
+        url = url.rstrip("/")
+        attrs = _read_root_attrs(url, storage_options)
+        if attrs is None:
+            raise CacheNotFound(f"no feature cache at {url} (no zarr.json with format {FORMAT}); build one with the extraction step first")
+        manifest = read_json(join(url, "manifest.json"), storage_options) or _new_manifest(attrs["fingerprint"])
+        return cls(url, attrs, manifest, storage_options, writable=False)
+
+    def _zstore(self) -> Any:
+        if self._store is None:
+            self._store = _make_store(self.url, self.storage_options, read_only=not self.writable)
+        return self._store
+
+    # ---- writing (one task per source shard)
+    def write_shard(
+        self,
+        source_url: str,
+        keys: Sequence[str],
+        labels: Any,
+        features: Any,
+        top5_classes: Any,
+        top5_probs: Any,
+        logits: Any = None,
+    ) -> dict[str, Any]:
+        """Write all rows of one source shard into its own group, replacing whatever was there.
+
+        Deterministic: re-running after a crash produces identical objects. Data arrays
+        first, group attrs (keys, count) last, so a group with ``keys`` is complete.
+        Returns the manifest entry for :meth:`mark_done`.
+        """
+        if not self.writable:
+            raise PermissionError("cache opened read-only; use FeatureCache.create_or_open to write")
+        t0 = time.perf_counter()
+        keys = [str(k) for k in keys]
+        n = len(keys)
+        if len(set(keys)) != n:
+            dup = [k for k, c in Counter(keys).items() if c > 1][:5]
+            raise ValueError(f"duplicate keys within shard {source_url}: {dup}")
+        V, (C, h, w) = len(self.views), self.feature_shape
+        feats = _to_storage(features, self.dtype)
+        if feats.ndim == 4 and V == 1:
+            feats = feats[:, None]
+        if feats.shape != (n, V, C, h, w):
+            raise ValueError(f"features of {source_url} have shape {feats.shape}, expected {(n, V, C, h, w)} (rows, views {list(self.views)}, C, h, w)")
+        bad = ~_finite_rows(feats, self.dtype)
+        if bad.any():
+            bad_keys = [keys[i] for i in np.flatnonzero(bad)[:5]]
+            raise NonFiniteFeatures(
+                f"{int(bad.sum())} rows of {source_url} have NaN/Inf features after casting to {self.dtype} (e.g. {bad_keys}); "
+                + ("values beyond float16's range (65504) overflow: use dtype bfloat16 or float32" if self.dtype == "float16" else "check the backbone and the images")
+            )
+        arrays: dict[str, tuple[np.ndarray, int | float]] = {
+            "features": (feats, 0),
+            "labels": (_rows(labels, (n,), np.int32, "labels"), -1),
+            "top5_classes": (_rows(top5_classes, (n, TOP_K), np.int32, "top5_classes"), -1),
+            "top5_probs": (_rows(top5_probs, (n, TOP_K), np.float32, "top5_probs"), 0.0),
+        }
+        if self.store_logits:
+            if logits is None:
+                raise ValueError("this cache stores logits (store_logits=True); pass logits")
+            arrays["logits"] = (_rows(logits, (n, self.num_classes), np.float16, "logits"), 0.0)
+
+        sid = shard_id_for(source_url)
+        store = self._zstore()
+        # mode="w" deletes the old group first, so a re-run never leaves stale chunks behind.
+        group = zarr.open_group(store, path=f"shards/{sid}", mode="w")
+        for name, (data, fill) in arrays.items():
+            arr = group.create_array(
+                name,
+                shape=data.shape,
+                chunks=(self.chunk_rows, *data.shape[1:]),
+                dtype=data.dtype,
+                compressors=default_compressors() if data.dtype.itemsize > 1 else None,
+                fill_value=fill,
+                # Every chunk object exists even if all fill: verify can tell a lost object from data.
+                config={"write_empty_chunks": True},
+            )
+            if n:
+                arr[...] = data
+        group.attrs.update({"source": source_url, "keys": keys, "count": n})
+        with self._lock:
+            self._handles.pop(sid, None)
+        return {"url": source_url, "shard_id": sid, "count": n, "skipped": [], "seconds": round(time.perf_counter() - t0, 3), "finished_at": _now()}
+
+    # ---- manifest (driver only)
+    def refresh(self) -> dict[str, Any]:
+        """Re-read manifest.json (another process may have advanced it)."""
+        self._manifest = read_json(join(self.url, "manifest.json"), self.storage_options) or _new_manifest(self.fingerprint)
+        return self._manifest
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return self._manifest
+
+    def done_sources(self) -> set[str]:
+        return set(self._manifest.get("shards", {}))
+
+    def mark_done(self, entries: Sequence[Mapping[str, Any]], *, check: bool = True) -> None:
+        """Record finished shards (entries from :meth:`write_shard`, plus ``skipped``).
+
+        Driver only: read-modify-write of manifest.json with an atomic replace. With
+        ``check``, each group must be complete (attrs written, count agrees) first.
+        """
+        manifest = self.refresh()
+        for e in entries:
+            url, sid, count = e["url"], e.get("shard_id") or shard_id_for(e["url"]), int(e["count"])
+            if check:
+                attrs = self._group_attrs(sid)
+                if attrs is None or attrs.get("count") != count or len(attrs.get("keys", [])) != count:
+                    raise RuntimeError(f"shard {url} ({sid}) is not completely written (group attrs {attrs and {k: attrs.get(k) for k in ('count', 'source')}}, entry count {count}); not marking it done")
+            manifest["shards"][url] = {
+                "url": url,
+                "shard_id": sid,
+                "count": count,
+                "skipped": [{"key": str(s.get("key")), "reason": str(s.get("reason"))} for s in e.get("skipped", [])],
+                "seconds": float(e.get("seconds", 0.0)),
+                "finished_at": e.get("finished_at") or _now(),
+            }
+        self._save_manifest(manifest)
+
+    def record_counts(self, counts: Mapping[str, int]) -> None:
+        """Remember how many samples each source shard holds (for shards without an index)."""
+        manifest = self.refresh()
+        manifest.setdefault("expected_counts", {}).update({k: int(v) for k, v in counts.items()})
+        self._save_manifest(manifest)
+
+    def _save_manifest(self, manifest: dict[str, Any]) -> None:
+        if not self.writable:
+            raise PermissionError("cache opened read-only")
+        manifest["updated"] = _now()
+        manifest["versions"] = _versions()
+        write_json_atomic(join(self.url, "manifest.json"), manifest, self.storage_options)
+        self._manifest = manifest
+
+    # ---- reading
+    def _entries(self) -> list[dict[str, Any]]:
+        """Done shards in deterministic order: sorted by source URL."""
+        shards = self._manifest.get("shards", {})
+        return [shards[u] for u in sorted(shards)]
+
+    def shard_ids(self) -> list[str]:
+        return [e["shard_id"] for e in self._entries()]
+
+    def num_rows(self, shard_id: str) -> int:
+        for e in self._entries():
+            if e["shard_id"] == shard_id:
+                return int(e["count"])
+        raise KeyError(f"shard {shard_id!r} is not in the manifest of {self.url}")
+
+    def num_chunks(self, shard_id: str) -> int:
+        return math.ceil(self.num_rows(shard_id) / self.chunk_rows)
+
+    def __len__(self) -> int:
+        return sum(int(e["count"]) for e in self._entries())
+
+    def _group_attrs(self, sid: str) -> dict[str, Any] | None:
+        return (read_json(join(self.url, "shards", sid, "zarr.json"), self.storage_options) or {}).get("attributes")
+
+    def _handle(self, sid: str) -> tuple[dict[str, Any], Any]:
+        """(attrs, zarr group), LRU-cached: readers hit the same shard once per chunk."""
+        with self._lock:
+            if sid in self._handles:
+                self._handles.move_to_end(sid)
+                return self._handles[sid]
+        group = zarr.open_group(self._zstore(), path=f"shards/{sid}", mode="r")
+        handle = (dict(group.attrs), group)
+        with self._lock:
+            self._handles[sid] = handle
+            while len(self._handles) > 32:  # keys of many shards would otherwise pile up
+                self._handles.popitem(last=False)
+        return handle
+
+    def read_chunk(self, shard_id: str, chunk_index: int, *, fields: Sequence[str] | None = None, raw: bool = False) -> dict[str, Any]:
+        """Whole chunk ``chunk_index`` of a shard: ``keys`` (list) and numpy arrays.
+
+        ``features`` (rows, V, C, h, w) in the stored dtype (float16/float32); bfloat16
+        is decoded to float32 unless ``raw`` (then its uint16 bits). ``fields`` limits
+        which arrays are read.
+        """
+        attrs, group = self._handle(shard_id)
+        n = int(attrs["count"])
+        lo = chunk_index * self.chunk_rows
+        if not 0 <= lo < n:
+            raise IndexError(f"chunk {chunk_index} out of range for shard {shard_id} ({n} rows, chunk_rows {self.chunk_rows})")
+        hi = min(lo + self.chunk_rows, n)
+        names = ["features", "labels", "top5_classes", "top5_probs"] + (["logits"] if self.store_logits else [])
+        out: dict[str, Any] = {"keys": list(attrs["keys"][lo:hi])}
+        for name in names if fields is None else [f for f in fields if f != "keys"]:
+            data = group[name][lo:hi]
+            if name == "features" and self.dtype == "bfloat16" and not raw:
+                data = bf16_to_f32(data)
+            out[name] = data
+        return out
+
+    def iter_rows(self, batch_size: int = 64, *, shard_ids: Sequence[str] | None = None, view: int | None = None) -> Iterator[tuple[list[str], np.ndarray, np.ndarray, np.ndarray]]:
+        """Batches ``(keys, features float32, labels int64, top1 int64)`` in shard order, row order.
+
+        Batches run across shard boundaries; the last may be short. features are
+        (B, V, C, h, w), or (B, C, h, w) when ``view`` picks one view.
+        """
+        pend: list[dict[str, Any]] = []
+        pending = 0
+        for sid in self.shard_ids() if shard_ids is None else shard_ids:
+            for ci in range(self.num_chunks(sid)):
+                pend.append(self.read_chunk(sid, ci, fields=["features", "labels", "top5_classes"]))
+                pending += len(pend[-1]["keys"])
+                while pending >= batch_size:
+                    batch, pend, pending = _take(pend, batch_size)
+                    yield _finish_batch(batch, view)
+        if pending:
+            batch, pend, pending = _take(pend, pending)
+            yield _finish_batch(batch, view)
+
+    # ---- reporting
+    def raw_bytes_per_row(self) -> int:
+        V, (C, h, w) = len(self.views), self.feature_shape
+        item = 4 if self.dtype == "float32" else 2
+        return V * C * h * w * item + 4 + TOP_K * 4 * 2 + (self.num_classes * 2 if self.store_logits else 0)
+
+    def info(self, expected_sources: Sequence[str] | None = None) -> dict[str, Any]:
+        """Identity, sizes and progress. ``expected_sources``: list shards not done yet."""
+        entries = self._entries()
+        samples = sum(int(e["count"]) for e in entries)
+        fs, path = get_fs(self.url, self.storage_options)
+        on_disk = int(fs.du(path, total=True)) if fs.exists(path) else 0
+        raw = samples * self.raw_bytes_per_row()
+        out: dict[str, Any] = {
+            "url": self.url,
+            "format": FORMAT,
+            "fingerprint": self.fingerprint,
+            "backbone": self.identity.get("backbone"),
+            "identity": self.identity,
+            "views": list(self.views),
+            "dtype": self.dtype,
+            "feature_shape": list(self.feature_shape),
+            "chunk_rows": self.chunk_rows,
+            "samples": samples,
+            "shards_done": len(entries),
+            "skipped": sum(len(e.get("skipped", [])) for e in entries),
+            "bytes_on_disk": on_disk,
+            "raw_bytes": raw,
+            "compression_ratio": round(raw / on_disk, 3) if on_disk else 0.0,
+            "versions": self._manifest.get("versions", {}),
+            "created": self._manifest.get("created"),
+            "updated": self._manifest.get("updated"),
+        }
+        if expected_sources is not None:
+            done = self.done_sources()
+            out["shards_expected"] = len(expected_sources)
+            out["shards_missing"] = [s for s in expected_sources if s not in done]
+        return out
+
+    def verify(self, expected: Mapping[str, int] | None = None, *, workers: int = 4) -> VerifyReport:
+        """Check the cache against its manifest and (optionally) the expected counts.
+
+        ``expected``: source URL -> number of samples in that source shard (an index);
+        defaults to the counts recorded with :meth:`record_counts`. Features are read
+        chunk by chunk (memory: ``workers`` chunks), never whole.
+        """
+        self.refresh()
+        report = VerifyReport()
+        entries = self._entries()
+        if expected is None and self._manifest.get("expected_counts"):
+            expected = self._manifest["expected_counts"]
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            results = list(pool.map(self._verify_shard, entries))
+        where: dict[str, list[str]] = {}
+        for e, (problems, keys, chunks) in zip(entries, results):
+            report.problems.extend(problems)
+            report.chunks_read += chunks
+            report.shards += 1
+            report.rows += len(keys)
+            for k in keys:
+                where.setdefault(k, []).append(e["shard_id"])
+        dups = {k: v for k, v in where.items() if len(v) > 1}
+        for k in sorted(dups)[:20]:
+            report.problems.append(f"duplicate key {k!r}: appears {len(dups[k])} times (shards {', '.join(dups[k])})")
+        if len(dups) > 20:
+            report.problems.append(f"... and {len(dups) - 20} more duplicated keys")
+        if expected is not None:
+            done = {e["url"]: e for e in entries}
+            for src in sorted(expected):
+                if src not in done:
+                    report.problems.append(f"missing shard {src}: not in the cache (expected {expected[src]} samples)")
+                    continue
+                e = done[src]
+                have, skipped = int(e["count"]), len(e.get("skipped", []))
+                if have + skipped != int(expected[src]):
+                    report.problems.append(f"count mismatch for {src}: cache has {have} rows + {skipped} skipped, expected {expected[src]} samples")
+            for src in sorted(set(done) - set(expected)):
+                report.problems.append(f"unexpected shard {src}: in the cache but not among the expected shards")
+        for sid in self._orphan_groups({e["shard_id"] for e in entries}):
+            report.notes.append(f"group shards/{sid} is not in the manifest (left by an interrupted or running extraction; ignored by readers)")
+        return report
+
+    def _verify_shard(self, e: Mapping[str, Any]) -> tuple[list[str], list[str], int]:
+        src, sid, count = e["url"], e["shard_id"], int(e["count"])
+        try:
+            group = zarr.open_group(self._zstore(), path=f"shards/{sid}", mode="r")
+        except Exception as exc:  # FileNotFoundError / GroupNotFoundError depending on the store
+            return [f"shard {src}: group shards/{sid} missing or unreadable ({type(exc).__name__})"], [], 0
+        attrs = dict(group.attrs)
+        problems: list[str] = []
+        keys = list(attrs.get("keys", []))
+        if "keys" not in attrs:
+            problems.append(f"shard {src}: group shards/{sid} is incomplete (no keys attribute; its write did not finish)")
+        elif len(keys) != count or attrs.get("count") != count:
+            problems.append(f"shard {src}: manifest says {count} rows, group has count={attrs.get('count')} and {len(keys)} keys")
+        if attrs.get("source") not in (None, src):
+            problems.append(f"shard {src}: group shards/{sid} was written for another source {attrs.get('source')}")
+        V, (C, h, w) = len(self.views), self.feature_shape
+        shapes = {"features": (count, V, C, h, w), "labels": (count,), "top5_classes": (count, TOP_K), "top5_probs": (count, TOP_K)}
+        if self.store_logits:
+            shapes["logits"] = (count, self.num_classes)
+        arrays = {}
+        for name, shape in shapes.items():
+            try:
+                arrays[name] = group[name]
+            except KeyError:
+                problems.append(f"shard {src}: array {name} missing")
+                continue
+            if arrays[name].shape != shape:
+                problems.append(f"shard {src}: {name} has shape {arrays[name].shape}, expected {shape}")
+            elif arrays[name].nchunks_initialized != arrays[name].nchunks:
+                problems.append(f"shard {src}: {name} has {arrays[name].nchunks - arrays[name].nchunks_initialized} of {arrays[name].nchunks} chunk objects missing")
+        chunks = 0
+        if problems:
+            return problems, keys, chunks
+        feats, labels = arrays["features"], arrays["labels"]
+        nonfinite: list[int] = []
+        for lo in range(0, count, self.chunk_rows):
+            data = feats[lo : lo + self.chunk_rows]
+            chunks += 1
+            nonfinite.extend(lo + i for i in np.flatnonzero(~_finite_rows(data, self.dtype)))
+            del data
+        if nonfinite:
+            problems.append(f"shard {src}: {len(nonfinite)} rows have NaN/Inf features (e.g. {[keys[i] for i in nonfinite[:5]]})")
+        lab = labels[:]
+        if ((lab < -1) | (lab >= self.num_classes)).any():
+            problems.append(f"shard {src}: labels outside [-1, {self.num_classes})")
+        return problems, keys, chunks
+
+    def _orphan_groups(self, known: set[str]) -> list[str]:
+        fs, path = get_fs(join(self.url, "shards"), self.storage_options)
+        try:
+            names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if n != "zarr.json" and n not in known)
+
+
+# ---- helpers
+def _read_root_attrs(url: str, storage_options: StorageOptions) -> dict[str, Any] | None:
+    meta = read_json(join(url, "zarr.json"), storage_options)
+    if meta is None:
+        return None
+    attrs = meta.get("attributes", {})
+    if attrs.get("format") != FORMAT:
+        raise UserError(f"{url} is a Zarr store but not an L-CAM feature cache (format {attrs.get('format')!r}, expected {FORMAT!r})")
+    return attrs
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata
+
+    import torch
+
+    try:
+        lcam_version = importlib.metadata.version("lcam")
+    except importlib.metadata.PackageNotFoundError:
+        lcam_version = "unknown"
+    return {"torch": torch.__version__, "zarr": zarr.__version__, "lcam": lcam_version}
+
+
+def _new_manifest(fingerprint: str) -> dict[str, Any]:
+    now = _now()
+    return {"format": FORMAT, "fingerprint": fingerprint, "shards": {}, "expected_counts": {}, "versions": _versions(), "created": now, "updated": now}
+
+
+def _rows(x: Any, shape: tuple[int, ...], dtype: Any, name: str) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    a = np.ascontiguousarray(x, dtype=dtype)
+    if a.shape != shape:
+        raise ValueError(f"{name} has shape {a.shape}, expected {shape}")
+    return a
+
+
+def _take(pend: list[dict[str, Any]], k: int) -> tuple[dict[str, Any], list[dict[str, Any]], int]:
+    """First k rows of a list of chunk dicts -> (batch dict, remaining chunks, remaining rows)."""
+    parts: list[dict[str, Any]] = []
+    need = k
+    while need:
+        c = pend[0]
+        m = len(c["keys"])
+        if m <= need:
+            parts.append(pend.pop(0))
+            need -= m
+        else:
+            parts.append({name: v[:need] for name, v in c.items()})
+            pend[0] = {name: v[need:] for name, v in c.items()}
+            need = 0
+    batch = {"keys": [k for p in parts for k in p["keys"]]}
+    for name in ("features", "labels", "top5_classes"):
+        batch[name] = np.concatenate([p[name] for p in parts])
+    return batch, pend, sum(len(c["keys"]) for c in pend)
+
+
+def _finish_batch(b: dict[str, Any], view: int | None) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    feats = b["features"] if view is None else b["features"][:, view]
+    return b["keys"], feats.astype(np.float32), b["labels"].astype(np.int64), b["top5_classes"][:, 0].astype(np.int64)

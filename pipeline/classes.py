@@ -1,0 +1,62 @@
+"""Class names: ImageNet's 1,000 ship with the package; a user file can replace them."""
+
+from __future__ import annotations
+
+import csv
+import io
+from functools import lru_cache
+from importlib import resources
+
+from .errors import UserError
+from .fs import StorageOptions, get_fs
+
+
+def _parse(text: str, source: str) -> list[str]:
+    """TSV/CSV with a header naming ``name`` (and optionally ``class_index``), or one name per line."""
+    dialect = "excel-tab" if "\t" in text.splitlines()[0] else "excel"
+    rows = [r for r in csv.reader(io.StringIO(text), dialect=dialect) if r]
+    header = [c.strip().lower() for c in rows[0]]
+    if "name" in header:
+        col = header.index("name")
+        idx = header.index("class_index") if "class_index" in header else None
+        body = rows[1:]
+        if idx is not None:
+            body = sorted(body, key=lambda r: int(r[idx]))
+            if [int(r[idx]) for r in body] != list(range(len(body))):
+                raise UserError(f"class names file {source}: class_index must run 0..{len(body) - 1} without gaps")
+        return [r[col].strip() for r in body]
+    if len(header) == 1:
+        return [r[0].strip() for r in rows]
+    raise UserError(f"class names file {source}: expected a 'name' column or one name per line")
+
+
+def _imagenet_text() -> str:
+    return resources.files("lcam").joinpath("data/imagenet_classes.tsv").read_text()
+
+
+@lru_cache(maxsize=1)
+def imagenet_classes() -> tuple[str, ...]:
+    """The 1,000 ImageNet class names in the standard index order (sorted WordNet ids)."""
+    return tuple(_parse(_imagenet_text(), "lcam/data/imagenet_classes.tsv"))
+
+
+@lru_cache(maxsize=1)
+def imagenet_wnids() -> dict[str, int]:
+    """WordNet id (``n01440764``) -> standard ImageNet class index."""
+    rows = list(csv.DictReader(io.StringIO(_imagenet_text()), dialect="excel-tab"))
+    return {r["wnid"]: int(r["class_index"]) for r in rows}
+
+
+def load_class_names(url: str | None = None, storage_options: StorageOptions = None, num_classes: int = 1000) -> list[str]:
+    """ImageNet's names, or a user's file (TSV/CSV with a ``name`` column, or a name a line)."""
+    if url is None:
+        names = list(imagenet_classes())
+    else:
+        fs, path = get_fs(url, storage_options)
+        try:
+            names = _parse(fs.cat_file(path).decode(), url)
+        except FileNotFoundError:
+            raise UserError(f"class names file {url!r} not found") from None
+    if len(names) != num_classes:
+        raise UserError(f"class names {url or 'ImageNet'}: {len(names)} names for a classifier with {num_classes} classes")
+    return names

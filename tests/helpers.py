@@ -1,0 +1,25 @@
+"""Small shared helpers for tests: real photos from scikit-image, preprocessed per SPEC."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def center_crop_tensor(rgb: np.ndarray, resize: int = 256, crop: int = 224) -> torch.Tensor:
+    """Resize shorter side, centre crop, to (3, crop, crop) in [0, 1] (independent of pipeline/)."""
+    im = Image.fromarray(rgb).convert("RGB")
+    w, h = im.size
+    s = resize / min(w, h)
+    im = im.resize((max(resize, round(w * s)), max(resize, round(h * s))), Image.BILINEAR)
+    w, h = im.size
+    left, top = (w - crop) // 2, (h - crop) // 2
+    im = im.crop((left, top, left + crop, top + crop))
+    return torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255
+
+
+def skimage_photos(names=("chelsea", "coffee", "astronaut", "rocket")) -> dict[str, np.ndarray]:
+    from skimage import data
+
+    return {n: getattr(data, n)() for n in names}

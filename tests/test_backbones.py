@@ -1,0 +1,104 @@
+import pytest
+import torch
+import torchvision
+
+from lcam import WeightsUnavailable, available_backbones, build_backbone
+from lcam.backbones import Backbone, register_backbone
+from tests.helpers import center_crop_tensor, skimage_photos
+
+EXPECTED_SHAPES = {
+    "vgg16": (512, 14, 14),
+    "vgg16_7x7": (512, 7, 7),
+    "resnet50": (2048, 7, 7),
+    "resnet18": (512, 7, 7),
+    "efficientnet_lite0": (1280, 7, 7),
+}
+
+
+def test_builtins_are_registered():
+    assert set(EXPECTED_SHAPES) <= set(available_backbones())
+
+
+@pytest.mark.parametrize("name,builder", [("vgg16", "vgg16"), ("vgg16_7x7", "vgg16"), ("resnet50", "resnet50"), ("resnet18", "resnet18")])
+def test_split_equals_unsplit_torchvision(name, builder, tmp_path):
+    torch.manual_seed(0)
+    full = getattr(torchvision.models, builder)(weights=None).eval()
+    path = tmp_path / "w.pth"
+    torch.save(full.state_dict(), path)
+    b = build_backbone(name, weights=str(path))  # also exercises checkpoint loading
+    x = torch.rand(2, 3, 224, 224)
+    with torch.no_grad():
+        feats, logits = b.extract(x)
+        ref = full(b.normalize(x))
+    assert tuple(feats.shape) == (2, *EXPECTED_SHAPES[name]) == (2, *b.feature_shape)
+    assert torch.allclose(logits, ref, atol=1e-5, rtol=0)
+    assert torch.allclose(b.head(b.features(b.normalize(x))), ref, atol=1e-5, rtol=0)
+
+
+def test_efficientnet_lite0_split_and_real_weights():
+    b = build_backbone("efficientnet_lite0")
+    photos = skimage_photos(("chelsea", "coffee"))
+    x = torch.stack([center_crop_tensor(p) for p in photos.values()])
+    with torch.no_grad():
+        feats, logits = b.extract(x)
+        unsplit = b.features.net(b.normalize(x))  # the package's own forward
+    assert tuple(feats.shape) == (2, 1280, 7, 7)
+    assert torch.allclose(logits, unsplit, atol=1e-5, rtol=0)
+    pred = logits.argmax(1).tolist()
+    assert 281 <= pred[0] <= 285, f"chelsea should be a cat class, got {pred[0]}"
+    assert pred[1] == 967, f"coffee should be espresso (967), got {pred[1]}"
+    assert b.preprocessing.mean == (0.5, 0.5, 0.5) and b.preprocessing.std == (0.5, 0.5, 0.5)
+
+
+def test_backbone_is_frozen_and_stays_in_eval():
+    b = build_backbone("resnet18", weights="random")
+    assert not any(p.requires_grad for p in b.parameters())
+    b.train()
+    assert not b.training and not any(m.training for m in b.modules())
+    wrapper = torch.nn.Sequential(b)
+    wrapper.train()
+    assert not any(m.training for m in b.modules())
+
+
+class Arbitrary:  # any class outside torch's safe set must never be unpickled
+    pass
+
+
+def test_weights_only_refuses_pickled_objects(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "obj": Arbitrary()}, path)
+    with pytest.raises(WeightsUnavailable, match="weights_only"):
+        build_backbone("resnet18", weights=str(path))
+
+
+def test_missing_checkpoint_and_bad_weight_name_are_clear(tmp_path):
+    with pytest.raises(WeightsUnavailable, match="not found"):
+        build_backbone("resnet18", weights=str(tmp_path / "nope.pth"))
+    with pytest.raises(WeightsUnavailable, match="IMAGENET1K_V1"):
+        build_backbone("resnet18", weights="IMAGENET9K_V9")
+    with pytest.raises(KeyError, match="available"):
+        build_backbone("alexnet9")
+
+
+def test_offline_download_gives_one_clear_message(tmp_path, monkeypatch):
+    # No internet on CI: torchvision's download fails; the message must name the alternatives.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    try:
+        b = build_backbone("resnet18", weights="IMAGENET1K_V1")
+    except WeightsUnavailable as exc:
+        assert "local path" in str(exc) and "random" in str(exc)
+    else:  # a machine with internet downloads the real weights
+        assert b.weights_name == "IMAGENET1K_V1"
+
+
+def test_register_another_cnn():
+    @register_backbone("tiny_test_cnn")
+    def _tiny(weights):
+        feats = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=4, padding=1), torch.nn.ReLU())
+        head = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(1), torch.nn.Linear(8, 10))
+        return Backbone("tiny_test_cnn", feats, head, (8, 8, 8), num_classes=10, weights=weights)
+
+    b = build_backbone("tiny_test_cnn", weights="random")
+    feats, logits = b.extract(torch.rand(3, 3, 32, 32))
+    assert feats.shape == (3, 8, 8, 8) and logits.shape == (3, 10)
+    assert len(b.weights_digest()) == 64
