@@ -151,7 +151,11 @@ def build_backbone(name: str, weights: str = "default") -> Backbone:
     """
     if name not in _REGISTRY:
         raise KeyError(f"unknown backbone {name!r}; available: {', '.join(available_backbones())}")
-    return _REGISTRY[name](weights)
+    # Fixed seed: every process (Ray actors included) builds the same model, so even
+    # "random" weights have one digest and caches made from them are reusable.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return _REGISTRY[name](weights)
 
 
 def _is_checkpoint_path(weights: str) -> bool:

@@ -14,6 +14,7 @@ Grad-CAM, Grad-CAM++ and Score-CAM come from pytorch-grad-cam, hooked on
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -178,19 +179,21 @@ class RISE(CAMMethod):
         self._grids = (torch.rand(num_masks, 1, grid, grid, generator=g) < p).float()
         self._shift_u = torch.rand(num_masks, 2, generator=g)  # uniform in [0, 1), scaled by the cell size
 
-    def masks(self, size: tuple[int, int], start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Masks ``start:stop`` at ``size`` = (H, W), (n, H, W) in [0, 1]."""
+    def masks(
+        self, size: tuple[int, int], start: int = 0, stop: int | None = None, device: torch.device | str | None = None
+    ) -> torch.Tensor:
+        """Masks ``start:stop`` at ``size`` = (H, W), (n, H, W) in [0, 1], built on ``device``."""
         hh, ww = size
         s = self.grid
         ch, cw = math.ceil(hh / s), math.ceil(ww / s)
-        grids = self._grids[start:stop]
+        grids = self._grids[start:stop].to(device)
         up = nnf.interpolate(grids, size=((s + 1) * ch, (s + 1) * cw), mode="bilinear", align_corners=False)[:, 0]
-        u = self._shift_u[start:stop]
+        u = self._shift_u[start:stop].to(device)
         dy = (u[:, 0] * ch).long()
         dx = (u[:, 1] * cw).long()
-        rows = dy[:, None] + torch.arange(hh)  # (n, H)
-        cols = dx[:, None] + torch.arange(ww)  # (n, W)
-        n = torch.arange(up.shape[0])[:, None, None]
+        rows = dy[:, None] + torch.arange(hh, device=up.device)  # (n, H)
+        cols = dx[:, None] + torch.arange(ww, device=up.device)  # (n, W)
+        n = torch.arange(up.shape[0], device=up.device)[:, None, None]
         return up[n, rows[:, :, None], cols[:, None, :]]
 
     @torch.no_grad()
@@ -198,7 +201,7 @@ class RISE(CAMMethod):
         b, _, hh, ww = images.shape
         sal = torch.zeros(b, hh * ww, dtype=torch.float64, device=images.device)
         for start in range(0, self.num_masks, self.mask_batch):
-            m = self.masks((hh, ww), start, start + self.mask_batch).to(images.device, images.dtype)
+            m = self.masks((hh, ww), start, start + self.mask_batch, images.device).to(images.dtype)
             for i in range(b):
                 probs = self.backbone(images[i : i + 1] * m[:, None]).float().softmax(1)[:, class_ids[i]]
                 sal[i] += (probs.double()[None] @ m.flatten(1).double())[0]
@@ -335,17 +338,20 @@ def road_scores(
 
     def run() -> tuple[torch.Tensor, torch.Tensor]:
         morf, lerf = [], []
+        # NoisyLinearImputer calls np.argwhere on torch tensors: numpy 2 warns on every call
+        warnings.filterwarnings("ignore", message="__array_wrap__ must accept context", category=DeprecationWarning)
         for p in percentiles:
             for metric, out in ((ROADMostRelevantFirst(p), morf), (ROADLeastRelevantFirst(p), lerf)):
                 out.append(torch.from_numpy(np.asarray(metric(images, maps, targets, backbone, return_diff=False), dtype=np.float32)))
         return torch.stack(morf), torch.stack(lerf)
 
-    if seed is None:
-        morf, lerf = run()
-    else:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        if seed is None:
             morf, lerf = run()
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                morf, lerf = run()
     return ROADScores(tuple(int(p) for p in percentiles), clean, morf, lerf)
 
 

@@ -40,7 +40,7 @@ IC_FORMULA = "IC = 100/N * sum_i [O_i > Y_i]  (strict >)"
 
 def kept_count(ratio: float, num_pixels: int) -> int:
     """ceil(ratio * num_pixels); the product is rounded to 6 decimals first so that float
-    error (0.15 * 100 = 15.000000000000002) does not add a pixel."""
+    error (0.07 * 100 = 7.000000000000001) does not add a pixel."""
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"keep ratio {ratio} must be in [0, 1]")
     return min(num_pixels, math.ceil(round(ratio * num_pixels, 6)))

@@ -19,6 +19,7 @@ once it is in the manifest; a group without a manifest entry is left-over work.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import json
 import math
@@ -35,7 +36,7 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 from .errors import UserError
-from .fs import StorageOptions, get_fs, join, read_json, write_json_atomic
+from .fs import StorageOptions, get_fs, is_local, join, write_json_atomic
 
 FORMAT = "lcam-feature-cache/1"
 DTYPES = {"float16": "float16", "float32": "float32", "bfloat16": "uint16"}  # name -> stored numpy dtype
@@ -127,7 +128,8 @@ def _to_storage(features: Any, dtype: str) -> np.ndarray:
         return t.detach().cpu().to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     if hasattr(features, "detach"):  # torch tensor (possibly bf16, which numpy lacks)
         features = features.detach().cpu().float().numpy()
-    return np.ascontiguousarray(features, dtype=DTYPES[dtype])
+    with np.errstate(over="ignore"):  # overflow becomes Inf, reported by the caller with advice
+        return np.ascontiguousarray(features, dtype=DTYPES[dtype])
 
 
 def _finite_rows(stored: np.ndarray, dtype: str) -> np.ndarray:
@@ -167,7 +169,16 @@ class VerifyReport:
 class FeatureCache:
     """One feature cache. Picklable (ships to Ray tasks as URL + options; handles reopen lazily)."""
 
-    def __init__(self, url: str, root_attrs: Mapping[str, Any], manifest: Mapping[str, Any], storage_options: StorageOptions = None, writable: bool = False) -> None:
+    def __init__(
+        self,
+        url: str,
+        root_attrs: Mapping[str, Any],
+        manifest: Mapping[str, Any],
+        storage_options: StorageOptions = None,
+        writable: bool = False,
+        fs: tuple[Any, str] | None = None,
+    ) -> None:
+        """Use :meth:`create_or_open` or :meth:`open`; ``fs`` reuses an already made client."""
         self.url = url.rstrip("/")
         self.storage_options = dict(storage_options or {})
         self.identity: dict[str, Any] = dict(root_attrs["identity"])
@@ -182,15 +193,17 @@ class FeatureCache:
         self.writable = writable
         self._manifest: dict[str, Any] = dict(manifest)
         self._init_handles()
+        self._fs_path = fs
 
     # ---- pickling: drop stores and open handles, they hold event loops and sockets
     def _init_handles(self) -> None:
         self._store: Any = None
+        self._fs_path: tuple[Any, str] | None = None
         self._handles: OrderedDict[str, tuple[dict[str, Any], Any]] = OrderedDict()
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_store", "_handles", "_lock")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_store", "_fs_path", "_handles", "_lock")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -239,7 +252,8 @@ class FeatureCache:
         }
         fp = fingerprint_of(full)
         url = url.rstrip("/")
-        attrs = _read_root_attrs(url, storage_options)
+        fs, root = _connect(url, storage_options)
+        attrs = _read_root_attrs(fs, root, url)
         if attrs is not None:
             if attrs.get("fingerprint") != fp:
                 diff = identity_diff(attrs.get("identity", {}), full)
@@ -248,29 +262,39 @@ class FeatureCache:
                     f"requested {fp}). Differing fields:\n  " + "\n  ".join(diff or ["(identities equal; fingerprint recipe changed)"])
                     + f"\nUse another cache URL for these features, or delete the existing cache ({url}) to rebuild it."
                 )
-            manifest = read_json(join(url, "manifest.json"), storage_options) or _new_manifest(fp)
-            return cls(url, attrs, manifest, storage_options, writable=True)
+            manifest = _read_json_fs(fs, f"{root}/manifest.json") or _new_manifest(fp)
+            return cls(url, attrs, manifest, storage_options, writable=True, fs=(fs, root))
 
-        fs, path = get_fs(url, storage_options)
-        if fs.exists(path) and fs.ls(path):
+        if fs.exists(root) and fs.ls(root):
             raise UserError(f"{url} exists and holds files but no feature cache (no zarr.json); pick an empty or new location")
         attrs = {"format": FORMAT, "identity": full, "fingerprint": fp}
         store = _make_store(url, storage_options, read_only=False)
         zarr.open_group(store, mode="w", attributes=attrs)
         zarr.open_group(store, path="shards", mode="w")
-        manifest = _new_manifest(fp)
-        write_json_atomic(join(url, "manifest.json"), manifest, storage_options)
-        return cls(url, attrs, manifest, storage_options, writable=True)
+        cache = cls(url, attrs, _new_manifest(fp), storage_options, writable=True, fs=(fs, root))
+        cache._save_manifest(cache.manifest)
+        return cache
 
     @classmethod
     def open(cls, url: str, storage_options: StorageOptions = None) -> "FeatureCache":
         """Open read-only (training, CAMs, info, verify)."""
         url = url.rstrip("/")
-        attrs = _read_root_attrs(url, storage_options)
+        fs, root = _connect(url, storage_options)
+        attrs = _read_root_attrs(fs, root, url)
         if attrs is None:
             raise CacheNotFound(f"no feature cache at {url} (no zarr.json with format {FORMAT}); build one with the extraction step first")
-        manifest = read_json(join(url, "manifest.json"), storage_options) or _new_manifest(attrs["fingerprint"])
-        return cls(url, attrs, manifest, storage_options, writable=False)
+        manifest = _read_json_fs(fs, f"{root}/manifest.json") or _new_manifest(attrs["fingerprint"])
+        return cls(url, attrs, manifest, storage_options, writable=False, fs=(fs, root))
+
+    def _fs(self) -> tuple[Any, str]:
+        """(filesystem, root path), made once: a new S3 client per metadata read is slow."""
+        if self._fs_path is None:
+            self._fs_path = _connect(self.url, self.storage_options)
+        return self._fs_path
+
+    def _read_json(self, *parts: str) -> Any:
+        fs, root = self._fs()
+        return _read_json_fs(fs, "/".join([root, *parts]))
 
     def _zstore(self) -> Any:
         if self._store is None:
@@ -351,7 +375,7 @@ class FeatureCache:
     # ---- manifest (driver only)
     def refresh(self) -> dict[str, Any]:
         """Re-read manifest.json (another process may have advanced it)."""
-        self._manifest = read_json(join(self.url, "manifest.json"), self.storage_options) or _new_manifest(self.fingerprint)
+        self._manifest = self._read_json("manifest.json") or _new_manifest(self.fingerprint)
         return self._manifest
 
     @property
@@ -394,8 +418,12 @@ class FeatureCache:
         if not self.writable:
             raise PermissionError("cache opened read-only")
         manifest["updated"] = _now()
-        manifest["versions"] = _versions()
-        write_json_atomic(join(self.url, "manifest.json"), manifest, self.storage_options)
+        manifest["versions"] = dict(_versions())
+        fs, root = self._fs()
+        if is_local(fs):
+            write_json_atomic(join(self.url, "manifest.json"), manifest, self.storage_options)
+        else:  # one PUT is atomic on object stores (as in write_bytes_atomic), on the cached client
+            fs.pipe_file(f"{root}/manifest.json", json.dumps(manifest, indent=1, sort_keys=True).encode())
         self._manifest = manifest
 
     # ---- reading
@@ -420,7 +448,7 @@ class FeatureCache:
         return sum(int(e["count"]) for e in self._entries())
 
     def _group_attrs(self, sid: str) -> dict[str, Any] | None:
-        return (read_json(join(self.url, "shards", sid, "zarr.json"), self.storage_options) or {}).get("attributes")
+        return (self._read_json("shards", sid, "zarr.json") or {}).get("attributes")
 
     def _handle(self, sid: str) -> tuple[dict[str, Any], Any]:
         """(attrs, zarr group), LRU-cached: readers hit the same shard once per chunk."""
@@ -487,7 +515,7 @@ class FeatureCache:
         """Identity, sizes and progress. ``expected_sources``: list shards not done yet."""
         entries = self._entries()
         samples = sum(int(e["count"]) for e in entries)
-        fs, path = get_fs(self.url, self.storage_options)
+        fs, path = self._fs()
         on_disk = int(fs.du(path, total=True)) if fs.exists(path) else 0
         raw = samples * self.raw_bytes_per_row()
         out: dict[str, Any] = {
@@ -607,17 +635,22 @@ class FeatureCache:
         return problems, keys, chunks
 
     def _orphan_groups(self, known: set[str]) -> list[str]:
-        fs, path = get_fs(join(self.url, "shards"), self.storage_options)
+        fs, root = self._fs()
         try:
-            names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+            names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(f"{root}/shards", detail=False)]
         except FileNotFoundError:
             return []
         return sorted(n for n in names if n != "zarr.json" and n not in known)
 
 
 # ---- helpers
-def _read_root_attrs(url: str, storage_options: StorageOptions) -> dict[str, Any] | None:
-    meta = read_json(join(url, "zarr.json"), storage_options)
+def _connect(url: str, storage_options: StorageOptions) -> tuple[Any, str]:
+    fs, path = get_fs(url, storage_options)
+    return fs, path.rstrip("/")
+
+
+def _read_root_attrs(fs: Any, root: str, url: str) -> dict[str, Any] | None:
+    meta = _read_json_fs(fs, f"{root}/zarr.json")
     if meta is None:
         return None
     attrs = meta.get("attributes", {})
@@ -626,6 +659,7 @@ def _read_root_attrs(url: str, storage_options: StorageOptions) -> dict[str, Any
     return attrs
 
 
+@functools.lru_cache(maxsize=1)
 def _versions() -> dict[str, str]:
     import importlib.metadata
 
@@ -638,9 +672,16 @@ def _versions() -> dict[str, str]:
     return {"torch": torch.__version__, "zarr": zarr.__version__, "lcam": lcam_version}
 
 
+def _read_json_fs(fs: Any, path: str) -> Any:
+    try:
+        return json.loads(fs.cat_file(path))
+    except FileNotFoundError:
+        return None
+
+
 def _new_manifest(fingerprint: str) -> dict[str, Any]:
     now = _now()
-    return {"format": FORMAT, "fingerprint": fingerprint, "shards": {}, "expected_counts": {}, "versions": _versions(), "created": now, "updated": now}
+    return {"format": FORMAT, "fingerprint": fingerprint, "shards": {}, "expected_counts": {}, "versions": dict(_versions()), "created": now, "updated": now}
 
 
 def _rows(x: Any, shape: tuple[int, ...], dtype: Any, name: str) -> np.ndarray:

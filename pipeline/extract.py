@@ -1,0 +1,430 @@
+"""Distributed feature extraction: WebDataset shards -> Ray Data -> Zarr feature cache.
+
+Stages (streaming, one Ray Data pipeline):
+
+1. read: one task per source shard reads its tar as raw bytes (count checked against
+   the shard index), one row per sample;
+2. decode + preprocess on CPU tasks (``map_batches``), every image to RGB, failures
+   kept as rows with a reason instead of crashing the job;
+3. the frozen backbone in an actor pool (``ActorPoolStrategy``; one GPU per actor when
+   the cluster has GPUs, with autocast and channels-last there);
+4. the driver gathers the rows of each shard; once a shard is complete, one Ray task
+   writes it to its own place in the cache (deterministic, so a retried write task
+   rewrites the same objects), and the driver alone records it in the manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from .cache import FeatureCache
+from .errors import UserError
+from .fs import StorageOptions
+
+VIEWS = ("center", "hflip")
+
+
+@dataclass
+class ExtractConfig:
+    shards: str | list[str]
+    cache: str
+    backbone: str = "efficientnet_lite0"
+    weights: str = "default"
+    views: tuple[str, ...] = ("center",)
+    dtype: str = "float16"
+    batch_size: int = 32
+    num_actors: int | None = None  # default: one per GPU, else 1
+    decode_batch_size: int = 16
+    store_logits: bool = False
+    precision: str = "auto"  # auto (fp16 autocast on GPU, fp32 on CPU) | fp32 | fp16 | bf16
+    torch_threads: int | None = None  # CPU actors: threads for torch (default: all cores of the node)
+    index: str | None = None
+    shard_storage_options: StorageOptions = None
+    cache_storage_options: StorageOptions = None
+    progress: bool = True
+
+
+@dataclass
+class ExtractSummary:
+    cache: str
+    fingerprint: str
+    shards_total: int
+    shards_done_before: int
+    shards_extracted: int
+    images: int = 0
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    failed_shards: list[dict[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    ray_startup_seconds: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["images_per_second"] = round(self.images_per_second, 2)
+        return out
+
+    def lines(self) -> list[str]:
+        out = [
+            f"cache {self.cache} (fingerprint {self.fingerprint})",
+            f"shards: {self.shards_total} in the dataset, {self.shards_done_before} already cached, {self.shards_extracted} extracted now",
+            f"images: {self.images} in {self.seconds:.1f}s ({self.images_per_second:.1f} images/s)",
+        ]
+        if self.skipped:
+            reasons = Counter(s["reason"].split(":")[0] for s in self.skipped)
+            out.append(f"skipped {len(self.skipped)} images: " + ", ".join(f"{r} x{n}" for r, n in reasons.items()))
+            out += [f"  {s['shard']}/{s['key']}: {s['reason']}" for s in self.skipped[:20]]
+            if len(self.skipped) > 20:
+                out.append(f"  ... and {len(self.skipped) - 20} more (see the cache manifest)")
+        for f in self.failed_shards:
+            out.append(f"FAILED shard {f['url']}: {f['reason']}")
+        return out
+
+
+def cache_identity(backbone: Any, views: Sequence[str], dtype: str) -> dict[str, Any]:
+    """What makes two caches interchangeable: backbone + weights digest, layer, preprocessing, dtype, views."""
+    ident = backbone.describe()
+    ident["layer"] = "features"
+    ident["views"] = list(views)
+    ident["dtype"] = dtype
+    return ident
+
+
+def open_cache_for(backbone: Any, cfg: ExtractConfig) -> FeatureCache:
+    for v in cfg.views:
+        if v not in VIEWS:
+            raise UserError(f"unknown view {v!r}; choose from {', '.join(VIEWS)}")
+    return FeatureCache.create_or_open(
+        cfg.cache,
+        cache_identity(backbone, cfg.views, cfg.dtype),
+        feature_shape=backbone.feature_shape,
+        views=cfg.views,
+        dtype=cfg.dtype,
+        store_logits=cfg.store_logits,
+        num_classes=backbone.num_classes,
+        storage_options=cfg.cache_storage_options,
+    )
+
+
+# ---------------------------------------------------------------- Ray Data stages
+def read_shard_rows(row: dict[str, Any], storage_options: StorageOptions = None) -> list[dict[str, Any]]:
+    """One source shard -> one row per sample; a damaged shard -> one error row (never a crash)."""
+    from .shards import ShardInfo, read_shard
+
+    info = ShardInfo(url=row["url"], name=row["name"], count=row["count"] if row["count"] >= 0 else None, sha256=None)
+    try:
+        samples = read_shard(info, storage_options=storage_options)
+    except Exception as exc:  # count mismatch, cut tar, unreadable object: report the shard
+        return [_error_row(row["url"], f"{type(exc).__name__}: {exc}")]
+    n = len(samples)
+    return [
+        {
+            "shard": row["url"],
+            "index": i,
+            "shard_count": n,
+            "key": s.key,
+            "label": int(s.label),
+            "image": s.image,
+            "shard_error": "",
+        }
+        for i, s in enumerate(samples)
+    ]
+
+
+def _error_row(url: str, reason: str) -> dict[str, Any]:
+    return {"shard": url, "index": -1, "shard_count": -1, "key": "", "label": -1, "image": b"", "shard_error": reason}
+
+
+def decode_preprocess(batch: dict[str, np.ndarray], preprocessing: Any, views: Sequence[str]) -> dict[str, np.ndarray]:
+    """CPU stage: bytes -> RGB -> resize/crop per view -> uint8 pixels (lossless: ToTensor is k/255)."""
+    from .images import decode_image, preprocess
+
+    n = len(batch["key"])
+    crop = preprocessing.crop
+    pixels = np.zeros((n, len(views), 3, crop, crop), dtype=np.uint8)
+    errors = np.array(batch["shard_error"], dtype=object)
+    for i in range(n):
+        if errors[i]:
+            continue
+        try:
+            centre = preprocess(decode_image(batch["image"][i]), preprocessing, "center")
+        except Exception as exc:  # DecodeError and anything PIL raises on odd files
+            errors[i] = f"decode: {exc}"
+            continue
+        for v, name in enumerate(views):
+            t = centre if name == "center" else centre.flip(-1)
+            pixels[i, v] = (t * 255).round().byte().numpy()
+    out = {k: batch[k] for k in ("shard", "index", "shard_count", "key", "label")}
+    out["pixels"] = pixels
+    out["error"] = errors.astype(str)
+    return out
+
+
+class BackboneActor:
+    """The frozen backbone in an actor: (n, V, 3, H, W) uint8 -> features, top-5, logits."""
+
+    def __init__(self, backbone: str, weights: str, precision: str, store_logits: bool, dtype: str, torch_threads: int | None) -> None:
+        import os
+
+        import torch
+
+        from lcam import build_backbone
+
+        self.torch = torch
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu":
+            torch.set_num_threads(torch_threads or os.cpu_count() or 1)
+        self.model = build_backbone(backbone, weights).to(self.device)
+        if self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.autocast = _autocast_dtype(precision, self.device.type)
+        self.store_logits = store_logits
+        self.out_dtype = {"float16": np.float16, "float32": np.float32, "bfloat16": np.float32}[dtype]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        torch = self.torch
+        pixels = batch["pixels"]
+        n, v = pixels.shape[:2]
+        ok = np.array([not e for e in batch["error"]])
+        c, h, w = self.model.feature_shape
+        feats = np.zeros((n, v, c, h, w), dtype=self.out_dtype)
+        top5_c = np.full((n, 5), -1, dtype=np.int32)
+        top5_p = np.zeros((n, 5), dtype=np.float32)
+        logits_out = np.zeros((n, self.model.num_classes if self.store_logits else 0), dtype=np.float16)
+        if ok.any():
+            x = torch.from_numpy(pixels[ok].reshape(-1, *pixels.shape[2:])).to(self.device, non_blocking=True)
+            x = x.float().div_(255.0)
+            if self.device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+                f, logits = self.model.extract(x)
+            f = f.float().reshape(int(ok.sum()), v, c, h, w)
+            logits = logits.float().reshape(int(ok.sum()), v, -1)[:, 0]  # top-5 of the centre view
+            probs = logits.softmax(1)
+            p5, c5 = probs.topk(5, dim=1)
+            feats[ok] = f.cpu().numpy().astype(self.out_dtype)
+            top5_c[ok] = c5.cpu().numpy().astype(np.int32)
+            top5_p[ok] = p5.cpu().numpy()
+            if self.store_logits:
+                logits_out[ok] = logits.cpu().numpy().astype(np.float16)
+        out = {k: batch[k] for k in ("shard", "index", "shard_count", "key", "label", "error")}
+        out.update(features=feats, top5_classes=top5_c, top5_probs=top5_p, logits=logits_out)
+        return out
+
+
+def _autocast_dtype(precision: str, device_type: str):
+    import torch
+
+    if precision == "fp32" or (precision == "auto" and device_type != "cuda"):
+        return None
+    if precision in ("auto", "fp16"):
+        return torch.float16 if device_type == "cuda" else torch.bfloat16
+    if precision == "bf16":
+        return torch.bfloat16
+    raise UserError(f"unknown precision {precision!r}; choose auto, fp32, fp16 or bf16")
+
+
+def _write_shard_task():
+    import ray
+
+    @ray.remote(num_cpus=0, max_retries=3, retry_exceptions=[OSError])
+    def write(cache: FeatureCache, url: str, rows: dict[str, np.ndarray], skipped: list[dict[str, str]]) -> dict[str, Any]:
+        entry = cache.write_shard(
+            url,
+            keys=list(rows["key"]),
+            labels=rows["label"],
+            features=rows["features"],
+            top5_classes=rows["top5_classes"],
+            top5_probs=rows["top5_probs"],
+            logits=rows["logits"] if cache.store_logits else None,
+        )
+        entry["skipped"] = skipped
+        return entry
+
+    return write
+
+
+class _ShardAssembler:
+    """Driver side: rows of each shard by index (a re-delivered row replaces, never duplicates)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, dict[int, dict[str, Any]]] = {}
+        self.expected: dict[str, int] = {}
+
+    def add(self, batch: dict[str, np.ndarray]) -> list[str]:
+        """Add a batch; return the shards that became complete."""
+        complete = []
+        for i in range(len(batch["key"])):
+            url = str(batch["shard"][i])
+            count = int(batch["shard_count"][i])
+            self.expected[url] = count
+            self.rows.setdefault(url, {})[int(batch["index"][i])] = {k: batch[k][i] for k in batch}
+            if len(self.rows[url]) == count:
+                complete.append(url)
+        return complete
+
+    def pop(self, url: str) -> tuple[dict[str, np.ndarray], list[dict[str, str]]]:
+        rows = [r for _, r in sorted(self.rows.pop(url).items())]
+        self.expected.pop(url, None)
+        good = [r for r in rows if not r["error"]]
+        skipped = [{"key": str(r["key"]), "reason": str(r["error"]), "shard": url} for r in rows if r["error"]]
+        fields = ("key", "label", "features", "top5_classes", "top5_probs", "logits")
+        if good:
+            stacked = {k: np.stack([r[k] for r in good]) for k in fields}
+        else:
+            stacked = {k: np.zeros((0,)) for k in fields}
+            stacked["key"] = np.array([], dtype=str)
+        return stacked, skipped
+
+
+def ensure_ray() -> float:
+    """Connect to the cluster (RAY_ADDRESS, or inside a Ray job) or start a local Ray; seconds taken."""
+    import ray
+
+    t0 = time.perf_counter()
+    if not ray.is_initialized():
+        ray.init(ignore_reinit_error=True, log_to_driver=False, configure_logging=False)
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False  # the driver prints its own progress with rate and ETA
+    ctx.print_on_execution_start = False
+    return time.perf_counter() - t0
+
+
+def _num_actors(cfg: ExtractConfig) -> tuple[int, float]:
+    import ray
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if cfg.num_actors:
+        return cfg.num_actors, (1.0 if gpus else 0.0)
+    return (gpus, 1.0) if gpus else (1, 0.0)
+
+
+def extract(cfg: ExtractConfig) -> ExtractSummary:
+    """Run (or resume) an extraction; returns a summary. Idempotent: done shards are skipped."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from lcam import build_backbone
+
+    from .shards import list_shards
+
+    t_start = time.perf_counter()
+    shards = list_shards(cfg.shards, storage_options=cfg.shard_storage_options, index_url=cfg.index)
+    if not shards:
+        raise UserError(f"no shards match {cfg.shards!r}")
+    backbone = build_backbone(cfg.backbone, cfg.weights)
+    cache = open_cache_for(backbone, cfg)
+    done = cache.done_sources()
+    todo = [s for s in shards if s.url not in done]
+    summary = ExtractSummary(cfg.cache, cache.fingerprint, len(shards), len(shards) - len(todo), 0)
+    if not todo:
+        summary.seconds = time.perf_counter() - t_start
+        return summary
+
+    summary.ray_startup_seconds = ensure_ray()
+    known = cache.manifest.get("expected_counts", {})
+    total = sum((s.count if s.count is not None else known.get(s.url, 0)) for s in todo) or None
+    items = [{"url": s.url, "name": s.name, "count": s.count if s.count is not None else -1} for s in todo]
+    actors, gpus = _num_actors(cfg)
+    ds = (
+        ray.data.from_items(items, override_num_blocks=len(items))
+        .flat_map(read_shard_rows, fn_kwargs={"storage_options": cfg.shard_storage_options})
+        .map_batches(
+            decode_preprocess,
+            fn_kwargs={"preprocessing": backbone.preprocessing, "views": tuple(cfg.views)},
+            batch_size=cfg.decode_batch_size,
+            num_cpus=1,
+        )
+        .map_batches(
+            BackboneActor,
+            fn_constructor_args=(cfg.backbone, cfg.weights, cfg.precision, cfg.store_logits, cfg.dtype, cfg.torch_threads),
+            batch_size=cfg.batch_size,
+            compute=ActorPoolStrategy(size=actors),
+            num_gpus=gpus,
+            num_cpus=0 if gpus else 1,
+        )
+    )
+    del backbone  # the actors build their own; free the driver's copy
+
+    write = _write_shard_task()
+    cache_ref = ray.put(cache)
+    assembler = _ShardAssembler()
+    pending: dict[Any, str] = {}
+    progress = _Progress(total, cfg.progress)
+    t_pipe = time.perf_counter()
+    counts: dict[str, int] = {}
+
+    def drain(block: bool) -> None:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=None if block else 0)
+            if not ready:
+                return
+            url = pending.pop(ready[0])
+            entry = ray.get(ready[0])
+            cache.mark_done([entry])
+            summary.shards_extracted += 1
+            summary.images += int(entry["count"])
+            summary.skipped += entry["skipped"]
+
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+        # index -1 marks a shard that could not be read (count mismatch, cut tar): report, keep going
+        errors = [(str(u), str(e)) for u, i, e in zip(batch["shard"], batch["index"], batch["error"]) if int(i) < 0]
+        if errors:
+            summary.failed_shards += [{"url": u, "reason": e} for u, e in errors]
+            keep = np.array([int(i) >= 0 for i in batch["index"]])
+            batch = {k: v[keep] for k, v in batch.items()}
+            if not len(batch["key"]):
+                continue
+        for url in assembler.add(batch):
+            rows, skipped = assembler.pop(url)
+            counts[url] = len(rows["key"]) + len(skipped)
+            pending[write.remote(cache_ref, url, rows, skipped)] = url
+        progress.update(len(batch["key"]))
+        drain(block=False)
+    drain(block=True)
+    progress.close()
+    # The index's counts, and for shards made elsewhere the counts of this first pass:
+    # `cache verify` checks against them from now on.
+    indexed = {s.url: s.count for s in todo if s.count is not None}
+    cache.record_counts({**{u: n for u, n in counts.items() if u not in indexed}, **indexed})
+    if assembler.rows:
+        for url, rows in assembler.rows.items():
+            summary.failed_shards.append({"url": url, "reason": f"incomplete: {len(rows)} of {assembler.expected.get(url)} rows arrived"})
+    summary.seconds = time.perf_counter() - t_pipe
+    return summary
+
+
+class _Progress:
+    """Periodic lines with images/s and ETA (a bar where the terminal is interactive)."""
+
+    def __init__(self, total: int | None, enabled: bool, every: float = 5.0) -> None:
+        self.total, self.enabled, self.every = total, enabled, every
+        self.done = 0
+        self.t0 = self.last = time.perf_counter()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if self.enabled and (now - self.last >= self.every or (self.total and self.done >= self.total)):
+            self.last = now
+            rate = self.done / max(now - self.t0, 1e-9)
+            eta = f", ETA {math.ceil((self.total - self.done) / rate)}s" if self.total and rate > 0 else ""
+            of = f"/{self.total}" if self.total else ""
+            print(f"extract: {self.done}{of} images, {rate:.1f} images/s{eta}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.enabled and self.done:
+            rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
+            print(f"extract: {self.done} images done, {rate:.1f} images/s", file=sys.stderr, flush=True)

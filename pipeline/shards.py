@@ -1,0 +1,922 @@
+"""WebDataset shards: pack an image folder into tar shards, list them, read them back.
+
+Packing keeps the ORIGINAL image bytes (never re-encoded): the cached features must
+come from exactly the pixels a user would get from their own files. Bad inputs are
+decided once, here, with PIL, and reported; odd-but-usable images are packed and noted.
+
+Readers trust nothing but the index: a tar cut at a member boundary is a valid, shorter
+tar to ``tarfile``, webdataset and Ray alike, so :func:`read_shard` compares the sample
+count with ``index.json`` and fails loudly on a difference.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import functools
+import hashlib
+import importlib
+import importlib.resources
+import importlib.util
+import io
+import json
+import os
+import random
+import re
+import shutil
+import sys
+import tarfile
+import tempfile
+import time
+import uuid
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Iterable, Iterator
+
+import fsspec
+from PIL import Image
+
+from pipeline.errors import UserError
+from pipeline.fs import StorageOptions, expand_urls, get_fs, is_local, join, read_json, write_json_atomic
+
+INDEX_FORMAT = "lcam-webdataset-shards/1"
+INDEX_NAME = "index.json"
+REPORT_NAME = "pack_report.json"
+
+# File extension -> sample extension; the content decides in the end (see _inspect).
+IMAGE_EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
+FORMAT_EXTS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+READ_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # order of preference when reading
+JSON_LABEL_KEYS = ("label", "cls", "class", "class_index")
+LAYOUTS = ("auto", "imagefolder", "labels", "imagenet-val")
+CROP = 224  # images smaller than the crop get upsampled by Resize(256); noted
+
+_WNID = re.compile(r"^n\d{8}$")
+_VAL_NAME = re.compile(r"^ILSVRC2012_val_(\d{8})$")
+_UNSAFE_KEY = re.compile(r"[^A-Za-z0-9_-]")
+_LABELS_SUFFIXES = (".tsv", ".csv", ".txt")
+_DEVKIT_GT = "ILSVRC2012_validation_ground_truth.txt"
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class ShardError(UserError):
+    """A shard that cannot be read as the index describes it."""
+
+
+class ShardReadError(ShardError):
+    """The tar itself is damaged (e.g. cut in the middle of a member)."""
+
+
+class ShardCountMismatch(ShardError):
+    """The tar holds a different number of samples than ``index.json`` says."""
+
+    def __init__(self, message: str, shard: str = "", expected: int | None = None, actual: int | None = None) -> None:
+        super().__init__(message)
+        self.shard, self.expected, self.actual = shard, expected, actual
+
+    def __reduce__(self):  # keep the fields when Ray pickles the exception across processes
+        return (type(self), (str(self), self.shard, self.expected, self.actual))
+
+
+class ShardChecksumMismatch(ShardError):
+    """The shard's bytes do not hash to the sha256 recorded in the index."""
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    url: str
+    name: str
+    count: int | None = None
+    sha256: str | None = None
+
+
+@dataclass
+class Sample:
+    key: str
+    image: bytes  # original encoded bytes; b"" when the sample has no image member
+    ext: str  # member extension the image came from ("jpg", "jpeg", "png", "webp"), "" if none
+    label: int  # -1 when the sample carries no label
+    meta: dict = field(default_factory=dict)  # the sample's json member, parsed
+
+
+@dataclass
+class PackReport:
+    packed: int
+    skipped: list[dict]  # {"file", "reason"}
+    notes: list[dict]  # {"file", "key", "kind", "note"}
+    shards: list[dict]  # index entries: {"name", "count", "bytes", "sha256"}
+    seconds: float
+    layout: str = ""
+    out_url: str = ""
+    labels_scheme: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        rate = self.packed / self.seconds if self.seconds > 0 else 0.0
+        size = sum(s["bytes"] for s in self.shards)
+        lines = [
+            f"packed {self.packed} images ({self.layout} layout, labels: {self.labels_scheme}) into "
+            f"{len(self.shards)} shard(s), {size / 2**20:.1f} MiB, at {self.out_url} "
+            f"in {self.seconds:.1f} s ({rate:.0f} img/s)",
+        ]
+        if self.skipped:
+            by = Counter(s["reason"].split(":")[0] for s in self.skipped)
+            lines.append(f"skipped {len(self.skipped)}: " + ", ".join(f"{k} x{v}" for k, v in by.most_common()))
+            lines += [f"  {s['file']}: {s['reason']}" for s in self.skipped[:5]]
+            if len(self.skipped) > 5:
+                lines.append(f"  ... {len(self.skipped) - 5} more")
+        if self.notes:
+            by = Counter(n["kind"] for n in self.notes)
+            lines.append(f"notes {len(self.notes)} (packed anyway): " + ", ".join(f"{k} x{v}" for k, v in by.most_common()))
+        lines.append(f"full report: {join(self.out_url, REPORT_NAME)}")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- ImageNet classes
+
+
+@functools.cache
+def imagenet_classes() -> list[tuple[str, str]]:
+    """The standard 1000 ImageNet classes as (wnid, name), indexed by class index."""
+    # find_spec locates the package without running lcam/__init__ (which imports torch:
+    # seconds that packing does not need); importlib.resources covers other loaders.
+    spec = importlib.util.find_spec("lcam")
+    path = Path(next(iter(spec.submodule_search_locations or []), ""), "data", "imagenet_classes.tsv") if spec else None
+    if path is not None and path.is_file():
+        text = path.read_text()
+    else:
+        text = importlib.resources.files("lcam").joinpath("data/imagenet_classes.tsv").read_text()
+    rows = [line.split("\t") for line in text.splitlines()[1:] if line.strip()]
+    out = [("", "")] * len(rows)
+    for idx, wnid, name in rows:
+        out[int(idx)] = (wnid, name)
+    return out
+
+
+@functools.cache
+def imagenet_wnid_index() -> dict[str, int]:
+    return {wnid: i for i, (wnid, _) in enumerate(imagenet_classes())}
+
+
+# --------------------------------------------------------------------------- planning
+
+
+@dataclass
+class _Item:
+    rel: str  # path relative to src, "/"-separated
+    path: str
+    label: int
+    key: str = ""
+
+
+@dataclass
+class _Plan:
+    layout: str
+    items: list[_Item]
+    skipped: list[dict]
+    notes: list[dict]
+    labels_scheme: str
+    class_names: list[str] | None
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def _scan(src: Path, exclude: Path | None) -> tuple[list[str], dict[str, list[str]]]:
+    """Top-level files, and for each top-level folder all files below it (relative paths)."""
+    top_files, folders = [], {}
+    for entry in sorted(os.scandir(src), key=lambda e: e.name):
+        if _is_hidden(entry.name):
+            continue
+        if entry.is_dir():
+            if exclude is not None and Path(entry.path).resolve() == exclude:
+                continue  # the output folder inside the source folder
+            files = []
+            for root, dirs, names in os.walk(entry.path):
+                dirs[:] = sorted(d for d in dirs if not _is_hidden(d) and (exclude is None or Path(root, d).resolve() != exclude))
+                files += [os.path.relpath(os.path.join(root, n), src).replace(os.sep, "/") for n in sorted(names) if not _is_hidden(n)]
+            folders[entry.name] = files
+        elif entry.is_file():
+            top_files.append(entry.name)
+    return top_files, folders
+
+
+def _is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTS
+
+
+def _read_text(url: str) -> str:
+    try:
+        fs, path = get_fs(url)
+        raw = fs.cat_file(path)
+    except (FileNotFoundError, IsADirectoryError):
+        raise UserError(f"labels file {url} does not exist") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise UserError(f"labels file {url} is not UTF-8 text") from None
+
+
+def _rows(text: str) -> list[list[str]]:
+    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    if not lines:
+        return []
+    if "\t" in lines[0]:
+        return [[c.strip() for c in ln.split("\t")] for ln in lines]
+    if "," in lines[0]:
+        return [[c.strip() for c in row] for row in csv.reader(lines)]
+    return [ln.split() for ln in lines]
+
+
+def _as_int(s: str) -> int | None:
+    try:
+        return int(s)
+    except (TypeError, ValueError):
+        return None
+
+
+_FILE_COLS = ("file", "filename", "file_name", "path", "image", "img", "image_id", "imageid", "image_name", "id")
+_CLASS_COLS = ("class_index", "class_idx", "label", "cls", "class", "target", "class_id", "label_index", "predictionstring")
+_WNID_COLS = ("wnid", "synset")
+
+
+def _class_value(value: str, where: str) -> int:
+    """An int class index, or a WordNet id mapped to the standard ImageNet index."""
+    token = value.split()[0] if value.split() else ""  # LOC_val_solution.csv: "n01751748 x y w h ..."
+    idx = _as_int(token)
+    if idx is not None:
+        return idx
+    if _WNID.match(token):
+        if token not in imagenet_wnid_index():
+            raise UserError(f"{where}: {token!r} is not one of the 1000 ImageNet classes")
+        return imagenet_wnid_index()[token]
+    raise UserError(f"{where}: class {value!r} is neither an integer class index nor an ImageNet WordNet id")
+
+
+def _parse_labels(url: str) -> tuple[str, dict[str, int] | list[int]]:
+    """("table", {file-name-or-stem: class}) or ("per-line", [class of line 1, line 2, ...])."""
+    rows = _rows(_read_text(url))
+    if not rows:
+        raise UserError(f"labels file {url} is empty")
+    if all(len(r) == 1 for r in rows):
+        values = [_as_int(r[0]) for r in rows]
+        if any(v is None for v in values):
+            bad = next(i for i, v in enumerate(values) if v is None)
+            raise UserError(f"labels file {url}: line {bad + 1} ({rows[bad][0]!r}) is not an integer class index")
+        return "per-line", values  # type: ignore[return-value]
+    # A header names known columns; anything else is data (and errors name its line).
+    header = [c.lower() for c in rows[0]]
+    has_header = any(c in _FILE_COLS + _CLASS_COLS + _WNID_COLS for c in header)
+    file_col, class_col = 0, 1
+    if has_header:
+        file_col = next((header.index(c) for c in _FILE_COLS if c in header), 0)
+        class_col = next((header.index(c) for c in _CLASS_COLS if c in header), None)
+        if class_col is None:
+            class_col = next((header.index(c) for c in _WNID_COLS if c in header), None)
+        if class_col is None:
+            raise UserError(f"labels file {url}: header {rows[0]} has no class column (expected one of {', '.join(_CLASS_COLS + _WNID_COLS)})")
+        rows = rows[1:]
+    table: dict[str, int] = {}
+    for n, row in enumerate(rows, start=2 if has_header else 1):
+        where = f"labels file {url}, line {n}"
+        if len(row) <= max(file_col, class_col):
+            raise UserError(f"{where}: expected at least {max(file_col, class_col) + 1} columns, got {row}")
+        if n == 1 and _as_int(row[class_col]) is None and not _WNID.match(row[class_col]):
+            where += " (if this is a header, name the columns e.g. 'file' and 'class_index')"
+        name, cls = row[file_col], _class_value(row[class_col], where)
+        if table.get(name, cls) != cls:
+            raise UserError(f"{where}: {name!r} is listed twice with different classes ({table[name]} and {cls})")
+        table[name] = cls
+    return "table", table
+
+
+def _find_labels_file(src: Path, top_files: list[str]) -> Path | None:
+    cands = [n for n in top_files if n.lower().endswith(_LABELS_SUFFIXES)]
+    if len(cands) > 1:
+        narrowed = [n for n in cands if re.search(r"label|ground_truth|solution|^val\.txt$", n, re.I)]
+        cands = narrowed or cands
+    if len(cands) > 1:
+        raise UserError(f"{src}: several possible labels files {cands}; pass the right one with --labels")
+    return src / cands[0] if cands else None
+
+
+def _val_number(rel: str) -> int | None:
+    m = _VAL_NAME.match(os.path.splitext(os.path.basename(rel))[0])
+    return int(m.group(1)) if m else None
+
+
+def _plan(src: Path, layout: str, labels_file: str | None, exclude: Path | None) -> _Plan:
+    top_files, folders = _scan(src, exclude)
+    top_images = [n for n in top_files if _is_image_name(n)]
+    class_dirs = {d: f for d, f in folders.items() if f}
+    labels_path: str | None = str(labels_file) if labels_file else None
+
+    if layout == "auto":
+        if class_dirs and top_images:
+            raise UserError(
+                f"{src}: cannot tell the layout: it has {len(class_dirs)} sub-folder(s) (class folders?) and "
+                f"{len(top_images)} loose image(s) at the top; pass --layout imagefolder or --layout labels"
+            )
+        if class_dirs:
+            if labels_path:
+                raise UserError(f"{src} has class sub-folders but --labels was given; pass --layout labels if the labels file lists paths")
+            layout = "imagefolder"
+        elif top_images:
+            if labels_path is None:
+                found = _find_labels_file(src, top_files)
+                if found is None:
+                    raise UserError(f"{src} is a flat folder of images with no labels file; pass --labels FILE (or use class sub-folders)")
+                labels_path = str(found)
+            kind, _ = _parse_labels(labels_path)
+            all_val = all(_val_number(n) is not None for n in top_images)
+            layout = "imagenet-val" if kind == "per-line" and all_val else "labels"
+        else:
+            raise UserError(f"{src}: no images found (looked for {', '.join(sorted(IMAGE_EXTS))})")
+
+    skipped: list[dict] = []
+    notes: list[dict] = []
+    items: list[_Item] = []
+    class_names: list[str] | None = None
+    used_labels = Path(labels_path).resolve() if labels_path and "://" not in labels_path else None
+
+    def not_image(rel: str) -> bool:
+        if _is_image_name(rel):
+            return False
+        if used_labels is None or (src / rel).resolve() != used_labels:
+            ext = os.path.splitext(rel)[1]
+            skipped.append({"file": rel, "reason": f"unknown extension: {ext or '(none)'}"})
+        return True
+
+    if layout == "imagefolder":
+        if not class_dirs:
+            raise UserError(f"{src}: no class sub-folders with files in them")
+        names = sorted(class_dirs)
+        wnids = imagenet_wnid_index()
+        if all(_WNID.match(n) for n in names):
+            unknown = [n for n in names if n not in wnids]
+            if unknown:
+                raise UserError(f"{src}: folders look like ImageNet WordNet ids but {unknown[:5]} are not ImageNet classes")
+            index = {n: wnids[n] for n in names}
+            scheme, class_names = "imagenet", [name for _, name in imagenet_classes()]
+        else:
+            index = {n: i for i, n in enumerate(names)}
+            scheme, class_names = "folders", names
+        for rel in top_files:
+            if _is_image_name(rel):
+                skipped.append({"file": rel, "reason": "image outside the class sub-folders"})
+            elif used_labels is None or (src / rel).resolve() != used_labels:
+                skipped.append({"file": rel, "reason": f"unknown extension: {os.path.splitext(rel)[1] or '(none)'}"})
+        for d in names:
+            items += [_Item(rel, str(src / rel), index[d]) for rel in class_dirs[d] if not not_image(rel)]
+        return _Plan(layout, items, skipped, notes, scheme, class_names)
+
+    if layout not in ("labels", "imagenet-val"):
+        raise UserError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    if labels_path is None:
+        labels_path = str(_find_labels_file(src, top_files) or "")
+        if not labels_path:
+            raise UserError(f"layout {layout} needs a labels file; pass --labels FILE")
+        used_labels = Path(labels_path).resolve()
+    kind, labels = _parse_labels(labels_path)
+    rels = [*top_files, *(f for files in folders.values() for f in files)]
+    images = [rel for rel in rels if not not_image(rel)]
+
+    if layout == "imagenet-val":
+        if Path(labels_path).name == _DEVKIT_GT:
+            raise UserError(
+                f"{labels_path} is the devkit ground truth: its values are ILSVRC2012_IDs (1..1000) in the devkit's "
+                "own order, not the standard class indices. Convert it with the devkit's meta.mat, or use a labels "
+                "file of 0-based indices / WordNet ids (e.g. LOC_val_solution.csv)"
+            )
+        if kind == "per-line":
+            bad = [v for v in labels if not 0 <= v < 1000]  # type: ignore[union-attr]
+            if bad:
+                raise UserError(f"labels file {labels_path}: values must be 0-based class indices 0..999, found {bad[0]}")
+    elif kind == "per-line":
+        raise UserError(
+            f"labels file {labels_path} has one value per line, which only works for ImageNet validation images "
+            "(ILSVRC2012_val_NNNNNNNN.JPEG); for other images give 'file<TAB>class' rows"
+        )
+
+    scheme = "imagenet" if layout == "imagenet-val" else "labels-file"
+    for rel in images:
+        if kind == "per-line":
+            n = _val_number(rel)
+            label = labels[n - 1] if n is not None and 1 <= n <= len(labels) else None  # type: ignore[index]
+        else:
+            base = os.path.basename(rel)
+            stem = os.path.splitext(base)[0]
+            label = next((labels[k] for k in (rel, base, stem) if k in labels), None)  # type: ignore[call-overload]
+        if label is None:
+            label = -1
+            notes.append({"file": rel, "kind": "unlabeled", "note": f"no entry in {os.path.basename(labels_path)}: cls -1"})
+        items.append(_Item(rel, str(src / rel), label))
+    if scheme == "imagenet":
+        class_names = [name for _, name in imagenet_classes()]
+    return _Plan(layout, items, skipped, notes, scheme, class_names)
+
+
+def _assign_keys(items: list[_Item]) -> None:
+    """Keys from file stems (safe characters, no dots); the relative path where stems clash."""
+    stems = [_UNSAFE_KEY.sub("_", os.path.splitext(os.path.basename(it.rel))[0]) for it in items]
+    counts = Counter(stems)
+    seen: set[str] = set()
+    for it, stem in zip(items, stems):
+        key = stem if counts[stem] == 1 else _UNSAFE_KEY.sub("_", os.path.splitext(it.rel)[0])
+        key = key or "img"
+        base, n = key, 1
+        while key in seen:
+            n += 1
+            key = f"{base}-{n}"
+        seen.add(key)
+        it.key = key
+
+
+# --------------------------------------------------------------------------- inspection
+
+
+class _Skip(Exception):
+    pass
+
+
+def _inspect(item: _Item) -> tuple[bytes, str, dict, list[tuple[str, str]]]:
+    """(original bytes, sample extension, json meta, notes); raises _Skip(reason)."""
+    ext_in = os.path.splitext(item.rel)[1]
+    if ext_in.lower() not in IMAGE_EXTS:
+        raise _Skip(f"unknown extension: {ext_in or '(none)'}")
+    try:
+        with open(item.path, "rb") as f:
+            data = f.read()
+    except OSError as exn:
+        raise _Skip(f"unreadable file: {exn}") from None
+    if not data:
+        raise _Skip("zero-byte file")
+    notes: list[tuple[str, str]] = []
+    try:
+        im = Image.open(io.BytesIO(data))
+        fmt, mode, (w, h) = im.format, im.mode, im.size
+        rawmode = str(im.tile[0][3]) if im.tile else ""
+        if fmt == "JPEG":
+            # DCT-domain 1/8 decode still consumes every byte, so truncation is still
+            # caught, at a fraction of the cost of a full decode.
+            im.draft(None, (max(1, w // 8), max(1, h // 8)))
+        im.load()
+    except Image.DecompressionBombError as exn:
+        raise _Skip(f"too large to decode safely: {exn}") from None
+    except Exception as exn:
+        raise _Skip(f"corrupt or truncated image: {exn}") from None
+    ext = FORMAT_EXTS.get(fmt or "")
+    if ext is None:
+        raise _Skip(f"unsupported image format: {fmt} content in a {ext_in} file")
+    if IMAGE_EXTS[ext_in.lower()] != ext:
+        notes.append(("format", f"{ext_in} file holds {fmt} data: stored as .{ext}"))
+    if mode != "RGB":
+        notes.append(("mode", f"mode {mode}: packed as is, decoded to RGB"))
+    elif "16" in rawmode:
+        notes.append(("mode", f"16-bit {rawmode}: packed as is, decoded to 8-bit RGB"))
+    if min(w, h) < CROP:
+        notes.append(("small", f"{w}x{h} is smaller than the {CROP} crop: packed, upsampled by the resize"))
+    meta = {"file": item.rel, "width": w, "height": h, "mode": mode, "format": fmt, "label": item.label}
+    return data, ext, meta, notes
+
+
+# --------------------------------------------------------------------------- writing
+
+
+class _HashingWriter:
+    """File wrapper that hashes and counts what tarfile writes (no second read pass)."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f, self.h, self.n = f, hashlib.sha256(), 0
+
+    def write(self, b: bytes) -> int:
+        self.h.update(b)
+        self.n += len(b)
+        return self.f.write(b)
+
+    def tell(self) -> int:
+        return self.n
+
+
+_TAR_TAIL = tarfile.RECORDSIZE + 2 * 512
+
+
+class _ShardWriter:
+    """One shard at a time; visible under its final name only once complete."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, base: str, prefix: str) -> None:
+        self.fs, self.base, self.prefix, self.local = fs, base, prefix, is_local(fs)
+        self.tmpdir = base if self.local else tempfile.mkdtemp(prefix="lcam-pack-")
+        self.tar: tarfile.TarFile | None = None
+        self.index = 0
+        self.count = 0
+        self.bytes = 0
+
+    def _open(self) -> None:
+        self.name = f"{self.prefix}-{self.index:06d}.tar"
+        self.tmp = os.path.join(self.tmpdir, f".{self.name}.tmp-{uuid.uuid4().hex[:8]}")
+        self.file = open(self.tmp, "wb")
+        self.hw = _HashingWriter(self.file)
+        self.tar = tarfile.open(fileobj=self.hw, mode="w", format=tarfile.PAX_FORMAT)
+        self.count = self.bytes = 0
+
+    def add(self, key: str, members: list[tuple[str, bytes]], limit_samples: int, limit_bytes: int) -> dict | None:
+        """Add one sample; returns the finished shard's entry when this sample started a new one."""
+        size = sum(512 + -(-len(b) // 512) * 512 for _, b in members)  # headers + padded data
+        done = None
+        # tarfile.close() adds end-of-archive blocks padded to a 10 KiB record: reserve them.
+        if self.tar is not None and (self.count >= limit_samples or self.bytes + size + _TAR_TAIL > limit_bytes):
+            done = self.finish()
+        if self.tar is None:
+            self._open()
+        for ext, data in members:
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(data), 0, 0o444  # fixed mtime: same input, same sha256
+            self.tar.addfile(info, io.BytesIO(data))  # type: ignore[union-attr]
+        self.count += 1
+        self.bytes += size
+        return done
+
+    def finish(self) -> dict | None:
+        if self.tar is None:
+            return None
+        self.tar.close()
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        entry = {"name": self.name, "count": self.count, "bytes": self.hw.n, "sha256": self.hw.h.hexdigest()}
+        final = self.base.rstrip("/") + "/" + self.name
+        if self.local:
+            os.replace(self.tmp, final)
+        else:
+            self.fs.put_file(self.tmp, final)  # one whole upload: all or nothing
+            os.remove(self.tmp)
+        self.tar = None
+        self.index += 1
+        return entry
+
+    def abort(self) -> None:
+        if self.tar is not None:
+            try:
+                self.file.close()
+            finally:
+                self.tar = None
+        if getattr(self, "tmp", None) and os.path.exists(self.tmp):
+            os.remove(self.tmp)
+        if not self.local:
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+
+def _progress(total: int, enabled: bool):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # periodic lines instead of a bar
+        return _Lines(total, enabled)
+    return tqdm(total=total, unit="img", disable=not enabled, file=sys.stderr, mininterval=1.0, smoothing=0.1)
+
+
+class _Lines:
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.enabled, self.n, self.t0, self.last = total, enabled, 0, time.time(), 0.0
+
+    def update(self, n: int) -> None:
+        self.n += n
+        now = time.time()
+        if self.enabled and (now - self.last > 10 or self.n == self.total):
+            rate = self.n / max(now - self.t0, 1e-9)
+            eta = (self.total - self.n) / rate if rate else 0
+            print(f"packed {self.n}/{self.total} ({rate:.0f} img/s, ETA {eta:.0f} s)", file=sys.stderr)
+            self.last = now
+
+    def set_postfix_str(self, s: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _write_json(fs: fsspec.AbstractFileSystem, base: str, name: str, obj: Any) -> None:
+    """Atomic JSON write through the filesystem object already in hand (a fresh s3fs
+    instance costs a new HTTP session)."""
+    if is_local(fs):
+        write_json_atomic(os.path.join(base, name), obj)
+    else:
+        fs.pipe_file(f"{base}/{name}", json.dumps(obj, indent=1, sort_keys=True).encode())  # one PUT
+
+
+def pack_folder(
+    src: str | os.PathLike,
+    out_url: str,
+    *,
+    layout: str = "auto",
+    labels_file: str | os.PathLike | None = None,
+    samples_per_shard: int = 1000,
+    max_shard_bytes: int = 1 << 30,
+    prefix: str = "shard",
+    storage_options: StorageOptions = None,
+    progress: bool = True,
+    overwrite: bool = False,
+    shuffle_seed: int | None = None,
+    workers: int | None = None,
+) -> PackReport:
+    """Pack an image folder into ``{prefix}-{i:06d}.tar`` shards + ``index.json`` at ``out_url``.
+
+    ``layout``: "imagefolder" (class sub-folders), "labels" (flat folder + labels file),
+    "imagenet-val" (ILSVRC2012_val_* + one class index per line, or a labels file) or
+    "auto". ``overwrite`` allows an output that already holds shards (stale shards of
+    the same prefix are removed at the end). ``shuffle_seed`` packs in a seeded random
+    order instead of sorted file order. ``workers`` threads check images (PIL releases
+    the GIL while decoding); default min(8, CPUs).
+    """
+    t0 = time.time()
+    if layout not in LAYOUTS:
+        raise UserError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    if samples_per_shard < 1 or max_shard_bytes < 1:
+        raise UserError("samples per shard and max shard bytes must be positive")
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", prefix):
+        raise UserError(f"shard prefix {prefix!r} may only use letters, digits, '_' and '-'")
+    if "://" in str(src):
+        raise UserError(f"{src}: the source must be a local folder")
+    src_path = Path(src).resolve()
+    if not src_path.is_dir():
+        raise UserError(f"source folder {src} does not exist or is not a folder")
+
+    fs, base = get_fs(out_url, storage_options)
+    base = base.rstrip("/")
+    exclude = Path(base).resolve() if is_local(fs) else None
+    plan = _plan(src_path, layout, str(labels_file) if labels_file else None, exclude)
+    _assign_keys(plan.items)
+    if shuffle_seed is not None:
+        random.Random(shuffle_seed).shuffle(plan.items)
+
+    if is_local(fs):
+        os.makedirs(base, exist_ok=True)
+    old = sorted(fs.glob(f"{base}/{prefix}-*.tar")) if fs.exists(base) else []
+    if (old or fs.exists(f"{base}/{INDEX_NAME}")) and not overwrite:
+        raise UserError(f"{out_url} already holds shards or an {INDEX_NAME}; choose an empty folder or pass --overwrite")
+    if overwrite and fs.exists(f"{base}/{INDEX_NAME}"):
+        fs.rm_file(f"{base}/{INDEX_NAME}")  # readers must not pair the old index with new shards
+
+    skipped, notes, entries = list(plan.skipped), list(plan.notes), []
+    writer = _ShardWriter(fs, base, prefix)
+    bar = _progress(len(plan.items), progress)
+    packed = 0
+    n_workers = workers or min(8, os.cpu_count() or 1)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(n_workers) as pool:
+            chunk = 64 * n_workers  # bounded read-ahead: never all file contents in memory
+            for start in range(0, len(plan.items), chunk):
+                batch = plan.items[start : start + chunk]
+                futures = [pool.submit(_inspect, it) for it in batch]
+                for it, fut in zip(batch, futures):
+                    try:
+                        data, ext, meta, item_notes = fut.result()
+                    except _Skip as why:
+                        skipped.append({"file": it.rel, "reason": str(why)})
+                        bar.update(1)
+                        continue
+                    notes += [{"file": it.rel, "key": it.key, "kind": k, "note": n} for k, n in item_notes]
+                    # Image last: a tar cut between members then loses the image, which
+                    # read_shard reports, rather than a label that would silently become -1.
+                    members = [
+                        ("cls", str(it.label).encode()),
+                        ("json", json.dumps(meta, sort_keys=True).encode()),
+                        (ext, data),
+                    ]
+                    done = writer.add(it.key, members, samples_per_shard, max_shard_bytes)
+                    if done:
+                        entries.append(done)
+                        bar.set_postfix_str(f"{len(entries)} shards")
+                    packed += 1
+                    bar.update(1)
+        done = writer.finish()
+        if done:
+            entries.append(done)
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        bar.close()
+        if not writer.local:
+            shutil.rmtree(writer.tmpdir, ignore_errors=True)
+
+    if overwrite:
+        names = {e["name"] for e in entries}
+        for path in old:
+            if path.rsplit("/", 1)[-1] not in names:
+                fs.rm_file(path)
+
+    report = PackReport(
+        packed=packed,
+        skipped=skipped,
+        notes=notes,
+        shards=entries,
+        seconds=round(time.time() - t0, 3),
+        layout=plan.layout,
+        out_url=out_url,
+        labels_scheme=plan.labels_scheme,
+    )
+    _write_json(fs, base, REPORT_NAME, report.to_dict())
+    index = {
+        "format": INDEX_FORMAT,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "layout": plan.layout,
+        "samples": packed,
+        "labels": {"scheme": plan.labels_scheme, "names": plan.class_names},
+        "shards": entries,
+    }
+    _write_json(fs, base, INDEX_NAME, index)  # last: the commit point
+    print(report.summary())
+    return report
+
+
+# --------------------------------------------------------------------------- listing
+
+
+def _has_pattern(s: str) -> bool:
+    return any(c in s for c in "*?[{")
+
+
+def _load_index(url: str, storage_options: StorageOptions) -> dict | None:
+    index = read_json(url, storage_options)
+    if index is None:
+        return None
+    if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT or not isinstance(index.get("shards"), list):
+        raise UserError(f"{url} is not a shard index of format {INDEX_FORMAT}")
+    return index
+
+
+def list_shards(
+    patterns: str | list[str],
+    storage_options: StorageOptions = None,
+    index_url: str | None = None,
+) -> list[ShardInfo]:
+    """Shard URLs from brace ranges, globs, single .tar URLs or folders holding ``index.json``.
+
+    Counts and checksums come from ``index_url`` when given, else from an ``index.json``
+    beside each shard; shards with no index entry (made elsewhere) get ``count=None``.
+    A folder with no index yields its ``*.tar`` files.
+    """
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    urls: list[str] = []
+    for p in patterns:
+        if _has_pattern(p) or p.endswith(".tar"):
+            urls += expand_urls(p, storage_options)
+            continue
+        folder = p.rstrip("/")
+        index = _load_index(join(folder, INDEX_NAME), storage_options)
+        if index is not None:
+            urls += [join(folder, e["name"]) for e in index["shards"]]
+            continue
+        fs, path = get_fs(folder, storage_options)
+        if not fs.isdir(path):
+            raise FileNotFoundError(f"{p}: no such shard folder (and not a .tar, brace or glob pattern)")
+        found = expand_urls(join(folder, "*.tar"), storage_options)
+        urls += found
+
+    fixed: dict[str, dict] = {}
+    if index_url is not None:
+        index = _load_index(index_url, storage_options)
+        if index is None:
+            raise FileNotFoundError(f"index {index_url} does not exist")
+        root = index_url.rsplit("/", 1)[0]
+        fixed = {join(root, e["name"]): e for e in index["shards"]}
+        by_name = {e["name"]: e for e in index["shards"]}
+
+    beside: dict[str, dict[str, dict]] = {}
+    out = []
+    for url in urls:
+        folder, name = url.rsplit("/", 1) if "/" in url else (".", url)
+        if index_url is not None:
+            entry = fixed.get(url) or by_name.get(name)
+        else:
+            if folder not in beside:
+                idx = _load_index(join(folder, INDEX_NAME), storage_options)
+                beside[folder] = {e["name"]: e for e in idx["shards"]} if idx else {}
+            entry = beside[folder].get(name)
+        out.append(ShardInfo(url, name, entry["count"] if entry else None, entry.get("sha256") if entry else None))
+    return out
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _label(d: dict, meta: dict) -> int:
+    if "cls" in d:
+        v = _as_int(d["cls"].decode("utf-8", "replace").strip())
+        if v is not None:
+            return v
+    for k in JSON_LABEL_KEYS:
+        v = meta.get(k)
+        if isinstance(v, bool):
+            continue
+        if isinstance(v, int):
+            return v
+        if isinstance(v, str) and _as_int(v.strip()) is not None:
+            return int(v.strip())
+    return -1
+
+
+def _to_sample(d: dict) -> Sample:
+    ext = next((e for e in READ_IMAGE_EXTS if e in d), "")
+    meta: dict = {}
+    if "json" in d:
+        try:
+            parsed = json.loads(d["json"])
+            meta = parsed if isinstance(parsed, dict) else {"json": parsed}
+        except (ValueError, UnicodeDecodeError) as exn:
+            meta = {"json_error": str(exn)}
+    return Sample(key=d["__key__"], image=d[ext] if ext else b"", ext=ext, label=_label(d, meta), meta=meta)
+
+
+def _samples_from_stream(stream: BinaryIO, url: str) -> Iterator[Sample]:
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    files = tar_file_expander([{"url": url, "stream": stream}])
+    try:
+        for d in group_by_keys(files):
+            yield _to_sample(d)
+    except (tarfile.TarError, EOFError, ValueError) as exn:
+        # webdataset appends " @ <stream repr>" to the message; keep the readable part.
+        reason = str(exn.args[0]).split(" @ ")[0] if exn.args else type(exn).__name__
+        raise ShardReadError(
+            f"shard {url} is damaged ({reason}): probably cut off during a copy or upload; re-download or re-pack it"
+        ) from exn
+
+
+def iter_samples(url: str, storage_options: StorageOptions = None) -> Iterator[Sample]:
+    """Stream one tar shard (local or any fsspec URL) as samples grouped by key.
+
+    Every sample is yielded, also one without an image (``image=b""``), so callers can
+    report it instead of losing it silently.
+    """
+    fs, path = get_fs(url, storage_options)
+    with fs.open(path, "rb") as f:
+        yield from _samples_from_stream(f, url)
+
+
+def read_shard(info: ShardInfo | str, storage_options: StorageOptions = None, verify_sha256: bool = False) -> list[Sample]:
+    """All samples of a shard, checked against the index count (and sha256 if asked).
+
+    Raises :class:`ShardCountMismatch` when the index says N but the tar holds another
+    number: a tar cut at a member boundary reads without any error otherwise.
+    """
+    if isinstance(info, str):
+        info = ShardInfo(info, info.rsplit("/", 1)[-1])
+    if verify_sha256 and info.sha256:
+        fs, path = get_fs(info.url, storage_options)
+        data = fs.cat_file(path)
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != info.sha256:
+            raise ShardChecksumMismatch(
+                f"shard {info.url}: sha256 {digest} differs from the index's {info.sha256}; re-download or re-pack it"
+            )
+        samples = list(_samples_from_stream(io.BytesIO(data), info.url))
+    else:
+        samples = list(iter_samples(info.url, storage_options))
+    if info.count is not None and len(samples) != info.count:
+        raise ShardCountMismatch(
+            f"shard {info.url}: the index says {info.count} samples but the tar holds {len(samples)}; "
+            f"the file is incomplete or not the one the index describes: re-download it, or re-pack the dataset "
+            f"(lcam shards SRC OUT)",
+            shard=info.url,
+            expected=info.count,
+            actual=len(samples),
+        )
+    if info.count is not None:  # our own packer wrote an image into every sample
+        empty = [s.key for s in samples if not s.image]
+        if empty:
+            raise ShardReadError(
+                f"shard {info.url}: sample {empty[0]!r} has no image member ({len(empty)} such): the shard is "
+                "incomplete; re-download it or re-pack the dataset"
+            )
+    return samples
+
+
+# --------------------------------------------------------------------------- webdataset
+
+
+def register_fsspec_opener(storage_options: StorageOptions = None, schemes: Iterable[str] = ("s3", "gs", "gcs")) -> None:
+    """Let ``webdataset.WebDataset("s3://...")`` open URLs through fsspec.
+
+    webdataset has no s3:// opener of its own (and gs:// shells out to gsutil). The
+    registration is per process: call it inside each Ray worker / DataLoader worker too.
+    """
+    opts = dict(storage_options or {})
+
+    def _open(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) -> BinaryIO:
+        return fsspec.open(url, mode, **opts).open()
+
+    table = importlib.import_module("webdataset.gopen").gopen_schemes
+    for scheme in schemes:
+        table[scheme] = _open

@@ -1,0 +1,152 @@
+"""CAM baselines: shapes, signs, determinism, Grad-CAM against a hand-written one, RISE on a toy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lcam.backbones import Backbone, Preprocessing, build_backbone
+from lcam.baselines import (
+    BASELINES,
+    RISE,
+    GradCAM,
+    LCAMMethod,
+    RandomMap,
+    ScoreCAM,
+    build_baseline,
+    road_scores,
+)
+from lcam.model import LCAM
+
+
+def toy_backbone(seed: int = 0, classes: int = 5) -> Backbone:
+    """8 x 8 features at 64 x 64 input; a non-linear head, so dlogit/dF varies over space."""
+    torch.manual_seed(seed)
+    features = nn.Sequential(nn.Conv2d(3, 8, 3, stride=4, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU())
+    head = nn.Sequential(nn.Conv2d(8, 16, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(16, classes))
+    return Backbone("toy", features, head, (8, 8, 8), Preprocessing(mean=(0.5,) * 3, std=(0.25,) * 3), num_classes=classes)
+
+
+class RegionScore(nn.Module):
+    """Two classes with softmax exactly (m, 1 - m), m = mean of the image over a fixed region."""
+
+    def __init__(self, rows: slice, cols: slice) -> None:
+        super().__init__()
+        self.rows, self.cols = rows, cols
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = x[:, :, self.rows, self.cols].mean((1, 2, 3))
+        return torch.stack([m.clamp_min(1e-12).log(), (1 - m).clamp_min(1e-12).log()], 1)
+
+
+def library_scale(cam: torch.Tensor) -> torch.Tensor:
+    """pytorch-grad-cam's scale_cam_image per map, (x - min) / (1e-7 + max(x - min))."""
+    flat = cam.flatten(1)
+    flat = flat - flat.amin(1, keepdim=True)
+    return (flat / (1e-7 + flat.amax(1, keepdim=True))).view_as(cam)
+
+
+def hand_gradcam(backbone: Backbone, images: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
+    feats = backbone.features(backbone.normalize(images)).detach().requires_grad_(True)
+    logits = backbone.head(feats)
+    (grads,) = torch.autograd.grad(logits[torch.arange(len(class_ids)), class_ids].sum(), feats)
+    weights = grads.mean((2, 3))
+    return torch.relu((weights[:, :, None, None] * feats).sum(1)).detach()
+
+
+@pytest.mark.parametrize("name", sorted(BASELINES))
+def test_baseline_shapes_and_signs(name):
+    backbone = toy_backbone()
+    kwargs = {"rise": {"num_masks": 24, "mask_batch": 8}, "scorecam": {"batch_size": 8}}.get(name, {})
+    method = build_baseline(name, backbone, **kwargs)
+    images = torch.rand(2, 3, 64, 64)
+    maps = method(images, torch.tensor([1, 3]))
+    expected = {"gradcam": (8, 8), "gradcam++": (8, 8), "scorecam": (8, 8), "random": (7, 7)}.get(name, (64, 64))
+    assert maps.shape == (2, *expected) and maps.dtype == torch.float32
+    assert torch.isfinite(maps).all() and (maps >= 0).all()
+    assert method.name == name
+    assert not backbone.features._forward_hooks  # pytorch-grad-cam's hooks are released after each call
+    assert not any(p.requires_grad for p in backbone.parameters())
+    with pytest.raises(ValueError):
+        method(images, [1])  # one class id per image
+
+
+def test_gradcam_equals_hand_written_at_feature_resolution():
+    for backbone, size in ((toy_backbone(), 64), (build_backbone("resnet18", weights="random"), 128)):
+        torch.manual_seed(1)
+        images = torch.rand(3, 3, size, size)
+        with torch.no_grad():
+            ids = backbone(images).argmax(1)
+        hand = hand_gradcam(backbone, images, ids)
+        assert (hand.flatten(1).amax(1) > hand.flatten(1).amin(1)).all()  # not a constant map
+        with torch.no_grad():  # works under no_grad too: gradients are enabled inside
+            ours = GradCAM(backbone)(images, ids)
+        assert ours.shape == hand.shape
+        # the library scales per layer, then again when aggregating layers
+        assert torch.allclose(ours, library_scale(library_scale(hand)), atol=1e-5), backbone.name
+
+
+def test_rise_and_random_are_deterministic_with_a_seed():
+    backbone = toy_backbone()
+    images = torch.rand(2, 3, 32, 32)
+    a = RISE(backbone, num_masks=16, mask_batch=5, seed=3)
+    first = a(images, [0, 1])
+    assert torch.equal(first, a(images, [0, 1]))  # masks drawn once, reused
+    assert torch.equal(first, RISE(backbone, num_masks=16, mask_batch=16, seed=3)(images, [0, 1]))
+    assert not torch.equal(first, RISE(backbone, num_masks=16, seed=4)(images, [0, 1]))
+    m = a.masks((32, 32))
+    assert m.shape == (16, 32, 32) and m.min() >= 0 and m.max() <= 1
+    assert torch.equal(m[5:9], a.masks((32, 32), 5, 9))
+
+    r1, r2 = RandomMap(backbone, seed=7), RandomMap(backbone, seed=7)
+    x = r1(images, [0, 1])
+    assert torch.equal(x, r2(images, [0, 1]))
+    assert not torch.equal(x, r1(images, [0, 1]))  # successive calls draw fresh maps
+
+
+def test_rise_peaks_in_the_region_the_model_scores():
+    rows, cols = slice(8, 16), slice(16, 24)
+    backbone = Backbone("region", nn.Identity(), RegionScore(rows, cols), (3, 32, 32), Preprocessing(mean=(0.0,) * 3, std=(1.0,) * 3), num_classes=2)
+    images = torch.full((1, 3, 32, 32), 0.5)
+    sal = RISE(backbone, num_masks=600, grid=4, mask_batch=200, seed=0)(images, [0])[0]
+    inside = torch.zeros(32, 32, dtype=torch.bool)
+    inside[rows, cols] = True
+    peak = divmod(int(sal.argmax()), 32)
+    assert abs(peak[0] - 11.5) <= 2 and abs(peak[1] - 19.5) <= 2, peak  # the region's centre
+    assert sal[inside].mean() > 1.15 * sal[~inside].mean()  # about 1.26 in expectation for this smooth-mask setup
+    # E[P(x*M) M] / p: far from the region, mask and score are independent -> E[P] = 0.5 * E[mean M] = 0.25
+    assert abs(float(sal[24:, :8].mean()) - 0.25) < 0.04
+
+
+def test_scorecam_batch_size_does_not_change_the_maps():
+    backbone = toy_backbone()
+    images = torch.rand(2, 3, 64, 64)
+    a = ScoreCAM(backbone, batch_size=3)(images, [0, 2])
+    b = ScoreCAM(backbone, batch_size=8)(images, [0, 2])
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_lcam_method_returns_raw_class_maps():
+    backbone = toy_backbone()
+    lcam = LCAM(backbone)
+    images = torch.rand(2, 3, 64, 64)
+    maps = LCAMMethod(lcam)(images, [4, 1])
+    with torch.no_grad():
+        z = lcam.attention(backbone.features(backbone.normalize(images)))
+    assert maps.shape == (2, 8, 8)
+    assert torch.allclose(maps, z[torch.arange(2), torch.tensor([4, 1])], atol=1e-5)
+
+
+def test_road_scores_shapes_and_seed():
+    backbone = toy_backbone()
+    images = torch.rand(2, 3, 32, 32)
+    cams = torch.rand(2, 4, 4)
+    a = road_scores(backbone, images, cams, [0, 3], percentiles=(20, 80))
+    b = road_scores(backbone, images, cams, [0, 3], percentiles=(20, 80))
+    assert a.morf.shape == a.lerf.shape == (2, 2) and a.clean.shape == (2,)
+    assert torch.equal(a.morf, b.morf) and torch.equal(a.lerf, b.lerf)  # seeded imputation noise
+    assert ((a.morf >= 0) & (a.morf <= 1)).all() and a.combined().shape == (2,)
+    with torch.no_grad():
+        clean = backbone(images).softmax(1)[torch.arange(2), torch.tensor([0, 3])]
+    assert torch.allclose(a.clean, clean)

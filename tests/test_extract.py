@@ -1,0 +1,218 @@
+"""Extraction with real components: WebDataset shards -> local Ray (2 CPUs) -> Zarr cache."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lcam import build_backbone
+from pipeline.cache import CacheMismatch, FeatureCache
+from pipeline.extract import ExtractConfig, extract
+from pipeline.fs import read_json
+from pipeline.images import decode_image, preprocess
+from pipeline.shards import pack_folder, read_shard, list_shards
+from tests.helpers import skimage_photos
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_folder(root, n_per_class=4, corrupt=True):
+    """ImageFolder layout with real photos (random crops), plus one corrupt file."""
+    rng = np.random.default_rng(0)
+    photos = list(skimage_photos().values())
+    for c in range(2):
+        d = root / f"class{c}"
+        d.mkdir(parents=True)
+        for i in range(n_per_class):
+            p = photos[(c * n_per_class + i) % len(photos)]
+            h, w = p.shape[:2]
+            y, x = rng.integers(0, h // 3), rng.integers(0, w // 3)
+            Image.fromarray(p[y : y + 2 * h // 3, x : x + 2 * w // 3]).save(d / f"img{i}.jpg", quality=90)
+    if corrupt:
+        (root / "class1" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    return root
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return build_backbone("efficientnet_lite0")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    make_folder(root / "images")
+    # pack-time validation would skip the corrupt file; put it in the shard by hand to test decode
+    report = pack_folder(root / "images", str(root / "shards"), samples_per_shard=3, progress=False)
+    assert report.packed == 8
+    return root / "shards"
+
+
+def add_corrupt_shard(folder):
+    """A shard packed elsewhere (no index entry) holding one undecodable image and one good one."""
+    good = next(iter(read_shard(list_shards(str(folder))[0])))
+    path = folder / "extra-corrupt.tar"
+    with tarfile.open(path, "w") as tar:
+        for key, ext, data in [("bad0", "jpg", b"\xff\xd8\xff garbage"), ("bad0", "cls", b"1"), ("good0", "jpg", good.image), ("good0", "cls", b"0")]:
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def expected_features(backbone, shard_folder):
+    out = {}
+    for info in list_shards(str(shard_folder)):
+        for s in read_shard(info):
+            x = preprocess(decode_image(s.image), backbone.preprocessing)[None]
+            with torch.no_grad():
+                out[s.key] = backbone.extract(x)[0][0].numpy()
+    return out
+
+
+def test_extract_local_equals_direct_features_and_is_idempotent(ray_local, shards, backbone, tmp_path):
+    cache_url = str(tmp_path / "cache")
+    cfg = ExtractConfig(shards=str(shards), cache=cache_url, batch_size=4, progress=False)
+    summary = extract(cfg)
+    assert summary.failed_shards == [] and summary.shards_extracted == 3 and summary.images == 8
+
+    cache = FeatureCache.open(cache_url)
+    assert cache.verify(expected={s.url: s.count for s in list_shards(str(shards))}).ok
+    want = expected_features(backbone, shards)
+    seen = {}
+    for keys, feats, labels, top1 in cache.iter_rows(batch_size=5, view=0):
+        for k, f in zip(keys, feats):
+            seen[k] = f
+    assert sorted(seen) == sorted(want)  # every sample exactly once
+    for k, f in seen.items():
+        # float16 storage: relative rounding 2^-11 on values up to 6 (ReLU6)
+        np.testing.assert_allclose(f, want[k], atol=6 * 2**-11, rtol=0)
+    chunk = cache.read_chunk(cache.shard_ids()[0], 0)
+    assert chunk["top5_classes"].shape[1] == 5 and np.all(np.diff(chunk["top5_probs"], axis=1) <= 0)
+
+    t0 = time.perf_counter()
+    again = extract(cfg)
+    assert again.shards_extracted == 0 and again.shards_done_before == 3
+    assert time.perf_counter() - t0 < 30  # no Ray pipeline at all: seconds, not a re-extraction
+
+
+def test_new_shards_only_and_corrupt_images_reported(ray_local, shards, tmp_path):
+    import shutil
+
+    folder = tmp_path / "shards"
+    shutil.copytree(shards, folder)
+    cache_url = str(tmp_path / "cache")
+    cfg = ExtractConfig(shards=str(folder / "*.tar"), cache=cache_url, batch_size=4, progress=False)
+    assert extract(cfg).shards_extracted == 3
+    add_corrupt_shard(folder)
+    summary = extract(cfg)
+    assert summary.shards_extracted == 1 and summary.shards_done_before == 3
+    assert [s["key"] for s in summary.skipped] == ["bad0"] and summary.skipped[0]["reason"].startswith("decode")
+    cache = FeatureCache.open(cache_url)
+    entry = cache.manifest["shards"][str(folder / "extra-corrupt.tar")]
+    assert entry["count"] == 1 and entry["skipped"][0]["key"] == "bad0"
+    # the foreign shard's count was recorded on this first pass and is checked from now on
+    assert cache.manifest["expected_counts"][str(folder / "extra-corrupt.tar")] == 2
+    assert cache.verify().ok
+
+
+def test_truncated_shard_is_reported_and_not_cached(ray_local, shards, tmp_path):
+    import shutil
+
+    folder = tmp_path / "shards"
+    shutil.copytree(shards, folder)
+    first = sorted(folder.glob("*.tar"))[0]
+    with tarfile.open(first) as tar:
+        members = tar.getmembers()
+    # cut at a member boundary: the first sample's members only (webdataset and Ray accept it)
+    cut = members[3].offset
+    first.write_bytes(first.read_bytes()[:cut] + b"\0" * 1024)
+    summary = extract(ExtractConfig(shards=str(folder), cache=str(tmp_path / "cache"), batch_size=4, progress=False))
+    assert [f["url"] for f in summary.failed_shards] == [str(first)]
+    assert "ShardCountMismatch" in summary.failed_shards[0]["reason"]
+    assert summary.shards_extracted == 2
+    assert str(first) not in FeatureCache.open(str(tmp_path / "cache")).done_sources()
+
+
+def test_other_backbone_or_views_refused(ray_local, shards, tmp_path):
+    cache_url = str(tmp_path / "cache")
+    extract(ExtractConfig(shards=str(shards), cache=cache_url, batch_size=4, progress=False))
+    with pytest.raises(CacheMismatch, match="views"):
+        extract(ExtractConfig(shards=str(shards), cache=cache_url, views=("center", "hflip"), progress=False))
+    with pytest.raises(CacheMismatch, match="backbone"):
+        extract(ExtractConfig(shards=str(shards), cache=cache_url, backbone="resnet18", weights="random", progress=False))
+
+
+def test_two_views_store_the_mirror(ray_local, shards, backbone, tmp_path):
+    cache_url = str(tmp_path / "cache")
+    extract(ExtractConfig(shards=str(shards), cache=cache_url, views=("center", "hflip"), batch_size=4, progress=False))
+    cache = FeatureCache.open(cache_url)
+    keys, feats, _, _ = next(cache.iter_rows(batch_size=2))
+    assert feats.shape[1] == 2
+    s = next(s for i in list_shards(str(shards)) for s in read_shard(i) if s.key == keys[0])
+    x = preprocess(decode_image(s.image), backbone.preprocessing, "hflip")[None]
+    with torch.no_grad():
+        np.testing.assert_allclose(feats[0, 1], backbone.extract(x)[0][0].numpy(), atol=6 * 2**-11, rtol=0)
+
+
+def test_s3_shards_to_s3_cache(ray_local, shards, s3, tmp_path):
+    bucket, options = s3
+    import fsspec
+
+    fs = fsspec.filesystem("s3", **options)
+    fs.put(str(shards) + "/", f"{bucket}/shards/", recursive=True)
+    cache_url = f"{bucket}/cache"
+    summary = extract(
+        ExtractConfig(
+            shards=f"{bucket}/shards/shard-{{000000..000002}}.tar",
+            cache=cache_url,
+            batch_size=4,
+            shard_storage_options=options,
+            cache_storage_options=options,
+            progress=False,
+        )
+    )
+    assert summary.failed_shards == [] and summary.images == 8
+    cache = FeatureCache.open(cache_url, storage_options=options)
+    assert len(cache) == 8 and cache.verify().ok
+    assert fs.exists(f"{bucket}/cache/manifest.json")
+
+
+def test_killed_run_resumes_with_only_unfinished_shards(ray_local, tmp_path):
+    root = tmp_path
+    make_folder(root / "images", n_per_class=6, corrupt=False)
+    pack_folder(root / "images", str(root / "shards"), samples_per_shard=1, progress=False)
+    cache_url = str(root / "cache")
+    env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address, PYTHONPATH=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jobs.cli", "extract", str(root / "shards"), cache_url, "--batch-size", "1"],
+        env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    done_at_kill = 0
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        done_at_kill = len((read_json(f"{cache_url}/manifest.json", default={}) or {}).get("shards", {}))
+        if done_at_kill >= 2:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert 2 <= done_at_kill < 12, f"the kill did not land mid-run ({done_at_kill} shards done)"
+    done_at_kill = len(read_json(f"{cache_url}/manifest.json")["shards"])
+    summary = extract(ExtractConfig(shards=str(root / "shards"), cache=cache_url, batch_size=4, progress=False))
+    assert summary.shards_done_before == done_at_kill
+    assert summary.shards_extracted == 12 - done_at_kill
+    cache = FeatureCache.open(cache_url)
+    report = cache.verify(expected={s.url: s.count for s in list_shards(str(root / "shards"))})
+    assert report.ok, report.problems
+    assert len(cache) == 12
