@@ -38,35 +38,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_job(name: str, argv: list[str]) -> int:
+    """Run one job from its command line or ``--config FILE [key=value ...]``; user errors
+    print one clear line (no traceback) and exit 2."""
+    from jobs.config import build_namespace
+    from lcam.backbones import WeightsUnavailable
     from pipeline.errors import UserError
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in _available():
-        if argv and argv[0] not in ("-h", "--help"):
-            parser.print_usage(sys.stderr)
-            print(f"lcam: unknown command {argv[0]!r}; choose from: {', '.join(_available())}", file=sys.stderr)
-            return 2
-        parser.print_help()
-        return 0
-    name = argv[0]
     module = importlib.import_module(COMMANDS[name][0])
-    sub = argparse.ArgumentParser(prog=f"lcam {name}", description=COMMANDS[name][1])
+    parser = argparse.ArgumentParser(prog=f"lcam {name}", description=COMMANDS[name][1])
+    own_config = getattr(module, "OWN_CONFIG", False)  # submit: --config is the job's, not its own
+    if not own_config:
+        parser.add_argument("--config", metavar="FILE", help="YAML file with this job's fields; key=value overrides may follow")
     if hasattr(module, "add_command_arguments"):
-        module.add_command_arguments(sub, name)
+        module.add_command_arguments(parser, name)
     else:
-        module.add_arguments(sub)
-    args = sub.parse_args(argv[1:])
-    args.command = name
+        module.add_arguments(parser)
     try:
+        args = parser.parse_args(argv) if own_config else build_namespace(parser, argv)
+        args.command = name
         return int(module.run(args) or 0)
-    except UserError as exc:
+    except (UserError, WeightsUnavailable, FileNotFoundError) as exc:
+        # problems the user can fix: one line naming the thing, no traceback
         print(f"lcam {name}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"lcam {name}: interrupted; finished work is kept and a re-run resumes", file=sys.stderr)
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0
+    if argv[0] not in _available():
+        parser.print_usage(sys.stderr)
+        print(f"lcam: unknown command {argv[0]!r}; choose from: {', '.join(_available())}", file=sys.stderr)
+        return 2
+    return run_job(argv[0], argv[1:])
 
 
 if __name__ == "__main__":

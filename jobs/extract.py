@@ -51,3 +51,11 @@ def run(args: argparse.Namespace) -> int:
     summary = extract(config_from_args(args))
     print(json.dumps(summary.to_dict(), indent=1) if args.json else "\n".join(summary.lines()))
     return 1 if summary.failed_shards else 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    from jobs.cli import run_job
+
+    sys.exit(run_job("extract", sys.argv[1:]))

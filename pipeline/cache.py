@@ -18,11 +18,13 @@ once it is in the manifest; a group without a manifest entry is left-over work.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as _dt
 import functools
 import hashlib
 import json
 import math
+import os
 import re
 import threading
 import time
@@ -33,7 +35,9 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import zarr
+import zarr.api.asynchronous as zarr_async
 from zarr.codecs import ZstdCodec
+from zarr.core.sync import sync as zsync
 
 from .errors import UserError
 from .fs import StorageOptions, get_fs, is_local, join, write_json_atomic
@@ -140,12 +144,26 @@ def _finite_rows(stored: np.ndarray, dtype: str) -> np.ndarray:
     return np.isfinite(flat).all(axis=1)
 
 
+_SHARED: dict[tuple, Any] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def _shared(kind: str, url: str, storage_options: StorageOptions, extra: Any, make: Any) -> Any:
+    """One client per process and (url, options): every unpickled cache in a Ray worker
+    (one per task) would otherwise build a new S3 client, ~1 s of CPU each."""
+    key = (os.getpid(), kind, url, json.dumps(storage_options or {}, sort_keys=True, default=str), extra)
+    with _SHARED_LOCK:
+        if key not in _SHARED:
+            _SHARED[key] = make()
+        return _SHARED[key]
+
+
 def _make_store(url: str, storage_options: StorageOptions, read_only: bool) -> Any:
     from zarr.storage import FsspecStore, LocalStore
 
     if "://" not in url or url.startswith("file://"):
         return LocalStore(_normalize_source(url), read_only=read_only)
-    return FsspecStore.from_url(url, storage_options=dict(storage_options or {}), read_only=read_only)
+    return _shared("zarr", url, storage_options, read_only, lambda: FsspecStore.from_url(url, storage_options=dict(storage_options or {}), read_only=read_only))
 
 
 @dataclass
@@ -199,11 +217,12 @@ class FeatureCache:
     def _init_handles(self) -> None:
         self._store: Any = None
         self._fs_path: tuple[Any, str] | None = None
-        self._handles: OrderedDict[str, tuple[dict[str, Any], Any]] = OrderedDict()
+        self._handles: OrderedDict[str, _ShardHandle] = OrderedDict()
+        self._sorted: tuple[list[dict[str, Any]], dict[str, dict[str, Any]]] | None = None
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_store", "_fs_path", "_handles", "_lock")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_store", "_fs_path", "_handles", "_lock", "_sorted")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -351,31 +370,38 @@ class FeatureCache:
             arrays["logits"] = (_rows(logits, (n, self.num_classes), np.float16, "logits"), 0.0)
 
         sid = shard_id_for(source_url)
-        store = self._zstore()
+        zsync(self._write_group(sid, arrays, {"source": source_url, "keys": keys, "count": n}))
+        with self._lock:
+            self._handles.pop(sid, None)
+        return {"url": source_url, "shard_id": sid, "count": n, "skipped": [], "seconds": round(time.perf_counter() - t0, 3), "finished_at": _now()}
+
+    async def _write_group(self, sid: str, arrays: Mapping[str, tuple[np.ndarray, Any]], attrs: dict[str, Any]) -> None:
         # mode="w" deletes the old group first, so a re-run never leaves stale chunks behind.
-        group = zarr.open_group(store, path=f"shards/{sid}", mode="w")
-        for name, (data, fill) in arrays.items():
-            arr = group.create_array(
+        group = await zarr_async.open_group(self._zstore(), path=f"shards/{sid}", mode="w")
+
+        async def one(name: str, data: np.ndarray, fill: Any) -> None:
+            arr = await group.create_array(
                 name,
                 shape=data.shape,
                 chunks=(self.chunk_rows, *data.shape[1:]),
                 dtype=data.dtype,
-                compressors=default_compressors() if data.dtype.itemsize > 1 else None,
+                compressors=default_compressors(),
                 fill_value=fill,
                 # Every chunk object exists even if all fill: verify can tell a lost object from data.
                 config={"write_empty_chunks": True},
             )
-            if n:
-                arr[...] = data
-        group.attrs.update({"source": source_url, "keys": keys, "count": n})
-        with self._lock:
-            self._handles.pop(sid, None)
-        return {"url": source_url, "shard_id": sid, "count": n, "skipped": [], "seconds": round(time.perf_counter() - t0, 3), "finished_at": _now()}
+            if len(data):
+                await arr.setitem(slice(None), data)
+
+        # Arrays concurrently: on object stores each is a few round trips.
+        await asyncio.gather(*(one(name, data, fill) for name, (data, fill) in arrays.items()))
+        await group.update_attributes(attrs)  # last: a group with keys is complete
 
     # ---- manifest (driver only)
     def refresh(self) -> dict[str, Any]:
         """Re-read manifest.json (another process may have advanced it)."""
         self._manifest = self._read_json("manifest.json") or _new_manifest(self.fingerprint)
+        self._sorted = None
         return self._manifest
 
     @property
@@ -425,21 +451,28 @@ class FeatureCache:
         else:  # one PUT is atomic on object stores (as in write_bytes_atomic), on the cached client
             fs.pipe_file(f"{root}/manifest.json", json.dumps(manifest, indent=1, sort_keys=True).encode())
         self._manifest = manifest
+        self._sorted = None
 
     # ---- reading
     def _entries(self) -> list[dict[str, Any]]:
         """Done shards in deterministic order: sorted by source URL."""
-        shards = self._manifest.get("shards", {})
-        return [shards[u] for u in sorted(shards)]
+        return self._index()[0]
+
+    def _index(self) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+        if self._sorted is None:  # cached: readers ask per shard, caches hold thousands
+            shards = self._manifest.get("shards", {})
+            entries = [shards[u] for u in sorted(shards)]
+            self._sorted = (entries, {e["shard_id"]: e for e in entries})
+        return self._sorted
 
     def shard_ids(self) -> list[str]:
         return [e["shard_id"] for e in self._entries()]
 
     def num_rows(self, shard_id: str) -> int:
-        for e in self._entries():
-            if e["shard_id"] == shard_id:
-                return int(e["count"])
-        raise KeyError(f"shard {shard_id!r} is not in the manifest of {self.url}")
+        try:
+            return int(self._index()[1][shard_id]["count"])
+        except KeyError:
+            raise KeyError(f"shard {shard_id!r} is not in the manifest of {self.url}") from None
 
     def num_chunks(self, shard_id: str) -> int:
         return math.ceil(self.num_rows(shard_id) / self.chunk_rows)
@@ -450,17 +483,17 @@ class FeatureCache:
     def _group_attrs(self, sid: str) -> dict[str, Any] | None:
         return (self._read_json("shards", sid, "zarr.json") or {}).get("attributes")
 
-    def _handle(self, sid: str) -> tuple[dict[str, Any], Any]:
-        """(attrs, zarr group), LRU-cached: readers hit the same shard once per chunk."""
+    def _handle(self, sid: str) -> "_ShardHandle":
+        """Open shard group and arrays, LRU-cached: each open costs metadata GETs on S3."""
         with self._lock:
             if sid in self._handles:
                 self._handles.move_to_end(sid)
                 return self._handles[sid]
         group = zarr.open_group(self._zstore(), path=f"shards/{sid}", mode="r")
-        handle = (dict(group.attrs), group)
+        handle = _ShardHandle(dict(group.attrs), group)
         with self._lock:
             self._handles[sid] = handle
-            while len(self._handles) > 32:  # keys of many shards would otherwise pile up
+            while len(self._handles) > 256:  # bounded: each holds that shard's keys
                 self._handles.popitem(last=False)
         return handle
 
@@ -471,7 +504,8 @@ class FeatureCache:
         is decoded to float32 unless ``raw`` (then its uint16 bits). ``fields`` limits
         which arrays are read.
         """
-        attrs, group = self._handle(shard_id)
+        handle = self._handle(shard_id)
+        attrs = handle.attrs
         n = int(attrs["count"])
         lo = chunk_index * self.chunk_rows
         if not 0 <= lo < n:
@@ -480,7 +514,7 @@ class FeatureCache:
         names = ["features", "labels", "top5_classes", "top5_probs"] + (["logits"] if self.store_logits else [])
         out: dict[str, Any] = {"keys": list(attrs["keys"][lo:hi])}
         for name in names if fields is None else [f for f in fields if f != "keys"]:
-            data = group[name][lo:hi]
+            data = handle.array(name)[lo:hi]
             if name == "features" and self.dtype == "bfloat16" and not raw:
                 data = bf16_to_f32(data)
             out[name] = data
@@ -558,15 +592,17 @@ class FeatureCache:
             expected = self._manifest["expected_counts"]
         with ThreadPoolExecutor(max(1, workers)) as pool:
             results = list(pool.map(self._verify_shard, entries))
-        where: dict[str, list[str]] = {}
+        first: dict[str, str] = {}  # key -> first shard holding it (one str per key, not a list)
+        dups: dict[str, list[str]] = {}
         for e, (problems, keys, chunks) in zip(entries, results):
             report.problems.extend(problems)
             report.chunks_read += chunks
             report.shards += 1
             report.rows += len(keys)
             for k in keys:
-                where.setdefault(k, []).append(e["shard_id"])
-        dups = {k: v for k, v in where.items() if len(v) > 1}
+                sid = first.setdefault(k, e["shard_id"])
+                if sid != e["shard_id"]:
+                    dups.setdefault(k, [sid]).append(e["shard_id"])
         for k in sorted(dups)[:20]:
             report.problems.append(f"duplicate key {k!r}: appears {len(dups[k])} times (shards {', '.join(dups[k])})")
         if len(dups) > 20:
@@ -600,6 +636,8 @@ class FeatureCache:
             problems.append(f"shard {src}: group shards/{sid} is incomplete (no keys attribute; its write did not finish)")
         elif len(keys) != count or attrs.get("count") != count:
             problems.append(f"shard {src}: manifest says {count} rows, group has count={attrs.get('count')} and {len(keys)} keys")
+        if len(set(keys)) != len(keys):
+            problems.append(f"shard {src}: {len(keys) - len(set(keys))} keys repeated within the shard")
         if attrs.get("source") not in (None, src):
             problems.append(f"shard {src}: group shards/{sid} was written for another source {attrs.get('source')}")
         V, (C, h, w) = len(self.views), self.feature_shape
@@ -644,8 +682,22 @@ class FeatureCache:
 
 
 # ---- helpers
+class _ShardHandle:
+    """A shard group's attrs and its arrays, opened once (zarr re-reads metadata per lookup)."""
+
+    def __init__(self, attrs: dict[str, Any], group: Any) -> None:
+        self.attrs = attrs
+        self.group = group
+        self.arrays: dict[str, Any] = {}
+
+    def array(self, name: str) -> Any:
+        if name not in self.arrays:  # a race opens it twice, harmlessly
+            self.arrays[name] = self.group[name]
+        return self.arrays[name]
+
+
 def _connect(url: str, storage_options: StorageOptions) -> tuple[Any, str]:
-    fs, path = get_fs(url, storage_options)
+    fs, path = _shared("fs", url, storage_options, None, lambda: get_fs(url, storage_options))
     return fs, path.rstrip("/")
 
 
@@ -661,15 +713,16 @@ def _read_root_attrs(fs: Any, root: str, url: str) -> dict[str, Any] | None:
 
 @functools.lru_cache(maxsize=1)
 def _versions() -> dict[str, str]:
+    """Package versions from metadata (importing torch only for its version costs seconds)."""
     import importlib.metadata
 
-    import torch
-
-    try:
-        lcam_version = importlib.metadata.version("lcam")
-    except importlib.metadata.PackageNotFoundError:
-        lcam_version = "unknown"
-    return {"torch": torch.__version__, "zarr": zarr.__version__, "lcam": lcam_version}
+    out = {}
+    for name in ("torch", "zarr", "lcam"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "unknown"
+    return out
 
 
 def _read_json_fs(fs: Any, path: str) -> Any:

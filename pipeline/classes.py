@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 from functools import lru_cache
 from importlib import resources
+from pathlib import Path
 
 from .errors import UserError
 from .fs import StorageOptions, get_fs
@@ -31,6 +33,13 @@ def _parse(text: str, source: str) -> list[str]:
 
 
 def _imagenet_text() -> str:
+    # find_spec locates the package without running lcam/__init__ (which imports torch:
+    # seconds that packing shards does not need); importlib.resources covers other loaders.
+    spec = importlib.util.find_spec("lcam")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder, "data", "imagenet_classes.tsv")
+        if path.is_file():
+            return path.read_text()
     return resources.files("lcam").joinpath("data/imagenet_classes.tsv").read_text()
 
 

@@ -257,9 +257,12 @@ def _write_shard_task():
 class _ShardAssembler:
     """Driver side: rows of each shard by index (a re-delivered row replaces, never duplicates)."""
 
-    def __init__(self) -> None:
+    FIELDS = ("key", "label", "features", "top5_classes", "top5_probs", "logits")
+
+    def __init__(self, fields: Sequence[str] | None = None) -> None:
         self.rows: dict[str, dict[int, dict[str, Any]]] = {}
         self.expected: dict[str, int] = {}
+        self.fields = tuple(fields or self.FIELDS)  # the columns pop() stacks (CAM generation has others)
 
     def add(self, batch: dict[str, np.ndarray]) -> list[str]:
         """Add a batch; return the shards that became complete."""
@@ -278,7 +281,7 @@ class _ShardAssembler:
         self.expected.pop(url, None)
         good = [r for r in rows if not r["error"]]
         skipped = [{"key": str(r["key"]), "reason": str(r["error"]), "shard": url} for r in rows if r["error"]]
-        fields = ("key", "label", "features", "top5_classes", "top5_probs", "logits")
+        fields = self.fields
         if good:
             stacked = {k: np.stack([r[k] for r in good]) for k in fields}
         else:
@@ -409,8 +412,9 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
 class _Progress:
     """Periodic lines with images/s and ETA (a bar where the terminal is interactive)."""
 
-    def __init__(self, total: int | None, enabled: bool, every: float = 5.0) -> None:
+    def __init__(self, total: int | None, enabled: bool, every: float = 5.0, what: str = "extract", unit: str = "images") -> None:
         self.total, self.enabled, self.every = total, enabled, every
+        self.what, self.unit = what, unit
         self.done = 0
         self.t0 = self.last = time.perf_counter()
 
@@ -422,9 +426,9 @@ class _Progress:
             rate = self.done / max(now - self.t0, 1e-9)
             eta = f", ETA {math.ceil((self.total - self.done) / rate)}s" if self.total and rate > 0 else ""
             of = f"/{self.total}" if self.total else ""
-            print(f"extract: {self.done}{of} images, {rate:.1f} images/s{eta}", file=sys.stderr, flush=True)
+            print(f"{self.what}: {self.done}{of} {self.unit}, {rate:.1f} {self.unit}/s{eta}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.enabled and self.done:
             rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
-            print(f"extract: {self.done} images done, {rate:.1f} images/s", file=sys.stderr, flush=True)
+            print(f"{self.what}: {self.done} {self.unit} done, {rate:.1f} {self.unit}/s", file=sys.stderr, flush=True)

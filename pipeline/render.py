@@ -50,3 +50,17 @@ def tensor_to_uint8(image) -> np.ndarray:
     """(3, H, W) float tensor in [0, 1] -> (H, W, 3) uint8."""
     arr = image.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy()
     return (arr * 255).round().astype(np.uint8)
+
+
+def overlay_panels(image: np.ndarray, cams: np.ndarray, captions: list[str], cmap: str = "jet", alpha: float = 0.5, gap: int = 4) -> np.ndarray:
+    """One captioned overlay per map, side by side: (T, H, W) maps in [0, 1] over one RGB image."""
+    if len(cams) != len(captions):
+        raise ValueError(f"{len(cams)} maps but {len(captions)} captions")
+    panels = [with_caption(overlay(image, cam, cmap, alpha), text) for cam, text in zip(cams, captions)]
+    if len(panels) == 1:
+        return panels[0]
+    spacer = np.full((panels[0].shape[0], gap, 3), 255, dtype=np.uint8)
+    out: list[np.ndarray] = []
+    for p in panels:
+        out += [p, spacer]
+    return np.concatenate(out[:-1], axis=1)

@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import csv
-import functools
 import hashlib
 import importlib
-import importlib.resources
-import importlib.util
 import io
 import json
 import os
@@ -37,6 +34,7 @@ from typing import Any, BinaryIO, Iterable, Iterator
 import fsspec
 from PIL import Image
 
+from pipeline.classes import imagenet_classes, imagenet_wnids
 from pipeline.errors import UserError
 from pipeline.fs import StorageOptions, expand_urls, get_fs, is_local, join, read_json, write_json_atomic
 
@@ -140,30 +138,6 @@ class PackReport:
         return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------- ImageNet classes
-
-
-@functools.cache
-def imagenet_classes() -> list[tuple[str, str]]:
-    """The standard 1000 ImageNet classes as (wnid, name), indexed by class index."""
-    # find_spec locates the package without running lcam/__init__ (which imports torch:
-    # seconds that packing does not need); importlib.resources covers other loaders.
-    spec = importlib.util.find_spec("lcam")
-    path = Path(next(iter(spec.submodule_search_locations or []), ""), "data", "imagenet_classes.tsv") if spec else None
-    if path is not None and path.is_file():
-        text = path.read_text()
-    else:
-        text = importlib.resources.files("lcam").joinpath("data/imagenet_classes.tsv").read_text()
-    rows = [line.split("\t") for line in text.splitlines()[1:] if line.strip()]
-    out = [("", "")] * len(rows)
-    for idx, wnid, name in rows:
-        out[int(idx)] = (wnid, name)
-    return out
-
-
-@functools.cache
-def imagenet_wnid_index() -> dict[str, int]:
-    return {wnid: i for i, (wnid, _) in enumerate(imagenet_classes())}
 
 
 # --------------------------------------------------------------------------- planning
@@ -256,9 +230,9 @@ def _class_value(value: str, where: str) -> int:
     if idx is not None:
         return idx
     if _WNID.match(token):
-        if token not in imagenet_wnid_index():
+        if token not in imagenet_wnids():
             raise UserError(f"{where}: {token!r} is not one of the 1000 ImageNet classes")
-        return imagenet_wnid_index()[token]
+        return imagenet_wnids()[token]
     raise UserError(f"{where}: class {value!r} is neither an integer class index nor an ImageNet WordNet id")
 
 
@@ -317,7 +291,7 @@ def _val_number(rel: str) -> int | None:
 def _plan(src: Path, layout: str, labels_file: str | None, exclude: Path | None) -> _Plan:
     top_files, folders = _scan(src, exclude)
     top_images = [n for n in top_files if _is_image_name(n)]
-    class_dirs = {d: f for d, f in folders.items() if f}
+    class_dirs = {d: f for d, f in folders.items() if any(_is_image_name(x) for x in f)}
     labels_path: str | None = str(labels_file) if labels_file else None
 
     if layout == "auto":
@@ -360,13 +334,13 @@ def _plan(src: Path, layout: str, labels_file: str | None, exclude: Path | None)
         if not class_dirs:
             raise UserError(f"{src}: no class sub-folders with files in them")
         names = sorted(class_dirs)
-        wnids = imagenet_wnid_index()
+        wnids = imagenet_wnids()
         if all(_WNID.match(n) for n in names):
             unknown = [n for n in names if n not in wnids]
             if unknown:
                 raise UserError(f"{src}: folders look like ImageNet WordNet ids but {unknown[:5]} are not ImageNet classes")
             index = {n: wnids[n] for n in names}
-            scheme, class_names = "imagenet", [name for _, name in imagenet_classes()]
+            scheme, class_names = "imagenet", list(imagenet_classes())
         else:
             index = {n: i for i, n in enumerate(names)}
             scheme, class_names = "folders", names
@@ -377,6 +351,8 @@ def _plan(src: Path, layout: str, labels_file: str | None, exclude: Path | None)
                 skipped.append({"file": rel, "reason": f"unknown extension: {os.path.splitext(rel)[1] or '(none)'}"})
         for d in names:
             items += [_Item(rel, str(src / rel), index[d]) for rel in class_dirs[d] if not not_image(rel)]
+        for d in sorted(set(folders) - set(class_dirs)):  # folders without images: not classes
+            skipped += [{"file": rel, "reason": f"unknown extension: {os.path.splitext(rel)[1] or '(none)'}"} for rel in folders[d]]
         return _Plan(layout, items, skipped, notes, scheme, class_names)
 
     if layout not in ("labels", "imagenet-val"):
@@ -421,7 +397,7 @@ def _plan(src: Path, layout: str, labels_file: str | None, exclude: Path | None)
             notes.append({"file": rel, "kind": "unlabeled", "note": f"no entry in {os.path.basename(labels_path)}: cls -1"})
         items.append(_Item(rel, str(src / rel), label))
     if scheme == "imagenet":
-        class_names = [name for _, name in imagenet_classes()]
+        class_names = list(imagenet_classes())
     return _Plan(layout, items, skipped, notes, scheme, class_names)
 
 

@@ -43,7 +43,6 @@ def s3(s3_server, request):
         "key": "testing",
         "secret": "testing-secret",
         "client_kwargs": {"endpoint_url": s3_server, "region_name": "us-east-1"},
-        "skip_instance_cache": True,
     }
     boto3.client(
         "s3", endpoint_url=s3_server, aws_access_key_id="testing", aws_secret_access_key="testing-secret", region_name="us-east-1"

@@ -6,7 +6,6 @@ import argparse
 import hashlib
 import io
 import json
-import os
 import pickle
 import re
 import tarfile
@@ -120,7 +119,7 @@ def test_imagefolder_wordnet_ids_use_standard_imagenet_index(tmp_path):
     [
         ("labels.tsv", "file\tclass_index\twnid\tname\nf0.jpg\t5\tn01491361\tx\nf1.jpg\t7\tn01494475\ty\nf2.png\t9\tz\tz\n"),
         ("labels.csv", "f0.jpg,5\nf1.jpg,7\nf2.png,9\n"),  # no header
-        ("classes.txt", "f0 n01514668\nf1 n01518878\nf2.png n01530575\n"),  # stems and WordNet ids (5, 9, 10 -> see below)
+        ("classes.txt", "f0 n01514668\nf1 n01518878\nf2.png n01530575\n"),  # stems and WordNet ids
     ],
 )
 def test_flat_folder_with_labels_file(tmp_path, name, text):
@@ -132,11 +131,7 @@ def test_flat_folder_with_labels_file(tmp_path, name, text):
     assert report.layout == "labels" and report.packed == 4
     assert not report.skipped  # the labels file itself is not a skipped input
     labels = {k: s.label for k, s in read_all(tmp_path / "out").items()}
-    expect = [5, 7, 9] if name != "classes.txt" else [7, 9, 11]  # cock=7, ostrich=9, brambling=10? see assert
-    if name == "classes.txt":
-        from pipeline.shards import imagenet_wnid_index
-
-        expect = [imagenet_wnid_index()[w] for w in ("n01514668", "n01518878", "n01530575")]
+    expect = [7, 9, 10] if name == "classes.txt" else [5, 7, 9]  # cock, ostrich, brambling
     assert labels == {"f0": expect[0], "f1": expect[1], "f2": expect[2], "unlisted": -1}
     assert [n["file"] for n in report.notes if n["kind"] == "unlabeled"] == ["unlisted.jpg"]
 
@@ -150,6 +145,14 @@ def test_imagenet_val_layout(tmp_path):
     assert report.layout == "imagenet-val" and report.labels_scheme == "imagenet"
     labels = {k: s.label for k, s in read_all(tmp_path / "out").items()}
     assert labels == {"ILSVRC2012_val_00000002": 970, "ILSVRC2012_val_00000003": 230, "ILSVRC2012_val_00000005": 516}
+
+    # Kaggle's LOC_val_solution.csv (ImageId, "wnid x y x y ..."), output folder inside the source
+    (src / "val_ground_truth.txt").unlink()
+    write(src / "LOC_val_solution.csv", b"ImageId,PredictionString\nILSVRC2012_val_00000003,n01443537 1 2 3 4 n01443537 5 6 7 8\n")
+    report = pack_folder(src, str(src / "shards"), layout="imagenet-val", progress=False)
+    assert report.packed == 3 and not report.skipped and report.labels_scheme == "imagenet"
+    labels = {k: s.label for k, s in read_all(src / "shards").items()}
+    assert labels == {"ILSVRC2012_val_00000002": -1, "ILSVRC2012_val_00000003": 1, "ILSVRC2012_val_00000005": -1}
 
     devkit = tmp_path / "ILSVRC2012_validation_ground_truth.txt"
     devkit.write_text("490\n361\n171\n822\n297\n")

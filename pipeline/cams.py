@@ -1,0 +1,1074 @@
+"""Bulk CAMs: a trained L-CAM over a whole dataset, into a Zarr v3 CAM store.
+
+Two sources, one store format:
+
+* a **feature cache** (:mod:`pipeline.cache`): no image is read; per chunk of cached F
+  one small matrix product (``attention.selected_many``) and, where the stored top-5
+  cannot answer, the head for the clean logits. No Ray, one process.
+* **WebDataset shards**: Ray Data as in extraction (read and decode/preprocess on CPU
+  tasks, then an actor pool with the backbone and the attention, one GPU per actor
+  when the cluster has GPUs); no cache needed.
+
+Layout at URL (local path, s3://, gs://, any fsspec URL), mirroring the feature cache::
+
+    zarr.json        root group; attrs {"format", "identity", "fingerprint", "checkpoint_url", "source_url"}
+    manifest.json    written by the driver only, atomically (which source shards are done)
+    shards/<id>/     one group per source shard (same <id> as the feature cache), ONE writer;
+                     attrs {"source", "keys", "count"}: keys in source order
+        class_ids      (n, T) int32    the explained classes
+        probs          (n, T) float32  their softmax probabilities on the clean image
+        raw            (n, T, h, w) float16   Z[b, t] before the sigmoid (maps = minmax(raw))
+        upsampled      (n, T, H, W) uint8     round(255 * up(minmax(raw))), only with upsample
+        labels         (n,) int32, -1 = no label
+        predicted      (n,) int32;  predicted_prob (n,) float32   (the classifier's top-1)
+    gallery/         overlays and index.html, when asked (pipeline.gallery)
+
+The fingerprint covers the checkpoint's weights, the source's features (the cache's
+fingerprint, or the backbone and preprocessing for images), the class selection and
+the stored arrays: a re-run with the same settings resumes (done shards are skipped),
+one with other settings is refused rather than mixed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import math
+import time
+from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+import zarr
+import zarr.api.asynchronous as zarr_async
+from zarr.core.sync import sync as zsync
+
+from lcam import LCAM, Explanation
+from lcam.explain import choose_targets, explain_from_features, minmax_normalize, upsample
+
+from .cache import (
+    _canonical,
+    _connect,
+    _make_store,
+    _now,
+    _read_json_fs,
+    _versions,
+    default_compressors,
+    fingerprint_of,
+    identity_diff,
+    shard_id_for,
+)
+from .errors import UserError
+from .fs import StorageOptions, is_local, join, write_json_atomic
+
+FORMAT = "lcam-cam-store/1"
+MODES = ("predicted", "label", "top-k", "ids")
+SMALL_CHUNK_ROWS = 1024  # class ids, probs, raw maps: ~100 bytes a row
+UPSAMPLED_CHUNK_BYTES = 4 << 20  # uint8 maps at 224 x 224: ~80 rows a chunk
+
+
+class CamStoreMismatch(UserError):
+    """A CAM store exists at the URL but for another checkpoint, source or class selection."""
+
+
+class CamStoreNotFound(UserError):
+    """No CAM store at the URL."""
+
+
+# ---------------------------------------------------------------- which classes
+@dataclass(frozen=True)
+class ClassSelection:
+    """Which classes to explain per sample: ``predicted`` (top-1), ``label`` (ground truth),
+    ``top-k`` (the k most probable) or ``ids`` (the same list of class ids for every sample)."""
+
+    mode: str = "predicted"
+    k: int = 1
+    ids: tuple[int, ...] = ()
+
+    @classmethod
+    def parse(cls, classes: str | None = None, top_k: int | None = None, class_ids: str | Sequence[int] | None = None) -> "ClassSelection":
+        """From command-line style settings; ``classes`` is inferred from ``top_k``/``class_ids`` when absent."""
+        if isinstance(class_ids, str):
+            try:
+                class_ids = [int(c) for c in class_ids.replace(" ", "").split(",") if c]
+            except ValueError:
+                raise UserError(f"class ids {class_ids!r} must be integers separated by commas, e.g. 281,285") from None
+        mode = classes or ("ids" if class_ids else "top-k" if top_k is not None else "predicted")
+        if mode not in MODES:
+            raise UserError(f"unknown class selection {mode!r}; choose from {', '.join(MODES)}")
+        if mode == "ids":
+            if not class_ids:
+                raise UserError("classes 'ids' needs the class ids (e.g. --class-ids 281,285)")
+            if top_k is not None:
+                raise UserError("give either class ids or top-k, not both")
+            return cls("ids", len(class_ids), tuple(int(c) for c in class_ids))
+        if class_ids:
+            raise UserError(f"class ids were given but the class selection is {mode!r}; use classes 'ids'")
+        if mode == "top-k":
+            k = 5 if top_k is None else int(top_k)
+            if k < 1:
+                raise UserError(f"top-k must be at least 1, got {k}")
+            return cls("top-k", k)
+        if top_k is not None and top_k != 1:
+            raise UserError(f"top-k {top_k} was given but the class selection is {mode!r}; use classes 'top-k'")
+        return cls(mode, 1)
+
+    @property
+    def width(self) -> int:
+        """T: classes explained per sample."""
+        return self.k
+
+    def validate(self, num_classes: int) -> None:
+        if self.mode == "top-k" and not 1 <= self.k <= num_classes:
+            raise UserError(f"top-k {self.k} must be between 1 and the number of classes ({num_classes})")
+        bad = [c for c in self.ids if not 0 <= c < num_classes]
+        if bad:
+            raise UserError(f"class id {bad[0]} is out of range: the classifier has {num_classes} classes (0..{num_classes - 1})")
+        if len(set(self.ids)) != len(self.ids):
+            raise UserError(f"class ids {list(self.ids)} repeat an id; give each class once")
+
+    def identity(self) -> dict[str, Any]:
+        return {"mode": self.mode, "k": self.k, "ids": list(self.ids)}
+
+
+def checkpoint_fingerprint(checkpoint: Mapping[str, Any]) -> str:
+    """sha256 (first 16 hex) of the method, the backbone's weights digest and the attention weights.
+
+    Where the file lives does not matter: a copy of the checkpoint has the same fingerprint.
+    """
+    h = hashlib.sha256()
+    h.update(str(checkpoint.get("method")).encode())
+    h.update(str(checkpoint["backbone"].get("weights_digest")).encode())
+    for name, value in sorted(checkpoint["attention"].items()):
+        h.update(name.encode())
+        h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- the Python API
+class Explainer:
+    """A trained L-CAM, loaded once, called on image tensors.
+
+    >>> explain = Explainer.from_checkpoint("s3://bucket/run/checkpoint.pt", device="cuda")
+    >>> e = explain(images)                    # (B, 3, H, W) in [0, 1], any device
+    >>> e.class_ids, e.probs, e.maps           # tensors on the model's device
+    >>> explain(image, targets=281, upsample=True).upsampled   # one (3, H, W) image
+
+    Results stay on the model's device (nothing is copied to the CPU); a single
+    (3, H, W) image gives a batch of one.
+    """
+
+    def __init__(self, model: LCAM, checkpoint: Mapping[str, Any] | None = None, autocast: torch.dtype | None = None) -> None:
+        self.model = model.eval()
+        self.checkpoint = dict(checkpoint or {})
+        self.autocast = autocast
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        url: str,
+        *,
+        device: str | torch.device = "auto",
+        weights: str | None = None,
+        storage_options: StorageOptions = None,
+        precision: str = "fp32",
+    ) -> "Explainer":
+        """Load an L-CAM-Fm or L-CAM-Img checkpoint (they explain the same way).
+
+        ``device``: "auto" picks CUDA when present. ``weights`` overrides where the
+        backbone's weights come from (the digest must still match). ``precision``:
+        fp32 (default), or fp16/bf16/auto autocast for the backbone on a GPU.
+        """
+        from .checkpoints import load_lcam
+        from .extract import _autocast_dtype
+
+        dev = resolve_device(device)
+        model, ckpt = load_lcam(url, storage_options, weights=weights, device=dev)
+        return cls(model, ckpt, _autocast_dtype(precision, dev.type))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.attention.parameters()).device
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.backbone.num_classes
+
+    @property
+    def preprocessing(self):
+        return self.model.backbone.preprocessing
+
+    @property
+    def fingerprint(self) -> str:
+        return checkpoint_fingerprint({"method": self.checkpoint.get("method"), "backbone": self.model.backbone.describe(), "attention": self.model.attention.state_dict()})
+
+    def preprocess(self, image: bytes | np.ndarray | Any) -> torch.Tensor:
+        """Encoded bytes, an RGB array or a PIL image -> (3, crop, crop) in [0, 1] on the model's device."""
+        from .images import decode_image, preprocess
+
+        rgb = decode_image(image) if isinstance(image, (bytes, bytearray)) else image
+        return preprocess(rgb, self.preprocessing).to(self.device)
+
+    def _images(self, images: torch.Tensor) -> torch.Tensor:
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"images must be a torch tensor (B, 3, H, W) or (3, H, W) in [0, 1], got {type(images).__name__}")
+        if images.dim() == 3:
+            images = images.unsqueeze(0)
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be (B, 3, H, W) or (3, H, W), got {tuple(images.shape)}")
+        images = images.to(self.device, non_blocking=True)
+        if images.dtype == torch.uint8:
+            return images.float().div_(255.0)
+        lo, hi = torch.aminmax(images)
+        if float(lo) < -1e-3 or float(hi) > 1.0 + 1e-3:  # normalised or 0..255 input gives nonsense maps
+            raise ValueError(f"images must be in pixel space [0, 1] (got values in [{float(lo):.3g}, {float(hi):.3g}]); the backbone normalises inside")
+        return images.float()
+
+    def __call__(
+        self,
+        images: torch.Tensor,
+        targets: int | Sequence[int] | torch.Tensor | None = None,
+        top_k: int | None = None,
+        upsample: bool = False,
+        all_classes: bool = False,
+    ) -> Explanation:
+        """CAMs from one forward pass: the predicted class, or ``targets`` (one id per
+        image, or (B, T) ids), or the ``top_k`` classes; ``upsample`` adds maps at the input size."""
+        images = self._images(images)
+        if isinstance(targets, int):
+            targets = [targets]
+        if targets is not None and not isinstance(targets, torch.Tensor):
+            targets = torch.as_tensor(targets)
+        if isinstance(targets, torch.Tensor):
+            targets = targets.to(self.device)
+        with torch.inference_mode(), self.autocast_context():
+            feats, logits = self.model.backbone.extract(images)
+        size = tuple(images.shape[-2:]) if upsample else None
+        with torch.inference_mode():  # maps in fp32 whatever the backbone ran in: the product is tiny
+            return explain_from_features(self.model.attention, feats.float(), logits.float(), targets, top_k, size, all_classes)
+
+    def autocast_context(self) -> contextlib.AbstractContextManager:
+        """Autocast for the backbone's forward when a reduced precision was asked for."""
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast)
+
+    def explain_features(
+        self,
+        feats: torch.Tensor,
+        targets: int | Sequence[int] | torch.Tensor | None = None,
+        top_k: int | None = None,
+        upsample: bool = False,
+    ) -> Explanation:
+        """From feature maps F (B, C, h, w), e.g. read from a feature cache: no image needed."""
+        if feats.dim() == 3:
+            feats = feats.unsqueeze(0)
+        if isinstance(targets, int):
+            targets = [targets]
+        size = self.preprocessing.crop if upsample else None
+        return self.model.explain_features(feats.to(self.device).float(), targets, top_k, size)
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+# ---------------------------------------------------------------- maps for a batch of rows
+def explain_rows(
+    model: LCAM,
+    feats: torch.Tensor,
+    selection: ClassSelection,
+    *,
+    logits: torch.Tensor | None = None,
+    labels: np.ndarray | None = None,
+    top5: np.ndarray | None = None,
+    top5_probs: np.ndarray | None = None,
+    upsample_to: int | None = None,
+) -> dict[str, np.ndarray]:
+    """The store's columns for a batch of F (B, C, h, w): class ids, probs, raw maps, ...
+
+    With the stored top-5 (a cache) and ``predicted``/``top-k`` up to 5, the classes and
+    probabilities are the extraction's own (from float32 features), so they agree with
+    explaining the images; otherwise the clean logits (given, or ``head(F)``) decide.
+    """
+    b, t = feats.shape[0], selection.width
+    dev = feats.device
+    if selection.mode in ("predicted", "top-k") and top5 is not None and t <= top5.shape[1]:
+        class_ids = torch.from_numpy(np.ascontiguousarray(top5[:, :t], dtype=np.int64)).to(dev)
+        probs = np.ascontiguousarray(top5_probs[:, :t], dtype=np.float32)
+        predicted, predicted_prob = top5[:, 0].astype(np.int32), top5_probs[:, 0].astype(np.float32)
+    else:
+        if logits is None:
+            logits = model.backbone.head(feats)
+        p = logits.float().softmax(1)
+        if selection.mode == "label":
+            targets: torch.Tensor | None = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(dev)
+        elif selection.mode == "ids":
+            targets = torch.tensor(selection.ids, device=dev).expand(b, t)
+        else:
+            targets = None
+        class_ids = choose_targets(logits, targets, None if targets is not None else t)
+        probs = p.gather(1, class_ids).cpu().numpy()
+        top_p, top_c = p.max(1)
+        predicted, predicted_prob = top_c.cpu().numpy().astype(np.int32), top_p.cpu().numpy().astype(np.float32)
+    raw = model.attention.selected_many(feats.float(), class_ids).float()
+    out = {
+        "class_ids": class_ids.cpu().numpy().astype(np.int32),
+        "probs": probs,
+        "raw": raw.cpu().numpy().astype(np.float16),
+        "predicted": predicted,
+        "predicted_prob": predicted_prob,
+    }
+    if upsample_to:
+        out["upsampled"] = upsampled_uint8(raw, upsample_to).cpu().numpy()
+    return out
+
+
+def upsampled_uint8(raw: torch.Tensor, size: int) -> torch.Tensor:
+    """Raw maps (..., h, w) -> min-max normalised, bilinear to size x size, round(255 x) as uint8."""
+    return (upsample(minmax_normalize(raw.float()), size) * 255.0).round_().clamp_(0, 255).to(torch.uint8)
+
+
+# ---------------------------------------------------------------- the store
+class CamStore:
+    """One CAM store. Picklable (ships to Ray tasks as URL + options; handles reopen lazily)."""
+
+    def __init__(self, url: str, root_attrs: Mapping[str, Any], manifest: Mapping[str, Any], storage_options: StorageOptions = None, writable: bool = False) -> None:
+        self.url = url.rstrip("/")
+        self.storage_options = dict(storage_options or {})
+        self.root_attrs = dict(root_attrs)
+        self.identity: dict[str, Any] = dict(root_attrs["identity"])
+        self.fingerprint: str = root_attrs["fingerprint"]
+        layout = self.identity["maps"]
+        self.width: int = int(layout["classes_per_sample"])
+        self.map_size: tuple[int, int] = tuple(layout["map_size"])
+        self.upsampled_size: int | None = layout.get("upsampled_size")
+        self.writable = writable
+        self._manifest: dict[str, Any] = dict(manifest)
+        self._init_handles()
+
+    def _init_handles(self) -> None:
+        self._store: Any = None
+        self._fs_path: tuple[Any, str] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_store", "_fs_path")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._init_handles()
+
+    def __repr__(self) -> str:
+        return f"CamStore({self.url!r}, fingerprint={self.fingerprint}, shards={len(self._manifest.get('shards', {}))})"
+
+    # ---- opening
+    @classmethod
+    def create_or_open(
+        cls,
+        url: str,
+        identity: Mapping[str, Any],
+        *,
+        checkpoint_url: str = "",
+        source_url: str = "",
+        storage_options: StorageOptions = None,
+    ) -> "CamStore":
+        """Open for writing, creating if absent (driver only); another identity is refused."""
+        full = _canonical(dict(identity))
+        fp = fingerprint_of(full)
+        url = url.rstrip("/")
+        fs, root = _connect(url, storage_options)
+        attrs = _read_store_attrs(fs, root, url)
+        if attrs is not None:
+            if attrs.get("fingerprint") != fp:
+                diff = identity_diff(attrs.get("identity", {}), full)
+                raise CamStoreMismatch(
+                    f"a CAM store already exists at {url} for other settings (fingerprint {attrs.get('fingerprint')}, requested {fp}). "
+                    "Differing fields:\n  " + "\n  ".join(diff or ["(identities equal; fingerprint recipe changed)"])
+                    + f"\nWrite these CAMs to another URL, or delete {url} to rebuild it."
+                )
+            manifest = _read_json_fs(fs, f"{root}/manifest.json") or _new_manifest(fp)
+            store = cls(url, attrs, manifest, storage_options, writable=True)
+            store._fs_path = (fs, root)
+            return store
+        if fs.exists(root) and fs.ls(root):
+            raise UserError(f"{url} exists and holds files but no CAM store (no zarr.json); pick an empty or new location")
+        attrs = {"format": FORMAT, "identity": full, "fingerprint": fp, "checkpoint_url": checkpoint_url, "source_url": source_url}
+        zstore = _make_store(url, storage_options, read_only=False)
+        zarr.open_group(zstore, mode="w", attributes=attrs)
+        zarr.open_group(zstore, path="shards", mode="w")
+        store = cls(url, attrs, _new_manifest(fp), storage_options, writable=True)
+        store._fs_path = (fs, root)
+        store._save_manifest(store.manifest)
+        return store
+
+    @classmethod
+    def open(cls, url: str, storage_options: StorageOptions = None) -> "CamStore":
+        """Open read-only."""
+        url = url.rstrip("/")
+        fs, root = _connect(url, storage_options)
+        attrs = _read_store_attrs(fs, root, url)
+        if attrs is None:
+            raise CamStoreNotFound(f"no CAM store at {url} (no zarr.json with format {FORMAT}); make one with `lcam cams CHECKPOINT {url} --cache ...|--shards ...`")
+        manifest = _read_json_fs(fs, f"{root}/manifest.json") or _new_manifest(attrs["fingerprint"])
+        store = cls(url, attrs, manifest, storage_options)
+        store._fs_path = (fs, root)
+        return store
+
+    def _fs(self) -> tuple[Any, str]:
+        if self._fs_path is None:
+            self._fs_path = _connect(self.url, self.storage_options)
+        return self._fs_path
+
+    def _zstore(self) -> Any:
+        if self._store is None:
+            self._store = _make_store(self.url, self.storage_options, read_only=not self.writable)
+        return self._store
+
+    # ---- writing (one task per source shard)
+    def write_shard(self, source_url: str, rows: Mapping[str, Any]) -> dict[str, Any]:
+        """Write all rows of one source shard into its own group, replacing what was there.
+
+        ``rows``: ``key`` (n,), ``label`` (n,), ``class_ids`` (n, T), ``probs`` (n, T),
+        ``raw`` (n, T, h, w), ``predicted``/``predicted_prob`` (n,), and ``upsampled``
+        (n, T, H, W) when the store keeps them. Data first, group attrs last, so a group
+        with ``keys`` is complete. Returns the manifest entry for :meth:`mark_done`.
+        """
+        if not self.writable:
+            raise PermissionError("CAM store opened read-only; use CamStore.create_or_open to write")
+        t0 = time.perf_counter()
+        keys = [str(k) for k in rows["key"]]
+        n, t, (h, w) = len(keys), self.width, self.map_size
+        if len(set(keys)) != n:
+            dup = [k for k, c in Counter(keys).items() if c > 1][:5]
+            raise ValueError(f"duplicate keys within shard {source_url}: {dup}")
+        spec: dict[str, tuple[tuple[int, ...], Any, Any, int]] = {  # name -> (shape, dtype, fill, chunk rows)
+            "labels": ((n,), np.int32, -1, SMALL_CHUNK_ROWS),
+            "class_ids": ((n, t), np.int32, -1, SMALL_CHUNK_ROWS),
+            "probs": ((n, t), np.float32, 0.0, SMALL_CHUNK_ROWS),
+            "raw": ((n, t, h, w), np.float16, 0.0, SMALL_CHUNK_ROWS),
+            "predicted": ((n,), np.int32, -1, SMALL_CHUNK_ROWS),
+            "predicted_prob": ((n,), np.float32, 0.0, SMALL_CHUNK_ROWS),
+        }
+        if self.upsampled_size:
+            s = self.upsampled_size
+            spec["upsampled"] = ((n, t, s, s), np.uint8, 0, max(1, UPSAMPLED_CHUNK_BYTES // (t * s * s)))
+        source_names = {"labels": "label"}
+        arrays: dict[str, tuple[np.ndarray, Any, int]] = {}
+        for name, (shape, dtype, fill, chunk) in spec.items():
+            data = rows[source_names.get(name, name)] if n else np.zeros(shape, dtype)
+            data = np.ascontiguousarray(data.detach().cpu().numpy() if hasattr(data, "detach") else data, dtype=dtype)
+            if data.shape != shape:
+                raise ValueError(f"{name} of {source_url} has shape {data.shape}, expected {shape}")
+            arrays[name] = (data, fill, chunk)
+        if not np.isfinite(arrays["raw"][0]).all():
+            raise UserError(f"raw maps of {source_url} overflow float16 (|Z| > 65504): the checkpoint's attention weights are far out of range; check the checkpoint")
+        sid = shard_id_for(source_url)
+        zsync(self._write_group(sid, arrays, {"source": source_url, "keys": keys, "count": n}))
+        return {"url": source_url, "shard_id": sid, "count": n, "skipped": [], "seconds": round(time.perf_counter() - t0, 3), "finished_at": _now()}
+
+    async def _write_group(self, sid: str, arrays: Mapping[str, tuple[np.ndarray, Any, int]], attrs: dict[str, Any]) -> None:
+        # mode="w" deletes the old group first, so a re-run never leaves stale chunks behind.
+        group = await zarr_async.open_group(self._zstore(), path=f"shards/{sid}", mode="w")
+
+        async def one(name: str, data: np.ndarray, fill: Any, chunk_rows: int) -> None:
+            arr = await group.create_array(
+                name,
+                shape=data.shape,
+                chunks=(chunk_rows, *data.shape[1:]),
+                dtype=data.dtype,
+                compressors=default_compressors(),
+                fill_value=fill,
+                config={"write_empty_chunks": True},
+            )
+            if len(data):
+                await arr.setitem(slice(None), data)
+
+        await asyncio.gather(*(one(name, *spec) for name, spec in arrays.items()))
+        await group.update_attributes(attrs)  # last: a group with keys is complete
+
+    # ---- manifest (driver only)
+    def refresh(self) -> dict[str, Any]:
+        fs, root = self._fs()
+        self._manifest = _read_json_fs(fs, f"{root}/manifest.json") or _new_manifest(self.fingerprint)
+        return self._manifest
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return self._manifest
+
+    def done_sources(self) -> set[str]:
+        return set(self._manifest.get("shards", {}))
+
+    def mark_done(self, entries: Sequence[Mapping[str, Any]]) -> None:
+        """Record finished shards; each group must be complete (attrs written, count agrees) first."""
+        manifest = self.refresh()
+        for e in entries:
+            url, sid, count = e["url"], e["shard_id"], int(e["count"])
+            attrs = self._group_attrs(sid)
+            if attrs is None or attrs.get("count") != count or len(attrs.get("keys", [])) != count:
+                raise RuntimeError(f"shard {url} ({sid}) is not completely written; not marking it done")
+            manifest["shards"][url] = {
+                "url": url,
+                "shard_id": sid,
+                "count": count,
+                "skipped": [{"key": str(s.get("key")), "reason": str(s.get("reason"))} for s in e.get("skipped", [])],
+                "seconds": float(e.get("seconds", 0.0)),
+                "finished_at": e.get("finished_at") or _now(),
+            }
+        self._save_manifest(manifest)
+
+    def _save_manifest(self, manifest: dict[str, Any]) -> None:
+        if not self.writable:
+            raise PermissionError("CAM store opened read-only")
+        manifest["updated"] = _now()
+        manifest["versions"] = dict(_versions())
+        fs, root = self._fs()
+        if is_local(fs):
+            write_json_atomic(join(self.url, "manifest.json"), manifest, self.storage_options)
+        else:  # one PUT is atomic on object stores
+            import json
+
+            fs.pipe_file(f"{root}/manifest.json", json.dumps(manifest, indent=1, sort_keys=True).encode())
+        self._manifest = manifest
+
+    def _group_attrs(self, sid: str) -> dict[str, Any] | None:
+        fs, root = self._fs()
+        return (_read_json_fs(fs, f"{root}/shards/{sid}/zarr.json") or {}).get("attributes")
+
+    # ---- reading
+    def entries(self) -> list[dict[str, Any]]:
+        """Done shards in deterministic order: sorted by source URL (as the feature cache)."""
+        shards = self._manifest.get("shards", {})
+        return [shards[u] for u in sorted(shards)]
+
+    def shard_ids(self) -> list[str]:
+        return [e["shard_id"] for e in self.entries()]
+
+    def __len__(self) -> int:
+        return sum(int(e["count"]) for e in self.entries())
+
+    def _entry(self, shard: str) -> dict[str, Any]:
+        for e in self.entries():
+            if shard in (e["shard_id"], e["url"]):
+                return e
+        raise KeyError(f"shard {shard!r} is not in the manifest of {self.url}")
+
+    def read_shard(self, shard: str, fields: Sequence[str] | None = None, normalized: bool = True) -> dict[str, Any]:
+        """All rows of one shard (by shard id or source URL): ``keys`` and numpy arrays.
+
+        ``fields`` limits the arrays read; with ``normalized`` a ``maps`` field (min-max
+        normalised raw maps, float32) is added whenever ``raw`` is read.
+        """
+        e = self._entry(shard)
+        try:
+            group = zarr.open_group(self._zstore(), path=f"shards/{e['shard_id']}", mode="r")
+        except Exception as exc:  # FileNotFoundError / GroupNotFoundError depending on the store
+            raise UserError(f"CAM store {self.url}: group shards/{e['shard_id']} of {e['url']} is missing or unreadable ({type(exc).__name__})") from None
+        names = list(fields) if fields is not None else [n for n in ("labels", "class_ids", "probs", "raw", "upsampled", "predicted", "predicted_prob") if n != "upsampled" or self.upsampled_size]
+        out: dict[str, Any] = {"keys": list(group.attrs["keys"])}
+        for name in names:
+            if name == "maps":
+                continue
+            out[name] = group[name][...]
+        if normalized and "raw" in out:
+            out["maps"] = minmax_normalize(torch.from_numpy(out["raw"].astype(np.float32))).numpy()
+        return out
+
+    def iter_shards(self, fields: Sequence[str] | None = None) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+        """(manifest entry, :meth:`read_shard` data) for every done shard, in store order."""
+        for e in self.entries():
+            yield e, self.read_shard(e["shard_id"], fields)
+
+    def keys(self) -> list[str]:
+        """All keys in store order (source shards sorted by URL, rows in source order)."""
+        out: list[str] = []
+        for e in self.entries():
+            out += self.read_shard(e["shard_id"], fields=[])["keys"]
+        return out
+
+    def info(self) -> dict[str, Any]:
+        entries = self.entries()
+        fs, path = self._fs()
+        ident = self.identity
+        return {
+            "url": self.url,
+            "format": FORMAT,
+            "fingerprint": self.fingerprint,
+            "checkpoint": {**ident["checkpoint"], "url": self.root_attrs.get("checkpoint_url", "")},
+            "source": {**ident["source"], "url": self.root_attrs.get("source_url", "")},
+            "classes": ident["classes"],
+            "classes_per_sample": self.width,
+            "map_size": list(self.map_size),
+            "upsampled_size": self.upsampled_size,
+            "samples": sum(int(e["count"]) for e in entries),
+            "shards_done": len(entries),
+            "skipped": sum(len(e.get("skipped", [])) for e in entries),
+            "bytes_on_disk": int(fs.du(path, total=True)) if fs.exists(path) else 0,
+            "gallery": join(self.url, "gallery", "index.html") if fs.exists(f"{path}/gallery/index.html") else None,
+            "versions": self._manifest.get("versions", {}),
+            "created": self._manifest.get("created"),
+            "updated": self._manifest.get("updated"),
+        }
+
+
+def _read_store_attrs(fs: Any, root: str, url: str) -> dict[str, Any] | None:
+    meta = _read_json_fs(fs, f"{root}/zarr.json")
+    if meta is None:
+        return None
+    attrs = meta.get("attributes", {})
+    if attrs.get("format") != FORMAT:
+        raise UserError(f"{url} is a Zarr store but not a CAM store (format {attrs.get('format')!r}, expected {FORMAT!r}); pick another output URL")
+    return attrs
+
+
+def _new_manifest(fingerprint: str) -> dict[str, Any]:
+    now = _now()
+    return {"format": FORMAT, "fingerprint": fingerprint, "shards": {}, "versions": dict(_versions()), "created": now, "updated": now}
+
+
+# ---------------------------------------------------------------- bulk generation
+@dataclass
+class CamsConfig:
+    checkpoint: str
+    out: str
+    cache: str | None = None  # a feature cache: no image is read
+    shards: str | list[str] | None = None  # or WebDataset shards: one forward per image on Ray
+    classes: str | None = None  # predicted | label | top-k | ids (default: inferred, predicted)
+    top_k: int | None = None
+    class_ids: str | Sequence[int] | None = None
+    upsample: bool = False  # also store uint8 maps at the input size
+    view: str = "center"  # which cached view (cache source)
+    weights: str | None = None  # where the backbone's weights come from (default: as in the checkpoint)
+    batch_size: int = 64
+    num_actors: int | None = None  # shard source: default one per GPU, else 1
+    decode_batch_size: int = 16
+    precision: str = "auto"  # shard source: fp16 autocast on GPU, fp32 on CPU
+    torch_threads: int | None = None
+    device: str = "auto"  # cache source
+    index: str | None = None
+    overlays: int = 0  # N overlay PNGs and an HTML gallery
+    gallery: str | None = None  # default <out>/gallery
+    colormap: str = "jet"
+    opacity: float = 0.5
+    class_names: str | None = None  # file replacing ImageNet's names
+    checkpoint_storage_options: StorageOptions = None
+    source_storage_options: StorageOptions = None
+    out_storage_options: StorageOptions = None
+    progress: bool = True
+
+
+@dataclass
+class CamsSummary:
+    store: str
+    fingerprint: str
+    source: str
+    shards_total: int
+    shards_done_before: int
+    shards_written: int = 0
+    samples: int = 0
+    maps: int = 0
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    failed_shards: list[dict[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    gallery: str | None = None
+
+    @property
+    def maps_per_second(self) -> float:
+        return self.maps / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["maps_per_second"] = round(self.maps_per_second, 2)
+        return out
+
+    def lines(self) -> list[str]:
+        out = [
+            f"CAM store {self.store} (fingerprint {self.fingerprint}) from {self.source}",
+            f"shards: {self.shards_total} in the source, {self.shards_done_before} already done, {self.shards_written} written now",
+            f"samples: {self.samples}, maps: {self.maps} in {self.seconds:.1f}s ({self.maps_per_second:.1f} maps/s)",
+        ]
+        if self.skipped:
+            reasons = Counter(s["reason"].split(":")[0] for s in self.skipped)
+            out.append(f"skipped {len(self.skipped)} samples: " + ", ".join(f"{r} x{n}" for r, n in reasons.items()))
+            out += [f"  {s.get('shard', '')}/{s['key']}: {s['reason']}" for s in self.skipped[:20]]
+            if len(self.skipped) > 20:
+                out.append(f"  ... and {len(self.skipped) - 20} more (see the store's manifest.json)")
+        for f in self.failed_shards:
+            out.append(f"FAILED shard {f['url']}: {f['reason']}")
+        if self.gallery:
+            out.append(f"gallery: {self.gallery}")
+        return out
+
+
+def generate_cams(cfg: CamsConfig) -> CamsSummary:
+    """Run (or resume) CAM generation; then overlays and a gallery when asked.
+
+    All inputs are checked (checkpoint against the source's backbone, class ids, an
+    empty or missing source) before anything is written at ``cfg.out``.
+    """
+    from .checkpoints import check_backbone, load_lcam
+
+    if (cfg.cache is None) == (cfg.shards is None):
+        raise UserError("give exactly one source: a feature cache (--cache URL) or WebDataset shards (--shards PATTERN)")
+    selection = ClassSelection.parse(cfg.classes, cfg.top_k, cfg.class_ids)
+    if cfg.overlays < 0:
+        raise UserError(f"--overlays must be >= 0, got {cfg.overlays}")
+    if not 0.0 <= cfg.opacity <= 1.0:
+        raise UserError(f"--opacity must be between 0 and 1, got {cfg.opacity}")
+    _check_colormap(cfg.colormap)
+    device = resolve_device(cfg.device) if cfg.cache is not None else torch.device("cpu")
+    model, ckpt = load_lcam(cfg.checkpoint, cfg.checkpoint_storage_options, weights=cfg.weights, device=device)
+    backbone = ckpt["backbone"]
+    selection.validate(int(backbone["num_classes"]))
+    if cfg.class_names is not None or cfg.overlays:  # a bad names file fails now, not after the work
+        from .classes import load_class_names
+
+        load_class_names(cfg.class_names, class_names_options(cfg.class_names, cfg.source_storage_options), int(backbone["num_classes"]))
+    crop = int(backbone["preprocessing"]["crop"])
+    maps_layout = {
+        "classes_per_sample": selection.width,
+        "map_size": list(backbone["feature_shape"][1:]),
+        "raw_dtype": "float16",
+        "upsampled_size": crop if cfg.upsample else None,
+        "upsampled_dtype": "uint8",
+    }
+    identity = {
+        "checkpoint": {"fingerprint": checkpoint_fingerprint(ckpt), "method": ckpt.get("method"), "backbone": backbone},
+        "classes": selection.identity(),
+        "maps": maps_layout,
+    }
+
+    if cfg.cache is not None:
+        from .cache import FeatureCache
+
+        cache = FeatureCache.open(cfg.cache, cfg.source_storage_options)
+        check_backbone(ckpt, cache.identity, f"the feature cache {cfg.cache}")
+        if cfg.view not in cache.views:
+            raise UserError(f"view {cfg.view!r} is not in the feature cache {cfg.cache} (it holds {', '.join(cache.views)}); pick one of those")
+        if len(cache) == 0:
+            raise UserError(f"the feature cache {cfg.cache} holds no samples (no shard is done); run `lcam extract` into it first")
+        if selection.mode == "label":
+            _require_labels(cache)
+        identity["source"] = {"kind": "cache", "fingerprint": cache.fingerprint, "view": cfg.view}
+        store = CamStore.create_or_open(cfg.out, identity, checkpoint_url=cfg.checkpoint, source_url=cfg.cache, storage_options=cfg.out_storage_options)
+        summary = _from_cache(cfg, model, cache, store, selection)
+    else:
+        shards = _list_existing_shards(cfg)
+        identity["source"] = {"kind": "images", "preprocessing": backbone["preprocessing"], "view": "center"}
+        store = CamStore.create_or_open(cfg.out, identity, checkpoint_url=cfg.checkpoint, source_url=str(cfg.shards), storage_options=cfg.out_storage_options)
+        del model  # the actors build their own
+        summary = _from_shards(cfg, ckpt, store, selection, shards)
+
+    if cfg.overlays:
+        from .gallery import write_gallery
+
+        result = write_gallery(
+            store,
+            cfg.overlays,
+            out_url=cfg.gallery,
+            colormap=cfg.colormap,
+            opacity=cfg.opacity,
+            class_names_url=cfg.class_names,
+            source_storage_options=cfg.source_storage_options,
+            out_storage_options=cfg.out_storage_options,
+            progress=cfg.progress,
+        )
+        summary.gallery = result.index_url
+    return summary
+
+
+def class_names_options(url: str | None, storage_options: StorageOptions) -> StorageOptions:
+    """A names file on the source's object store reads with its options; a local one with none."""
+    return storage_options if url and "://" in url and not url.startswith("file://") else None
+
+
+def _check_colormap(name: str) -> None:
+    from matplotlib import colormaps
+
+    if name not in colormaps:
+        raise UserError(f"unknown colormap {name!r}; matplotlib offers e.g. jet, viridis, inferno, magma, turbo")
+
+
+def _require_labels(cache: Any) -> None:
+    """Classes 'label' on a dataset without any label is a mistake, not N skipped rows."""
+    for sid in cache.shard_ids():
+        for ci in range(cache.num_chunks(sid)):
+            if (cache.read_chunk(sid, ci, fields=["labels"])["labels"] >= 0).any():
+                return
+    raise UserError(f"classes 'label' was asked for, but no sample of the feature cache {cache.url} has a label; use classes 'predicted', 'top-k' or 'ids'")
+
+
+def _list_existing_shards(cfg: CamsConfig) -> list[Any]:
+    """The source shards, with a clear error for a pattern that matches nothing or a missing shard."""
+    from .fs import get_fs
+    from .shards import list_shards
+
+    try:
+        shards = list_shards(cfg.shards, storage_options=cfg.source_storage_options, index_url=cfg.index)
+    except FileNotFoundError as exc:
+        raise UserError(f"shards {cfg.shards!r}: {exc}") from None
+    if not shards:
+        raise UserError(f"no shards match {cfg.shards!r}: the dataset is empty")
+    by_folder: dict[str, list[str]] = {}
+    for s in shards:
+        folder = s.url.rsplit("/", 1)[0] if "/" in s.url else "."
+        by_folder.setdefault(folder, []).append(s.url)
+    missing: list[str] = []
+    for folder, urls in by_folder.items():  # one listing per folder, not one request per shard
+        fs, path = get_fs(folder, cfg.source_storage_options)
+        try:
+            names = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)}
+        except FileNotFoundError:
+            names = set()
+        missing += [u for u in urls if u.rsplit("/", 1)[-1] not in names]
+    if missing:
+        more = f" (and {len(missing) - 10} more)" if len(missing) > 10 else ""
+        raise UserError(f"{len(missing)} of {len(shards)} shards are missing: {', '.join(missing[:10])}{more}; restore them or leave them out of the pattern")
+    if sum(s.count or 0 for s in shards) == 0 and all(s.count is not None for s in shards):
+        raise UserError(f"the shards {cfg.shards!r} hold no samples (their index says 0)")
+    return shards
+
+
+# ---- source: feature cache (no Ray, no image)
+def _from_cache(cfg: CamsConfig, model: LCAM, cache: Any, store: CamStore, selection: ClassSelection) -> CamsSummary:
+    from .extract import _Progress
+
+    entries = [cache.manifest["shards"][u] for u in sorted(cache.done_sources())]  # the cache's own order
+    done = store.done_sources()
+    todo = [e for e in entries if e["url"] not in done]
+    summary = CamsSummary(store.url, store.fingerprint, f"feature cache {cache.url}", len(entries), len(entries) - len(todo))
+    view = cache.views.index(cfg.view)
+    use_top5 = view == 0  # the cache's top-5 (and logits) are those of its first view
+    size = store.upsampled_size
+    fields = ["features", "labels", "top5_classes", "top5_probs"] + (["logits"] if cache.store_logits and use_top5 else [])
+    progress = _Progress(sum(int(e["count"]) for e in todo) or None, cfg.progress, what="cams", unit="samples")
+    t0 = time.perf_counter()
+
+    chunks = [(e, ci) for e in todo for ci in range(math.ceil(int(e["count"]) / cache.chunk_rows))]
+    with ThreadPoolExecutor(2) as readers, ThreadPoolExecutor(1) as writer:
+        # Read ahead (zstd decode overlaps the matrix products) and write behind.
+        ahead: deque[tuple[dict[str, Any], int, Future]] = deque()
+        it = iter(chunks)
+
+        def fill() -> None:
+            while len(ahead) < 3:
+                nxt = next(it, None)
+                if nxt is None:
+                    return
+                e, ci = nxt
+                ahead.append((e, ci, readers.submit(_read_cache_chunk, cache, e, ci, fields)))
+
+        writes: deque[Future] = deque()
+        parts: list[dict[str, np.ndarray]] = []
+        fill()
+        while ahead:
+            e, ci, fut = ahead.popleft()
+            fill()
+            chunk = fut.result()
+            parts.append(_explain_cache_chunk(model, chunk, view, selection, use_top5, size))
+            progress.update(len(chunk["keys"]))
+            if (ci + 1) * cache.chunk_rows >= int(e["count"]):  # last chunk of this shard
+                rows, skipped = _join_parts(parts, e["url"])
+                parts = []
+                writes.append(writer.submit(_write_entry, store, e["url"], rows, skipped))
+            while writes and (writes[0].done() or len(writes) > 2):
+                _finish_write(store, writes.popleft().result(), summary)
+        while writes:
+            _finish_write(store, writes.popleft().result(), summary)
+    progress.close()
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _read_cache_chunk(cache: Any, entry: Mapping[str, Any], ci: int, fields: list[str]) -> dict[str, Any]:
+    try:
+        return cache.read_chunk(entry["shard_id"], ci, fields=fields)
+    except Exception as exc:  # a lost object or group: the cache is damaged, not this code
+        raise UserError(
+            f"feature cache {cache.url}: chunk {ci} of shard {entry['url']} is unreadable ({type(exc).__name__}: {exc}); "
+            f"check it with `lcam cache verify {cache.url}` and re-extract that shard"
+        ) from None
+
+
+@torch.no_grad()
+def _explain_cache_chunk(model: LCAM, chunk: dict[str, Any], view: int, selection: ClassSelection, use_top5: bool, size: int | None) -> dict[str, np.ndarray]:
+    labels = np.asarray(chunk["labels"], dtype=np.int64)
+    keep = labels >= 0 if selection.mode == "label" else np.ones(len(labels), dtype=bool)
+    keys = np.array(chunk["keys"], dtype=object)
+    out: dict[str, np.ndarray] = {"key": keys[keep], "label": labels[keep], "dropped": keys[~keep]}
+    if not keep.any():
+        return out
+    device = next(model.attention.parameters()).device
+    feats = torch.from_numpy(np.ascontiguousarray(chunk["features"][keep, view])).to(device).float()
+    logits = torch.from_numpy(chunk["logits"][keep].astype(np.float32)).to(device) if "logits" in chunk else None
+    out.update(
+        explain_rows(
+            model,
+            feats,
+            selection,
+            logits=logits,
+            labels=labels[keep],
+            top5=chunk["top5_classes"][keep] if use_top5 else None,
+            top5_probs=chunk["top5_probs"][keep] if use_top5 else None,
+            upsample_to=size,
+        )
+    )
+    return out
+
+
+def _join_parts(parts: list[dict[str, np.ndarray]], url: str) -> tuple[dict[str, np.ndarray], list[dict[str, str]]]:
+    skipped = [{"key": str(k), "reason": "no label: classes 'label' needs one", "shard": url} for p in parts for k in p.pop("dropped")]
+    names = set().union(*(p.keys() for p in parts))
+    rows = {n: np.concatenate([p[n] for p in parts if n in p]) for n in names}
+    return rows, skipped
+
+
+def _write_entry(store: CamStore, url: str, rows: dict[str, np.ndarray], skipped: list[dict[str, str]]) -> dict[str, Any]:
+    entry = store.write_shard(url, rows)
+    entry["skipped"] = skipped
+    return entry
+
+
+def _finish_write(store: CamStore, entry: dict[str, Any], summary: CamsSummary) -> None:
+    store.mark_done([entry])
+    summary.shards_written += 1
+    summary.samples += int(entry["count"])
+    summary.maps += int(entry["count"]) * store.width
+    summary.skipped += entry["skipped"]
+
+
+# ---- source: WebDataset shards (Ray Data, one forward per image)
+class CamActor:
+    """Backbone + attention in an actor: (n, 1, 3, H, W) uint8 pixels -> the store's columns."""
+
+    def __init__(self, checkpoint: str, storage_options: StorageOptions, weights: str | None, fingerprint: str, selection: ClassSelection, upsample_to: int | None, precision: str, torch_threads: int | None) -> None:
+        import os
+
+        device = resolve_device("auto")
+        if device.type == "cpu":
+            torch.set_num_threads(torch_threads or os.cpu_count() or 1)
+        self.explainer = Explainer.from_checkpoint(checkpoint, device=device, weights=weights, storage_options=storage_options, precision=precision)
+        if self.explainer.fingerprint != fingerprint:
+            raise RuntimeError(f"checkpoint {checkpoint} changed during the run (fingerprint {self.explainer.fingerprint}, expected {fingerprint}); re-run")
+        self.selection, self.upsample_to = selection, upsample_to
+        if device.type == "cuda":
+            self.explainer.model.backbone.to(memory_format=torch.channels_last)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ex, sel = self.explainer, self.selection
+        model, dev = ex.model, ex.device
+        pixels = batch["pixels"][:, 0]
+        errors = np.array(batch["error"], dtype=object)
+        labels = np.asarray(batch["label"], dtype=np.int64)
+        if sel.mode == "label":
+            errors[(labels < 0) & (errors == "")] = "no label: classes 'label' needs one"
+        ok = errors == ""
+        n, t, (h, w) = len(labels), sel.width, model.backbone.feature_shape[1:]
+        out = {k: batch[k] for k in ("shard", "index", "shard_count", "key", "label")}
+        out.update(
+            class_ids=np.full((n, t), -1, np.int32),
+            probs=np.zeros((n, t), np.float32),
+            raw=np.zeros((n, t, h, w), np.float16),
+            predicted=np.full(n, -1, np.int32),
+            predicted_prob=np.zeros(n, np.float32),
+        )
+        if self.upsample_to:
+            out["upsampled"] = np.zeros((n, t, self.upsample_to, self.upsample_to), np.uint8)
+        if ok.any():
+            x = torch.from_numpy(pixels[ok]).to(dev, non_blocking=True).float().div_(255.0)
+            if dev.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode():
+                with ex.autocast_context():
+                    feats, logits = model.backbone.extract(x)
+                rows = explain_rows(model, feats.float(), sel, logits=logits.float(), labels=labels[ok], upsample_to=self.upsample_to)
+            for k, v in rows.items():
+                out[k][ok] = v
+        out["error"] = errors.astype(str)
+        return out
+
+
+def _write_task():
+    import ray
+
+    @ray.remote(num_cpus=0, max_retries=3, retry_exceptions=[OSError])
+    def write(store: CamStore, url: str, rows: dict[str, np.ndarray], skipped: list[dict[str, str]]) -> dict[str, Any]:
+        return _write_entry(store, url, rows, skipped)
+
+    return write
+
+
+def _from_shards(cfg: CamsConfig, ckpt: Mapping[str, Any], store: CamStore, selection: ClassSelection, shards: list[Any]) -> CamsSummary:
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from lcam.backbones import Preprocessing
+
+    from .extract import _num_actors, _Progress, _ShardAssembler, decode_preprocess, ensure_ray, read_shard_rows
+
+    done = store.done_sources()
+    todo = [s for s in shards if s.url not in done]
+    summary = CamsSummary(store.url, store.fingerprint, f"shards {cfg.shards}", len(shards), len(shards) - len(todo))
+    if not todo:
+        return summary
+    t0 = time.perf_counter()
+    ensure_ray()
+    prep = ckpt["backbone"]["preprocessing"]
+    preprocessing = Preprocessing(resize=prep["resize"], crop=prep["crop"], mean=tuple(prep["mean"]), std=tuple(prep["std"]))
+    items = [{"url": s.url, "name": s.name, "count": s.count if s.count is not None else -1} for s in todo]
+    actors, gpus = _num_actors(cfg)
+    ds = (
+        ray.data.from_items(items, override_num_blocks=len(items))
+        .flat_map(read_shard_rows, fn_kwargs={"storage_options": cfg.source_storage_options})
+        .map_batches(decode_preprocess, fn_kwargs={"preprocessing": preprocessing, "views": ("center",)}, batch_size=cfg.decode_batch_size, num_cpus=1)
+        .map_batches(
+            CamActor,
+            fn_constructor_args=(cfg.checkpoint, cfg.checkpoint_storage_options, cfg.weights, store.identity["checkpoint"]["fingerprint"], selection, store.upsampled_size, cfg.precision, cfg.torch_threads),
+            batch_size=cfg.batch_size,
+            compute=ActorPoolStrategy(size=actors),
+            num_gpus=gpus,
+            num_cpus=0 if gpus else 1,
+        )
+    )
+    fields = ("key", "label", "class_ids", "probs", "raw", "predicted", "predicted_prob") + (("upsampled",) if store.upsampled_size else ())
+    assembler = _ShardAssembler(fields)
+    write = _write_task()
+    store_ref = ray.put(store)
+    pending: dict[Any, str] = {}
+    progress = _Progress(sum(s.count or 0 for s in todo) or None, cfg.progress, what="cams", unit="images")
+
+    def drain(block: bool) -> None:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=None if block else 0)
+            if not ready:
+                return
+            pending.pop(ready[0])
+            _finish_write(store, ray.get(ready[0]), summary)
+
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+        # index -1 marks a shard that could not be read (count mismatch, cut tar): report, keep going
+        bad = np.array([int(i) < 0 for i in batch["index"]])
+        if bad.any():
+            summary.failed_shards += [{"url": str(u), "reason": str(e)} for u, e in zip(batch["shard"][bad], batch["error"][bad])]
+            batch = {k: v[~bad] for k, v in batch.items()}
+            if not len(batch["key"]):
+                continue
+        for url in assembler.add(batch):
+            rows, skipped = assembler.pop(url)
+            pending[write.remote(store_ref, url, rows, skipped)] = url
+        progress.update(len(batch["key"]))
+        drain(block=False)
+    drain(block=True)
+    progress.close()
+    for url, rows in assembler.rows.items():
+        summary.failed_shards.append({"url": url, "reason": f"incomplete: {len(rows)} of {assembler.expected.get(url)} rows arrived"})
+    summary.seconds = time.perf_counter() - t0
+    return summary
+

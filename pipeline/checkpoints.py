@@ -1,0 +1,118 @@
+"""L-CAM checkpoints on any fsspec URL: attention weights plus everything to resume and to trust.
+
+A checkpoint is one ``torch.save`` payload of tensors and plain values (so it loads with
+``weights_only=True``): the attention state, the method ("fm" or "img"), the backbone's
+identity (name, weights, digest, preprocessing), the fingerprint of the cache it trained
+from (if any), epoch/step, the training config, optimizer and scheduler state, and metrics.
+Written atomically: a reader sees the previous checkpoint or the new one, never a part.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any, Mapping
+
+import torch
+
+from .errors import UserError
+from .fs import StorageOptions, get_fs, write_bytes_atomic
+
+FORMAT = "lcam-checkpoint/1"
+
+
+class CheckpointMismatch(UserError):
+    """A checkpoint made for another backbone, weights or cache."""
+
+
+def save_checkpoint(
+    url: str,
+    *,
+    attention_state: Mapping[str, torch.Tensor],
+    method: str,
+    backbone: Mapping[str, Any],
+    cache_fingerprint: str | None = None,
+    epoch: int = 0,
+    step: int = 0,
+    config: Mapping[str, Any] | None = None,
+    optimizer_state: Mapping[str, Any] | None = None,
+    scheduler_state: Mapping[str, Any] | None = None,
+    metrics: list[Mapping[str, Any]] | None = None,
+    extra: Mapping[str, Any] | None = None,
+    storage_options: StorageOptions = None,
+) -> None:
+    payload = {
+        "format": FORMAT,
+        "method": method,
+        "attention": {k: v.detach().cpu() for k, v in attention_state.items()},
+        # JSON strings keep the payload within weights_only's safe types whatever they hold
+        "backbone": json.dumps(dict(backbone), sort_keys=True),
+        "cache_fingerprint": cache_fingerprint or "",
+        "epoch": int(epoch),
+        "step": int(step),
+        "config": json.dumps(dict(config or {}), sort_keys=True, default=str),
+        "metrics": json.dumps(list(metrics or []), default=float),
+        "extra": json.dumps(dict(extra or {}), sort_keys=True, default=str),
+        "optimizer": optimizer_state or {},
+        "scheduler": scheduler_state or {},
+    }
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    write_bytes_atomic(url, buf.getvalue(), storage_options)
+
+
+def load_checkpoint(url: str, storage_options: StorageOptions = None, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The checkpoint as a dict, JSON fields decoded; clear errors for a missing or foreign file."""
+    fs, path = get_fs(url, storage_options)
+    try:
+        data = fs.cat_file(path)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {url!r} not found; train one with `lcam train` first") from None
+    try:
+        payload = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise UserError(f"{url!r} is not a loadable L-CAM checkpoint ({str(exc).splitlines()[0]})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise UserError(f"{url!r} is not an L-CAM checkpoint (format {payload.get('format') if isinstance(payload, dict) else type(payload).__name__!r}, expected {FORMAT})")
+    for key in ("backbone", "config", "metrics", "extra"):
+        payload[key] = json.loads(payload[key])
+    return payload
+
+
+def check_backbone(checkpoint: Mapping[str, Any], backbone: Mapping[str, Any], what: str = "this backbone") -> None:
+    """Refuse a checkpoint trained on another backbone or other weights (digest compared)."""
+    mine = checkpoint["backbone"]
+    for field in ("backbone", "weights_digest", "feature_shape", "num_classes"):
+        if mine.get(field) != backbone.get(field):
+            raise CheckpointMismatch(
+                f"the checkpoint was trained for {mine.get('backbone')} (weights {mine.get('weights')}, digest {str(mine.get('weights_digest'))[:12]}), "
+                f"not for {what}: {backbone.get('backbone')} (weights {backbone.get('weights')}, digest {str(backbone.get('weights_digest'))[:12]}); "
+                f"field {field!r} differs. Use a checkpoint trained on the same backbone and weights."
+            )
+
+
+def check_cache(checkpoint: Mapping[str, Any], fingerprint: str) -> None:
+    """Refuse to resume from a checkpoint that trained on another feature cache."""
+    theirs = checkpoint.get("cache_fingerprint") or ""
+    if theirs and theirs != fingerprint:
+        raise CheckpointMismatch(
+            f"the checkpoint trained on the feature cache with fingerprint {theirs}, not on this one ({fingerprint}); "
+            "resume only on the same cache, or start a new run (another checkpoint URL)"
+        )
+
+
+def load_lcam(url: str, storage_options: StorageOptions = None, weights: str | None = None, device: str | torch.device = "cpu"):
+    """Rebuild the trained explainer: (LCAM on ``device`` in eval mode, checkpoint dict).
+
+    ``weights`` overrides where the backbone weights come from (e.g. a local copy of
+    the file it was trained with); the digest must still match.
+    """
+    from lcam import LCAM, build_backbone
+
+    ckpt = load_checkpoint(url, storage_options)
+    ident = ckpt["backbone"]
+    backbone = build_backbone(ident["backbone"], weights or ident.get("weights", "default"))
+    check_backbone(ckpt, backbone.describe(), f"the backbone rebuilt from {weights or ident.get('weights')}")
+    model = LCAM(backbone)
+    model.attention.load_state_dict(ckpt["attention"])
+    return model.to(device).eval(), ckpt

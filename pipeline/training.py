@@ -1,0 +1,882 @@
+"""Data, run folder and Ray Train plumbing around :class:`lcam.training.LCAMTrainer`.
+
+L-CAM-Fm (:func:`train_fm`) trains in this process from the Zarr feature cache through
+:class:`pipeline.loader.CacheLoader` (whole chunks, shuffled, prefetched, bounded
+memory). Its order is a function of (seed, epoch), so a checkpoint taken after any
+step resumes exactly.
+
+L-CAM-Img (:func:`train_img`) runs a Ray Train ``TorchTrainer``: N data-parallel
+workers (DDP over the attention mechanism; gloo on CPU, NCCL on GPUs), fed by a Ray
+Data pipeline streaming the WebDataset shards (read -> decode -> resize, plus the
+cached feature maps of the clean centre crop when a matching cache is given). The
+random 224 crop and flip are drawn in the worker from a generator seeded by
+(seed, epoch, key), so the augmentation of every image is reproducible.
+
+A run folder (any fsspec URL) holds::
+
+    checkpoint.pt        latest state (attention, optimizer, scheduler, position, RNG)
+    epoch-NNN.pt         the state after each completed epoch
+    metrics.jsonl        one JSON record per logged step window and per epoch
+    curves.png           the loss terms, agreement and learning rate over the run
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .checkpoints import CheckpointMismatch, check_backbone, check_cache, load_checkpoint, save_checkpoint
+from .errors import UserError
+from .fs import StorageOptions, exists, get_fs, join, write_bytes_atomic
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+CURVES = "curves.png"
+# Options that decide the trajectory of a run: a resumed run must keep them.
+FIXED_ON_RESUME = ("method", "backbone", "lr", "batch_size", "schedule", "target", "seed", "view", "augment")
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``lcam train`` needs; None means "the per-backbone default" (SPEC 3) or "from the checkpoint"."""
+
+    method: str = "fm"  # fm | img
+    out: str = "runs/train"  # run folder URL: checkpoints, metrics.jsonl, curves.png
+    cache: str | None = None  # feature cache URL (fm: required; img: optional, pass 1 from it)
+    shards: str | list[str] | None = None  # img: WebDataset shards (pattern, folder with index.json)
+    index: str | None = None  # img: shard index URL (default: index.json beside the shards)
+    backbone: str | None = None  # img without cache (default efficientnet_lite0); else from the cache
+    weights: str | None = None  # backbone weights (default: what the cache was made with, else "default")
+    epochs: int | None = None
+    lr: float | None = None
+    batch_size: int | None = None  # global batch (split over the img workers)
+    schedule: str = "step"  # step | onecycle
+    target: str = "label"  # label | predicted (the backbone's top-1 on the clean image)
+    view: str = "random"  # fm: random | first | view index (one of the cached views per sample)
+    augment: str = "random"  # img: random (crop 224 of the 256 resize + flip) | center
+    seed: int = 0
+    max_steps: int | None = None  # stop after this many steps in total (quick runs); a checkpoint is kept
+    resume: bool = False
+    checkpoint_every: int = 1000  # fm: also checkpoint every N steps (0: at epoch ends only)
+    log_every: int = 20  # steps per metrics record
+    device: str = "auto"  # fm: auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
+    # fm loader
+    buffer_rows: int = 2048
+    prefetch_chunks: int = 4
+    loader_threads: int = 2
+    # img / Ray
+    workers: int = 1
+    use_gpu: bool | None = None  # None: when the cluster has GPUs
+    cpus_per_worker: float = 1.0
+    data_cpus: float = 1.0  # CPUs per Ray Data read/decode task
+    decode_batch_size: int = 16
+    shuffle_buffer: int = 256  # img: rows in each worker's local shuffle buffer
+    ray_storage: str | None = None  # Ray Train's storage_path (default: a local temp folder)
+    storage_options: StorageOptions = None  # for the run folder
+    cache_storage_options: StorageOptions = None
+    shard_storage_options: StorageOptions = None
+    progress: bool = True
+
+
+@dataclass
+class TrainSummary:
+    out: str
+    method: str
+    epochs_done: int
+    epochs: int
+    steps: int
+    stopped_early: bool
+    last_epoch: dict[str, Any] | None
+    seconds: float
+    checkpoint: str
+    metrics: str
+    curves: str
+    resumed_from_step: int = 0
+    skipped: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def lines(self) -> list[str]:
+        state = f"stopped after step {self.steps} (max steps); --resume continues" if self.stopped_early else "done"
+        out = [f"L-CAM-{self.method.capitalize()}: {self.epochs_done}/{self.epochs} epochs, {self.steps} steps in {self.seconds:.1f}s: {state}"]
+        if self.last_epoch:
+            out.append("last epoch: " + _format_epoch(self.last_epoch))
+        if self.skipped:
+            out.append(f"skipped {self.skipped} undecodable images")
+        out += [f"checkpoint {self.checkpoint}", f"metrics    {self.metrics}", f"curves     {self.curves}"]
+        return out
+
+
+# ---------------------------------------------------------------- run folder
+class RunFolder:
+    """Checkpoints, metrics and plot of one run at an fsspec URL (all writes atomic)."""
+
+    def __init__(self, url: str, storage_options: StorageOptions = None) -> None:
+        self.url = url.rstrip("/")
+        self.storage_options = storage_options
+
+    def path(self, name: str) -> str:
+        return join(self.url, name)
+
+    def checkpoint_for_start(self, resume: bool) -> dict[str, Any] | None:
+        """The checkpoint to resume from, None for a fresh run; refuses to overwrite a run."""
+        have = exists(self.path(CHECKPOINT), self.storage_options)
+        if resume:
+            if not have:
+                raise UserError(f"nothing to resume: no {CHECKPOINT} in {self.url}; start the run without --resume")
+            return load_checkpoint(self.path(CHECKPOINT), self.storage_options)
+        if have:
+            raise UserError(f"{self.url} already holds a training run ({CHECKPOINT}); continue it with --resume or choose another --out")
+        return None
+
+    def save(self, state: Mapping[str, Any], *, method: str, backbone: Mapping[str, Any], cache_fingerprint: str | None,
+             config: Mapping[str, Any], history: list[dict[str, Any]], epoch_end: bool) -> None:
+        pos = state["position"]
+        kw = dict(
+            attention_state=state["attention"], method=method, backbone=backbone, cache_fingerprint=cache_fingerprint,
+            epoch=pos["epoch"], step=pos["global_step"], config=config, optimizer_state=state["optimizer"],
+            scheduler_state=state["scheduler"], metrics=history, storage_options=self.storage_options,
+            extra={"position": pos, "running": state["running"], "rng": _encode_rng(state["rng"])},
+        )
+        if epoch_end:  # the per-epoch copy first: checkpoint.pt never points past a missing epoch file
+            save_checkpoint(self.path(f"epoch-{pos['epoch']:03d}.pt"), **kw)
+        save_checkpoint(self.path(CHECKPOINT), **kw)
+
+    def write_metrics(self, history: Sequence[Mapping[str, Any]]) -> None:
+        # Rewritten whole (small): object stores cannot append, and a resumed run drops
+        # the records of steps it re-does.
+        body = "".join(json.dumps(r, sort_keys=True) + "\n" for r in history)
+        write_bytes_atomic(self.path(METRICS), body.encode(), self.storage_options)
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        fs, path = get_fs(self.path(METRICS), self.storage_options)
+        try:
+            text = fs.cat_file(path).decode()
+        except FileNotFoundError:
+            return []
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    def write_curves(self, history: Sequence[Mapping[str, Any]], title: str) -> None:
+        write_bytes_atomic(self.path(CURVES), plot_curves(history, title), self.storage_options)
+
+
+def trainer_state_from_checkpoint(ckpt: Mapping[str, Any]) -> dict[str, Any]:
+    """The inverse of :meth:`RunFolder.save`: a state for ``LCAMTrainer.load_state_dict``."""
+    extra = ckpt["extra"]
+    return {
+        "attention": ckpt["attention"],
+        "optimizer": ckpt["optimizer"],
+        "scheduler": ckpt["scheduler"],
+        "position": extra["position"],
+        "running": extra["running"],
+        "rng": _decode_rng(extra.get("rng") or {}),
+    }
+
+
+def _encode_rng(rng: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    return {k: base64.b64encode(v.cpu().numpy().tobytes()).decode() for k, v in rng.items()}
+
+
+def _decode_rng(rng: Mapping[str, str]) -> dict[str, torch.Tensor]:
+    return {k: torch.frombuffer(bytearray(base64.b64decode(v)), dtype=torch.uint8) for k, v in rng.items()}
+
+
+def history_until(history: Sequence[Mapping[str, Any]], step: int) -> list[dict[str, Any]]:
+    """Records up to ``step``: what a run resumed at that step keeps."""
+    return [dict(r) for r in history if int(r.get("step", 0)) <= step]
+
+
+# ---------------------------------------------------------------- config resolution
+def resolve_recipe(cfg: TrainConfig, backbone_name: str, ckpt: Mapping[str, Any] | None):
+    """The effective recipe and run config: defaults per backbone (SPEC 3), or the checkpoint's."""
+    from lcam.recipe import Recipe, default_recipe
+
+    if cfg.schedule not in ("step", "onecycle"):
+        raise UserError(f"schedule must be 'step' or 'onecycle', got {cfg.schedule!r}")
+    if cfg.target not in ("label", "predicted"):
+        raise UserError(f"target must be 'label' or 'predicted', got {cfg.target!r}")
+    if ckpt is None:
+        recipe = default_recipe(backbone_name, cfg.schedule).with_overrides(lr=cfg.lr, epochs=cfg.epochs, batch_size=cfg.batch_size)
+        if recipe.lr <= 0 or recipe.epochs < 1 or recipe.batch_size < 1:
+            raise UserError(f"lr, epochs and batch size must be positive (got lr {recipe.lr}, epochs {recipe.epochs}, batch size {recipe.batch_size})")
+        run = {"method": cfg.method, "backbone": backbone_name, "lr": recipe.lr, "batch_size": recipe.batch_size, "schedule": recipe.schedule,
+               "target": cfg.target, "seed": cfg.seed, "view": cfg.view, "augment": cfg.augment, "recipe": recipe.to_dict()}
+        return recipe, run
+    run = dict(ckpt["config"])
+    given = {"method": cfg.method, "backbone": backbone_name, "lr": cfg.lr, "batch_size": cfg.batch_size, "schedule": cfg.schedule,
+             "target": cfg.target, "seed": cfg.seed, "view": cfg.view if cfg.method == "fm" else run.get("view"),
+             "augment": cfg.augment if cfg.method == "img" else run.get("augment")}
+    differ = [f"{k}: checkpoint {run.get(k)!r}, now {v!r}" for k, v in given.items() if v is not None and k in FIXED_ON_RESUME and run.get(k) != v]
+    if differ:
+        raise CheckpointMismatch(
+            "cannot resume: these options differ from the checkpoint's run, so it would not continue the same training:\n  "
+            + "\n  ".join(differ) + "\nDrop them (the checkpoint's values are used) or start a new run with another --out."
+        )
+    recipe = Recipe(**run["recipe"])
+    if cfg.epochs is not None and cfg.epochs != recipe.epochs:
+        if recipe.schedule == "onecycle":
+            raise CheckpointMismatch(f"the one-cycle schedule of this run spans {recipe.epochs} epochs; it cannot be changed to {cfg.epochs} on resume")
+        recipe = recipe.with_overrides(epochs=cfg.epochs)
+        run["recipe"] = recipe.to_dict()
+    return recipe, run
+
+
+def _device(cfg: TrainConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but torch sees no GPU here; use --device cpu or auto")
+    return torch.device(cfg.device)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on GPU by default (no loss scaling needed); fp32 on CPU."""
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    if precision in ("auto", "bf16"):
+        return torch.bfloat16
+    raise UserError(f"precision must be auto, fp32 or bf16, got {precision!r}")
+
+
+def backbone_for_cache(cache: Any, weights: str | None):
+    """The backbone the cache was made with; refuses other weights (digest compared)."""
+    from lcam import build_backbone
+
+    ident = cache.identity
+    name = ident.get("backbone")
+    backbone = build_backbone(name, weights or ident.get("weights", "default"))
+    mine = backbone.describe()
+    if mine["weights_digest"] != ident.get("weights_digest"):
+        raise UserError(
+            f"the cache {cache.url} holds features of {name} with weights {ident.get('weights')} (digest {str(ident.get('weights_digest'))[:12]}), "
+            f"but --weights {weights} gives digest {mine['weights_digest'][:12]}; pass the weights the cache was made with"
+        )
+    return backbone
+
+
+# ---------------------------------------------------------------- metrics records, console, plot
+def epoch_record(epoch: int, step: int, sums: Any, lr: float, seconds: float, **extra: Any) -> dict[str, Any]:
+    rec = {"kind": "epoch", "epoch": epoch, "step": step, "samples": int(sums.n), "lr": lr, "seconds": round(seconds, 3),
+           "samples_per_s": round(sums.n / seconds, 2) if seconds > 0 else 0.0}
+    rec.update({k: round(v, 6) for k, v in sums.means().items()})
+    rec.update(extra)
+    return rec
+
+
+def _format_epoch(r: Mapping[str, Any]) -> str:
+    return (f"epoch {r['epoch']}: loss {r['loss']:.4f} (ce {r['ce']:.4f}, area {r['area']:.4f}, tv {r['tv']:.4f}), "
+            f"agreement {100 * r['agreement']:.1f}%, lr {r['lr']:.3g}, {r['samples']} samples in {r['seconds']:.1f}s "
+            f"({r['samples_per_s']:.0f}/s)")
+
+
+class StepWindow:
+    """Averages steps between metrics records (``log_every`` steps each)."""
+
+    def __init__(self) -> None:
+        from lcam.training import MetricSums
+
+        self._cls = MetricSums
+        self.sums = MetricSums()
+        self.t0 = time.perf_counter()
+
+    def add(self, stats: Any) -> None:
+        self.sums.add(stats.n, stats.loss, stats.ce, stats.area, stats.tv, stats.agree)
+
+    def record(self, epoch: int, step: int, steps_per_epoch: int, lr: float) -> dict[str, Any]:
+        dt = time.perf_counter() - self.t0
+        rec = {"kind": "step", "epoch": epoch, "step": step, "epoch_progress": round(step / steps_per_epoch, 4), "lr": lr,
+               "samples": int(self.sums.n), "samples_per_s": round(self.sums.n / dt, 2) if dt > 0 else 0.0}
+        rec.update({k: round(v, 6) for k, v in self.sums.means().items()})
+        self.sums, self.t0 = self._cls(), time.perf_counter()
+        return rec
+
+
+def plot_curves(history: Sequence[Mapping[str, Any]], title: str = "L-CAM training") -> bytes:
+    """PNG: total loss, its three terms, agreement and lr against epochs (steps as thin lines)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    steps = [r for r in history if r.get("kind") == "step"]
+    epochs = [r for r in history if r.get("kind") == "epoch"]
+    fig = Figure(figsize=(13, 7), dpi=100)
+    panels = [("loss", "total loss"), ("ce", "cross-entropy (masked)"), ("area", "area term"), ("tv", "total variation"),
+              ("agreement", "agreement (masked argmax = target)"), ("lr", "learning rate (weights)")]
+    for i, (key, label) in enumerate(panels):
+        ax = fig.add_subplot(2, 3, i + 1)
+        if steps:
+            ax.plot([r["epoch_progress"] for r in steps], [r[key] for r in steps], lw=0.8, alpha=0.6, label="steps")
+        if epochs:
+            ax.plot([r["epoch"] for r in epochs], [r[key] for r in epochs], "o-", lw=1.5, label="epoch mean")
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        if key == "lr" and any(r.get("lr", 0) > 0 for r in history):
+            ax.set_yscale("log")
+        if i == 0 and steps and epochs:
+            ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+class _Bar:
+    """Step progress with rate and ETA: tqdm on a terminal, a line every ``every`` seconds in logs."""
+
+    def __init__(self, enabled: bool, total: int, initial: int, desc: str, every: float = 30.0) -> None:
+        self.enabled, self.total, self.done, self.desc, self.every = enabled, total, initial, desc, every
+        self.start, self.t0 = initial, time.perf_counter()
+        self.last = self.t0
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", file=sys.stderr, mininterval=1.0, dynamic_ncols=True, leave=False)
+
+    def update(self, loss: float) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+            self.bar.update(1)
+        elif self.enabled and time.perf_counter() - self.last >= self.every and self.done < self.total:
+            self.last = time.perf_counter()
+            rate = (self.done - self.start) / (self.last - self.t0)
+            _say(True, f"{self.desc}: step {self.done}/{self.total}, loss {loss:.3f}, {rate:.2f} steps/s, ETA {(self.total - self.done) / rate:.0f}s")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _say(enabled: bool, line: str) -> None:
+    if enabled:
+        print(line, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- L-CAM-Fm from the cache
+def fm_batches(loader: Any, start: int) -> Iterator[Any]:
+    """CacheLoader batches from ``start`` on, as :class:`lcam.training.TrainBatch`."""
+    from lcam.training import TrainBatch
+
+    for feats, targets, _keys in loader.iter_from(start):
+        yield TrainBatch(targets=targets, feats=feats)
+
+
+def train_fm(cfg: TrainConfig) -> TrainSummary:
+    """Train L-CAM-Fm from a feature cache (resumable at any step)."""
+    from lcam import LCAM
+    from lcam.training import LCAMTrainer, init_attention
+
+    from .cache import FeatureCache
+    from .loader import CacheLoader
+
+    t0 = time.perf_counter()
+    if not cfg.cache:
+        raise UserError("L-CAM-Fm trains from a feature cache: pass --cache URL (make one with `lcam extract`)")
+    cache = FeatureCache.open(cfg.cache, cfg.cache_storage_options)
+    if len(cache) == 0:
+        raise UserError(f"the feature cache {cache.url} holds no finished shards yet; run (or finish) `lcam extract` first")
+    backbone = backbone_for_cache(cache, cfg.weights)
+    run_dir = RunFolder(cfg.out, cfg.storage_options)
+    ckpt = run_dir.checkpoint_for_start(cfg.resume)
+    if ckpt is not None:
+        if ckpt["method"] != "fm":
+            raise CheckpointMismatch(f"the checkpoint in {cfg.out} is an L-CAM-{ckpt['method'].capitalize()} run, not L-CAM-Fm")
+        check_backbone(ckpt, backbone.describe(), f"the backbone of the cache {cache.url}")
+        check_cache(ckpt, cache.fingerprint)
+    recipe, run_cfg = resolve_recipe(cfg, backbone.name, ckpt)
+    run_cfg.update(cache=cache.url, cache_fingerprint=cache.fingerprint, cache_views=list(cache.views))
+    view: str | int = int(run_cfg["view"]) if str(run_cfg["view"]).isdigit() else run_cfg["view"]
+    loader = CacheLoader(
+        cache, recipe.batch_size, seed=run_cfg["seed"], target=run_cfg["target"], view=view,
+        buffer_rows=cfg.buffer_rows, prefetch_chunks=cfg.prefetch_chunks, num_threads=cfg.loader_threads,
+    )
+    device = _device(cfg)
+    model = LCAM(backbone, init_attention(backbone, run_cfg["seed"]))
+    trainer = LCAMTrainer(model, "fm", recipe, len(loader), device=device, autocast_dtype=autocast_dtype(cfg.precision, device))
+    history: list[dict[str, Any]] = []
+    if ckpt is not None:
+        trainer.load_state_dict(trainer_state_from_checkpoint(ckpt))
+        history = history_until(ckpt["metrics"], trainer.global_step)
+    resumed_from = trainer.global_step
+    ident = backbone.describe()
+
+    def save(epoch_end: bool) -> None:
+        run_dir.save(trainer.state_dict(), method="fm", backbone=ident, cache_fingerprint=cache.fingerprint,
+                     config=run_cfg, history=history, epoch_end=epoch_end)
+        run_dir.write_metrics(history)
+
+    _say(cfg.progress, f"L-CAM-Fm: {len(cache)} cached samples ({backbone.name}, views {list(cache.views)}), {len(loader)} steps/epoch, "
+         f"batch {recipe.batch_size}, lr {recipe.lr:g} ({recipe.schedule}), target {run_cfg['target']}, device {device}"
+         + (f"; resuming at epoch {trainer.epoch + 1}, step {trainer.global_step}" if ckpt is not None else ""))
+    stopped = False
+    last: dict[str, Any] | None = next((r for r in reversed(history) if r["kind"] == "epoch"), None)
+    while trainer.epoch < recipe.epochs:
+        loader.set_epoch(trainer.epoch)
+        window, t_epoch, lr_used = StepWindow(), time.perf_counter(), [trainer.lr]
+        bar = _Bar(cfg.progress, trainer.steps_per_epoch, trainer.batch_in_epoch, f"epoch {trainer.epoch + 1}/{recipe.epochs}")
+
+        def on_step(tr: LCAMTrainer, stats: Any) -> None:
+            window.add(stats)
+            lr_used[0] = stats.lr
+            bar.update(stats.loss)
+            if cfg.log_every and tr.global_step % cfg.log_every == 0:
+                history.append(window.record(tr.epoch, tr.global_step, tr.steps_per_epoch, stats.lr))
+            if cfg.checkpoint_every and tr.global_step % cfg.checkpoint_every == 0 and tr.batch_in_epoch < tr.steps_per_epoch:
+                save(epoch_end=False)
+
+        try:
+            sums = trainer.train_epoch(fm_batches(loader, trainer.batch_in_epoch), max_steps=cfg.max_steps, on_step=on_step)
+        finally:
+            bar.close()
+        if sums is None:  # max_steps: keep the exact position for --resume
+            save(epoch_end=False)
+            stopped = True
+            break
+        last = epoch_record(trainer.epoch, trainer.global_step, sums, lr_used[0], time.perf_counter() - t_epoch)
+        history.append(last)
+        save(epoch_end=True)
+        _say(cfg.progress, _format_epoch(last))
+    run_dir.write_metrics(history)
+    run_dir.write_curves(history, f"L-CAM-Fm, {backbone.name}, cache {cache.fingerprint}")
+    return TrainSummary(cfg.out, "fm", trainer.epoch, recipe.epochs, trainer.global_step, stopped, last, time.perf_counter() - t0,
+                        run_dir.path(CHECKPOINT), run_dir.path(METRICS), run_dir.path(CURVES), resumed_from)
+
+
+# ---------------------------------------------------------------- L-CAM-Img: Ray Data stages
+def crop_seed(seed: int, epoch: int, key: str) -> int:
+    """Seed of one image's random crop and flip in one epoch: independent of workers and order."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{epoch}/{key}".encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def crop_flip(resized: np.ndarray, crop: int, generator: torch.Generator) -> torch.Tensor:
+    """A uniformly random ``crop`` x ``crop`` window of an already resized (H, W, 3) uint8 image,
+    flipped with p=0.5: (3, crop, crop) in [0, 1]. Draws top, left, flip in the order of
+    :func:`pipeline.images.random_crop_flip`, so both give the same view for the same generator."""
+    h, w = resized.shape[:2]
+    top = int(torch.randint(0, h - crop + 1, (1,), generator=generator))
+    left = int(torch.randint(0, w - crop + 1, (1,), generator=generator))
+    flip = bool(torch.rand((), generator=generator) < 0.5)
+    out = torch.from_numpy(np.ascontiguousarray(resized[top : top + crop, left : left + crop])).permute(2, 0, 1).float().div_(255)
+    return out.flip(-1) if flip else out
+
+
+def read_training_rows(item: dict[str, Any], storage_options: StorageOptions = None, cache: Any = None, view_index: int = 0) -> list[dict[str, Any]]:
+    """One shard -> one row per sample; with a cache, each row carries its cached F (clean centre crop)."""
+    from .shards import ShardInfo, read_shard
+
+    info = ShardInfo(url=item["url"], name=item["name"], count=item["count"] if item["count"] >= 0 else None)
+    samples = read_shard(info, storage_options=storage_options)  # a damaged shard fails the run, loudly
+    cached: dict[str, tuple[np.ndarray, int]] = {}
+    if cache is not None:
+        from .cache import shard_id_for
+
+        sid = shard_id_for(item["url"])
+        for ci in range(cache.num_chunks(sid)):
+            chunk = cache.read_chunk(sid, ci, fields=["features", "top5_classes"])
+            for k, f, t5 in zip(chunk["keys"], chunk["features"][:, view_index], chunk["top5_classes"]):
+                cached[k] = (f, int(t5[0]))
+    rows = []
+    for s in samples:
+        row = {"key": s.key, "label": int(s.label), "image": s.image, "top1": -1, "error": ""}
+        if cache is not None:
+            f, top1 = cached.get(s.key, (None, -1))
+            if f is None:  # skipped at extraction (undecodable): it fails decoding here too
+                f = np.zeros(cache.feature_shape, dtype=np.float16)
+                row["error"] = "not in the feature cache (skipped at extraction)"
+            row["features"], row["top1"] = f, top1
+        rows.append(row)
+    return rows
+
+
+def decode_for_training(batch: dict[str, np.ndarray], preprocessing: Any, augment: str) -> dict[str, Any]:
+    """CPU stage: bytes -> RGB -> the 256 resize (``random``: the worker crops) or centre crop 224, uint8."""
+    from PIL import Image
+
+    from .images import decode_pil, preprocess, resized_size
+
+    n = len(batch["key"])
+    errors = [str(e) for e in batch["error"]]
+    pixels: list[np.ndarray] = []
+    for i in range(n):
+        out = None
+        if not errors[i]:
+            try:
+                im = decode_pil(batch["image"][i])
+                if augment == "center":
+                    out = (preprocess(im, preprocessing, "center") * 255).round().byte().permute(1, 2, 0).numpy()
+                else:
+                    size = resized_size(im.width, im.height, preprocessing.resize)
+                    out = np.asarray(im.resize(size, Image.BILINEAR))  # the resize of random_crop_flip
+            except Exception as exc:  # DecodeError and whatever PIL raises on odd files
+                errors[i] = f"decode: {exc}"
+        pixels.append(out if out is not None else np.zeros((preprocessing.crop, preprocessing.crop, 3), dtype=np.uint8))
+    res: dict[str, Any] = {k: batch[k] for k in batch if k not in ("image", "error")}
+    if augment == "center":
+        res["pixels"] = np.stack(pixels)
+    else:  # variable sizes: an object array becomes a variable-shaped tensor column
+        arr = np.empty(n, dtype=object)
+        arr[:] = pixels
+        res["pixels"] = arr
+    res["error"] = np.array(errors, dtype=object).astype(str)
+    return res
+
+
+def build_image_dataset(shards: Sequence[Any], preprocessing: Any, augment: str, *, cache: Any = None, view_index: int = 0,
+                        storage_options: StorageOptions = None, decode_batch_size: int = 16, data_cpus: float = 1.0):
+    """Ray Dataset of training rows: shards in a new random order each epoch, read, decoded."""
+    import ray
+
+    items = [{"url": s.url, "name": s.name, "count": s.count if s.count is not None else -1} for s in shards]
+    return (
+        ray.data.from_items(items, override_num_blocks=len(items))
+        .randomize_block_order()
+        .flat_map(read_training_rows, fn_kwargs={"storage_options": storage_options, "cache": cache, "view_index": view_index}, num_cpus=data_cpus)
+        .map_batches(decode_for_training, fn_kwargs={"preprocessing": preprocessing, "augment": augment},
+                     batch_size=decode_batch_size, batch_format="numpy", num_cpus=data_cpus)
+    )
+
+
+def image_batches(rows: Iterable[Mapping[str, np.ndarray]], *, augment: str, crop: int, seed: int, epoch: int, target: str,
+                  skipped: list[str]) -> Iterator[Any]:
+    """Worker side: numpy row batches -> :class:`lcam.training.TrainBatch` (undecodable rows dropped and listed)."""
+    from lcam.training import TrainBatch
+
+    for b in rows:
+        ok = np.array([not e for e in b["error"]], dtype=bool)
+        keys = [str(k) for k in b["key"]]
+        skipped.extend(k for k, good in zip(keys, ok) if not good)
+        if not ok.any():
+            continue
+        if augment == "center":
+            images = torch.from_numpy(np.ascontiguousarray(b["pixels"][ok])).permute(0, 3, 1, 2).float().div_(255)
+        else:
+            images = torch.stack([
+                crop_flip(np.asarray(p), crop, torch.Generator().manual_seed(crop_seed(seed, epoch, k)))
+                for p, k, good in zip(b["pixels"], keys, ok) if good
+            ])
+        feats = torch.from_numpy(np.asarray(b["features"][ok], dtype=np.float32)) if "features" in b else None
+        if target == "label":
+            labels = np.asarray(b["label"])[ok]
+            if (labels < 0).any():
+                bad = [k for k, good, lab in zip(keys, ok, b["label"]) if good and lab < 0][:3]
+                raise UserError(f"sample {bad[0]!r} has no label; train with --target predicted (the backbone's top-1) or give the data labels")
+            targets = torch.from_numpy(labels.astype(np.int64))
+        elif feats is not None:
+            targets = torch.from_numpy(np.asarray(b["top1"])[ok].astype(np.int64))  # the cache's top-1, as for L-CAM-Fm
+        else:
+            targets = None  # the trainer takes the top-1 from its first pass
+        yield TrainBatch(targets=targets, feats=feats, images=images)
+
+
+# ---------------------------------------------------------------- L-CAM-Img: the Ray Train worker loop
+def _img_worker_loop(config: dict[str, Any]) -> None:
+    import itertools
+
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+
+    from lcam import LCAM, build_backbone
+    from lcam.recipe import Recipe
+    from lcam.training import LCAMTrainer, MetricSums, init_attention
+
+    cfg: TrainConfig = config["cfg"]
+    plan: dict[str, Any] = config["plan"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    backbone = build_backbone(plan["backbone"], plan["weights"])
+    if backbone.weights_digest() != plan["identity"]["weights_digest"]:
+        raise RuntimeError(f"worker {rank} built other weights for {plan['backbone']} than the driver")
+    recipe = Recipe(**plan["run"]["recipe"])
+    model = LCAM(backbone, init_attention(backbone, plan["run"]["seed"]))
+
+    def ddp(module: torch.nn.Module) -> torch.nn.Module:
+        # The backbone's BatchNorm statistics never change: no buffer broadcast per forward.
+        return ray.train.torch.prepare_model(module, parallel_strategy_kwargs={"broadcast_buffers": False})
+
+    trainer = LCAMTrainer(model, "img", recipe, plan["steps_per_epoch"], device=device,
+                          autocast_dtype=autocast_dtype(cfg.precision, device), wrap=ddp)
+    run_dir = RunFolder(cfg.out, cfg.storage_options)
+    history: list[dict[str, Any]] = []
+    ckpt = None
+    ray_ckpt = ray.train.get_checkpoint()  # set when Ray Train restarted the workers after a failure
+    if ray_ckpt is not None:
+        with ray_ckpt.as_directory() as d:
+            ckpt = load_checkpoint(os.path.join(d, CHECKPOINT))
+    elif plan["resume"]:
+        ckpt = load_checkpoint(run_dir.path(CHECKPOINT), cfg.storage_options)
+    if ckpt is not None:
+        trainer.load_state_dict(trainer_state_from_checkpoint(ckpt))
+        history = history_until(ckpt["metrics"], trainer.global_step)
+        if rank != 0:  # the saved partial-epoch sums are global: count them once in the all-reduce
+            trainer.running = MetricSums()
+    progress = config.get("progress_queue")
+    shard = ray.train.get_dataset_shard("train")
+    skipped: list[str] = []
+    while trainer.epoch < recipe.epochs:
+        window, t_epoch, last_sent, lr_used = StepWindow(), time.perf_counter(), 0.0, [trainer.lr]
+        epoch = trainer.epoch
+
+        def on_step(tr: LCAMTrainer, stats: Any) -> None:
+            nonlocal last_sent
+            window.add(stats)
+            lr_used[0] = stats.lr
+            if rank == 0 and cfg.log_every and tr.global_step % cfg.log_every == 0:
+                history.append(window.record(tr.epoch, tr.global_step, tr.steps_per_epoch, stats.lr))
+            if rank == 0 and progress is not None and time.perf_counter() - last_sent > 2.0:
+                last_sent = time.perf_counter()
+                progress.put_nowait({"epoch": tr.epoch, "batch": tr.batch_in_epoch, "steps": tr.steps_per_epoch,
+                                     "loss": stats.loss, "t": last_sent - t_epoch, "global_batch": stats.n * world})
+
+        rows = shard.iter_batches(batch_size=plan["worker_batch"], batch_format="numpy", prefetch_batches=2,
+                                  local_shuffle_buffer_size=cfg.shuffle_buffer or None,
+                                  local_shuffle_seed=crop_seed(plan["run"]["seed"], epoch, f"rank{rank}") % (2**31) if cfg.shuffle_buffer else None)
+        batches = image_batches(rows, augment=plan["run"]["augment"], crop=backbone.preprocessing.crop, seed=plan["run"]["seed"],
+                                epoch=epoch, target=plan["run"]["target"], skipped=skipped)
+        # A mid-epoch checkpoint (max steps) resumes with the epoch's remaining number of steps;
+        # which images those are is up to Ray Data's streaming split (not reproducible).
+        batches = itertools.islice(batches, trainer.steps_per_epoch - trainer.batch_in_epoch)
+        sums = trainer.train_epoch(batches, max_steps=cfg.max_steps, on_step=on_step)
+        stopped = sums is None
+        total = (trainer.running if stopped else sums).to_tensor()
+        n_skipped = torch.tensor([float(len(skipped))], dtype=torch.float64)
+        if world > 1:
+            dist.all_reduce(total)
+            dist.all_reduce(n_skipped)
+        metrics: dict[str, Any] = {"epoch": trainer.epoch, "step": trainer.global_step, "stopped": stopped, "skipped": int(n_skipped.item())}
+        checkpoint = None
+        with tempfile.TemporaryDirectory() as tmp:
+            if rank == 0:
+                if not stopped:
+                    rec = epoch_record(trainer.epoch, trainer.global_step, MetricSums.from_tensor(total), lr_used[0],
+                                       time.perf_counter() - t_epoch, workers=world, skipped=int(n_skipped.item()))
+                    history.append(rec)
+                    metrics.update(rec)
+                state = trainer.state_dict()
+                if stopped:
+                    state["running"] = MetricSums.from_tensor(total).to_dict()
+                kw = dict(method="img", backbone=plan["identity"], cache_fingerprint=plan["cache_fingerprint"], config=plan["run"], history=history)
+                run_dir.save(state, epoch_end=not stopped, **kw)
+                run_dir.write_metrics(history)
+                RunFolder(tmp).save(state, epoch_end=False, **kw)  # the same file for Ray Train's own restarts
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+                if progress is not None:
+                    progress.put_nowait({"epoch_done": metrics})
+            ray.train.report(metrics, checkpoint=checkpoint)  # every worker: it is a barrier
+        if stopped:
+            break
+
+
+# ---------------------------------------------------------------- L-CAM-Img: the driver
+def _shard_counts(shards: Sequence[Any], storage_options: StorageOptions) -> list[Any]:
+    """Counts from the index; shards without one are read once to count (reported)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .shards import ShardInfo, read_shard
+
+    unknown = [s for s in shards if s.count is None]
+    if not unknown:
+        return list(shards)
+    print(f"train: {len(unknown)} shard(s) have no index entry; reading them once to count their samples", file=sys.stderr)
+    with ThreadPoolExecutor(4) as pool:
+        counts = dict(zip([s.url for s in unknown], pool.map(lambda s: len(read_shard(s, storage_options)), unknown)))
+    return [s if s.count is not None else ShardInfo(s.url, s.name, counts[s.url], s.sha256) for s in shards]
+
+
+def _img_cache(cfg: TrainConfig, backbone: Any, shards: Sequence[Any]):
+    """The feature cache that gives pass 1, checked to hold exactly these features; else None."""
+    from .cache import FeatureCache
+
+    if not cfg.cache:
+        return None, 0
+    if cfg.augment != "center":
+        raise UserError("a feature cache holds the clean centre crop: pass 1 can come from it only with --augment center "
+                        "(random crops need the backbone at every step); drop --cache or use --augment center")
+    cache = FeatureCache.open(cfg.cache, cfg.cache_storage_options)
+    ident, mine = cache.identity, backbone.describe()
+    for fld in ("backbone", "weights_digest", "preprocessing", "feature_shape"):
+        if json.dumps(ident.get(fld), sort_keys=True) != json.dumps(mine.get(fld), sort_keys=True):
+            raise UserError(f"the feature cache {cache.url} was made for other features ({fld}: cache {ident.get(fld)}, "
+                            f"training {mine.get(fld)}); use a cache of this backbone and preprocessing, or drop --cache")
+    if "center" not in cache.views:
+        raise UserError(f"the feature cache {cache.url} holds views {list(cache.views)}, not the centre crop; drop --cache")
+    done = cache.done_sources()
+    missing = [s.url for s in shards if s.url not in done]
+    if missing:
+        raise UserError(f"{len(missing)} of {len(shards)} shards are not in the feature cache {cache.url} (e.g. {missing[0]}); "
+                        "extract them first (`lcam extract` with the same shard URLs), or drop --cache")
+    return cache, cache.views.index("center")
+
+
+class _ProgressPrinter(threading.Thread):
+    """Driver side: prints what rank 0 sends (step progress with rate and ETA, epoch lines)."""
+
+    def __init__(self, queue: Any, epochs: int, enabled: bool) -> None:
+        super().__init__(daemon=True)
+        self.queue, self.epochs, self.enabled = queue, epochs, enabled
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                msg = self.queue.get(timeout=1.0)
+            except Exception:  # ray.util.queue.Empty, or the queue actor gone at shutdown
+                continue
+            if not self.enabled:
+                continue
+            if "epoch_done" in msg:
+                m = msg["epoch_done"]
+                if "loss" in m:
+                    _say(True, _format_epoch(m))
+                continue
+            rate = msg["batch"] / max(msg["t"], 1e-9)
+            eta = (msg["steps"] - msg["batch"]) / rate if rate > 0 else float("nan")
+            _say(True, f"train: epoch {msg['epoch'] + 1}/{self.epochs} step {msg['batch']}/{msg['steps']}, loss {msg['loss']:.3f}, "
+                       f"{rate * msg['global_batch']:.1f} images/s, ETA {eta:.0f}s")
+
+
+def _worker_error(exc: BaseException) -> UserError | None:
+    """The UserError a worker raised, if that is what failed the run."""
+    seen: list[BaseException] = [exc]
+    seen += list(getattr(exc, "worker_failures", {}).values())
+    while seen:
+        e = seen.pop()
+        if isinstance(e, UserError):
+            return UserError(str(e).splitlines()[-1] if "Traceback" in str(e) else str(e))
+        for nxt in (e.__cause__, e.__context__, getattr(e, "cause", None)):
+            if isinstance(nxt, BaseException):
+                seen.append(nxt)
+    return None
+
+
+def train_img(cfg: TrainConfig) -> TrainSummary:
+    """Train L-CAM-Img with Ray Train over ``cfg.workers`` data-parallel workers."""
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.util.queue import Queue
+
+    from lcam import build_backbone
+
+    from .extract import ensure_ray
+    from .shards import list_shards
+
+    t0 = time.perf_counter()
+    if not cfg.shards:
+        raise UserError("L-CAM-Img streams images: pass --shards (a pattern or a folder with index.json)")
+    if cfg.augment not in ("random", "center"):
+        raise UserError(f"augment must be 'random' or 'center', got {cfg.augment!r}")
+    if cfg.workers < 1:
+        raise UserError("--workers must be >= 1")
+    shards = list_shards(cfg.shards, storage_options=cfg.shard_storage_options, index_url=cfg.index)
+    if not shards:
+        raise UserError(f"no shards match {cfg.shards!r}")
+    run_dir = RunFolder(cfg.out, cfg.storage_options)
+    ckpt = run_dir.checkpoint_for_start(cfg.resume)
+    name = cfg.backbone or (ckpt["backbone"]["backbone"] if ckpt else None)
+    weights = cfg.weights or (ckpt["backbone"].get("weights") if ckpt else None)
+    if name is None and cfg.cache:
+        from .cache import FeatureCache
+
+        ident = FeatureCache.open(cfg.cache, cfg.cache_storage_options).identity
+        name, weights = ident["backbone"], weights or ident.get("weights")
+    backbone = build_backbone(name or "efficientnet_lite0", weights or "default")
+    ident = backbone.describe()
+    cache, view_index = _img_cache(cfg, backbone, shards)
+    if ckpt is not None:
+        if ckpt["method"] != "img":
+            raise CheckpointMismatch(f"the checkpoint in {cfg.out} is an L-CAM-{ckpt['method'].capitalize()} run, not L-CAM-Img")
+        check_backbone(ckpt, ident)
+        if cache is not None:
+            check_cache(ckpt, cache.fingerprint)
+    recipe, run_cfg = resolve_recipe(cfg, backbone.name, ckpt)
+    if recipe.batch_size % cfg.workers:
+        raise UserError(f"the batch size {recipe.batch_size} must split evenly over {cfg.workers} workers (it is the global batch)")
+    shards = _shard_counts(shards, cfg.shard_storage_options)
+    total = sum(s.count for s in shards)
+    worker_batch = recipe.batch_size // cfg.workers
+    per_worker = total // cfg.workers  # Ray Train splits with equal=True: the remainder rows are dropped
+    if per_worker < 1:
+        raise UserError(f"{total} images cannot feed {cfg.workers} workers")
+    steps_per_epoch = math.ceil(per_worker / worker_batch)
+    run_cfg.update(shards=[s.url for s in shards], cache=cache.url if cache else None, workers=cfg.workers)
+
+    ensure_ray()
+    use_gpu = bool(ray.cluster_resources().get("GPU", 0)) if cfg.use_gpu is None else cfg.use_gpu
+    ds = build_image_dataset(shards, backbone.preprocessing, run_cfg["augment"], cache=cache, view_index=view_index,
+                             storage_options=cfg.shard_storage_options, decode_batch_size=cfg.decode_batch_size, data_cpus=cfg.data_cpus)
+    del backbone  # the workers build their own
+    queue = Queue(actor_options={"num_cpus": 0})
+    plan = {"backbone": ident["backbone"], "weights": ident["weights"], "identity": ident, "run": run_cfg, "steps_per_epoch": steps_per_epoch,
+            "worker_batch": worker_batch, "resume": ckpt is not None, "cache_fingerprint": cache.fingerprint if cache else None}
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    trainer = TorchTrainer(
+        _img_worker_loop,
+        train_loop_config={"cfg": cfg, "plan": plan, "progress_queue": queue},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(name=f"lcam-img-{uuid.uuid4().hex[:8]}", storage_path=cfg.ray_storage or os.path.join(tempfile.gettempdir(), "lcam-ray-train"),
+                             failure_config=FailureConfig(max_failures=0)),
+        datasets={"train": ds},
+    )
+    _say(cfg.progress, f"L-CAM-Img: {total} images in {len(shards)} shards, {cfg.workers} worker(s) ({'GPU' if use_gpu else 'CPU'}), "
+         f"{steps_per_epoch} steps/epoch of {recipe.batch_size} ({worker_batch} per worker), lr {recipe.lr:g} ({recipe.schedule}), "
+         f"augment {run_cfg['augment']}, pass 1 {'from the cache' if cache else 'by the backbone'}")
+    printer = _ProgressPrinter(queue, recipe.epochs, cfg.progress)
+    printer.start()
+    try:
+        trainer.fit()
+    except Exception as exc:
+        err = _worker_error(exc)
+        if err is not None:
+            raise err from None
+        raise
+    finally:
+        printer.stop.set()
+        printer.join(timeout=5)
+        ray.kill(queue.actor)
+    history = run_dir.read_metrics()
+    run_dir.write_curves(history, f"L-CAM-Img, {ident['backbone']}, {cfg.workers} worker(s)")
+    final = load_checkpoint(run_dir.path(CHECKPOINT), cfg.storage_options)
+    pos = final["extra"]["position"]
+    epochs_rec = [r for r in history if r["kind"] == "epoch"]
+    return TrainSummary(cfg.out, "img", int(pos["epoch"]), recipe.epochs, int(pos["global_step"]), int(pos["batch_in_epoch"]) > 0,
+                        epochs_rec[-1] if epochs_rec else None, time.perf_counter() - t0, run_dir.path(CHECKPOINT),
+                        run_dir.path(METRICS), run_dir.path(CURVES), ckpt["step"] if ckpt else 0,
+                        skipped=int(epochs_rec[-1].get("skipped", 0)) if epochs_rec else 0)
+
+
+def train(cfg: TrainConfig) -> TrainSummary:
+    if cfg.method == "fm":
+        return train_fm(cfg)
+    if cfg.method == "img":
+        return train_img(cfg)
+    raise UserError(f"unknown method {cfg.method!r}: use fm (from the feature cache) or img (from the shards)")
+
+
+__all__ = [
+    "RunFolder", "TrainConfig", "TrainSummary", "build_image_dataset", "crop_flip", "crop_seed", "decode_for_training",
+    "fm_batches", "image_batches", "plot_curves", "read_training_rows", "resolve_recipe", "train", "train_fm", "train_img",
+]
