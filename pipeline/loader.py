@@ -18,7 +18,7 @@ import math
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -134,19 +134,22 @@ class CacheLoader:
                 need.append(int(np.searchsorted(ends, hi)) + 1 if hi < self.num_rows else n_chunks)
         else:
             order = rng.permutation(n_chunks)
-            buf = np.empty(self.capacity, dtype=np.int64)
-            fill = 0
+            buf: list[int] = []  # row ids in the shuffle buffer (a list: swaps are per element)
             for pos, c in enumerate(order):
-                buf[fill : fill + rows[c]] = np.arange(starts[c], starts[c] + rows[c])
-                fill += int(rows[c])
-                while fill >= self._threshold:
-                    idx = rng.choice(fill, B, replace=False)
-                    batches.append(buf[idx].copy())
+                buf.extend(range(int(starts[c]), int(starts[c] + rows[c])))
+                while len(buf) >= self._threshold:
+                    # Partial Fisher-Yates: a uniform random B-subset, in random order, moved
+                    # to the end of the buffer and cut off. O(B) per batch.
+                    fill = len(buf)
+                    for i, j in enumerate(rng.integers(0, np.arange(fill, fill - B, -1)).tolist()):
+                        last = fill - 1 - i
+                        buf[j], buf[last] = buf[last], buf[j]
+                    batches.append(np.array(buf[fill - B :], dtype=np.int64))
+                    del buf[fill - B :]
                     need.append(pos + 1)
-                    fill = _remove(buf, fill, idx)
-            perm = rng.permutation(fill)
-            for lo in range(0, fill, B):
-                batches.append(buf[perm[lo : lo + B]].copy())
+            rest = np.array(buf, dtype=np.int64)[rng.permutation(len(buf))]
+            for lo in range(0, len(rest), B):
+                batches.append(rest[lo : lo + B])
                 need.append(n_chunks)
         if self.drop_last and batches and len(batches[-1]) < B:
             batches.pop()
@@ -265,13 +268,3 @@ class CacheLoader:
             for f in inflight:
                 f.cancel()
             pool.shutdown(wait=False, cancel_futures=True)
-
-
-def _remove(buf: np.ndarray, fill: int, idx: np.ndarray) -> int:
-    """Drop positions ``idx`` from ``buf[:fill]`` by moving unpicked tail entries into the holes."""
-    new_fill = fill - len(idx)
-    picked = np.sort(idx)
-    holes = picked[picked < new_fill]
-    tail = np.setdiff1d(np.arange(new_fill, fill), picked, assume_unique=True)
-    buf[holes] = buf[tail]
-    return new_fill

@@ -61,3 +61,67 @@ def ray_local():
         ray.shutdown()
     else:
         yield ray
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A Ray head on 127.0.0.1 with its own temp dir and ports, for job submission.
+
+    Started in its own process group with the project's interpreter first on PATH (jobs
+    run ``python -m jobs.<name>``); stopped by killing only that group and whatever still
+    names its temp dir. Never ``ray stop``: that kills every Ray process on the machine.
+    """
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    temp = tempfile.mkdtemp(prefix="rayhead-", dir="/tmp")
+    ports = {name: free_port() for name in ("port", "dashboard", "client", "agent_listen", "agent_grpc", "runtime_env", "metrics", "node_manager", "object_manager")}
+    low = free_port()
+    bin_dir = os.path.dirname(sys.executable)
+    env = dict(os.environ, PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""), RAY_AUTH_MODE=os.environ["RAY_AUTH_MODE"], RAY_USAGE_STATS_ENABLED="0")
+    env.pop("RAY_ADDRESS", None)
+    cmd = [
+        os.path.join(bin_dir, "ray"), "start", "--head", "--block", "--disable-usage-stats",
+        "--node-ip-address=127.0.0.1", f"--port={ports['port']}", "--num-cpus=2", "--num-gpus=0",
+        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={ports['dashboard']}",
+        f"--ray-client-server-port={ports['client']}", f"--dashboard-agent-listen-port={ports['agent_listen']}",
+        f"--dashboard-agent-grpc-port={ports['agent_grpc']}", f"--runtime-env-agent-port={ports['runtime_env']}",
+        f"--metrics-export-port={ports['metrics']}", f"--node-manager-port={ports['node_manager']}",
+        f"--object-manager-port={ports['object_manager']}", f"--min-worker-port={low}", f"--max-worker-port={low + 200}",
+        f"--temp-dir={temp}",
+    ]
+    log = open(os.path.join(temp, "head.log"), "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{ports['dashboard']}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"{address}/api/version", timeout=2).read()
+            break
+        except OSError:
+            if proc.poll() is not None:
+                break
+            time.sleep(1)
+    else:
+        proc.kill()
+    if proc.poll() is not None:
+        log.close()
+        pytest.fail("ray head did not start:\n" + open(os.path.join(temp, "head.log")).read()[-3000:])
+    try:
+        yield {"address": address, "env": env, "temp": temp, "gcs": f"127.0.0.1:{ports['port']}"}
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                pass
+            time.sleep(2 if sig == signal.SIGTERM else 0)
+        # Ray daemons that left the group still name this head's temp dir on their command line
+        subprocess.run(["pkill", "-9", "-f", temp], check=False)
+        proc.wait(timeout=30)
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
