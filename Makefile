@@ -15,8 +15,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# make demo DATA=path/to/images-or-shards runs the same on your data
 demo: $(STAMP)
-	$(VENV)/bin/lcam demo
+	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} RAY_USAGE_STATS_ENABLED=0 $(VENV)/bin/lcam demo $(if $(DATA),--data $(DATA))
 
 test: $(STAMP)
 	$(PY) -m pytest -q

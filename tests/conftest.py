@@ -80,7 +80,14 @@ def ray_head(tmp_path_factory):
 
     temp = tempfile.mkdtemp(prefix="rayhead-", dir="/tmp")
     ports = {name: free_port() for name in ("port", "dashboard", "client", "agent_listen", "agent_grpc", "runtime_env", "metrics", "node_manager", "object_manager")}
-    low = free_port()
+    # workers get ports of their own, chosen like the others (a range could overlap them)
+    taken = set(ports.values())
+    worker_ports: list[int] = []
+    while len(worker_ports) < 64:
+        p = free_port()
+        if p not in taken:
+            taken.add(p)
+            worker_ports.append(p)
     bin_dir = os.path.dirname(sys.executable)
     env = dict(os.environ, PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""), RAY_AUTH_MODE=os.environ["RAY_AUTH_MODE"], RAY_USAGE_STATS_ENABLED="0")
     env.pop("RAY_ADDRESS", None)
@@ -91,7 +98,7 @@ def ray_head(tmp_path_factory):
         f"--ray-client-server-port={ports['client']}", f"--dashboard-agent-listen-port={ports['agent_listen']}",
         f"--dashboard-agent-grpc-port={ports['agent_grpc']}", f"--runtime-env-agent-port={ports['runtime_env']}",
         f"--metrics-export-port={ports['metrics']}", f"--node-manager-port={ports['node_manager']}",
-        f"--object-manager-port={ports['object_manager']}", f"--min-worker-port={low}", f"--max-worker-port={low + 200}",
+        f"--object-manager-port={ports['object_manager']}", "--worker-port-list=" + ",".join(map(str, worker_ports)),
         f"--temp-dir={temp}",
     ]
     log = open(os.path.join(temp, "head.log"), "w")

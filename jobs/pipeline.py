@@ -1,0 +1,152 @@
+"""``lcam pipeline``: shards -> cache -> training -> checkpoints -> CAM store -> evaluation -> report.
+
+Every stage resumes: extraction skips cached shards, training continues from its last
+checkpoint, CAM generation skips done shards, so a job stopped half-way and submitted
+again picks up where it stopped. Outputs under ``--workdir`` (any fsspec URL):
+``cache/``, ``lcam-fm/`` and ``lcam-img/`` (checkpoints, metrics, curves), ``cams/``,
+``eval/``, ``report.html``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from jobs.common import add_storage_options, parse_storage_options
+
+STAGES = ("extract", "train", "cams", "eval", "report")
+METHOD_LABELS = {"fm": "L-CAM-Fm", "img": "L-CAM-Img"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--train-shards", required=True, help="training shards: pattern or folder with index.json")
+    parser.add_argument("--eval-shards", default=None, help="evaluation shards (default: the training shards)")
+    parser.add_argument("--workdir", required=True, help="where every stage writes (local path, s3://, gs://)")
+    parser.add_argument("--backbone", default="efficientnet_lite0")
+    parser.add_argument("--weights", default="default")
+    parser.add_argument("--views", default="center,hflip", help="cached views per image (center, hflip)")
+    parser.add_argument("--extract-batch-size", type=int, default=32)
+    parser.add_argument("--method", default="fm", choices=["fm", "img", "both"], help="which L-CAM to train")
+    parser.add_argument("--epochs", type=int, default=None, help="default: the backbone's recipe (SPEC section 3)")
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--batch-size", type=int, default=None, help="training batch (default 64)")
+    parser.add_argument("--target", default="label", choices=["label", "predicted"])
+    parser.add_argument("--max-steps", type=int, default=None, help="stop training after this many steps (quick runs)")
+    parser.add_argument("--img-max-steps", type=int, default=None, help="L-CAM-Img's own step limit (default: --max-steps)")
+    parser.add_argument("--img-workers", type=int, default=1, help="Ray Train workers for L-CAM-Img (GPUs on a cluster)")
+    parser.add_argument("--img-augment", default="random", choices=["random", "center"])
+    parser.add_argument("--overlays", type=int, default=16, help="overlay PNGs in the CAM store's gallery")
+    parser.add_argument("--eval-methods", default="gradcam,gradcam++,scorecam,rise,gaussian,random", help="baselines next to L-CAM")
+    parser.add_argument("--eval-limit", type=int, default=None, help="evaluate a seeded random subset of N images")
+    parser.add_argument("--method-limit", default=None, help="per-method image limits, e.g. scorecam=16,rise=32")
+    parser.add_argument("--rise-masks", type=int, default=4000)
+    parser.add_argument("--gallery-images", type=int, default=8, help="images in the report's method-by-method gallery")
+    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    parser.add_argument("--seed", type=int, default=0)
+    add_storage_options(parser, what=" for every URL (no credentials: use the environment or the cloud role)")
+
+
+def _methods(args: argparse.Namespace) -> list[str]:
+    return ["fm", "img"] if args.method == "both" else [args.method]
+
+
+def _limits(text: str | None) -> dict[str, int]:
+    from pipeline.errors import UserError
+
+    out: dict[str, int] = {}
+    for part in (text or "").split(","):
+        if part.strip():
+            name, _, value = part.partition("=")
+            if not value.strip().isdigit():
+                raise UserError(f"method-limit {part!r} must look like name=N (e.g. scorecam=16)")
+            out[name.strip()] = int(value)
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipeline.cams import CamsConfig, generate_cams
+    from pipeline.errors import UserError
+    from pipeline.evaluate import EvalConfig, evaluate
+    from pipeline.extract import ExtractConfig, extract
+    from pipeline.fs import exists, join
+    from pipeline.report import write_report
+    from pipeline.training import CHECKPOINT, TrainConfig, train
+
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown:
+        raise UserError(f"unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}")
+    so = parse_storage_options(args.storage_option)
+    wd = args.workdir.rstrip("/")
+    cache, eval_dir = join(wd, "cache"), join(wd, "eval")
+    runs = {m: join(wd, f"lcam-{m}") for m in _methods(args)}
+    t0 = time.perf_counter()
+
+    def stage(name: str) -> None:
+        print(f"\n=== {name} ({time.perf_counter() - t0:.0f}s) ===", flush=True)
+
+    if "extract" in stages:
+        stage("extract: shards -> feature cache")
+        summary = extract(ExtractConfig(
+            shards=args.train_shards, cache=cache, backbone=args.backbone, weights=args.weights,
+            views=tuple(v.strip() for v in args.views.split(",") if v.strip()), batch_size=args.extract_batch_size,
+            shard_storage_options=so, cache_storage_options=so,
+        ))
+        print("\n".join(summary.lines()), flush=True)
+        if summary.failed_shards:
+            raise UserError(f"{len(summary.failed_shards)} shard(s) could not be read (listed above); fix or remove them and run again")
+
+    if "train" in stages:
+        for m, out in runs.items():
+            stage(f"train {METHOD_LABELS[m]}")
+            resume = exists(join(out, CHECKPOINT), so)
+            result = train(TrainConfig(
+                method=m, out=out, cache=cache, shards=args.train_shards if m == "img" else None,
+                weights=args.weights, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, target=args.target,
+                max_steps=(args.img_max_steps or args.max_steps) if m == "img" else args.max_steps,
+                resume=resume, seed=args.seed, workers=args.img_workers, augment=args.img_augment,
+                storage_options=so, cache_storage_options=so, shard_storage_options=so,
+            ))
+            print("\n".join(result.lines()), flush=True)
+
+    first = runs[_methods(args)[0]]
+    if "cams" in stages:
+        stage("cams: CAM store from the cache")
+        summary = generate_cams(CamsConfig(
+            checkpoint=join(first, CHECKPOINT), out=join(wd, "cams"), cache=cache, overlays=args.overlays,
+            checkpoint_storage_options=so, source_storage_options=so, out_storage_options=so,
+        ))
+        print("\n".join(summary.lines()), flush=True)
+
+    if "eval" in stages:
+        stage("eval: AD/IC against the baselines")
+        summary = evaluate(EvalConfig(
+            shards=args.eval_shards or args.train_shards, out=eval_dir,
+            checkpoints=[f"lcam-{m}={join(out, CHECKPOINT)}" for m, out in runs.items()],
+            methods=tuple(x.strip() for x in args.eval_methods.split(",") if x.strip()),
+            limit=args.eval_limit, method_limits=_limits(args.method_limit), rise_masks=args.rise_masks,
+            seed=args.seed, save_maps=args.gallery_images,
+            shard_storage_options=so, out_storage_options=so, checkpoint_storage_options=so,
+        ))
+        print("\n".join(summary.lines()), flush=True)
+
+    if "report" in stages:
+        stage("report")
+        notes = []
+        if args.eval_shards in (None, args.train_shards):
+            notes.append("Training and evaluation used the same images (no held-out set): the L-CAM numbers measure fit, not generalisation.")
+        url = write_report(
+            join(wd, "report.html"), title="L-CAM report", subtitle=f"{args.backbone} on {args.train_shards}",
+            eval_dir=eval_dir, train_runs={METHOD_LABELS[m]: out for m, out in runs.items()},
+            cams_gallery="cams/gallery/index.html" if args.overlays else None, notes=notes, storage_options=so,
+        )
+        print(f"report: {url}", flush=True)
+    print(f"\npipeline done in {time.perf_counter() - t0:.0f}s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    from jobs.cli import run_job
+
+    sys.exit(run_job("pipeline", sys.argv[1:]))
