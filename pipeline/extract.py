@@ -281,14 +281,11 @@ class _ShardAssembler:
     def pop(self, url: str) -> tuple[dict[str, np.ndarray], list[dict[str, str]]]:
         rows = [r for _, r in sorted(self.rows.pop(url).items())]
         self.expected.pop(url, None)
-        good = [r for r in rows if not r["error"]]
         skipped = [{"key": str(r["key"]), "reason": str(r["error"]), "shard": url} for r in rows if r["error"]]
-        fields = self.fields
-        if good:
-            stacked = {k: np.stack([r[k] for r in good]) for k in fields}
-        else:
-            stacked = {k: np.zeros((0,)) for k in fields}
-            stacked["key"] = np.array([], dtype=str)
+        # Failed rows carry zero-filled arrays of the right shape, so stacking every row and
+        # keeping the good ones gives correctly shaped (possibly empty) arrays.
+        keep = np.array([not r["error"] for r in rows], dtype=bool)
+        stacked = {k: np.stack([r[k] for r in rows])[keep] for k in self.fields}
         return stacked, skipped
 
 

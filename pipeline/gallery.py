@@ -103,12 +103,15 @@ def write_gallery(
 
     from .cams import class_names_options, upsampled_uint8
     from .classes import load_class_names
+    from .extract import _Progress
     from .images import decode_image, preprocess
     from .render import overlay_panels, png_bytes, tensor_to_uint8
 
     t0 = time.perf_counter()
     out_url = (out_url or join(store.url, "gallery")).rstrip("/")
     options = out_storage_options if out_storage_options is not None else store.storage_options
+    if "://" not in out_url or out_url.startswith("file://"):
+        options = None  # a local gallery beside a remote store: the store's options are not for it
     backbone = store.identity["checkpoint"]["backbone"]
     names = load_class_names(class_names_url, class_names_options(class_names_url, source_storage_options), int(backbone["num_classes"]))
     prep = backbone["preprocessing"]
@@ -124,6 +127,7 @@ def write_gallery(
 
     items: list[dict[str, Any]] = []
     jobs: list[tuple[str, bytes]] = []
+    drawn = _Progress(len(picks), progress, what="gallery", unit="overlays")
     fields = ["labels", "class_ids", "probs", "raw", "predicted", "predicted_prob"] + (["upsampled"] if store.upsampled_size else [])
     for s, rows in sorted(by_shard.items()):
         entry = entries[s]
@@ -156,6 +160,7 @@ def write_gallery(
                     "overlay": f"cam/{stem}",
                 }
             )
+            drawn.update(1)
     # PNGs in parallel (object stores: one PUT each, latency-bound), the page last.
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda job: write_bytes_atomic(join(out_url, job[0]), job[1], options), jobs))
@@ -225,7 +230,7 @@ def gallery_html(items: Sequence[Mapping[str, Any]], title: str = "L-CAM explana
             f"<div class='meta'><code>{e(it['key'])}</code><br>{classes}{label}</div></div>"
         )
     # script content is not HTML-decoded: only "</" must not appear in it
-    data = json.dumps([{k: it[k] for k in ("key", "shard", "class_ids", "probs", "label", "predicted")} for it in items]).replace("</", "<\\/")
+    data = json.dumps([{k: it[k] for k in ("key", "shard", "class_ids", "probs", "label", "predicted", "original", "overlay")} for it in items]).replace("</", "<\\/")
     return (
         "<!doctype html><html><head><meta charset='utf-8'>"
         f"<title>{e(title)}</title><style>{_STYLE}</style><script>{_SCRIPT}</script></head><body>"
