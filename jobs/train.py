@@ -9,7 +9,8 @@ from jobs.common import add_storage_options, parse_storage_options
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", default="fm", choices=["fm", "img"], help="fm: from the feature cache (default); img: from the image shards")
+    parser.add_argument("--method", default=None, choices=["fm", "img"],
+                        help="fm: from the feature cache (default); img: from the image shards (--resume: the run's)")
     parser.add_argument("--out", default="runs/train", help="run folder URL: checkpoint.pt, epoch-NNN.pt, metrics.jsonl, curves.png (default runs/train)")
     parser.add_argument("--cache", default=None, help="feature cache URL (fm: required; img: pass 1 from it, needs --augment center)")
     parser.add_argument("--shards", default=None, help="img: shard URLs, a pattern (train-{000000..000146}.tar, *.tar) or a folder with index.json")
@@ -19,16 +20,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=None, help="default per backbone (SPEC section 3)")
     parser.add_argument("--lr", type=float, default=None, help="weight learning rate (biases x2); default per backbone and schedule")
     parser.add_argument("--batch-size", type=int, default=None, help="global batch size (default 64)")
-    parser.add_argument("--schedule", default="step", choices=["step", "onecycle"])
-    parser.add_argument("--target", default="label", choices=["label", "predicted"], help="ground-truth label, or the backbone's top-1 class")
-    parser.add_argument("--view", default="random", help="fm: which cached view per sample: random (default), first, or an index")
-    parser.add_argument("--augment", default="random", choices=["random", "center"], help="img: random crop 224 + flip (default) or centre crop")
-    parser.add_argument("--seed", type=int, default=0)
+    # None below: the default for a new run, the checkpoint's value with --resume.
+    parser.add_argument("--schedule", default=None, choices=["step", "onecycle"], help="lr schedule (default step)")
+    parser.add_argument("--target", default=None, choices=["label", "predicted"], help="ground-truth label (default), or the backbone's top-1 class")
+    parser.add_argument("--view", default=None, help="fm: which cached view per sample: random (default), first, or an index")
+    parser.add_argument("--augment", default=None, choices=["random", "center"], help="img: random crop 224 + flip (default) or centre crop")
+    parser.add_argument("--seed", type=int, default=None, help="default 0")
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in total (a checkpoint is kept; --resume continues)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    parser.add_argument("--checkpoint-every", type=int, default=1000, help="fm: also checkpoint every N steps (0: at epoch ends only)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint (its method, cache, shards and recipe)")
+    parser.add_argument("--checkpoint-minutes", type=float, default=10.0, help="fm: also checkpoint mid-epoch this often (0: at epoch ends only)")
     parser.add_argument("--log-every", type=int, default=20, help="steps per metrics.jsonl record")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="fm: where to train")
+    parser.add_argument("--threads", type=int, default=None, help="fm on CPU: torch threads (default half the cores; the rest decode the cache)")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 autocast on GPU, fp32 on CPU")
     parser.add_argument("--buffer-rows", type=int, default=2048, help="fm: rows in the loader's shuffle buffer")
     parser.add_argument("--prefetch-chunks", type=int, default=4, help="fm: cache chunks read ahead")
@@ -54,7 +57,7 @@ def config_from_args(args: argparse.Namespace):
         method=args.method, out=args.out, cache=args.cache, shards=args.shards, index=args.index, backbone=args.backbone,
         weights=args.weights, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, schedule=args.schedule,
         target=args.target, view=args.view, augment=args.augment, seed=args.seed, max_steps=args.max_steps, resume=args.resume,
-        checkpoint_every=args.checkpoint_every, log_every=args.log_every, device=args.device, precision=args.precision,
+        checkpoint_minutes=args.checkpoint_minutes, log_every=args.log_every, device=args.device, threads=args.threads, precision=args.precision,
         buffer_rows=args.buffer_rows, prefetch_chunks=args.prefetch_chunks, loader_threads=args.loader_threads,
         workers=args.workers, use_gpu={"auto": None, "yes": True, "no": False}[args.use_gpu], cpus_per_worker=args.cpus_per_worker,
         data_cpus=args.data_cpus, decode_batch_size=args.decode_batch_size, shuffle_buffer=args.shuffle_buffer,

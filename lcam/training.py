@@ -16,7 +16,7 @@ the batches from the same position reproduces the uninterrupted run.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
 import torch

@@ -34,7 +34,7 @@ import tempfile
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -55,7 +55,7 @@ FIXED_ON_RESUME = ("method", "backbone", "lr", "batch_size", "schedule", "target
 class TrainConfig:
     """Everything ``lcam train`` needs; None means "the per-backbone default" (SPEC 3) or "from the checkpoint"."""
 
-    method: str = "fm"  # fm | img
+    method: str | None = None  # fm | img (default fm; with --resume: the checkpoint's)
     out: str = "runs/train"  # run folder URL: checkpoints, metrics.jsonl, curves.png
     cache: str | None = None  # feature cache URL (fm: required; img: optional, pass 1 from it)
     shards: str | list[str] | None = None  # img: WebDataset shards (pattern, folder with index.json)
@@ -65,16 +65,19 @@ class TrainConfig:
     epochs: int | None = None
     lr: float | None = None
     batch_size: int | None = None  # global batch (split over the img workers)
-    schedule: str = "step"  # step | onecycle
-    target: str = "label"  # label | predicted (the backbone's top-1 on the clean image)
-    view: str = "random"  # fm: random | first | view index (one of the cached views per sample)
-    augment: str = "random"  # img: random (crop 224 of the 256 resize + flip) | center
-    seed: int = 0
+    # These four and the seed decide the run's trajectory; None: the default for a new run
+    # (step, label, random, random, 0), the checkpoint's value on --resume.
+    schedule: str | None = None  # step | onecycle
+    target: str | None = None  # label | predicted (the backbone's top-1 on the clean image)
+    view: str | None = None  # fm: random | first | view index (one of the cached views per sample)
+    augment: str | None = None  # img: random (crop 224 of the 256 resize + flip) | center
+    seed: int | None = None
     max_steps: int | None = None  # stop after this many steps in total (quick runs); a checkpoint is kept
     resume: bool = False
-    checkpoint_every: int = 1000  # fm: also checkpoint every N steps (0: at epoch ends only)
+    checkpoint_minutes: float = 10.0  # fm: also checkpoint mid-epoch after this long (0: at epoch ends only)
     log_every: int = 20  # steps per metrics record
     device: str = "auto"  # fm: auto | cpu | cuda
+    threads: int | None = None  # fm on CPU: torch threads (default half the cores: the rest decode the cache)
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
     # fm loader
     buffer_rows: int = 2048
@@ -204,25 +207,28 @@ def history_until(history: Sequence[Mapping[str, Any]], step: int) -> list[dict[
 
 
 # ---------------------------------------------------------------- config resolution
-def resolve_recipe(cfg: TrainConfig, backbone_name: str, ckpt: Mapping[str, Any] | None):
+def resolve_recipe(cfg: TrainConfig, method: str, backbone_name: str, ckpt: Mapping[str, Any] | None):
     """The effective recipe and run config: defaults per backbone (SPEC 3), or the checkpoint's."""
     from lcam.recipe import Recipe, default_recipe
 
-    if cfg.schedule not in ("step", "onecycle"):
+    if cfg.schedule not in (None, "step", "onecycle"):
         raise UserError(f"schedule must be 'step' or 'onecycle', got {cfg.schedule!r}")
-    if cfg.target not in ("label", "predicted"):
+    if cfg.target not in (None, "label", "predicted"):
         raise UserError(f"target must be 'label' or 'predicted', got {cfg.target!r}")
+    if cfg.augment not in (None, "random", "center"):
+        raise UserError(f"augment must be 'random' or 'center', got {cfg.augment!r}")
     if ckpt is None:
-        recipe = default_recipe(backbone_name, cfg.schedule).with_overrides(lr=cfg.lr, epochs=cfg.epochs, batch_size=cfg.batch_size)
+        recipe = default_recipe(backbone_name, cfg.schedule or "step").with_overrides(lr=cfg.lr, epochs=cfg.epochs, batch_size=cfg.batch_size)
         if recipe.lr <= 0 or recipe.epochs < 1 or recipe.batch_size < 1:
             raise UserError(f"lr, epochs and batch size must be positive (got lr {recipe.lr}, epochs {recipe.epochs}, batch size {recipe.batch_size})")
-        run = {"method": cfg.method, "backbone": backbone_name, "lr": recipe.lr, "batch_size": recipe.batch_size, "schedule": recipe.schedule,
-               "target": cfg.target, "seed": cfg.seed, "view": cfg.view, "augment": cfg.augment, "recipe": recipe.to_dict()}
+        run = {"method": method, "backbone": backbone_name, "lr": recipe.lr, "batch_size": recipe.batch_size, "schedule": recipe.schedule,
+               "target": cfg.target or "label", "seed": 0 if cfg.seed is None else cfg.seed, "view": cfg.view or "random",
+               "augment": cfg.augment or "random", "recipe": recipe.to_dict()}
         return recipe, run
     run = dict(ckpt["config"])
-    given = {"method": cfg.method, "backbone": backbone_name, "lr": cfg.lr, "batch_size": cfg.batch_size, "schedule": cfg.schedule,
-             "target": cfg.target, "seed": cfg.seed, "view": cfg.view if cfg.method == "fm" else run.get("view"),
-             "augment": cfg.augment if cfg.method == "img" else run.get("augment")}
+    given = {"method": method, "backbone": backbone_name, "lr": cfg.lr, "batch_size": cfg.batch_size, "schedule": cfg.schedule,
+             "target": cfg.target, "seed": cfg.seed, "view": cfg.view if method == "fm" else run.get("view"),
+             "augment": cfg.augment if method == "img" else run.get("augment")}
     differ = [f"{k}: checkpoint {run.get(k)!r}, now {v!r}" for k, v in given.items() if v is not None and k in FIXED_ON_RESUME and run.get(k) != v]
     if differ:
         raise CheckpointMismatch(
@@ -283,7 +289,7 @@ def epoch_record(epoch: int, step: int, sums: Any, lr: float, seconds: float, **
 def _format_epoch(r: Mapping[str, Any]) -> str:
     return (f"epoch {r['epoch']}: loss {r['loss']:.4f} (ce {r['ce']:.4f}, area {r['area']:.4f}, tv {r['tv']:.4f}), "
             f"agreement {100 * r['agreement']:.1f}%, lr {r['lr']:.3g}, {r['samples']} samples in {r['seconds']:.1f}s "
-            f"({r['samples_per_s']:.0f}/s)")
+            f"({r['samples_per_s']:.3g} samples/s)")
 
 
 class StepWindow:
@@ -384,9 +390,6 @@ def fm_batches(loader: Any, start: int) -> Iterator[Any]:
 
 def train_fm(cfg: TrainConfig) -> TrainSummary:
     """Train L-CAM-Fm from a feature cache (resumable at any step)."""
-    from lcam import LCAM
-    from lcam.training import LCAMTrainer, init_attention
-
     from .cache import FeatureCache
     from .loader import CacheLoader
 
@@ -404,7 +407,7 @@ def train_fm(cfg: TrainConfig) -> TrainSummary:
             raise CheckpointMismatch(f"the checkpoint in {cfg.out} is an L-CAM-{ckpt['method'].capitalize()} run, not L-CAM-Fm")
         check_backbone(ckpt, backbone.describe(), f"the backbone of the cache {cache.url}")
         check_cache(ckpt, cache.fingerprint)
-    recipe, run_cfg = resolve_recipe(cfg, backbone.name, ckpt)
+    recipe, run_cfg = resolve_recipe(cfg, "fm", backbone.name, ckpt)
     run_cfg.update(cache=cache.url, cache_fingerprint=cache.fingerprint, cache_views=list(cache.views))
     view: str | int = int(run_cfg["view"]) if str(run_cfg["view"]).isdigit() else run_cfg["view"]
     loader = CacheLoader(
@@ -412,8 +415,25 @@ def train_fm(cfg: TrainConfig) -> TrainSummary:
         buffer_rows=cfg.buffer_rows, prefetch_chunks=cfg.prefetch_chunks, num_threads=cfg.loader_threads,
     )
     device = _device(cfg)
+    threads_before = torch.get_num_threads()
+    if device.type == "cpu":
+        # Per-step work is small: more threads mostly spin, while the loader's threads need cores to decode.
+        torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 2) // 2))
+    try:
+        return _train_fm_loop(cfg, cache, backbone, run_dir, ckpt, recipe, run_cfg, loader, device, t0)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _train_fm_loop(cfg: TrainConfig, cache: Any, backbone: Any, run_dir: RunFolder, ckpt: Mapping[str, Any] | None, recipe: Any,
+                   run_cfg: dict[str, Any], loader: Any, device: torch.device, t0: float) -> TrainSummary:
+    from lcam import LCAM
+    from lcam.training import LCAMTrainer, init_attention
+
     model = LCAM(backbone, init_attention(backbone, run_cfg["seed"]))
-    trainer = LCAMTrainer(model, "fm", recipe, len(loader), device=device, autocast_dtype=autocast_dtype(cfg.precision, device))
+    # Only the head runs per step: full precision unless bf16 is asked for explicitly.
+    trainer = LCAMTrainer(model, "fm", recipe, len(loader), device=device,
+                          autocast_dtype=autocast_dtype(cfg.precision, device) if cfg.precision != "auto" else None)
     history: list[dict[str, Any]] = []
     if ckpt is not None:
         trainer.load_state_dict(trainer_state_from_checkpoint(ckpt))
@@ -421,7 +441,10 @@ def train_fm(cfg: TrainConfig) -> TrainSummary:
     resumed_from = trainer.global_step
     ident = backbone.describe()
 
+    last_save = [time.perf_counter()]
+
     def save(epoch_end: bool) -> None:
+        last_save[0] = time.perf_counter()
         run_dir.save(trainer.state_dict(), method="fm", backbone=ident, cache_fingerprint=cache.fingerprint,
                      config=run_cfg, history=history, epoch_end=epoch_end)
         run_dir.write_metrics(history)
@@ -442,8 +465,8 @@ def train_fm(cfg: TrainConfig) -> TrainSummary:
             bar.update(stats.loss)
             if cfg.log_every and tr.global_step % cfg.log_every == 0:
                 history.append(window.record(tr.epoch, tr.global_step, tr.steps_per_epoch, stats.lr))
-            if cfg.checkpoint_every and tr.global_step % cfg.checkpoint_every == 0 and tr.batch_in_epoch < tr.steps_per_epoch:
-                save(epoch_end=False)
+            if cfg.checkpoint_minutes and time.perf_counter() - last_save[0] > 60 * cfg.checkpoint_minutes and tr.batch_in_epoch < tr.steps_per_epoch:
+                save(epoch_end=False)  # exact mid-epoch position: --resume continues from the next batch
 
         try:
             sums = trainer.train_epoch(fm_batches(loader, trainer.batch_in_epoch), max_steps=cfg.max_steps, on_step=on_step)
@@ -566,8 +589,9 @@ def image_batches(rows: Iterable[Mapping[str, np.ndarray]], *, augment: str, cro
         ok = np.array([not e for e in b["error"]], dtype=bool)
         keys = [str(k) for k in b["key"]]
         skipped.extend(k for k, good in zip(keys, ok) if not good)
-        if not ok.any():
-            continue
+        if not ok.any():  # skipping the step on one worker only would hang the others' gradient all-reduce
+            raise UserError(f"every image of a training batch failed to decode ({', '.join(keys[:3])}, ...: {b['error'][0]}); "
+                            "re-pack the shards (lcam shards) so that undecodable files are left out")
         if augment == "center":
             images = torch.from_numpy(np.ascontiguousarray(b["pixels"][ok])).permute(0, 3, 1, 2).float().div_(255)
         else:
@@ -613,8 +637,14 @@ def _img_worker_loop(config: dict[str, Any]) -> None:
     model = LCAM(backbone, init_attention(backbone, plan["run"]["seed"]))
 
     def ddp(module: torch.nn.Module) -> torch.nn.Module:
-        # The backbone's BatchNorm statistics never change: no buffer broadcast per forward.
-        return ray.train.torch.prepare_model(module, parallel_strategy_kwargs={"broadcast_buffers": False})
+        # The backbone's BatchNorm statistics never change: no buffer sync at every forward
+        # (torch >= 2.14 names it forward_sync_buffers; broadcast_buffers is deprecated there).
+        import inspect
+
+        from torch.nn.parallel import DistributedDataParallel
+
+        key = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers"
+        return ray.train.torch.prepare_model(module, parallel_strategy_kwargs={key: False})
 
     trainer = LCAMTrainer(model, "img", recipe, plan["steps_per_epoch"], device=device,
                           autocast_dtype=autocast_dtype(cfg.precision, device), wrap=ddp)
@@ -705,13 +735,13 @@ def _shard_counts(shards: Sequence[Any], storage_options: StorageOptions) -> lis
     return [s if s.count is not None else ShardInfo(s.url, s.name, counts[s.url], s.sha256) for s in shards]
 
 
-def _img_cache(cfg: TrainConfig, backbone: Any, shards: Sequence[Any]):
+def _img_cache(cfg: TrainConfig, augment: str, backbone: Any, shards: Sequence[Any]):
     """The feature cache that gives pass 1, checked to hold exactly these features; else None."""
     from .cache import FeatureCache
 
     if not cfg.cache:
         return None, 0
-    if cfg.augment != "center":
+    if augment != "center":
         raise UserError("a feature cache holds the clean centre crop: pass 1 can come from it only with --augment center "
                         "(random crops need the backbone at every step); drop --cache or use --augment center")
     cache = FeatureCache.open(cfg.cache, cfg.cache_storage_options)
@@ -786,7 +816,7 @@ def train_img(cfg: TrainConfig) -> TrainSummary:
     t0 = time.perf_counter()
     if not cfg.shards:
         raise UserError("L-CAM-Img streams images: pass --shards (a pattern or a folder with index.json)")
-    if cfg.augment not in ("random", "center"):
+    if cfg.augment not in (None, "random", "center"):
         raise UserError(f"augment must be 'random' or 'center', got {cfg.augment!r}")
     if cfg.workers < 1:
         raise UserError("--workers must be >= 1")
@@ -804,14 +834,15 @@ def train_img(cfg: TrainConfig) -> TrainSummary:
         name, weights = ident["backbone"], weights or ident.get("weights")
     backbone = build_backbone(name or "efficientnet_lite0", weights or "default")
     ident = backbone.describe()
-    cache, view_index = _img_cache(cfg, backbone, shards)
+    augment = cfg.augment or (ckpt["config"].get("augment") if ckpt else None) or "random"
+    cache, view_index = _img_cache(cfg, augment, backbone, shards)
     if ckpt is not None:
         if ckpt["method"] != "img":
             raise CheckpointMismatch(f"the checkpoint in {cfg.out} is an L-CAM-{ckpt['method'].capitalize()} run, not L-CAM-Img")
         check_backbone(ckpt, ident)
         if cache is not None:
             check_cache(ckpt, cache.fingerprint)
-    recipe, run_cfg = resolve_recipe(cfg, backbone.name, ckpt)
+    recipe, run_cfg = resolve_recipe(cfg, "img", backbone.name, ckpt)
     if recipe.batch_size % cfg.workers:
         raise UserError(f"the batch size {recipe.batch_size} must split evenly over {cfg.workers} workers (it is the global batch)")
     shards = _shard_counts(shards, cfg.shard_storage_options)
@@ -869,11 +900,18 @@ def train_img(cfg: TrainConfig) -> TrainSummary:
 
 
 def train(cfg: TrainConfig) -> TrainSummary:
-    if cfg.method == "fm":
+    """``lcam train``: L-CAM-Fm or L-CAM-Img; on --resume, what is not given comes from the checkpoint."""
+    if cfg.resume:
+        ckpt = RunFolder(cfg.out, cfg.storage_options).checkpoint_for_start(True)
+        stored = ckpt["config"]
+        cfg = dataclasses.replace(cfg, method=cfg.method or ckpt["method"], cache=cfg.cache or stored.get("cache"),
+                                  shards=cfg.shards or stored.get("shards"))
+    method = cfg.method or "fm"
+    if method == "fm":
         return train_fm(cfg)
-    if cfg.method == "img":
+    if method == "img":
         return train_img(cfg)
-    raise UserError(f"unknown method {cfg.method!r}: use fm (from the feature cache) or img (from the shards)")
+    raise UserError(f"unknown method {method!r}: use fm (from the feature cache) or img (from the shards)")
 
 
 __all__ = [

@@ -1,0 +1,244 @@
+"""Training speed: L-CAM-Fm from the feature cache and L-CAM-Img with cached pass 1, each
+against the reference code's style, on the ImageNet sample with EfficientNet-Lite0.
+
+    .venv/bin/python benchmarks/train.py [--data /work/shared/data/imagenet-sample] [--work /tmp/lcam-bench-train]
+
+Steps (one run):
+1. pack the images into WebDataset shards and extract the float16 feature cache (Ray;
+   reused when already there);
+2. L-CAM-Fm: one epoch from the cache (CacheLoader: chunked reads, shuffle, prefetch)
+   against one epoch in the reference style: the frozen backbone forward over the
+   decoded images at every step (decoding is NOT timed: images are decoded up front,
+   which favours the reference) and all K attention maps from the full 1x1 conv;
+3. L-CAM-Img: a training step with pass 1 from the cache and the selected map from
+   gathered weight rows, against the reference step (pass 1 by the backbone, all K maps).
+   Steps alternate between the two to share the machine's load fairly; medians reported.
+
+Peak memory is the rise of the process's peak RSS (VmHWM, reset through
+/proc/self/clear_refs) during each measured phase. Batch 64 (SPEC section 3) for the
+epochs; ``--img-batch`` for the L-CAM-Img steps (default 32 to keep CPU runs short).
+Both styles run with the same torch thread count (``--threads``, default 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as nnf  # noqa: E402
+
+from benchmarks.common import DEFAULT_DATA, target  # noqa: E402
+
+
+def peak_rss_mb() -> float:
+    return int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1)) / 1024
+
+
+def rss_mb() -> float:
+    return int(re.search(r"VmRSS:\s+(\d+)", open("/proc/self/status").read()).group(1)) / 1024
+
+
+class PeakMemory:
+    """Rise of this process's peak RSS over its RSS at entry, for one phase: exact (the kernel's
+    VmHWM, reset at entry) rather than sampled like benchmarks.common.PeakMemory; all the
+    measured work runs in this process."""
+
+    def __enter__(self) -> "PeakMemory":
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current RSS
+        except OSError:
+            pass
+        self.base = rss_mb()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.rise = peak_rss_mb() - self.base
+
+
+def prepare_cache(data: str, work: str) -> tuple[str, str]:
+    from pipeline.extract import ExtractConfig, extract
+    from pipeline.shards import pack_folder
+
+    shards, cache = os.path.join(work, "shards"), os.path.join(work, "cache")
+    if not os.path.exists(os.path.join(shards, "index.json")):
+        print(f"packing {data} into shards ...", flush=True)
+        pack_folder(data, shards, labels_file=os.path.join(data, "labels.tsv"), samples_per_shard=100, progress=False)
+    t0 = time.perf_counter()
+    summary = extract(ExtractConfig(shards=shards, cache=cache, batch_size=32, progress=True))
+    if summary.shards_extracted:
+        print(f"extracted {summary.images} images in {time.perf_counter() - t0:.0f}s", flush=True)
+    if summary.failed_shards:
+        raise SystemExit(f"extraction failed: {summary.failed_shards}")
+    return shards, cache
+
+
+def decoded_images(shards: str, prep) -> dict[str, torch.Tensor]:
+    """key -> (3, 224, 224) uint8 centre crop (the reference's inputs, decoded before timing)."""
+    from pipeline.images import decode_image, preprocess
+    from pipeline.shards import iter_samples, list_shards
+
+    out = {}
+    for info in list_shards(shards):
+        for s in iter_samples(info.url):
+            out[s.key] = (preprocess(decode_image(s.image), prep) * 255).round().to(torch.uint8)
+    return out
+
+
+def reference_step(model, optimizer, scheduler, loss_fn, method: str, x: torch.Tensor, targets: torch.Tensor) -> float:
+    """The reference code's step: pass 1 by the frozen backbone, ALL K maps from the full conv, then the targets'."""
+    bb = model.backbone
+    with torch.no_grad():
+        feats = bb.features(bb.normalize(x))
+    maps_all = torch.sigmoid(model.attention(feats))  # (B, K, h, w)
+    a = maps_all[torch.arange(len(targets)), targets].unsqueeze(1)
+    if method == "fm":
+        logits = bb.head(a * feats)
+    else:
+        logits = bb(nnf.interpolate(a, size=x.shape[-2:], mode="bilinear", align_corners=False) * x)
+    terms = loss_fn(logits, targets, a)
+    optimizer.zero_grad(set_to_none=True)
+    terms.total.backward()
+    optimizer.step()
+    scheduler.step()
+    return float(terms.total.detach())
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default=DEFAULT_DATA)
+    ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "lcam-bench-train"))
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--img-batch", type=int, default=32)
+    ap.add_argument("--img-steps", type=int, default=3, help="measured L-CAM-Img steps per style (after one warm-up each)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads for BOTH styles (default 1: what `lcam train` uses for L-CAM-Fm on 2 cores; 0: torch's default)")
+    ap.add_argument("--ref-steps", type=int, default=0, help="reference Fm epoch: time only this many steps and extrapolate (0: the full epoch)")
+    args = ap.parse_args()
+
+    import ray
+
+    from lcam import LCAM, LCAMLoss, build_backbone
+    from lcam.recipe import default_recipe, make_optimizer, make_scheduler
+    from lcam.training import LCAMTrainer, TrainBatch, init_attention
+    from pipeline.cache import FeatureCache
+    from pipeline.loader import CacheLoader
+    from pipeline.training import fm_batches
+
+    os.makedirs(args.work, exist_ok=True)
+    shards, cache_url = prepare_cache(args.data, args.work)
+    if ray.is_initialized():
+        ray.shutdown()  # free the cores for the measurements
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cache = FeatureCache.open(cache_url)
+    backbone = build_backbone("efficientnet_lite0")
+    recipe = default_recipe(backbone.name).with_overrides(batch_size=args.batch)
+    n = len(cache)
+    print(f"\ncache: {n} samples, {cache.dtype}, views {list(cache.views)}; torch threads {torch.get_num_threads()}, batch {args.batch}", flush=True)
+
+    # ---- L-CAM-Fm from the cache: one warm-up epoch (opens the shards), then one measured epoch
+    loader = CacheLoader(cache, args.batch, seed=0, target="label", view="random")
+    trainer = LCAMTrainer(LCAM(backbone, init_attention(backbone, 0)), "fm", recipe, len(loader))
+    loader.set_epoch(0)
+    trainer.train_epoch(fm_batches(loader, 0))
+    fm_walls, fm_cpus = [], []
+    with PeakMemory() as mem_fm:
+        for epoch in range(1, 4):  # the median of 3 epochs: the machine is shared
+            loader.set_epoch(epoch)
+            t0, c0 = time.perf_counter(), time.process_time()
+            sums = trainer.train_epoch(fm_batches(loader, 0))
+            fm_walls.append(time.perf_counter() - t0)
+            fm_cpus.append(time.process_time() - c0)
+            print(f"L-CAM-Fm from cache: epoch of {int(sums.n)} samples ({len(loader)} steps) in {fm_walls[-1]:.3f}s "
+                  f"(process CPU {fm_cpus[-1]:.2f}s), loss {sums.means()['loss']:.3f}", flush=True)
+    fm_epoch, fm_cpu = statistics.median(fm_walls), statistics.median(fm_cpus)
+
+    # ---- reference style: decoded images, backbone at every step, all K maps
+    print("decoding the images for the reference style (not timed) ...", flush=True)
+    images = decoded_images(shards, backbone.preprocessing)
+    keys = sorted(images)
+    labels = {}
+    for ks, _f, lab, _t in cache.iter_rows(batch_size=256, view=0):
+        labels.update(zip(ks, lab.tolist()))
+    ref = LCAM(backbone, init_attention(backbone, 0))
+    opt = make_optimizer(ref.attention, recipe)
+    sched = make_scheduler(opt, recipe, len(loader))
+    loss_fn = LCAMLoss()
+    g = torch.Generator().manual_seed(0)
+    order = [keys[i] for i in torch.randperm(len(keys), generator=g).tolist()]
+    batches = [order[i : i + args.batch] for i in range(0, len(order), args.batch)]
+    timed = batches if args.ref_steps <= 0 else batches[: args.ref_steps]
+    with PeakMemory() as mem_ref:
+        t0, c0 = time.perf_counter(), time.process_time()
+        for i, b in enumerate(timed):
+            x = torch.stack([images[k] for k in b]).float().div_(255)
+            loss = reference_step(ref, opt, sched, loss_fn, "fm", x, torch.tensor([labels[k] for k in b]))
+            print(f"  reference Fm step {i + 1}/{len(timed)}: {time.perf_counter() - t0:.1f}s, loss {loss:.3f}", flush=True)
+        ref_time, ref_cpu = time.perf_counter() - t0, time.process_time() - c0
+    scale = 1.0 if len(timed) == len(batches) else len(order) / sum(map(len, timed))
+    ref_epoch, ref_cpu = ref_time * scale, ref_cpu * scale
+    note = "" if len(timed) == len(batches) else f" (extrapolated from {len(timed)} steps)"
+
+    # ---- L-CAM-Img: ours (pass 1 from the cache, gathered rows) vs reference, alternating
+    feats_of = {}
+    for ks, f, _lab, _t in cache.iter_rows(batch_size=256, view=0):
+        feats_of.update(zip(ks, torch.from_numpy(f)))
+    ours_img = LCAMTrainer(LCAM(backbone, init_attention(backbone, 0)), "img", recipe, len(loader))
+    ref_img = LCAM(backbone, init_attention(backbone, 0))
+    opt_i, loss_i = make_optimizer(ref_img.attention, recipe), LCAMLoss()
+    sched_i = make_scheduler(opt_i, recipe, len(loader))
+    t_ours, t_ref = [], []
+    mem_ours_img = mem_ref_img = None
+    for step in range(args.img_steps + 1):
+        b = order[step * args.img_batch : (step + 1) * args.img_batch]
+        x = torch.stack([images[k] for k in b]).float().div_(255)
+        y = torch.tensor([labels[k] for k in b])
+        f = torch.stack([feats_of[k] for k in b])
+        with PeakMemory() as m1:
+            t0 = time.perf_counter()
+            ours_img.step(TrainBatch(targets=y, feats=f, images=x))
+            t1 = time.perf_counter() - t0
+        with PeakMemory() as m2:
+            t0 = time.perf_counter()
+            reference_step(ref_img, opt_i, sched_i, loss_i, "img", x, y)
+            t2 = time.perf_counter() - t0
+        if step:  # the first is a warm-up
+            t_ours.append(t1)
+            t_ref.append(t2)
+            mem_ours_img = max(mem_ours_img or 0.0, m1.rise)
+            mem_ref_img = max(mem_ref_img or 0.0, m2.rise)
+        print(f"  Img step {step}{' (warm-up)' if not step else ''}: ours {t1:.2f}s, reference {t2:.2f}s", flush=True)
+
+    fm_ratio = ref_epoch / fm_epoch
+    img_ours, img_ref = statistics.median(t_ours), statistics.median(t_ref)
+    img_ratio = img_ref / img_ours
+    print("\n| measurement (EfficientNet-Lite0, CPU) | ours | reference style | ratio |")
+    print("|---|---|---|---|")
+    print(f"| L-CAM-Fm epoch, {n} images, batch {args.batch} | {fm_epoch:.3f} s (from cache, median of 3) | {ref_epoch:.1f} s{note} | {fm_ratio:.0f}x |")
+    print(f"| L-CAM-Fm epoch, process CPU time | {fm_cpu:.2f} s | {ref_cpu:.1f} s | {ref_cpu / fm_cpu:.0f}x |")
+    print(f"| L-CAM-Fm samples/s | {n / fm_epoch:.0f} | {n / ref_epoch:.1f} | |")
+    print(f"| L-CAM-Fm peak RSS rise | {mem_fm.rise:.0f} MB | {mem_ref.rise:.0f} MB | |")
+    print(f"| L-CAM-Img step, batch {args.img_batch} (median of {len(t_ours)}) | {img_ours:.2f} s (pass 1 cached) | {img_ref:.2f} s | {img_ratio:.2f}x |")
+    print(f"| L-CAM-Img peak RSS rise per step | {mem_ours_img:.0f} MB | {mem_ref_img:.0f} MB | |")
+    print()
+    target("fm_epoch_speedup", fm_ratio, ">=", 100, "{:.1f}")
+    target("img_step_speedup", img_ratio, ">=", 1.3)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,327 @@
+"""Training L-CAM: from the cache vs end to end, loss, exact resume, refusals, Ray Train (L-CAM-Img)."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from jobs.cli import main as cli_main
+from lcam import LCAM, LCAMLoss, build_backbone
+from lcam.recipe import Recipe, default_recipe
+from lcam.training import LCAMTrainer, TrainBatch, init_attention
+from pipeline.cache import FeatureCache
+from pipeline.checkpoints import CheckpointMismatch, load_checkpoint, load_lcam, save_checkpoint
+from pipeline.errors import UserError
+from pipeline.extract import cache_identity
+from pipeline.images import decode_image, preprocess, random_crop_flip
+from pipeline.loader import CacheLoader
+from pipeline.shards import list_shards, pack_folder, read_shard
+from pipeline.training import (
+    TrainConfig,
+    crop_flip,
+    crop_seed,
+    decode_for_training,
+    fm_batches,
+    image_batches,
+    read_training_rows,
+    train_fm,
+    train_img,
+)
+from tests.helpers import skimage_photos
+
+N_IMAGES, PER_SHARD, BATCH = 12, 3, 4  # 4 shards, 3 steps per epoch
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return build_backbone("efficientnet_lite0")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, backbone):
+    """Real photos (random crops of scikit-image's) in 2 class folders -> 4 shards; their clean
+    centre crops, and feature caches (float16 and float32) written directly from this backbone."""
+    root = tmp_path_factory.mktemp("train")
+    rng = np.random.default_rng(0)
+    photos = list(skimage_photos().values())
+    for i in range(N_IMAGES):
+        p = photos[i % len(photos)]
+        h, w = p.shape[:2]
+        y, x = rng.integers(0, h // 3), rng.integers(0, w // 3)
+        folder = root / "images" / f"class{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(p[y : y + 2 * h // 3, x : x + 2 * w // 3]).save(folder / f"img{i:02d}.jpg", quality=90)
+    shards = root / "shards"
+    assert pack_folder(root / "images", str(shards), samples_per_shard=PER_SHARD, progress=False).packed == N_IMAGES
+    images, feats, top1 = {}, {}, {}
+    for info in list_shards(str(shards)):
+        for s in read_shard(info):
+            images[s.key] = preprocess(decode_image(s.image), backbone.preprocessing)
+    keys = sorted(images)
+    with torch.no_grad():
+        f, logits = backbone.extract(torch.stack([images[k] for k in keys]))
+    for i, k in enumerate(keys):
+        feats[k], top1[k] = f[i], int(logits[i].argmax())
+    caches = {dtype: write_cache(str(root / f"cache-{dtype}"), backbone, shards, feats, logits, keys, dtype) for dtype in ("float16", "float32")}
+    return {"root": root, "shards": shards, "images": images, "feats": feats, "top1": top1, "caches": caches}
+
+
+def write_cache(url, backbone, shards, feats, logits, keys, dtype) -> FeatureCache:
+    """The cache `lcam extract` makes, written without Ray (features from one in-process batch)."""
+    cache = FeatureCache.create_or_open(url, cache_identity(backbone, ("center",), dtype), feature_shape=backbone.feature_shape,
+                                        views=("center",), dtype=dtype, num_classes=backbone.num_classes)
+    row = {k: i for i, k in enumerate(keys)}
+    entries = []
+    for info in list_shards(str(shards)):
+        samples = read_shard(info)
+        idx = [row[s.key] for s in samples]
+        p5, c5 = logits[idx].softmax(1).topk(5)
+        f = torch.stack([feats[s.key] for s in samples])[:, None]
+        entries.append(cache.write_shard(info.url, [s.key for s in samples], [s.label for s in samples], f, c5, p5))
+    cache.mark_done(entries)
+    return FeatureCache.open(url)
+
+
+def config(data, out, **kw) -> TrainConfig:
+    base = dict(method="fm", out=str(out), cache=str(data["caches"]["float16"].url), batch_size=BATCH, target="predicted",
+                view="first", seed=0, log_every=1, checkpoint_minutes=0, progress=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def train_steps(backbone, batches_of_epoch, steps: int, recipe: Recipe) -> LCAMTrainer:
+    trainer = LCAMTrainer(LCAM(backbone, init_attention(backbone, 0)), "fm", recipe, N_IMAGES // BATCH)
+    while trainer.global_step < steps:
+        trainer.train_epoch(batches_of_epoch(trainer.epoch), max_steps=steps)
+    return trainer
+
+
+def test_cache_training_equals_end_to_end(data, backbone):
+    """20 steps from cached F == 20 steps running the backbone on the images at every step (same
+    order, same seed, no augmentation). Tolerances on the weights: float32 cache 2e-6 (only
+    batch-size-dependent conv rounding can differ; measured: equal); float16 cache 2e-4: float16
+    rounds F by up to 2^-11 relative (values <= 6, ReLU6), measured to move the weights by 3.3e-5
+    after 20 steps at lr 1e-2, while training moves them by > 1e-2 (asserted)."""
+    recipe = default_recipe("efficientnet_lite0").with_overrides(batch_size=BATCH)
+    loaders = {dtype: CacheLoader(cache, BATCH, seed=3, target="predicted", view="first", buffer_rows=6) for dtype, cache in data["caches"].items()}
+
+    def cached(loader):
+        def batches(epoch):
+            loader.set_epoch(epoch)
+            return fm_batches(loader, 0)
+
+        return batches
+
+    def end_to_end(epoch):
+        loader = loaders["float16"]
+        loader.set_epoch(epoch)
+        for _, _, keys in loader:  # the same order; the targets are the backbone's top-1, computed on the fly
+            yield TrainBatch(images=torch.stack([data["images"][k] for k in keys]))
+
+    e2e = train_steps(backbone, end_to_end, 20, recipe)
+    w0 = init_attention(backbone, 0).conv.weight.detach()
+    we, be = e2e.model.attention.conv.weight.detach(), e2e.model.attention.conv.bias.detach()
+    assert e2e.global_step == 20 and e2e.epoch == 6
+    for dtype, atol in (("float32", 2e-6), ("float16", 2e-4)):
+        tr = train_steps(backbone, cached(loaders[dtype]), 20, recipe)
+        assert tr.global_step == 20 and tr.epoch == 6
+        wa = tr.model.attention.conv.weight.detach()
+        assert float((wa - w0).abs().max()) > 50 * atol  # the comparison is not vacuous
+        torch.testing.assert_close(wa, we, atol=atol, rtol=0)
+        torch.testing.assert_close(tr.model.attention.conv.bias.detach(), be, atol=atol, rtol=0)
+
+
+def test_training_step_gradient_equals_reference_formulation():
+    """Gathered weight rows (ours) give the same loss and gradients as the reference: all K maps from
+    the full 1x1 conv, then the target's map picked (L-CAM-Fm and L-CAM-Img)."""
+    backbone = build_backbone("resnet18", weights="random")
+    torch.manual_seed(0)
+    x = torch.rand(3, 3, 64, 64)
+    t = torch.tensor([5, 999, 5])
+    loss_fn = LCAMLoss()
+    for method in ("fm", "img"):
+        ours = LCAM(backbone, init_attention(backbone, 1))
+        ref = LCAM(backbone, init_attention(backbone, 1))
+        masked, maps = ours.training_forward(method, t, images=x)
+        loss_fn(masked, t, maps).total.backward()
+        feats = backbone.features(backbone.normalize(x))
+        a = torch.sigmoid(ref.attention(feats))[torch.arange(3), t][:, None]  # (B, 1, h, w) from all K maps
+        if method == "fm":
+            masked_ref = backbone.head(a * feats)
+        else:
+            masked_ref = backbone(torch.nn.functional.interpolate(a, size=(64, 64), mode="bilinear", align_corners=False) * x)
+        loss_fn(masked_ref, t, a).total.backward()
+        for p, q in zip(ours.attention.parameters(), ref.attention.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5)
+        assert float(ours.attention.conv.weight.grad[[5, 999]].abs().sum()) > 0 and float(ours.attention.conv.weight.grad[0].abs().sum()) == 0
+
+
+def test_img_first_pass_from_features_equals_backbone_pass():
+    """L-CAM-Img with F given (as from a cache) trains exactly like computing pass 1 itself."""
+    backbone = build_backbone("resnet18", weights="random")
+    torch.manual_seed(1)
+    batches = [TrainBatch(targets=torch.randint(0, 1000, (2,)), images=torch.rand(2, 3, 64, 64)) for _ in range(3)]
+    with torch.no_grad():
+        with_f = [TrainBatch(b.targets, backbone.features(backbone.normalize(b.images)), b.images) for b in batches]
+    runs = []
+    for bs in (batches, with_f):
+        tr = LCAMTrainer(LCAM(backbone, init_attention(backbone, 0)), "img", Recipe(lr=0.1, epochs=1), 3)
+        assert tr.train_epoch(bs) is not None
+        runs.append(tr.model.attention.conv.weight.detach())
+    torch.testing.assert_close(runs[0], runs[1], atol=1e-6, rtol=0)
+
+
+def test_fm_cli_loss_falls_and_writes_checkpoints_metrics_plot(data, backbone, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = cli_main(["train", "--method", "fm", "--cache", data["caches"]["float16"].url, "--out", str(out), "--epochs", "6",
+                   "--batch-size", str(BATCH), "--target", "predicted", "--log-every", "1", "--no-progress"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "6/6 epochs, 18 steps" in printed
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    steps = [r for r in records if r["kind"] == "step"]
+    assert [r["epoch"] for r in epochs] == [1, 2, 3, 4, 5, 6] and len(steps) == 18
+    assert all(r["samples"] == N_IMAGES for r in epochs)
+    assert epochs[-1]["loss"] < 0.8 * epochs[0]["loss"] and epochs[-1]["ce"] < epochs[0]["ce"]
+    # the step schedule: lr 1e-2 x 0.75 per epoch (SPEC 3, EfficientNet-Lite0 gets VGG-16's)
+    np.testing.assert_allclose([r["lr"] for r in epochs], [1e-2 * 0.75**e for e in range(6)], rtol=1e-9)
+    for r in epochs:  # the epoch mean is the sample-weighted mean of its steps
+        mine = [s for s in steps if s["epoch"] == r["epoch"] - 1]
+        assert abs(sum(s["loss"] * s["samples"] for s in mine) / N_IMAGES - r["loss"]) < 1e-5
+    png = (out / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and Image.open(io.BytesIO(png)).size[0] >= 800
+    assert sorted(p.name for p in out.glob("epoch-*.pt")) == [f"epoch-{e:03d}.pt" for e in range(1, 7)]
+
+    model, ckpt = load_lcam(str(out / "checkpoint.pt"))
+    assert ckpt["method"] == "fm" and ckpt["epoch"] == 6 and ckpt["step"] == 18
+    assert ckpt["cache_fingerprint"] == data["caches"]["float16"].fingerprint
+    key = sorted(data["images"])[0]
+    ex = model.explain(data["images"][key][None], upsample=True)
+    assert int(ex.class_ids[0, 0]) == data["top1"][key]
+    assert ex.upsampled.shape == (1, 1, 224, 224) and float(ex.maps.min()) == 0.0 and float(ex.maps.max()) == 1.0
+
+
+def test_resume_after_interruption_reproduces_the_uninterrupted_run(data, tmp_path, capsys):
+    full = train_fm(config(data, tmp_path / "full", epochs=3, view="random"))
+    assert full.epochs_done == 3 and full.steps == 9 and not full.stopped_early
+    part = train_fm(config(data, tmp_path / "cut", epochs=3, view="random", max_steps=5))  # stops inside epoch 2
+    assert part.stopped_early and part.steps == 5 and part.epochs_done == 1
+    cut = load_checkpoint(str(tmp_path / "cut" / "checkpoint.pt"))
+    assert cut["extra"]["position"] == {"epoch": 1, "batch_in_epoch": 2, "global_step": 5, "steps_per_epoch": 3}
+    capsys.readouterr()
+    # `lcam train --out DIR --resume`: method, cache and recipe come from the checkpoint
+    assert cli_main(["train", "--out", str(tmp_path / "cut"), "--resume", "--log-every", "1", "--checkpoint-minutes", "0", "--no-progress", "--json"]) == 0
+    resumed = json.loads(capsys.readouterr().out)
+    assert resumed["resumed_from_step"] == 5 and resumed["steps"] == 9 and resumed["epochs_done"] == 3
+
+    a, b = load_checkpoint(str(tmp_path / "full" / "checkpoint.pt")), load_checkpoint(str(tmp_path / "cut" / "checkpoint.pt"))
+    for k in a["attention"]:
+        torch.testing.assert_close(a["attention"][k], b["attention"][k], atol=1e-6, rtol=0)
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        torch.testing.assert_close(sa["momentum_buffer"], sb["momentum_buffer"], atol=1e-6, rtol=0)
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 9
+
+    def curve(h):
+        return [(r["kind"], r["epoch"], r["step"], r["samples"], round(r["loss"], 5), round(r["agreement"], 6)) for r in h]
+
+    assert curve(a["metrics"]) == curve(b["metrics"])  # epoch 2's metrics include the steps before the cut
+    assert len(curve(b["metrics"])) == 9 + 3
+
+
+def test_resume_and_restart_refusals(data, backbone, tmp_path, capsys):
+    out = tmp_path / "run"
+    train_fm(config(data, out, epochs=1))
+    with pytest.raises(UserError, match="already holds a training run.*--resume"):
+        train_fm(config(data, out, epochs=1))
+    with pytest.raises(UserError, match="nothing to resume"):
+        train_fm(config(data, tmp_path / "empty", resume=True))
+    with pytest.raises(CheckpointMismatch, match=r"lr: checkpoint 0\.01, now 0\.5"):
+        train_fm(config(data, out, lr=0.5, resume=True))
+    with pytest.raises(CheckpointMismatch, match="fingerprint"):  # another cache (float32) than the run's
+        train_fm(config(data, out, cache=data["caches"]["float32"].url, resume=True))
+    # a checkpoint trained for another backbone
+    other = tmp_path / "other"
+    resnet = build_backbone("resnet18", weights="random")
+    save_checkpoint(str(other / "checkpoint.pt"), attention_state=init_attention(resnet, 0).state_dict(), method="fm",
+                    backbone=resnet.describe(), config={}, extra={})
+    rc = cli_main(["train", "--cache", data["caches"]["float16"].url, "--out", str(other), "--resume", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "trained for resnet18" in err and "Traceback" not in err
+    rc = cli_main(["train", "--cache", str(tmp_path / "no-cache"), "--out", str(tmp_path / "x"), "--no-progress"])
+    assert rc == 2 and "no feature cache" in capsys.readouterr().err
+    with pytest.raises(UserError, match="clean centre crop"):  # random crops cannot take pass 1 from a cache
+        train_img(TrainConfig(method="img", out=str(tmp_path / "img"), shards=str(data["shards"]), cache=data["caches"]["float16"].url,
+                              augment="random", progress=False))
+
+
+def test_training_rows_decode_and_worker_batches(data, backbone):
+    """The Ray Data stages and the worker's batching, run directly: centre crops with cached F, and
+    random crops equal to pipeline.images.random_crop_flip for the per-(seed, epoch, key) generator."""
+    info = list_shards(str(data["shards"]))[1]
+    cache = data["caches"]["float32"]
+    item = {"url": info.url, "name": info.name, "count": info.count}
+    rows = read_training_rows(item, cache=cache, view_index=0)
+    assert [r["key"] for r in rows] == [s.key for s in read_shard(info)] and all(r["error"] == "" for r in rows)
+    batch = {k: np.array([r[k] for r in rows], dtype=object if k == "image" else None) for k in rows[0]}
+    center = decode_for_training(batch, backbone.preprocessing, "center")
+    [tb] = list(image_batches([center], augment="center", crop=224, seed=0, epoch=0, target="predicted", skipped=[]))
+    keys = [r["key"] for r in rows]
+    torch.testing.assert_close(tb.images, torch.stack([data["images"][k] for k in keys]), atol=0, rtol=0)
+    torch.testing.assert_close(tb.feats, torch.stack([data["feats"][k] for k in keys]), atol=0, rtol=0)
+    assert tb.targets.tolist() == [data["top1"][k] for k in keys]
+
+    plain = {k: v for k, v in batch.items() if k != "features"}
+    rnd = decode_for_training(plain, backbone.preprocessing, "random")
+    skipped: list[str] = []
+    [tb] = list(image_batches([rnd], augment="random", crop=224, seed=7, epoch=2, target="label", skipped=skipped))
+    assert tb.feats is None and tb.targets.tolist() == [r["label"] for r in rows] and skipped == []
+    for img, r in zip(tb.images, rows):
+        want = random_crop_flip(decode_image(r["image"]), backbone.preprocessing, torch.Generator().manual_seed(crop_seed(7, 2, r["key"])))
+        torch.testing.assert_close(img, want, atol=0, rtol=0)
+    assert crop_seed(7, 2, "a") != crop_seed(7, 3, "a")  # a new crop each epoch
+
+    broken = dict(plain, image=np.array([b"\xff\xd8 not a jpeg"] + list(plain["image"][1:]), dtype=object))
+    [tb] = list(image_batches([decode_for_training(broken, backbone.preprocessing, "random")], augment="random", crop=224,
+                               seed=0, epoch=0, target="label", skipped=skipped))
+    assert skipped == [rows[0]["key"]] and len(tb) == len(rows) - 1  # reported, never silently dropped
+
+
+def test_crop_flip_draws_like_random_crop_flip():
+    rgb = skimage_photos(("coffee",))["coffee"]
+    from lcam.backbones import Preprocessing
+    from pipeline.images import resized_size
+
+    prep = Preprocessing()
+    im = Image.fromarray(rgb)
+    resized = np.asarray(im.resize(resized_size(im.width, im.height, 256), Image.BILINEAR))
+    for seed in range(5):
+        got = crop_flip(resized, 224, torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(got, random_crop_flip(rgb, prep, torch.Generator().manual_seed(seed)), atol=0, rtol=0)
+
+
+def test_img_ray_train_two_workers_checkpoint_loads_and_explains(ray_local, data, backbone, tmp_path):
+    """L-CAM-Img on Ray Train: 2 CPU workers (gloo, DDP), images streamed by Ray Data, pass 1 from the cache."""
+    out = tmp_path / "img"
+    summary = train_img(TrainConfig(method="img", out=str(out), shards=str(data["shards"]), cache=data["caches"]["float16"].url,
+                                    augment="center", target="predicted", epochs=1, batch_size=BATCH, workers=2,
+                                    cpus_per_worker=0.5, ray_storage=str(tmp_path / "ray"), progress=False))
+    assert summary.epochs_done == 1 and summary.steps == 3 and not summary.stopped_early
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    [epoch] = [r for r in records if r["kind"] == "epoch"]
+    assert epoch["samples"] == N_IMAGES and epoch["workers"] == 2 and epoch["skipped"] == 0
+    assert np.isfinite(epoch["loss"]) and (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "epoch-001.pt").exists()
+
+    model, ckpt = load_lcam(str(out / "checkpoint.pt"))
+    assert ckpt["method"] == "img" and ckpt["config"]["workers"] == 2 and ckpt["cache_fingerprint"] == data["caches"]["float16"].fingerprint
+    assert not torch.equal(model.attention.conv.weight, init_attention(backbone, 0).conv.weight)  # it trained
+    keys = sorted(data["images"])[:2]
+    ex = model.explain(torch.stack([data["images"][k] for k in keys]))
+    assert ex.class_ids[:, 0].tolist() == [data["top1"][k] for k in keys]
+    assert ex.maps.shape == (2, 1, 7, 7) and torch.isfinite(ex.raw).all()
