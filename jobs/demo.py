@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     parser.add_argument("--steps", type=int, default=60, help="L-CAM-Fm training steps (default 60)")
     parser.add_argument("--img-steps", type=int, default=6, help="L-CAM-Img training steps (default 6)")
-    parser.add_argument("--scorecam-images", type=int, default=2, help="Score-CAM is ~1,280 forwards per image: evaluate it on this many")
+    parser.add_argument("--scorecam-images", type=int, default=1, help="Score-CAM is ~1,280 forwards per image: evaluate it on this many")
 
 
 def write_demo_photos(folder: Path) -> None:
@@ -36,6 +36,8 @@ def write_demo_photos(folder: Path) -> None:
         path = folder / f"{name}.png"
         if not path.exists():
             Image.fromarray(getattr(data, name)()).save(path)
+    # No ImageNet labels for these photos: -1, and training targets the predicted class.
+    (folder / "labels.tsv").write_text("file\tclass_index\n" + "".join(f"{n}.png\t-1\n" for n in DEMO_PHOTOS))
 
 
 def _is_shard_folder(path: Path) -> bool:
@@ -60,14 +62,14 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--data {args.data}: not a folder; give an image folder or a folder of shards")
         shards = images if _is_shard_folder(images) else out / "shards"
     if shards != images and not (shards / "index.json").exists():
-        report = pack_folder(images, str(shards), samples_per_shard=4, progress=False)
-        print(report.summary())
+        pack_folder(images, str(shards), samples_per_shard=4, progress=False)
 
     parser = argparse.ArgumentParser()
     pipeline_job.add_arguments(parser)
     pargs = parser.parse_args([
         "--train-shards", str(shards), "--workdir", str(out), "--method", "both", "--target", "predicted",
-        "--epochs", "200", "--lr", "0.05", "--batch-size", "16", "--max-steps", str(args.steps),
+        "--epochs", str(args.steps), "--schedule", "onecycle", "--lr", "0.05", "--batch-size", "8",
+        "--max-steps", str(args.steps),
         "--img-max-steps", str(args.img_steps), "--img-augment", "center", "--overlays", "8",
         "--eval-methods", "gradcam,gradcam++,scorecam", "--method-limit", f"scorecam={args.scorecam_images}",
         "--gallery-images", "8",

@@ -32,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--batch-size", type=int, default=None, help="training batch (default 64)")
     parser.add_argument("--target", default="label", choices=["label", "predicted"])
+    parser.add_argument("--schedule", default="step", choices=["step", "onecycle"])
     parser.add_argument("--max-steps", type=int, default=None, help="stop training after this many steps (quick runs)")
     parser.add_argument("--img-max-steps", type=int, default=None, help="L-CAM-Img's own step limit (default: --max-steps)")
     parser.add_argument("--img-workers", type=int, default=1, help="Ray Train workers for L-CAM-Img (GPUs on a cluster)")
@@ -69,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.errors import UserError
     from pipeline.evaluate import EvalConfig, evaluate
     from pipeline.extract import ExtractConfig, extract
-    from pipeline.fs import exists, join
+    from pipeline.fs import absolute, exists, join
     from pipeline.report import write_report
     from pipeline.training import CHECKPOINT, TrainConfig, train
 
@@ -78,9 +79,11 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise UserError(f"unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}")
     so = parse_storage_options(args.storage_option)
-    wd = args.workdir.rstrip("/")
+    wd = absolute(args.workdir.rstrip("/"))
     cache, eval_dir = join(wd, "cache"), join(wd, "eval")
     runs = {m: join(wd, f"lcam-{m}") for m in _methods(args)}
+    args.train_shards = absolute(args.train_shards)
+    args.eval_shards = args.eval_shards and absolute(args.eval_shards)
     t0 = time.perf_counter()
 
     def stage(name: str) -> None:
@@ -103,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
             resume = exists(join(out, CHECKPOINT), so)
             result = train(TrainConfig(
                 method=m, out=out, cache=cache, shards=args.train_shards if m == "img" else None,
-                weights=args.weights, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, target=args.target,
+                weights=args.weights, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, target=args.target, schedule=args.schedule,
                 max_steps=(args.img_max_steps or args.max_steps) if m == "img" else args.max_steps,
                 resume=resume, seed=args.seed, workers=args.img_workers, augment=args.img_augment,
                 storage_options=so, cache_storage_options=so, shard_storage_options=so,

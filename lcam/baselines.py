@@ -244,6 +244,11 @@ class RandomMap(CAMMethod):
         self.size, self.seed = size, seed
         self._gen = torch.Generator().manual_seed(seed)
 
+    def reseed(self, seed: int) -> None:
+        """Restart the sequence from ``seed`` (lets a dataset evaluation seed every batch
+        from its position, so the maps do not depend on which worker ran which batch)."""
+        self._gen.manual_seed(seed)
+
     def compute(self, images: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
         return torch.rand(images.shape[0], self.size, self.size, generator=self._gen).to(images.device)
 
@@ -261,6 +266,12 @@ class LCAMMethod(CAMMethod):
 
     def compute(self, images: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
         return self.lcam.explain(images, targets=class_ids).raw[:, 0]
+
+    def from_features(self, feats: torch.Tensor, class_ids: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+        """The same maps from F already computed (e.g. by the evaluation's clean forward):
+        no backbone pass at all, the arithmetic of :meth:`compute` after its ``extract``."""
+        ids = check_targets(torch.as_tensor(class_ids).cpu(), feats.shape[0], self.backbone.num_classes)
+        return self.lcam.explain_features(feats, targets=ids.to(feats.device), logits=logits).raw[:, 0]
 
 
 BASELINES: dict[str, type[CAMMethod]] = {

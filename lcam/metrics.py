@@ -168,6 +168,7 @@ def confidence_scores(
     class_ids: torch.Tensor | Sequence[int] | None = None,
     batch_size: int | None = None,
     normalize: bool = True,
+    clean_probs: torch.Tensor | None = None,
 ) -> ConfidenceScores:
     """Y and O of SPEC section 5 for one batch, all ratios in one batched forward.
 
@@ -178,15 +179,26 @@ def confidence_scores(
     map at r = 1) is not forwarded again: its O is Y, so that float noise from a
     different batch position (oneDNN blocks over the batch) cannot decide the strict >
     of IC.
+
+    ``clean_probs`` (B, K): softmax of the clean images' logits when already computed
+    (one clean forward shared by every method evaluated on the batch); then only the
+    masked images are forwarded and every method sees the same Y and predicted class.
     """
     ratios = tuple(float(r) for r in ratios)
     b = images.shape[0]
+    if clean_probs is not None and clean_probs.shape[0] != b:
+        raise ValueError(f"clean_probs has {clean_probs.shape[0]} rows for {b} images")
     masked = masked_images(images, cams, ratios, normalize)  # (R, B, 3, H, W)
     same = (masked == images[None]).flatten(2).all(-1)  # (R, B)
-    inputs = torch.cat([images, masked[~same]])
+    inputs = masked[~same] if clean_probs is not None else torch.cat([images, masked[~same]])
     chunks = [inputs] if batch_size is None else inputs.split(batch_size)
-    probs = torch.cat([model(c).float().softmax(1) for c in chunks])
-    clean = probs[:b]
+    outs = [model(c).float().softmax(1) for c in chunks if len(c)]
+    if clean_probs is not None:
+        clean = clean_probs.float().to(images.device)
+        probs = torch.cat([clean, *outs])
+    else:
+        probs = torch.cat(outs)
+        clean = probs[:b]
     if class_ids is None:
         target = "predicted"
         ids = clean.argmax(1)

@@ -27,7 +27,7 @@ import numpy as np
 
 from .cache import FeatureCache
 from .errors import UserError
-from .fs import StorageOptions
+from .fs import StorageOptions, absolute
 
 VIEWS = ("center", "hflip")
 
@@ -323,6 +323,12 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
     from .shards import list_shards
 
     t_start = time.perf_counter()
+    # Absolute local paths: the cache records shard URLs, and later stages (and Ray workers
+    # in other folders) must name the same shards the same way.
+    cfg = dataclasses.replace(
+        cfg, cache=absolute(cfg.cache),
+        shards=[absolute(s) for s in cfg.shards] if isinstance(cfg.shards, list) else absolute(cfg.shards),
+    )
     shards = list_shards(cfg.shards, storage_options=cfg.shard_storage_options, index_url=cfg.index)
     if not shards:
         raise UserError(f"no shards match {cfg.shards!r}")

@@ -23,6 +23,11 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
 
+def absolute(url: str) -> str:
+    """Local paths made absolute (Ray workers, Ray Train's trial folders, run elsewhere); URLs as given."""
+    return url if "://" in url else os.path.abspath(url)
+
+
 def join(url: str, *parts: str) -> str:
     return "/".join([url.rstrip("/"), *[p.strip("/") for p in parts]])
 

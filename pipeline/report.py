@@ -166,7 +166,11 @@ def _gallery(data: Any, assets: str, colormap: str, opacity: float, storage_opti
         write_bytes_atomic(join(assets, fname), png_bytes(image), storage_options)
         cells = [f'<td><img src="{ASSETS}/{fname}" alt="{html.escape(str(key))}">{html.escape(str(key))}<br>{html.escape(cname)} ({prob:.0%})</td>']
         for m, label in zip(methods, labels):
-            cam = torch.from_numpy(np.asarray(data[f"map__{m}"][i], dtype=np.float32))
+            raw = np.asarray(data[f"map__{m}"][i], dtype=np.float32)
+            if np.isnan(raw).all():  # this method ran on a subset without this image
+                cells.append('<td class="note">not evaluated<br>on this image</td>')
+                continue
+            cam = torch.from_numpy(raw)
             cam = upsample(minmax_normalize(cam), image.shape[:2]).numpy()
             oname = f"img-{i:03d}-{m.replace('+', 'p')}.png"
             write_bytes_atomic(join(assets, oname), png_bytes(overlay(image, cam, colormap, opacity)), storage_options)

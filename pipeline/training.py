@@ -42,7 +42,7 @@ import torch
 
 from .checkpoints import CheckpointMismatch, check_backbone, check_cache, load_checkpoint, save_checkpoint
 from .errors import UserError
-from .fs import StorageOptions, exists, get_fs, join, write_bytes_atomic
+from .fs import absolute, StorageOptions, exists, get_fs, join, write_bytes_atomic
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -901,6 +901,11 @@ def train_img(cfg: TrainConfig) -> TrainSummary:
 
 def train(cfg: TrainConfig) -> TrainSummary:
     """``lcam train``: L-CAM-Fm or L-CAM-Img; on --resume, what is not given comes from the checkpoint."""
+    # Ray Train workers run in their own trial folders: a relative path would land there.
+    cfg = dataclasses.replace(
+        cfg, out=absolute(cfg.out), cache=cfg.cache and absolute(cfg.cache),
+        shards=[absolute(s) for s in cfg.shards] if isinstance(cfg.shards, list) else (cfg.shards and absolute(cfg.shards)),
+    )
     if cfg.resume:
         ckpt = RunFolder(cfg.out, cfg.storage_options).checkpoint_for_start(True)
         stored = ckpt["config"]
