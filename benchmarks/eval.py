@@ -47,7 +47,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rise-images", type=int, default=16)
     p.add_argument("--rise-masks", type=int, default=200, help="RISE masks (papers: 4000 / 8000)")
     p.add_argument("--scorecam-images", type=int, default=2)
-    p.add_argument("--timing-images", type=int, default=24, help="images for the batched-vs-reference timing")
+    p.add_argument("--timing-images", type=int, default=48, help="images for the batched-vs-reference timing")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--fm-epochs", type=int, default=80)
     p.add_argument("--fm-lr", type=float, default=3.0, help="one-cycle peak")
@@ -122,7 +122,8 @@ def finetune_img(args: argparse.Namespace, shards: str, fm_ckpt: str, out: Path)
     for group in _by_shard(plan):
         samples = read_selected(group, None)
         pixels += [decode_batch(b, samples[b.batch_id], backbone.preprocessing).pixels for b in group]
-    x = torch.from_numpy(np.concatenate(pixels)).float().div_(255)
+    # channels-last: 1.5x faster forward + backward than NCHW on this CPU (measured, batch 8)
+    x = torch.from_numpy(np.concatenate(pixels)).float().div_(255).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         feats, logits = zip(*(backbone.extract(c) for c in x.split(16)))
     feats, targets = torch.cat(feats), torch.cat(logits).argmax(1)  # target: the top-1 class, what eval explains
@@ -135,7 +136,7 @@ def finetune_img(args: argparse.Namespace, shards: str, fm_ckpt: str, out: Path)
     for _ in range(args.img_epochs):
         order = torch.randperm(len(x), generator=g)
         for idx in order.split(args.img_batch):
-            trainer.step(TrainBatch(targets=targets[idx], feats=feats[idx], images=x[idx]))
+            trainer.step(TrainBatch(targets=targets[idx], feats=feats[idx], images=x[idx].contiguous(memory_format=torch.channels_last)))
         sums = trainer.finish_epoch().means()
     save_checkpoint(str(out), attention_state=model.attention.state_dict(), method="img", backbone=backbone.describe(),
                     epoch=trainer.epoch, step=trainer.global_step,
@@ -182,6 +183,7 @@ def main() -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # pytorch-grad-cam's Score-CAM bars; eval prints its own progress lines
     import torch
 
     from lcam import LCAM, build_backbone
@@ -238,18 +240,31 @@ def main() -> int:
         model.attention.load_state_dict(load_checkpoint(paths[m])["attention"])
         models.append(model.eval())
     ref_s, ref_fwd, ref_scores = reference_style(backbone, models, images)
-    # the two styles compute the same numbers (up to float noise from the batch size)
+    # the two styles compute the same numbers, up to float noise (batch size, memory layout)
+    # that can flip near-tied pixels at the keep threshold
+    import numpy as np
+
+    from lcam.metrics import average_drop, increase_in_confidence
+
     by = {(r["key"], r["method"]): r for r in rows}
-    diffs = [abs(float(by[(k, mid)][f"O@{q:g}"]) - ref_scores[i][j][2][qi])
-             for i, k in enumerate(keys) for j, mid in enumerate(("lcam-fm", "lcam-img")) for qi, q in enumerate((1.0, 0.5, 0.15))]
+    ratios = (1.0, 0.5, 0.15)
     n = len(keys)
-    ratio = ref_s / batched_s
     print(f"## Batched evaluation vs the reference style ({n} images, L-CAM-Fm + L-CAM-Img, 3 keep ratios)\n")
-    print(f"| style | seconds | images/s | forward passes | per image |\n|---|--:|--:|--:|--:|")
+    print("| style | seconds | images/s | forward passes | per image |\n|---|--:|--:|--:|--:|")
     print(f"| reference (batch 1, attention recomputed per ratio) | {ref_s:.1f} | {n / ref_s:.2f} | {ref_fwd} | {ref_fwd / n:.0f} |")
     print(f"| batched (lcam eval, batch {args.batch_size}, incl. reading + decoding) | {batched_s:.1f} | {n / batched_s:.2f} | {batched_fwd} | {batched_fwd / n:.0f} |")
-    print(f"\nspeed-up {ratio:.2f}x with {ref_fwd / n:.0f} vs {batched_fwd / n:.0f} forward passes per image "
-          f"(forward ratio {ref_fwd / batched_fwd:.2f}); max |O_batched - O_reference| = {max(diffs):.2e}")
+    ratio = ref_s / batched_s
+    print(f"\nspeed-up {ratio:.2f}x with {ref_fwd / n:.0f} vs {batched_fwd / n:.0f} forward passes per image (forward ratio {ref_fwd / batched_fwd:.2f})")
+    for j, mid in enumerate(("lcam-fm", "lcam-img")):
+        Yb = torch.tensor([float(by[(k, mid)]["Y"]) for k in keys])
+        Ob = torch.tensor([[float(by[(k, mid)][f"O@{q:g}"]) for k in keys] for q in ratios])
+        Yr = torch.tensor([ref_scores[i][j][1] for i in range(n)])
+        Or = torch.tensor([[ref_scores[i][j][2][qi] for i in range(n)] for qi in range(len(ratios))])
+        d = (Ob - Or).abs().flatten().numpy()
+        same_class = sum(int(by[(k, mid)]["predicted"]) == ref_scores[i][j][0] for i, k in enumerate(keys))
+        print(f"{mid}: AD batched {np.round(average_drop(Yb, Ob).numpy(), 2).tolist()} vs reference {np.round(average_drop(Yr, Or).numpy(), 2).tolist()}; "
+              f"IC {np.round(increase_in_confidence(Yb, Ob).numpy(), 2).tolist()} vs {np.round(increase_in_confidence(Yr, Or).numpy(), 2).tolist()}; "
+              f"same class {same_class}/{n}; |O_b - O_r| median {np.median(d):.1e}, max {d.max():.1e} ({int((d > 1e-3).sum())} of {d.size} > 1e-3)")
     print(f"whole benchmark: {time.perf_counter() - t_all:.0f}s\n")
 
     target("eval_speedup_vs_reference", ratio, ">=", 3.0)
