@@ -46,6 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scorecam-batch", type=int, default=32, help="Score-CAM masked images per forward")
     parser.add_argument("--random-seed", type=int, default=0, help="seed of the random-map floor")
     parser.add_argument("--gaussian-sigma", type=float, default=0.25, help="centred Gaussian sigma, x the shorter image side")
+    parser.add_argument("--save-maps", type=int, default=0, metavar="N",
+                        help="keep every method's map of the first N images (by rank) in maps.npz, for the report's gallery")
     parser.add_argument("--road", action="store_true", help="also ROAD MoRF/LeRF via pytorch-grad-cam (costly: 2P+1 forwards and 2P sparse solves per image)")
     parser.add_argument("--road-percentiles", type=_ints, default=(10, 20, 30, 40, 50, 60, 70, 80, 90))
     parser.add_argument("--road-seed", type=int, default=0)
@@ -86,7 +88,7 @@ def config_from_args(args: argparse.Namespace):
         shards=args.shards, out=args.out, checkpoints=list(args.checkpoints or []), methods=methods, backbone=args.backbone,
         weights=args.weights, ratios=tuple(args.ratios), limit=args.limit, seed=args.seed, method_limits=_method_limits(args.method_limits),
         batch_size=args.batch_size, rise_masks=args.rise_masks, rise_grid=args.rise_grid, rise_p=args.rise_p, rise_batch=args.rise_batch,
-        rise_seed=args.rise_seed, scorecam_batch=args.scorecam_batch, random_seed=args.random_seed, gaussian_sigma=args.gaussian_sigma,
+        rise_seed=args.rise_seed, scorecam_batch=args.scorecam_batch, random_seed=args.random_seed, gaussian_sigma=args.gaussian_sigma, save_maps=args.save_maps,
         road=args.road, road_percentiles=tuple(args.road_percentiles), road_seed=args.road_seed, engine=args.engine, actors=args.actors,
         decode_workers=args.decode_workers, torch_threads=args.torch_threads, device=args.device, index=args.index,
         shard_storage_options=parse_storage_options(args.shard_storage_option), out_storage_options=parse_storage_options(args.storage_option),

@@ -398,6 +398,10 @@ class Evaluator:
         self.counter = _ForwardCounter(self.backbone.features)
         self.model = _ChannelsLast(self.backbone)
 
+    def close(self) -> None:
+        """Remove the forward-counting hook from the backbone (it may be shared with the caller)."""
+        self.counter.handle.remove()
+
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -1008,7 +1012,10 @@ def evaluate(cfg: EvalConfig) -> EvalSummary:
         evaluator = Evaluator(backbone, specs, ratios, forward_batch=cfg.batch_size, road=cfg.road,
                               road_percentiles=cfg.road_percentiles, road_seed=cfg.road_seed, device=device,
                               keep_maps=cfg.save_maps)
-        run_local(plan, evaluator, backbone.preprocessing, cfg.shard_storage_options, cfg.decode_workers, on_batch)
+        try:
+            run_local(plan, evaluator, backbone.preprocessing, cfg.shard_storage_options, cfg.decode_workers, on_batch)
+        finally:
+            evaluator.close()
         engine_info.update(device=device, torch_threads=torch.get_num_threads(), decode_workers=cfg.decode_workers)
     else:
         engine_info.update(run_ray(plan, cfg, backbone, specs, on_batch))

@@ -145,6 +145,8 @@ def test_all_ratios_agree_with_pytorch_grad_cam_on_the_same_maps(backbone):
         assert 100 / 4 * np.sum(O[j] > Y) == 100 / 4 * np.sum(diff > 0)
     assert res["methods"]["gradcam"]["map_forwards"] == 4 and res["methods"]["gradcam"]["masked_forwards"] == 12
     assert res["clean_forwards"] == 4
+    ev.close()
+    assert not backbone.features._forward_pre_hooks
 
 
 def reference_scores(backbone, state, image: torch.Tensor) -> tuple[int, float, list[float]]:
@@ -275,6 +277,20 @@ def test_bad_inputs_fail_clearly_and_write_nothing(data, tmp_path):
     with pytest.raises(CheckpointMismatch, match="resnet18"):
         evaluate(config(data, out, checkpoints=[data["fm"], wrong]))
     assert not out.exists()
+
+
+def test_road_option_reports_morf_lerf(data, tmp_path):
+    out = tmp_path / "road"
+    # percentile 90: only 10% of the pixels imputed, so the sparse solves stay small
+    summary = evaluate(config(data, out, checkpoints=[], methods=("gaussian",), method_limits={}, limit=2, road=True, road_percentiles=(90,)))
+    m = summary.methods[0]
+    assert m.road["forwards"] == 2 * (2 * 1 + 1)  # per image: 2P + 1 (clean, MoRF, LeRF at one percentile)
+    assert len(m.road["morf_mean"]) == len(m.road["lerf_mean"]) == 1
+    assert m.road["combined"] == pytest.approx((m.road["lerf_mean"][0] - m.road["morf_mean"][0]) / 2)
+    rows = read_csv(out / "per_image.csv")
+    assert len(rows) == 2 and all(0 <= float(r["road_morf_mean"]) <= 1 for r in rows)
+    assert "## ROAD" in (out / "results.md").read_text()
+    assert json.loads((out / "results.json").read_text())["road"]["percentiles"] == [90]
 
 
 def test_cli_runs_and_reports_errors(data, tmp_path, capsys):
