@@ -57,6 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-workers", type=int, default=4, help="local: decoding threads")
     parser.add_argument("--torch-threads", type=int, default=None, help="ray CPU actors: torch threads (default: the node's cores)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="local engine's device")
+    parser.add_argument("--no-fold-batchnorm", dest="fold_batchnorm", action="store_false",
+                        help="run the backbone as built (default: BatchNorm folded into the convolutions, same function, faster)")
     parser.add_argument("--index", default=None, help="shard index URL (default: index.json beside the shards)")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -90,7 +92,7 @@ def config_from_args(args: argparse.Namespace):
         batch_size=args.batch_size, rise_masks=args.rise_masks, rise_grid=args.rise_grid, rise_p=args.rise_p, rise_batch=args.rise_batch,
         rise_seed=args.rise_seed, scorecam_batch=args.scorecam_batch, random_seed=args.random_seed, gaussian_sigma=args.gaussian_sigma, save_maps=args.save_maps,
         road=args.road, road_percentiles=tuple(args.road_percentiles), road_seed=args.road_seed, engine=args.engine, actors=args.actors,
-        decode_workers=args.decode_workers, torch_threads=args.torch_threads, device=args.device, index=args.index,
+        decode_workers=args.decode_workers, torch_threads=args.torch_threads, device=args.device, fold_batchnorm=args.fold_batchnorm, index=args.index,
         shard_storage_options=parse_storage_options(args.shard_storage_option), out_storage_options=parse_storage_options(args.storage_option),
         checkpoint_storage_options=parse_storage_options(args.checkpoint_storage_option), progress=not args.no_progress,
     )

@@ -98,6 +98,7 @@ class EvalConfig:
     decode_workers: int = 4  # local: decoding threads
     torch_threads: int | None = None  # ray CPU actors: torch threads (default: all cores of the node)
     device: str = "auto"  # auto | cpu | cuda
+    fold_batchnorm: bool = True  # BatchNorm folded into the convolutions: same function, 1.2-1.5x faster on CPU
     index: str | None = None
     shard_storage_options: StorageOptions = None
     out_storage_options: StorageOptions = None
@@ -376,12 +377,14 @@ class Evaluator:
         road_seed: int = 0,
         device: str | torch.device = "cpu",
         keep_maps: int = 0,
+        fold_batchnorm: bool = True,
     ) -> None:
         from lcam import LCAM
         from lcam.baselines import LCAMMethod, build_baseline
 
         self.device = torch.device(device)
-        self.backbone = backbone.to(self.device)
+        # an inference copy (Backbone.folded): every method, clean and masked passes share it
+        self.backbone = (backbone.folded() if fold_batchnorm else backbone).to(self.device)
         self.ratios = tuple(float(r) for r in ratios)
         self.forward_batch = forward_batch
         self.road, self.road_percentiles, self.road_seed = road, tuple(road_percentiles), road_seed
@@ -565,7 +568,7 @@ class EvalActor:
                             f"{backbone.weights_digest()[:12]} vs {digest[:12]}); give every node the same weights file")
         self.evaluator = Evaluator(backbone, specs, options["ratios"], forward_batch=options["forward_batch"], road=options["road"],
                                    road_percentiles=options["road_percentiles"], road_seed=options["road_seed"], device=device,
-                                   keep_maps=options.get("keep_maps", 0))
+                                   keep_maps=options.get("keep_maps", 0), fold_batchnorm=options.get("fold_batchnorm", True))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.threads:  # unconditionally: torch reports the count it was last given, not this thread's
@@ -595,7 +598,8 @@ def run_ray(plan: Plan, cfg: EvalConfig, backbone: Any, specs: Sequence[MethodSp
     actors = cfg.actors or (gpus or 1)
     items = [{"url": g[0].shard_url, "batches": json.dumps([asdict(b) for b in g])} for g in _by_shard(plan)]
     options = {"ratios": cfg.ratios, "forward_batch": cfg.batch_size, "road": cfg.road, "road_percentiles": cfg.road_percentiles,
-               "road_seed": cfg.road_seed, "torch_threads": cfg.torch_threads, "keep_maps": cfg.save_maps}
+               "road_seed": cfg.road_seed, "torch_threads": cfg.torch_threads, "keep_maps": cfg.save_maps,
+               "fold_batchnorm": cfg.fold_batchnorm}
     ds = (
         ray.data.from_items(items, override_num_blocks=len(items))
         .flat_map(ray_read_decode, fn_kwargs={"prep": backbone.preprocessing, "storage_options": cfg.shard_storage_options}, num_cpus=1)
@@ -1006,12 +1010,12 @@ def evaluate(cfg: EvalConfig) -> EvalSummary:
         progress.update(len(decoded.keys) + len(decoded.skipped))
 
     t_eval = time.perf_counter()
-    engine_info: dict[str, Any] = {"name": engine, "batch_size": cfg.batch_size}
+    engine_info: dict[str, Any] = {"name": engine, "batch_size": cfg.batch_size, "fold_batchnorm": cfg.fold_batchnorm}
     if engine == "local":
         device = _pick_device(cfg.device)
         evaluator = Evaluator(backbone, specs, ratios, forward_batch=cfg.batch_size, road=cfg.road,
                               road_percentiles=cfg.road_percentiles, road_seed=cfg.road_seed, device=device,
-                              keep_maps=cfg.save_maps)
+                              keep_maps=cfg.save_maps, fold_batchnorm=cfg.fold_batchnorm)
         try:
             run_local(plan, evaluator, backbone.preprocessing, cfg.shard_storage_options, cfg.decode_workers, on_batch)
         finally:

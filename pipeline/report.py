@@ -158,7 +158,10 @@ def _gallery(data: Any, assets: str, colormap: str, opacity: float, storage_opti
     methods, labels = [str(m) for m in data["methods"]], [str(x) for x in data["labels"]]
     head = "<tr><th>image</th>" + "".join(f"<th>{html.escape(l)}</th>" for l in labels) + "</tr>"
     rows = []
-    for i, key in enumerate(data["keys"]):
+    # images that every method ran on first (costly methods run on a subset)
+    evaluated = [sum(not np.isnan(np.asarray(data[f"map__{m}"][i], dtype=np.float32)).all() for m in methods) for i in range(len(data["keys"]))]
+    for i in sorted(range(len(data["keys"])), key=lambda i: -evaluated[i]):
+        key = data["keys"][i]
         image = data["images"][i]
         cls, prob = int(data["class_ids"][i]), float(data["probs"][i])
         cname = names[cls] if 0 <= cls < len(names) else str(cls)

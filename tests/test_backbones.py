@@ -102,3 +102,52 @@ def test_register_another_cnn():
     feats, logits = b.extract(torch.rand(3, 3, 32, 32))
     assert feats.shape == (3, 8, 8, 8) and logits.shape == (3, 10)
     assert len(b.weights_digest()) == 64
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "resnet18", "vgg16"])
+def test_folded_backbone_computes_the_same_function(name):
+    """BatchNorm folded into the convolutions (nn.Conv2d modules in ResNet, F.conv2d in
+    EfficientNet-Lite's same-padding convs): equal in float64 to 1e-9 with non-trivial
+    BN statistics, same identity, the original untouched."""
+    b = build_backbone(name, "default" if name == "efficientnet_lite0" else "random").double()
+    g = torch.Generator().manual_seed(1)
+    bns = [m for m in b.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in bns:
+        m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g, dtype=torch.float64) * 0.1)
+        m.running_var.copy_(torch.rand(m.running_var.shape, generator=g, dtype=torch.float64) + 0.5)
+    before = {k: v.clone() for k, v in b.state_dict().items()}
+    f = b.folded()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in f.modules())
+    assert f.describe() == b.describe()
+    x = torch.rand(2, 3, 224, 224, dtype=torch.float64)
+    with torch.no_grad():
+        (fa, la), (fb, lb) = b.extract(x), f.extract(x)
+    assert (fa - fb).abs().max() <= 1e-9 * fa.abs().max()
+    assert (la - lb).abs().max() <= 1e-9 * la.abs().max()
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in before.items())
+    if not bns:  # nothing to fold: the very same modules
+        assert f.features is b.features
+
+
+def test_fold_leaves_shared_or_untraceable_modules_alone():
+    from lcam.backbones import fold_batchnorm
+
+    class Shared(torch.nn.Module):  # one conv called twice: folding one BN would change the other call
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = torch.nn.Conv2d(3, 3, 1), torch.nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            return self.bn(self.conv(x)) + self.conv(x)
+
+    class Dynamic(torch.nn.Sequential):  # data-dependent control flow: fx cannot trace it
+        def forward(self, x):
+            return super().forward(x) if x.sum() > 0 else x
+
+    shared = Shared().eval()
+    dynamic = Dynamic(torch.nn.Conv2d(3, 3, 1), torch.nn.BatchNorm2d(3)).eval()
+    assert fold_batchnorm(dynamic) is dynamic
+    out = fold_batchnorm(shared)
+    x = torch.rand(1, 3, 4, 4)
+    with torch.no_grad():
+        assert torch.allclose(out(x), shared(x), atol=1e-6)
