@@ -111,7 +111,7 @@ class Backbone(nn.Module):
         identity (:meth:`describe`), 1.2-1.5x faster on CPU where BatchNorm is a separate
         memory-bound pass. For evaluation and extraction; training keeps the original.
         """
-        out = Backbone(self.name, fold_batchnorm(self.features), fold_batchnorm(self.head), self.feature_shape,
+        out = Backbone(self.name, fold_for_inference(self.features), fold_for_inference(self.head), self.feature_shape,
                        self.preprocessing, self.num_classes, self.weights_name)
         out._digest = self.weights_digest()
         return out.to(self.mean.device)
@@ -145,10 +145,42 @@ def _fold(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.BatchNorm2d) -
     return (weight * scale.reshape(-1, 1, 1, 1)).detach(), ((bias - bn.running_mean) * scale + shift).detach()
 
 
-def fold_batchnorm(module: nn.Module) -> nn.Module:
+def _conv2d_args(node: torch.fx.Node) -> list[Any] | None:
+    """The 7 arguments of an ``F.conv2d`` call node, defaults filled in; None for other nodes."""
+    if node.op != "call_function" or node.target not in (F.conv2d, torch.conv2d):
+        return None
+    args = list(node.args) + list((None, None, None, 1, 0, 1, 1)[len(node.args):])
+    for i, name in enumerate(("input", "weight", "bias", "stride", "padding", "dilation", "groups")):
+        args[i] = node.kwargs.get(name, args[i])
+    return args
+
+
+def _merge_symmetric_padding(gm: torch.fx.GraphModule, mods: Mapping[str, nn.Module]) -> int:
+    """Drop each symmetric ``nn.ZeroPad2d`` that feeds only an unpadded ``F.conv2d`` (TF-style
+    "same" convolutions at stride 1) into the convolution's own padding: same zeros, one
+    tensor copy less. Returns how many were merged."""
+    merged = 0
+    for node in list(gm.graph.nodes):
+        pad = mods.get(node.target) if node.op == "call_module" else None
+        if not isinstance(pad, nn.ZeroPad2d) or len(node.users) != 1 or len(node.args) != 1:
+            continue
+        left, right, top, bottom = pad.padding
+        conv = next(iter(node.users))
+        args = _conv2d_args(conv)
+        if left != right or top != bottom or args is None or args[0] is not node or args[4] not in (0, (0, 0), [0, 0]):
+            continue
+        args[0], args[4] = node.args[0], (top, left)
+        conv.args, conv.kwargs = tuple(args), {}
+        gm.graph.erase_node(node)
+        merged += 1
+    return merged
+
+
+def fold_for_inference(module: nn.Module) -> nn.Module:
     """A copy of an eval-mode ``module`` where each BatchNorm2d fed only by a convolution
     (an ``nn.Conv2d`` called once, or ``F.conv2d`` on the module's own weights) is folded
-    into it; ``module`` itself when nothing folds or it cannot be traced (torch.fx)."""
+    into it, and symmetric zero padding before an ``F.conv2d`` becomes the convolution's own;
+    ``module`` itself when nothing changes or it cannot be traced (torch.fx)."""
     try:
         gm = torch.fx.symbolic_trace(copy.deepcopy(module))
     except Exception:  # data-dependent control flow: keep the module as it is
@@ -170,11 +202,7 @@ def fold_batchnorm(module: nn.Module) -> nn.Module:
         if isinstance(conv, nn.Conv2d) and type(conv).forward is nn.Conv2d.forward and calls[src.target] == 1:
             w, b = _fold(conv.weight, conv.bias, bn)
             conv.weight, conv.bias = nn.Parameter(w, requires_grad=False), nn.Parameter(b, requires_grad=False)
-        elif src.op == "call_function" and src.target in (F.conv2d, torch.conv2d):
-            names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-            args = list(src.args) + list((None, None, None, 1, 0, 1, 1)[len(src.args):])
-            for i, name in enumerate(names):
-                args[i] = src.kwargs.get(name, args[i])
+        elif (args := _conv2d_args(src)) is not None:
             tensors = dict(gm.named_parameters(), **dict(gm.named_buffers()))
             if not all(a is None or (isinstance(a, torch.fx.Node) and a.op == "get_attr" and a.target in tensors) for a in args[1:3]):
                 continue
@@ -190,6 +218,7 @@ def fold_batchnorm(module: nn.Module) -> nn.Module:
         node.replace_all_uses_with(src)
         gm.graph.erase_node(node)
         folded += 1
+    folded += _merge_symmetric_padding(gm, mods)
     if not folded:
         return module
     gm.graph.eliminate_dead_code()

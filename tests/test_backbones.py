@@ -107,8 +107,9 @@ def test_register_another_cnn():
 @pytest.mark.parametrize("name", ["efficientnet_lite0", "resnet18", "vgg16"])
 def test_folded_backbone_computes_the_same_function(name):
     """BatchNorm folded into the convolutions (nn.Conv2d modules in ResNet, F.conv2d in
-    EfficientNet-Lite's same-padding convs): equal in float64 to 1e-9 with non-trivial
-    BN statistics, same identity, the original untouched."""
+    EfficientNet-Lite's same-padding convs, whose symmetric pads become conv padding):
+    equal in float64 to 1e-9 with non-trivial BN statistics, same identity, the
+    original untouched."""
     b = build_backbone(name, "default" if name == "efficientnet_lite0" else "random").double()
     g = torch.Generator().manual_seed(1)
     bns = [m for m in b.modules() if isinstance(m, torch.nn.BatchNorm2d)]
@@ -118,6 +119,8 @@ def test_folded_backbone_computes_the_same_function(name):
     before = {k: v.clone() for k, v in b.state_dict().items()}
     f = b.folded()
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in f.modules())
+    pads = [m.padding for m in f.modules() if isinstance(m, torch.nn.ZeroPad2d)]  # symmetric ones merged into the convs
+    assert all(p[0] != p[1] or p[2] != p[3] for p in pads) and (name != "efficientnet_lite0" or 0 < len(pads) < 17)
     assert f.describe() == b.describe()
     x = torch.rand(2, 3, 224, 224, dtype=torch.float64)
     with torch.no_grad():
@@ -130,7 +133,7 @@ def test_folded_backbone_computes_the_same_function(name):
 
 
 def test_fold_leaves_shared_or_untraceable_modules_alone():
-    from lcam.backbones import fold_batchnorm
+    from lcam.backbones import fold_for_inference
 
     class Shared(torch.nn.Module):  # one conv called twice: folding one BN would change the other call
         def __init__(self):
@@ -146,8 +149,8 @@ def test_fold_leaves_shared_or_untraceable_modules_alone():
 
     shared = Shared().eval()
     dynamic = Dynamic(torch.nn.Conv2d(3, 3, 1), torch.nn.BatchNorm2d(3)).eval()
-    assert fold_batchnorm(dynamic) is dynamic
-    out = fold_batchnorm(shared)
+    assert fold_for_inference(dynamic) is dynamic
+    out = fold_for_inference(shared)
     x = torch.rand(1, 3, 4, 4)
     with torch.no_grad():
         assert torch.allclose(out(x), shared(x), atol=1e-6)
