@@ -206,7 +206,7 @@ def main() -> int:
     # ---- the table
     out = work / "eval"
     t0 = time.perf_counter()
-    summary = evaluate(EvalConfig(
+    evaluate(EvalConfig(
         shards=paths["shards"], out=str(out), checkpoints=[paths["fm"], paths["img"]], limit=args.limit, seed=args.seed,
         method_limits={"rise": args.rise_images, "scorecam": args.scorecam_images}, rise_masks=args.rise_masks,
         rise_batch=args.batch_size, scorecam_batch=args.batch_size, batch_size=args.batch_size, engine="local",

@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
             f"features     {info['dtype']} {tuple(info['feature_shape'])} x views {info['views']}, chunks of {info['chunk_rows']} rows",
             f"samples      {info['samples']} in {info['shards_done']} shards ({info['skipped']} skipped at extraction)",
             f"size         {_size(info['bytes_on_disk'])} on disk, {_size(info['raw_bytes'])} raw, compression ratio {info['compression_ratio']:.2f}",
-            f"versions     " + ", ".join(f"{k} {v}" for k, v in sorted(info["versions"].items())),
+            "versions     " + ", ".join(f"{k} {v}" for k, v in sorted(info["versions"].items())),
             f"updated      {info['updated']} (created {info['created']})",
         ]
         if "shards_missing" in info:

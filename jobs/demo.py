@@ -11,7 +11,6 @@ and Score-CAM -> ``runs/demo/report.html``.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 

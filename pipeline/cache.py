@@ -184,7 +184,115 @@ class VerifyReport:
         return {"ok": self.ok, "problems": self.problems, "notes": self.notes, "shards": self.shards, "rows": self.rows, "chunks_read": self.chunks_read}
 
 
-class FeatureCache:
+class ShardedStore:
+    """What the feature cache and the CAM store share: a Zarr v3 root with one group per
+    source shard (one writer each) and ``manifest.json``, which records the shards that are
+    done and is written by the driver only. Picklable: ships to Ray tasks as URL + options,
+    handles reopen lazily."""
+
+    FORMAT = FORMAT
+    KIND = "feature cache"
+    _TRANSIENT: tuple[str, ...] = ("_store", "_fs_path", "_sorted")  # sockets, event loops, derived
+
+    url: str
+    storage_options: dict[str, Any]
+    fingerprint: str
+    writable: bool
+    _manifest: dict[str, Any]
+
+    def _init_handles(self) -> None:
+        self._store: Any = None
+        self._fs_path: tuple[Any, str] | None = None
+        self._sorted: tuple[list[dict[str, Any]], dict[str, dict[str, Any]]] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in self._TRANSIENT}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._init_handles()
+
+    def _fs(self) -> tuple[Any, str]:
+        """(filesystem, root path), made once: a new S3 client per metadata read is slow."""
+        if self._fs_path is None:
+            self._fs_path = _connect(self.url, self.storage_options)
+        return self._fs_path
+
+    def _read_json(self, *parts: str) -> Any:
+        fs, root = self._fs()
+        return _read_json_fs(fs, "/".join([root, *parts]))
+
+    def _zstore(self) -> Any:
+        if self._store is None:
+            self._store = _make_store(self.url, self.storage_options, read_only=not self.writable)
+        return self._store
+
+    def _group_attrs(self, sid: str) -> dict[str, Any] | None:
+        return (self._read_json("shards", sid, "zarr.json") or {}).get("attributes")
+
+    # ---- manifest (driver only)
+    def refresh(self) -> dict[str, Any]:
+        """Re-read manifest.json (another process may have advanced it)."""
+        self._manifest = self._read_json("manifest.json") or _new_manifest(self.fingerprint, self.FORMAT)
+        self._sorted = None
+        return self._manifest
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return self._manifest
+
+    def done_sources(self) -> set[str]:
+        return set(self._manifest.get("shards", {}))
+
+    def mark_done(self, entries: Sequence[Mapping[str, Any]], *, check: bool = True) -> None:
+        """Record finished shards (entries from ``write_shard``, plus ``skipped``).
+
+        Driver only: read-modify-write of manifest.json with an atomic replace. With
+        ``check``, each group must be complete (attrs written, count agrees) first.
+        """
+        manifest = self.refresh()
+        for e in entries:
+            url, sid, count = e["url"], e.get("shard_id") or shard_id_for(e["url"]), int(e["count"])
+            if check:
+                attrs = self._group_attrs(sid)
+                if attrs is None or attrs.get("count") != count or len(attrs.get("keys", [])) != count:
+                    raise RuntimeError(f"shard {url} ({sid}) is not completely written (group attrs {attrs and {k: attrs.get(k) for k in ('count', 'source')}}, entry count {count}); not marking it done")
+            manifest["shards"][url] = {
+                "url": url,
+                "shard_id": sid,
+                "count": count,
+                "skipped": [{"key": str(s.get("key")), "reason": str(s.get("reason"))} for s in e.get("skipped", [])],
+                "seconds": float(e.get("seconds", 0.0)),
+                "finished_at": e.get("finished_at") or _now(),
+            }
+        self._save_manifest(manifest)
+
+    def _save_manifest(self, manifest: dict[str, Any]) -> None:
+        if not self.writable:
+            raise PermissionError(f"{self.KIND} opened read-only")
+        manifest["updated"] = _now()
+        manifest["versions"] = dict(_versions())
+        fs, root = self._fs()
+        if is_local(fs):
+            write_json_atomic(join(self.url, "manifest.json"), manifest, self.storage_options)
+        else:  # one PUT is atomic on object stores (as in write_bytes_atomic), on the cached client
+            fs.pipe_file(f"{root}/manifest.json", json.dumps(manifest, indent=1, sort_keys=True).encode())
+        self._manifest = manifest
+        self._sorted = None
+
+    def _index(self) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+        """Done shards sorted by source URL (the deterministic order), and by shard id."""
+        if self._sorted is None:  # cached: readers ask per shard, stores hold thousands
+            shards = self._manifest.get("shards", {})
+            entries = [shards[u] for u in sorted(shards)]
+            self._sorted = (entries, {e["shard_id"]: e for e in entries})
+        return self._sorted
+
+    def shard_ids(self) -> list[str]:
+        return [e["shard_id"] for e in self._index()[0]]
+
+
+class FeatureCache(ShardedStore):
     """One feature cache. Picklable (ships to Ray tasks as URL + options; handles reopen lazily)."""
 
     def __init__(
@@ -214,19 +322,12 @@ class FeatureCache:
         self._fs_path = fs
 
     # ---- pickling: drop stores and open handles, they hold event loops and sockets
+    _TRANSIENT = ShardedStore._TRANSIENT + ("_handles", "_lock")
+
     def _init_handles(self) -> None:
-        self._store: Any = None
-        self._fs_path: tuple[Any, str] | None = None
+        super()._init_handles()
         self._handles: OrderedDict[str, _ShardHandle] = OrderedDict()
-        self._sorted: tuple[list[dict[str, Any]], dict[str, dict[str, Any]]] | None = None
         self._lock = threading.Lock()
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_store", "_fs_path", "_handles", "_lock", "_sorted")}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._init_handles()
 
     def __repr__(self) -> str:
         return f"FeatureCache({self.url!r}, fingerprint={self.fingerprint}, shards={len(self._manifest.get('shards', {}))})"
@@ -305,21 +406,6 @@ class FeatureCache:
         manifest = _read_json_fs(fs, f"{root}/manifest.json") or _new_manifest(attrs["fingerprint"])
         return cls(url, attrs, manifest, storage_options, writable=False, fs=(fs, root))
 
-    def _fs(self) -> tuple[Any, str]:
-        """(filesystem, root path), made once: a new S3 client per metadata read is slow."""
-        if self._fs_path is None:
-            self._fs_path = _connect(self.url, self.storage_options)
-        return self._fs_path
-
-    def _read_json(self, *parts: str) -> Any:
-        fs, root = self._fs()
-        return _read_json_fs(fs, "/".join([root, *parts]))
-
-    def _zstore(self) -> Any:
-        if self._store is None:
-            self._store = _make_store(self.url, self.storage_options, read_only=not self.writable)
-        return self._store
-
     # ---- writing (one task per source shard)
     def write_shard(
         self,
@@ -397,76 +483,16 @@ class FeatureCache:
         await asyncio.gather(*(one(name, data, fill) for name, (data, fill) in arrays.items()))
         await group.update_attributes(attrs)  # last: a group with keys is complete
 
-    # ---- manifest (driver only)
-    def refresh(self) -> dict[str, Any]:
-        """Re-read manifest.json (another process may have advanced it)."""
-        self._manifest = self._read_json("manifest.json") or _new_manifest(self.fingerprint)
-        self._sorted = None
-        return self._manifest
-
-    @property
-    def manifest(self) -> dict[str, Any]:
-        return self._manifest
-
-    def done_sources(self) -> set[str]:
-        return set(self._manifest.get("shards", {}))
-
-    def mark_done(self, entries: Sequence[Mapping[str, Any]], *, check: bool = True) -> None:
-        """Record finished shards (entries from :meth:`write_shard`, plus ``skipped``).
-
-        Driver only: read-modify-write of manifest.json with an atomic replace. With
-        ``check``, each group must be complete (attrs written, count agrees) first.
-        """
-        manifest = self.refresh()
-        for e in entries:
-            url, sid, count = e["url"], e.get("shard_id") or shard_id_for(e["url"]), int(e["count"])
-            if check:
-                attrs = self._group_attrs(sid)
-                if attrs is None or attrs.get("count") != count or len(attrs.get("keys", [])) != count:
-                    raise RuntimeError(f"shard {url} ({sid}) is not completely written (group attrs {attrs and {k: attrs.get(k) for k in ('count', 'source')}}, entry count {count}); not marking it done")
-            manifest["shards"][url] = {
-                "url": url,
-                "shard_id": sid,
-                "count": count,
-                "skipped": [{"key": str(s.get("key")), "reason": str(s.get("reason"))} for s in e.get("skipped", [])],
-                "seconds": float(e.get("seconds", 0.0)),
-                "finished_at": e.get("finished_at") or _now(),
-            }
-        self._save_manifest(manifest)
-
     def record_counts(self, counts: Mapping[str, int]) -> None:
         """Remember how many samples each source shard holds (for shards without an index)."""
         manifest = self.refresh()
         manifest.setdefault("expected_counts", {}).update({k: int(v) for k, v in counts.items()})
         self._save_manifest(manifest)
 
-    def _save_manifest(self, manifest: dict[str, Any]) -> None:
-        if not self.writable:
-            raise PermissionError("cache opened read-only")
-        manifest["updated"] = _now()
-        manifest["versions"] = dict(_versions())
-        fs, root = self._fs()
-        if is_local(fs):
-            write_json_atomic(join(self.url, "manifest.json"), manifest, self.storage_options)
-        else:  # one PUT is atomic on object stores (as in write_bytes_atomic), on the cached client
-            fs.pipe_file(f"{root}/manifest.json", json.dumps(manifest, indent=1, sort_keys=True).encode())
-        self._manifest = manifest
-        self._sorted = None
-
     # ---- reading
     def _entries(self) -> list[dict[str, Any]]:
         """Done shards in deterministic order: sorted by source URL."""
         return self._index()[0]
-
-    def _index(self) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
-        if self._sorted is None:  # cached: readers ask per shard, caches hold thousands
-            shards = self._manifest.get("shards", {})
-            entries = [shards[u] for u in sorted(shards)]
-            self._sorted = (entries, {e["shard_id"]: e for e in entries})
-        return self._sorted
-
-    def shard_ids(self) -> list[str]:
-        return [e["shard_id"] for e in self._entries()]
 
     def num_rows(self, shard_id: str) -> int:
         try:
@@ -479,9 +505,6 @@ class FeatureCache:
 
     def __len__(self) -> int:
         return sum(int(e["count"]) for e in self._entries())
-
-    def _group_attrs(self, sid: str) -> dict[str, Any] | None:
-        return (self._read_json("shards", sid, "zarr.json") or {}).get("attributes")
 
     def _handle(self, sid: str) -> "_ShardHandle":
         """Open shard group and arrays, LRU-cached: each open costs metadata GETs on S3."""
@@ -732,9 +755,9 @@ def _read_json_fs(fs: Any, path: str) -> Any:
         return None
 
 
-def _new_manifest(fingerprint: str) -> dict[str, Any]:
+def _new_manifest(fingerprint: str, fmt: str = FORMAT) -> dict[str, Any]:
     now = _now()
-    return {"format": FORMAT, "fingerprint": fingerprint, "shards": {}, "expected_counts": {}, "versions": dict(_versions()), "created": now, "updated": now}
+    return {"format": fmt, "fingerprint": fingerprint, "shards": {}, "expected_counts": {}, "versions": dict(_versions()), "created": now, "updated": now}
 
 
 def _rows(x: Any, shape: tuple[int, ...], dtype: Any, name: str) -> np.ndarray:

@@ -52,19 +52,20 @@ from lcam import LCAM, Explanation, Preprocessing
 from lcam.explain import choose_targets, explain_from_features, minmax_normalize, upsample
 
 from .cache import (
+    ShardedStore,
     _canonical,
     _connect,
     _make_store,
+    _new_manifest as _new_store_manifest,
     _now,
     _read_json_fs,
-    _versions,
     default_compressors,
     fingerprint_of,
     identity_diff,
     shard_id_for,
 )
 from .errors import UserError
-from .fs import StorageOptions, is_local, join, write_json_atomic
+from .fs import StorageOptions, join
 
 FORMAT = "lcam-cam-store/1"
 MODES = ("predicted", "label", "top-k", "ids")
@@ -337,8 +338,11 @@ def upsampled_uint8(raw: torch.Tensor, size: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- the store
-class CamStore:
-    """One CAM store. Picklable (ships to Ray tasks as URL + options; handles reopen lazily)."""
+class CamStore(ShardedStore):
+    """One CAM store: the feature cache's layout and manifest (:class:`ShardedStore`), maps inside."""
+
+    FORMAT = FORMAT
+    KIND = "CAM store"
 
     def __init__(self, url: str, root_attrs: Mapping[str, Any], manifest: Mapping[str, Any], storage_options: StorageOptions = None, writable: bool = False) -> None:
         self.url = url.rstrip("/")
@@ -354,21 +358,6 @@ class CamStore:
         self._manifest: dict[str, Any] = dict(manifest)
         self._init_handles()
 
-    def _init_handles(self) -> None:
-        self._store: Any = None
-        self._fs_path: tuple[Any, str] | None = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_store", "_fs_path")}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._init_handles()
-
-    def __repr__(self) -> str:
-        return f"CamStore({self.url!r}, fingerprint={self.fingerprint}, shards={len(self._manifest.get('shards', {}))})"
-
-    # ---- opening
     @classmethod
     def create_or_open(
         cls,
@@ -420,16 +409,6 @@ class CamStore:
         store = cls(url, attrs, manifest, storage_options)
         store._fs_path = (fs, root)
         return store
-
-    def _fs(self) -> tuple[Any, str]:
-        if self._fs_path is None:
-            self._fs_path = _connect(self.url, self.storage_options)
-        return self._fs_path
-
-    def _zstore(self) -> Any:
-        if self._store is None:
-            self._store = _make_store(self.url, self.storage_options, read_only=not self.writable)
-        return self._store
 
     # ---- writing (one task per source shard)
     def write_shard(self, source_url: str, rows: Mapping[str, Any]) -> dict[str, Any]:
@@ -493,63 +472,10 @@ class CamStore:
         await asyncio.gather(*(one(name, *spec) for name, spec in arrays.items()))
         await group.update_attributes(attrs)  # last: a group with keys is complete
 
-    # ---- manifest (driver only)
-    def refresh(self) -> dict[str, Any]:
-        fs, root = self._fs()
-        self._manifest = _read_json_fs(fs, f"{root}/manifest.json") or _new_manifest(self.fingerprint)
-        return self._manifest
-
-    @property
-    def manifest(self) -> dict[str, Any]:
-        return self._manifest
-
-    def done_sources(self) -> set[str]:
-        return set(self._manifest.get("shards", {}))
-
-    def mark_done(self, entries: Sequence[Mapping[str, Any]]) -> None:
-        """Record finished shards; each group must be complete (attrs written, count agrees) first."""
-        manifest = self.refresh()
-        for e in entries:
-            url, sid, count = e["url"], e["shard_id"], int(e["count"])
-            attrs = self._group_attrs(sid)
-            if attrs is None or attrs.get("count") != count or len(attrs.get("keys", [])) != count:
-                raise RuntimeError(f"shard {url} ({sid}) is not completely written; not marking it done")
-            manifest["shards"][url] = {
-                "url": url,
-                "shard_id": sid,
-                "count": count,
-                "skipped": [{"key": str(s.get("key")), "reason": str(s.get("reason"))} for s in e.get("skipped", [])],
-                "seconds": float(e.get("seconds", 0.0)),
-                "finished_at": e.get("finished_at") or _now(),
-            }
-        self._save_manifest(manifest)
-
-    def _save_manifest(self, manifest: dict[str, Any]) -> None:
-        if not self.writable:
-            raise PermissionError("CAM store opened read-only")
-        manifest["updated"] = _now()
-        manifest["versions"] = dict(_versions())
-        fs, root = self._fs()
-        if is_local(fs):
-            write_json_atomic(join(self.url, "manifest.json"), manifest, self.storage_options)
-        else:  # one PUT is atomic on object stores
-            import json
-
-            fs.pipe_file(f"{root}/manifest.json", json.dumps(manifest, indent=1, sort_keys=True).encode())
-        self._manifest = manifest
-
-    def _group_attrs(self, sid: str) -> dict[str, Any] | None:
-        fs, root = self._fs()
-        return (_read_json_fs(fs, f"{root}/shards/{sid}/zarr.json") or {}).get("attributes")
-
     # ---- reading
     def entries(self) -> list[dict[str, Any]]:
         """Done shards in deterministic order: sorted by source URL (as the feature cache)."""
-        shards = self._manifest.get("shards", {})
-        return [shards[u] for u in sorted(shards)]
-
-    def shard_ids(self) -> list[str]:
-        return [e["shard_id"] for e in self.entries()]
+        return self._index()[0]
 
     def __len__(self) -> int:
         return sum(int(e["count"]) for e in self.entries())
@@ -629,8 +555,7 @@ def _read_store_attrs(fs: Any, root: str, url: str) -> dict[str, Any] | None:
 
 
 def _new_manifest(fingerprint: str) -> dict[str, Any]:
-    now = _now()
-    return {"format": FORMAT, "fingerprint": fingerprint, "shards": {}, "versions": dict(_versions()), "created": now, "updated": now}
+    return _new_store_manifest(fingerprint, FORMAT)
 
 
 # ---------------------------------------------------------------- bulk generation

@@ -389,7 +389,7 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=None if block else 0)
             if not ready:
                 return
-            url = pending.pop(ready[0])
+            pending.pop(ready[0])
             entry = ray.get(ready[0])
             cache.mark_done([entry])
             summary.shards_extracted += 1
