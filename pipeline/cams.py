@@ -888,17 +888,22 @@ class CamActor:
         import os
 
         device = resolve_device("auto")
-        if device.type == "cpu":
-            torch.set_num_threads(torch_threads or os.cpu_count() or 1)
+        # Ray sets OMP_NUM_THREADS=1 and may call from another thread: set on every call too
+        self.threads = (torch_threads or os.cpu_count() or 1) if device.type == "cpu" else None
+        if self.threads:
+            torch.set_num_threads(self.threads)
         self.explainer = Explainer.from_checkpoint(checkpoint, device=device, weights=weights, storage_options=storage_options, precision=precision)
         if self.explainer.fingerprint != fingerprint:
             raise RuntimeError(f"checkpoint {checkpoint} changed during the run (fingerprint {self.explainer.fingerprint}, expected {fingerprint}); re-run")
         self.selection, self.upsample_to = selection, upsample_to
-        if device.type == "cuda":
-            self.explainer.model.backbone.to(memory_format=torch.channels_last)
+        # as in extraction: BatchNorm folded (same function and identity), channels-last on CPU and GPU
+        model = self.explainer.model
+        model.backbone = model.backbone.folded().to(memory_format=torch.channels_last)
         self.ready_at = time.time()  # wall clock: the driver compares it with its own
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.threads:
+            torch.set_num_threads(self.threads)
         ex, sel = self.explainer, self.selection
         model, dev = ex.model, ex.device
         pixels = batch["pixels"][:, 0]
@@ -919,9 +924,7 @@ class CamActor:
         if self.upsample_to:
             out["upsampled"] = np.zeros((n, t, self.upsample_to, self.upsample_to), np.uint8)
         if ok.any():
-            x = torch.from_numpy(pixels[ok]).to(dev, non_blocking=True).float().div_(255.0)
-            if dev.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = torch.from_numpy(pixels[ok]).to(dev, non_blocking=True).float().div_(255.0).contiguous(memory_format=torch.channels_last)
             with torch.inference_mode():
                 with ex.autocast_context():
                     feats, logits = model.backbone.extract(x)
