@@ -45,8 +45,10 @@ def browser() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
-def make_report(folder) -> list[str]:
-    """A report from the same inputs the pipeline's stages write (tiny, synthetic numbers)."""
+def make_report(folder, scorecam_on_last_only: bool = False) -> list[str]:
+    """A report from the same inputs the pipeline's stages write (tiny, synthetic numbers).
+    ``scorecam_on_last_only``: Score-CAM ran on image "c" only (NaN maps elsewhere), as a
+    method limited to a subset leaves it."""
     methods = {
         "lcam-fm": "L-CAM-Fm", "lcam-img": "L-CAM-Img", "gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "scorecam": "Score-CAM",
     }
@@ -65,9 +67,12 @@ def make_report(folder) -> list[str]:
     (eval_dir / "adic.png").write_bytes(buf.getvalue())
     rng = np.random.default_rng(0)
     images = (rng.random((3, 224, 224, 3)) * 255).astype(np.uint8)
+    maps = {m: rng.random((3, 7, 7)) for m in methods}
+    if scorecam_on_last_only:
+        maps["scorecam"][:2] = np.nan
     save_comparison_maps(
         str(eval_dir / "maps.npz"), keys=["a", "b", "c"], images=images, class_ids=np.array([281, 967, 1]),
-        probs=np.array([0.5, 0.9, 0.1]), maps={m: rng.random((3, 7, 7)) for m in methods}, labels=methods,
+        probs=np.array([0.5, 0.9, 0.1]), maps=maps, labels=methods,
     )
     runs = {}
     for name in ("L-CAM-Fm", "L-CAM-Img"):
@@ -112,3 +117,13 @@ def test_report_loads_every_image_in_chromium(tmp_path):
     assert result["images"] == 1 + 2 + 3 + 15
     assert result["loaded"] == result["images"], result["broken"]
     assert result["rows"] == expected_rows
+
+
+def test_gallery_shows_images_every_method_ran_on_first(tmp_path):
+    """A costly method on a subset: its image leads the gallery, the others keep their order."""
+    make_report(tmp_path, scorecam_on_last_only=True)
+    page = (tmp_path / "report.html").read_text()
+    gallery = page[page.index('<table class="gallery">'):]
+    originals = re.findall(r'<td><img src="[^"]+" alt="([abc])">', gallery)
+    assert originals == ["c", "a", "b"]
+    assert gallery.count("not evaluated") == 2
