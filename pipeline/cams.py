@@ -744,14 +744,9 @@ def _require_labels(cache: Any) -> None:
 def _list_existing_shards(cfg: CamsConfig) -> list[Any]:
     """The source shards, with a clear error for a pattern that matches nothing or a missing shard."""
     from .fs import get_fs
-    from .shards import list_shards
+    from .shards import require_shards
 
-    try:
-        shards = list_shards(cfg.shards, storage_options=cfg.source_storage_options, index_url=cfg.index)
-    except FileNotFoundError as exc:
-        raise UserError(f"shards {cfg.shards!r}: {exc}") from None
-    if not shards:
-        raise UserError(f"no shards match {cfg.shards!r}: the dataset is empty")
+    shards = require_shards(cfg.shards, storage_options=cfg.source_storage_options, index_url=cfg.index)
     by_folder: dict[str, list[str]] = {}
     for s in shards:
         folder = s.url.rsplit("/", 1)[0] if "/" in s.url else "."

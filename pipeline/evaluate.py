@@ -977,7 +977,7 @@ def _choose_engine(engine: str) -> str:
 
 def evaluate(cfg: EvalConfig) -> EvalSummary:
     """Plan, score every batch with every method, write the four outputs; see the module docstring."""
-    from .shards import list_shards
+    from .shards import require_shards
 
     t_start = time.perf_counter()
     ratios = tuple(float(r) for r in cfg.ratios)
@@ -985,12 +985,7 @@ def evaluate(cfg: EvalConfig) -> EvalSummary:
         raise UserError(f"keep ratios must be in (0, 1], got {list(cfg.ratios)}")
     cfg.ratios = ratios
     engine = _choose_engine(cfg.engine)
-    try:
-        shards = list_shards(cfg.shards, storage_options=cfg.shard_storage_options, index_url=cfg.index)
-    except FileNotFoundError as exc:
-        raise UserError(f"shards {cfg.shards!r}: {exc}") from None
-    if not shards:
-        raise UserError(f"no shards match {cfg.shards!r}")
+    shards = require_shards(cfg.shards, storage_options=cfg.shard_storage_options, index_url=cfg.index)
     backbone, loaded = resolve_backbone(cfg)
     specs = method_specs(cfg, loaded)
     plan = plan_batches(shards, cfg.batch_size, cfg.limit, cfg.seed, cfg.shard_storage_options)

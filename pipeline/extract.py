@@ -328,7 +328,7 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
 
     from lcam import build_backbone
 
-    from .shards import list_shards
+    from .shards import require_shards
 
     t_start = time.perf_counter()
     # Absolute local paths: the cache records shard URLs, and later stages (and Ray workers
@@ -337,9 +337,7 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
         cfg, cache=absolute(cfg.cache),
         shards=[absolute(s) for s in cfg.shards] if isinstance(cfg.shards, list) else absolute(cfg.shards),
     )
-    shards = list_shards(cfg.shards, storage_options=cfg.shard_storage_options, index_url=cfg.index)
-    if not shards:
-        raise UserError(f"no shards match {cfg.shards!r}")
+    shards = require_shards(cfg.shards, storage_options=cfg.shard_storage_options, index_url=cfg.index)
     backbone = build_backbone(cfg.backbone, cfg.weights)
     cache = open_cache_for(backbone, cfg)
     done = cache.done_sources()

@@ -731,6 +731,22 @@ def _load_index(url: str, storage_options: StorageOptions) -> dict | None:
     return index
 
 
+def require_shards(
+    patterns: str | list[str],
+    storage_options: StorageOptions = None,
+    index_url: str | None = None,
+) -> list[ShardInfo]:
+    """:func:`list_shards` for a stage's input: a missing folder or a pattern matching
+    nothing is a :class:`UserError` naming the pattern."""
+    try:
+        shards = list_shards(patterns, storage_options=storage_options, index_url=index_url)
+    except FileNotFoundError as exc:
+        raise UserError(f"shards {patterns!r}: {exc}") from None
+    if not shards:
+        raise UserError(f"no shards match {patterns!r}: check the pattern, or pack images with `lcam shards`")
+    return shards
+
+
 def list_shards(
     patterns: str | list[str],
     storage_options: StorageOptions = None,

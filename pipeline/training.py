@@ -811,7 +811,7 @@ def train_img(cfg: TrainConfig) -> TrainSummary:
     from lcam import build_backbone
 
     from .extract import ensure_ray
-    from .shards import list_shards
+    from .shards import require_shards
 
     t0 = time.perf_counter()
     if not cfg.shards:
@@ -820,9 +820,7 @@ def train_img(cfg: TrainConfig) -> TrainSummary:
         raise UserError(f"augment must be 'random' or 'center', got {cfg.augment!r}")
     if cfg.workers < 1:
         raise UserError("--workers must be >= 1")
-    shards = list_shards(cfg.shards, storage_options=cfg.shard_storage_options, index_url=cfg.index)
-    if not shards:
-        raise UserError(f"no shards match {cfg.shards!r}")
+    shards = require_shards(cfg.shards, storage_options=cfg.shard_storage_options, index_url=cfg.index)
     run_dir = RunFolder(cfg.out, cfg.storage_options)
     ckpt = run_dir.checkpoint_for_start(cfg.resume)
     name = cfg.backbone or (ckpt["backbone"]["backbone"] if ckpt else None)

@@ -406,3 +406,17 @@ def test_pack_to_s3_and_read_back(tmp_path, s3):
 def test_shard_info_is_plain_data():
     info = ShardInfo("s3://b/x.tar", "x.tar", 3, "ab")
     assert pickle.loads(pickle.dumps(info)) == info
+
+
+def test_require_shards_names_the_pattern(tmp_path):
+    from pipeline.errors import UserError
+    from pipeline.shards import require_shards
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match=r"no shards match \[\].*lcam shards"):  # nothing given
+        require_shards([])
+    for empty in (tmp_path / "empty", tmp_path / "empty" / "*.tar"):  # a folder without tars, a glob matching nothing
+        with pytest.raises(UserError, match=r"shards .*empty.*no file matches"):
+            require_shards(str(empty))
+    with pytest.raises(UserError, match=r"shards .*missing.*no such shard folder"):
+        require_shards(str(tmp_path / "missing"))
