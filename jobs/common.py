@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping
+
+from pipeline.errors import FlagNamer, UserError, flag_namer
 
 
 def parse_storage_options(pairs: list[str] | None) -> dict[str, Any] | None:
@@ -37,3 +40,16 @@ def add_storage_options(parser: argparse.ArgumentParser, flag: str = "--storage-
         flag, dest=dest, action="append", metavar="KEY=VALUE",
         help=f"fsspec storage option{what} (repeatable; dots nest: client_kwargs.endpoint_url=http://...)",
     )
+
+
+@contextmanager
+def speaking_flags(names: Mapping[str, str]) -> Iterator[FlagNamer]:
+    """Run a stage inside a bigger job (``lcam pipeline``) so that its user errors name the
+    options as that job spells them: ``names`` maps the stage's config fields to the job's
+    flags (``{"augment": "--img-augment"}``); fields not listed keep their ``--field`` form.
+    Yields the namer, for the stage's console lines (``summary.lines(flag)``)."""
+    namer = flag_namer(names)
+    try:
+        yield namer
+    except UserError as exc:
+        raise exc.spoken_as(namer) from None

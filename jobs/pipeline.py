@@ -13,7 +13,7 @@ import argparse
 import sys
 import time
 
-from jobs.common import add_storage_options, parse_storage_options
+from jobs.common import add_storage_options, parse_storage_options, speaking_flags
 
 STAGES = ("extract", "train", "cams", "eval", "report")
 METHOD_LABELS = {"fm": "L-CAM-Fm", "img": "L-CAM-Img"}
@@ -36,7 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-steps", type=int, default=None, help="stop training after this many steps (quick runs)")
     parser.add_argument("--img-max-steps", type=int, default=None, help="L-CAM-Img's own step limit (default: --max-steps)")
     parser.add_argument("--img-workers", type=int, default=1, help="Ray Train workers for L-CAM-Img (GPUs on a cluster)")
-    parser.add_argument("--img-augment", default="random", choices=["random", "center"])
+    parser.add_argument("--img-augment", default="random", choices=["random", "center"],
+                        help="L-CAM-Img's training images: random 224 crop + flip (default, as in the paper; the backbone runs at every step) "
+                             "or the centre crop (its pass 1 is then read from the feature cache: faster)")
     parser.add_argument("--overlays", type=int, default=16, help="overlay PNGs in the CAM store's gallery")
     parser.add_argument("--eval-methods", default="gradcam,gradcam++,scorecam,rise,gaussian,random", help="baselines next to L-CAM")
     parser.add_argument("--eval-limit", type=int, default=None, help="evaluate a seeded random subset of N images")
@@ -65,6 +67,42 @@ def _limits(text: str | None) -> dict[str, int]:
     return out
 
 
+def _train_flags(method: str) -> dict[str, str]:
+    """How this command spells the training stage's options (config field -> flag), so that its
+    messages name what the user typed. Fields the pipeline sets itself get a description."""
+    max_steps = "--img-max-steps" if method == "img" else "--max-steps"
+    return {
+        "out": "--workdir", "shards": "--train-shards", "cache": "the feature cache in --workdir",
+        "augment": "--img-augment", "workers": "--img-workers", "max_steps": max_steps,
+        "resume": f"the same pipeline with a higher {max_steps}",  # it resumes every run it finds in --workdir
+    }
+
+
+def _img_pass1_cache(args: argparse.Namespace, cache: str) -> str | None:
+    """The cache L-CAM-Img's pass 1 reads, or None to run the backbone at every step.
+
+    The cache holds the backbone on the clean centre crop, so it can stand in for pass 1
+    only when that is the training image (--img-augment center) and the centre view was
+    cached. The default keeps the paper's random crops (SPEC 3): L-CAM-Img then streams
+    the images through the backbone, and the cache serves L-CAM-Fm, the CAMs and nothing else.
+    """
+    views = [v.strip() for v in args.views.split(",") if v.strip()]
+    return cache if args.img_augment == "center" and "center" in views else None
+
+
+def _train_config(args: argparse.Namespace, method: str, cache: str, out: str, so: dict | None):
+    from pipeline.training import TrainConfig
+
+    return TrainConfig(
+        method=method, out=out, cache=_img_pass1_cache(args, cache) if method == "img" else cache,
+        shards=args.train_shards if method == "img" else None, backbone=args.backbone if method == "img" else None,
+        weights=args.weights, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, target=args.target, schedule=args.schedule,
+        max_steps=(args.img_max_steps or args.max_steps) if method == "img" else args.max_steps,
+        seed=args.seed, workers=args.img_workers, augment=args.img_augment if method == "img" else None,
+        storage_options=so, cache_storage_options=so, shard_storage_options=so,
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     from pipeline.cams import CamsConfig, generate_cams
     from pipeline.errors import UserError
@@ -72,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.extract import ExtractConfig, extract
     from pipeline.fs import absolute, exists, join
     from pipeline.report import write_report
-    from pipeline.training import CHECKPOINT, TrainConfig, train
+    from pipeline.training import CHECKPOINT, check_config, train
 
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = sorted(set(stages) - set(STAGES))
@@ -84,6 +122,13 @@ def run(args: argparse.Namespace) -> int:
     runs = {m: join(wd, f"lcam-{m}") for m in _methods(args)}
     args.train_shards = absolute(args.train_shards)
     args.eval_shards = args.eval_shards and absolute(args.eval_shards)
+    views = [v.strip() for v in args.views.split(",") if v.strip()]
+    if "cams" in stages and "center" not in views:  # refused now, not after extraction and training
+        raise UserError(f"--views {args.views} leaves out center, the view the cams stage explains; add it (e.g. --views center,hflip)")
+    if "train" in stages:  # refuse a config that cannot train before extraction spends its time
+        for m, out in runs.items():
+            with speaking_flags(_train_flags(m)):
+                check_config(_train_config(args, m, cache, out, so))
     t0 = time.perf_counter()
 
     def stage(name: str) -> None:
@@ -93,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
         stage("extract: shards -> feature cache")
         summary = extract(ExtractConfig(
             shards=args.train_shards, cache=cache, backbone=args.backbone, weights=args.weights,
-            views=tuple(v.strip() for v in args.views.split(",") if v.strip()), batch_size=args.extract_batch_size,
+            views=tuple(views), batch_size=args.extract_batch_size,
             shard_storage_options=so, cache_storage_options=so,
         ))
         print("\n".join(summary.lines()), flush=True)
@@ -103,15 +148,11 @@ def run(args: argparse.Namespace) -> int:
     if "train" in stages:
         for m, out in runs.items():
             stage(f"train {METHOD_LABELS[m]}")
-            resume = exists(join(out, CHECKPOINT), so)
-            result = train(TrainConfig(
-                method=m, out=out, cache=cache, shards=args.train_shards if m == "img" else None,
-                weights=args.weights, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, target=args.target, schedule=args.schedule,
-                max_steps=(args.img_max_steps or args.max_steps) if m == "img" else args.max_steps,
-                resume=resume, seed=args.seed, workers=args.img_workers, augment=args.img_augment,
-                storage_options=so, cache_storage_options=so, shard_storage_options=so,
-            ))
-            print("\n".join(result.lines()), flush=True)
+            with speaking_flags(_train_flags(m)) as flag:
+                cfg = _train_config(args, m, cache, out, so)
+                cfg.resume = exists(join(out, CHECKPOINT), so)  # every stage resumes what it finds
+                result = train(cfg)
+                print("\n".join(result.lines(flag)), flush=True)
 
     first = runs[_methods(args)[0]]
     if "cams" in stages:

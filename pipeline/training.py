@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from .checkpoints import CheckpointMismatch, check_backbone, check_cache, load_checkpoint, save_checkpoint
-from .errors import UserError
+from .errors import FlagNamer, UserError, option_flag
 from .fs import absolute, StorageOptions, exists, get_fs, join, write_bytes_atomic
 
 CHECKPOINT = "checkpoint.pt"
@@ -116,8 +116,9 @@ class TrainSummary:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def lines(self) -> list[str]:
-        state = f"stopped after step {self.steps} (max steps); --resume continues" if self.stopped_early else "done"
+    def lines(self, flag: FlagNamer = option_flag) -> list[str]:
+        """Console lines; ``flag`` spells options as the running command does (see :class:`UserError`)."""
+        state = f"stopped after step {self.steps} ({flag('max_steps')}); {flag('resume')} continues" if self.stopped_early else "done"
         out = [f"L-CAM-{self.method.capitalize()}: {self.epochs_done}/{self.epochs} epochs, {self.steps} steps in {self.seconds:.1f}s: {state}"]
         if self.last_epoch:
             out.append("last epoch: " + _format_epoch(self.last_epoch))
@@ -143,10 +144,10 @@ class RunFolder:
         have = exists(self.path(CHECKPOINT), self.storage_options)
         if resume:
             if not have:
-                raise UserError(f"nothing to resume: no {CHECKPOINT} in {self.url}; start the run without --resume")
+                raise UserError(lambda flag: f"nothing to resume: no {CHECKPOINT} in {self.url}; start the run without {flag('resume')}")
             return load_checkpoint(self.path(CHECKPOINT), self.storage_options)
         if have:
-            raise UserError(f"{self.url} already holds a training run ({CHECKPOINT}); continue it with --resume or choose another --out")
+            raise UserError(lambda flag: f"{self.url} already holds a training run ({CHECKPOINT}); continue it with {flag('resume')} or choose another {flag('out')}")
         return None
 
     def save(self, state: Mapping[str, Any], *, method: str, backbone: Mapping[str, Any], cache_fingerprint: str | None,
@@ -207,20 +208,53 @@ def history_until(history: Sequence[Mapping[str, Any]], step: int) -> list[dict[
 
 
 # ---------------------------------------------------------------- config resolution
+def check_config(cfg: TrainConfig) -> None:
+    """Refuse a config that cannot train, from its values alone (no data read, nothing written).
+
+    :func:`train` runs it first; a job that trains after other stages (``lcam pipeline``)
+    runs it before its first stage, so a bad combination fails before any work is done.
+    Options left None are checked with the defaults a new run gets (on ``resume`` the
+    checkpoint's values are checked when training starts).
+    """
+    from lcam.recipe import default_recipe
+
+    method = cfg.method or "fm"
+    if method not in ("fm", "img"):
+        raise UserError(lambda flag: f"unknown {flag('method')} {method!r}: use fm (from the feature cache) or img (from the shards)")
+    for fld, allowed in (("schedule", ("step", "onecycle")), ("target", ("label", "predicted")), ("augment", ("random", "center"))):
+        value = getattr(cfg, fld)
+        if value not in (None, *allowed):
+            raise UserError(lambda flag: f"{flag(fld)} must be {' or '.join(map(repr, allowed))}, got {value!r}")
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        raise UserError(lambda flag: f"{flag('max_steps')} must be at least 1, got {cfg.max_steps}")
+    if method == "fm" and not cfg.cache:
+        raise UserError(lambda flag: f"L-CAM-Fm trains from a feature cache: pass {flag('cache')} URL (make one with `lcam extract`)")
+    if method == "fm":
+        return
+    if not cfg.shards:
+        raise UserError(lambda flag: f"L-CAM-Img streams images: pass {flag('shards')} (a pattern or a folder with index.json)")
+    if cfg.workers < 1:
+        raise UserError(lambda flag: f"{flag('workers')} must be >= 1, got {cfg.workers}")
+    augment = cfg.augment or (None if cfg.resume else "random")
+    if cfg.cache and augment == "random":
+        raise UserError(lambda flag: f"a feature cache holds the clean centre crop: L-CAM-Img's pass 1 can come from it only with {flag('augment')} center "
+                                     f"(random crops need the backbone at every step); drop {flag('cache')} or use {flag('augment')} center")
+    if not cfg.resume:
+        batch = cfg.batch_size or default_recipe(cfg.backbone or "efficientnet_lite0", cfg.schedule or "step").batch_size
+        if batch >= 1 and batch % cfg.workers:
+            raise UserError(lambda flag: f"the batch size {batch} is the global batch: it must split evenly over {cfg.workers} workers; "
+                                         f"change {flag('batch_size')} or {flag('workers')}")
+
+
 def resolve_recipe(cfg: TrainConfig, method: str, backbone_name: str, ckpt: Mapping[str, Any] | None):
     """The effective recipe and run config: defaults per backbone (SPEC 3), or the checkpoint's."""
     from lcam.recipe import Recipe, default_recipe
 
-    if cfg.schedule not in (None, "step", "onecycle"):
-        raise UserError(f"schedule must be 'step' or 'onecycle', got {cfg.schedule!r}")
-    if cfg.target not in (None, "label", "predicted"):
-        raise UserError(f"target must be 'label' or 'predicted', got {cfg.target!r}")
-    if cfg.augment not in (None, "random", "center"):
-        raise UserError(f"augment must be 'random' or 'center', got {cfg.augment!r}")
     if ckpt is None:
         recipe = default_recipe(backbone_name, cfg.schedule or "step").with_overrides(lr=cfg.lr, epochs=cfg.epochs, batch_size=cfg.batch_size)
         if recipe.lr <= 0 or recipe.epochs < 1 or recipe.batch_size < 1:
-            raise UserError(f"lr, epochs and batch size must be positive (got lr {recipe.lr}, epochs {recipe.epochs}, batch size {recipe.batch_size})")
+            raise UserError(lambda flag: f"{flag('lr')}, {flag('epochs')} and {flag('batch_size')} must be positive "
+                                         f"(got lr {recipe.lr}, epochs {recipe.epochs}, batch size {recipe.batch_size})")
         run = {"method": method, "backbone": backbone_name, "lr": recipe.lr, "batch_size": recipe.batch_size, "schedule": recipe.schedule,
                "target": cfg.target or "label", "seed": 0 if cfg.seed is None else cfg.seed, "view": cfg.view or "random",
                "augment": cfg.augment or "random", "recipe": recipe.to_dict()}
@@ -229,16 +263,17 @@ def resolve_recipe(cfg: TrainConfig, method: str, backbone_name: str, ckpt: Mapp
     given = {"method": method, "backbone": backbone_name, "lr": cfg.lr, "batch_size": cfg.batch_size, "schedule": cfg.schedule,
              "target": cfg.target, "seed": cfg.seed, "view": cfg.view if method == "fm" else run.get("view"),
              "augment": cfg.augment if method == "img" else run.get("augment")}
-    differ = [f"{k}: checkpoint {run.get(k)!r}, now {v!r}" for k, v in given.items() if v is not None and k in FIXED_ON_RESUME and run.get(k) != v]
+    differ = [k for k, v in given.items() if v is not None and k in FIXED_ON_RESUME and run.get(k) != v]
     if differ:
-        raise CheckpointMismatch(
+        raise CheckpointMismatch(lambda flag: (
             "cannot resume: these options differ from the checkpoint's run, so it would not continue the same training:\n  "
-            + "\n  ".join(differ) + "\nDrop them (the checkpoint's values are used) or start a new run with another --out."
-        )
+            + "\n  ".join(f"{flag(k)}: checkpoint {run.get(k)!r}, now {given[k]!r}" for k in differ)
+            + f"\nDrop them (the checkpoint's values are used) or start a new run with another {flag('out')}."
+        ))
     recipe = Recipe(**run["recipe"])
     if cfg.epochs is not None and cfg.epochs != recipe.epochs:
         if recipe.schedule == "onecycle":
-            raise CheckpointMismatch(f"the one-cycle schedule of this run spans {recipe.epochs} epochs; it cannot be changed to {cfg.epochs} on resume")
+            raise CheckpointMismatch(lambda flag: f"the one-cycle schedule of this run spans {recipe.epochs} epochs; {flag('epochs')} cannot change it to {cfg.epochs} on resume")
         recipe = recipe.with_overrides(epochs=cfg.epochs)
         run["recipe"] = recipe.to_dict()
     return recipe, run
@@ -248,7 +283,7 @@ def _device(cfg: TrainConfig) -> torch.device:
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda asked for, but torch sees no GPU here; use --device cpu or auto")
+        raise UserError(lambda flag: f"{flag('device')} cuda asked for, but torch sees no GPU here; use {flag('device')} cpu or auto")
     return torch.device(cfg.device)
 
 
@@ -270,10 +305,10 @@ def backbone_for_cache(cache: Any, weights: str | None):
     backbone = build_backbone(name, weights or ident.get("weights", "default"))
     mine = backbone.describe()
     if mine["weights_digest"] != ident.get("weights_digest"):
-        raise UserError(
+        raise UserError(lambda flag: (
             f"the cache {cache.url} holds features of {name} with weights {ident.get('weights')} (digest {str(ident.get('weights_digest'))[:12]}), "
-            f"but --weights {weights} gives digest {mine['weights_digest'][:12]}; pass the weights the cache was made with"
-        )
+            f"but {flag('weights')} {weights} gives digest {mine['weights_digest'][:12]}; pass the weights the cache was made with"
+        ))
     return backbone
 
 
@@ -394,8 +429,7 @@ def train_fm(cfg: TrainConfig) -> TrainSummary:
     from .loader import CacheLoader
 
     t0 = time.perf_counter()
-    if not cfg.cache:
-        raise UserError("L-CAM-Fm trains from a feature cache: pass --cache URL (make one with `lcam extract`)")
+    check_config(dataclasses.replace(cfg, method="fm"))
     cache = FeatureCache.open(cfg.cache, cfg.cache_storage_options)
     if len(cache) == 0:
         raise UserError(f"the feature cache {cache.url} holds no finished shards yet; run (or finish) `lcam extract` first")
@@ -604,7 +638,7 @@ def image_batches(rows: Iterable[Mapping[str, np.ndarray]], *, augment: str, cro
             labels = np.asarray(b["label"])[ok]
             if (labels < 0).any():
                 bad = [k for k, good, lab in zip(keys, ok, b["label"]) if good and lab < 0][:3]
-                raise UserError(f"sample {bad[0]!r} has no label; train with --target predicted (the backbone's top-1) or give the data labels")
+                raise UserError(lambda flag: f"sample {bad[0]!r} has no label; train with {flag('target')} predicted (the backbone's top-1) or give the data labels")
             targets = torch.from_numpy(labels.astype(np.int64))
         elif feats is not None:
             targets = torch.from_numpy(np.asarray(b["top1"])[ok].astype(np.int64))  # the cache's top-1, as for L-CAM-Fm
@@ -741,22 +775,20 @@ def _img_cache(cfg: TrainConfig, augment: str, backbone: Any, shards: Sequence[A
 
     if not cfg.cache:
         return None, 0
-    if augment != "center":
-        raise UserError("a feature cache holds the clean centre crop: pass 1 can come from it only with --augment center "
-                        "(random crops need the backbone at every step); drop --cache or use --augment center")
+    assert augment == "center", "check_config refuses a cache with random crops"
     cache = FeatureCache.open(cfg.cache, cfg.cache_storage_options)
     ident, mine = cache.identity, backbone.describe()
     for fld in ("backbone", "weights_digest", "preprocessing", "feature_shape"):
         if json.dumps(ident.get(fld), sort_keys=True) != json.dumps(mine.get(fld), sort_keys=True):
-            raise UserError(f"the feature cache {cache.url} was made for other features ({fld}: cache {ident.get(fld)}, "
-                            f"training {mine.get(fld)}); use a cache of this backbone and preprocessing, or drop --cache")
+            raise UserError(lambda flag: f"the feature cache {cache.url} was made for other features ({fld}: cache {ident.get(fld)}, "
+                            f"training {mine.get(fld)}); use a cache of this backbone and preprocessing, or drop {flag('cache')}")
     if "center" not in cache.views:
-        raise UserError(f"the feature cache {cache.url} holds views {list(cache.views)}, not the centre crop; drop --cache")
+        raise UserError(lambda flag: f"the feature cache {cache.url} holds views {list(cache.views)}, not the centre crop; drop {flag('cache')}")
     done = cache.done_sources()
     missing = [s.url for s in shards if s.url not in done]
     if missing:
-        raise UserError(f"{len(missing)} of {len(shards)} shards are not in the feature cache {cache.url} (e.g. {missing[0]}); "
-                        "extract them first (`lcam extract` with the same shard URLs), or drop --cache")
+        raise UserError(lambda flag: f"{len(missing)} of {len(shards)} shards are not in the feature cache {cache.url} (e.g. {missing[0]}); "
+                        f"extract them first (`lcam extract` with the same shard URLs), or drop {flag('cache')}")
     return cache, cache.views.index("center")
 
 
@@ -794,6 +826,8 @@ def _worker_error(exc: BaseException) -> UserError | None:
     while seen:
         e = seen.pop()
         if isinstance(e, UserError):
+            if getattr(e, "compose", None) is not None:  # the message, still able to name the caller's flags
+                return UserError(e.compose)
             return UserError(str(e).splitlines()[-1] if "Traceback" in str(e) else str(e))
         for nxt in (e.__cause__, e.__context__, getattr(e, "cause", None)):
             if isinstance(nxt, BaseException):
@@ -814,15 +848,12 @@ def train_img(cfg: TrainConfig) -> TrainSummary:
     from .shards import require_shards
 
     t0 = time.perf_counter()
-    if not cfg.shards:
-        raise UserError("L-CAM-Img streams images: pass --shards (a pattern or a folder with index.json)")
-    if cfg.augment not in (None, "random", "center"):
-        raise UserError(f"augment must be 'random' or 'center', got {cfg.augment!r}")
-    if cfg.workers < 1:
-        raise UserError("--workers must be >= 1")
-    shards = require_shards(cfg.shards, storage_options=cfg.shard_storage_options, index_url=cfg.index)
+    check_config(dataclasses.replace(cfg, method="img"))
     run_dir = RunFolder(cfg.out, cfg.storage_options)
     ckpt = run_dir.checkpoint_for_start(cfg.resume)
+    augment = cfg.augment or (ckpt["config"].get("augment") if ckpt else None) or "random"
+    check_config(dataclasses.replace(cfg, method="img", augment=augment))  # a resumed run's augmentation against --cache
+    shards = require_shards(cfg.shards, storage_options=cfg.shard_storage_options, index_url=cfg.index)
     name = cfg.backbone or (ckpt["backbone"]["backbone"] if ckpt else None)
     weights = cfg.weights or (ckpt["backbone"].get("weights") if ckpt else None)
     if name is None and cfg.cache:
@@ -832,7 +863,6 @@ def train_img(cfg: TrainConfig) -> TrainSummary:
         name, weights = ident["backbone"], weights or ident.get("weights")
     backbone = build_backbone(name or "efficientnet_lite0", weights or "default")
     ident = backbone.describe()
-    augment = cfg.augment or (ckpt["config"].get("augment") if ckpt else None) or "random"
     cache, view_index = _img_cache(cfg, augment, backbone, shards)
     if ckpt is not None:
         if ckpt["method"] != "img":
@@ -841,14 +871,15 @@ def train_img(cfg: TrainConfig) -> TrainSummary:
         if cache is not None:
             check_cache(ckpt, cache.fingerprint)
     recipe, run_cfg = resolve_recipe(cfg, "img", backbone.name, ckpt)
-    if recipe.batch_size % cfg.workers:
-        raise UserError(f"the batch size {recipe.batch_size} must split evenly over {cfg.workers} workers (it is the global batch)")
+    if recipe.batch_size % cfg.workers:  # a resumed run's batch size (a new run's is checked by check_config)
+        raise UserError(lambda flag: f"the batch size {recipe.batch_size} is the global batch: it must split evenly over {cfg.workers} workers; "
+                                     f"change {flag('workers')}")
     shards = _shard_counts(shards, cfg.shard_storage_options)
     total = sum(s.count for s in shards)
     worker_batch = recipe.batch_size // cfg.workers
     per_worker = total // cfg.workers  # Ray Train splits with equal=True: the remainder rows are dropped
     if per_worker < 1:
-        raise UserError(f"{total} images cannot feed {cfg.workers} workers")
+        raise UserError(lambda flag: f"{total} images cannot feed {cfg.workers} workers; lower {flag('workers')}")
     steps_per_epoch = math.ceil(per_worker / worker_batch)
     run_cfg.update(shards=[s.url for s in shards], cache=cache.url if cache else None, workers=cfg.workers)
 
@@ -910,14 +941,11 @@ def train(cfg: TrainConfig) -> TrainSummary:
         cfg = dataclasses.replace(cfg, method=cfg.method or ckpt["method"], cache=cfg.cache or stored.get("cache"),
                                   shards=cfg.shards or stored.get("shards"))
     method = cfg.method or "fm"
-    if method == "fm":
-        return train_fm(cfg)
-    if method == "img":
-        return train_img(cfg)
-    raise UserError(f"unknown method {method!r}: use fm (from the feature cache) or img (from the shards)")
+    check_config(dataclasses.replace(cfg, method=method))
+    return train_img(cfg) if method == "img" else train_fm(cfg)
 
 
 __all__ = [
     "RunFolder", "TrainConfig", "TrainSummary", "build_image_dataset", "crop_flip", "crop_seed", "decode_for_training",
-    "fm_batches", "image_batches", "plot_curves", "read_training_rows", "resolve_recipe", "train", "train_fm", "train_img",
+    "fm_batches", "image_batches", "plot_curves", "read_training_rows", "resolve_recipe", "check_config", "train", "train_fm", "train_img",
 ]
