@@ -1,4 +1,4 @@
-"""``lcam cache info URL`` and ``lcam cache verify URL [--index INDEX_URL]``."""
+"""``lcam cache info URL``, ``lcam cache verify URL [--index INDEX_URL]`` and ``lcam cache repair URL``."""
 
 from __future__ import annotations
 
@@ -13,13 +13,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     info = sub.add_parser("info", help="identity, samples, shards, size on disk, compression ratio")
     verify = sub.add_parser("verify", help="check every shard, key and feature value; exit 1 on problems")
-    for p in (info, verify):
+    repair = sub.add_parser("repair", help="verify, then forget damaged shards so the next `lcam extract` re-makes them")
+    for p in (info, verify, repair):
         p.add_argument("url", help="feature cache URL (local path, s3://, gs://)")
         p.add_argument("--index", default=None, help="shard index (index.json, or the folder holding it): expected shards and counts")
         p.add_argument("--json", action="store_true", help="print JSON instead of text")
         add_storage_options(p, what=" for the cache")
         add_storage_options(p, "--index-storage-option", "index_storage_option", " for the index")
-    verify.add_argument("--workers", type=int, default=4, help="shards checked in parallel (memory: one chunk each)")
+    for p in (verify, repair):
+        p.add_argument("--workers", type=int, default=4, help="shards checked in parallel (memory: one chunk each)")
 
 
 def expected_from_index(index_url: str, manifest_sources: list[str], storage_options: Any = None) -> dict[str, int]:
@@ -82,11 +84,33 @@ def run(args: argparse.Namespace) -> int:
             "versions     " + ", ".join(f"{k} {v}" for k, v in sorted(info["versions"].items())),
             f"updated      {info['updated']} (created {info['created']})",
         ]
+        if not info["manifest_found"]:
+            lines.append("PROBLEM      manifest.json is missing: no shard counts as done; re-run the extraction (`lcam cache verify` for details)")
+        for url, f in sorted(info["failed"].items()):
+            lines.append(f"FAILED       {url}: {f.get('reason')} (at {f.get('at')}); a re-run of the extraction retries it")
+        for url, what in sorted(info["damaged"].items()):
+            lines.append(f"DAMAGED      {url}: {what}; `lcam cache repair {info['url']}` then re-run the extraction")
         if "shards_missing" in info:
             missing = info["shards_missing"]
             lines.append(f"missing      {len(missing)} of {info['shards_expected']} expected shards" + (":" if missing else ""))
             lines += [f"  {m}" for m in missing[:20]] + ([f"  ... and {len(missing) - 20} more"] if len(missing) > 20 else [])
         print("\n".join(lines))
+        return 0
+
+    if args.action == "repair":
+        from pipeline.cams import FORMAT as CAM_FORMAT, CamStore
+        from pipeline.fs import join, read_json
+
+        fmt = ((read_json(join(args.url, "zarr.json"), options) or {}).get("attributes") or {}).get("format")
+        store = CamStore.open(args.url, options, writable=True) if fmt == CAM_FORMAT else FeatureCache.open(args.url, options, writable=True)
+        report, forgotten = store.repair(workers=args.workers)
+        for p in report.problems:
+            print(f"PROBLEM  {p}")
+        for url in forgotten:
+            print(f"forgot   {url}")
+        if forgotten or store.failed():
+            print(f"re-make them: {store.repair_hint('SHARDS').split(', then ', 1)[-1]}")
+        print(f"repair {store.url}: {len(forgotten)} damaged shard(s) forgotten, {len(store.failed())} failed shard(s) to retry")
         return 0
 
     report = cache.verify(expected, workers=args.workers)

@@ -62,6 +62,20 @@ def run_job(name: str, argv: list[str]) -> int:
         # problems the user can fix: one line naming the thing, no traceback
         print(f"lcam {name}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyError as exc:
+        # the backbone registry's "unknown backbone 'x'; available: ..." (any spec syntax it grows)
+        if not str(exc.args[0] if exc.args else "").startswith("unknown backbone"):
+            raise
+        print(f"lcam {name}: error: {exc.args[0]}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        from pipeline.fs import storage_error_message
+
+        message = storage_error_message(exc)  # credentials, endpoints, permissions: settings, not bugs
+        if message is None:
+            raise
+        print(f"lcam {name}: error: {message}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"lcam {name}: interrupted; finished work is kept and a re-run resumes", file=sys.stderr)
         return 130

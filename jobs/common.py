@@ -16,21 +16,26 @@ def parse_storage_options(pairs: list[str] | None) -> dict[str, Any] | None:
     Credentials belong in the environment or the cloud role, not here: these options
     are never written to caches, checkpoints or logs.
     """
+    from pipeline.errors import UserError
+
     if not pairs:
         return None
     out: dict[str, Any] = {}
     for pair in pairs:
-        if "=" not in pair:
-            raise argparse.ArgumentTypeError(f"storage option {pair!r} must look like key=value")
-        key, value = pair.split("=", 1)
+        key, sep, value = pair.partition("=")
+        parts = key.split(".")
+        if not sep or not key or not all(p.strip() for p in parts):
+            raise UserError(f"storage option {pair!r} must look like key=value (dots nest: client_kwargs.endpoint_url=http://...)")
         try:
             parsed: Any = json.loads(value)
         except json.JSONDecodeError:
             parsed = value
         cursor = out
-        *parents, leaf = key.split(".")  # client_kwargs.endpoint_url=... nests
+        *parents, leaf = parts  # client_kwargs.endpoint_url=... nests
         for p in parents:
             cursor = cursor.setdefault(p, {})
+            if not isinstance(cursor, dict):
+                raise UserError(f"storage option {pair!r}: {p!r} was already given a value, it cannot also hold {leaf!r}")
         cursor[leaf] = parsed
     return out
 

@@ -61,6 +61,15 @@ class CacheNotFound(UserError):
     """No feature cache at the URL."""
 
 
+class StoreDamaged(UserError):
+    """A done shard's group lost objects (a chunk, an array, the group) or holds unreadable ones.
+
+    Zarr reads a missing chunk as its fill value; readers must never see those zeros,
+    so every group is checked against its chunk set when first opened, and decode errors
+    are turned into this. The message names the shard and the commands that repair it.
+    """
+
+
 class NonFiniteFeatures(UserError):
     """Features hold NaN/Inf after casting to the cache dtype (e.g. float16 overflow)."""
 
@@ -175,13 +184,14 @@ class VerifyReport:
     shards: int = 0
     rows: int = 0
     chunks_read: int = 0
+    damaged: list[str] = field(default_factory=list)  # source URLs of done shards with problems
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
     def to_dict(self) -> dict[str, Any]:
-        return {"ok": self.ok, "problems": self.problems, "notes": self.notes, "shards": self.shards, "rows": self.rows, "chunks_read": self.chunks_read}
+        return {"ok": self.ok, "problems": self.problems, "notes": self.notes, "shards": self.shards, "rows": self.rows, "chunks_read": self.chunks_read, "damaged": self.damaged}
 
 
 class ShardedStore:
@@ -193,6 +203,7 @@ class ShardedStore:
     FORMAT = FORMAT
     KIND = "feature cache"
     _TRANSIENT: tuple[str, ...] = ("_store", "_fs_path", "_sorted")  # sockets, event loops, derived
+    manifest_found: bool = True  # False when opened without a manifest.json (lost, or none yet)
 
     url: str
     storage_options: dict[str, Any]
@@ -230,10 +241,143 @@ class ShardedStore:
     def _group_attrs(self, sid: str) -> dict[str, Any] | None:
         return (self._read_json("shards", sid, "zarr.json") or {}).get("attributes")
 
+    # ---- damage: what readers must refuse
+    def repair_hint(self, source_url: str) -> str:
+        """The commands that rebuild one shard (subclasses name the re-run command)."""
+        return f"`lcam cache repair {self.url}` (forgets damaged shards), then re-run the command that made this {self.KIND}"
+
+    def damaged(self, entry: Mapping[str, Any], what: str) -> StoreDamaged:
+        return StoreDamaged(f"{self.KIND} {self.url}: shard {entry['url']} (group shards/{entry['shard_id']}) is damaged: {what}. "
+                            f"Re-make that shard: {self.repair_hint(entry['url'])}")
+
+    def open_checked_group(self, entry: Mapping[str, Any], arrays: Sequence[str]) -> tuple[Any, dict[str, Any]]:
+        """Open a done shard's group and check it whole before any read: attrs agree with the
+        manifest, each array in ``arrays`` exists with ``count`` rows and every chunk object
+        is present. One listing of the group's objects (not one per chunk or sample)."""
+        sid, count = entry["shard_id"], int(entry["count"])
+        try:
+            group = zarr.open_group(self._zstore(), path=f"shards/{sid}", mode="r")
+            attrs = dict(group.attrs)
+        except Exception as exc:  # FileNotFoundError / GroupNotFoundError depending on the store
+            raise self.damaged(entry, f"its group is missing or unreadable ({type(exc).__name__})") from None
+        if attrs.get("count") != count or len(attrs.get("keys", [])) != count:
+            raise self.damaged(entry, f"the manifest says {count} rows, the group has count={attrs.get('count')} and {len(attrs.get('keys', []))} keys")
+        fs, root = self._fs()
+        prefix = f"{root}/shards/{sid}/"
+        try:
+            present = {p[len(prefix):] for p in fs.find(prefix.rstrip("/")) if p.startswith(prefix)}
+        except FileNotFoundError:
+            present = set()
+        opened: dict[str, Any] = {}
+        for name in arrays:
+            try:
+                arr = group[name]
+            except KeyError:
+                raise self.damaged(entry, f"array {name} is missing") from None
+            if arr.shape[:1] != (count,):
+                raise self.damaged(entry, f"array {name} has shape {arr.shape}, expected {count} rows")
+            lost = [c for c in np.ndindex(*arr.cdata_shape) if f"{name}/{arr.metadata.encode_chunk_key(c)}" not in present]
+            if lost:
+                raise self.damaged(entry, f"{len(lost)} of {arr.nchunks} chunk objects of {name} are missing (first: chunk {lost[0][0]}, rows from {lost[0][0] * arr.chunks[0]})")
+            opened[name] = arr
+        return group, {"attrs": attrs, "arrays": opened}
+
+    def read_array(self, entry: Mapping[str, Any], name: str, arr: Any, rows: slice) -> np.ndarray:
+        """``arr[rows]``, a truncated or corrupt chunk object raised as :class:`StoreDamaged`."""
+        try:
+            return arr[rows]
+        except Exception as exc:  # zstd/codec errors, short reads: the object is damaged
+            raise self.damaged(entry, f"array {name}, rows {rows.start}-{rows.stop}: a chunk object is unreadable ({type(exc).__name__}: {str(exc)[:120]})") from None
+
+    def failed(self) -> dict[str, dict[str, Any]]:
+        """Shards whose last attempt failed (url -> {reason, at}); a later run retries them."""
+        return dict(self._manifest.get("failed", {}))
+
+    def mark_failed(self, failures: Mapping[str, str]) -> None:
+        """Record shards that failed (url -> reason), driver only: `verify` and `info` list them."""
+        if not failures:
+            return
+        manifest = self.refresh()
+        for url, reason in failures.items():
+            manifest.setdefault("failed", {})[url] = {"reason": str(reason), "at": _now()}
+        self._save_manifest(manifest)
+
+    def check_shard(self, entry: Mapping[str, Any]) -> None:
+        """Read one done shard whole; raise :class:`StoreDamaged` if it cannot be (subclasses)."""
+        raise NotImplementedError
+
+    def repair(self, *, workers: int = 4) -> tuple[VerifyReport, list[str]]:
+        """Check every done shard, forget the damaged ones so the next run re-makes them."""
+        self.refresh()
+        report = VerifyReport()
+        for e in self._index()[0]:
+            report.shards += 1
+            try:
+                self.check_shard(e)
+            except StoreDamaged as exc:
+                report.problems.append(str(exc))
+                report.damaged.append(e["url"])
+        return report, self.forget(report.damaged) if report.damaged else []
+
+    # ---- leases: say when two runs write into one store (each still writes every shard correctly)
+    def take_lease(self, info: Mapping[str, Any]) -> str:
+        """Announce a running writer (``leases/<id>.json``); :meth:`drop_lease` when done."""
+        import socket
+        import uuid
+
+        lease = uuid.uuid4().hex[:12]
+        fs, root = self._fs()
+        body = {"host": socket.gethostname(), "pid": os.getpid(), "started": _now(), **dict(info)}
+        if is_local(fs):
+            fs.makedirs(f"{root}/leases", exist_ok=True)
+        fs.pipe_file(f"{root}/leases/{lease}.json", json.dumps(body).encode())
+        return lease
+
+    def drop_lease(self, lease: str) -> None:
+        fs, root = self._fs()
+        try:
+            fs.rm_file(f"{root}/leases/{lease}.json")
+        except FileNotFoundError:
+            pass
+
+    def other_leases(self) -> list[dict[str, Any]]:
+        """Leases of other writers; those of dead processes on this host are removed."""
+        import socket
+
+        fs, root = self._fs()
+        try:
+            paths = fs.find(f"{root}/leases")
+        except FileNotFoundError:
+            return []
+        out = []
+        for path in sorted(paths):
+            info = _read_json_fs(fs, path) or {}
+            if info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int) and not _alive(info["pid"]):
+                try:  # killed on this machine: its lease means nothing any more
+                    fs.rm_file(path)
+                except FileNotFoundError:
+                    pass
+                continue
+            out.append(info)
+        return out
+
+    def forget(self, urls: Sequence[str]) -> list[str]:
+        """Drop shards from the manifest (readers stop seeing them; the next run remakes them)."""
+        manifest = self.refresh()
+        dropped = [u for u in urls if manifest["shards"].pop(u, None) is not None]
+        self._save_manifest(manifest)
+        return dropped
+
     # ---- manifest (driver only)
+    def with_manifest_found(self, found: bool) -> "ShardedStore":
+        self.manifest_found = found
+        return self
+
     def refresh(self) -> dict[str, Any]:
         """Re-read manifest.json (another process may have advanced it)."""
-        self._manifest = self._read_json("manifest.json") or _new_manifest(self.fingerprint, self.FORMAT)
+        found = self._read_json("manifest.json")
+        self.manifest_found = bool(found)
+        self._manifest = found or _new_manifest(self.fingerprint, self.FORMAT)
         self._sorted = None
         return self._manifest
 
@@ -265,6 +409,9 @@ class ShardedStore:
                 "seconds": float(e.get("seconds", 0.0)),
                 "finished_at": e.get("finished_at") or _now(),
             }
+            manifest.get("failed", {}).pop(url, None)
+            if e.get("expected_count") is not None:  # recorded with the commit: verify is right after any interruption
+                manifest.setdefault("expected_counts", {})[url] = int(e["expected_count"])
         self._save_manifest(manifest)
 
     def _save_manifest(self, manifest: dict[str, Any]) -> None:
@@ -318,6 +465,7 @@ class FeatureCache(ShardedStore):
         self.num_classes: int = int(layout["num_classes"])
         self.writable = writable
         self._manifest: dict[str, Any] = dict(manifest)
+        self.manifest_found = bool(manifest)
         self._init_handles()
         self._fs_path = fs
 
@@ -396,15 +544,15 @@ class FeatureCache(ShardedStore):
         return cache
 
     @classmethod
-    def open(cls, url: str, storage_options: StorageOptions = None) -> "FeatureCache":
-        """Open read-only (training, CAMs, info, verify)."""
+    def open(cls, url: str, storage_options: StorageOptions = None, writable: bool = False) -> "FeatureCache":
+        """Open read-only (training, CAMs, info, verify); ``writable`` for manifest edits (repair)."""
         url = url.rstrip("/")
         fs, root = _connect(url, storage_options)
         attrs = _read_root_attrs(fs, root, url)
         if attrs is None:
             raise CacheNotFound(f"no feature cache at {url} (no zarr.json with format {FORMAT}); build one with the extraction step first")
-        manifest = _read_json_fs(fs, f"{root}/manifest.json") or _new_manifest(attrs["fingerprint"])
-        return cls(url, attrs, manifest, storage_options, writable=False, fs=(fs, root))
+        manifest = _read_json_fs(fs, f"{root}/manifest.json") or {}  # {}: lost (verify reports it)
+        return cls(url, attrs, manifest or _new_manifest(attrs["fingerprint"]), storage_options, writable=writable, fs=(fs, root)).with_manifest_found(bool(manifest))
 
     # ---- writing (one task per source shard)
     def write_shard(
@@ -506,14 +654,30 @@ class FeatureCache(ShardedStore):
     def __len__(self) -> int:
         return sum(int(e["count"]) for e in self._entries())
 
+    def _array_names(self) -> list[str]:
+        return ["features", "labels", "top5_classes", "top5_probs"] + (["logits"] if self.store_logits else [])
+
+    def repair_hint(self, source_url: str) -> str:
+        ident = self.identity
+        extract = f"lcam extract {source_url} {self.url} --backbone {ident.get('backbone')} --weights {ident.get('weights')} --views {','.join(self.views)} --dtype {self.dtype}"
+        return f"`lcam cache repair {self.url}` (forgets damaged shards), then `{extract}{' --logits' if self.store_logits else ''}`"
+
     def _handle(self, sid: str) -> "_ShardHandle":
-        """Open shard group and arrays, LRU-cached: each open costs metadata GETs on S3."""
+        """Open shard group and arrays, LRU-cached: each open costs metadata GETs on S3.
+
+        Opening checks the group whole (:meth:`open_checked_group`): a lost chunk object
+        would otherwise read as zeros."""
         with self._lock:
             if sid in self._handles:
                 self._handles.move_to_end(sid)
                 return self._handles[sid]
-        group = zarr.open_group(self._zstore(), path=f"shards/{sid}", mode="r")
-        handle = _ShardHandle(dict(group.attrs), group)
+        try:
+            entry = self._index()[1][sid]
+        except KeyError:
+            raise KeyError(f"shard {sid!r} is not in the manifest of {self.url}") from None
+        group, checked = self.open_checked_group(entry, self._array_names())
+        handle = _ShardHandle(checked["attrs"], group, entry)
+        handle.arrays.update(checked["arrays"])
         with self._lock:
             self._handles[sid] = handle
             while len(self._handles) > 256:  # bounded: each holds that shard's keys
@@ -537,7 +701,7 @@ class FeatureCache(ShardedStore):
         names = ["features", "labels", "top5_classes", "top5_probs"] + (["logits"] if self.store_logits else [])
         out: dict[str, Any] = {"keys": list(attrs["keys"][lo:hi])}
         for name in names if fields is None else [f for f in fields if f != "keys"]:
-            data = handle.array(name)[lo:hi]
+            data = self.read_array(handle.entry, name, handle.array(name), slice(lo, hi))
             if name == "features" and self.dtype == "bfloat16" and not raw:
                 data = bf16_to_f32(data)
             out[name] = data
@@ -568,13 +732,40 @@ class FeatureCache(ShardedStore):
         item = 4 if self.dtype == "float32" else 2
         return V * C * h * w * item + 4 + TOP_K * 4 * 2 + (self.num_classes * 2 if self.store_logits else 0)
 
+    def _lost_chunks(self, entry: Mapping[str, Any], present: set[str]) -> list[str]:
+        """Chunk objects of a done shard absent from ``present`` (keys below shards/), from the
+        layout alone: chunks of ``chunk_rows`` rows, whole along every other axis."""
+        sid, n = entry["shard_id"], int(entry["count"])
+        ndims = {"features": 5, "labels": 1, "top5_classes": 2, "top5_probs": 2, "logits": 2}
+        lost = []
+        for name in self._array_names():
+            if f"{sid}/{name}/zarr.json" not in present:
+                lost.append(f"{name}/zarr.json")
+                continue
+            for i in range(math.ceil(n / self.chunk_rows)):
+                key = f"{name}/c/" + "/".join([str(i)] + ["0"] * (ndims[name] - 1))
+                if f"{sid}/{key}" not in present:
+                    lost.append(key)
+        return lost
+
     def info(self, expected_sources: Sequence[str] | None = None) -> dict[str, Any]:
         """Identity, sizes and progress. ``expected_sources``: list shards not done yet."""
         entries = self._entries()
         samples = sum(int(e["count"]) for e in entries)
         fs, path = self._fs()
-        on_disk = int(fs.du(path, total=True)) if fs.exists(path) else 0
+        try:  # one listing gives the size on disk and the chunk objects present
+            objects = fs.find(path, detail=True)
+        except FileNotFoundError:
+            objects = {}
+        on_disk = sum(int(o.get("size") or 0) for o in objects.values())
         raw = samples * self.raw_bytes_per_row()
+        prefix = f"{path}/shards/"
+        present = {p[len(prefix):] for p in objects if p.startswith(prefix)}
+        damaged = {}
+        for e in entries:
+            lost = self._lost_chunks(e, present)
+            if lost:
+                damaged[e["url"]] = f"{len(lost)} chunk objects missing (e.g. shards/{e['shard_id']}/{lost[0]})"
         out: dict[str, Any] = {
             "url": self.url,
             "format": FORMAT,
@@ -588,6 +779,9 @@ class FeatureCache(ShardedStore):
             "samples": samples,
             "shards_done": len(entries),
             "skipped": sum(len(e.get("skipped", [])) for e in entries),
+            "failed": self.failed(),
+            "damaged": damaged,
+            "manifest_found": self.manifest_found,
             "bytes_on_disk": on_disk,
             "raw_bytes": raw,
             "compression_ratio": round(raw / on_disk, 3) if on_disk else 0.0,
@@ -619,6 +813,8 @@ class FeatureCache(ShardedStore):
         dups: dict[str, list[str]] = {}
         for e, (problems, keys, chunks) in zip(entries, results):
             report.problems.extend(problems)
+            if problems:
+                report.damaged.append(e["url"])
             report.chunks_read += chunks
             report.shards += 1
             report.rows += len(keys)
@@ -642,8 +838,17 @@ class FeatureCache(ShardedStore):
                     report.problems.append(f"count mismatch for {src}: cache has {have} rows + {skipped} skipped, expected {expected[src]} samples")
             for src in sorted(set(done) - set(expected)):
                 report.problems.append(f"unexpected shard {src}: in the cache but not among the expected shards")
-        for sid in self._orphan_groups({e["shard_id"] for e in entries}):
-            report.notes.append(f"group shards/{sid} is not in the manifest (left by an interrupted or running extraction; ignored by readers)")
+        for url, f in sorted(self.failed().items()):
+            report.problems.append(f"failed shard {url}: {f.get('reason')} (at {f.get('at')}); re-run the extraction to retry it")
+        orphans = self._orphan_groups({e["shard_id"] for e in entries})
+        if not self.manifest_found and orphans:
+            report.problems.append(f"manifest.json is missing but {len(orphans)} shard groups exist: the cache lost its record of finished shards; "
+                                   "re-run the extraction to rebuild it (every shard is extracted again)")
+        else:
+            for sid in orphans:
+                report.notes.append(f"group shards/{sid} is not in the manifest (left by an interrupted or running extraction; ignored by readers)")
+        if report.damaged:
+            report.notes.append(f"damaged shards: `lcam cache repair {self.url}` forgets them, then re-run the extraction to re-make them")
         return report
 
     def _verify_shard(self, e: Mapping[str, Any]) -> tuple[list[str], list[str], int]:
@@ -681,19 +886,27 @@ class FeatureCache(ShardedStore):
         chunks = 0
         if problems:
             return problems, keys, chunks
-        feats, labels = arrays["features"], arrays["labels"]
         nonfinite: list[int] = []
-        for lo in range(0, count, self.chunk_rows):
-            data = feats[lo : lo + self.chunk_rows]
-            chunks += 1
-            nonfinite.extend(lo + i for i in np.flatnonzero(~_finite_rows(data, self.dtype)))
-            del data
+        try:
+            for lo in range(0, count, self.chunk_rows):
+                data = arrays["features"][lo : lo + self.chunk_rows]
+                chunks += 1
+                nonfinite.extend(lo + i for i in np.flatnonzero(~_finite_rows(data, self.dtype)))
+                del data
+            small = {name: arrays[name][:] for name in arrays if name != "features"}  # decodes every chunk object
+        except Exception as exc:  # a truncated or corrupt chunk object
+            return [f"shard {src}: a chunk object is unreadable ({type(exc).__name__}: {str(exc)[:120]})"], keys, chunks
         if nonfinite:
             problems.append(f"shard {src}: {len(nonfinite)} rows have NaN/Inf features (e.g. {[keys[i] for i in nonfinite[:5]]})")
-        lab = labels[:]
+        lab = small["labels"]
         if ((lab < -1) | (lab >= self.num_classes)).any():
             problems.append(f"shard {src}: labels outside [-1, {self.num_classes})")
         return problems, keys, chunks
+
+    def repair(self, *, workers: int = 4) -> tuple[VerifyReport, list[str]]:
+        """Verify, then forget the damaged shards so the next extraction re-makes them."""
+        report = self.verify(workers=workers)
+        return report, self.forget(report.damaged) if report.damaged else []
 
     def _orphan_groups(self, known: set[str]) -> list[str]:
         fs, root = self._fs()
@@ -708,15 +921,26 @@ class FeatureCache(ShardedStore):
 class _ShardHandle:
     """A shard group's attrs and its arrays, opened once (zarr re-reads metadata per lookup)."""
 
-    def __init__(self, attrs: dict[str, Any], group: Any) -> None:
+    def __init__(self, attrs: dict[str, Any], group: Any, entry: Mapping[str, Any]) -> None:
         self.attrs = attrs
         self.group = group
+        self.entry = entry
         self.arrays: dict[str, Any] = {}
 
     def array(self, name: str) -> Any:
         if name not in self.arrays:  # a race opens it twice, harmlessly
             self.arrays[name] = self.group[name]
         return self.arrays[name]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
 
 
 def _connect(url: str, storage_options: StorageOptions) -> tuple[Any, str]:

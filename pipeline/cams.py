@@ -398,15 +398,15 @@ class CamStore(ShardedStore):
         return store
 
     @classmethod
-    def open(cls, url: str, storage_options: StorageOptions = None) -> "CamStore":
-        """Open read-only."""
+    def open(cls, url: str, storage_options: StorageOptions = None, writable: bool = False) -> "CamStore":
+        """Open read-only; ``writable`` for manifest edits (``lcam cache repair``)."""
         url = url.rstrip("/")
         fs, root = _connect(url, storage_options)
         attrs = _read_store_attrs(fs, root, url)
         if attrs is None:
             raise CamStoreNotFound(f"no CAM store at {url} (no zarr.json with format {FORMAT}); make one with `lcam cams CHECKPOINT {url} --cache ...|--shards ...`")
         manifest = _read_json_fs(fs, f"{root}/manifest.json") or _new_manifest(attrs["fingerprint"])
-        store = cls(url, attrs, manifest, storage_options)
+        store = cls(url, attrs, manifest, storage_options, writable=writable)
         store._fs_path = (fs, root)
         return store
 
@@ -493,19 +493,22 @@ class CamStore(ShardedStore):
         normalised raw maps, float32) is added whenever ``raw`` is read.
         """
         e = self._entry(shard)
-        try:
-            group = zarr.open_group(self._zstore(), path=f"shards/{e['shard_id']}", mode="r")
-        except Exception as exc:  # FileNotFoundError / GroupNotFoundError depending on the store
-            raise UserError(f"CAM store {self.url}: group shards/{e['shard_id']} of {e['url']} is missing or unreadable ({type(exc).__name__})") from None
         names = list(fields) if fields is not None else [n for n in ("labels", "class_ids", "probs", "raw", "upsampled", "predicted", "predicted_prob") if n != "upsampled" or self.upsampled_size]
-        out: dict[str, Any] = {"keys": list(group.attrs["keys"])}
+        names = [n for n in names if n != "maps"]
+        # checked whole first: a lost chunk object would otherwise read as fill values (zeros)
+        _, checked = self.open_checked_group(e, names)
+        out: dict[str, Any] = {"keys": list(checked["attrs"]["keys"])}
         for name in names:
-            if name == "maps":
-                continue
-            out[name] = group[name][...]
+            out[name] = self.read_array(e, name, checked["arrays"][name], slice(0, int(e["count"])))
         if normalized and "raw" in out:
             out["maps"] = minmax_normalize(torch.from_numpy(out["raw"].astype(np.float32))).numpy()
         return out
+
+    def repair_hint(self, source_url: str) -> str:
+        return f"`lcam cache repair {self.url}` (forgets damaged shards), then re-run the `lcam cams` that made this store"
+
+    def check_shard(self, entry: Mapping[str, Any]) -> None:
+        self.read_shard(entry["shard_id"], normalized=False)
 
     def iter_shards(self, fields: Sequence[str] | None = None) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
         """(manifest entry, :meth:`read_shard` data) for every done shard, in store order."""
@@ -821,6 +824,8 @@ def _from_cache(cfg: CamsConfig, model: LCAM, cache: Any, store: CamStore, selec
 def _read_cache_chunk(cache: Any, entry: Mapping[str, Any], ci: int, fields: list[str]) -> dict[str, Any]:
     try:
         return cache.read_chunk(entry["shard_id"], ci, fields=fields)
+    except UserError:  # StoreDamaged: already names the shard and the repair
+        raise
     except Exception as exc:  # a lost object or group: the cache is damaged, not this code
         raise UserError(
             f"feature cache {cache.url}: chunk {ci} of shard {entry['url']} is unreadable ({type(exc).__name__}: {exc}); "

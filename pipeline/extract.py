@@ -16,6 +16,7 @@ Stages (streaming, one Ray Data pipeline):
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import sys
@@ -31,6 +32,7 @@ from .errors import UserError
 from .fs import StorageOptions, absolute
 
 VIEWS = ("center", "hflip")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -63,6 +65,7 @@ class ExtractSummary:
     images: int = 0
     skipped: list[dict[str, str]] = field(default_factory=list)
     failed_shards: list[dict[str, str]] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)
     seconds: float = 0.0
     ray_startup_seconds: float = 0.0
     steady_images_per_second: float = 0.0  # from the first finished batch to the end: no start-up
@@ -91,7 +94,27 @@ class ExtractSummary:
                 out.append(f"  ... and {len(self.skipped) - 20} more (see the cache manifest)")
         for f in self.failed_shards:
             out.append(f"FAILED shard {f['url']}: {f['reason']}")
+        if self.failed_shards:
+            out.append("failed shards are recorded in the cache manifest (`lcam cache info`); re-run the same command to retry them")
+        out += [f"notice: {n}" for n in self.notices]
         return out
+
+
+def check_config(cfg: ExtractConfig) -> None:
+    """Mistakes in the settings, found before anything is read, created or started."""
+    for name in ("batch_size", "decode_batch_size"):
+        if int(getattr(cfg, name)) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be a positive number of images, got {getattr(cfg, name)}")
+    for name, flag in (("num_actors", "--actors"), ("torch_threads", "--torch-threads")):
+        if getattr(cfg, name) is not None and int(getattr(cfg, name)) < 1:
+            raise UserError(f"{flag} must be at least 1, got {getattr(cfg, name)}")
+    if not cfg.views:
+        raise UserError(f"--views names no view; choose from {', '.join(VIEWS)}")
+    for v in cfg.views:
+        if v not in VIEWS:
+            raise UserError(f"unknown view {v!r}; choose from {', '.join(VIEWS)}")
+    if cfg.precision not in ("auto", "fp32", "fp16", "bf16"):
+        raise UserError(f"unknown precision {cfg.precision!r}; choose auto, fp32, fp16 or bf16")
 
 
 def cache_identity(backbone: Any, views: Sequence[str], dtype: str) -> dict[str, Any]:
@@ -150,7 +173,7 @@ def _error_row(url: str, reason: str) -> dict[str, Any]:
 
 def decode_preprocess(batch: dict[str, np.ndarray], preprocessing: Any, views: Sequence[str]) -> dict[str, np.ndarray]:
     """CPU stage: bytes -> RGB -> resize/crop per view -> uint8 pixels (lossless: ToTensor is k/255)."""
-    from .images import decode_image, preprocess
+    from .images import decode_image, error_text, preprocess
 
     n = len(batch["key"])
     crop = preprocessing.crop
@@ -162,7 +185,7 @@ def decode_preprocess(batch: dict[str, np.ndarray], preprocessing: Any, views: S
         try:
             centre = preprocess(decode_image(batch["image"][i]), preprocessing, "center")
         except Exception as exc:  # DecodeError and anything PIL raises on odd files
-            errors[i] = f"decode: {exc}"
+            errors[i] = f"decode: {error_text(exc)}"
             continue
         for v, name in enumerate(views):
             t = centre if name == "center" else centre.flip(-1)
@@ -323,14 +346,12 @@ def _num_actors(cfg: ExtractConfig) -> tuple[int, float]:
 
 def extract(cfg: ExtractConfig) -> ExtractSummary:
     """Run (or resume) an extraction; returns a summary. Idempotent: done shards are skipped."""
-    import ray
-    from ray.data import ActorPoolStrategy
-
     from lcam import build_backbone
 
     from .shards import require_shards
 
     t_start = time.perf_counter()
+    check_config(cfg)
     # Absolute local paths: the cache records shard URLs, and later stages (and Ray workers
     # in other folders) must name the same shards the same way.
     cfg = dataclasses.replace(
@@ -347,6 +368,29 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
         summary.seconds = time.perf_counter() - t_start
         return summary
 
+    # Indexed counts recorded as planned (index-less ones with each commit): `cache verify`
+    # then judges the cache rightly after any interruption, not only after a whole run.
+    cache.record_counts({s.url: s.count for s in todo if s.count is not None})
+    for other in cache.other_leases():
+        log.warning(
+            "another extraction into %s is running or was killed (host %s, pid %s, started %s, %s shards to do): "
+            "both do the same shards, and the cache stays consistent; stop one to save the work",
+            cache.url, other.get("host"), other.get("pid"), other.get("started"), other.get("todo"),
+        )
+        summary.notices.append(f"another extraction into this cache started {other.get('started')} on {other.get('host')} (pid {other.get('pid')})")
+    lease = cache.take_lease({"todo": len(todo)})
+    preprocessing = backbone.preprocessing
+    del backbone  # the actors build their own; free the driver's copy
+    try:
+        return _run(cfg, cache, preprocessing, todo, summary)
+    finally:
+        cache.drop_lease(lease)
+
+
+def _run(cfg: ExtractConfig, cache: FeatureCache, preprocessing: Any, todo: list[Any], summary: ExtractSummary) -> ExtractSummary:
+    import ray
+    from ray.data import ActorPoolStrategy
+
     summary.ray_startup_seconds = ensure_ray()
     known = cache.manifest.get("expected_counts", {})
     total = sum((s.count if s.count is not None else known.get(s.url, 0)) for s in todo) or None
@@ -359,7 +403,7 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
         # fusing decode into the actor, so decoding overlaps the model instead of taking turns.
         .map_batches(
             decode_preprocess,
-            fn_kwargs={"preprocessing": backbone.preprocessing, "views": tuple(cfg.views)},
+            fn_kwargs={"preprocessing": preprocessing, "views": tuple(cfg.views)},
             batch_size=cfg.decode_batch_size,
             num_cpus=0.5,
         )
@@ -372,7 +416,6 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
             num_cpus=0 if gpus else 1,
         )
     )
-    del backbone  # the actors build their own; free the driver's copy
 
     write = _write_shard_task()
     cache_ref = ray.put(cache)
@@ -387,8 +430,15 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=None if block else 0)
             if not ready:
                 return
-            pending.pop(ready[0])
-            entry = ray.get(ready[0])
+            url = pending.pop(ready[0])
+            try:
+                entry = ray.get(ready[0])
+            except Exception as exc:  # the write failed after its retries: recorded, retried by a later run
+                reason = f"write failed: {type(exc).__name__}: {str(exc).splitlines()[-1] if str(exc) else ''}"
+                summary.failed_shards.append({"url": url, "reason": reason})
+                cache.mark_failed({url: reason})
+                continue
+            entry["expected_count"] = counts.get(url)
             cache.mark_done([entry])
             summary.shards_extracted += 1
             summary.images += int(entry["count"])
@@ -404,6 +454,7 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
         errors = [(str(u), str(e)) for u, i, e in zip(batch["shard"], batch["index"], batch["error"]) if int(i) < 0]
         if errors:
             summary.failed_shards += [{"url": u, "reason": e} for u, e in errors]
+            cache.mark_failed(dict(errors))  # in the manifest at once: verify and info list them, a re-run retries them
             keep = np.array([int(i) >= 0 for i in batch["index"]])
             batch = {k: v[keep] for k, v in batch.items()}
             if not len(batch["key"]):
@@ -421,8 +472,9 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
     indexed = {s.url: s.count for s in todo if s.count is not None}
     cache.record_counts({**{u: n for u, n in counts.items() if u not in indexed}, **indexed})
     if assembler.rows:
-        for url, rows in assembler.rows.items():
-            summary.failed_shards.append({"url": url, "reason": f"incomplete: {len(rows)} of {assembler.expected.get(url)} rows arrived"})
+        lost = {url: f"incomplete: {len(rows)} of {assembler.expected.get(url)} rows arrived" for url, rows in assembler.rows.items()}
+        summary.failed_shards += [{"url": u, "reason": r} for u, r in lost.items()]
+        cache.mark_failed(lost)
     summary.seconds = time.perf_counter() - t_pipe
     if t_first is not None and after_first:
         summary.steady_images_per_second = after_first / max(time.perf_counter() - t_first, 1e-9)

@@ -11,12 +11,50 @@ from typing import Any, Mapping
 import fsspec
 from fsspec.core import url_to_fs
 
+from .errors import UserError
+
 StorageOptions = Mapping[str, Any] | None
 
 
 def get_fs(url: str, storage_options: StorageOptions = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, path inside it) for a local path or any fsspec URL."""
-    return url_to_fs(url, **dict(storage_options or {}))
+    """(filesystem, path inside it) for a local path or any fsspec URL; an unknown protocol,
+    a missing filesystem package or options it does not take are a :class:`UserError`."""
+    try:
+        return url_to_fs(url, **dict(storage_options or {}))
+    except ImportError as exc:  # e.g. gs:// without gcsfs: fsspec says which package to install
+        raise UserError(f"{url}: this storage needs a package that is not installed ({exc}); pip install it, or use another URL") from None
+    except ValueError as exc:
+        if "protocol" not in str(exc).lower():
+            raise
+        proto = url.split("://", 1)[0]
+        raise UserError(f"{url}: unknown storage protocol {proto!r}; use a local path or s3://, gs://, or another fsspec protocol") from None
+    except TypeError as exc:  # an option the filesystem does not take (a typo in --storage-option)
+        raise UserError(f"{url}: storage options {sorted(dict(storage_options or {}))} are not accepted by this storage ({exc})") from None
+
+
+# Errors of the object-store clients the user fixes with settings, not code. Matched by class
+# name: botocore, aiohttp and google-auth are optional here, so nothing is imported for it.
+_NO_CREDENTIALS = ("NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError", "CredentialRetrievalError")
+_UNREACHABLE = ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError", "ClientConnectorError",
+                "ClientConnectorDNSError", "ProxyConnectionError", "InvalidEndpointError", "ReadTimeoutError")
+
+
+def storage_error_message(exc: BaseException) -> str | None:
+    """One line saying what to fix for a storage error caused by settings (no or wrong
+    credentials, an endpoint that does not answer, access denied); None for other errors."""
+    names = {c.__name__ for c in type(exc).__mro__}
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if names & set(_NO_CREDENTIALS):
+        return (f"no credentials for the object store ({type(exc).__name__}: {first}): set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, GOOGLE_APPLICATION_CREDENTIALS), give the machine a role, "
+                "or pass --...storage-option anon=true for a public bucket")
+    if names & set(_UNREACHABLE):
+        return (f"cannot reach the object store ({type(exc).__name__}: {first}): check the endpoint "
+                "(--...storage-option client_kwargs.endpoint_url=...), the network and the service")
+    if isinstance(exc, PermissionError):
+        what = exc.filename or first
+        return f"permission denied: {what} ({exc.strerror or first}); choose a location you may write to, or fix its permissions or credentials"
+    return None
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:

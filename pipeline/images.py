@@ -24,6 +24,7 @@ Mode conversions (documented choices):
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 import numpy as np
@@ -43,7 +44,14 @@ class DecodeError(ValueError):
         self.reason = reason
 
 
+_OBJECT_REPR = re.compile(r"\s*<[\w.]+ object at 0x[0-9a-f]+>")
 _SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
+
+
+def error_text(exn: BaseException) -> str:
+    """An exception's message without object reprs (``<_io.BytesIO object at 0x...>``):
+    skip reasons are grouped and counted by their text."""
+    return _OBJECT_REPR.sub("", str(exn)).strip() or type(exn).__name__
 
 
 def open_image(data: bytes) -> Image.Image:
@@ -55,11 +63,12 @@ def open_image(data: bytes) -> Image.Image:
     except UnidentifiedImageError:
         raise DecodeError("not a recognised image format") from None
     except Exception as exn:  # PIL raises assorted types for broken headers
-        raise DecodeError(f"unreadable image header: {exn}") from None
+        # without object reprs such as <_io.BytesIO object at 0x...>: reasons are grouped by text
+        raise DecodeError(f"unreadable image header: {error_text(exn)}") from None
     try:
         im.load()
     except Exception as exn:  # OSError("image file is truncated"), SyntaxError, ...
-        raise DecodeError(f"corrupt or truncated {im.format or ''} image: {exn}".replace("  ", " ")) from None
+        raise DecodeError(f"corrupt or truncated {im.format or ''} image: {error_text(exn)}".replace("  ", " ")) from None
     return im
 
 

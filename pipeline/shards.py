@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Iterable, Iterator
 
 import fsspec
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from pipeline.classes import imagenet_classes, imagenet_wnids
 from pipeline.errors import UserError
@@ -424,6 +424,11 @@ class _Skip(Exception):
     pass
 
 
+def _readable(exn: BaseException) -> str:
+    """An exception's message without object reprs such as ``<_io.BytesIO object at 0x...>``."""
+    return re.sub(r"\s*<[\w.]+ object at 0x[0-9a-f]+>", "", str(exn)).strip() or type(exn).__name__
+
+
 def _inspect(item: _Item) -> tuple[bytes, str, dict, list[tuple[str, str]]]:
     """(original bytes, sample extension, json meta, notes); raises _Skip(reason)."""
     ext_in = os.path.splitext(item.rel)[1]
@@ -448,8 +453,10 @@ def _inspect(item: _Item) -> tuple[bytes, str, dict, list[tuple[str, str]]]:
         im.load()
     except Image.DecompressionBombError as exn:
         raise _Skip(f"too large to decode safely: {exn}") from None
+    except UnidentifiedImageError:  # its message names the BytesIO object, not the file
+        raise _Skip("corrupt or truncated image: not a recognised image format") from None
     except Exception as exn:
-        raise _Skip(f"corrupt or truncated image: {exn}") from None
+        raise _Skip(f"corrupt or truncated image: {_readable(exn)}") from None
     ext = FORMAT_EXTS.get(fmt or "")
     if ext is None:
         raise _Skip(f"unsupported image format: {fmt} content in a {ext_in} file")
@@ -857,6 +864,22 @@ def iter_samples(url: str, storage_options: StorageOptions = None) -> Iterator[S
         yield from _samples_from_stream(f, url)
 
 
+_END_BYTES = 1024  # a tar ends with two 512-byte zero blocks
+
+
+def _check_end_of_archive(tail: bytes, size: int, url: str) -> None:
+    """A tar cut at a member boundary reads as a valid shorter tar; only its missing
+    end-of-archive blocks tell. Compressed shards (.tar.gz) carry no such blocks outside
+    the compression and are left to the decompressor's own checks."""
+    if url.endswith((".gz", ".tgz")) or tail[:2] == b"\x1f\x8b":
+        return
+    if size < _END_BYTES or tail[-_END_BYTES:] != bytes(_END_BYTES):
+        raise ShardReadError(
+            f"shard {url} is damaged (it ends without the tar end-of-archive blocks after {size} bytes): probably cut off "
+            "during a copy or upload, so samples may be missing; re-download or re-pack it"
+        )
+
+
 def read_shard(info: ShardInfo | str, storage_options: StorageOptions = None, verify_sha256: bool = False) -> list[Sample]:
     """All samples of a shard, checked against the index count (and sha256 if asked).
 
@@ -874,11 +897,17 @@ def read_shard(info: ShardInfo | str, storage_options: StorageOptions = None, ve
                 f"shard {info.url}: sha256 {digest} differs from the index's {info.sha256}; re-download or re-pack it"
             )
         samples = list(_samples_from_stream(io.BytesIO(data), info.url))
+        tail, size = data[-_END_BYTES:], len(data)
     else:
         samples = list(iter_samples(info.url, storage_options))
+        fs, path = get_fs(info.url, storage_options)
+        size = fs.size(path)
+        tail = fs.read_block(path, max(0, size - _END_BYTES), _END_BYTES) if size else b""
     if info.count is not None and len(samples) != info.count:
+        with_image = sum(1 for s in samples if s.image)
         raise ShardCountMismatch(
-            f"shard {info.url}: the index says {info.count} samples but the tar holds {len(samples)}; "
+            f"shard {info.url}: the index says {info.count} samples but the tar holds {len(samples)} "
+            f"({with_image} with an image); "
             f"the file is incomplete or not the one the index describes: re-download it, or re-pack the dataset "
             f"(lcam shards SRC OUT)",
             shard=info.url,
@@ -892,6 +921,7 @@ def read_shard(info: ShardInfo | str, storage_options: StorageOptions = None, ve
                 f"shard {info.url}: sample {empty[0]!r} has no image member ({len(empty)} such): the shard is "
                 "incomplete; re-download it or re-pack the dataset"
             )
+    _check_end_of_archive(tail, size, info.url)  # last: a known count or a lost image names the loss better
     return samples
 
 
