@@ -1,7 +1,9 @@
 """The ``lcam`` command: one sub-command per stage, each a thin module in ``jobs/``.
 
 Every ``jobs.<name>`` module exposes ``add_arguments(parser)`` and ``run(args) -> int``;
-modules are imported only when their command runs, so ``lcam --help`` is instant.
+modules are imported only when their command runs, so ``lcam --help`` is instant, and no
+job module imports torch or Ray before its arguments are parsed, so ``lcam <cmd> --help``
+is too (tests/test_cli.py checks it).
 """
 
 from __future__ import annotations
@@ -29,8 +31,19 @@ def _available() -> dict[str, tuple[str, str]]:
     return {name: spec for name, spec in COMMANDS.items() if importlib.util.find_spec(spec[0]) is not None}
 
 
+def version() -> str:
+    """The installed distribution's version (no torch import: this is read from metadata)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("lcam")
+    except metadata.PackageNotFoundError:  # running from a checkout that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lcam", description="L-CAM explanations at dataset scale.")
+    parser.add_argument("--version", action="version", version=f"lcam {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in _available().items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -38,27 +51,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_job(name: str, argv: list[str]) -> int:
-    """Run one job from its command line or ``--config FILE [key=value ...]``; user errors
-    print one clear line (no traceback) and exit 2."""
-    from jobs.config import build_namespace
-    from lcam.backbones import WeightsUnavailable
-    from pipeline.errors import UserError
-
+def command_parser(name: str) -> argparse.ArgumentParser:
+    """The parser of ``lcam NAME`` exactly as :func:`run_job` uses it (the README test parses with it)."""
     module = importlib.import_module(COMMANDS[name][0])
     parser = argparse.ArgumentParser(prog=f"lcam {name}", description=COMMANDS[name][1])
-    own_config = getattr(module, "OWN_CONFIG", False)  # submit: --config is the job's, not its own
-    if not own_config:
+    if not getattr(module, "OWN_CONFIG", False):  # submit: --config is the job's, not its own
         parser.add_argument("--config", metavar="FILE", help="YAML file with this job's fields; key=value overrides may follow")
     if hasattr(module, "add_command_arguments"):
         module.add_command_arguments(parser, name)
     else:
         module.add_arguments(parser)
+    return parser
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    # imported when an error is being handled, not before parsing: lcam.backbones imports
+    # torch, which would make `lcam <cmd> --help` take seconds
+    from lcam.backbones import WeightsUnavailable
+    from pipeline.errors import UserError
+
+    return (UserError, WeightsUnavailable, FileNotFoundError)
+
+
+def run_job(name: str, argv: list[str]) -> int:
+    """Run one job from its command line or ``--config FILE [key=value ...]``; user errors
+    print one clear line (no traceback) and exit 2."""
+    from jobs.config import build_namespace
+
+    module = importlib.import_module(COMMANDS[name][0])
+    parser = command_parser(name)
+    own_config = getattr(module, "OWN_CONFIG", False)
     try:
         args = parser.parse_args(argv) if own_config else build_namespace(parser, argv)
         args.command = name
         return int(module.run(args) or 0)
-    except (UserError, WeightsUnavailable, FileNotFoundError) as exc:
+    except Exception as exc:
+        if not isinstance(exc, _user_error_types()):
+            raise
         # problems the user can fix: one line naming the thing, no traceback
         print(f"lcam {name}: error: {exc}", file=sys.stderr)
         return 2
@@ -86,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
+        return 0
+    if argv[0] == "--version":
+        print(f"lcam {version()}")
         return 0
     if argv[0] not in _available():
         parser.print_usage(sys.stderr)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as nnf
 
@@ -70,6 +72,70 @@ class Explanation:
     maps: torch.Tensor
     upsampled: torch.Tensor | None = None
     all_maps: torch.Tensor | None = None
+
+    def __repr__(self) -> str:
+        """One line: sizes and the first images' classes and scores, never the tensors
+        themselves (a dataclass repr would print every map: ~18,000 characters an image)."""
+        b, t = self.class_ids.shape
+        shown = 3
+        ids = self.class_ids[:shown].tolist()
+        probs = [[round(float(p), 3) for p in row] for row in self.probs[:shown].tolist()]
+        more = f", ... {b - shown} more" if b > shown else ""
+        parts = [
+            f"images={b}", f"targets={t}", f"classes={self.logits.shape[1]}",
+            f"maps={'x'.join(map(str, self.maps.shape[-2:]))}",
+            f"class_ids={ids}{more}", f"probs={probs}{more}",
+        ]
+        if self.upsampled is not None:
+            parts.append(f"upsampled={'x'.join(map(str, self.upsampled.shape[-2:]))}")
+        if self.all_maps is not None:
+            parts.append(f"all_maps={tuple(self.all_maps.shape)}")
+        return f"Explanation({', '.join(parts)})"
+
+    def overlay(self, image: torch.Tensor | np.ndarray, index: int = 0, target: int = 0,
+                cmap: str = "jet", alpha: float = 0.5) -> np.ndarray:
+        """The map of image ``index``, class ``target`` (column of ``class_ids``), colour-mapped
+        and blended over ``image``: (H, W, 3) uint8 at the image's size.
+
+        ``image``: that image as a (3, H, W) tensor in [0, 1] (what the model was given) or
+        an (H, W, 3) uint8 array. The normalised map is upsampled bilinearly to the image
+        size (the stored ``upsampled`` maps are used when they have that size already).
+        """
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        if isinstance(image, torch.Tensor):
+            if image.dim() != 3 or image.shape[0] != 3:
+                raise ValueError(f"give one image as (3, H, W) in [0, 1], got {tuple(image.shape)}")
+            rgb = (image.detach().float().cpu().clamp(0, 1).permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+        else:
+            rgb = np.asarray(image)
+            if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+                raise ValueError(f"give one image as (H, W, 3) uint8, got {rgb.shape} {rgb.dtype}")
+        size = rgb.shape[:2]
+        if self.upsampled is not None and tuple(self.upsampled.shape[-2:]) == size:
+            cam = self.upsampled[index, target]
+        else:
+            cam = upsample(self.maps[index, target], size)
+        from matplotlib import colormaps  # lazy: plotting is optional for the method itself
+
+        heat = colormaps[cmap](cam.detach().float().cpu().clamp(0, 1).numpy())[..., :3] * 255.0
+        blended = (1.0 - alpha) * rgb.astype(np.float32) + alpha * heat
+        return blended.round().clip(0, 255).astype(np.uint8)
+
+    def show(self, image: torch.Tensor | np.ndarray, index: int = 0, target: int = 0, ax: Any = None,
+             class_names: Any = None, **overlay_kwargs: Any) -> Any:
+        """Draw :meth:`overlay` with matplotlib (in a notebook: inline), titled with the class
+        and its probability; returns the axes."""
+        import matplotlib.pyplot as plt
+
+        if ax is None:
+            _, ax = plt.subplots(figsize=(4, 4))
+        ax.imshow(self.overlay(image, index, target, **overlay_kwargs))
+        c = int(self.class_ids[index, target])
+        name = class_names[c] if class_names is not None else f"class {c}"
+        ax.set_title(f"{name}: p = {float(self.probs[index, target]):.3f}")
+        ax.axis("off")
+        return ax
 
 
 def explain_from_features(

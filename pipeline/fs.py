@@ -111,20 +111,63 @@ def exists(url: str, storage_options: StorageOptions = None) -> bool:
     return fs.exists(path)
 
 
-_BRACE = re.compile(r"\{(\d+)\.\.(\d+)\}")
+_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)(?:\.\.(-?\d+))?$|^([A-Za-z])\.\.([A-Za-z])(?:\.\.(-?\d+))?$")
+
+
+def _brace_alternatives(body: str) -> list[str] | None:
+    """What one ``{body}`` stands for: comma alternatives (split at top-level commas,
+    nested braces left for later), a numeric range ``a..b[..step]`` (zero padding kept
+    when either end has it) or a letter range; None when it is no expansion (``{x}``)."""
+    parts, depth, start = [], 0, 0
+    for i, c in enumerate(body):
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+        elif c == "," and depth == 0:
+            parts.append(body[start:i])
+            start = i + 1
+    if parts:
+        return parts + [body[start:]]
+    m = _RANGE.match(body)
+    if not m:
+        return None
+    if m.group(1) is not None:
+        lo_s, hi_s, step_s = m.group(1), m.group(2), m.group(3)
+        lo, hi = int(lo_s), int(hi_s)
+        padded = any(len(x.lstrip("-")) > 1 and x.lstrip("-").startswith("0") for x in (lo_s, hi_s))
+        width = max(len(lo_s), len(hi_s)) if padded else 0
+        step = abs(int(step_s or 1)) or 1
+        values = range(lo, hi + 1, step) if lo <= hi else range(lo, hi - 1, -step)
+        return [(f"-{str(-v).zfill(width - 1)}" if v < 0 else str(v).zfill(width)) for v in values]
+    a, b, step = ord(m.group(4)), ord(m.group(5)), abs(int(m.group(6) or 1)) or 1
+    return [chr(v) for v in (range(a, b + 1, step) if a <= b else range(a, b - 1, -step))]
 
 
 def expand_braces(pattern: str) -> list[str]:
-    """``train-{000..002}.tar`` -> three names (zero padding kept); several ranges multiply."""
-    m = _BRACE.search(pattern)
-    if not m:
-        return [pattern]
-    lo, hi = m.group(1), m.group(2)
-    width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
-    out = []
-    for i in range(int(lo), int(hi) + 1):
-        out.extend(expand_braces(pattern[: m.start()] + str(i).zfill(width) + pattern[m.end() :]))
-    return out
+    """Bash-style brace expansion, in order: ``{train,val}-{000..002}.tar`` -> six names.
+
+    Comma lists, numeric ranges (``{000..009}`` keeps the zero padding, ``{0..10..5}``
+    steps, descending ranges count down), letter ranges (``{a..c}``), nesting
+    (``{a,b{1..2}}``) and several groups (a cartesian product, left group slowest). A
+    brace group that expands to nothing (``{x}``, an unmatched ``{``) stays literal text.
+    """
+    depth_start: list[int] = []
+    for i, c in enumerate(pattern):
+        if c == "{":
+            depth_start.append(i)
+        elif c == "}" and depth_start:
+            start = depth_start.pop()
+            if depth_start:
+                continue  # inner group: its outer group expands it (or it is expanded on its own later)
+            alternatives = _brace_alternatives(pattern[start + 1 : i])
+            if alternatives is None:
+                # not an expansion: keep "{...}" literal, but still expand groups inside it
+                inner = expand_braces(pattern[start + 1 : i])
+                return [pattern[:start] + "{" + x + "}" + rest for x in inner for rest in expand_braces(pattern[i + 1 :])]
+            prefix, suffixes = pattern[:start], expand_braces(pattern[i + 1 :])
+            return [prefix + x + rest for alt in alternatives for x in expand_braces(alt) for rest in suffixes]
+    return [pattern]
 
 
 def expand_urls(patterns: str | list[str], storage_options: StorageOptions = None) -> list[str]:

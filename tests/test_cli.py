@@ -1,0 +1,66 @@
+"""The ``lcam`` command itself: ``--version``, and ``--help`` of every command without torch or Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from jobs.cli import COMMANDS, main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# One subprocess asks every command for --help, then says which heavy modules got imported.
+HELP_PROBE = """
+import contextlib, io, json, sys
+from jobs.cli import COMMANDS, main
+texts = {}
+for name in COMMANDS:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        try:
+            main([name, "--help"])
+        except SystemExit:
+            pass
+    texts[name] = out.getvalue()
+print(json.dumps({"texts": texts, "loaded": sorted(m for m in ("torch", "ray", "zarr", "torchvision") if m in sys.modules)}))
+"""
+
+
+def run_python(code: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+
+
+def test_help_of_every_command_imports_neither_torch_nor_ray():
+    proc = run_python(HELP_PROBE)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["loaded"] == []  # torch alone takes seconds to import: --help must not wait for it
+    for name, text in report["texts"].items():
+        assert text.startswith(f"usage: lcam {name}"), (name, text[:200])
+    assert "--checkpoint" in report["texts"]["eval"] and "--methods" in report["texts"]["eval"]
+
+
+def test_the_probe_would_see_torch():
+    """The check can fail: a module importing torch at import time shows up in the probe."""
+    proc = run_python("import sys, jobs.cli, lcam.backbones; print('torch' in sys.modules)")
+    assert proc.stdout.strip() == "True"
+
+
+def test_version(capsys):
+    from importlib import metadata
+
+    assert main(["--version"]) == 0
+    printed = capsys.readouterr().out.strip()
+    assert printed == f"lcam {metadata.version('lcam')}"
+    proc = run_python("import sys; from jobs.cli import main; main(['--version']); print('torch' in sys.modules)")
+    assert proc.stdout.split() == ["lcam", metadata.version("lcam"), "False"]
+
+
+def test_commands_are_listed_in_the_top_level_help(capsys):
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    assert "--version" in text and all(name in text for name in COMMANDS)

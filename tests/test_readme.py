@@ -1,0 +1,99 @@
+"""The README cannot drift: every ``lcam ...`` command line it shows parses with the real parser.
+
+Command lines are taken from code spans and from the lines of ``sh`` code blocks that start
+with ``lcam``. They are parsed (never run) with :func:`jobs.cli.command_parser`, the
+parser ``lcam`` itself uses. Upper-case words (``SHARDS``, ``URL``) are placeholders and
+stand for themselves as values; a bare ``lcam CMD`` names a command (it must exist); ``a|b`` (``\\|`` inside a table) stands for one command
+line per alternative; ``...`` stands for "more of the same" and is dropped; ``--config
+FILE key=value`` is split off the way the CLI splits it (the file itself is not read).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import itertools
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from jobs.cli import COMMANDS, command_parser
+from jobs.config import split_config_args
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+# a placeholder that must be one of a positional's choices: the value it stands for here
+CHOICE_PLACEHOLDERS = {"JOB": "pipeline"}
+
+
+def readme_command_lines(text: str) -> list[str]:
+    lines: list[str] = []
+    in_block = False
+    for raw in text.splitlines():
+        if raw.startswith("```"):
+            in_block = not in_block
+            continue
+        if in_block:
+            line = raw.split(" #", 1)[0].strip()
+            if line.startswith("lcam "):
+                lines.append(line)
+            continue
+        for span in re.findall(r"`([^`]+)`", raw.replace("\\|", "|")):
+            if span.startswith("lcam ") or span == "lcam":
+                lines.append(span)
+    return lines
+
+
+def expand_alternatives(line: str) -> list[list[str]]:
+    """``lcam cache info|verify URL`` -> two token lists; ``...`` dropped."""
+    tokens = [t for t in shlex.split(line) if t != "..."]
+    choices = [t.split("|") if "|" in t and not t.startswith("-") else [t] for t in tokens]
+    return [list(combo) for combo in itertools.product(*choices)]
+
+
+def parse_command_line(tokens: list[str]) -> None:
+    """Raise AssertionError naming the problem unless ``tokens`` parse as an ``lcam`` command."""
+    assert tokens[0] == "lcam"
+    if len(tokens) == 1 or tokens[1] in ("--help", "-h", "--version"):
+        return
+    name, argv = tokens[1], [CHOICE_PLACEHOLDERS.get(t, t) for t in tokens[2:]]
+    assert name in COMMANDS, f"unknown command {name!r}"
+    if not argv:  # the prose names a command ("`lcam eval` follows SPEC section 5"): no line to parse
+        return
+    parser = command_parser(name)
+    if name not in ("submit", "jobs"):  # their --config is the job's, parsed as a plain option
+        _, _, argv = split_config_args(argv)
+        if len(argv) < len(tokens[2:]):  # --config given: the positionals come from the file
+            return
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            parser.parse_args(argv)
+        except SystemExit as exc:
+            raise AssertionError(err.getvalue().strip().splitlines()[-1]) from exc
+
+
+def test_readme_shows_command_lines():
+    lines = readme_command_lines(README.read_text())
+    shown = {shlex.split(line)[1] for line in lines if len(shlex.split(line)) > 1}
+    # the commands table shows every command (a guard against the extraction silently finding nothing)
+    assert {"shards", "extract", "cache", "train", "cams", "eval", "pipeline", "submit", "demo"} <= shown
+
+
+@pytest.mark.parametrize("line", readme_command_lines(README.read_text()))
+def test_readme_command_line_parses(line):
+    for tokens in expand_alternatives(line):
+        try:
+            parse_command_line(tokens)
+        except AssertionError as exc:
+            pytest.fail(f"README: `{' '.join(tokens)}` does not parse: {exc}")
+
+
+def test_a_wrong_command_line_is_caught():
+    """The check can fail: an option that does not exist, or a missing positional."""
+    with pytest.raises(AssertionError, match="unrecognized arguments: --no-such-option"):
+        parse_command_line(["lcam", "eval", "SHARDS", "OUT", "--no-such-option"])
+    with pytest.raises(AssertionError, match="required"):
+        parse_command_line(["lcam", "eval", "--shards", "SHARDS"])
+    assert expand_alternatives("lcam cache info|verify URL ...") == [["lcam", "cache", "info", "URL"], ["lcam", "cache", "verify", "URL"]]
