@@ -32,7 +32,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--batch-size", type=int, default=None, help="training batch (default 64)")
     parser.add_argument("--target", default="label", choices=["label", "predicted"])
-    parser.add_argument("--schedule", default="step", choices=["step", "onecycle"])
+    parser.add_argument("--schedule", default=None, choices=["step", "onecycle"], help="default: the recipe's (step for --recipe spec)")
+    parser.add_argument("--init", default="random", choices=["random", "cam"], help="the attention's start (see lcam train --init)")
+    parser.add_argument("--targets", default="single", choices=["single", "top-k"], help="training targets per image (see lcam train)")
+    parser.add_argument("--top-k", type=int, default=None, help="K for --targets top-k (default 3)")
+    parser.add_argument("--recipe", default="spec", choices=["spec", "data-size"], help="training defaults (see lcam train --recipe)")
+    parser.add_argument("--img-from-fm", action="store_true", help="with --method both: L-CAM-Img starts from the L-CAM-Fm checkpoint")
     parser.add_argument("--max-steps", type=int, default=None, help="stop training after this many steps (quick runs)")
     parser.add_argument("--img-max-steps", type=int, default=None, help="L-CAM-Img's own step limit (default: --max-steps)")
     parser.add_argument("--img-workers", type=int, default=1, help="Ray Train workers for L-CAM-Img (GPUs on a cluster)")
@@ -104,11 +109,14 @@ def run(args: argparse.Namespace) -> int:
         for m, out in runs.items():
             stage(f"train {METHOD_LABELS[m]}")
             resume = exists(join(out, CHECKPOINT), so)
+            warm = m == "img" and args.img_from_fm and "fm" in runs
             result = train(TrainConfig(
                 method=m, out=out, cache=cache, shards=args.train_shards if m == "img" else None,
                 weights=args.weights, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, target=args.target, schedule=args.schedule,
                 max_steps=(args.img_max_steps or args.max_steps) if m == "img" else args.max_steps,
                 resume=resume, seed=args.seed, workers=args.img_workers, augment=args.img_augment,
+                init=None if warm else args.init, init_from=join(runs["fm"], CHECKPOINT) if warm else None,
+                targets=args.targets, top_k=args.top_k, recipe_rule=args.recipe,
                 storage_options=so, cache_storage_options=so, shard_storage_options=so,
             ))
             print("\n".join(result.lines()), flush=True)
