@@ -60,6 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-fold-batchnorm", dest="fold_batchnorm", action="store_false",
                         help="run the backbone as built (default: BatchNorm folded into the convolutions, same function, faster)")
     parser.add_argument("--index", default=None, help="shard index URL (default: index.json beside the shards)")
+    parser.add_argument("--split-coverage", action="store_true",
+                        help="also the table on images whose class row L-CAM trained (coverage > 0) and on the others")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     add_storage_options(parser, "--shard-storage-option", "shard_storage_option", " for the shards")
@@ -91,7 +93,7 @@ def config_from_args(args: argparse.Namespace):
         weights=args.weights, ratios=tuple(args.ratios), limit=args.limit, seed=args.seed, method_limits=_method_limits(args.method_limits),
         batch_size=args.batch_size, rise_masks=args.rise_masks, rise_grid=args.rise_grid, rise_p=args.rise_p, rise_batch=args.rise_batch,
         rise_seed=args.rise_seed, scorecam_batch=args.scorecam_batch, random_seed=args.random_seed, gaussian_sigma=args.gaussian_sigma, save_maps=args.save_maps,
-        road=args.road, road_percentiles=tuple(args.road_percentiles), road_seed=args.road_seed, engine=args.engine, actors=args.actors,
+        road=args.road, split_coverage=args.split_coverage, road_percentiles=tuple(args.road_percentiles), road_seed=args.road_seed, engine=args.engine, actors=args.actors,
         decode_workers=args.decode_workers, torch_threads=args.torch_threads, device=args.device, fold_batchnorm=args.fold_batchnorm, index=args.index,
         shard_storage_options=parse_storage_options(args.shard_storage_option), out_storage_options=parse_storage_options(args.storage_option),
         checkpoint_storage_options=parse_storage_options(args.checkpoint_storage_option), progress=not args.no_progress,

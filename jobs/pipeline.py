@@ -32,7 +32,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--batch-size", type=int, default=None, help="training batch (default 64)")
     parser.add_argument("--target", default="label", choices=["label", "predicted"])
-    parser.add_argument("--schedule", default="step", choices=["step", "onecycle"])
+    parser.add_argument("--schedule", default=None, choices=["step", "onecycle"], help="default: the recipe's (step for --recipe spec)")
+    parser.add_argument("--init", default="random", choices=["random", "cam"], help="the attention's start (see lcam train --init)")
+    parser.add_argument("--targets", default="single", choices=["single", "top-k"], help="training targets per image (see lcam train)")
+    parser.add_argument("--top-k", type=int, default=None, help="K for --targets top-k (default 3)")
+    parser.add_argument("--recipe", default="spec", choices=["spec", "data-size"], help="training defaults (see lcam train --recipe)")
+    parser.add_argument("--img-from-fm", action="store_true", help="with --method both: L-CAM-Img starts from the L-CAM-Fm checkpoint")
     parser.add_argument("--max-steps", type=int, default=None, help="stop training after this many steps (quick runs)")
     parser.add_argument("--img-max-steps", type=int, default=None, help="L-CAM-Img's own step limit (default: --max-steps)")
     parser.add_argument("--img-workers", type=int, default=1, help="Ray Train workers for L-CAM-Img (GPUs on a cluster)")
@@ -74,6 +79,7 @@ def _train_flags(method: str) -> dict[str, str]:
     return {
         "out": "--workdir", "shards": "--train-shards", "cache": "the feature cache in --workdir",
         "augment": "--img-augment", "workers": "--img-workers", "max_steps": max_steps,
+        "recipe_rule": "--recipe", "init_from": "--img-from-fm",
         "resume": f"the same pipeline with a higher {max_steps}",  # it resumes every run it finds in --workdir
     }
 
@@ -90,8 +96,13 @@ def _img_pass1_cache(args: argparse.Namespace, cache: str) -> str | None:
     return cache if args.img_augment == "center" and "center" in views else None
 
 
-def _train_config(args: argparse.Namespace, method: str, cache: str, out: str, so: dict | None):
-    from pipeline.training import TrainConfig
+def _train_config(args: argparse.Namespace, method: str, cache: str, out: str, so: dict | None, fm_run: str | None):
+    """The training stage's config; ``fm_run``: this pipeline's L-CAM-Fm run, which warm-starts
+    L-CAM-Img when ``--img-from-fm`` (the attention then starts from its checkpoint, not ``--init``)."""
+    from pipeline.fs import join
+    from pipeline.training import CHECKPOINT, TrainConfig
+
+    warm = method == "img" and bool(args.img_from_fm) and fm_run is not None
 
     return TrainConfig(
         method=method, out=out, cache=_img_pass1_cache(args, cache) if method == "img" else cache,
@@ -99,6 +110,8 @@ def _train_config(args: argparse.Namespace, method: str, cache: str, out: str, s
         weights=args.weights, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, target=args.target, schedule=args.schedule,
         max_steps=(args.img_max_steps or args.max_steps) if method == "img" else args.max_steps,
         seed=args.seed, workers=args.img_workers, augment=args.img_augment if method == "img" else None,
+        init=None if warm else args.init, init_from=join(fm_run, CHECKPOINT) if warm else None,
+        targets=args.targets, top_k=args.top_k, recipe_rule=args.recipe,
         storage_options=so, cache_storage_options=so, shard_storage_options=so,
     )
 
@@ -128,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     if "train" in stages:  # refuse a config that cannot train before extraction spends its time
         for m, out in runs.items():
             with speaking_flags(_train_flags(m)):
-                check_config(_train_config(args, m, cache, out, so))
+                check_config(_train_config(args, m, cache, out, so, runs.get("fm")))
     t0 = time.perf_counter()
 
     def stage(name: str) -> None:
@@ -149,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
         for m, out in runs.items():
             stage(f"train {METHOD_LABELS[m]}")
             with speaking_flags(_train_flags(m)) as flag:
-                cfg = _train_config(args, m, cache, out, so)
+                cfg = _train_config(args, m, cache, out, so, runs.get("fm"))
                 cfg.resume = exists(join(out, CHECKPOINT), so)  # every stage resumes what it finds
                 result = train(cfg)
                 print("\n".join(result.lines(flag)), flush=True)

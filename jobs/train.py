@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from jobs.common import add_storage_options, parse_storage_options
+from jobs.common import add_storage_options, parse_storage_options, speaking_flags
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,6 +26,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--view", default=None, help="fm: which cached view per sample: random (default), first, or an index")
     parser.add_argument("--augment", default=None, choices=["random", "center"], help="img: random crop 224 + flip (default) or centre crop")
     parser.add_argument("--seed", type=int, default=None, help="default 0")
+    parser.add_argument("--init", default=None, choices=["random", "cam"],
+                        help="the attention's start: random (SPEC, default) or cam (row k = the classifier's weights for class k: "
+                             "an untrained row gives CAM's map; pooling + linear heads only, not VGG-16)")
+    parser.add_argument("--init-from", default=None, metavar="CHECKPOINT",
+                        help="start from this L-CAM checkpoint's attention (e.g. --method img from an L-CAM-Fm run's checkpoint.pt)")
+    parser.add_argument("--targets", default=None, choices=["single", "top-k"],
+                        help="single: one target per image (SPEC, default); top-k: the top-K predicted classes, each its own CE target "
+                             "and map (needs --target predicted)")
+    parser.add_argument("--top-k", type=int, default=None, help="K for --targets top-k (default 3)")
+    parser.add_argument("--recipe", default=None, choices=["spec", "data-size"],
+                        help="defaults for lr/epochs/batch/schedule: spec (SPEC section 3, default) or data-size "
+                             "(below 20,000 samples: the small-data recipe, see README)")
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in total (a checkpoint is kept; --resume continues)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint (its method, cache, shards and recipe)")
     parser.add_argument("--checkpoint-minutes", type=float, default=10.0, help="fm: also checkpoint mid-epoch this often (0: at epoch ends only)")
@@ -56,7 +68,8 @@ def config_from_args(args: argparse.Namespace):
     return TrainConfig(
         method=args.method, out=args.out, cache=args.cache, shards=args.shards, index=args.index, backbone=args.backbone,
         weights=args.weights, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, schedule=args.schedule,
-        target=args.target, view=args.view, augment=args.augment, seed=args.seed, max_steps=args.max_steps, resume=args.resume,
+        target=args.target, view=args.view, augment=args.augment, seed=args.seed, init=args.init, init_from=args.init_from,
+        targets=args.targets, top_k=args.top_k, recipe_rule=args.recipe, max_steps=args.max_steps, resume=args.resume,
         checkpoint_minutes=args.checkpoint_minutes, log_every=args.log_every, device=args.device, threads=args.threads, precision=args.precision,
         buffer_rows=args.buffer_rows, prefetch_chunks=args.prefetch_chunks, loader_threads=args.loader_threads,
         workers=args.workers, use_gpu={"auto": None, "yes": True, "no": False}[args.use_gpu], cpus_per_worker=args.cpus_per_worker,
@@ -70,6 +83,7 @@ def config_from_args(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from pipeline.training import train
 
-    summary = train(config_from_args(args))
-    print(json.dumps(summary.to_dict(), indent=1) if args.json else "\n".join(summary.lines()))
+    with speaking_flags({"recipe_rule": "--recipe"}) as flag:  # the one field this command spells its own way
+        summary = train(config_from_args(args))
+    print(json.dumps(summary.to_dict(), indent=1) if args.json else "\n".join(summary.lines(flag)))
     return 0

@@ -18,6 +18,22 @@ class AttentionMechanism(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, num_classes, kernel_size=1, bias=True)
 
+    @torch.no_grad()
+    def init_from_classifier(self, weight: torch.Tensor, bias: torch.Tensor) -> "AttentionMechanism":
+        """Row k := the classifier's weights for class k, bias k := its bias k.
+
+        For a head ``logits = W avgpool(F) + b``, Z_k = sum_c W[k, c] F_c + b_k is the class
+        activation map of Zhou et al. (CAM, sum_c W[k, c] F_c) plus a constant, so after
+        the min-max normalisation of SPEC section 4 an untrained row explains exactly as
+        CAM does, never as noise; and the spatial mean of Z_k is the logit of class k.
+        """
+        if tuple(weight.shape) != (self.num_classes, self.in_channels) or tuple(bias.shape) != (self.num_classes,):
+            raise ValueError(f"classifier {tuple(weight.shape)} + {tuple(bias.shape)} does not fit the attention "
+                             f"{self.in_channels} -> {self.num_classes}")
+        self.conv.weight.copy_(weight.reshape(self.conv.weight.shape))
+        self.conv.bias.copy_(bias)
+        return self
+
     @property
     def num_classes(self) -> int:
         return self.conv.out_channels

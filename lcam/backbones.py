@@ -92,6 +92,23 @@ class Backbone(nn.Module):
         """The module whose output is F: what CAM baselines hook (same layer as the AM)."""
         return self.features
 
+    def linear_classifier(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(weight (K, C), bias (K,)) when the head is global average pooling + one linear
+        layer (dropout, flatten and identity allowed between): then ``logits = W mean(F) + b``
+        and class k's CAM (Zhou et al.) is ``sum_c W[k, c] F_c``. None for any other head
+        (VGG-16's fully connected layers). Read from the head's structure, so a new backbone
+        built as ``nn.Sequential(pool, nn.Flatten(1), [dropout,] linear)`` is recognised."""
+        mods = list(self.head) if isinstance(self.head, nn.Sequential) else [self.head]
+        if not mods or not isinstance(mods[-1], nn.Linear) or not _is_global_avg_pool(mods[0]):
+            return None
+        if not all(isinstance(m, (nn.Flatten, nn.Dropout, nn.Identity)) for m in mods[1:-1]):
+            return None
+        fc: nn.Linear = mods[-1]
+        if fc.in_features != self.feature_shape[0] or fc.out_features != self.num_classes:
+            return None
+        bias = fc.bias if fc.bias is not None else torch.zeros(fc.out_features)
+        return fc.weight.detach().clone(), bias.detach().clone()
+
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
@@ -136,6 +153,11 @@ class Backbone(nn.Module):
             "num_classes": self.num_classes,
             "preprocessing": self.preprocessing.to_dict(),
         }
+
+
+def _is_global_avg_pool(m: nn.Module) -> bool:
+    size = getattr(m, "output_size", None)
+    return isinstance(m, nn.AdaptiveAvgPool2d) and size in (1, (1, 1), [1, 1])
 
 
 def _fold(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:

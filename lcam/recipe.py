@@ -55,6 +55,31 @@ def default_recipe(backbone: str, schedule: Schedule = "step") -> Recipe:
     return table.get(backbone, Recipe(schedule=schedule))
 
 
+# Below this many training samples the SPEC's schedules barely move the attention (800
+# ImageNet images: 13 steps per epoch); the recipe measured on such data (benchmarks/eval.py,
+# benchmarks/generalisation.py) trains far more steps at a far higher peak.
+SMALL_DATA = 20_000
+SMALL_FM_STEPS = 4_000  # optimizer steps of L-CAM-Fm on small data (800 samples: 80 epochs of batch 16)
+
+
+def recipe_for_data(backbone: str, method: str, samples: int) -> Recipe:
+    """The recipe chosen by data size (``lcam train --recipe data-size``).
+
+    ``samples`` >= :data:`SMALL_DATA`: the SPEC's step schedule of the backbone. Below:
+    L-CAM-Fm one-cycle, peak lr 3.0, batch 16, as many epochs as make ~4,000 steps (8 to 80);
+    L-CAM-Img one-cycle, peak lr 0.1, batch 8, 4 epochs, meant to start from an L-CAM-Fm
+    checkpoint (``--init-from``): from scratch it needs far more epochs than that.
+    """
+    if samples < 1:
+        raise ValueError("no training samples")
+    if samples >= SMALL_DATA:
+        return default_recipe(backbone, "step")
+    if method == "fm":
+        epochs = min(80, max(8, -(-SMALL_FM_STEPS * 16 // samples)))
+        return Recipe(lr=3.0, epochs=epochs, batch_size=16, schedule="onecycle")
+    return Recipe(lr=0.1, epochs=4, batch_size=8, schedule="onecycle")
+
+
 def make_optimizer(attention: nn.Module, recipe: Recipe) -> torch.optim.SGD:
     """SGD with Nesterov momentum; biases at ``bias_lr_mult`` x the weight lr."""
     weights = [p for n, p in attention.named_parameters() if not n.endswith("bias")]

@@ -33,7 +33,8 @@ METRIC_NAMES = ("loss", "ce", "area", "tv", "agreement")
 
 @dataclass
 class TrainBatch:
-    """One step's input. ``targets`` None: the backbone's top-1 on the clean image (SPEC 3, ``predicted``).
+    """One step's input. ``targets`` None: the backbone's top-1 on the clean image (SPEC 3, ``predicted``),
+    or its top-K with a trainer's ``top_k`` K > 1; (B,) one class per sample, (B, K) K classes per sample.
 
     L-CAM-Fm needs ``feats`` or ``images``; L-CAM-Img needs ``images`` (``feats``, when
     given, replace its first pass).
@@ -115,11 +116,45 @@ class _TrainingForward(nn.Module):
         return self.model.training_forward(self.method, targets, feats=feats, images=images)
 
 
-def init_attention(backbone: Backbone, seed: int) -> AttentionMechanism:
-    """The attention mechanism with PyTorch's default init drawn from ``seed`` (global RNG untouched)."""
+INITS = ("random", "cam")
+
+
+class NoLinearClassifier(ValueError):
+    """``init='cam'`` asked for a backbone whose head is not global pooling + one linear layer."""
+
+
+def init_attention(backbone: Backbone, seed: int, init: str = "random") -> AttentionMechanism:
+    """The attention mechanism, initialised as ``init`` says.
+
+    ``random``: PyTorch's default init drawn from ``seed`` (global RNG untouched; SPEC).
+    ``cam``: row k and bias k copied from the classifier (:meth:`AttentionMechanism.init_from_classifier`),
+    so an untrained row gives class k's CAM; only for pooling + linear heads (others raise
+    :class:`NoLinearClassifier`: CAM itself is undefined for a fully connected head).
+    """
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}: use {' or '.join(INITS)}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return AttentionMechanism(backbone.feature_shape[0], backbone.num_classes)
+        attention = AttentionMechanism(backbone.feature_shape[0], backbone.num_classes)
+    if init == "cam":
+        fc = backbone.linear_classifier()
+        if fc is None:
+            raise NoLinearClassifier(
+                f"--init cam needs a head of global average pooling + one linear classifier; {backbone.name}'s head is not "
+                "(e.g. VGG-16's fully connected layers), so there is no CAM to start from: use --init random"
+            )
+        attention.init_from_classifier(*fc)
+    return attention
+
+
+def expand_targets(targets: torch.Tensor, *tensors: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """(B, K) targets -> B*K single-target samples, sample-major: each of ``tensors`` (B, ...)
+    repeated K times per sample. The L-CAM loss of the expanded batch is the mean over k of
+    the K single-target losses (CE and area are means over B*K maps, TV divides by 2*B*K)."""
+    k = targets.shape[1]
+    out = [targets.reshape(-1)]
+    out += [None if t is None else t.repeat_interleave(k, dim=0) for t in tensors]
+    return tuple(out)
 
 
 class LCAMTrainer:
@@ -143,11 +178,15 @@ class LCAMTrainer:
         device: torch.device | str | None = None,
         autocast_dtype: torch.dtype | None = None,
         wrap: Callable[[nn.Module], nn.Module] | None = None,
+        top_k: int = 1,
     ) -> None:
         if method not in ("fm", "img"):
             raise ValueError(f"unknown method {method!r}: use 'fm' or 'img'")
         if steps_per_epoch < 1:
             raise ValueError("steps_per_epoch must be >= 1 (is the training data empty?)")
+        if not 1 <= top_k <= model.backbone.num_classes:
+            raise ValueError(f"top_k must be between 1 and the number of classes, got {top_k}")
+        self.top_k = int(top_k)
         self.device = torch.device(device) if device is not None else next(model.attention.parameters()).device
         self.model = model.to(self.device)
         self.method: Method = method
@@ -163,11 +202,28 @@ class LCAMTrainer:
         self.batch_in_epoch = 0  # batches of that epoch already done
         self.global_step = 0
         self.running = MetricSums()
+        # Coverage: (sample, target) pairs per class row in the epoch in progress, and the most
+        # of any epoch so far; see :attr:`coverage`.
+        num_classes = model.attention.num_classes
+        self.epoch_counts = torch.zeros(num_classes, dtype=torch.int64)
+        self.max_counts = torch.zeros(num_classes, dtype=torch.int64)
+        # Data-parallel training: sums a worker's epoch counts over all workers (e.g. an all-reduce).
+        self.reduce_counts: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    @property
+    def coverage(self) -> torch.Tensor:
+        """Per class row, how many samples trained it in one epoch (the most of any epoch,
+        the one in progress included): with fixed targets, the number of distinct training
+        samples whose target (one of their top-K) is that class. 0: the row never trained."""
+        return torch.maximum(self.max_counts, self.epoch_counts)
 
     # ---- one step
     def _targets(self, batch: TrainBatch, feats: torch.Tensor | None, images: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Targets and (for 'predicted' without targets) the F computed to find them."""
         if batch.targets is not None:
+            if self.top_k > 1 and (batch.targets.dim() != 2 or batch.targets.shape[1] != self.top_k):
+                raise ValueError(f"top_k={self.top_k} needs (B, {self.top_k}) targets or none (the top-{self.top_k} "
+                                 f"is then computed), got shape {tuple(batch.targets.shape)}")
             return batch.targets.to(self.device, non_blocking=True).long(), feats
         backbone = self.model.backbone
         with torch.no_grad(), self._autocast():
@@ -175,7 +231,8 @@ class LCAMTrainer:
                 if images is None:
                     raise ValueError("a batch needs targets, feature maps or images")
                 feats = backbone.features(backbone.normalize(images))
-            targets = backbone.head(feats).argmax(1)
+            logits = backbone.head(feats)
+            targets = logits.argmax(1) if self.top_k == 1 else logits.topk(self.top_k, dim=1).indices
         return targets, feats
 
     def _autocast(self):
@@ -193,6 +250,9 @@ class LCAMTrainer:
                 feats = backbone.features(backbone.normalize(images))
         if feats is not None:
             feats = feats.float() if self.method == "fm" else feats
+        if targets.dim() == 2:  # K targets per sample: K single-target samples each
+            targets, feats, images = expand_targets(targets, feats, images)
+        self.epoch_counts += torch.bincount(targets.cpu(), minlength=self.epoch_counts.numel())
         self.model.attention.train()
         lr = float(self.optimizer.param_groups[0]["lr"])
         with self._autocast():
@@ -239,6 +299,9 @@ class LCAMTrainer:
     def finish_epoch(self) -> MetricSums:
         sums = self.running
         self.running = MetricSums()
+        counts = self.reduce_counts(self.epoch_counts) if self.reduce_counts is not None else self.epoch_counts
+        self.max_counts = torch.maximum(self.max_counts, counts.cpu().long())
+        self.epoch_counts = torch.zeros_like(self.max_counts)
         self.epoch += 1
         self.batch_in_epoch = 0
         return sums
@@ -259,6 +322,7 @@ class LCAMTrainer:
             "position": {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "global_step": self.global_step, "steps_per_epoch": self.steps_per_epoch},
             "running": self.running.to_dict(),
             "rng": rng,
+            "coverage": {"epoch": self.epoch_counts.clone(), "max": self.max_counts.clone()},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -274,6 +338,9 @@ class LCAMTrainer:
         self.epoch, self.batch_in_epoch, self.global_step = int(pos["epoch"]), int(pos["batch_in_epoch"]), int(pos["global_step"])
         r = state["running"]
         self.running = MetricSums(r["n"], r["loss"], r["ce"], r["area"], r["tv"], r["agree"], int(r["steps"]))
+        cov = state.get("coverage")  # absent in states saved before coverage was counted
+        if cov is not None:
+            self.epoch_counts, self.max_counts = cov["epoch"].clone().long(), cov["max"].clone().long()
         rng = state.get("rng") or {}
         if "torch" in rng:
             torch.set_rng_state(rng["torch"].cpu() if hasattr(rng["torch"], "cpu") else rng["torch"])
@@ -281,4 +348,5 @@ class LCAMTrainer:
             torch.cuda.set_rng_state(rng["cuda"].cpu(), self.device)
 
 
-__all__ = ["LCAMTrainer", "METRIC_NAMES", "MetricSums", "StepStats", "TrainBatch", "init_attention"]
+__all__ = ["INITS", "LCAMTrainer", "METRIC_NAMES", "MetricSums", "NoLinearClassifier", "StepStats", "TrainBatch", "expand_targets",
+           "init_attention"]

@@ -21,6 +21,8 @@ Layout at URL (local path, s3://, gs://, any fsspec URL), mirroring the feature 
         upsampled      (n, T, H, W) uint8     round(255 * up(minmax(raw))), only with upsample
         labels         (n,) int32, -1 = no label
         predicted      (n,) int32;  predicted_prob (n,) float32   (the classifier's top-1)
+        coverage       (n, T) int32    training samples of each explained class row (the checkpoint's
+                                       coverage; 0 = an untrained row), when the checkpoint records it
     gallery/         overlays and index.html, when asked (pipeline.gallery)
 
 The fingerprint covers the checkpoint's weights, the source's features (the cache's
@@ -354,6 +356,9 @@ class CamStore(ShardedStore):
         self.width: int = int(layout["classes_per_sample"])
         self.map_size: tuple[int, int] = tuple(layout["map_size"])
         self.upsampled_size: int | None = layout.get("upsampled_size")
+        # per class row, the samples that trained it (the checkpoint's); None: not recorded
+        cov = root_attrs.get("class_coverage")
+        self.class_coverage: np.ndarray | None = np.asarray(cov, dtype=np.int32) if cov is not None else None
         self.writable = writable
         self._manifest: dict[str, Any] = dict(manifest)
         self._init_handles()
@@ -367,8 +372,10 @@ class CamStore(ShardedStore):
         checkpoint_url: str = "",
         source_url: str = "",
         storage_options: StorageOptions = None,
+        class_coverage: Sequence[int] | None = None,
     ) -> "CamStore":
-        """Open for writing, creating if absent (driver only); another identity is refused."""
+        """Open for writing, creating if absent (driver only); another identity is refused.
+        ``class_coverage``: the checkpoint's coverage per class row (kept in the root attrs)."""
         full = _canonical(dict(identity))
         fp = fingerprint_of(full)
         url = url.rstrip("/")
@@ -389,6 +396,8 @@ class CamStore(ShardedStore):
         if fs.exists(root) and fs.ls(root):
             raise UserError(f"{url} exists and holds files but no CAM store (no zarr.json); pick an empty or new location")
         attrs = {"format": FORMAT, "identity": full, "fingerprint": fp, "checkpoint_url": checkpoint_url, "source_url": source_url}
+        if class_coverage is not None:
+            attrs["class_coverage"] = [int(c) for c in class_coverage]
         zstore = _make_store(url, storage_options, read_only=False)
         zarr.open_group(zstore, mode="w", attributes=attrs)
         zarr.open_group(zstore, path="shards", mode="w")
@@ -446,6 +455,10 @@ class CamStore(ShardedStore):
             if data.shape != shape:
                 raise ValueError(f"{name} of {source_url} has shape {data.shape}, expected {shape}")
             arrays[name] = (data, fill, chunk)
+        if self.class_coverage is not None:
+            ids = arrays["class_ids"][0]
+            cov = np.where(ids >= 0, self.class_coverage[np.clip(ids, 0, len(self.class_coverage) - 1)], -1).astype(np.int32)
+            arrays["coverage"] = (cov, -1, SMALL_CHUNK_ROWS)
         if not np.isfinite(arrays["raw"][0]).all():
             raise UserError(f"raw maps of {source_url} overflow float16 (|Z| > 65504): the checkpoint's attention weights are far out of range; check the checkpoint")
         sid = shard_id_for(source_url)
@@ -495,6 +508,8 @@ class CamStore(ShardedStore):
         e = self._entry(shard)
         names = list(fields) if fields is not None else [n for n in ("labels", "class_ids", "probs", "raw", "upsampled", "predicted", "predicted_prob") if n != "upsampled" or self.upsampled_size]
         names = [n for n in names if n != "maps"]
+        if fields is None and self.class_coverage is not None:
+            names.append("coverage")
         # checked whole first: a lost chunk object would otherwise read as fill values (zeros)
         _, checked = self.open_checked_group(e, names)
         out: dict[str, Any] = {"keys": list(checked["attrs"]["keys"])}
@@ -541,6 +556,7 @@ class CamStore(ShardedStore):
             "skipped": sum(len(e.get("skipped", [])) for e in entries),
             "bytes_on_disk": int(fs.du(path, total=True)) if fs.exists(path) else 0,
             "gallery": join(self.url, "gallery", "index.html") if fs.exists(f"{path}/gallery/index.html") else None,
+            "class_rows_trained": None if self.class_coverage is None else int((self.class_coverage > 0).sum()),
             "versions": self._manifest.get("versions", {}),
             "created": self._manifest.get("created"),
             "updated": self._manifest.get("updated"),
@@ -678,6 +694,9 @@ def generate_cams(cfg: CamsConfig) -> CamsSummary:
         "upsampled_size": crop if cfg.upsample else None,
         "upsampled_dtype": "uint8",
     }
+    coverage = ckpt.get("coverage")
+    if coverage is not None:  # only then: stores of checkpoints without it keep their fingerprint
+        maps_layout["coverage"] = "int32"
     identity = {
         "checkpoint": {"fingerprint": checkpoint_fingerprint(ckpt), "method": ckpt.get("method"), "backbone": backbone},
         "classes": selection.identity(),
@@ -696,12 +715,14 @@ def generate_cams(cfg: CamsConfig) -> CamsSummary:
         if selection.mode == "label":
             _require_labels(cache)
         identity["source"] = {"kind": "cache", "fingerprint": cache.fingerprint, "view": cfg.view}
-        store = CamStore.create_or_open(cfg.out, identity, checkpoint_url=cfg.checkpoint, source_url=cfg.cache, storage_options=cfg.out_storage_options)
+        store = CamStore.create_or_open(cfg.out, identity, checkpoint_url=cfg.checkpoint, source_url=cfg.cache, storage_options=cfg.out_storage_options,
+                                        class_coverage=None if coverage is None else coverage.tolist())
         summary = _from_cache(cfg, model, cache, store, selection)
     else:
         shards = _list_existing_shards(cfg)
         identity["source"] = {"kind": "images", "preprocessing": backbone["preprocessing"], "view": "center"}
-        store = CamStore.create_or_open(cfg.out, identity, checkpoint_url=cfg.checkpoint, source_url=str(cfg.shards), storage_options=cfg.out_storage_options)
+        store = CamStore.create_or_open(cfg.out, identity, checkpoint_url=cfg.checkpoint, source_url=str(cfg.shards), storage_options=cfg.out_storage_options,
+                                        class_coverage=None if coverage is None else coverage.tolist())
         del model  # the actors build their own
         summary = _from_shards(cfg, ckpt, store, selection, shards)
 

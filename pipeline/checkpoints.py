@@ -3,7 +3,7 @@
 A checkpoint is one ``torch.save`` payload of tensors and plain values (so it loads with
 ``weights_only=True``): the attention state, the method ("fm" or "img"), the backbone's
 identity (name, weights, digest, preprocessing), the fingerprint of the cache it trained
-from (if any), epoch/step, the training config, optimizer and scheduler state, and metrics.
+from (if any), epoch/step, the coverage (per class row, how many training samples trained it), the training config, optimizer and scheduler state, and metrics.
 Written atomically: a reader sees the previous checkpoint or the new one, never a part.
 """
 
@@ -39,8 +39,11 @@ def save_checkpoint(
     scheduler_state: Mapping[str, Any] | None = None,
     metrics: list[Mapping[str, Any]] | None = None,
     extra: Mapping[str, Any] | None = None,
+    coverage: torch.Tensor | None = None,
     storage_options: StorageOptions = None,
 ) -> None:
+    """``coverage``: (K,) per class row, the samples that trained it (``LCAMTrainer.coverage``);
+    None when unknown (e.g. an attention not trained by this project)."""
     payload = {
         "format": FORMAT,
         "method": method,
@@ -56,6 +59,8 @@ def save_checkpoint(
         "optimizer": optimizer_state or {},
         "scheduler": scheduler_state or {},
     }
+    if coverage is not None:
+        payload["coverage"] = torch.as_tensor(coverage).detach().cpu().to(torch.int32)
     buf = io.BytesIO()
     torch.save(payload, buf)
     write_bytes_atomic(url, buf.getvalue(), storage_options)
@@ -76,6 +81,7 @@ def load_checkpoint(url: str, storage_options: StorageOptions = None, map_locati
         raise UserError(f"{url!r} is not an L-CAM checkpoint (format {payload.get('format') if isinstance(payload, dict) else type(payload).__name__!r}, expected {FORMAT})")
     for key in ("backbone", "config", "metrics", "extra"):
         payload[key] = json.loads(payload[key])
+    payload.setdefault("coverage", None)  # checkpoints from before coverage was recorded
     return payload
 
 

@@ -93,6 +93,7 @@ class EvalConfig:
     road: bool = False
     road_percentiles: tuple[int, ...] = ROAD_PERCENTILES
     road_seed: int = 0
+    split_coverage: bool = False  # also the table on images whose class row L-CAM trained / did not (pipeline.coverage)
     engine: str = "auto"  # auto | local | ray
     actors: int | None = None  # ray: actor pool size (default: one per GPU, else 1)
     decode_workers: int = 4  # local: decoding threads
@@ -988,6 +989,10 @@ def evaluate(cfg: EvalConfig) -> EvalSummary:
     shards = require_shards(cfg.shards, storage_options=cfg.shard_storage_options, index_url=cfg.index)
     backbone, loaded = resolve_backbone(cfg)
     specs = method_specs(cfg, loaded)
+    if cfg.split_coverage:
+        from .coverage import check_coverage
+
+        check_coverage(loaded)
     plan = plan_batches(shards, cfg.batch_size, cfg.limit, cfg.seed, cfg.shard_storage_options)
     for s in specs:
         if s.limit is not None and s.limit > plan.selected:
@@ -1054,7 +1059,11 @@ def evaluate(cfg: EvalConfig) -> EvalSummary:
     files = {name: join(cfg.out, name) for name in FILES}
     write_bytes_atomic(files["per_image.csv"], render_csv(res, class_names), so)
     write_bytes_atomic(files["adic.png"], render_chart(res), so)
-    write_bytes_atomic(files["results.md"], render_markdown(res, report).encode(), so)
+    if cfg.split_coverage:
+        from .coverage import coverage_markdown, coverage_split
+
+        report["coverage_split"] = coverage_split(res, specs, loaded)
+    write_bytes_atomic(files["results.md"], (render_markdown(res, report) + coverage_markdown(report.get("coverage_split", []), ratios)).encode(), so)
     write_json_atomic(files["results.json"], _jsonable(report), so)
     if cfg.save_maps:
         _save_gallery_maps(collected, specs, join(cfg.out, "maps.npz"), so)

@@ -58,6 +58,18 @@ def pick_rows(counts: Sequence[int], n: int) -> list[tuple[int, int]]:
     return out
 
 
+BARELY_TRAINED = 5  # class rows trained by fewer samples than this are marked
+
+
+def coverage_mark(samples: int | None, short: bool = False) -> str:
+    """The mark of a map whose class row was untrained (0 samples) or barely trained; '' otherwise."""
+    if samples is None or samples < 0 or samples >= BARELY_TRAINED:
+        return ""
+    if samples == 0:
+        return " [untrained]" if short else "untrained class row: its map was not learnt"
+    return f" [{samples} sample{'s' if samples > 1 else ''}]" if short else f"class row trained on {samples} sample{'s' if samples > 1 else ''} only"
+
+
 def _safe_name(key: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", key).strip("._")[:80] or "sample"
 
@@ -128,7 +140,8 @@ def write_gallery(
     items: list[dict[str, Any]] = []
     jobs: list[tuple[str, bytes]] = []
     drawn = _Progress(len(picks), progress, what="gallery", unit="overlays")
-    fields = ["labels", "class_ids", "probs", "raw", "predicted", "predicted_prob"] + (["upsampled"] if store.upsampled_size else [])
+    fields = ["labels", "class_ids", "probs", "raw", "predicted", "predicted_prob"] + (["upsampled"] if store.upsampled_size else []) \
+        + (["coverage"] if store.class_coverage is not None else [])
     for s, rows in sorted(by_shard.items()):
         entry = entries[s]
         data = store.read_shard(entry["shard_id"], fields=fields, normalized=False)
@@ -141,7 +154,8 @@ def write_gallery(
             else:
                 maps = upsampled_uint8(torch.from_numpy(data["raw"][r].astype(np.float32)), crop.shape[0]).numpy().astype(np.float32) / 255.0
             ids, probs = [int(c) for c in data["class_ids"][r]], [float(p) for p in data["probs"][r]]
-            captions = [f"{names[c]} ({p:.1%})" for c, p in zip(ids, probs)]
+            coverage = [int(v) for v in data["coverage"][r]] if "coverage" in data else [None] * len(ids)
+            captions = [f"{names[c]} ({p:.1%})" + coverage_mark(n, short=True) for c, p, n in zip(ids, probs, coverage)]
             stem = f"{len(items):05d}-{_safe_name(key)}.png"
             jobs += [(f"img/{stem}", png_bytes(crop)), (f"cam/{stem}", png_bytes(overlay_panels(crop, maps, captions, colormap, opacity)))]
             label = int(data["labels"][r])
@@ -153,6 +167,7 @@ def write_gallery(
                     "class_ids": ids,
                     "class_names": [names[c] for c in ids],
                     "probs": probs,
+                    "coverage": coverage,
                     "label": label,
                     "label_name": names[label] if 0 <= label < len(names) else "",
                     "predicted": int(data["predicted"][r]),
@@ -217,7 +232,9 @@ def gallery_html(items: Sequence[Mapping[str, Any]], title: str = "L-CAM explana
     e = html.escape
     cards = []
     for it in items:
-        classes = "<br>".join(f"{e(n)} <code>#{c}</code> {p:.1%}" for n, c, p in zip(it["class_names"], it["class_ids"], it["probs"]))
+        cover = it.get("coverage") or [None] * len(it["class_ids"])
+        classes = "<br>".join(f"{e(n)} <code>#{c}</code> {p:.1%}" + (f" <span class='warn'>{e(coverage_mark(k))}</span>" if coverage_mark(k) else "")
+                              for n, c, p, k in zip(it["class_names"], it["class_ids"], it["probs"], cover))
         label = ""
         off = False
         if it["label"] >= 0:

@@ -48,7 +48,8 @@ CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 CURVES = "curves.png"
 # Options that decide the trajectory of a run: a resumed run must keep them.
-FIXED_ON_RESUME = ("method", "backbone", "lr", "batch_size", "schedule", "target", "seed", "view", "augment")
+FIXED_ON_RESUME = ("method", "backbone", "lr", "batch_size", "schedule", "target", "seed", "view", "augment", "init", "targets",
+                   "top_k", "init_from", "recipe_rule")
 
 
 @dataclass
@@ -72,6 +73,13 @@ class TrainConfig:
     view: str | None = None  # fm: random | first | view index (one of the cached views per sample)
     augment: str | None = None  # img: random (crop 224 of the 256 resize + flip) | center
     seed: int | None = None
+    # The attention's start: random (SPEC) | cam (the classifier's weights: untrained rows are CAM);
+    # init_from: an L-CAM checkpoint URL whose attention is the start (e.g. L-CAM-Fm for L-CAM-Img).
+    init: str | None = None
+    init_from: str | None = None
+    targets: str | None = None  # single (SPEC: one target per sample) | top-k (the top_k predicted classes)
+    top_k: int | None = None  # with targets top-k (default 3)
+    recipe_rule: str | None = None  # spec (SPEC section 3 per backbone) | data-size (lcam.recipe.recipe_for_data)
     max_steps: int | None = None  # stop after this many steps in total (quick runs); a checkpoint is kept
     resume: bool = False
     checkpoint_minutes: float = 10.0  # fm: also checkpoint mid-epoch after this long (0: at epoch ends only)
@@ -157,7 +165,9 @@ class RunFolder:
             attention_state=state["attention"], method=method, backbone=backbone, cache_fingerprint=cache_fingerprint,
             epoch=pos["epoch"], step=pos["global_step"], config=config, optimizer_state=state["optimizer"],
             scheduler_state=state["scheduler"], metrics=history, storage_options=self.storage_options,
-            extra={"position": pos, "running": state["running"], "rng": _encode_rng(state["rng"])},
+            extra={"position": pos, "running": state["running"], "rng": _encode_rng(state["rng"]),
+                   "coverage_state": {k: v.tolist() for k, v in state["coverage"].items()} if "coverage" in state else None},
+            coverage=torch.maximum(state["coverage"]["epoch"], state["coverage"]["max"]) if "coverage" in state else None,
         )
         if epoch_end:  # the per-epoch copy first: checkpoint.pt never points past a missing epoch file
             save_checkpoint(self.path(f"epoch-{pos['epoch']:03d}.pt"), **kw)
@@ -191,6 +201,8 @@ def trainer_state_from_checkpoint(ckpt: Mapping[str, Any]) -> dict[str, Any]:
         "position": extra["position"],
         "running": extra["running"],
         "rng": _decode_rng(extra.get("rng") or {}),
+        **({"coverage": {k: torch.tensor(v, dtype=torch.int64) for k, v in extra["coverage_state"].items()}}
+           if extra.get("coverage_state") else {}),
     }
 
 
@@ -217,16 +229,27 @@ def check_config(cfg: TrainConfig) -> None:
     checkpoint's values are checked when training starts).
     """
     from lcam.recipe import default_recipe
+    from lcam.training import INITS
 
     method = cfg.method or "fm"
     if method not in ("fm", "img"):
         raise UserError(lambda flag: f"unknown {flag('method')} {method!r}: use fm (from the feature cache) or img (from the shards)")
-    for fld, allowed in (("schedule", ("step", "onecycle")), ("target", ("label", "predicted")), ("augment", ("random", "center"))):
+    for fld, allowed in (("schedule", ("step", "onecycle")), ("target", ("label", "predicted")), ("augment", ("random", "center")),
+                         ("init", INITS), ("targets", ("single", "top-k")), ("recipe_rule", ("spec", "data-size"))):
         value = getattr(cfg, fld)
         if value not in (None, *allowed):
             raise UserError(lambda flag: f"{flag(fld)} must be {' or '.join(map(repr, allowed))}, got {value!r}")
     if cfg.max_steps is not None and cfg.max_steps < 1:
         raise UserError(lambda flag: f"{flag('max_steps')} must be at least 1, got {cfg.max_steps}")
+    if cfg.top_k is not None and cfg.top_k < 1:
+        raise UserError(lambda flag: f"{flag('top_k')} must be >= 1, got {cfg.top_k}")
+    if not cfg.resume:
+        if cfg.top_k is not None and cfg.targets != "top-k":
+            raise UserError(lambda flag: f"{flag('top_k')} needs {flag('targets')} top-k")
+        if cfg.targets == "top-k" and (cfg.target or "label") != "predicted":
+            raise UserError(lambda flag: f"{flag('targets')} top-k trains each image for its top-K predicted classes: add {flag('target')} predicted")
+        if cfg.init_from and cfg.init == "cam":
+            raise UserError(lambda flag: f"give either {flag('init')} cam or {flag('init_from')} CHECKPOINT, not both ({flag('init_from')} sets the whole attention)")
     if method == "fm" and not cfg.cache:
         raise UserError(lambda flag: f"L-CAM-Fm trains from a feature cache: pass {flag('cache')} URL (make one with `lcam extract`)")
     if method == "fm":
@@ -246,23 +269,49 @@ def check_config(cfg: TrainConfig) -> None:
                                          f"change {flag('batch_size')} or {flag('workers')}")
 
 
-def resolve_recipe(cfg: TrainConfig, method: str, backbone_name: str, ckpt: Mapping[str, Any] | None):
-    """The effective recipe and run config: defaults per backbone (SPEC 3), or the checkpoint's."""
+def resolve_recipe(cfg: TrainConfig, method: str, backbone_name: str, ckpt: Mapping[str, Any] | None, samples: int | None = None):
+    """The effective recipe and run config: defaults per backbone (SPEC 3) or by data size
+    (``samples``: training samples), or the checkpoint's. Values were checked by :func:`check_config`."""
     from lcam.recipe import Recipe, default_recipe
 
+    if cfg.top_k is not None and (cfg.targets or (ckpt or {}).get("config", {}).get("targets")) != "top-k":
+        raise UserError(lambda flag: f"{flag('top_k')} needs {flag('targets')} top-k")
     if ckpt is None:
-        recipe = default_recipe(backbone_name, cfg.schedule or "step").with_overrides(lr=cfg.lr, epochs=cfg.epochs, batch_size=cfg.batch_size)
+        from lcam.recipe import recipe_for_data
+
+        rule = cfg.recipe_rule or "spec"
+        if rule == "data-size":
+            if samples is None:
+                raise UserError(lambda flag: f"{flag('recipe_rule')} data-size needs the number of training samples (known for a cache and for indexed shards)")
+            recipe = recipe_for_data(backbone_name, method, samples)
+            if cfg.schedule is not None and cfg.schedule != recipe.schedule:
+                recipe = default_recipe(backbone_name, cfg.schedule)
+        else:
+            recipe = default_recipe(backbone_name, cfg.schedule or "step")
+        recipe = recipe.with_overrides(lr=cfg.lr, epochs=cfg.epochs, batch_size=cfg.batch_size)
         if recipe.lr <= 0 or recipe.epochs < 1 or recipe.batch_size < 1:
             raise UserError(lambda flag: f"{flag('lr')}, {flag('epochs')} and {flag('batch_size')} must be positive "
                                          f"(got lr {recipe.lr}, epochs {recipe.epochs}, batch size {recipe.batch_size})")
+        targets = cfg.targets or "single"
+        top_k = (cfg.top_k or 3) if targets == "top-k" else 1
+        target = cfg.target or "label"
         run = {"method": method, "backbone": backbone_name, "lr": recipe.lr, "batch_size": recipe.batch_size, "schedule": recipe.schedule,
-               "target": cfg.target or "label", "seed": 0 if cfg.seed is None else cfg.seed, "view": cfg.view or "random",
-               "augment": cfg.augment or "random", "recipe": recipe.to_dict()}
+               "target": target, "seed": 0 if cfg.seed is None else cfg.seed, "view": cfg.view or "random",
+               "augment": cfg.augment or "random", "recipe": recipe.to_dict(), "recipe_rule": rule,
+               "init": "checkpoint" if cfg.init_from else (cfg.init or "random"), "init_from": cfg.init_from,
+               "targets": targets, "top_k": top_k}
         return recipe, run
     run = dict(ckpt["config"])
+    # runs saved before these options existed trained with the SPEC's choices
+    run.setdefault("init", "random")
+    run.setdefault("init_from", None)
+    run.setdefault("targets", "single")
+    run.setdefault("top_k", 1)
+    run.setdefault("recipe_rule", "spec")
     given = {"method": method, "backbone": backbone_name, "lr": cfg.lr, "batch_size": cfg.batch_size, "schedule": cfg.schedule,
              "target": cfg.target, "seed": cfg.seed, "view": cfg.view if method == "fm" else run.get("view"),
-             "augment": cfg.augment if method == "img" else run.get("augment")}
+             "augment": cfg.augment if method == "img" else run.get("augment"), "init": cfg.init, "init_from": cfg.init_from,
+             "targets": cfg.targets, "top_k": cfg.top_k, "recipe_rule": cfg.recipe_rule}
     differ = [k for k, v in given.items() if v is not None and k in FIXED_ON_RESUME and run.get(k) != v]
     if differ:
         raise CheckpointMismatch(lambda flag: (
@@ -310,6 +359,24 @@ def backbone_for_cache(cache: Any, weights: str | None):
             f"but {flag('weights')} {weights} gives digest {mine['weights_digest'][:12]}; pass the weights the cache was made with"
         ))
     return backbone
+
+
+def initial_attention(backbone: Any, run_cfg: Mapping[str, Any], storage_options: StorageOptions = None) -> tuple[Any, torch.Tensor | None]:
+    """The attention a new run starts from (``init``, ``init_from``) and the coverage it
+    inherits (an ``init_from`` checkpoint's rows were trained by its samples)."""
+    from lcam.training import NoLinearClassifier, init_attention
+
+    url = run_cfg.get("init_from")
+    if url:
+        start = load_checkpoint(url, storage_options)
+        check_backbone(start, backbone.describe(), f"this run's backbone (--init-from {url})")
+        attention = init_attention(backbone, run_cfg["seed"])
+        attention.load_state_dict(start["attention"])
+        return attention, start.get("coverage")
+    try:
+        return init_attention(backbone, run_cfg["seed"], run_cfg.get("init", "random")), None
+    except NoLinearClassifier as exc:
+        raise UserError(str(exc)) from None
 
 
 # ---------------------------------------------------------------- metrics records, console, plot
@@ -415,12 +482,13 @@ def _say(enabled: bool, line: str) -> None:
 
 
 # ---------------------------------------------------------------- L-CAM-Fm from the cache
-def fm_batches(loader: Any, start: int) -> Iterator[Any]:
-    """CacheLoader batches from ``start`` on, as :class:`lcam.training.TrainBatch`."""
+def fm_batches(loader: Any, start: int, top_k: int = 1) -> Iterator[Any]:
+    """CacheLoader batches from ``start`` on, as :class:`lcam.training.TrainBatch`; with
+    ``top_k`` > 1 without targets (the trainer takes the top-K of the head on F)."""
     from lcam.training import TrainBatch
 
     for feats, targets, _keys in loader.iter_from(start):
-        yield TrainBatch(targets=targets, feats=feats)
+        yield TrainBatch(targets=targets if top_k == 1 else None, feats=feats)
 
 
 def train_fm(cfg: TrainConfig) -> TrainSummary:
@@ -441,7 +509,7 @@ def train_fm(cfg: TrainConfig) -> TrainSummary:
             raise CheckpointMismatch(f"the checkpoint in {cfg.out} is an L-CAM-{ckpt['method'].capitalize()} run, not L-CAM-Fm")
         check_backbone(ckpt, backbone.describe(), f"the backbone of the cache {cache.url}")
         check_cache(ckpt, cache.fingerprint)
-    recipe, run_cfg = resolve_recipe(cfg, "fm", backbone.name, ckpt)
+    recipe, run_cfg = resolve_recipe(cfg, "fm", backbone.name, ckpt, samples=len(cache))
     run_cfg.update(cache=cache.url, cache_fingerprint=cache.fingerprint, cache_views=list(cache.views))
     view: str | int = int(run_cfg["view"]) if str(run_cfg["view"]).isdigit() else run_cfg["view"]
     loader = CacheLoader(
@@ -462,12 +530,16 @@ def train_fm(cfg: TrainConfig) -> TrainSummary:
 def _train_fm_loop(cfg: TrainConfig, cache: Any, backbone: Any, run_dir: RunFolder, ckpt: Mapping[str, Any] | None, recipe: Any,
                    run_cfg: dict[str, Any], loader: Any, device: torch.device, t0: float) -> TrainSummary:
     from lcam import LCAM
-    from lcam.training import LCAMTrainer, init_attention
+    from lcam.training import LCAMTrainer
 
-    model = LCAM(backbone, init_attention(backbone, run_cfg["seed"]))
+    attention, inherited = initial_attention(backbone, run_cfg, cfg.storage_options) if ckpt is None else (None, None)
+    model = LCAM(backbone, attention)  # resuming: the checkpoint's attention is loaded below
     # Only the head runs per step: full precision unless bf16 is asked for explicitly.
     trainer = LCAMTrainer(model, "fm", recipe, len(loader), device=device,
-                          autocast_dtype=autocast_dtype(cfg.precision, device) if cfg.precision != "auto" else None)
+                          autocast_dtype=autocast_dtype(cfg.precision, device) if cfg.precision != "auto" else None,
+                          top_k=int(run_cfg.get("top_k", 1)))
+    if inherited is not None:
+        trainer.max_counts = inherited.long().clone()
     history: list[dict[str, Any]] = []
     if ckpt is not None:
         trainer.load_state_dict(trainer_state_from_checkpoint(ckpt))
@@ -484,7 +556,8 @@ def _train_fm_loop(cfg: TrainConfig, cache: Any, backbone: Any, run_dir: RunFold
         run_dir.write_metrics(history)
 
     _say(cfg.progress, f"L-CAM-Fm: {len(cache)} cached samples ({backbone.name}, views {list(cache.views)}), {len(loader)} steps/epoch, "
-         f"batch {recipe.batch_size}, lr {recipe.lr:g} ({recipe.schedule}), target {run_cfg['target']}, device {device}"
+         f"batch {recipe.batch_size}, lr {recipe.lr:g} ({recipe.schedule}), target {run_cfg['target']}"
+         + (f" (top-{trainer.top_k})" if trainer.top_k > 1 else "") + f", init {run_cfg.get('init', 'random')}, device {device}"
          + (f"; resuming at epoch {trainer.epoch + 1}, step {trainer.global_step}" if ckpt is not None else ""))
     stopped = False
     last: dict[str, Any] | None = next((r for r in reversed(history) if r["kind"] == "epoch"), None)
@@ -503,7 +576,7 @@ def _train_fm_loop(cfg: TrainConfig, cache: Any, backbone: Any, run_dir: RunFold
                 save(epoch_end=False)  # exact mid-epoch position: --resume continues from the next batch
 
         try:
-            sums = trainer.train_epoch(fm_batches(loader, trainer.batch_in_epoch), max_steps=cfg.max_steps, on_step=on_step)
+            sums = trainer.train_epoch(fm_batches(loader, trainer.batch_in_epoch, trainer.top_k), max_steps=cfg.max_steps, on_step=on_step)
         finally:
             bar.close()
         if sums is None:  # max_steps: keep the exact position for --resume
@@ -615,7 +688,7 @@ def build_image_dataset(shards: Sequence[Any], preprocessing: Any, augment: str,
 
 
 def image_batches(rows: Iterable[Mapping[str, np.ndarray]], *, augment: str, crop: int, seed: int, epoch: int, target: str,
-                  skipped: list[str]) -> Iterator[Any]:
+                  skipped: list[str], top_k: int = 1) -> Iterator[Any]:
     """Worker side: numpy row batches -> :class:`lcam.training.TrainBatch` (undecodable rows dropped and listed)."""
     from lcam.training import TrainBatch
 
@@ -640,10 +713,10 @@ def image_batches(rows: Iterable[Mapping[str, np.ndarray]], *, augment: str, cro
                 bad = [k for k, good, lab in zip(keys, ok, b["label"]) if good and lab < 0][:3]
                 raise UserError(lambda flag: f"sample {bad[0]!r} has no label; train with {flag('target')} predicted (the backbone's top-1) or give the data labels")
             targets = torch.from_numpy(labels.astype(np.int64))
-        elif feats is not None:
+        elif feats is not None and top_k == 1:
             targets = torch.from_numpy(np.asarray(b["top1"])[ok].astype(np.int64))  # the cache's top-1, as for L-CAM-Fm
         else:
-            targets = None  # the trainer takes the top-1 from its first pass
+            targets = None  # the trainer takes the top-1 (top-K) from its first pass
         yield TrainBatch(targets=targets, feats=feats, images=images)
 
 
@@ -657,7 +730,7 @@ def _img_worker_loop(config: dict[str, Any]) -> None:
 
     from lcam import LCAM, build_backbone
     from lcam.recipe import Recipe
-    from lcam.training import LCAMTrainer, MetricSums, init_attention
+    from lcam.training import LCAMTrainer, MetricSums
 
     cfg: TrainConfig = config["cfg"]
     plan: dict[str, Any] = config["plan"]
@@ -668,7 +741,8 @@ def _img_worker_loop(config: dict[str, Any]) -> None:
     if backbone.weights_digest() != plan["identity"]["weights_digest"]:
         raise RuntimeError(f"worker {rank} built other weights for {plan['backbone']} than the driver")
     recipe = Recipe(**plan["run"]["recipe"])
-    model = LCAM(backbone, init_attention(backbone, plan["run"]["seed"]))
+    attention, inherited = initial_attention(backbone, plan["run"], cfg.storage_options)
+    model = LCAM(backbone, attention)
 
     def ddp(module: torch.nn.Module) -> torch.nn.Module:
         # The backbone's BatchNorm statistics never change: no buffer sync at every forward
@@ -681,7 +755,16 @@ def _img_worker_loop(config: dict[str, Any]) -> None:
         return ray.train.torch.prepare_model(module, parallel_strategy_kwargs={key: False})
 
     trainer = LCAMTrainer(model, "img", recipe, plan["steps_per_epoch"], device=device,
-                          autocast_dtype=autocast_dtype(cfg.precision, device), wrap=ddp)
+                          autocast_dtype=autocast_dtype(cfg.precision, device), wrap=ddp, top_k=int(plan["run"].get("top_k", 1)))
+    if inherited is not None:
+        trainer.max_counts = inherited.long().clone()
+    if world > 1:
+        def all_reduce_counts(t: torch.Tensor) -> torch.Tensor:
+            t = t.to(device)
+            dist.all_reduce(t)
+            return t.cpu()
+
+        trainer.reduce_counts = all_reduce_counts
     run_dir = RunFolder(cfg.out, cfg.storage_options)
     history: list[dict[str, Any]] = []
     ckpt = None
@@ -718,7 +801,7 @@ def _img_worker_loop(config: dict[str, Any]) -> None:
                                   local_shuffle_buffer_size=cfg.shuffle_buffer or None,
                                   local_shuffle_seed=crop_seed(plan["run"]["seed"], epoch, f"rank{rank}") % (2**31) if cfg.shuffle_buffer else None)
         batches = image_batches(rows, augment=plan["run"]["augment"], crop=backbone.preprocessing.crop, seed=plan["run"]["seed"],
-                                epoch=epoch, target=plan["run"]["target"], skipped=skipped)
+                                epoch=epoch, target=plan["run"]["target"], skipped=skipped, top_k=trainer.top_k)
         # A mid-epoch checkpoint (max steps) resumes with the epoch's remaining number of steps;
         # which images those are is up to Ray Data's streaming split (not reproducible).
         batches = itertools.islice(batches, trainer.steps_per_epoch - trainer.batch_in_epoch)
@@ -870,11 +953,11 @@ def train_img(cfg: TrainConfig) -> TrainSummary:
         check_backbone(ckpt, ident)
         if cache is not None:
             check_cache(ckpt, cache.fingerprint)
-    recipe, run_cfg = resolve_recipe(cfg, "img", backbone.name, ckpt)
+    shards = _shard_counts(shards, cfg.shard_storage_options)
+    recipe, run_cfg = resolve_recipe(cfg, "img", backbone.name, ckpt, samples=sum(s.count for s in shards))
     if recipe.batch_size % cfg.workers:  # a resumed run's batch size (a new run's is checked by check_config)
         raise UserError(lambda flag: f"the batch size {recipe.batch_size} is the global batch: it must split evenly over {cfg.workers} workers; "
                                      f"change {flag('workers')}")
-    shards = _shard_counts(shards, cfg.shard_storage_options)
     total = sum(s.count for s in shards)
     worker_batch = recipe.batch_size // cfg.workers
     per_worker = total // cfg.workers  # Ray Train splits with equal=True: the remainder rows are dropped
@@ -887,6 +970,8 @@ def train_img(cfg: TrainConfig) -> TrainSummary:
     use_gpu = bool(ray.cluster_resources().get("GPU", 0)) if cfg.use_gpu is None else cfg.use_gpu
     ds = build_image_dataset(shards, backbone.preprocessing, run_cfg["augment"], cache=cache, view_index=view_index,
                              storage_options=cfg.shard_storage_options, decode_batch_size=cfg.decode_batch_size, data_cpus=cfg.data_cpus)
+    if ckpt is None:
+        initial_attention(backbone, run_cfg, cfg.storage_options)  # a bad --init / --init-from fails here, before Ray starts
     del backbone  # the workers build their own
     queue = Queue(actor_options={"num_cpus": 0})
     plan = {"backbone": ident["backbone"], "weights": ident["weights"], "identity": ident, "run": run_cfg, "steps_per_epoch": steps_per_epoch,

@@ -320,6 +320,8 @@ def test_img_ray_train_two_workers_checkpoint_loads_and_explains(ray_local, data
 
     model, ckpt = load_lcam(str(out / "checkpoint.pt"))
     assert ckpt["method"] == "img" and ckpt["config"]["workers"] == 2 and ckpt["cache_fingerprint"] == data["caches"]["float16"].fingerprint
+    # coverage summed over the two workers: every image once, for its top-1 class
+    assert ckpt["coverage"].tolist() == np.bincount(list(data["top1"].values()), minlength=1000).tolist()
     assert not torch.equal(model.attention.conv.weight, init_attention(backbone, 0).conv.weight)  # it trained
     keys = sorted(data["images"])[:2]
     ex = model.explain(torch.stack([data["images"][k] for k in keys]))

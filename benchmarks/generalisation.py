@@ -1,0 +1,258 @@
+"""Held-out protocol: L-CAM on images of classes it never trained on, against Grad-CAM.
+
+    .venv/bin/python benchmarks/generalisation.py [--data DIR] [--work DIR] [--seed 0] ...
+
+The ImageNet sample (800 images, one per class; used by path, never copied into the
+repository) is split by class with a seeded shuffle: 600 training classes, 200 held-out
+classes. With EfficientNet-Lite0 (packaged ImageNet weights):
+  1. the 600 training images are packed into shards and extracted into a feature cache;
+  2. L-CAM-Fm variants train on the 600 cached images (``pipeline.training.train``, one-cycle,
+     target = the predicted class): ``--init random|cam`` x ``--targets`` single / top-K for
+     K in --top-ks (cheap: from the cache);
+  3. L-CAM-Img trains with ``lcam train --method img --init-from`` the chosen L-CAM-Fm
+     checkpoint (Ray Train, centre crops) on a seeded subset of the 600 training images
+     (--img-images; CPU time);
+  4. ``lcam eval`` of every variant, L-CAM-Img and the baselines on the 200 held-out images
+     (classes with no training image) and, for contrast, on 200 of the 600 training images;
+  5. per-image paired differences against Grad-CAM with standard errors, and the share of
+     held-out images whose explained class row was trained at all (coverage > 0).
+Targets: on the held-out images, L-CAM-Fm and L-CAM-Img (the chosen defaults) >= Grad-CAM on
+AD (lower) and IC (higher) at 100/50/15% kept.
+
+Outputs are kept in --work (default /tmp/lcam-bench-heldout) and reused by a rerun with the
+same settings; --fresh starts over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import DEFAULT_DATA, target  # noqa: E402
+
+RATIOS = (1.0, 0.5, 0.15)
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=DEFAULT_DATA)
+    p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "lcam-bench-heldout"))
+    p.add_argument("--fresh", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="class split, training and evaluation subsets")
+    p.add_argument("--heldout", type=int, default=200, help="classes held out (the rest train)")
+    p.add_argument("--insample", type=int, default=200, help="training images in the in-sample table")
+    p.add_argument("--fm-epochs", type=int, default=80)
+    p.add_argument("--fm-lr", type=float, default=3.0, help="one-cycle peak")
+    p.add_argument("--fm-batch", type=int, default=16)
+    p.add_argument("--inits", default="random,cam")
+    p.add_argument("--top-ks", default="1,3,5")
+    p.add_argument("--fm-default", default="cam,1", help="INIT,K of the L-CAM-Fm the targets are checked on (and Img starts from)")
+    p.add_argument("--img-images", type=int, default=200, help="training images for L-CAM-Img (seeded subset of the training classes)")
+    p.add_argument("--img-epochs", type=int, default=4)
+    p.add_argument("--img-lr", type=float, default=0.1)
+    p.add_argument("--img-batch", type=int, default=8)
+    p.add_argument("--no-img", action="store_true", help="skip L-CAM-Img (its training is the costly part on CPU)")
+    p.add_argument("--baselines", default="gradcam,gradcam++,random")
+    p.add_argument("--batch-size", type=int, default=16)
+    return p.parse_args()
+
+
+def key(**kw) -> str:
+    return hashlib.sha256(json.dumps(kw, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def split_by_class(data: str, heldout: int, seed: int) -> tuple[list[str], list[str], str]:
+    """(training rows, held-out rows, header) of labels.tsv: a seeded shuffle of the classes."""
+    lines = Path(data, "labels.tsv").read_text().splitlines()
+    header, rows = lines[0], [r for r in lines[1:] if r.strip()]
+    classes = sorted({int(r.split("\t")[1]) for r in rows})
+    random.Random(seed).shuffle(classes)
+    held = set(classes[:heldout])
+    return [r for r in rows if int(r.split("\t")[1]) not in held], [r for r in rows if int(r.split("\t")[1]) in held], header
+
+
+def pack_subset(data: str, rows: list[str], header: str, folder: Path) -> str:
+    """Shards of these images: a folder of symbolic links + labels.tsv (outside the repository), packed."""
+    from pipeline.shards import pack_folder
+
+    shards = folder / "shards"
+    if (shards / "index.json").exists():
+        return str(shards)
+    src = folder / "images"
+    shutil.rmtree(src, ignore_errors=True)
+    src.mkdir(parents=True)
+    for r in rows:
+        name = r.split("\t")[0]
+        (src / name).symlink_to(Path(data, name).resolve())
+    (src / "labels.tsv").write_text("\n".join([header, *rows]) + "\n")
+    pack_folder(str(src), str(shards), samples_per_shard=100, progress=False, overwrite=True)
+    return str(shards)
+
+
+def per_image(csv_path: Path) -> dict[str, dict[str, tuple[float, list[float], int]]]:
+    """method -> key -> (Y, [O@r], predicted class) from lcam eval's per_image.csv."""
+    out: dict[str, dict[str, tuple[float, list[float], int]]] = {}
+    with open(csv_path, newline="") as f:
+        for r in csv.DictReader(f):
+            out.setdefault(r["method"], {})[r["key"]] = (float(r["Y"]), [float(r[f"O@{q:g}"]) for q in RATIOS], int(r["predicted"]))
+    return out
+
+
+def paired(rows: dict, a: str, b: str) -> tuple[list[tuple[float, float]], list[tuple[float, float]], int]:
+    """Per ratio (mean, standard error) of the per-image differences a - b: AD terms
+    100 * max(0, Y - O) / Y and IC terms 100 * [O > Y], on the images both ran on."""
+    keys = sorted(set(rows[a]) & set(rows[b]))
+    n = len(keys)
+    ad, ic = [], []
+    for j in range(len(RATIOS)):
+        da, di = [], []
+        for k in keys:
+            (ya, oa, _), (yb, ob, _) = rows[a][k], rows[b][k]
+            da.append(100 * (max(0.0, ya - oa[j]) / ya - max(0.0, yb - ob[j]) / yb))
+            di.append(100 * (float(oa[j] > ya) - float(ob[j] > yb)))
+        for vals, out in ((da, ad), (di, ic)):
+            mean = sum(vals) / n
+            sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1)) if n > 1 else float("nan")
+            out.append((mean, sd / math.sqrt(n)))
+    return ad, ic, n
+
+
+def main() -> int:
+    args = parse_args()
+    os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    import torch
+
+    from pipeline.checkpoints import load_checkpoint
+    from pipeline.evaluate import EvalConfig, evaluate
+    from pipeline.extract import ExtractConfig, extract
+    from pipeline.training import TrainConfig, train
+
+    work = Path(args.work)
+    if args.fresh and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    t_all = time.perf_counter()
+    load = os.getloadavg()
+    print(f"ImageNet sample {args.data}; EfficientNet-Lite0; {os.cpu_count()} cores; load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}", flush=True)
+
+    # ---- 1. split, shards, cache
+    train_rows, held_rows, header = split_by_class(args.data, args.heldout, args.seed)
+    print(f"split by class (seed {args.seed}): {len(train_rows)} training images/classes, {len(held_rows)} held-out", flush=True)
+    split = key(seed=args.seed, heldout=args.heldout)
+    train_shards = pack_subset(args.data, train_rows, header, work / f"train-{split}")
+    held_shards = pack_subset(args.data, held_rows, header, work / f"heldout-{split}")
+    t0 = time.perf_counter()
+    cache = str(work / f"train-{split}" / "cache")
+    extract(ExtractConfig(shards=train_shards, cache=cache, batch_size=16, progress=False))
+    print(f"shards + feature cache of the training images: {time.perf_counter() - t0:.1f}s", flush=True)
+
+    # ---- 2. L-CAM-Fm variants from the cache
+    runs: dict[str, str] = {}
+    inits = [s.strip() for s in args.inits.split(",") if s.strip()]
+    ks = [int(s) for s in args.top_ks.split(",") if s.strip()]
+    for init in inits:
+        for k in ks:
+            name = f"fm-{init}-k{k}"
+            run = work / f"{name}-{key(split=split, epochs=args.fm_epochs, lr=args.fm_lr, batch=args.fm_batch, init=init, k=k)}"
+            if not (run / f"epoch-{args.fm_epochs:03d}.pt").exists():
+                shutil.rmtree(run, ignore_errors=True)
+                t0 = time.perf_counter()
+                s = train(TrainConfig(method="fm", out=str(run), cache=cache, epochs=args.fm_epochs, lr=args.fm_lr, batch_size=args.fm_batch,
+                                      schedule="onecycle", target="predicted", view="first", seed=args.seed, init=init,
+                                      targets="top-k" if k > 1 else "single", top_k=k if k > 1 else None, progress=False))
+                print(f"{name}: {args.fm_epochs} epochs, {time.perf_counter() - t0:.1f}s; last epoch loss {s.last_epoch['loss']:.3f} "
+                      f"(ce {s.last_epoch['ce']:.3f}, area {s.last_epoch['area']:.3f})", flush=True)
+            runs[name] = str(run / "checkpoint.pt")
+    d_init, d_k = args.fm_default.split(",")
+    fm_default = f"fm-{d_init}-k{int(d_k)}"
+    if fm_default not in runs:
+        raise SystemExit(f"--fm-default {args.fm_default} is not among the variants trained")
+
+    # ---- 3. L-CAM-Img, warm-started from the chosen L-CAM-Fm
+    if not args.no_img:
+        img_rows = sorted(random.Random(args.seed + 1).sample(train_rows, min(args.img_images, len(train_rows))))
+        img_shards = pack_subset(args.data, img_rows, header, work / f"img-data-{key(split=split, n=len(img_rows), seed=args.seed)}")
+        run = work / f"img-{key(fm=runs[fm_default], n=len(img_rows), epochs=args.img_epochs, lr=args.img_lr, batch=args.img_batch)}"
+        if not (run / f"epoch-{args.img_epochs:03d}.pt").exists():
+            shutil.rmtree(run, ignore_errors=True)
+            t0 = time.perf_counter()
+            s = train(TrainConfig(method="img", out=str(run), shards=img_shards, init_from=runs[fm_default], epochs=args.img_epochs,
+                                  lr=args.img_lr, batch_size=args.img_batch, schedule="onecycle", target="predicted", augment="center",
+                                  seed=args.seed, progress=False))
+            print(f"L-CAM-Img (lcam train --method img --init-from {fm_default}): {args.img_epochs} epochs on {len(img_rows)} training images, "
+                  f"{time.perf_counter() - t0:.1f}s; last epoch loss {s.last_epoch['loss']:.3f}", flush=True)
+        runs["img"] = str(run / "checkpoint.pt")
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()  # the evaluations run in this process (the local engine)
+
+    # ---- 4. the two tables
+    baselines = tuple(s.strip() for s in args.baselines.split(",") if s.strip())
+    tables = {}
+    for label, shards, limit in (("held-out", held_shards, None), ("in-sample", train_shards, args.insample)):
+        out = work / f"eval-{label}-{key(runs=runs, baselines=baselines, limit=limit, seed=args.seed)}"
+        t0 = time.perf_counter()
+        if not (out / "results.json").exists():
+            evaluate(EvalConfig(shards=shards, out=str(out), checkpoints=[f"{n}={u}" for n, u in runs.items()], methods=baselines,
+                                limit=limit, seed=args.seed, batch_size=args.batch_size, engine="local", progress=False))
+        tables[label] = (json.loads((out / "results.json").read_text()), per_image(out / "per_image.csv"))
+        print(f"eval {label}: {time.perf_counter() - t0:.1f}s ({out})", flush=True)
+
+    # ---- 5. report
+    coverage = {n: load_checkpoint(u)["coverage"] for n, u in runs.items()}
+    ids = list(runs) + list(baselines)
+    print("\n## AD / IC: held-out classes vs in-sample (the training images)\n")
+    print("AD = 100/N sum max(0, Y - O)/Y (lower better), IC = 100/N sum [O > Y] (higher better); softmax of the top-1 class, "
+          "pixel-space masking, keep 100/50/15%.\n")
+    print("| method | N held-out | AD 100/50/15 held-out | IC 100/50/15 held-out | N in-sample | AD 100/50/15 in-sample | IC 100/50/15 in-sample |")
+    print("|---|--:|---|---|--:|---|---|")
+    for mid in ids:
+        cells = [mid]
+        for label in ("held-out", "in-sample"):
+            m = tables[label][0]["methods"][mid]
+            cells += [str(m["n"]), " / ".join(f"{v:.1f}" for v in m["ad"]), " / ".join(f"{v:.1f}" for v in m["ic"])]
+        print("| " + " | ".join(cells) + " |")
+    for label in ("held-out", "in-sample"):
+        rows = tables[label][1]
+        print(f"\n## {label}: paired differences against Grad-CAM (mean +- standard error over the same images)\n")
+        print("| method | N | AD diff 100% | 50% | 15% | IC diff 100% | 50% | 15% | explained class row trained |")
+        print("|---|--:|--:|--:|--:|--:|--:|--:|--:|")
+        for mid in runs:
+            ad, ic, n = paired(rows, mid, "gradcam")
+            cov = coverage[mid]
+            trained = sum(int(cov[c]) > 0 for (_, _, c) in rows[mid].values()) if cov is not None else 0
+            print(f"| {mid} | {n} | " + " | ".join(f"{m:+.1f} +- {s:.1f}" for m, s in ad) + " | "
+                  + " | ".join(f"{m:+.1f} +- {s:.1f}" for m, s in ic) + f" | {trained}/{len(rows[mid])} |")
+    print(f"\nwhole benchmark: {time.perf_counter() - t_all:.0f}s; load average now {os.getloadavg()[0]:.1f}\n")
+
+    held = tables["held-out"][1]
+    checked = [fm_default] + (["img"] if "img" in runs else [])
+    for mid in checked:
+        ad, ic, _ = paired(held, mid, "gradcam")
+        for j, q in enumerate(RATIOS):
+            target(f"heldout_{mid}_minus_gradcam_AD@{q * 100:g}%", ad[j][0], "<=", 0.0)
+        for j, q in enumerate(RATIOS):
+            target(f"heldout_{mid}_minus_gradcam_IC@{q * 100:g}%", ic[j][0], ">=", 0.0)
+    del torch
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
