@@ -239,8 +239,8 @@ def check_config(cfg: TrainConfig) -> None:
         value = getattr(cfg, fld)
         if value not in (None, *allowed):
             raise UserError(lambda flag: f"{flag(fld)} must be {' or '.join(map(repr, allowed))}, got {value!r}")
-    if cfg.max_steps is not None and cfg.max_steps < 1:
-        raise UserError(lambda flag: f"{flag('max_steps')} must be at least 1, got {cfg.max_steps}")
+    if cfg.max_steps is not None and cfg.max_steps < 0:  # 0: write the starting checkpoint only
+        raise UserError(lambda flag: f"{flag('max_steps')} must be 0 or more, got {cfg.max_steps}")
     if cfg.top_k is not None and cfg.top_k < 1:
         raise UserError(lambda flag: f"{flag('top_k')} must be >= 1, got {cfg.top_k}")
     if not cfg.resume:
