@@ -1,13 +1,17 @@
-"""``lcam eval``: Average Drop / Increase in Confidence of L-CAM checkpoints and the baselines."""
+"""``lcam eval``: Average Drop / Increase in Confidence of L-CAM checkpoints and the baselines.
+
+The method list, each method's options and the optional metrics come from the registries
+(:mod:`lcam.cam_methods`, :mod:`pipeline.evaluation.metrics`): a method or metric added
+there gets its flags here without an edit.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+from typing import Any, Callable
 
 from jobs.common import add_storage_options, parse_storage_options
-
-BASELINES = "gradcam,gradcam++,scorecam,rise,gaussian,random"
 
 
 def _ratios(text: str) -> tuple[float, ...]:
@@ -17,11 +21,61 @@ def _ratios(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"keep ratios must be comma-separated numbers like 1,0.5,0.15, got {text!r}") from None
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+def _cli_type(convert: Callable[[Any], Any]) -> Callable[[str], Any]:
+    """An option's converter as an argparse type: its ValueError becomes argparse's message."""
+    def parse(text: str) -> Any:
+        try:
+            return convert(text)
+        except (TypeError, ValueError) as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = getattr(convert, "__name__", "value")
+    return parse
+
+
+def _show(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+
+
+def add_registry_options(parser: argparse.ArgumentParser) -> None:
+    """One flag per option of every registered CAM method and metric (no torch import:
+    the registries are torch-free), and ``--NAME`` per optional metric."""
+    from lcam.cam_methods import COST_CLASSES, default_methods, method_classes
+    from pipeline.evaluation.metrics import metric_classes
+
+    classes = method_classes()
+    listing = "; ".join(f"{n} ({c.label}, cost: {c.cost})" for n, c in classes.items())
+    parser.add_argument("--methods", default=",".join(default_methods()),
+                        help=f"CAM methods next to the checkpoints, comma-separated, or 'none' (default {','.join(default_methods())}). "
+                             f"Available: {listing}. Costs per image: " + "; ".join(f"{k}: {v}" for k, v in COST_CLASSES.items()))
+    group = parser.add_argument_group("method options")
+    for name, cls in classes.items():
+        for o in cls.options:
+            group.add_argument(f"--{o.cli_flag(name)}", type=_cli_type(o.type), default=o.default,
+                               help=f"{o.help} (default {_show(o.default)})")
+    metrics = parser.add_argument_group("metrics (AD/IC always)")
+    for name, cls in metric_classes().items():
+        if not cls.always:
+            metrics.add_argument(f"--{name}", action="store_true", help=cls.help)
+        for o in cls.options:
+            metrics.add_argument(f"--{o.cli_flag(name)}", type=_cli_type(o.type), default=o.default,
+                                 help=f"{o.help} (default {_show(o.default)})")
+
+
+def registry_config(args: argparse.Namespace) -> dict[str, Any]:
+    """EvalConfig's methods, method_options, metrics and metric_options from the flags above."""
+    from lcam.cam_methods import method_classes
+    from pipeline.evaluation.metrics import metric_classes
+
+    def dest(flag: str) -> str:
+        return flag.replace("-", "_")
+
+    methods = () if args.methods.strip().lower() in ("", "none") else tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    method_options = {n: {o.name: getattr(args, dest(o.cli_flag(n))) for o in c.options} for n, c in method_classes().items() if c.options}
+    metric_cls = metric_classes()
+    metrics = tuple(n for n, c in metric_cls.items() if not c.always and getattr(args, dest(n)))
+    metric_options = {n: {o.name: getattr(args, dest(o.cli_flag(n))) for o in c.options} for n, c in metric_cls.items() if c.options}
+    return {"methods": methods, "method_options": method_options, "metrics": metrics, "metric_options": metric_options}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,7 +83,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", help="output folder URL: results.md, results.json, adic.png, per_image.csv")
     parser.add_argument("--checkpoint", dest="checkpoints", action="append", type=str, default=None, metavar="[NAME=]URL",
                         help="an L-CAM checkpoint (repeatable): its method (fm/img) names the row unless NAME= is given")
-    parser.add_argument("--methods", default=BASELINES, help=f"baselines, comma-separated, or 'none' (default {BASELINES})")
     parser.add_argument("--backbone", default=None, help="default: the checkpoints' backbone, else efficientnet_lite0")
     parser.add_argument("--weights", default=None, help="default: the checkpoints' weights, else 'default'")
     parser.add_argument("--ratios", type=_ratios, default=(1.0, 0.5, 0.15), help="keep ratios (default 1,0.5,0.15)")
@@ -38,19 +91,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method-limit", dest="method_limits", action="append", type=str, default=None, metavar="METHOD=N",
                         help="evaluate METHOD on N of the images only (repeatable; e.g. scorecam=32 for a costly method)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per batch and per forward (default 16: fastest on CPU; raise it on a GPU)")
-    parser.add_argument("--rise-masks", type=int, default=4000, help="RISE masks per image (papers: 4000 VGG-16, 8000 ResNet-50)")
-    parser.add_argument("--rise-grid", type=int, default=7)
-    parser.add_argument("--rise-p", type=float, default=0.5)
-    parser.add_argument("--rise-batch", type=int, default=32, help="RISE masked images per forward")
-    parser.add_argument("--rise-seed", type=int, default=0)
-    parser.add_argument("--scorecam-batch", type=int, default=32, help="Score-CAM masked images per forward")
-    parser.add_argument("--random-seed", type=int, default=0, help="seed of the random-map floor")
-    parser.add_argument("--gaussian-sigma", type=float, default=0.25, help="centred Gaussian sigma, x the shorter image side")
     parser.add_argument("--save-maps", type=int, default=0, metavar="N",
                         help="keep every method's map of the first N images (by rank) in maps.npz, for the report's gallery")
-    parser.add_argument("--road", action="store_true", help="also ROAD MoRF/LeRF via pytorch-grad-cam (costly: 2P+1 forwards and 2P sparse solves per image)")
-    parser.add_argument("--road-percentiles", type=_ints, default=(10, 20, 30, 40, 50, 60, 70, 80, 90))
-    parser.add_argument("--road-seed", type=int, default=0)
     parser.add_argument("--engine", default="auto", choices=["auto", "local", "ray"],
                         help="local: one process; ray: Ray Data with an actor pool; auto: ray when connected to a cluster")
     parser.add_argument("--actors", type=int, default=None, help="ray: actors (default: one per GPU, else 1)")
@@ -67,6 +109,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_storage_options(parser, "--shard-storage-option", "shard_storage_option", " for the shards")
     add_storage_options(parser, what=" for the output folder")
     add_storage_options(parser, "--checkpoint-storage-option", "checkpoint_storage_option", " for the checkpoints")
+    add_registry_options(parser)
 
 
 def _method_limits(pairs: list[str] | None) -> dict[str, int]:
@@ -87,13 +130,10 @@ def _method_limits(pairs: list[str] | None) -> dict[str, int]:
 def config_from_args(args: argparse.Namespace):
     from pipeline.evaluate import EvalConfig
 
-    methods = () if args.methods.strip().lower() in ("", "none") else tuple(m.strip() for m in args.methods.split(",") if m.strip())
     return EvalConfig(
-        shards=args.shards, out=args.out, checkpoints=list(args.checkpoints or []), methods=methods, backbone=args.backbone,
+        shards=args.shards, out=args.out, checkpoints=list(args.checkpoints or []), **registry_config(args), backbone=args.backbone,
         weights=args.weights, ratios=tuple(args.ratios), limit=args.limit, seed=args.seed, method_limits=_method_limits(args.method_limits),
-        batch_size=args.batch_size, rise_masks=args.rise_masks, rise_grid=args.rise_grid, rise_p=args.rise_p, rise_batch=args.rise_batch,
-        rise_seed=args.rise_seed, scorecam_batch=args.scorecam_batch, random_seed=args.random_seed, gaussian_sigma=args.gaussian_sigma, save_maps=args.save_maps,
-        road=args.road, split_coverage=args.split_coverage, road_percentiles=tuple(args.road_percentiles), road_seed=args.road_seed, engine=args.engine, actors=args.actors,
+        batch_size=args.batch_size, save_maps=args.save_maps, split_coverage=args.split_coverage, engine=args.engine, actors=args.actors,
         decode_workers=args.decode_workers, torch_threads=args.torch_threads, device=args.device, fold_batchnorm=args.fold_batchnorm, index=args.index,
         shard_storage_options=parse_storage_options(args.shard_storage_option), out_storage_options=parse_storage_options(args.storage_option),
         checkpoint_storage_options=parse_storage_options(args.checkpoint_storage_option), progress=not args.no_progress,

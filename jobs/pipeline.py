@@ -45,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="L-CAM-Img's training images: random 224 crop + flip (default, as in the paper; the backbone runs at every step) "
                              "or the centre crop (its pass 1 is then read from the feature cache: faster)")
     parser.add_argument("--overlays", type=int, default=16, help="overlay PNGs in the CAM store's gallery")
-    parser.add_argument("--eval-methods", default="gradcam,gradcam++,scorecam,rise,gaussian,random", help="baselines next to L-CAM")
+    parser.add_argument("--eval-methods", default=None,
+                        help="CAM methods next to L-CAM, comma-separated (default: lcam eval's default list; see lcam eval --help)")
     parser.add_argument("--eval-limit", type=int, default=None, help="evaluate a seeded random subset of N images")
     parser.add_argument("--method-limit", default=None, help="per-method image limits, e.g. scorecam=16,rise=32")
     parser.add_argument("--rise-masks", type=int, default=4000)
@@ -57,6 +58,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _methods(args: argparse.Namespace) -> list[str]:
     return ["fm", "img"] if args.method == "both" else [args.method]
+
+
+def _eval_methods(text: str | None) -> tuple[str, ...]:
+    """--eval-methods checked against the CAM-method registry before any stage runs."""
+    from lcam.cam_methods import default_methods, method_names
+    from pipeline.errors import UserError
+
+    if text is None:
+        return default_methods()
+    names = tuple(x.strip() for x in text.split(",") if x.strip())
+    unknown = [n for n in names if n not in method_names()]
+    if unknown:
+        raise UserError(f"--eval-methods: unknown method(s) {', '.join(unknown)}; methods: {', '.join(method_names())}")
+    return names
 
 
 def _limits(text: str | None) -> dict[str, int]:
@@ -129,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
         raise UserError(f"unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}")
+    eval_methods = _eval_methods(args.eval_methods)  # before any stage: a typo must not cost an extraction
     so = parse_storage_options(args.storage_option)
     wd = absolute(args.workdir.rstrip("/"))
     cache, eval_dir = join(wd, "cache"), join(wd, "eval")
@@ -181,8 +197,8 @@ def run(args: argparse.Namespace) -> int:
         summary = evaluate(EvalConfig(
             shards=args.eval_shards or args.train_shards, out=eval_dir,
             checkpoints=[f"lcam-{m}={join(out, CHECKPOINT)}" for m, out in runs.items()],
-            methods=tuple(x.strip() for x in args.eval_methods.split(",") if x.strip()),
-            limit=args.eval_limit, method_limits=_limits(args.method_limit), rise_masks=args.rise_masks,
+            methods=eval_methods,
+            limit=args.eval_limit, method_limits=_limits(args.method_limit), method_options={"rise": {"num_masks": args.rise_masks}},
             seed=args.seed, save_maps=args.gallery_images,
             shard_storage_options=so, out_storage_options=so, checkpoint_storage_options=so,
         ))

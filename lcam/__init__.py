@@ -3,33 +3,45 @@
 See SPEC.md of the project's shared folder for the method; this package knows
 nothing of Ray or file formats.
 
+Every public name is re-exported lazily (PEP 562 module ``__getattr__``): ``import
+lcam`` costs nothing, and the registries that need no torch (:mod:`lcam.cam_methods`'s
+names, labels and options, read by ``lcam <cmd> --help``) can be imported without it.
+``from lcam import LCAM`` imports :mod:`lcam.model` (and torch) at that moment.
+
 For notebook users the dataset-scale pieces are reachable from here too:
-``from lcam import Explainer, FeatureCache, CamStore, TrainConfig, train`` (see
-:data:`_FROM_PIPELINE`).
+``from lcam import Explainer, FeatureCache, CamStore, TrainConfig, train``.
 """
+
+from __future__ import annotations
 
 import importlib
 from typing import Any
 
-from .attention import AttentionMechanism
-from .backbones import (
-    Backbone,
-    Preprocessing,
-    WeightsUnavailable,
-    available_backbones,
-    build_backbone,
-    register_backbone,
-)
-from .explain import Explanation, minmax_normalize, upsample
-from .loss import LCAMLoss, LossTerms, LossWeights
-from .model import LCAM
-from .recipe import Recipe, default_recipe, make_optimizer, make_scheduler
+_EXPORTS = {
+    "AttentionMechanism": "lcam.attention",
+    "Backbone": "lcam.backbones",
+    "Preprocessing": "lcam.backbones",
+    "WeightsUnavailable": "lcam.backbones",
+    "available_backbones": "lcam.backbones",
+    "build_backbone": "lcam.backbones",
+    "register_backbone": "lcam.backbones",
+    "Explanation": "lcam.explain",
+    "minmax_normalize": "lcam.explain",
+    "upsample": "lcam.explain",
+    "LCAMLoss": "lcam.loss",
+    "LossTerms": "lcam.loss",
+    "LossWeights": "lcam.loss",
+    "LCAM": "lcam.model",
+    "Recipe": "lcam.recipe",
+    "default_recipe": "lcam.recipe",
+    "make_optimizer": "lcam.recipe",
+    "make_scheduler": "lcam.recipe",
+}
 
-# The one exception to "lcam/ does not import pipeline/": these names are re-exported
-# lazily (PEP 562 module __getattr__), so that notebook users find the whole public API
-# in one place, while importing lcam still does not import pipeline/ (nor Ray, Zarr,
-# fsspec): the import happens on first attribute access, and only when pipeline/ is
-# installed next to lcam/.
+# The one exception to "lcam/ does not import pipeline/": these names are re-exported so
+# that notebook users find the whole public API in one place. The import happens on first
+# attribute access only, so importing lcam still does not import pipeline/ (nor Ray,
+# Zarr, fsspec), and lcam/ works without pipeline/ installed next to it.
 _FROM_PIPELINE = {
     "Explainer": "pipeline.cams",
     "CamStore": "pipeline.cams",
@@ -40,7 +52,7 @@ _FROM_PIPELINE = {
 
 
 def __getattr__(name: str) -> Any:
-    module = _FROM_PIPELINE.get(name)
+    module = _EXPORTS.get(name) or _FROM_PIPELINE.get(name)
     if module is None:
         raise AttributeError(f"module 'lcam' has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)
@@ -49,26 +61,7 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_FROM_PIPELINE))
+    return sorted(set(globals()) | set(_EXPORTS) | set(_FROM_PIPELINE))
 
 
-__all__ = [
-    "AttentionMechanism",
-    "Backbone",
-    "Explanation",
-    "LCAM",
-    "LCAMLoss",
-    "LossTerms",
-    "LossWeights",
-    "Preprocessing",
-    "Recipe",
-    "WeightsUnavailable",
-    "available_backbones",
-    "build_backbone",
-    "default_recipe",
-    "make_optimizer",
-    "make_scheduler",
-    "minmax_normalize",
-    "register_backbone",
-    "upsample",
-]
+__all__ = sorted(_EXPORTS)

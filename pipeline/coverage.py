@@ -47,7 +47,7 @@ def coverage_split(res: Any, specs: Sequence[Any], loaded: Sequence[tuple[str | 
                 keep = covered_image[e["rows"]] == want
                 n = int(keep.sum())
                 if n:
-                    y, o = torch.from_numpy(res.Y[e["rows"][keep]]), torch.from_numpy(e["O"][:, keep])
+                    y, o = torch.from_numpy(res.Y[e["rows"][keep]]), torch.from_numpy(e["adic"]["O"][:, keep].astype("float64"))
                     ad, ic = average_drop(y, o).tolist(), increase_in_confidence(y, o).tolist()
                 else:
                     ad = ic = [float("nan")] * len(res.ratios)

@@ -20,8 +20,6 @@ from .fs import StorageOptions, get_fs, join, write_bytes_atomic
 from .render import overlay, png_bytes
 
 ASSETS = "report_files"
-# Table order: the explainers under test first, then baselines, then the sanity floors.
-METHOD_ORDER = ("lcam-fm", "lcam-img", "gradcam", "gradcam++", "scorecam", "rise", "gaussian", "random")
 MAPS_FILE = "maps.npz"
 
 CSS = """
@@ -55,9 +53,17 @@ def save_comparison_maps(url: str, *, keys: Sequence[str], images: np.ndarray, c
     write_bytes_atomic(url, buf.getvalue(), storage_options)
 
 
+def method_order() -> tuple[str, ...]:
+    """Table order: the explainers under test first, then the registered methods in their
+    rank order (baselines, then the sanity floors)."""
+    from lcam.cam_methods import method_names
+
+    return ("lcam-fm", "lcam-img", *method_names())
+
+
 def _metrics_table(results: Mapping[str, Any]) -> str:
     ratios = [float(r) for r in results["protocol"].get("ratios", [1.0, 0.5, 0.15])]
-    rank = {m: i for i, m in enumerate(METHOD_ORDER)}
+    rank = {m: i for i, m in enumerate(method_order())}
     methods = [results["methods"][k] for k in sorted(results["methods"], key=lambda k: (rank.get(k, len(rank)), k))]
     cols = [(f"{r:g}", metric) for metric in ("AD", "IC") for r in ratios]
     best = {}

@@ -1,4 +1,4 @@
-"""CAM baselines: shapes, signs, determinism, Grad-CAM against a hand-written one, RISE on a toy."""
+"""CAM methods: the registry, shapes, signs, determinism, Grad-CAM against a hand-written one, RISE on a toy."""
 
 from __future__ import annotations
 
@@ -7,17 +7,17 @@ import torch
 from torch import nn
 
 from lcam.backbones import Backbone, Preprocessing, build_backbone
-from lcam.baselines import (
-    BASELINES,
-    RISE,
-    GradCAM,
-    LCAMMethod,
-    RandomMap,
-    ScoreCAM,
-    build_baseline,
-    road_scores,
-)
+from lcam.cam_methods import CAMMethod, LCAMMethod, build_method, default_methods, method_classes, method_names, register, unregister
+from lcam.cam_methods.gradcam import GradCAM
+from lcam.cam_methods.random_map import RandomMap
+from lcam.cam_methods.rise import RISE
+from lcam.cam_methods.scorecam import ScoreCAM
+from lcam.metrics.road import road_scores
 from lcam.model import LCAM
+
+# cheap settings for the costly methods on the toy backbone (8 channels, 64 x 64)
+CHEAP = {"rise": {"num_masks": 24, "mask_batch": 8}, "scorecam": {"batch_size": 8}, "ablationcam": {"batch_size": 4}}
+AT_FEATURES = {"gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "eigencam", "scorecam", "ablationcam"}
 
 
 def toy_backbone(seed: int = 0, classes: int = 5) -> Backbone:
@@ -55,17 +55,19 @@ def hand_gradcam(backbone: Backbone, images: torch.Tensor, class_ids: torch.Tens
     return torch.relu((weights[:, :, None, None] * feats).sum(1)).detach()
 
 
-@pytest.mark.parametrize("name", sorted(BASELINES))
-def test_baseline_shapes_and_signs(name):
+@pytest.mark.parametrize("name", method_names())
+def test_method_shapes_and_signs(name):
     backbone = toy_backbone()
-    kwargs = {"rise": {"num_masks": 24, "mask_batch": 8}, "scorecam": {"batch_size": 8}}.get(name, {})
-    method = build_baseline(name, backbone, **kwargs)
+    method = build_method(name, backbone, **CHEAP.get(name, {}))
     images = torch.rand(2, 3, 64, 64)
     maps = method(images, torch.tensor([1, 3]))
-    expected = {"gradcam": (8, 8), "gradcam++": (8, 8), "scorecam": (8, 8), "random": (7, 7)}.get(name, (64, 64))
+    expected = (8, 8) if name in AT_FEATURES else {"random": (7, 7)}.get(name, (64, 64))
     assert maps.shape == (2, *expected) and maps.dtype == torch.float32
     assert torch.isfinite(maps).all() and (maps >= 0).all()
-    assert method.name == name
+    if name != "gaussian":  # the one map meant to be the same everywhere... in its shape, not constant either
+        flat = maps.flatten(1)
+        assert (flat.amax(1) > flat.amin(1)).all(), "a constant map"
+    assert method.name == name and isinstance(method, CAMMethod)
     assert not backbone.features._forward_hooks  # pytorch-grad-cam's hooks are released after each call
     assert not any(p.requires_grad for p in backbone.parameters())
     with pytest.raises(ValueError):
@@ -150,3 +152,93 @@ def test_road_scores_shapes_and_seed():
     with torch.no_grad():
         clean = backbone(images).softmax(1)[torch.arange(2), torch.tensor([0, 3])]
     assert torch.allclose(a.clean, clean)
+
+
+# ---------------------------------------------------------------------------- the registry
+
+
+def test_registry_lists_every_method_once_with_metadata():
+    classes = method_classes()
+    assert {"gradcam", "gradcam++", "scorecam", "rise", "gaussian", "random",
+            "xgradcam", "layercam", "eigencam", "hirescam", "ablationcam"} <= set(classes)
+    assert default_methods() == ("gradcam", "gradcam++", "scorecam", "rise", "gaussian", "random")  # today's defaults kept
+    assert list(classes)[-2:] == ["gaussian", "random"]  # the sanity floors last in table order
+    for name, cls in classes.items():
+        assert cls.name == name and cls.label and cls.cost
+    assert "lcam" not in classes  # L-CAM rows come from checkpoints
+
+
+def test_registry_refuses_a_duplicate_name_and_a_taken_flag():
+    from lcam.cam_methods import Option
+
+    class Another(CAMMethod):
+        name, label = "gradcam", "Another Grad-CAM"
+
+    with pytest.raises(ValueError, match="already registered"):
+        register(Another)
+    assert method_classes()["gradcam"] is GradCAM
+
+    class Clash(CAMMethod):
+        name, label = "clash-test", "Clash"
+        options = (Option("masks", int, 1, flag="rise-masks"),)
+
+    with pytest.raises(ValueError, match="--rise-masks is already used"):
+        register(Clash)
+    assert "clash-test" not in method_names()
+
+
+def test_a_method_is_one_class_and_the_evaluation_can_run_it():
+    """Registering a class is all it takes: build_method and the option plumbing find it."""
+    from lcam.cam_methods import Option
+
+    @register
+    class Constant(CAMMethod):
+        name, label, cost = "constant-test", "Constant", "free"
+        options = (Option("value", float, 1.0, "the value"),)
+
+        def compute(self, images, class_ids):
+            return torch.full((images.shape[0], 4, 4), self.value)
+
+    try:
+        m = build_method("constant-test", toy_backbone(), value=2.5)
+        assert torch.equal(m(torch.rand(1, 3, 8, 8), [0]), torch.full((1, 4, 4), 2.5))
+        with pytest.raises(TypeError, match="unknown option"):
+            build_method("constant-test", toy_backbone(), nope=1)
+    finally:
+        unregister("constant-test")
+    with pytest.raises(KeyError, match="unknown CAM method 'constant-test'"):
+        build_method("constant-test", toy_backbone())
+
+
+def test_new_library_methods_follow_their_definitions():
+    """XGrad-CAM, LayerCAM and HiResCAM against their formulas written out; Eigen-CAM is class-agnostic."""
+    backbone = toy_backbone()
+    torch.manual_seed(2)
+    images = torch.rand(2, 3, 64, 64)
+    ids = torch.tensor([1, 3])
+    feats = backbone.features(backbone.normalize(images)).detach().requires_grad_(True)
+    logits = backbone.head(feats)
+    (g,) = torch.autograd.grad(logits[torch.arange(2), ids].sum(), feats)
+    f = feats.detach()
+    xgrad_w = (g * f).sum((2, 3)) / (f.sum((2, 3)) + 1e-7)
+    hand = {
+        "xgradcam": torch.relu((xgrad_w[:, :, None, None] * f).sum(1)),
+        "layercam": torch.relu((torch.relu(g) * f).sum(1)),
+        "hirescam": torch.relu((g * f).sum(1)),
+    }
+    for name, expected in hand.items():
+        ours = build_method(name, backbone)(images, ids)
+        assert torch.allclose(ours, library_scale(library_scale(expected)), atol=1e-4), name
+    eigen = build_method("eigencam", backbone)
+    assert torch.allclose(eigen(images, ids), eigen(images, torch.tensor([0, 0])))  # the same map for any class
+
+
+def test_ablationcam_restores_the_backbone_and_batches_agree():
+    backbone = toy_backbone()
+    images = torch.rand(2, 3, 64, 64)
+    a = build_method("ablationcam", backbone, batch_size=3)(images, [0, 2])
+    b = build_method("ablationcam", backbone, batch_size=8)(images, [0, 2])
+    assert torch.allclose(a, b, atol=1e-5)
+    assert isinstance(backbone.features, nn.Sequential)  # the ablation layer is gone again
+    with torch.no_grad():
+        assert torch.isfinite(backbone(images)).all()

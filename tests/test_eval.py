@@ -76,7 +76,7 @@ def data(tmp_path_factory, backbone):
 
 def config(data, out, **kw) -> EvalConfig:
     base = dict(shards=data["shards"], out=str(out), checkpoints=[data["fm"], data["img"]], methods=METHODS,
-                method_limits={"rise": 2}, rise_masks=8, rise_batch=8, batch_size=3, progress=False)
+                method_limits={"rise": 2}, method_options={"rise": {"num_masks": 8, "mask_batch": 8}}, batch_size=3, progress=False)
     base.update(kw)
     return EvalConfig(**base)
 
@@ -121,14 +121,14 @@ def test_all_ratios_agree_with_pytorch_grad_cam_on_the_same_maps(backbone):
     from pytorch_grad_cam.metrics.cam_mult_image import CamMultImageConfidenceChange
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
 
-    from lcam.baselines import GradCAM
+    from lcam.cam_methods.gradcam import GradCAM
     from lcam.metrics import keep_mask, keep_top, prepare_cams
 
     images = torch.stack([center_crop_tensor(p) for p in skimage_photos().values()])
     pixels = (images * 255).round().to(torch.uint8).numpy()
     ev = Evaluator(backbone, [MethodSpec("gradcam", "gradcam", "Grad-CAM")], RATIOS)
     res = ev.evaluate_batch(pixels, np.arange(4), batch_id=0)
-    ids, Y, O = torch.from_numpy(res["class_ids"]), res["Y"], res["methods"]["gradcam"]["O"]
+    ids, Y, O = torch.from_numpy(res["class_ids"]), res["Y"], res["methods"]["gradcam"]["adic"]["O"]
     maps = prepare_cams(GradCAM(backbone)(images, ids), (224, 224))
     targets = [ClassifierOutputSoftmaxTarget(int(c)) for c in ids]
     with torch.no_grad():
@@ -143,7 +143,7 @@ def test_all_ratios_agree_with_pytorch_grad_cam_on_the_same_maps(backbone):
         ours = 100 / 4 * np.sum(np.maximum(0, Y - O[j]) / Y)
         assert abs(ours - ad_lib) < 1e-2
         assert 100 / 4 * np.sum(O[j] > Y) == 100 / 4 * np.sum(diff > 0)
-    assert res["methods"]["gradcam"]["map_forwards"] == 4 and res["methods"]["gradcam"]["masked_forwards"] == 12
+    assert res["methods"]["gradcam"]["map_forwards"] == 4 and res["methods"]["gradcam"]["adic_forwards"] == 12
     assert res["clean_forwards"] == 4
     ev.close()
     assert not backbone.features._forward_pre_hooks
@@ -282,15 +282,51 @@ def test_bad_inputs_fail_clearly_and_write_nothing(data, tmp_path):
 def test_road_option_reports_morf_lerf(data, tmp_path):
     out = tmp_path / "road"
     # percentile 90: only 10% of the pixels imputed, so the sparse solves stay small
-    summary = evaluate(config(data, out, checkpoints=[], methods=("gaussian",), method_limits={}, limit=2, road=True, road_percentiles=(90,)))
-    m = summary.methods[0]
-    assert m.road["forwards"] == 2 * (2 * 1 + 1)  # per image: 2P + 1 (clean, MoRF, LeRF at one percentile)
-    assert len(m.road["morf_mean"]) == len(m.road["lerf_mean"]) == 1
-    assert m.road["combined"] == pytest.approx((m.road["lerf_mean"][0] - m.road["morf_mean"][0]) / 2)
+    summary = evaluate(config(data, out, checkpoints=[], methods=("gaussian",), method_limits={}, limit=2, metrics=("road",),
+                              metric_options={"road": {"percentiles": (90,)}}))
+    road = summary.methods[0].metrics["road"]
+    assert road["forwards"] == 2 * (2 * 1 + 1)  # per image: 2P + 1 (clean, MoRF, LeRF at one percentile)
+    assert len(road["morf_mean"]) == len(road["lerf_mean"]) == 1
+    assert road["combined"] == pytest.approx((road["lerf_mean"][0] - road["morf_mean"][0]) / 2)
     rows = read_csv(out / "per_image.csv")
     assert len(rows) == 2 and all(0 <= float(r["road_morf_mean"]) <= 1 for r in rows)
     assert "## ROAD" in (out / "results.md").read_text()
     assert json.loads((out / "results.json").read_text())["road"]["percentiles"] == [90]
+
+
+def test_insertion_deletion_plugin_end_to_end(data, tmp_path, backbone):
+    """The proof that a metric is one plug-in: it reaches results.json, results.md and per_image.csv,
+    and its per-image AUCs are those of lcam.metrics on the same images and maps."""
+    from lcam.cam_methods import build_method
+    from lcam.metrics import insertion_deletion
+
+    out = tmp_path / "insdel"
+    summary = evaluate(config(data, out, checkpoints=[], methods=("gaussian",), method_limits={}, limit=2,
+                              metrics=("insdel",), metric_options={"insdel": {"steps": 2}}))
+    report = json.loads((out / "results.json").read_text())
+    assert report["insdel"]["steps"] == 2 and "blur" in report["insdel"]["insertion_baseline"]
+    assert report["metrics"] == ["adic", "insdel"]
+    rows = read_csv(out / "per_image.csv")
+    assert len(rows) == 2 and {"insertion_auc", "deletion_auc", "O@0.15"} <= set(rows[0])
+    for m in summary.methods:
+        s = m.metrics["insdel"]
+        assert s["forwards"] == 2 * 2 * (2 + 1)  # 2 images x 2 curves x (S + 1) points
+        mine = [float(r["insertion_auc"]) for r in rows if r["method"] == m.id]
+        assert s["insertion_auc"] == pytest.approx(np.mean(mine)) and report["methods"][m.id]["insdel"]["insertion_auc"] == s["insertion_auc"]
+    # independently: the Gaussian map on the two decoded images, through lcam.metrics directly
+    keys = {r["key"] for r in rows}
+    images = {s.key: center_crop_tensor(np.asarray(Image.open(io.BytesIO(s.image)).convert("RGB")))
+              for info in list_shards(data["shards"]) for s in read_shard(info) if s.key in keys}
+    x = torch.stack([images[k] for k in sorted(keys)])
+    ids = torch.tensor([int(next(r["predicted"] for r in rows if r["key"] == k)) for k in sorted(keys)])
+    cams = build_method("gaussian", backbone)(x, ids)
+    ref = insertion_deletion(backbone, x, cams, ids, steps=2)
+    got = {r["key"]: (float(r["insertion_auc"]), float(r["deletion_auc"])) for r in rows if r["method"] == "gaussian"}
+    for j, k in enumerate(sorted(keys)):
+        assert got[k][0] == pytest.approx(ref.insertion_auc()[j].item(), abs=2e-5)
+        assert got[k][1] == pytest.approx(ref.deletion_auc()[j].item(), abs=2e-5)
+    md = (out / "results.md").read_text()
+    assert "## Insertion / deletion AUC" in md and "| Centred Gaussian | 2 |" in md
 
 
 def test_cli_runs_and_reports_errors(data, tmp_path, capsys):

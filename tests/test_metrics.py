@@ -212,3 +212,52 @@ def test_ratio_one_agrees_with_pytorch_grad_cam():
     assert float(ours.increase_in_confidence()[0]) == ic_lib
     # a real classifier: cat (tiger cat), espresso, missile
     assert 281 <= int(ours.class_ids[0]) <= 285 and int(ours.class_ids[1]) == 967 and int(ours.class_ids[3]) == 657
+
+
+# ---------------------------------------------------------------------------- insertion / deletion
+
+
+class MeanScore(nn.Module):
+    """Two classes with softmax exactly (m, 1 - m), m = the image's mean: P(class 0) is known by hand."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = x.mean((1, 2, 3))
+        return torch.stack([m.clamp_min(1e-12).log(), (1 - m).clamp_min(1e-12).log()], 1)
+
+
+def test_insertion_deletion_auc_hand_computed():
+    from lcam.metrics import area_under_curve, insertion_deletion
+
+    # pixel values 0.8, 0.4 / 0.2, 0.6; the map ranks them 0.8 > 0.6 > 0.4 > 0.2
+    image = torch.tensor([[0.8, 0.4], [0.2, 0.6]]).expand(1, 3, 2, 2).clone()
+    cam = torch.tensor([[[4.0, 2.0], [1.0, 3.0]]])
+    r = insertion_deletion(MeanScore(), image, cam, [0], steps=4, insertion_baseline="black", deletion_baseline="black")
+    # deletion: the mean of what is left after removing 0, 1, 2, 3, 4 pixels: 2.0/4, 1.2/4, 0.6/4, 0.2/4, 0
+    assert torch.allclose(r.deletion[:, 0], torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0]), atol=1e-6)
+    # insertion from black: 0, 0.8/4, 1.4/4, 1.8/4, 2.0/4
+    assert torch.allclose(r.insertion[:, 0], torch.tensor([0.0, 0.2, 0.35, 0.45, 0.5]), atol=1e-6)
+    # trapezoid on s/4: (0.25 + 0.3 + 0.15 + 0.05 + 0) / 4 and (0 + 0.2 + 0.35 + 0.45 + 0.25) / 4
+    assert r.deletion_auc().item() == pytest.approx(0.1875, abs=1e-6)
+    assert r.insertion_auc().item() == pytest.approx(0.3125, abs=1e-6)
+    # 3 steps over 4 pixels: ceil(4/3) = 2, ceil(8/3) = 3, 4 pixels changed
+    r3 = insertion_deletion(MeanScore(), image, cam, [0], steps=3, insertion_baseline="black")
+    assert torch.allclose(r3.deletion[:, 0], torch.tensor([0.5, 0.15, 0.05, 0.0]), atol=1e-6)
+    assert r3.deletion_auc().item() == pytest.approx((0.25 + 0.15 + 0.05 + 0.0) / 3, abs=1e-6)
+    assert area_under_curve(torch.tensor([1.0, 1.0])).item() == 1.0
+    assert r.protocol()["steps"] == 4 and "black" in r.protocol()["deletion_baseline"]
+
+
+def test_insertion_starts_from_the_blurred_image():
+    from lcam.metrics.insertion_deletion import blurred, insertion_deletion
+
+    torch.manual_seed(0)
+    image = torch.rand(2, 3, 16, 16)
+    cam = torch.rand(2, 4, 4)
+    r = insertion_deletion(MeanScore(), image, cam, [0, 0], steps=2)
+    expected_start = MeanScore()(blurred(image)).softmax(1)[:, 0]
+    assert torch.allclose(r.insertion[0], expected_start, atol=1e-6)
+    assert torch.allclose(r.insertion[-1], image.mean((1, 2, 3)), atol=1e-6)  # every pixel back: the clean image
+    # the blur keeps a constant image's interior and darkens its border (zero padding, as RISE)
+    flat = blurred(torch.full((1, 3, 16, 16), 0.5))
+    assert abs(flat[0, 0, 8, 8].item() - 0.5) < 1e-6  # the kernel sums to 1
+    assert flat[0, 0, 0, 0] < 0.5

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .explain import minmax_normalize, upsample
+from ..explain import minmax_normalize, upsample
 
 DEFAULT_RATIOS: tuple[float, ...] = (1.0, 0.5, 0.15)
 
@@ -217,7 +217,7 @@ def confidence_scores(
 # ---------------------------------------------------------------------------- AD / IC
 
 
-def _per_image_drop(Y: torch.Tensor, O: torch.Tensor) -> torch.Tensor:
+def per_image_drop(Y: torch.Tensor, O: torch.Tensor) -> torch.Tensor:
     """max(0, Y - O) / Y elementwise; Y == 0 (softmax underflow) counts as no drop."""
     Y = Y.double()
     drop = (Y - O.double()).clamp_min(0)
@@ -226,7 +226,7 @@ def _per_image_drop(Y: torch.Tensor, O: torch.Tensor) -> torch.Tensor:
 
 def average_drop(Y: torch.Tensor, O: torch.Tensor) -> torch.Tensor:
     """``AD = 100/N * sum_i max(0, Y_i - O_i) / Y_i`` over the last dim; Y (N,), O (N,) or (R, N) -> () or (R,)."""
-    return 100.0 * _per_image_drop(Y, O).mean(-1)
+    return 100.0 * per_image_drop(Y, O).mean(-1)
 
 
 def increase_in_confidence(Y: torch.Tensor, O: torch.Tensor) -> torch.Tensor:
@@ -248,7 +248,7 @@ class ADICResult:
 
     def per_image_drop(self) -> torch.Tensor:
         """(R, N): max(0, Y_i - O_i) / Y_i, whose mean x 100 is AD."""
-        return _per_image_drop(self.Y, self.O)
+        return per_image_drop(self.Y, self.O)
 
     def per_image_increase(self) -> torch.Tensor:
         """(R, N) bool: O_i > Y_i, whose mean x 100 is IC."""
@@ -288,7 +288,7 @@ class ADICAccumulator:
         if self._protocol is not None and (p.ratios, p.target) != (self._protocol.ratios, self._protocol.target):
             raise ValueError(f"batch protocol {p.ratios}/{p.target} differs from {self._protocol.ratios}/{self._protocol.target}")
         self._protocol = p
-        drop = _per_image_drop(scores.Y, scores.O).sum(-1).cpu()
+        drop = per_image_drop(scores.Y, scores.O).sum(-1).cpu()
         inc = (scores.O.double() > scores.Y.double()).double().sum(-1).cpu()
         self._drop_sum = drop if self._drop_sum is None else self._drop_sum + drop
         self._inc_sum = inc if self._inc_sum is None else self._inc_sum + inc
@@ -330,6 +330,7 @@ __all__ = [
     "keep_top",
     "kept_count",
     "masked_images",
+    "per_image_drop",
     "pixel_ranks",
     "prepare_cams",
 ]

@@ -1,0 +1,86 @@
+"""RISE (Petsiuk et al. 2018)."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from .base import CAMMethod, Option, register
+
+if TYPE_CHECKING:
+    import torch
+
+
+def probability(p: float | str) -> float:
+    p = float(p)
+    if not 0 < p <= 1:
+        raise ValueError(f"p={p} must be in (0, 1]")
+    return p
+
+
+@register
+class RISE(CAMMethod):
+    """saliency_c = sum_i P_c(x * M_i) M_i / (N p).
+
+    M_i: a random binary s x s grid (each cell 1 with probability p), upsampled
+    bilinearly (align_corners=False) to ((s+1)*ch, (s+1)*cw) with cell size
+    (ch, cw) = (ceil(H/s), ceil(W/s)), then cropped to H x W at a random integer
+    shift in [0, ch) x [0, cw). P_c is the softmax probability of class c.
+
+    The random draws (grids and shifts) are made once, from a generator seeded with
+    ``seed``, and reused for every image; the mask pixels are rebuilt from them chunk
+    by chunk (cheap next to the forward), so memory is O(N s^2) rather than O(N H W)
+    (8000 masks at 224 x 224 in float32 would take 1.6 GB).
+
+    Cost: N forward passes per image (the papers: N = 4000 for VGG-16, 8000 for
+    ResNet-50), ``mask_batch`` masked images per forward. Output at input resolution.
+    """
+
+    name, label, cost, default, rank = "rise", "RISE", "masks", True, 30
+    options = (
+        Option("num_masks", int, 4000, "RISE masks per image (papers: 4000 VGG-16, 8000 ResNet-50)", flag="rise-masks"),
+        Option("grid", int, 7, "RISE grid cells per side", flag="rise-grid"),
+        Option("p", probability, 0.5, "RISE probability that a cell is kept", flag="rise-p"),
+        Option("mask_batch", int, 32, "RISE masked images per forward", flag="rise-batch"),
+        Option("seed", int, 0, "RISE mask seed", flag="rise-seed"),
+    )
+
+    def setup(self) -> None:
+        import torch
+
+        g = torch.Generator().manual_seed(self.seed)
+        self.grids = (torch.rand(self.num_masks, 1, self.grid, self.grid, generator=g) < self.p).float()
+        self.shift_u = torch.rand(self.num_masks, 2, generator=g)  # uniform in [0, 1), scaled by the cell size
+
+    def masks(
+        self, size: tuple[int, int], start: int = 0, stop: int | None = None, device: torch.device | str | None = None
+    ) -> torch.Tensor:
+        """Masks ``start:stop`` at ``size`` = (H, W), (n, H, W) in [0, 1], built on ``device``."""
+        import torch
+        import torch.nn.functional as nnf
+
+        hh, ww = size
+        s = self.grid
+        ch, cw = math.ceil(hh / s), math.ceil(ww / s)
+        grids = self.grids[start:stop].to(device)
+        up = nnf.interpolate(grids, size=((s + 1) * ch, (s + 1) * cw), mode="bilinear", align_corners=False)[:, 0]
+        u = self.shift_u[start:stop].to(device)
+        dy = (u[:, 0] * ch).long()
+        dx = (u[:, 1] * cw).long()
+        rows = dy[:, None] + torch.arange(hh, device=up.device)  # (n, H)
+        cols = dx[:, None] + torch.arange(ww, device=up.device)  # (n, W)
+        n = torch.arange(up.shape[0], device=up.device)[:, None, None]
+        return up[n, rows[:, :, None], cols[:, None, :]]
+
+    def compute(self, images: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        b, _, hh, ww = images.shape
+        sal = torch.zeros(b, hh * ww, dtype=torch.float64, device=images.device)
+        with torch.no_grad():
+            for start in range(0, self.num_masks, self.mask_batch):
+                m = self.masks((hh, ww), start, start + self.mask_batch, images.device).to(images.dtype)
+                for i in range(b):
+                    probs = self.backbone(images[i : i + 1] * m[:, None]).float().softmax(1)[:, class_ids[i]]
+                    sal[i] += (probs.double()[None] @ m.flatten(1).double())[0]
+        return (sal / (self.num_masks * self.p)).float().view(b, hh, ww)

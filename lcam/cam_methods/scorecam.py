@@ -1,0 +1,21 @@
+"""Score-CAM (Wang et al. 2020)."""
+
+from typing import Any
+
+from .base import Option, register
+from .library import PytorchGradCAMMethod
+
+
+@register
+class ScoreCAM(PytorchGradCAMMethod):
+    """Each of the C feature maps, upsampled and min-max normalised, masks the image;
+    weights = softmax over channels of the class logit of the masked images;
+    ReLU(sum_k w_k F_k). ``batch_size`` masked images per forward."""
+
+    name, label, cost, default, rank = "scorecam", "Score-CAM", "channels", True, 20
+    library_class = "ScoreCAM"
+    uses_gradients = False
+    options = (Option("batch_size", int, 32, "Score-CAM masked images per forward", flag="scorecam-batch"),)
+
+    def configure(self, cam: Any) -> None:
+        cam.batch_size = self.batch_size  # read by pytorch-grad-cam's ScoreCAM.get_cam_weights

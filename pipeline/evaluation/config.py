@@ -1,0 +1,158 @@
+"""What ``lcam eval`` evaluates: the config, the method rows and the backbone they share."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping, Sequence
+
+from lcam.cam_methods import LCAMMethod, default_methods, method_class, method_names
+from lcam.metrics import DEFAULT_RATIOS
+
+from ..errors import UserError
+from ..fs import StorageOptions
+
+
+@dataclass
+class EvalConfig:
+    """Everything ``lcam eval`` needs. None means "from the first checkpoint, else the default"."""
+
+    shards: str | list[str]
+    out: str
+    checkpoints: list[str] = field(default_factory=list)  # URL or NAME=URL per L-CAM checkpoint
+    methods: tuple[str, ...] = field(default_factory=default_methods)  # registered CAM methods next to the checkpoints
+    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> {option: value}; else its default
+    metrics: tuple[str, ...] = ()  # optional metrics next to AD/IC: road, insdel (lcam.cam_methods-style registry)
+    metric_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # metric -> {option: value}
+    backbone: str | None = None
+    weights: str | None = None
+    ratios: tuple[float, ...] = DEFAULT_RATIOS
+    limit: int | None = None  # seeded random subset of this many images (None: all)
+    seed: int = 0  # image subset and the ranking that method subsets take prefixes of
+    method_limits: dict[str, int] = field(default_factory=dict)  # method id -> its first N images of the ranking
+    batch_size: int = 16  # images per planned batch and per forward (CPU: 8-16 is fastest for EfficientNet-Lite0)
+    split_coverage: bool = False  # also the table on images whose class row L-CAM trained / did not (pipeline.coverage)
+    save_maps: int = 0  # the first N images (by rank) keep every method's map: maps.npz, the report's gallery
+    engine: str = "auto"  # auto | local | ray
+    actors: int | None = None  # ray: actor pool size (default: one per GPU, else 1)
+    decode_workers: int = 4  # local: decoding threads
+    torch_threads: int | None = None  # ray CPU actors: torch threads (default: all cores of the node)
+    device: str = "auto"  # auto | cpu | cuda
+    fold_batchnorm: bool = True  # BatchNorm folded into the convolutions: same function, 1.2-1.5x faster on CPU
+    index: str | None = None
+    shard_storage_options: StorageOptions = None
+    out_storage_options: StorageOptions = None
+    checkpoint_storage_options: StorageOptions = None
+    progress: bool = True
+
+    def public(self) -> dict[str, Any]:
+        """The config for results.json: storage options (credentials) left out."""
+        d = asdict(self)
+        for k in ("shard_storage_options", "out_storage_options", "checkpoint_storage_options"):
+            d.pop(k)
+        return d
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One row of the table: how to build the method (anywhere: driver, Ray actor)."""
+
+    id: str
+    kind: str  # "lcam" or a registered CAM method's name (lcam.cam_methods)
+    label: str
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    limit: int | None = None  # evaluate on the images of rank < limit only
+    attention_state: Mapping[str, Any] | None = None  # lcam: the trained 1x1 convolution
+    info: Mapping[str, Any] = field(default_factory=dict)  # for results.json (checkpoint URL, epoch, ...)
+
+
+def split_checkpoint_arg(arg: str) -> tuple[str | None, str]:
+    """``NAME=URL`` or a bare URL (an '=' inside a URL path is not a name)."""
+    head, sep, tail = arg.partition("=")
+    if sep and head and not any(c in head for c in "/:."):
+        return head, tail
+    return None, arg
+
+
+def resolve_backbone(cfg: EvalConfig) -> tuple[Any, list[tuple[str | None, str, dict[str, Any]]]]:
+    """The backbone (from ``cfg`` or the first checkpoint) and the loaded checkpoints, all checked against it."""
+    from lcam import build_backbone
+    from lcam.backbones import WeightsUnavailable
+
+    from ..checkpoints import check_backbone, load_checkpoint
+
+    loaded = []
+    for arg in cfg.checkpoints:
+        name, url = split_checkpoint_arg(arg)
+        loaded.append((name, url, load_checkpoint(url, cfg.checkpoint_storage_options)))
+    first = loaded[0][2]["backbone"] if loaded else {}
+    name = cfg.backbone or first.get("backbone") or "efficientnet_lite0"
+    weights = cfg.weights or (first.get("weights") if first.get("backbone") == name else None) or "default"
+    try:
+        backbone = build_backbone(name, weights)
+    except KeyError as exc:
+        raise UserError(str(exc.args[0])) from None
+    except WeightsUnavailable as exc:
+        raise UserError(f"backbone {name}: {exc}") from None
+    ident = backbone.describe()
+    for _, url, ckpt in loaded:
+        check_backbone(ckpt, ident, f"the evaluation backbone ({url} vs --backbone {name} --weights {weights})")
+    return backbone, loaded
+
+
+def method_kwargs(name: str, cfg: EvalConfig) -> dict[str, Any]:
+    """Every option of method ``name``: the configured value, else the method's default."""
+    cls = method_class(name)
+    given = dict(cfg.method_options.get(name, {}))
+    unknown = sorted(set(given) - {o.name for o in cls.options})
+    if unknown:
+        raise UserError(f"method {name}: unknown option(s) {', '.join(unknown)}; options: {', '.join(o.name for o in cls.options) or 'none'}")
+    out = {}
+    for o in cls.options:
+        try:
+            out[o.name] = o.type(given[o.name]) if o.name in given else o.default
+        except (TypeError, ValueError) as exc:
+            raise UserError(f"--{o.cli_flag(name)}: {exc}") from None
+    return out
+
+
+def method_specs(cfg: EvalConfig, loaded: Sequence[tuple[str | None, str, dict[str, Any]]]) -> list[MethodSpec]:
+    """L-CAM rows from the checkpoints, then the registered methods, with their subset limits."""
+    specs: list[MethodSpec] = []
+    used: set[str] = set()
+    for name, url, ckpt in loaded:
+        method = str(ckpt.get("method", ""))
+        if method not in LCAMMethod.LABELS:
+            raise UserError(f"checkpoint {url}: unknown L-CAM method {method!r} (expected fm or img)")
+        mid = name or f"lcam-{method}"
+        if mid in used:  # two checkpoints of one method: tell them apart by file name
+            stem = url.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
+            mid = f"lcam-{method}:{stem}"
+            k = 2
+            while mid in used:
+                mid, k = f"lcam-{method}:{stem}-{k}", k + 1
+        used.add(mid)
+        lcam_label = LCAMMethod.LABELS[method]
+        label = lcam_label if mid == f"lcam-{method}" else (f"{lcam_label} ({mid})" if name is None else mid)
+        info = {"checkpoint": url, "method": method, "epoch": ckpt.get("epoch"), "step": ckpt.get("step"),
+                "cache_fingerprint": ckpt.get("cache_fingerprint") or None, "train_config": ckpt.get("config", {}),
+                "coverage": ckpt["coverage"].tolist() if ckpt.get("coverage") is not None else None}  # the report marks untrained rows
+        specs.append(MethodSpec(mid, "lcam", label, {}, None, dict(ckpt["attention"]), info))
+    for name in cfg.methods:
+        if name not in method_names():
+            raise UserError(f"unknown method {name!r}; methods: {', '.join(method_names())} (L-CAM rows come from --checkpoint)")
+        if name in used:
+            raise UserError(f"method {name!r} is listed twice")
+        used.add(name)
+        specs.append(MethodSpec(name, name, method_class(name).label, method_kwargs(name, cfg)))
+    if not specs:
+        raise UserError("nothing to evaluate: give --checkpoint and/or --methods")
+    unknown = sorted(set(cfg.method_limits) - used)
+    if unknown:
+        raise UserError(f"--method-limit names {', '.join(unknown)}, which is not evaluated; methods: {', '.join(s.id for s in specs)}")
+    out = []
+    for s in specs:
+        limit = cfg.method_limits.get(s.id)
+        if limit is not None and limit < 1:
+            raise UserError(f"--method-limit {s.id}={limit}: give at least 1 image")
+        out.append(MethodSpec(s.id, s.kind, s.label, s.kwargs, limit, s.attention_state, s.info))
+    return out

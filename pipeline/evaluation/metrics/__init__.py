@@ -1,0 +1,14 @@
+"""Evaluation metrics as plug-ins: :mod:`.base` holds the contract; every other module of
+this package is imported here and registers one metric (adding a metric is one module)."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from .base import EvalMetric, MetricBatch, build_metrics, metric_classes, optional_metrics, register_metric
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+__all__ = ["EvalMetric", "MetricBatch", "build_metrics", "metric_classes", "optional_metrics", "register_metric"]

@@ -1,0 +1,139 @@
+"""Planning an evaluation into fixed batches, reading the shards and decoding the images.
+
+Work is planned on the driver as a fixed list of batches (a batch never straddles a
+shard); every engine reads and decodes those batches with these functions.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+from ..fs import StorageOptions
+
+
+@dataclass(frozen=True)
+class PlannedBatch:
+    """Images ``positions`` of one shard, with their ranks in the seeded ordering."""
+
+    batch_id: int
+    shard_url: str
+    shard_name: str
+    shard_count: int | None
+    positions: tuple[int, ...]
+    ranks: tuple[int, ...]
+
+
+@dataclass
+class Plan:
+    batches: list[PlannedBatch]
+    available: int  # images in the shards
+    selected: int  # images planned
+
+
+def count_samples(url: str, storage_options: StorageOptions) -> int:
+    from ..shards import iter_samples
+
+    return sum(1 for _ in iter_samples(url, storage_options))
+
+
+def plan_batches(shards: Sequence[Any], batch_size: int, limit: int | None, seed: int, storage_options: StorageOptions = None) -> Plan:
+    """Fixed batches for any engine: a seeded random subset of ``limit`` images (all if None), in
+    shard order, cut into batches of ``batch_size`` that never straddle a shard.
+
+    Each selected image also gets a rank in a seeded random permutation; a method limited
+    to M images evaluates the images of rank < M (a uniform random subset, nested: the
+    images of a smaller limit are among those of a larger one).
+    """
+    if batch_size < 1:
+        raise UserError(f"batch size must be at least 1, got {batch_size}")
+    # shards packed elsewhere have no index count: read them once to count
+    counts = [s.count if s.count is not None else count_samples(s.url, storage_options) for s in shards]
+    total = int(sum(counts))
+    if total == 0:
+        raise UserError("the shards hold no images")
+    rng = np.random.default_rng(seed)
+    if limit is None:
+        chosen = np.arange(total)
+    else:
+        if limit < 1:
+            raise UserError(f"--limit must be at least 1, got {limit}")
+        if limit > total:
+            raise UserError(f"--limit {limit} asks for more images than the shards hold ({total}); pass --limit {total} or less, or leave it out")
+        chosen = np.sort(rng.choice(total, size=limit, replace=False))
+    ranks = rng.permutation(len(chosen))
+    starts = np.cumsum([0, *counts])
+    batches: list[PlannedBatch] = []
+    for si, s in enumerate(shards):
+        lo, hi = np.searchsorted(chosen, [starts[si], starts[si + 1]])
+        pos = (chosen[lo:hi] - starts[si]).tolist()
+        rk = ranks[lo:hi].tolist()
+        for b in range(0, len(pos), batch_size):
+            batches.append(PlannedBatch(len(batches), s.url, s.name, s.count, tuple(pos[b : b + batch_size]), tuple(rk[b : b + batch_size])))
+    return Plan(batches, total, len(chosen))
+
+
+@dataclass
+class DecodedBatch:
+    """A planned batch's decodable images as uint8 pixels (exactly what ``preprocess`` gives x 255)."""
+
+    batch_id: int
+    shard: str
+    keys: list[str]
+    labels: np.ndarray  # (n,) int64, -1 when unlabelled
+    ranks: np.ndarray  # (n,) int64
+    pixels: np.ndarray  # (n, 3, H, W) uint8
+    skipped: list[dict[str, str]]  # {"key", "shard", "reason"} of images that did not decode
+
+
+def decode_to_uint8(data: bytes, prep: Any) -> np.ndarray:
+    """Bytes -> (3, crop, crop) uint8 of the centre crop. Lossless: ``preprocess`` gives k/255,
+    and ``u8.float() / 255`` gives back the same float32 values bit for bit."""
+    from ..images import decode_image, preprocess
+
+    return np.ascontiguousarray((preprocess(decode_image(data), prep, "center") * 255).round_().to(torch.uint8).numpy())
+
+
+def read_selected(batches: Sequence[PlannedBatch], storage_options: StorageOptions) -> dict[int, list[Any]]:
+    """Read one shard (count checked against its index) and keep the samples the batches need."""
+    from ..shards import ShardInfo, read_shard
+
+    b0 = batches[0]
+    samples = read_shard(ShardInfo(b0.shard_url, b0.shard_name, b0.shard_count), storage_options)
+    if b0.shard_count is None and max(max(b.positions) for b in batches) >= len(samples):
+        raise UserError(f"shard {b0.shard_url} changed while evaluating (now {len(samples)} samples); rerun")
+    return {b.batch_id: [samples[p] for p in b.positions] for b in batches}
+
+
+def decode_batch(batch: PlannedBatch, samples: Sequence[Any], prep: Any, pool: concurrent.futures.Executor | None = None) -> DecodedBatch:
+    def one(s: Any) -> tuple[np.ndarray | None, str]:
+        try:
+            return decode_to_uint8(s.image, prep), ""
+        except Exception as exc:  # DecodeError and whatever PIL raises on odd files
+            return None, f"decode: {exc}"
+
+    decoded = list(pool.map(one, samples)) if pool is not None else [one(s) for s in samples]
+    ok = [i for i, (px, _) in enumerate(decoded) if px is not None]
+    skipped = [{"key": s.key, "shard": batch.shard_url, "reason": err} for s, (px, err) in zip(samples, decoded) if px is None]
+    crop = prep.crop
+    pixels = np.stack([decoded[i][0] for i in ok]) if ok else np.zeros((0, 3, crop, crop), np.uint8)
+    return DecodedBatch(
+        batch.batch_id, batch.shard_url, [samples[i].key for i in ok], np.array([samples[i].label for i in ok], np.int64),
+        np.array([batch.ranks[i] for i in ok], np.int64), pixels, skipped,
+    )
+
+
+def shard_groups(plan: Plan) -> list[list[PlannedBatch]]:
+    """The plan's batches grouped by shard (one read per group), in order."""
+    groups: list[list[PlannedBatch]] = []
+    for b in plan.batches:
+        if groups and groups[-1][0].shard_url == b.shard_url:
+            groups[-1].append(b)
+        else:
+            groups.append([b])
+    return groups
