@@ -193,7 +193,8 @@ def method_specs(cfg: EvalConfig, loaded: Sequence[tuple[str | None, str, dict[s
         used.add(mid)
         label = LABELS.get(mid, f"{LABELS['lcam-' + method]} ({mid})" if name is None else mid)
         info = {"checkpoint": url, "method": method, "epoch": ckpt.get("epoch"), "step": ckpt.get("step"),
-                "cache_fingerprint": ckpt.get("cache_fingerprint") or None, "train_config": ckpt.get("config", {})}
+                "cache_fingerprint": ckpt.get("cache_fingerprint") or None, "train_config": ckpt.get("config", {}),
+                "coverage": ckpt["coverage"].tolist() if ckpt.get("coverage") is not None else None}  # the report marks untrained rows
         specs.append(MethodSpec(mid, "lcam", label, {}, None, dict(ckpt["attention"]), info))
     for name in cfg.methods:
         if name not in BASELINES:
@@ -1059,9 +1060,9 @@ def evaluate(cfg: EvalConfig) -> EvalSummary:
     files = {name: join(cfg.out, name) for name in FILES}
     write_bytes_atomic(files["per_image.csv"], render_csv(res, class_names), so)
     write_bytes_atomic(files["adic.png"], render_chart(res), so)
-    if cfg.split_coverage:
-        from .coverage import coverage_markdown, coverage_split
+    from .coverage import coverage_markdown, coverage_split
 
+    if cfg.split_coverage:
         report["coverage_split"] = coverage_split(res, specs, loaded)
     write_bytes_atomic(files["results.md"], (render_markdown(res, report) + coverage_markdown(report.get("coverage_split", []), ratios)).encode(), so)
     write_json_atomic(files["results.json"], _jsonable(report), so)
