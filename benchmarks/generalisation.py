@@ -56,15 +56,16 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--fm-epochs", type=int, default=80)
     p.add_argument("--fm-lr", type=float, default=3.0, help="one-cycle peak")
     p.add_argument("--fm-batch", type=int, default=16)
-    p.add_argument("--inits", default="random,cam")
-    p.add_argument("--top-ks", default="1,3,5")
+    p.add_argument("--variants", default="random:1,random:3,random:5,cam:1,cam:3,cam:5", help="L-CAM-Fm variants INIT:K (K: top-K targets)")
+    p.add_argument("--train-only", action="store_true", help="stop after training (e.g. parts trained by parallel runs of this script)")
     p.add_argument("--fm-default", default="cam,1", help="INIT,K of the L-CAM-Fm the targets are checked on (and Img starts from)")
     p.add_argument("--img-images", type=int, default=200, help="training images for L-CAM-Img (seeded subset of the training classes)")
     p.add_argument("--img-epochs", type=int, default=4)
     p.add_argument("--img-lr", type=float, default=0.1)
     p.add_argument("--img-batch", type=int, default=8)
     p.add_argument("--no-img", action="store_true", help="skip L-CAM-Img (its training is the costly part on CPU)")
-    p.add_argument("--baselines", default="gradcam,gradcam++,random")
+    p.add_argument("--baselines", default="gradcam,random", help="baselines next to L-CAM (gradcam is required: the paired differences)")
+    p.add_argument("--tables", default="held-out,in-sample", help="evaluations to run now (each is kept; parallel runs can split them)")
     p.add_argument("--batch-size", type=int, default=16)
     return p.parse_args()
 
@@ -159,26 +160,31 @@ def main() -> int:
     held_shards = pack_subset(args.data, held_rows, header, work / f"heldout-{split}")
     t0 = time.perf_counter()
     cache = str(work / f"train-{split}" / "cache")
-    extract(ExtractConfig(shards=train_shards, cache=cache, batch_size=16, progress=False))
+    try:
+        from pipeline.cache import FeatureCache
+
+        done = len(FeatureCache.open(cache)) == len(train_rows)
+    except Exception:  # no cache yet
+        done = False
+    if not done:  # (a finished cache: no Ray start, so that parallel runs of this script stay light)
+        extract(ExtractConfig(shards=train_shards, cache=cache, batch_size=16, progress=False))
     print(f"shards + feature cache of the training images: {time.perf_counter() - t0:.1f}s", flush=True)
 
     # ---- 2. L-CAM-Fm variants from the cache
     runs: dict[str, str] = {}
-    inits = [s.strip() for s in args.inits.split(",") if s.strip()]
-    ks = [int(s) for s in args.top_ks.split(",") if s.strip()]
-    for init in inits:
-        for k in ks:
-            name = f"fm-{init}-k{k}"
-            run = work / f"{name}-{key(split=split, epochs=args.fm_epochs, lr=args.fm_lr, batch=args.fm_batch, init=init, k=k)}"
-            if not (run / f"epoch-{args.fm_epochs:03d}.pt").exists():
-                shutil.rmtree(run, ignore_errors=True)
-                t0 = time.perf_counter()
-                s = train(TrainConfig(method="fm", out=str(run), cache=cache, epochs=args.fm_epochs, lr=args.fm_lr, batch_size=args.fm_batch,
-                                      schedule="onecycle", target="predicted", view="first", seed=args.seed, init=init,
-                                      targets="top-k" if k > 1 else "single", top_k=k if k > 1 else None, progress=False))
-                print(f"{name}: {args.fm_epochs} epochs, {time.perf_counter() - t0:.1f}s; last epoch loss {s.last_epoch['loss']:.3f} "
-                      f"(ce {s.last_epoch['ce']:.3f}, area {s.last_epoch['area']:.3f})", flush=True)
-            runs[name] = str(run / "checkpoint.pt")
+    variants = [(v.split(":")[0].strip(), int(v.split(":")[1])) for v in args.variants.split(",") if v.strip()]
+    for init, k in variants:
+        name = f"fm-{init}-k{k}"
+        run = work / f"{name}-{key(split=split, epochs=args.fm_epochs, lr=args.fm_lr, batch=args.fm_batch, init=init, k=k)}"
+        if not (run / f"epoch-{args.fm_epochs:03d}.pt").exists():
+            t0 = time.perf_counter()
+            resume = (run / "checkpoint.pt").exists()  # an interrupted run continues exactly
+            s = train(TrainConfig(method="fm", out=str(run), cache=cache, epochs=args.fm_epochs, lr=args.fm_lr, batch_size=args.fm_batch,
+                                  schedule="onecycle", target="predicted", view="first", seed=args.seed, init=init,
+                                  targets="top-k" if k > 1 else "single", top_k=k if k > 1 else None, resume=resume, progress=False))
+            print(f"{name}: {args.fm_epochs} epochs, {time.perf_counter() - t0:.1f}s{' (resumed)' if resume else ''}; last epoch loss "
+                  f"{s.last_epoch['loss']:.3f} (ce {s.last_epoch['ce']:.3f}, area {s.last_epoch['area']:.3f})", flush=True)
+        runs[name] = str(run / "checkpoint.pt")
     d_init, d_k = args.fm_default.split(",")
     fm_default = f"fm-{d_init}-k{int(d_k)}"
     if fm_default not in runs:
@@ -198,6 +204,8 @@ def main() -> int:
             print(f"L-CAM-Img (lcam train --method img --init-from {fm_default}): {args.img_epochs} epochs on {len(img_rows)} training images, "
                   f"{time.perf_counter() - t0:.1f}s; last epoch loss {s.last_epoch['loss']:.3f}", flush=True)
         runs["img"] = str(run / "checkpoint.pt")
+    if args.train_only:
+        return 0
     import ray
 
     if ray.is_initialized():
@@ -206,7 +214,10 @@ def main() -> int:
     # ---- 4. the two tables
     baselines = tuple(s.strip() for s in args.baselines.split(",") if s.strip())
     tables = {}
+    wanted = {t.strip() for t in args.tables.split(",") if t.strip()}
     for label, shards, limit in (("held-out", held_shards, None), ("in-sample", train_shards, args.insample)):
+        if label not in wanted:
+            continue
         out = work / f"eval-{label}-{key(runs=runs, baselines=baselines, limit=limit, seed=args.seed)}"
         t0 = time.perf_counter()
         if not (out / "results.json").exists():
@@ -215,6 +226,8 @@ def main() -> int:
         tables[label] = (json.loads((out / "results.json").read_text()), per_image(out / "per_image.csv"))
         print(f"eval {label}: {time.perf_counter() - t0:.1f}s ({out})", flush=True)
 
+    if len(tables) < 2:
+        return 0
     # ---- 5. report
     coverage = {n: load_checkpoint(u)["coverage"] for n, u in runs.items()}
     ids = list(runs) + list(baselines)

@@ -30,6 +30,7 @@ table.metrics th{background:#f4f4f4} table.metrics td.m{text-align:left;font-wei
 .gallery{border-collapse:collapse} .gallery td,.gallery th{padding:4px;text-align:center;font-size:.8rem;vertical-align:top}
 .gallery img{width:160px;height:160px;display:block} .note{color:#555;font-size:.9rem}
 .curves img{max-width:560px;margin-right:1rem} code{background:#f4f4f4;padding:0 .2rem}
+.warn{color:#b00;font-size:.75rem}
 """
 
 
@@ -145,7 +146,8 @@ def write_report(
     maps_raw = _read(join(eval_dir, MAPS_FILE), storage_options) if eval_dir else None
     if maps_raw:
         parts.append("<h2>Gallery: the same images, every method</h2>")
-        parts.append(_gallery(np.load(io.BytesIO(maps_raw)), assets, colormap, opacity, storage_options))
+        coverage = {mid: m.get("info", {}).get("coverage") for mid, m in (results or {}).get("methods", {}).items()}
+        parts.append(_gallery(np.load(io.BytesIO(maps_raw)), assets, colormap, opacity, storage_options, coverage))
     if cams_gallery:
         parts.append(f'<p>All CAMs of the dataset: <a href="{html.escape(cams_gallery)}">gallery of the CAM store</a>.</p>')
     for n in notes:
@@ -155,8 +157,13 @@ def write_report(
     return url
 
 
-def _gallery(data: Any, assets: str, colormap: str, opacity: float, storage_options: StorageOptions) -> str:
+def _gallery(data: Any, assets: str, colormap: str, opacity: float, storage_options: StorageOptions,
+             coverage: Mapping[str, Sequence[int] | None] | None = None) -> str:
+    """``coverage``: per L-CAM method, its checkpoint's training samples per class row; maps of
+    untrained or barely trained rows are marked."""
     from lcam.explain import minmax_normalize, upsample
+
+    from .gallery import coverage_mark
 
     import torch
 
@@ -183,6 +190,9 @@ def _gallery(data: Any, assets: str, colormap: str, opacity: float, storage_opti
             cam = upsample(minmax_normalize(cam), image.shape[:2]).numpy()
             oname = f"img-{i:03d}-{m.replace('+', 'p')}.png"
             write_bytes_atomic(join(assets, oname), png_bytes(overlay(image, cam, colormap, opacity)), storage_options)
-            cells.append(f'<td><img src="{ASSETS}/{oname}" alt="{html.escape(label)} on {html.escape(str(key))}"></td>')
+            cov = (coverage or {}).get(m)
+            mark = coverage_mark(int(cov[cls])) if cov is not None and 0 <= cls < len(cov) else ""
+            cells.append(f'<td><img src="{ASSETS}/{oname}" alt="{html.escape(label)} on {html.escape(str(key))}">'
+                         + (f'<span class="warn">{html.escape(mark)}</span>' if mark else "") + "</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
     return f'<table class="gallery">{head}{"".join(rows)}</table>'

@@ -265,7 +265,7 @@ def test_eval_split_by_coverage(effnet, tmp_path):
                     config={"init": "cam"}, coverage=coverage)
     out = tmp_path / "eval"
     evaluate(EvalConfig(shards=str(tmp_path / "shards"), out=str(out), checkpoints=[url], methods=("random",), engine="local",
-                        split_coverage=True, progress=False))
+                        split_coverage=True, save_maps=4, progress=False))
     import json
 
     report = json.loads((out / "results.json").read_text())
@@ -281,6 +281,13 @@ def test_eval_split_by_coverage(effnet, tmp_path):
                 assert r["AD"][0] == pytest.approx(ad, abs=1e-6)
     assert {g["group"]: g["rows"][0]["n"] for g in split["groups"]} == {"covered": 2, "uncovered": 2}
     assert "## Split by coverage" in (out / "results.md").read_text()
+    # the report's gallery marks L-CAM's maps of classes whose row never trained (one mark per such image)
+    from pipeline.report import write_report
+
+    write_report(str(tmp_path / "report.html"), eval_dir=str(out))
+    page = (tmp_path / "report.html").read_text()
+    shown = np.load(out / "maps.npz")["class_ids"]
+    assert page.count("untrained class row") == sum(int(coverage[int(c)]) == 0 for c in shown) == 2
     with pytest.raises(UserError, match="records its coverage"):
         save_checkpoint(str(tmp_path / "old.pt"), attention_state=init_attention(effnet, 0).state_dict(), method="fm",
                         backbone=effnet.describe(), config={})
