@@ -21,7 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--index", default=None, help="shard index URL (default: index.json beside the shards)")
     src.add_argument("--view", default="center", help="which cached view to explain (cache source; default center)")
     cls = parser.add_argument_group("classes")
-    cls.add_argument("--classes", default=None, choices=["predicted", "label", "top-k", "ids"], help="which classes per sample (default predicted; implied by --top-k or --class-ids)")
+    cls.add_argument("--classes", default=None, help="which classes per sample: predicted, label, top-k, top5 (any k), ids, or a combination side by side "
+                     "such as predicted,label or top5,label (default predicted; implied by --top-k or --class-ids)")
     cls.add_argument("--top-k", type=int, default=None, help="explain the K most probable classes")
     cls.add_argument("--class-ids", default=None, help="explain these class ids for every sample, e.g. 281,285")
     parser.add_argument("--upsample", action="store_true", help="also store maps at the input size as uint8")
@@ -78,8 +79,10 @@ def config_from_args(args: argparse.Namespace):
 
 
 def info_lines(info: dict) -> list[str]:
-    ck, src, cls = info["checkpoint"], info["source"], info["classes"]
-    what = {"predicted": "predicted class", "label": "ground-truth label", "top-k": f"top-{cls['k']}", "ids": f"ids {cls['ids']}"}[cls["mode"]]
+    from pipeline.cams import describe_classes
+
+    ck, src = info["checkpoint"], info["source"]
+    what = describe_classes(info["classes"])
     up = f", upsampled {info['upsampled_size']}x{info['upsampled_size']} uint8" if info["upsampled_size"] else ""
     src_id = f"fingerprint {src['fingerprint']}, view {src['view']}" if src["kind"] == "cache" else f"view {src['view']}"
     lines = [

@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("jobs.train", "train L-CAM-Fm from a cache or L-CAM-Img from shards"),
     "cams": ("jobs.cams", "generate CAMs in bulk into a CAM store; overlays and a gallery"),
     "eval": ("jobs.eval", "Average Drop / Increase in Confidence against the baselines"),
+    "audit": ("jobs.audit", "audit a classifier over a CAM store: errors explained, evidence per class (audit.html)"),
     "pipeline": ("jobs.pipeline", "extract -> train -> cams -> eval -> report in one job"),
     "submit": ("jobs.submit", "submit a job to a Ray cluster and follow its logs"),
     "jobs": ("jobs.submit", "list, show logs of, or stop Ray jobs"),

@@ -38,6 +38,7 @@ import contextlib
 import dataclasses
 import hashlib
 import math
+import re
 import time
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -87,11 +88,20 @@ class CamStoreNotFound(UserError):
 @dataclass(frozen=True)
 class ClassSelection:
     """Which classes to explain per sample: ``predicted`` (top-1), ``label`` (ground truth),
-    ``top-k`` (the k most probable) or ``ids`` (the same list of class ids for every sample)."""
+    ``top-k`` (the k most probable) or ``ids`` (the same list of class ids for every sample);
+    or ``combined``: several of those side by side (``--classes predicted,label``,
+    ``top5,label``), ``parts`` in the order given, ``k`` the total columns.
+
+    A combination de-duplicates nothing: a sample whose label equals its prediction stores
+    that class (and its map) in both columns, so column t always means the same thing. In a
+    combination, a sample without a label is kept (its other columns are useful) and its
+    label column holds class id -1, probability 0 and an all-zero raw map.
+    """
 
     mode: str = "predicted"
     k: int = 1
     ids: tuple[int, ...] = ()
+    parts: tuple["ClassSelection", ...] = ()
 
     @classmethod
     def parse(cls, classes: str | None = None, top_k: int | None = None, class_ids: str | Sequence[int] | None = None) -> "ClassSelection":
@@ -101,9 +111,16 @@ class ClassSelection:
                 class_ids = [int(c) for c in class_ids.replace(" ", "").split(",") if c]
             except ValueError:
                 raise UserError(f"class ids {class_ids!r} must be integers separated by commas, e.g. 281,285") from None
+        if classes and "," in classes:
+            return cls._combined(classes, top_k, class_ids)
         mode = classes or ("ids" if class_ids else "top-k" if top_k is not None else "predicted")
+        short = re.fullmatch(r"top-?(\d+)", mode)
+        if short:  # top5 = top-k with k 5
+            if top_k is not None and top_k != int(short.group(1)):
+                raise UserError(f"classes {mode!r} and top-k {top_k} disagree; give one of them")
+            mode, top_k = "top-k", int(short.group(1))
         if mode not in MODES:
-            raise UserError(f"unknown class selection {mode!r}; choose from {', '.join(MODES)}")
+            raise UserError(f"unknown class selection {mode!r}; choose from {', '.join(MODES)}, top5 (any k), or a combination such as predicted,label")
         if mode == "ids":
             if not class_ids:
                 raise UserError("classes 'ids' needs the class ids (e.g. --class-ids 281,285)")
@@ -121,12 +138,49 @@ class ClassSelection:
             raise UserError(f"top-k {top_k} was given but the class selection is {mode!r}; use classes 'top-k'")
         return cls(mode, 1)
 
+    @classmethod
+    def _combined(cls, classes: str, top_k: int | None, class_ids: Sequence[int] | None) -> "ClassSelection":
+        names = [c.strip() for c in classes.split(",") if c.strip()]
+        parts = []
+        for name in names:  # --top-k goes to a 'top-k' part, --class-ids to an 'ids' part
+            parts.append(cls.parse(name, top_k if name == "top-k" else None, class_ids if name == "ids" else None))
+        if top_k is not None and not any(p.mode == "top-k" and n == "top-k" for p, n in zip(parts, names)):
+            raise UserError(f"top-k {top_k} was given but the classes {classes!r} have no 'top-k' part; write e.g. top5,label")
+        if class_ids and not any(p.mode == "ids" for p in parts):
+            raise UserError(f"class ids were given but the classes {classes!r} have no 'ids' part; write e.g. predicted,ids")
+        kinds = [p.mode for p in parts]
+        dup = sorted({m for m in kinds if kinds.count(m) > 1})
+        if dup:
+            raise UserError(f"classes {classes!r} name {dup[0]!r} twice; give each kind once")
+        if "predicted" in kinds and "top-k" in kinds:
+            raise UserError(f"classes {classes!r}: top-k already starts with the predicted class; drop 'predicted'")
+        return cls("combined", sum(p.width for p in parts), (), tuple(parts))
+
     @property
     def width(self) -> int:
         """T: classes explained per sample."""
         return self.k
 
+    @property
+    def needs_label(self) -> bool:
+        """Whether a column holds the ground-truth label."""
+        return self.mode == "label" or any(p.mode == "label" for p in self.parts)
+
+    def columns(self) -> list[str]:
+        """What each of the T columns holds: predicted, top-2, ..., label, id:281."""
+        out: list[str] = []
+        for p in self.parts or (self,):
+            if p.mode == "top-k":
+                out += ["predicted"] + [f"top-{i + 1}" for i in range(1, p.k)]
+            elif p.mode == "ids":
+                out += [f"id:{c}" for c in p.ids]
+            else:
+                out.append(p.mode)
+        return out
+
     def validate(self, num_classes: int) -> None:
+        for p in self.parts:
+            p.validate(num_classes)
         if self.mode == "top-k" and not 1 <= self.k <= num_classes:
             raise UserError(f"top-k {self.k} must be between 1 and the number of classes ({num_classes})")
         bad = [c for c in self.ids if not 0 <= c < num_classes]
@@ -136,7 +190,31 @@ class ClassSelection:
             raise UserError(f"class ids {list(self.ids)} repeat an id; give each class once")
 
     def identity(self) -> dict[str, Any]:
-        return {"mode": self.mode, "k": self.k, "ids": list(self.ids)}
+        out: dict[str, Any] = {"mode": self.mode, "k": self.k, "ids": list(self.ids)}
+        if self.parts:  # only combinations carry it: single selections keep their old fingerprint
+            out["parts"] = [p.identity() for p in self.parts]
+            out["columns"] = self.columns()
+        return out
+
+
+def describe_classes(identity: Mapping[str, Any]) -> str:
+    """A store's class selection (its identity's ``classes``) in words."""
+    mode = identity["mode"]
+    if mode == "combined":
+        return " + ".join(describe_classes(p) for p in identity["parts"])
+    return {"predicted": "predicted class", "label": "ground-truth label", "top-k": f"top-{identity['k']} classes", "ids": f"classes {identity['ids']}"}.get(mode, mode)
+
+
+def store_columns(identity: Mapping[str, Any]) -> list[str]:
+    """What each column of a store holds (``predicted``, ``top-2``, ``label``, ``id:281``), from its identity."""
+    if "columns" in identity:
+        return list(identity["columns"])
+    mode = identity["mode"]
+    if mode == "top-k":
+        return ["predicted"] + [f"top-{i + 1}" for i in range(1, int(identity["k"]))]
+    if mode == "ids":
+        return [f"id:{c}" for c in identity["ids"]]
+    return [mode]
 
 
 def checkpoint_fingerprint(checkpoint: Mapping[str, Any]) -> str:
@@ -301,27 +379,48 @@ def explain_rows(
     probabilities are the extraction's own (from float32 features), so they agree with
     explaining the images; otherwise the clean logits (given, or ``head(F)``) decide.
     """
-    b, t = feats.shape[0], selection.width
+    b = feats.shape[0]
     dev = feats.device
-    if selection.mode in ("predicted", "top-k") and top5 is not None and t <= top5.shape[1]:
-        class_ids = torch.from_numpy(np.ascontiguousarray(top5[:, :t], dtype=np.int64)).to(dev)
-        probs = np.ascontiguousarray(top5_probs[:, :t], dtype=np.float32)
+    parts = selection.parts or (selection,)
+    ranked_k = max((p.k for p in parts if p.mode in ("predicted", "top-k")), default=0)
+    all_probs: list[torch.Tensor] = []
+
+    def softmax() -> torch.Tensor:  # the clean probabilities of every class, computed once when needed
+        if not all_probs:
+            all_probs.append((logits if logits is not None else model.backbone.head(feats)).float().softmax(1))
+        return all_probs[0]
+
+    if ranked_k and top5 is not None and ranked_k <= top5.shape[1]:
+        ranked_ids = torch.from_numpy(np.ascontiguousarray(top5[:, :ranked_k], dtype=np.int64)).to(dev)
+        ranked_probs = torch.from_numpy(np.ascontiguousarray(top5_probs[:, :ranked_k], dtype=np.float32)).to(dev)
         predicted, predicted_prob = top5[:, 0].astype(np.int32), top5_probs[:, 0].astype(np.float32)
     else:
         if logits is None:
             logits = model.backbone.head(feats)
-        p = logits.float().softmax(1)
-        if selection.mode == "label":
-            targets: torch.Tensor | None = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(dev)
-        elif selection.mode == "ids":
-            targets = torch.tensor(selection.ids, device=dev).expand(b, t)
-        else:
-            targets = None
-        class_ids = choose_targets(logits, targets, None if targets is not None else t)
-        probs = p.gather(1, class_ids).cpu().numpy()
+        p = softmax()
+        ranked_ids = choose_targets(logits, None, ranked_k) if ranked_k else None
+        ranked_probs = p.gather(1, ranked_ids) if ranked_k else None
         top_p, top_c = p.max(1)
         predicted, predicted_prob = top_c.cpu().numpy().astype(np.int32), top_p.cpu().numpy().astype(np.float32)
-    raw = model.attention.selected_many(feats.float(), class_ids).float()
+    ids_cols: list[torch.Tensor] = []
+    prob_cols: list[torch.Tensor] = []
+    for part in parts:
+        if part.mode in ("predicted", "top-k"):
+            ids_cols.append(ranked_ids[:, : part.k])
+            prob_cols.append(ranked_probs[:, : part.k])
+        elif part.mode == "label":  # -1 (no label) stays -1: probability 0, map zeroed below
+            lab = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(dev)[:, None]
+            known = lab >= 0
+            ids_cols.append(torch.where(known, lab, -1))
+            prob_cols.append(softmax().gather(1, lab.clamp_min(0)) * known)
+        else:
+            fixed = torch.tensor(part.ids, device=dev).expand(b, len(part.ids))
+            ids_cols.append(fixed)
+            prob_cols.append(softmax().gather(1, fixed))
+    class_ids = torch.cat(ids_cols, 1)
+    probs = torch.cat(prob_cols, 1).float().cpu().numpy()
+    raw = model.attention.selected_many(feats.float(), class_ids.clamp_min(0)).float()
+    raw = raw * (class_ids >= 0)[:, :, None, None]  # a missing label's column: an all-zero map
     out = {
         "class_ids": class_ids.cpu().numpy().astype(np.int32),
         "probs": probs,

@@ -155,6 +155,8 @@ def write_gallery(
                 maps = upsampled_uint8(torch.from_numpy(data["raw"][r].astype(np.float32)), crop.shape[0]).numpy().astype(np.float32) / 255.0
             ids, probs = [int(c) for c in data["class_ids"][r]], [float(p) for p in data["probs"][r]]
             coverage = [int(v) for v in data["coverage"][r]] if "coverage" in data else [None] * len(ids)
+            present = [t for t, c in enumerate(ids) if c >= 0]  # -1: a label column of an unlabelled sample
+            ids, probs, coverage, maps = [ids[t] for t in present], [probs[t] for t in present], [coverage[t] for t in present], maps[present]
             captions = [f"{names[c]} ({p:.1%})" + coverage_mark(n, short=True) for c, p, n in zip(ids, probs, coverage)]
             stem = f"{len(items):05d}-{_safe_name(key)}.png"
             jobs += [(f"img/{stem}", png_bytes(crop)), (f"cam/{stem}", png_bytes(overlay_panels(crop, maps, captions, colormap, opacity)))]
@@ -190,8 +192,10 @@ def write_gallery(
 
 
 def _subtitle(info: Mapping[str, Any], colormap: str, opacity: float) -> str:
+    from .cams import describe_classes
+
     ck, src, cls = info["checkpoint"], info["source"], info["classes"]
-    what = {"predicted": "predicted class", "label": "ground-truth label", "top-k": f"top-{cls['k']} classes", "ids": f"classes {cls['ids']}"}[cls["mode"]]
+    what = describe_classes(cls)
     return (
         f"{info['samples']} samples in the store; checkpoint {ck.get('url') or ck['fingerprint']} "
         f"(L-CAM-{str(ck.get('method', '')).capitalize()}, {ck['backbone']['backbone']}); source: {src['kind']} {src.get('url', '')}; "
