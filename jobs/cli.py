@@ -42,7 +42,7 @@ def run_job(name: str, argv: list[str]) -> int:
     """Run one job from its command line or ``--config FILE [key=value ...]``; user errors
     print one clear line (no traceback) and exit 2."""
     from jobs.config import build_namespace
-    from lcam.backbones import WeightsUnavailable
+    from lcam.backbones import BackboneSpecError, WeightsUnavailable
     from pipeline.errors import UserError
 
     module = importlib.import_module(COMMANDS[name][0])
@@ -58,7 +58,7 @@ def run_job(name: str, argv: list[str]) -> int:
         args = parser.parse_args(argv) if own_config else build_namespace(parser, argv)
         args.command = name
         return int(module.run(args) or 0)
-    except (UserError, WeightsUnavailable, FileNotFoundError) as exc:
+    except (UserError, WeightsUnavailable, BackboneSpecError, FileNotFoundError) as exc:
         # problems the user can fix: one line naming the thing, no traceback
         print(f"lcam {name}: error: {exc}", file=sys.stderr)
         return 2

@@ -85,7 +85,7 @@ class _PytorchGradCAMMethod(CAMMethod):
         layer = self.backbone.target_layer
         targets = [ClassifierOutputTarget(int(c)) for c in class_ids.tolist()]
         reroot = layer.register_forward_hook(_reroot_at_features, prepend=True) if self.uses_gradients else None
-        cam = self.cam_class(model=self.backbone, target_layers=[layer])
+        cam = self.cam_class(model=self.backbone, target_layers=[layer], reshape_transform=getattr(self.backbone, "reshape_transform", None))
         self._configure(cam)
         try:
             with torch.enable_grad() if self.uses_gradients else torch.no_grad():
