@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from jobs.common import add_storage_options, parse_storage_options
+from jobs.common import BACKBONE_HELP, LAYER_HELP, add_storage_options, backbone_spec, parse_storage_options
 
 BASELINES = "gradcam,gradcam++,scorecam,rise,gaussian,random"
 
@@ -30,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", dest="checkpoints", action="append", type=str, default=None, metavar="[NAME=]URL",
                         help="an L-CAM checkpoint (repeatable): its method (fm/img) names the row unless NAME= is given")
     parser.add_argument("--methods", default=BASELINES, help=f"baselines, comma-separated, or 'none' (default {BASELINES})")
-    parser.add_argument("--backbone", default=None, help="default: the checkpoints' backbone, else efficientnet_lite0")
+    parser.add_argument("--backbone", default=None, help="default: the checkpoints' backbone, else efficientnet_lite0; " + BACKBONE_HELP)
+    parser.add_argument("--layer", default=None, help=LAYER_HELP)
     parser.add_argument("--weights", default=None, help="default: the checkpoints' weights, else 'default'")
     parser.add_argument("--ratios", type=_ratios, default=(1.0, 0.5, 0.15), help="keep ratios (default 1,0.5,0.15)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate a seeded random subset of N images (the papers: 2000)")
@@ -87,7 +88,7 @@ def config_from_args(args: argparse.Namespace):
 
     methods = () if args.methods.strip().lower() in ("", "none") else tuple(m.strip() for m in args.methods.split(",") if m.strip())
     return EvalConfig(
-        shards=args.shards, out=args.out, checkpoints=list(args.checkpoints or []), methods=methods, backbone=args.backbone,
+        shards=args.shards, out=args.out, checkpoints=list(args.checkpoints or []), methods=methods, backbone=backbone_spec(args.backbone, args.layer),
         weights=args.weights, ratios=tuple(args.ratios), limit=args.limit, seed=args.seed, method_limits=_method_limits(args.method_limits),
         batch_size=args.batch_size, rise_masks=args.rise_masks, rise_grid=args.rise_grid, rise_p=args.rise_p, rise_batch=args.rise_batch,
         rise_seed=args.rise_seed, scorecam_batch=args.scorecam_batch, random_seed=args.random_seed, gaussian_sigma=args.gaussian_sigma, save_maps=args.save_maps,
