@@ -65,13 +65,20 @@ def command_parser(name: str) -> argparse.ArgumentParser:
     return parser
 
 
-def _user_error_types() -> tuple[type[BaseException], ...]:
-    # imported when an error is being handled, not before parsing: lcam.backbones imports
-    # torch, which would make `lcam <cmd> --help` take seconds
-    from lcam.backbones import WeightsUnavailable
-    from pipeline.errors import UserError
+def user_error_message(exc: BaseException) -> str | None:
+    """The one line for an exception the user can fix, or None for a bug (shown with its traceback).
 
-    return (UserError, WeightsUnavailable, FileNotFoundError)
+    Imports happen when an error is being handled, not before parsing: lcam.backbones imports
+    torch, which would make `lcam <cmd> --help` take seconds."""
+    from lcam.backbones import BackboneSpecError, WeightsUnavailable
+    from pipeline.errors import UserError
+    from pipeline.fs import storage_error_message
+
+    if isinstance(exc, (UserError, WeightsUnavailable, BackboneSpecError, FileNotFoundError)):
+        return str(exc)
+    if isinstance(exc, KeyError) and str(exc.args[0] if exc.args else "").startswith("unknown backbone"):
+        return str(exc.args[0])  # the backbone registry's "unknown backbone 'x'; available: ..."
+    return storage_error_message(exc)  # credentials, endpoints, permissions: settings, not bugs
 
 
 def run_job(name: str, argv: list[str]) -> int:
@@ -87,23 +94,10 @@ def run_job(name: str, argv: list[str]) -> int:
         args.command = name
         return int(module.run(args) or 0)
     except Exception as exc:
-        if not isinstance(exc, _user_error_types()):
-            raise
-        # problems the user can fix: one line naming the thing, no traceback
-        print(f"lcam {name}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyError as exc:
-        # the backbone registry's "unknown backbone 'x'; available: ..." (any spec syntax it grows)
-        if not str(exc.args[0] if exc.args else "").startswith("unknown backbone"):
-            raise
-        print(f"lcam {name}: error: {exc.args[0]}", file=sys.stderr)
-        return 2
-    except Exception as exc:
-        from pipeline.fs import storage_error_message
-
-        message = storage_error_message(exc)  # credentials, endpoints, permissions: settings, not bugs
+        message = user_error_message(exc)
         if message is None:
             raise
+        # problems the user can fix: one line naming the thing, no traceback
         print(f"lcam {name}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

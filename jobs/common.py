@@ -40,6 +40,24 @@ def parse_storage_options(pairs: list[str] | None) -> dict[str, Any] | None:
     return out
 
 
+LAYER_HELP = "split the backbone after this layer (a named_modules name, as Grad-CAM target layers); the same as the spec option ,layer=NAME"
+BACKBONE_HELP = ("a built-in name (efficientnet_lite0, vgg16, resnet50, ...), timm:<model>, torchvision:<builder> or "
+                 "module.path:factory; options ,layer=NAME ,size=N")
+
+
+def backbone_spec(backbone: str | None, layer: str | None) -> str | None:
+    """``--backbone`` with ``--layer`` folded into the spec string (which is what travels)."""
+    if not layer:
+        return backbone
+    if not backbone:
+        from pipeline.errors import UserError
+
+        raise UserError("--layer needs --backbone: name the model to split")
+    from lcam.specs import parse_spec
+
+    return parse_spec(backbone, layer).canonical
+
+
 def add_storage_options(parser: argparse.ArgumentParser, flag: str = "--storage-option", dest: str = "storage_option", what: str = "") -> None:
     parser.add_argument(
         flag, dest=dest, action="append", metavar="KEY=VALUE",

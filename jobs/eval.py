@@ -11,7 +11,7 @@ import argparse
 import json
 from typing import Any, Callable
 
-from jobs.common import add_storage_options, parse_storage_options
+from jobs.common import BACKBONE_HELP, LAYER_HELP, add_storage_options, backbone_spec, parse_storage_options
 
 
 def _ratios(text: str) -> tuple[float, ...]:
@@ -83,7 +83,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", help="output folder URL: results.md, results.json, adic.png, per_image.csv")
     parser.add_argument("--checkpoint", dest="checkpoints", action="append", type=str, default=None, metavar="[NAME=]URL",
                         help="an L-CAM checkpoint (repeatable): its method (fm/img) names the row unless NAME= is given")
-    parser.add_argument("--backbone", default=None, help="default: the checkpoints' backbone, else efficientnet_lite0")
+    parser.add_argument("--backbone", default=None, help="default: the checkpoints' backbone, else efficientnet_lite0; " + BACKBONE_HELP)
+    parser.add_argument("--layer", default=None, help=LAYER_HELP)
     parser.add_argument("--weights", default=None, help="default: the checkpoints' weights, else 'default'")
     parser.add_argument("--ratios", type=_ratios, default=(1.0, 0.5, 0.15), help="keep ratios (default 1,0.5,0.15)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate a seeded random subset of N images (the papers: 2000)")
@@ -131,7 +132,7 @@ def config_from_args(args: argparse.Namespace):
     from pipeline.evaluate import EvalConfig
 
     return EvalConfig(
-        shards=args.shards, out=args.out, checkpoints=list(args.checkpoints or []), **registry_config(args), backbone=args.backbone,
+        shards=args.shards, out=args.out, checkpoints=list(args.checkpoints or []), **registry_config(args), backbone=backbone_spec(args.backbone, args.layer),
         weights=args.weights, ratios=tuple(args.ratios), limit=args.limit, seed=args.seed, method_limits=_method_limits(args.method_limits),
         batch_size=args.batch_size, save_maps=args.save_maps, split_coverage=args.split_coverage, engine=args.engine, actors=args.actors,
         decode_workers=args.decode_workers, torch_threads=args.torch_threads, device=args.device, fold_batchnorm=args.fold_batchnorm, index=args.index,

@@ -5,14 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 
-from jobs.common import add_storage_options, parse_storage_options
+from jobs.common import BACKBONE_HELP, LAYER_HELP, add_storage_options, backbone_spec, parse_storage_options
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("shards", help="shard URLs: a pattern (train-{000000..000146}.tar, *.tar) or a folder/prefix with index.json")
     parser.add_argument("cache", help="feature cache URL (local path, s3://, gs://)")
-    parser.add_argument("--backbone", default="efficientnet_lite0")
-    parser.add_argument("--weights", default="default", help="'default', a torchvision weight name, a checkpoint path/URL, or 'random'")
+    parser.add_argument("--backbone", default="efficientnet_lite0", help=BACKBONE_HELP)
+    parser.add_argument("--layer", default=None, help=LAYER_HELP)
+    parser.add_argument("--weights", default="default", help="'default' (pretrained), a torchvision weight name, a checkpoint path/URL, or 'random'")
     parser.add_argument("--views", default="center", help="comma-separated: center, hflip (default center)")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     parser.add_argument("--batch-size", type=int, default=32)
@@ -31,7 +32,7 @@ def config_from_args(args: argparse.Namespace):
     return ExtractConfig(
         shards=args.shards,
         cache=args.cache,
-        backbone=args.backbone,
+        backbone=backbone_spec(args.backbone, args.layer),
         weights=args.weights,
         views=tuple(v.strip() for v in args.views.split(",") if v.strip()),
         dtype=args.dtype,

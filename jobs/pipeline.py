@@ -13,7 +13,7 @@ import argparse
 import sys
 import time
 
-from jobs.common import add_storage_options, parse_storage_options, speaking_flags
+from jobs.common import BACKBONE_HELP, LAYER_HELP, add_storage_options, backbone_spec, parse_storage_options, speaking_flags
 
 STAGES = ("extract", "train", "cams", "eval", "report")
 METHOD_LABELS = {"fm": "L-CAM-Fm", "img": "L-CAM-Img"}
@@ -23,7 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-shards", required=True, help="training shards: pattern or folder with index.json")
     parser.add_argument("--eval-shards", default=None, help="evaluation shards (default: the training shards)")
     parser.add_argument("--workdir", required=True, help="where every stage writes (local path, s3://, gs://)")
-    parser.add_argument("--backbone", default="efficientnet_lite0")
+    parser.add_argument("--backbone", default="efficientnet_lite0", help=BACKBONE_HELP)
+    parser.add_argument("--layer", default=None, help=LAYER_HELP)
     parser.add_argument("--weights", default="default")
     parser.add_argument("--views", default="center,hflip", help="cached views per image (center, hflip)")
     parser.add_argument("--extract-batch-size", type=int, default=32)
@@ -149,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
     wd = absolute(args.workdir.rstrip("/"))
     cache, eval_dir = join(wd, "cache"), join(wd, "eval")
     runs = {m: join(wd, f"lcam-{m}") for m in _methods(args)}
+    args.backbone = backbone_spec(args.backbone, args.layer)
     args.train_shards = absolute(args.train_shards)
     args.eval_shards = args.eval_shards and absolute(args.eval_shards)
     views = [v.strip() for v in args.views.split(",") if v.strip()]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from jobs.common import add_storage_options, parse_storage_options, speaking_flags
+from jobs.common import BACKBONE_HELP, LAYER_HELP, add_storage_options, backbone_spec, parse_storage_options, speaking_flags
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,7 +15,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", default=None, help="feature cache URL (fm: required; img: pass 1 from it, needs --augment center)")
     parser.add_argument("--shards", default=None, help="img: shard URLs, a pattern (train-{000000..000146}.tar, *.tar) or a folder with index.json")
     parser.add_argument("--index", default=None, help="img: shard index URL (default: index.json beside the shards)")
-    parser.add_argument("--backbone", default=None, help="img without --cache: backbone name (default efficientnet_lite0)")
+    parser.add_argument("--backbone", default=None, help="img without --cache: backbone spec (default efficientnet_lite0): " + BACKBONE_HELP)
+    parser.add_argument("--layer", default=None, help=LAYER_HELP)
     parser.add_argument("--weights", default=None, help="backbone weights (default: those the cache was made with, else 'default')")
     parser.add_argument("--epochs", type=int, default=None, help="default per backbone (SPEC section 3)")
     parser.add_argument("--lr", type=float, default=None, help="weight learning rate (biases x2); default per backbone and schedule")
@@ -66,7 +67,7 @@ def config_from_args(args: argparse.Namespace):
     from pipeline.training import TrainConfig
 
     return TrainConfig(
-        method=args.method, out=args.out, cache=args.cache, shards=args.shards, index=args.index, backbone=args.backbone,
+        method=args.method, out=args.out, cache=args.cache, shards=args.shards, index=args.index, backbone=backbone_spec(args.backbone, args.layer),
         weights=args.weights, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, schedule=args.schedule,
         target=args.target, view=args.view, augment=args.augment, seed=args.seed, init=args.init, init_from=args.init_from,
         targets=args.targets, top_k=args.top_k, recipe_rule=args.recipe, max_steps=args.max_steps, resume=args.resume,

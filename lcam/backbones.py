@@ -22,6 +22,7 @@ import copy
 import hashlib
 import io
 import json
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Mapping
 
@@ -38,14 +39,52 @@ class WeightsUnavailable(RuntimeError):
     """Weights that were asked for cannot be had here (no internet, no file)."""
 
 
+class BackboneSpecError(ValueError, KeyError):
+    """A backbone spec that names nothing buildable, or a split that does not reproduce the model.
+
+    A ValueError (a bad argument value); also a KeyError because unknown registry names
+    raised KeyError before specs existed, and callers still catch that.
+    """
+
+    def __str__(self) -> str:  # KeyError's own str() would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+
+
 @dataclass(frozen=True)
 class Preprocessing:
-    """SPEC section 4 step 1: resize shorter side, centre crop, [0, 1], mean/std."""
+    """SPEC section 4 step 1: resize shorter side (with ``interpolation``), centre crop, [0, 1], mean/std.
+
+    ``crop_pct`` (timm's name) is ``crop / resize``; :meth:`from_crop_pct` builds one the
+    way timm's eval transform does (``resize = floor(crop / crop_pct)``).
+    """
 
     resize: int = 256
     crop: int = 224
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation {self.interpolation!r} is not one of {', '.join(INTERPOLATIONS)}")
+
+    @property
+    def crop_pct(self) -> float:
+        return self.crop / self.resize
+
+    @classmethod
+    def from_crop_pct(cls, crop: int, crop_pct: float, mean: Any = IMAGENET_MEAN, std: Any = IMAGENET_STD,
+                      interpolation: str = "bilinear") -> "Preprocessing":
+        return cls(int(math.floor(crop / crop_pct)), int(crop), tuple(float(v) for v in mean), tuple(float(v) for v in std),
+                   interpolation)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Preprocessing":
+        """Inverse of :meth:`to_dict`; identities written before ``interpolation`` existed mean bilinear."""
+        return cls(int(d["resize"]), int(d["crop"]), tuple(d["mean"]), tuple(d["std"]), d.get("interpolation", "bilinear"))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -68,6 +107,9 @@ class Backbone(nn.Module):
         preprocessing: Preprocessing = Preprocessing(),
         num_classes: int = 1000,
         weights: str = "random",
+        target_layer: nn.Module | None = None,
+        reshape_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        patch_channels: int | None = None,
     ) -> None:
         super().__init__()
         self.name = name
@@ -79,6 +121,14 @@ class Backbone(nn.Module):
         self.weights_name = weights
         self.register_buffer("mean", torch.tensor(preprocessing.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(preprocessing.std).view(1, 3, 1, 1), persistent=False)
+        # Grad-CAM & co. hook ``target_layer`` (default: ``features``); for token models its
+        # output is (B, N, C) and ``reshape_transform`` turns it into the (B, C, h, w) grid
+        # (pytorch-grad-cam's argument of that name). A plain attribute, not a submodule.
+        self.__dict__["_target_layer"] = target_layer
+        self.reshape_transform = reshape_transform
+        # Channels of F that are spatial features; the rest (a ViT's class/register tokens,
+        # see lcam.vit) ride along and L-CAM-Fm's mask never touches them.
+        self.patch_channels = patch_channels
         for p in self.parameters():
             p.requires_grad_(False)
         super().train(False)
@@ -89,8 +139,16 @@ class Backbone(nn.Module):
 
     @property
     def target_layer(self) -> nn.Module:
-        """The module whose output is F: what CAM baselines hook (same layer as the AM)."""
-        return self.features
+        """The module whose output is F (or, with ``reshape_transform``, F's patch grid):
+        what CAM baselines hook, the same layer the AM reads."""
+        return self._target_layer if self._target_layer is not None else self.features
+
+    def mask_features(self, feats: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """L-CAM-Fm's ``a_t * F``: ``mask`` (B, 1, h, w) multiplies the patch channels only."""
+        if self.patch_channels is None or self.patch_channels == feats.shape[1]:
+            return mask * feats
+        c = self.patch_channels
+        return torch.cat([mask * feats[:, :c], feats[:, c:]], dim=1)
 
     def linear_classifier(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(weight (K, C), bias (K,)) when the head is global average pooling + one linear
@@ -128,8 +186,11 @@ class Backbone(nn.Module):
         identity (:meth:`describe`), 1.2-1.5x faster on CPU where BatchNorm is a separate
         memory-bound pass. For evaluation and extraction; training keeps the original.
         """
-        out = Backbone(self.name, fold_for_inference(self.features), fold_for_inference(self.head), self.feature_shape,
-                       self.preprocessing, self.num_classes, self.weights_name)
+        features = fold_for_inference(self.features)
+        # the hooked layer survives only where folding left the features module as it was
+        layer = self._target_layer if features is self.features else None
+        out = Backbone(self.name, features, fold_for_inference(self.head), self.feature_shape,
+                       self.preprocessing, self.num_classes, self.weights_name, layer, self.reshape_transform, self.patch_channels)
         out._digest = self.weights_digest()
         return out.to(self.mean.device)
 
@@ -254,7 +315,16 @@ _REGISTRY: dict[str, BackboneBuilder] = {}
 
 
 def register_backbone(name: str) -> Callable[[BackboneBuilder], BackboneBuilder]:
-    """Register ``builder(weights) -> Backbone`` under ``name`` for :func:`build_backbone`."""
+    """Register ``builder(weights) -> Backbone`` under ``name`` for :func:`build_backbone`.
+
+    A registry lives in one process: Ray workers and the CLI only see names registered at
+    import of ``lcam``. For your own model anywhere, use the spec ``module.path:factory``
+    (see :mod:`lcam.specs`). Registering a name twice is an error.
+    """
+    if not name or any(ch in name for ch in ":,@ "):
+        raise ValueError(f"backbone name {name!r} must be non-empty without ':', ',', '@' or spaces (those make specs)")
+    if name in _REGISTRY:
+        raise ValueError(f"a backbone named {name!r} is already registered; pick another name")
 
     def wrap(builder: BackboneBuilder) -> BackboneBuilder:
         _REGISTRY[name] = builder
@@ -267,20 +337,37 @@ def available_backbones() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build_backbone(name: str, weights: str = "default") -> Backbone:
-    """Build a registered backbone.
+def build_backbone(spec: str, weights: str = "default", layer: str | None = None) -> Backbone:
+    """Build a backbone from its spec string (any process resolves the same string).
+
+    ``spec``: a registered name (``efficientnet_lite0``, ``vgg16``, ...), ``timm:<model>``,
+    ``torchvision:<builder>``, or ``module.path:factory``; options may follow after commas,
+    ``,layer=NAME`` (split there) and ``,size=N`` (input crop size), see :mod:`lcam.specs`.
+    ``layer`` is the same as appending ``,layer=NAME``. The returned backbone's ``name`` is
+    the canonical spec, which caches and checkpoints record.
 
     ``weights``: ``"default"`` (the named pretrained weights: torchvision's
-    ``IMAGENET1K_V1`` or EfficientNet-Lite0's packaged file), a torchvision weight
-    name, a local path or fsspec URL to a state-dict checkpoint, or ``"random"``.
+    ``IMAGENET1K_V1`` or EfficientNet-Lite0's packaged file, timm's pretrained tag), a
+    torchvision weight name, a local path or fsspec URL to a state-dict checkpoint, or ``"random"``.
     """
-    if name not in _REGISTRY:
-        raise KeyError(f"unknown backbone {name!r}; available: {', '.join(available_backbones())}")
+    from .specs import build_from_spec, parse_spec
+
+    parsed = parse_spec(spec, layer)
     # Fixed seed: every process (Ray actors included) builds the same model, so even
     # "random" weights have one digest and caches made from them are reusable.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        return _REGISTRY[name](weights)
+        if parsed.source == "registry":
+            if parsed.name not in _REGISTRY:
+                raise BackboneSpecError(
+                    f"unknown backbone {parsed.name!r}; built-ins: {', '.join(available_backbones())}; "
+                    "or timm:<model>, torchvision:<builder>, module.path:factory"
+                )
+            if parsed.options:
+                raise BackboneSpecError(f"backbone {spec!r}: built-in backbones take no options (layer=, size=); "
+                                        f"use torchvision:<builder> or timm:<model> to choose a layer or size")
+            return _REGISTRY[parsed.name](weights)
+        return build_from_spec(parsed, weights)
 
 
 def _is_checkpoint_path(weights: str) -> bool:
@@ -310,8 +397,10 @@ def read_state_dict(url: str) -> Mapping[str, torch.Tensor]:
     return state
 
 
-def load_weights(model: nn.Module, weights: str, torchvision_weights: Any = None) -> None:
-    """Fill ``model`` per ``weights`` (see :func:`build_backbone`); errors say what to do."""
+def load_weights(model: nn.Module, weights: str, torchvision_weights: Any = None, default_name: str = "IMAGENET1K_V1") -> None:
+    """Fill ``model`` per ``weights`` (see :func:`build_backbone`); errors say what to do.
+
+    ``default_name``: the torchvision weight that ``"default"`` means."""
     if weights == "random":
         return
     if _is_checkpoint_path(weights):
@@ -319,7 +408,7 @@ def load_weights(model: nn.Module, weights: str, torchvision_weights: Any = None
         return
     if torchvision_weights is None:
         raise WeightsUnavailable(f"no named weights {weights!r} for this model; pass a checkpoint path or 'random'")
-    name = "IMAGENET1K_V1" if weights == "default" else weights
+    name = default_name if weights == "default" else weights
     try:
         enum = torchvision_weights[name]
     except KeyError:

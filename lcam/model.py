@@ -38,9 +38,10 @@ class LCAM(nn.Module):
         return torch.sigmoid(self.attention.selected(feats, targets))
 
     def fm_forward(self, feats: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """L-CAM-Fm: ``head(a_t * F)``; returns (masked logits, a_t)."""
+        """L-CAM-Fm: ``head(a_t * F)``; returns (masked logits, a_t). The mask multiplies F's
+        patch channels (``Backbone.mask_features``: all of them for CNNs)."""
         m = self.selected_map(feats, targets)
-        return self.backbone.head(m * feats), m
+        return self.backbone.head(self.backbone.mask_features(feats, m)), m
 
     def img_forward(
         self, images: torch.Tensor, targets: torch.Tensor, feats: torch.Tensor | None = None

@@ -1082,7 +1082,7 @@ def _from_shards(cfg: CamsConfig, ckpt: Mapping[str, Any], store: CamStore, sele
     t0, wall0 = time.perf_counter(), time.time()
     summary.ray_startup_seconds = ensure_ray()
     prep = ckpt["backbone"]["preprocessing"]
-    preprocessing = Preprocessing(resize=prep["resize"], crop=prep["crop"], mean=tuple(prep["mean"]), std=tuple(prep["std"]))
+    preprocessing = Preprocessing.from_dict(prep)
     items = [{"url": s.url, "name": s.name, "count": s.count if s.count is not None else -1} for s in todo]
     actors, gpus = _num_actors(cfg)
     ds = (

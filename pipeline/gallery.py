@@ -127,7 +127,7 @@ def write_gallery(
     backbone = store.identity["checkpoint"]["backbone"]
     names = load_class_names(class_names_url, class_names_options(class_names_url, source_storage_options), int(backbone["num_classes"]))
     prep = backbone["preprocessing"]
-    preprocessing = Preprocessing(resize=prep["resize"], crop=prep["crop"], mean=tuple(prep["mean"]), std=tuple(prep["std"]))
+    preprocessing = Preprocessing.from_dict(prep)
     view = store.identity["source"].get("view", "center")
     entries = store.entries()
     picks = pick_rows([int(e["count"]) for e in entries], n)

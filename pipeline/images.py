@@ -2,7 +2,7 @@
 
 ``decode_image`` turns the original bytes (JPEG/PNG/WebP, any PIL mode) into RGB uint8;
 ``preprocess`` reproduces ``Compose([Resize(256), CenterCrop(224), ToTensor()])`` on
-the PIL image. Resizing goes through PIL (the same calls torchvision makes for PIL
+the PIL image (sizes and the resize interpolation from the backbone's ``Preprocessing``). Resizing goes through PIL (the same calls torchvision makes for PIL
 inputs), so the result is bit-identical, not merely close.
 
 JPEG ``Image.draft`` (DCT-domain downscaling) is deliberately not used: measured on
@@ -106,6 +106,12 @@ def resized_size(width: int, height: int, resize: int) -> tuple[int, int]:
     return int(resize * width / height), resize
 
 
+# Preprocessing.interpolation -> the PIL filter torchvision's Resize passes for PIL images
+# (timm's eval transform is torchvision's Resize too), so bicubic models stay bit-identical.
+_PIL_FILTERS = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "box": Image.BOX,
+                "hamming": Image.HAMMING, "lanczos": Image.LANCZOS}
+
+
 def _resize_crop(im: Image.Image, prep: Preprocessing, top: int, left: int) -> Image.Image:
     """Full resize, then crop: exactly torchvision's calls on a PIL image.
 
@@ -114,7 +120,7 @@ def _resize_crop(im: Image.Image, prep: Preprocessing, top: int, left: int) -> I
     """
     rw, rh = resized_size(im.width, im.height, prep.resize)
     c = prep.crop
-    return im.resize((rw, rh), Image.BILINEAR).crop((left, top, left + c, top + c))
+    return im.resize((rw, rh), _PIL_FILTERS[prep.interpolation]).crop((left, top, left + c, top + c))
 
 
 def _as_pil(rgb: np.ndarray | Image.Image) -> Image.Image:

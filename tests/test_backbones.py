@@ -76,7 +76,7 @@ def test_missing_checkpoint_and_bad_weight_name_are_clear(tmp_path):
         build_backbone("resnet18", weights=str(tmp_path / "nope.pth"))
     with pytest.raises(WeightsUnavailable, match="IMAGENET1K_V1"):
         build_backbone("resnet18", weights="IMAGENET9K_V9")
-    with pytest.raises(KeyError, match="available"):
+    with pytest.raises(ValueError, match="built-ins"):
         build_backbone("alexnet9")
 
 

@@ -1,0 +1,64 @@
+"""A user's own classifiers, for ``module.path:factory`` specs (``tests.custom_backbones:tiny``).
+
+Importable by Ray workers: they start in the repository root like the tests.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lcam.backbones import Backbone, Preprocessing
+
+
+class TinyNet(nn.Module):
+    """A plain classifier with a ``features`` block: split there automatically."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                      nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU())
+        self.classifier = nn.Linear(16, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(nn.functional.adaptive_avg_pool2d(self.features(x), 1), 1))
+
+
+class NoFeatures(nn.Module):
+    """No ``features`` attribute and a skip connection around ``body``: needs ``layer=``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.body = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.stem(x)
+        return self.fc((self.body(s) + s).mean((2, 3)))
+
+
+def tiny() -> nn.Module:
+    """No argument: lcam loads a path/URL ``weights`` itself."""
+    return TinyNet()
+
+
+def tiny_with_weights(weights: str) -> nn.Module:
+    m = TinyNet()
+    if weights not in ("default", "random"):
+        m.load_state_dict(torch.load(weights, weights_only=True))
+    return m
+
+
+def no_features() -> nn.Module:
+    return NoFeatures()
+
+
+def split_backbone(weights: str) -> Backbone:
+    """A factory that returns an lcam Backbone: used as it is (its own split, preprocessing)."""
+    m = TinyNet()
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), m.classifier)
+    return Backbone("anything", m.features, head, (16, 8, 8), Preprocessing(resize=36, crop=32), num_classes=10, weights=weights)
+
+
+not_callable = 3
