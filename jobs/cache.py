@@ -63,6 +63,22 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.cache import FeatureCache
 
     options = parse_storage_options(args.storage_option)
+    if args.action == "repair":
+        from pipeline.cams import FORMAT as CAM_FORMAT, CamStore
+        from pipeline.fs import join, read_json
+
+        fmt = ((read_json(join(args.url, "zarr.json"), options) or {}).get("attributes") or {}).get("format")
+        store = CamStore.open(args.url, options, writable=True) if fmt == CAM_FORMAT else FeatureCache.open(args.url, options, writable=True)
+        report, forgotten = store.repair(workers=args.workers)
+        for p in report.problems:
+            print(f"PROBLEM  {p}")
+        for url in forgotten:
+            print(f"forgot   {url}")
+        if forgotten or store.failed():
+            print(f"re-make them: {store.repair_hint('SHARDS').split(', then ', 1)[-1]}")
+        print(f"repair {store.url}: {len(forgotten)} damaged shard(s) forgotten, {len(store.failed())} failed shard(s) to retry")
+        return 0
+
     cache = FeatureCache.open(args.url, storage_options=options)
     expected = None
     if args.index:
@@ -97,21 +113,6 @@ def run(args: argparse.Namespace) -> int:
         print("\n".join(lines))
         return 0
 
-    if args.action == "repair":
-        from pipeline.cams import FORMAT as CAM_FORMAT, CamStore
-        from pipeline.fs import join, read_json
-
-        fmt = ((read_json(join(args.url, "zarr.json"), options) or {}).get("attributes") or {}).get("format")
-        store = CamStore.open(args.url, options, writable=True) if fmt == CAM_FORMAT else FeatureCache.open(args.url, options, writable=True)
-        report, forgotten = store.repair(workers=args.workers)
-        for p in report.problems:
-            print(f"PROBLEM  {p}")
-        for url in forgotten:
-            print(f"forgot   {url}")
-        if forgotten or store.failed():
-            print(f"re-make them: {store.repair_hint('SHARDS').split(', then ', 1)[-1]}")
-        print(f"repair {store.url}: {len(forgotten)} damaged shard(s) forgotten, {len(store.failed())} failed shard(s) to retry")
-        return 0
 
     report = cache.verify(expected, workers=args.workers)
     if args.json:

@@ -408,6 +408,7 @@ class ShardedStore:
                 "skipped": [{"key": str(s.get("key")), "reason": str(s.get("reason"))} for s in e.get("skipped", [])],
                 "seconds": float(e.get("seconds", 0.0)),
                 "finished_at": e.get("finished_at") or _now(),
+                **({"labels_scheme": e["labels_scheme"]} if e.get("labels_scheme") else {}),
             }
             manifest.get("failed", {}).pop(url, None)
             if e.get("expected_count") is not None:  # recorded with the commit: verify is right after any interruption
@@ -647,6 +648,10 @@ class FeatureCache(ShardedStore):
             return int(self._index()[1][shard_id]["count"])
         except KeyError:
             raise KeyError(f"shard {shard_id!r} is not in the manifest of {self.url}") from None
+
+    def folder_labelled_shards(self) -> list[str]:
+        """Done shards whose labels are class-folder indices 0..N-1 (not the classifier's classes)."""
+        return [e["url"] for e in self._entries() if e.get("labels_scheme") == "folders"]
 
     def num_chunks(self, shard_id: str) -> int:
         return math.ceil(self.num_rows(shard_id) / self.chunk_rows)

@@ -424,6 +424,7 @@ def _run(cfg: ExtractConfig, cache: FeatureCache, preprocessing: Any, todo: list
     progress = _Progress(total, cfg.progress)
     t_pipe = time.perf_counter()
     counts: dict[str, int] = {}
+    schemes = {s.url: s.labels_scheme for s in todo}  # what the labels mean, for training's --target label
 
     def drain(block: bool) -> None:
         while pending:
@@ -439,6 +440,7 @@ def _run(cfg: ExtractConfig, cache: FeatureCache, preprocessing: Any, todo: list
                 cache.mark_failed({url: reason})
                 continue
             entry["expected_count"] = counts.get(url)
+            entry["labels_scheme"] = schemes.get(url)
             cache.mark_done([entry])
             summary.shards_extracted += 1
             summary.images += int(entry["count"])

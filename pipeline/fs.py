@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -51,7 +52,7 @@ def storage_error_message(exc: BaseException) -> str | None:
     if names & set(_UNREACHABLE):
         return (f"cannot reach the object store ({type(exc).__name__}: {first}): check the endpoint "
                 "(--...storage-option client_kwargs.endpoint_url=...), the network and the service")
-    if isinstance(exc, PermissionError):
+    if isinstance(exc, PermissionError) or (isinstance(exc, OSError) and exc.errno == errno.EROFS):
         what = exc.filename or first
         return f"permission denied: {what} ({exc.strerror or first}); choose a location you may write to, or fix its permissions or credentials"
     return None

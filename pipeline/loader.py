@@ -14,6 +14,7 @@ mid-epoch: it reloads only the rows that were still in the buffer at that batch.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,6 +28,7 @@ from .cache import FeatureCache, bf16_to_f32
 from .errors import UserError
 
 Batch = tuple[torch.Tensor, torch.Tensor, list[str]]
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -82,6 +84,15 @@ class CacheLoader:
                 raise UserError(f"view must be 'random', 'first' or an index, got {view!r}")
         elif not 0 <= int(view) < n_views:
             raise UserError(f"view {view} out of range: the cache holds {n_views} views {list(cache.views)}")
+        if target == "label":
+            folder_labelled = cache.folder_labelled_shards()
+            if folder_labelled:
+                log.warning(
+                    "training on labels that are not the classifier's classes: %d shard(s) of %s (e.g. %s) were packed from class "
+                    "folders that are not ImageNet WordNet ids, so label 0 is the first folder, which the classifier calls class 0 "
+                    "(tench for ImageNet). Use --target predicted, or re-pack with --labels FILE mapping images to the classifier's classes.",
+                    len(folder_labelled), cache.url, folder_labelled[0],
+                )
         self.cache = cache
         self.batch_size = int(batch_size)
         self.shuffle = shuffle

@@ -50,6 +50,11 @@ JSON_LABEL_KEYS = ("label", "cls", "class", "class_index")
 LAYOUTS = ("auto", "imagefolder", "labels", "imagenet-val")
 CROP = 224  # images smaller than the crop get upsampled by Resize(256); noted
 
+FOLDER_LABELS_WARNING = (
+    "warning: the class folders are not ImageNet WordNet ids, so labels are 0..N-1 in folder-name order; an ImageNet "
+    "classifier reads label 0 as tench, 1 as goldfish, ... Train L-CAM with --target predicted (the classifier's own "
+    "class), or pack with --labels FILE mapping each image to the classifier's class index (or name the folders by WordNet id)"
+)
 _WNID = re.compile(r"^n\d{8}$")
 _VAL_NAME = re.compile(r"^ILSVRC2012_val_(\d{8})$")
 _UNSAFE_KEY = re.compile(r"[^A-Za-z0-9_-]")
@@ -92,6 +97,7 @@ class ShardInfo:
     name: str
     count: int | None = None
     sha256: str | None = None
+    labels_scheme: str | None = None  # from the index: imagenet, labels-file, folders (0..N-1: not the classifier's classes)
 
 
 @dataclass
@@ -131,6 +137,8 @@ class PackReport:
             lines += [f"  {s['file']}: {s['reason']}" for s in self.skipped[:5]]
             if len(self.skipped) > 5:
                 lines.append(f"  ... {len(self.skipped) - 5} more")
+        if self.labels_scheme == "folders":
+            lines.append(FOLDER_LABELS_WARNING)
         if self.notes:
             by = Counter(n["kind"] for n in self.notes)
             lines.append(f"notes {len(self.notes)} (packed anyway): " + ", ".join(f"{k} x{v}" for k, v in by.most_common()))
@@ -714,7 +722,8 @@ def pack_folder(
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "layout": plan.layout,
         "samples": packed,
-        "labels": {"scheme": plan.labels_scheme, "names": plan.class_names},
+        # folders: 0..N-1 by folder name, not the classifier's classes (readers warn on --target label)
+        "labels": {"scheme": plan.labels_scheme, "names": plan.class_names, "classifier_classes": plan.labels_scheme != "folders"},
         "shards": entries,
     }
     _write_json(fs, base, INDEX_NAME, index)  # last: the commit point
@@ -789,8 +798,9 @@ def list_shards(
         if index is None:
             raise FileNotFoundError(f"index {index_url} does not exist")
         root = index_url.rsplit("/", 1)[0]
-        fixed = {join(root, e["name"]): e for e in index["shards"]}
-        by_name = {e["name"]: e for e in index["shards"]}
+        scheme = (index.get("labels") or {}).get("scheme")
+        fixed = {join(root, e["name"]): {**e, "labels_scheme": scheme} for e in index["shards"]}
+        by_name = {e["name"]: {**e, "labels_scheme": scheme} for e in index["shards"]}
 
     beside: dict[str, dict[str, dict]] = {}
     out = []
@@ -801,9 +811,11 @@ def list_shards(
         else:
             if folder not in beside:
                 idx = _load_index(join(folder, INDEX_NAME), storage_options)
-                beside[folder] = {e["name"]: e for e in idx["shards"]} if idx else {}
+                scheme = (idx.get("labels") or {}).get("scheme") if idx else None
+                beside[folder] = {e["name"]: {**e, "labels_scheme": scheme} for e in idx["shards"]} if idx else {}
             entry = beside[folder].get(name)
-        out.append(ShardInfo(url, name, entry["count"] if entry else None, entry.get("sha256") if entry else None))
+        out.append(ShardInfo(url, name, entry["count"] if entry else None, entry.get("sha256") if entry else None,
+                             entry.get("labels_scheme") if entry else None))
     return out
 
 

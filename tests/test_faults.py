@@ -1,0 +1,461 @@
+"""Fault injection: nothing ends with exit 0 and wrong or missing data (issue #14).
+
+Damaged feature caches and CAM stores (a lost chunk, group or manifest; a truncated chunk
+object), cut tars with and without an index, killed and concurrent runs, and the user
+mistakes that must be one line with exit 2. For each: the exit status, the message, and
+that every later reader (verify, info, train, cams, eval) gives exactly the right data or
+refuses clearly. One small cache and CAM store (4 shards x 2 tiny images) are built once
+per module; tests damage copies. CLI jobs run in-process through ``jobs.cli.main``, except
+where a real process must die (SIGKILL) or run beside another.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jobs.cli import main
+from lcam import LCAM, build_backbone
+from pipeline.cache import FeatureCache, StoreDamaged, shard_id_for
+from pipeline.cams import CamStore
+from pipeline.checkpoints import save_checkpoint
+from pipeline.fs import read_json
+from pipeline.shards import ShardCountMismatch, ShardError, ShardInfo, ShardReadError, list_shards, pack_folder, read_shard
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+F16 = 6 * 2.0**-11  # float16 rounding of features up to 6 (ReLU6)
+
+
+def cli(capsys, *argv) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def make_images(root, n=8):
+    """n tiny JPEGs (smooth random colours) in two class folders that are not WordNet ids."""
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        d = root / ("cats" if i % 2 else "dogs")
+        d.mkdir(parents=True, exist_ok=True)
+        small = rng.integers(0, 255, (4, 4, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((40, 40), Image.BILINEAR).save(d / f"img{i}.jpg", quality=90)
+
+
+def features_by_key(cache_url: str) -> dict[str, np.ndarray]:
+    cache = FeatureCache.open(cache_url)
+    return {k: f for keys, feats, _, _ in cache.iter_rows(batch_size=4, view=0) for k, f in zip(keys, feats)}
+
+
+def cams_by_key(store_url: str) -> dict[str, dict[str, np.ndarray]]:
+    out = {}
+    for _, data in CamStore.open(store_url).iter_shards():
+        for i, k in enumerate(data["keys"]):
+            out[k] = {n: v[i] for n, v in data.items() if n != "keys"}
+    return out
+
+
+def member_offsets(path) -> list[tuple[str, int, int]]:
+    with tarfile.open(path) as tar:
+        return [(m.name, m.offset, m.offset_data + m.size) for m in tar.getmembers()]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, ray_local):
+    root = tmp_path_factory.mktemp("faults")
+    make_images(root / "images")
+    pack_folder(root / "images", str(root / "shards"), samples_per_shard=2, progress=False)
+    pack_folder(root / "images", str(root / "single"), samples_per_shard=1, progress=False)  # 8 shards: room for a kill
+    assert main(["extract", str(root / "shards"), str(root / "cache"), "--batch-size", "8"]) == 0
+    backbone = build_backbone("efficientnet_lite0")
+    torch_state = LCAM(backbone).attention.state_dict()
+    save_checkpoint(str(root / "ckpt.pt"), attention_state=torch_state, method="fm", backbone=backbone.describe())
+    assert main(["cams", str(root / "ckpt.pt"), str(root / "cams"), "--cache", str(root / "cache"), "--quiet"]) == 0
+    urls = [s.url for s in list_shards(str(root / "shards"))]
+    return {
+        "root": root, "shards": str(root / "shards"), "single": str(root / "single"), "cache": str(root / "cache"),
+        "ckpt": str(root / "ckpt.pt"), "cams": str(root / "cams"), "urls": urls,
+        "features": features_by_key(str(root / "cache")), "maps": cams_by_key(str(root / "cams")),
+    }
+
+
+def copy_cache(base, tmp_path) -> str:
+    dst = tmp_path / "cache"
+    shutil.copytree(base["cache"], dst)
+    return str(dst)
+
+
+def train_args(cache: str, out) -> list[str]:
+    return ["train", "--method", "fm", "--cache", cache, "--out", str(out), "--epochs", "1", "--batch-size", "4", "--target", "predicted", "--no-progress"]
+
+
+def assert_readers_refuse(capsys, base, cache: str, tmp_path, *phrases: str) -> None:
+    """train and cams --cache: exit 2, one line naming the damage (and no traceback)."""
+    for argv in (train_args(cache, tmp_path / "run"), ["cams", base["ckpt"], tmp_path / "cams-out", "--cache", cache, "--quiet"]):
+        code, _, err = cli(capsys, *argv)
+        assert code == 2, (argv[0], err)
+        assert "Traceback" not in err
+        for p in phrases:
+            assert p in err, (argv[0], p, err)
+
+
+# ---------------------------------------------------------------- the feature cache
+def test_lost_chunk_every_reader_refuses_then_repair_and_reextract(base, tmp_path, capsys):
+    cache = copy_cache(base, tmp_path)
+    url = base["urls"][1]
+    sid = shard_id_for(url)
+    os.remove(f"{cache}/shards/{sid}/features/c/0/0/0/0/0")
+
+    code, out, _ = cli(capsys, "cache", "verify", cache)
+    assert code == 1 and f"shard {url}: features has 1 of 1 chunk objects missing" in out
+    code, out, _ = cli(capsys, "cache", "info", cache)
+    assert code == 0 and f"DAMAGED      {url}: 1 chunk objects missing" in out
+    assert_readers_refuse(capsys, base, cache, tmp_path, f"shard {url}", "is damaged", f"lcam cache repair {cache}", f"lcam extract {url} {cache}")
+    with pytest.raises(StoreDamaged, match="chunk objects of features are missing"):
+        list(FeatureCache.open(cache).iter_rows())
+
+    code, out, _ = cli(capsys, "cache", "repair", cache)
+    assert code == 0 and f"forgot   {url}" in out and "1 damaged shard(s) forgotten" in out
+    code, out, _ = cli(capsys, "cache", "verify", cache)
+    assert code == 1 and f"missing shard {url}: not in the cache (expected 2 samples)" in out  # counts were recorded as planned
+    # the command the message names re-makes the shard; then the cache holds exactly the right data
+    code, out, _ = cli(capsys, "extract", url, cache, "--batch-size", "8")
+    assert code == 0 and "0 already cached, 1 extracted now" in out
+    assert cli(capsys, "cache", "verify", cache)[0] == 0
+    got = features_by_key(cache)
+    assert sorted(got) == sorted(base["features"])
+    for k, f in got.items():
+        np.testing.assert_allclose(f, base["features"][k], atol=F16, rtol=0)
+
+
+def test_lost_group_and_lost_manifest(base, tmp_path, capsys):
+    cache = copy_cache(base, tmp_path)
+    url = base["urls"][0]
+    shutil.rmtree(f"{cache}/shards/{shard_id_for(url)}")
+    code, out, _ = cli(capsys, "cache", "verify", cache)
+    assert code == 1 and f"shard {url}: group shards/{shard_id_for(url)} missing or unreadable" in out
+    assert_readers_refuse(capsys, base, cache, tmp_path, f"shard {url}", "its group is missing")
+
+    shutil.rmtree(cache)
+    cache = copy_cache(base, tmp_path)
+    os.remove(f"{cache}/manifest.json")
+    code, out, _ = cli(capsys, "cache", "verify", cache)
+    assert code == 1 and "manifest.json is missing but 4 shard groups exist" in out
+    code, out, _ = cli(capsys, "cache", "info", cache)
+    assert code == 0 and "PROBLEM      manifest.json is missing" in out
+    code, _, err = cli(capsys, *train_args(cache, tmp_path / "run"))
+    assert code == 2 and "holds no finished shards" in err
+    code, _, err = cli(capsys, "cams", base["ckpt"], tmp_path / "cams-out", "--cache", cache, "--quiet")
+    assert code == 2 and "holds no samples" in err
+
+
+def test_truncated_chunk_objects(base, tmp_path, capsys):
+    cache = copy_cache(base, tmp_path)
+    url = base["urls"][2]
+    obj = f"{cache}/shards/{shard_id_for(url)}/top5_classes/c/0/0"
+    data = open(obj, "rb").read()
+    open(obj, "wb").write(data[: len(data) // 2])
+    code, out, _ = cli(capsys, "cache", "verify", cache)
+    assert code == 1 and f"shard {url}: a chunk object is unreadable" in out
+    # train reads the top-1 class, cams the top-5: both decode this object
+    assert_readers_refuse(capsys, base, cache, tmp_path, f"shard {url}", "chunk object is unreadable")
+
+
+# ---------------------------------------------------------------- the CAM store
+def test_cam_store_lost_chunk_refused_repaired_and_resumed(base, tmp_path, capsys):
+    store_url = str(tmp_path / "cams")
+    shutil.copytree(base["cams"], store_url)
+    url = base["urls"][3]
+    sid = shard_id_for(url)
+    os.remove(f"{store_url}/shards/{sid}/raw/c/0/0/0/0")
+    store = CamStore.open(store_url)
+    with pytest.raises(StoreDamaged, match=f"shard {url}.*chunk objects of raw are missing.*lcam cache repair {store_url}"):
+        store.read_shard(sid)
+    # the gallery reads the store: refused, naming the shard
+    from pipeline.gallery import write_gallery
+
+    with pytest.raises(StoreDamaged, match=f"shard {url}"):
+        write_gallery(store, 8, out_url=str(tmp_path / "gallery"), progress=False)
+
+    code, out, _ = cli(capsys, "cache", "repair", store_url)
+    assert code == 0 and f"forgot   {url}" in out
+    code, out, _ = cli(capsys, "cams", base["ckpt"], store_url, "--cache", base["cache"], "--quiet")
+    assert code == 0
+    got = cams_by_key(store_url)
+    assert sorted(got) == sorted(base["maps"])
+    for k, row in got.items():
+        for name, v in row.items():
+            np.testing.assert_array_equal(v, base["maps"][k][name])
+
+
+# ---------------------------------------------------------------- shards
+def cut_copies(src, folder):
+    """(boundary-cut, mid-member-cut) copies of a packed shard: the second sample's image lost."""
+    offsets = member_offsets(src)
+    image = [o for o in offsets if o[0].endswith(".jpg")][-1]  # the last image member
+    data = open(src, "rb").read()
+    boundary, mid = folder / "cut-boundary.tar", folder / "cut-mid.tar"
+    # before the last sample's members: a shorter valid-looking tar with no end blocks
+    last_key = image[0].rsplit(".", 1)[0]
+    first_of_last = min(o[1] for o in offsets if o[0].rsplit(".", 1)[0] == last_key)
+    boundary.write_bytes(data[:first_of_last])
+    mid.write_bytes(data[: image[1] + 512 + 100])
+    return boundary, mid
+
+
+def test_cut_tars_with_and_without_index(base, tmp_path, capsys):
+    src = base["urls"][0]
+    boundary, mid = cut_copies(src, tmp_path)
+    assert len(read_shard(src)) == 2  # the intact tar reads whole without an index
+    with pytest.raises(ShardReadError, match="end-of-archive"):
+        read_shard(str(boundary))  # no index: only the missing end blocks tell
+    with pytest.raises(ShardReadError, match="damaged"):
+        read_shard(str(mid))
+    with pytest.raises(ShardCountMismatch, match=r"the index says 2 samples but the tar holds 1 \(1 with an image\)"):
+        read_shard(ShardInfo(str(boundary), boundary.name, 2))
+    with pytest.raises(ShardError):
+        read_shard(ShardInfo(str(mid), mid.name, 2))
+    # a sample whose image member was lost: "holds 1 (0 with an image)", not "holds 1"
+    only_meta = tmp_path / "meta-only.tar"
+    first_image = next(o for o in member_offsets(src) if o[0].endswith(".jpg"))
+    only_meta.write_bytes(open(src, "rb").read()[: first_image[1]])
+    with pytest.raises(ShardCountMismatch, match=r"holds 1 \(0 with an image\)"):
+        read_shard(ShardInfo(str(only_meta), only_meta.name, 2))
+
+    # eval reads the shards: a cut one (its index says 2) is refused in one line
+    folder = tmp_path / "evalshards"
+    shutil.copytree(base["shards"], folder)
+    shutil.copy(boundary, folder / os.path.basename(src))
+    code, _, err = cli(capsys, "eval", folder / os.path.basename(src), tmp_path / "eval-out", "--checkpoint", base["ckpt"], "--methods", "none")
+    assert code == 2 and os.path.basename(src) in err and "Traceback" not in err
+
+
+def test_failed_shards_recorded_listed_and_retried(base, tmp_path, capsys):
+    folder = tmp_path / "shards"
+    shutil.copytree(base["shards"], folder)
+    src = base["urls"][0]
+    # two third-party shards (no index entry) holding the samples of shard 0 under other keys
+    wholes = {}
+    for prefix in ("x", "y"):
+        wholes[prefix] = tmp_path / f"whole-{prefix}.tar"
+        with tarfile.open(src) as tin, tarfile.open(wholes[prefix], "w") as tout:
+            for m in tin.getmembers():
+                data = tin.extractfile(m).read()
+                m.name = prefix + m.name
+                tout.addfile(m, io.BytesIO(data))
+    boundary, _ = cut_copies(wholes["x"], tmp_path)
+    shutil.copy(boundary, folder / "extra-a.tar")
+    (tmp_path / "y").mkdir()
+    _, mid = cut_copies(wholes["y"], tmp_path / "y")
+    shutil.copy(mid, folder / "extra-b.tar")
+    cache = str(tmp_path / "cache")
+    pattern = str(folder / "*.tar")
+
+    code, out, _ = cli(capsys, "extract", pattern, cache, "--batch-size", "8")
+    assert code == 1
+    assert f"FAILED shard {folder / 'extra-a.tar'}" in out and "end-of-archive" in out
+    assert f"FAILED shard {folder / 'extra-b.tar'}" in out
+    failed = read_json(f"{cache}/manifest.json")["failed"]
+    assert sorted(failed) == [str(folder / "extra-a.tar"), str(folder / "extra-b.tar")]
+    code, out, _ = cli(capsys, "cache", "verify", cache)
+    assert code == 1 and f"failed shard {folder / 'extra-a.tar'}" in out and f"failed shard {folder / 'extra-b.tar'}" in out
+    code, out, _ = cli(capsys, "cache", "info", cache)
+    assert f"FAILED       {folder / 'extra-a.tar'}" in out
+
+    # the whole files arrive: the next run retries exactly the failed ones
+    shutil.copy(wholes["x"], folder / "extra-a.tar")
+    shutil.copy(wholes["y"], folder / "extra-b.tar")
+    code, out, _ = cli(capsys, "extract", pattern, cache, "--batch-size", "8")
+    assert code == 0 and "4 already cached, 2 extracted now" in out
+    manifest = read_json(f"{cache}/manifest.json")
+    assert manifest.get("failed") == {} and manifest["expected_counts"][str(folder / "extra-a.tar")] == 2
+    assert cli(capsys, "cache", "verify", cache)[0] == 0
+    got = features_by_key(cache)
+    assert len(got) == 8 + 4  # extra-a and extra-b: shard 0's two images under keys x... and y...
+    for k, f in got.items():
+        np.testing.assert_allclose(f, base["features"][k if k in base["features"] else k[1:]], atol=F16, rtol=0)
+
+
+# ---------------------------------------------------------------- killed and concurrent runs
+def _poll_kill(proc, manifest_url: str, at_least: int = 1, timeout: float = 300) -> int:
+    done = 0
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        done = len((read_json(manifest_url, default={}) or {}).get("shards", {}))
+        if done >= at_least:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait()
+    return done
+
+
+def test_killed_extraction_verify_is_right_and_resume_completes(base, ray_local, tmp_path, capsys):
+    cache = str(tmp_path / "cache")
+    env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address, PYTHONPATH=ROOT)
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "extract", base["single"], cache, "--batch-size", "1"],
+                            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = _poll_kill(proc, f"{cache}/manifest.json")
+    assert 1 <= done < 8, f"the kill did not land mid-run ({done} shards done)"
+    code, out, _ = cli(capsys, "cache", "verify", cache)
+    problems = [line for line in out.splitlines() if line.startswith("PROBLEM")]
+    done = len(read_json(f"{cache}/manifest.json")["shards"])
+    assert code == 1 and len(problems) == 8 - done and all("missing shard" in p for p in problems), out
+    code, out, _ = cli(capsys, "extract", base["single"], cache, "--batch-size", "8")
+    assert code == 0 and f"{done} already cached, {8 - done} extracted now" in out
+    assert "notice: another extraction" not in out  # the killed run's lease was its own, on this host: gone
+    code, out, _ = cli(capsys, "cache", "verify", cache, "--index", base["single"])
+    assert code == 0, out
+    got = features_by_key(cache)
+    assert sorted(got) == sorted(base["features"])
+    for k, f in got.items():
+        np.testing.assert_allclose(f, base["features"][k], atol=F16, rtol=0)
+
+
+def test_two_extractions_at_once_notice_and_consistent(base, ray_local, tmp_path, capsys):
+    cache = str(tmp_path / "cache")
+    # the other run brings its own Ray: two pipelines on the session's 2-CPU Ray could starve each other
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = ROOT
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "extract", base["single"], cache, "--batch-size", "1"],
+                            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (os.path.isdir(f"{cache}/leases") and os.listdir(f"{cache}/leases")):
+        time.sleep(0.05)
+    assert proc.poll() is None, "the first extraction ended before the second started"
+    code, out, _ = cli(capsys, "extract", base["single"], cache, "--batch-size", "8")
+    other_out, _ = proc.communicate(timeout=600)
+    assert code == 0 and proc.returncode == 0, other_out
+    assert "notice: another extraction into this cache started" in out
+    assert not os.listdir(f"{cache}/leases")  # both gave their lease back
+    assert cli(capsys, "cache", "verify", cache, "--index", base["single"])[0] == 0
+    got = features_by_key(cache)
+    assert sorted(got) == sorted(base["features"])
+    for k, f in got.items():
+        np.testing.assert_allclose(f, base["features"][k], atol=F16, rtol=0)
+
+
+def test_killed_cam_generation_resumes_to_the_full_store(base, ray_local, tmp_path, capsys):
+    out_url = str(tmp_path / "cams")
+    env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address, PYTHONPATH=ROOT)
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "cams", base["ckpt"], out_url, "--shards", base["single"], "--batch-size", "1", "--quiet"],
+                            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = _poll_kill(proc, f"{out_url}/manifest.json")
+    assert 1 <= done < 8, f"the kill did not land mid-run ({done} shards done)"
+    store = CamStore.open(out_url)
+    report, forgotten = store.repair()
+    assert report.ok and forgotten == []  # done shards are whole; half-written groups are not in the manifest
+    code, _, err = cli(capsys, "cams", base["ckpt"], out_url, "--shards", base["single"], "--batch-size", "8", "--quiet")
+    assert code == 0, err
+    got = cams_by_key(out_url)
+    assert sorted(got) == sorted(base["maps"])
+    for k, row in got.items():  # images (float32 F) against the cache (float16 F): float16 rounding apart
+        want = base["maps"][k]
+        np.testing.assert_array_equal(row["class_ids"], want["class_ids"])
+        scale = np.abs(want["raw"]).max()
+        np.testing.assert_allclose(row["raw"], want["raw"], atol=8 * 2.0**-11 * scale)
+
+
+# ---------------------------------------------------------------- user mistakes: one line, exit 2, nothing created
+def one_line_error(capsys, *argv) -> str:
+    code, out, err = cli(capsys, *argv)
+    assert code == 2, (argv, out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"lcam {argv[0]}: error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("option", ["foo", "=bar", "a..b=1", ".a=1"])
+def test_malformed_storage_option(base, tmp_path, capsys, option):
+    line = one_line_error(capsys, "extract", base["shards"], tmp_path / "cache", "--cache-storage-option", option)
+    assert repr(option) in line and "must look like key=value" in line
+    assert not (tmp_path / "cache").exists()
+
+
+def test_extract_mistakes_before_anything_is_made(base, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    for bad in ("0", "-3"):
+        line = one_line_error(capsys, "extract", base["shards"], cache, "--batch-size", bad)
+        assert f"--batch-size must be a positive number of images, got {bad}" in line
+    line = one_line_error(capsys, "extract", base["shards"], cache, "--backbone", "no_such_net")
+    assert "unknown backbone 'no_such_net'" in line and "efficientnet_lite0" in line
+    line = one_line_error(capsys, "extract", base["shards"], "nope://bucket/cache")
+    assert "unknown storage protocol 'nope'" in line
+    line = one_line_error(capsys, "extract", base["shards"], "abfs://container/cache")  # adlfs is not a dependency
+    assert "needs a package that is not installed" in line and "adlfs" in line
+    assert not cache.exists()
+
+    if os.geteuid() == 0:  # root may write anywhere a mode bit forbids; /sys refuses even root
+        denied = "/sys/lcam-faults-test/cache"
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        denied = str(locked / "cache")
+    line = one_line_error(capsys, "extract", base["shards"], denied)
+    assert "permission denied" in line or "read-only" in line
+    assert not os.path.exists(denied)
+
+
+def test_s3_without_credentials_or_endpoint(base, s3, s3_server, tmp_path, capsys, monkeypatch):
+    bucket, options = s3
+    import fsspec
+
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    line = one_line_error(capsys, "extract", base["shards"], f"{bucket}/cache", "--cache-storage-option", f"client_kwargs.endpoint_url={s3_server}")
+    assert "no credentials for the object store" in line
+    from tests.conftest import free_port
+
+    line = one_line_error(capsys, "extract", base["shards"], f"{bucket}/cache", "--cache-storage-option", "key=testing",
+                          "--cache-storage-option", "secret=testing-secret", "--cache-storage-option", f"client_kwargs.endpoint_url=http://127.0.0.1:{free_port()}")
+    assert "cannot reach the object store" in line
+    assert fsspec.filesystem("s3", **options, skip_instance_cache=True).ls(bucket) == []  # nothing created
+
+
+# ---------------------------------------------------------------- labels and small things
+def test_folder_labels_are_flagged_when_packing_and_training(base, tmp_path, capsys, caplog):
+    index = read_json(f"{base['shards']}/index.json")
+    assert index["labels"]["scheme"] == "folders" and index["labels"]["classifier_classes"] is False
+    make_images(tmp_path / "images", n=2)
+    code, out, _ = cli(capsys, "shards", tmp_path / "images", tmp_path / "out", "--no-progress")
+    assert code == 0 and "not ImageNet WordNet ids" in out and "--target predicted" in out
+    wn = tmp_path / "wn" / "n01440764"
+    wn.mkdir(parents=True)
+    shutil.copy(next((tmp_path / "images" / "dogs").glob("*.jpg")), wn / "a.jpg")
+    code, out, _ = cli(capsys, "shards", tmp_path / "wn", tmp_path / "wn-out", "--no-progress")
+    assert code == 0 and "WordNet" not in out
+    assert read_json(f"{tmp_path}/wn-out/index.json")["labels"]["classifier_classes"] is True
+
+    from pipeline.loader import CacheLoader
+
+    cache = FeatureCache.open(base["cache"])
+    with caplog.at_level("WARNING", logger="pipeline.loader"):
+        CacheLoader(cache, 4, target="predicted")
+        assert not caplog.records
+        CacheLoader(cache, 4, target="label")
+    assert len(caplog.records) == 1 and "--target predicted" in caplog.records[0].getMessage()
+
+
+def test_skip_reasons_carry_no_object_repr(tmp_path, capsys):
+    d = tmp_path / "images" / "cats"
+    d.mkdir(parents=True)
+    Image.new("RGB", (40, 40), (200, 10, 10)).save(d / "ok.jpg")
+    (d / "junk.jpg").write_bytes(b"this is not an image at all")
+    report = pack_folder(tmp_path / "images", str(tmp_path / "out"), progress=False)
+    assert [s["file"] for s in report.skipped] == ["cats/junk.jpg"]
+    reason = report.skipped[0]["reason"]
+    assert "0x" not in reason and "<" not in reason and "not a recognised image format" in reason
