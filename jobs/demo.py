@@ -5,7 +5,8 @@ packed into WebDataset shards. ``--data PATH`` takes a user's image folder (clas
 sub-folders, or flat with a labels file) or a folder of shards instead. Then, on a
 local Ray with EfficientNet-Lite0: extraction -> L-CAM-Fm from the cache and L-CAM-Img
 from the images (short schedules) -> CAMs -> evaluation against Grad-CAM, Grad-CAM++
-and Score-CAM -> ``runs/demo/report.html``.
+and Score-CAM -> an audit of the classifier over the images (``runs/demo/audit/audit.html``,
+linked from the report) -> ``runs/demo/report.html``.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
     pipeline_job.run(pargs)
     report = (out / "report.html").resolve()
     print(f"\ndemo done in {time.perf_counter() - t0:.0f}s; open the report: {report}")
+    print(f"the audit (errors explained, evidence per class): {(out / 'audit' / 'audit.html').resolve()}")
     return 0
 
 

@@ -4,7 +4,7 @@ Every stage resumes: extraction skips cached shards, training continues from its
 checkpoint, CAM generation skips done shards, so a job stopped half-way and submitted
 again picks up where it stopped. Outputs under ``--workdir`` (any fsspec URL):
 ``cache/``, ``lcam-fm/`` and ``lcam-img/`` (checkpoints, metrics, curves), ``cams/``,
-``eval/``, ``report.html``.
+``eval/``, ``audit/`` (``audit.html``: errors explained, evidence per class), ``report.html``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import time
 
 from jobs.common import BACKBONE_HELP, LAYER_HELP, add_storage_options, backbone_spec, parse_storage_options, speaking_flags
 
-STAGES = ("extract", "train", "cams", "eval", "report")
+STAGES = ("extract", "train", "cams", "eval", "audit", "report")
 METHOD_LABELS = {"fm": "L-CAM-Fm", "img": "L-CAM-Img"}
 
 
@@ -48,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overlays", type=int, default=16, help="overlay PNGs in the CAM store's gallery")
     parser.add_argument("--eval-methods", default=None,
                         help="CAM methods next to L-CAM, comma-separated (default: lcam eval's default list; see lcam eval --help)")
+    parser.add_argument("--cams-classes", default="predicted,label",
+                        help="classes in the CAM store (default predicted,label: the audit shows both maps of a mistake)")
+    parser.add_argument("--audit-thumbnails", type=int, default=300, help="pictures in audit.html (default 300)")
     parser.add_argument("--eval-limit", type=int, default=None, help="evaluate a seeded random subset of N images")
     parser.add_argument("--method-limit", default=None, help="per-method image limits, e.g. scorecam=16,rise=32")
     parser.add_argument("--rise-masks", type=int, default=4000)
@@ -189,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
     if "cams" in stages:
         stage("cams: CAM store from the cache")
         summary = generate_cams(CamsConfig(
-            checkpoint=join(first, CHECKPOINT), out=join(wd, "cams"), cache=cache, overlays=args.overlays,
+            checkpoint=join(first, CHECKPOINT), out=join(wd, "cams"), cache=cache, overlays=args.overlays, classes=args.cams_classes,
             checkpoint_storage_options=so, source_storage_options=so, out_storage_options=so,
         ))
         print("\n".join(summary.lines()), flush=True)
@@ -206,6 +209,19 @@ def run(args: argparse.Namespace) -> int:
         ))
         print("\n".join(summary.lines()), flush=True)
 
+    audit_dir = join(wd, "audit")
+    if "audit" in stages:
+        from pipeline.audit import MAPS_FILE, AuditConfig, run_audit
+
+        stage("audit: errors explained, evidence per class")
+        methods = [x.strip() for x in args.eval_methods.split(",")]
+        compare = eval_dir if "gradcam" in methods and exists(join(eval_dir, MAPS_FILE), so) else None
+        summary = run_audit(AuditConfig(
+            cams=join(wd, "cams"), out=audit_dir, compare=compare, max_thumbnails=args.audit_thumbnails,
+            storage_options=so, out_storage_options=so,
+        ))
+        print("\n".join(summary.lines()), flush=True)
+
     if "report" in stages:
         stage("report")
         notes = []
@@ -215,6 +231,7 @@ def run(args: argparse.Namespace) -> int:
             join(wd, "report.html"), title="L-CAM report", subtitle=f"{args.backbone} on {args.train_shards}",
             eval_dir=eval_dir, train_runs={METHOD_LABELS[m]: out for m, out in runs.items()},
             cams_gallery="cams/gallery/index.html" if args.overlays else None, notes=notes, storage_options=so,
+            audit_page="audit/audit.html" if exists(join(audit_dir, "audit.html"), so) else None,
         )
         print(f"report: {url}", flush=True)
     print(f"\npipeline done in {time.perf_counter() - t0:.0f}s", flush=True)

@@ -92,6 +92,7 @@ def write_report(
     eval_dir: str | None = None,
     train_runs: Mapping[str, str] | None = None,
     cams_gallery: str | None = None,
+    audit_page: str | None = None,
     notes: Sequence[str] = (),
     colormap: str = "jet",
     opacity: float = 0.5,
@@ -150,6 +151,9 @@ def write_report(
         parts.append(_gallery(np.load(io.BytesIO(maps_raw)), assets, colormap, opacity, storage_options, coverage))
     if cams_gallery:
         parts.append(f'<p>All CAMs of the dataset: <a href="{html.escape(cams_gallery)}">gallery of the CAM store</a>.</p>')
+    if audit_page:
+        parts.append(f'<p>The classifier audited over the whole dataset (errors explained, where each class\'s evidence lies): '
+                     f'<a href="{html.escape(audit_page)}" id="audit-link">audit</a>.</p>')
     for n in notes:
         parts.append(f'<p class="note">{html.escape(n)}</p>')
     page = f"<!doctype html><html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title><style>{CSS}</style></head><body>{''.join(parts)}</body></html>"

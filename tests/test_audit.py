@@ -258,7 +258,8 @@ def test_classes_ranked_by_border_share_and_compared_with_the_second_method(audi
     import pyarrow.parquet as pq
 
     rho = {r["key"]: r["compare_rho"] for r in pq.read_table(str(out / "per_sample.parquet")).to_pylist() if not math.isnan(r["compare_rho"])}
-    assert rho == {audited["right"][0]: pytest.approx(1.0), audited["wrong"][0]: pytest.approx(-1.0)}
+    # the store's maps come from float16 features: a few near-equal pixels may swap ranks
+    assert rho == {audited["right"][0]: pytest.approx(1.0, abs=1e-3), audited["wrong"][0]: pytest.approx(-1.0, abs=1e-3)}
     assert float(by_class[truth[audited["wrong"][0]][1]]["rho_mean"]) == pytest.approx(-1.0)
 
 
