@@ -37,6 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import DEFAULT_DATA, target  # noqa: E402
 
 
+# the baselines added with the method registry (Ablation-CAM limited like Score-CAM: C head passes per image)
+NEW_METHODS = ("xgradcam", "layercam", "hirescam", "eigencam", "ablationcam")
+
+
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=DEFAULT_DATA)
@@ -112,14 +116,14 @@ def finetune_img(args: argparse.Namespace, shards: str, fm_ckpt: str, out: Path)
     from lcam.recipe import Recipe
     from lcam.training import LCAMTrainer, TrainBatch, init_attention
     from pipeline.checkpoints import load_checkpoint, save_checkpoint
-    from pipeline.evaluate import _by_shard, decode_batch, plan_batches, read_selected
+    from pipeline.evaluate import decode_batch, plan_batches, read_selected, shard_groups
     from pipeline.shards import list_shards
 
     t0 = time.perf_counter()
     backbone = build_backbone("efficientnet_lite0")
     plan = plan_batches(list_shards(shards), 64, args.limit, args.seed)  # the table's images (same limit and seed)
     pixels = []
-    for group in _by_shard(plan):
+    for group in shard_groups(plan):
         samples = read_selected(group, None)
         pixels += [decode_batch(b, samples[b.batch_id], backbone.preprocessing).pixels for b in group]
     # channels-last: 1.5x faster forward + backward than NCHW on this CPU (measured, batch 8)
@@ -188,6 +192,7 @@ def main() -> int:
 
     from lcam import LCAM, build_backbone
     from pipeline.checkpoints import load_checkpoint
+    from lcam.cam_methods import default_methods
     from pipeline.evaluate import EvalConfig, decode_to_uint8, evaluate
     from pipeline.shards import list_shards, read_shard
 
@@ -208,13 +213,21 @@ def main() -> int:
     t0 = time.perf_counter()
     evaluate(EvalConfig(
         shards=paths["shards"], out=str(out), checkpoints=[paths["fm"], paths["img"]], limit=args.limit, seed=args.seed,
-        method_limits={"rise": args.rise_images, "scorecam": args.scorecam_images}, rise_masks=args.rise_masks,
-        rise_batch=args.batch_size, scorecam_batch=args.batch_size, batch_size=args.batch_size, engine="local",
+        methods=(*default_methods(), *NEW_METHODS),
+        method_limits={"rise": args.rise_images, "scorecam": args.scorecam_images, "ablationcam": args.scorecam_images},
+        method_options={"rise": {"num_masks": args.rise_masks, "mask_batch": args.batch_size},
+                        "scorecam": {"batch_size": args.batch_size}, "ablationcam": {"batch_size": args.batch_size}},
+        batch_size=args.batch_size, engine="local",
     ))
     t_table = time.perf_counter() - t0
     report = json.loads((out / "results.json").read_text())
     print(f"\nevaluation of all methods: {t_table:.1f}s; outputs in {out}\n")
     print((out / "results.md").read_text())
+    print("per-image cost of every method in this run (its map + AD/IC's masked forwards):")
+    for m in report["methods"].values():
+        if m["n"]:
+            print(f"  {m['label']:<18} N={m['n']:<4} {m['seconds'] / m['n']:8.3f} s/image  "
+                  f"{(m['map_forwards'] + m['masked_forwards']) / m['n']:8.1f} forwards/image")
 
     # ---- batched vs reference style, the two L-CAM checkpoints on the same images; each
     # style timed twice, best of 2 (this shared VM's speed drifts by 20-30% from minute to minute)

@@ -147,3 +147,11 @@ def run(args: argparse.Namespace) -> int:
     summary = evaluate(config_from_args(args))
     print(json.dumps(summary.to_dict(), indent=1, default=str) if args.json else "\n".join(summary.lines()))
     return 0
+
+
+if __name__ == "__main__":  # `lcam submit eval` runs `python -m jobs.eval --config ...` on the cluster
+    import sys
+
+    from jobs.cli import run_job
+
+    sys.exit(run_job("eval", sys.argv[1:]))

@@ -64,3 +64,10 @@ def test_commands_are_listed_in_the_top_level_help(capsys):
     assert main(["--help"]) == 0
     text = capsys.readouterr().out
     assert "--version" in text and all(name in text for name in COMMANDS)
+
+
+def test_job_modules_run_as_scripts():
+    """`lcam submit eval` runs `python -m jobs.eval --config ...` on the cluster: the module must be a script."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-m", "jobs.eval", "--help"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: lcam eval")

@@ -67,10 +67,12 @@ def parse_command_line(tokens: list[str]) -> None:
         if len(argv) < len(tokens[2:]):  # --config given: the positionals come from the file
             return
     err = io.StringIO()
-    with contextlib.redirect_stderr(err):
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         try:
             parser.parse_args(argv)
         except SystemExit as exc:
+            if exc.code == 0 and ("-h" in argv or "--help" in argv):
+                return  # `lcam eval --help`: help printed, a valid line
             raise AssertionError(err.getvalue().strip().splitlines()[-1]) from exc
 
 
