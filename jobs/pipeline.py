@@ -13,10 +13,12 @@ import argparse
 import sys
 import time
 
-from jobs.common import add_storage_options, parse_storage_options, speaking_flags
+from jobs.common import add_storage_options, parse_storage_options, run_stage, speaking_flags
 
 STAGES = ("extract", "train", "cams", "eval", "report")
 METHOD_LABELS = {"fm": "L-CAM-Fm", "img": "L-CAM-Img"}
+# How this command spells the evaluation stage's options (config field -> flag).
+EVAL_FLAGS = {"limit": "--eval-limit", "methods": "--eval-methods", "checkpoints": "--method"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -78,6 +80,34 @@ def _train_flags(method: str) -> dict[str, str]:
     }
 
 
+def _views(args: argparse.Namespace) -> list[str]:
+    return [v.strip() for v in args.views.split(",") if v.strip()]
+
+
+def _refuse_up_front(args: argparse.Namespace, stages: list[str], train_configs: dict) -> None:
+    """Options that cannot work together, refused before the first stage: one line, nothing
+    written, rather than a failure after extraction and training have spent their time."""
+    from lcam.baselines import BASELINES
+    from pipeline.errors import UserError
+    from pipeline.training import check_config
+
+    if "cams" in stages and "center" not in _views(args):
+        raise UserError(f"--views {args.views} leaves out center, the view the cams stage explains; add it (e.g. --views center,hflip)")
+    if "eval" in stages:
+        methods = [x.strip() for x in args.eval_methods.split(",") if x.strip()]
+        unknown = [x for x in methods if x not in BASELINES]
+        if unknown:
+            raise UserError(f"--eval-methods: unknown method(s) {', '.join(unknown)}; baselines: {', '.join(BASELINES)}")
+        stray = sorted(set(_limits(args.method_limit)) - set(methods) - {f"lcam-{m}" for m in _methods(args)})
+        if stray:
+            raise UserError(f"--method-limit names {', '.join(stray)}, which this run does not evaluate "
+                            f"(--eval-methods {args.eval_methods}, --method {args.method}); drop it or add the method")
+    if "train" in stages:
+        for m, cfg in train_configs.items():
+            with speaking_flags(_train_flags(m)):
+                check_config(cfg)
+
+
 def _img_pass1_cache(args: argparse.Namespace, cache: str) -> str | None:
     """The cache L-CAM-Img's pass 1 reads, or None to run the backbone at every step.
 
@@ -86,8 +116,7 @@ def _img_pass1_cache(args: argparse.Namespace, cache: str) -> str | None:
     cached. The default keeps the paper's random crops (SPEC 3): L-CAM-Img then streams
     the images through the backbone, and the cache serves L-CAM-Fm, the CAMs and nothing else.
     """
-    views = [v.strip() for v in args.views.split(",") if v.strip()]
-    return cache if args.img_augment == "center" and "center" in views else None
+    return cache if args.img_augment == "center" and "center" in _views(args) else None
 
 
 def _train_config(args: argparse.Namespace, method: str, cache: str, out: str, so: dict | None):
@@ -110,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.extract import ExtractConfig, extract
     from pipeline.fs import absolute, exists, join
     from pipeline.report import write_report
-    from pipeline.training import CHECKPOINT, check_config, train
+    from pipeline.training import CHECKPOINT, train
 
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = sorted(set(stages) - set(STAGES))
@@ -122,13 +151,7 @@ def run(args: argparse.Namespace) -> int:
     runs = {m: join(wd, f"lcam-{m}") for m in _methods(args)}
     args.train_shards = absolute(args.train_shards)
     args.eval_shards = args.eval_shards and absolute(args.eval_shards)
-    views = [v.strip() for v in args.views.split(",") if v.strip()]
-    if "cams" in stages and "center" not in views:  # refused now, not after extraction and training
-        raise UserError(f"--views {args.views} leaves out center, the view the cams stage explains; add it (e.g. --views center,hflip)")
-    if "train" in stages:  # refuse a config that cannot train before extraction spends its time
-        for m, out in runs.items():
-            with speaking_flags(_train_flags(m)):
-                check_config(_train_config(args, m, cache, out, so))
+    _refuse_up_front(args, stages, {m: _train_config(args, m, cache, out, so) for m, out in runs.items()})
     t0 = time.perf_counter()
 
     def stage(name: str) -> None:
@@ -138,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
         stage("extract: shards -> feature cache")
         summary = extract(ExtractConfig(
             shards=args.train_shards, cache=cache, backbone=args.backbone, weights=args.weights,
-            views=tuple(views), batch_size=args.extract_batch_size,
+            views=tuple(_views(args)), batch_size=args.extract_batch_size,
             shard_storage_options=so, cache_storage_options=so,
         ))
         print("\n".join(summary.lines()), flush=True)
@@ -165,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
 
     if "eval" in stages:
         stage("eval: AD/IC against the baselines")
-        summary = evaluate(EvalConfig(
+        summary = run_stage(EVAL_FLAGS, evaluate, EvalConfig(
             shards=args.eval_shards or args.train_shards, out=eval_dir,
             checkpoints=[f"lcam-{m}={join(out, CHECKPOINT)}" for m, out in runs.items()],
             methods=tuple(x.strip() for x in args.eval_methods.split(",") if x.strip()),

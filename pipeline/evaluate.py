@@ -196,7 +196,7 @@ def method_specs(cfg: EvalConfig, loaded: Sequence[tuple[str | None, str, dict[s
         specs.append(MethodSpec(mid, "lcam", label, {}, None, dict(ckpt["attention"]), info))
     for name in cfg.methods:
         if name not in BASELINES:
-            raise UserError(f"unknown method {name!r}; baselines: {', '.join(BASELINES)} (L-CAM rows come from --checkpoint)")
+            raise UserError(lambda flag: f"{flag('methods')}: unknown method {name!r}; baselines: {', '.join(BASELINES)} (L-CAM rows come from {flag('checkpoints')})")
         if name in used:
             raise UserError(f"method {name!r} is listed twice")
         used.add(name)
@@ -263,9 +263,9 @@ def plan_batches(shards: Sequence[Any], batch_size: int, limit: int | None, seed
         chosen = np.arange(total)
     else:
         if limit < 1:
-            raise UserError(f"--limit must be at least 1, got {limit}")
+            raise UserError(lambda flag: f"{flag('limit')} must be at least 1, got {limit}")
         if limit > total:
-            raise UserError(f"--limit {limit} asks for more images than the shards hold ({total}); pass --limit {total} or less, or leave it out")
+            raise UserError(lambda flag: f"{flag('limit')} {limit} asks for more images than the shards hold ({total}); pass {flag('limit')} {total} or less, or leave it out")
         chosen = np.sort(rng.choice(total, size=limit, replace=False))
     ranks = rng.permutation(len(chosen))
     starts = np.cumsum([0, *counts])
@@ -991,7 +991,7 @@ def evaluate(cfg: EvalConfig) -> EvalSummary:
     plan = plan_batches(shards, cfg.batch_size, cfg.limit, cfg.seed, cfg.shard_storage_options)
     for s in specs:
         if s.limit is not None and s.limit > plan.selected:
-            raise UserError(f"--method-limit {s.id}={s.limit} exceeds the {plan.selected} images evaluated; lower it or raise --limit")
+            raise UserError(lambda flag: f"--method-limit {s.id}={s.limit} exceeds the {plan.selected} images evaluated; lower it or raise {flag('limit')}")
     if cfg.progress:
         print(f"eval: {plan.selected} images of {plan.available} in {len(plan.batches)} batches; methods: "
               + ", ".join(s.label + (f" (N={s.limit})" if s.limit else "") for s in specs) + f"; engine {engine}",
