@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 from contextlib import contextmanager
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 from pipeline.errors import FlagNamer, UserError, flag_namer
+
+T = TypeVar("T")
 
 
 def parse_storage_options(pairs: list[str] | None) -> dict[str, Any] | None:
@@ -76,3 +78,9 @@ def speaking_flags(names: Mapping[str, str]) -> Iterator[FlagNamer]:
         yield namer
     except UserError as exc:
         raise exc.spoken_as(namer) from None
+
+
+def run_stage(names: Mapping[str, str], stage: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``stage(*args, **kwargs)`` under :func:`speaking_flags` (``names``: field -> this job's flag)."""
+    with speaking_flags(names):
+        return stage(*args, **kwargs)

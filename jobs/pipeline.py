@@ -13,10 +13,12 @@ import argparse
 import sys
 import time
 
-from jobs.common import BACKBONE_HELP, LAYER_HELP, add_storage_options, backbone_spec, parse_storage_options, speaking_flags
+from jobs.common import BACKBONE_HELP, LAYER_HELP, add_storage_options, backbone_spec, parse_storage_options, run_stage, speaking_flags
 
 STAGES = ("extract", "train", "cams", "eval", "audit", "report")
 METHOD_LABELS = {"fm": "L-CAM-Fm", "img": "L-CAM-Img"}
+# How this command spells the evaluation stage's options (config field -> flag).
+EVAL_FLAGS = {"limit": "--eval-limit", "methods": "--eval-methods", "checkpoints": "--method"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -103,6 +105,30 @@ def _train_flags(method: str) -> dict[str, str]:
     }
 
 
+def _views(args: argparse.Namespace) -> list[str]:
+    return [v.strip() for v in args.views.split(",") if v.strip()]
+
+
+def _refuse_up_front(args: argparse.Namespace, stages: list[str], eval_methods: tuple[str, ...], train_configs: dict) -> None:
+    """Options that cannot work together, refused before the first stage: one line, nothing
+    written, rather than a failure after extraction and training have spent their time.
+    ``eval_methods``: --eval-methods, already checked against the registry."""
+    from pipeline.errors import UserError
+    from pipeline.training import check_config
+
+    if "cams" in stages and "center" not in _views(args):
+        raise UserError(f"--views {args.views} leaves out center, the view the cams stage explains; add it (e.g. --views center,hflip)")
+    if "eval" in stages:
+        stray = sorted(set(_limits(args.method_limit)) - set(eval_methods) - {f"lcam-{m}" for m in _methods(args)})
+        if stray:
+            raise UserError(f"--method-limit names {', '.join(stray)}, which this run does not evaluate "
+                            f"(--eval-methods {','.join(eval_methods)}, --method {args.method}); drop it or add the method")
+    if "train" in stages:
+        for m, cfg in train_configs.items():
+            with speaking_flags(_train_flags(m)):
+                check_config(cfg)
+
+
 def _img_pass1_cache(args: argparse.Namespace, cache: str) -> str | None:
     """The cache L-CAM-Img's pass 1 reads, or None to run the backbone at every step.
 
@@ -111,8 +137,7 @@ def _img_pass1_cache(args: argparse.Namespace, cache: str) -> str | None:
     cached. The default keeps the paper's random crops (SPEC 3): L-CAM-Img then streams
     the images through the backbone, and the cache serves L-CAM-Fm, the CAMs and nothing else.
     """
-    views = [v.strip() for v in args.views.split(",") if v.strip()]
-    return cache if args.img_augment == "center" and "center" in views else None
+    return cache if args.img_augment == "center" and "center" in _views(args) else None
 
 
 def _train_config(args: argparse.Namespace, method: str, cache: str, out: str, so: dict | None, fm_run: str | None):
@@ -142,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.extract import ExtractConfig, extract
     from pipeline.fs import absolute, exists, join
     from pipeline.report import write_report
-    from pipeline.training import CHECKPOINT, check_config, train
+    from pipeline.training import CHECKPOINT, train
 
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = sorted(set(stages) - set(STAGES))
@@ -156,13 +181,7 @@ def run(args: argparse.Namespace) -> int:
     args.backbone = backbone_spec(args.backbone, args.layer)
     args.train_shards = absolute(args.train_shards)
     args.eval_shards = args.eval_shards and absolute(args.eval_shards)
-    views = [v.strip() for v in args.views.split(",") if v.strip()]
-    if "cams" in stages and "center" not in views:  # refused now, not after extraction and training
-        raise UserError(f"--views {args.views} leaves out center, the view the cams stage explains; add it (e.g. --views center,hflip)")
-    if "train" in stages:  # refuse a config that cannot train before extraction spends its time
-        for m, out in runs.items():
-            with speaking_flags(_train_flags(m)):
-                check_config(_train_config(args, m, cache, out, so, runs.get("fm")))
+    _refuse_up_front(args, stages, eval_methods, {m: _train_config(args, m, cache, out, so, runs.get("fm")) for m, out in runs.items()})
     t0 = time.perf_counter()
 
     def stage(name: str) -> None:
@@ -172,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
         stage("extract: shards -> feature cache")
         summary = extract(ExtractConfig(
             shards=args.train_shards, cache=cache, backbone=args.backbone, weights=args.weights,
-            views=tuple(views), batch_size=args.extract_batch_size,
+            views=tuple(_views(args)), batch_size=args.extract_batch_size,
             shard_storage_options=so, cache_storage_options=so,
         ))
         print("\n".join(summary.lines()), flush=True)
@@ -199,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
 
     if "eval" in stages:
         stage("eval: AD/IC against the baselines")
-        summary = evaluate(EvalConfig(
+        summary = run_stage(EVAL_FLAGS, evaluate, EvalConfig(
             shards=args.eval_shards or args.train_shards, out=eval_dir,
             checkpoints=[f"lcam-{m}={join(out, CHECKPOINT)}" for m, out in runs.items()],
             methods=eval_methods,
@@ -214,8 +233,7 @@ def run(args: argparse.Namespace) -> int:
         from pipeline.audit import MAPS_FILE, AuditConfig, run_audit
 
         stage("audit: errors explained, evidence per class")
-        methods = [x.strip() for x in args.eval_methods.split(",")]
-        compare = eval_dir if "gradcam" in methods and exists(join(eval_dir, MAPS_FILE), so) else None
+        compare = eval_dir if "gradcam" in eval_methods and exists(join(eval_dir, MAPS_FILE), so) else None
         summary = run_audit(AuditConfig(
             cams=join(wd, "cams"), out=audit_dir, compare=compare, max_thumbnails=args.audit_thumbnails,
             storage_options=so, out_storage_options=so,

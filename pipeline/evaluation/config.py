@@ -139,7 +139,7 @@ def method_specs(cfg: EvalConfig, loaded: Sequence[tuple[str | None, str, dict[s
         specs.append(MethodSpec(mid, "lcam", label, {}, None, dict(ckpt["attention"]), info))
     for name in cfg.methods:
         if name not in method_names():
-            raise UserError(f"unknown method {name!r}; methods: {', '.join(method_names())} (L-CAM rows come from --checkpoint)")
+            raise UserError(lambda flag: f"{flag('methods')}: unknown method {name!r}; methods: {', '.join(method_names())} (L-CAM rows come from {flag('checkpoints')})")
         if name in used:
             raise UserError(f"method {name!r} is listed twice")
         used.add(name)

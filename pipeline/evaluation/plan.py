@@ -62,9 +62,9 @@ def plan_batches(shards: Sequence[Any], batch_size: int, limit: int | None, seed
         chosen = np.arange(total)
     else:
         if limit < 1:
-            raise UserError(f"--limit must be at least 1, got {limit}")
+            raise UserError(lambda flag: f"{flag('limit')} must be at least 1, got {limit}")
         if limit > total:
-            raise UserError(f"--limit {limit} asks for more images than the shards hold ({total}); pass --limit {total} or less, or leave it out")
+            raise UserError(lambda flag: f"{flag('limit')} {limit} asks for more images than the shards hold ({total}); pass {flag('limit')} {total} or less, or leave it out")
         chosen = np.sort(rng.choice(total, size=limit, replace=False))
     ranks = rng.permutation(len(chosen))
     starts = np.cumsum([0, *counts])

@@ -111,7 +111,7 @@ def evaluate(cfg: EvalConfig) -> EvalSummary:
     plan = plan_batches(shards, cfg.batch_size, cfg.limit, cfg.seed, cfg.shard_storage_options)
     for s in specs:
         if s.limit is not None and s.limit > plan.selected:
-            raise UserError(f"--method-limit {s.id}={s.limit} exceeds the {plan.selected} images evaluated; lower it or raise --limit")
+            raise UserError(lambda flag: f"--method-limit {s.id}={s.limit} exceeds the {plan.selected} images evaluated; lower it or raise {flag('limit')}")
     if cfg.progress:
         print(f"eval: {plan.selected} images of {plan.available} in {len(plan.batches)} batches; methods: "
               + ", ".join(s.label + (f" (N={s.limit})" if s.limit else "") for s in specs) + f"; engine {engine}",
