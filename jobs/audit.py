@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--class-names", default=None, help="class names file (default ImageNet)")
     parser.add_argument("--band", type=float, default=0.1, help="border band width, a share of the image side (default 0.1)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
-    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--quiet", action="store_true", help="print nothing on success")
     add_storage_options(parser, what=" for the CAM store, its source shards and --compare")
     add_storage_options(parser, "--out-storage-option", "out_storage_option", " for the output folder")
 
@@ -33,7 +33,6 @@ def config_from_args(args: argparse.Namespace):
         cams=args.cams, out=args.out.rstrip("/"), compare=args.compare, compare_method=args.compare_method,
         max_thumbnails=args.max_thumbnails, class_names=args.class_names, band=args.band,
         storage_options=parse_storage_options(args.storage_option), out_storage_options=parse_storage_options(args.out_storage_option),
-        progress=not args.quiet,
     )
 
 
@@ -43,6 +42,8 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.audit import run_audit
 
     summary = run_audit(config_from_args(args))
+    if args.quiet:
+        return 0
     print(json.dumps(asdict(summary), indent=1) if args.json else "\n".join(summary.lines()))
     return 0
 

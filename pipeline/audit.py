@@ -63,7 +63,6 @@ class AuditConfig:
     opacity: float = 0.5
     storage_options: StorageOptions = None  # the CAM store and its source shards
     out_storage_options: StorageOptions = None
-    progress: bool = True
 
 
 @dataclass
@@ -332,6 +331,7 @@ def run_audit(cfg: AuditConfig) -> AuditSummary:
     n_dis_rows = int(budget * share_cmp) // 3
     partials = [json.loads(r["partial"]) for r in per_sample.map_batches(block_partial, batch_format="numpy", fn_kwargs={"n_errors": n_error_rows, "n_disagree": n_dis_rows}).take_all()]
     agg = merge_partials(partials, n_error_rows, n_dis_rows)
+    log.info("audit: figures of %d samples in %d blocks, %d classes, %.1fs", len(store), len(partials), len(agg.per_class), time.perf_counter() - t0)
     means = {str(r["class"]): r["border_mean"] for r in agg.per_class}
     typical: dict[int, list] = {}
     for r in per_sample.map_batches(block_typical, batch_format="numpy", fn_kwargs={"means": means}).take_all():
@@ -358,6 +358,7 @@ def run_audit(cfg: AuditConfig) -> AuditSummary:
         for si, row in c["typical"] + c["extreme"]:
             wanted.setdefault(si, {}).setdefault(row, []).append(("cam", int(c["class"])))
     pictures = _draw(store, entries, wanted, compare, cfg)
+    log.info("audit: %d pictures from %d source shards, %.1fs", len(pictures), len(wanted), time.perf_counter() - t0)
     assets = join(cfg.out, ASSETS)
     for name, data in pictures.items():
         write_bytes_atomic(join(assets, name), data, out_so)
