@@ -57,9 +57,12 @@ def imagenet_wnids() -> dict[str, int]:
 
 
 def load_class_names(url: str | None = None, storage_options: StorageOptions = None, num_classes: int = 1000) -> list[str]:
-    """ImageNet's names, or a user's file (TSV/CSV with a ``name`` column, or a name a line)."""
+    """ImageNet's names, or a user's file (TSV/CSV with a ``name`` column, or a name a line);
+    without a file, a classifier that has not 1,000 classes gets ``class 0``, ``class 1``, ..."""
     if url is None:
         names = list(imagenet_classes())
+        if num_classes != len(names):  # not an ImageNet classifier (a user's backbone): number its classes
+            return [f"class {i}" for i in range(num_classes)]
     else:
         fs, path = get_fs(url, storage_options)
         try:

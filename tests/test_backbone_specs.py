@@ -81,6 +81,11 @@ def test_timm_cnn_split_preprocessing_and_identity():
     assert ident["backbone"] == "timm:resnet18,size=64" and ident["preprocessing"]["interpolation"] == "bicubic"
     # the same spec gives the same weights in any process (seeded build): same digest
     assert build_backbone("timm:resnet18,size=64", "random").weights_digest() == b.weights_digest()
+    folded = b.folded()  # extraction's inference copy: BatchNorm folded, same function and identity
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.features.modules())
+    with torch.no_grad():
+        ff, fl = folded.extract(x)
+    assert folded.describe() == ident and torch.allclose(ff, feats, atol=1e-4) and torch.allclose(fl, logits, atol=1e-4)
 
 
 def test_layer_override_splits_there_and_state_dict_weights_load(tmp_path):
@@ -132,6 +137,7 @@ def test_vit_split_reproduces_the_model_and_exposes_the_token_grid(name):
     assert torch.allclose(feats[:, 192:], tokens[:, 0, :, None, None].expand(-1, -1, 14, 14), atol=1e-5)
     # Grad-CAM's hook: the last block in features, reshaped the same way
     assert b.target_layer is b.features.model.blocks[-2]
+    assert b.folded().target_layer is b.target_layer  # nothing to fold in a ViT: the same hooked block
     assert torch.allclose(b.reshape_transform(tokens), feats[:, :192], atol=1e-5)
 
 
