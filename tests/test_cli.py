@@ -71,3 +71,17 @@ def test_job_modules_run_as_scripts():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-m", "jobs.eval", "--help"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert proc.returncode == 0 and proc.stdout.startswith("usage: lcam eval")
+
+
+def test_eval_flags_come_from_the_registries():
+    from jobs.cli import command_parser
+    from jobs.eval import config_from_args
+
+    args = command_parser("eval").parse_args(["SHARDS", "OUT", "--methods", "xgradcam,rise", "--rise-masks", "8",
+                                              "--road", "--road-percentiles", "50,90", "--insdel-steps", "4"])
+    cfg = config_from_args(args)
+    assert cfg.methods == ("xgradcam", "rise") and cfg.metrics == ("road",)
+    assert cfg.method_options["rise"] == {"num_masks": 8, "grid": 7, "p": 0.5, "mask_batch": 32, "seed": 0}
+    assert cfg.metric_options["road"] == {"percentiles": (50, 90), "seed": 0} and cfg.metric_options["insdel"]["steps"] == 4
+    none = config_from_args(command_parser("eval").parse_args(["S", "O", "--methods", "none"]))
+    assert none.methods == () and none.metrics == ()
