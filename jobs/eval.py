@@ -11,7 +11,7 @@ import argparse
 import json
 from typing import Any, Callable
 
-from jobs.common import BACKBONE_HELP, LAYER_HELP, add_storage_options, backbone_spec, parse_storage_options
+from jobs.common import BACKBONE_HELP, LAYER_HELP, add_storage_options, backbone_spec, parse_storage_options, run_stage
 
 
 def _ratios(text: str) -> tuple[float, ...]:
@@ -144,7 +144,7 @@ def config_from_args(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from pipeline.evaluate import evaluate
 
-    summary = evaluate(config_from_args(args))
+    summary = run_stage({"checkpoints": "--checkpoint"}, evaluate, config_from_args(args))  # its one field spelt otherwise
     print(json.dumps(summary.to_dict(), indent=1, default=str) if args.json else "\n".join(summary.lines()))
     return 0
 
