@@ -323,23 +323,28 @@ def test_killed_extraction_verify_is_right_and_resume_completes(base, ray_local,
         np.testing.assert_allclose(f, base["features"][k], atol=F16, rtol=0)
 
 
-def test_two_extractions_at_once_notice_and_consistent(base, ray_local, tmp_path, capsys):
+def test_two_extractions_at_once_notice_and_consistent(base, ray_local, tmp_path):
     cache = str(tmp_path / "cache")
-    # the other run brings its own Ray: two pipelines on the session's 2-CPU Ray could starve each other
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["PYTHONPATH"] = ROOT
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "extract", base["single"], cache, "--batch-size", "1"],
-                            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address, PYTHONPATH=ROOT)
+    cmd = [sys.executable, "-m", "jobs.cli", "extract", base["single"], cache, "--batch-size", "8"]
+    first = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # The first has planned its work and taken its lease: pause it there, before its Ray
+    # pipeline holds CPUs (two pipelines on the session's 2-CPU Ray could starve each other).
     deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not (os.path.isdir(f"{cache}/leases") and os.listdir(f"{cache}/leases")):
-        time.sleep(0.05)
-    assert proc.poll() is None, "the first extraction ended before the second started"
-    code, out, _ = cli(capsys, "extract", base["single"], cache, "--batch-size", "8")
-    other_out, _ = proc.communicate(timeout=600)
-    assert code == 0 and proc.returncode == 0, other_out
-    assert "notice: another extraction into this cache started" in out
+    while time.time() < deadline and first.poll() is None and not (os.path.isdir(f"{cache}/leases") and os.listdir(f"{cache}/leases")):
+        time.sleep(0.02)
+    assert first.poll() is None, "the first extraction ended before the second started"
+    first.send_signal(signal.SIGSTOP)
+    try:
+        second = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    first_out, _ = first.communicate(timeout=600)
+    assert second.returncode == 0 and first.returncode == 0, (second.stdout, second.stderr, first_out)
+    assert "notice: another extraction into this cache started" in second.stdout
+    assert "8 extracted now" in first_out and "8 extracted now" in second.stdout  # both did all the work (no shard lock yet)
     assert not os.listdir(f"{cache}/leases")  # both gave their lease back
-    assert cli(capsys, "cache", "verify", cache, "--index", base["single"])[0] == 0
+    assert FeatureCache.open(cache).verify(expected={s.url: s.count for s in list_shards(base["single"])}).ok
     got = features_by_key(cache)
     assert sorted(got) == sorted(base["features"])
     for k, f in got.items():
