@@ -5,7 +5,10 @@ A :class:`Backbone` is ``features`` (normalised image -> last-conv feature maps 
 point takes images in pixel space [0, 1]; normalisation happens inside, so masking
 in pixel space (L-CAM-Img, evaluation) composes with it directly.
 
-Built-ins are registered by name; add another CNN with :func:`register_backbone`::
+Any timm or torchvision classifier, or your own, is reachable by a spec string
+(``timm:convnext_tiny``, ``torchvision:resnet101``, ``mypkg.models:build``; see
+:mod:`lcam.specs`), which every process resolves. Built-ins are registered by name; a
+registry entry lives in one process only (Ray workers see the ones made at import)::
 
     @register_backbone("mobilenet_v3_large")
     def _mobilenet(weights):

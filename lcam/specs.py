@@ -116,10 +116,9 @@ def _create_timm(name: str, pretrained: bool, size: int | None) -> nn.Module:
     import timm
 
     kwargs: dict[str, Any] = {}
-    if size:  # transformers are built for one input size; CNNs take any
-        cfg = timm.models.get_pretrained_cfg(name.split(".")[0]) if hasattr(timm.models, "get_pretrained_cfg") else None
-        if "vit" in name or "deit" in name or getattr(cfg, "fixed_input_size", False):
-            kwargs["img_size"] = size
+    # transformers (fixed_input_size in timm's metadata) are built for one input size; CNNs take any
+    if size and getattr(timm.models.get_pretrained_cfg(name), "fixed_input_size", False):
+        kwargs["img_size"] = size
     return timm.create_model(name, pretrained=pretrained, **kwargs)
 
 
@@ -155,13 +154,19 @@ def _is_timm_model(model: nn.Module) -> bool:
     return hasattr(model, "forward_features") and hasattr(model, "forward_head") and hasattr(model, "pretrained_cfg")
 
 
+def _is_timm_vit(model: nn.Module) -> bool:
+    from timm.models.vision_transformer import VisionTransformer  # ViT, DeiT (distilled too), ...
+
+    return isinstance(model, VisionTransformer)
+
+
 def _split_timm(spec: BackboneSpec, model: nn.Module, prep: Preprocessing, weights: str) -> Backbone:
     what = f"backbone {spec.canonical}"
     target, reshape, patch_channels = None, None, None
     if spec.layer:
         features, head = split_at_layer(model, spec.layer)
         what += f" split at {spec.layer!r}"
-    elif hasattr(model, "blocks") and hasattr(model, "patch_embed") and hasattr(model, "num_prefix_tokens"):
+    elif _is_timm_vit(model):
         from .vit import split_timm_vit
 
         features, head, target, reshape, patch_channels = split_timm_vit(model)
