@@ -187,7 +187,7 @@ def main() -> int:
         runs[name] = str(run / "checkpoint.pt")
     d_init, d_k = args.fm_default.split(",")
     fm_default = f"fm-{d_init}-k{int(d_k)}"
-    if fm_default not in runs:
+    if fm_default not in runs and not args.no_img:
         raise SystemExit(f"--fm-default {args.fm_default} is not among the variants trained")
 
     # ---- 3. L-CAM-Img, warm-started from the chosen L-CAM-Fm
@@ -211,22 +211,29 @@ def main() -> int:
     if ray.is_initialized():
         ray.shutdown()  # the evaluations run in this process (the local engine)
 
-    # ---- 4. the two tables
+    # ---- 4. the two tables: one evaluation per L-CAM checkpoint and one for the baselines, on the
+    # same images (same shards, limit and seed), so parts can run in parallel processes and be reused
     baselines = tuple(s.strip() for s in args.baselines.split(",") if s.strip())
-    tables = {}
+    tables: dict[str, tuple[dict, dict]] = {}
     wanted = {t.strip() for t in args.tables.split(",") if t.strip()}
     for label, shards, limit in (("held-out", held_shards, None), ("in-sample", train_shards, args.insample)):
-        if label not in wanted:
-            continue
-        out = work / f"eval-{label}-{key(runs=runs, baselines=baselines, limit=limit, seed=args.seed)}"
-        t0 = time.perf_counter()
-        if not (out / "results.json").exists():
-            evaluate(EvalConfig(shards=shards, out=str(out), checkpoints=[f"{n}={u}" for n, u in runs.items()], methods=baselines,
-                                limit=limit, seed=args.seed, batch_size=args.batch_size, engine="local", progress=False))
-        tables[label] = (json.loads((out / "results.json").read_text()), per_image(out / "per_image.csv"))
-        print(f"eval {label}: {time.perf_counter() - t0:.1f}s ({out})", flush=True)
+        methods, rows = {}, {}
+        for name, url in ([("baselines", None)] if baselines else []) + list(runs.items()):
+            out = work / f"eval-{label}-{name}-{key(url=url, baselines=baselines if url is None else (), limit=limit, seed=args.seed)}"
+            if not (out / "results.json").exists():
+                if label not in wanted:
+                    break
+                t0 = time.perf_counter()
+                evaluate(EvalConfig(shards=shards, out=str(out), checkpoints=[f"{name}={url}"] if url else [], methods=() if url else baselines,
+                                    limit=limit, seed=args.seed, batch_size=args.batch_size, engine="local", progress=False))
+                print(f"eval {label} {name}: {time.perf_counter() - t0:.1f}s ({out})", flush=True)
+            methods.update(json.loads((out / "results.json").read_text())["methods"])
+            rows.update(per_image(out / "per_image.csv"))
+        else:
+            tables[label] = ({"methods": methods}, rows)
 
     if len(tables) < 2:
+        print(f"tables complete: {sorted(tables) or 'none'}; run again with --tables for the rest", flush=True)
         return 0
     # ---- 5. report
     coverage = {n: load_checkpoint(u)["coverage"] for n, u in runs.items()}
@@ -256,7 +263,7 @@ def main() -> int:
     print(f"\nwhole benchmark: {time.perf_counter() - t_all:.0f}s; load average now {os.getloadavg()[0]:.1f}\n")
 
     held = tables["held-out"][1]
-    checked = [fm_default] + (["img"] if "img" in runs else [])
+    checked = [m for m in (fm_default, "img") if m in runs]
     for mid in checked:
         ad, ic, _ = paired(held, mid, "gradcam")
         for j, q in enumerate(RATIOS):

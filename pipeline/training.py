@@ -298,7 +298,8 @@ def resolve_recipe(cfg: TrainConfig, method: str, backbone_name: str, ckpt: Mapp
         run = {"method": method, "backbone": backbone_name, "lr": recipe.lr, "batch_size": recipe.batch_size, "schedule": recipe.schedule,
                "target": target, "seed": 0 if cfg.seed is None else cfg.seed, "view": cfg.view or "random",
                "augment": cfg.augment or "random", "recipe": recipe.to_dict(), "recipe_rule": rule,
-               "init": "checkpoint" if cfg.init_from else (cfg.init or "random"), "init_from": cfg.init_from,
+               # the small-data recipe starts from CAM where the head allows it (initial_attention resolves "auto")
+               "init": "checkpoint" if cfg.init_from else (cfg.init or ("auto" if rule == "data-size" else "random")), "init_from": cfg.init_from,
                "targets": targets, "top_k": top_k}
         return recipe, run
     run = dict(ckpt["config"])
@@ -361,11 +362,15 @@ def backbone_for_cache(cache: Any, weights: str | None):
     return backbone
 
 
-def initial_attention(backbone: Any, run_cfg: Mapping[str, Any], storage_options: StorageOptions = None) -> tuple[Any, torch.Tensor | None]:
+def initial_attention(backbone: Any, run_cfg: dict[str, Any], storage_options: StorageOptions = None) -> tuple[Any, torch.Tensor | None]:
     """The attention a new run starts from (``init``, ``init_from``) and the coverage it
-    inherits (an ``init_from`` checkpoint's rows were trained by its samples)."""
+    inherits (an ``init_from`` checkpoint's rows were trained by its samples). ``init``
+    "auto" becomes "cam" when the backbone's head is pooling + linear, else "random", in
+    ``run_cfg`` too (what the checkpoint records)."""
     from lcam.training import NoLinearClassifier, init_attention
 
+    if run_cfg.get("init") == "auto":
+        run_cfg["init"] = "cam" if backbone.linear_classifier() is not None else "random"
     url = run_cfg.get("init_from")
     if url:
         start = load_checkpoint(url, storage_options)

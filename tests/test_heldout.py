@@ -207,7 +207,11 @@ def test_user_errors_are_one_line_and_create_nothing(toy, tmp_path, capsys):
         assert not out.exists()
 
 
-def test_recipe_by_data_size():
+def test_recipe_by_data_size(toy, tmp_path):
+    train_fm(config(toy, tmp_path / "small", target="label", recipe_rule="data-size", epochs=None, batch_size=None, max_steps=0))
+    run = load_checkpoint(str(tmp_path / "small" / "checkpoint.pt"))["config"]
+    assert run["recipe_rule"] == "data-size" and run["init"] == "cam"  # "auto": EfficientNet-Lite0's head is pooling + linear
+    assert (run["lr"], run["batch_size"], run["schedule"], run["recipe"]["epochs"]) == (3.0, 16, "onecycle", 80)
     assert recipe_for_data("efficientnet_lite0", "fm", 800) == Recipe(lr=3.0, epochs=80, batch_size=16, schedule="onecycle")
     assert recipe_for_data("efficientnet_lite0", "fm", 8000).epochs == 8
     assert recipe_for_data("efficientnet_lite0", "img", 800) == Recipe(lr=0.1, epochs=4, batch_size=8, schedule="onecycle")
