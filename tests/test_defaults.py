@@ -1,0 +1,266 @@
+"""Every command runs with only its required arguments (issue #18).
+
+Each job runs once, in this process through ``jobs.cli.main`` on the session's local Ray,
+on four generated images (two classes) with the default backbone and its packaged
+weights, and must finish (exit 0) and write what its ``--help`` promises. Extra flags
+appear only where the defaults would cost minutes, each with the reason next to it.
+Options that only make sense together are refused before any work: one line, exit 2,
+nothing created.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jobs import eval as eval_job
+from jobs import pipeline as pipeline_job
+from jobs.cli import main as cli_main
+from pipeline.cache import FeatureCache
+from pipeline.cams import CamStore
+from pipeline.checkpoints import load_lcam
+from pipeline.shards import list_shards, read_shard
+
+N_IMAGES = 4
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+
+def cheap_baselines(methods: list[str], limit_flag: str = "--method-limit") -> list[str]:
+    """RISE's 4000 masks and Score-CAM's 1,280 channel masks are thousands of backbone forwards
+    per image (minutes on CPU even for four images): fewer masks, Score-CAM on one image.
+    Every default method still runs."""
+    return ["--rise-masks", "40"] + ([limit_flag, "scorecam=1"] if "scorecam" in methods else [])
+
+
+def default_methods(job, dest: str) -> list[str]:
+    """The baselines a job evaluates by default (read from its parser: the defaults may change)."""
+    parser = argparse.ArgumentParser()
+    job.add_arguments(parser)
+    return [m.strip() for m in parser.get_default(dest).split(",") if m.strip()]
+
+
+def write_images(folder: Path) -> Path:
+    """Small noise JPEGs in two class folders (ImageNet classes 0 and 1 by folder order)."""
+    rng = np.random.default_rng(0)
+    for i in range(N_IMAGES):
+        d = folder / f"class{i % 2}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)).save(d / f"img{i}.jpg", quality=90)
+    return folder
+
+
+def run_in(folder: Path, argv: list[str]) -> int:
+    """``lcam ARGV`` with ``folder`` as the working directory (defaults such as --out runs/train are relative)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(folder)
+        return cli_main(argv)
+
+
+def assert_run_folder(run: Path, method: str, epochs: int | None) -> None:
+    """``lcam train --out``'s promise: checkpoint.pt (loads as an explainer), epoch-NNN.pt, metrics.jsonl, curves.png."""
+    model, ckpt = load_lcam(str(run / "checkpoint.pt"))
+    assert ckpt["method"] == method and ckpt["backbone"]["backbone"] == "efficientnet_lite0"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    if epochs is not None:
+        assert ckpt["epoch"] == epochs
+        assert sorted(p.name for p in run.glob("epoch-*.pt")) == [f"epoch-{e:03d}.pt" for e in range(1, epochs + 1)]
+        assert [r["epoch"] for r in records if r["kind"] == "epoch"] == list(range(1, epochs + 1))
+    assert (run / "curves.png").read_bytes().startswith(PNG)
+
+
+def assert_cam_store(url: Path, source_kind: str) -> None:
+    info = CamStore.open(str(url)).info()
+    assert (info["samples"], info["skipped"], info["source"]["kind"]) == (N_IMAGES, 0, source_kind)
+
+
+def assert_eval_folder(out: Path, methods: list[str]) -> None:
+    """``lcam eval OUT``'s promise: results.md, results.json, adic.png, per_image.csv; one row per method."""
+    results = json.loads((out / "results.json").read_text())
+    assert sorted(results["methods"]) == sorted(methods)
+    assert (out / "results.md").read_text().strip()
+    assert (out / "adic.png").read_bytes().startswith(PNG)
+    rows = (out / "per_image.csv").read_text().splitlines()
+    assert len(rows) > 1
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("defaults")
+
+
+@pytest.fixture(scope="module")
+def images(work) -> Path:
+    return write_images(work / "images")
+
+
+@pytest.fixture(scope="module")
+def shards(work, images) -> Path:
+    """``lcam shards SRC OUT``."""
+    assert cli_main(["shards", str(images), str(work / "shards")]) == 0
+    return work / "shards"
+
+
+@pytest.fixture(scope="module")
+def cache(ray_local, work, shards) -> Path:
+    """``lcam extract SHARDS CACHE``."""
+    assert cli_main(["extract", str(shards), str(work / "cache")]) == 0
+    return work / "cache"
+
+
+@pytest.fixture(scope="module")
+def fm_run(work, cache) -> Path:
+    """``lcam train --cache CACHE`` (L-CAM-Fm is the default method; --out defaults to runs/train)."""
+    assert run_in(work / "train-fm", ["train", "--cache", str(cache)]) == 0
+    return work / "train-fm" / "runs" / "train"
+
+
+def test_shards(shards):
+    index = json.loads((shards / "index.json").read_text())
+    assert [e["count"] for e in index["shards"]] == [N_IMAGES]  # default 1000 per shard: one shard
+    assert json.loads((shards / "pack_report.json").read_text())
+    samples = [s for info in list_shards(str(shards)) for s in read_shard(info)]
+    assert sorted(s.label for s in samples) == [0, 0, 1, 1]
+
+
+def test_extract(cache, shards, capsys):
+    fc = FeatureCache.open(str(cache))
+    assert (len(fc), tuple(fc.views)) == (N_IMAGES, ("center",))
+    assert cli_main(["cache", "verify", str(cache), "--index", str(shards)]) == 0
+    assert "ok" in capsys.readouterr().out.lower()
+
+
+def test_train_fm(fm_run):
+    assert_run_folder(fm_run, "fm", epochs=8)  # EfficientNet-Lite0's recipe: 8 epochs (one step each here)
+
+
+def test_train_img(ray_local, work, shards):
+    # --max-steps 2: each of the recipe's 8 epochs is a Ray Train report and checkpoint round;
+    # two steps (two epochs of one batch here) show the run and its checkpoint work.
+    assert run_in(work / "train-img", ["train", "--method", "img", "--shards", str(shards), "--max-steps", "2"]) == 0
+    run = work / "train-img" / "runs" / "train"
+    assert_run_folder(run, "img", epochs=None)
+    assert load_lcam(str(run / "checkpoint.pt"))[1]["step"] == 2
+
+
+def test_cams_from_cache(work, fm_run, cache):
+    out = work / "cams-cache"
+    assert cli_main(["cams", str(fm_run / "checkpoint.pt"), str(out), "--cache", str(cache)]) == 0
+    assert_cam_store(out, "cache")
+    assert cli_main(["cams", "info", str(out)]) == 0
+
+
+def test_cams_from_shards(ray_local, work, fm_run, shards):
+    out = work / "cams-shards"
+    assert cli_main(["cams", str(fm_run / "checkpoint.pt"), str(out), "--shards", str(shards)]) == 0
+    assert_cam_store(out, "images")
+
+
+def test_eval(ray_local, work, shards):
+    out = work / "eval"
+    baselines = default_methods(eval_job, "methods")
+    assert cli_main(["eval", str(shards), str(out), *cheap_baselines(baselines)]) == 0
+    assert_eval_folder(out, baselines)
+
+
+def assert_workdir(wd: Path, methods: list[str], baselines: list[str]) -> None:
+    """``lcam pipeline``'s promise: cache/, lcam-fm/ and/or lcam-img/, cams/, eval/, report.html."""
+    assert len(FeatureCache.open(str(wd / "cache"))) == N_IMAGES
+    for m in methods:
+        assert_run_folder(wd / f"lcam-{m}", m, epochs=None)
+    assert_cam_store(wd / "cams", "cache")
+    assert_eval_folder(wd / "eval", [f"lcam-{m}" for m in methods] + baselines)
+    report = (wd / "report.html").read_text()
+    for m in methods:
+        assert {"fm": "L-CAM-Fm", "img": "L-CAM-Img"}[m] in report
+
+
+@pytest.mark.parametrize("method", ["fm", "img", "both"])
+def test_pipeline(ray_local, work, shards, method, capsys):
+    wd = work / f"pipeline-{method}"
+    argv = ["pipeline", "--train-shards", str(shards), "--workdir", str(wd), "--method", method]
+    # issue #18's --eval-methods gradcam: the default baselines cost minutes even capped (Score-CAM:
+    # 1,280 forwards per image); test_eval runs them, test_default_baselines_exist checks this default.
+    baselines = ["gradcam"]
+    argv += ["--eval-methods", "gradcam"]
+    if method != "fm":
+        argv += ["--img-max-steps", "2"]  # as in test_train_img: two Ray Train rounds, not eight
+    assert cli_main(argv) == 0, capsys.readouterr().err
+    methods = ["fm", "img"] if method == "both" else [method]
+    assert_workdir(wd, methods, baselines)
+    if method == "img":
+        # L-CAM-Img streamed its images (the default random crops cannot come from the cache)
+        ckpt = load_lcam(str(wd / "lcam-img" / "checkpoint.pt"))[1]
+        assert ckpt["config"]["augment"] == "random" and not ckpt["cache_fingerprint"] and not ckpt["config"]["cache"]
+        # a training error inside the pipeline names the pipeline's flags, not lcam train's
+        capsys.readouterr()
+        rc = cli_main(argv + ["--img-augment", "center", "--stages", "train"])
+        err = capsys.readouterr().err
+        assert rc == 2 and "--img-augment: checkpoint 'random', now 'center'" in err and "another --workdir" in err
+        assert " --augment" not in err and " --out" not in err and "Traceback" not in err
+
+
+def test_demo(ray_local, work, images):
+    # --data: the four generated images instead of scikit-image's eight photos (half the
+    # extraction and evaluation); --steps/--img-steps: 2 and 1 training steps instead of 60 and 6;
+    # --scorecam-images 0: Score-CAM (1,280 forwards per image) is run by test_eval.
+    folder = work / "demo"
+    assert run_in(folder, ["demo", "--data", str(images), "--steps", "2", "--img-steps", "1", "--scorecam-images", "0"]) == 0
+    wd = folder / "runs" / "demo"
+    assert_workdir(wd, ["fm", "img"], ["gradcam", "gradcam++"])
+
+
+def test_default_baselines_exist():
+    """The pipeline's and eval's default baselines are known methods (the matrix runs eval's)."""
+    from lcam.baselines import BASELINES
+
+    assert set(default_methods(pipeline_job, "eval_methods")) <= set(BASELINES)
+    assert set(default_methods(eval_job, "methods")) <= set(BASELINES)
+
+
+def test_options_that_only_work_together_are_refused_up_front(shards, tmp_path, capsys):
+    """--img-workers 3 cannot split the default batch of 64: refused by the real ``lcam`` entry
+    before extraction, in one line naming the pipeline's flag, with nothing created."""
+    lcam = Path(sys.executable).with_name("lcam")
+    if not lcam.exists():
+        pytest.skip(f"no lcam console script beside {sys.executable} (pip install -e .)")
+    wd = tmp_path / "wd"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([str(lcam), "pipeline", "--train-shards", str(shards), "--workdir", str(wd), "--method", "img", "--img-workers", "3"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("lcam pipeline: error:") and "--img-workers" in lines[0] and " --workers" not in lines[0]
+    assert not wd.exists()
+    # the same refusal from `lcam train` names its own flag, and creates no run folder
+    assert run_in(tmp_path / "train", ["train", "--method", "img", "--shards", str(shards), "--workers", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and " --workers" in err and "--img-workers" not in err
+    assert not (tmp_path / "train" / "runs").exists()
+
+
+def test_stage_messages_name_the_flags_of_the_running_command():
+    """A stage's message names config fields; each job spells them as its own flags."""
+    import ray.cloudpickle
+
+    from pipeline.checkpoints import CheckpointMismatch
+    from pipeline.errors import UserError, flag_namer
+
+    err = CheckpointMismatch(lambda flag: f"use {flag('augment')} center or another {flag('batch_size')}")
+    assert str(err) == "use --augment center or another --batch-size"  # lcam train's own spelling
+    spoken = err.spoken_as(flag_namer({"augment": "--img-augment"}))
+    assert type(spoken) is CheckpointMismatch and str(spoken) == "use --img-augment center or another --batch-size"
+    # across a Ray worker boundary the message keeps its fields
+    back = ray.cloudpickle.loads(ray.cloudpickle.dumps(err))
+    assert str(back.spoken_as(flag_namer({"augment": "--img-augment"}))) == str(spoken)
+    plain = UserError("no flags here")
+    assert plain.spoken_as(flag_namer({"augment": "--img-augment"})) is plain
