@@ -72,11 +72,18 @@ def member_offsets(path) -> list[tuple[str, int, int]]:
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory, ray_local):
+def packed(tmp_path_factory):
+    """The shards alone (no Ray): 4 shards of 2 images, and the same images one per shard."""
     root = tmp_path_factory.mktemp("faults")
     make_images(root / "images")
     pack_folder(root / "images", str(root / "shards"), samples_per_shard=2, progress=False)
     pack_folder(root / "images", str(root / "single"), samples_per_shard=1, progress=False)  # 8 shards: room for a kill
+    return {"root": root, "shards": str(root / "shards"), "single": str(root / "single")}
+
+
+@pytest.fixture(scope="module")
+def base(packed, ray_local):
+    root = packed["root"]
     assert main(["extract", str(root / "shards"), str(root / "cache"), "--batch-size", "8"]) == 0
     backbone = build_backbone("efficientnet_lite0")
     torch_state = LCAM(backbone).attention.state_dict()
@@ -382,13 +389,15 @@ def one_line_error(capsys, *argv) -> str:
 
 
 @pytest.mark.parametrize("option", ["foo", "=bar", "a..b=1", ".a=1"])
-def test_malformed_storage_option(base, tmp_path, capsys, option):
+def test_malformed_storage_option(packed, tmp_path, capsys, option):
+    base = packed
     line = one_line_error(capsys, "extract", base["shards"], tmp_path / "cache", "--cache-storage-option", option)
     assert repr(option) in line and "must look like key=value" in line
     assert not (tmp_path / "cache").exists()
 
 
-def test_extract_mistakes_before_anything_is_made(base, tmp_path, capsys):
+def test_extract_mistakes_before_anything_is_made(packed, tmp_path, capsys):
+    base = packed
     cache = tmp_path / "cache"
     for bad in ("0", "-3"):
         line = one_line_error(capsys, "extract", base["shards"], cache, "--batch-size", bad)
@@ -412,7 +421,8 @@ def test_extract_mistakes_before_anything_is_made(base, tmp_path, capsys):
     assert not os.path.exists(denied)
 
 
-def test_s3_without_credentials_or_endpoint(base, s3, s3_server, tmp_path, capsys, monkeypatch):
+def test_s3_without_credentials_or_endpoint(packed, s3, s3_server, tmp_path, capsys, monkeypatch):
+    base = packed
     bucket, options = s3
     import fsspec
 
@@ -432,9 +442,10 @@ def test_s3_without_credentials_or_endpoint(base, s3, s3_server, tmp_path, capsy
 
 
 # ---------------------------------------------------------------- labels and small things
-def test_folder_labels_are_flagged_when_packing_and_training(base, tmp_path, capsys, caplog):
-    index = read_json(f"{base['shards']}/index.json")
+def test_folder_labels_are_flagged_when_packing_and_training(packed, tmp_path, capsys, caplog):
+    index = read_json(f"{packed['shards']}/index.json")
     assert index["labels"]["scheme"] == "folders" and index["labels"]["classifier_classes"] is False
+    assert {s.labels_scheme for s in list_shards(packed["shards"])} == {"folders"}
     make_images(tmp_path / "images", n=2)
     code, out, _ = cli(capsys, "shards", tmp_path / "images", tmp_path / "out", "--no-progress")
     assert code == 0 and "not ImageNet WordNet ids" in out and "--target predicted" in out
@@ -445,14 +456,20 @@ def test_folder_labels_are_flagged_when_packing_and_training(base, tmp_path, cap
     assert code == 0 and "WordNet" not in out
     assert read_json(f"{tmp_path}/wn-out/index.json")["labels"]["classifier_classes"] is True
 
+    # a cache whose shards came from such folders (extraction records the scheme per shard)
     from pipeline.loader import CacheLoader
 
-    cache = FeatureCache.open(base["cache"])
+    cache = FeatureCache.create_or_open(str(tmp_path / "cache"), {"backbone": "tiny"}, feature_shape=(2, 1, 1))
+    for i, scheme in enumerate(["imagenet", "folders"]):
+        entry = cache.write_shard(f"/data/s{i}.tar", keys=[f"k{i}"], labels=[i], features=np.ones((1, 2, 1, 1)), top5_classes=np.zeros((1, 5)), top5_probs=np.zeros((1, 5)))
+        cache.mark_done([{**entry, "labels_scheme": scheme}])
+    cache = FeatureCache.open(str(tmp_path / "cache"))
+    assert cache.folder_labelled_shards() == ["/data/s1.tar"]
     with caplog.at_level("WARNING", logger="pipeline.loader"):
         CacheLoader(cache, 4, target="predicted")
         assert not caplog.records
         CacheLoader(cache, 4, target="label")
-    assert len(caplog.records) == 1 and "--target predicted" in caplog.records[0].getMessage()
+    assert len(caplog.records) == 1 and "--target predicted" in caplog.records[0].getMessage() and "/data/s1.tar" in caplog.records[0].getMessage()
 
 
 def test_skip_reasons_carry_no_object_repr(tmp_path, capsys):
