@@ -11,6 +11,8 @@ from typing import Any, Mapping, Sequence
 
 from .audit_stats import STAT_NAMES
 
+CONFUSIONS_SHOWN = 12  # rows of the confusion table in the page (confusions.csv has them all)
+
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1250px;color:#222;padding:0 1rem}
 h1{margin-bottom:.2rem} .sub{color:#666;margin-top:0} .note{color:#555;font-size:.9rem}
@@ -85,10 +87,11 @@ def render_audit(ctx: Mapping[str, Any], *, per_class: Sequence[Mapping[str, Any
             parts.append('<p class="note">The store holds no map of the true class; make it with <code>lcam cams --classes predicted,label</code> to see both maps.</p>')
         rows = "".join(
             f'<tr><td class="l">{_cls(names, int(r["label"]))}</td><td class="l">{_cls(names, int(r["predicted"]))}</td><td>{int(r["count"])}</td></tr>'
-            for r in confusions[:30]
+            for r in confusions[:CONFUSIONS_SHOWN]
         )
-        more = f" (the first 30 of {len(confusions)}; all in confusions.csv)" if len(confusions) > 30 else ""
-        parts.append(f"<h3>Recurring confusions{more}</h3>")
+        recurring = sum(1 for r in confusions if int(r["count"]) > 1)
+        more = f"; the first {CONFUSIONS_SHOWN} shown, all in confusions.csv" if len(confusions) > CONFUSIONS_SHOWN else ""
+        parts.append(f"<h3>Confusions, most frequent first ({len(confusions)} pairs, {recurring} recurring{more})</h3>")
         parts.append(f'<table class="t sortable" id="confusions"><thead><tr><th>true class</th><th>predicted</th><th>count</th></tr></thead><tbody>{rows}</tbody></table>')
         parts.append(f"<h3>The most confident mistakes ({len(top_errors)} of {ctx['errors']})</h3>")
         parts.append(
