@@ -125,3 +125,11 @@ def run(args: argparse.Namespace) -> int:
         status = "OK" if report.ok else f"{len(report.problems)} problem(s)"
         print(f"verify {cache.url}: {status} ({report.shards} shards, {report.rows} rows, {report.chunks_read} chunks read)")
     return 0 if report.ok else 1
+
+
+if __name__ == "__main__":  # `lcam submit cache` runs `python -m jobs.cache --config ...` on the cluster
+    import sys
+
+    from jobs.cli import run_job
+
+    sys.exit(run_job("cache", sys.argv[1:]))

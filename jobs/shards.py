@@ -34,3 +34,11 @@ def run(args: argparse.Namespace) -> int:
         shuffle_seed=args.shuffle_seed,
     )
     return 0 if report.packed > 0 else 1
+
+
+if __name__ == "__main__":  # `lcam submit shards` runs `python -m jobs.shards --config ...` on the cluster
+    import sys
+
+    from jobs.cli import run_job
+
+    sys.exit(run_job("shards", sys.argv[1:]))

@@ -88,3 +88,11 @@ def run(args: argparse.Namespace) -> int:
         summary = train(config_from_args(args))
     print(json.dumps(summary.to_dict(), indent=1) if args.json else "\n".join(summary.lines(flag)))
     return 0
+
+
+if __name__ == "__main__":  # `lcam submit train` runs `python -m jobs.train --config ...` on the cluster
+    import sys
+
+    from jobs.cli import run_job
+
+    sys.exit(run_job("train", sys.argv[1:]))

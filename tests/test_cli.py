@@ -8,7 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from jobs.cli import COMMANDS, main
+from jobs.submit import JOB_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,11 +69,12 @@ def test_commands_are_listed_in_the_top_level_help(capsys):
     assert "--version" in text and all(name in text for name in COMMANDS)
 
 
-def test_job_modules_run_as_scripts():
-    """`lcam submit eval` runs `python -m jobs.eval --config ...` on the cluster: the module must be a script."""
+@pytest.mark.parametrize("job", JOB_NAMES)
+def test_job_modules_run_as_scripts(job):
+    """`lcam submit JOB` runs `python -m jobs.JOB --config ...` on the cluster: every submittable module must be a script."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-m", "jobs.eval", "--help"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
-    assert proc.returncode == 0 and proc.stdout.startswith("usage: lcam eval")
+    proc = subprocess.run([sys.executable, "-m", f"jobs.{job}", "--help"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.startswith(f"usage: lcam {job}")
 
 
 def test_eval_flags_come_from_the_registries():
