@@ -79,7 +79,7 @@ def config_from_args(args: argparse.Namespace):
 
 
 def info_lines(info: dict) -> list[str]:
-    from pipeline.cams import describe_classes
+    from pipeline.classes import describe_classes
 
     ck, src = info["checkpoint"], info["source"]
     what = describe_classes(info["classes"])

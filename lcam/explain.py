@@ -160,3 +160,8 @@ def explain_from_features(
     maps = minmax_normalize(raw)
     up = upsample(maps, upsample_to) if upsample_to is not None else None
     return Explanation(class_ids, probs, logits, raw, maps, up, all_maps)
+
+
+def upsampled_uint8(raw: torch.Tensor, size: int) -> torch.Tensor:
+    """Raw maps (..., h, w) -> min-max normalised, bilinear to size x size, round(255 x) as uint8."""
+    return (upsample(minmax_normalize(raw.float()), size) * 255.0).round_().clamp_(0, 255).to(torch.uint8)

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .backbones import Backbone, BackboneSpecError, Preprocessing, WeightsUnavailable, load_weights, read_state_dict
+from .backbone import Backbone, BackboneSpecError, Preprocessing, WeightsUnavailable, load_weights, read_state_dict
 from .split import ForwardFeatures, ForwardHead, default_layer, split_at_layer, verify_split
 
 OPTIONS = ("layer", "size")

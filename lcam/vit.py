@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .backbones import BackboneSpecError
+from .backbone import BackboneSpecError
 
 
 class TokensToGrid:

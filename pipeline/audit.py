@@ -36,6 +36,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from .audit_html import picture_name
 from .audit_stats import BORDER_BAND, STAT_NAMES, TOP_FRACTION, map_statistics, resize_maps, spearman, top_region_iou
 from .errors import UserError
 from .fs import StorageOptions, get_fs, join, write_bytes_atomic
@@ -297,7 +298,8 @@ def run_audit(cfg: AuditConfig) -> AuditSummary:
     import ray
 
     from .audit_html import render_audit
-    from .cams import CamStore, class_names_options, describe_classes, store_columns
+    from .cams import CamStore
+    from .classes import class_names_options, describe_classes, store_columns
     from .classes import load_class_names
     from .extract import ensure_ray
 
@@ -382,11 +384,6 @@ def run_audit(cfg: AuditConfig) -> AuditSummary:
                         time.perf_counter() - t0, files)
 
 
-def picture_name(what: str, shard_index: int, row: int, class_id: int) -> str:
-    """The thumbnail file of one picture (the page and the drawing task agree through this)."""
-    return f"{what}-{shard_index}-{row}" + (f"-{class_id}" if class_id >= 0 else "") + ".jpg"
-
-
 def _draw(store: Any, entries: Sequence[Mapping[str, Any]], wanted: Mapping[int, Mapping[int, list[tuple[str, int]]]],
           compare: Mapping[str, tuple[int, np.ndarray]], cfg: AuditConfig) -> dict[str, bytes]:
     import ray
@@ -413,7 +410,7 @@ def draw_shard(store: Any, entry: Mapping[str, Any], shard_index: int, rows: Map
 
     from lcam.backbones import Preprocessing
 
-    from .cams import upsampled_uint8
+    from lcam.explain import upsampled_uint8
     from .images import decode_image, preprocess
     from .render import overlay, tensor_to_uint8
     from .shards import iter_samples

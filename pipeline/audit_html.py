@@ -37,6 +37,11 @@ document.querySelectorAll('table.sortable th').forEach((th, i) => th.addEventLis
 """
 
 
+def picture_name(what: str, shard_index: int, row: int, class_id: int) -> str:
+    """The thumbnail file of one picture (the page and the drawing task agree through this)."""
+    return f"{what}-{shard_index}-{row}" + (f"-{class_id}" if class_id >= 0 else "") + ".jpg"
+
+
 def _e(s: Any) -> str:
     return html.escape(str(s), quote=True)
 
@@ -61,7 +66,6 @@ def render_audit(ctx: Mapping[str, Any], *, per_class: Sequence[Mapping[str, Any
                  top_errors: Sequence[Mapping[str, Any]], strips: Sequence[Mapping[str, Any]], disagreements: Sequence[Mapping[str, Any]],
                  pictures: set[str], assets: str) -> str:
     """The page; ``ctx`` holds the store's description and the run's settings."""
-    from .audit import picture_name
 
     names = ctx["names"]
     ck = ctx["checkpoint"]

@@ -52,7 +52,7 @@ import zarr.api.asynchronous as zarr_async
 from zarr.core.sync import sync as zsync
 
 from lcam import LCAM, Explanation, Preprocessing
-from lcam.explain import choose_targets, explain_from_features, minmax_normalize, upsample
+from lcam.explain import choose_targets, explain_from_features, minmax_normalize, upsampled_uint8
 
 from .cache import (
     ShardedStore,
@@ -195,26 +195,6 @@ class ClassSelection:
             out["parts"] = [p.identity() for p in self.parts]
             out["columns"] = self.columns()
         return out
-
-
-def describe_classes(identity: Mapping[str, Any]) -> str:
-    """A store's class selection (its identity's ``classes``) in words."""
-    mode = identity["mode"]
-    if mode == "combined":
-        return " + ".join(describe_classes(p) for p in identity["parts"])
-    return {"predicted": "predicted class", "label": "ground-truth label", "top-k": f"top-{identity['k']} classes", "ids": f"classes {identity['ids']}"}.get(mode, mode)
-
-
-def store_columns(identity: Mapping[str, Any]) -> list[str]:
-    """What each column of a store holds (``predicted``, ``top-2``, ``label``, ``id:281``), from its identity."""
-    if "columns" in identity:
-        return list(identity["columns"])
-    mode = identity["mode"]
-    if mode == "top-k":
-        return ["predicted"] + [f"top-{i + 1}" for i in range(1, int(identity["k"]))]
-    if mode == "ids":
-        return [f"id:{c}" for c in identity["ids"]]
-    return [mode]
 
 
 def checkpoint_fingerprint(checkpoint: Mapping[str, Any]) -> str:
@@ -431,11 +411,6 @@ def explain_rows(
     if upsample_to:
         out["upsampled"] = upsampled_uint8(raw, upsample_to).cpu().numpy()
     return out
-
-
-def upsampled_uint8(raw: torch.Tensor, size: int) -> torch.Tensor:
-    """Raw maps (..., h, w) -> min-max normalised, bilinear to size x size, round(255 x) as uint8."""
-    return (upsample(minmax_normalize(raw.float()), size) * 255.0).round_().clamp_(0, 255).to(torch.uint8)
 
 
 # ---------------------------------------------------------------- the store
@@ -782,7 +757,7 @@ def generate_cams(cfg: CamsConfig) -> CamsSummary:
     backbone = ckpt["backbone"]
     selection.validate(int(backbone["num_classes"]))
     if cfg.class_names is not None or cfg.overlays:  # a bad names file fails now, not after the work
-        from .classes import load_class_names
+        from .classes import class_names_options, load_class_names
 
         load_class_names(cfg.class_names, class_names_options(cfg.class_names, cfg.source_storage_options), int(backbone["num_classes"]))
     crop = int(backbone["preprocessing"]["crop"])
@@ -841,11 +816,6 @@ def generate_cams(cfg: CamsConfig) -> CamsSummary:
         )
         summary.gallery = result.index_url
     return summary
-
-
-def class_names_options(url: str | None, storage_options: StorageOptions) -> StorageOptions:
-    """A names file on the source's object store reads with its options; a local one with none."""
-    return storage_options if url and "://" in url and not url.startswith("file://") else None
 
 
 def _check_colormap(name: str) -> None:

@@ -8,6 +8,7 @@ import io
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
+from typing import Any, Mapping
 
 from .errors import UserError
 from .fs import StorageOptions, get_fs
@@ -72,3 +73,28 @@ def load_class_names(url: str | None = None, storage_options: StorageOptions = N
     if len(names) != num_classes:
         raise UserError(f"class names {url or 'ImageNet'}: {len(names)} names for a classifier with {num_classes} classes")
     return names
+
+
+def class_names_options(url: str | None, storage_options: StorageOptions) -> StorageOptions:
+    """A names file on the source's object store reads with its options; a local one with none."""
+    return storage_options if url and "://" in url and not url.startswith("file://") else None
+
+
+def describe_classes(identity: Mapping[str, Any]) -> str:
+    """A store's class selection (its identity's ``classes``) in words."""
+    mode = identity["mode"]
+    if mode == "combined":
+        return " + ".join(describe_classes(p) for p in identity["parts"])
+    return {"predicted": "predicted class", "label": "ground-truth label", "top-k": f"top-{identity['k']} classes", "ids": f"classes {identity['ids']}"}.get(mode, mode)
+
+
+def store_columns(identity: Mapping[str, Any]) -> list[str]:
+    """What each column of a store holds (``predicted``, ``top-2``, ``label``, ``id:281``), from its identity."""
+    if "columns" in identity:
+        return list(identity["columns"])
+    mode = identity["mode"]
+    if mode == "top-k":
+        return ["predicted"] + [f"top-{i + 1}" for i in range(1, int(identity["k"]))]
+    if mode == "ids":
+        return [f"id:{c}" for c in identity["ids"]]
+    return [mode]

@@ -113,7 +113,9 @@ def write_gallery(
     caption), the matching originals and ``index.html`` for a :class:`~pipeline.cams.CamStore`."""
     from lcam.backbones import Preprocessing
 
-    from .cams import class_names_options, upsampled_uint8
+    from lcam.explain import upsampled_uint8
+
+    from .classes import class_names_options
     from .classes import load_class_names
     from .extract import _Progress
     from .images import decode_image, preprocess
@@ -192,7 +194,7 @@ def write_gallery(
 
 
 def _subtitle(info: Mapping[str, Any], colormap: str, opacity: float) -> str:
-    from .cams import describe_classes
+    from .classes import describe_classes
 
     ck, src, cls = info["checkpoint"], info["source"], info["classes"]
     what = describe_classes(cls)
