@@ -20,7 +20,10 @@ Targets: on the held-out images, L-CAM-Fm and L-CAM-Img (the chosen defaults) >=
 AD (lower) and IC (higher) at 100/50/15% kept.
 
 Outputs are kept in --work (default /tmp/lcam-bench-heldout) and reused by a rerun with the
-same settings; --fresh starts over.
+same settings (an interrupted training resumes); --fresh starts over. Each training and each
+evaluation (one per checkpoint, one for the baselines) is its own part, so on a loaded machine
+parts can run as parallel processes (--variants, --no-img, --train-only, --tables, --baselines "")
+and a last run with the full settings prints the tables from what they left.
 """
 
 from __future__ import annotations
@@ -137,8 +140,6 @@ def main() -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")
-    import torch
-
     from pipeline.checkpoints import load_checkpoint
     from pipeline.evaluate import EvalConfig, evaluate
     from pipeline.extract import ExtractConfig, extract
@@ -270,7 +271,6 @@ def main() -> int:
             target(f"heldout_{mid}_minus_gradcam_AD@{q * 100:g}%", ad[j][0], "<=", 0.0)
         for j, q in enumerate(RATIOS):
             target(f"heldout_{mid}_minus_gradcam_IC@{q * 100:g}%", ic[j][0], ">=", 0.0)
-    del torch
     return 0
 
 
