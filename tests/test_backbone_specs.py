@@ -168,10 +168,10 @@ def test_vit_masking_reaches_the_logits_through_the_class_token(vit64):
 
 
 def test_gradcam_on_a_vit_hooks_the_token_grid(vit64):
-    from lcam.baselines import GradCAM
+    from lcam.cam_methods import build_method
 
     x, targets = torch.rand(2, 3, 64, 64), torch.tensor([3, 4])
-    maps = GradCAM(vit64).compute(x, targets)
+    maps = build_method("gradcam", vit64).compute(x, targets)
     # by hand: ReLU(sum_c w_c G_c), w_c = mean over the grid of dlogit_t/dG_c, G = F's patch grid
     feats = vit64.features(vit64.normalize(x)).requires_grad_(True)
     vit64.head(feats).gather(1, targets[:, None]).sum().backward()

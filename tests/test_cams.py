@@ -289,7 +289,7 @@ def test_cli_generates_describes_and_reports_errors(setup, capsys):
     assert "3 written now" in capsys.readouterr().out
     assert main(["cams", "info", out]) == 0
     text = capsys.readouterr().out
-    assert CamStore.open(out).fingerprint in text and "top-2: 2 map(s) per sample" in text and "6 in 3 shards" in text
+    assert CamStore.open(out).fingerprint in text and "top-2 classes: 2 map(s) per sample" in text and "6 in 3 shards" in text
     assert main(["cams", setup["ckpt"], str(setup["root"] / "cli2"), "--cache", setup["cache"], "--class-ids", "3,1000"]) == 2
     err = capsys.readouterr().err
     assert "class id 1000 is out of range" in err and "Traceback" not in err

@@ -43,9 +43,12 @@ def cheap_baselines(methods: list[str], limit_flag: str = "--method-limit") -> l
 
 def default_methods(job, dest: str) -> list[str]:
     """The baselines a job evaluates by default (read from its parser: the defaults may change)."""
+    from lcam import cam_methods
+
     parser = argparse.ArgumentParser()
     job.add_arguments(parser)
-    return [m.strip() for m in parser.get_default(dest).split(",") if m.strip()]
+    default = parser.get_default(dest)  # None: the registry's default list (lcam pipeline)
+    return list(cam_methods.default_methods()) if default is None else [m.strip() for m in default.split(",") if m.strip()]
 
 
 def write_images(folder: Path) -> Path:
@@ -221,10 +224,10 @@ def test_demo(ray_local, work, images):
 
 def test_default_baselines_exist():
     """The pipeline's and eval's default baselines are known methods (the matrix runs eval's)."""
-    from lcam.baselines import BASELINES
+    from lcam.cam_methods import method_names
 
-    assert set(default_methods(pipeline_job, "eval_methods")) <= set(BASELINES)
-    assert set(default_methods(eval_job, "methods")) <= set(BASELINES)
+    assert default_methods(pipeline_job, "eval_methods") and set(default_methods(pipeline_job, "eval_methods")) <= set(method_names())
+    assert default_methods(eval_job, "methods") and set(default_methods(eval_job, "methods")) <= set(method_names())
 
 
 def test_options_that_only_work_together_are_refused_up_front(shards, tmp_path, capsys):
