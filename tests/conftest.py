@@ -13,6 +13,9 @@ os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+# On a loaded machine Ray's node can take longer than its default to register its agent;
+# a generous bound keeps start-up slow rather than failed (Ray reads RAY_<config name>).
+os.environ.setdefault("RAY_agent_register_timeout_ms", "180000")
 
 
 def free_port() -> int:
