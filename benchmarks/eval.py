@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import DEFAULT_DATA, target  # noqa: E402
+from benchmarks.common import DEFAULT_DATA, local_ray_env, target  # noqa: E402
 
 
 # the baselines added with the method registry (Ablation-CAM limited like Score-CAM: C head passes per image)
@@ -183,11 +183,7 @@ def reference_style(backbone, models, images) -> tuple[float, int, list]:
 
 def main() -> int:
     args = parse_args()
-    os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TQDM_DISABLE", "1")  # pytorch-grad-cam's Score-CAM bars; eval prints its own progress lines
+    local_ray_env()
     import torch
 
     from lcam import LCAM, build_backbone

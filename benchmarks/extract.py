@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import DEFAULT_DATA, PeakMemory, sample_images, target  # noqa: E402
+from benchmarks.common import DEFAULT_DATA, PeakMemory, local_ray_env, sample_images, target  # noqa: E402
 
 
 def main() -> int:
@@ -42,9 +42,7 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args()
 
-    os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    local_ray_env()
     import torch
     from PIL import Image
 

@@ -43,7 +43,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import DEFAULT_DATA, target  # noqa: E402
+from benchmarks.common import DEFAULT_DATA, local_ray_env, target  # noqa: E402
 
 RATIOS = (1.0, 0.5, 0.15)
 
@@ -135,11 +135,7 @@ def paired(rows: dict, a: str, b: str) -> tuple[list[tuple[float, float]], list[
 
 def main() -> int:
     args = parse_args()
-    os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TQDM_DISABLE", "1")
+    local_ray_env()
     from pipeline.checkpoints import load_checkpoint
     from pipeline.evaluate import EvalConfig, evaluate
     from pipeline.extract import ExtractConfig, extract

@@ -32,15 +32,13 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+from benchmarks.common import DEFAULT_DATA, local_ray_env, target  # noqa: E402
+
+local_ray_env()
 
 import torch  # noqa: E402
 import torch.nn.functional as nnf  # noqa: E402
 
-from benchmarks.common import DEFAULT_DATA, target  # noqa: E402
 
 
 def peak_rss_mb() -> float:
