@@ -43,7 +43,8 @@ from benchmarks.common import DEFAULT_DATA, target  # noqa: E402
 from lcam import LCAM, build_backbone  # noqa: E402
 from pipeline.cams import CamsConfig, Explainer, generate_cams  # noqa: E402
 from pipeline.checkpoints import save_checkpoint  # noqa: E402
-from pipeline.extract import ExtractConfig, ensure_ray, extract  # noqa: E402
+from pipeline.extract import ExtractConfig, extract
+from pipeline.raykit import ensure_ray  # noqa: E402
 from pipeline.images import decode_image, preprocess  # noqa: E402
 from pipeline.shards import list_shards, pack_folder, read_shard  # noqa: E402
 

@@ -48,7 +48,8 @@ def main() -> int:
 
     from lcam import build_backbone
     from pipeline.cache import FeatureCache
-    from pipeline.extract import ExtractConfig, ensure_ray, extract
+    from pipeline.extract import ExtractConfig, extract
+    from pipeline.raykit import ensure_ray
     from pipeline.images import preprocess
     from pipeline.shards import pack_folder
 
@@ -140,7 +141,8 @@ def compare_with_model_alone(args: argparse.Namespace, items: list, work: Path) 
     from PIL import Image
 
     from lcam import build_backbone
-    from pipeline.extract import ExtractConfig, ensure_ray, extract
+    from pipeline.extract import ExtractConfig, extract
+    from pipeline.raykit import ensure_ray
     from pipeline.images import preprocess
 
     backbone = build_backbone(args.backbone, args.weights)

@@ -301,7 +301,7 @@ def run_audit(cfg: AuditConfig) -> AuditSummary:
     from .cams import CamStore
     from .classes import class_names_options, describe_classes, store_columns
     from .classes import load_class_names
-    from .extract import ensure_ray
+    from .raykit import ensure_ray
 
     t0 = time.perf_counter()
     if cfg.max_thumbnails < 0:

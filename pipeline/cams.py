@@ -68,6 +68,9 @@ from .cache import (
     shard_id_for,
 )
 from .errors import UserError
+from .device import autocast_dtype, resolve_device
+from .progress import Progress
+from .raykit import pin_torch_threads
 from .fs import StorageOptions, join
 
 FORMAT = "lcam-cam-store/1"
@@ -246,11 +249,9 @@ class Explainer:
         fp32 (default), or fp16/bf16/auto autocast for the backbone on a GPU.
         """
         from .checkpoints import load_lcam
-        from .extract import _autocast_dtype
-
         dev = resolve_device(device)
         model, ckpt = load_lcam(url, storage_options, weights=weights, device=dev)
-        return cls(model, ckpt, _autocast_dtype(precision, dev.type))
+        return cls(model, ckpt, autocast_dtype(precision, dev))
 
     @property
     def device(self) -> torch.device:
@@ -333,12 +334,6 @@ class Explainer:
             targets = [targets]
         size = self.preprocessing.crop if upsample else None
         return self.model.explain_features(feats.to(self.device).float(), targets, top_k, size)
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 # ---------------------------------------------------------------- maps for a batch of rows
@@ -862,8 +857,6 @@ def _list_existing_shards(cfg: CamsConfig) -> list[Any]:
 
 # ---- source: feature cache (no Ray, no image)
 def _from_cache(cfg: CamsConfig, model: LCAM, cache: Any, store: CamStore, selection: ClassSelection) -> CamsSummary:
-    from .extract import _Progress
-
     entries = [cache.manifest["shards"][u] for u in sorted(cache.done_sources())]  # the cache's own order
     done = store.done_sources()
     todo = [e for e in entries if e["url"] not in done]
@@ -872,7 +865,7 @@ def _from_cache(cfg: CamsConfig, model: LCAM, cache: Any, store: CamStore, selec
     use_top5 = view == 0  # the cache's top-5 (and logits) are those of its first view
     size = store.upsampled_size
     fields = ["features", "labels", "top5_classes", "top5_probs"] + (["logits"] if cache.store_logits and use_top5 else [])
-    progress = _Progress(sum(int(e["count"]) for e in todo) or None, cfg.progress, what="cams", unit="samples")
+    progress = Progress(sum(int(e["count"]) for e in todo) or None, cfg.progress, what="cams", unit="samples")
     t0 = time.perf_counter()
 
     chunks = [(e, ci) for e in todo for ci in range(math.ceil(int(e["count"]) / cache.chunk_rows))]
@@ -975,13 +968,8 @@ class CamActor:
     """Backbone + attention in an actor: (n, 1, 3, H, W) uint8 pixels -> the store's columns."""
 
     def __init__(self, checkpoint: str, storage_options: StorageOptions, weights: str | None, fingerprint: str, selection: ClassSelection, upsample_to: int | None, precision: str, torch_threads: int | None) -> None:
-        import os
-
         device = resolve_device("auto")
-        # Ray sets OMP_NUM_THREADS=1 and may call from another thread: set on every call too
-        self.threads = (torch_threads or os.cpu_count() or 1) if device.type == "cpu" else None
-        if self.threads:
-            torch.set_num_threads(self.threads)
+        self.threads = pin_torch_threads(torch_threads, device.type)
         self.explainer = Explainer.from_checkpoint(checkpoint, device=device, weights=weights, storage_options=storage_options, precision=precision)
         if self.explainer.fingerprint != fingerprint:
             raise RuntimeError(f"checkpoint {checkpoint} changed during the run (fingerprint {self.explainer.fingerprint}, expected {fingerprint}); re-run")
@@ -1042,7 +1030,8 @@ def _from_shards(cfg: CamsConfig, ckpt: Mapping[str, Any], store: CamStore, sele
 
     from lcam.backbones import Preprocessing
 
-    from .extract import _num_actors, _Progress, _ShardAssembler, decode_preprocess, ensure_ray, read_shard_rows
+    from .extract import decode_preprocess, read_shard_rows
+    from .raykit import ShardAssembler, actor_pool, ensure_ray
 
     done = store.done_sources()
     todo = [s for s in shards if s.url not in done]
@@ -1054,7 +1043,7 @@ def _from_shards(cfg: CamsConfig, ckpt: Mapping[str, Any], store: CamStore, sele
     prep = ckpt["backbone"]["preprocessing"]
     preprocessing = Preprocessing.from_dict(prep)
     items = [{"url": s.url, "name": s.name, "count": s.count if s.count is not None else -1} for s in todo]
-    actors, gpus = _num_actors(cfg)
+    actors, gpus = actor_pool(cfg.num_actors)
     ds = (
         ray.data.from_items(items, override_num_blocks=len(items))
         # Half a CPU (as in extraction): unlike the actor's request, so Ray Data does not fuse
@@ -1071,11 +1060,11 @@ def _from_shards(cfg: CamsConfig, ckpt: Mapping[str, Any], store: CamStore, sele
         )
     )
     fields = ("key", "label", "class_ids", "probs", "raw", "predicted", "predicted_prob") + (("upsampled",) if store.upsampled_size else ())
-    assembler = _ShardAssembler(fields)
+    assembler = ShardAssembler(fields)
     write = _write_task()
     store_ref = ray.put(store)
     pending: dict[Any, str] = {}
-    progress = _Progress(sum(s.count or 0 for s in todo) or None, cfg.progress, what="cams", unit="images")
+    progress = Progress(sum(s.count or 0 for s in todo) or None, cfg.progress, what="cams", unit="images")
 
     def drain(block: bool) -> None:
         while pending:

@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
-import os
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -28,8 +25,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from .cache import FeatureCache
+from .device import autocast_dtype, resolve_device
 from .errors import UserError
 from .fs import StorageOptions, absolute
+from .progress import Progress
+from .raykit import ShardAssembler, actor_pool, ensure_ray, pin_torch_threads
 
 VIEWS = ("center", "hflip")
 log = logging.getLogger(__name__)
@@ -205,16 +205,12 @@ class BackboneActor:
         from lcam import build_backbone
 
         self.torch = torch
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        # Ray sets OMP_NUM_THREADS=1 for its workers; use the node's cores. The count is per
-        # thread and Ray Data may call the actor from another thread: set again on every call.
-        self.threads = (torch_threads or os.cpu_count() or 1) if self.device.type == "cpu" else None
-        if self.threads:
-            torch.set_num_threads(self.threads)
+        self.device = resolve_device("auto")
+        self.threads = pin_torch_threads(torch_threads, self.device.type)
         # BatchNorm folded into the convolutions: the same features (identity unchanged), faster;
         # channels-last weights and input: faster on GPU, and 1.5-2x on CPU (depthwise convs)
         self.model = build_backbone(backbone, weights).folded().to(self.device).to(memory_format=torch.channels_last)
-        self.autocast = _autocast_dtype(precision, self.device.type)
+        self.autocast = autocast_dtype(precision, self.device)
         self.store_logits = store_logits
         self.out_dtype = {"float16": np.float16, "float32": np.float32, "bfloat16": np.float32}[dtype]
 
@@ -249,18 +245,6 @@ class BackboneActor:
         return out
 
 
-def _autocast_dtype(precision: str, device_type: str):
-    import torch
-
-    if precision == "fp32" or (precision == "auto" and device_type != "cuda"):
-        return None
-    if precision in ("auto", "fp16"):
-        return torch.float16 if device_type == "cuda" else torch.bfloat16
-    if precision == "bf16":
-        return torch.bfloat16
-    raise UserError(f"unknown precision {precision!r}; choose auto, fp32, fp16 or bf16")
-
-
 def _write_shard_task():
     import ray
 
@@ -279,69 +263,6 @@ def _write_shard_task():
         return entry
 
     return write
-
-
-class _ShardAssembler:
-    """Driver side: rows of each shard by index (a re-delivered row replaces, never duplicates)."""
-
-    FIELDS = ("key", "label", "features", "top5_classes", "top5_probs", "logits")
-
-    def __init__(self, fields: Sequence[str] | None = None) -> None:
-        self.rows: dict[str, dict[int, dict[str, Any]]] = {}
-        self.expected: dict[str, int] = {}
-        self.fields = tuple(fields or self.FIELDS)  # the columns pop() stacks (CAM generation has others)
-
-    def add(self, batch: dict[str, np.ndarray]) -> list[str]:
-        """Add a batch; return the shards that became complete."""
-        complete = []
-        for i in range(len(batch["key"])):
-            url = str(batch["shard"][i])
-            count = int(batch["shard_count"][i])
-            self.expected[url] = count
-            self.rows.setdefault(url, {})[int(batch["index"][i])] = {k: batch[k][i] for k in batch}
-            if len(self.rows[url]) == count:
-                complete.append(url)
-        return complete
-
-    def pop(self, url: str) -> tuple[dict[str, np.ndarray], list[dict[str, str]]]:
-        rows = [r for _, r in sorted(self.rows.pop(url).items())]
-        self.expected.pop(url, None)
-        skipped = [{"key": str(r["key"]), "reason": str(r["error"]), "shard": url} for r in rows if r["error"]]
-        # Failed rows carry zero-filled arrays of the right shape, so stacking every row and
-        # keeping the good ones gives correctly shaped (possibly empty) arrays.
-        keep = np.array([not r["error"] for r in rows], dtype=bool)
-        stacked = {k: np.stack([r[k] for r in rows])[keep] for k in self.fields}
-        return stacked, skipped
-
-
-def ensure_ray() -> float:
-    """Connect to the cluster (RAY_ADDRESS, or inside a Ray job) or start a local Ray; seconds taken."""
-    import ray
-
-    t0 = time.perf_counter()
-    if not ray.is_initialized():
-        kwargs: dict[str, Any] = {}
-        if not os.environ.get("RAY_ADDRESS"):  # a new local Ray: ours to configure
-            # Ray keeps at most num_cpus idle workers and kills the rest; on a small machine
-            # the read/decode tasks then land on fresh workers that re-import torch (~3 s CPU
-            # each): measured 2.7x slower extraction on 2 cores. Keep more workers alive.
-            kwargs["_system_config"] = {"num_workers_soft_limit": max(8, os.cpu_count() or 1)}
-        ray.init(ignore_reinit_error=True, log_to_driver=False, configure_logging=False, **kwargs)
-    from ray.data import DataContext
-
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = False  # the driver prints its own progress with rate and ETA
-    ctx.print_on_execution_start = False
-    return time.perf_counter() - t0
-
-
-def _num_actors(cfg: ExtractConfig) -> tuple[int, float]:
-    import ray
-
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    if cfg.num_actors:
-        return cfg.num_actors, (1.0 if gpus else 0.0)
-    return (gpus, 1.0) if gpus else (1, 0.0)
 
 
 def extract(cfg: ExtractConfig) -> ExtractSummary:
@@ -395,7 +316,7 @@ def _run(cfg: ExtractConfig, cache: FeatureCache, preprocessing: Any, todo: list
     known = cache.manifest.get("expected_counts", {})
     total = sum((s.count if s.count is not None else known.get(s.url, 0)) for s in todo) or None
     items = [{"url": s.url, "name": s.name, "count": s.count if s.count is not None else -1} for s in todo]
-    actors, gpus = _num_actors(cfg)
+    actors, gpus = actor_pool(cfg.num_actors)
     ds = (
         ray.data.from_items(items, override_num_blocks=len(items))
         .flat_map(read_shard_rows, fn_kwargs={"storage_options": cfg.shard_storage_options}, num_cpus=0.5)
@@ -419,9 +340,9 @@ def _run(cfg: ExtractConfig, cache: FeatureCache, preprocessing: Any, todo: list
 
     write = _write_shard_task()
     cache_ref = ray.put(cache)
-    assembler = _ShardAssembler()
+    assembler = ShardAssembler()
     pending: dict[Any, str] = {}
-    progress = _Progress(total, cfg.progress)
+    progress = Progress(total, cfg.progress, what="extract")
     t_pipe = time.perf_counter()
     counts: dict[str, int] = {}
     schemes = {s.url: s.labels_scheme for s in todo}  # what the labels mean, for training's --target label
@@ -481,28 +402,3 @@ def _run(cfg: ExtractConfig, cache: FeatureCache, preprocessing: Any, todo: list
     if t_first is not None and after_first:
         summary.steady_images_per_second = after_first / max(time.perf_counter() - t_first, 1e-9)
     return summary
-
-
-class _Progress:
-    """Periodic lines with images/s and ETA (a bar where the terminal is interactive)."""
-
-    def __init__(self, total: int | None, enabled: bool, every: float = 5.0, what: str = "extract", unit: str = "images") -> None:
-        self.total, self.enabled, self.every = total, enabled, every
-        self.what, self.unit = what, unit
-        self.done = 0
-        self.t0 = self.last = time.perf_counter()
-
-    def update(self, n: int) -> None:
-        self.done += n
-        now = time.perf_counter()
-        if self.enabled and (now - self.last >= self.every or (self.total and self.done >= self.total)):
-            self.last = now
-            rate = self.done / max(now - self.t0, 1e-9)
-            eta = f", ETA {math.ceil((self.total - self.done) / rate)}s" if self.total and rate > 0 else ""
-            of = f"/{self.total}" if self.total else ""
-            print(f"{self.what}: {self.done}{of} {self.unit}, {rate:.1f} {self.unit}/s{eta}", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.enabled and self.done:
-            rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
-            print(f"{self.what}: {self.done} {self.unit} done, {rate:.1f} {self.unit}/s", file=sys.stderr, flush=True)

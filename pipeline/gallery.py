@@ -117,7 +117,7 @@ def write_gallery(
 
     from .classes import class_names_options
     from .classes import load_class_names
-    from .extract import _Progress
+    from .progress import Progress
     from .images import decode_image, preprocess
     from .render import overlay_panels, png_bytes, tensor_to_uint8
 
@@ -141,7 +141,7 @@ def write_gallery(
 
     items: list[dict[str, Any]] = []
     jobs: list[tuple[str, bytes]] = []
-    drawn = _Progress(len(picks), progress, what="gallery", unit="overlays")
+    drawn = Progress(len(picks), progress, what="gallery", unit="overlays")
     fields = ["labels", "class_ids", "probs", "raw", "predicted", "predicted_prob"] + (["upsampled"] if store.upsampled_size else []) \
         + (["coverage"] if store.class_coverage is not None else [])
     for s, rows in sorted(by_shard.items()):

@@ -42,6 +42,8 @@ import torch
 
 from .checkpoints import CheckpointMismatch, check_backbone, check_cache, load_checkpoint, save_checkpoint
 from .errors import FlagNamer, UserError, option_flag
+from .device import autocast_dtype, resolve_device
+from .progress import Progress
 from .fs import absolute, StorageOptions, exists, get_fs, join, write_bytes_atomic
 
 CHECKPOINT = "checkpoint.pt"
@@ -329,23 +331,6 @@ def resolve_recipe(cfg: TrainConfig, method: str, backbone_name: str, ckpt: Mapp
     return recipe, run
 
 
-def _device(cfg: TrainConfig) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise UserError(lambda flag: f"{flag('device')} cuda asked for, but torch sees no GPU here; use {flag('device')} cpu or auto")
-    return torch.device(cfg.device)
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on GPU by default (no loss scaling needed); fp32 on CPU."""
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
-        return None
-    if precision in ("auto", "bf16"):
-        return torch.bfloat16
-    raise UserError(f"precision must be auto, fp32 or bf16, got {precision!r}")
-
-
 def backbone_for_cache(cache: Any, weights: str | None):
     """The backbone the cache was made with; refuses other weights (digest compared)."""
     from lcam import build_backbone
@@ -453,34 +438,6 @@ def plot_curves(history: Sequence[Mapping[str, Any]], title: str = "L-CAM traini
     return buf.getvalue()
 
 
-class _Bar:
-    """Step progress with rate and ETA: tqdm on a terminal, a line every ``every`` seconds in logs."""
-
-    def __init__(self, enabled: bool, total: int, initial: int, desc: str, every: float = 30.0) -> None:
-        self.enabled, self.total, self.done, self.desc, self.every = enabled, total, initial, desc, every
-        self.start, self.t0 = initial, time.perf_counter()
-        self.last = self.t0
-        self.bar = None
-        if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", file=sys.stderr, mininterval=1.0, dynamic_ncols=True, leave=False)
-
-    def update(self, loss: float) -> None:
-        self.done += 1
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-            self.bar.update(1)
-        elif self.enabled and time.perf_counter() - self.last >= self.every and self.done < self.total:
-            self.last = time.perf_counter()
-            rate = (self.done - self.start) / (self.last - self.t0)
-            _say(True, f"{self.desc}: step {self.done}/{self.total}, loss {loss:.3f}, {rate:.2f} steps/s, ETA {(self.total - self.done) / rate:.0f}s")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def _say(enabled: bool, line: str) -> None:
     if enabled:
         print(line, file=sys.stderr, flush=True)
@@ -521,7 +478,7 @@ def train_fm(cfg: TrainConfig) -> TrainSummary:
         cache, recipe.batch_size, seed=run_cfg["seed"], target=run_cfg["target"], view=view,
         buffer_rows=cfg.buffer_rows, prefetch_chunks=cfg.prefetch_chunks, num_threads=cfg.loader_threads,
     )
-    device = _device(cfg)
+    device = resolve_device(cfg.device)
     threads_before = torch.get_num_threads()
     if device.type == "cpu":
         # Per-step work is small: more threads mostly spin, while the loader's threads need cores to decode.
@@ -541,7 +498,7 @@ def _train_fm_loop(cfg: TrainConfig, cache: Any, backbone: Any, run_dir: RunFold
     model = LCAM(backbone, attention)  # resuming: the checkpoint's attention is loaded below
     # Only the head runs per step: full precision unless bf16 is asked for explicitly.
     trainer = LCAMTrainer(model, "fm", recipe, len(loader), device=device,
-                          autocast_dtype=autocast_dtype(cfg.precision, device) if cfg.precision != "auto" else None,
+                          autocast_dtype=autocast_dtype(cfg.precision, device, allow_fp16=False) if cfg.precision != "auto" else None,
                           top_k=int(run_cfg.get("top_k", 1)))
     if inherited is not None:
         trainer.max_counts = inherited.long().clone()
@@ -569,12 +526,13 @@ def _train_fm_loop(cfg: TrainConfig, cache: Any, backbone: Any, run_dir: RunFold
     while trainer.epoch < recipe.epochs:
         loader.set_epoch(trainer.epoch)
         window, t_epoch, lr_used = StepWindow(), time.perf_counter(), [trainer.lr]
-        bar = _Bar(cfg.progress, trainer.steps_per_epoch, trainer.batch_in_epoch, f"epoch {trainer.epoch + 1}/{recipe.epochs}")
+        bar = Progress(trainer.steps_per_epoch, cfg.progress, what=f"epoch {trainer.epoch + 1}/{recipe.epochs}", unit="steps", every=30.0,
+                       initial=trainer.batch_in_epoch)
 
         def on_step(tr: LCAMTrainer, stats: Any) -> None:
             window.add(stats)
             lr_used[0] = stats.lr
-            bar.update(stats.loss)
+            bar.update(1, postfix=f"loss {stats.loss:.3f}")
             if cfg.log_every and tr.global_step % cfg.log_every == 0:
                 history.append(window.record(tr.epoch, tr.global_step, tr.steps_per_epoch, stats.lr))
             if cfg.checkpoint_minutes and time.perf_counter() - last_save[0] > 60 * cfg.checkpoint_minutes and tr.batch_in_epoch < tr.steps_per_epoch:
@@ -760,7 +718,7 @@ def _img_worker_loop(config: dict[str, Any]) -> None:
         return ray.train.torch.prepare_model(module, parallel_strategy_kwargs={key: False})
 
     trainer = LCAMTrainer(model, "img", recipe, plan["steps_per_epoch"], device=device,
-                          autocast_dtype=autocast_dtype(cfg.precision, device), wrap=ddp, top_k=int(plan["run"].get("top_k", 1)))
+                          autocast_dtype=autocast_dtype(cfg.precision, device, allow_fp16=False), wrap=ddp, top_k=int(plan["run"].get("top_k", 1)))
     if inherited is not None:
         trainer.max_counts = inherited.long().clone()
     if world > 1:
@@ -932,7 +890,7 @@ def train_img(cfg: TrainConfig) -> TrainSummary:
 
     from lcam import build_backbone
 
-    from .extract import ensure_ray
+    from .raykit import ensure_ray
     from .shards import require_shards
 
     t0 = time.perf_counter()

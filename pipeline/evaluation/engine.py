@@ -26,6 +26,7 @@ import torch
 from lcam.metrics import DEFAULT_RATIOS
 
 from ..errors import UserError
+from ..device import resolve_device
 from ..fs import StorageOptions
 from .config import EvalConfig, MethodSpec
 from .metrics import MetricBatch, build_metrics
@@ -169,13 +170,8 @@ class Evaluator:
 
 
 def pick_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but no CUDA device is visible here; use --device cpu or auto")
-    if device not in ("cpu", "cuda"):
-        raise UserError(f"unknown device {device!r}; use auto, cpu or cuda")
-    return device
+    """The evaluation's device type (``cpu``/``cuda``), resolved the one way (``pipeline.device``)."""
+    return resolve_device(device).type
 
 
 
@@ -280,7 +276,7 @@ def run_ray(plan: Plan, cfg: EvalConfig, backbone: Any, specs: Sequence[MethodSp
     import ray
     from ray.data import ActorPoolStrategy
 
-    from ..extract import ensure_ray
+    from ..raykit import ensure_ray
 
     startup = ensure_ray()
     gpus = int(ray.cluster_resources().get("GPU", 0))

@@ -9,7 +9,6 @@ per-image values per method: where explanations fail).
 from __future__ import annotations
 
 import datetime
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..progress import Progress
 from ..fs import StorageOptions, join, write_bytes_atomic, write_json_atomic
 from .config import EvalConfig, MethodSpec, method_specs, resolve_backbone
 from .engine import Evaluator, choose_engine, pick_device, run_local, run_ray
@@ -30,24 +30,6 @@ from .render import render_charts, render_csv, render_markdown
 from .results import Collector, MethodResult, aggregate, jsonable, versions
 
 FORMAT = "lcam-eval/1"
-
-
-class Progress:
-    """Periodic lines with images/s and ETA (stderr)."""
-
-    def __init__(self, total: int, enabled: bool, every: float = 10.0) -> None:
-        self.total, self.enabled, self.every = total, enabled, every
-        self.done = 0
-        self.t0 = self.last = time.perf_counter()
-
-    def update(self, n: int) -> None:
-        self.done += n
-        now = time.perf_counter()
-        if self.enabled and (now - self.last >= self.every or self.done >= self.total):
-            self.last = now
-            rate = self.done / max(now - self.t0, 1e-9)
-            eta = f", ETA {math.ceil((self.total - self.done) / rate)}s" if rate > 0 and self.done < self.total else ""
-            print(f"eval: {self.done}/{self.total} images, {rate:.2f} images/s{eta}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -118,7 +100,7 @@ def evaluate(cfg: EvalConfig) -> EvalSummary:
               file=sys.stderr, flush=True)
 
     collected = Collector()
-    progress = Progress(plan.selected, cfg.progress)
+    progress = Progress(plan.selected, cfg.progress, what="eval", every=10.0)
 
     def on_batch(decoded: DecodedBatch, result: dict | None) -> None:
         collected(decoded, result)
