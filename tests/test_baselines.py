@@ -106,6 +106,21 @@ def test_rise_and_random_are_deterministic_with_a_seed():
     assert not torch.equal(x, r1(images, [0, 1]))  # successive calls draw fresh maps
 
 
+def test_rise_batched_across_images_equals_the_formula_image_by_image():
+    """mask_batch spreads masks over the batch's images; the maps are the formula's, per image."""
+    backbone = toy_backbone()
+    images, ids = torch.rand(3, 3, 32, 32), torch.tensor([1, 0, 1])
+    rise = RISE(backbone, num_masks=10, grid=4, mask_batch=7, seed=2)  # groups of 3 images x 2 masks
+    batched = rise(images, ids)
+    masks = rise.masks((32, 32)).double()
+    for i in range(3):
+        with torch.no_grad():
+            p = backbone(images[i : i + 1] * masks[:, None].float()).softmax(1)[:, int(ids[i])].double()
+        hand = (p[:, None, None] * masks).sum(0) / (10 * 0.5)
+        assert torch.allclose(batched[i].double(), hand, atol=1e-6)
+        assert torch.allclose(RISE(backbone, num_masks=10, grid=4, mask_batch=1, seed=2)(images[i : i + 1], ids[i : i + 1])[0], batched[i], atol=1e-6)
+
+
 def test_rise_peaks_in_the_region_the_model_scores():
     rows, cols = slice(8, 16), slice(16, 24)
     backbone = Backbone("region", nn.Identity(), RegionScore(rows, cols), (3, 32, 32), Preprocessing(mean=(0.0,) * 3, std=(1.0,) * 3), num_classes=2)

@@ -149,6 +149,22 @@ def test_all_ratios_agree_with_pytorch_grad_cam_on_the_same_maps(backbone):
     assert not backbone.features._forward_pre_hooks
 
 
+def test_costly_methods_report_their_forwards_while_they_run(backbone):
+    """RISE reports every masked forward (images x masks) to the progress hook; Grad-CAM, one pass, reports none."""
+    from pipeline.evaluation.run import MethodProgress
+
+    seen: list[tuple[str, int]] = []
+    specs = [MethodSpec("gradcam", "gradcam", "Grad-CAM"), MethodSpec("rise", "rise", "RISE", {"num_masks": 6, "mask_batch": 4})]
+    ev = Evaluator(backbone, specs, RATIOS, on_method_forwards=lambda m, n: seen.append((m, n)))
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 3, 224, 224), dtype=np.uint8)
+    ev.evaluate_batch(pixels, np.arange(3), batch_id=0)
+    ev.close()
+    assert {m for m, _ in seen} == {"rise"} and sum(n for _, n in seen) == 3 * 6
+    bars = MethodProgress(specs + [MethodSpec("rise2", "rise", "RISE", {"num_masks": 5}, limit=2)], backbone, 3, True).bars
+    assert {k: b.total for k, b in bars.items()} == {"rise": 3 * 6, "rise2": 2 * 5}
+    assert MethodProgress(specs, backbone, 3, False).bars == {}
+
+
 def reference_scores(backbone, state, image: torch.Tensor) -> tuple[int, float, list[float]]:
     """The reference style, written independently: batch 1, clean pass, then per ratio the
     attention recomputed (all K maps), min-max, upsample, stable-argsort keep, mask, softmax."""

@@ -102,6 +102,11 @@ class CAMMethod:
     def compute(self, images: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def forwards_per_image(self, channels: int) -> int | None:
+        """Full backbone forwards one map costs (``channels``: C of the feature maps), for
+        progress with an ETA while a costly method runs; None: not worth reporting."""
+        return None
+
     def reseed(self, seed: int) -> None:
         """Restart the method's random sequence (only methods with ``reseed_per_batch``)."""
 

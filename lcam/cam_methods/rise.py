@@ -33,7 +33,10 @@ class RISE(CAMMethod):
     (8000 masks at 224 x 224 in float32 would take 1.6 GB).
 
     Cost: N forward passes per image (the papers: N = 4000 for VGG-16, 8000 for
-    ResNet-50), ``mask_batch`` masked images per forward. Output at input resolution.
+    ResNet-50). ``mask_batch`` masked images go through each forward, taken across the
+    images of the batch (B images x mask_batch // B masks), so a GPU stays busy whatever
+    the batch, and memory is bounded by ``mask_batch`` alone: raise it on a GPU (e.g.
+    512-2048), keep it small on a CPU. Output at input resolution.
     """
 
     name, label, cost, default, rank = "rise", "RISE", "masks", True, 30
@@ -41,7 +44,8 @@ class RISE(CAMMethod):
         Option("num_masks", int, 4000, "RISE masks per image (papers: 4000 VGG-16, 8000 ResNet-50)", flag="rise-masks"),
         Option("grid", int, 7, "RISE grid cells per side", flag="rise-grid"),
         Option("p", probability, 0.5, "RISE probability that a cell is kept", flag="rise-p"),
-        Option("mask_batch", int, 32, "RISE masked images per forward", flag="rise-batch"),
+        Option("mask_batch", int, 32, "RISE masked images per forward, across the batch's images: "
+               "bounds memory (GPU: raise to 512-2048)", flag="rise-batch"),
         Option("seed", int, 0, "RISE mask seed", flag="rise-seed"),
     )
 
@@ -72,15 +76,27 @@ class RISE(CAMMethod):
         n = torch.arange(up.shape[0], device=up.device)[:, None, None]
         return up[n, rows[:, :, None], cols[:, None, :]]
 
+    def forwards_per_image(self, channels: int) -> int:
+        return self.num_masks
+
     def compute(self, images: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
         import torch
 
         b, _, hh, ww = images.shape
         sal = torch.zeros(b, hh * ww, dtype=torch.float64, device=images.device)
+        # One forward holds at most mask_batch masked images: every image of a group of
+        # images times the same chunk of masks (fewer images per group when B > mask_batch).
+        group = max(1, min(b, self.mask_batch))
+        per_step = max(1, self.mask_batch // group)
         with torch.no_grad():
-            for start in range(0, self.num_masks, self.mask_batch):
-                m = self.masks((hh, ww), start, start + self.mask_batch, images.device).to(images.dtype)
-                for i in range(b):
-                    probs = self.backbone(images[i : i + 1] * m[:, None]).float().softmax(1)[:, class_ids[i]]
-                    sal[i] += (probs.double()[None] @ m.flatten(1).double())[0]
+            for start in range(0, self.num_masks, per_step):
+                m = self.masks((hh, ww), start, start + per_step, images.device).to(images.dtype)  # (k, H, W)
+                k = m.shape[0]
+                flat = m.flatten(1).double()
+                for g0 in range(0, b, group):
+                    imgs = images[g0 : g0 + group]
+                    masked = (imgs[:, None] * m[None, :, None]).flatten(0, 1)  # (g*k, 3, H, W), image-major
+                    probs = self.backbone(masked).float().softmax(1).view(imgs.shape[0], k, -1)
+                    p = probs.gather(2, class_ids[g0 : g0 + group, None, None].expand(-1, k, 1))[:, :, 0]  # (g, k)
+                    sal[g0 : g0 + group] += p.double() @ flat
         return (sal / (self.num_masks * self.p)).float().view(b, hh, ww)

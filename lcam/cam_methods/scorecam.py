@@ -17,5 +17,8 @@ class ScoreCAM(PytorchGradCAMMethod):
     uses_gradients = False
     options = (Option("batch_size", int, 32, "Score-CAM masked images per forward", flag="scorecam-batch"),)
 
+    def forwards_per_image(self, channels: int) -> int:
+        return channels + 1  # the clean pass for F, then one masked image per channel
+
     def configure(self, cam: Any) -> None:
         cam.batch_size = self.batch_size  # read by pytorch-grad-cam's ScoreCAM.get_cam_weights

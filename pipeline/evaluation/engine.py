@@ -39,10 +39,32 @@ class _ForwardCounter:
 
     def __init__(self, module: torch.nn.Module) -> None:
         self.images = 0
+        self.listener: Callable[[int], None] | None = None  # set while a costly method runs
         self.handle = module.register_forward_pre_hook(self._hook)
 
     def _hook(self, module: torch.nn.Module, args: tuple[Any, ...]) -> None:
-        self.images += int(args[0].shape[0])
+        n = int(args[0].shape[0])
+        self.images += n
+        if self.listener is not None:
+            self.listener(n)
+
+
+class _Throttled:
+    """Forwards of one method, handed on at most every ``every`` seconds (and at close)."""
+
+    def __init__(self, method_id: str, report: Callable[[str, int], None], every: float = 2.0) -> None:
+        self.method_id, self.report, self.every = method_id, report, every
+        self.pending, self.last = 0, time.perf_counter()
+
+    def __call__(self, n: int) -> None:
+        self.pending += n
+        if time.perf_counter() - self.last >= self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            self.report(self.method_id, self.pending)
+        self.pending, self.last = 0, time.perf_counter()
 
 
 class _ChannelsLast(torch.nn.Module):
@@ -71,7 +93,11 @@ class Evaluator:
         device: str | torch.device = "cpu",
         keep_maps: int = 0,
         fold_batchnorm: bool = True,
+        on_method_forwards: Callable[[str, int], None] | None = None,
     ) -> None:
+        """``on_method_forwards(method_id, n)``: called while a method with a known per-image
+        cost (``forwards_per_image``: RISE, Score-CAM) computes its maps, so a long method
+        shows progress between batches."""
         from lcam import LCAM
         from lcam.cam_methods import LCAMMethod, build_method
 
@@ -94,6 +120,9 @@ class Evaluator:
                 self.methods.append(build_method(s.kind, self.backbone, **dict(s.kwargs)))
         self.counter = _ForwardCounter(self.backbone.features)
         self.model = _ChannelsLast(self.backbone)
+        self.on_method_forwards = on_method_forwards
+        channels = self.backbone.feature_shape[0]
+        self.reports_progress = [m.forwards_per_image(channels) is not None for m in self.methods]
 
     def close(self) -> None:
         """Remove the forward-counting hook from the backbone (it may be shared with the caller)."""
@@ -137,7 +166,7 @@ class Evaluator:
         keep = torch.nonzero(ranks_t < self.keep_maps)[:, 0]
         if len(keep):  # images for the report's gallery: their pixels and every method's map
             out["gallery"] = {"index": keep.numpy(), "pixels": np.asarray(torch.as_tensor(pixels)[keep])}
-        for spec, method in zip(self.specs, self.methods):
+        for spec, method, reports in zip(self.specs, self.methods, self.reports_progress):
             sel = torch.arange(x.shape[0]) if spec.limit is None else torch.nonzero(ranks_t < spec.limit)[:, 0]
             if len(sel) == 0:
                 continue
@@ -147,11 +176,18 @@ class Evaluator:
             t1, c1 = time.perf_counter(), self.counter.images
             if method.reseed_per_batch:  # seeded by the batch's position: the same maps on any engine or worker
                 method.reseed(batch_seed(spec.kwargs.get("seed", 0), batch_id))
-            if isinstance(method, LCAMMethod):  # F and the logits of the shared clean forward
-                f_s, l_s = (feats, logits) if whole else (feats[sel.to(self.device)], logits[sel.to(self.device)])
-                cams = method.from_features(f_s, ids_s, l_s)
-            else:
-                cams = method(xs, ids_s)
+            listener = _Throttled(spec.id, self.on_method_forwards) if reports and self.on_method_forwards else None
+            self.counter.listener = listener
+            try:
+                if isinstance(method, LCAMMethod):  # F and the logits of the shared clean forward
+                    f_s, l_s = (feats, logits) if whole else (feats[sel.to(self.device)], logits[sel.to(self.device)])
+                    cams = method.from_features(f_s, ids_s, l_s)
+                else:
+                    cams = method(xs, ids_s)
+            finally:
+                self.counter.listener = None
+                if listener is not None:
+                    listener.flush()
             self._sync()
             entry: dict[str, Any] = {"index": sel.numpy(), "map_seconds": time.perf_counter() - t1, "map_forwards": self.counter.images - c1}
             batch = MetricBatch(self.model, self.backbone, xs, cams, ids_s, probs if whole else probs[sel.to(self.device)],
@@ -251,9 +287,18 @@ class EvalActor:
         if backbone.weights_digest() != digest:
             raise UserError(f"the {backbone_name} weights {weights!r} on this worker differ from the driver's (digest "
                             f"{backbone.weights_digest()[:12]} vs {digest[:12]}); give every node the same weights file")
+        queue = options.get("progress_queue")
+
+        def relay(method_id: str, n: int) -> None:
+            try:
+                queue.put_nowait((method_id, n))
+            except Exception:  # full or gone: progress is best effort, the scores are not affected
+                pass
+
         self.evaluator = Evaluator(backbone, specs, options["ratios"], metrics=options["metrics"],
                                    metric_options=options["metric_options"], forward_batch=options["forward_batch"], device=device,
-                                   keep_maps=options.get("keep_maps", 0), fold_batchnorm=options.get("fold_batchnorm", True))
+                                   keep_maps=options.get("keep_maps", 0), fold_batchnorm=options.get("fold_batchnorm", True),
+                                   on_method_forwards=relay if queue is not None else None)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.threads:  # unconditionally: torch reports the count it was last given, not this thread's
@@ -271,10 +316,17 @@ class EvalActor:
 
 
 def run_ray(plan: Plan, cfg: EvalConfig, backbone: Any, specs: Sequence[MethodSpec],
-            on_batch: Callable[[DecodedBatch, dict | None], None]) -> dict[str, Any]:
-    """Ray Data: read+decode tasks per shard -> actor pool (backbone + methods) -> the driver."""
+            on_batch: Callable[[DecodedBatch, dict | None], None],
+            on_method_forwards: Callable[[str, int], None] | None = None) -> dict[str, Any]:
+    """Ray Data: read+decode tasks per shard -> actor pool (backbone + methods) -> the driver.
+
+    ``on_method_forwards``: the actors' progress inside costly methods reaches it through a
+    small Ray queue, drained by a driver thread (a few tuples every two seconds per actor)."""
+    import threading
+
     import ray
     from ray.data import ActorPoolStrategy
+    from ray.util.queue import Queue
 
     from ..raykit import ensure_ray
 
@@ -285,6 +337,19 @@ def run_ray(plan: Plan, cfg: EvalConfig, backbone: Any, specs: Sequence[MethodSp
     options = {"ratios": cfg.ratios, "forward_batch": cfg.batch_size, "metrics": tuple(cfg.metrics),
                "metric_options": dict(cfg.metric_options), "torch_threads": cfg.torch_threads, "keep_maps": cfg.save_maps,
                "fold_batchnorm": cfg.fold_batchnorm}
+    queue, stop = None, threading.Event()
+    if on_method_forwards is not None:
+        queue = Queue(maxsize=1000, actor_options={"num_cpus": 0})
+        options["progress_queue"] = queue
+
+        def drain() -> None:
+            while not stop.is_set():
+                try:
+                    on_method_forwards(*queue.get(timeout=1.0))
+                except Exception:  # Empty, or the queue gone at shutdown
+                    continue
+
+        threading.Thread(target=drain, daemon=True, name="eval-progress").start()
     ds = (
         ray.data.from_items(items, override_num_blocks=len(items))
         .flat_map(ray_read_decode, fn_kwargs={"prep": backbone.preprocessing, "storage_options": cfg.shard_storage_options}, num_cpus=1)
@@ -297,10 +362,15 @@ def run_ray(plan: Plan, cfg: EvalConfig, backbone: Any, specs: Sequence[MethodSp
             num_cpus=0 if gpus else 1,
         )
     )
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
-        for bid, payload in zip(batch["batch_id"], batch["payload"]):
-            if int(bid) < 0:
-                raise UserError(f"evaluation stopped: shard {pickle.loads(payload)['error']}; re-download or re-pack that shard")
-            decoded, result = pickle.loads(payload)
-            on_batch(decoded, result)
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+            for bid, payload in zip(batch["batch_id"], batch["payload"]):
+                if int(bid) < 0:
+                    raise UserError(f"evaluation stopped: shard {pickle.loads(payload)['error']}; re-download or re-pack that shard")
+                decoded, result = pickle.loads(payload)
+                on_batch(decoded, result)
+    finally:
+        stop.set()
+        if queue is not None:
+            ray.kill(queue.actor)
     return {"ray_startup_seconds": startup, "actors": actors, "gpus_per_actor": 1 if gpus else 0}

@@ -32,6 +32,40 @@ from .results import Collector, MethodResult, aggregate, jsonable, versions
 FORMAT = "lcam-eval/1"
 
 
+class MethodProgress:
+    """Progress of each costly method (RISE, Score-CAM: thousands of forwards per image) in
+    backbone forwards, with rate and ETA, since one of their batches can take many minutes."""
+
+    def __init__(self, specs: Sequence[MethodSpec], backbone: Any, selected: int, enabled: bool) -> None:
+        from lcam.cam_methods import build_method
+
+        self.bars: dict[str, Progress] = {}
+        if not enabled:
+            return
+        channels = backbone.feature_shape[0]
+        for s in specs:
+            if s.kind == "lcam":
+                continue
+            per_image = build_method(s.kind, backbone, **dict(s.kwargs)).forwards_per_image(channels)
+            if per_image:
+                images = min(s.limit, selected) if s.limit is not None else selected
+                self.bars[s.id] = Progress(images * per_image, True, what=f"eval {s.label}", unit="forwards", every=10.0, bar=False)
+
+    def __bool__(self) -> bool:
+        return bool(self.bars)
+
+    def update(self, method_id: str, forwards: int) -> None:
+        bar = self.bars.get(method_id)
+        if bar is not None:
+            if bar.done == 0:  # the rate counts from the method's first forward, not from Ray's start-up
+                bar.t0 = bar.last = time.perf_counter()
+            bar.update(forwards)
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
 @dataclass
 class EvalSummary:
     out: str
@@ -102,6 +136,8 @@ def evaluate(cfg: EvalConfig) -> EvalSummary:
     collected = Collector()
     progress = Progress(plan.selected, cfg.progress, what="eval", every=10.0)
 
+    method_progress = MethodProgress(specs, backbone, plan.selected, cfg.progress)
+
     def on_batch(decoded: DecodedBatch, result: dict | None) -> None:
         collected(decoded, result)
         progress.update(len(decoded.keys) + len(decoded.skipped))
@@ -111,16 +147,18 @@ def evaluate(cfg: EvalConfig) -> EvalSummary:
     if engine == "local":
         device = pick_device(cfg.device)
         evaluator = Evaluator(backbone, specs, ratios, metrics=cfg.metrics, metric_options=cfg.metric_options,
-                              forward_batch=cfg.batch_size, device=device, keep_maps=cfg.save_maps, fold_batchnorm=cfg.fold_batchnorm)
+                              forward_batch=cfg.batch_size, device=device, keep_maps=cfg.save_maps, fold_batchnorm=cfg.fold_batchnorm,
+                              on_method_forwards=method_progress.update if method_progress else None)
         try:
             run_local(plan, evaluator, backbone.preprocessing, cfg.shard_storage_options, cfg.decode_workers, on_batch)
         finally:
             evaluator.close()
         engine_info.update(device=device, torch_threads=torch.get_num_threads(), decode_workers=cfg.decode_workers)
     else:
-        engine_info.update(run_ray(plan, cfg, backbone, specs, on_batch))
+        engine_info.update(run_ray(plan, cfg, backbone, specs, on_batch, method_progress.update if method_progress else None))
         engine_info["device"] = "cuda" if engine_info["gpus_per_actor"] else "cpu"
     eval_seconds = time.perf_counter() - t_eval
+    method_progress.close()
     metrics = build_metrics(ratios, cfg.metrics, cfg.metric_options)
     res = aggregate(collected, specs, metrics)
 
