@@ -1,12 +1,8 @@
-"""WebDataset shards: pack an image folder into tar shards, list them, read them back.
+"""Pack an image folder into WebDataset tar shards.
 
 Packing keeps the ORIGINAL image bytes (never re-encoded): the cached features must
 come from exactly the pixels a user would get from their own files. Bad inputs are
 decided once, here, with PIL, and reported; odd-but-usable images are packed and noted.
-
-Readers trust nothing but the index: a tar cut at a member boundary is a valid, shorter
-tar to ``tarfile``, webdataset and Ray alike, so :func:`read_shard` compares the sample
-count with ``index.json`` and fails loudly on a difference.
 """
 
 from __future__ import annotations
@@ -14,7 +10,6 @@ from __future__ import annotations
 import concurrent.futures
 import csv
 import hashlib
-import importlib
 import io
 import json
 import os
@@ -27,26 +22,25 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable, Iterator
+from typing import Any, BinaryIO
 
 import fsspec
 from PIL import Image, UnidentifiedImageError
 
 from pipeline.classes import imagenet_classes, imagenet_wnids
 from pipeline.errors import UserError
-from pipeline.fs import StorageOptions, expand_urls, get_fs, is_local, join, read_json, write_json_atomic
+from pipeline.fs import StorageOptions, get_fs, is_local, join, write_json_atomic
 
-INDEX_FORMAT = "lcam-webdataset-shards/1"
-INDEX_NAME = "index.json"
+from .format import INDEX_FORMAT, INDEX_NAME, as_int
+
+
 REPORT_NAME = "pack_report.json"
 
 # File extension -> sample extension; the content decides in the end (see _inspect).
 IMAGE_EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
 FORMAT_EXTS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
-READ_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # order of preference when reading
-JSON_LABEL_KEYS = ("label", "cls", "class", "class_index")
 LAYOUTS = ("auto", "imagefolder", "labels", "imagenet-val")
 CROP = 224  # images smaller than the crop get upsampled by Resize(256); noted
 
@@ -60,53 +54,6 @@ _VAL_NAME = re.compile(r"^ILSVRC2012_val_(\d{8})$")
 _UNSAFE_KEY = re.compile(r"[^A-Za-z0-9_-]")
 _LABELS_SUFFIXES = (".tsv", ".csv", ".txt")
 _DEVKIT_GT = "ILSVRC2012_validation_ground_truth.txt"
-
-
-# --------------------------------------------------------------------------- errors
-
-
-class ShardError(UserError):
-    """A shard that cannot be read as the index describes it."""
-
-
-class ShardReadError(ShardError):
-    """The tar itself is damaged (e.g. cut in the middle of a member)."""
-
-
-class ShardCountMismatch(ShardError):
-    """The tar holds a different number of samples than ``index.json`` says."""
-
-    def __init__(self, message: str, shard: str = "", expected: int | None = None, actual: int | None = None) -> None:
-        super().__init__(message)
-        self.shard, self.expected, self.actual = shard, expected, actual
-
-    def __reduce__(self):  # keep the fields when Ray pickles the exception across processes
-        return (type(self), (str(self), self.shard, self.expected, self.actual))
-
-
-class ShardChecksumMismatch(ShardError):
-    """The shard's bytes do not hash to the sha256 recorded in the index."""
-
-
-# --------------------------------------------------------------------------- records
-
-
-@dataclass(frozen=True)
-class ShardInfo:
-    url: str
-    name: str
-    count: int | None = None
-    sha256: str | None = None
-    labels_scheme: str | None = None  # from the index: imagenet, labels-file, folders (0..N-1: not the classifier's classes)
-
-
-@dataclass
-class Sample:
-    key: str
-    image: bytes  # original encoded bytes; b"" when the sample has no image member
-    ext: str  # member extension the image came from ("jpg", "jpeg", "png", "webp"), "" if none
-    label: int  # -1 when the sample carries no label
-    meta: dict = field(default_factory=dict)  # the sample's json member, parsed
 
 
 @dataclass
@@ -144,8 +91,6 @@ class PackReport:
             lines.append(f"notes {len(self.notes)} (packed anyway): " + ", ".join(f"{k} x{v}" for k, v in by.most_common()))
         lines.append(f"full report: {join(self.out_url, REPORT_NAME)}")
         return "\n".join(lines)
-
-
 
 
 # --------------------------------------------------------------------------- planning
@@ -219,13 +164,6 @@ def _rows(text: str) -> list[list[str]]:
     return [ln.split() for ln in lines]
 
 
-def _as_int(s: str) -> int | None:
-    try:
-        return int(s)
-    except (TypeError, ValueError):
-        return None
-
-
 _FILE_COLS = ("file", "filename", "file_name", "path", "image", "img", "image_id", "imageid", "image_name", "id")
 _CLASS_COLS = ("class_index", "class_idx", "label", "cls", "class", "target", "class_id", "label_index", "predictionstring")
 _WNID_COLS = ("wnid", "synset")
@@ -234,7 +172,7 @@ _WNID_COLS = ("wnid", "synset")
 def _class_value(value: str, where: str) -> int:
     """An int class index, or a WordNet id mapped to the standard ImageNet index."""
     token = value.split()[0] if value.split() else ""  # LOC_val_solution.csv: "n01751748 x y w h ..."
-    idx = _as_int(token)
+    idx = as_int(token)
     if idx is not None:
         return idx
     if _WNID.match(token):
@@ -250,7 +188,7 @@ def _parse_labels(url: str) -> tuple[str, dict[str, int] | list[int]]:
     if not rows:
         raise UserError(f"labels file {url} is empty")
     if all(len(r) == 1 for r in rows):
-        values = [_as_int(r[0]) for r in rows]
+        values = [as_int(r[0]) for r in rows]
         if any(v is None for v in values):
             bad = next(i for i, v in enumerate(values) if v is None)
             raise UserError(f"labels file {url}: line {bad + 1} ({rows[bad][0]!r}) is not an integer class index")
@@ -272,7 +210,7 @@ def _parse_labels(url: str) -> tuple[str, dict[str, int] | list[int]]:
         where = f"labels file {url}, line {n}"
         if len(row) <= max(file_col, class_col):
             raise UserError(f"{where}: expected at least {max(file_col, class_col) + 1} columns, got {row}")
-        if n == 1 and _as_int(row[class_col]) is None and not _WNID.match(row[class_col]):
+        if n == 1 and as_int(row[class_col]) is None and not _WNID.match(row[class_col]):
             where += " (if this is a header, name the columns e.g. 'file' and 'class_index')"
         name, cls = row[file_col], _class_value(row[class_col], where)
         if table.get(name, cls) != cls:
@@ -729,228 +667,3 @@ def pack_folder(
     _write_json(fs, base, INDEX_NAME, index)  # last: the commit point
     print(report.summary())
     return report
-
-
-# --------------------------------------------------------------------------- listing
-
-
-def _has_pattern(s: str) -> bool:
-    return any(c in s for c in "*?[{")
-
-
-def _load_index(url: str, storage_options: StorageOptions) -> dict | None:
-    index = read_json(url, storage_options)
-    if index is None:
-        return None
-    if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT or not isinstance(index.get("shards"), list):
-        raise UserError(f"{url} is not a shard index of format {INDEX_FORMAT}")
-    return index
-
-
-def require_shards(
-    patterns: str | list[str],
-    storage_options: StorageOptions = None,
-    index_url: str | None = None,
-) -> list[ShardInfo]:
-    """:func:`list_shards` for a stage's input: a missing folder or a pattern matching
-    nothing is a :class:`UserError` naming the pattern."""
-    try:
-        shards = list_shards(patterns, storage_options=storage_options, index_url=index_url)
-    except FileNotFoundError as exc:
-        raise UserError(f"shards {patterns!r}: {exc}") from None
-    if not shards:
-        raise UserError(f"no shards match {patterns!r}: check the pattern, or pack images with `lcam shards`")
-    return shards
-
-
-def list_shards(
-    patterns: str | list[str],
-    storage_options: StorageOptions = None,
-    index_url: str | None = None,
-) -> list[ShardInfo]:
-    """Shard URLs from brace ranges, globs, single .tar URLs or folders holding ``index.json``.
-
-    Counts and checksums come from ``index_url`` when given, else from an ``index.json``
-    beside each shard; shards with no index entry (made elsewhere) get ``count=None``.
-    A folder with no index yields its ``*.tar`` files.
-    """
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    urls: list[str] = []
-    for p in patterns:
-        if _has_pattern(p) or p.endswith(".tar"):
-            urls += expand_urls(p, storage_options)
-            continue
-        folder = p.rstrip("/")
-        index = _load_index(join(folder, INDEX_NAME), storage_options)
-        if index is not None:
-            urls += [join(folder, e["name"]) for e in index["shards"]]
-            continue
-        fs, path = get_fs(folder, storage_options)
-        if not fs.isdir(path):
-            raise FileNotFoundError(f"{p}: no such shard folder (and not a .tar, brace or glob pattern)")
-        found = expand_urls(join(folder, "*.tar"), storage_options)
-        urls += found
-
-    fixed: dict[str, dict] = {}
-    if index_url is not None:
-        index = _load_index(index_url, storage_options)
-        if index is None:
-            raise FileNotFoundError(f"index {index_url} does not exist")
-        root = index_url.rsplit("/", 1)[0]
-        scheme = (index.get("labels") or {}).get("scheme")
-        fixed = {join(root, e["name"]): {**e, "labels_scheme": scheme} for e in index["shards"]}
-        by_name = {e["name"]: {**e, "labels_scheme": scheme} for e in index["shards"]}
-
-    beside: dict[str, dict[str, dict]] = {}
-    out = []
-    for url in urls:
-        folder, name = url.rsplit("/", 1) if "/" in url else (".", url)
-        if index_url is not None:
-            entry = fixed.get(url) or by_name.get(name)
-        else:
-            if folder not in beside:
-                idx = _load_index(join(folder, INDEX_NAME), storage_options)
-                scheme = (idx.get("labels") or {}).get("scheme") if idx else None
-                beside[folder] = {e["name"]: {**e, "labels_scheme": scheme} for e in idx["shards"]} if idx else {}
-            entry = beside[folder].get(name)
-        out.append(ShardInfo(url, name, entry["count"] if entry else None, entry.get("sha256") if entry else None,
-                             entry.get("labels_scheme") if entry else None))
-    return out
-
-
-# --------------------------------------------------------------------------- reading
-
-
-def _label(d: dict, meta: dict) -> int:
-    if "cls" in d:
-        v = _as_int(d["cls"].decode("utf-8", "replace").strip())
-        if v is not None:
-            return v
-    for k in JSON_LABEL_KEYS:
-        v = meta.get(k)
-        if isinstance(v, bool):
-            continue
-        if isinstance(v, int):
-            return v
-        if isinstance(v, str) and _as_int(v.strip()) is not None:
-            return int(v.strip())
-    return -1
-
-
-def _to_sample(d: dict) -> Sample:
-    ext = next((e for e in READ_IMAGE_EXTS if e in d), "")
-    meta: dict = {}
-    if "json" in d:
-        try:
-            parsed = json.loads(d["json"])
-            meta = parsed if isinstance(parsed, dict) else {"json": parsed}
-        except (ValueError, UnicodeDecodeError) as exn:
-            meta = {"json_error": str(exn)}
-    return Sample(key=d["__key__"], image=d[ext] if ext else b"", ext=ext, label=_label(d, meta), meta=meta)
-
-
-def _samples_from_stream(stream: BinaryIO, url: str) -> Iterator[Sample]:
-    from webdataset.tariterators import group_by_keys, tar_file_expander
-
-    files = tar_file_expander([{"url": url, "stream": stream}])
-    try:
-        for d in group_by_keys(files):
-            yield _to_sample(d)
-    except (tarfile.TarError, EOFError, ValueError) as exn:
-        # webdataset appends " @ <stream repr>" to the message; keep the readable part.
-        reason = str(exn.args[0]).split(" @ ")[0] if exn.args else type(exn).__name__
-        raise ShardReadError(
-            f"shard {url} is damaged ({reason}): probably cut off during a copy or upload; re-download or re-pack it"
-        ) from exn
-
-
-def iter_samples(url: str, storage_options: StorageOptions = None) -> Iterator[Sample]:
-    """Stream one tar shard (local or any fsspec URL) as samples grouped by key.
-
-    Every sample is yielded, also one without an image (``image=b""``), so callers can
-    report it instead of losing it silently.
-    """
-    fs, path = get_fs(url, storage_options)
-    with fs.open(path, "rb") as f:
-        yield from _samples_from_stream(f, url)
-
-
-_END_BYTES = 1024  # a tar ends with two 512-byte zero blocks
-
-
-def _check_end_of_archive(tail: bytes, size: int, url: str) -> None:
-    """A tar cut at a member boundary reads as a valid shorter tar; only its missing
-    end-of-archive blocks tell. Compressed shards (.tar.gz) carry no such blocks outside
-    the compression and are left to the decompressor's own checks."""
-    if url.endswith((".gz", ".tgz")) or tail[:2] == b"\x1f\x8b":
-        return
-    if size < _END_BYTES or tail[-_END_BYTES:] != bytes(_END_BYTES):
-        raise ShardReadError(
-            f"shard {url} is damaged (it ends without the tar end-of-archive blocks after {size} bytes): probably cut off "
-            "during a copy or upload, so samples may be missing; re-download or re-pack it"
-        )
-
-
-def read_shard(info: ShardInfo | str, storage_options: StorageOptions = None, verify_sha256: bool = False) -> list[Sample]:
-    """All samples of a shard, checked against the index count (and sha256 if asked).
-
-    Raises :class:`ShardCountMismatch` when the index says N but the tar holds another
-    number: a tar cut at a member boundary reads without any error otherwise.
-    """
-    if isinstance(info, str):
-        info = ShardInfo(info, info.rsplit("/", 1)[-1])
-    if verify_sha256 and info.sha256:
-        fs, path = get_fs(info.url, storage_options)
-        data = fs.cat_file(path)
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != info.sha256:
-            raise ShardChecksumMismatch(
-                f"shard {info.url}: sha256 {digest} differs from the index's {info.sha256}; re-download or re-pack it"
-            )
-        samples = list(_samples_from_stream(io.BytesIO(data), info.url))
-        tail, size = data[-_END_BYTES:], len(data)
-    else:
-        samples = list(iter_samples(info.url, storage_options))
-        fs, path = get_fs(info.url, storage_options)
-        size = fs.size(path)
-        tail = fs.read_block(path, max(0, size - _END_BYTES), _END_BYTES) if size else b""
-    if info.count is not None and len(samples) != info.count:
-        with_image = sum(1 for s in samples if s.image)
-        raise ShardCountMismatch(
-            f"shard {info.url}: the index says {info.count} samples but the tar holds {len(samples)} "
-            f"({with_image} with an image); "
-            f"the file is incomplete or not the one the index describes: re-download it, or re-pack the dataset "
-            f"(lcam shards SRC OUT)",
-            shard=info.url,
-            expected=info.count,
-            actual=len(samples),
-        )
-    if info.count is not None:  # our own packer wrote an image into every sample
-        empty = [s.key for s in samples if not s.image]
-        if empty:
-            raise ShardReadError(
-                f"shard {info.url}: sample {empty[0]!r} has no image member ({len(empty)} such): the shard is "
-                "incomplete; re-download it or re-pack the dataset"
-            )
-    _check_end_of_archive(tail, size, info.url)  # last: a known count or a lost image names the loss better
-    return samples
-
-
-# --------------------------------------------------------------------------- webdataset
-
-
-def register_fsspec_opener(storage_options: StorageOptions = None, schemes: Iterable[str] = ("s3", "gs", "gcs")) -> None:
-    """Let ``webdataset.WebDataset("s3://...")`` open URLs through fsspec.
-
-    webdataset has no s3:// opener of its own (and gs:// shells out to gsutil). The
-    registration is per process: call it inside each Ray worker / DataLoader worker too.
-    """
-    opts = dict(storage_options or {})
-
-    def _open(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) -> BinaryIO:
-        return fsspec.open(url, mode, **opts).open()
-
-    table = importlib.import_module("webdataset.gopen").gopen_schemes
-    for scheme in schemes:
-        table[scheme] = _open
