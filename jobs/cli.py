@@ -62,7 +62,23 @@ def command_parser(name: str) -> argparse.ArgumentParser:
         module.add_command_arguments(parser, name)
     else:
         module.add_arguments(parser)
+    show_defaults(parser)
     return parser
+
+
+def show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Every option's default in ``--help`` (unless its help already states it), subcommands too."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                show_defaults(sub)
+            continue
+        default = action.default
+        if not action.option_strings or default in (None, False, argparse.SUPPRESS) or default == []:
+            continue
+        if action.help == argparse.SUPPRESS or "default" in (action.help or ""):
+            continue
+        action.help = f"{action.help} (default: %(default)s)" if action.help else "default: %(default)s"
 
 
 def user_error_message(exc: BaseException) -> str | None:

@@ -89,3 +89,24 @@ def test_eval_flags_come_from_the_registries():
     assert cfg.metric_options["road"] == {"percentiles": (50, 90), "seed": 0} and cfg.metric_options["insdel"]["steps"] == 4
     none = config_from_args(command_parser("eval").parse_args(["S", "O", "--methods", "none"]))
     assert none.methods == () and none.metrics == ()
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_help_shows_every_default(name):
+    """`lcam NAME --help` states the default of every option that has one (README promise: defaults in --help)."""
+    import argparse
+
+    from jobs.cli import command_parser
+
+    def check(parser: argparse.ArgumentParser) -> int:
+        text, seen = parser.format_help(), 0
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                seen += sum(check(p) for p in action.choices.values())
+            elif action.option_strings and action.default not in (None, False, argparse.SUPPRESS, []):
+                assert action.help and "default" in action.help, (name, action.option_strings)
+                assert f"default: {action.default}" in " ".join(text.split()) or "default" in action.help.replace("%(default)s", ""), action.option_strings
+                seen += 1
+        return seen
+
+    check(command_parser(name))
