@@ -33,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         shuffle_seed=args.shuffle_seed,
     )
+    print(report.summary())
     return 0 if report.packed > 0 else 1
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import html
 import json
 import re
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -117,7 +116,7 @@ def write_gallery(
 
     from .classes import class_names_options
     from .classes import load_class_names
-    from .progress import Progress
+    from .progress import Progress, say
     from .images import decode_image, preprocess
     from .render import overlay_panels, png_bytes, tensor_to_uint8
 
@@ -189,7 +188,7 @@ def write_gallery(
     write_bytes_atomic(index_url, page.encode(), options)
     seconds = time.perf_counter() - t0
     if progress:
-        print(f"gallery: {len(items)} overlays and index.html at {index_url} in {seconds:.1f}s", file=sys.stderr, flush=True)
+        say(f"gallery: {len(items)} overlays and index.html at {index_url} in {seconds:.1f}s")
     return GalleryResult(out_url, index_url, len(items), items, seconds)
 
 

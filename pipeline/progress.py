@@ -42,6 +42,12 @@ if not _lcam_log.handlers:
     _lcam_log.propagate = False
 
 
+def say(line: str, enabled: bool = True) -> None:
+    """A stage's one-off status line (what it is about to do, what it did), beside its progress."""
+    if enabled:
+        logging.getLogger("lcam").info(line)
+
+
 class Progress:
     """Count done units of one stage and report them; ``close()`` prints the final rate."""
 

@@ -29,7 +29,6 @@ import io
 import json
 import math
 import os
-import sys
 import tempfile
 import threading
 import time
@@ -43,7 +42,7 @@ import torch
 from .checkpoints import CheckpointMismatch, check_backbone, check_cache, load_checkpoint, save_checkpoint
 from .errors import FlagNamer, UserError, option_flag
 from .device import autocast_dtype, resolve_device
-from .progress import Progress
+from .progress import Progress, say
 from .fs import absolute, StorageOptions, exists, get_fs, join, write_bytes_atomic
 
 CHECKPOINT = "checkpoint.pt"
@@ -439,8 +438,7 @@ def plot_curves(history: Sequence[Mapping[str, Any]], title: str = "L-CAM traini
 
 
 def _say(enabled: bool, line: str) -> None:
-    if enabled:
-        print(line, file=sys.stderr, flush=True)
+    say(line, enabled)
 
 
 # ---------------------------------------------------------------- L-CAM-Fm from the cache
@@ -809,7 +807,7 @@ def _shard_counts(shards: Sequence[Any], storage_options: StorageOptions) -> lis
     unknown = [s for s in shards if s.count is None]
     if not unknown:
         return list(shards)
-    print(f"train: {len(unknown)} shard(s) have no index entry; reading them once to count their samples", file=sys.stderr)
+    say(f"train: {len(unknown)} shard(s) have no index entry; reading them once to count their samples")
     with ThreadPoolExecutor(4) as pool:
         counts = dict(zip([s.url for s in unknown], pool.map(lambda s: len(read_shard(s, storage_options)), unknown)))
     return [s if s.count is not None else ShardInfo(s.url, s.name, counts[s.url], s.sha256) for s in shards]

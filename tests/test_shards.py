@@ -72,7 +72,7 @@ def check_index(out: Path) -> dict:
     return index
 
 
-def test_imagefolder_layout(tmp_path, capsys):
+def test_imagefolder_layout(tmp_path):
     src, out = tmp_path / "src", tmp_path / "out"
     originals = {}
     for cls in ("zebra", "cat", "dog"):
@@ -83,7 +83,7 @@ def test_imagefolder_layout(tmp_path, capsys):
 
     report = pack_folder(src, str(out), samples_per_shard=3, progress=False)
     assert report.layout == "imagefolder" and report.packed == 7 and not report.skipped
-    assert "packed 7 images" in capsys.readouterr().out
+    assert "packed 7 images" in report.summary()
     index = check_index(out)
     assert [e["name"] for e in index["shards"]] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
     assert [e["count"] for e in index["shards"]] == [3, 3, 1]

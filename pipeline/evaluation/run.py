@@ -9,7 +9,6 @@ per-image values per method: where explanations fail).
 from __future__ import annotations
 
 import datetime
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -18,7 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..progress import Progress
+from ..progress import Progress, say
 from ..fs import StorageOptions, join, write_bytes_atomic, write_json_atomic
 from .config import EvalConfig, MethodSpec, method_specs, resolve_backbone
 from .engine import Evaluator, choose_engine, pick_device, run_local, run_ray
@@ -129,9 +128,8 @@ def evaluate(cfg: EvalConfig) -> EvalSummary:
         if s.limit is not None and s.limit > plan.selected:
             raise UserError(lambda flag: f"--method-limit {s.id}={s.limit} exceeds the {plan.selected} images evaluated; lower it or raise {flag('limit')}")
     if cfg.progress:
-        print(f"eval: {plan.selected} images of {plan.available} in {len(plan.batches)} batches; methods: "
-              + ", ".join(s.label + (f" (N={s.limit})" if s.limit else "") for s in specs) + f"; engine {engine}",
-              file=sys.stderr, flush=True)
+        say(f"eval: {plan.selected} images of {plan.available} in {len(plan.batches)} batches; methods: "
+              + ", ".join(s.label + (f" (N={s.limit})" if s.limit else "") for s in specs) + f"; engine {engine}")
 
     collected = Collector()
     progress = Progress(plan.selected, cfg.progress, what="eval", every=10.0)

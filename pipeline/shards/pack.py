@@ -16,7 +16,6 @@ import os
 import random
 import re
 import shutil
-import sys
 import tarfile
 import tempfile
 import time
@@ -33,6 +32,7 @@ from pipeline.classes import imagenet_classes, imagenet_wnids
 from pipeline.errors import UserError
 from pipeline.fs import StorageOptions, get_fs, is_local, join, write_json_atomic
 
+from ..progress import Progress
 from .format import INDEX_FORMAT, INDEX_NAME, as_int
 
 
@@ -505,30 +505,6 @@ class _ShardWriter:
             shutil.rmtree(self.tmpdir, ignore_errors=True)
 
 
-def _progress(total: int, enabled: bool):
-    try:
-        from tqdm import tqdm
-    except ImportError:  # periodic lines instead of a bar
-        return _Lines(total, enabled)
-    return tqdm(total=total, unit="img", disable=not enabled, file=sys.stderr, mininterval=1.0, smoothing=0.1)
-
-
-class _Lines:
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.total, self.enabled, self.n, self.t0, self.last = total, enabled, 0, time.time(), 0.0
-
-    def update(self, n: int) -> None:
-        self.n += n
-        now = time.time()
-        if self.enabled and (now - self.last > 10 or self.n == self.total):
-            rate = self.n / max(now - self.t0, 1e-9)
-            eta = (self.total - self.n) / rate if rate else 0
-            print(f"packed {self.n}/{self.total} ({rate:.0f} img/s, ETA {eta:.0f} s)", file=sys.stderr)
-            self.last = now
-
-    def set_postfix_str(self, s: str) -> None:
-        pass
-
     def close(self) -> None:
         pass
 
@@ -597,7 +573,7 @@ def pack_folder(
 
     skipped, notes, entries = list(plan.skipped), list(plan.notes), []
     writer = _ShardWriter(fs, base, prefix)
-    bar = _progress(len(plan.items), progress)
+    bar = Progress(len(plan.items), progress, what="pack", unit="img", every=10.0)
     packed = 0
     n_workers = workers or min(8, os.cpu_count() or 1)
     try:
@@ -624,7 +600,7 @@ def pack_folder(
                     done = writer.add(it.key, members, samples_per_shard, max_shard_bytes)
                     if done:
                         entries.append(done)
-                        bar.set_postfix_str(f"{len(entries)} shards")
+                        bar.update(0, postfix=f"{len(entries)} shards")
                     packed += 1
                     bar.update(1)
         done = writer.finish()
@@ -665,5 +641,4 @@ def pack_folder(
         "shards": entries,
     }
     _write_json(fs, base, INDEX_NAME, index)  # last: the commit point
-    print(report.summary())
     return report
