@@ -27,9 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--view", default=None, help="fm: which cached view per sample: random (default), first, or an index")
     parser.add_argument("--augment", default=None, choices=["random", "center"], help="img: random crop 224 + flip (default) or centre crop")
     parser.add_argument("--seed", type=int, default=None, help="default 0")
-    parser.add_argument("--init", default=None, choices=["random", "cam"],
-                        help="the attention's start: random (SPEC, default) or cam (row k = the classifier's weights for class k: "
-                             "an untrained row gives CAM's map; pooling + linear heads only, not VGG-16)")
+    parser.add_argument("--init", default=None, choices=["auto", "random", "cam"],
+                        help="the attention's start: cam (row k = the classifier's weights for class k: an untrained row gives "
+                             "CAM's map; pooling + linear heads only), random (the SPEC's draw), or auto (cam where the head allows "
+                             "it, else random, e.g. VGG-16). Default: random with --recipe spec, auto with --recipe data-size")
     parser.add_argument("--init-from", default=None, metavar="CHECKPOINT",
                         help="start from this L-CAM checkpoint's attention (e.g. --method img from an L-CAM-Fm run's checkpoint.pt)")
     parser.add_argument("--targets", default=None, choices=["single", "top-k"],

@@ -236,7 +236,7 @@ def check_config(cfg: TrainConfig) -> None:
     if method not in ("fm", "img"):
         raise UserError(lambda flag: f"unknown {flag('method')} {method!r}: use fm (from the feature cache) or img (from the shards)")
     for fld, allowed in (("schedule", ("step", "onecycle")), ("target", ("label", "predicted")), ("augment", ("random", "center")),
-                         ("init", INITS), ("targets", ("single", "top-k")), ("recipe_rule", ("spec", "data-size"))):
+                         ("init", ("auto", *INITS)), ("targets", ("single", "top-k")), ("recipe_rule", ("spec", "data-size"))):
         value = getattr(cfg, fld)
         if value not in (None, *allowed):
             raise UserError(lambda flag: f"{flag(fld)} must be {' or '.join(map(repr, allowed))}, got {value!r}")
@@ -299,7 +299,11 @@ def resolve_recipe(cfg: TrainConfig, method: str, backbone_name: str, ckpt: Mapp
         run = {"method": method, "backbone": backbone_name, "lr": recipe.lr, "batch_size": recipe.batch_size, "schedule": recipe.schedule,
                "target": target, "seed": 0 if cfg.seed is None else cfg.seed, "view": cfg.view or "random",
                "augment": cfg.augment or "random", "recipe": recipe.to_dict(), "recipe_rule": rule,
-               # the small-data recipe starts from CAM where the head allows it (initial_attention resolves "auto")
+               # The small-data recipe starts from CAM where the head allows it (initial_attention
+               # resolves "auto"): on unseen classes a random row is noise, a CAM row Grad-CAM's equal
+               # (benchmarks/generalisation.py). The SPEC's recipe keeps the SPEC's random draw: at its
+               # lr 0.01 CAM-initialised rows barely move (loss 3.82 -> 3.80 in 6 epochs where the
+               # random init falls by a third, tests/test_training.py's run), so it would not be the SPEC's training.
                "init": "checkpoint" if cfg.init_from else (cfg.init or ("auto" if rule == "data-size" else "random")), "init_from": cfg.init_from,
                "targets": targets, "top_k": top_k}
         return recipe, run
