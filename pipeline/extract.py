@@ -203,6 +203,16 @@ def decode_preprocess(batch: dict[str, np.ndarray], preprocessing: Any, views: S
     return out
 
 
+def pad_lone_image(x: Any) -> Any:
+    """(N, 3, H, W) channels-last input; a batch of one image, doubled. On CPU (oneDNN) a batch of one runs another kernel whose
+    float32 rounding differs from any larger batch's (measured: batches of 2, 3, 8 agree
+    bitwise, 1 does not), so a shard of one image would get features 1 float16 ulp off those
+    the same image gets in a bigger shard. Doubled, every image sees a batch of >= 2."""
+    import torch
+
+    return torch.cat([x, x]).contiguous(memory_format=torch.channels_last) if len(x) == 1 else x
+
+
 class BackboneRunner:
     """The frozen backbone: (n, V, 3, H, W) uint8 -> features, top-5, logits (one batch)."""
 
@@ -237,7 +247,8 @@ class BackboneRunner:
             x = torch.from_numpy(pixels[ok].reshape(-1, *pixels.shape[2:])).to(self.device, non_blocking=True)
             x = x.float().div_(255.0).contiguous(memory_format=torch.channels_last)
             with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-                f, logits = self.model.extract(x)
+                f, logits = self.model.extract(pad_lone_image(x))
+                f, logits = f[: len(x)], logits[: len(x)]
             f = f.float().reshape(int(ok.sum()), v, c, h, w)
             logits = logits.float().reshape(int(ok.sum()), v, -1)[:, 0]  # top-5 of the centre view
             probs = logits.softmax(1)
