@@ -5,9 +5,10 @@ Two sources, one store format:
 * a **feature cache** (:mod:`pipeline.cache`): no image is read; per chunk of cached F
   one small matrix product (``attention.selected_many``) and, where the stored top-5
   cannot answer, the head for the clean logits. No Ray, one process.
-* **WebDataset shards**: Ray Data as in extraction (read and decode/preprocess on CPU
-  tasks, then an actor pool with the backbone and the attention, one GPU per actor
-  when the cluster has GPUs); no cache needed.
+* **WebDataset shards**: the extraction's write path (``raykit.run_shard_stage``): read
+  and decode/preprocess on CPU tasks, then actors with the backbone and the attention
+  (one GPU per actor when the cluster has GPUs) that each take a whole shard and write
+  its group; the driver records manifest entries only. No cache needed.
 
 Layout at URL (local path, s3://, gs://, any fsspec URL), mirroring the feature cache::
 
@@ -70,7 +71,8 @@ from .cache import (
 from .errors import UserError
 from .device import autocast_dtype, resolve_device
 from .progress import Progress
-from .raykit import pin_torch_threads
+from .raykit import ShardWorker, pin_torch_threads
+from .extract import pad_lone_image
 from .fs import StorageOptions, join
 
 FORMAT = "lcam-cam-store/1"
@@ -991,7 +993,7 @@ class CamActor:
             errors[(labels < 0) & (errors == "")] = "no label: classes 'label' needs one"
         ok = errors == ""
         n, t, (h, w) = len(labels), sel.width, model.backbone.feature_shape[1:]
-        out = {k: batch[k] for k in ("shard", "index", "shard_count", "key", "label")}
+        out = {k: batch[k] for k in ("key", "label")}
         out.update(
             class_ids=np.full((n, t), -1, np.int32),
             probs=np.zeros((n, t), np.float32),
@@ -1005,33 +1007,62 @@ class CamActor:
             x = torch.from_numpy(pixels[ok]).to(dev, non_blocking=True).float().div_(255.0).contiguous(memory_format=torch.channels_last)
             with torch.inference_mode():
                 with ex.autocast_context():
-                    feats, logits = model.backbone.extract(x)
+                    feats, logits = model.backbone.extract(pad_lone_image(x))  # as in extraction
+                feats, logits = feats[: len(x)], logits[: len(x)]
                 rows = explain_rows(model, feats.float(), sel, logits=logits.float(), labels=labels[ok], upsample_to=self.upsample_to)
             for k, v in rows.items():
                 out[k][ok] = v
         out["error"] = errors.astype(str)
-        out["ready_at"] = np.full(n, self.ready_at)
         return out
 
 
-def _write_task():
-    import ray
+class CamWorker(ShardWorker):
+    """The CAM stage's actor (shard source): a shard's decoded parts -> maps -> its group in
+    the store, written here; returns the manifest entry only (see raykit.run_shard_stage)."""
 
-    @ray.remote(num_cpus=0, max_retries=3, retry_exceptions=[OSError])
-    def write(store: CamStore, url: str, rows: dict[str, np.ndarray], skipped: list[dict[str, str]]) -> dict[str, Any]:
-        return _write_entry(store, url, rows, skipped)
+    WRITE_ATTEMPTS = 3  # storage hiccups (OSError): the group is rewritten whole, so retrying is safe
 
-    return write
+    def __init__(self, store: CamStore, batch_size: int, *actor_args: Any) -> None:
+        import threading
+
+        self.store, self.batch_size = store, batch_size
+        self.model = CamActor(*actor_args)
+        self.model_lock = threading.Lock()  # two calls at once: one forward at a time
+
+    def process(self, item: dict[str, Any], *parts: dict[str, Any]) -> dict[str, Any]:
+        from .extract import join_parts
+
+        url = item["url"]
+        bad = next((p["shard_error"] for p in parts if p.get("shard_error")), None)
+        if bad:
+            return {"url": url, "failed": bad}
+        batch = join_parts(parts)
+        n = len(batch["key"])
+        with self.model_lock:
+            outs = [self.model({k: v[lo : lo + self.batch_size] for k, v in batch.items()}) for lo in range(0, n, self.batch_size)]
+        del batch, parts
+        out = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]} if outs else {}
+        keep = out["error"] == "" if outs else np.zeros(0, bool)
+        skipped = [{"key": str(k), "reason": str(e), "shard": url} for k, e in zip(out["key"][~keep], out["error"][~keep])] if outs else []
+        fields = ("key", "label", "class_ids", "probs", "raw", "predicted", "predicted_prob") + (("upsampled",) if self.store.upsampled_size else ())
+        rows = {k: out[k][keep] for k in fields} if outs else {"key": np.zeros(0, dtype=str)}
+        for attempt in range(1, self.WRITE_ATTEMPTS + 1):
+            try:
+                entry = _write_entry(self.store, url, rows, skipped)
+                break
+            except OSError:
+                if attempt == self.WRITE_ATTEMPTS:
+                    raise
+                time.sleep(attempt)
+        entry.update(ready_at=self.model.ready_at, node_id=self.node_id())
+        return entry
 
 
 def _from_shards(cfg: CamsConfig, ckpt: Mapping[str, Any], store: CamStore, selection: ClassSelection, shards: list[Any]) -> CamsSummary:
-    import ray
-    from ray.data import ActorPoolStrategy
-
     from lcam.backbones import Preprocessing
 
-    from .extract import decode_preprocess, read_shard_rows
-    from .raykit import ShardAssembler, actor_pool, ensure_ray
+    from .extract import shard_parts
+    from .raykit import actor_pool, ensure_ray, run_shard_stage
 
     done = store.done_sources()
     todo = [s for s in shards if s.url not in done]
@@ -1040,61 +1071,33 @@ def _from_shards(cfg: CamsConfig, ckpt: Mapping[str, Any], store: CamStore, sele
         return summary
     t0, wall0 = time.perf_counter(), time.time()
     summary.ray_startup_seconds = ensure_ray()
-    prep = ckpt["backbone"]["preprocessing"]
-    preprocessing = Preprocessing.from_dict(prep)
+    preprocessing = Preprocessing.from_dict(ckpt["backbone"]["preprocessing"])
     items = [{"url": s.url, "name": s.name, "count": s.count if s.count is not None else -1} for s in todo]
     actors, gpus = actor_pool(cfg.num_actors)
-    ds = (
-        ray.data.from_items(items, override_num_blocks=len(items))
-        # Half a CPU (as in extraction): unlike the actor's request, so Ray Data does not fuse
-        # decoding into the model actor; decode then overlaps the forward instead of taking turns.
-        .flat_map(read_shard_rows, fn_kwargs={"storage_options": cfg.source_storage_options}, num_cpus=0.5)
-        .map_batches(decode_preprocess, fn_kwargs={"preprocessing": preprocessing, "views": ("center",)}, batch_size=cfg.decode_batch_size, num_cpus=0.5)
-        .map_batches(
-            CamActor,
-            fn_constructor_args=(cfg.checkpoint, cfg.checkpoint_storage_options, cfg.weights, store.identity["checkpoint"]["fingerprint"], selection, store.upsampled_size, cfg.precision, cfg.torch_threads),
-            batch_size=cfg.batch_size,
-            compute=ActorPoolStrategy(size=actors),
-            num_gpus=gpus,
-            num_cpus=0 if gpus else 1,
-        )
-    )
-    fields = ("key", "label", "class_ids", "probs", "raw", "predicted", "predicted_prob") + (("upsampled",) if store.upsampled_size else ())
-    assembler = ShardAssembler(fields)
-    write = _write_task()
-    store_ref = ray.put(store)
-    pending: dict[Any, str] = {}
     progress = Progress(sum(s.count or 0 for s in todo) or None, cfg.progress, what="cams", unit="images")
-
-    def drain(block: bool) -> None:
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=None if block else 0)
-            if not ready:
-                return
-            pending.pop(ready[0])
-            _finish_write(store, ray.get(ready[0]), summary)
-
     ready_at = math.inf
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
-        ready_at = min(ready_at, float(batch["ready_at"].min()))
-        # index -1 marks a shard that could not be read (count mismatch, cut tar): report, keep going
-        bad = np.array([int(i) < 0 for i in batch["index"]])
-        if bad.any():
-            summary.failed_shards += [{"url": str(u), "reason": str(e)} for u, e in zip(batch["shard"][bad], batch["error"][bad])]
-            batch = {k: v[~bad] for k, v in batch.items()}
-            if not len(batch["key"]):
-                continue
-        for url in assembler.add(batch):
-            rows, skipped = assembler.pop(url)
-            pending[write.remote(store_ref, url, rows, skipped)] = url
-        progress.update(len(batch["key"]))
-        drain(block=False)
-    drain(block=True)
+
+    def committed(entry: dict[str, Any]) -> None:  # driver: metadata in, manifest out
+        nonlocal ready_at
+        ready_at = min(ready_at, float(entry.pop("ready_at", math.inf)))
+        _finish_write(store, entry, summary)
+        progress.update(int(entry["count"]) + len(entry["skipped"]))
+
+    # The same write path as extraction (one shard per unit of work, the worker writes its
+    # group, the driver records the manifest): pipeline.raykit.run_shard_stage.
+    run_shard_stage(
+        items,
+        lambda item: shard_parts(item, storage_options=cfg.source_storage_options, preprocessing=preprocessing, views=("center",)),
+        CamWorker,
+        (store, cfg.batch_size, cfg.checkpoint, cfg.checkpoint_storage_options, cfg.weights, store.identity["checkpoint"]["fingerprint"],
+         selection, store.upsampled_size, cfg.precision, cfg.torch_threads),
+        actors=actors,
+        gpus=gpus,
+        on_result=committed,
+        on_failure=lambda url, reason: summary.failed_shards.append({"url": url, "reason": reason}),
+    )
     progress.close()
-    for url, rows in assembler.rows.items():
-        summary.failed_shards.append({"url": url, "reason": f"incomplete: {len(rows)} of {assembler.expected.get(url)} rows arrived"})
     summary.seconds = time.perf_counter() - t0
     if ready_at < math.inf:
         summary.actors_ready_seconds = max(0.0, ready_at - wall0)
     return summary
-

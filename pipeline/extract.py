@@ -1,26 +1,29 @@
 """Distributed feature extraction: WebDataset shards -> Ray Data -> Zarr feature cache.
 
-Stages (streaming, one Ray Data pipeline):
+One unit of work = one source shard (:func:`pipeline.raykit.run_shard_stage`):
 
-1. read: one task per source shard reads its tar as raw bytes (count checked against
-   the shard index), one row per sample;
-2. decode + preprocess on CPU tasks (``map_batches``), every image to RGB, failures
+1. read: one CPU task per shard reads its tar as raw bytes (count checked against the
+   shard index) and hands it on in parts of ``DECODE_PART_ROWS`` samples;
+2. decode + preprocess: one CPU task per part, every image to RGB uint8 pixels, failures
    kept as rows with a reason instead of crashing the job;
-3. the frozen backbone in an actor pool (``ActorPoolStrategy``; one GPU per actor when
-   the cluster has GPUs, with autocast and channels-last there);
-4. the driver gathers the rows of each shard; once a shard is complete, one Ray task
-   writes it to its own place in the cache (deterministic, so a retried write task
-   rewrites the same objects), and the driver alone records it in the manifest.
+3. the frozen backbone in an actor (one per GPU of the cluster, with autocast and
+   channels-last there; else one CPU actor) takes a whole shard's parts, runs the model
+   and writes the shard's group into the cache itself (deterministic, so a re-run rewrites
+   the same objects; one writer per group);
+4. the driver receives only the manifest entry (keys count, skipped images) and alone
+   records it in the manifest. Feature arrays never reach the driver.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -29,9 +32,12 @@ from .device import autocast_dtype, resolve_device
 from .errors import UserError
 from .fs import StorageOptions, absolute
 from .progress import Progress
-from .raykit import ShardAssembler, actor_pool, ensure_ray, pin_torch_threads
+from .raykit import ShardWorker, StageStats, actor_pool, ensure_ray, pin_torch_threads, run_shard_stage
 
 VIEWS = ("center", "hflip")
+# Samples per decode task: a 1,000-image shard decodes on 8 CPUs at once (a GPU node of
+# cluster.yaml has 8 vCPUs), while each task still amortises its start (~ms) over >100 images.
+DECODE_PART_ROWS = 128
 log = logging.getLogger(__name__)
 
 
@@ -68,7 +74,8 @@ class ExtractSummary:
     notices: list[str] = field(default_factory=list)
     seconds: float = 0.0
     ray_startup_seconds: float = 0.0
-    steady_images_per_second: float = 0.0  # from the first finished batch to the end: no start-up
+    steady_images_per_second: float = 0.0  # from the first finished shard to the end: no start-up
+    stage: StageStats | None = None  # what the driver received (metadata only) and where the actors ran
 
     @property
     def images_per_second(self) -> float:
@@ -196,8 +203,18 @@ def decode_preprocess(batch: dict[str, np.ndarray], preprocessing: Any, views: S
     return out
 
 
-class BackboneActor:
-    """The frozen backbone in an actor: (n, V, 3, H, W) uint8 -> features, top-5, logits."""
+def pad_lone_image(x: Any) -> Any:
+    """(N, 3, H, W) channels-last input; a batch of one image, doubled. On CPU (oneDNN) a batch of one runs another kernel whose
+    float32 rounding differs from any larger batch's (measured: batches of 2, 3, 8 agree
+    bitwise, 1 does not), so a shard of one image would get features 1 float16 ulp off those
+    the same image gets in a bigger shard. Doubled, every image sees a batch of >= 2."""
+    import torch
+
+    return torch.cat([x, x]).contiguous(memory_format=torch.channels_last) if len(x) == 1 else x
+
+
+class BackboneRunner:
+    """The frozen backbone: (n, V, 3, H, W) uint8 -> features, top-5, logits (one batch)."""
 
     def __init__(self, backbone: str, weights: str, precision: str, store_logits: bool, dtype: str, torch_threads: int | None) -> None:
         import torch
@@ -220,7 +237,7 @@ class BackboneActor:
             torch.set_num_threads(self.threads)
         pixels = batch["pixels"]
         n, v = pixels.shape[:2]
-        ok = np.array([not e for e in batch["error"]])
+        ok = np.array([not e for e in batch["error"]], dtype=bool)
         c, h, w = self.model.feature_shape
         feats = np.zeros((n, v, c, h, w), dtype=self.out_dtype)
         top5_c = np.full((n, 5), -1, dtype=np.int32)
@@ -230,7 +247,8 @@ class BackboneActor:
             x = torch.from_numpy(pixels[ok].reshape(-1, *pixels.shape[2:])).to(self.device, non_blocking=True)
             x = x.float().div_(255.0).contiguous(memory_format=torch.channels_last)
             with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-                f, logits = self.model.extract(x)
+                f, logits = self.model.extract(pad_lone_image(x))
+                f, logits = f[: len(x)], logits[: len(x)]
             f = f.float().reshape(int(ok.sum()), v, c, h, w)
             logits = logits.float().reshape(int(ok.sum()), v, -1)[:, 0]  # top-5 of the centre view
             probs = logits.softmax(1)
@@ -240,31 +258,111 @@ class BackboneActor:
             top5_p[ok] = p5.cpu().numpy()
             if self.store_logits:
                 logits_out[ok] = logits.cpu().numpy().astype(np.float16)
-        out = {k: batch[k] for k in ("shard", "index", "shard_count", "key", "label", "error")}
-        out.update(features=feats, top5_classes=top5_c, top5_probs=top5_p, logits=logits_out)
-        return out
+        return {"features": feats, "top5_classes": top5_c, "top5_probs": top5_p, "logits": logits_out}
 
 
-def _write_shard_task():
+# ---------------------------------------------------------------- one shard per unit of work
+def read_parts(item: dict[str, Any], storage_options: StorageOptions, parts: int) -> Any:
+    """CPU task: one shard's rows in ``parts`` lists (one Ray return each); a damaged shard's
+    error row goes in the first."""
+    rows = read_shard_rows(item, storage_options)
+    if parts == 1:
+        return rows
+    if rows and int(rows[0]["index"]) < 0:
+        return [rows] + [[] for _ in range(parts - 1)]
+    size = math.ceil(len(rows) / parts)
+    return [rows[i * size : (i + 1) * size] for i in range(parts)]
+
+
+def decode_part(rows: list[dict[str, Any]], preprocessing: Any, views: Sequence[str]) -> dict[str, Any]:
+    """CPU task: one part's rows -> the columns a worker needs (pixels), or ``shard_error``."""
+    if rows and int(rows[0]["index"]) < 0:
+        return {"shard_error": rows[0]["shard_error"]}
+    if not rows:  # a shard of fewer samples than parts
+        crop = preprocessing.crop
+        return {"key": np.zeros(0, dtype=str), "label": np.zeros(0, np.int64), "error": np.zeros(0, dtype=str),
+                "pixels": np.zeros((0, len(views), 3, crop, crop), np.uint8)}
+    text = ("shard", "key", "image", "shard_error")
+    batch = {k: np.array([r[k] for r in rows], dtype=object if k in text else np.int64) for k in (*text, "index", "shard_count", "label")}
+    out = decode_preprocess(batch, preprocessing, views)
+    return {"key": out["key"].astype(str), "label": out["label"].astype(np.int64), "error": out["error"], "pixels": out["pixels"]}
+
+
+@functools.lru_cache(maxsize=None)
+def _remote(fn: Any) -> Any:
+    """One remote function per task function and process: Ray exports each once, not per shard."""
     import ray
 
-    @ray.remote(num_cpus=0, max_retries=3, retry_exceptions=[OSError])
-    def write(cache: FeatureCache, url: str, rows: dict[str, np.ndarray], skipped: list[dict[str, str]]) -> dict[str, Any]:
-        entry = cache.write_shard(
-            url,
-            keys=list(rows["key"]),
-            labels=rows["label"],
-            features=rows["features"],
-            top5_classes=rows["top5_classes"],
-            top5_probs=rows["top5_probs"],
-            logits=rows["logits"] if cache.store_logits else None,
-        )
-        entry["skipped"] = skipped
+    # Half a CPU each: two decode tasks per core overlap their I/O waits and the actor's forward.
+    return ray.remote(num_cpus=0.5)(fn)
+
+
+def shard_parts(item: dict[str, Any], *, storage_options: StorageOptions, preprocessing: Any, views: Sequence[str]) -> list[Any]:
+    """Submit the read and decode tasks of one shard; the refs of its decoded parts (driver side)."""
+    count = int(item["count"])
+    parts = max(1, math.ceil(count / DECODE_PART_ROWS)) if count > 0 else 1  # index-less: one part
+    refs = _remote(read_parts).options(num_returns=parts).remote(item, storage_options, parts)
+    refs = [refs] if parts == 1 else refs
+    return [_remote(decode_part).remote(r, preprocessing, tuple(views)) for r in refs]
+
+
+def join_parts(parts: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
+    """A shard's decoded parts as one batch (row order kept)."""
+    return {k: np.concatenate([p[k] for p in parts]) for k in ("key", "label", "error", "pixels")}
+
+
+class ExtractWorker(ShardWorker):
+    """The extraction's actor: a shard's decoded parts -> the backbone -> its group in the cache.
+
+    Returns the manifest entry only. The cache ships as URL + options (picklable)."""
+
+    WRITE_ATTEMPTS = 3  # storage hiccups (OSError): the group is rewritten whole, so retrying is safe
+
+    def __init__(self, cache: FeatureCache, backbone: str, weights: str, precision: str, store_logits: bool, dtype: str,
+                 torch_threads: int | None, batch_size: int) -> None:
+        import threading
+
+        self.cache = cache
+        self.runner = BackboneRunner(backbone, weights, precision, store_logits, dtype, torch_threads)
+        self.batch_size = batch_size
+        self.model_lock = threading.Lock()  # two calls at once (see run_shard_stage): one forward at a time
+
+    def process(self, item: dict[str, Any], *parts: dict[str, Any]) -> dict[str, Any]:
+        url = item["url"]
+        bad = next((p["shard_error"] for p in parts if p.get("shard_error")), None)
+        if bad:
+            return {"url": url, "failed": bad}
+        batch = join_parts(parts)
+        n = len(batch["key"])
+        with self.model_lock:
+            outs = [self.runner({k: v[lo : lo + self.batch_size] for k, v in batch.items()}) for lo in range(0, n, self.batch_size)]
+        keep = batch["error"] == ""
+        skipped = [{"key": str(k), "reason": str(e), "shard": url} for k, e in zip(batch["key"][~keep], batch["error"][~keep])]
+        keys, labels = [str(k) for k in batch["key"][keep]], batch["label"][keep]
+        cols = {k: np.concatenate([o[k] for o in outs])[keep] if outs else None for k in ("features", "top5_classes", "top5_probs", "logits")}
+        del batch, outs, parts  # the pixels: only the features are kept until written
+        if not keep.any():  # every image undecodable: an empty group (verify counts them as skipped)
+            V, (C, h, w) = len(self.cache.views), self.cache.feature_shape
+            cols = {"features": np.zeros((0, V, C, h, w), np.float32), "top5_classes": np.zeros((0, 5), np.int32),
+                    "top5_probs": np.zeros((0, 5), np.float32), "logits": np.zeros((0, self.cache.num_classes), np.float16)}
+        for attempt in range(1, self.WRITE_ATTEMPTS + 1):
+            try:
+                entry = self.cache.write_shard(
+                    url,
+                    keys=keys,
+                    labels=labels,
+                    features=cols["features"],
+                    top5_classes=cols["top5_classes"],
+                    top5_probs=cols["top5_probs"],
+                    logits=cols["logits"] if self.cache.store_logits else None,
+                )
+                break
+            except OSError:
+                if attempt == self.WRITE_ATTEMPTS:
+                    raise
+                time.sleep(attempt)
+        entry.update(skipped=skipped, expected_count=n, node_id=self.node_id())
         return entry
-
-    return write
-
-
 def extract(cfg: ExtractConfig) -> ExtractSummary:
     """Run (or resume) an extraction; returns a summary. Idempotent: done shards are skipped."""
     from lcam import build_backbone
@@ -309,96 +407,51 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
 
 
 def _run(cfg: ExtractConfig, cache: FeatureCache, preprocessing: Any, todo: list[Any], summary: ExtractSummary) -> ExtractSummary:
-    import ray
-    from ray.data import ActorPoolStrategy
-
     summary.ray_startup_seconds = ensure_ray()
     known = cache.manifest.get("expected_counts", {})
     total = sum((s.count if s.count is not None else known.get(s.url, 0)) for s in todo) or None
     items = [{"url": s.url, "name": s.name, "count": s.count if s.count is not None else -1} for s in todo]
     actors, gpus = actor_pool(cfg.num_actors)
-    ds = (
-        ray.data.from_items(items, override_num_blocks=len(items))
-        .flat_map(read_shard_rows, fn_kwargs={"storage_options": cfg.shard_storage_options}, num_cpus=0.5)
-        # Half a CPU, not 1: a CPU request unlike the backbone actor's keeps Ray Data from
-        # fusing decode into the actor, so decoding overlaps the model instead of taking turns.
-        .map_batches(
-            decode_preprocess,
-            fn_kwargs={"preprocessing": preprocessing, "views": tuple(cfg.views)},
-            batch_size=cfg.decode_batch_size,
-            num_cpus=0.5,
-        )
-        .map_batches(
-            BackboneActor,
-            fn_constructor_args=(cfg.backbone, cfg.weights, cfg.precision, cfg.store_logits, cfg.dtype, cfg.torch_threads),
-            batch_size=cfg.batch_size,
-            compute=ActorPoolStrategy(size=actors),
-            num_gpus=gpus,
-            num_cpus=0 if gpus else 1,
-        )
-    )
-
-    write = _write_shard_task()
-    cache_ref = ray.put(cache)
-    assembler = ShardAssembler()
-    pending: dict[Any, str] = {}
     progress = Progress(total, cfg.progress, what="extract")
     t_pipe = time.perf_counter()
     counts: dict[str, int] = {}
     schemes = {s.url: s.labels_scheme for s in todo}  # what the labels mean, for training's --target label
+    first_count = 0
 
-    def drain(block: bool) -> None:
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=None if block else 0)
-            if not ready:
-                return
-            url = pending.pop(ready[0])
-            try:
-                entry = ray.get(ready[0])
-            except Exception as exc:  # the write failed after its retries: recorded, retried by a later run
-                reason = f"write failed: {type(exc).__name__}: {str(exc).splitlines()[-1] if str(exc) else ''}"
-                summary.failed_shards.append({"url": url, "reason": reason})
-                cache.mark_failed({url: reason})
-                continue
-            entry["expected_count"] = counts.get(url)
-            entry["labels_scheme"] = schemes.get(url)
-            cache.mark_done([entry])
-            summary.shards_extracted += 1
-            summary.images += int(entry["count"])
-            summary.skipped += entry["skipped"]
+    def committed(entry: dict[str, Any]) -> None:  # driver: metadata in, manifest out
+        nonlocal first_count
+        url = entry["url"]
+        counts[url] = int(entry["expected_count"])
+        entry["labels_scheme"] = schemes.get(url)
+        cache.mark_done([entry])
+        summary.shards_extracted += 1
+        summary.images += int(entry["count"])
+        summary.skipped += entry["skipped"]
+        first_count = first_count or int(entry["expected_count"])
+        progress.update(int(entry["expected_count"]))
 
-    t_first, after_first = None, 0
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
-        if t_first is None:
-            t_first = time.perf_counter()
-        else:
-            after_first += len(batch["key"])
-        # index -1 marks a shard that could not be read (count mismatch, cut tar): report, keep going
-        errors = [(str(u), str(e)) for u, i, e in zip(batch["shard"], batch["index"], batch["error"]) if int(i) < 0]
-        if errors:
-            summary.failed_shards += [{"url": u, "reason": e} for u, e in errors]
-            cache.mark_failed(dict(errors))  # in the manifest at once: verify and info list them, a re-run retries them
-            keep = np.array([int(i) >= 0 for i in batch["index"]])
-            batch = {k: v[keep] for k, v in batch.items()}
-            if not len(batch["key"]):
-                continue
-        for url in assembler.add(batch):
-            rows, skipped = assembler.pop(url)
-            counts[url] = len(rows["key"]) + len(skipped)
-            pending[write.remote(cache_ref, url, rows, skipped)] = url
-        progress.update(len(batch["key"]))
-        drain(block=False)
-    drain(block=True)
+    def failed(url: str, reason: str) -> None:
+        summary.failed_shards.append({"url": url, "reason": reason})
+        cache.mark_failed({url: reason})  # in the manifest at once: verify and info list them, a re-run retries them
+
+    stats = run_shard_stage(
+        items,
+        lambda item: shard_parts(item, storage_options=cfg.shard_storage_options, preprocessing=preprocessing, views=cfg.views),
+        ExtractWorker,
+        (cache, cfg.backbone, cfg.weights, cfg.precision, cfg.store_logits, cfg.dtype, cfg.torch_threads, cfg.batch_size),
+        actors=actors,
+        gpus=gpus,
+        on_result=committed,
+        on_failure=failed,
+    )
     progress.close()
+    summary.stage = stats
     # The index's counts, and for shards made elsewhere the counts of this first pass:
     # `cache verify` checks against them from now on.
     indexed = {s.url: s.count for s in todo if s.count is not None}
     cache.record_counts({**{u: n for u, n in counts.items() if u not in indexed}, **indexed})
-    if assembler.rows:
-        lost = {url: f"incomplete: {len(rows)} of {assembler.expected.get(url)} rows arrived" for url, rows in assembler.rows.items()}
-        summary.failed_shards += [{"url": u, "reason": r} for u, r in lost.items()]
-        cache.mark_failed(lost)
     summary.seconds = time.perf_counter() - t_pipe
-    if t_first is not None and after_first:
-        summary.steady_images_per_second = after_first / max(time.perf_counter() - t_first, 1e-9)
+    if stats.first_result_at is not None and stats.last_result_at and stats.last_result_at > stats.first_result_at:
+        # from the first finished shard on: no Ray or model start-up (needs >= 2 shards)
+        summary.steady_images_per_second = (sum(counts.values()) - first_count) / (stats.last_result_at - stats.first_result_at)
     return summary

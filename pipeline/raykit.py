@@ -1,16 +1,45 @@
-"""The Ray stage kit: connect to (or start) Ray, size the actor pool, keep a shard's rows together.
+"""The Ray stage kit: connect to (or start) Ray, size the actor pool, run shard-per-unit stages.
 
 Every Ray stage (extraction, CAMs from images, evaluation, audit, L-CAM-Img training)
 starts here, so that Ray is configured one way.
+
+:func:`run_shard_stage` is the write path of the stages that turn source shards into
+store groups (extraction, CAMs from shards): one unit of work = one shard; CPU tasks
+read and decode it into the object store, an actor runs the model over it and writes that
+shard's group itself; the driver receives only the manifest entry (metadata).
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import pickle
 import time
-from typing import Any, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+
+
+log = logging.getLogger(__name__)
+
+# A local Ray we start gets a bounded object store. Ray's default is 30% of the machine's
+# memory (7 GB on a 24 GB machine; the extraction's process tree peaked near 8 GB on 800
+# images with it). What our stages keep in it is bounded by their in-flight windows (see
+# run_shard_stage: 2 shards per actor, ~150 MB of 224 px pixels per 1,000-image shard and
+# view, plus the tar bytes), so 2 GiB holds several actors' windows; anything beyond spills
+# to disk instead of growing memory. LCAM_OBJECT_STORE_MB overrides it.
+LOCAL_OBJECT_STORE_BYTES = 2 * 2**30
+# Ray Data stages (CAMs from images, evaluation, audit) get the same budget for their
+# in-flight blocks: Ray Data backpressures its operators to stay under it (its default is
+# a share of the whole cluster's store, which grows with the cluster, not with the job).
+DATA_OBJECT_STORE_BYTES = 1 * 2**30
+
+
+def local_object_store_bytes() -> int:
+    """The object store size of a local Ray we start (LCAM_OBJECT_STORE_MB, else the default)."""
+    mb = os.environ.get("LCAM_OBJECT_STORE_MB")
+    return int(float(mb) * 2**20) if mb else LOCAL_OBJECT_STORE_BYTES
 
 
 def ensure_ray() -> float:
@@ -25,12 +54,16 @@ def ensure_ray() -> float:
             # the read/decode tasks then land on fresh workers that re-import torch (~3 s CPU
             # each): measured 2.7x slower extraction on 2 cores. Keep more workers alive.
             kwargs["_system_config"] = {"num_workers_soft_limit": max(8, os.cpu_count() or 1)}
+            kwargs["object_store_memory"] = local_object_store_bytes()
         ray.init(ignore_reinit_error=True, log_to_driver=False, configure_logging=False, **kwargs)
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # the driver reports its own progress with rate and ETA
     ctx.print_on_execution_start = False
+    limits = ctx.execution_options.resource_limits
+    if limits.object_store_memory == float("inf"):  # unless the user set one
+        ctx.execution_options.resource_limits = limits.copy(object_store_memory=DATA_OBJECT_STORE_BYTES)
     return time.perf_counter() - t0
 
 
@@ -90,3 +123,178 @@ class ShardAssembler:
         keep = np.array([not r["error"] for r in rows], dtype=bool)
         stacked = {k: np.stack([r[k] for r in rows])[keep] for k in self.fields}
         return stacked, skipped
+
+
+# ---------------------------------------------------------------- shard-per-unit stages
+@dataclass
+class StageStats:
+    """What the driver of :func:`run_shard_stage` saw: results and their size, actors' nodes."""
+
+    shards_done: int = 0
+    shards_failed: int = 0
+    result_bytes: int = 0  # pickled size of every result the driver received (manifest entries)
+    array_bytes: int = 0  # numpy array bytes among them: 0 by construction (features stay on the workers)
+    actor_nodes: list[str] = field(default_factory=list)  # node id of every actor the stage started
+    actors_lost: int = 0
+    first_result_at: float | None = None  # perf_counter of the first finished shard
+    last_result_at: float | None = None
+
+
+def _array_bytes(obj: Any) -> int:
+    if isinstance(obj, np.ndarray):
+        return int(obj.nbytes)
+    if isinstance(obj, Mapping):
+        return sum(_array_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_array_bytes(v) for v in obj)
+    return 0
+
+
+def run_shard_stage(
+    items: Sequence[Mapping[str, Any]],
+    prepare: Callable[[Mapping[str, Any]], list[Any]],
+    actor_cls: type,
+    actor_args: tuple,
+    *,
+    actors: int,
+    gpus: float,
+    on_result: Callable[[dict[str, Any]], None],
+    on_failure: Callable[[str, str], None],
+    in_flight_per_actor: int = 2,
+    max_attempts: int = 3,
+    actor_wait_s: float = 900.0,
+) -> StageStats:
+    """Run one shard per unit of work: ``prepare(item)`` submits the CPU tasks that read and
+    decode the shard ``item["url"]`` and returns the refs of its parts; an actor of
+    ``actor_cls(*actor_args)`` gets them as ``process(item, *parts)``, runs the model, writes
+    the shard's group itself and returns its manifest entry (small metadata, nothing else).
+    The driver passes refs along and never fetches a part: the bytes stay on the workers.
+
+    Why this shape, not Ray Data (measured, benchmarks/RESULTS.md "Scale"): Ray Data splits
+    a shard's rows over blocks, so one writer per shard group needs the rows re-assembled
+    somewhere: on the driver (every feature byte crossed it twice, 3.2 ms of driver CPU per
+    image) or in a keyed shuffle; a Datasink writes blocks, not shards, and per-block part
+    groups would change the cache layout that readers, verify and resume rely on. Keeping a
+    shard in one actor call keeps the layout, the one writer per group and resume at shard
+    granularity, and makes the driver's work per shard, not per row.
+
+    Bounded memory: at most ``actors * in_flight_per_actor`` shards are in flight (read,
+    decoded, queued at an actor); 2 per actor lets the next shard decode while one runs the
+    model and writes. Peak object store use is that window times a shard's pixels, whatever
+    the dataset's size.
+
+    Failures: an actor lost with its node (or an input object lost) puts the shard back in
+    the queue (``max_attempts`` in all), its writes being idempotent (a group is rewritten
+    whole); lost actors are replaced only when none is left (a replacement asking for a GPU
+    that no node has would wait forever), failing the rest after ``actor_wait_s``. Any other
+    error of a shard, or an entry ``{"url", "failed": reason}`` from the worker, is reported
+    through ``on_failure(url, reason)``; ``on_result(entry)`` commits a finished one (the
+    driver's manifest write).
+    """
+    import ray
+    from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError
+
+    stats = StageStats()
+    if not items:
+        return stats
+    remote_cls = ray.remote(actor_cls).options(
+        num_gpus=gpus,
+        num_cpus=0 if gpus else 1,
+        # two calls at once: one shard writes (zstd, storage I/O) while the next runs the
+        # model; the actor serialises its model section itself
+        max_concurrency=2,
+    )
+    pool: dict[Any, int] = {}  # live actor -> calls outstanding
+
+    node_refs: list[Any] = []  # where each actor runs (asked once it is up, not waited for)
+
+    def start_actor() -> Any:
+        actor = remote_cls.remote(*actor_args)
+        pool[actor] = 0
+        node_refs.append(actor.node_id.remote())
+        return actor
+
+    for _ in range(max(1, actors)):
+        start_actor()
+    queue = [(dict(item), 1) for item in items]
+    queue.reverse()  # pop() from the end: the given order
+    running: dict[Any, tuple[dict[str, Any], int, Any]] = {}  # result ref -> (item, attempt, actor)
+    window = max(1, actors) * max(1, in_flight_per_actor)
+
+    def submit() -> None:
+        while queue and len(running) < window and pool:
+            item, attempt = queue.pop()
+            actor = min(pool, key=pool.get)  # the least busy
+            parts = prepare(item)
+            running[actor.process.remote(item, *parts)] = (item, attempt, actor)
+            pool[actor] += 1
+            del parts  # the driver keeps no ref to the data: Ray frees it after the call
+
+    submit()
+    while running:
+        ready, _ = ray.wait(list(running), num_returns=1)
+        ref = ready[0]
+        item, attempt, actor = running.pop(ref)
+        if actor in pool:
+            pool[actor] -= 1
+        try:
+            entry = ray.get(ref)
+        except (RayActorError, ObjectLostError) as exc:  # the node went away: run the shard again
+            if isinstance(exc, RayActorError) and actor in pool:
+                del pool[actor]
+                stats.actors_lost += 1
+                log.warning("an actor of the stage was lost (%s); %d left", type(exc).__name__, len(pool))
+            if attempt < max_attempts:
+                queue.append((item, attempt + 1))
+            else:
+                stats.shards_failed += 1
+                on_failure(item["url"], f"lost {attempt} times: {type(exc).__name__}")
+            if not pool:
+                start_actor()
+                try:
+                    ray.get(node_refs[-1], timeout=actor_wait_s)
+                except RayActorError as again:  # it cannot even start (its constructor fails): nothing to retry
+                    raise RuntimeError(f"the stage's model actor could not start: {again}") from None
+                except GetTimeoutError:
+                    for it, _ in queue:
+                        on_failure(it["url"], f"no node could take a model actor within {actor_wait_s:.0f}s")
+                    stats.shards_failed += len(queue)
+                    queue.clear()
+                    for a in list(pool):
+                        ray.kill(a)
+                    pool.clear()
+        except Exception as exc:  # the shard's own failure (unreadable, write failed): reported, a re-run retries it
+            text = str(exc).strip().splitlines()
+            stats.shards_failed += 1
+            on_failure(item["url"], f"{type(exc).__name__}: {text[-1] if text else ''}")
+        else:
+            stats.result_bytes += len(pickle.dumps(entry))
+            stats.array_bytes += _array_bytes(entry)
+            if entry.get("failed"):  # the worker found the shard unusable (damaged, cut): reported, not retried
+                stats.shards_failed += 1
+                on_failure(item["url"], str(entry["failed"]))
+                submit()
+                continue
+            now = time.perf_counter()
+            stats.first_result_at = stats.first_result_at or now
+            stats.last_result_at = now
+            stats.shards_done += 1
+            on_result(entry)
+        submit()
+    ready, _ = ray.wait(node_refs, num_returns=len(node_refs), timeout=5)
+    for ref in ready:
+        try:
+            stats.actor_nodes.append(ray.get(ref))
+        except Exception:  # an actor lost with its node: no record
+            pass
+    return stats
+
+
+class ShardWorker:
+    """Base of the actors of :func:`run_shard_stage`: subclasses define ``process(item, *parts)``."""
+
+    def node_id(self) -> str:
+        """The Ray node this actor runs on (Ray's own id: placement is checked against it); "" outside Ray."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""

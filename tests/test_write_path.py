@@ -1,0 +1,96 @@
+"""The extraction's write path: workers write their shard's group, the driver gets metadata only.
+
+Real components: tiny JPEG shards, the local Ray of the session, a real Zarr cache; a cheap
+backbone (resnet18 with random weights at 32 px) keeps the model's cost out of the way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lcam import build_backbone
+from pipeline.cache import FeatureCache, shard_id_for
+from pipeline.extract import ExtractConfig, ExtractWorker, decode_part, extract, open_cache_for, read_parts
+from pipeline.shards import list_shards, pack_folder
+
+BACKBONE, WEIGHTS = "torchvision:resnet18,size=64", "random"
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """8 small JPEGs in 3 shards (3, 3, 2)."""
+    root = tmp_path_factory.mktemp("writepath")
+    rng = np.random.default_rng(1)
+    for i in range(8):
+        d = root / "images" / f"c{i % 2}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).resize((48, 48)).save(d / f"im{i}.jpg", quality=90)
+    pack_folder(root / "images", str(root / "shards"), samples_per_shard=3, progress=False)
+    return root / "shards"
+
+
+def group_digest(cache_url: str, sid: str) -> dict[str, str]:
+    """Every object of one shard group, by relative path -> sha256 of its bytes."""
+    top = os.path.join(cache_url, "shards", sid)
+    out = {}
+    for dirpath, _, files in os.walk(top):
+        for f in files:
+            path = os.path.join(dirpath, f)
+            out[os.path.relpath(path, top)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    return out
+
+
+def test_driver_receives_metadata_only_and_the_cache_is_exact(ray_local, shards, tmp_path):
+    cache_url = str(tmp_path / "cache")
+    summary = extract(ExtractConfig(shards=str(shards), cache=cache_url, backbone=BACKBONE, weights=WEIGHTS, batch_size=2, progress=False))
+    assert summary.failed_shards == [] and summary.shards_extracted == 3 and summary.images == 8
+    stage = summary.stage
+    # What came back to the driver: 3 manifest entries, no array at all.
+    assert stage.shards_done == 3 and stage.array_bytes == 0
+    cache = FeatureCache.open(cache_url)
+    feature_bytes = 8 * int(np.prod(cache.feature_shape)) * 2  # float16
+    assert 0 < stage.result_bytes < 3 * 2048 < feature_bytes * 10  # ~0.5 KB per shard, whatever the features
+    assert stage.actor_nodes == [ray_local.get_runtime_context().get_node_id()]  # Ray's record of where it ran
+    report = cache.verify(expected={s.url: s.count for s in list_shards(str(shards))})
+    assert report.ok and report.rows == 8, report.problems
+
+
+def test_a_reexecuted_write_leaves_the_group_identical(shards, tmp_path):
+    """What Ray does on a retry (a lost node, a lost reply): the same shard is processed and
+    written again, possibly over a half-written group. The group must come out byte-identical
+    and the cache exact. Runs the worker in this process: the write path, without Ray."""
+    backbone = build_backbone(BACKBONE, WEIGHTS)
+    cfg = ExtractConfig(shards=str(shards), cache=str(tmp_path / "cache"), backbone=BACKBONE, weights=WEIGHTS)
+    cache = open_cache_for(backbone, cfg)
+    info = list_shards(str(shards))[0]
+    item = {"url": info.url, "name": info.name, "count": info.count}
+    parts = [decode_part(p, backbone.preprocessing, cfg.views) for p in read_parts(item, None, 2)]
+    assert [len(p["key"]) for p in parts] == [2, 1]  # two decode parts, joined in order by the worker
+    worker = ExtractWorker(cache, BACKBONE, WEIGHTS, "auto", False, "float16", 1, 2)
+
+    first = worker.process(item, *parts)
+    sid = shard_id_for(info.url)
+    clean = group_digest(cache.url, sid)
+    assert first["count"] == 3 and len(clean) > 5
+
+    # a first attempt died mid-write: one chunk object cut short, another lost, no keys yet
+    group = os.path.join(cache.url, "shards", sid)
+    chunk = os.path.join(group, "features", "c", "0", "0", "0", "0", "0")
+    with open(chunk, "r+b") as f:
+        f.truncate(7)
+    os.remove(os.path.join(group, "labels", "c", "0"))
+    again = worker.process(item, *parts)
+    assert group_digest(cache.url, sid) == clean
+    assert {k: again[k] for k in ("url", "shard_id", "count", "skipped", "expected_count")} == {k: first[k] for k in ("url", "shard_id", "count", "skipped", "expected_count")}
+
+    # and a third time after the commit: the cache stays exact (each sample once)
+    cache.mark_done([again])
+    worker.process(item, *parts)
+    assert group_digest(cache.url, sid) == clean
+    report = FeatureCache.open(cache.url).verify(expected={info.url: info.count})
+    assert report.ok and report.rows == 3, report.problems
