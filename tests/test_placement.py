@@ -1,0 +1,165 @@
+"""Where stages run: L-CAM-Fm training and CAMs from a cache as Ray tasks/actors (same results as
+in-process), on a worker node of a cluster whose head has no model resources; Ray Train's
+storage under the run's own URL (moto's S3)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lcam import build_backbone
+from lcam.training import init_attention
+from pipeline.cache import FeatureCache
+from pipeline.cams import CamsConfig, CamStore, generate_cams
+from pipeline.checkpoints import load_checkpoint, save_checkpoint
+from pipeline.extract import cache_identity
+from pipeline.shards import pack_folder
+from pipeline.training import TrainConfig, train, train_img
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = "tests.custom_backbones:tiny,size=32"  # (16, 8, 8) features, 10 classes: milliseconds a batch
+SHARDS, PER_SHARD = 4, 6
+
+
+def tiny_images(root: Path, n: int = 8) -> Path:
+    """Small deterministic JPEGs (smooth colour ramps plus noise) in two class folders."""
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 255, 48)[None, :, None]
+    for i in range(n):
+        folder = root / f"class{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        rgb = np.clip(ramp * (i % 3 + 1) / 3 + rng.normal(0, 40, (48, 48, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(rgb).save(folder / f"img{i}.jpg", quality=90)
+    return root
+
+
+def write_tiny_cache(url: str) -> FeatureCache:
+    """A feature cache of the tiny backbone over random inputs, written without Ray: the sources
+    are names only (training and CAMs from a cache never open a shard)."""
+    backbone = build_backbone(TINY, "random")
+    cache = FeatureCache.create_or_open(url, cache_identity(backbone, ("center",), "float16"), feature_shape=backbone.feature_shape,
+                                        views=("center",), dtype="float16", num_classes=backbone.num_classes)
+    gen = torch.Generator().manual_seed(0)
+    entries = []
+    for s in range(SHARDS):
+        x = torch.rand(PER_SHARD, 3, 32, 32, generator=gen)
+        with torch.no_grad():
+            f, logits = backbone.extract(x)
+        p5, c5 = logits.softmax(1).topk(5)
+        keys = [f"s{s}-{i}" for i in range(PER_SHARD)]
+        entries.append(cache.write_shard(f"/data/shard-{s}.tar", keys, [i % 2 for i in range(PER_SHARD)], f[:, None], c5, p5))
+    cache.mark_done(entries)
+    return FeatureCache.open(url)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("placement")
+    cache = write_tiny_cache(str(root / "cache"))
+    backbone = build_backbone(TINY, "random")
+    attention = init_attention(backbone, 3)
+    with torch.no_grad():  # away from the all-equal start: maps with structure
+        attention.conv.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    ckpt = str(root / "ckpt.pt")
+    save_checkpoint(ckpt, attention_state=attention.state_dict(), method="fm", backbone=backbone.describe())
+    return {"root": root, "cache": cache.url, "ckpt": ckpt}
+
+
+def fm_config(tiny, out, where: str) -> TrainConfig:
+    return TrainConfig(method="fm", out=str(out), cache=tiny["cache"], epochs=2, batch_size=4, target="label", view="first", seed=5,
+                       log_every=1, checkpoint_minutes=0, where=where, threads=1, progress=True)
+
+
+def test_fm_as_a_ray_task_equals_in_process_and_relays_progress(ray_local, tiny, tmp_path, caplog):
+    here = train(fm_config(tiny, tmp_path / "local", "local"))
+    lcam_log = logging.getLogger("lcam")  # it does not propagate to the root, where caplog listens
+    lcam_log.addHandler(caplog.handler)
+    try:
+        there = train(fm_config(tiny, tmp_path / "ray", "ray"))
+    finally:
+        lcam_log.removeHandler(caplog.handler)
+    assert here.ran_on is None and there.ran_on == ray_local.get_runtime_context().get_node_id()
+    assert (here.epochs_done, here.steps) == (there.epochs_done, there.steps) == (2, 12)
+    # the task's progress lines reached this process (through the relay, not Ray's log forwarding)
+    relayed = [r.getMessage() for r in caplog.records if r.name == "lcam.remote"]
+    assert any(m.startswith("L-CAM-Fm: 24 cached samples") for m in relayed) and any(m.startswith("epoch 2: loss") for m in relayed)
+
+    def losses(run):
+        return [(r["kind"], r["step"], r["loss"], r["ce"], r["area"], r["tv"]) for r in
+                (json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines())]
+
+    assert losses(tmp_path / "local") == losses(tmp_path / "ray")  # the same losses, exactly
+    a, b = load_checkpoint(str(tmp_path / "local" / "checkpoint.pt")), load_checkpoint(str(tmp_path / "ray" / "checkpoint.pt"))
+    for k in a["attention"]:
+        assert torch.equal(a["attention"][k], b["attention"][k]), k
+
+
+def test_cams_from_cache_on_ray_actors_equal_in_process(ray_local, tiny, tmp_path):
+    def run(where: str, out: Path, **kw):
+        return generate_cams(CamsConfig(checkpoint=tiny["ckpt"], out=str(out), cache=tiny["cache"], classes="top-k", top_k=2, upsample=True,
+                                        where=where, progress=False, **kw))
+
+    here = run("local", tmp_path / "local")
+    there = run("ray", tmp_path / "ray", num_actors=2)
+    assert here.ran_on == [] and len(there.ran_on) == 2
+    assert (here.shards_written, here.samples, there.shards_written, there.samples) == (SHARDS, SHARDS * PER_SHARD) * 2
+    a, b = CamStore.open(str(tmp_path / "local")), CamStore.open(str(tmp_path / "ray"))
+    assert a.fingerprint == b.fingerprint and a.shard_ids() == b.shard_ids()
+    for sid in a.shard_ids():
+        x, y = a.read_shard(sid, normalized=False), b.read_shard(sid, normalized=False)
+        assert x.keys() == y.keys() and x["keys"] == y["keys"]
+        for name in x:
+            if name != "keys":
+                assert x[name].dtype == y[name].dtype and np.array_equal(x[name], y[name]), (sid, name)
+    assert run("ray", tmp_path / "ray").shards_written == 0  # resumes: every group done
+
+
+def test_model_stages_run_on_the_worker_node_not_the_head(tiny, tmp_path):
+    """A cluster (ray.cluster_utils.Cluster) whose head has CPUs but no GPU and one worker node
+    with a (fake) GPU: `auto` leaves the driver, and Ray's runtime context of the training task
+    and of the CAM actors names the worker node."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("RAY_ADDRESS", None)
+    out = subprocess.run([sys.executable, str(ROOT / "tests" / "scenario_placement.py"), tiny["cache"], tiny["ckpt"], str(tmp_path)],
+                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+    assert line, out.stdout[-3000:] + out.stderr[-3000:]
+    result = json.loads(line[len("RESULT "):])
+    assert result["error"] is None, result
+    head, worker = result["head"], result["worker"]
+    assert head != worker
+    assert result["train_ran_on"] == worker and result["train_steps"] == 12
+    assert result["cams_ran_on"] == [worker] and result["cams_samples"] == SHARDS * PER_SHARD
+
+
+def test_img_ray_train_storage_goes_under_the_run_url_on_s3(ray_local, s3, tmp_path):
+    bucket, options = s3
+    secret = "SECRET-" + os.urandom(8).hex()
+    options = dict(options, secret=secret)  # moto accepts any secret: it must be written nowhere
+    tiny_images(tmp_path / "images")
+    pack_folder(tmp_path / "images", f"{bucket}/shards", samples_per_shard=4, storage_options=options, progress=False)
+    run = f"{bucket}/run"
+    summary = train_img(TrainConfig(method="img", out=run, shards=f"{bucket}/shards", backbone=TINY, weights="random", augment="center",
+                                    epochs=1, batch_size=4, workers=1, cpus_per_worker=0.5, data_cpus=0.5, progress=False,
+                                    storage_options=options, shard_storage_options=options))
+    assert summary.epochs_done == 1 and summary.steps == 2
+    fs = fsspec.filesystem("s3", **options)
+    under = [p for p in fs.find(f"{run}/ray-train") if p.endswith("/checkpoint.pt")]
+    assert len(under) == 1, fs.find(run)  # Ray Train's latest checkpoint (one kept), under the run's URL
+    ours = load_checkpoint(f"{run}/checkpoint.pt", options)
+    with fs.open(under[0], "rb") as f:
+        theirs = torch.load(f, weights_only=False)
+    assert theirs["step"] == ours["step"] == 2
+    for k in ours["attention"]:
+        assert torch.equal(ours["attention"][k], theirs["attention"][k])
+    assert [p for p in fs.find(bucket) if secret.encode() in fs.cat_file(p)] == []
