@@ -24,7 +24,7 @@ from pipeline.cams import CamsConfig, CamStore, generate_cams
 from pipeline.checkpoints import load_checkpoint, save_checkpoint
 from pipeline.extract import cache_identity
 from pipeline.shards import pack_folder
-from pipeline.training import TrainConfig, train, train_img
+from pipeline.training import TrainConfig, ray_train_storage, train, train_img
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = "tests.custom_backbones:tiny,size=32"  # (16, 8, 8) features, 10 classes: milliseconds a batch
@@ -140,6 +140,19 @@ def test_model_stages_run_on_the_worker_node_not_the_head(tiny, tmp_path):
     assert head != worker
     assert result["train_ran_on"] == worker and result["train_steps"] == 12
     assert result["cams_ran_on"] == [worker] and result["cams_samples"] == SHARDS * PER_SHARD
+
+
+def test_ray_train_storage_defaults_to_the_run_url_with_its_options(s3, tmp_path, monkeypatch):
+    """What `lcam train --method img` and `lcam pipeline` (run folder WORKDIR/lcam-img) give Ray Train."""
+    bucket, options = s3
+    path, fs = ray_train_storage(TrainConfig(method="img", out=f"{bucket}/work/lcam-img", storage_options=options))
+    assert path == f"{bucket[len('s3://'):]}/work/lcam-img/ray-train"
+    with fs.open_output_stream(f"{path}/probe") as f:  # through the run's endpoint (moto), not AWS
+        f.write(b"here")
+    assert fsspec.filesystem("s3", **options).cat_file(f"{bucket}/work/lcam-img/ray-train/probe") == b"here"
+    monkeypatch.chdir(tmp_path)
+    assert ray_train_storage(TrainConfig(method="img", out="runs/img")) == (str(tmp_path / "runs" / "img" / "ray-train"), None)
+    assert ray_train_storage(TrainConfig(method="img", out="runs/img", ray_storage="/shared/rt")) == ("/shared/rt", None)
 
 
 def test_img_ray_train_storage_goes_under_the_run_url_on_s3(ray_local, s3, tmp_path):

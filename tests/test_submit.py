@@ -106,7 +106,12 @@ def test_submit_passes_entrypoint_resources_to_ray(ray_head, tmp_path, capsys):
                                       "entrypoint_resources": {"node:127.0.0.1": 0.01}}))  # every node has its node:<ip> resource
     assert main(["submit", "cams", "--address", ray_head["address"], "--config", str(config), "--no-wait", "--submission-id", "lcam-res"]) == 0
     assert "its driver reserves num_cpus 0.5, resources {'node:127.0.0.1': 0.01}" in capsys.readouterr().out
+    from ray.util.state import list_actors
+
+    # Ray's own record: the job's supervisor actor (it runs the entrypoint) holds the reservation
+    [supervisor] = [a for a in list_actors(address=ray_head["address"], filters=[("class_name", "=", "JobSupervisor")], detail=True, limit=1000)
+                    if a.name.endswith("lcam-res")]
+    assert supervisor.required_resources["CPU"] == 0.5 and supervisor.required_resources["node:127.0.0.1"] == 0.01
     info = JobSubmissionClient(ray_head["address"]).get_job_info("lcam-res")
-    assert info.entrypoint_num_cpus == 0.5 and info.entrypoint_resources == {"node:127.0.0.1": 0.01}
     shipped = yaml.safe_load(info.runtime_env["env_vars"]["LCAM_JOB_CONFIG"])
     assert shipped == {"checkpoint": "info", "out": str(tmp_path / "none")}  # the job's config: only the job's fields
