@@ -724,6 +724,9 @@ class CamsSummary:
             f"samples: {self.samples}, maps: {self.maps} in {self.seconds:.1f}s ({self.maps_per_second:.1f} maps/s"
             + (f"; {self.steady_maps_per_second:.1f} maps/s after the {self.actors_ready_seconds:.0f}s start-up)" if self.actors_ready_seconds else ")"),
         ]
+        if self.ran_on:
+            nodes = Counter(n[:12] for n in self.ran_on)
+            out.append(f"model actors: {len(self.ran_on)} on Ray node(s) " + ", ".join(f"{n} (x{c})" for n, c in nodes.items()))
         if self.skipped:
             reasons = Counter(s["reason"].split(":")[0] for s in self.skipped)
             out.append(f"skipped {len(self.skipped)} samples: " + ", ".join(f"{r} x{n}" for r, n in reasons.items()))

@@ -128,7 +128,6 @@ class TrainSummary:
     skipped: int = 0
     ran_on: str | None = None  # fm as a Ray task: the Ray node id that trained; None: this process
 
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -140,6 +139,8 @@ class TrainSummary:
             out.append("last epoch: " + _format_epoch(self.last_epoch))
         if self.skipped:
             out.append(f"skipped {self.skipped} undecodable images")
+        if self.ran_on:
+            out.append(f"trained in a Ray task on node {self.ran_on[:12]}")
         out += [f"checkpoint {self.checkpoint}", f"metrics    {self.metrics}", f"curves     {self.curves}"]
         return out
 
@@ -851,7 +852,8 @@ def ray_train_storage(cfg: TrainConfig) -> tuple[str, Any]:
     driver can reach them; the run folder is that place by construction (S3, GCS, or a
     local path on one machine or shared mount). Object stores get a pyarrow filesystem
     over the run's fsspec filesystem, so the run's storage options (endpoint, region,
-    anonymous access) apply; credentials stay in the environment or the cloud role.
+    anonymous access) apply (tests/test_placement.py: nothing Ray Train writes there
+    holds them).
     """
     import pyarrow.fs
 

@@ -4,15 +4,19 @@ Run by tests/test_placement.py in a subprocess (a process can join only one Ray 
 
     python tests/scenario_placement.py CACHE CHECKPOINT WORKDIR
 
-starts a head with CPUs but no GPU and one worker node with a fake GPU, joins it (no
-RAY_ADDRESS: ``where`` auto must see the multi-node cluster by itself), trains L-CAM-Fm
-from CACHE and makes CAMs from CACHE with CHECKPOINT, and prints one JSON line with the
-node ids: the head's, the worker's, and where the training task and the CAM actors ran.
+starts a head with a CPU but no GPU and one worker node with two fake GPUs, and joins it
+without RAY_ADDRESS (``where`` auto must see the multi-node cluster by itself). From
+CACHE it trains L-CAM-Fm in this process (``where`` local) and with ``auto``, and makes
+CAMs with CHECKPOINT both ways (then once more: a resume), all under WORKDIR; it prints
+one JSON line with the node ids (the head's, the worker's, where the training task and
+the CAM actors ran), the summaries' counts and the progress lines relayed from the task.
+The test compares the files.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 
@@ -25,18 +29,34 @@ def placement(cache: str, checkpoint: str, workdir: str) -> dict:
     from pipeline.training import TrainConfig, train
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    worker = cluster.add_node(num_cpus=1, num_gpus=1)  # fake GPU: torch sees none, so the task trains on its CPU
+    worker = cluster.add_node(num_cpus=2, num_gpus=2)  # fake GPUs: torch sees none, so the model runs on the node's CPU
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
     result: dict = {"head": cluster.head_node.node_id, "worker": worker.node_id, "error": None}
+    relayed: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            relayed.append(record.getMessage())
+
+    logging.getLogger("lcam.remote").addHandler(Keep())
+
+    def fm(where: str):
+        return train(TrainConfig(method="fm", out=os.path.join(workdir, f"fm-{where}"), cache=cache, epochs=2, batch_size=4, target="label",
+                                 view="first", seed=5, log_every=1, checkpoint_minutes=0, threads=1, where=where, progress=where == "auto"))
+
+    def cams(where: str):
+        return generate_cams(CamsConfig(checkpoint=checkpoint, out=os.path.join(workdir, f"cams-{where}"), cache=cache, classes="top-k", top_k=2,
+                                        upsample=True, where=where, progress=False))
+
     try:
-        t = train(TrainConfig(method="fm", out=os.path.join(workdir, "fm"), cache=cache, epochs=2, batch_size=4, target="label",
-                              view="first", seed=5, checkpoint_minutes=0, threads=1, progress=False))
-        result.update(train_ran_on=t.ran_on, train_steps=t.steps)
-        c = generate_cams(CamsConfig(checkpoint=checkpoint, out=os.path.join(workdir, "cams"), cache=cache, progress=False))
-        result.update(cams_ran_on=c.ran_on, cams_samples=c.samples)
+        here, there = fm("local"), fm("auto")
+        result["train"] = {"local": [here.ran_on, here.steps], "auto": [there.ran_on, there.steps]}
+        here, there, again = cams("local"), cams("auto"), cams("auto")
+        result["cams"] = {"local": [here.ran_on, here.samples], "auto": [there.ran_on, there.samples], "again": again.shards_written}
     except BaseException as exc:  # reported in the JSON line
         result["error"] = f"{type(exc).__name__}: {exc}"
+    result["relayed"] = relayed
     ray.shutdown()
     cluster.shutdown()
     return result

@@ -1,11 +1,10 @@
-"""Where stages run: L-CAM-Fm training and CAMs from a cache as Ray tasks/actors (same results as
-in-process), on a worker node of a cluster whose head has no model resources; Ray Train's
+"""Where stages run: L-CAM-Fm training and CAMs from a cache as Ray tasks/actors on a worker
+node of a cluster whose head has no GPU (the same results as in-process); Ray Train's
 storage under the run's own URL (moto's S3)."""
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -20,11 +19,11 @@ from PIL import Image
 from lcam import build_backbone
 from lcam.training import init_attention
 from pipeline.cache import FeatureCache
-from pipeline.cams import CamsConfig, CamStore, generate_cams
+from pipeline.cams import CamStore
 from pipeline.checkpoints import load_checkpoint, save_checkpoint
 from pipeline.extract import cache_identity
 from pipeline.shards import pack_folder
-from pipeline.training import TrainConfig, ray_train_storage, train, train_img
+from pipeline.training import TrainConfig, ray_train_storage, train_img
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = "tests.custom_backbones:tiny,size=32"  # (16, 8, 8) features, 10 classes: milliseconds a batch
@@ -75,71 +74,44 @@ def tiny(tmp_path_factory):
     return {"root": root, "cache": cache.url, "ckpt": ckpt}
 
 
-def fm_config(tiny, out, where: str) -> TrainConfig:
-    return TrainConfig(method="fm", out=str(out), cache=tiny["cache"], epochs=2, batch_size=4, target="label", view="first", seed=5,
-                       log_every=1, checkpoint_minutes=0, where=where, threads=1, progress=True)
+def losses(run: Path) -> list[tuple]:
+    return [(r["kind"], r["step"], r["loss"], r["ce"], r["area"], r["tv"]) for r in
+            (json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines())]
 
 
-def test_fm_as_a_ray_task_equals_in_process_and_relays_progress(ray_local, tiny, tmp_path, caplog):
-    here = train(fm_config(tiny, tmp_path / "local", "local"))
-    lcam_log = logging.getLogger("lcam")  # it does not propagate to the root, where caplog listens
-    lcam_log.addHandler(caplog.handler)
-    try:
-        there = train(fm_config(tiny, tmp_path / "ray", "ray"))
-    finally:
-        lcam_log.removeHandler(caplog.handler)
-    assert here.ran_on is None and there.ran_on == ray_local.get_runtime_context().get_node_id()
-    assert (here.epochs_done, here.steps) == (there.epochs_done, there.steps) == (2, 12)
-    # the task's progress lines reached this process (through the relay, not Ray's log forwarding)
-    relayed = [r.getMessage() for r in caplog.records if r.name == "lcam.remote"]
-    assert any(m.startswith("L-CAM-Fm: 24 cached samples") for m in relayed) and any(m.startswith("epoch 2: loss") for m in relayed)
-
-    def losses(run):
-        return [(r["kind"], r["step"], r["loss"], r["ce"], r["area"], r["tv"]) for r in
-                (json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines())]
-
-    assert losses(tmp_path / "local") == losses(tmp_path / "ray")  # the same losses, exactly
-    a, b = load_checkpoint(str(tmp_path / "local" / "checkpoint.pt")), load_checkpoint(str(tmp_path / "ray" / "checkpoint.pt"))
-    for k in a["attention"]:
-        assert torch.equal(a["attention"][k], b["attention"][k]), k
-
-
-def test_cams_from_cache_on_ray_actors_equal_in_process(ray_local, tiny, tmp_path):
-    def run(where: str, out: Path, **kw):
-        return generate_cams(CamsConfig(checkpoint=tiny["ckpt"], out=str(out), cache=tiny["cache"], classes="top-k", top_k=2, upsample=True,
-                                        where=where, progress=False, **kw))
-
-    here = run("local", tmp_path / "local")
-    there = run("ray", tmp_path / "ray", num_actors=2)
-    assert here.ran_on == [] and len(there.ran_on) == 2
-    assert (here.shards_written, here.samples, there.shards_written, there.samples) == (SHARDS, SHARDS * PER_SHARD) * 2
-    a, b = CamStore.open(str(tmp_path / "local")), CamStore.open(str(tmp_path / "ray"))
-    assert a.fingerprint == b.fingerprint and a.shard_ids() == b.shard_ids()
-    for sid in a.shard_ids():
-        x, y = a.read_shard(sid, normalized=False), b.read_shard(sid, normalized=False)
-        assert x.keys() == y.keys() and x["keys"] == y["keys"]
-        for name in x:
-            if name != "keys":
-                assert x[name].dtype == y[name].dtype and np.array_equal(x[name], y[name]), (sid, name)
-    assert run("ray", tmp_path / "ray").shards_written == 0  # resumes: every group done
-
-
-def test_model_stages_run_on_the_worker_node_not_the_head(tiny, tmp_path):
-    """A cluster (ray.cluster_utils.Cluster) whose head has CPUs but no GPU and one worker node
-    with a (fake) GPU: `auto` leaves the driver, and Ray's runtime context of the training task
-    and of the CAM actors names the worker node."""
+def test_model_stages_leave_the_head_and_give_the_same_results(tiny, tmp_path):
+    """One cluster (ray.cluster_utils.Cluster): a head with a CPU but no GPU, a worker node with
+    two (fake) GPUs. `where` auto leaves the driver; Ray's runtime context of the training task
+    and of both CAM actors names the worker node; the task's progress lines reach the driver;
+    and the files equal those of the in-process path exactly (the same losses, the same
+    checkpoint, the same CAM arrays)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("RAY_ADDRESS", None)
     out = subprocess.run([sys.executable, str(ROOT / "tests" / "scenario_placement.py"), tiny["cache"], tiny["ckpt"], str(tmp_path)],
-                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
     assert line, out.stdout[-3000:] + out.stderr[-3000:]
     result = json.loads(line[len("RESULT "):])
     assert result["error"] is None, result
     head, worker = result["head"], result["worker"]
     assert head != worker
-    assert result["train_ran_on"] == worker and result["train_steps"] == 12
-    assert result["cams_ran_on"] == [worker] and result["cams_samples"] == SHARDS * PER_SHARD
+    assert result["train"] == {"local": [None, 12], "auto": [worker, 12]}
+    assert result["cams"] == {"local": [[], SHARDS * PER_SHARD], "auto": [[worker, worker], SHARDS * PER_SHARD], "again": 0}
+    relayed = result["relayed"]  # through the relay, not Ray's log forwarding (off)
+    assert any(m.startswith("L-CAM-Fm: 24 cached samples") for m in relayed) and any(m.startswith("epoch 2: loss") for m in relayed), relayed
+
+    assert losses(tmp_path / "fm-local") == losses(tmp_path / "fm-auto")
+    a, b = load_checkpoint(str(tmp_path / "fm-local" / "checkpoint.pt")), load_checkpoint(str(tmp_path / "fm-auto" / "checkpoint.pt"))
+    for k in a["attention"]:
+        assert torch.equal(a["attention"][k], b["attention"][k]), k
+    a, b = CamStore.open(str(tmp_path / "cams-local")), CamStore.open(str(tmp_path / "cams-auto"))
+    assert a.fingerprint == b.fingerprint and a.shard_ids() == b.shard_ids() and len(a.shard_ids()) == SHARDS
+    for sid in a.shard_ids():
+        x, y = a.read_shard(sid, normalized=False), b.read_shard(sid, normalized=False)
+        assert x.keys() == y.keys() and x["keys"] == y["keys"]
+        for name in x:
+            if name != "keys":
+                assert x[name].dtype == y[name].dtype and np.array_equal(x[name], y[name]), (sid, name)
 
 
 def test_ray_train_storage_defaults_to_the_run_url_with_its_options(s3, tmp_path, monkeypatch):
