@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,11 +20,13 @@ from PIL import Image
 from lcam import build_backbone
 from lcam.training import init_attention
 from pipeline.cache import FeatureCache
-from pipeline.cams import CamStore
+from pipeline.cams import CacheCamActor, CamsConfig, CamStore, ClassSelection, generate_cams
 from pipeline.checkpoints import load_checkpoint, save_checkpoint
 from pipeline.extract import cache_identity
 from pipeline.shards import pack_folder
-from pipeline.training import TrainConfig, ray_train_storage, train_img
+from pipeline.errors import UserError
+from pipeline.placement import resolve_where
+from pipeline.training import TrainConfig, check_config, ray_train_storage, train_img
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = "tests.custom_backbones:tiny,size=32"  # (16, 8, 8) features, 10 classes: milliseconds a batch
@@ -112,6 +115,41 @@ def test_model_stages_leave_the_head_and_give_the_same_results(tiny, tmp_path):
         for name in x:
             if name != "keys":
                 assert x[name].dtype == y[name].dtype and np.array_equal(x[name], y[name]), (sid, name)
+
+
+def test_where_auto_is_local_without_a_cluster_and_ray_with_one(monkeypatch):
+    import ray
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    if ray.is_initialized():  # a local Ray of this test session: one node, no reason to leave the process
+        assert len([n for n in ray.nodes() if n["Alive"]]) == 1
+    assert resolve_where("auto") == "local" and resolve_where("ray") == "ray" and resolve_where("local") == "local"
+    monkeypatch.setenv("RAY_ADDRESS", "auto")  # what Ray sets for a job's driver (every `lcam submit`)
+    assert resolve_where("auto") == "ray" and resolve_where("local") == "local"
+    with pytest.raises(UserError, match="--where must be auto, local or ray, got 'gpu'"):
+        check_config(TrainConfig(method="fm", cache="c", where="gpu"))
+
+
+def test_a_re_executed_cam_group_write_leaves_the_store_exact(tiny, tmp_path):
+    """What a model actor does for one shard, run twice (as Ray does after a lost actor), the
+    first time cut short: the group is rewritten whole, and equals a single clean write."""
+    cache = FeatureCache.open(tiny["cache"])
+    entry = cache.manifest["shards"][sorted(cache.done_sources())[0]]
+    args = (cache, entry, 0, ClassSelection.parse("top-k", 2), True, ["features", "labels", "top5_classes", "top5_probs"])
+
+    generate_cams(CamsConfig(checkpoint=tiny["ckpt"], out=str(tmp_path / "ref"), cache=tiny["cache"], classes="top-k", top_k=2,
+                             where="local", progress=False))
+    identity = CamStore.open(str(tmp_path / "ref")).identity
+    actor = CacheCamActor(tiny["ckpt"], None, None, identity["checkpoint"]["fingerprint"], "cpu", 1)  # the class itself, in this process
+    twice = CamStore.create_or_open(str(tmp_path / "twice"), identity)
+    actor.write_group(args[0], twice, *args[1:])
+    shutil.rmtree(tmp_path / "twice" / "shards" / entry["shard_id"] / "raw")  # the first attempt died mid-write
+    twice.mark_done([actor.write_group(args[0], twice, *args[1:])])
+    got, want = CamStore.open(str(tmp_path / "twice")).read_shard(entry["shard_id"]), CamStore.open(str(tmp_path / "ref")).read_shard(entry["shard_id"])
+    assert got["keys"] == want["keys"] and got.keys() == want.keys()
+    for name in want:
+        if name != "keys":
+            assert np.array_equal(got[name], want[name]), name
 
 
 def test_ray_train_storage_defaults_to_the_run_url_with_its_options(s3, tmp_path, monkeypatch):
