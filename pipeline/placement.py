@@ -73,7 +73,10 @@ def node_id() -> str:
 
 
 def user_error_in(exc: BaseException) -> UserError | None:
-    """The UserError a task, actor or Ray Train worker raised, if that is what failed."""
+    """The UserError a task, actor or Ray Train worker raised, if that is what failed (also a
+    missing file, a denied permission or unavailable backbone weights: one line, as in-process)."""
+    from lcam.backbones import BackboneSpecError, WeightsUnavailable
+
     seen: list[BaseException] = [exc]
     seen += list(getattr(exc, "worker_failures", {}).values())
     while seen:
@@ -82,6 +85,9 @@ def user_error_in(exc: BaseException) -> UserError | None:
             if getattr(e, "compose", None) is not None:  # the message, still able to name the caller's flags
                 return UserError(e.compose)
             return UserError(str(e).splitlines()[-1] if "Traceback" in str(e) else str(e))
+        cause = getattr(e, "cause", None)  # the exception the task itself raised (ray.exceptions.RayTaskError)
+        if isinstance(cause, (FileNotFoundError, PermissionError, WeightsUnavailable, BackboneSpecError)):
+            return UserError(str(cause))
         for nxt in (e.__cause__, e.__context__, getattr(e, "cause", None)):
             if isinstance(nxt, BaseException):
                 seen.append(nxt)

@@ -9,7 +9,8 @@ without RAY_ADDRESS (``where`` auto must see the multi-node cluster by itself). 
 CACHE it trains L-CAM-Fm in this process (``where`` local) and with ``auto``, and makes
 CAMs with CHECKPOINT both ways (then once more: a resume), all under WORKDIR; it prints
 one JSON line with the node ids (the head's, the worker's, where the training task and
-the CAM actors ran), the summaries' counts and the progress lines relayed from the task.
+the CAM actors ran), the summaries' counts, the progress lines relayed from the task and
+the message of a user error raised inside it.
 The test compares the files.
 """
 
@@ -26,6 +27,7 @@ def placement(cache: str, checkpoint: str, workdir: str) -> dict:
     from ray.cluster_utils import Cluster
 
     from pipeline.cams import CamsConfig, generate_cams
+    from pipeline.errors import UserError
     from pipeline.training import TrainConfig, train
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
@@ -54,6 +56,10 @@ def placement(cache: str, checkpoint: str, workdir: str) -> dict:
         result["train"] = {"local": [here.ran_on, here.steps], "auto": [there.ran_on, there.steps]}
         here, there, again = cams("local"), cams("auto"), cams("auto")
         result["cams"] = {"local": [here.ran_on, here.samples], "auto": [there.ran_on, there.samples], "again": again.shards_written}
+        try:  # a user's mistake found inside the task comes back as the same one-line UserError
+            train(TrainConfig(method="fm", out=os.path.join(workdir, "fm-bad"), cache=os.path.join(workdir, "no-cache"), progress=False))
+        except UserError as exc:
+            result["user_error"] = str(exc)
     except BaseException as exc:  # reported in the JSON line
         result["error"] = f"{type(exc).__name__}: {exc}"
     result["relayed"] = relayed

@@ -100,6 +100,7 @@ def test_model_stages_leave_the_head_and_give_the_same_results(tiny, tmp_path):
     assert head != worker
     assert result["train"] == {"local": [None, 12], "auto": [worker, 12]}
     assert result["cams"] == {"local": [[], SHARDS * PER_SHARD], "auto": [[worker, worker], SHARDS * PER_SHARD], "again": 0}
+    assert "no feature cache" in result["user_error"] and "Traceback" not in result["user_error"], result["user_error"]
     relayed = result["relayed"]  # through the relay, not Ray's log forwarding (off)
     assert any(m.startswith("L-CAM-Fm: 24 cached samples") for m in relayed) and any(m.startswith("epoch 2: loss") for m in relayed), relayed
 
