@@ -29,10 +29,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", default=None, help="where the backbone weights come from (default: as recorded in the checkpoint)")
     comp = parser.add_argument_group("compute")
     comp.add_argument("--batch-size", type=int, default=64)
-    comp.add_argument("--actors", type=int, default=None, help="shard source: backbone actors (default: one per GPU, else 1)")
+    comp.add_argument("--actors", type=int, default=None, help="backbone actors (shard source) or model actors (cache source on Ray); default: one per GPU, else 1")
     comp.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="shard source: auto = fp16 autocast on GPU, fp32 on CPU")
     comp.add_argument("--torch-threads", type=int, default=None, help="CPU threads per actor (default: all cores)")
     comp.add_argument("--device", default="auto", help="cache source: auto, cpu, cuda, cuda:1")
+    comp.add_argument("--where", default="auto", choices=["auto", "local", "ray"],
+                      help="cache source: local = in this process; ray = on model actors (one per GPU of the cluster, or --actors), "
+                           "each writing whole shards; auto (default) = ray when there is a cluster (RAY_ADDRESS set), else local")
     pics = parser.add_argument_group("pictures")
     pics.add_argument("--overlays", type=int, default=0, help="write N overlay PNGs and an HTML gallery (default 0)")
     pics.add_argument("--gallery", default=None, help="gallery URL (default OUT/gallery)")
@@ -65,6 +68,7 @@ def config_from_args(args: argparse.Namespace):
         precision=args.precision,
         torch_threads=args.torch_threads,
         device=args.device,
+        where=args.where,
         index=args.index,
         overlays=args.overlays,
         gallery=args.gallery,

@@ -57,6 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method-limit", default=None, help="per-method image limits, e.g. scorecam=16,rise=32")
     parser.add_argument("--rise-masks", type=int, default=4000)
     parser.add_argument("--gallery-images", type=int, default=8, help="images in the report's method-by-method gallery")
+    parser.add_argument("--where", default="auto", choices=["auto", "local", "ray"],
+                        help="L-CAM-Fm training and the cams stage: in this process (local) or as Ray tasks/actors that ask for "
+                             "a GPU when the cluster has one (ray); auto (default): ray when there is a cluster (RAY_ADDRESS set)")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     parser.add_argument("--seed", type=int, default=0)
     add_storage_options(parser, what=" for every URL (no credentials: use the environment or the cloud role)")
@@ -155,7 +158,7 @@ def _train_config(args: argparse.Namespace, method: str, cache: str, out: str, s
         max_steps=(args.img_max_steps or args.max_steps) if method == "img" else args.max_steps,
         seed=args.seed, workers=args.img_workers, augment=args.img_augment if method == "img" else None,
         init=None if warm else args.init, init_from=join(fm_run, CHECKPOINT) if warm else None,
-        targets=args.targets, top_k=args.top_k, recipe_rule=args.recipe,
+        targets=args.targets, top_k=args.top_k, recipe_rule=args.recipe, where=args.where,
         storage_options=so, cache_storage_options=so, shard_storage_options=so,
     )
 
@@ -211,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
     if "cams" in stages:
         stage("cams: CAM store from the cache")
         summary = generate_cams(CamsConfig(
-            checkpoint=join(first, CHECKPOINT), out=join(wd, "cams"), cache=cache, overlays=args.overlays, classes=args.cams_classes,
+            checkpoint=join(first, CHECKPOINT), out=join(wd, "cams"), cache=cache, overlays=args.overlays, classes=args.cams_classes, where=args.where,
             checkpoint_storage_options=so, source_storage_options=so, out_storage_options=so,
         ))
         print("\n".join(summary.lines()), flush=True)

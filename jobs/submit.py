@@ -6,6 +6,14 @@ project as the job's working directory (Ray honours ``.gitignore``), runs
 job's status. The config travels inside the job's runtime environment, so it may live
 anywhere on the submitting machine; credentials never travel: the cluster uses its
 instance role or its own environment.
+
+The job's driver (``python -m jobs.JOB``) reserves nothing by default: on ``cluster.yaml``
+it runs on the CPU-only head and every stage places its model work on the workers
+(Ray Data actors, Ray Train workers, the Ray tasks of :mod:`pipeline.placement`). A
+config may reserve resources for the driver itself where a stage truly needs them there
+(``entrypoint_num_cpus``, ``entrypoint_num_gpus``, ``entrypoint_resources``: Ray then
+starts the driver on a node that has them); they are checked, with the rest of the
+config against the job's options, before anything is submitted.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ JOB_NAMES = ("extract", "train", "cams", "eval", "pipeline")
 CONFIG_ENV = "LCAM_JOB_CONFIG"
 OWN_CONFIG = True
 SECRET_WORDS = ("secret", "password", "token", "credential", "key_id", "private_key")
+ENTRYPOINT_FIELDS = ("entrypoint_num_cpus", "entrypoint_num_gpus", "entrypoint_resources")
 
 
 def add_command_arguments(parser: argparse.ArgumentParser, name: str) -> None:
@@ -63,12 +72,46 @@ def check_no_secrets(config: dict, path: str = "") -> None:
             )
 
 
+def _amount(value: object, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
+        raise UserError(f"{where} must be a number >= 0, got {value!r}")
+    if value > 1 and value != int(value):  # Ray's rule: fractions of a resource only below one unit
+        raise UserError(f"{where} above 1 must be a whole number, got {value!r}")
+    return value
+
+
+def entrypoint_options(config: dict, source: str) -> dict:
+    """Take the entrypoint resource fields out of a job config (they are ``lcam submit``'s,
+    not the job's) and check them: ``submit_job``'s keyword arguments."""
+    out: dict = {}
+    for key in list(config):
+        name = str(key).replace("-", "_")
+        if name not in ENTRYPOINT_FIELDS:
+            continue
+        value = config.pop(key)
+        where = f"{source}: field {key!r}"
+        if name != "entrypoint_resources":
+            out[name] = _amount(value, where)
+            continue
+        if not isinstance(value, dict) or not value:
+            raise UserError(f"{where} must map custom resource names to amounts, e.g. {{\"accelerator_type:A10G\": 0.01}}, got {value!r}")
+        reserved = sorted({"CPU", "GPU", "memory"} & set(map(str, value)))
+        if reserved:
+            raise UserError(f"{where}: {', '.join(reserved)} cannot be given here; use entrypoint_num_cpus / entrypoint_num_gpus")
+        out[name] = {str(k): _amount(v, f"{where}[{k!r}]") for k, v in value.items()}
+    return out
+
+
 def submit(args: argparse.Namespace) -> int:
-    from jobs.config import parse_overrides, read_config
+    from jobs.cli import command_parser
+    from jobs.config import namespace_from_config, parse_overrides, read_config
 
     config = read_config(args.job_config)
     config.update(parse_overrides(args.overrides))
     check_no_secrets(config)
+    resources = entrypoint_options(config, args.job_config)
+    # the job's own fields, as the job will read them: a typo fails here, not on the cluster
+    namespace_from_config(command_parser(args.job), config, args.job_config)
     import yaml
 
     client = _client(args.address)
@@ -78,8 +121,10 @@ def submit(args: argparse.Namespace) -> int:
         "excludes": [".venv", "runs", ".git", "*.egg-info", "__pycache__"],
         "env_vars": {CONFIG_ENV: yaml.safe_dump(config, sort_keys=True)},
     }
-    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=args.submission_id, metadata={"lcam_job": args.job})
-    print(f"submitted {args.job} as {job_id} to {args.address}", flush=True)
+    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=args.submission_id, metadata={"lcam_job": args.job},
+                               **resources)
+    reserved = ", ".join(f"{k.removeprefix('entrypoint_')} {v}" for k, v in resources.items())
+    print(f"submitted {args.job} as {job_id} to {args.address}" + (f" (its driver reserves {reserved})" if reserved else ""), flush=True)
     if args.no_wait:
         return 0
     return follow(client, job_id)

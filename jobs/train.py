@@ -44,7 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint (its method, cache, shards and recipe)")
     parser.add_argument("--checkpoint-minutes", type=float, default=10.0, help="fm: also checkpoint mid-epoch this often (0: at epoch ends only)")
     parser.add_argument("--log-every", type=int, default=20, help="steps per metrics.jsonl record")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="fm: where to train")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="fm: the device to train on")
+    parser.add_argument("--where", default="auto", choices=["auto", "local", "ray"],
+                        help="fm: local = in this process; ray = as a Ray task that asks for a GPU when the cluster has one (CPU otherwise); "
+                             "auto (default) = ray when there is a cluster (RAY_ADDRESS set, as in every `lcam submit` job), else local")
     parser.add_argument("--threads", type=int, default=None, help="fm on CPU: torch threads (default half the cores; the rest decode the cache)")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 autocast on GPU, fp32 on CPU")
     parser.add_argument("--buffer-rows", type=int, default=2048, help="fm: rows in the loader's shuffle buffer")
@@ -56,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-cpus", type=float, default=1.0, help="img: CPUs per Ray Data read/decode task")
     parser.add_argument("--decode-batch-size", type=int, default=16)
     parser.add_argument("--shuffle-buffer", type=int, default=256, help="img: rows in each worker's shuffle buffer (0: off)")
-    parser.add_argument("--ray-storage", default=None, help="img: Ray Train storage_path (default: a local temp folder)")
+    parser.add_argument("--ray-storage", default=None, help="img: Ray Train's storage URL (default: OUT/ray-train, with --storage-option; on a cluster it must be shared storage)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar or per-epoch lines")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     add_storage_options(parser, what=" for --out")
@@ -72,7 +75,7 @@ def config_from_args(args: argparse.Namespace):
         weights=args.weights, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, schedule=args.schedule,
         target=args.target, view=args.view, augment=args.augment, seed=args.seed, init=args.init, init_from=args.init_from,
         targets=args.targets, top_k=args.top_k, recipe_rule=args.recipe, max_steps=args.max_steps, resume=args.resume,
-        checkpoint_minutes=args.checkpoint_minutes, log_every=args.log_every, device=args.device, threads=args.threads, precision=args.precision,
+        checkpoint_minutes=args.checkpoint_minutes, log_every=args.log_every, device=args.device, where=args.where, threads=args.threads, precision=args.precision,
         buffer_rows=args.buffer_rows, prefetch_chunks=args.prefetch_chunks, loader_threads=args.loader_threads,
         workers=args.workers, use_gpu={"auto": None, "yes": True, "no": False}[args.use_gpu], cpus_per_worker=args.cpus_per_worker,
         data_cpus=args.data_cpus, decode_batch_size=args.decode_batch_size, shuffle_buffer=args.shuffle_buffer,

@@ -4,7 +4,11 @@ Two sources, one store format:
 
 * a **feature cache** (:mod:`pipeline.cache`): no image is read; per chunk of cached F
   one small matrix product (``attention.selected_many``) and, where the stored top-5
-  cannot answer, the head for the clean logits. No Ray, one process.
+  cannot answer, the head for the clean logits. In this process (``where`` local), or
+  (``where`` ray, the default on a cluster: :mod:`pipeline.placement`) on model actors
+  that ask for a GPU each when the cluster has them: each actor reads, explains and
+  writes whole source shards (one writer per group), the driver only commits the
+  manifest entries they return.
 * **WebDataset shards**: the extraction's write path (``raykit.run_shard_stage``): read
   and decode/preprocess on CPU tasks, then actors with the backbone and the attention
   (one GPU per actor when the cluster has GPUs) that each take a whole shard and write
@@ -667,6 +671,7 @@ class CamsConfig:
     precision: str = "auto"  # shard source: fp16 autocast on GPU, fp32 on CPU
     torch_threads: int | None = None
     device: str = "auto"  # cache source
+    where: str = "auto"  # cache source: local (this process) | ray (model actors) | auto (pipeline.placement)
     index: str | None = None
     overlays: int = 0  # N overlay PNGs and an HTML gallery
     gallery: str | None = None  # default <out>/gallery
@@ -694,6 +699,7 @@ class CamsSummary:
     seconds: float = 0.0
     ray_startup_seconds: float = 0.0
     actors_ready_seconds: float = 0.0  # shard source: from the start until the first model actor was ready
+    ran_on: list[str] = field(default_factory=list)  # cache source on Ray: the Ray node id of each model actor
     gallery: str | None = None
 
     @property
@@ -720,6 +726,9 @@ class CamsSummary:
             f"samples: {self.samples}, maps: {self.maps} in {self.seconds:.1f}s ({self.maps_per_second:.1f} maps/s"
             + (f"; {self.steady_maps_per_second:.1f} maps/s after the {self.actors_ready_seconds:.0f}s start-up)" if self.actors_ready_seconds else ")"),
         ]
+        if self.ran_on:
+            nodes = Counter(n[:12] for n in self.ran_on)
+            out.append(f"model actors: {len(self.ran_on)} on Ray node(s) " + ", ".join(f"{n} (x{c})" for n, c in nodes.items()))
         if self.skipped:
             reasons = Counter(s["reason"].split(":")[0] for s in self.skipped)
             out.append(f"skipped {len(self.skipped)} samples: " + ", ".join(f"{r} x{n}" for r, n in reasons.items()))
@@ -740,16 +749,20 @@ def generate_cams(cfg: CamsConfig) -> CamsSummary:
     empty or missing source) before anything is written at ``cfg.out``.
     """
     from .checkpoints import check_backbone, load_lcam
+    from .placement import check_where, resolve_where
 
     if (cfg.cache is None) == (cfg.shards is None):
         raise UserError("give exactly one source: a feature cache (--cache URL) or WebDataset shards (--shards PATTERN)")
+    check_where(cfg.where)
     selection = ClassSelection.parse(cfg.classes, cfg.top_k, cfg.class_ids)
     if cfg.overlays < 0:
         raise UserError(f"--overlays must be >= 0, got {cfg.overlays}")
     if not 0.0 <= cfg.opacity <= 1.0:
         raise UserError(f"--opacity must be between 0 and 1, got {cfg.opacity}")
     _check_colormap(cfg.colormap)
-    device = resolve_device(cfg.device) if cfg.cache is not None else torch.device("cpu")
+    on_ray = cfg.cache is not None and resolve_where(cfg.where) == "ray"
+    # the driver's copy only checks the inputs when the actors or the shard source do the work
+    device = resolve_device(cfg.device) if cfg.cache is not None and not on_ray else torch.device("cpu")
     model, ckpt = load_lcam(cfg.checkpoint, cfg.checkpoint_storage_options, weights=cfg.weights, device=device)
     backbone = ckpt["backbone"]
     selection.validate(int(backbone["num_classes"]))
@@ -788,7 +801,11 @@ def generate_cams(cfg: CamsConfig) -> CamsSummary:
         identity["source"] = {"kind": "cache", "fingerprint": cache.fingerprint, "view": cfg.view}
         store = CamStore.create_or_open(cfg.out, identity, checkpoint_url=cfg.checkpoint, source_url=cfg.cache, storage_options=cfg.out_storage_options,
                                         class_coverage=None if coverage is None else coverage.tolist())
-        summary = _from_cache(cfg, model, cache, store, selection)
+        if on_ray:
+            del model  # the actors load their own
+            summary = _from_cache_on_ray(cfg, cache, store, selection)
+        else:
+            summary = _from_cache(cfg, model, cache, store, selection)
     else:
         shards = _list_existing_shards(cfg)
         identity["source"] = {"kind": "images", "preprocessing": backbone["preprocessing"], "view": "center"}
@@ -902,6 +919,103 @@ def _from_cache(cfg: CamsConfig, model: LCAM, cache: Any, store: CamStore, selec
         while writes:
             _finish_write(store, writes.popleft().result(), summary)
     progress.close()
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+class CacheCamActor:
+    """The checkpoint's L-CAM in an actor: whole source shards of a feature cache -> their CAM groups.
+
+    Each call reads one shard's chunks (the next read overlapping the current product),
+    explains them as :func:`_from_cache` does (the same functions, so the same arrays) and
+    writes the shard's group, replacing what was there: a call Ray re-executes after a lost
+    actor rewrites the same group. It returns the manifest entry; only the driver commits it.
+    """
+
+    def __init__(self, checkpoint: str, storage_options: StorageOptions, weights: str | None, fingerprint: str, device: str, torch_threads: int | None) -> None:
+        from .checkpoints import load_lcam
+
+        dev = resolve_device(device)
+        self.threads = pin_torch_threads(torch_threads, dev.type)
+        self.model, ckpt = load_lcam(checkpoint, storage_options, weights=weights, device=dev)
+        if checkpoint_fingerprint(ckpt) != fingerprint:
+            raise RuntimeError(f"checkpoint {checkpoint} changed during the run (fingerprint {checkpoint_fingerprint(ckpt)}, expected {fingerprint}); re-run")
+
+    def node(self) -> str:
+        from .placement import node_id
+
+        return node_id()
+
+    def write_group(self, cache: Any, store: CamStore, entry: Mapping[str, Any], view: int, selection: ClassSelection, use_top5: bool,
+                    fields: list[str]) -> dict[str, Any]:
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        chunks = math.ceil(int(entry["count"]) / cache.chunk_rows)
+        parts: list[dict[str, np.ndarray]] = []
+        with ThreadPoolExecutor(1) as reader:
+            nxt = reader.submit(_read_cache_chunk, cache, entry, 0, fields) if chunks else None
+            for ci in range(chunks):
+                chunk = nxt.result()
+                nxt = reader.submit(_read_cache_chunk, cache, entry, ci + 1, fields) if ci + 1 < chunks else None
+                parts.append(_explain_cache_chunk(self.model, chunk, view, selection, use_top5, store.upsampled_size))
+        rows, skipped = _join_parts(parts, entry["url"])
+        return _write_entry(store, entry["url"], rows, skipped)
+
+
+def _from_cache_on_ray(cfg: CamsConfig, cache: Any, store: CamStore, selection: ClassSelection) -> CamsSummary:
+    """:func:`_from_cache` over model actors: one per GPU of the cluster (``cfg.num_actors``
+    overrides; one CPU actor on a CPU-only cluster), each fed whole shards, two in flight."""
+    import ray
+
+    from .placement import model_resources, user_error_in
+    from .raykit import ensure_ray
+
+    entries = [cache.manifest["shards"][u] for u in sorted(cache.done_sources())]
+    done = store.done_sources()
+    todo = deque(e for e in entries if e["url"] not in done)
+    summary = CamsSummary(store.url, store.fingerprint, f"feature cache {cache.url}", len(entries), len(entries) - len(todo))
+    if not todo:
+        return summary
+    t0 = time.perf_counter()
+    summary.ray_startup_seconds = ensure_ray()
+    view = cache.views.index(cfg.view)
+    use_top5 = view == 0
+    fields = ["features", "labels", "top5_classes", "top5_probs"] + (["logits"] if cache.store_logits and use_top5 else [])
+    resources = model_resources(cfg.device)
+    gpus = int(ray.cluster_resources().get("GPU", 0)) if resources.get("num_gpus") else 0
+    count = max(1, min(cfg.num_actors or gpus or 1, len(todo)))
+    actor_cls = ray.remote(CacheCamActor).options(max_restarts=1, max_task_retries=2, **resources)
+    actors = [actor_cls.remote(cfg.checkpoint, cfg.checkpoint_storage_options, cfg.weights, store.identity["checkpoint"]["fingerprint"],
+                               cfg.device, cfg.torch_threads) for _ in range(count)]
+    progress = Progress(sum(int(e["count"]) for e in todo) or None, cfg.progress, what="cams", unit="samples")
+    cache_ref, store_ref = ray.put(cache), ray.put(store)
+    pending: dict[Any, tuple[Any, dict[str, Any]]] = {}
+
+    def feed(actor: Any) -> None:
+        if todo:
+            e = todo.popleft()
+            pending[actor.write_group.remote(cache_ref, store_ref, e, view, selection, use_top5, fields)] = (actor, e)
+
+    try:
+        summary.ran_on = sorted(ray.get([a.node.remote() for a in actors]))
+        for actor in actors:
+            feed(actor)
+            feed(actor)  # the next shard queued: no idle gap between two calls
+        while pending:
+            [ready], _ = ray.wait(list(pending), num_returns=1)
+            actor, e = pending.pop(ready)
+            _finish_write(store, ray.get(ready), summary)
+            progress.update(int(e["count"]))
+            feed(actor)
+    except Exception as exc:
+        err = user_error_in(exc)
+        if err is not None:
+            raise err from None
+        raise
+    finally:
+        progress.close()
+        for actor in actors:
+            ray.kill(actor)
     summary.seconds = time.perf_counter() - t0
     return summary
 

@@ -1,9 +1,11 @@
 """Data, run folder and Ray Train plumbing around :class:`lcam.training.LCAMTrainer`.
 
-L-CAM-Fm (:func:`train_fm`) trains in this process from the Zarr feature cache through
+L-CAM-Fm (:func:`train_fm`) trains from the Zarr feature cache through
 :class:`pipeline.loader.CacheLoader` (whole chunks, shuffled, prefetched, bounded
 memory). Its order is a function of (seed, epoch), so a checkpoint taken after any
-step resumes exactly.
+step resumes exactly. :func:`train` runs it in this process or as one Ray task that asks
+for a GPU when the cluster has one (``where``, :mod:`pipeline.placement`): the same
+function with the same config, so the same losses.
 
 L-CAM-Img (:func:`train_img`) runs a Ray Train ``TorchTrainer``: N data-parallel
 workers (DDP over the attention mechanism; gloo on CPU, NCCL on GPUs), fed by a Ray
@@ -86,6 +88,7 @@ class TrainConfig:
     checkpoint_minutes: float = 10.0  # fm: also checkpoint mid-epoch after this long (0: at epoch ends only)
     log_every: int = 20  # steps per metrics record
     device: str = "auto"  # fm: auto | cpu | cuda
+    where: str = "auto"  # fm: local (this process) | ray (a Ray task: a GPU when the cluster has one) | auto (pipeline.placement)
     threads: int | None = None  # fm on CPU: torch threads (default half the cores: the rest decode the cache)
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
     # fm loader
@@ -99,7 +102,7 @@ class TrainConfig:
     data_cpus: float = 1.0  # CPUs per Ray Data read/decode task
     decode_batch_size: int = 16
     shuffle_buffer: int = 256  # img: rows in each worker's local shuffle buffer
-    ray_storage: str | None = None  # Ray Train's storage_path (default: a local temp folder)
+    ray_storage: str | None = None  # img: Ray Train's storage URL (default: <out>/ray-train, with the run's storage options)
     storage_options: StorageOptions = None  # for the run folder
     cache_storage_options: StorageOptions = None
     shard_storage_options: StorageOptions = None
@@ -121,6 +124,7 @@ class TrainSummary:
     curves: str
     resumed_from_step: int = 0
     skipped: int = 0
+    ran_on: str | None = None  # fm as a Ray task: the Ray node id that trained; None: this process
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -133,6 +137,8 @@ class TrainSummary:
             out.append("last epoch: " + _format_epoch(self.last_epoch))
         if self.skipped:
             out.append(f"skipped {self.skipped} undecodable images")
+        if self.ran_on:
+            out.append(f"trained in a Ray task on node {self.ran_on[:12]}")
         out += [f"checkpoint {self.checkpoint}", f"metrics    {self.metrics}", f"curves     {self.curves}"]
         return out
 
@@ -232,9 +238,12 @@ def check_config(cfg: TrainConfig) -> None:
     from lcam.recipe import default_recipe
     from lcam.training import INITS
 
+    from .placement import check_where
+
     method = cfg.method or "fm"
     if method not in ("fm", "img"):
         raise UserError(lambda flag: f"unknown {flag('method')} {method!r}: use fm (from the feature cache) or img (from the shards)")
+    check_where(cfg.where)
     for fld, allowed in (("schedule", ("step", "onecycle")), ("target", ("label", "predicted")), ("augment", ("random", "center")),
                          ("init", ("auto", *INITS)), ("targets", ("single", "top-k")), ("recipe_rule", ("spec", "data-size"))):
         value = getattr(cfg, fld)
@@ -441,7 +450,10 @@ def plot_curves(history: Sequence[Mapping[str, Any]], title: str = "L-CAM traini
     return buf.getvalue()
 
 
+
+
 def _say(enabled: bool, line: str) -> None:
+    # the lcam logger (stderr by default): a training task's lines then reach the driver (placement.relayed_logs)
     say(line, enabled)
 
 
@@ -556,6 +568,33 @@ def _train_fm_loop(cfg: TrainConfig, cache: Any, backbone: Any, run_dir: RunFold
     run_dir.write_curves(history, f"L-CAM-Fm, {backbone.name}, cache {cache.fingerprint}")
     return TrainSummary(cfg.out, "fm", trainer.epoch, recipe.epochs, trainer.global_step, stopped, last, time.perf_counter() - t0,
                         run_dir.path(CHECKPOINT), run_dir.path(METRICS), run_dir.path(CURVES), resumed_from)
+
+
+def _fm_task(cfg: TrainConfig, log_queue: Any) -> TrainSummary:
+    """The Ray task of :func:`train_fm_placed`: the same training, its log lines relayed."""
+    from .placement import node_id, relayed_logs
+
+    with relayed_logs(log_queue):
+        summary = train_fm(cfg)
+    summary.ran_on = node_id()
+    return summary
+
+
+def train_fm_placed(cfg: TrainConfig) -> TrainSummary:
+    """L-CAM-Fm where ``cfg.where`` says: in this process, or as one Ray task that asks for a
+    GPU when the cluster has one (one CPU elsewhere), so that a job's driver on a CPU-only
+    head never trains. The task writes the run folder itself; resume, checkpoints and
+    metrics are those of :func:`train_fm`."""
+    from .placement import model_resources, resolve_where, run_task
+    from .raykit import ensure_ray
+
+    if resolve_where(cfg.where) == "local":
+        return train_fm(cfg)
+    ensure_ray()
+    resources = model_resources(cfg.device)
+    what = "1 GPU" if resources.get("num_gpus") else f"{resources['num_cpus']:g} CPU"
+    _say(cfg.progress, f"L-CAM-Fm: training in a Ray task ({what})")
+    return run_task(_fm_task, cfg, resources=resources, progress=cfg.progress, name="lcam-train-fm")
 
 
 # ---------------------------------------------------------------- L-CAM-Img: Ray Data stages
@@ -802,6 +841,29 @@ def _img_worker_loop(config: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------- L-CAM-Img: the driver
+RAY_TRAIN_FOLDER = "ray-train"
+
+
+def ray_train_storage(cfg: TrainConfig) -> tuple[str, Any]:
+    """Ray Train's ``(storage_path, storage_filesystem)``: ``cfg.ray_storage``, by default
+    ``<out>/ray-train``, the run's own URL.
+
+    On a multi-node cluster Ray Train's checkpoints must land where every worker and the
+    driver can reach them; the run folder is that place by construction (S3, GCS, or a
+    local path on one machine or shared mount). Object stores get a pyarrow filesystem
+    over the run's fsspec filesystem, so the run's storage options (endpoint, region,
+    anonymous access) apply (tests/test_placement.py: nothing Ray Train writes there
+    holds them).
+    """
+    import pyarrow.fs
+
+    url = absolute(cfg.ray_storage or join(cfg.out, RAY_TRAIN_FOLDER))
+    fs, path = get_fs(url, cfg.storage_options)
+    if "://" not in url:
+        return path, None  # local: Ray Train's own local filesystem
+    return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
 def _shard_counts(shards: Sequence[Any], storage_options: StorageOptions) -> list[Any]:
     """Counts from the index; shards without one are read once to count (reported)."""
     from concurrent.futures import ThreadPoolExecutor
@@ -869,24 +931,15 @@ class _ProgressPrinter(threading.Thread):
 
 def _worker_error(exc: BaseException) -> UserError | None:
     """The UserError a worker raised, if that is what failed the run."""
-    seen: list[BaseException] = [exc]
-    seen += list(getattr(exc, "worker_failures", {}).values())
-    while seen:
-        e = seen.pop()
-        if isinstance(e, UserError):
-            if getattr(e, "compose", None) is not None:  # the message, still able to name the caller's flags
-                return UserError(e.compose)
-            return UserError(str(e).splitlines()[-1] if "Traceback" in str(e) else str(e))
-        for nxt in (e.__cause__, e.__context__, getattr(e, "cause", None)):
-            if isinstance(nxt, BaseException):
-                seen.append(nxt)
-    return None
+    from .placement import user_error_in
+
+    return user_error_in(exc)
 
 
 def train_img(cfg: TrainConfig) -> TrainSummary:
     """Train L-CAM-Img with Ray Train over ``cfg.workers`` data-parallel workers."""
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Queue
 
@@ -942,13 +995,14 @@ def train_img(cfg: TrainConfig) -> TrainSummary:
     plan = {"backbone": ident["backbone"], "weights": ident["weights"], "identity": ident, "run": run_cfg, "steps_per_epoch": steps_per_epoch,
             "worker_batch": worker_batch, "resume": ckpt is not None, "cache_fingerprint": cache.fingerprint if cache else None}
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    storage_path, storage_fs = ray_train_storage(cfg)
     trainer = TorchTrainer(
         _img_worker_loop,
         train_loop_config={"cfg": cfg, "plan": plan, "progress_queue": queue},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(name=f"lcam-img-{uuid.uuid4().hex[:8]}", storage_path=cfg.ray_storage or os.path.join(tempfile.gettempdir(), "lcam-ray-train"),
-                             failure_config=FailureConfig(max_failures=0)),
+        run_config=RunConfig(name=f"lcam-img-{uuid.uuid4().hex[:8]}", storage_path=storage_path, storage_filesystem=storage_fs,
+                             failure_config=FailureConfig(max_failures=0), checkpoint_config=CheckpointConfig(num_to_keep=1)),
         datasets={"train": ds},
     )
     _say(cfg.progress, f"L-CAM-Img: {total} images in {len(shards)} shards, {cfg.workers} worker(s) ({'GPU' if use_gpu else 'CPU'}), "
@@ -992,10 +1046,10 @@ def train(cfg: TrainConfig) -> TrainSummary:
                                   shards=cfg.shards or stored.get("shards"))
     method = cfg.method or "fm"
     check_config(dataclasses.replace(cfg, method=method))
-    return train_img(cfg) if method == "img" else train_fm(cfg)
+    return train_img(cfg) if method == "img" else train_fm_placed(cfg)
 
 
 __all__ = [
     "RunFolder", "TrainConfig", "TrainSummary", "build_image_dataset", "crop_flip", "crop_seed", "decode_for_training",
-    "fm_batches", "image_batches", "plot_curves", "read_training_rows", "resolve_recipe", "check_config", "train", "train_fm", "train_img",
+    "fm_batches", "image_batches", "train_fm_placed", "plot_curves", "ray_train_storage", "read_training_rows", "resolve_recipe", "check_config", "train", "train_fm", "train_img",
 ]

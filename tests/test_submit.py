@@ -74,3 +74,44 @@ def test_submit_refuses_credentials_in_config(tmp_path):
     out = lcam(["submit", "pipeline", "--address", "http://127.0.0.1:9", "--config", str(config)], dict(os.environ))
     assert out.returncode == 2
     assert "credential" in out.stderr and "hunter2" not in out.stderr + out.stdout
+
+
+def test_submit_checks_entrypoint_resources_and_job_fields_before_submitting(tmp_path, capsys):
+    from jobs.cli import main
+
+    config = tmp_path / "job.yaml"
+    base = {"checkpoint": "info", "out": str(tmp_path / "none")}
+    for extra, message in [
+        ({"entrypoint_num_gpus": -1}, "'entrypoint_num_gpus' must be a number >= 0, got -1"),
+        ({"entrypoint_num_cpus": "two"}, "'entrypoint_num_cpus' must be a number >= 0, got 'two'"),
+        ({"entrypoint_num_gpus": 1.5}, "above 1 must be a whole number"),
+        ({"entrypoint_resources": {"GPU": 1}}, "GPU cannot be given here; use entrypoint_num_cpus / entrypoint_num_gpus"),
+        ({"entrypoint_resources": 3}, "must map custom resource names to amounts"),
+        ({"batch_sise": 3}, "unknown field 'batch_sise'"),  # the job's own fields, checked here
+    ]:
+        config.write_text(yaml.safe_dump({**base, **extra}))
+        # an address nothing listens on: a refusal must come before any connection
+        assert main(["submit", "cams", "--address", "http://127.0.0.1:9", "--config", str(config)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+
+
+def test_submit_passes_entrypoint_resources_to_ray(ray_head, tmp_path, capsys):
+    from ray.job_submission import JobSubmissionClient
+
+    from jobs.cli import main
+
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump({"checkpoint": "info", "out": str(tmp_path / "none"), "entrypoint_num_cpus": 0.5,
+                                      "entrypoint_resources": {"node:127.0.0.1": 0.01}}))  # every node has its node:<ip> resource
+    assert main(["submit", "cams", "--address", ray_head["address"], "--config", str(config), "--no-wait", "--submission-id", "lcam-res"]) == 0
+    assert "its driver reserves num_cpus 0.5, resources {'node:127.0.0.1': 0.01}" in capsys.readouterr().out
+    from ray.util.state import list_actors
+
+    # Ray's own record: the job's supervisor actor (it runs the entrypoint) holds the reservation
+    [supervisor] = [a for a in list_actors(address=ray_head["address"], filters=[("class_name", "=", "JobSupervisor")], detail=True, limit=1000)
+                    if a.name.endswith("lcam-res")]
+    assert supervisor.required_resources["CPU"] == 0.5 and supervisor.required_resources["node:127.0.0.1"] == 0.01
+    info = JobSubmissionClient(ray_head["address"]).get_job_info("lcam-res")
+    shipped = yaml.safe_load(info.runtime_env["env_vars"]["LCAM_JOB_CONFIG"])
+    assert shipped == {"checkpoint": "info", "out": str(tmp_path / "none")}  # the job's config: only the job's fields

@@ -1,0 +1,183 @@
+"""Where a stage's model work runs: in this process, or in a Ray task/actor on a worker node.
+
+On ``cluster.yaml`` a job's driver runs on the CPU-only head; a stage that ran its model
+in the driver would run it there. Stages that are not Ray Data pipelines (L-CAM-Fm
+training, CAMs from a feature cache) therefore run their model in a Ray task or actor
+that asks for a GPU when the cluster has one (one CPU otherwise), and the driver only
+waits, relays the task's progress lines and commits small metadata.
+
+``where``: ``local`` (this process: fastest for a tiny run, no Ray start-up), ``ray``
+(a task, on a local Ray when no cluster is given) or ``auto``: ``ray`` when there is a
+cluster to use (``RAY_ADDRESS`` is set, as it is for every job ``lcam submit`` runs, or
+this process is already connected to a Ray cluster of more than one node), else ``local``.
+
+Progress lines a task logs under the ``lcam`` logger reach the user through a small
+queue actor (:class:`LogRelay`): Ray's own log forwarding is off (``ensure_ray``) because
+it would also forward every worker's noise.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+from .errors import UserError
+
+WHERE = ("auto", "local", "ray")
+log = logging.getLogger("lcam.remote")
+
+
+def check_where(where: str) -> None:
+    if where not in WHERE:
+        raise UserError(lambda flag: f"{flag('where')} must be auto, local or ray, got {where!r}")
+
+
+def resolve_where(where: str) -> str:
+    """``local`` or ``ray`` for ``where`` (see the module's doc for ``auto``)."""
+    check_where(where)
+    if where != "auto":
+        return where
+    if os.environ.get("RAY_ADDRESS"):
+        return "ray"
+    import ray
+
+    # a multi-node cluster this process already joined (a script, the scale benchmark);
+    # a single-node local Ray alone is no reason to leave the process
+    if ray.is_initialized() and sum(1 for n in ray.nodes() if n.get("Alive")) > 1:
+        return "ray"
+    return "local"
+
+
+def model_resources(device: str = "auto", cpus: float = 1.0) -> dict[str, float]:
+    """Ray resources for one model task or actor: a GPU when the cluster has one (and the
+    device allows it), else ``cpus`` CPUs. Never zero of both: a resource-less request
+    could be placed on the head."""
+    import ray
+
+    name = str(device).split(":")[0]
+    if name != "cpu" and ray.cluster_resources().get("GPU", 0) >= 1:
+        return {"num_gpus": 1.0, "num_cpus": 1.0}
+    if name == "cuda":
+        raise UserError(lambda flag: f"{flag('device')} {device} asked for, but the Ray cluster has no GPU; use {flag('device')} auto or cpu")
+    return {"num_cpus": float(cpus)}
+
+
+def node_id() -> str:
+    """The Ray node id of the calling task or actor (what placement is judged by)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
+def user_error_in(exc: BaseException) -> UserError | None:
+    """The UserError a task, actor or Ray Train worker raised, if that is what failed (also a
+    missing file, a denied permission or unavailable backbone weights: one line, as in-process)."""
+    from lcam.backbones import BackboneSpecError, WeightsUnavailable
+
+    seen: list[BaseException] = [exc]
+    seen += list(getattr(exc, "worker_failures", {}).values())
+    while seen:
+        e = seen.pop()
+        if isinstance(e, UserError):
+            if getattr(e, "compose", None) is not None:  # the message, still able to name the caller's flags
+                return UserError(e.compose)
+            return UserError(str(e).splitlines()[-1] if "Traceback" in str(e) else str(e))
+        cause = getattr(e, "cause", None)  # the exception the task itself raised (ray.exceptions.RayTaskError)
+        if isinstance(cause, (FileNotFoundError, PermissionError, WeightsUnavailable, BackboneSpecError)):
+            return UserError(str(cause))
+        for nxt in (e.__cause__, e.__context__, getattr(e, "cause", None)):
+            if isinstance(nxt, BaseException):
+                seen.append(nxt)
+    return None
+
+
+class _QueueHandler(logging.Handler):
+    def __init__(self, queue: Any) -> None:
+        super().__init__(logging.INFO)
+        self.queue = queue
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.queue.put_nowait(self.format(record))
+        except Exception:  # progress is best effort: never fail the work for a lost line
+            pass
+
+
+@contextmanager
+def relayed_logs(queue: Any) -> Iterator[None]:
+    """Task side: lines logged under ``lcam`` also go to the driver's :class:`LogRelay`."""
+    if queue is None:
+        yield
+        return
+    logger = logging.getLogger("lcam")
+    handler = _QueueHandler(queue)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+
+
+class LogRelay:
+    """Driver side: a queue actor (no resources) and a thread that logs what tasks send."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        from ray.util.queue import Queue
+
+        self.enabled = enabled
+        self.queue = Queue(actor_options={"num_cpus": 0}) if enabled else None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        if enabled:
+            self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                line = self.queue.get(timeout=1.0)
+            except Exception:  # ray.util.queue.Empty, or the queue actor gone at shutdown
+                continue
+            log.info(line)
+
+    def close(self) -> None:
+        """Stop the thread, then log what is still queued (the task has finished by now)."""
+        if not self.enabled:
+            return
+        import ray
+
+        self._stop.set()
+        self._thread.join(timeout=10)
+        try:
+            while not self.queue.empty():
+                log.info(self.queue.get_nowait())
+        except Exception:
+            pass
+        ray.kill(self.queue.actor)
+
+
+def run_task(fn: Callable[..., Any], *args: Any, resources: dict[str, float], progress: bool = True, name: str | None = None) -> Any:
+    """``fn(*args, log_queue)`` as one Ray task with ``resources``; its result, or the
+    UserError it raised (Ctrl-C cancels the task)."""
+    import ray
+
+    relay = LogRelay(progress)
+    task = ray.remote(fn).options(max_retries=0, name=name or fn.__name__, **resources)
+    ref = task.remote(*args, relay.queue)
+    try:
+        return ray.get(ref)
+    except KeyboardInterrupt:
+        ray.cancel(ref, force=True)
+        raise
+    except Exception as exc:
+        err = user_error_in(exc)
+        if err is not None:
+            raise err from None
+        raise
+    finally:
+        relay.close()
+
+
+__all__ = ["WHERE", "LogRelay", "check_where", "model_resources", "node_id", "relayed_logs", "resolve_where", "run_task", "user_error_in"]

@@ -1,0 +1,189 @@
+"""Where stages run: L-CAM-Fm training and CAMs from a cache as Ray tasks/actors on a worker
+node of a cluster whose head has no GPU (the same results as in-process); Ray Train's
+storage under the run's own URL (moto's S3)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lcam import build_backbone
+from lcam.training import init_attention
+from pipeline.cache import FeatureCache
+from pipeline.cams import CacheCamActor, CamsConfig, CamStore, ClassSelection, generate_cams
+from pipeline.checkpoints import load_checkpoint, save_checkpoint
+from pipeline.extract import cache_identity
+from pipeline.shards import pack_folder
+from pipeline.errors import UserError
+from pipeline.placement import resolve_where
+from pipeline.training import TrainConfig, check_config, ray_train_storage, train_img
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = "tests.custom_backbones:tiny,size=32"  # (16, 8, 8) features, 10 classes: milliseconds a batch
+SHARDS, PER_SHARD = 4, 6
+
+
+def tiny_images(root: Path, n: int = 8) -> Path:
+    """Small deterministic JPEGs (smooth colour ramps plus noise) in two class folders."""
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 255, 48)[None, :, None]
+    for i in range(n):
+        folder = root / f"class{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        rgb = np.clip(ramp * (i % 3 + 1) / 3 + rng.normal(0, 40, (48, 48, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(rgb).save(folder / f"img{i}.jpg", quality=90)
+    return root
+
+
+def write_tiny_cache(url: str) -> FeatureCache:
+    """A feature cache of the tiny backbone over random inputs, written without Ray: the sources
+    are names only (training and CAMs from a cache never open a shard)."""
+    backbone = build_backbone(TINY, "random")
+    cache = FeatureCache.create_or_open(url, cache_identity(backbone, ("center",), "float16"), feature_shape=backbone.feature_shape,
+                                        views=("center",), dtype="float16", num_classes=backbone.num_classes)
+    gen = torch.Generator().manual_seed(0)
+    entries = []
+    for s in range(SHARDS):
+        x = torch.rand(PER_SHARD, 3, 32, 32, generator=gen)
+        with torch.no_grad():
+            f, logits = backbone.extract(x)
+        p5, c5 = logits.softmax(1).topk(5)
+        keys = [f"s{s}-{i}" for i in range(PER_SHARD)]
+        entries.append(cache.write_shard(f"/data/shard-{s}.tar", keys, [i % 2 for i in range(PER_SHARD)], f[:, None], c5, p5))
+    cache.mark_done(entries)
+    return FeatureCache.open(url)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("placement")
+    cache = write_tiny_cache(str(root / "cache"))
+    backbone = build_backbone(TINY, "random")
+    attention = init_attention(backbone, 3)
+    with torch.no_grad():  # away from the all-equal start: maps with structure
+        attention.conv.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    ckpt = str(root / "ckpt.pt")
+    save_checkpoint(ckpt, attention_state=attention.state_dict(), method="fm", backbone=backbone.describe())
+    return {"root": root, "cache": cache.url, "ckpt": ckpt}
+
+
+def losses(run: Path) -> list[tuple]:
+    return [(r["kind"], r["step"], r["loss"], r["ce"], r["area"], r["tv"]) for r in
+            (json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines())]
+
+
+def test_model_stages_leave_the_head_and_give_the_same_results(tiny, tmp_path):
+    """One cluster (ray.cluster_utils.Cluster): a head with a CPU but no GPU, a worker node with
+    two (fake) GPUs. `where` auto leaves the driver; Ray's runtime context of the training task
+    and of both CAM actors names the worker node; the task's progress lines reach the driver;
+    and the files equal those of the in-process path exactly (the same losses, the same
+    checkpoint, the same CAM arrays)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("RAY_ADDRESS", None)
+    out = subprocess.run([sys.executable, str(ROOT / "tests" / "scenario_placement.py"), tiny["cache"], tiny["ckpt"], str(tmp_path)],
+                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+    assert line, out.stdout[-3000:] + out.stderr[-3000:]
+    result = json.loads(line[len("RESULT "):])
+    assert result["error"] is None, result
+    head, worker = result["head"], result["worker"]
+    assert head != worker
+    assert result["train"] == {"local": [None, 12], "auto": [worker, 12]}
+    assert result["cams"] == {"local": [[], SHARDS * PER_SHARD], "auto": [[worker, worker], SHARDS * PER_SHARD], "again": 0}
+    assert "no feature cache" in result["user_error"] and "Traceback" not in result["user_error"], result["user_error"]
+    relayed = result["relayed"]  # through the relay, not Ray's log forwarding (off)
+    assert any(m.startswith("L-CAM-Fm: 24 cached samples") for m in relayed) and any(m.startswith("epoch 2: loss") for m in relayed), relayed
+
+    assert losses(tmp_path / "fm-local") == losses(tmp_path / "fm-auto")
+    a, b = load_checkpoint(str(tmp_path / "fm-local" / "checkpoint.pt")), load_checkpoint(str(tmp_path / "fm-auto" / "checkpoint.pt"))
+    for k in a["attention"]:
+        assert torch.equal(a["attention"][k], b["attention"][k]), k
+    a, b = CamStore.open(str(tmp_path / "cams-local")), CamStore.open(str(tmp_path / "cams-auto"))
+    assert a.fingerprint == b.fingerprint and a.shard_ids() == b.shard_ids() and len(a.shard_ids()) == SHARDS
+    for sid in a.shard_ids():
+        x, y = a.read_shard(sid, normalized=False), b.read_shard(sid, normalized=False)
+        assert x.keys() == y.keys() and x["keys"] == y["keys"]
+        for name in x:
+            if name != "keys":
+                assert x[name].dtype == y[name].dtype and np.array_equal(x[name], y[name]), (sid, name)
+
+
+def test_where_auto_is_local_without_a_cluster_and_ray_with_one(monkeypatch):
+    import ray
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    if ray.is_initialized():  # a local Ray of this test session: one node, no reason to leave the process
+        assert len([n for n in ray.nodes() if n["Alive"]]) == 1
+    assert resolve_where("auto") == "local" and resolve_where("ray") == "ray" and resolve_where("local") == "local"
+    monkeypatch.setenv("RAY_ADDRESS", "auto")  # what Ray sets for a job's driver (every `lcam submit`)
+    assert resolve_where("auto") == "ray" and resolve_where("local") == "local"
+    with pytest.raises(UserError, match="--where must be auto, local or ray, got 'gpu'"):
+        check_config(TrainConfig(method="fm", cache="c", where="gpu"))
+
+
+def test_a_re_executed_cam_group_write_leaves_the_store_exact(tiny, tmp_path):
+    """What a model actor does for one shard, run twice (as Ray does after a lost actor), the
+    first time cut short: the group is rewritten whole, and equals a single clean write."""
+    cache = FeatureCache.open(tiny["cache"])
+    entry = cache.manifest["shards"][sorted(cache.done_sources())[0]]
+    args = (cache, entry, 0, ClassSelection.parse("top-k", 2), True, ["features", "labels", "top5_classes", "top5_probs"])
+
+    generate_cams(CamsConfig(checkpoint=tiny["ckpt"], out=str(tmp_path / "ref"), cache=tiny["cache"], classes="top-k", top_k=2,
+                             where="local", progress=False))
+    identity = CamStore.open(str(tmp_path / "ref")).identity
+    actor = CacheCamActor(tiny["ckpt"], None, None, identity["checkpoint"]["fingerprint"], "cpu", 1)  # the class itself, in this process
+    twice = CamStore.create_or_open(str(tmp_path / "twice"), identity)
+    actor.write_group(args[0], twice, *args[1:])
+    shutil.rmtree(tmp_path / "twice" / "shards" / entry["shard_id"] / "raw")  # the first attempt died mid-write
+    twice.mark_done([actor.write_group(args[0], twice, *args[1:])])
+    got, want = CamStore.open(str(tmp_path / "twice")).read_shard(entry["shard_id"]), CamStore.open(str(tmp_path / "ref")).read_shard(entry["shard_id"])
+    assert got["keys"] == want["keys"] and got.keys() == want.keys()
+    for name in want:
+        if name != "keys":
+            assert np.array_equal(got[name], want[name]), name
+
+
+def test_ray_train_storage_defaults_to_the_run_url_with_its_options(s3, tmp_path, monkeypatch):
+    """What `lcam train --method img` and `lcam pipeline` (run folder WORKDIR/lcam-img) give Ray Train."""
+    bucket, options = s3
+    path, fs = ray_train_storage(TrainConfig(method="img", out=f"{bucket}/work/lcam-img", storage_options=options))
+    assert path == f"{bucket[len('s3://'):]}/work/lcam-img/ray-train"
+    with fs.open_output_stream(f"{path}/probe") as f:  # through the run's endpoint (moto), not AWS
+        f.write(b"here")
+    assert fsspec.filesystem("s3", **options).cat_file(f"{bucket}/work/lcam-img/ray-train/probe") == b"here"
+    monkeypatch.chdir(tmp_path)
+    assert ray_train_storage(TrainConfig(method="img", out="runs/img")) == (str(tmp_path / "runs" / "img" / "ray-train"), None)
+    assert ray_train_storage(TrainConfig(method="img", out="runs/img", ray_storage="/shared/rt")) == ("/shared/rt", None)
+
+
+def test_img_ray_train_storage_goes_under_the_run_url_on_s3(ray_local, s3, tmp_path):
+    bucket, options = s3
+    secret = "SECRET-" + os.urandom(8).hex()
+    options = dict(options, secret=secret)  # moto accepts any secret: it must be written nowhere
+    tiny_images(tmp_path / "images")
+    pack_folder(tmp_path / "images", f"{bucket}/shards", samples_per_shard=4, storage_options=options, progress=False)
+    run = f"{bucket}/run"
+    summary = train_img(TrainConfig(method="img", out=run, shards=f"{bucket}/shards", backbone=TINY, weights="random", augment="center",
+                                    epochs=1, batch_size=4, workers=1, cpus_per_worker=0.5, data_cpus=0.5, progress=False,
+                                    storage_options=options, shard_storage_options=options))
+    assert summary.epochs_done == 1 and summary.steps == 2
+    fs = fsspec.filesystem("s3", **options)
+    under = [p for p in fs.find(f"{run}/ray-train") if p.endswith("/checkpoint.pt")]
+    assert len(under) == 1, fs.find(run)  # Ray Train's latest checkpoint (one kept), under the run's URL
+    ours = load_checkpoint(f"{run}/checkpoint.pt", options)
+    with fs.open(under[0], "rb") as f:
+        theirs = torch.load(f, weights_only=False)
+    assert theirs["step"] == ours["step"] == 2
+    for k in ours["attention"]:
+        assert torch.equal(ours["attention"][k], theirs["attention"][k])
+    assert [p for p in fs.find(bucket) if secret.encode() in fs.cat_file(p)] == []
