@@ -102,7 +102,9 @@ def _first_line(exc: BaseException) -> str:
 
 
 # --------------------------------------------------------------------------- timm
-def _timm_preprocessing(model: nn.Module, size: int | None) -> Preprocessing:
+def timm_preprocessing(model: nn.Module, size: int | None) -> Preprocessing:
+    """The preprocessing timm's data config gives ``model`` (its crop, crop_pct, mean/std,
+    interpolation), at ``size`` pixels when given (CNNs take any size)."""
     from timm.data import resolve_data_config
 
     cfg = resolve_data_config({}, model=model)
@@ -147,7 +149,7 @@ def _build_timm(spec: BackboneSpec, weights: str) -> Backbone:
     if _is_path(weights):
         model.load_state_dict(read_state_dict(weights))
     model.eval()
-    return _split_timm(spec, model, _timm_preprocessing(model, spec.size), weights)
+    return split_timm(spec, model, timm_preprocessing(model, spec.size), weights)
 
 
 def _is_timm_model(model: nn.Module) -> bool:
@@ -160,7 +162,9 @@ def _is_timm_vit(model: nn.Module) -> bool:
     return isinstance(model, VisionTransformer)
 
 
-def _split_timm(spec: BackboneSpec, model: nn.Module, prep: Preprocessing, weights: str) -> Backbone:
+def split_timm(spec: BackboneSpec, model: nn.Module, prep: Preprocessing, weights: str) -> Backbone:
+    """Split an already built timm ``model`` into a checked ``Backbone`` recorded as ``spec``:
+    at ``spec.layer`` when named, before a ViT's last block, else forward_features/forward_head."""
     what = f"backbone {spec.canonical}"
     target, reshape, patch_channels = None, None, None
     if spec.layer:
@@ -248,7 +252,7 @@ def _build_module(spec: BackboneSpec, weights: str) -> Backbone:
         made.load_state_dict(read_state_dict(weights))
     made.eval()
     if _is_timm_model(made):
-        return _split_timm(spec, made, _timm_preprocessing(made, spec.size), weights)
+        return split_timm(spec, made, timm_preprocessing(made, spec.size), weights)
     prep = Preprocessing.from_crop_pct(spec.size, 0.875) if spec.size else Preprocessing()
     return _split_module(spec, made, prep, weights)
 

@@ -189,10 +189,10 @@ def scale(cam):
 
 def test_avg_pooled_vit_splits_after_the_last_block():
     m = timm.create_model("vit_tiny_patch16_224", pretrained=False, global_pool="avg", img_size=64).eval()
-    from lcam.specs import BackboneSpec, _split_timm, _timm_preprocessing
+    from lcam.specs import BackboneSpec, split_timm, timm_preprocessing
 
     spec = BackboneSpec("timm", "vit_tiny_patch16_224", {"size": "64"})
-    b = _split_timm(spec, m, _timm_preprocessing(m, 64), "random")
+    b = split_timm(spec, m, timm_preprocessing(m, 64), "random")
     assert b.feature_shape == (192, 4, 4) and b.patch_channels == 192 and b.target_layer is m.norm
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():

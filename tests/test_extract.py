@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 import io
-import os
-import signal
-import subprocess
-import sys
 import tarfile
-import time
 
 import numpy as np
 import pytest
@@ -18,12 +13,9 @@ from PIL import Image
 from lcam import build_backbone
 from pipeline.cache import CacheMismatch, FeatureCache
 from pipeline.extract import ExtractConfig, extract
-from pipeline.fs import read_json
 from pipeline.images import decode_image, preprocess
 from pipeline.shards import pack_folder, read_shard, list_shards
 from tests.helpers import skimage_photos
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_folder(root, n_per_class=4, corrupt=True):
@@ -100,10 +92,11 @@ def test_extract_local_equals_direct_features_and_is_idempotent(ray_local, shard
     chunk = cache.read_chunk(cache.shard_ids()[0], 0)
     assert chunk["top5_classes"].shape[1] == 5 and np.all(np.diff(chunk["top5_probs"], axis=1) <= 0)
 
-    t0 = time.perf_counter()
     again = extract(cfg)
     assert again.shards_extracted == 0 and again.shards_done_before == 3
-    assert time.perf_counter() - t0 < 30  # no Ray pipeline at all: seconds, not a re-extraction
+    # no Ray pipeline at all (not a re-extraction): nothing decoded, Ray never even connected to
+    # (ray_startup_seconds is measured only on the way into the pipeline); no wall-clock bound
+    assert again.images == 0 and again.ray_startup_seconds == 0.0
 
 
 def test_new_shards_only_and_corrupt_images_reported(ray_local, shards, tmp_path):
@@ -188,31 +181,5 @@ def test_s3_shards_to_s3_cache(ray_local, shards, s3, tmp_path):
     assert fs.exists(f"{bucket}/cache/manifest.json")
 
 
-def test_killed_run_resumes_with_only_unfinished_shards(ray_local, tmp_path):
-    root = tmp_path
-    make_folder(root / "images", n_per_class=6, corrupt=False)
-    pack_folder(root / "images", str(root / "shards"), samples_per_shard=1, progress=False)
-    cache_url = str(root / "cache")
-    env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address, PYTHONPATH=ROOT)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jobs.cli", "extract", str(root / "shards"), cache_url, "--batch-size", "1"],
-        env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    done_at_kill = 0
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        done_at_kill = len((read_json(f"{cache_url}/manifest.json", default={}) or {}).get("shards", {}))
-        if done_at_kill >= 2:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.05)
-    proc.wait()
-    assert 2 <= done_at_kill < 12, f"the kill did not land mid-run ({done_at_kill} shards done)"
-    done_at_kill = len(read_json(f"{cache_url}/manifest.json")["shards"])
-    summary = extract(ExtractConfig(shards=str(root / "shards"), cache=cache_url, batch_size=4, progress=False))
-    assert summary.shards_done_before == done_at_kill
-    assert summary.shards_extracted == 12 - done_at_kill
-    cache = FeatureCache.open(cache_url)
-    report = cache.verify(expected={s.url: s.count for s in list_shards(str(root / "shards"))})
-    assert report.ok, report.problems
-    assert len(cache) == 12
+# A killed `lcam extract` resuming with only the unfinished shards: tests/test_faults.py
+# (test_killed_extraction_verify_is_right_and_resume_completes, on the module's shards there).
