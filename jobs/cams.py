@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from jobs.common import add_storage_options, parse_storage_options
+from jobs.common import PRECISION_HELP, add_storage_options, parse_storage_options
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     comp = parser.add_argument_group("compute")
     comp.add_argument("--batch-size", type=int, default=64)
     comp.add_argument("--actors", type=int, default=None, help="backbone actors (shard source) or model actors (cache source on Ray); default: one per GPU, else 1")
-    comp.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="shard source: auto = fp16 autocast on GPU, fp32 on CPU")
+    comp.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="shard source: the backbone's autocast; " + PRECISION_HELP)
     comp.add_argument("--torch-threads", type=int, default=None, help="CPU threads per actor (default: all cores)")
     comp.add_argument("--device", default="auto", help="cache source: auto, cpu, cuda, cuda:1")
     comp.add_argument("--where", default="auto", choices=["auto", "local", "ray"],

@@ -11,6 +11,9 @@ from pipeline.errors import FlagNamer, UserError, flag_namer
 
 T = TypeVar("T")
 
+# one meaning of --precision auto everywhere (pipeline/device.py)
+PRECISION_HELP = "auto: bf16 autocast on a GPU (fp16 on a GPU without bf16), fp32 on a CPU"
+
 
 def parse_storage_options(pairs: list[str] | None) -> dict[str, Any] | None:
     """``--storage-option key=value`` (repeatable; values parsed as JSON when they parse).

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from jobs.common import BACKBONE_HELP, LAYER_HELP, add_storage_options, backbone_spec, parse_storage_options
+from jobs.common import BACKBONE_HELP, PRECISION_HELP, LAYER_HELP, add_storage_options, backbone_spec, parse_storage_options
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--actors", type=int, default=None, help="backbone actors (default: one per GPU, else 1)")
-    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help=PRECISION_HELP)
     parser.add_argument("--logits", action="store_true", help="also store the full logits")
     parser.add_argument("--index", default=None, help="shard index URL (default: index.json beside the shards)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from jobs.common import BACKBONE_HELP, LAYER_HELP, add_storage_options, backbone_spec, parse_storage_options, speaking_flags
+from jobs.common import BACKBONE_HELP, PRECISION_HELP, LAYER_HELP, add_storage_options, backbone_spec, parse_storage_options, speaking_flags
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fm: local = in this process; ray = as a Ray task that asks for a GPU when the cluster has one (CPU otherwise); "
                              "auto (default) = ray when there is a cluster (RAY_ADDRESS set, as in every `lcam submit` job), else local")
     parser.add_argument("--threads", type=int, default=None, help="fm on CPU: torch threads (default half the cores; the rest decode the cache)")
-    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 autocast on GPU, fp32 on CPU")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help=PRECISION_HELP.replace("fp16 on a GPU without bf16", "fp32 on a GPU without bf16: no loss scaling") + "; L-CAM-Fm keeps fp32 under auto (only the head runs per step)")
     parser.add_argument("--buffer-rows", type=int, default=2048, help="fm: rows in the loader's shuffle buffer")
     parser.add_argument("--prefetch-chunks", type=int, default=4, help="fm: cache chunks read ahead")
     parser.add_argument("--loader-threads", type=int, default=2, help="fm: cache reading threads")

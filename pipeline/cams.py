@@ -668,7 +668,7 @@ class CamsConfig:
     batch_size: int = 64
     num_actors: int | None = None  # shard source: default one per GPU, else 1
     decode_batch_size: int = 16
-    precision: str = "auto"  # shard source: fp16 autocast on GPU, fp32 on CPU
+    precision: str = "auto"  # shard source: pipeline.device (bf16 autocast on a GPU, fp32 on a CPU)
     torch_threads: int | None = None
     device: str = "auto"  # cache source
     where: str = "auto"  # cache source: local (this process) | ray (model actors) | auto (pipeline.placement)

@@ -90,7 +90,7 @@ class TrainConfig:
     device: str = "auto"  # fm: auto | cpu | cuda
     where: str = "auto"  # fm: local (this process) | ray (a Ray task: a GPU when the cluster has one) | auto (pipeline.placement)
     threads: int | None = None  # fm on CPU: torch threads (default half the cores: the rest decode the cache)
-    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
+    precision: str = "auto"  # auto | fp32 | bf16 (pipeline.device: bf16 autocast on a GPU with bf16, fp32 elsewhere)
     # fm loader
     buffer_rows: int = 2048
     prefetch_chunks: int = 4
