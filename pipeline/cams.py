@@ -667,7 +667,7 @@ class CamsConfig:
     weights: str | None = None  # where the backbone's weights come from (default: as in the checkpoint)
     batch_size: int = 64
     num_actors: int | None = None  # shard source: default one per GPU, else 1
-    decode_batch_size: int = 16
+    decode_batch_size: int = 128  # shard source: images per decode task (pipeline.extract.DECODE_PART_ROWS)
     precision: str = "auto"  # shard source: pipeline.device (bf16 autocast on a GPU, fp32 on a CPU)
     torch_threads: int | None = None
     device: str = "auto"  # cache source
@@ -1201,7 +1201,7 @@ def _from_shards(cfg: CamsConfig, ckpt: Mapping[str, Any], store: CamStore, sele
     # group, the driver records the manifest): pipeline.raykit.run_shard_stage.
     run_shard_stage(
         items,
-        lambda item: shard_parts(item, storage_options=cfg.source_storage_options, preprocessing=preprocessing, views=("center",)),
+        lambda item: shard_parts(item, storage_options=cfg.source_storage_options, preprocessing=preprocessing, views=("center",), part_rows=cfg.decode_batch_size),
         CamWorker,
         (store, cfg.batch_size, cfg.checkpoint, cfg.checkpoint_storage_options, cfg.weights, store.identity["checkpoint"]["fingerprint"],
          selection, store.upsampled_size, cfg.precision, cfg.torch_threads),

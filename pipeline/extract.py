@@ -51,7 +51,7 @@ class ExtractConfig:
     dtype: str = "float16"
     batch_size: int = 32
     num_actors: int | None = None  # default: one per GPU, else 1
-    decode_batch_size: int = 16
+    decode_batch_size: int = DECODE_PART_ROWS  # images per decode task (one shard decodes in parallel parts)
     store_logits: bool = False
     precision: str = "auto"  # auto (fp16 autocast on GPU, fp32 on CPU) | fp32 | fp16 | bf16
     torch_threads: int | None = None  # CPU actors: threads for torch (default: all cores of the node)
@@ -297,10 +297,10 @@ def _remote(fn: Any) -> Any:
     return ray.remote(num_cpus=0.5)(fn)
 
 
-def shard_parts(item: dict[str, Any], *, storage_options: StorageOptions, preprocessing: Any, views: Sequence[str]) -> list[Any]:
+def shard_parts(item: dict[str, Any], *, storage_options: StorageOptions, preprocessing: Any, views: Sequence[str], part_rows: int = DECODE_PART_ROWS) -> list[Any]:
     """Submit the read and decode tasks of one shard; the refs of its decoded parts (driver side)."""
     count = int(item["count"])
-    parts = max(1, math.ceil(count / DECODE_PART_ROWS)) if count > 0 else 1  # index-less: one part
+    parts = max(1, math.ceil(count / part_rows)) if count > 0 else 1  # index-less: one part
     refs = _remote(read_parts).options(num_returns=parts).remote(item, storage_options, parts)
     refs = [refs] if parts == 1 else refs
     return [_remote(decode_part).remote(r, preprocessing, tuple(views)) for r in refs]
@@ -436,7 +436,7 @@ def _run(cfg: ExtractConfig, cache: FeatureCache, preprocessing: Any, todo: list
 
     stats = run_shard_stage(
         items,
-        lambda item: shard_parts(item, storage_options=cfg.shard_storage_options, preprocessing=preprocessing, views=cfg.views),
+        lambda item: shard_parts(item, storage_options=cfg.shard_storage_options, preprocessing=preprocessing, views=cfg.views, part_rows=cfg.decode_batch_size),
         ExtractWorker,
         (cache, cfg.backbone, cfg.weights, cfg.precision, cfg.store_logits, cfg.dtype, cfg.torch_threads, cfg.batch_size),
         actors=actors,

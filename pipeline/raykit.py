@@ -92,39 +92,6 @@ def pin_torch_threads(torch_threads: int | None, device_type: str) -> int | None
     return threads
 
 
-class ShardAssembler:
-    """Rows of each shard by index (a re-delivered row replaces, never duplicates)."""
-
-    FIELDS = ("key", "label", "features", "top5_classes", "top5_probs", "logits")
-
-    def __init__(self, fields: Sequence[str] | None = None) -> None:
-        self.rows: dict[str, dict[int, dict[str, Any]]] = {}
-        self.expected: dict[str, int] = {}
-        self.fields = tuple(fields or self.FIELDS)  # the columns pop() stacks (CAM generation has others)
-
-    def add(self, batch: dict[str, np.ndarray]) -> list[str]:
-        """Add a batch; return the shards that became complete."""
-        complete = []
-        for i in range(len(batch["key"])):
-            url = str(batch["shard"][i])
-            count = int(batch["shard_count"][i])
-            self.expected[url] = count
-            self.rows.setdefault(url, {})[int(batch["index"][i])] = {k: batch[k][i] for k in batch}
-            if len(self.rows[url]) == count:
-                complete.append(url)
-        return complete
-
-    def pop(self, url: str) -> tuple[dict[str, np.ndarray], list[dict[str, str]]]:
-        rows = [r for _, r in sorted(self.rows.pop(url).items())]
-        self.expected.pop(url, None)
-        skipped = [{"key": str(r["key"]), "reason": str(r["error"]), "shard": url} for r in rows if r["error"]]
-        # Failed rows carry zero-filled arrays of the right shape, so stacking every row and
-        # keeping the good ones gives correctly shaped (possibly empty) arrays.
-        keep = np.array([not r["error"] for r in rows], dtype=bool)
-        stacked = {k: np.stack([r[k] for r in rows])[keep] for k in self.fields}
-        return stacked, skipped
-
-
 # ---------------------------------------------------------------- shard-per-unit stages
 @dataclass
 class StageStats:
