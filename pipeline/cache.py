@@ -428,6 +428,41 @@ class ShardedStore:
         self._manifest = manifest
         self._sorted = None
 
+    # Dimension names of every array a group may hold: written into each array's zarr.json
+    # (zarr v3 ``dimension_names``), so xarray and other Zarr readers label the axes.
+    DIMENSIONS: dict[str, tuple[str, ...]] = {}
+
+    def write_group(self, sid: str, arrays: Mapping[str, tuple[np.ndarray, Any, int]], attrs: dict[str, Any]) -> None:
+        """Write one shard group whole: ``arrays`` name -> (data, fill value, chunk rows).
+
+        The one writer of a group (one task per source shard). ``mode="w"`` deletes the old
+        group first, so a re-run never leaves stale chunks behind; every chunk object is
+        written even if all fill (verify can tell a lost object from data); the group's
+        attributes come last: a group with ``keys`` is complete."""
+        zsync(self._write_group(sid, arrays, attrs))
+
+    async def _write_group(self, sid: str, arrays: Mapping[str, tuple[np.ndarray, Any, int]], attrs: dict[str, Any]) -> None:
+        group = await zarr_async.open_group(self._zstore(), path=f"shards/{sid}", mode="w")
+
+        async def one(name: str, data: np.ndarray, fill: Any, chunk_rows: int) -> None:
+            dims = self.DIMENSIONS.get(name)
+            arr = await group.create_array(
+                name,
+                shape=data.shape,
+                chunks=(chunk_rows, *data.shape[1:]),
+                dtype=data.dtype,
+                compressors=default_compressors(),
+                fill_value=fill,
+                dimension_names=dims if dims is not None and len(dims) == data.ndim else None,
+                config={"write_empty_chunks": True},
+            )
+            if len(data):
+                await arr.setitem(slice(None), data)
+
+        # Arrays concurrently: on object stores each is a few round trips.
+        await asyncio.gather(*(one(name, *spec) for name, spec in arrays.items()))
+        await group.update_attributes(attrs)  # last: a group with keys is complete
+
     def _index(self) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
         """Done shards sorted by source URL (the deterministic order), and by shard id."""
         if self._sorted is None:  # cached: readers ask per shard, stores hold thousands
@@ -442,6 +477,11 @@ class ShardedStore:
 
 class FeatureCache(ShardedStore):
     """One feature cache. Picklable (ships to Ray tasks as URL + options; handles reopen lazily)."""
+
+    DIMENSIONS = {
+        "features": ("sample", "view", "channel", "y", "x"), "labels": ("sample",),
+        "top5_classes": ("sample", "rank"), "top5_probs": ("sample", "rank"), "logits": ("sample", "class"),
+    }
 
     def __init__(
         self,
@@ -605,32 +645,11 @@ class FeatureCache(ShardedStore):
             arrays["logits"] = (_rows(logits, (n, self.num_classes), np.float16, "logits"), 0.0)
 
         sid = shard_id_for(source_url)
-        zsync(self._write_group(sid, arrays, {"source": source_url, "keys": keys, "count": n}))
+        self.write_group(sid, {k: (data, fill, self.chunk_rows) for k, (data, fill) in arrays.items()},
+                         {"source": source_url, "keys": keys, "count": n})
         with self._lock:
             self._handles.pop(sid, None)
         return {"url": source_url, "shard_id": sid, "count": n, "skipped": [], "seconds": round(time.perf_counter() - t0, 3), "finished_at": _now()}
-
-    async def _write_group(self, sid: str, arrays: Mapping[str, tuple[np.ndarray, Any]], attrs: dict[str, Any]) -> None:
-        # mode="w" deletes the old group first, so a re-run never leaves stale chunks behind.
-        group = await zarr_async.open_group(self._zstore(), path=f"shards/{sid}", mode="w")
-
-        async def one(name: str, data: np.ndarray, fill: Any) -> None:
-            arr = await group.create_array(
-                name,
-                shape=data.shape,
-                chunks=(self.chunk_rows, *data.shape[1:]),
-                dtype=data.dtype,
-                compressors=default_compressors(),
-                fill_value=fill,
-                # Every chunk object exists even if all fill: verify can tell a lost object from data.
-                config={"write_empty_chunks": True},
-            )
-            if len(data):
-                await arr.setitem(slice(None), data)
-
-        # Arrays concurrently: on object stores each is a few round trips.
-        await asyncio.gather(*(one(name, data, fill) for name, (data, fill) in arrays.items()))
-        await group.update_attributes(attrs)  # last: a group with keys is complete
 
     def record_counts(self, counts: Mapping[str, int]) -> None:
         """Remember how many samples each source shard holds (for shards without an index)."""

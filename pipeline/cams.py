@@ -38,7 +38,6 @@ one with other settings is refused rather than mixed.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import hashlib
@@ -53,8 +52,6 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 import zarr
-import zarr.api.asynchronous as zarr_async
-from zarr.core.sync import sync as zsync
 
 from lcam import LCAM, Explanation, Preprocessing
 from lcam.explain import choose_targets, explain_from_features, minmax_normalize, upsampled_uint8
@@ -67,7 +64,6 @@ from .cache import (
     _new_manifest as _new_store_manifest,
     _now,
     _read_json_fs,
-    default_compressors,
     fingerprint_of,
     identity_diff,
     shard_id_for,
@@ -420,6 +416,11 @@ class CamStore(ShardedStore):
 
     FORMAT = FORMAT
     KIND = "CAM store"
+    DIMENSIONS = {
+        "labels": ("sample",), "predicted": ("sample",), "predicted_prob": ("sample",), "coverage": ("sample",),
+        "class_ids": ("sample", "target"), "probs": ("sample", "target"),
+        "raw": ("sample", "target", "y", "x"), "upsampled": ("sample", "target", "Y", "X"),
+    }
 
     def __init__(self, url: str, root_attrs: Mapping[str, Any], manifest: Mapping[str, Any], storage_options: StorageOptions = None, writable: bool = False) -> None:
         self.url = url.rstrip("/")
@@ -537,28 +538,8 @@ class CamStore(ShardedStore):
         if not np.isfinite(arrays["raw"][0]).all():
             raise UserError(f"raw maps of {source_url} overflow float16 (|Z| > 65504): the checkpoint's attention weights are far out of range; check the checkpoint")
         sid = shard_id_for(source_url)
-        zsync(self._write_group(sid, arrays, {"source": source_url, "keys": keys, "count": n}))
+        self.write_group(sid, arrays, {"source": source_url, "keys": keys, "count": n})
         return {"url": source_url, "shard_id": sid, "count": n, "skipped": [], "seconds": round(time.perf_counter() - t0, 3), "finished_at": _now()}
-
-    async def _write_group(self, sid: str, arrays: Mapping[str, tuple[np.ndarray, Any, int]], attrs: dict[str, Any]) -> None:
-        # mode="w" deletes the old group first, so a re-run never leaves stale chunks behind.
-        group = await zarr_async.open_group(self._zstore(), path=f"shards/{sid}", mode="w")
-
-        async def one(name: str, data: np.ndarray, fill: Any, chunk_rows: int) -> None:
-            arr = await group.create_array(
-                name,
-                shape=data.shape,
-                chunks=(chunk_rows, *data.shape[1:]),
-                dtype=data.dtype,
-                compressors=default_compressors(),
-                fill_value=fill,
-                config={"write_empty_chunks": True},
-            )
-            if len(data):
-                await arr.setitem(slice(None), data)
-
-        await asyncio.gather(*(one(name, *spec) for name, spec in arrays.items()))
-        await group.update_attributes(attrs)  # last: a group with keys is complete
 
     # ---- reading
     def entries(self) -> list[dict[str, Any]]:

@@ -193,6 +193,11 @@ def test_rewrite_is_idempotent(tmp_path):
     keys = sum((b[0] for b in ro.iter_rows(8)), [])
     assert keys == r["keys"]
     assert ro.verify({src: 19}).ok
+    # every array names its axes (zarr v3 dimension_names: what xarray reads)
+    group = zarr.open_group(join(url, "shards", sid), mode="r")
+    assert {name: group[name].metadata.dimension_names for name in group.array_keys()} == {
+        "features": ("sample", "view", "channel", "y", "x"), "labels": ("sample",),
+        "top5_classes": ("sample", "rank"), "top5_probs": ("sample", "rank")}
 
 
 def test_mark_done_refuses_incomplete_group(tmp_path):

@@ -13,6 +13,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import zarr
 import torch.nn.functional as nnf
 from PIL import Image
 
@@ -117,6 +118,10 @@ def test_cache_cams_equal_hand_computation_and_keys_match_source(setup, cache_st
     src_keys = [s.key for info in list_shards(setup["shards"]) for s in read_shard(info)]
     assert sorted(cache_store.keys()) == sorted(src_keys) and len(cache_store) == 6
     assert cache_store.info()["source"]["kind"] == "cache"
+    group = zarr.open_group(f"{cache_store.url}/shards/{cache_store.shard_ids()[0]}", mode="r")
+    dims = {name: group[name].metadata.dimension_names for name in group.array_keys()}
+    assert dims["raw"] == ("sample", "target", "y", "x") and dims["class_ids"] == ("sample", "target")
+    assert dims["upsampled"] == ("sample", "target", "Y", "X") and dims["labels"] == ("sample",)
 
 
 def test_images_give_the_same_cams_as_the_cache(setup, cache_store):
