@@ -74,18 +74,18 @@ class NonFiniteFeatures(UserError):
     """Features hold NaN/Inf after casting to the cache dtype (e.g. float16 overflow)."""
 
 
-def _now() -> str:
+def utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _canonical(obj: Any) -> Any:
+def canonical(obj: Any) -> Any:
     """JSON round trip: tuples become lists, so a stored identity equals a recomputed one."""
     return json.loads(json.dumps(obj, sort_keys=True))
 
 
 def fingerprint_of(identity: Mapping[str, Any]) -> str:
     """sha256 (first 16 hex) of the canonical JSON; same recipe as lcam's backbone_fingerprint."""
-    return hashlib.sha256(json.dumps(_canonical(identity), sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(canonical(identity), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -99,7 +99,7 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
 
 def identity_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     """Human-readable list of dotted fields that differ between two identities."""
-    a, b = _flatten(_canonical(old)), _flatten(_canonical(new))
+    a, b = _flatten(canonical(old)), _flatten(canonical(new))
 
     def short(v: Any) -> str:
         s = json.dumps(v) if v is not None else "(absent)"
@@ -167,7 +167,7 @@ def _shared(kind: str, url: str, storage_options: StorageOptions, extra: Any, ma
         return _SHARED[key]
 
 
-def _make_store(url: str, storage_options: StorageOptions, read_only: bool) -> Any:
+def make_zarr_store(url: str, storage_options: StorageOptions, read_only: bool) -> Any:
     from zarr.storage import FsspecStore, LocalStore
 
     if "://" not in url or url.startswith("file://"):
@@ -226,16 +226,16 @@ class ShardedStore:
     def _fs(self) -> tuple[Any, str]:
         """(filesystem, root path), made once: a new S3 client per metadata read is slow."""
         if self._fs_path is None:
-            self._fs_path = _connect(self.url, self.storage_options)
+            self._fs_path = connect_fs(self.url, self.storage_options)
         return self._fs_path
 
     def _read_json(self, *parts: str) -> Any:
         fs, root = self._fs()
-        return _read_json_fs(fs, "/".join([root, *parts]))
+        return read_json_fs(fs, "/".join([root, *parts]))
 
     def _zstore(self) -> Any:
         if self._store is None:
-            self._store = _make_store(self.url, self.storage_options, read_only=not self.writable)
+            self._store = make_zarr_store(self.url, self.storage_options, read_only=not self.writable)
         return self._store
 
     def _group_attrs(self, sid: str) -> dict[str, Any] | None:
@@ -299,7 +299,7 @@ class ShardedStore:
             return
         manifest = self.refresh()
         for url, reason in failures.items():
-            manifest.setdefault("failed", {})[url] = {"reason": str(reason), "at": _now()}
+            manifest.setdefault("failed", {})[url] = {"reason": str(reason), "at": utc_now()}
         self._save_manifest(manifest)
 
     def check_shard(self, entry: Mapping[str, Any]) -> None:
@@ -327,7 +327,7 @@ class ShardedStore:
 
         lease = uuid.uuid4().hex[:12]
         fs, root = self._fs()
-        body = {"host": socket.gethostname(), "pid": os.getpid(), "started": _now(), **dict(info)}
+        body = {"host": socket.gethostname(), "pid": os.getpid(), "started": utc_now(), **dict(info)}
         if is_local(fs):
             fs.makedirs(f"{root}/leases", exist_ok=True)
         fs.pipe_file(f"{root}/leases/{lease}.json", json.dumps(body).encode())
@@ -351,7 +351,7 @@ class ShardedStore:
             return []
         out = []
         for path in sorted(paths):
-            info = _read_json_fs(fs, path) or {}
+            info = read_json_fs(fs, path) or {}
             if info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int) and not _alive(info["pid"]):
                 try:  # killed on this machine: its lease means nothing any more
                     fs.rm_file(path)
@@ -377,7 +377,7 @@ class ShardedStore:
         """Re-read manifest.json (another process may have advanced it)."""
         found = self._read_json("manifest.json")
         self.manifest_found = bool(found)
-        self._manifest = found or _new_manifest(self.fingerprint, self.FORMAT)
+        self._manifest = found or new_manifest(self.fingerprint, self.FORMAT)
         self._sorted = None
         return self._manifest
 
@@ -407,7 +407,7 @@ class ShardedStore:
                 "count": count,
                 "skipped": [{"key": str(s.get("key")), "reason": str(s.get("reason"))} for s in e.get("skipped", [])],
                 "seconds": float(e.get("seconds", 0.0)),
-                "finished_at": e.get("finished_at") or _now(),
+                "finished_at": e.get("finished_at") or utc_now(),
                 **({"labels_scheme": e["labels_scheme"]} if e.get("labels_scheme") else {}),
             }
             manifest.get("failed", {}).pop(url, None)
@@ -418,7 +418,7 @@ class ShardedStore:
     def _save_manifest(self, manifest: dict[str, Any]) -> None:
         if not self.writable:
             raise PermissionError(f"{self.KIND} opened read-only")
-        manifest["updated"] = _now()
+        manifest["updated"] = utc_now()
         manifest["versions"] = dict(_versions())
         fs, root = self._fs()
         if is_local(fs):
@@ -550,7 +550,7 @@ class FeatureCache(ShardedStore):
             raise ValueError("chunk_rows must be >= 1")
         if "feature_shape" in identity and list(identity["feature_shape"]) != list(feature_shape):
             raise ValueError(f"identity says feature_shape {identity['feature_shape']}, caller passed {list(feature_shape)}")
-        full = _canonical(dict(identity))
+        full = canonical(dict(identity))
         full["cache"] = {
             "dtype": dtype,
             "views": list(views),
@@ -561,7 +561,7 @@ class FeatureCache(ShardedStore):
         }
         fp = fingerprint_of(full)
         url = url.rstrip("/")
-        fs, root = _connect(url, storage_options)
+        fs, root = connect_fs(url, storage_options)
         attrs = _read_root_attrs(fs, root, url)
         if attrs is not None:
             if attrs.get("fingerprint") != fp:
@@ -571,16 +571,16 @@ class FeatureCache(ShardedStore):
                     f"requested {fp}). Differing fields:\n  " + "\n  ".join(diff or ["(identities equal; fingerprint recipe changed)"])
                     + f"\nUse another cache URL for these features, or delete the existing cache ({url}) to rebuild it."
                 )
-            manifest = _read_json_fs(fs, f"{root}/manifest.json") or _new_manifest(fp)
+            manifest = read_json_fs(fs, f"{root}/manifest.json") or new_manifest(fp)
             return cls(url, attrs, manifest, storage_options, writable=True, fs=(fs, root))
 
         if fs.exists(root) and fs.ls(root):
             raise UserError(f"{url} exists and holds files but no feature cache (no zarr.json); pick an empty or new location")
         attrs = {"format": FORMAT, "identity": full, "fingerprint": fp}
-        store = _make_store(url, storage_options, read_only=False)
+        store = make_zarr_store(url, storage_options, read_only=False)
         zarr.open_group(store, mode="w", attributes=attrs)
         zarr.open_group(store, path="shards", mode="w")
-        cache = cls(url, attrs, _new_manifest(fp), storage_options, writable=True, fs=(fs, root))
+        cache = cls(url, attrs, new_manifest(fp), storage_options, writable=True, fs=(fs, root))
         cache._save_manifest(cache.manifest)
         return cache
 
@@ -588,12 +588,12 @@ class FeatureCache(ShardedStore):
     def open(cls, url: str, storage_options: StorageOptions = None, writable: bool = False) -> "FeatureCache":
         """Open read-only (training, CAMs, info, verify); ``writable`` for manifest edits (repair)."""
         url = url.rstrip("/")
-        fs, root = _connect(url, storage_options)
+        fs, root = connect_fs(url, storage_options)
         attrs = _read_root_attrs(fs, root, url)
         if attrs is None:
             raise CacheNotFound(f"no feature cache at {url} (no zarr.json with format {FORMAT}); build one with the extraction step first")
-        manifest = _read_json_fs(fs, f"{root}/manifest.json") or {}  # {}: lost (verify reports it)
-        return cls(url, attrs, manifest or _new_manifest(attrs["fingerprint"]), storage_options, writable=writable, fs=(fs, root)).with_manifest_found(bool(manifest))
+        manifest = read_json_fs(fs, f"{root}/manifest.json") or {}  # {}: lost (verify reports it)
+        return cls(url, attrs, manifest or new_manifest(attrs["fingerprint"]), storage_options, writable=writable, fs=(fs, root)).with_manifest_found(bool(manifest))
 
     # ---- writing (one task per source shard)
     def write_shard(
@@ -649,7 +649,7 @@ class FeatureCache(ShardedStore):
                          {"source": source_url, "keys": keys, "count": n})
         with self._lock:
             self._handles.pop(sid, None)
-        return {"url": source_url, "shard_id": sid, "count": n, "skipped": [], "seconds": round(time.perf_counter() - t0, 3), "finished_at": _now()}
+        return {"url": source_url, "shard_id": sid, "count": n, "skipped": [], "seconds": round(time.perf_counter() - t0, 3), "finished_at": utc_now()}
 
     def record_counts(self, counts: Mapping[str, int]) -> None:
         """Remember how many samples each source shard holds (for shards without an index)."""
@@ -967,13 +967,13 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _connect(url: str, storage_options: StorageOptions) -> tuple[Any, str]:
+def connect_fs(url: str, storage_options: StorageOptions) -> tuple[Any, str]:
     fs, path = _shared("fs", url, storage_options, None, lambda: get_fs(url, storage_options))
     return fs, path.rstrip("/")
 
 
 def _read_root_attrs(fs: Any, root: str, url: str) -> dict[str, Any] | None:
-    meta = _read_json_fs(fs, f"{root}/zarr.json")
+    meta = read_json_fs(fs, f"{root}/zarr.json")
     if meta is None:
         return None
     attrs = meta.get("attributes", {})
@@ -996,15 +996,15 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _read_json_fs(fs: Any, path: str) -> Any:
+def read_json_fs(fs: Any, path: str) -> Any:
     try:
         return json.loads(fs.cat_file(path))
     except FileNotFoundError:
         return None
 
 
-def _new_manifest(fingerprint: str, fmt: str = FORMAT) -> dict[str, Any]:
-    now = _now()
+def new_manifest(fingerprint: str, fmt: str = FORMAT) -> dict[str, Any]:
+    now = utc_now()
     return {"format": fmt, "fingerprint": fingerprint, "shards": {}, "expected_counts": {}, "versions": dict(_versions()), "created": now, "updated": now}
 
 

@@ -58,12 +58,12 @@ from lcam.explain import choose_targets, explain_from_features, minmax_normalize
 
 from .cache import (
     ShardedStore,
-    _canonical,
-    _connect,
-    _make_store,
-    _new_manifest as _new_store_manifest,
-    _now,
-    _read_json_fs,
+    canonical,
+    connect_fs,
+    make_zarr_store,
+    new_manifest as new_store_manifest,
+    utc_now,
+    read_json_fs,
     fingerprint_of,
     identity_diff,
     shard_id_for,
@@ -452,10 +452,10 @@ class CamStore(ShardedStore):
     ) -> "CamStore":
         """Open for writing, creating if absent (driver only); another identity is refused.
         ``class_coverage``: the checkpoint's coverage per class row (kept in the root attrs)."""
-        full = _canonical(dict(identity))
+        full = canonical(dict(identity))
         fp = fingerprint_of(full)
         url = url.rstrip("/")
-        fs, root = _connect(url, storage_options)
+        fs, root = connect_fs(url, storage_options)
         attrs = _read_store_attrs(fs, root, url)
         if attrs is not None:
             if attrs.get("fingerprint") != fp:
@@ -465,7 +465,7 @@ class CamStore(ShardedStore):
                     "Differing fields:\n  " + "\n  ".join(diff or ["(identities equal; fingerprint recipe changed)"])
                     + f"\nWrite these CAMs to another URL, or delete {url} to rebuild it."
                 )
-            manifest = _read_json_fs(fs, f"{root}/manifest.json") or _new_manifest(fp)
+            manifest = read_json_fs(fs, f"{root}/manifest.json") or _new_manifest(fp)
             store = cls(url, attrs, manifest, storage_options, writable=True)
             store._fs_path = (fs, root)
             return store
@@ -474,7 +474,7 @@ class CamStore(ShardedStore):
         attrs = {"format": FORMAT, "identity": full, "fingerprint": fp, "checkpoint_url": checkpoint_url, "source_url": source_url}
         if class_coverage is not None:
             attrs["class_coverage"] = [int(c) for c in class_coverage]
-        zstore = _make_store(url, storage_options, read_only=False)
+        zstore = make_zarr_store(url, storage_options, read_only=False)
         zarr.open_group(zstore, mode="w", attributes=attrs)
         zarr.open_group(zstore, path="shards", mode="w")
         store = cls(url, attrs, _new_manifest(fp), storage_options, writable=True)
@@ -486,11 +486,11 @@ class CamStore(ShardedStore):
     def open(cls, url: str, storage_options: StorageOptions = None, writable: bool = False) -> "CamStore":
         """Open read-only; ``writable`` for manifest edits (``lcam cache repair``)."""
         url = url.rstrip("/")
-        fs, root = _connect(url, storage_options)
+        fs, root = connect_fs(url, storage_options)
         attrs = _read_store_attrs(fs, root, url)
         if attrs is None:
             raise CamStoreNotFound(f"no CAM store at {url} (no zarr.json with format {FORMAT}); make one with `lcam cams CHECKPOINT {url} --cache ...|--shards ...`")
-        manifest = _read_json_fs(fs, f"{root}/manifest.json") or _new_manifest(attrs["fingerprint"])
+        manifest = read_json_fs(fs, f"{root}/manifest.json") or _new_manifest(attrs["fingerprint"])
         store = cls(url, attrs, manifest, storage_options, writable=writable)
         store._fs_path = (fs, root)
         return store
@@ -539,7 +539,7 @@ class CamStore(ShardedStore):
             raise UserError(f"raw maps of {source_url} overflow float16 (|Z| > 65504): the checkpoint's attention weights are far out of range; check the checkpoint")
         sid = shard_id_for(source_url)
         self.write_group(sid, arrays, {"source": source_url, "keys": keys, "count": n})
-        return {"url": source_url, "shard_id": sid, "count": n, "skipped": [], "seconds": round(time.perf_counter() - t0, 3), "finished_at": _now()}
+        return {"url": source_url, "shard_id": sid, "count": n, "skipped": [], "seconds": round(time.perf_counter() - t0, 3), "finished_at": utc_now()}
 
     # ---- reading
     def entries(self) -> list[dict[str, Any]]:
@@ -620,7 +620,7 @@ class CamStore(ShardedStore):
 
 
 def _read_store_attrs(fs: Any, root: str, url: str) -> dict[str, Any] | None:
-    meta = _read_json_fs(fs, f"{root}/zarr.json")
+    meta = read_json_fs(fs, f"{root}/zarr.json")
     if meta is None:
         return None
     attrs = meta.get("attributes", {})
@@ -630,7 +630,7 @@ def _read_store_attrs(fs: Any, root: str, url: str) -> dict[str, Any] | None:
 
 
 def _new_manifest(fingerprint: str) -> dict[str, Any]:
-    return _new_store_manifest(fingerprint, FORMAT)
+    return new_store_manifest(fingerprint, FORMAT)
 
 
 # ---------------------------------------------------------------- bulk generation

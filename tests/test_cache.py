@@ -16,7 +16,7 @@ from pipeline.cache import (
     CacheNotFound,
     FeatureCache,
     NonFiniteFeatures,
-    _make_store,
+    make_zarr_store,
     shard_id_for,
 )
 from pipeline.errors import UserError
@@ -245,7 +245,7 @@ def check_verify(url: str, storage_options=None) -> None:
     assert problems == ["duplicate key 's0/00004': appears 2 times (shards " + f"{shard_id_for('/d/s0.tar')}, {shard_id_for('/d/s3.tar')})"]
 
     # 5. NaN in stored features (corrupt a chunk behind the cache's back)
-    store = _make_store(url, storage_options, read_only=False)
+    store = make_zarr_store(url, storage_options, read_only=False)
     arr = zarr.open_array(store, path=f"shards/{shard_id_for('/d/s2.tar')}/features", mode="r+")
     block = arr[8:16]
     block[5, 0, 2, 3, 3] = np.nan
