@@ -86,11 +86,14 @@ def user_error_message(exc: BaseException) -> str | None:
 
     Imports happen when an error is being handled, not before parsing: lcam.backbones imports
     torch, which would make `lcam <cmd> --help` take seconds."""
-    from lcam.backbones import BackboneSpecError, WeightsUnavailable
     from pipeline.errors import UserError
+
+    if isinstance(exc, (UserError, FileNotFoundError)):  # the common case answers without importing torch
+        return str(exc)
+    from lcam.backbones import BackboneSpecError, WeightsUnavailable
     from pipeline.fs import storage_error_message
 
-    if isinstance(exc, (UserError, WeightsUnavailable, BackboneSpecError, FileNotFoundError)):
+    if isinstance(exc, (WeightsUnavailable, BackboneSpecError)):
         return str(exc)
     if isinstance(exc, KeyError) and str(exc.args[0] if exc.args else "").startswith("unknown backbone"):
         return str(exc.args[0])  # the backbone registry's "unknown backbone 'x'; available: ..."
