@@ -104,12 +104,14 @@ def run_job(name: str, argv: list[str]) -> int:
     """Run one job from its command line or ``--config FILE [key=value ...]``; user errors
     print one clear line (no traceback) and exit 2."""
     from jobs.config import build_namespace
+    from jobs.options import check_ranges
 
     module = importlib.import_module(COMMANDS[name][0])
     parser = command_parser(name)
     own_config = getattr(module, "OWN_CONFIG", False)
     try:
         args = parser.parse_args(argv) if own_config else build_namespace(parser, argv)
+        check_ranges(parser, args)  # the declared ranges (jobs/options.py), as one line naming the flag
         args.command = name
         return int(module.run(args) or 0)
     except Exception as exc:

@@ -8,7 +8,9 @@ from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 from pipeline.errors import FlagNamer, UserError, flag_namer
 # declared with the config fields (pipeline/options.py); re-exported for the jobs
-from pipeline.options import BACKBONE_HELP, LAYER_HELP, PRECISION_HELP, parse_storage_options  # noqa: F401
+from pipeline.options import LAYER_HELP, parse_storage_options
+
+__all__ = ["LAYER_HELP", "add_storage_options", "backbone_spec", "parse_storage_options", "run_stage", "speaking_flags"]
 
 T = TypeVar("T")
 

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Mapping
 from pipeline.errors import UserError
 from pipeline.options import MISSING, UNSET, Option, check_range, comma_list, option_of, parse_storage_options
 
-__all__ = ["add_options", "add_option", "config_from_args", "option_dest", "comma_list", "parse_storage_options"]
+__all__ = ["add_option", "add_options", "check_ranges", "comma_list", "config_from_args", "field_value", "option_dest", "parse_storage_options"]
 
 
 def _base_type(field: dataclasses.Field) -> Callable[[Any], Any]:
@@ -94,7 +94,7 @@ def add_option(parser: Any, config: type, name: str, *, prefix: str = "", flag: 
         kwargs.update(action="append", default=None, metavar=o.metavar)
     else:
         base = o.type or _base_type(field)
-        kwargs.update(type=_number(base) if base in (int, float) else base, default=None if default is MISSING else default,
+        kwargs.update(type=_number(base) if base in (int, float) else (None if base is str else base), default=None if default is MISSING else default,
                       choices=o.choices, metavar=o.metavar)
         if default not in (MISSING, None) and (o.parse is not None or isinstance(default, (tuple, list))) and o.help and "default" not in o.help:
             kwargs["help"] = f"{o.help} (default {_show(default)})"  # the text form, not a tuple's repr
@@ -135,7 +135,9 @@ def field_value(config: type, name: str, args: argparse.Namespace, prefix: str =
         value = not value
     elif o.kind == "storage":
         value = parse_storage_options(value)
-    elif o.parse is not None and value is not None:
+    if o.kind == "list":
+        value = list(value or [])  # a repeatable flag given no time: an empty list, which parse may map
+    if o.parse is not None and value is not None and o.kind not in ("negated", "storage"):
         try:
             value = o.parse(value)
         except (TypeError, ValueError) as exc:
@@ -155,3 +157,12 @@ def config_from_args(config: type, args: argparse.Namespace, *, prefix: str = ""
         elif not option_of(f).derived:
             values[f.name] = field_value(config, f.name, args, prefix)
     return config(**values)
+
+
+def check_ranges(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every generated option's value against its declared range: one line naming the flag
+    (``lcam pipeline --extract-batch-size 0`` is refused before any stage runs)."""
+    for action in parser._actions:
+        declared = getattr(action, "option", None)
+        if declared is not None and action.option_strings:
+            check_range(getattr(args, action.dest, None), declared, action.option_strings[0])

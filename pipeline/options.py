@@ -155,7 +155,7 @@ def range_problem(value: Any, option: Option) -> str | None:
             words = f"between {low:g} and {high:g}"
         else:
             words = f"at least {low:g}" if low is not None else f"at most {high:g}"
-        return f"must be {words}, got {value}"
+        return f"must be {words}, got {value:g}" if isinstance(value, float) else f"must be {words}, got {value}"
     return None
 
 
