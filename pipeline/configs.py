@@ -133,7 +133,8 @@ class TrainConfig:
     where: str = opt("auto", "fm: local = in this process; ray = as a Ray task that asks for a GPU when the cluster has one (CPU otherwise); "
                      "auto (default) = ray when there is a cluster (RAY_ADDRESS set, as in every `lcam submit` job), else local",
                      choices=("auto", "local", "ray"))
-    threads: int | None = opt(None, "fm on CPU: torch threads (default half the cores; the rest decode the cache)", min=1)
+    threads: int | None = opt(None, "fm on CPU: torch threads (default half the cores; the rest decode the cache)", min=1,
+                              aliases=("--torch-threads",))  # the other jobs' word for it
     precision: str = opt("auto", PRECISION_HELP.replace("fp16 on a GPU without bf16", "fp32 on a GPU without bf16: no loss scaling")
                          + "; L-CAM-Fm keeps fp32 under auto (only the head runs per step)", choices=("auto", "fp32", "bf16"))
     # fm loader

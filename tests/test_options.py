@@ -119,6 +119,7 @@ def test_options_parse_to_fields_in_every_job():
     train = parse("train", "--recipe", "data-size", "--use-gpu", "no", "--no-progress", "--storage-option", "a.b=1", "--lr", "0.5")
     assert train.recipe_rule == "data-size" and train.use_gpu is False and train.progress is False
     assert train.storage_options == {"a": {"b": 1}} and train.lr == 0.5 and parse("train", "--use-gpu", "yes").use_gpu is True
+    assert parse("train", "--torch-threads", "3").threads == 3 == parse("train", "--threads", "3").threads
     ev = parse("eval", "S", "O", "--checkpoint", "a=x.pt", "--checkpoint", "y.pt", "--method-limit", "gradcam=3",
                "--ratios", "1, 0.5", "--no-fold-batchnorm", "--storage-option", "k=v")
     assert ev.checkpoints == ["a=x.pt", "y.pt"] and ev.method_limits == {"gradcam": 3} and ev.ratios == (1.0, 0.5)
