@@ -50,35 +50,7 @@ __all__ = [
 
 
 # ---------------------------------------------------------------- bulk generation
-@dataclass
-class CamsConfig:
-    checkpoint: str
-    out: str
-    cache: str | None = None  # a feature cache: no image is read
-    shards: str | list[str] | None = None  # or WebDataset shards: one forward per image on Ray
-    classes: str | None = None  # predicted | label | top-k | ids (default: inferred, predicted)
-    top_k: int | None = None
-    class_ids: str | Sequence[int] | None = None
-    upsample: bool = False  # also store uint8 maps at the input size
-    view: str = "center"  # which cached view (cache source)
-    weights: str | None = None  # where the backbone's weights come from (default: as in the checkpoint)
-    batch_size: int = 64
-    num_actors: int | None = None  # shard source: default one per GPU, else 1
-    decode_batch_size: int = 128  # shard source: images per decode task (pipeline.extract.DECODE_PART_ROWS)
-    precision: str = "auto"  # shard source: pipeline.device (bf16 autocast on a GPU, fp32 on a CPU)
-    torch_threads: int | None = None
-    device: str = "auto"  # cache source
-    where: str = "auto"  # cache source: local (this process) | ray (model actors) | auto (pipeline.placement)
-    index: str | None = None
-    overlays: int = 0  # N overlay PNGs and an HTML gallery
-    gallery: str | None = None  # default <out>/gallery
-    colormap: str = "jet"
-    opacity: float = 0.5
-    class_names: str | None = None  # file replacing ImageNet's names
-    checkpoint_storage_options: StorageOptions = None
-    source_storage_options: StorageOptions = None
-    out_storage_options: StorageOptions = None
-    progress: bool = True
+from .configs import CamsConfig  # noqa: E402  re-exported: the config lives in the torch-free pipeline.configs
 
 
 @dataclass
