@@ -929,13 +929,6 @@ class _ProgressPrinter(threading.Thread):
                        f"{rate * msg['global_batch']:.1f} images/s, ETA {eta:.0f}s")
 
 
-def _worker_error(exc: BaseException) -> UserError | None:
-    """The UserError a worker raised, if that is what failed the run."""
-    from .placement import user_error_in
-
-    return user_error_in(exc)
-
-
 def train_img(cfg: TrainConfig) -> TrainSummary:
     """Train L-CAM-Img with Ray Train over ``cfg.workers`` data-parallel workers."""
     import ray
@@ -945,6 +938,7 @@ def train_img(cfg: TrainConfig) -> TrainSummary:
 
     from lcam import build_backbone
 
+    from .placement import raise_user_errors
     from .raykit import ensure_ray
     from .shards import require_shards
 
@@ -1011,12 +1005,8 @@ def train_img(cfg: TrainConfig) -> TrainSummary:
     printer = _ProgressPrinter(queue, recipe.epochs, cfg.progress)
     printer.start()
     try:
-        trainer.fit()
-    except Exception as exc:
-        err = _worker_error(exc)
-        if err is not None:
-            raise err from None
-        raise
+        with raise_user_errors():  # a worker's UserError: one line, as in-process
+            trainer.fit()
     finally:
         printer.stop.set()
         printer.join(timeout=5)
