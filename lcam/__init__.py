@@ -43,8 +43,8 @@ _EXPORTS = {
 # attribute access only, so importing lcam still does not import pipeline/ (nor Ray,
 # Zarr, fsspec), and lcam/ works without pipeline/ installed next to it.
 _FROM_PIPELINE = {
-    "Explainer": "pipeline.cams",
-    "CamStore": "pipeline.cams",
+    "Explainer": "pipeline.explainer",
+    "CamStore": "pipeline.cam_store",
     "FeatureCache": "pipeline.cache",
     "TrainConfig": "pipeline.training",
     "train": "pipeline.training",

@@ -298,7 +298,7 @@ def run_audit(cfg: AuditConfig) -> AuditSummary:
     import ray
 
     from .audit_html import render_audit
-    from .cams import CamStore
+    from .cam_store import CamStore
     from .classes import class_names_options, describe_classes, store_columns
     from .classes import load_class_names
     from .raykit import ensure_ray

@@ -1,4 +1,4 @@
-"""The CAM store: a :class:`~pipeline.cache.ShardedStore` holding maps, one group per source shard.
+"""The CAM store: a :class:`~pipeline.store.ShardedStore` holding maps, one group per source shard.
 
 Layout at URL (local path, s3://, gs://, any fsspec URL), mirroring the feature cache::
 
@@ -30,24 +30,12 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
-import zarr
 
 from lcam.explain import minmax_normalize
 
-from .cache import (
-    ShardedStore,
-    canonical,
-    connect_fs,
-    make_zarr_store,
-    new_manifest as new_store_manifest,
-    utc_now,
-    read_json_fs,
-    fingerprint_of,
-    identity_diff,
-    shard_id_for,
-)
 from .errors import UserError
 from .fs import StorageOptions, join
+from .store import ShardedStore, shard_id_for, utc_now
 
 FORMAT = "lcam-cam-store/1"
 SMALL_CHUNK_ROWS = 1024  # class ids, probs, raw maps: ~100 bytes a row
@@ -62,35 +50,30 @@ class CamStoreNotFound(UserError):
     """No CAM store at the URL."""
 
 
-
-# ---------------------------------------------------------------- the store
 class CamStore(ShardedStore):
     """One CAM store: the feature cache's layout and manifest (:class:`ShardedStore`), maps inside."""
 
     FORMAT = FORMAT
     KIND = "CAM store"
+    A_KIND = "a CAM store"
+    HOLDER = "store"
+    IDENTITY_OF = "settings"
+    MISMATCH = CamStoreMismatch
+    NOT_FOUND = CamStoreNotFound
     DIMENSIONS = {
-        "labels": ("sample",), "predicted": ("sample",), "predicted_prob": ("sample",), "coverage": ("sample",),
+        "labels": ("sample",), "predicted": ("sample",), "predicted_prob": ("sample",), "coverage": ("sample", "target"),
         "class_ids": ("sample", "target"), "probs": ("sample", "target"),
         "raw": ("sample", "target", "y", "x"), "upsampled": ("sample", "target", "Y", "X"),
     }
 
-    def __init__(self, url: str, root_attrs: Mapping[str, Any], manifest: Mapping[str, Any], storage_options: StorageOptions = None, writable: bool = False) -> None:
-        self.url = url.rstrip("/")
-        self.storage_options = dict(storage_options or {})
-        self.root_attrs = dict(root_attrs)
-        self.identity: dict[str, Any] = dict(root_attrs["identity"])
-        self.fingerprint: str = root_attrs["fingerprint"]
+    def read_layout(self) -> None:
         layout = self.identity["maps"]
         self.width: int = int(layout["classes_per_sample"])
         self.map_size: tuple[int, int] = tuple(layout["map_size"])
         self.upsampled_size: int | None = layout.get("upsampled_size")
         # per class row, the samples that trained it (the checkpoint's); None: not recorded
-        cov = root_attrs.get("class_coverage")
+        cov = self.root_attrs.get("class_coverage")
         self.class_coverage: np.ndarray | None = np.asarray(cov, dtype=np.int32) if cov is not None else None
-        self.writable = writable
-        self._manifest: dict[str, Any] = dict(manifest)
-        self._init_handles()
 
     @classmethod
     def create_or_open(
@@ -105,48 +88,18 @@ class CamStore(ShardedStore):
     ) -> "CamStore":
         """Open for writing, creating if absent (driver only); another identity is refused.
         ``class_coverage``: the checkpoint's coverage per class row (kept in the root attrs)."""
-        full = canonical(dict(identity))
-        fp = fingerprint_of(full)
-        url = url.rstrip("/")
-        fs, root = connect_fs(url, storage_options)
-        attrs = _read_store_attrs(fs, root, url)
-        if attrs is not None:
-            if attrs.get("fingerprint") != fp:
-                diff = [d.replace(": cache has ", ": store has ", 1) for d in identity_diff(attrs.get("identity", {}), full)]
-                raise CamStoreMismatch(
-                    f"a CAM store already exists at {url} for other settings (fingerprint {attrs.get('fingerprint')}, requested {fp}). "
-                    "Differing fields:\n  " + "\n  ".join(diff or ["(identities equal; fingerprint recipe changed)"])
-                    + f"\nWrite these CAMs to another URL, or delete {url} to rebuild it."
-                )
-            manifest = read_json_fs(fs, f"{root}/manifest.json") or _new_manifest(fp)
-            store = cls(url, attrs, manifest, storage_options, writable=True)
-            store._fs_path = (fs, root)
-            return store
-        if fs.exists(root) and fs.ls(root):
-            raise UserError(f"{url} exists and holds files but no CAM store (no zarr.json); pick an empty or new location")
-        attrs = {"format": FORMAT, "identity": full, "fingerprint": fp, "checkpoint_url": checkpoint_url, "source_url": source_url}
+        attrs: dict[str, Any] = {"checkpoint_url": checkpoint_url, "source_url": source_url}
         if class_coverage is not None:
             attrs["class_coverage"] = [int(c) for c in class_coverage]
-        zstore = make_zarr_store(url, storage_options, read_only=False)
-        zarr.open_group(zstore, mode="w", attributes=attrs)
-        zarr.open_group(zstore, path="shards", mode="w")
-        store = cls(url, attrs, _new_manifest(fp), storage_options, writable=True)
-        store._fs_path = (fs, root)
-        store._save_manifest(store.manifest)
-        return store
+        return cls._create_or_open(url, identity, storage_options, attrs)
 
     @classmethod
-    def open(cls, url: str, storage_options: StorageOptions = None, writable: bool = False) -> "CamStore":
-        """Open read-only; ``writable`` for manifest edits (``lcam cache repair``)."""
-        url = url.rstrip("/")
-        fs, root = connect_fs(url, storage_options)
-        attrs = _read_store_attrs(fs, root, url)
-        if attrs is None:
-            raise CamStoreNotFound(f"no CAM store at {url} (no zarr.json with format {FORMAT}); make one with `lcam cams CHECKPOINT {url} --cache ...|--shards ...`")
-        manifest = read_json_fs(fs, f"{root}/manifest.json") or _new_manifest(attrs["fingerprint"])
-        store = cls(url, attrs, manifest, storage_options, writable=writable)
-        store._fs_path = (fs, root)
-        return store
+    def mismatch_advice(cls, url: str) -> str:
+        return f"Write these CAMs to another URL, or delete {url} to rebuild it."
+
+    @classmethod
+    def make_hint(cls, url: str) -> str:
+        return f"make one with `lcam cams CHECKPOINT {url} --cache ...|--shards ...`"
 
     # ---- writing (one task per source shard)
     def write_shard(self, source_url: str, rows: Mapping[str, Any], skipped: Sequence[Mapping[str, str]] = ()) -> dict[str, Any]:
@@ -196,13 +149,6 @@ class CamStore(ShardedStore):
         return {"url": source_url, "shard_id": sid, "count": n, "skipped": [dict(s) for s in skipped], "seconds": round(time.perf_counter() - t0, 3), "finished_at": utc_now()}
 
     # ---- reading
-    def entries(self) -> list[dict[str, Any]]:
-        """Done shards in deterministic order: sorted by source URL (as the feature cache)."""
-        return self._index()[0]
-
-    def __len__(self) -> int:
-        return sum(int(e["count"]) for e in self.entries())
-
     def _entry(self, shard: str) -> dict[str, Any]:
         for e in self.entries():
             if shard in (e["shard_id"], e["url"]):
@@ -216,10 +162,7 @@ class CamStore(ShardedStore):
         normalised raw maps, float32) is added whenever ``raw`` is read.
         """
         e = self._entry(shard)
-        names = list(fields) if fields is not None else [n for n in ("labels", "class_ids", "probs", "raw", "upsampled", "predicted", "predicted_prob") if n != "upsampled" or self.upsampled_size]
-        names = [n for n in names if n != "maps"]
-        if fields is None and self.class_coverage is not None:
-            names.append("coverage")
+        names = [n for n in fields if n != "maps"] if fields is not None else self.stored_arrays()
         # checked whole first: a lost chunk object would otherwise read as fill values (zeros)
         _, checked = self.open_checked_group(e, names)
         out: dict[str, Any] = {"keys": list(checked["attrs"]["keys"])}
@@ -228,6 +171,10 @@ class CamStore(ShardedStore):
         if normalized and "raw" in out:
             out["maps"] = minmax_normalize(torch.from_numpy(out["raw"].astype(np.float32))).numpy()
         return out
+
+    def stored_arrays(self) -> list[str]:
+        names = [n for n in ("labels", "class_ids", "probs", "raw", "upsampled", "predicted", "predicted_prob") if n != "upsampled" or self.upsampled_size]
+        return names + (["coverage"] if self.class_coverage is not None else [])
 
     def repair_hint(self, source_url: str) -> str:
         return f"`lcam cache repair {self.url}` (forgets damaged shards), then re-run the `lcam cams` that made this store"
@@ -271,17 +218,3 @@ class CamStore(ShardedStore):
             "created": self._manifest.get("created"),
             "updated": self._manifest.get("updated"),
         }
-
-
-def _read_store_attrs(fs: Any, root: str, url: str) -> dict[str, Any] | None:
-    meta = read_json_fs(fs, f"{root}/zarr.json")
-    if meta is None:
-        return None
-    attrs = meta.get("attributes", {})
-    if attrs.get("format") != FORMAT:
-        raise UserError(f"{url} is a Zarr store but not a CAM store (format {attrs.get('format')!r}, expected {FORMAT!r}); pick another output URL")
-    return attrs
-
-
-def _new_manifest(fingerprint: str) -> dict[str, Any]:
-    return new_store_manifest(fingerprint, FORMAT)

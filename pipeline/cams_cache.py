@@ -122,7 +122,7 @@ def cams_from_cache_on_ray(cfg: CamsConfig, cache: Any, store: CamStore, selecti
     overrides; one CPU actor on a CPU-only cluster), each fed whole shards, two in flight."""
     import ray
 
-    from .placement import model_resources, user_error_in
+    from .placement import model_resources, raise_user_errors
     from .raykit import ensure_ray
 
     todo = deque(todo)
@@ -147,21 +147,17 @@ def cams_from_cache_on_ray(cfg: CamsConfig, cache: Any, store: CamStore, selecti
             pending[actor.write_group.remote(cache_ref, store_ref, e, view, selection, use_top5, fields)] = (actor, e)
 
     try:
-        summary.ran_on = sorted(ray.get([a.node.remote() for a in actors]))
-        for actor in actors:
-            feed(actor)
-            feed(actor)  # the next shard queued: no idle gap between two calls
-        while pending:
-            [ready], _ = ray.wait(list(pending), num_returns=1)
-            actor, e = pending.pop(ready)
-            summary.commit(store, ray.get(ready))
-            progress.update(int(e["count"]))
-            feed(actor)
-    except Exception as exc:
-        err = user_error_in(exc)
-        if err is not None:
-            raise err from None
-        raise
+        with raise_user_errors():
+            summary.ran_on = sorted(ray.get([a.node.remote() for a in actors]))
+            for actor in actors:
+                feed(actor)
+                feed(actor)  # the next shard queued: no idle gap between two calls
+            while pending:
+                [ready], _ = ray.wait(list(pending), num_returns=1)
+                actor, e = pending.pop(ready)
+                summary.commit(store, ray.get(ready))
+                progress.update(int(e["count"]))
+                feed(actor)
     finally:
         progress.close()
         for actor in actors:

@@ -94,6 +94,20 @@ def user_error_in(exc: BaseException) -> UserError | None:
     return None
 
 
+@contextmanager
+def raise_user_errors() -> Iterator[None]:
+    """Around Ray work (a task, model actors, a Ray Train run): a failure that was a user's
+    mistake leaves as its one-line :class:`UserError` (:func:`user_error_in`), without the
+    Ray traceback around it; any other failure propagates unchanged."""
+    try:
+        yield
+    except Exception as exc:
+        err = user_error_in(exc)
+        if err is not None:
+            raise err from None
+        raise
+
+
 class _QueueHandler(logging.Handler):
     def __init__(self, queue: Any) -> None:
         super().__init__(logging.INFO)
@@ -167,17 +181,13 @@ def run_task(fn: Callable[..., Any], *args: Any, resources: dict[str, float], pr
     task = ray.remote(fn).options(max_retries=0, name=name or fn.__name__, **resources)
     ref = task.remote(*args, relay.queue)
     try:
-        return ray.get(ref)
+        with raise_user_errors():
+            return ray.get(ref)
     except KeyboardInterrupt:
         ray.cancel(ref, force=True)
-        raise
-    except Exception as exc:
-        err = user_error_in(exc)
-        if err is not None:
-            raise err from None
         raise
     finally:
         relay.close()
 
 
-__all__ = ["WHERE", "LogRelay", "check_where", "model_resources", "node_id", "relayed_logs", "resolve_where", "run_task", "user_error_in"]
+__all__ = ["WHERE", "LogRelay", "check_where", "model_resources", "node_id", "raise_user_errors", "relayed_logs", "resolve_where", "run_task", "user_error_in"]

@@ -330,3 +330,29 @@ def test_cli_info_and_verify(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["ok"] is False
     assert main(["cache", "info", str(tmp_path / "none")]) == 2
     assert "no feature cache" in capsys.readouterr().err
+
+
+def test_to_xarray_is_a_lazy_view_equal_to_the_chunks(tmp_path):
+    import dask.array as da
+
+    url = str(tmp_path / "cache")
+    cache = create(url, dtype="bfloat16", views=("center", "hflip"))  # bf16: stored as bits, decoded lazily
+    data = {"/d/b.tar": rows(11, 1, "b", 2), "/d/a.tar": rows(9, 2, "a", 2)}
+    cache.mark_done([write(cache, src, r) for src, r in data.items()])
+    ro = FeatureCache.open(url)
+    ds = ro.to_xarray()
+    assert isinstance(ds["features"].data, da.Array)  # nothing read yet
+    assert ds["features"].dims == ("sample", "view", "channel", "y", "x") and ds["top5_probs"].dims == ("sample", "rank")
+    # store order (sources sorted): /d/a.tar's 9 rows, then /d/b.tar's 11
+    assert list(ds["shard"].values) == [shard_id_for("/d/a.tar")] * 9 + [shard_id_for("/d/b.tar")] * 11
+    assert list(ds["key"].values) == data["/d/a.tar"]["keys"] + data["/d/b.tar"]["keys"]
+    chunks = [ro.read_chunk(sid, ci) for sid in ro.shard_ids() for ci in range(ro.num_chunks(sid))]
+    for name in ("features", "labels", "top5_classes", "top5_probs"):
+        want = np.concatenate([c[name] for c in chunks])
+        assert ds[name].dtype == want.dtype
+        np.testing.assert_array_equal(ds[name].values, want)
+    # a lost chunk object is refused when the view is made, never read as zeros
+    fs, path = get_fs(url)
+    fs.rm_file(f"{path}/shards/{shard_id_for('/d/b.tar')}/labels/c/1")
+    with pytest.raises(UserError, match="chunk objects of labels are missing"):
+        FeatureCache.open(url).to_xarray()

@@ -142,6 +142,16 @@ def test_images_give_the_same_cams_as_the_cache(setup, cache_store):
     assert store.info()["source"]["kind"] == "images"
 
 
+def test_to_xarray_equals_the_shards_rows(cache_store):
+    ds = cache_store.to_xarray()
+    assert ds["raw"].dims == ("sample", "target", "y", "x") and ds["upsampled"].dims == ("sample", "target", "Y", "X")
+    shards = list(cache_store.iter_shards())
+    assert list(ds["shard"].values) == [e["shard_id"] for e, d in shards for _ in d["keys"]]
+    assert list(ds["key"].values) == [k for _, d in shards for k in d["keys"]]
+    for name in ("labels", "class_ids", "probs", "raw", "upsampled", "predicted", "predicted_prob"):
+        np.testing.assert_array_equal(ds[name].values, np.concatenate([d[name] for _, d in shards]))
+
+
 def test_top_k_class_list_and_label_modes(setup, cache_store):
     cache = FeatureCache.open(setup["cache"])
     head = setup["model"].backbone.head

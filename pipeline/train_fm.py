@@ -1,0 +1,164 @@
+"""L-CAM-Fm: training from the Zarr feature cache through :class:`pipeline.loader.CacheLoader`
+(whole chunks, shuffled, prefetched, bounded memory). Its order is a function of (seed,
+epoch), so a checkpoint taken after any step resumes exactly. :func:`train_fm_placed` runs
+it in this process or as one Ray task that asks for a GPU when the cluster has one
+(``where``, :mod:`pipeline.placement`): the same function with the same config, so the
+same losses."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Iterator, Mapping
+
+import torch
+
+from .checkpoints import CheckpointMismatch, check_backbone, check_cache
+from .device import autocast_dtype, resolve_device
+from .errors import UserError
+from .progress import Progress, say
+from .run_folder import CHECKPOINT, CURVES, METRICS, RunFolder, StepWindow, epoch_record, format_epoch, history_until, trainer_state_from_checkpoint
+from .train_setup import TrainSummary, backbone_for_cache, check_config, initial_attention, resolve_recipe
+
+# The job's settings (pipeline.training.TrainConfig) come in as an argument: pipeline.training
+# dispatches to this module, so importing the type from there would tie the two in a loop.
+TrainConfig = Any
+
+def fm_batches(loader: Any, start: int, top_k: int = 1) -> Iterator[Any]:
+    """CacheLoader batches from ``start`` on, as :class:`lcam.training.TrainBatch`; with
+    ``top_k`` > 1 without targets (the trainer takes the top-K of the head on F)."""
+    from lcam.training import TrainBatch
+
+    for feats, targets, _keys in loader.iter_from(start):
+        yield TrainBatch(targets=targets if top_k == 1 else None, feats=feats)
+
+
+def train_fm(cfg: TrainConfig) -> TrainSummary:
+    """Train L-CAM-Fm from a feature cache (resumable at any step)."""
+    from .cache import FeatureCache
+    from .loader import CacheLoader
+
+    t0 = time.perf_counter()
+    check_config(dataclasses.replace(cfg, method="fm"))
+    cache = FeatureCache.open(cfg.cache, cfg.cache_storage_options)
+    if len(cache) == 0:
+        raise UserError(f"the feature cache {cache.url} holds no finished shards yet; run (or finish) `lcam extract` first")
+    backbone = backbone_for_cache(cache, cfg.weights)
+    run_dir = RunFolder(cfg.out, cfg.storage_options)
+    ckpt = run_dir.checkpoint_for_start(cfg.resume)
+    if ckpt is not None:
+        if ckpt["method"] != "fm":
+            raise CheckpointMismatch(f"the checkpoint in {cfg.out} is an L-CAM-{ckpt['method'].capitalize()} run, not L-CAM-Fm")
+        check_backbone(ckpt, backbone.describe(), f"the backbone of the cache {cache.url}")
+        check_cache(ckpt, cache.fingerprint)
+    recipe, run_cfg = resolve_recipe(cfg, "fm", backbone.name, ckpt, samples=len(cache))
+    run_cfg.update(cache=cache.url, cache_fingerprint=cache.fingerprint, cache_views=list(cache.views))
+    view: str | int = int(run_cfg["view"]) if str(run_cfg["view"]).isdigit() else run_cfg["view"]
+    loader = CacheLoader(
+        cache, recipe.batch_size, seed=run_cfg["seed"], target=run_cfg["target"], view=view,
+        buffer_rows=cfg.buffer_rows, prefetch_chunks=cfg.prefetch_chunks, num_threads=cfg.loader_threads,
+    )
+    device = resolve_device(cfg.device)
+    threads_before = torch.get_num_threads()
+    if device.type == "cpu":
+        # Per-step work is small: more threads mostly spin, while the loader's threads need cores to decode.
+        torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 2) // 2))
+    try:
+        return _train_fm_loop(cfg, cache, backbone, run_dir, ckpt, recipe, run_cfg, loader, device, t0)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _train_fm_loop(cfg: TrainConfig, cache: Any, backbone: Any, run_dir: RunFolder, ckpt: Mapping[str, Any] | None, recipe: Any,
+                   run_cfg: dict[str, Any], loader: Any, device: torch.device, t0: float) -> TrainSummary:
+    from lcam import LCAM
+    from lcam.training import LCAMTrainer
+
+    attention, inherited = initial_attention(backbone, run_cfg, cfg.storage_options) if ckpt is None else (None, None)
+    model = LCAM(backbone, attention)  # resuming: the checkpoint's attention is loaded below
+    # Only the head runs per step: full precision unless bf16 is asked for explicitly.
+    trainer = LCAMTrainer(model, "fm", recipe, len(loader), device=device,
+                          autocast_dtype=autocast_dtype(cfg.precision, device, allow_fp16=False) if cfg.precision != "auto" else None,
+                          top_k=int(run_cfg.get("top_k", 1)))
+    if inherited is not None:
+        trainer.max_counts = inherited.long().clone()
+    history: list[dict[str, Any]] = []
+    if ckpt is not None:
+        trainer.load_state_dict(trainer_state_from_checkpoint(ckpt))
+        history = history_until(ckpt["metrics"], trainer.global_step)
+    resumed_from = trainer.global_step
+    ident = backbone.describe()
+
+    last_save = [time.perf_counter()]
+
+    def save(epoch_end: bool) -> None:
+        last_save[0] = time.perf_counter()
+        run_dir.save(trainer.state_dict(), method="fm", backbone=ident, cache_fingerprint=cache.fingerprint,
+                     config=run_cfg, history=history, epoch_end=epoch_end)
+        run_dir.write_metrics(history)
+
+    say(enabled=cfg.progress, line=f"L-CAM-Fm: {len(cache)} cached samples ({backbone.name}, views {list(cache.views)}), {len(loader)} steps/epoch, "
+         f"batch {recipe.batch_size}, lr {recipe.lr:g} ({recipe.schedule}), target {run_cfg['target']}"
+         + (f" (top-{trainer.top_k})" if trainer.top_k > 1 else "") + f", init {run_cfg.get('init', 'random')}, device {device}"
+         + (f"; resuming at epoch {trainer.epoch + 1}, step {trainer.global_step}" if ckpt is not None else ""))
+    stopped = False
+    last: dict[str, Any] | None = next((r for r in reversed(history) if r["kind"] == "epoch"), None)
+    while trainer.epoch < recipe.epochs:
+        loader.set_epoch(trainer.epoch)
+        window, t_epoch, lr_used = StepWindow(), time.perf_counter(), [trainer.lr]
+        bar = Progress(trainer.steps_per_epoch, cfg.progress, what=f"epoch {trainer.epoch + 1}/{recipe.epochs}", unit="steps", every=30.0,
+                       initial=trainer.batch_in_epoch)
+
+        def on_step(tr: LCAMTrainer, stats: Any) -> None:
+            window.add(stats)
+            lr_used[0] = stats.lr
+            bar.update(1, postfix=f"loss {stats.loss:.3f}")
+            if cfg.log_every and tr.global_step % cfg.log_every == 0:
+                history.append(window.record(tr.epoch, tr.global_step, tr.steps_per_epoch, stats.lr))
+            if cfg.checkpoint_minutes and time.perf_counter() - last_save[0] > 60 * cfg.checkpoint_minutes and tr.batch_in_epoch < tr.steps_per_epoch:
+                save(epoch_end=False)  # exact mid-epoch position: --resume continues from the next batch
+
+        try:
+            sums = trainer.train_epoch(fm_batches(loader, trainer.batch_in_epoch, trainer.top_k), max_steps=cfg.max_steps, on_step=on_step)
+        finally:
+            bar.close()
+        if sums is None:  # max_steps: keep the exact position for --resume
+            save(epoch_end=False)
+            stopped = True
+            break
+        last = epoch_record(trainer.epoch, trainer.global_step, sums, lr_used[0], time.perf_counter() - t_epoch)
+        history.append(last)
+        save(epoch_end=True)
+        say(enabled=cfg.progress, line=format_epoch(last))
+    run_dir.write_metrics(history)
+    run_dir.write_curves(history, f"L-CAM-Fm, {backbone.name}, cache {cache.fingerprint}")
+    return TrainSummary(cfg.out, "fm", trainer.epoch, recipe.epochs, trainer.global_step, stopped, last, time.perf_counter() - t0,
+                        run_dir.path(CHECKPOINT), run_dir.path(METRICS), run_dir.path(CURVES), resumed_from)
+
+
+def _fm_task(cfg: TrainConfig, log_queue: Any) -> TrainSummary:
+    """The Ray task of :func:`train_fm_placed`: the same training, its log lines relayed."""
+    from .placement import node_id, relayed_logs
+
+    with relayed_logs(log_queue):
+        summary = train_fm(cfg)
+    summary.ran_on = node_id()
+    return summary
+
+
+def train_fm_placed(cfg: TrainConfig) -> TrainSummary:
+    """L-CAM-Fm where ``cfg.where`` says: in this process, or as one Ray task that asks for a
+    GPU when the cluster has one (one CPU elsewhere), so that a job's driver on a CPU-only
+    head never trains. The task writes the run folder itself; resume, checkpoints and
+    metrics are those of :func:`train_fm`."""
+    from .placement import model_resources, resolve_where, run_task
+    from .raykit import ensure_ray
+
+    if resolve_where(cfg.where) == "local":
+        return train_fm(cfg)
+    ensure_ray()
+    resources = model_resources(cfg.device)
+    what = "1 GPU" if resources.get("num_gpus") else f"{resources['num_cpus']:g} CPU"
+    say(enabled=cfg.progress, line=f"L-CAM-Fm: training in a Ray task ({what})")
+    return run_task(_fm_task, cfg, resources=resources, progress=cfg.progress, name="lcam-train-fm")

@@ -1,0 +1,212 @@
+"""What both training methods start from: the config's checks (:func:`check_config`), the
+recipe (:func:`resolve_recipe`), the backbone of a cache, the starting attention, and the
+summary a run returns (:class:`TrainSummary`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+
+from .checkpoints import CheckpointMismatch, check_backbone, load_checkpoint
+from .errors import FlagNamer, UserError, option_flag
+from .fs import StorageOptions
+from .run_folder import format_epoch
+
+# The job's settings (pipeline.training.TrainConfig) come in as an argument: pipeline.training
+# dispatches to this module, so importing the type from there would tie the two in a loop.
+TrainConfig = Any
+
+# Options that decide the trajectory of a run: a resumed run must keep them.
+FIXED_ON_RESUME = ("method", "backbone", "lr", "batch_size", "schedule", "target", "seed", "view", "augment", "init", "targets",
+                   "top_k", "init_from", "recipe_rule")
+
+
+@dataclass
+class TrainSummary:
+    out: str
+    method: str
+    epochs_done: int
+    epochs: int
+    steps: int
+    stopped_early: bool
+    last_epoch: dict[str, Any] | None
+    seconds: float
+    checkpoint: str
+    metrics: str
+    curves: str
+    resumed_from_step: int = 0
+    skipped: int = 0
+    ran_on: str | None = None  # fm as a Ray task: the Ray node id that trained; None: this process
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def lines(self, flag: FlagNamer = option_flag) -> list[str]:
+        """Console lines; ``flag`` spells options as the running command does (see :class:`UserError`)."""
+        state = f"stopped after step {self.steps} ({flag('max_steps')}); {flag('resume')} continues" if self.stopped_early else "done"
+        out = [f"L-CAM-{self.method.capitalize()}: {self.epochs_done}/{self.epochs} epochs, {self.steps} steps in {self.seconds:.1f}s: {state}"]
+        if self.last_epoch:
+            out.append("last epoch: " + format_epoch(self.last_epoch))
+        if self.skipped:
+            out.append(f"skipped {self.skipped} undecodable images")
+        if self.ran_on:
+            out.append(f"trained in a Ray task on node {self.ran_on[:12]}")
+        out += [f"checkpoint {self.checkpoint}", f"metrics    {self.metrics}", f"curves     {self.curves}"]
+        return out
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Refuse a config that cannot train, from its values alone (no data read, nothing written).
+
+    :func:`train` runs it first; a job that trains after other stages (``lcam pipeline``)
+    runs it before its first stage, so a bad combination fails before any work is done.
+    Options left None are checked with the defaults a new run gets (on ``resume`` the
+    checkpoint's values are checked when training starts).
+    """
+    from lcam.recipe import default_recipe
+    from lcam.training import INITS
+
+    from .placement import check_where
+
+    method = cfg.method or "fm"
+    if method not in ("fm", "img"):
+        raise UserError(lambda flag: f"unknown {flag('method')} {method!r}: use fm (from the feature cache) or img (from the shards)")
+    check_where(cfg.where)
+    for fld, allowed in (("schedule", ("step", "onecycle")), ("target", ("label", "predicted")), ("augment", ("random", "center")),
+                         ("init", ("auto", *INITS)), ("targets", ("single", "top-k")), ("recipe_rule", ("spec", "data-size"))):
+        value = getattr(cfg, fld)
+        if value not in (None, *allowed):
+            raise UserError(lambda flag: f"{flag(fld)} must be {' or '.join(map(repr, allowed))}, got {value!r}")
+    if cfg.max_steps is not None and cfg.max_steps < 0:  # 0: write the starting checkpoint only
+        raise UserError(lambda flag: f"{flag('max_steps')} must be 0 or more, got {cfg.max_steps}")
+    if cfg.top_k is not None and cfg.top_k < 1:
+        raise UserError(lambda flag: f"{flag('top_k')} must be >= 1, got {cfg.top_k}")
+    if not cfg.resume:
+        if cfg.top_k is not None and cfg.targets != "top-k":
+            raise UserError(lambda flag: f"{flag('top_k')} needs {flag('targets')} top-k")
+        if cfg.targets == "top-k" and (cfg.target or "label") != "predicted":
+            raise UserError(lambda flag: f"{flag('targets')} top-k trains each image for its top-K predicted classes: add {flag('target')} predicted")
+        if cfg.init_from and cfg.init == "cam":
+            raise UserError(lambda flag: f"give either {flag('init')} cam or {flag('init_from')} CHECKPOINT, not both ({flag('init_from')} sets the whole attention)")
+    if method == "fm" and not cfg.cache:
+        raise UserError(lambda flag: f"L-CAM-Fm trains from a feature cache: pass {flag('cache')} URL (make one with `lcam extract`)")
+    if method == "fm":
+        return
+    if not cfg.shards:
+        raise UserError(lambda flag: f"L-CAM-Img streams images: pass {flag('shards')} (a pattern or a folder with index.json)")
+    if cfg.workers < 1:
+        raise UserError(lambda flag: f"{flag('workers')} must be >= 1, got {cfg.workers}")
+    augment = cfg.augment or (None if cfg.resume else "random")
+    if cfg.cache and augment == "random":
+        raise UserError(lambda flag: f"a feature cache holds the clean centre crop: L-CAM-Img's pass 1 can come from it only with {flag('augment')} center "
+                                     f"(random crops need the backbone at every step); drop {flag('cache')} or use {flag('augment')} center")
+    if not cfg.resume:
+        batch = cfg.batch_size or default_recipe(cfg.backbone or "efficientnet_lite0", cfg.schedule or "step").batch_size
+        if batch >= 1 and batch % cfg.workers:
+            raise UserError(lambda flag: f"the batch size {batch} is the global batch: it must split evenly over {cfg.workers} workers; "
+                                         f"change {flag('batch_size')} or {flag('workers')}")
+
+
+def resolve_recipe(cfg: TrainConfig, method: str, backbone_name: str, ckpt: Mapping[str, Any] | None, samples: int | None = None):
+    """The effective recipe and run config: defaults per backbone (SPEC 3) or by data size
+    (``samples``: training samples), or the checkpoint's. Values were checked by :func:`check_config`."""
+    from lcam.recipe import Recipe, default_recipe
+
+    if cfg.top_k is not None and (cfg.targets or (ckpt or {}).get("config", {}).get("targets")) != "top-k":
+        raise UserError(lambda flag: f"{flag('top_k')} needs {flag('targets')} top-k")
+    if ckpt is None:
+        from lcam.recipe import recipe_for_data
+
+        rule = cfg.recipe_rule or "spec"
+        if rule == "data-size":
+            if samples is None:
+                raise UserError(lambda flag: f"{flag('recipe_rule')} data-size needs the number of training samples (known for a cache and for indexed shards)")
+            recipe = recipe_for_data(backbone_name, method, samples)
+            if cfg.schedule is not None and cfg.schedule != recipe.schedule:
+                recipe = default_recipe(backbone_name, cfg.schedule)
+        else:
+            recipe = default_recipe(backbone_name, cfg.schedule or "step")
+        recipe = recipe.with_overrides(lr=cfg.lr, epochs=cfg.epochs, batch_size=cfg.batch_size)
+        if recipe.lr <= 0 or recipe.epochs < 1 or recipe.batch_size < 1:
+            raise UserError(lambda flag: f"{flag('lr')}, {flag('epochs')} and {flag('batch_size')} must be positive "
+                                         f"(got lr {recipe.lr}, epochs {recipe.epochs}, batch size {recipe.batch_size})")
+        targets = cfg.targets or "single"
+        top_k = (cfg.top_k or 3) if targets == "top-k" else 1
+        target = cfg.target or "label"
+        run = {"method": method, "backbone": backbone_name, "lr": recipe.lr, "batch_size": recipe.batch_size, "schedule": recipe.schedule,
+               "target": target, "seed": 0 if cfg.seed is None else cfg.seed, "view": cfg.view or "random",
+               "augment": cfg.augment or "random", "recipe": recipe.to_dict(), "recipe_rule": rule,
+               # The small-data recipe starts from CAM where the head allows it (initial_attention
+               # resolves "auto"): on unseen classes a random row is noise, a CAM row Grad-CAM's equal
+               # (benchmarks/generalisation.py). The SPEC's recipe keeps the SPEC's random draw: at its
+               # lr 0.01 CAM-initialised rows barely move (loss 3.82 -> 3.80 in 6 epochs where the
+               # random init falls by a third, tests/test_training.py's run), so it would not be the SPEC's training.
+               "init": "checkpoint" if cfg.init_from else (cfg.init or ("auto" if rule == "data-size" else "random")), "init_from": cfg.init_from,
+               "targets": targets, "top_k": top_k}
+        return recipe, run
+    run = dict(ckpt["config"])
+    # runs saved before these options existed trained with the SPEC's choices
+    run.setdefault("init", "random")
+    run.setdefault("init_from", None)
+    run.setdefault("targets", "single")
+    run.setdefault("top_k", 1)
+    run.setdefault("recipe_rule", "spec")
+    given = {"method": method, "backbone": backbone_name, "lr": cfg.lr, "batch_size": cfg.batch_size, "schedule": cfg.schedule,
+             "target": cfg.target, "seed": cfg.seed, "view": cfg.view if method == "fm" else run.get("view"),
+             "augment": cfg.augment if method == "img" else run.get("augment"), "init": cfg.init, "init_from": cfg.init_from,
+             "targets": cfg.targets, "top_k": cfg.top_k, "recipe_rule": cfg.recipe_rule}
+    differ = [k for k, v in given.items() if v is not None and k in FIXED_ON_RESUME and run.get(k) != v]
+    if differ:
+        raise CheckpointMismatch(lambda flag: (
+            "cannot resume: these options differ from the checkpoint's run, so it would not continue the same training:\n  "
+            + "\n  ".join(f"{flag(k)}: checkpoint {run.get(k)!r}, now {given[k]!r}" for k in differ)
+            + f"\nDrop them (the checkpoint's values are used) or start a new run with another {flag('out')}."
+        ))
+    recipe = Recipe(**run["recipe"])
+    if cfg.epochs is not None and cfg.epochs != recipe.epochs:
+        if recipe.schedule == "onecycle":
+            raise CheckpointMismatch(lambda flag: f"the one-cycle schedule of this run spans {recipe.epochs} epochs; {flag('epochs')} cannot change it to {cfg.epochs} on resume")
+        recipe = recipe.with_overrides(epochs=cfg.epochs)
+        run["recipe"] = recipe.to_dict()
+    return recipe, run
+
+
+def backbone_for_cache(cache: Any, weights: str | None):
+    """The backbone the cache was made with; refuses other weights (digest compared)."""
+    from lcam import build_backbone
+
+    ident = cache.identity
+    name = ident.get("backbone")
+    backbone = build_backbone(name, weights or ident.get("weights", "default"))
+    mine = backbone.describe()
+    if mine["weights_digest"] != ident.get("weights_digest"):
+        raise UserError(lambda flag: (
+            f"the cache {cache.url} holds features of {name} with weights {ident.get('weights')} (digest {str(ident.get('weights_digest'))[:12]}), "
+            f"but {flag('weights')} {weights} gives digest {mine['weights_digest'][:12]}; pass the weights the cache was made with"
+        ))
+    return backbone
+
+
+def initial_attention(backbone: Any, run_cfg: dict[str, Any], storage_options: StorageOptions = None) -> tuple[Any, torch.Tensor | None]:
+    """The attention a new run starts from (``init``, ``init_from``) and the coverage it
+    inherits (an ``init_from`` checkpoint's rows were trained by its samples). ``init``
+    "auto" becomes "cam" when the backbone's head is pooling + linear, else "random", in
+    ``run_cfg`` too (what the checkpoint records)."""
+    from lcam.training import NoLinearClassifier, init_attention
+
+    if run_cfg.get("init") == "auto":
+        run_cfg["init"] = "cam" if backbone.linear_classifier() is not None else "random"
+    url = run_cfg.get("init_from")
+    if url:
+        start = load_checkpoint(url, storage_options)
+        check_backbone(start, backbone.describe(), f"this run's backbone (--init-from {url})")
+        attention = init_attention(backbone, run_cfg["seed"])
+        attention.load_state_dict(start["attention"])
+        return attention, start.get("coverage")
+    try:
+        return init_attention(backbone, run_cfg["seed"], run_cfg.get("init", "random")), None
+    except NoLinearClassifier as exc:
+        raise UserError(str(exc)) from None
