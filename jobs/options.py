@@ -103,6 +103,8 @@ def add_option(parser: Any, config: type, name: str, *, prefix: str = "", flag: 
         kwargs.pop("metavar", None)
         action = parser.add_argument(dest, **kwargs)
     else:
+        if o.required:
+            kwargs.update(required=True, default=None)
         action = parser.add_argument(option_flag, *o.aliases, dest=dest, **kwargs)
     action.option = o  # jobs/config.py checks a YAML value against the declared range
     return action

@@ -16,7 +16,7 @@ import yaml
 
 from jobs.cli import command_parser, main
 from jobs.options import option_dest
-from pipeline.configs import CamsConfig, EvalConfig, ExtractConfig, TrainConfig
+from pipeline.configs import AuditConfig, CamsConfig, EvalConfig, ExtractConfig, TrainConfig
 from pipeline.options import option_of
 
 # job -> (config class, the required argv, the same as config fields)
@@ -25,6 +25,7 @@ JOBS = {
     "cams": (CamsConfig, ["CKPT", "OUT"], {"checkpoint": "CKPT", "out": "OUT"}),
     "train": (TrainConfig, [], {}),
     "eval": (EvalConfig, ["S", "OUT"], {"shards": "S", "out": "OUT"}),
+    "audit": (AuditConfig, ["CAMS", "--out", "OUT/"], {"cams": "CAMS", "out": "OUT"}),  # --out's parse drops the slash
 }
 
 
@@ -145,6 +146,8 @@ def test_each_job_refuses_out_of_range_in_one_line(tmp_path, capsys, job, argv, 
     ("train", {"checkpoint_minutes": -1}, "field 'checkpoint_minutes': must be at least 0, got -1"),
     ("cams", {"checkpoint": "C", "out": "O", "quiet": 1}, "field 'quiet': expected true or false, got 1"),
     ("eval", {"shards": "S", "out": "O", "batch_size": "16x"}, "field 'batch_size': expected a whole number, got '16x'"),
+    ("audit", {"cams": "C", "out": "O", "band": 0.7}, "field 'band': must be between 0 and 0.5, got 0.7"),
+    ("audit", {"cams": "C"}, "missing field 'out' (output folder: audit.html, per_class.csv, confusions.csv, per_sample.parquet)"),
 ])
 def test_a_wrong_yaml_field_in_other_jobs(tmp_path, capsys, job, fields, words):
     path = tmp_path / "job.yaml"
