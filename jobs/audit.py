@@ -26,9 +26,10 @@ def config_from_args(args: argparse.Namespace) -> AuditConfig:
 def run(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
+    cfg = config_from_args(args)  # mistakes in the options answer before the stage (Ray) is imported
     from pipeline.audit import run_audit
 
-    summary = run_audit(config_from_args(args))
+    summary = run_audit(cfg)
     if args.quiet:
         return 0
     print(json.dumps(asdict(summary), indent=1) if args.json else "\n".join(summary.lines()))

@@ -105,9 +105,14 @@ def test_a_flag_out_of_range_is_one_line_before_anything_runs(tmp_path, capsys, 
 
 
 def test_the_eval_keep_ratios_default_is_the_metrics_one():
-    from lcam.metrics import DEFAULT_RATIOS
+    """EvalConfig cannot import lcam.metrics (torch) for its default: read the constant from the source."""
+    import ast
+    from pathlib import Path
 
-    assert EvalConfig("S", "O").ratios == DEFAULT_RATIOS
+    source = Path(__file__).resolve().parents[1] / "lcam" / "metrics" / "adic.py"
+    assigned = [n for n in ast.parse(source.read_text()).body
+                if isinstance(n, ast.AnnAssign) and getattr(n.target, "id", None) == "DEFAULT_RATIOS"]
+    assert len(assigned) == 1 and EvalConfig("S", "O").ratios == ast.literal_eval(assigned[0].value) == (1.0, 0.5, 0.15)
 
 
 def test_options_parse_to_fields_in_every_job():
