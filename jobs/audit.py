@@ -9,39 +9,27 @@ from __future__ import annotations
 import argparse
 import json
 
-from jobs.common import add_storage_options, parse_storage_options
+from jobs.options import add_options, config_from_args as build_config
+from pipeline.configs import AuditConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("cams", help="CAM store URL (made by `lcam cams`; --classes predicted,label gives the errors both maps)")
-    parser.add_argument("--out", required=True, help="output folder: audit.html, per_class.csv, confusions.csv, per_sample.parquet")
-    parser.add_argument("--compare", default=None, metavar="EVAL_DIR", help="an `lcam eval --save-maps N` output folder: rank correlation with its maps")
-    parser.add_argument("--compare-method", default="gradcam", help="which of the evaluation's methods to compare with (default gradcam)")
-    parser.add_argument("--max-thumbnails", type=int, default=300, help="pictures in the page, all sections together (default 300)")
-    parser.add_argument("--class-names", default=None, help="class names file (default ImageNet)")
-    parser.add_argument("--band", type=float, default=0.1, help="border band width, a share of the image side (default 0.1)")
+    add_options(parser, AuditConfig)  # AuditConfig's declarations (pipeline/configs.py)
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument("--quiet", action="store_true", help="print nothing on success")
-    add_storage_options(parser, what=" for the CAM store, its source shards and --compare")
-    add_storage_options(parser, "--out-storage-option", "out_storage_option", " for the output folder")
 
 
-def config_from_args(args: argparse.Namespace):
-    from pipeline.audit import AuditConfig
-
-    return AuditConfig(
-        cams=args.cams, out=args.out.rstrip("/"), compare=args.compare, compare_method=args.compare_method,
-        max_thumbnails=args.max_thumbnails, class_names=args.class_names, band=args.band,
-        storage_options=parse_storage_options(args.storage_option), out_storage_options=parse_storage_options(args.out_storage_option),
-    )
+def config_from_args(args: argparse.Namespace) -> AuditConfig:
+    return build_config(AuditConfig, args)
 
 
 def run(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
+    cfg = config_from_args(args)  # mistakes in the options answer before the stage (Ray) is imported
     from pipeline.audit import run_audit
 
-    summary = run_audit(config_from_args(args))
+    summary = run_audit(cfg)
     if args.quiet:
         return 0
     print(json.dumps(asdict(summary), indent=1) if args.json else "\n".join(summary.lines()))

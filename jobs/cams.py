@@ -53,9 +53,10 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=1, sort_keys=True) if args.json else "\n".join(info_lines(info)))
         return 0
 
+    cfg = config_from_args(args)  # mistakes in the options answer before the stage (torch, Ray) is imported
     from pipeline.cams import generate_cams
 
-    summary = generate_cams(config_from_args(args))
+    summary = generate_cams(cfg)
     print(json.dumps(summary.to_dict(), indent=1) if args.json else "\n".join(summary.lines()))
     return 1 if summary.failed_shards else 0
 

@@ -86,9 +86,10 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)  # mistakes in the options answer before the stage (torch, Ray) is imported
     from pipeline.evaluate import evaluate
 
-    summary = run_stage(flag_names(EvalConfig), evaluate, config_from_args(args))  # fields spelt otherwise (checkpoints: --checkpoint)
+    summary = run_stage(flag_names(EvalConfig), evaluate, cfg)  # fields spelt otherwise (checkpoints: --checkpoint)
     print(json.dumps(summary.to_dict(), indent=1, default=str) if args.json else "\n".join(summary.lines()))
     return 0
 

@@ -25,9 +25,10 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)  # mistakes in the options answer before the stage (torch, Ray) is imported
     from pipeline.extract import extract
 
-    summary = extract(config_from_args(args))
+    summary = extract(cfg)
     print(json.dumps(summary.to_dict(), indent=1) if args.json else "\n".join(summary.lines()))
     return 1 if summary.failed_shards else 0
 

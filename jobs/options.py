@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable
 
 from pipeline.errors import UserError
 from pipeline.options import MISSING, UNSET, Option, check_range, comma_list, option_of, parse_storage_options
@@ -103,27 +103,24 @@ def add_option(parser: Any, config: type, name: str, *, prefix: str = "", flag: 
         kwargs.pop("metavar", None)
         action = parser.add_argument(dest, **kwargs)
     else:
+        if o.required:
+            kwargs.update(required=True, default=None)
         action = parser.add_argument(option_flag, *o.aliases, dest=dest, **kwargs)
     action.option = o  # jobs/config.py checks a YAML value against the declared range
     return action
 
 
-def add_options(parser: argparse.ArgumentParser, config: type, *, prefix: str = "", only: Iterable[str] | None = None,
-                skip: Iterable[str] = (), groups: Mapping[str, Any] | None = None) -> None:
-    """Every declared option of ``config`` (in field order; derived fields have none), or ``only`` these.
-    Options that declare a ``group`` go under that heading of ``--help``."""
-    groups = dict(groups or {})
-    names = list(only) if only is not None else [f.name for f in dataclasses.fields(config)]
-    for name in names:
-        o = option_of(_field(config, name))
-        if name in skip or (only is None and o.derived):
+def add_options(parser: argparse.ArgumentParser, config: type, *, prefix: str = "") -> None:
+    """Every declared option of ``config``, in field order (derived fields have none); options
+    that declare a ``group`` go under that heading of ``--help``."""
+    groups: dict[str, Any] = {}
+    for field in dataclasses.fields(config):
+        o = option_of(field)
+        if o.derived:
             continue
-        target = parser
-        if o.group:
-            if o.group not in groups:
-                groups[o.group] = parser.add_argument_group(o.group)
-            target = groups[o.group]
-        add_option(target, config, name, prefix=prefix)
+        if o.group and o.group not in groups:
+            groups[o.group] = parser.add_argument_group(o.group)
+        add_option(groups[o.group] if o.group else parser, config, field.name, prefix=prefix)
 
 
 def field_value(config: type, name: str, args: argparse.Namespace, prefix: str = "") -> Any:

@@ -15,7 +15,7 @@ import time
 
 from jobs.common import LAYER_HELP, add_storage_options, backbone_spec, parse_storage_options, run_stage, speaking_flags
 from jobs.options import add_option
-from pipeline.configs import CamsConfig, EvalConfig, ExtractConfig, TrainConfig
+from pipeline.configs import AuditConfig, CamsConfig, EvalConfig, ExtractConfig, TrainConfig
 
 STAGES = ("extract", "train", "cams", "eval", "audit", "report")
 METHOD_LABELS = {"fm": "L-CAM-Fm", "img": "L-CAM-Img"}
@@ -61,6 +61,9 @@ STAGE_OPTIONS: dict[str, list[tuple[type, str, str, dict]]] = {
         (EvalConfig, "save_maps", "--gallery-images", {"default": 8, "metavar": None, "help": "images in the report's method-by-method gallery"}),
         (EvalConfig, "seed", "--seed", {"help": "the training runs' seed and the evaluation's image subset"}),
     ],
+    "audit": [
+        (AuditConfig, "max_thumbnails", "--audit-thumbnails", {"help": "pictures in audit.html (default 300)"}),
+    ],
 }
 
 
@@ -96,7 +99,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                 help="CAM methods next to L-CAM, comma-separated (default: lcam eval's default list; see lcam eval --help)")
     groups["eval"].add_argument("--method-limit", default=None, help="per-method image limits, e.g. scorecam=16,rise=32")
     groups["eval"].add_argument("--rise-masks", type=int, default=4000)
-    parser.add_argument_group("audit stage").add_argument("--audit-thumbnails", type=int, default=300, help="pictures in audit.html (default 300)")
 
 
 def _methods(args: argparse.Namespace) -> list[str]:
@@ -265,7 +267,7 @@ def run(args: argparse.Namespace) -> int:
 
     audit_dir = join(wd, "audit")
     if "audit" in stages:
-        from pipeline.audit import MAPS_FILE, AuditConfig, run_audit
+        from pipeline.audit import MAPS_FILE, run_audit
 
         stage("audit: errors explained, evidence per class")
         compare = eval_dir if "gradcam" in eval_methods and exists(join(eval_dir, MAPS_FILE), so) else None

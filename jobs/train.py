@@ -22,10 +22,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)  # mistakes in the options answer before the stage (torch, Ray) is imported
     from pipeline.training import train
 
     with speaking_flags(flag_names(TrainConfig)) as flag:  # fields this command spells its own way (recipe_rule: --recipe)
-        summary = train(config_from_args(args))
+        summary = train(cfg)
     print(json.dumps(summary.to_dict(), indent=1) if args.json else "\n".join(summary.lines(flag)))
     return 0
 

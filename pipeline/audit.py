@@ -37,7 +37,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .audit_html import picture_name
-from .audit_stats import BORDER_BAND, STAT_NAMES, TOP_FRACTION, map_statistics, resize_maps, spearman, top_region_iou
+from .audit_stats import STAT_NAMES, map_statistics, resize_maps, spearman, top_region_iou
 from .errors import UserError
 from .fs import StorageOptions, get_fs, join, write_bytes_atomic
 
@@ -48,22 +48,7 @@ STRIP = 3  # typical and extreme samples per class strip
 MAPS_FILE = "maps.npz"  # what `lcam eval --save-maps N` writes
 
 
-@dataclass
-class AuditConfig:
-    cams: str  # the CAM store
-    out: str  # folder for audit.html and the tables
-    compare: str | None = None  # an `lcam eval --save-maps N` output folder
-    compare_method: str = "gradcam"
-    max_thumbnails: int = 300  # pictures in the page, all sections together
-    class_names: str | None = None
-    grid: int = 56  # maps are compared and measured at grid x grid (bilinear from the store's maps)
-    band: float = BORDER_BAND
-    top_fraction: float = TOP_FRACTION
-    thumb_size: int = 112
-    colormap: str = "jet"
-    opacity: float = 0.5
-    storage_options: StorageOptions = None  # the CAM store and its source shards
-    out_storage_options: StorageOptions = None
+from .configs import AuditConfig  # noqa: E402  re-exported: the config lives in the torch-free pipeline.configs
 
 
 @dataclass

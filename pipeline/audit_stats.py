@@ -20,8 +20,9 @@ import math
 
 import numpy as np
 
-BORDER_BAND = 0.1  # a pixel is in the border band when its centre is within 10% of the side from an edge
-TOP_FRACTION = 0.15  # the "region" of a map for overlaps: its top 15% pixels (the evaluation's smallest keep ratio)
+# defined beside AuditConfig, whose defaults they are (the torch-free pipeline.configs)
+from .configs import BORDER_BAND, TOP_FRACTION
+
 STAT_NAMES = ("area", "entropy", "border", "com_y", "com_x", "spread")
 
 

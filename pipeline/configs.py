@@ -20,6 +20,9 @@ VIEWS = ("center", "hflip")
 # Samples per decode task: a 1,000-image shard decodes on 8 CPUs at once (a GPU node of
 # cluster.yaml has 8 vCPUs), while each task still amortises its start (~ms) over >100 images.
 DECODE_PART_ROWS = 128
+# lcam audit's map statistics (pipeline/audit_stats.py)
+BORDER_BAND = 0.1  # a pixel is in the border band when its centre is within 10% of the side from an edge
+TOP_FRACTION = 0.15  # the "region" of a map for overlaps: its top 15% pixels (the evaluation's smallest keep ratio)
 
 
 @dataclass
@@ -229,3 +232,27 @@ class EvalConfig:
         for k in ("shard_storage_options", "out_storage_options", "checkpoint_storage_options"):
             d.pop(k)
         return d
+
+
+def no_trailing_slash(url: str) -> str:
+    return url.rstrip("/")
+
+
+@dataclass
+class AuditConfig:
+    """Everything ``lcam audit`` needs."""
+
+    cams: str = opt(help="CAM store URL (made by `lcam cams`; --classes predicted,label gives the errors both maps)", positional=True)
+    out: str = opt(help="output folder: audit.html, per_class.csv, confusions.csv, per_sample.parquet", required=True, parse=no_trailing_slash)
+    compare: str | None = opt(None, "an `lcam eval --save-maps N` output folder: rank correlation with its maps", metavar="EVAL_DIR")
+    compare_method: str = opt("gradcam", "which of the evaluation's methods to compare with (default gradcam)")
+    max_thumbnails: int = opt(300, "pictures in the page, all sections together (default 300)", min=0)
+    class_names: str | None = opt(None, "class names file (default ImageNet)")
+    grid: int = derived(56, "maps are compared and measured at grid x grid (bilinear from the store's maps): a fixed protocol")
+    band: float = opt(BORDER_BAND, "border band width, a share of the image side (default 0.1)", min=0, max=0.5)
+    top_fraction: float = derived(TOP_FRACTION, "a map's region for overlaps: the evaluation's smallest keep ratio, fixed")
+    thumb_size: int = derived(112, "the page's picture size (layout)")
+    colormap: str = derived("jet", "the page's colours (layout)")
+    opacity: float = derived(0.5, "the page's overlay opacity (layout)")
+    storage_options: StorageOptions = storage(" for the CAM store, its source shards and --compare", "--storage-option")
+    out_storage_options: StorageOptions = storage(" for the output folder", "--out-storage-option")

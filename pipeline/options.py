@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 from .errors import UserError
 
@@ -55,6 +55,7 @@ class Option:
     aliases: tuple[str, ...] = ()  # further flags with the same meaning (--quiet for --no-progress)
     dest: str | None = None  # the argparse dest (a YAML key) when not the flag's name
     positional: bool = False
+    required: bool = False  # a flag that must be given (lcam audit --out)
     type: Callable[[Any], Any] | None = None  # default: from the annotation (int, float, str)
     choices: tuple[Any, ...] | None = None
     min: float | None = None  # inclusive range of a number
@@ -164,15 +165,3 @@ def check_range(value: Any, option: Option, flag: str) -> None:
     problem = range_problem(value, option)
     if problem:
         raise UserError(f"{flag} {problem}")
-
-
-def check_config(config: Any, names: Mapping[str, str] | None = None) -> None:
-    """Every declared range and choice of ``config``'s fields (a config built in Python, not
-    through the CLI, gets the same checks); ``names``: field -> flag for the messages."""
-    for f in dataclasses.fields(config):
-        o = option_of(f)
-        value = getattr(config, f.name)
-        flag = (names or {}).get(f.name) or o.flag_for(f.name)
-        check_range(value, o, flag)
-        if o.choices is not None and o.parse is None and value is not None and value not in o.choices:
-            raise UserError(f"{flag} {value!r} is not one of {', '.join(map(str, o.choices))}")

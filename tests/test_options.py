@@ -16,7 +16,7 @@ import yaml
 
 from jobs.cli import command_parser, main
 from jobs.options import option_dest
-from pipeline.configs import CamsConfig, EvalConfig, ExtractConfig, TrainConfig
+from pipeline.configs import AuditConfig, CamsConfig, EvalConfig, ExtractConfig, TrainConfig
 from pipeline.options import option_of
 
 # job -> (config class, the required argv, the same as config fields)
@@ -25,6 +25,7 @@ JOBS = {
     "cams": (CamsConfig, ["CKPT", "OUT"], {"checkpoint": "CKPT", "out": "OUT"}),
     "train": (TrainConfig, [], {}),
     "eval": (EvalConfig, ["S", "OUT"], {"shards": "S", "out": "OUT"}),
+    "audit": (AuditConfig, ["CAMS", "--out", "OUT/"], {"cams": "CAMS", "out": "OUT"}),  # --out's parse drops the slash
 }
 
 
@@ -104,9 +105,14 @@ def test_a_flag_out_of_range_is_one_line_before_anything_runs(tmp_path, capsys, 
 
 
 def test_the_eval_keep_ratios_default_is_the_metrics_one():
-    from lcam.metrics import DEFAULT_RATIOS
+    """EvalConfig cannot import lcam.metrics (torch) for its default: read the constant from the source."""
+    import ast
+    from pathlib import Path
 
-    assert EvalConfig("S", "O").ratios == DEFAULT_RATIOS
+    source = Path(__file__).resolve().parents[1] / "lcam" / "metrics" / "adic.py"
+    assigned = [n for n in ast.parse(source.read_text()).body
+                if isinstance(n, ast.AnnAssign) and getattr(n.target, "id", None) == "DEFAULT_RATIOS"]
+    assert len(assigned) == 1 and EvalConfig("S", "O").ratios == ast.literal_eval(assigned[0].value) == (1.0, 0.5, 0.15)
 
 
 def test_options_parse_to_fields_in_every_job():
@@ -145,6 +151,8 @@ def test_each_job_refuses_out_of_range_in_one_line(tmp_path, capsys, job, argv, 
     ("train", {"checkpoint_minutes": -1}, "field 'checkpoint_minutes': must be at least 0, got -1"),
     ("cams", {"checkpoint": "C", "out": "O", "quiet": 1}, "field 'quiet': expected true or false, got 1"),
     ("eval", {"shards": "S", "out": "O", "batch_size": "16x"}, "field 'batch_size': expected a whole number, got '16x'"),
+    ("audit", {"cams": "C", "out": "O", "band": 0.7}, "field 'band': must be between 0 and 0.5, got 0.7"),
+    ("audit", {"cams": "C"}, "missing field 'out' (output folder: audit.html, per_class.csv, confusions.csv, per_sample.parquet)"),
 ])
 def test_a_wrong_yaml_field_in_other_jobs(tmp_path, capsys, job, fields, words):
     path = tmp_path / "job.yaml"
