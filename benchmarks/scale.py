@@ -274,7 +274,15 @@ def main() -> int:
 
     cpu = TreeSampler()
     # Object stores sized as ensure_ray sizes a local one; the head holds no work.
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "num_gpus": 0, "include_dashboard": True, "object_store_memory": 2**30})
+    # the dashboard (Ray's state API reads placement through it) on a free port: another Ray
+    # on this machine may hold the default 8265
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dashboard_port = sock.getsockname()[1]
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "num_gpus": 0, "include_dashboard": True,
+                                                            "dashboard_port": dashboard_port, "object_store_memory": 2**30})
     for _ in range(args.workers):
         cluster.add_node(num_cpus=2, num_gpus=1, object_store_memory=2**30)
     cluster.wait_for_nodes()
