@@ -200,7 +200,7 @@ class Stage:
                 f"({100 * self.share:4.1f}%)  peak {self.peak / 2**30:5.2f} GiB  spilled {self.spill:.0f} MiB")
 
 
-def run_size(n: int, work: Path, images: Path, per_shard: int, head: str, workers: set[str], cpu: TreeSampler) -> dict:
+def run_size(n: int, work: Path, images: Path, per_shard: int, head: str, workers: set[str], cpu: TreeSampler, threads: int) -> dict:
     from pipeline.cache import FeatureCache
     from pipeline.cams import CamsConfig, generate_cams
     from pipeline.extract import ExtractConfig, extract
@@ -226,7 +226,7 @@ def run_size(n: int, work: Path, images: Path, per_shard: int, head: str, worker
     print(s.line(), flush=True)
     with Stage("extract", n, cpu) as s:
         summary = extract(ExtractConfig(shards=str(out / "shards"), cache=str(out / "cache"), backbone=BACKBONE, weights=WEIGHTS,
-                                        batch_size=256, progress=False))
+                                        batch_size=256, torch_threads=threads, progress=False))
     stages.append(s)
     print(s.line(), flush=True)
     stage = summary.stage
@@ -240,7 +240,7 @@ def run_size(n: int, work: Path, images: Path, per_shard: int, head: str, worker
     stages.append(s)
     print(s.line(), flush=True)
     with Stage("cams", n, cpu) as s:
-        generate_cams(CamsConfig(checkpoint=trained.checkpoint, out=str(out / "cams"), cache=str(out / "cache"), classes="top-k", top_k=5, progress=False))
+        generate_cams(CamsConfig(checkpoint=trained.checkpoint, out=str(out / "cams"), cache=str(out / "cache"), classes="top-k", top_k=5, torch_threads=threads, progress=False))
     stages.append(s)
     print(s.line(), flush=True)
     for s in stages:
@@ -255,6 +255,8 @@ def main() -> int:
     parser.add_argument("--compare", type=int, default=10_000, help="the smaller size whose peak memory the larger's is held to (0: none)")
     parser.add_argument("--per-shard", type=int, default=1000)
     parser.add_argument("--workers", type=int, default=2, help="worker nodes (2 CPUs and one fake GPU each)")
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="torch threads per model actor (default: the machine's cores / worker nodes, at least 1)")
     parser.add_argument("--work", default=None, help="folder for images, shards, caches (default: a new temp folder)")
     args = parser.parse_args()
 
@@ -272,7 +274,15 @@ def main() -> int:
 
     cpu = TreeSampler()
     # Object stores sized as ensure_ray sizes a local one; the head holds no work.
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "num_gpus": 0, "include_dashboard": True, "object_store_memory": 2**30})
+    # the dashboard (Ray's state API reads placement through it) on a free port: another Ray
+    # on this machine may hold the default 8265
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dashboard_port = sock.getsockname()[1]
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "num_gpus": 0, "include_dashboard": True,
+                                                            "dashboard_port": dashboard_port, "object_store_memory": 2**30})
     for _ in range(args.workers):
         cluster.add_node(num_cpus=2, num_gpus=1, object_store_memory=2**30)
     cluster.wait_for_nodes()
@@ -282,7 +292,11 @@ def main() -> int:
     print(f"cluster: head {head[:8]} (0 CPU, 0 GPU), workers {', '.join(w[:8] for w in sorted(workers))}", flush=True)
 
     sizes = [s for s in (args.compare, args.images) if s] if args.compare and args.compare < args.images else [args.images]
-    results = [run_size(n, work, work / "images", args.per_shard, head, workers, cpu) for n in sizes]
+    # The simulated nodes share this machine's cores: an actor taking every core (torch's
+    # default on a node) oversubscribes them, one actor per node each spinning on all cores.
+    threads = args.torch_threads or max(1, (os.cpu_count() or 1) // max(1, args.workers))
+    print(f"torch threads per model actor: {threads}", flush=True)
+    results = [run_size(n, work, work / "images", args.per_shard, head, workers, cpu, threads) for n in sizes]
     cpu.stop()
 
     print()

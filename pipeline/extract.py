@@ -7,8 +7,9 @@ One unit of work = one source shard (:func:`pipeline.raykit.run_shard_stage`):
 2. decode + preprocess: one CPU task per part, every image to RGB uint8 pixels, failures
    kept as rows with a reason instead of crashing the job;
 3. the frozen backbone in an actor (one per GPU of the cluster, with autocast and
-   channels-last there; else one CPU actor) takes a whole shard's parts, runs the model
-   and writes the shard's group into the cache itself (deterministic, so a re-run rewrites
+   channels-last there; else one CPU actor) takes a shard's parts as they finish decoding
+   (the model starts on the first), runs the model and writes the shard's group into the
+   cache itself (deterministic, so a re-run rewrites
    the same objects; one writer per group);
 4. the driver receives only the manifest entry (keys count, skipped images) and alone
    records it in the manifest. Feature arrays never reach the driver.
@@ -295,31 +296,28 @@ class ExtractWorker(ShardWorker):
 
     Returns the manifest entry only. The cache ships as URL + options (picklable)."""
 
+    STREAMS_PARTS = True  # gets its parts as refs (run_shard_stage), fetched one at a time by run_parts
+
     WRITE_ATTEMPTS = 3  # storage hiccups (OSError): the group is rewritten whole, so retrying is safe
 
     def __init__(self, cache: FeatureCache, backbone: str, weights: str, precision: str, store_logits: bool, dtype: str,
                  torch_threads: int | None, batch_size: int) -> None:
-        import threading
-
+        super().__init__()
         self.cache = cache
         self.runner = BackboneRunner(backbone, weights, precision, store_logits, dtype, torch_threads)
         self.batch_size = batch_size
-        self.model_lock = threading.Lock()  # two calls at once (see run_shard_stage): one forward at a time
 
-    def process(self, item: dict[str, Any], *parts: dict[str, Any]) -> dict[str, Any]:
+    def process(self, item: dict[str, Any], *parts: Any) -> dict[str, Any]:
         url = item["url"]
-        bad = next((p["shard_error"] for p in parts if p.get("shard_error")), None)
-        if bad:
-            return {"url": url, "failed": bad}
-        batch = join_parts(parts)
-        n = len(batch["key"])
-        with self.model_lock:
-            outs = [self.runner({k: v[lo : lo + self.batch_size] for k, v in batch.items()}) for lo in range(0, n, self.batch_size)]
+        run = self.run_parts(parts, self.runner, self.batch_size)
+        if run.failed:
+            return {"url": url, "failed": run.failed}
+        batch, n = run.columns, run.rows
         keep = batch["error"] == ""
         skipped = [{"key": str(k), "reason": str(e), "shard": url} for k, e in zip(batch["key"][~keep], batch["error"][~keep])]
         keys, labels = [str(k) for k in batch["key"][keep]], batch["label"][keep]
-        cols = {k: np.concatenate([o[k] for o in outs])[keep] if outs else None for k in ("features", "top5_classes", "top5_probs", "logits")}
-        del batch, outs, parts  # the pixels: only the features are kept until written
+        cols = {k: run.outputs[k][keep] if run.outputs else None for k in ("features", "top5_classes", "top5_probs", "logits")}
+        del run, parts  # only the features are kept until written
         if not keep.any():  # every image undecodable: an empty group (verify counts them as skipped)
             V, (C, h, w) = len(self.cache.views), self.cache.feature_shape
             cols = {"features": np.zeros((0, V, C, h, w), np.float32), "top5_classes": np.zeros((0, 5), np.int32),

@@ -136,6 +136,9 @@ def run_shard_stage(
     ``actor_cls(*actor_args)`` gets them as ``process(item, *parts)``, runs the model, writes
     the shard's group itself and returns its manifest entry (small metadata, nothing else).
     The driver passes refs along and never fetches a part: the bytes stay on the workers.
+    A ``ShardWorker`` with ``STREAMS_PARTS`` gets ``process(item, [part refs])`` instead: the
+    call starts at once and :meth:`ShardWorker.run_parts` fetches the parts one at a time,
+    so the model starts on the first decoded part, not after the whole shard's decode.
 
     Why this shape, not Ray Data (measured, benchmarks/RESULTS.md "Scale"): Ray Data splits
     a shard's rows over blocks, so one writer per shard group needs the rows re-assembled
@@ -193,7 +196,11 @@ def run_shard_stage(
             item, attempt = queue.pop()
             actor = min(pool, key=pool.get)  # the least busy
             parts = prepare(item)
-            running[actor.process.remote(item, *parts)] = (item, attempt, actor)
+            # the refs in a list, not as arguments: Ray would resolve arguments (wait for the
+            # whole shard's decode) before the call starts; in a list they reach the actor
+            # as refs and ShardWorker.run_parts fetches them one at a time
+            args = (list(parts),) if getattr(actor_cls, "STREAMS_PARTS", False) else tuple(parts)
+            running[actor.process.remote(item, *args)] = (item, attempt, actor)
             pool[actor] += 1
             del parts  # the driver keeps no ref to the data: Ray frees it after the call
 
@@ -257,8 +264,68 @@ def run_shard_stage(
     return stats
 
 
+@dataclass
+class ShardRun:
+    """One shard through a worker's model (:meth:`ShardWorker.run_parts`)."""
+
+    failed: str | None = None  # the shard's own error (damaged, cut): nothing was run
+    columns: dict[str, np.ndarray] = field(default_factory=dict)  # the parts' carried columns, joined in row order
+    outputs: dict[str, np.ndarray] = field(default_factory=dict)  # the model's outputs, joined ({} when no row)
+    rows: int = 0
+
+
 class ShardWorker:
-    """Base of the actors of :func:`run_shard_stage`: subclasses define ``process(item, *parts)``."""
+    """Base of the actors of :func:`run_shard_stage`: subclasses define ``process(item, *parts)``
+    and run their model over the parts with :meth:`run_parts`."""
+
+    # the columns of a decoded part that outlive the model run (the pixels do not)
+    CARRIED = ("key", "label", "error")
+
+    def __init__(self) -> None:
+        import threading
+
+        # two calls at once (see run_shard_stage): one shard's model section at a time
+        self.model_lock = threading.Lock()
+
+    def run_parts(self, parts: Sequence[Any], fn: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], batch_size: int) -> ShardRun:
+        """Run ``fn`` over a shard's decoded parts in slices of ``batch_size`` rows, in row order.
+
+        ``parts``: decoded parts (dicts), their object refs, or lists of refs (what
+        :func:`run_shard_stage` passes): refs are fetched one at a time, so the model starts
+        on the first decoded part while the others still decode. The slices are those of
+        the joined shard (rows carried over from one part into the next slice), so the
+        batches, hence the features, are the same however the shard was cut into parts.
+        A part with ``shard_error`` fails the shard (``ShardRun.failed``).
+        """
+        import ray
+
+        flat: list[Any] = []
+        for p in parts:
+            flat.extend(p if isinstance(p, (list, tuple)) else [p])
+        run = ShardRun()
+        carried: list[dict[str, np.ndarray]] = []
+        outs: list[dict[str, np.ndarray]] = []
+        pending: dict[str, np.ndarray] | None = None  # decoded rows not run yet
+        with self.model_lock:
+            for part in flat:
+                if isinstance(part, ray.ObjectRef):
+                    part = ray.get(part)
+                if part.get("shard_error"):
+                    return ShardRun(failed=str(part["shard_error"]))
+                carried.append({k: part[k] for k in self.CARRIED})
+                pending = dict(part) if pending is None else {k: np.concatenate([pending[k], part[k]]) for k in pending}
+                while len(pending["key"]) >= batch_size:
+                    outs.append(fn({k: v[:batch_size] for k, v in pending.items()}))
+                    pending = {k: v[batch_size:] for k, v in pending.items()}
+            if pending is not None and len(pending["key"]):
+                outs.append(fn(pending))
+        del pending, flat
+        if carried:
+            run.columns = {k: np.concatenate([c[k] for c in carried]) for k in self.CARRIED}
+            run.rows = len(run.columns["key"])
+        if outs:
+            run.outputs = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+        return run
 
     def node_id(self) -> str:
         """The Ray node this actor runs on (Ray's own id: placement is checked against it); "" outside Ray."""

@@ -15,7 +15,8 @@ from PIL import Image
 
 from lcam import build_backbone
 from pipeline.cache import FeatureCache, shard_id_for
-from pipeline.extract import ExtractConfig, ExtractWorker, decode_part, extract, open_cache_for, read_parts
+from pipeline.extract import BackboneRunner, ExtractConfig, ExtractWorker, decode_part, extract, open_cache_for, read_parts
+from pipeline.raykit import ShardWorker
 from pipeline.shards import list_shards, pack_folder
 
 BACKBONE, WEIGHTS = "torchvision:resnet18,size=64", "random"
@@ -94,3 +95,34 @@ def test_a_reexecuted_write_leaves_the_group_identical(shards, tmp_path):
     assert group_digest(cache.url, sid) == clean
     report = FeatureCache.open(cache.url).verify(expected={info.url: info.count})
     assert report.ok and report.rows == 3, report.problems
+
+
+def test_parts_streamed_as_refs_meet_the_model_in_the_joined_shards_slices(ray_local, shards):
+    """run_shard_stage hands a worker its parts as refs in a list, fetched one at a time (the
+    model starts on the first decoded part). However the shard was cut into parts, the rows
+    must reach the model in the slices of the joined shard, so the features are bit-identical."""
+    backbone = build_backbone(BACKBONE, WEIGHTS)
+    info = list_shards(str(shards))[0]  # 3 images
+    item = {"url": info.url, "name": info.name, "count": info.count}
+    runner = BackboneRunner(BACKBONE, WEIGHTS, "auto", False, "float16", 1)
+    runs, slices = {}, {}
+    for cut in (1, 2, 3):
+        raw = read_parts(item, None, cut)
+        parts = [decode_part(p, backbone.preprocessing, ("center",)) for p in ([raw] if cut == 1 else raw)]  # one part: one Ray return
+        assert len(parts) == cut
+        seen: list[list[str]] = []
+
+        def model(batch, seen=seen):
+            seen.append([str(k) for k in batch["key"]])
+            return runner(batch)
+
+        runs[cut] = ShardWorker().run_parts([[ray_local.put(p) for p in parts]], model, 2)
+        slices[cut] = seen
+    keys = [str(k) for k in runs[1].columns["key"]]
+    assert len(keys) == 3 and runs[1].rows == 3
+    for cut in (2, 3):
+        assert slices[cut] == slices[1] == [keys[:2], keys[2:]]
+        assert [str(k) for k in runs[cut].columns["key"]] == keys
+        for name, value in runs[1].outputs.items():
+            assert np.array_equal(runs[cut].outputs[name], value), name
+    assert runs[1].outputs["features"].shape[0] == 3 and runs[1].failed is None
