@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -40,7 +40,6 @@ from .cams_shards import CamActor, CamWorker, cams_from_shards
 from .device import resolve_device
 from .errors import UserError
 from .explainer import MODES, ClassSelection, Explainer, checkpoint_fingerprint, explain_rows
-from .fs import StorageOptions
 
 __all__ = [
     "FORMAT", "MODES", "SMALL_CHUNK_ROWS", "UPSAMPLED_CHUNK_BYTES",

@@ -24,9 +24,8 @@ the job's configuration and :func:`train` (the dispatch), and re-exports the pub
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
-from .fs import StorageOptions, absolute
+from .fs import absolute
 from .run_folder import CHECKPOINT, CURVES, METRICS, RunFolder, StepWindow, epoch_record, history_until, plot_curves, trainer_state_from_checkpoint
 from .train_fm import fm_batches, train_fm, train_fm_placed
 from .train_img import (
