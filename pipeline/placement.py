@@ -172,22 +172,42 @@ class LogRelay:
         ray.kill(self.queue.actor)
 
 
-def run_task(fn: Callable[..., Any], *args: Any, resources: dict[str, float], progress: bool = True, name: str | None = None) -> Any:
+# A Ray task lost with its worker process or its node (not a failure of its own): Ray's
+# automatic retry would rerun it with the same arguments; run_task reruns it itself so that
+# the caller can hand the next attempt what the lost one left (e.g. resume a checkpoint).
+LOST_TASK_ERRORS = ("WorkerCrashedError", "NodeDiedError", "LocalRayletDiedError", "OutOfMemoryError")
+
+
+def run_task(fn: Callable[..., Any], *args: Any, resources: dict[str, float], progress: bool = True, name: str | None = None,
+             attempts: int = 1, retry_args: Callable[[], tuple] | None = None) -> Any:
     """``fn(*args, log_queue)`` as one Ray task with ``resources``; its result, or the
-    UserError it raised (Ctrl-C cancels the task)."""
+    UserError it raised (Ctrl-C cancels the task). A task lost with its worker or node runs
+    again, ``attempts`` times in all, with ``retry_args()`` as its arguments when given;
+    a failure of the task's own code is never retried."""
     import ray
+    import ray.exceptions
 
-    relay = LogRelay(progress)
-    task = ray.remote(fn).options(max_retries=0, name=name or fn.__name__, **resources)
-    ref = task.remote(*args, relay.queue)
-    try:
-        with raise_user_errors():
-            return ray.get(ref)
-    except KeyboardInterrupt:
-        ray.cancel(ref, force=True)
-        raise
-    finally:
-        relay.close()
+    lost = tuple(getattr(ray.exceptions, n) for n in LOST_TASK_ERRORS if hasattr(ray.exceptions, n))
+    task_name = name or fn.__name__
+    for attempt in range(1, max(1, attempts) + 1):
+        relay = LogRelay(progress)
+        task = ray.remote(fn).options(max_retries=0, name=task_name, **resources)
+        ref = task.remote(*args, relay.queue)
+        try:
+            with raise_user_errors():
+                return ray.get(ref)
+        except lost as exc:
+            if attempt >= attempts:
+                raise
+            log.warning("%s was lost (%s); running it again (attempt %d of %d)", task_name, type(exc).__name__, attempt + 1, attempts)
+            if retry_args is not None:
+                args = retry_args()
+        except KeyboardInterrupt:
+            ray.cancel(ref, force=True)
+            raise
+        finally:
+            relay.close()
+    raise AssertionError("unreachable")
 
 
-__all__ = ["WHERE", "LogRelay", "check_where", "model_resources", "node_id", "raise_user_errors", "relayed_logs", "resolve_where", "run_task", "user_error_in"]
+__all__ = ["WHERE", "LogRelay", "check_where", "model_resources", "node_id", "raise_user_errors", "relayed_logs", "resolve_where", "run_task", "user_error_in", "LOST_TASK_ERRORS"]

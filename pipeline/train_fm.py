@@ -14,16 +14,19 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
+from .configs import TrainConfig
 from .checkpoints import CheckpointMismatch, check_backbone, check_cache
 from .device import autocast_dtype, resolve_device
 from .errors import UserError
+from .fs import exists
 from .progress import Progress, say
 from .run_folder import CHECKPOINT, CURVES, METRICS, RunFolder, StepWindow, epoch_record, format_epoch, history_until, trainer_state_from_checkpoint
 from .train_setup import TrainSummary, backbone_for_cache, check_config, initial_attention, resolve_recipe
 
-# The job's settings (pipeline.training.TrainConfig) come in as an argument: pipeline.training
-# dispatches to this module, so importing the type from there would tie the two in a loop.
-TrainConfig = Any
+
+# a training task lost with its worker or node runs again from its last checkpoint, 3 times in all
+LOST_TASK_ATTEMPTS = 3
+
 
 def fm_batches(loader: Any, start: int, top_k: int = 1) -> Iterator[Any]:
     """CacheLoader batches from ``start`` on, as :class:`lcam.training.TrainBatch`; with
@@ -161,4 +164,12 @@ def train_fm_placed(cfg: TrainConfig) -> TrainSummary:
     resources = model_resources(cfg.device)
     what = "1 GPU" if resources.get("num_gpus") else f"{resources['num_cpus']:g} CPU"
     say(enabled=cfg.progress, line=f"L-CAM-Fm: training in a Ray task ({what})")
-    return run_task(_fm_task, cfg, resources=resources, progress=cfg.progress, name="lcam-train-fm")
+
+    def resume_args() -> tuple:
+        # the lost attempt's last checkpoint (saved every epoch, or mid-epoch at exact
+        # positions) is where the next one continues: resume is exact (see train_fm)
+        have = exists(RunFolder(cfg.out, cfg.storage_options).path(CHECKPOINT), cfg.storage_options)
+        return (dataclasses.replace(cfg, resume=True) if have else cfg,)
+
+    return run_task(_fm_task, cfg, resources=resources, progress=cfg.progress, name="lcam-train-fm",
+                    attempts=LOST_TASK_ATTEMPTS, retry_args=resume_args)

@@ -29,9 +29,7 @@ from .progress import say
 from .run_folder import CHECKPOINT, CURVES, METRICS, RunFolder, StepWindow, epoch_record, format_epoch, history_until, trainer_state_from_checkpoint
 from .train_setup import TrainSummary, check_config, initial_attention, resolve_recipe
 
-# The job's settings (pipeline.training.TrainConfig) come in as an argument: pipeline.training
-# dispatches to this module, so importing the type from there would tie the two in a loop.
-TrainConfig = Any
+from .configs import TrainConfig  # torch-free, no loop with pipeline.training
 
 # ---------------------------------------------------------------- L-CAM-Img: Ray Data stages
 def crop_seed(seed: int, epoch: int, key: str) -> int:

@@ -15,9 +15,7 @@ from .errors import FlagNamer, UserError, option_flag
 from .fs import StorageOptions
 from .run_folder import format_epoch
 
-# The job's settings (pipeline.training.TrainConfig) come in as an argument: pipeline.training
-# dispatches to this module, so importing the type from there would tie the two in a loop.
-TrainConfig = Any
+from .configs import TrainConfig  # torch-free, no loop with pipeline.training
 
 # Options that decide the trajectory of a run: a resumed run must keep them.
 FIXED_ON_RESUME = ("method", "backbone", "lr", "batch_size", "schedule", "target", "seed", "view", "augment", "init", "targets",

@@ -187,3 +187,44 @@ def test_img_ray_train_storage_goes_under_the_run_url_on_s3(ray_local, s3, tmp_p
     for k in ours["attention"]:
         assert torch.equal(ours["attention"][k], theirs["attention"][k])
     assert [p for p in fs.find(bucket) if secret.encode() in fs.cat_file(p)] == []
+
+
+def _crash_once(marker: str, tag: str, log_queue) -> str:
+    """A Ray task lost with its worker on its first run (the process dies), done on the next."""
+    runs = Path(marker)
+    runs.write_text(runs.read_text() + tag + "\n" if runs.exists() else tag + "\n")
+    if tag == "first":
+        os._exit(1)  # the worker process dies: what a lost node or an OOM kill looks like to Ray
+    return f"done on {tag}"
+
+
+def _fail(marker: str, log_queue) -> None:
+    Path(marker).write_text((Path(marker).read_text() if Path(marker).exists() else "") + "ran\n")
+    raise ValueError("the task's own failure")
+
+
+def test_a_lost_task_runs_again_with_the_retry_arguments_and_an_own_failure_does_not(ray_local, tmp_path):
+    """run_task (the L-CAM-Fm training task's runner) reruns a task lost with its worker,
+    handing the next attempt what retry_args gives (train_fm_placed: --resume from the lost
+    attempt's checkpoint); a failure of the task's own code is not retried."""
+    import ray.cloudpickle
+
+    from pipeline.placement import run_task
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
+    marker = tmp_path / "runs.txt"
+    result = run_task(_crash_once, str(marker), "first", resources={"num_cpus": 1}, progress=False,
+                      attempts=3, retry_args=lambda: (str(marker), "second"))
+    assert result == "done on second"
+    assert marker.read_text().split() == ["first", "second"]
+
+    once = tmp_path / "once.txt"
+    with pytest.raises(ValueError, match="the task's own failure"):
+        run_task(_fail, str(once), resources={"num_cpus": 1}, progress=False, attempts=3)
+    assert once.read_text().split() == ["ran"]
+
+    lost = tmp_path / "lost.txt"
+    with pytest.raises(Exception) as err:
+        run_task(_crash_once, str(lost), "first", resources={"num_cpus": 1}, progress=False, attempts=2)
+    assert type(err.value).__name__ == "WorkerCrashedError"
+    assert lost.read_text().split() == ["first", "first"]
