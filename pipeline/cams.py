@@ -32,7 +32,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 
 from .cam_store import FORMAT, SMALL_CHUNK_ROWS, UPSAMPLED_CHUNK_BYTES, CamStore, CamStoreMismatch, CamStoreNotFound
 from .cams_cache import CacheCamActor, cams_from_cache, cams_from_cache_on_ray
@@ -124,7 +123,7 @@ def generate_cams(cfg: CamsConfig) -> CamsSummary:
     All inputs are checked (checkpoint against the source's backbone, class ids, an
     empty or missing source) before anything is written at ``cfg.out``.
     """
-    from .checkpoints import check_backbone, load_lcam
+    from .checkpoints import check_backbone, load_checkpoint, load_lcam
     from .placement import check_where, resolve_where
 
     if (cfg.cache is None) == (cfg.shards is None):
@@ -137,9 +136,16 @@ def generate_cams(cfg: CamsConfig) -> CamsSummary:
         raise UserError(f"--opacity must be between 0 and 1, got {cfg.opacity}")
     _check_colormap(cfg.colormap)
     on_ray = cfg.cache is not None and resolve_where(cfg.where) == "ray"
-    # the driver's copy only checks the inputs when the actors or the shard source do the work
-    device = resolve_device(cfg.device) if cfg.cache is not None and not on_ray else torch.device("cpu")
-    model, ckpt = load_lcam(cfg.checkpoint, cfg.checkpoint_storage_options, weights=cfg.weights, device=device)
+    # The model is built where it runs: here for a cache without Ray; otherwise the actors
+    # build it, and the driver (on a cluster, the CPU-only head) reads only the checkpoint's
+    # small dict. Weights given by --weights are still checked here against the checkpoint's
+    # digest, before anything is written.
+    model = None
+    if (cfg.cache is not None and not on_ray) or cfg.weights:
+        device = resolve_device(cfg.device) if cfg.cache is not None and not on_ray else "cpu"
+        model, ckpt = load_lcam(cfg.checkpoint, cfg.checkpoint_storage_options, weights=cfg.weights, device=device)
+    else:
+        ckpt = load_checkpoint(cfg.checkpoint, cfg.checkpoint_storage_options)
     backbone = ckpt["backbone"]
     selection.validate(int(backbone["num_classes"]))
     if cfg.class_names is not None or cfg.overlays:  # a bad names file fails now, not after the work
@@ -182,7 +188,6 @@ def generate_cams(cfg: CamsConfig) -> CamsSummary:
         todo = [e for e in entries if e["url"] not in done]  # a re-run resumes: done shards are skipped
         summary = CamsSummary(store.url, store.fingerprint, f"feature cache {cache.url}", len(entries), len(entries) - len(todo))
         if on_ray:
-            del model  # the actors load their own
             if todo:
                 cams_from_cache_on_ray(cfg, cache, store, selection, todo, summary)
         elif todo:
@@ -192,7 +197,6 @@ def generate_cams(cfg: CamsConfig) -> CamsSummary:
         identity["source"] = {"kind": "images", "preprocessing": backbone["preprocessing"], "view": "center"}
         store = CamStore.create_or_open(cfg.out, identity, checkpoint_url=cfg.checkpoint, source_url=str(cfg.shards), storage_options=cfg.out_storage_options,
                                         class_coverage=None if coverage is None else coverage.tolist())
-        del model  # the actors build their own
         done = store.done_sources()
         todo = [s for s in shards if s.url not in done]
         summary = CamsSummary(store.url, store.fingerprint, f"shards {cfg.shards}", len(shards), len(shards) - len(todo))
