@@ -86,11 +86,14 @@ def user_error_message(exc: BaseException) -> str | None:
 
     Imports happen when an error is being handled, not before parsing: lcam.backbones imports
     torch, which would make `lcam <cmd> --help` take seconds."""
-    from lcam.backbones import BackboneSpecError, WeightsUnavailable
     from pipeline.errors import UserError
+
+    if isinstance(exc, (UserError, FileNotFoundError)):  # the common case answers without importing torch
+        return str(exc)
+    from lcam.backbones import BackboneSpecError, WeightsUnavailable
     from pipeline.fs import storage_error_message
 
-    if isinstance(exc, (UserError, WeightsUnavailable, BackboneSpecError, FileNotFoundError)):
+    if isinstance(exc, (WeightsUnavailable, BackboneSpecError)):
         return str(exc)
     if isinstance(exc, KeyError) and str(exc.args[0] if exc.args else "").startswith("unknown backbone"):
         return str(exc.args[0])  # the backbone registry's "unknown backbone 'x'; available: ..."
@@ -101,12 +104,14 @@ def run_job(name: str, argv: list[str]) -> int:
     """Run one job from its command line or ``--config FILE [key=value ...]``; user errors
     print one clear line (no traceback) and exit 2."""
     from jobs.config import build_namespace
+    from jobs.options import check_ranges
 
     module = importlib.import_module(COMMANDS[name][0])
     parser = command_parser(name)
     own_config = getattr(module, "OWN_CONFIG", False)
     try:
         args = parser.parse_args(argv) if own_config else build_namespace(parser, argv)
+        check_ranges(parser, args)  # the declared ranges (jobs/options.py), as one line naming the flag
         args.command = name
         return int(module.run(args) or 0)
     except Exception as exc:

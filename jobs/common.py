@@ -3,51 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import json
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 from pipeline.errors import FlagNamer, UserError, flag_namer
+# declared with the config fields (pipeline/options.py); re-exported for the jobs
+from pipeline.options import LAYER_HELP, parse_storage_options
+
+__all__ = ["LAYER_HELP", "add_storage_options", "backbone_spec", "parse_storage_options", "run_stage", "speaking_flags"]
 
 T = TypeVar("T")
-
-# one meaning of --precision auto everywhere (pipeline/device.py)
-PRECISION_HELP = "auto: bf16 autocast on a GPU (fp16 on a GPU without bf16), fp32 on a CPU"
-
-
-def parse_storage_options(pairs: list[str] | None) -> dict[str, Any] | None:
-    """``--storage-option key=value`` (repeatable; values parsed as JSON when they parse).
-
-    Credentials belong in the environment or the cloud role, not here: these options
-    are never written to caches, checkpoints or logs.
-    """
-    from pipeline.errors import UserError
-
-    if not pairs:
-        return None
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        parts = key.split(".")
-        if not sep or not key or not all(p.strip() for p in parts):
-            raise UserError(f"storage option {pair!r} must look like key=value (dots nest: client_kwargs.endpoint_url=http://...)")
-        try:
-            parsed: Any = json.loads(value)
-        except json.JSONDecodeError:
-            parsed = value
-        cursor = out
-        *parents, leaf = parts  # client_kwargs.endpoint_url=... nests
-        for p in parents:
-            cursor = cursor.setdefault(p, {})
-            if not isinstance(cursor, dict):
-                raise UserError(f"storage option {pair!r}: {p!r} was already given a value, it cannot also hold {leaf!r}")
-        cursor[leaf] = parsed
-    return out
-
-
-LAYER_HELP = "split the backbone after this layer (a named_modules name, as Grad-CAM target layers); the same as the spec option ,layer=NAME"
-BACKBONE_HELP = ("a built-in name (efficientnet_lite0, vgg16, resnet50, ...), timm:<model>, torchvision:<builder> or "
-                 "module.path:factory; options ,layer=NAME ,size=N")
 
 
 def backbone_spec(backbone: str | None, layer: str | None) -> str | None:

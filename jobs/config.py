@@ -14,6 +14,7 @@ from typing import Any, Mapping
 import yaml
 
 from pipeline.errors import UserError
+from pipeline.options import range_problem
 
 _SKIP = {"help", "config"}
 
@@ -127,6 +128,10 @@ def _convert_one(action: argparse.Action, value: Any, where: str) -> Any:
         raise UserError(f"{where}: {exc if str(exc) else f'invalid {kind} {value!r}'}") from None
     if action.choices is not None and out not in action.choices:
         raise UserError(f"{where}: {out!r} is not one of {', '.join(map(str, action.choices))}")
+    declared = getattr(action, "option", None)  # jobs/options.py: the field's declared range
+    problem = range_problem(out, declared) if declared is not None else None
+    if problem:
+        raise UserError(f"{where}: {problem}")
     return out
 
 

@@ -13,56 +13,90 @@ import argparse
 import sys
 import time
 
-from jobs.common import BACKBONE_HELP, LAYER_HELP, add_storage_options, backbone_spec, parse_storage_options, run_stage, speaking_flags
+from jobs.common import LAYER_HELP, add_storage_options, backbone_spec, parse_storage_options, run_stage, speaking_flags
+from jobs.options import add_option
+from pipeline.configs import CamsConfig, EvalConfig, ExtractConfig, TrainConfig
 
 STAGES = ("extract", "train", "cams", "eval", "audit", "report")
 METHOD_LABELS = {"fm": "L-CAM-Fm", "img": "L-CAM-Img"}
+
+# The stages' options this command takes over, as (config, field, flag, overrides): type, choices,
+# range and (unless overridden) help come from the field's declaration (pipeline/configs.py);
+# the overrides are where this command means something else (its defaults run a whole study).
+STAGE_OPTIONS: dict[str, list[tuple[type, str, str, dict]]] = {
+    "extract": [
+        (ExtractConfig, "backbone", "--backbone", {}),
+        (ExtractConfig, "weights", "--weights", {}),
+        (ExtractConfig, "views", "--views", {"default": "center,hflip", "help": "cached views per image (center, hflip)"}),
+        (ExtractConfig, "batch_size", "--extract-batch-size", {}),
+    ],
+    "train": [
+        (TrainConfig, "epochs", "--epochs", {"help": "default: the backbone's recipe (SPEC section 3)"}),
+        (TrainConfig, "lr", "--lr", {}),
+        (TrainConfig, "batch_size", "--batch-size", {"help": "training batch (default 64)"}),
+        (TrainConfig, "target", "--target", {"default": "label"}),
+        (TrainConfig, "schedule", "--schedule", {"help": "default: the recipe's (step for --recipe spec)"}),
+        (TrainConfig, "init", "--init", {"default": "random", "choices": ("random", "cam"), "help": "the attention's start (see lcam train --init)"}),
+        (TrainConfig, "targets", "--targets", {"default": "single", "help": "training targets per image (see lcam train)"}),
+        (TrainConfig, "top_k", "--top-k", {}),
+        (TrainConfig, "recipe_rule", "--recipe", {"default": "spec", "help": "training defaults (see lcam train --recipe)"}),
+        (TrainConfig, "max_steps", "--max-steps", {"help": "stop training after this many steps (quick runs)"}),
+        (TrainConfig, "max_steps", "--img-max-steps", {"help": "L-CAM-Img's own step limit (default: --max-steps)"}),
+        (TrainConfig, "workers", "--img-workers", {"help": "Ray Train workers for L-CAM-Img (GPUs on a cluster)"}),
+        (TrainConfig, "augment", "--img-augment", {
+            "default": "random",
+            "help": "L-CAM-Img's training images: random 224 crop + flip (default, as in the paper; the backbone runs at every step) "
+                    "or the centre crop (its pass 1 is then read from the feature cache: faster)"}),
+        (TrainConfig, "where", "--where", {
+            "help": "L-CAM-Fm training and the cams stage: in this process (local) or as Ray tasks/actors that ask for "
+                    "a GPU when the cluster has one (ray); auto (default): ray when there is a cluster (RAY_ADDRESS set)"}),
+    ],
+    "cams": [
+        (CamsConfig, "overlays", "--overlays", {"default": 16, "help": "overlay PNGs in the CAM store's gallery"}),
+        (CamsConfig, "classes", "--cams-classes", {
+            "default": "predicted,label", "help": "classes in the CAM store (default predicted,label: the audit shows both maps of a mistake)"}),
+    ],
+    "eval": [
+        (EvalConfig, "limit", "--eval-limit", {"help": "evaluate a seeded random subset of N images"}),
+        (EvalConfig, "save_maps", "--gallery-images", {"default": 8, "metavar": None, "help": "images in the report's method-by-method gallery"}),
+        (EvalConfig, "seed", "--seed", {"help": "the training runs' seed and the evaluation's image subset"}),
+    ],
+}
+
+
+def stage_flags(stage: str, method: str | None = None) -> dict[str, str]:
+    """How this command spells a stage's fields (config field -> flag), from STAGE_OPTIONS.
+    A field with an ``--img-`` flag and a plain one (max_steps) takes the img one for ``method`` img."""
+    out: dict[str, str] = {}
+    for _, field, flag, _ in STAGE_OPTIONS[stage]:
+        if field not in out or (method == "img" and flag.startswith("--img-")):
+            out[field] = flag
+    return out
+
+
 # How this command spells the evaluation stage's options (config field -> flag).
-EVAL_FLAGS = {"limit": "--eval-limit", "methods": "--eval-methods", "checkpoints": "--method"}
+EVAL_FLAGS = {**stage_flags("eval"), "methods": "--eval-methods", "checkpoints": "--method"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-shards", required=True, help="training shards: pattern or folder with index.json")
     parser.add_argument("--eval-shards", default=None, help="evaluation shards (default: the training shards)")
     parser.add_argument("--workdir", required=True, help="where every stage writes (local path, s3://, gs://)")
-    parser.add_argument("--backbone", default="efficientnet_lite0", help=BACKBONE_HELP)
-    parser.add_argument("--layer", default=None, help=LAYER_HELP)
-    parser.add_argument("--weights", default="default")
-    parser.add_argument("--views", default="center,hflip", help="cached views per image (center, hflip)")
-    parser.add_argument("--extract-batch-size", type=int, default=32)
     parser.add_argument("--method", default="fm", choices=["fm", "img", "both"], help="which L-CAM to train")
-    parser.add_argument("--epochs", type=int, default=None, help="default: the backbone's recipe (SPEC section 3)")
-    parser.add_argument("--lr", type=float, default=None)
-    parser.add_argument("--batch-size", type=int, default=None, help="training batch (default 64)")
-    parser.add_argument("--target", default="label", choices=["label", "predicted"])
-    parser.add_argument("--schedule", default=None, choices=["step", "onecycle"], help="default: the recipe's (step for --recipe spec)")
-    parser.add_argument("--init", default="random", choices=["random", "cam"], help="the attention's start (see lcam train --init)")
-    parser.add_argument("--targets", default="single", choices=["single", "top-k"], help="training targets per image (see lcam train)")
-    parser.add_argument("--top-k", type=int, default=None, help="K for --targets top-k (default 3)")
-    parser.add_argument("--recipe", default="spec", choices=["spec", "data-size"], help="training defaults (see lcam train --recipe)")
     parser.add_argument("--img-from-fm", action="store_true", help="with --method both: L-CAM-Img starts from the L-CAM-Fm checkpoint")
-    parser.add_argument("--max-steps", type=int, default=None, help="stop training after this many steps (quick runs)")
-    parser.add_argument("--img-max-steps", type=int, default=None, help="L-CAM-Img's own step limit (default: --max-steps)")
-    parser.add_argument("--img-workers", type=int, default=1, help="Ray Train workers for L-CAM-Img (GPUs on a cluster)")
-    parser.add_argument("--img-augment", default="random", choices=["random", "center"],
-                        help="L-CAM-Img's training images: random 224 crop + flip (default, as in the paper; the backbone runs at every step) "
-                             "or the centre crop (its pass 1 is then read from the feature cache: faster)")
-    parser.add_argument("--overlays", type=int, default=16, help="overlay PNGs in the CAM store's gallery")
-    parser.add_argument("--eval-methods", default=None,
-                        help="CAM methods next to L-CAM, comma-separated (default: lcam eval's default list; see lcam eval --help)")
-    parser.add_argument("--cams-classes", default="predicted,label",
-                        help="classes in the CAM store (default predicted,label: the audit shows both maps of a mistake)")
-    parser.add_argument("--audit-thumbnails", type=int, default=300, help="pictures in audit.html (default 300)")
-    parser.add_argument("--eval-limit", type=int, default=None, help="evaluate a seeded random subset of N images")
-    parser.add_argument("--method-limit", default=None, help="per-method image limits, e.g. scorecam=16,rise=32")
-    parser.add_argument("--rise-masks", type=int, default=4000)
-    parser.add_argument("--gallery-images", type=int, default=8, help="images in the report's method-by-method gallery")
-    parser.add_argument("--where", default="auto", choices=["auto", "local", "ray"],
-                        help="L-CAM-Fm training and the cams stage: in this process (local) or as Ray tasks/actors that ask for "
-                             "a GPU when the cluster has one (ray); auto (default): ray when there is a cluster (RAY_ADDRESS set)")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
-    parser.add_argument("--seed", type=int, default=0)
     add_storage_options(parser, what=" for every URL (no credentials: use the environment or the cloud role)")
+    groups = {stage: parser.add_argument_group(f"{stage} stage") for stage in STAGE_OPTIONS}
+    for stage, entries in STAGE_OPTIONS.items():
+        for config, field, flag, overrides in entries:
+            add_option(groups[stage], config, field, flag=flag, **overrides)
+            if field == "backbone":
+                groups[stage].add_argument("--layer", default=None, help=LAYER_HELP)
+    groups["eval"].add_argument("--eval-methods", default=None,
+                                help="CAM methods next to L-CAM, comma-separated (default: lcam eval's default list; see lcam eval --help)")
+    groups["eval"].add_argument("--method-limit", default=None, help="per-method image limits, e.g. scorecam=16,rise=32")
+    groups["eval"].add_argument("--rise-masks", type=int, default=4000)
+    parser.add_argument_group("audit stage").add_argument("--audit-thumbnails", type=int, default=300, help="pictures in audit.html (default 300)")
 
 
 def _methods(args: argparse.Namespace) -> list[str]:
@@ -96,15 +130,13 @@ def _limits(text: str | None) -> dict[str, int]:
     return out
 
 
-def _train_flags(method: str) -> dict[str, str]:
+def train_flags(method: str) -> dict[str, str]:
     """How this command spells the training stage's options (config field -> flag), so that its
     messages name what the user typed. Fields the pipeline sets itself get a description."""
-    max_steps = "--img-max-steps" if method == "img" else "--max-steps"
     return {
-        "out": "--workdir", "shards": "--train-shards", "cache": "the feature cache in --workdir",
-        "augment": "--img-augment", "workers": "--img-workers", "max_steps": max_steps,
-        "recipe_rule": "--recipe", "init_from": "--img-from-fm",
-        "resume": f"the same pipeline with a higher {max_steps}",  # it resumes every run it finds in --workdir
+        **stage_flags("train", method),
+        "out": "--workdir", "shards": "--train-shards", "cache": "the feature cache in --workdir", "init_from": "--img-from-fm",
+        "resume": f"the same pipeline with a higher {stage_flags('train', method)['max_steps']}",  # it resumes every run it finds in --workdir
     }
 
 
@@ -128,7 +160,7 @@ def _refuse_up_front(args: argparse.Namespace, stages: list[str], eval_methods: 
                             f"(--eval-methods {','.join(eval_methods)}, --method {args.method}); drop it or add the method")
     if "train" in stages:
         for m, cfg in train_configs.items():
-            with speaking_flags(_train_flags(m)):
+            with speaking_flags(train_flags(m)):
                 check_config(cfg)
 
 
@@ -204,7 +236,7 @@ def run(args: argparse.Namespace) -> int:
     if "train" in stages:
         for m, out in runs.items():
             stage(f"train {METHOD_LABELS[m]}")
-            with speaking_flags(_train_flags(m)) as flag:
+            with speaking_flags(train_flags(m)) as flag:
                 cfg = _train_config(args, m, cache, out, so, runs.get("fm"))
                 cfg.resume = exists(join(out, CHECKPOINT), so)  # every stage resumes what it finds
                 result = train(cfg)

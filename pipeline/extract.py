@@ -35,31 +35,10 @@ from .fs import StorageOptions, absolute
 from .progress import Progress
 from .raykit import ShardWorker, StageStats, actor_pool, ensure_ray, pin_torch_threads, run_shard_stage
 
-VIEWS = ("center", "hflip")
-# Samples per decode task: a 1,000-image shard decodes on 8 CPUs at once (a GPU node of
-# cluster.yaml has 8 vCPUs), while each task still amortises its start (~ms) over >100 images.
-DECODE_PART_ROWS = 128
+# re-exported: the config lives in the torch-free pipeline.configs (lcam extract --help reads it)
+from .configs import DECODE_PART_ROWS, VIEWS, ExtractConfig
+
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ExtractConfig:
-    shards: str | list[str]
-    cache: str
-    backbone: str = "efficientnet_lite0"
-    weights: str = "default"
-    views: tuple[str, ...] = ("center",)
-    dtype: str = "float16"
-    batch_size: int = 32
-    num_actors: int | None = None  # default: one per GPU, else 1
-    decode_batch_size: int = DECODE_PART_ROWS  # images per decode task (one shard decodes in parallel parts)
-    store_logits: bool = False
-    precision: str = "auto"  # auto (fp16 autocast on GPU, fp32 on CPU) | fp32 | fp16 | bf16
-    torch_threads: int | None = None  # CPU actors: threads for torch (default: all cores of the node)
-    index: str | None = None
-    shard_storage_options: StorageOptions = None
-    cache_storage_options: StorageOptions = None
-    progress: bool = True
 
 
 @dataclass

@@ -55,58 +55,7 @@ FIXED_ON_RESUME = ("method", "backbone", "lr", "batch_size", "schedule", "target
                    "top_k", "init_from", "recipe_rule")
 
 
-@dataclass
-class TrainConfig:
-    """Everything ``lcam train`` needs; None means "the per-backbone default" (SPEC 3) or "from the checkpoint"."""
-
-    method: str | None = None  # fm | img (default fm; with --resume: the checkpoint's)
-    out: str = "runs/train"  # run folder URL: checkpoints, metrics.jsonl, curves.png
-    cache: str | None = None  # feature cache URL (fm: required; img: optional, pass 1 from it)
-    shards: str | list[str] | None = None  # img: WebDataset shards (pattern, folder with index.json)
-    index: str | None = None  # img: shard index URL (default: index.json beside the shards)
-    backbone: str | None = None  # img without cache (default efficientnet_lite0); else from the cache
-    weights: str | None = None  # backbone weights (default: what the cache was made with, else "default")
-    epochs: int | None = None
-    lr: float | None = None
-    batch_size: int | None = None  # global batch (split over the img workers)
-    # These four and the seed decide the run's trajectory; None: the default for a new run
-    # (step, label, random, random, 0), the checkpoint's value on --resume.
-    schedule: str | None = None  # step | onecycle
-    target: str | None = None  # label | predicted (the backbone's top-1 on the clean image)
-    view: str | None = None  # fm: random | first | view index (one of the cached views per sample)
-    augment: str | None = None  # img: random (crop 224 of the 256 resize + flip) | center
-    seed: int | None = None
-    # The attention's start: random (SPEC) | cam (the classifier's weights: untrained rows are CAM);
-    # init_from: an L-CAM checkpoint URL whose attention is the start (e.g. L-CAM-Fm for L-CAM-Img).
-    init: str | None = None
-    init_from: str | None = None
-    targets: str | None = None  # single (SPEC: one target per sample) | top-k (the top_k predicted classes)
-    top_k: int | None = None  # with targets top-k (default 3)
-    recipe_rule: str | None = None  # spec (SPEC section 3 per backbone) | data-size (lcam.recipe.recipe_for_data)
-    max_steps: int | None = None  # stop after this many steps in total (quick runs); a checkpoint is kept
-    resume: bool = False
-    checkpoint_minutes: float = 10.0  # fm: also checkpoint mid-epoch after this long (0: at epoch ends only)
-    log_every: int = 20  # steps per metrics record
-    device: str = "auto"  # fm: auto | cpu | cuda
-    where: str = "auto"  # fm: local (this process) | ray (a Ray task: a GPU when the cluster has one) | auto (pipeline.placement)
-    threads: int | None = None  # fm on CPU: torch threads (default half the cores: the rest decode the cache)
-    precision: str = "auto"  # auto | fp32 | bf16 (pipeline.device: bf16 autocast on a GPU with bf16, fp32 elsewhere)
-    # fm loader
-    buffer_rows: int = 2048
-    prefetch_chunks: int = 4
-    loader_threads: int = 2
-    # img / Ray
-    workers: int = 1
-    use_gpu: bool | None = None  # None: when the cluster has GPUs
-    cpus_per_worker: float = 1.0
-    data_cpus: float = 1.0  # CPUs per Ray Data read/decode task
-    decode_batch_size: int = 16
-    shuffle_buffer: int = 256  # img: rows in each worker's local shuffle buffer
-    ray_storage: str | None = None  # img: Ray Train's storage URL (default: <out>/ray-train, with the run's storage options)
-    storage_options: StorageOptions = None  # for the run folder
-    cache_storage_options: StorageOptions = None
-    shard_storage_options: StorageOptions = None
-    progress: bool = True
+from .configs import TrainConfig  # noqa: E402  re-exported: the config lives in the torch-free pipeline.configs
 
 
 @dataclass

@@ -58,12 +58,17 @@ def ray_local():
     """A real local Ray with 2 CPUs, started (and shut down) by this test session only."""
     import ray
 
+    # Configured as pipeline.raykit.ensure_ray configures a local Ray: beyond num_cpus idle
+    # workers Ray kills the spare ones after 1 s, and every later task or actor then starts
+    # a fresh worker that imports torch again (seconds of CPU each, many times per test run).
+    kwargs = dict(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                  _system_config={"num_workers_soft_limit": 8})
     if not ray.is_initialized():
         try:
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+            ray.init(**kwargs)
         except Exception:  # "node timed out during startup": Ray's fixed 30 s, hit on a loaded machine
             ray.shutdown()
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+            ray.init(**kwargs)
         yield ray
         ray.shutdown()
     else:

@@ -2,54 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from lcam.cam_methods import LCAMMethod, default_methods, method_class, method_names
-from lcam.metrics import DEFAULT_RATIOS
+from lcam.cam_methods import LCAMMethod, method_class, method_names
 
+from ..configs import EvalConfig  # re-exported: the config lives in the torch-free pipeline.configs
 from ..errors import UserError
-from ..fs import StorageOptions
-
-
-@dataclass
-class EvalConfig:
-    """Everything ``lcam eval`` needs. None means "from the first checkpoint, else the default"."""
-
-    shards: str | list[str]
-    out: str
-    checkpoints: list[str] = field(default_factory=list)  # URL or NAME=URL per L-CAM checkpoint
-    methods: tuple[str, ...] = field(default_factory=default_methods)  # registered CAM methods next to the checkpoints
-    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> {option: value}; else its default
-    metrics: tuple[str, ...] = ()  # optional metrics next to AD/IC: road, insdel (lcam.cam_methods-style registry)
-    metric_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # metric -> {option: value}
-    backbone: str | None = None
-    weights: str | None = None
-    ratios: tuple[float, ...] = DEFAULT_RATIOS
-    limit: int | None = None  # seeded random subset of this many images (None: all)
-    seed: int = 0  # image subset and the ranking that method subsets take prefixes of
-    method_limits: dict[str, int] = field(default_factory=dict)  # method id -> its first N images of the ranking
-    batch_size: int = 16  # images per planned batch and per forward (CPU: 8-16 is fastest for EfficientNet-Lite0)
-    split_coverage: bool = False  # also the table on images whose class row L-CAM trained / did not (pipeline.coverage)
-    save_maps: int = 0  # the first N images (by rank) keep every method's map: maps.npz, the report's gallery
-    engine: str = "auto"  # auto | local | ray
-    actors: int | None = None  # ray: actor pool size (default: one per GPU, else 1)
-    decode_workers: int = 4  # local: decoding threads
-    torch_threads: int | None = None  # ray CPU actors: torch threads (default: all cores of the node)
-    device: str = "auto"  # auto | cpu | cuda
-    fold_batchnorm: bool = True  # BatchNorm folded into the convolutions: same function, 1.2-1.5x faster on CPU
-    index: str | None = None
-    shard_storage_options: StorageOptions = None
-    out_storage_options: StorageOptions = None
-    checkpoint_storage_options: StorageOptions = None
-    progress: bool = True
-
-    def public(self) -> dict[str, Any]:
-        """The config for results.json: storage options (credentials) left out."""
-        d = asdict(self)
-        for k in ("shard_storage_options", "out_storage_options", "checkpoint_storage_options"):
-            d.pop(k)
-        return d
 
 
 @dataclass(frozen=True)
