@@ -146,10 +146,12 @@ class TreeSampler:
 
 def spilled_mib() -> float:
     """MiB Ray spilled to disk so far (its memory summary)."""
+    import ray
     from ray._private.internal_api import memory_summary
 
     try:
-        text = memory_summary(stats_only=True)
+        # this cluster's address: without it Ray picks "the latest" of the machine's clusters
+        text = memory_summary(address=ray.get_runtime_context().gcs_address, stats_only=True)
     except Exception:  # noqa: BLE001 - a measurement, not the work
         return float("nan")
     m = re.search(r"Spilled (\d+) MiB", text)

@@ -84,29 +84,21 @@ class CamWorker(ShardWorker):
     WRITE_ATTEMPTS = 3  # storage hiccups (OSError): the group is rewritten whole, so retrying is safe
 
     def __init__(self, store: CamStore, batch_size: int, *actor_args: Any) -> None:
-        import threading
-
+        super().__init__()
         self.store, self.batch_size = store, batch_size
         self.model = CamActor(*actor_args)
-        self.model_lock = threading.Lock()  # two calls at once: one forward at a time
 
-    def process(self, item: dict[str, Any], *parts: dict[str, Any]) -> dict[str, Any]:
-        from .extract import join_parts
-
+    def process(self, item: dict[str, Any], *parts: Any) -> dict[str, Any]:
         url = item["url"]
-        bad = next((p["shard_error"] for p in parts if p.get("shard_error")), None)
-        if bad:
-            return {"url": url, "failed": bad}
-        batch = join_parts(parts)
-        n = len(batch["key"])
-        with self.model_lock:
-            outs = [self.model({k: v[lo : lo + self.batch_size] for k, v in batch.items()}) for lo in range(0, n, self.batch_size)]
-        del batch, parts
-        out = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]} if outs else {}
-        keep = out["error"] == "" if outs else np.zeros(0, bool)
-        skipped = [{"key": str(k), "reason": str(e), "shard": url} for k, e in zip(out["key"][~keep], out["error"][~keep])] if outs else []
+        run = self.run_parts(parts, self.model, self.batch_size)
+        if run.failed:
+            return {"url": url, "failed": run.failed}
+        del parts
+        out = run.outputs  # {} when the shard has no row
+        keep = out["error"] == "" if out else np.zeros(0, bool)
+        skipped = [{"key": str(k), "reason": str(e), "shard": url} for k, e in zip(out["key"][~keep], out["error"][~keep])] if out else []
         fields = ("key", "label", "class_ids", "probs", "raw", "predicted", "predicted_prob") + (("upsampled",) if self.store.upsampled_size else ())
-        rows = {k: out[k][keep] for k in fields} if outs else {"key": np.zeros(0, dtype=str)}
+        rows = {k: out[k][keep] for k in fields} if out else {"key": np.zeros(0, dtype=str)}
         for attempt in range(1, self.WRITE_ATTEMPTS + 1):
             try:
                 entry = self.store.write_shard(url, rows, skipped)

@@ -24,7 +24,7 @@ import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -286,17 +286,10 @@ def shard_parts(item: dict[str, Any], *, storage_options: StorageOptions, prepro
     return [_remote(decode_part).remote(r, preprocessing, tuple(views)) for r in refs]
 
 
-def join_parts(parts: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
-    """A shard's decoded parts as one batch (row order kept)."""
-    return {k: np.concatenate([p[k] for p in parts]) for k in ("key", "label", "error", "pixels")}
-
-
 class ExtractWorker(ShardWorker):
     """The extraction's actor: a shard's decoded parts -> the backbone -> its group in the cache.
 
     Returns the manifest entry only. The cache ships as URL + options (picklable)."""
-
-    STREAMS_PARTS = True  # gets its parts as refs (run_shard_stage), fetched one at a time by run_parts
 
     WRITE_ATTEMPTS = 3  # storage hiccups (OSError): the group is rewritten whole, so retrying is safe
 

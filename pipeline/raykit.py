@@ -133,12 +133,12 @@ def run_shard_stage(
 ) -> StageStats:
     """Run one shard per unit of work: ``prepare(item)`` submits the CPU tasks that read and
     decode the shard ``item["url"]`` and returns the refs of its parts; an actor of
-    ``actor_cls(*actor_args)`` gets them as ``process(item, *parts)``, runs the model, writes
+    ``actor_cls(*actor_args)`` (a :class:`ShardWorker`) gets them, runs the model, writes
     the shard's group itself and returns its manifest entry (small metadata, nothing else).
     The driver passes refs along and never fetches a part: the bytes stay on the workers.
-    A ``ShardWorker`` with ``STREAMS_PARTS`` gets ``process(item, [part refs])`` instead: the
-    call starts at once and :meth:`ShardWorker.run_parts` fetches the parts one at a time,
-    so the model starts on the first decoded part, not after the whole shard's decode.
+    The parts go as one list of refs, ``process(item, [part refs])``: the call starts at
+    once and :meth:`ShardWorker.run_parts` fetches them one at a time, so the model starts
+    on the first decoded part, not after the whole shard's decode.
 
     Why this shape, not Ray Data (measured, benchmarks/RESULTS.md "Scale"): Ray Data splits
     a shard's rows over blocks, so one writer per shard group needs the rows re-assembled
@@ -199,8 +199,7 @@ def run_shard_stage(
             # the refs in a list, not as arguments: Ray would resolve arguments (wait for the
             # whole shard's decode) before the call starts; in a list they reach the actor
             # as refs and ShardWorker.run_parts fetches them one at a time
-            args = (list(parts),) if getattr(actor_cls, "STREAMS_PARTS", False) else tuple(parts)
-            running[actor.process.remote(item, *args)] = (item, attempt, actor)
+            running[actor.process.remote(item, list(parts))] = (item, attempt, actor)
             pool[actor] += 1
             del parts  # the driver keeps no ref to the data: Ray frees it after the call
 
