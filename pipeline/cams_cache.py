@@ -26,10 +26,9 @@ from .fs import StorageOptions
 from .progress import Progress
 from .raykit import pin_torch_threads
 
-# The job's settings and its summary (pipeline.cams.CamsConfig, CamsSummary) come in as
-# arguments: pipeline.cams dispatches to this module, so naming their types here would tie
-# the two modules in a loop.
-CamsConfig = Any
+from .configs import CamsConfig  # torch-free, no loop with pipeline.cams
+# The job's summary (pipeline.cams.CamsSummary) comes in as an argument: pipeline.cams
+# dispatches to this module, so naming its type here would tie the two modules in a loop.
 CamsSummary = Any
 
 
