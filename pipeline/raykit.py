@@ -305,18 +305,21 @@ class ShardWorker:
         carried: list[dict[str, np.ndarray]] = []
         outs: list[dict[str, np.ndarray]] = []
         pending: dict[str, np.ndarray] | None = None  # decoded rows not run yet
-        with self.model_lock:
-            for part in flat:
-                if isinstance(part, ray.ObjectRef):
-                    part = ray.get(part)
-                if part.get("shard_error"):
-                    return ShardRun(failed=str(part["shard_error"]))
-                carried.append({k: part[k] for k in self.CARRIED})
-                pending = dict(part) if pending is None else {k: np.concatenate([pending[k], part[k]]) for k in pending}
+        for part in flat:
+            # the fetch waits for decoding: outside the lock, so the other call's shard keeps
+            # the model busy meanwhile; each shard's own batches still run in row order
+            if isinstance(part, ray.ObjectRef):
+                part = ray.get(part)
+            if part.get("shard_error"):
+                return ShardRun(failed=str(part["shard_error"]))
+            carried.append({k: part[k] for k in self.CARRIED})
+            pending = dict(part) if pending is None else {k: np.concatenate([pending[k], part[k]]) for k in pending}
+            with self.model_lock:
                 while len(pending["key"]) >= batch_size:
                     outs.append(fn({k: v[:batch_size] for k, v in pending.items()}))
                     pending = {k: v[batch_size:] for k, v in pending.items()}
-            if pending is not None and len(pending["key"]):
+        if pending is not None and len(pending["key"]):
+            with self.model_lock:
                 outs.append(fn(pending))
         del pending, flat
         if carried:
