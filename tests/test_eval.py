@@ -95,6 +95,27 @@ def read_csv(path) -> list[dict[str, str]]:
 # ---------------------------------------------------------------------------- planning
 
 
+def test_metric_contract_does_not_import_the_aggregation():
+    """The arrow runs one way: results.py imports the metrics; the metrics' hints name the
+    protocols of base.py, whose every member EvalResults and MethodResult have as a field."""
+    import ast
+    import dataclasses
+    import pathlib
+
+    from pipeline.evaluation import metrics
+    from pipeline.evaluation.metrics import EvalOutcome, MethodOutcome
+    from pipeline.evaluation.results import EvalResults, MethodResult
+
+    for path in sorted(pathlib.Path(metrics.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            named = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in getattr(node, "names", [])] if isinstance(node, ast.Import) else []
+            assert not any(n.split(".")[-1] == "results" for n in named), f"{path.name} imports {named}"
+    for proto, cls in ((EvalOutcome, EvalResults), (MethodOutcome, MethodResult)):
+        members = {n for n, v in vars(proto).items() if isinstance(v, property)}
+        missing = members - {f.name for f in dataclasses.fields(cls)}
+        assert members and not missing, (cls.__name__, missing)
+
+
 def test_plan_is_seeded_nested_and_never_straddles_a_shard():
     shards = [ShardInfo(f"s{i}.tar", f"s{i}.tar", n) for i, n in enumerate((5, 3, 4))]
     a = plan_batches(shards, batch_size=2, limit=7, seed=3)

@@ -5,19 +5,17 @@ from __future__ import annotations
 import io
 from typing import TYPE_CHECKING, Any, Mapping
 
-from .base import EvalMetric, MetricBatch, fmt, register_metric, standard_error
+from .base import EvalMetric, EvalOutcome, MetricBatch, fmt, register_metric, standard_error
 
 if TYPE_CHECKING:
     import numpy as np
-
-    from ..results import EvalResults
 
 
 def pct(r: float) -> str:
     return f"{r * 100:g}%"
 
 
-def subset_table(res: EvalResults, limit: int) -> list[dict[str, Any]]:
+def subset_table(res: EvalOutcome, limit: int) -> list[dict[str, Any]]:
     """AD/IC of every method on the images of rank < ``limit`` (the images a limited method saw)."""
     import torch
 
@@ -66,7 +64,7 @@ class AverageDropIncrease(EvalMetric):
                 "per_ratio": {f"{r:g}": {"AD": a, "IC": i, "AD_se": s, "IC_se": t}
                               for r, a, i, s, t in zip(self.ratios, ad, ic, ad_se, ic_se)}}
 
-    def markdown(self, res: EvalResults) -> list[str]:
+    def markdown(self, res: EvalOutcome) -> list[str]:
         from lcam.metrics import AD_FORMULA, IC_FORMULA, TIE_RULE
 
         ratios, n_all = self.ratios, len(res.keys)
@@ -107,7 +105,7 @@ class AverageDropIncrease(EvalMetric):
     def csv_cells(self, arrays: Mapping[str, np.ndarray], j: int) -> list[str]:
         return [f"{v:.9g}" for v in arrays["O"][:, j]]
 
-    def chart(self, res: EvalResults) -> bytes:
+    def chart(self, res: EvalOutcome) -> bytes:
         import matplotlib
 
         matplotlib.use("Agg")

@@ -11,15 +11,13 @@ become ``lcam eval`` flags (``--NAME`` switches an optional metric on).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Protocol, Sequence
 
 from lcam.cam_methods.base import Option
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
-
-    from ..results import EvalResults
 
 
 @dataclass
@@ -34,6 +32,39 @@ class MetricBatch:
     clean_probs: torch.Tensor  # (m, K) softmax of the clean forward
     batch_id: int
     forward_batch: int | None
+
+
+class MethodOutcome(Protocol):
+    """One method's row as a metric's renderers read it
+    (:class:`pipeline.evaluation.results.MethodResult` is one)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def label(self) -> str: ...
+    @property
+    def n(self) -> int: ...
+    @property
+    def info(self) -> dict[str, Any]: ...
+    @property
+    def metrics(self) -> dict[str, dict[str, Any]]: ...  # metric name -> its summary
+
+
+class EvalOutcome(Protocol):
+    """What a metric's :meth:`EvalMetric.markdown` and :meth:`EvalMetric.chart` read of the
+    aggregated evaluation (:class:`pipeline.evaluation.results.EvalResults` is one). A protocol,
+    so that the contract does not import the aggregation, which imports the metrics."""
+
+    @property
+    def keys(self) -> list[str]: ...
+    @property
+    def ranks(self) -> np.ndarray: ...
+    @property
+    def Y(self) -> np.ndarray: ...
+    @property
+    def per_method(self) -> dict[str, dict[str, Any]]: ...  # id -> {"rows": image indices, metric name -> its arrays}
+    @property
+    def methods(self) -> Sequence[MethodOutcome]: ...
 
 
 class EvalMetric:
@@ -68,7 +99,7 @@ class EvalMetric:
         """What the numbers mean: recorded as results.json[name]."""
         return {}
 
-    def markdown(self, res: EvalResults) -> list[str]:
+    def markdown(self, res: EvalOutcome) -> list[str]:
         """Lines of results.md (a section with a table)."""
         return []
 
@@ -78,7 +109,7 @@ class EvalMetric:
     def csv_cells(self, arrays: Mapping[str, np.ndarray], j: int) -> list[str]:
         return []
 
-    def chart(self, res: EvalResults) -> bytes | None:
+    def chart(self, res: EvalOutcome) -> bytes | None:
         """A PNG for ``chart_file``."""
         return None
 

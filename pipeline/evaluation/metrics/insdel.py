@@ -6,12 +6,10 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from lcam.cam_methods.base import Option
 
-from .base import EvalMetric, MetricBatch, fmt, register_metric, standard_error
+from .base import EvalMetric, EvalOutcome, MetricBatch, fmt, register_metric, standard_error
 
 if TYPE_CHECKING:
     import numpy as np
-
-    from ..results import EvalResults
 
 
 def baseline_kind(text: str) -> str:
@@ -69,7 +67,7 @@ class InsertionDeletionAUC(EvalMetric):
 
         return protocol(self.steps, self.insertion_baseline, self.deletion_baseline)
 
-    def markdown(self, res: EvalResults) -> list[str]:
+    def markdown(self, res: EvalOutcome) -> list[str]:
         p = self.protocol()
         lines = ["## Insertion / deletion AUC", "",
                  f"{p['steps']} steps (step s changes {p['pixels_changed_at_step_s']} pixels, highest CAM first); insertion "

@@ -6,12 +6,10 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from lcam.cam_methods.base import Option, int_list
 
-from .base import EvalMetric, MetricBatch, batch_seed, register_metric
+from .base import EvalMetric, EvalOutcome, MetricBatch, batch_seed, register_metric
 
 if TYPE_CHECKING:
     import numpy as np
-
-    from ..results import EvalResults
 
 
 @register_metric
@@ -46,7 +44,7 @@ class ROAD(EvalMetric):
                 "score": "softmax probability of the target class",
                 "combined": "mean over percentiles of (LeRF - MoRF) / 2"}
 
-    def markdown(self, res: EvalResults) -> list[str]:
+    def markdown(self, res: EvalOutcome) -> list[str]:
         import numpy as np
 
         p = list(self.percentiles)
