@@ -136,12 +136,15 @@ def relayed_logs(queue: Any) -> Iterator[None]:
 
 
 class LogRelay:
-    """Driver side: a queue actor (no resources) and a thread that logs what tasks send."""
+    """Driver side: a queue actor (no resources) and a thread that hands what tasks send to
+    ``handle`` (by default: log the line). ``enabled=False``: no actor, no thread, ``queue``
+    is None (tasks then send nothing)."""
 
-    def __init__(self, enabled: bool = True) -> None:
+    def __init__(self, enabled: bool = True, handle: Callable[[Any], None] | None = None) -> None:
         from ray.util.queue import Queue
 
         self.enabled = enabled
+        self.handle: Callable[[Any], None] = handle or log.info
         self.queue = Queue(actor_options={"num_cpus": 0}) if enabled else None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -151,13 +154,13 @@ class LogRelay:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                line = self.queue.get(timeout=1.0)
+                msg = self.queue.get(timeout=1.0)
             except Exception:  # ray.util.queue.Empty, or the queue actor gone at shutdown
                 continue
-            log.info(line)
+            self.handle(msg)
 
     def close(self) -> None:
-        """Stop the thread, then log what is still queued (the task has finished by now)."""
+        """Stop the thread, then hand on what is still queued (the task has finished by now)."""
         if not self.enabled:
             return
         import ray
@@ -166,7 +169,7 @@ class LogRelay:
         self._thread.join(timeout=10)
         try:
             while not self.queue.empty():
-                log.info(self.queue.get_nowait())
+                self.handle(self.queue.get_nowait())
         except Exception:
             pass
         ray.kill(self.queue.actor)

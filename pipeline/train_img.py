@@ -13,7 +13,6 @@ import math
 import json
 import os
 import tempfile
-import threading
 import time
 import uuid
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -336,31 +335,16 @@ def _img_cache(cfg: TrainConfig, augment: str, backbone: Any, shards: Sequence[A
     return cache, cache.views.index("center")
 
 
-class _ProgressPrinter(threading.Thread):
-    """Driver side: prints what rank 0 sends (step progress with rate and ETA, epoch lines)."""
-
-    def __init__(self, queue: Any, epochs: int, enabled: bool) -> None:
-        super().__init__(daemon=True)
-        self.queue, self.epochs, self.enabled = queue, epochs, enabled
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            try:
-                msg = self.queue.get(timeout=1.0)
-            except Exception:  # ray.util.queue.Empty, or the queue actor gone at shutdown
-                continue
-            if not self.enabled:
-                continue
-            if "epoch_done" in msg:
-                m = msg["epoch_done"]
-                if "loss" in m:
-                    say(format_epoch(m))
-                continue
-            rate = msg["batch"] / max(msg["t"], 1e-9)
-            eta = (msg["steps"] - msg["batch"]) / rate if rate > 0 else float("nan")
-            say(f"train: epoch {msg['epoch'] + 1}/{self.epochs} step {msg['batch']}/{msg['steps']}, loss {msg['loss']:.3f}, "
-                       f"{rate * msg['global_batch']:.1f} images/s, ETA {eta:.0f}s")
+def progress_line(msg: Mapping[str, Any], epochs: int) -> str | None:
+    """The driver's line for one message rank 0 sends: step progress with rate and ETA, or
+    the epoch's summary (None for an epoch without a loss: a stopped one)."""
+    if "epoch_done" in msg:
+        m = msg["epoch_done"]
+        return format_epoch(m) if "loss" in m else None
+    rate = msg["batch"] / max(msg["t"], 1e-9)
+    eta = (msg["steps"] - msg["batch"]) / rate if rate > 0 else float("nan")
+    return (f"train: epoch {msg['epoch'] + 1}/{epochs} step {msg['batch']}/{msg['steps']}, loss {msg['loss']:.3f}, "
+            f"{rate * msg['global_batch']:.1f} images/s, ETA {eta:.0f}s")
 
 
 def train_img(cfg: TrainConfig) -> TrainSummary:
@@ -368,11 +352,10 @@ def train_img(cfg: TrainConfig) -> TrainSummary:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
-    from ray.util.queue import Queue
 
     from lcam import build_backbone
 
-    from .placement import raise_user_errors
+    from .placement import LogRelay, raise_user_errors
     from .raykit import ensure_ray
     from .shards import require_shards
 
@@ -419,14 +402,20 @@ def train_img(cfg: TrainConfig) -> TrainSummary:
     if ckpt is None:
         initial_attention(backbone, run_cfg, cfg.storage_options)  # a bad --init / --init-from fails here, before Ray starts
     del backbone  # the workers build their own
-    queue = Queue(actor_options={"num_cpus": 0})
     plan = {"backbone": ident["backbone"], "weights": ident["weights"], "identity": ident, "run": run_cfg, "steps_per_epoch": steps_per_epoch,
             "worker_batch": worker_batch, "resume": ckpt is not None, "cache_fingerprint": cache.fingerprint if cache else None}
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+
+    def show(msg: Mapping[str, Any]) -> None:
+        line = progress_line(msg, recipe.epochs)
+        if line is not None:
+            say(line)
+
+    relay = LogRelay(cfg.progress, handle=show)  # rank 0's messages (none with --no-progress) as lines
     storage_path, storage_fs = ray_train_storage(cfg)
     trainer = TorchTrainer(
         _img_worker_loop,
-        train_loop_config={"cfg": cfg, "plan": plan, "progress_queue": queue},
+        train_loop_config={"cfg": cfg, "plan": plan, "progress_queue": relay.queue},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=f"lcam-img-{uuid.uuid4().hex[:8]}", storage_path=storage_path, storage_filesystem=storage_fs,
@@ -436,15 +425,11 @@ def train_img(cfg: TrainConfig) -> TrainSummary:
     say(enabled=cfg.progress, line=f"L-CAM-Img: {total} images in {len(shards)} shards, {cfg.workers} worker(s) ({'GPU' if use_gpu else 'CPU'}), "
          f"{steps_per_epoch} steps/epoch of {recipe.batch_size} ({worker_batch} per worker), lr {recipe.lr:g} ({recipe.schedule}), "
          f"augment {run_cfg['augment']}, pass 1 {'from the cache' if cache else 'by the backbone'}")
-    printer = _ProgressPrinter(queue, recipe.epochs, cfg.progress)
-    printer.start()
     try:
         with raise_user_errors():  # a worker's UserError: one line, as in-process
             trainer.fit()
     finally:
-        printer.stop.set()
-        printer.join(timeout=5)
-        ray.kill(queue.actor)
+        relay.close()
     history = run_dir.read_metrics()
     run_dir.write_curves(history, f"L-CAM-Img, {ident['backbone']}, {cfg.workers} worker(s)")
     final = load_checkpoint(run_dir.path(CHECKPOINT), cfg.storage_options)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from pipeline.errors import UserError
 from pipeline.extract import cache_identity
 from pipeline.images import decode_image, preprocess, random_crop_flip
 from pipeline.loader import CacheLoader
+from pipeline.run_folder import format_epoch
 from pipeline.shards import list_shards, pack_folder, read_shard
 from pipeline.training import (
     TrainConfig,
@@ -32,6 +34,7 @@ from pipeline.training import (
     train_fm,
     train_img,
 )
+from pipeline.train_img import progress_line
 from tests.helpers import skimage_photos
 
 N_IMAGES, PER_SHARD, BATCH = 12, 3, 4  # 4 shards, 3 steps per epoch
@@ -305,15 +308,41 @@ def test_crop_flip_draws_like_random_crop_flip():
         torch.testing.assert_close(got, random_crop_flip(rgb, prep, torch.Generator().manual_seed(seed)), atol=0, rtol=0)
 
 
+def test_img_progress_lines_from_rank_zero_messages():
+    """The driver's lines for what rank 0 sends: rate and ETA computed by hand."""
+    step = {"epoch": 0, "batch": 2, "steps": 4, "loss": 1.23456, "t": 4.0, "global_batch": 8}  # 0.5 steps/s
+    assert progress_line(step, epochs=3) == "train: epoch 1/3 step 2/4, loss 1.235, 4.0 images/s, ETA 4s"
+    record = {"epoch": 1, "loss": 0.5, "ce": 0.25, "area": 0.125, "tv": 0.0625, "agreement": 0.5, "lr": 1e-3,
+              "samples": 8, "seconds": 2.0, "samples_per_s": 4.0}
+    assert progress_line({"epoch_done": record}, epochs=3) == format_epoch(record)
+    assert progress_line({"epoch_done": {"epoch": 0, "step": 1, "stopped": True, "skipped": 0}}, epochs=3) is None  # stopped: no line
+
+
 def test_img_ray_train_two_workers_checkpoint_loads_and_explains(ray_local, data, backbone, tmp_path):
     """L-CAM-Img on Ray Train: 2 CPU workers (gloo, DDP), images streamed by Ray Data, pass 1 from the cache."""
     out = tmp_path / "img"
-    summary = train_img(TrainConfig(method="img", out=str(out), shards=str(data["shards"]), cache=data["caches"]["float16"].url,
-                                    augment="center", target="predicted", epochs=1, batch_size=BATCH, workers=2,
-                                    cpus_per_worker=0.5, ray_storage=str(tmp_path / "ray"), progress=False))
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    keep = Keep()
+    logging.getLogger("lcam").addHandler(keep)
+    try:
+        summary = train_img(TrainConfig(method="img", out=str(out), shards=str(data["shards"]), cache=data["caches"]["float16"].url,
+                                        augment="center", target="predicted", epochs=1, batch_size=BATCH, workers=2,
+                                        cpus_per_worker=0.5, ray_storage=str(tmp_path / "ray"), progress=True))
+    finally:
+        logging.getLogger("lcam").removeHandler(keep)
     assert summary.epochs_done == 1 and summary.steps == 3 and not summary.stopped_early
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     [epoch] = [r for r in records if r["kind"] == "epoch"]
+    # rank 0's epoch line came through the driver's relay (queued last: close() drains it),
+    # after the driver's own start line; step lines, if any were due, name this epoch
+    [start] = [i for i, line in enumerate(lines) if line.startswith(f"L-CAM-Img: {N_IMAGES} images")]
+    assert lines.count(format_epoch(epoch)) == 1 and lines.index(format_epoch(epoch)) > start, lines
+    assert all(line.startswith("train: epoch 1/1 step ") for line in lines if line.startswith("train: epoch ")), lines
     assert epoch["samples"] == N_IMAGES and epoch["workers"] == 2 and epoch["skipped"] == 0
     assert np.isfinite(epoch["loss"]) and (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "epoch-001.pt").exists()
