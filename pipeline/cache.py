@@ -29,18 +29,12 @@ import zarr
 
 from .errors import UserError
 from .fs import StorageOptions
-from .store import (
-    ShardedStore,
-    StoreDamaged,
-    VerifyReport,
-    canonical,
-    default_compressors,
-    make_zarr_store,
-    shard_id_for,
-    utc_now,
-)
+from .store import ShardedStore, StoreDamaged, VerifyReport, default_compressors
+from .store_clients import make_zarr_store
+from .store_identity import canonical, shard_id_for, utc_now
 
-# The store layer's names that callers import from here (pipeline.store is their home).
+# The store layer's names that callers import from here (pipeline.store and its helper
+# modules store_clients and store_identity are their home).
 __all__ = [
     "DEFAULT_CHUNK_ROWS", "DTYPES", "FORMAT", "TOP_K", "CacheMismatch", "CacheNotFound", "FeatureCache", "NonFiniteFeatures",
     "ShardedStore", "StoreDamaged", "VerifyReport", "bf16_to_f32", "default_compressors", "make_zarr_store", "shard_id_for",

@@ -35,7 +35,8 @@ from lcam.explain import minmax_normalize
 
 from .errors import UserError
 from .fs import StorageOptions, join
-from .store import ShardedStore, shard_id_for, utc_now
+from .store import ShardedStore
+from .store_identity import shard_id_for, utc_now
 
 FORMAT = "lcam-cam-store/1"
 SMALL_CHUNK_ROWS = 1024  # class ids, probs, raw maps: ~100 bytes a row

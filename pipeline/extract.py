@@ -360,20 +360,20 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
     # Indexed counts recorded as planned (index-less ones with each commit): `cache verify`
     # then judges the cache rightly after any interruption, not only after a whole run.
     cache.record_counts({s.url: s.count for s in todo if s.count is not None})
-    for other in cache.other_leases():
+    for other in cache.leases.others():
         log.warning(
             "another extraction into %s is running or was killed (host %s, pid %s, started %s, %s shards to do): "
             "both do the same shards, and the cache stays consistent; stop one to save the work",
             cache.url, other.get("host"), other.get("pid"), other.get("started"), other.get("todo"),
         )
         summary.notices.append(f"another extraction into this cache started {other.get('started')} on {other.get('host')} (pid {other.get('pid')})")
-    lease = cache.take_lease({"todo": len(todo)})
+    lease = cache.leases.take({"todo": len(todo)})
     preprocessing = backbone.preprocessing
     del backbone  # the actors build their own; free the driver's copy
     try:
         return _run(cfg, cache, preprocessing, todo, summary)
     finally:
-        cache.drop_lease(lease)
+        cache.leases.drop(lease)
 
 
 def _run(cfg: ExtractConfig, cache: FeatureCache, preprocessing: Any, todo: list[Any], summary: ExtractSummary) -> ExtractSummary:

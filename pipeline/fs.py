@@ -67,6 +67,11 @@ def absolute(url: str) -> str:
     return url if "://" in url else os.path.abspath(url)
 
 
+def local_path(url: str) -> str:
+    """A ``file://`` URL as the plain path it names; other URLs and paths unchanged."""
+    return url[len("file://") :] if url.startswith("file://") else url
+
+
 def join(url: str, *parts: str) -> str:
     return "/".join([url.rstrip("/"), *[p.strip("/") for p in parts]])
 
@@ -105,6 +110,14 @@ def read_json(url: str, storage_options: StorageOptions = None, default: Any = N
         return json.loads(fs.cat_file(path))
     except FileNotFoundError:
         return default
+
+
+def read_json_fs(fs: fsspec.AbstractFileSystem, path: str) -> Any:
+    """:func:`read_json` on an already made client (``path`` inside ``fs``); None when absent."""
+    try:
+        return json.loads(fs.cat_file(path))
+    except FileNotFoundError:
+        return None
 
 
 def exists(url: str, storage_options: StorageOptions = None) -> bool:

@@ -13,21 +13,18 @@ object (manifest.json) has a single writer (the driver). A shard counts as done 
 once it is in the manifest; a group without a manifest entry is left-over work.
 
 :class:`ShardedStore` owns creating or opening a store (identity and fingerprint
-checked), the manifest, group writes, the damage checks, leases and the error messages
-(template methods: a subclass names itself and its advice); what is stored in a group
-is the subclass's (:class:`pipeline.cache.FeatureCache`, :class:`pipeline.cam_store.CamStore`).
+checked), the manifest, group writes, the damage checks and the error messages (template
+methods: a subclass names itself and its advice); what is stored in a group is the
+subclass's (:class:`pipeline.cache.FeatureCache`, :class:`pipeline.cam_store.CamStore`).
+Beside it: :mod:`pipeline.store_identity` (fingerprints, identity diffs, group names, the
+empty manifest), :mod:`pipeline.store_clients` (one client per process) and
+:mod:`pipeline.leases` (``leases/``, held through :attr:`ShardedStore.leases`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import datetime as _dt
-import functools
-import hashlib
 import json
-import os
-import re
-import threading
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -38,7 +35,10 @@ from zarr.codecs import ZstdCodec
 from zarr.core.sync import sync as zsync
 
 from .errors import UserError
-from .fs import StorageOptions, get_fs, is_local, join, write_json_atomic
+from .fs import StorageOptions, is_local, join, read_json_fs, write_json_atomic
+from .leases import WriterLeases
+from .store_clients import connect_fs, make_zarr_store
+from .store_identity import canonical, fingerprint_of, identity_diff, new_manifest, package_versions, shard_id_for, utc_now
 
 
 def default_compressors() -> list:
@@ -53,82 +53,6 @@ class StoreDamaged(UserError):
     so every group is checked against its chunk set when first opened, and decode errors
     are turned into this. The message names the shard and the commands that repair it.
     """
-
-
-def utc_now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def canonical(obj: Any) -> Any:
-    """JSON round trip: tuples become lists, so a stored identity equals a recomputed one."""
-    return json.loads(json.dumps(obj, sort_keys=True))
-
-
-def fingerprint_of(identity: Mapping[str, Any]) -> str:
-    """sha256 (first 16 hex) of the canonical JSON; same recipe as lcam's backbone_fingerprint."""
-    return hashlib.sha256(json.dumps(canonical(identity), sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(obj, dict):
-        out: dict[str, Any] = {}
-        for k, v in obj.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: obj}
-
-
-def identity_diff(old: Mapping[str, Any], new: Mapping[str, Any], holder: str) -> list[str]:
-    """Human-readable list of dotted fields that differ between two identities, as
-    ``<field>: <holder> has <old>, requested <new>`` (``holder``: what holds ``old``)."""
-    a, b = _flatten(canonical(old)), _flatten(canonical(new))
-
-    def short(v: Any) -> str:
-        s = json.dumps(v) if v is not None else "(absent)"
-        return s if len(s) <= 60 else s[:57] + "..."
-
-    return [f"{k}: {holder} has {short(a.get(k))}, requested {short(b.get(k))}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-
-
-def _normalize_source(source_url: str) -> str:
-    return source_url[len("file://") :] if source_url.startswith("file://") else source_url
-
-
-def shard_id_for(source_url: str) -> str:
-    """Readable, path-safe, deterministic: ``<basename without .tar>-<8 hex of the full URL>``.
-
-    The hash keeps ``a/shard-000000.tar`` and ``b/shard-000000.tar`` apart.
-    """
-    url = _normalize_source(source_url)
-    base = url.rstrip("/").rsplit("/", 1)[-1]
-    for ext in (".tar.gz", ".tgz", ".tar"):
-        if base.endswith(ext):
-            base = base[: -len(ext)]
-            break
-    base = re.sub(r"[^A-Za-z0-9._-]+", "_", base).strip("._-")[:80] or "shard"
-    return f"{base}-{hashlib.sha256(url.encode()).hexdigest()[:8]}"
-
-
-_SHARED: dict[tuple, Any] = {}
-_SHARED_LOCK = threading.Lock()
-
-
-def _shared(kind: str, url: str, storage_options: StorageOptions, extra: Any, make: Any) -> Any:
-    """One client per process and (url, options): every unpickled cache in a Ray worker
-    (one per task) would otherwise build a new S3 client, ~1 s of CPU each."""
-    key = (os.getpid(), kind, url, json.dumps(storage_options or {}, sort_keys=True, default=str), extra)
-    with _SHARED_LOCK:
-        if key not in _SHARED:
-            _SHARED[key] = make()
-        return _SHARED[key]
-
-
-def make_zarr_store(url: str, storage_options: StorageOptions, read_only: bool) -> Any:
-    from zarr.storage import FsspecStore, LocalStore
-
-    if "://" not in url or url.startswith("file://"):
-        return LocalStore(_normalize_source(url), read_only=read_only)
-    return _shared("zarr", url, storage_options, read_only, lambda: FsspecStore.from_url(url, storage_options=dict(storage_options or {}), read_only=read_only))
 
 
 @dataclass
@@ -372,47 +296,10 @@ class ShardedStore:
                 report.damaged.append(e["url"])
         return report, self.forget(report.damaged) if report.damaged else []
 
-    # ---- leases: say when two runs write into one store (each still writes every shard correctly)
-    def take_lease(self, info: Mapping[str, Any]) -> str:
-        """Announce a running writer (``leases/<id>.json``); :meth:`drop_lease` when done."""
-        import socket
-        import uuid
-
-        lease = uuid.uuid4().hex[:12]
-        fs, root = self._fs()
-        body = {"host": socket.gethostname(), "pid": os.getpid(), "started": utc_now(), **dict(info)}
-        if is_local(fs):
-            fs.makedirs(f"{root}/leases", exist_ok=True)
-        fs.pipe_file(f"{root}/leases/{lease}.json", json.dumps(body).encode())
-        return lease
-
-    def drop_lease(self, lease: str) -> None:
-        fs, root = self._fs()
-        try:
-            fs.rm_file(f"{root}/leases/{lease}.json")
-        except FileNotFoundError:
-            pass
-
-    def other_leases(self) -> list[dict[str, Any]]:
-        """Leases of other writers; those of dead processes on this host are removed."""
-        import socket
-
-        fs, root = self._fs()
-        try:
-            paths = fs.find(f"{root}/leases")
-        except FileNotFoundError:
-            return []
-        out = []
-        for path in sorted(paths):
-            info = read_json_fs(fs, path) or {}
-            if info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int) and not _alive(info["pid"]):
-                try:  # killed on this machine: its lease means nothing any more
-                    fs.rm_file(path)
-                except FileNotFoundError:
-                    pass
-                continue
-            out.append(info)
-        return out
+    @property
+    def leases(self) -> WriterLeases:
+        """The store's writer leases: say when two runs write into it (each still writes every shard correctly)."""
+        return WriterLeases(*self._fs())
 
     def forget(self, urls: Sequence[str]) -> list[str]:
         """Drop shards from the manifest (readers stop seeing them; the next run remakes them)."""
@@ -472,7 +359,7 @@ class ShardedStore:
         if not self.writable:
             raise PermissionError(f"{self.KIND} opened read-only")
         manifest["updated"] = utc_now()
-        manifest["versions"] = dict(_versions())
+        manifest["versions"] = dict(package_versions())
         fs, root = self._fs()
         if is_local(fs):
             write_json_atomic(join(self.url, "manifest.json"), manifest, self.storage_options)
@@ -567,45 +454,3 @@ class ShardedStore:
         data = {name: (dims[name], self.lazy_array(name, da.concatenate(parts, axis=0))) for name, parts in columns.items()}
         coords = {"shard": ("sample", np.array(shard_ids)), "key": ("sample", np.array(keys))}
         return xr.Dataset(data, coords=coords, attrs={"url": self.url, "format": self.FORMAT, "fingerprint": self.fingerprint})
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, another user's
-        return True
-    return True
-
-
-def connect_fs(url: str, storage_options: StorageOptions) -> tuple[Any, str]:
-    fs, path = _shared("fs", url, storage_options, None, lambda: get_fs(url, storage_options))
-    return fs, path.rstrip("/")
-
-
-@functools.lru_cache(maxsize=1)
-def _versions() -> dict[str, str]:
-    """Package versions from metadata (importing torch only for its version costs seconds)."""
-    import importlib.metadata
-
-    out = {}
-    for name in ("torch", "zarr", "lcam"):
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = "unknown"
-    return out
-
-
-def read_json_fs(fs: Any, path: str) -> Any:
-    try:
-        return json.loads(fs.cat_file(path))
-    except FileNotFoundError:
-        return None
-
-
-def new_manifest(fingerprint: str, fmt: str) -> dict[str, Any]:
-    """An empty manifest of a store of format ``fmt``."""
-    now = utc_now()
-    return {"format": fmt, "fingerprint": fingerprint, "shards": {}, "expected_counts": {}, "versions": dict(_versions()), "created": now, "updated": now}

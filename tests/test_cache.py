@@ -121,6 +121,28 @@ def test_shard_id_is_readable_safe_and_distinct():
     assert re.fullmatch(r"[A-Za-z0-9._-]+", shard_id_for("/x/we ird:name?.tar"))
 
 
+def test_leases_report_other_writers_and_forget_the_dead_of_this_host(tmp_path):
+    """leases/: a live writer's lease and another host's are reported; a lease of a process
+    that died on this host is removed when seen; a writer drops its own."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    cache = create(str(tmp_path / "cache"))
+    mine = cache.leases.take({"todo": 3})
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    folder = tmp_path / "cache" / "leases"
+    (folder / "dead.json").write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout), "todo": 1}))
+    (folder / "away.json").write_text(json.dumps({"host": "another-host", "pid": int(dead.stdout), "todo": 2}))
+    others = FeatureCache.open(str(tmp_path / "cache")).leases.others()
+    assert sorted((o["host"], o["pid"], o["todo"]) for o in others) == sorted([("another-host", int(dead.stdout), 2), (socket.gethostname(), os.getpid(), 3)])
+    assert sorted(p.name for p in folder.iterdir()) == sorted(["away.json", f"{mine}.json"])
+    cache.leases.drop(mine)
+    cache.leases.drop(mine)  # twice: nothing left to remove is no error
+    assert [p.name for p in folder.iterdir()] == ["away.json"]
+
+
 def test_fingerprint_mismatch_refused(tmp_path):
     url = str(tmp_path / "cache")
     cache = create(url)
