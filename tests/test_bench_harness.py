@@ -67,7 +67,7 @@ def test_target_ratio_judges_the_median_and_prints_the_spread_and_load(capsys):
     assert target_ratio("x_vs_y", Ratio((0.9, 1.2, 1.1), loads=(0.5, 3.0)), ">=", 1.0)
     assert not target_ratio("x_vs_y", Ratio((0.9, 1.2, 0.95)), ">=", 1.0)
     lines = capsys.readouterr().out.splitlines()
-    assert lines[:2] == ["x_vs_y: median 1.10 over 3 repetitions, spread 0.90-1.20, load 0.5-3.0",
+    assert lines[:2] == ["x_vs_y: median 1.10 of 3 repetitions (0.90, 1.20, 1.10), spread 0.90-1.20, load 0.5-3.0",
                          "TARGET x_vs_y measured=1.10 goal=>=1.0 PASS"]
     assert lines[3] == "TARGET x_vs_y measured=0.95 goal=>=1.0 MISS"
 
