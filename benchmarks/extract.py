@@ -41,7 +41,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--backbone", default="efficientnet_lite0", help="any backbone spec; others than the default run the interleaved a/b comparison")
     parser.add_argument("--weights", default="default")
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions of the arms, after an uncounted warm-up round")
     args = parser.parse_args()
 
     local_ray_env()
@@ -124,7 +124,7 @@ def main() -> int:
         peaks["c"] = max(peaks["c"], mem.peak_mib)
         return seconds
 
-    comparison = compare({"a": pipeline, "b": model_alone, "c": dataloader}, reps=args.reps, unit="s/image")
+    comparison = compare({"a_pipeline": pipeline, "b_model_alone": model_alone, "c_dataloader": dataloader}, reps=args.reps, unit="s/image")
     cold = runs[0]
     info = FeatureCache.open(str(work / "cache-0")).info()
     print(f"(a) pipeline, first run (cold workers, the warm-up): {cold.images} images in {cold.seconds:.1f}s; steady state {cold.steady_images_per_second:.1f} images/s")
@@ -132,8 +132,8 @@ def main() -> int:
           f"compression ratio {info['compression_ratio']:.2f})", flush=True)
     comparison.report("(a) pipeline, (b) model alone, (c) DataLoader + model", rate="images/s")
     print(f"peak memory (process tree, driver + Ray workers): (a) {peaks['a']:.0f} MiB, (b) {peaks['b']:.0f} MiB, (c) {peaks['c']:.0f} MiB")
-    ok = target_ratio("extract_vs_dataloader", comparison.ratio("a", "c"), ">=", 1.0)
-    ok &= target_ratio("extract_vs_model_alone", comparison.ratio("a", "b"), ">=", 0.8)
+    ok = target_ratio("extract_vs_dataloader", comparison.ratio("a_pipeline", "c_dataloader"), ">=", 1.0)
+    ok &= target_ratio("extract_vs_model_alone", comparison.ratio("a_pipeline", "b_model_alone"), ">=", 0.8)
     return 0 if ok else 1
 
 
@@ -188,10 +188,10 @@ def compare_with_model_alone(args: argparse.Namespace, items: list, work: Path) 
                 model.extract(x)
             return (time.perf_counter() - t0) / sum(len(x) for x in batches[1:])
 
-    comparison = compare({"a": pipeline, "b": model_alone}, reps=args.reps, unit="s/image")
+    comparison = compare({"a_pipeline": pipeline, "b_model_alone": model_alone}, reps=args.reps, unit="s/image")
     comparison.report(f"(a) pipeline, (b) model alone, {backbone.name}", rate="images/s")
     safe = args.backbone.replace(":", "_").replace(",", "_").replace("=", "")
-    return 0 if target_ratio(f"extract_vs_model_alone[{safe}]", comparison.ratio("a", "b"), ">=", 0.8) else 1
+    return 0 if target_ratio(f"extract_vs_model_alone[{safe}]", comparison.ratio("a_pipeline", "b_model_alone"), ">=", 0.8) else 1
 
 
 if __name__ == "__main__":
