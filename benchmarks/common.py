@@ -24,13 +24,21 @@ Where the spread between repetitions comes from (what the harness does about eac
   first channels-last batch), lazily opened Zarr shards, Python's own imports inside the
   arm. The warm-up round (``warmup=True``) runs every arm once uncounted; its figures are
   kept in :attr:`Comparison.warmup` and printed in the report, so the size of the effect is
-  visible on every run rather than mixed into the median.
+  visible on every run rather than mixed into the median. (For the model's forward alone
+  the probe under *Thread settings* saw no first-call cost above the load's noise: 3.4 s
+  for the first call, 4.0-10.4 s for the next four; Ray's worker start-up is the large one.)
 * **Thread settings.** torch's thread count is process-wide and sticky: an arm that sets
   it changes the next arm's too, and a Ray actor sets its own in its process. With 2
   OpenMP threads on an oversubscribed 2-core machine, small per-step operations spin on
   each other (a 5 MB ``mul_`` took 12 ms with 2 threads, 0.2 ms with 1; RESULTS.md,
   training), while large convolutions suffer less: a ratio between a small-op arm and a
-  conv-heavy arm swings with the load. So every arm sets the thread count it is meant to
+  conv-heavy arm swings with the load. Measured here for this harness (2026-11-29 16:55 UTC,
+  load 13-15 from another engineer's benchmark): EfficientNet-Lite0's forward on a batch of
+  8, channels-last, five calls in a row: 1 thread 1.0-1.5 s a call; 2 threads 3.4-10.4 s,
+  then 7.3-16.4 s after switching back: under load an OpenMP team waits at every barrier
+  for its descheduled second thread, so the 2-thread figures are 3-10x slower AND spread
+  2x from call to call. A ratio between arms with different thread counts measured under
+  load says more about the load than the code. So every arm sets the thread count it is meant to
   run with at its start (``torch.set_num_threads`` inside the arm), never relying on what
   the previous arm left. Ray's workers also run at nice 15 (``worker_niceness``): under
   load they starve first, which widens the pipeline arm's spread far more than the
