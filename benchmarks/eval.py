@@ -11,7 +11,10 @@ With EfficientNet-Lite0 (packaged ImageNet weights), from one run:
      and RISE (costly) on stated sub-subsets of it, RISE with fewer masks than the papers;
   3. the batched evaluation of the two L-CAM checkpoints against the reference style
      (batch size 1; per image a clean pass, then per keep ratio the attention recomputed
-     with all K maps and a masked pass), on the same images, with forward-pass counts.
+     with all K maps and a masked pass), on the same images, with forward-pass counts:
+     batched, reference and batched without BatchNorm folding alternate --timing-reps
+     times after a warm-up round (``benchmarks.common.compare``); the speed-up is the
+     median of the per-repetition ratios, printed with its spread and the load.
 Targets: speed-up >= 3x; L-CAM-Img at least as good as Grad-CAM on AD and IC at 100/50/15%.
 
 Stages 1's outputs are kept in --work (default /tmp/lcam-bench-eval) and reused by a
@@ -34,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import DEFAULT_DATA, local_ray_env, target  # noqa: E402
+from benchmarks.common import DEFAULT_DATA, compare, load_average, local_ray_env, target, target_ratio  # noqa: E402
 
 
 # the baselines added with the method registry (Ablation-CAM limited like Score-CAM: C head passes per image)
@@ -52,6 +55,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rise-masks", type=int, default=200, help="RISE masks (papers: 4000 / 8000)")
     p.add_argument("--scorecam-images", type=int, default=2)
     p.add_argument("--timing-images", type=int, default=48, help="images for the batched-vs-reference timing")
+    p.add_argument("--timing-reps", type=int, default=3, help="interleaved repetitions of the timing's three arms")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--fm-epochs", type=int, default=80)
     p.add_argument("--fm-lr", type=float, default=3.0, help="one-cycle peak")
@@ -197,7 +201,8 @@ def main() -> int:
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
-    print(f"ImageNet sample {args.data}; EfficientNet-Lite0; {os.cpu_count()} cores; torch threads {torch.get_num_threads()}", flush=True)
+    print(f"ImageNet sample {args.data}; EfficientNet-Lite0; {os.cpu_count()} cores; torch threads {torch.get_num_threads()}; "
+          f"load {load_average():.1f}", flush=True)
     paths = prepare(args, work)
     import ray
 
@@ -206,7 +211,7 @@ def main() -> int:
 
     # ---- the table
     out = work / "eval"
-    t0 = time.perf_counter()
+    t0, load_table = time.perf_counter(), load_average()
     evaluate(EvalConfig(
         shards=paths["shards"], out=str(out), checkpoints=[paths["fm"], paths["img"]], limit=args.limit, seed=args.seed,
         methods=(*default_methods(), *NEW_METHODS),
@@ -217,7 +222,7 @@ def main() -> int:
     ))
     t_table = time.perf_counter() - t0
     report = json.loads((out / "results.json").read_text())
-    print(f"\nevaluation of all methods: {t_table:.1f}s; outputs in {out}\n")
+    print(f"\nevaluation of all methods: {t_table:.1f}s (load before {load_table:.1f}, after {load_average():.1f}); outputs in {out}\n")
     print((out / "results.md").read_text())
     print("per-image cost of every method in this run (its map + AD/IC's masked forwards):")
     for m in report["methods"].values():
@@ -225,21 +230,25 @@ def main() -> int:
             print(f"  {m['label']:<18} N={m['n']:<4} {m['seconds'] / m['n']:8.3f} s/image  "
                   f"{(m['map_forwards'] + m['masked_forwards']) / m['n']:8.1f} forwards/image")
 
-    # ---- batched vs reference style, the two L-CAM checkpoints on the same images; each
-    # style timed twice, best of 2 (this shared VM's speed drifts by 20-30% from minute to minute)
+    # ---- batched vs reference style, the two L-CAM checkpoints on the same images,
+    # interleaved (benchmarks.common.compare): batched with BatchNorm folded, the reference
+    # style, and batched without folding; the images are decoded once, before any timing
     tout = work / "eval-timing"
+    threads = torch.get_num_threads()  # every arm sets it: the setting is process-wide
+    timings: dict[str, dict] = {}
 
-    def batched(fold: bool) -> dict:
-        evaluate(EvalConfig(shards=paths["shards"], out=str(tout), checkpoints=[paths["fm"], paths["img"]], methods=(),
-                            limit=args.timing_images, seed=args.seed + 1, batch_size=args.batch_size, engine="local",
-                            fold_batchnorm=fold, progress=False))
-        return json.loads((tout / "results.json").read_text())
+    def batched(fold: bool):
+        def arm() -> float:
+            torch.set_num_threads(threads)
+            out_dir = tout if fold else work / "eval-timing-unfolded"
+            evaluate(EvalConfig(shards=paths["shards"], out=str(out_dir), checkpoints=[paths["fm"], paths["img"]], methods=(),
+                                limit=args.timing_images, seed=args.seed + 1, batch_size=args.batch_size, engine="local",
+                                fold_batchnorm=fold, progress=False))
+            timings[str(fold)] = json.loads((out_dir / "results.json").read_text())
+            return timings[str(fold)]["timings"]["evaluation_seconds"]  # its own timer: reading + decoding + forwards
+        return arm
 
-    unfolded_s = batched(False)["timings"]["evaluation_seconds"]
-    runs = [batched(True) for _ in range(2)]
-    timing = min(runs, key=lambda t: t["timings"]["evaluation_seconds"])
-    batched_s = timing["timings"]["evaluation_seconds"]
-    batched_fwd = timing["timings"]["clean_forwards"] + sum(m["map_forwards"] + m["masked_forwards"] for m in timing["methods"].values())
+    first = batched(True)()  # the batched arm's warm-up: it also picks the images (per_image.csv) the reference style runs on
     with open(tout / "per_image.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     keys = list(dict.fromkeys(r["key"] for r in rows))
@@ -256,7 +265,20 @@ def main() -> int:
         model = LCAM(backbone)
         model.attention.load_state_dict(load_checkpoint(paths[m])["attention"])
         models.append(model.eval())
-    ref_s, ref_fwd, ref_scores = min((reference_style(backbone, models, images) for _ in range(2)), key=lambda r: r[0])
+    reference: dict[str, tuple] = {}
+
+    def reference_arm() -> float:
+        torch.set_num_threads(threads)
+        seconds, reference["forwards"], reference["scores"] = reference_style(backbone, models, images)
+        return seconds
+
+    comparison = compare({"batched": batched(True), "reference": reference_arm, "unfolded": batched(False)},
+                         reps=args.timing_reps, warmup={"batched": lambda: first}, unit="s")
+    comparison.report(f"batched evaluation vs reference style, {len(keys)} images")
+    timing = timings["True"]
+    batched_s, unfolded_s, ref_s = comparison.median("batched"), comparison.median("unfolded"), comparison.median("reference")
+    batched_fwd = timing["timings"]["clean_forwards"] + sum(m["map_forwards"] + m["masked_forwards"] for m in timing["methods"].values())
+    ref_fwd, ref_scores = reference["forwards"], reference["scores"]
     # the two styles compute the same numbers, up to float noise (batch size, memory layout)
     # that can flip near-tied pixels at the keep threshold
     import numpy as np
@@ -270,10 +292,12 @@ def main() -> int:
     print("| style | seconds | images/s | forward passes | per image |\n|---|--:|--:|--:|--:|")
     print(f"| reference (batch 1, attention recomputed per ratio) | {ref_s:.1f} | {n / ref_s:.2f} | {ref_fwd} | {ref_fwd / n:.0f} |")
     print(f"| batched (lcam eval, batch {args.batch_size}, incl. reading + decoding) | {batched_s:.1f} | {n / batched_s:.2f} | {batched_fwd} | {batched_fwd / n:.0f} |")
-    print(f"| batched, BatchNorm not folded (--no-fold-batchnorm; one run) | {unfolded_s:.1f} | {n / unfolded_s:.2f} | {batched_fwd} | {batched_fwd / n:.0f} |")
-    ratio = ref_s / batched_s
-    print(f"\ntimes: best of 2 runs per style; BatchNorm folding alone: {unfolded_s / batched_s:.2f}x")
-    print(f"speed-up {ratio:.2f}x with {ref_fwd / n:.0f} vs {batched_fwd / n:.0f} forward passes per image (forward ratio {ref_fwd / batched_fwd:.2f})")
+    print(f"| batched, BatchNorm not folded (--no-fold-batchnorm) | {unfolded_s:.1f} | {n / unfolded_s:.2f} | {batched_fwd} | {batched_fwd / n:.0f} |")
+    speedup = comparison.ratio("batched", "reference")
+    folding = comparison.ratio("batched", "unfolded")
+    print(f"\ntimes: medians of {comparison.reps} interleaved repetitions; BatchNorm folding alone: {folding.median:.2f}x "
+          f"(spread {folding.lo:.2f}-{folding.hi:.2f})")
+    print(f"speed-up {speedup.median:.2f}x with {ref_fwd / n:.0f} vs {batched_fwd / n:.0f} forward passes per image (forward ratio {ref_fwd / batched_fwd:.2f})")
     for j, mid in enumerate(("lcam-fm", "lcam-img")):
         Yb = torch.tensor([float(by[(k, mid)]["Y"]) for k in keys])
         Ob = torch.tensor([[float(by[(k, mid)][f"O@{q:g}"]) for k in keys] for q in ratios])
@@ -284,9 +308,9 @@ def main() -> int:
         print(f"{mid}: AD batched {np.round(average_drop(Yb, Ob).numpy(), 2).tolist()} vs reference {np.round(average_drop(Yr, Or).numpy(), 2).tolist()}; "
               f"IC {np.round(increase_in_confidence(Yb, Ob).numpy(), 2).tolist()} vs {np.round(increase_in_confidence(Yr, Or).numpy(), 2).tolist()}; "
               f"same class {same_class}/{n}; |O_b - O_r| median {np.median(d):.1e}, max {d.max():.1e} ({int((d > 1e-3).sum())} of {d.size} > 1e-3)")
-    print(f"whole benchmark: {time.perf_counter() - t_all:.0f}s\n")
+    print(f"whole benchmark: {time.perf_counter() - t_all:.0f}s; load average now {load_average():.1f}\n")
 
-    target("eval_speedup_vs_reference", ratio, ">=", 3.0)
+    target_ratio("eval_speedup_vs_reference", speedup, ">=", 3.0)
     img, gc = report["methods"]["lcam-img"], report["methods"]["gradcam"]
     for j, q in enumerate((1.0, 0.5, 0.15)):
         target(f"lcam_img_minus_gradcam_AD@{q * 100:g}%", img["ad"][j] - gc["ad"][j], "<=", 0.0)

@@ -10,8 +10,9 @@ On the ImageNet sample with EfficientNet-Lite0 (32-image shards):
   (b) the model alone on pre-decoded tensors, one process;
   (c) a plain torch DataLoader (2 workers) + model loop, as a user would write it.
 All three run the same model: the backbone with BatchNorm folded (``Backbone.folded``),
-channels-last. (a), (b), (c) alternate ``--reps`` times (this machine's speed drifts by
-10-30% between minutes); the targets are the medians of the per-repetition ratios.
+channels-last. (a), (b), (c) alternate ``--reps`` times after one uncounted warm-up round
+(``benchmarks.common.compare``; this machine's speed drifts by 10-30% between minutes); the
+targets are the medians of the per-repetition ratios, printed with their spread and load.
 Targets on a 2-core machine: a/c >= 1.0 and a/b >= 0.8.
 
 Other backbones (``--backbone timm:resnet50 --weights random``, any spec) run
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import DEFAULT_DATA, PeakMemory, local_ray_env, sample_images, target  # noqa: E402
+from benchmarks.common import DEFAULT_DATA, PeakMemory, compare, local_ray_env, sample_images, target_ratio  # noqa: E402
 
 
 def main() -> int:
@@ -41,7 +41,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--backbone", default="efficientnet_lite0", help="any backbone spec; others than the default run the interleaved a/b comparison")
     parser.add_argument("--weights", default="default")
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions of the arms, after an uncounted warm-up round")
     args = parser.parse_args()
 
     local_ray_env()
@@ -69,20 +69,11 @@ def main() -> int:
     if args.backbone != "efficientnet_lite0":
         return compare_with_model_alone(args, items, work)
     print(f"{n} images from {args.data}, EfficientNet-Lite0, batch {args.batch_size}, {os.cpu_count()} cores, "
-          f"{args.reps} interleaved repetitions; load {os.getloadavg()}", flush=True)
+          f"{args.reps} interleaved repetitions after a warm-up round; load {os.getloadavg()}", flush=True)
 
     t0 = time.perf_counter()
     ensure_ray()
     print(f"ray start-up: {time.perf_counter() - t0:.1f}s (not counted below)")
-    # a first run into its own cache starts Ray's workers (each imports torch); the measured
-    # runs find them warm, as on a cluster that has been up: the targets use those
-    cfg = dict(shards=str(work / "shards"), batch_size=args.batch_size, progress=False)
-    cold = extract(ExtractConfig(cache=str(work / "cache-cold"), **cfg))
-    info = FeatureCache.open(str(work / "cache-cold")).info()
-    print(f"(a) pipeline, first run (cold workers): {cold.images} images in {cold.seconds:.1f}s; steady state {cold.steady_images_per_second:.1f} images/s")
-    print(f"    cache: {info['bytes_on_disk'] / max(1, cold.images) / 1024:.1f} KiB per image on disk (raw {info['raw_bytes'] / max(1, cold.images) / 1024:.1f} KiB, "
-          f"compression ratio {info['compression_ratio']:.2f})", flush=True)
-
     # the model as the pipeline's actor runs it: BatchNorm folded, channels-last
     backbone = build_backbone("efficientnet_lite0").folded().to(memory_format=torch.channels_last)
     tensors = [preprocess(Image.open(p).convert("RGB"), backbone.preprocessing) for p, _ in items]
@@ -90,22 +81,37 @@ def main() -> int:
     del tensors
     loader = torch.utils.data.DataLoader(Files(items, backbone.preprocessing), batch_size=args.batch_size, num_workers=2)
 
-    rows, peaks = [], {"a": 0.0, "b": 0.0, "c": 0.0}
-    for rep in range(args.reps):
-        # (a) the pipeline, warm workers, steady state (from its first finished shard)
+    # every arm returns seconds per image in its steady state; the harness's warm-up round is
+    # the pipeline's first run into its own cache, which starts Ray's workers (each imports
+    # torch): the counted runs find them warm, as on a cluster that has been up
+    cfg = dict(shards=str(work / "shards"), batch_size=args.batch_size, progress=False)
+    peaks = {"a": 0.0, "b": 0.0, "c": 0.0}
+    runs: list = []
+
+    def pipeline() -> float:
+        """(a) the pipeline, steady state (from its first finished shard)."""
         with PeakMemory() as mem:
-            a = extract(ExtractConfig(cache=str(work / f"cache-{rep}"), **cfg)).steady_images_per_second
-        peaks["a"] = max(peaks["a"], mem.peak_mib)
-        torch.set_num_threads(os.cpu_count() or 1)
-        # (b) the model alone on pre-decoded tensors
+            s = extract(ExtractConfig(cache=str(work / f"cache-{len(runs)}"), **cfg))
+        runs.append(s)
+        if len(runs) > 1:  # the cold run's memory is Ray's start, not the pipeline's
+            peaks["a"] = max(peaks["a"], mem.peak_mib)
+        return 1 / s.steady_images_per_second
+
+    def model_alone() -> float:
+        """(b) the model alone on pre-decoded tensors."""
+        torch.set_num_threads(os.cpu_count() or 1)  # every arm sets its own: the setting is process-wide
         with PeakMemory() as mem, torch.inference_mode():
             backbone.extract(batches[0])  # warm-up, like the pipeline's first batch
             t0 = time.perf_counter()
             for x in batches[1:]:
                 backbone.extract(x)
-            b = sum(len(x) for x in batches[1:]) / (time.perf_counter() - t0)
+            seconds = (time.perf_counter() - t0) / sum(len(x) for x in batches[1:])
         peaks["b"] = max(peaks["b"], mem.peak_mib)
-        # (c) a plain DataLoader (2 workers) + model loop, from its first batch on
+        return seconds
+
+    def dataloader() -> float:
+        """(c) a plain DataLoader (2 workers) + model loop, from its first batch on."""
+        torch.set_num_threads(os.cpu_count() or 1)
         with PeakMemory() as mem, torch.inference_mode():
             t_first, after = None, 0
             for x, _ in loader:
@@ -114,18 +120,20 @@ def main() -> int:
                     t_first = time.perf_counter()
                 else:
                     after += len(x)
-            c = after / (time.perf_counter() - t_first)
+            seconds = (time.perf_counter() - t_first) / after
         peaks["c"] = max(peaks["c"], mem.peak_mib)
-        rows.append((a, b, c))
-        print(f"rep {rep}: (a) pipeline {a:.1f}  (b) model alone {b:.1f}  (c) DataLoader + model {c:.1f} images/s   "
-              f"a/c {a / c:.2f}  a/b {a / b:.2f}   load {os.getloadavg()[0]:.1f}", flush=True)
+        return seconds
+
+    comparison = compare({"a_pipeline": pipeline, "b_model_alone": model_alone, "c_dataloader": dataloader}, reps=args.reps, unit="s/image")
+    cold = runs[0]
+    info = FeatureCache.open(str(work / "cache-0")).info()
+    print(f"(a) pipeline, first run (cold workers, the warm-up): {cold.images} images in {cold.seconds:.1f}s; steady state {cold.steady_images_per_second:.1f} images/s")
+    print(f"    cache: {info['bytes_on_disk'] / max(1, cold.images) / 1024:.1f} KiB per image on disk (raw {info['raw_bytes'] / max(1, cold.images) / 1024:.1f} KiB, "
+          f"compression ratio {info['compression_ratio']:.2f})", flush=True)
+    comparison.report("(a) pipeline, (b) model alone, (c) DataLoader + model", rate="images/s")
     print(f"peak memory (process tree, driver + Ray workers): (a) {peaks['a']:.0f} MiB, (b) {peaks['b']:.0f} MiB, (c) {peaks['c']:.0f} MiB")
-    ac = [a / c for a, _, c in rows]
-    ab = [a / b for a, b, _ in rows]
-    print(f"a/c median {statistics.median(ac):.2f} (spread {min(ac):.2f}-{max(ac):.2f}); "
-          f"a/b median {statistics.median(ab):.2f} (spread {min(ab):.2f}-{max(ab):.2f})")
-    ok = target("extract_vs_dataloader", statistics.median(ac), ">=", 1.0)
-    ok &= target("extract_vs_model_alone", statistics.median(ab), ">=", 0.8)
+    ok = target_ratio("extract_vs_dataloader", comparison.ratio("a_pipeline", "c_dataloader"), ">=", 1.0)
+    ok &= target_ratio("extract_vs_model_alone", comparison.ratio("a_pipeline", "b_model_alone"), ">=", 0.8)
     return 0 if ok else 1
 
 
@@ -149,8 +157,6 @@ class Files:
 
 def compare_with_model_alone(args: argparse.Namespace, items: list, work: Path) -> int:
     """(a) warm pipeline vs (b) the model alone on decoded tensors, interleaved ``args.reps`` times."""
-    import statistics
-
     import torch
     from PIL import Image
 
@@ -164,27 +170,28 @@ def compare_with_model_alone(args: argparse.Namespace, items: list, work: Path) 
           f"batch {args.batch_size}, {os.cpu_count()} cores")
     cfg = dict(shards=str(work / "shards"), backbone=args.backbone, weights=args.weights, batch_size=args.batch_size, progress=False)
     ensure_ray()
-    extract(ExtractConfig(cache=str(work / "cache-cold"), **cfg))  # starts the workers: not measured
     model = backbone.folded().to(memory_format=torch.channels_last)  # as the actor runs it
     tensors = [preprocess(Image.open(p).convert("RGB"), backbone.preprocessing) for p, _ in items]
     batches = [torch.stack(tensors[i : i + args.batch_size]).contiguous(memory_format=torch.channels_last)
                for i in range(0, len(tensors), args.batch_size)]
-    ratios = []
-    for rep in range(args.reps):
-        a = extract(ExtractConfig(cache=str(work / f"cache-{rep}"), **cfg)).steady_images_per_second
+    caches = iter(range(1_000_000))
+
+    def pipeline() -> float:  # the warm-up round's run starts the workers
+        return 1 / extract(ExtractConfig(cache=str(work / f"cache-{next(caches)}"), **cfg)).steady_images_per_second
+
+    def model_alone() -> float:
         torch.set_num_threads(os.cpu_count() or 1)
         with torch.inference_mode():
             model.extract(batches[0])  # warm-up, like the pipeline's first batch
             t0 = time.perf_counter()
             for x in batches[1:]:
                 model.extract(x)
-            b = sum(len(x) for x in batches[1:]) / (time.perf_counter() - t0)
-        ratios.append(a / b)
-        print(f"rep {rep}: (a) pipeline {a:.1f} images/s, (b) model alone {b:.1f} images/s, a/b {a / b:.2f}", flush=True)
-    med = statistics.median(ratios)
-    print(f"a/b median {med:.2f} (spread {min(ratios):.2f}-{max(ratios):.2f})")
+            return (time.perf_counter() - t0) / sum(len(x) for x in batches[1:])
+
+    comparison = compare({"a_pipeline": pipeline, "b_model_alone": model_alone}, reps=args.reps, unit="s/image")
+    comparison.report(f"(a) pipeline, (b) model alone, {backbone.name}", rate="images/s")
     safe = args.backbone.replace(":", "_").replace(",", "_").replace("=", "")
-    return 0 if target(f"extract_vs_model_alone[{safe}]", med, ">=", 0.8) else 1
+    return 0 if target_ratio(f"extract_vs_model_alone[{safe}]", comparison.ratio("a_pipeline", "b_model_alone"), ">=", 0.8) else 1
 
 
 if __name__ == "__main__":

@@ -12,7 +12,12 @@ Steps (one run):
    which favours the reference) and all K attention maps from the full 1x1 conv;
 3. L-CAM-Img: a training step with pass 1 from the cache and the selected map from
    gathered weight rows, against the reference step (pass 1 by the backbone, all K maps).
-   Steps alternate between the two to share the machine's load fairly; medians reported.
+Both comparisons run through ``benchmarks.common.compare``: the two styles alternate
+(``--reps`` epochs, ``--img-steps`` steps each) after an uncounted warm-up round (a cache
+epoch and ONE reference step for L-CAM-Fm; one step each for L-CAM-Img), and the targets
+are the medians of the per-repetition ratios, printed with their spread and the load.
+A full run times ``--reps`` reference epochs (~100 s each on 2 idle cores, one before the
+harness); ``--ref-steps`` times only that many steps of each and extrapolates.
 
 Peak memory is the rise of the process's peak RSS (VmHWM, reset through
 /proc/self/clear_refs) during each measured phase. Batch 64 (SPEC section 3) for the
@@ -32,7 +37,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from benchmarks.common import DEFAULT_DATA, local_ray_env, target  # noqa: E402
+from benchmarks.common import DEFAULT_DATA, compare, local_ray_env, target_ratio  # noqa: E402
 
 local_ray_env()
 
@@ -121,7 +126,8 @@ def main() -> int:
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "lcam-bench-train"))
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--img-batch", type=int, default=32)
-    ap.add_argument("--img-steps", type=int, default=3, help="measured L-CAM-Img steps per style (after one warm-up each)")
+    ap.add_argument("--reps", type=int, default=3, help="interleaved L-CAM-Fm epochs per style (after a warm-up round)")
+    ap.add_argument("--img-steps", type=int, default=3, help="measured L-CAM-Img steps per style, interleaved (after one warm-up each)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads for BOTH styles (default 1: what `lcam train` uses for L-CAM-Fm on 2 cores; 0: torch's default)")
     ap.add_argument("--ref-steps", type=int, default=0, help="reference Fm epoch: time only this many steps and extrapolate (0: the full epoch)")
@@ -148,23 +154,6 @@ def main() -> int:
     n = len(cache)
     print(f"\ncache: {n} samples, {cache.dtype}, views {list(cache.views)}; torch threads {torch.get_num_threads()}, batch {args.batch}", flush=True)
 
-    # ---- L-CAM-Fm from the cache: one warm-up epoch (opens the shards), then one measured epoch
-    loader = CacheLoader(cache, args.batch, seed=0, target="label", view="random")
-    trainer = LCAMTrainer(LCAM(backbone, init_attention(backbone, 0)), "fm", recipe, len(loader))
-    loader.set_epoch(0)
-    trainer.train_epoch(fm_batches(loader, 0))
-    fm_walls, fm_cpus = [], []
-    with PeakMemory() as mem_fm:
-        for epoch in range(1, 4):  # the median of 3 epochs: the machine is shared
-            loader.set_epoch(epoch)
-            t0, c0 = time.perf_counter(), time.process_time()
-            sums = trainer.train_epoch(fm_batches(loader, 0))
-            fm_walls.append(time.perf_counter() - t0)
-            fm_cpus.append(time.process_time() - c0)
-            print(f"L-CAM-Fm from cache: epoch of {int(sums.n)} samples ({len(loader)} steps) in {fm_walls[-1]:.3f}s "
-                  f"(process CPU {fm_cpus[-1]:.2f}s), loss {sums.means()['loss']:.3f}", flush=True)
-    fm_epoch, fm_cpu = statistics.median(fm_walls), statistics.median(fm_cpus)
-
     # ---- reference style: decoded images, backbone at every step, all K maps
     print("decoding the images for the reference style (not timed) ...", flush=True)
     images = decoded_images(shards, backbone.preprocessing)
@@ -172,26 +161,68 @@ def main() -> int:
     labels = {}
     for ks, _f, lab, _t in cache.iter_rows(batch_size=256, view=0):
         labels.update(zip(ks, lab.tolist()))
-    ref = LCAM(backbone, init_attention(backbone, 0))
-    opt = make_optimizer(ref.attention, recipe)
-    sched = make_scheduler(opt, recipe, len(loader))
-    loss_fn = LCAMLoss()
     g = torch.Generator().manual_seed(0)
     order = [keys[i] for i in torch.randperm(len(keys), generator=g).tolist()]
     batches = [order[i : i + args.batch] for i in range(0, len(order), args.batch)]
     timed = batches if args.ref_steps <= 0 else batches[: args.ref_steps]
-    with PeakMemory() as mem_ref:
-        t0, c0 = time.perf_counter(), time.process_time()
-        for i, b in enumerate(timed):
-            x = torch.stack([images[k] for k in b]).float().div_(255)
-            loss = reference_step(ref, opt, sched, loss_fn, "fm", x, torch.tensor([labels[k] for k in b]))
-            print(f"  reference Fm step {i + 1}/{len(timed)}: {time.perf_counter() - t0:.1f}s, loss {loss:.3f}", flush=True)
-        ref_time, ref_cpu = time.perf_counter() - t0, time.process_time() - c0
     scale = 1.0 if len(timed) == len(batches) else len(order) / sum(map(len, timed))
-    ref_epoch, ref_cpu = ref_time * scale, ref_cpu * scale
     note = "" if len(timed) == len(batches) else f" (extrapolated from {len(timed)} steps)"
 
-    # ---- L-CAM-Img: ours (pass 1 from the cache, gathered rows) vs reference, alternating
+    # ---- L-CAM-Fm: an epoch from the cache against a reference-style epoch, interleaved.
+    # Both arms set the thread count they run with at every call (the setting is process-wide).
+    loader = CacheLoader(cache, args.batch, seed=0, target="label", view="random")
+    trainer = LCAMTrainer(LCAM(backbone, init_attention(backbone, 0)), "fm", recipe, len(loader))
+    ref = LCAM(backbone, init_attention(backbone, 0))
+    opt = make_optimizer(ref.attention, recipe)
+    sched = make_scheduler(opt, recipe, len(loader))
+    loss_fn = LCAMLoss()
+    cpu = {"fm": [], "reference": []}
+    rise = {"fm": 0.0, "reference": 0.0}
+    epochs = iter(range(1_000_000))
+
+    threads = torch.get_num_threads()  # --threads, or torch's default when 0
+
+    def set_threads() -> None:
+        torch.set_num_threads(threads)
+
+    def fm_epoch() -> float:
+        set_threads()
+        epoch = next(epochs)
+        loader.set_epoch(epoch)
+        with PeakMemory() as mem:
+            t0, c0 = time.perf_counter(), time.process_time()
+            sums = trainer.train_epoch(fm_batches(loader, 0))
+            wall, cpu_s = time.perf_counter() - t0, time.process_time() - c0
+        if epoch:  # epoch 0 is the warm-up round's
+            cpu["fm"].append(cpu_s)
+            rise["fm"] = max(rise["fm"], mem.rise)
+        print(f"  L-CAM-Fm from cache: epoch of {int(sums.n)} samples ({len(loader)} steps) in {wall:.3f}s "
+              f"(process CPU {cpu_s:.2f}s), loss {sums.means()['loss']:.3f}", flush=True)
+        return wall
+
+    def reference_epoch(steps: list | None = None) -> float:
+        set_threads()
+        with PeakMemory() as mem:
+            t0, c0 = time.perf_counter(), time.process_time()
+            for i, b in enumerate(steps or timed):
+                x = torch.stack([images[k] for k in b]).float().div_(255)
+                loss = reference_step(ref, opt, sched, loss_fn, "fm", x, torch.tensor([labels[k] for k in b]))
+                print(f"    reference Fm step {i + 1}/{len(steps or timed)}: {time.perf_counter() - t0:.1f}s, loss {loss:.3f}", flush=True)
+            wall, cpu_s = time.perf_counter() - t0, time.process_time() - c0
+        if steps is None:
+            cpu["reference"].append(cpu_s * scale)
+            rise["reference"] = max(rise["reference"], mem.rise)
+        return wall * scale
+
+    # warm-up round: one cache epoch (opens the shards, starts the prefetch threads) and a
+    # single reference step (oneDNN's first-call set-up), not a whole ~100 s reference epoch
+    fm = compare({"fm": fm_epoch, "reference": reference_epoch}, reps=args.reps,
+                 warmup={"reference": lambda: reference_epoch(timed[:1])}, unit="s/epoch")
+    fm.report("L-CAM-Fm epoch")
+    fm_cpu, ref_cpu = statistics.median(cpu["fm"]), statistics.median(cpu["reference"])
+
+    # ---- L-CAM-Img: ours (pass 1 from the cache, gathered rows) vs reference, one step each a
+    # round on the same batch (the warm-up round's batch is the first)
     feats_of = {}
     for ks, f, _lab, _t in cache.iter_rows(batch_size=256, view=0):
         feats_of.update(zip(ks, torch.from_numpy(f)))
@@ -199,42 +230,55 @@ def main() -> int:
     ref_img = LCAM(backbone, init_attention(backbone, 0))
     opt_i, loss_i = make_optimizer(ref_img.attention, recipe), LCAMLoss()
     sched_i = make_scheduler(opt_i, recipe, len(loader))
-    t_ours, t_ref = [], []
-    mem_ours_img = mem_ref_img = None
-    for step in range(args.img_steps + 1):
+    calls = {"ours": 0, "reference": 0}
+    img_rise = {"ours": 0.0, "reference": 0.0}
+
+    def img_batch(arm: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        step = calls[arm]
+        calls[arm] += 1
         b = order[step * args.img_batch : (step + 1) * args.img_batch]
         x = torch.stack([images[k] for k in b]).float().div_(255)
-        y = torch.tensor([labels[k] for k in b])
-        f = torch.stack([feats_of[k] for k in b])
-        with PeakMemory() as m1:
+        return x, torch.tensor([labels[k] for k in b]), torch.stack([feats_of[k] for k in b])
+
+    def img_ours() -> float:
+        set_threads()
+        x, y, f = img_batch("ours")
+        with PeakMemory() as mem:
             t0 = time.perf_counter()
             ours_img.step(TrainBatch(targets=y, feats=f, images=x))
-            t1 = time.perf_counter() - t0
-        with PeakMemory() as m2:
+            seconds = time.perf_counter() - t0
+        if calls["ours"] > 1:  # the first is the warm-up
+            img_rise["ours"] = max(img_rise["ours"], mem.rise)
+        return seconds
+
+    def img_reference() -> float:
+        set_threads()
+        x, y, _f = img_batch("reference")
+        with PeakMemory() as mem:
             t0 = time.perf_counter()
             reference_step(ref_img, opt_i, sched_i, loss_i, "img", x, y)
-            t2 = time.perf_counter() - t0
-        if step:  # the first is a warm-up
-            t_ours.append(t1)
-            t_ref.append(t2)
-            mem_ours_img = max(mem_ours_img or 0.0, m1.rise)
-            mem_ref_img = max(mem_ref_img or 0.0, m2.rise)
-        print(f"  Img step {step}{' (warm-up)' if not step else ''}: ours {t1:.2f}s, reference {t2:.2f}s", flush=True)
+            seconds = time.perf_counter() - t0
+        if calls["reference"] > 1:
+            img_rise["reference"] = max(img_rise["reference"], mem.rise)
+        return seconds
 
-    fm_ratio = ref_epoch / fm_epoch
-    img_ours, img_ref = statistics.median(t_ours), statistics.median(t_ref)
-    img_ratio = img_ref / img_ours
-    print("\n| measurement (EfficientNet-Lite0, CPU) | ours | reference style | ratio |")
+    img = compare({"ours": img_ours, "reference": img_reference}, reps=args.img_steps, unit="s/step")
+    img.report(f"L-CAM-Img step, batch {args.img_batch}")
+
+    fm_epoch_s, ref_epoch = fm.median("fm"), fm.median("reference")
+    img_ours_s, img_ref_s = img.median("ours"), img.median("reference")
+    fm_ratio, img_ratio = fm.ratio("fm", "reference"), img.ratio("ours", "reference")
+    print("\n| measurement (EfficientNet-Lite0, CPU; medians of interleaved repetitions) | ours | reference style | ratio |")
     print("|---|---|---|---|")
-    print(f"| L-CAM-Fm epoch, {n} images, batch {args.batch} | {fm_epoch:.3f} s (from cache, median of 3) | {ref_epoch:.1f} s{note} | {fm_ratio:.0f}x |")
+    print(f"| L-CAM-Fm epoch, {n} images, batch {args.batch} (median of {fm.reps}) | {fm_epoch_s:.3f} s (from cache) | {ref_epoch:.1f} s{note} | {fm_ratio.median:.0f}x |")
     print(f"| L-CAM-Fm epoch, process CPU time | {fm_cpu:.2f} s | {ref_cpu:.1f} s | {ref_cpu / fm_cpu:.0f}x |")
-    print(f"| L-CAM-Fm samples/s | {n / fm_epoch:.0f} | {n / ref_epoch:.1f} | |")
-    print(f"| L-CAM-Fm peak RSS rise | {mem_fm.rise:.0f} MB | {mem_ref.rise:.0f} MB | |")
-    print(f"| L-CAM-Img step, batch {args.img_batch} (median of {len(t_ours)}) | {img_ours:.2f} s (pass 1 cached) | {img_ref:.2f} s | {img_ratio:.2f}x |")
-    print(f"| L-CAM-Img peak RSS rise per step | {mem_ours_img:.0f} MB | {mem_ref_img:.0f} MB | |")
+    print(f"| L-CAM-Fm samples/s | {n / fm_epoch_s:.0f} | {n / ref_epoch:.1f} | |")
+    print(f"| L-CAM-Fm peak RSS rise | {rise['fm']:.0f} MB | {rise['reference']:.0f} MB | |")
+    print(f"| L-CAM-Img step, batch {args.img_batch} (median of {img.reps}) | {img_ours_s:.2f} s (pass 1 cached) | {img_ref_s:.2f} s | {img_ratio.median:.2f}x |")
+    print(f"| L-CAM-Img peak RSS rise per step | {img_rise['ours']:.0f} MB | {img_rise['reference']:.0f} MB | |")
     print()
-    target("fm_epoch_speedup", fm_ratio, ">=", 100, "{:.1f}")
-    target("img_step_speedup", img_ratio, ">=", 1.3)
+    target_ratio("fm_epoch_speedup", fm_ratio, ">=", 100, "{:.1f}")
+    target_ratio("img_step_speedup", img_ratio, ">=", 1.3)
     return 0
 
 
