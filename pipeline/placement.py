@@ -13,7 +13,9 @@ this process is already connected to a Ray cluster of more than one node), else 
 
 Progress lines a task logs under the ``lcam`` logger reach the user through a small
 queue actor (:class:`LogRelay`): Ray's own log forwarding is off (``ensure_ray``) because
-it would also forward every worker's noise.
+it would also forward every worker's noise. The relay is the one such channel: L-CAM-Img's
+Ray Train rank 0 sends its step and epoch messages through it too, and the driver's handler
+turns them into lines.
 """
 
 from __future__ import annotations

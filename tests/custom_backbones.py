@@ -5,6 +5,8 @@ Importable by Ray workers: they start in the repository root like the tests.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -40,6 +42,17 @@ class NoFeatures(nn.Module):
 
 def tiny() -> nn.Module:
     """No argument: lcam loads a path/URL ``weights`` itself."""
+    return TinyNet()
+
+
+# The processes that built ``counted_tiny`` (each process's copy of this module sees only its
+# own builds): a test asserts where a stage built its model.
+BUILT_IN: list[int] = []
+
+
+def counted_tiny() -> nn.Module:
+    """:func:`tiny`, recording the building process's pid in :data:`BUILT_IN`."""
+    BUILT_IN.append(os.getpid())
     return TinyNet()
 
 

@@ -45,10 +45,10 @@ def tiny_images(root: Path, n: int = 8) -> Path:
     return root
 
 
-def write_tiny_cache(url: str) -> FeatureCache:
-    """A feature cache of the tiny backbone over random inputs, written without Ray: the sources
-    are names only (training and CAMs from a cache never open a shard)."""
-    backbone = build_backbone(TINY, "random")
+def write_tiny_cache(url: str, spec: str = TINY) -> FeatureCache:
+    """A feature cache of the tiny backbone (``spec``) over random inputs, written without Ray:
+    the sources are names only (training and CAMs from a cache never open a shard)."""
+    backbone = build_backbone(spec, "random")
     cache = FeatureCache.create_or_open(url, cache_identity(backbone, ("center",), "float16"), feature_shape=backbone.feature_shape,
                                         views=("center",), dtype="float16", num_classes=backbone.num_classes)
     gen = torch.Generator().manual_seed(0)
@@ -64,22 +64,38 @@ def write_tiny_cache(url: str) -> FeatureCache:
     return FeatureCache.open(url)
 
 
+def write_tiny_checkpoint(path: str, spec: str = TINY) -> str:
+    """An L-CAM-Fm checkpoint of the tiny backbone (``spec``) with a seeded random attention."""
+    backbone = build_backbone(spec, "random")
+    attention = init_attention(backbone, 3)
+    with torch.no_grad():  # away from the all-equal start: maps with structure
+        attention.conv.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    save_checkpoint(path, attention_state=attention.state_dict(), method="fm", backbone=backbone.describe())
+    return path
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("placement")
     cache = write_tiny_cache(str(root / "cache"))
-    backbone = build_backbone(TINY, "random")
-    attention = init_attention(backbone, 3)
-    with torch.no_grad():  # away from the all-equal start: maps with structure
-        attention.conv.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
-    ckpt = str(root / "ckpt.pt")
-    save_checkpoint(ckpt, attention_state=attention.state_dict(), method="fm", backbone=backbone.describe())
-    return {"root": root, "cache": cache.url, "ckpt": ckpt}
+    return {"root": root, "cache": cache.url, "ckpt": write_tiny_checkpoint(str(root / "ckpt.pt"))}
 
 
 def losses(run: Path) -> list[tuple]:
     return [(r["kind"], r["step"], r["loss"], r["ce"], r["area"], r["tv"]) for r in
             (json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines())]
+
+
+def assert_same_cam_stores(first: Path, second: Path) -> None:
+    """Two CAM stores of the tiny cache hold the same shards with exactly the same arrays."""
+    a, b = CamStore.open(str(first)), CamStore.open(str(second))
+    assert a.fingerprint == b.fingerprint and a.shard_ids() == b.shard_ids() and len(a.shard_ids()) == SHARDS
+    for sid in a.shard_ids():
+        x, y = a.read_shard(sid, normalized=False), b.read_shard(sid, normalized=False)
+        assert x.keys() == y.keys() and x["keys"] == y["keys"]
+        for name in x:
+            if name != "keys":
+                assert x[name].dtype == y[name].dtype and np.array_equal(x[name], y[name]), (sid, name)
 
 
 def test_model_stages_leave_the_head_and_give_the_same_results(tiny, tmp_path):
@@ -108,14 +124,7 @@ def test_model_stages_leave_the_head_and_give_the_same_results(tiny, tmp_path):
     a, b = load_checkpoint(str(tmp_path / "fm-local" / "checkpoint.pt")), load_checkpoint(str(tmp_path / "fm-auto" / "checkpoint.pt"))
     for k in a["attention"]:
         assert torch.equal(a["attention"][k], b["attention"][k]), k
-    a, b = CamStore.open(str(tmp_path / "cams-local")), CamStore.open(str(tmp_path / "cams-auto"))
-    assert a.fingerprint == b.fingerprint and a.shard_ids() == b.shard_ids() and len(a.shard_ids()) == SHARDS
-    for sid in a.shard_ids():
-        x, y = a.read_shard(sid, normalized=False), b.read_shard(sid, normalized=False)
-        assert x.keys() == y.keys() and x["keys"] == y["keys"]
-        for name in x:
-            if name != "keys":
-                assert x[name].dtype == y[name].dtype and np.array_equal(x[name], y[name]), (sid, name)
+    assert_same_cam_stores(tmp_path / "cams-local", tmp_path / "cams-auto")
 
 
 def test_where_auto_is_local_without_a_cluster_and_ray_with_one(monkeypatch):
@@ -151,6 +160,28 @@ def test_a_re_executed_cam_group_write_leaves_the_store_exact(tiny, tmp_path):
     for name in want:
         if name != "keys":
             assert np.array_equal(got[name], want[name]), name
+
+
+def test_cams_on_ray_build_the_model_in_the_actors_only(ray_local, tmp_path):
+    """`lcam cams --cache ... --where ray`: the driver reads the checkpoint's dict and never
+    builds the backbone (on a cluster it is the CPU-only head); the actors' store equals the
+    in-process one, whose driver build the probe does see."""
+    from tests import custom_backbones
+
+    spec = "tests.custom_backbones:counted_tiny,size=32"
+    cache = write_tiny_cache(str(tmp_path / "cache"), spec)
+    ckpt = write_tiny_checkpoint(str(tmp_path / "ckpt.pt"), spec)
+    custom_backbones.BUILT_IN.clear()  # the cache and checkpoint above were made here on purpose
+
+    def cams(where: str):
+        return generate_cams(CamsConfig(checkpoint=ckpt, out=str(tmp_path / f"cams-{where}"), cache=cache.url, classes="top-k", top_k=2,
+                                        where=where, progress=False))
+
+    on_ray = cams("ray")
+    assert custom_backbones.BUILT_IN == [] and on_ray.samples == SHARDS * PER_SHARD and len(on_ray.ran_on) == 1
+    here = cams("local")
+    assert custom_backbones.BUILT_IN == [os.getpid()] and here.samples == SHARDS * PER_SHARD  # the probe sees a driver build
+    assert_same_cam_stores(tmp_path / "cams-ray", tmp_path / "cams-local")
 
 
 def test_ray_train_storage_defaults_to_the_run_url_with_its_options(s3, tmp_path, monkeypatch):
