@@ -57,9 +57,10 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default=WORK, help="generalisation.py's --work folder (its cache, shards and baselines are reused)")
     p.add_argument("--out", default=os.path.join(WORK, "transfer"), help="where this experiment's checkpoints and evaluations go")
-    p.add_argument("--variants", default="shared-row,adapter-full", help="KIND[@LR], comma separated; KIND: shared-row, adapter-full, adapter-rR; LR: peak lr (default --adapter-lr)")
+    p.add_argument("--variants", default="shared-row,adapter-full", help="KIND[@LR], comma separated; KIND: shared-row, adapter-full, adapter-rR, each optionally +rows (class rows trained too), or distil (LR: the ridge); LR: peak lr (default --adapter-lr)")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--adapter-lr", type=float, default=3.0, help="one-cycle peak lr of the shared parameters")
+    p.add_argument("--rows-lr", type=float, default=3.0, help="KIND+rows: one-cycle peak lr of the class rows (trained too)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tables", default="held-out,in-sample")
@@ -67,7 +68,7 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def make_attention(kind: str, base, seed: int):
+def make_attention(kind: str, base, seed: int, train_rows: bool = False):
     """An ``AttentionMechanism`` whose gathered rows are the frozen class rows plus a shared component."""
     import torch
     from torch import nn
@@ -80,8 +81,8 @@ def make_attention(kind: str, base, seed: int):
         def __init__(self) -> None:
             super().__init__(base.in_channels, base.num_classes)
             self.conv.load_state_dict(base.conv.state_dict())
-            self.conv.weight.requires_grad_(False)
-            self.conv.bias.requires_grad_(False)
+            self.conv.weight.requires_grad_(train_rows)
+            self.conv.bias.requires_grad_(train_rows)
             c = base.in_channels
             self.beta = nn.Parameter(torch.zeros(()))  # shared bias shift: the bias group of the optimizer
             if kind == "shared-row":
@@ -113,9 +114,15 @@ def make_attention(kind: str, base, seed: int):
 
         @torch.no_grad()
         def folded_state(self) -> dict[str, torch.Tensor]:
-            """The equivalent ordinary attention: every row through ``rows``, every bias + beta."""
+            """The equivalent ordinary attention for explaining: every row through ``rows``, the class biases.
+
+            beta is left out: a constant added to a map changes no explanation (min-max), and with
+            ``+rows`` weight decay has shrunk every untrained row and its bias ~1e9-fold (their
+            gradient is a dense zero, so SGD's decay still applies: the same happens in
+            ``lcam train``), so a shared beta of ~4 would swamp those maps in float32 (measured:
+            held-out AD 92 / 94 / 99 with beta folded in)."""
             w = self.rows(self.conv.weight.flatten(1))
-            return {"conv.weight": w.reshape(self.conv.weight.shape).clone(), "conv.bias": (self.conv.bias + self.beta).clone()}
+            return {"conv.weight": w.reshape(self.conv.weight.shape).clone(), "conv.bias": self.conv.bias.detach().clone()}
 
     return SharedComponentAttention()
 
@@ -134,6 +141,45 @@ def load_cache(url: str):
     return cache, keys, torch.cat(feats), torch.cat(top1)
 
 
+def distil_variant(ridge: float, args, cache, targets, out: Path) -> str:
+    """No training: the adapter M fitted by ridge regression so that the classifier's rows of the
+    trained classes, W_k (I + M), point where the held-out run's trained rows (fm-cam-k1) point.
+    The most direct test of "the per-row changes share a linear feature-space transform": if
+    they do, M carries it to the rows that never trained. ``ridge``: lambda as a multiple of the
+    mean eigenvalue of W_tr W_tr^T (the dual solve, n_trained x n_trained)."""
+    import torch
+
+    from lcam.training import init_attention
+    from pipeline.checkpoints import load_checkpoint, save_checkpoint
+    from pipeline.train_setup import backbone_for_cache
+
+    ckpt = out / "checkpoint.pt"
+    if ckpt.exists():
+        return str(ckpt)
+    backbone = backbone_for_cache(cache, None)
+    base = init_attention(backbone, args.seed, "cam")
+    w = base.conv.weight.detach().flatten(1).double()
+    ref = load_checkpoint(str(next(Path(args.work).glob("fm-cam-k1-*")) / "checkpoint.pt"))
+    trained_rows = ref["attention"]["conv.weight"].flatten(1).double()
+    covered = ref["coverage"] > 0
+    w_tr, r_tr = w[covered], trained_rows[covered]
+    goal = r_tr / r_tr.norm(dim=1, keepdim=True) * w_tr.norm(dim=1, keepdim=True)  # direction of the trained row, scale of W_k
+    gram = w_tr @ w_tr.T
+    lam = ridge * float(gram.diagonal().mean())
+    m = w_tr.T @ torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), goal - w_tr)
+    fitted = w_tr + w_tr @ m
+    cos = torch.nn.functional.cosine_similarity(fitted, r_tr, dim=1).mean()
+    cos0 = torch.nn.functional.cosine_similarity(w_tr, r_tr, dim=1).mean()
+    print(f"  distil ridge {ridge:g}: {int(covered.sum())} trained rows; mean cosine to the trained rows {cos0:.3f} (CAM rows) -> "
+          f"{cos:.3f} (W (I + M)); |M| {float(m.norm()):.3g}", flush=True)
+    rows = (w + w @ m).float()
+    save_checkpoint(str(ckpt), attention_state={"conv.weight": rows.reshape(base.conv.weight.shape), "conv.bias": base.conv.bias.detach().clone()},
+                    method="fm", backbone=backbone.describe(), cache_fingerprint=cache.fingerprint,
+                    config={"experiment": "heldout_transfer", "variant": "distil", "ridge": ridge, "reference": "fm-cam-k1"},
+                    coverage=torch.bincount(targets, minlength=base.num_classes))
+    return str(ckpt)
+
+
 def train_variant(kind: str, lr: float, args, cache, feats, targets, out: Path) -> str:
     import torch
 
@@ -148,15 +194,20 @@ def train_variant(kind: str, lr: float, args, cache, feats, targets, out: Path) 
     if ckpt.exists():
         return str(ckpt)
     backbone = backbone_for_cache(cache, None)
-    attention = make_attention(kind, init_attention(backbone, args.seed, "cam"), args.seed)
+    train_rows = kind.endswith("+rows")
+    kind = kind.removesuffix("+rows")
+    attention = make_attention(kind, init_attention(backbone, args.seed, "cam"), args.seed, train_rows)
     model = LCAM(backbone, attention)
     model.backbone.eval()
     for p in model.backbone.parameters():
         p.requires_grad_(False)
     recipe = Recipe(lr=lr, epochs=args.epochs, batch_size=args.batch, schedule="onecycle")
-    shared = [p for n, p in attention.named_parameters() if p.requires_grad and n != "beta"]
-    # as lcam.recipe.make_optimizer: weights at lr, biases (beta) at bias_lr_mult x lr
-    opt = torch.optim.SGD([{"params": shared, "lr": recipe.lr}, {"params": [attention.beta], "lr": recipe.lr * recipe.bias_lr_mult}],
+    shared = [p for n, p in attention.named_parameters() if p.requires_grad and n not in ("beta", "conv.weight", "conv.bias")]
+    # as lcam.recipe.make_optimizer: weights at lr, biases (beta) at bias_lr_mult x lr; class rows (+rows) at the held-out recipe's
+    groups = [{"params": shared, "lr": recipe.lr}, {"params": [attention.beta], "lr": recipe.lr * recipe.bias_lr_mult}]
+    if train_rows:
+        groups += [{"params": [attention.conv.weight], "lr": args.rows_lr}, {"params": [attention.conv.bias], "lr": args.rows_lr * recipe.bias_lr_mult}]
+    opt = torch.optim.SGD(groups,
                           lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay, nesterov=recipe.nesterov)
     n = feats.shape[0]
     steps = math.ceil(n / args.batch)
@@ -193,7 +244,7 @@ def train_variant(kind: str, lr: float, args, cache, feats, targets, out: Path) 
     save_checkpoint(str(ckpt), attention_state=attention.folded_state(), method="fm", backbone=backbone.describe(),
                     cache_fingerprint=cache.fingerprint, epoch=args.epochs, step=args.epochs * steps,
                     config={"experiment": "heldout_transfer", "variant": kind, "epochs": args.epochs, "adapter_lr": lr,
-                            "batch_size": args.batch, "seed": args.seed, "rows": "frozen at the classifier's (cam init)"},
+                            "batch_size": args.batch, "seed": args.seed, "rows": f"trained, lr {args.rows_lr:g}" if train_rows else "frozen at the classifier's (cam init)"},
                     metrics=history, coverage=coverage)
     return str(ckpt)
 
@@ -220,9 +271,13 @@ def main() -> int:
     for spec in [v.strip() for v in args.variants.split(",") if v.strip()]:
         kind, _, lr = spec.partition("@")
         lr = float(lr) if lr else args.adapter_lr
-        name = f"{kind}-e{args.epochs}-lr{lr:g}"
+        name = f"{kind}-e{args.epochs}-lr{lr:g}".replace(".", "p").replace("+", "-")  # lcam eval names: no dots
         t0 = time.perf_counter()
-        url = train_variant(kind, lr, args, cache, feats, targets, out / name)
+        if kind == "distil":
+            name = f"distil-ridge{lr:g}".replace(".", "p")
+            url = distil_variant(lr, args, cache, targets, out / name)
+        else:
+            url = train_variant(kind, lr, args, cache, feats, targets, out / name)
         print(f"{name}: trained ({time.perf_counter() - t0:.0f}s) -> {url}", flush=True)
         for label in wanted:
             shard_url, limit = shards[label]
