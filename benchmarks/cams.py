@@ -44,6 +44,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks.common import DEFAULT_DATA, compare, local_ray_env, target_ratio  # noqa: E402
+
+local_ray_env()  # before Ray and tqdm are imported: own temp dir, no auth token, no progress bars (Score-CAM's)
 from lcam import LCAM, build_backbone  # noqa: E402
 from pipeline.cams import CamsConfig, Explainer, generate_cams  # noqa: E402
 from pipeline.checkpoints import save_checkpoint  # noqa: E402
@@ -126,7 +128,6 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3, help="interleaved repetitions of every compared method, after a warm-up round (medians reported)")
     args = ap.parse_args()
-    local_ray_env()  # before ensure_ray: its own temp dir, no auth token, no progress bars (Score-CAM's)
 
     os.makedirs(args.work, exist_ok=True)
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads, CUDA {torch.cuda.is_available()}; load {os.getloadavg()[0]:.1f}")
