@@ -43,7 +43,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.common import DEFAULT_DATA, compare, target_ratio  # noqa: E402
+from benchmarks.common import DEFAULT_DATA, compare, local_ray_env, target_ratio  # noqa: E402
+
+local_ray_env()  # before Ray is imported: its own temp dir, no auth token (Score-CAM's tqdm bar still shows here)
 from lcam import LCAM, build_backbone  # noqa: E402
 from pipeline.cams import CamsConfig, Explainer, generate_cams  # noqa: E402
 from pipeline.checkpoints import save_checkpoint  # noqa: E402

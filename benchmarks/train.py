@@ -165,7 +165,6 @@ def main() -> int:
     order = [keys[i] for i in torch.randperm(len(keys), generator=g).tolist()]
     batches = [order[i : i + args.batch] for i in range(0, len(order), args.batch)]
     timed = batches if args.ref_steps <= 0 else batches[: args.ref_steps]
-    scale = 1.0 if len(timed) == len(batches) else len(order) / sum(map(len, timed))
     note = "" if len(timed) == len(batches) else f" (extrapolated from {len(timed)} steps)"
 
     # ---- L-CAM-Fm: an epoch from the cache against a reference-style epoch, interleaved.
@@ -201,21 +200,25 @@ def main() -> int:
         return wall
 
     def reference_epoch(steps: list | None = None) -> float:
+        """Seconds for an epoch in the reference style, extrapolated when fewer steps are run."""
         set_threads()
+        run = steps or timed
         with PeakMemory() as mem:
             t0, c0 = time.perf_counter(), time.process_time()
-            for i, b in enumerate(steps or timed):
+            for i, b in enumerate(run):
                 x = torch.stack([images[k] for k in b]).float().div_(255)
                 loss = reference_step(ref, opt, sched, loss_fn, "fm", x, torch.tensor([labels[k] for k in b]))
-                print(f"    reference Fm step {i + 1}/{len(steps or timed)}: {time.perf_counter() - t0:.1f}s, loss {loss:.3f}", flush=True)
+                print(f"    reference Fm step {i + 1}/{len(run)}: {time.perf_counter() - t0:.1f}s, loss {loss:.3f}", flush=True)
             wall, cpu_s = time.perf_counter() - t0, time.process_time() - c0
+        to_epoch = len(order) / sum(map(len, run))
         if steps is None:
-            cpu["reference"].append(cpu_s * scale)
+            cpu["reference"].append(cpu_s * to_epoch)
             rise["reference"] = max(rise["reference"], mem.rise)
-        return wall * scale
+        return wall * to_epoch
 
     # warm-up round: one cache epoch (opens the shards, starts the prefetch threads) and a
-    # single reference step (oneDNN's first-call set-up), not a whole ~100 s reference epoch
+    # single reference step (oneDNN's first-call set-up; reported extrapolated to an epoch),
+    # not a whole ~100 s reference epoch
     fm = compare({"fm": fm_epoch, "reference": reference_epoch}, reps=args.reps,
                  warmup={"reference": lambda: reference_epoch(timed[:1])}, unit="s/epoch")
     fm.report("L-CAM-Fm epoch")
