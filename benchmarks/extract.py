@@ -42,6 +42,9 @@ def main() -> int:
     parser.add_argument("--backbone", default="efficientnet_lite0", help="any backbone spec; others than the default run the interleaved a/b comparison")
     parser.add_argument("--weights", default="default")
     parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions of the arms, after an uncounted warm-up round")
+    parser.add_argument("--pipeline-threads", type=int, default=None,
+                        help="also run the pipeline with its model actor on this many torch threads (arm a2; the "
+                             "default actor uses all cores, and on a small machine shares them with the decode tasks)")
     args = parser.parse_args()
 
     local_ray_env()
@@ -124,7 +127,16 @@ def main() -> int:
         peaks["c"] = max(peaks["c"], mem.peak_mib)
         return seconds
 
-    comparison = compare({"a_pipeline": pipeline, "b_model_alone": model_alone, "c_dataloader": dataloader}, reps=args.reps, unit="s/image")
+    def pipeline_threads() -> float:
+        """(a2) the pipeline with ``--pipeline-threads`` torch threads in its model actor."""
+        s = extract(ExtractConfig(cache=str(work / f"cache-t-{len(runs)}"), torch_threads=args.pipeline_threads, **cfg))
+        runs.append(s)
+        return 1 / s.steady_images_per_second
+
+    arms = {"a_pipeline": pipeline, "b_model_alone": model_alone, "c_dataloader": dataloader}
+    if args.pipeline_threads:
+        arms["a2_pipeline_threads"] = pipeline_threads
+    comparison = compare(arms, reps=args.reps, unit="s/image")
     cold = runs[0]
     info = FeatureCache.open(str(work / "cache-0")).info()
     print(f"(a) pipeline, first run (cold workers, the warm-up): {cold.images} images in {cold.seconds:.1f}s; steady state {cold.steady_images_per_second:.1f} images/s")
@@ -134,6 +146,10 @@ def main() -> int:
     print(f"peak memory (process tree, driver + Ray workers): (a) {peaks['a']:.0f} MiB, (b) {peaks['b']:.0f} MiB, (c) {peaks['c']:.0f} MiB")
     ok = target_ratio("extract_vs_dataloader", comparison.ratio("a_pipeline", "c_dataloader"), ">=", 1.0)
     ok &= target_ratio("extract_vs_model_alone", comparison.ratio("a_pipeline", "b_model_alone"), ">=", 0.8)
+    if args.pipeline_threads:
+        r = comparison.ratio("a2_pipeline_threads", "c_dataloader")
+        print(f"(a2) pipeline, {args.pipeline_threads} torch thread(s) in the actor, vs (c): median {r.median:.2f} (spread {r.lo:.2f}-{r.hi:.2f}); "
+              f"vs (a): {comparison.ratio('a2_pipeline_threads', 'a_pipeline').median:.2f}")
     return 0 if ok else 1
 
 
