@@ -59,7 +59,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--fm-epochs", type=int, default=80)
     p.add_argument("--fm-lr", type=float, default=3.0, help="one-cycle peak")
     p.add_argument("--fm-batch", type=int, default=16)
-    p.add_argument("--variants", default="random:1,random:3,random:5,cam:1,cam:3,cam:5", help="L-CAM-Fm variants INIT:K (K: top-K targets)")
+    p.add_argument("--variants", default="random:1,random:3,random:5,cam:1,cam:3,cam:5",
+                   help="L-CAM-Fm variants INIT:K[:FILL] (K: top-K targets; FILL: --uncovered rule, default init; another rule "
+                        "re-exports the INIT:K run, no second training)")
+    p.add_argument("--transfer-ridge", default="auto", help="--uncovered transfer's ridge (auto: cross-validated on the trained rows)")
     p.add_argument("--train-only", action="store_true", help="stop after training (e.g. parts trained by parallel runs of this script)")
     p.add_argument("--fm-default", default="cam,1", help="INIT,K of the L-CAM-Fm the targets are checked on (and Img starts from)")
     p.add_argument("--img-images", type=int, default=200, help="training images for L-CAM-Img (seeded subset of the training classes)")
@@ -169,10 +172,27 @@ def main() -> int:
 
     # ---- 2. L-CAM-Fm variants from the cache
     runs: dict[str, str] = {}
-    variants = [(v.split(":")[0].strip(), int(v.split(":")[1])) for v in args.variants.split(",") if v.strip()]
-    for init, k in variants:
+    variants = [(*(p.strip() for p in v.split(":")[:1]), int(v.split(":")[1]), (v.split(":")[2:] or ["init"])[0].strip())
+                for v in args.variants.split(",") if v.strip()]
+    for init, k, fill in sorted(variants, key=lambda v: v[2] != "init"):  # the trained runs first, re-exports after
         name = f"fm-{init}-k{k}"
         run = work / f"{name}-{key(split=split, epochs=args.fm_epochs, lr=args.fm_lr, batch=args.fm_batch, init=init, k=k)}"
+        if fill != "init":  # the same training exported with another --uncovered rule (lcam train --resume --uncovered)
+            if not (run / f"epoch-{args.fm_epochs:03d}.pt").exists():
+                raise SystemExit(f"variant {init}:{k}:{fill} re-exports the run of {init}:{k}: train that first (add it to --variants)")
+            src, name = run, f"{name}-{fill}"
+            run = work / f"{name}-{key(run=str(src), fill=fill, ridge=args.transfer_ridge)}"
+            if not (run / f"epoch-{args.fm_epochs:03d}.pt").exists():
+                run.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src / "checkpoint.pt", run / "checkpoint.pt")
+                train(TrainConfig(out=str(run), resume=True, uncovered=fill, transfer_ridge=args.transfer_ridge, progress=False))
+            rec = load_checkpoint(str(run / "checkpoint.pt"))["extra"]["uncovered"]
+            print(f"{name}: {init}:{k} re-exported with --uncovered {fill}: {len(rec['rows'])} rows filled"
+                  + (f", ridge {rec['ridge']:g}" if "ridge" in rec else "")
+                  + (f" (5-fold cosine on trained rows: {', '.join(f'{r}: {c:.3f}' for r, c in rec['cv_cosine'].items())})" if "cv_cosine" in rec else ""),
+                  flush=True)
+            runs[name] = str(run / "checkpoint.pt")
+            continue
         if not (run / f"epoch-{args.fm_epochs:03d}.pt").exists():
             t0 = time.perf_counter()
             resume = (run / "checkpoint.pt").exists()  # an interrupted run continues exactly

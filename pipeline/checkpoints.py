@@ -40,10 +40,14 @@ def save_checkpoint(
     metrics: list[Mapping[str, Any]] | None = None,
     extra: Mapping[str, Any] | None = None,
     coverage: torch.Tensor | None = None,
+    trained_rows: Mapping[str, torch.Tensor] | None = None,
     storage_options: StorageOptions = None,
 ) -> None:
     """``coverage``: (K,) per class row, the samples that trained it (``LCAMTrainer.coverage``);
-    None when unknown (e.g. an attention not trained by this project)."""
+    None when unknown (e.g. an attention not trained by this project). ``trained_rows``: when
+    ``attention_state`` is an export whose untrained rows were filled (:mod:`lcam.uncovered`),
+    the trained values of those rows (``index``, ``conv.weight``, ``conv.bias``), so that
+    resuming continues from the trained state exactly."""
     payload = {
         "format": FORMAT,
         "method": method,
@@ -61,6 +65,8 @@ def save_checkpoint(
     }
     if coverage is not None:
         payload["coverage"] = torch.as_tensor(coverage).detach().cpu().to(torch.int32)
+    if trained_rows is not None:
+        payload["trained_rows"] = {k: v.detach().cpu() for k, v in trained_rows.items()}
     buf = io.BytesIO()
     torch.save(payload, buf)
     write_bytes_atomic(url, buf.getvalue(), storage_options)
@@ -82,6 +88,7 @@ def load_checkpoint(url: str, storage_options: StorageOptions = None, map_locati
     for key in ("backbone", "config", "metrics", "extra"):
         payload[key] = json.loads(payload[key])
     payload.setdefault("coverage", None)  # checkpoints from before coverage was recorded
+    payload.setdefault("trained_rows", None)  # no filled rows (or from before filling existed)
     return payload
 
 

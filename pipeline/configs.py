@@ -128,6 +128,12 @@ class TrainConfig:
     top_k: int | None = opt(None, "K for --targets top-k (default 3)", min=1)
     recipe_rule: str | None = opt(None, "defaults for lr/epochs/batch/schedule: spec (SPEC section 3, default) or data-size "
                                   "(below 20,000 samples: the small-data recipe, see README)", flag="--recipe", choices=("spec", "data-size"))
+    # Export only: the trained state (resume) stays as trained; see lcam/uncovered.py.
+    uncovered: str | None = opt(None, "rows no training sample trained (coverage 0), in the exported checkpoint: init (default: the row "
+                                "it started from, e.g. CAM's; undoes weight decay), transfer (--init cam: CAM rows mapped by a ridge "
+                                "fit of the trained rows' changes), keep (as trained: decayed towards 0)", choices=("init", "transfer", "keep"))
+    transfer_ridge: str | None = opt(None, "--uncovered transfer: the ridge, auto (default: 5-fold cross-validation on the trained rows) "
+                                     "or a number (multiple of the mean eigenvalue of their Gram matrix)", metavar="auto|FLOAT")
     max_steps: int | None = opt(None, "stop after this many steps in total (a checkpoint is kept; --resume continues)", min=0)
     resume: bool = opt(False, "continue the run in --out from its checkpoint (its method, cache, shards and recipe)", kind="switch")
     checkpoint_minutes: float = opt(10.0, "fm: also checkpoint mid-epoch this often (0: at epoch ends only)", min=0)

@@ -16,7 +16,7 @@ import base64
 import io
 import json
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -51,15 +51,28 @@ class RunFolder:
         return None
 
     def save(self, state: Mapping[str, Any], *, method: str, backbone: Mapping[str, Any], cache_fingerprint: str | None,
-             config: Mapping[str, Any], history: list[dict[str, Any]], epoch_end: bool) -> None:
+             config: Mapping[str, Any], history: list[dict[str, Any]], epoch_end: bool,
+             fill: Callable[[Mapping[str, torch.Tensor], torch.Tensor], Any] | None = None) -> None:
+        """``fill``: (trained attention state, coverage) -> :class:`lcam.uncovered.FillResult`: the
+        checkpoint's ``attention`` (what ``lcam cams``/``lcam eval``/``--init-from`` read) is its
+        state, the trained values of the rows it replaced go to ``trained_rows`` (resume)."""
         pos = state["position"]
+        coverage = torch.maximum(state["coverage"]["epoch"], state["coverage"]["max"]) if "coverage" in state else None
+        extra = {"position": pos, "running": state["running"], "rng": _encode_rng(state["rng"]),
+                 "coverage_state": {k: v.tolist() for k, v in state["coverage"].items()} if "coverage" in state else None}
+        attention, trained_rows = state["attention"], None
+        if fill is not None and coverage is not None:
+            result = fill(state["attention"], coverage)
+            extra["uncovered"] = result.record()
+            if result.rule != "keep" and result.rows:
+                index = torch.tensor(result.rows, dtype=torch.int64)
+                attention = result.state
+                trained_rows = {"index": index, **{k: v[index].clone() for k, v in state["attention"].items()}}
         kw = dict(
-            attention_state=state["attention"], method=method, backbone=backbone, cache_fingerprint=cache_fingerprint,
+            attention_state=attention, method=method, backbone=backbone, cache_fingerprint=cache_fingerprint,
             epoch=pos["epoch"], step=pos["global_step"], config=config, optimizer_state=state["optimizer"],
             scheduler_state=state["scheduler"], metrics=history, storage_options=self.storage_options,
-            extra={"position": pos, "running": state["running"], "rng": _encode_rng(state["rng"]),
-                   "coverage_state": {k: v.tolist() for k, v in state["coverage"].items()} if "coverage" in state else None},
-            coverage=torch.maximum(state["coverage"]["epoch"], state["coverage"]["max"]) if "coverage" in state else None,
+            extra=extra, coverage=coverage, trained_rows=trained_rows,
         )
         if epoch_end:  # the per-epoch copy first: checkpoint.pt never points past a missing epoch file
             save_checkpoint(self.path(f"epoch-{pos['epoch']:03d}.pt"), **kw)
@@ -86,8 +99,14 @@ class RunFolder:
 def trainer_state_from_checkpoint(ckpt: Mapping[str, Any]) -> dict[str, Any]:
     """The inverse of :meth:`RunFolder.save`: a state for ``LCAMTrainer.load_state_dict``."""
     extra = ckpt["extra"]
+    attention = ckpt["attention"]
+    rows = ckpt.get("trained_rows")
+    if rows is not None:  # an export with filled rows: put the trained values back
+        attention = {k: v.clone() for k, v in attention.items()}
+        for k, v in attention.items():
+            v[rows["index"]] = rows[k]
     return {
-        "attention": ckpt["attention"],
+        "attention": attention,
         "optimizer": ckpt["optimizer"],
         "scheduler": ckpt["scheduler"],
         "position": extra["position"],

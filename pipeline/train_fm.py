@@ -21,7 +21,7 @@ from .errors import UserError
 from .fs import exists
 from .progress import Progress, say
 from .run_folder import CHECKPOINT, CURVES, METRICS, RunFolder, StepWindow, epoch_record, format_epoch, history_until, trainer_state_from_checkpoint
-from .train_setup import TrainSummary, backbone_for_cache, check_config, initial_attention, resolve_recipe
+from .train_setup import TrainSummary, backbone_for_cache, check_config, export_fill, initial_attention, resolve_recipe
 
 
 # a training task lost with its worker or node runs again from its last checkpoint, 3 times in all
@@ -79,6 +79,9 @@ def _train_fm_loop(cfg: TrainConfig, cache: Any, backbone: Any, run_dir: RunFold
     from lcam.training import LCAMTrainer
 
     attention, inherited = initial_attention(backbone, run_cfg, cfg.storage_options) if ckpt is None else (None, None)
+    # The exported checkpoint fills rows no sample trained from the start (recomputed on resume).
+    start = attention if attention is not None or run_cfg["uncovered"] == "keep" else initial_attention(backbone, run_cfg, cfg.storage_options)[0]
+    fill = export_fill(run_cfg, start)
     model = LCAM(backbone, attention)  # resuming: the checkpoint's attention is loaded below
     # Only the head runs per step: full precision unless bf16 is asked for explicitly.
     trainer = LCAMTrainer(model, "fm", recipe, len(loader), device=device,
@@ -98,7 +101,7 @@ def _train_fm_loop(cfg: TrainConfig, cache: Any, backbone: Any, run_dir: RunFold
     def save(epoch_end: bool) -> None:
         last_save[0] = time.perf_counter()
         run_dir.save(trainer.state_dict(), method="fm", backbone=ident, cache_fingerprint=cache.fingerprint,
-                     config=run_cfg, history=history, epoch_end=epoch_end)
+                     config=run_cfg, history=history, epoch_end=epoch_end, fill=fill)
         run_dir.write_metrics(history)
 
     say(enabled=cfg.progress, line=f"L-CAM-Fm: {len(cache)} cached samples ({backbone.name}, views {list(cache.views)}), {len(loader)} steps/epoch, "
@@ -107,6 +110,8 @@ def _train_fm_loop(cfg: TrainConfig, cache: Any, backbone: Any, run_dir: RunFold
          + (f"; resuming at epoch {trainer.epoch + 1}, step {trainer.global_step}" if ckpt is not None else ""))
     stopped = False
     last: dict[str, Any] | None = next((r for r in reversed(history) if r["kind"] == "epoch"), None)
+    if ckpt is not None and trainer.epoch >= recipe.epochs and _export_changed(ckpt["config"], run_cfg):
+        save(epoch_end=True)  # a finished run resumed with another --uncovered rule: re-export only, no step
     while trainer.epoch < recipe.epochs:
         loader.set_epoch(trainer.epoch)
         window, t_epoch, lr_used = StepWindow(), time.perf_counter(), [trainer.lr]
@@ -138,6 +143,10 @@ def _train_fm_loop(cfg: TrainConfig, cache: Any, backbone: Any, run_dir: RunFold
     run_dir.write_curves(history, f"L-CAM-Fm, {backbone.name}, cache {cache.fingerprint}")
     return TrainSummary(cfg.out, "fm", trainer.epoch, recipe.epochs, trainer.global_step, stopped, last, time.perf_counter() - t0,
                         run_dir.path(CHECKPOINT), run_dir.path(METRICS), run_dir.path(CURVES), resumed_from)
+
+
+def _export_changed(saved: Mapping[str, Any], run_cfg: Mapping[str, Any]) -> bool:
+    return any(saved.get(k) != run_cfg.get(k) for k in ("uncovered", "transfer_ridge"))
 
 
 def _fm_task(cfg: TrainConfig, log_queue: Any) -> TrainSummary:

@@ -26,7 +26,7 @@ from .errors import UserError
 from .fs import StorageOptions, absolute, get_fs, join
 from .progress import say
 from .run_folder import CHECKPOINT, CURVES, METRICS, RunFolder, StepWindow, epoch_record, format_epoch, history_until, trainer_state_from_checkpoint
-from .train_setup import TrainSummary, check_config, initial_attention, resolve_recipe
+from .train_setup import TrainSummary, check_config, export_fill, initial_attention, resolve_recipe
 
 from .configs import TrainConfig  # torch-free, no loop with pipeline.training
 
@@ -179,6 +179,7 @@ def _img_worker_loop(config: dict[str, Any]) -> None:
         raise RuntimeError(f"worker {rank} built other weights for {plan['backbone']} than the driver")
     recipe = Recipe(**plan["run"]["recipe"])
     attention, inherited = initial_attention(backbone, plan["run"], cfg.storage_options)
+    fill = export_fill(plan["run"], attention)  # copies the start before training moves it
     model = LCAM(backbone, attention)
 
     def ddp(module: torch.nn.Module) -> torch.nn.Module:
@@ -261,7 +262,7 @@ def _img_worker_loop(config: dict[str, Any]) -> None:
                 state = trainer.state_dict()
                 if stopped:
                     state["running"] = MetricSums.from_tensor(total).to_dict()
-                kw = dict(method="img", backbone=plan["identity"], cache_fingerprint=plan["cache_fingerprint"], config=plan["run"], history=history)
+                kw = dict(method="img", backbone=plan["identity"], cache_fingerprint=plan["cache_fingerprint"], config=plan["run"], history=history, fill=fill)
                 run_dir.save(state, epoch_end=not stopped, **kw)
                 run_dir.write_metrics(history)
                 RunFolder(tmp).save(state, epoch_end=False, **kw)  # the same file for Ray Train's own restarts
@@ -400,7 +401,8 @@ def train_img(cfg: TrainConfig) -> TrainSummary:
     ds = build_image_dataset(shards, backbone.preprocessing, run_cfg["augment"], cache=cache, view_index=view_index,
                              storage_options=cfg.shard_storage_options, decode_batch_size=cfg.decode_batch_size, data_cpus=cfg.data_cpus)
     if ckpt is None:
-        initial_attention(backbone, run_cfg, cfg.storage_options)  # a bad --init / --init-from fails here, before Ray starts
+        # a bad --init / --init-from / --uncovered fails here, before Ray starts
+        export_fill(run_cfg, initial_attention(backbone, run_cfg, cfg.storage_options)[0])
     del backbone  # the workers build their own
     plan = {"backbone": ident["backbone"], "weights": ident["weights"], "identity": ident, "run": run_cfg, "steps_per_epoch": steps_per_epoch,
             "worker_batch": worker_batch, "resume": ckpt is not None, "cache_fingerprint": cache.fingerprint if cache else None}

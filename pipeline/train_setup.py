@@ -66,6 +66,7 @@ def check_config(cfg: TrainConfig) -> None:
     """
     from lcam.recipe import default_recipe
     from lcam.training import INITS
+    from lcam.uncovered import FILLS, parse_ridge
 
     from .placement import check_where
 
@@ -82,6 +83,16 @@ def check_config(cfg: TrainConfig) -> None:
         raise UserError(lambda flag: f"{flag('max_steps')} must be 0 or more, got {cfg.max_steps}")
     if cfg.top_k is not None and cfg.top_k < 1:
         raise UserError(lambda flag: f"{flag('top_k')} must be >= 1, got {cfg.top_k}")
+    if cfg.uncovered not in (None, *FILLS):
+        raise UserError(lambda flag: f"{flag('uncovered')} must be {' or '.join(FILLS)}, got {cfg.uncovered!r}")
+    try:
+        parse_ridge(cfg.transfer_ridge)
+    except ValueError:
+        raise UserError(lambda flag: f"{flag('transfer_ridge')} must be auto or a number >= 0, got {cfg.transfer_ridge!r}") from None
+    init = cfg.init or ("auto" if cfg.recipe_rule == "data-size" else "random")
+    if not cfg.resume and cfg.uncovered == "transfer" and (cfg.init_from or init not in ("cam", "auto")):
+        raise UserError(lambda flag: f"{flag('uncovered')} transfer maps CAM rows: it needs {flag('init')} cam (or auto on a pooling + "
+                                     f"linear head); with {flag('init_from')} the source's rows are kept by {flag('uncovered')} init")
     if not cfg.resume:
         if cfg.top_k is not None and cfg.targets != "top-k":
             raise UserError(lambda flag: f"{flag('top_k')} needs {flag('targets')} top-k")
@@ -143,7 +154,9 @@ def resolve_recipe(cfg: TrainConfig, method: str, backbone_name: str, ckpt: Mapp
                # lr 0.01 CAM-initialised rows barely move (loss 3.82 -> 3.80 in 6 epochs where the
                # random init falls by a third, tests/test_training.py's run), so it would not be the SPEC's training.
                "init": "checkpoint" if cfg.init_from else (cfg.init or ("auto" if rule == "data-size" else "random")), "init_from": cfg.init_from,
-               "targets": targets, "top_k": top_k}
+               "targets": targets, "top_k": top_k,
+               # export only (not the trajectory): rows no sample trained, see lcam.uncovered
+               "uncovered": cfg.uncovered or "init", "transfer_ridge": cfg.transfer_ridge or "auto"}
         return recipe, run
     run = dict(ckpt["config"])
     # runs saved before these options existed trained with the SPEC's choices
@@ -152,6 +165,10 @@ def resolve_recipe(cfg: TrainConfig, method: str, backbone_name: str, ckpt: Mapp
     run.setdefault("targets", "single")
     run.setdefault("top_k", 1)
     run.setdefault("recipe_rule", "spec")
+    # The export rule may change on resume (it leaves the trained state alone); runs saved
+    # before it existed get the default.
+    run["uncovered"] = cfg.uncovered or run.get("uncovered") or "init"
+    run["transfer_ridge"] = cfg.transfer_ridge or run.get("transfer_ridge") or "auto"
     given = {"method": method, "backbone": backbone_name, "lr": cfg.lr, "batch_size": cfg.batch_size, "schedule": cfg.schedule,
              "target": cfg.target, "seed": cfg.seed, "view": cfg.view if method == "fm" else run.get("view"),
              "augment": cfg.augment if method == "img" else run.get("augment"), "init": cfg.init, "init_from": cfg.init_from,
@@ -208,3 +225,24 @@ def initial_attention(backbone: Any, run_cfg: dict[str, Any], storage_options: S
         return init_attention(backbone, run_cfg["seed"], run_cfg.get("init", "random")), None
     except NoLinearClassifier as exc:
         raise UserError(str(exc)) from None
+
+
+def export_fill(run_cfg: Mapping[str, Any], start: Any) -> Any:
+    """What :meth:`RunFolder.save` exports for rows no sample trained (``run_cfg["uncovered"]``,
+    :func:`lcam.uncovered.fill_uncovered`), as a callable (trained state, coverage) -> FillResult;
+    ``start``: the attention (module) the run started from, as :func:`initial_attention` gives
+    it (recomputed on resume: it is a function of the backbone, seed and init/init_from)."""
+    from lcam.uncovered import fill_uncovered, parse_ridge
+
+    rule = run_cfg.get("uncovered") or "keep"
+    if rule == "transfer" and run_cfg.get("init") != "cam":
+        raise UserError(lambda flag: f"{flag('uncovered')} transfer maps CAM rows: it needs {flag('init')} cam (this run's start is "
+                                     f"{'its --init-from checkpoint, whose own rows are kept by init' if run_cfg.get('init_from') else run_cfg.get('init')}); "
+                                     f"use {flag('uncovered')} init")
+    start_state = {k: v.detach().cpu().clone() for k, v in start.state_dict().items()} if rule != "keep" else {}
+    ridge = parse_ridge(run_cfg.get("transfer_ridge"))
+
+    def fill(trained: Mapping[str, torch.Tensor], coverage: torch.Tensor) -> Any:
+        return fill_uncovered(trained, coverage, start_state, rule, ridge=ridge)
+
+    return fill
