@@ -64,7 +64,7 @@ def parse_args() -> argparse.Namespace:
                         "re-exports the INIT:K run, no second training)")
     p.add_argument("--transfer-ridge", default="auto", help="--uncovered transfer's ridge (auto: cross-validated on the trained rows)")
     p.add_argument("--train-only", action="store_true", help="stop after training (e.g. parts trained by parallel runs of this script)")
-    p.add_argument("--fm-default", default="cam,1", help="INIT,K of the L-CAM-Fm the targets are checked on (and Img starts from)")
+    p.add_argument("--fm-default", default="cam,1", help="INIT,K[,FILL] of the L-CAM-Fm the targets are checked on (and Img starts from)")
     p.add_argument("--img-images", type=int, default=200, help="training images for L-CAM-Img (seeded subset of the training classes)")
     p.add_argument("--img-epochs", type=int, default=4)
     p.add_argument("--img-lr", type=float, default=0.1)
@@ -189,7 +189,9 @@ def main() -> int:
             rec = load_checkpoint(str(run / "checkpoint.pt"))["extra"]["uncovered"]
             print(f"{name}: {init}:{k} re-exported with --uncovered {fill}: {len(rec['rows'])} rows filled"
                   + (f", ridge {rec['ridge']:g}" if "ridge" in rec else "")
-                  + (f" (5-fold cosine on trained rows: {', '.join(f'{r}: {c:.3f}' for r, c in rec['cv_cosine'].items())})" if "cv_cosine" in rec else ""),
+                  + (" (5-fold cosine on trained rows, per ridge: "
+                     + ", ".join(f"{r}: {c:.3f}" for r, c in sorted(rec["cv_cosine"].items(), key=lambda rc: float(rc[0]))) + ")"
+                     if "cv_cosine" in rec else ""),
                   flush=True)
             runs[name] = str(run / "checkpoint.pt")
             continue
@@ -202,8 +204,10 @@ def main() -> int:
             print(f"{name}: {args.fm_epochs} epochs, {time.perf_counter() - t0:.1f}s{' (resumed)' if resume else ''}; last epoch loss "
                   f"{s.last_epoch['loss']:.3f} (ce {s.last_epoch['ce']:.3f}, area {s.last_epoch['area']:.3f})", flush=True)
         runs[name] = str(run / "checkpoint.pt")
-    d_init, d_k = args.fm_default.split(",")
-    fm_default = f"fm-{d_init}-k{int(d_k)}"
+    d_init, d_k, *d_fill = args.fm_default.split(",")
+    d_fill = d_fill[0] if d_fill and d_fill[0] != "init" else None
+    fm_default = f"fm-{d_init}-k{int(d_k)}" + (f"-{d_fill}" if d_fill else "")
+    img_name = "img" + (f"-{d_fill}" if d_fill else "")  # its uncovered rows: the Fm run's (--uncovered init of --init-from)
     if fm_default not in runs and not args.no_img:
         raise SystemExit(f"--fm-default {args.fm_default} is not among the variants trained")
 
@@ -220,7 +224,7 @@ def main() -> int:
                                   seed=args.seed, progress=False))
             print(f"L-CAM-Img (lcam train --method img --init-from {fm_default}): {args.img_epochs} epochs on {len(img_rows)} training images, "
                   f"{time.perf_counter() - t0:.1f}s; last epoch loss {s.last_epoch['loss']:.3f}", flush=True)
-        runs["img"] = str(run / "checkpoint.pt")
+        runs[img_name] = str(run / "checkpoint.pt")
     if args.train_only:
         return 0
     import ray
@@ -280,7 +284,7 @@ def main() -> int:
     print(f"\nwhole benchmark: {time.perf_counter() - t_all:.0f}s; load average now {os.getloadavg()[0]:.1f}\n")
 
     held = tables["held-out"][1]
-    checked = [m for m in (fm_default, "img") if m in runs]
+    checked = [m for m in (fm_default, img_name) if m in runs]
     for mid in checked:
         ad, ic, _ = paired(held, mid, "gradcam")
         for j, q in enumerate(RATIOS):
