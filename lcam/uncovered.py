@@ -44,6 +44,7 @@ class FillResult:
     rows: list[int]  # the class rows this rule replaced (coverage 0)
     ridge: float | None = None  # transfer: the ridge used (multiple of the mean eigenvalue)
     cv: dict[str, float] = field(default_factory=dict)  # transfer with ridge auto: held-out cosine per candidate ridge
+    note: str = ""
 
     def record(self) -> dict[str, Any]:
         """JSON-able summary for the checkpoint: which rule filled which rows."""
@@ -52,6 +53,8 @@ class FillResult:
             out["ridge"] = self.ridge
         if self.cv:
             out["cv_cosine"] = dict(self.cv)
+        if self.note:
+            out["note"] = self.note
         return out
 
 
@@ -80,13 +83,14 @@ def fill_uncovered(trained: Mapping[str, torch.Tensor], coverage: torch.Tensor, 
     if rule == "keep" or uncovered.numel() == 0:
         return FillResult(out, rule, uncovered.tolist())
     w0, b0 = _rows(start)
-    if rule == "init":
+    covered = (coverage.reshape(-1) > 0).nonzero().flatten()
+    if rule == "init" or covered.numel() < 2:
+        # transfer with fewer than 2 trained rows (e.g. a checkpoint before or right after the
+        # first step) has nothing to fit: those exports get the start rows, and say so
         weight[uncovered] = w0[uncovered].to(weight.dtype)
         bias[uncovered] = b0[uncovered].to(bias.dtype)
-        return FillResult(out, rule, uncovered.tolist())
-    covered = (coverage.reshape(-1) > 0).nonzero().flatten()
-    if covered.numel() < 2:
-        raise ValueError(f"transfer fits a map from the covered rows: {covered.numel()} row trained, at least 2 are needed")
+        return FillResult(out, "init", uncovered.tolist(), note="" if rule == "init" else
+                          f"transfer asked, {covered.numel()} row trained (at least 2 are needed): filled by init")
     w_start = w0.double()
     goal = _goal(w_start[covered], weight[covered].double())
     cv: dict[str, float] = {}

@@ -160,8 +160,31 @@ def test_rules_on_a_hand_made_state_and_refusals():
     assert init.state["conv.weight"].flatten(1).tolist() == [[0, 1, 2], [1, 1, 1], [6, 7, 8], [1, 1, 1]]
     assert init.state["conv.bias"].tolist() == [0, 1, 2, 1]
     assert trained["conv.weight"].flatten(1)[1].tolist() == [3, 4, 5]  # the input is not modified
-    with pytest.raises(ValueError, match="at least 2"):
-        fill_uncovered(trained, torch.tensor([1, 0, 0, 0]), start, "transfer")
+    one = fill_uncovered(trained, torch.tensor([1, 0, 0, 0]), start, "transfer")  # nothing to fit: the start rows, said so
+    assert one.rule == "init" and "at least 2" in one.record()["note"]
+    assert one.state["conv.weight"].flatten(1).tolist() == [[0, 1, 2], [1, 1, 1], [1, 1, 1], [1, 1, 1]]
     with pytest.raises(ValueError, match="unknown rule"):
         fill_uncovered(trained, cov, start, "zero")
     assert np.isclose(fill_uncovered(trained, cov, start, "transfer", ridge=0.5).ridge, 0.5)
+
+
+def test_transfer_export_of_a_run_is_the_rule_applied_to_its_trained_state(toy, effnet, tmp_path):
+    out = tmp_path / "transfer"
+    train_fm(config(toy, out, target="label", init="cam", uncovered="transfer", transfer_ridge="0.3"))
+    ckpt = load_checkpoint(str(out / "checkpoint.pt"))
+    raw = trainer_state_from_checkpoint(ckpt)["attention"]
+    start = init_attention(effnet, 0, "cam").state_dict()
+    want = fill_uncovered(raw, ckpt["coverage"].long(), start, "transfer", ridge=0.3)
+    for k in raw:
+        assert torch.equal(ckpt["attention"][k], want.state[k])
+    rec = ckpt["extra"]["uncovered"]
+    assert rec["rule"] == "transfer" and rec["ridge"] == 0.3 and len(rec["rows"]) == 1000 - len(COVERED)
+    w, w0 = ckpt["attention"]["conv.weight"].flatten(1), start["conv.weight"].flatten(1)
+    torch.testing.assert_close(w[rec["rows"]].norm(dim=1), w0[rec["rows"]].norm(dim=1), atol=1e-4, rtol=1e-5)  # CAM's norm
+    assert not torch.equal(w[rec["rows"]], w0[rec["rows"]])  # and not CAM's direction
+    assert torch.equal(w[COVERED], raw["conv.weight"].flatten(1)[COVERED])
+    # a start checkpoint (no step, nothing trained): nothing to fit, the start rows, and the record says so
+    train_fm(config(toy, tmp_path / "zero", target="label", init="cam", uncovered="transfer", max_steps=0))
+    zero = load_checkpoint(str(tmp_path / "zero" / "checkpoint.pt"))
+    assert zero["extra"]["uncovered"]["rule"] == "init" and "transfer asked" in zero["extra"]["uncovered"]["note"]
+    assert torch.equal(zero["attention"]["conv.weight"], start["conv.weight"])
