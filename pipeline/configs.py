@@ -70,7 +70,8 @@ class CamsConfig:
                                  flag="--actors", min=1, group="compute")
     decode_batch_size: int = derived(DECODE_PART_ROWS, "shard source: images per decode task (pipeline.extract's tuning constant)")
     precision: str = opt("auto", "shard source: the backbone's autocast; " + PRECISION_HELP, choices=PRECISIONS, group="compute")
-    torch_threads: int | None = opt(None, "CPU threads per actor (default: all cores)", min=1, group="compute")
+    torch_threads: int | None = opt(None, "CPU torch threads per actor (default: all cores); cache source in this process: "
+                                    "threads of the matrix products (default: half the cores, the rest read the cache)", min=1, group="compute")
     device: str = opt("auto", "cache source: auto, cpu, cuda, cuda:1", group="compute")
     where: str = opt("auto", "cache source: local = in this process; ray = on model actors (one per GPU of the cluster, or --actors), "
                      "each writing whole shards; auto (default) = ray when there is a cluster (RAY_ADDRESS set), else local",

@@ -40,6 +40,8 @@ from .configs import DECODE_PART_ROWS, VIEWS, ExtractConfig
 
 log = logging.getLogger(__name__)
 
+IN_FLIGHT_BATCHES = 4  # batches of rows read/decoded or queued per actor, at least (run_shard_stage's min_rows_in_flight)
+
 
 @dataclass
 class ExtractSummary:
@@ -413,6 +415,9 @@ def _run(cfg: ExtractConfig, cache: FeatureCache, preprocessing: Any, todo: list
         gpus=gpus,
         on_result=committed,
         on_failure=failed,
+        # as a DataLoader's default prefetch (2 workers x 2 batches): small shards still keep
+        # the decode that far ahead of the model
+        min_rows_in_flight=IN_FLIGHT_BATCHES * cfg.batch_size,
     )
     progress.close()
     summary.stage = stats

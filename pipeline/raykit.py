@@ -128,6 +128,7 @@ def run_shard_stage(
     on_result: Callable[[dict[str, Any]], None],
     on_failure: Callable[[str, str], None],
     in_flight_per_actor: int = 2,
+    min_rows_in_flight: int = 0,
     max_attempts: int = 3,
     actor_wait_s: float = 900.0,
 ) -> StageStats:
@@ -151,7 +152,10 @@ def run_shard_stage(
     Bounded memory: at most ``actors * in_flight_per_actor`` shards are in flight (read,
     decoded, queued at an actor); 2 per actor lets the next shard decode while one runs the
     model and writes. Peak object store use is that window times a shard's pixels, whatever
-    the dataset's size.
+    the dataset's size. Small shards widen the window up to ``min_rows_in_flight`` rows per
+    actor (items' ``count``; one of unknown count counts as that many): with shards of one
+    batch, two in flight left the model waiting for the next decode, which starts only once
+    the previous shard is written and committed (measured: 0.2-1.7 s per 32-image shard).
 
     Failures: an actor lost with its node (or an input object lost) puts the shard back in
     the queue (``max_attempts`` in all), its writes being idempotent (a group is rewritten
@@ -191,8 +195,17 @@ def run_shard_stage(
     running: dict[Any, tuple[dict[str, Any], int, Any]] = {}  # result ref -> (item, attempt, actor)
     window = max(1, actors) * max(1, in_flight_per_actor)
 
+    def rows(item: Mapping[str, Any]) -> int:
+        count = int(item.get("count", -1))
+        return count if count >= 0 else min_rows_in_flight
+
+    def window_open() -> bool:
+        if len(running) < window:
+            return True
+        return sum(rows(it) for it, _, _ in running.values()) < max(1, len(pool)) * min_rows_in_flight
+
     def submit() -> None:
-        while queue and len(running) < window and pool:
+        while queue and pool and window_open():
             item, attempt = queue.pop()
             actor = min(pool, key=pool.get)  # the least busy
             parts = prepare(item)

@@ -124,6 +124,25 @@ def test_cache_cams_equal_hand_computation_and_keys_match_source(setup, cache_st
     assert dims["upsampled"] == ("sample", "target", "Y", "X") and dims["labels"] == ("sample",)
 
 
+def test_cache_cams_are_bitwise_the_same_with_any_torch_threads(setup, cache_store):
+    """The local cache path runs its products on --torch-threads (default half the cores) and
+    gives the driver's setting back; the stored arrays do not depend on the thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        run(setup, setup["root"] / "threads-2", upsample=True, torch_threads=2, where="local")
+        assert torch.get_num_threads() == 3  # restored
+    finally:
+        torch.set_num_threads(before)
+    store = CamStore.open(str(setup["root"] / "threads-2"))
+    assert store.shard_ids() == cache_store.shard_ids()
+    for (_, a), (_, b) in zip(store.iter_shards(), cache_store.iter_shards()):
+        assert a["keys"] == b["keys"] and set(a) == set(b)
+        for name in a:
+            if name != "keys":
+                np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
 def test_images_give_the_same_cams_as_the_cache(setup, cache_store):
     out = setup["root"] / "cams-images"
     summary = generate_cams(CamsConfig(checkpoint=setup["ckpt"], out=str(out), shards=setup["shards"], upsample=True, batch_size=4, progress=False))

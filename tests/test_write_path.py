@@ -126,3 +126,36 @@ def test_parts_streamed_as_refs_meet_the_model_in_the_joined_shards_slices(ray_l
         for name, value in runs[1].outputs.items():
             assert np.array_equal(runs[cut].outputs[name], value), name
     assert runs[1].outputs["features"].shape[0] == 3 and runs[1].failed is None
+
+
+@pytest.mark.parametrize(
+    "counts, min_rows, expected",
+    [
+        ([2] * 6, 0, 2),  # shards only: 2 per actor
+        ([2] * 6, 8, 4),  # small shards: as many as hold 8 rows
+        ([2, -1, 2, 2, 2], 8, 2),  # a shard of unknown size counts as 8 rows
+        ([100] * 4, 8, 2),  # big shards: the shard window alone
+    ],
+)
+def test_small_shards_widen_the_window_up_to_the_rows_asked(ray_local, counts, min_rows, expected):
+    """run_shard_stage submits shards (their read/decode tasks) until 2 per actor AND, with
+    min_rows_in_flight, that many rows per actor are in flight: counted at the first result."""
+    from pipeline.raykit import run_shard_stage
+
+    class EchoWorker(ShardWorker):  # defined here: Ray ships it by value (the test module is not importable in workers)
+        """Runs no model: each shard's entry is its url."""
+
+        def process(self, item, *parts):
+            return {"url": item["url"]}
+
+    prepared, seen_at_first = [], []
+    items = [{"url": f"s{i}", "count": c} for i, c in enumerate(counts)]
+
+    def on_result(entry):
+        if not seen_at_first:
+            seen_at_first.append(len(prepared))
+
+    stats = run_shard_stage(items, lambda item: prepared.append(item["url"]) or [], EchoWorker, (), actors=1, gpus=0,
+                            on_result=on_result, on_failure=lambda url, reason: pytest.fail(reason), min_rows_in_flight=min_rows)
+    assert stats.shards_done == len(items) and prepared == [it["url"] for it in items]
+    assert seen_at_first == [expected]
