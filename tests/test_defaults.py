@@ -256,6 +256,17 @@ def test_options_that_only_work_together_are_refused_up_front(shards, tmp_path, 
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and " --workers" in err and "--img-workers" not in err
     assert not (tmp_path / "train" / "runs").exists()
+    # --uncovered reaches both trainings: transfer maps CAM rows, so the SPEC's random init is refused up front;
+    # a warm-started L-CAM-Img keeps L-CAM-Fm's exported rows (init), so only its worker split is refused
+    for extra, named, absent in [(["--uncovered", "transfer"], "--uncovered transfer", "--workers"),
+                                 (["--method", "both", "--img-from-fm", "--init", "cam", "--uncovered", "transfer", "--img-workers", "3"],
+                                  "--img-workers", "--uncovered")]:
+        proc = subprocess.run([str(lcam), "pipeline", "--train-shards", str(shards), "--workdir", str(wd), *extra],
+                              capture_output=True, text=True, env=env, timeout=300)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+        assert named in lines[0] and absent not in lines[0], lines[0]
+        assert not wd.exists()
 
 
 def test_stage_messages_name_the_flags_of_the_running_command():
