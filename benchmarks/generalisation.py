@@ -7,8 +7,9 @@ repository) is split by class with a seeded shuffle: 600 training classes, 200 h
 classes. With EfficientNet-Lite0 (packaged ImageNet weights):
   1. the 600 training images are packed into shards and extracted into a feature cache;
   2. L-CAM-Fm variants train on the 600 cached images (``pipeline.training.train``, one-cycle,
-     target = the predicted class): ``--init random|cam`` x ``--targets`` single / top-K for
-     K in --top-ks (cheap: from the cache);
+     target = the predicted class, or --target label): ``--init random|cam`` x ``--targets``
+     single / top-K (cheap: from the cache), each exported with an ``--uncovered`` rule and a
+     ``--row-prior`` (re-exports of one training: INIT:K:FILL:PRIOR);
   3. L-CAM-Img trains with ``lcam train --method img --init-from`` the chosen L-CAM-Fm
      checkpoint (Ray Train, centre crops) on a seeded subset of the 600 training images
      (--img-images; CPU time);
@@ -16,8 +17,10 @@ classes. With EfficientNet-Lite0 (packaged ImageNet weights):
      (classes with no training image) and, for contrast, on 200 of the 600 training images;
   5. per-image paired differences against Grad-CAM with standard errors, and the share of
      held-out images whose explained class row was trained at all (coverage > 0).
-Targets: on the held-out images, L-CAM-Fm and L-CAM-Img (the chosen defaults) >= Grad-CAM on
-AD (lower) and IC (higher) at 100/50/15% kept.
+Targets: on the held-out images, L-CAM-Fm and L-CAM-Img (the chosen defaults: --fm-default,
+``--init cam --row-prior 1`` as ``lcam train --recipe data-size`` gives them) >= Grad-CAM on AD
+(lower) and IC (higher) at 100/50/15% kept. The held-out table is also split by the explained
+row: untrained (its start: CAM) or trained on other images.
 
 Outputs are kept in --work (default /tmp/lcam-bench-heldout) and reused by a rerun with the
 same settings (an interrupted training resumes); --fresh starts over. Each training and each
@@ -59,12 +62,15 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--fm-epochs", type=int, default=80)
     p.add_argument("--fm-lr", type=float, default=3.0, help="one-cycle peak")
     p.add_argument("--fm-batch", type=int, default=16)
-    p.add_argument("--variants", default="random:1,random:3,random:5,cam:1,cam:3,cam:5",
-                   help="L-CAM-Fm variants INIT:K[:FILL] (K: top-K targets; FILL: --uncovered rule, default init; another rule "
-                        "re-exports the INIT:K run, no second training)")
+    p.add_argument("--target", default="predicted", choices=("predicted", "label"),
+                   help="training target of both trainings (lcam train --target; the explained class is always the top-1)")
+    p.add_argument("--variants", default="random:1,random:3,random:5,cam:1,cam:3,cam:5,cam:1:init:1",
+                   help="L-CAM-Fm variants INIT:K[:FILL[:PRIOR]] (K: top-K targets; FILL: --uncovered rule, default init; PRIOR: "
+                        "--row-prior, default 0; another rule or prior re-exports the INIT:K run, no second training)")
     p.add_argument("--transfer-ridge", default="auto", help="--uncovered transfer's ridge (auto: cross-validated on the trained rows)")
     p.add_argument("--train-only", action="store_true", help="stop after training (e.g. parts trained by parallel runs of this script)")
-    p.add_argument("--fm-default", default="cam,1", help="INIT,K[,FILL] of the L-CAM-Fm the targets are checked on (and Img starts from)")
+    p.add_argument("--fm-default", default="cam,1,init,1", help="INIT,K[,FILL[,PRIOR]] of the L-CAM-Fm the targets are checked on (and Img starts from)")
+    p.add_argument("--img-prior", type=float, default=None, help="L-CAM-Img's --row-prior (default: the L-CAM-Fm default's PRIOR)")
     p.add_argument("--img-images", type=int, default=200, help="training images for L-CAM-Img (seeded subset of the training classes)")
     p.add_argument("--img-epochs", type=int, default=4)
     p.add_argument("--img-lr", type=float, default=0.1)
@@ -117,10 +123,11 @@ def per_image(csv_path: Path) -> dict[str, dict[str, tuple[float, list[float], i
     return out
 
 
-def paired(rows: dict, a: str, b: str) -> tuple[list[tuple[float, float]], list[tuple[float, float]], int]:
+def paired(rows: dict, a: str, b: str, only=None) -> tuple[list[tuple[float, float]], list[tuple[float, float]], int]:
     """Per ratio (mean, standard error) of the per-image differences a - b: AD terms
-    100 * max(0, Y - O) / Y and IC terms 100 * [O > Y], on the images both ran on."""
-    keys = sorted(set(rows[a]) & set(rows[b]))
+    100 * max(0, Y - O) / Y and IC terms 100 * [O > Y], on the images both ran on
+    (``only``: those whose explained class passes it)."""
+    keys = sorted(k for k in set(rows[a]) & set(rows[b]) if only is None or only(rows[a][k][2]))
     n = len(keys)
     ad, ic = [], []
     for j in range(len(RATIOS)):
@@ -172,22 +179,31 @@ def main() -> int:
 
     # ---- 2. L-CAM-Fm variants from the cache
     runs: dict[str, str] = {}
-    variants = [(*(p.strip() for p in v.split(":")[:1]), int(v.split(":")[1]), (v.split(":")[2:] or ["init"])[0].strip())
-                for v in args.variants.split(",") if v.strip()]
-    for init, k, fill in sorted(variants, key=lambda v: v[2] != "init"):  # the trained runs first, re-exports after
-        name = f"fm-{init}-k{k}"
-        run = work / f"{name}-{key(split=split, epochs=args.fm_epochs, lr=args.fm_lr, batch=args.fm_batch, init=init, k=k)}"
-        if fill != "init":  # the same training exported with another --uncovered rule (lcam train --resume --uncovered)
+    variants = []
+    for v in (v for v in args.variants.split(",") if v.strip()):
+        init, k, *rest = (p.strip() for p in v.split(":"))
+        variants.append((init, int(k), (rest[:1] or ["init"])[0], float((rest[1:2] or ["0"])[0])))
+
+    tsuffix, tkey = ("", {}) if args.target == "predicted" else (f"-{args.target}", {"target": args.target})
+
+    def variant_name(init: str, k: int, fill: str, prior: float) -> str:
+        return f"fm-{init}-k{k}" + tsuffix + (f"-{fill}" if fill != "init" else "") + (f"-p{prior:g}" if prior else "")
+
+    for init, k, fill, prior in sorted(variants, key=lambda v: (v[2], v[3]) != ("init", 0.0)):  # the trained runs first, re-exports after
+        name = f"fm-{init}-k{k}" + tsuffix
+        run = work / f"{name}-{key(split=split, epochs=args.fm_epochs, lr=args.fm_lr, batch=args.fm_batch, init=init, k=k, **tkey)}"
+        if (fill, prior) != ("init", 0.0):  # the same training exported otherwise (lcam train --resume --uncovered/--row-prior)
             if not (run / f"epoch-{args.fm_epochs:03d}.pt").exists():
-                raise SystemExit(f"variant {init}:{k}:{fill} re-exports the run of {init}:{k}: train that first (add it to --variants)")
-            src, name = run, f"{name}-{fill}"
-            run = work / f"{name}-{key(run=str(src), fill=fill, ridge=args.transfer_ridge)}"
+                raise SystemExit(f"variant {init}:{k}:{fill}:{prior:g} re-exports the run of {init}:{k}: train that first (add it to --variants)")
+            src, name = run, variant_name(init, k, fill, prior)
+            run = work / f"{name}-{key(run=str(src), fill=fill, ridge=args.transfer_ridge, **({'prior': prior} if prior else {}))}"
             if not (run / f"epoch-{args.fm_epochs:03d}.pt").exists():
                 run.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(src / "checkpoint.pt", run / "checkpoint.pt")
-                train(TrainConfig(out=str(run), resume=True, uncovered=fill, transfer_ridge=args.transfer_ridge, progress=False))
+                train(TrainConfig(out=str(run), resume=True, uncovered=fill, transfer_ridge=args.transfer_ridge, row_prior=prior, progress=False))
             rec = load_checkpoint(str(run / "checkpoint.pt"))["extra"]["uncovered"]
-            print(f"{name}: {init}:{k} re-exported with --uncovered {fill}: {len(rec['rows'])} rows filled"
+            print(f"{name}: {init}:{k} re-exported with --uncovered {fill} --row-prior {prior:g}: {len(rec['rows'])} rows filled, "
+                  f"{rec.get('blended', 0)} trained rows pulled towards their start"
                   + (f", ridge {rec['ridge']:g}" if "ridge" in rec else "")
                   + (" (5-fold cosine on trained rows, per ridge: "
                      + ", ".join(f"{r}: {c:.3f}" for r, c in sorted(rec["cv_cosine"].items(), key=lambda rc: float(rc[0]))) + ")"
@@ -199,15 +215,17 @@ def main() -> int:
             t0 = time.perf_counter()
             resume = (run / "checkpoint.pt").exists()  # an interrupted run continues exactly
             s = train(TrainConfig(method="fm", out=str(run), cache=cache, epochs=args.fm_epochs, lr=args.fm_lr, batch_size=args.fm_batch,
-                                  schedule="onecycle", target="predicted", view="first", seed=args.seed, init=init,
+                                  schedule="onecycle", target=args.target, view="first", seed=args.seed, init=init,
                                   targets="top-k" if k > 1 else "single", top_k=k if k > 1 else None, resume=resume, progress=False))
             print(f"{name}: {args.fm_epochs} epochs, {time.perf_counter() - t0:.1f}s{' (resumed)' if resume else ''}; last epoch loss "
                   f"{s.last_epoch['loss']:.3f} (ce {s.last_epoch['ce']:.3f}, area {s.last_epoch['area']:.3f})", flush=True)
         runs[name] = str(run / "checkpoint.pt")
-    d_init, d_k, *d_fill = args.fm_default.split(",")
-    d_fill = d_fill[0] if d_fill and d_fill[0] != "init" else None
-    fm_default = f"fm-{d_init}-k{int(d_k)}" + (f"-{d_fill}" if d_fill else "")
-    img_name = "img" + (f"-{d_fill}" if d_fill else "")  # its uncovered rows: the Fm run's (--uncovered init of --init-from)
+    d_init, d_k, *d_rest = args.fm_default.split(",")
+    d_fill, d_prior = (d_rest[:1] or ["init"])[0], float((d_rest[1:2] or ["0"])[0])
+    fm_default = variant_name(d_init, int(d_k), d_fill, d_prior)
+    img_prior = d_prior if args.img_prior is None else args.img_prior
+    # its uncovered rows: the Fm run's (--uncovered init of --init-from)
+    img_name = "img" + fm_default[len(f"fm-{d_init}-k{int(d_k)}"):] + (f"-ip{img_prior:g}" if img_prior != d_prior else "")
     if fm_default not in runs and not args.no_img:
         raise SystemExit(f"--fm-default {args.fm_default} is not among the variants trained")
 
@@ -215,13 +233,13 @@ def main() -> int:
     if not args.no_img:
         img_rows = sorted(random.Random(args.seed + 1).sample(train_rows, min(args.img_images, len(train_rows))))
         img_shards = pack_subset(args.data, img_rows, header, work / f"img-data-{key(split=split, n=len(img_rows), seed=args.seed)}")
-        run = work / f"img-{key(fm=runs[fm_default], n=len(img_rows), epochs=args.img_epochs, lr=args.img_lr, batch=args.img_batch)}"
+        run = work / f"img-{key(fm=runs[fm_default], n=len(img_rows), epochs=args.img_epochs, lr=args.img_lr, batch=args.img_batch, **({'prior': img_prior} if img_prior else {}))}"
         if not (run / f"epoch-{args.img_epochs:03d}.pt").exists():
             shutil.rmtree(run, ignore_errors=True)
             t0 = time.perf_counter()
             s = train(TrainConfig(method="img", out=str(run), shards=img_shards, init_from=runs[fm_default], epochs=args.img_epochs,
-                                  lr=args.img_lr, batch_size=args.img_batch, schedule="onecycle", target="predicted", augment="center",
-                                  seed=args.seed, progress=False))
+                                  lr=args.img_lr, batch_size=args.img_batch, schedule="onecycle", target=args.target, augment="center",
+                                  seed=args.seed, row_prior=img_prior, progress=False))
             print(f"L-CAM-Img (lcam train --method img --init-from {fm_default}): {args.img_epochs} epochs on {len(img_rows)} training images, "
                   f"{time.perf_counter() - t0:.1f}s; last epoch loss {s.last_epoch['loss']:.3f}", flush=True)
         runs[img_name] = str(run / "checkpoint.pt")
@@ -281,6 +299,13 @@ def main() -> int:
             trained = sum(int(cov[c]) > 0 for (_, _, c) in rows[mid].values()) if cov is not None else 0
             print(f"| {mid} | {n} | " + " | ".join(f"{m:+.1f} +- {s:.1f}" for m, s in ad) + " | "
                   + " | ".join(f"{m:+.1f} +- {s:.1f}" for m, s in ic) + f" | {trained}/{len(rows[mid])} |")
+            if label == "held-out" and cov is not None and 1 < trained < len(rows[mid]) - 1:
+                # the two kinds of held-out image: explained by a row that never trained (its
+                # start, e.g. CAM) or by one trained on other images (a training image predicted as it)
+                for part, want in (("row trained", True), ("row untrained", False)):
+                    ad, ic, n = paired(rows, mid, "gradcam", only=lambda c: (int(cov[c]) > 0) == want)
+                    print(f"| {mid}, {part} | {n} | " + " | ".join(f"{m:+.2f} +- {s:.2f}" for m, s in ad) + " | "
+                          + " | ".join(f"{m:+.1f} +- {s:.1f}" for m, s in ic) + " | |")
     print(f"\nwhole benchmark: {time.perf_counter() - t_all:.0f}s; load average now {os.getloadavg()[0]:.1f}\n")
 
     held = tables["held-out"][1]

@@ -39,6 +39,8 @@ STAGE_OPTIONS: dict[str, list[tuple[type, str, str, dict]]] = {
         (TrainConfig, "init", "--init", {"default": "random", "choices": ("random", "cam"), "help": "the attention's start (see lcam train --init)"}),
         (TrainConfig, "uncovered", "--uncovered", {"help": "rows no training sample trained, in the exported checkpoints (see lcam train "
                                                     "--uncovered; default init). L-CAM-Img with --img-from-fm keeps L-CAM-Fm's exported rows"}),
+        (TrainConfig, "row_prior", "--row-prior", {"help": "pull trained rows towards their start in the exported checkpoints (see lcam "
+                                                    "train --row-prior; default 1 with --recipe data-size and a CAM start, else 0)"}),
         (TrainConfig, "targets", "--targets", {"default": "single", "help": "training targets per image (see lcam train)"}),
         (TrainConfig, "top_k", "--top-k", {}),
         (TrainConfig, "recipe_rule", "--recipe", {"default": "spec", "help": "training defaults (see lcam train --recipe)"}),
@@ -196,7 +198,7 @@ def _train_config(args: argparse.Namespace, method: str, cache: str, out: str, s
         init=None if warm else args.init, init_from=join(fm_run, CHECKPOINT) if warm else None,
         # a warm-started L-CAM-Img inherits L-CAM-Fm's exported rows (transferred or not): init restores them
         uncovered="init" if warm and args.uncovered == "transfer" else args.uncovered,
-        targets=args.targets, top_k=args.top_k, recipe_rule=args.recipe, where=args.where,
+        row_prior=args.row_prior, targets=args.targets, top_k=args.top_k, recipe_rule=args.recipe, where=args.where,
         storage_options=so, cache_storage_options=so, shard_storage_options=so,
     )
 

@@ -135,6 +135,10 @@ class TrainConfig:
                                 "fit of the trained rows' changes), keep (as trained: decayed towards 0)", choices=("init", "transfer", "keep"))
     transfer_ridge: str | None = opt(None, "--uncovered transfer: the ridge, auto (default: 5-fold cross-validation on the trained rows) "
                                      "or a number (multiple of the mean eigenvalue of their Gram matrix)", metavar="auto|FLOAT")
+    row_prior: float | None = opt(None, "in the exported checkpoint, pull each trained row towards its start row (e.g. CAM's) as if "
+                                  "the start were worth N samples: a row trained by n samples points n/(n+N) of the way from its start "
+                                  "to its trained direction; 0: as trained. Default: 1 with --recipe data-size and a CAM start, else 0",
+                                  min=0, metavar="N")
     max_steps: int | None = opt(None, "stop after this many steps in total (a checkpoint is kept; --resume continues)", min=0)
     resume: bool = opt(False, "continue the run in --out from its checkpoint (its method, cache, shards and recipe)", kind="switch")
     checkpoint_minutes: float = opt(10.0, "fm: also checkpoint mid-epoch this often (0: at epoch ends only)", min=0)

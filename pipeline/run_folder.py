@@ -64,8 +64,8 @@ class RunFolder:
         if fill is not None and coverage is not None:
             result = fill(state["attention"], coverage)
             extra["uncovered"] = result.record()
-            if result.rule != "keep" and result.rows:
-                index = torch.tensor(result.rows, dtype=torch.int64)
+            if result.replaced:
+                index = torch.tensor(result.replaced, dtype=torch.int64)
                 attention = result.state
                 trained_rows = {"index": index, **{k: v[index].clone() for k, v in state["attention"].items()}}
         kw = dict(

@@ -80,7 +80,7 @@ def _train_fm_loop(cfg: TrainConfig, cache: Any, backbone: Any, run_dir: RunFold
 
     attention, inherited = initial_attention(backbone, run_cfg, cfg.storage_options) if ckpt is None else (None, None)
     # The exported checkpoint fills rows no sample trained from the start (recomputed on resume).
-    start = attention if attention is not None or run_cfg["uncovered"] == "keep" else initial_attention(backbone, run_cfg, cfg.storage_options)[0]
+    start = attention if attention is not None or (run_cfg["uncovered"] == "keep" and not run_cfg["row_prior"]) else initial_attention(backbone, run_cfg, cfg.storage_options)[0]
     fill = export_fill(run_cfg, start)
     model = LCAM(backbone, attention)  # resuming: the checkpoint's attention is loaded below
     # Only the head runs per step: full precision unless bf16 is asked for explicitly.
@@ -111,7 +111,7 @@ def _train_fm_loop(cfg: TrainConfig, cache: Any, backbone: Any, run_dir: RunFold
     stopped = False
     last: dict[str, Any] | None = next((r for r in reversed(history) if r["kind"] == "epoch"), None)
     if ckpt is not None and trainer.epoch >= recipe.epochs and _export_changed(ckpt["config"], run_cfg):
-        save(epoch_end=True)  # a finished run resumed with another --uncovered rule: re-export only, no step
+        save(epoch_end=True)  # a finished run resumed with another --uncovered / --row-prior: re-export only, no step
     while trainer.epoch < recipe.epochs:
         loader.set_epoch(trainer.epoch)
         window, t_epoch, lr_used = StepWindow(), time.perf_counter(), [trainer.lr]
@@ -146,7 +146,7 @@ def _train_fm_loop(cfg: TrainConfig, cache: Any, backbone: Any, run_dir: RunFold
 
 
 def _export_changed(saved: Mapping[str, Any], run_cfg: Mapping[str, Any]) -> bool:
-    return any(saved.get(k) != run_cfg.get(k) for k in ("uncovered", "transfer_ridge"))
+    return any(saved.get(k, 0.0 if k == "row_prior" else None) != run_cfg.get(k) for k in ("uncovered", "transfer_ridge", "row_prior"))
 
 
 def _fm_task(cfg: TrainConfig, log_queue: Any) -> TrainSummary:

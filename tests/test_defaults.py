@@ -258,7 +258,9 @@ def test_options_that_only_work_together_are_refused_up_front(shards, tmp_path, 
     assert not (tmp_path / "train" / "runs").exists()
     # --uncovered reaches both trainings: transfer maps CAM rows, so the SPEC's random init is refused up front;
     # a warm-started L-CAM-Img keeps L-CAM-Fm's exported rows (init), so only its worker split is refused
+    # --row-prior too: pulling rows towards the SPEC's random start is refused before any stage
     for extra, named, absent in [(["--uncovered", "transfer"], "--uncovered transfer", "--workers"),
+                                 (["--row-prior", "1"], "--row-prior pulls trained rows", "--workers"),
                                  (["--method", "both", "--img-from-fm", "--init", "cam", "--uncovered", "transfer", "--img-workers", "3"],
                                   "--img-workers", "--uncovered")]:
         proc = subprocess.run([str(lcam), "pipeline", "--train-shards", str(shards), "--workdir", str(wd), *extra],

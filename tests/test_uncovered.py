@@ -1,4 +1,5 @@
-"""Rows no sample trained (coverage 0) in the exported checkpoint: init / transfer / keep (lcam.uncovered)."""
+"""Rows no sample trained (coverage 0) in the exported checkpoint: init / transfer / keep, and trained rows
+pulled towards their start by --row-prior (lcam.uncovered)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from jobs.cli import main as cli_main
 from lcam import minmax_normalize
 from lcam.training import init_attention
-from lcam.uncovered import cross_validate, fill_uncovered
+from lcam.uncovered import cross_validate, fill_uncovered, pull_to_start
 from pipeline.checkpoints import load_checkpoint, load_lcam
 from pipeline.run_folder import trainer_state_from_checkpoint
 from pipeline.training import train_fm
@@ -106,6 +107,9 @@ def test_user_errors_for_the_rules(toy, tmp_path, capsys):
         (["--uncovered", "transfer", "--init", "random"], "--uncovered transfer maps CAM rows"),
         (["--uncovered", "transfer", "--init-from", str(tmp_path / "x.pt")], "--uncovered transfer maps CAM rows"),
         (["--uncovered", "init", "--transfer-ridge", "-1"], "--transfer-ridge must be auto or a number >= 0"),
+        (["--row-prior", "1", "--init", "random"], "--row-prior pulls trained rows towards where they started, here a random draw"),
+        (["--row-prior", "1"], "--row-prior pulls trained rows"),  # the SPEC recipe's default init is the random draw
+        (["--row-prior", "-1", "--init", "cam"], "--row-prior"),
     ]
     for extra, needle in cases:
         out = tmp_path / "never"
@@ -188,3 +192,62 @@ def test_transfer_export_of_a_run_is_the_rule_applied_to_its_trained_state(toy, 
     zero = load_checkpoint(str(tmp_path / "zero" / "checkpoint.pt"))
     assert zero["extra"]["uncovered"]["rule"] == "init" and "transfer asked" in zero["extra"]["uncovered"]["note"]
     assert torch.equal(zero["attention"]["conv.weight"], start["conv.weight"])
+
+
+# ---------------------------------------------------------------- --row-prior
+def test_pull_to_start_by_hand():
+    """Start (1, 0), trained (0, 2): with prior 1 a row trained by n = 1 sample points half-way
+    (s = 1/2) at norm (1 + 2)/2, one trained by n = 3 three quarters of the way (s = 3/4)."""
+    w0 = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
+    w = torch.tensor([[0.0, 2.0], [0.0, 2.0], [0.0, 2.0]])
+    b0, b = torch.tensor([1.0, 1.0, 1.0]), torch.tensor([-3.0, -3.0, -3.0])
+    moved = pull_to_start(w, b, w0, b0, torch.tensor([1, 3, 0]), prior=1.0)
+    assert moved == [0, 1]
+    r2 = 2 ** -0.5
+    torch.testing.assert_close(w[0], torch.tensor([1.5 * r2, 1.5 * r2]))
+    d = torch.tensor([0.25, 0.75]) / (0.25 ** 2 + 0.75 ** 2) ** 0.5
+    torch.testing.assert_close(w[1], d * (0.25 * 1 + 0.75 * 2))
+    torch.testing.assert_close(b, torch.tensor([-1.0, -2.0, -3.0]))  # (1-s) b0 + s b; row 2 (coverage 0) untouched
+    assert torch.equal(w[2], torch.tensor([0.0, 2.0]))
+
+
+def test_row_prior_exports_pulled_rows_and_resume_continues_from_the_trained_state(toy, effnet, tmp_path):
+    kw = dict(target="label", init="cam", epochs=3, lr=3.0, schedule="onecycle", row_prior=1.0)
+    train_fm(config(toy, tmp_path / "full", **kw))
+    ckpt = load_checkpoint(str(tmp_path / "full" / "checkpoint.pt"))
+    assert ckpt["config"]["row_prior"] == 1.0
+    assert ckpt["extra"]["uncovered"]["prior"] == 1.0 and ckpt["extra"]["uncovered"]["blended"] == len(COVERED)
+    raw = trainer_state_from_checkpoint(ckpt)["attention"]
+    start = init_attention(effnet, 0, "cam").state_dict()
+    w, w0, wt = (x["conv.weight"].flatten(1).double() for x in (ckpt["attention"], start, raw))
+    counts = np.bincount(LABELS, minlength=1000)  # samples per class row in an epoch: 3, 2, 4, 1
+    for k in COVERED:
+        s = counts[k] / (counts[k] + 1.0)
+        d = (1 - s) * w0[k] / w0[k].norm() + s * wt[k] / wt[k].norm()
+        want = d / d.norm() * ((1 - s) * w0[k].norm() + s * wt[k].norm())
+        torch.testing.assert_close(w[k], want, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(ckpt["attention"]["conv.bias"][k].double(),
+                                   (1 - s) * start["conv.bias"][k].double() + s * raw["conv.bias"][k].double(), atol=1e-6, rtol=1e-5)
+        assert not torch.equal(ckpt["attention"]["conv.weight"][k], raw["conv.weight"][k])  # the trained row is kept apart
+    assert torch.equal(ckpt["attention"]["conv.weight"][0], start["conv.weight"][0])  # uncovered: the start (init)
+    # an interrupted run resumed from its pulled export continues from the trained rows: same result
+    assert train_fm(config(toy, tmp_path / "cut", max_steps=4, **kw)).stopped_early
+    train_fm(config(toy, tmp_path / "cut", resume=True, epochs=3))
+    cut = load_checkpoint(str(tmp_path / "cut" / "checkpoint.pt"))
+    for k in ckpt["attention"]:
+        assert torch.equal(ckpt["attention"][k], cut["attention"][k])
+        assert torch.equal(raw[k], trainer_state_from_checkpoint(cut)["attention"][k])
+    # prior 0 on the same run (re-export, no step): the trained rows as they are
+    assert cli_main(["train", "--out", str(tmp_path / "full"), "--resume", "--row-prior", "0", "--no-progress"]) == 0
+    again = load_checkpoint(str(tmp_path / "full" / "checkpoint.pt"))
+    assert again["step"] == ckpt["step"] and "prior" not in again["extra"]["uncovered"]
+    for k in COVERED:
+        assert torch.equal(again["attention"]["conv.weight"][k], raw["conv.weight"][k])
+
+
+def test_row_prior_default_follows_the_recipe(toy, tmp_path):
+    # the small-data recipe with a CAM start pulls by one sample; the SPEC recipe (random start) does not pull
+    train_fm(config(toy, tmp_path / "small", target="label", recipe_rule="data-size", epochs=None, max_steps=1))
+    assert load_checkpoint(str(tmp_path / "small" / "checkpoint.pt"))["config"]["row_prior"] == 1.0
+    train_fm(config(toy, tmp_path / "spec", target="label", max_steps=1))
+    assert load_checkpoint(str(tmp_path / "spec" / "checkpoint.pt"))["config"]["row_prior"] == 0.0
