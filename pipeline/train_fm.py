@@ -21,7 +21,7 @@ from .errors import UserError
 from .fs import exists
 from .progress import Progress, say
 from .run_folder import CHECKPOINT, CURVES, METRICS, RunFolder, StepWindow, epoch_record, format_epoch, history_until, trainer_state_from_checkpoint
-from .train_setup import TrainSummary, backbone_for_cache, check_config, export_fill, initial_attention, resolve_recipe
+from .train_setup import TrainSummary, backbone_for_cache, check_config, export_changed, export_fill, initial_attention, resolve_recipe
 
 
 # a training task lost with its worker or node runs again from its last checkpoint, 3 times in all
@@ -110,7 +110,7 @@ def _train_fm_loop(cfg: TrainConfig, cache: Any, backbone: Any, run_dir: RunFold
          + (f"; resuming at epoch {trainer.epoch + 1}, step {trainer.global_step}" if ckpt is not None else ""))
     stopped = False
     last: dict[str, Any] | None = next((r for r in reversed(history) if r["kind"] == "epoch"), None)
-    if ckpt is not None and trainer.epoch >= recipe.epochs and _export_changed(ckpt["config"], run_cfg):
+    if ckpt is not None and trainer.epoch >= recipe.epochs and export_changed(ckpt["config"], run_cfg):
         save(epoch_end=True)  # a finished run resumed with another --uncovered / --row-prior: re-export only, no step
     while trainer.epoch < recipe.epochs:
         loader.set_epoch(trainer.epoch)
@@ -143,10 +143,6 @@ def _train_fm_loop(cfg: TrainConfig, cache: Any, backbone: Any, run_dir: RunFold
     run_dir.write_curves(history, f"L-CAM-Fm, {backbone.name}, cache {cache.fingerprint}")
     return TrainSummary(cfg.out, "fm", trainer.epoch, recipe.epochs, trainer.global_step, stopped, last, time.perf_counter() - t0,
                         run_dir.path(CHECKPOINT), run_dir.path(METRICS), run_dir.path(CURVES), resumed_from)
-
-
-def _export_changed(saved: Mapping[str, Any], run_cfg: Mapping[str, Any]) -> bool:
-    return any(saved.get(k, 0.0 if k == "row_prior" else None) != run_cfg.get(k) for k in ("uncovered", "transfer_ridge", "row_prior"))
 
 
 def _fm_task(cfg: TrainConfig, log_queue: Any) -> TrainSummary:

@@ -26,7 +26,7 @@ from .errors import UserError
 from .fs import StorageOptions, absolute, get_fs, join
 from .progress import say
 from .run_folder import CHECKPOINT, CURVES, METRICS, RunFolder, StepWindow, epoch_record, format_epoch, history_until, trainer_state_from_checkpoint
-from .train_setup import TrainSummary, check_config, export_fill, initial_attention, resolve_recipe
+from .train_setup import TrainSummary, check_config, export_changed, export_fill, initial_attention, resolve_recipe
 
 from .configs import TrainConfig  # torch-free, no loop with pipeline.training
 
@@ -395,6 +395,15 @@ def train_img(cfg: TrainConfig) -> TrainSummary:
         raise UserError(lambda flag: f"{total} images cannot feed {cfg.workers} workers; lower {flag('workers')}")
     steps_per_epoch = math.ceil(per_worker / worker_batch)
     run_cfg.update(shards=[s.url for s in shards], cache=cache.url if cache else None, workers=cfg.workers)
+    if ckpt is not None and int(ckpt["epoch"]) >= recipe.epochs and export_changed(ckpt["config"], run_cfg):
+        # a finished run resumed with another --uncovered / --row-prior: re-export only, no Ray Train
+        start = initial_attention(backbone, run_cfg, cfg.storage_options)[0]
+        run_dir.save(trainer_state_from_checkpoint(ckpt), method="img", backbone=ident, cache_fingerprint=ckpt.get("cache_fingerprint"),
+                     config=run_cfg, history=list(ckpt["metrics"]), epoch_end=True, fill=export_fill(run_cfg, start))
+        pos = ckpt["extra"]["position"]
+        say(enabled=cfg.progress, line=f"L-CAM-Img: {cfg.out} re-exported (--uncovered {run_cfg['uncovered']}, --row-prior {run_cfg['row_prior']:g}), no step")
+        return TrainSummary(cfg.out, "img", int(pos["epoch"]), recipe.epochs, int(pos["global_step"]), False, None,
+                            time.perf_counter() - t0, run_dir.path(CHECKPOINT), run_dir.path(METRICS), run_dir.path(CURVES), int(pos["global_step"]))
 
     ensure_ray()
     use_gpu = bool(ray.cluster_resources().get("GPU", 0)) if cfg.use_gpu is None else cfg.use_gpu

@@ -255,6 +255,12 @@ def default_row_prior(run_cfg: Mapping[str, Any]) -> float:
     return 1.0 if run_cfg.get("recipe_rule") == "data-size" and explains else 0.0
 
 
+def export_changed(saved: Mapping[str, Any], run_cfg: Mapping[str, Any]) -> bool:
+    """Whether a resumed run asks for another export (``--uncovered``, ``--transfer-ridge``,
+    ``--row-prior``) than its checkpoint holds: a finished run is then re-exported, no step."""
+    return any(saved.get(k, 0.0 if k == "row_prior" else None) != run_cfg.get(k) for k in ("uncovered", "transfer_ridge", "row_prior"))
+
+
 def export_fill(run_cfg: Mapping[str, Any], start: Any) -> Any:
     """What :meth:`RunFolder.save` exports for rows no sample trained (``run_cfg["uncovered"]``,
     :func:`lcam.uncovered.fill_uncovered`), as a callable (trained state, coverage) -> FillResult;

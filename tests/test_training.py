@@ -21,7 +21,7 @@ from pipeline.errors import UserError
 from pipeline.extract import cache_identity
 from pipeline.images import decode_image, preprocess, random_crop_flip
 from pipeline.loader import CacheLoader
-from pipeline.run_folder import format_epoch
+from pipeline.run_folder import format_epoch, trainer_state_from_checkpoint
 from pipeline.shards import list_shards, pack_folder, read_shard
 from pipeline.training import (
     TrainConfig,
@@ -356,3 +356,16 @@ def test_img_ray_train_two_workers_checkpoint_loads_and_explains(ray_local, data
     ex = model.explain(torch.stack([data["images"][k] for k in keys]))
     assert ex.class_ids[:, 0].tolist() == [data["top1"][k] for k in keys]
     assert ex.maps.shape == (2, 1, 7, 7) and torch.isfinite(ex.raw).all()
+    # the finished run resumed with another export rule: re-exported in the driver, no Ray Train run
+    raw = trainer_state_from_checkpoint(ckpt)["attention"]
+    runs_before = sorted(p.name for p in (tmp_path / "ray").iterdir())
+    again = train_img(TrainConfig(method="img", out=str(out), shards=str(data["shards"]), cache=data["caches"]["float16"].url, resume=True,
+                                  uncovered="keep", workers=2, cpus_per_worker=0.5, ray_storage=str(tmp_path / "ray"), progress=False))
+    assert again.steps == summary.steps and again.epochs_done == 1
+    assert sorted(p.name for p in (tmp_path / "ray").iterdir()) == runs_before
+    after = load_checkpoint(str(out / "checkpoint.pt"))
+    assert after["config"]["uncovered"] == "keep" and after["trained_rows"] is None and after["step"] == ckpt["step"]
+    assert ckpt["trained_rows"] is not None  # the first export had filled the untrained rows (init)
+    for k in raw:
+        assert torch.equal(after["attention"][k], raw[k])
+    assert torch.equal(load_checkpoint(str(out / "epoch-001.pt"))["attention"]["conv.weight"], after["attention"]["conv.weight"])
