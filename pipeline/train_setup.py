@@ -93,7 +93,6 @@ def check_config(cfg: TrainConfig) -> None:
         raise UserError(lambda flag: f"{flag('row_prior')} must be a number of samples >= 0, got {cfg.row_prior!r}")
     if not cfg.resume:
         check_start(cfg.uncovered, cfg.row_prior, cfg.init or ("auto" if cfg.recipe_rule == "data-size" else "random"), cfg.init_from)
-    if not cfg.resume:
         if cfg.top_k is not None and cfg.targets != "top-k":
             raise UserError(lambda flag: f"{flag('top_k')} needs {flag('targets')} top-k")
         if cfg.targets == "top-k" and (cfg.target or "label") != "predicted":
@@ -237,9 +236,10 @@ def check_start(uncovered: str | None, row_prior: float | None, init: str | None
     towards their start, which must not be a random draw. Checked up front from the options
     (``init`` auto passes) and again at export with ``init`` resolved."""
     if uncovered == "transfer" and (init_from or init not in ("cam", "auto")):
-        start = "its --init-from checkpoint, whose own rows are kept by init" if init_from else f"{init}"
         raise UserError(lambda flag: f"{flag('uncovered')} transfer maps CAM rows: it needs {flag('init')} cam (or auto on a pooling + "
-                                     f"linear head); this run starts from {start}: use {flag('uncovered')} init")
+                                     f"linear head); this run starts from "
+                                     + (f"its {flag('init_from')} checkpoint, whose own rows {flag('uncovered')} init keeps" if init_from else init)
+                                     + f": use {flag('uncovered')} init")
     if row_prior and not init_from and init not in ("cam", "auto"):
         raise UserError(lambda flag: f"{flag('row_prior')} pulls trained rows towards where they started, here a random draw: it needs "
                                      f"{flag('init')} cam or {flag('init_from')}; drop {flag('row_prior')}")

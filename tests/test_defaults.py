@@ -258,9 +258,7 @@ def test_options_that_only_work_together_are_refused_up_front(shards, tmp_path, 
     assert not (tmp_path / "train" / "runs").exists()
     # --uncovered reaches both trainings: transfer maps CAM rows, so the SPEC's random init is refused up front;
     # a warm-started L-CAM-Img keeps L-CAM-Fm's exported rows (init), so only its worker split is refused
-    # --row-prior too: pulling rows towards the SPEC's random start is refused before any stage
     for extra, named, absent in [(["--uncovered", "transfer"], "--uncovered transfer", "--workers"),
-                                 (["--row-prior", "1"], "--row-prior pulls trained rows", "--workers"),
                                  (["--method", "both", "--img-from-fm", "--init", "cam", "--uncovered", "transfer", "--img-workers", "3"],
                                   "--img-workers", "--uncovered")]:
         proc = subprocess.run([str(lcam), "pipeline", "--train-shards", str(shards), "--workdir", str(wd), *extra],
@@ -269,6 +267,12 @@ def test_options_that_only_work_together_are_refused_up_front(shards, tmp_path, 
         assert proc.returncode == 2 and len(lines) == 1, proc.stderr
         assert named in lines[0] and absent not in lines[0], lines[0]
         assert not wd.exists()
+    # --row-prior too: pulling rows towards the SPEC's random start is refused before any stage (before
+    # the shards are even looked at: a missing folder here, so that a missing refusal fails fast)
+    assert cli_main(["pipeline", "--train-shards", str(tmp_path / "no-shards"), "--workdir", str(wd), "--row-prior", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--row-prior pulls trained rows" in err, err
+    assert not wd.exists()
 
 
 def test_stage_messages_name_the_flags_of_the_running_command():
