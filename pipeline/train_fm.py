@@ -21,7 +21,8 @@ from .errors import UserError
 from .fs import exists
 from .progress import Progress, say
 from .run_folder import CHECKPOINT, CURVES, METRICS, RunFolder, StepWindow, epoch_record, format_epoch, history_until, trainer_state_from_checkpoint
-from .train_setup import TrainSummary, backbone_for_cache, check_config, export_changed, export_fill, initial_attention, resolve_recipe
+from .train_setup import (TrainSummary, backbone_for_cache, check_config, export_changed, export_fill, export_start, initial_attention,
+                          resolve_recipe)
 
 
 # a training task lost with its worker or node runs again from its last checkpoint, 3 times in all
@@ -80,8 +81,7 @@ def _train_fm_loop(cfg: TrainConfig, cache: Any, backbone: Any, run_dir: RunFold
 
     attention, inherited = initial_attention(backbone, run_cfg, cfg.storage_options) if ckpt is None else (None, None)
     # The exported checkpoint fills rows no sample trained from the start (recomputed on resume).
-    start = attention if attention is not None or (run_cfg["uncovered"] == "keep" and not run_cfg["row_prior"]) else initial_attention(backbone, run_cfg, cfg.storage_options)[0]
-    fill = export_fill(run_cfg, start)
+    fill = export_fill(run_cfg, export_start(backbone, run_cfg, cfg.storage_options, attention))
     model = LCAM(backbone, attention)  # resuming: the checkpoint's attention is loaded below
     # Only the head runs per step: full precision unless bf16 is asked for explicitly.
     trainer = LCAMTrainer(model, "fm", recipe, len(loader), device=device,

@@ -26,7 +26,7 @@ from .errors import UserError
 from .fs import StorageOptions, absolute, get_fs, join
 from .progress import say
 from .run_folder import CHECKPOINT, CURVES, METRICS, RunFolder, StepWindow, epoch_record, format_epoch, history_until, trainer_state_from_checkpoint
-from .train_setup import TrainSummary, check_config, export_changed, export_fill, initial_attention, resolve_recipe
+from .train_setup import TrainSummary, check_config, export_changed, export_fill, export_start, initial_attention, resolve_recipe
 
 from .configs import TrainConfig  # torch-free, no loop with pipeline.training
 
@@ -397,9 +397,9 @@ def train_img(cfg: TrainConfig) -> TrainSummary:
     run_cfg.update(shards=[s.url for s in shards], cache=cache.url if cache else None, workers=cfg.workers)
     if ckpt is not None and int(ckpt["epoch"]) >= recipe.epochs and export_changed(ckpt["config"], run_cfg):
         # a finished run resumed with another --uncovered / --row-prior: re-export only, no Ray Train
-        start = initial_attention(backbone, run_cfg, cfg.storage_options)[0]
         run_dir.save(trainer_state_from_checkpoint(ckpt), method="img", backbone=ident, cache_fingerprint=ckpt.get("cache_fingerprint"),
-                     config=run_cfg, history=list(ckpt["metrics"]), epoch_end=True, fill=export_fill(run_cfg, start))
+                     config=run_cfg, history=list(ckpt["metrics"]), epoch_end=True,
+                     fill=export_fill(run_cfg, export_start(backbone, run_cfg, cfg.storage_options)))
         pos = ckpt["extra"]["position"]
         say(enabled=cfg.progress, line=f"L-CAM-Img: {cfg.out} re-exported (--uncovered {run_cfg['uncovered']}, --row-prior {run_cfg['row_prior']:g}), no step")
         return TrainSummary(cfg.out, "img", int(pos["epoch"]), recipe.epochs, int(pos["global_step"]), False, None,

@@ -261,6 +261,17 @@ def export_changed(saved: Mapping[str, Any], run_cfg: Mapping[str, Any]) -> bool
     return any(saved.get(k, 0.0 if k == "row_prior" else None) != run_cfg.get(k) for k in ("uncovered", "transfer_ridge", "row_prior"))
 
 
+def export_start(backbone: Any, run_cfg: dict[str, Any], storage_options: StorageOptions = None, attention: Any = None) -> Any:
+    """The start :func:`export_fill` compares against: ``attention`` (a new run's, before it
+    trains), else recomputed (resume; an --init-from source is read again), or None when the
+    export needs none (``--uncovered keep`` without a row prior)."""
+    if attention is not None:
+        return attention
+    if (run_cfg.get("uncovered") or "keep") == "keep" and not run_cfg.get("row_prior"):
+        return None
+    return initial_attention(backbone, run_cfg, storage_options)[0]
+
+
 def export_fill(run_cfg: Mapping[str, Any], start: Any) -> Any:
     """What :meth:`RunFolder.save` exports for rows no sample trained (``run_cfg["uncovered"]``,
     :func:`lcam.uncovered.fill_uncovered`), as a callable (trained state, coverage) -> FillResult;
@@ -271,7 +282,7 @@ def export_fill(run_cfg: Mapping[str, Any], start: Any) -> Any:
     rule = run_cfg.get("uncovered") or "keep"
     prior = float(run_cfg.get("row_prior") or 0.0)
     check_start(rule, prior, run_cfg.get("init"), run_cfg.get("init_from"))
-    start_state = {k: v.detach().cpu().clone() for k, v in start.state_dict().items()} if rule != "keep" or prior else {}
+    start_state = {k: v.detach().cpu().clone() for k, v in start.state_dict().items()} if start is not None else {}
     ridge = parse_ridge(run_cfg.get("transfer_ridge"))
 
     def fill(trained: Mapping[str, torch.Tensor], coverage: torch.Tensor) -> Any:
