@@ -22,6 +22,11 @@ Targets: on the held-out images, L-CAM-Fm and L-CAM-Img (the chosen defaults: --
 (lower) and IC (higher) at 100/50/15% kept. The held-out table is also split by the explained
 row: untrained (its start: CAM) or trained on other images.
 
+``--folds 4`` repeats steps 1-4 for four disjoint blocks of 200 held-out classes of the same
+shuffle (fold 0 is the single split) and pools the per-image results, so every image of the
+sample is held out exactly once: 800 held-out images, standard errors halved, one target line
+set on the pool.
+
 Outputs are kept in --work (default /tmp/lcam-bench-heldout) and reused by a rerun with the
 same settings (an interrupted training resumes); --fresh starts over. Each training and each
 evaluation (one per checkpoint, one for the baselines) is its own part, so on a loaded machine
@@ -58,6 +63,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--fresh", action="store_true")
     p.add_argument("--seed", type=int, default=0, help="class split, training and evaluation subsets")
     p.add_argument("--heldout", type=int, default=200, help="classes held out (the rest train)")
+    p.add_argument("--folds", type=int, default=1,
+                   help="F > 1: F disjoint held-out blocks of the seed's class shuffle (fold 0 is the --folds 1 split), "
+                        "everything trained and evaluated per fold, the tables and targets on all folds' images pooled "
+                        "(4 x 200: every image of the sample held out once)")
     p.add_argument("--insample", type=int, default=200, help="training images in the in-sample table")
     p.add_argument("--fm-epochs", type=int, default=80)
     p.add_argument("--fm-lr", type=float, default=3.0, help="one-cycle peak")
@@ -86,13 +95,15 @@ def key(**kw) -> str:
     return hashlib.sha256(json.dumps(kw, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def split_by_class(data: str, heldout: int, seed: int) -> tuple[list[str], list[str], str]:
-    """(training rows, held-out rows, header) of labels.tsv: a seeded shuffle of the classes."""
+def split_by_class(data: str, heldout: int, seed: int, fold: int = 0) -> tuple[list[str], list[str], str]:
+    """(training rows, held-out rows, header) of labels.tsv: a seeded shuffle of the classes,
+    fold f holding out its f-th block of ``heldout`` classes (so folds 0..F-1 of one seed
+    hold out disjoint classes: with F * heldout = all classes, every image is held out once)."""
     lines = Path(data, "labels.tsv").read_text().splitlines()
     header, rows = lines[0], [r for r in lines[1:] if r.strip()]
     classes = sorted({int(r.split("\t")[1]) for r in rows})
     random.Random(seed).shuffle(classes)
-    held = set(classes[:heldout])
+    held = set(classes[fold * heldout:(fold + 1) * heldout])
     return [r for r in rows if int(r.split("\t")[1]) not in held], [r for r in rows if int(r.split("\t")[1]) in held], header
 
 
@@ -126,8 +137,8 @@ def per_image(csv_path: Path) -> dict[str, dict[str, tuple[float, list[float], i
 def paired(rows: dict, a: str, b: str, only=None) -> tuple[list[tuple[float, float]], list[tuple[float, float]], int]:
     """Per ratio (mean, standard error) of the per-image differences a - b: AD terms
     100 * max(0, Y - O) / Y and IC terms 100 * [O > Y], on the images both ran on
-    (``only``: those whose explained class passes it)."""
-    keys = sorted(k for k in set(rows[a]) & set(rows[b]) if only is None or only(rows[a][k][2]))
+    (``only``: the set of image keys to keep)."""
+    keys = sorted(k for k in set(rows[a]) & set(rows[b]) if only is None or k in only)
     n = len(keys)
     ad, ic = [], []
     for j in range(len(RATIOS)):
@@ -143,26 +154,21 @@ def paired(rows: dict, a: str, b: str, only=None) -> tuple[list[tuple[float, flo
     return ad, ic, n
 
 
-def main() -> int:
-    args = parse_args()
-    local_ray_env()
+def run_fold(args: argparse.Namespace, work: Path, fold: int) -> tuple[dict[str, str], dict[str, dict], str, str] | None:
+    """Steps 1-4 for one class split: (runs: name -> checkpoint, tables: label -> method ->
+    image key -> (Y, [O@r], class), the L-CAM-Fm default's name, L-CAM-Img's), or None while
+    an evaluation of it is left for another run (--tables)."""
     from pipeline.checkpoints import load_checkpoint
     from pipeline.evaluate import EvalConfig, evaluate
     from pipeline.extract import ExtractConfig, extract
     from pipeline.training import TrainConfig, train
 
-    work = Path(args.work)
-    if args.fresh and work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
-    t_all = time.perf_counter()
-    load = os.getloadavg()
-    print(f"ImageNet sample {args.data}; EfficientNet-Lite0; {os.cpu_count()} cores; load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}", flush=True)
-
     # ---- 1. split, shards, cache
-    train_rows, held_rows, header = split_by_class(args.data, args.heldout, args.seed)
-    print(f"split by class (seed {args.seed}): {len(train_rows)} training images/classes, {len(held_rows)} held-out", flush=True)
-    split = key(seed=args.seed, heldout=args.heldout)
+    train_rows, held_rows, header = split_by_class(args.data, args.heldout, args.seed, fold)
+    print(f"split by class (seed {args.seed}, fold {fold} of {args.folds}): {len(train_rows)} training images/classes, "
+          f"{len(held_rows)} held-out", flush=True)
+    fkey = {"fold": fold} if fold else {}  # fold 0 keeps the keys of the single split (its parts are reused)
+    split = key(seed=args.seed, heldout=args.heldout, **fkey)
     train_shards = pack_subset(args.data, train_rows, header, work / f"train-{split}")
     held_shards = pack_subset(args.data, held_rows, header, work / f"heldout-{split}")
     t0 = time.perf_counter()
@@ -244,7 +250,7 @@ def main() -> int:
                   f"{time.perf_counter() - t0:.1f}s; last epoch loss {s.last_epoch['loss']:.3f}", flush=True)
         runs[img_name] = str(run / "checkpoint.pt")
     if args.train_only:
-        return 0
+        return None
     import ray
 
     if ray.is_initialized():
@@ -253,12 +259,12 @@ def main() -> int:
     # ---- 4. the two tables: one evaluation per L-CAM checkpoint and one for the baselines, on the
     # same images (same shards, limit and seed), so parts can run in parallel processes and be reused
     baselines = tuple(s.strip() for s in args.baselines.split(",") if s.strip())
-    tables: dict[str, tuple[dict, dict]] = {}
+    tables: dict[str, dict] = {}
     wanted = {t.strip() for t in args.tables.split(",") if t.strip()}
     for label, shards, limit in (("held-out", held_shards, None), ("in-sample", train_shards, args.insample)):
-        methods, rows = {}, {}
+        rows: dict[str, dict] = {}
         for name, url in ([("baselines", None)] if baselines else []) + list(runs.items()):
-            out = work / f"eval-{label}-{name}-{key(url=url, baselines=baselines if url is None else (), limit=limit, seed=args.seed)}"
+            out = work / f"eval-{label}-{name}-{key(url=url, baselines=baselines if url is None else (), limit=limit, seed=args.seed, **fkey)}"
             if not (out / "results.json").exists():
                 if label not in wanted:
                     break
@@ -266,17 +272,67 @@ def main() -> int:
                 evaluate(EvalConfig(shards=shards, out=str(out), checkpoints=[f"{name}={url}"] if url else [], methods=() if url else baselines,
                                     limit=limit, seed=args.seed, batch_size=args.batch_size, engine="local", progress=False))
                 print(f"eval {label} {name}: {time.perf_counter() - t0:.1f}s ({out})", flush=True)
-            methods.update(json.loads((out / "results.json").read_text())["methods"])
-            rows.update(per_image(out / "per_image.csv"))
+            for mid, per_key in per_image(out / "per_image.csv").items():
+                # keyed by fold too: an image trains in one fold and is held out (or in-sample) in another
+                rows.setdefault(mid, {}).update({f"{fold}/{k}": v for k, v in per_key.items()})
         else:
-            tables[label] = ({"methods": methods}, rows)
-
+            tables[label] = rows
     if len(tables) < 2:
-        print(f"tables complete: {sorted(tables) or 'none'}; run again with --tables for the rest", flush=True)
+        print(f"fold {fold}: tables complete: {sorted(tables) or 'none'}; run again with --tables for the rest", flush=True)
+        return None
+    return runs, tables, fm_default, img_name
+
+
+def summary(rows: dict[str, tuple[float, list[float], int]]) -> tuple[list[float], list[float]]:
+    """AD and IC per ratio of one method's per-image rows (lcam eval's formulas)."""
+    n = len(rows)
+    ad = [100 / n * sum(max(0.0, y - o[j]) / y for y, o, _ in rows.values()) for j in range(len(RATIOS))]
+    ic = [100 / n * sum(float(o[j] > y) for y, o, _ in rows.values()) for j in range(len(RATIOS))]
+    return ad, ic
+
+
+def main() -> int:
+    args = parse_args()
+    local_ray_env()
+    from pipeline.checkpoints import load_checkpoint
+
+    work = Path(args.work)
+    if args.fresh and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    t_all = time.perf_counter()
+    load = os.getloadavg()
+    print(f"ImageNet sample {args.data}; EfficientNet-Lite0; {os.cpu_count()} cores; load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}", flush=True)
+    n_classes = len({int(r.split("\t")[1]) for r in split_by_class(args.data, 0, args.seed)[0]})
+    if args.folds < 1 or args.folds * args.heldout > n_classes:
+        raise SystemExit(f"--folds {args.folds} x --heldout {args.heldout} classes: more than the sample has")
+
+    # ---- 1-4 per fold; the tables pool the folds' images (each held out in exactly one fold)
+    tables: dict[str, dict] = {"held-out": {}, "in-sample": {}}
+    trained: dict[tuple[str, str], set[str]] = {}  # (table, method) -> image keys whose explained class row trained
+    runs: dict[str, str] = {}
+    complete = 0
+    for fold in range(args.folds):
+        done = run_fold(args, work, fold)
+        if done is None:
+            continue
+        complete += 1
+        fold_runs, fold_tables, fm_default, img_name = done
+        for label, rows in fold_tables.items():
+            for mid, per_key in rows.items():
+                tables[label].setdefault(mid, {}).update(per_key)
+        for mid, url in fold_runs.items():
+            runs[mid] = url
+            cov = load_checkpoint(url)["coverage"]
+            if cov is not None:
+                for label, rows in fold_tables.items():
+                    trained.setdefault((label, mid), set()).update(k for k, (_, _, c) in rows[mid].items() if int(cov[c]) > 0)
+    if complete < args.folds:
+        print(f"{complete} of {args.folds} folds complete: run again for the tables", flush=True)
         return 0
-    # ---- 5. report
-    coverage = {n: load_checkpoint(u)["coverage"] for n, u in runs.items()}
-    ids = list(runs) + list(baselines)
+    # ---- 5. report (pooled over the folds)
+    baselines = [m for m in tables["held-out"] if m not in runs]
+    ids = list(runs) + baselines
     print("\n## AD / IC: held-out classes vs in-sample (the training images)\n")
     print("AD = 100/N sum max(0, Y - O)/Y (lower better), IC = 100/N sum [O > Y] (higher better); softmax of the top-1 class, "
           "pixel-space masking, keep 100/50/15%.\n")
@@ -285,37 +341,47 @@ def main() -> int:
     for mid in ids:
         cells = [mid]
         for label in ("held-out", "in-sample"):
-            m = tables[label][0]["methods"][mid]
-            cells += [str(m["n"]), " / ".join(f"{v:.1f}" for v in m["ad"]), " / ".join(f"{v:.1f}" for v in m["ic"])]
+            ad, ic = summary(tables[label][mid])
+            cells += [str(len(tables[label][mid])), " / ".join(f"{v:.1f}" for v in ad), " / ".join(f"{v:.1f}" for v in ic)]
         print("| " + " | ".join(cells) + " |")
     for label in ("held-out", "in-sample"):
-        rows = tables[label][1]
+        rows = tables[label]
         print(f"\n## {label}: paired differences against Grad-CAM (mean +- standard error over the same images)\n")
         print("| method | N | AD diff 100% | 50% | 15% | IC diff 100% | 50% | 15% | explained class row trained |")
         print("|---|--:|--:|--:|--:|--:|--:|--:|--:|")
         for mid in runs:
             ad, ic, n = paired(rows, mid, "gradcam")
-            cov = coverage[mid]
-            trained = sum(int(cov[c]) > 0 for (_, _, c) in rows[mid].values()) if cov is not None else 0
-            print(f"| {mid} | {n} | " + " | ".join(f"{m:+.1f} +- {s:.1f}" for m, s in ad) + " | "
-                  + " | ".join(f"{m:+.1f} +- {s:.1f}" for m, s in ic) + f" | {trained}/{len(rows[mid])} |")
-            if label == "held-out" and cov is not None and 1 < trained < len(rows[mid]) - 1:
+            keys = trained.get((label, mid), set())
+            print(f"| {mid} | {n} | " + " | ".join(f"{m:+.2f} +- {s:.2f}" for m, s in ad) + " | "
+                  + " | ".join(f"{m:+.1f} +- {s:.1f}" for m, s in ic) + f" | {len(keys)}/{len(rows[mid])} |")
+            if label == "held-out" and 1 < len(keys) < len(rows[mid]) - 1:
                 # the two kinds of held-out image: explained by a row that never trained (its
                 # start, e.g. CAM) or by one trained on other images (a training image predicted as it)
-                for part, want in (("row trained", True), ("row untrained", False)):
-                    ad, ic, n = paired(rows, mid, "gradcam", only=lambda c: (int(cov[c]) > 0) == want)
+                for part, keep in (("row trained", keys), ("row untrained", set(rows[mid]) - keys)):
+                    ad, ic, n = paired(rows, mid, "gradcam", only=keep)
                     print(f"| {mid}, {part} | {n} | " + " | ".join(f"{m:+.2f} +- {s:.2f}" for m, s in ad) + " | "
                           + " | ".join(f"{m:+.1f} +- {s:.1f}" for m, s in ic) + " | |")
+    others = [m for m in runs if m != fm_default]
+    if fm_default in runs and others:
+        # what the default's choices buy: every other variant against it, image by image
+        print(f"\n## every other L-CAM minus the default ({fm_default}), paired\n")
+        print("| method | table | N | AD diff 100% | 50% | 15% | IC diff 100% | 50% | 15% |")
+        print("|---|---|--:|--:|--:|--:|--:|--:|--:|")
+        for mid in others:
+            for label in ("held-out", "in-sample"):
+                ad, ic, n = paired(tables[label], mid, fm_default)
+                print(f"| {mid} | {label} | {n} | " + " | ".join(f"{m:+.2f} +- {s:.2f}" for m, s in ad) + " | "
+                      + " | ".join(f"{m:+.1f} +- {s:.1f}" for m, s in ic) + " |")
     print(f"\nwhole benchmark: {time.perf_counter() - t_all:.0f}s; load average now {os.getloadavg()[0]:.1f}\n")
 
-    held = tables["held-out"][1]
+    held = tables["held-out"]
     checked = [m for m in (fm_default, img_name) if m in runs]
     for mid in checked:
         # every held-out image, and (second) those whose explained class no training sample had:
         # the explainer never saw that class (the others are predicted as a class some training
         # image was predicted as, so their row trained on another image)
-        cov = coverage[mid]
-        for part, only in (("heldout", None), ("heldout-untrained-row", (lambda c: int(cov[c]) == 0) if cov is not None else None)):
+        untrained = set(held[mid]) - trained[("held-out", mid)] if ("held-out", mid) in trained else None
+        for part, only in (("heldout", None), ("heldout-untrained-row", untrained)):
             if part != "heldout" and only is None:
                 continue
             ad, ic, _ = paired(held, mid, "gradcam", only=only)
