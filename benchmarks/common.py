@@ -76,6 +76,17 @@ def local_ray_env() -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")  # pytorch-grad-cam's Score-CAM bars; eval prints its own progress lines
 
 
+def work_folder(path: str, fresh: bool) -> Path:
+    """A benchmark's work folder (kept between runs so that a rerun reuses its parts; ``fresh``: emptied first)."""
+    import shutil
+
+    work = Path(path)
+    if fresh and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    return work
+
+
 def target(name: str, measured: float, op: str, goal: float, fmt: str = "{:.2f}") -> bool:
     """Print the one line per target that RESULTS.md and CI readers look for."""
     ok = measured >= goal if op == ">=" else measured <= goal

@@ -37,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import DEFAULT_DATA, compare, load_average, local_ray_env, target, target_ratio  # noqa: E402
+from benchmarks.common import DEFAULT_DATA, compare, load_average, local_ray_env, target, target_ratio, work_folder  # noqa: E402
 
 
 # the baselines added with the method registry (Ablation-CAM limited like Score-CAM: C head passes per image)
@@ -196,10 +196,7 @@ def main() -> int:
     from pipeline.evaluate import EvalConfig, decode_to_uint8, evaluate
     from pipeline.shards import list_shards, read_shard
 
-    work = Path(args.work)
-    if args.fresh and work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
+    work = work_folder(args.work, args.fresh)
     t_all = time.perf_counter()
     print(f"ImageNet sample {args.data}; EfficientNet-Lite0; {os.cpu_count()} cores; torch threads {torch.get_num_threads()}; "
           f"load {load_average():.1f}", flush=True)

@@ -51,7 +51,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import DEFAULT_DATA, local_ray_env, target  # noqa: E402
+from benchmarks.common import DEFAULT_DATA, local_ray_env, target, work_folder  # noqa: E402
 
 RATIOS = (1.0, 0.5, 0.15)
 
@@ -296,10 +296,7 @@ def main() -> int:
     local_ray_env()
     from pipeline.checkpoints import load_checkpoint
 
-    work = Path(args.work)
-    if args.fresh and work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
+    work = work_folder(args.work, args.fresh)
     t_all = time.perf_counter()
     load = os.getloadavg()
     print(f"ImageNet sample {args.data}; EfficientNet-Lite0; {os.cpu_count()} cores; load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}", flush=True)
