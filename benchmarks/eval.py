@@ -4,7 +4,7 @@
 
 With EfficientNet-Lite0 (packaged ImageNet weights), from one run:
   1. the pipeline: pack the sample into shards, extract the feature cache (Ray), train
-     L-CAM-Fm on the 800 cached images (``pipeline.training.train``), then L-CAM-Img
+     L-CAM-Fm on the 800 cached images (``pipeline.train.run.train``), then L-CAM-Img
      starting from L-CAM-Fm's attention, on the images of the table (``lcam.training``);
      the sample holds one image per class, so training and evaluation use the same images;
   2. ``lcam eval``: the table of all methods on the same seeded random subset; Score-CAM
@@ -73,9 +73,11 @@ def stage_key(**kw) -> str:
 
 def prepare(args: argparse.Namespace, work: Path) -> dict[str, str]:
     """Shards, feature cache and L-CAM-Fm through the pipeline; L-CAM-Img fine-tuned from it (reused when present)."""
-    from pipeline.extract import ExtractConfig, extract
-    from pipeline.shards import pack_folder
-    from pipeline.training import TrainConfig, train
+    from pipeline.configs import ExtractConfig
+    from pipeline.extract.run import extract
+    from pipeline.shards.pack import pack_folder
+    from pipeline.configs import TrainConfig
+    from pipeline.train.run import train
 
     shards = work / "shards"
     t0 = time.perf_counter()
@@ -119,9 +121,9 @@ def finetune_img(args: argparse.Namespace, shards: str, fm_ckpt: str, out: Path)
     from lcam import LCAM, build_backbone
     from lcam.recipe import Recipe
     from lcam.training import LCAMTrainer, TrainBatch, init_attention
-    from pipeline.checkpoints import load_checkpoint, save_checkpoint
-    from pipeline.evaluate import decode_batch, plan_batches, read_selected, shard_groups
-    from pipeline.shards import list_shards
+    from pipeline.train.checkpoints import load_checkpoint, save_checkpoint
+    from pipeline.evaluation.plan import decode_batch, plan_batches, read_selected, shard_groups
+    from pipeline.shards.read import list_shards
 
     t0 = time.perf_counter()
     backbone = build_backbone("efficientnet_lite0")
@@ -160,7 +162,7 @@ def reference_style(backbone, models, images) -> tuple[float, int, list]:
     recomputed (a full forward with all K maps) and a masked pass."""
     import torch
 
-    from lcam.metrics import DEFAULT_RATIOS, keep_top, prepare_cams
+    from lcam.metrics.adic import DEFAULT_RATIOS, keep_top, prepare_cams
 
     count = [0]
     handle = backbone.features.register_forward_pre_hook(lambda m, a: count.__setitem__(0, count[0] + a[0].shape[0]))
@@ -191,10 +193,12 @@ def main() -> int:
     import torch
 
     from lcam import LCAM, build_backbone
-    from pipeline.checkpoints import load_checkpoint
-    from lcam.cam_methods import default_methods
-    from pipeline.evaluate import EvalConfig, decode_to_uint8, evaluate
-    from pipeline.shards import list_shards, read_shard
+    from pipeline.train.checkpoints import load_checkpoint
+    from lcam.cam_methods.base import default_methods
+    from pipeline.configs import EvalConfig
+    from pipeline.evaluation.plan import decode_to_uint8
+    from pipeline.evaluation.run import evaluate
+    from pipeline.shards.read import list_shards, read_shard
 
     work = work_folder(args.work, args.fresh)
     t_all = time.perf_counter()
@@ -280,7 +284,7 @@ def main() -> int:
     # that can flip near-tied pixels at the keep threshold
     import numpy as np
 
-    from lcam.metrics import average_drop, increase_in_confidence
+    from lcam.metrics.adic import average_drop, increase_in_confidence
 
     by = {(r["key"], r["method"]): r for r in rows}
     ratios = (1.0, 0.5, 0.15)

@@ -52,11 +52,12 @@ def main() -> int:
     from PIL import Image
 
     from lcam import build_backbone
-    from pipeline.cache import FeatureCache
-    from pipeline.extract import ExtractConfig, extract
+    from pipeline.store.feature_cache import FeatureCache
+    from pipeline.configs import ExtractConfig
+    from pipeline.extract.run import extract
     from pipeline.raykit import ensure_ray
     from pipeline.images import preprocess
-    from pipeline.shards import pack_folder
+    from pipeline.shards.pack import pack_folder
 
     items = sample_images(args.data, args.limit)
     work = Path(tempfile.mkdtemp(prefix="bench-extract-"))
@@ -177,7 +178,8 @@ def compare_with_model_alone(args: argparse.Namespace, items: list, work: Path) 
     from PIL import Image
 
     from lcam import build_backbone
-    from pipeline.extract import ExtractConfig, extract
+    from pipeline.configs import ExtractConfig
+    from pipeline.extract.run import extract
     from pipeline.raykit import ensure_ray
     from pipeline.images import preprocess
 

@@ -6,7 +6,7 @@ The ImageNet sample (800 images, one per class; used by path, never copied into 
 repository) is split by class with a seeded shuffle: 600 training classes, 200 held-out
 classes. With EfficientNet-Lite0 (packaged ImageNet weights):
   1. the 600 training images are packed into shards and extracted into a feature cache;
-  2. L-CAM-Fm variants train on the 600 cached images (``pipeline.training.train``, one-cycle,
+  2. L-CAM-Fm variants train on the 600 cached images (``pipeline.train.run.train``, one-cycle,
      target = the predicted class, or --target label): ``--init random|cam`` x ``--targets``
      single / top-K (cheap: from the cache), each exported with an ``--uncovered`` rule and a
      ``--row-prior`` (re-exports of one training: INIT:K:FILL:PRIOR);
@@ -109,7 +109,7 @@ def split_by_class(data: str, heldout: int, seed: int, fold: int = 0) -> tuple[l
 
 def pack_subset(data: str, rows: list[str], header: str, folder: Path) -> str:
     """Shards of these images: a folder of symbolic links + labels.tsv (outside the repository), packed."""
-    from pipeline.shards import pack_folder
+    from pipeline.shards.pack import pack_folder
 
     shards = folder / "shards"
     if (shards / "index.json").exists():
@@ -158,10 +158,13 @@ def run_fold(args: argparse.Namespace, work: Path, fold: int) -> tuple[dict[str,
     """Steps 1-4 for one class split: (runs: name -> checkpoint, tables: label -> method ->
     image key -> (Y, [O@r], class), the L-CAM-Fm default's name, L-CAM-Img's), or None while
     an evaluation of it is left for another run (--tables)."""
-    from pipeline.checkpoints import load_checkpoint
-    from pipeline.evaluate import EvalConfig, evaluate
-    from pipeline.extract import ExtractConfig, extract
-    from pipeline.training import TrainConfig, train
+    from pipeline.train.checkpoints import load_checkpoint
+    from pipeline.configs import EvalConfig
+    from pipeline.evaluation.run import evaluate
+    from pipeline.configs import ExtractConfig
+    from pipeline.extract.run import extract
+    from pipeline.configs import TrainConfig
+    from pipeline.train.run import train
 
     # ---- 1. split, shards, cache
     train_rows, held_rows, header = split_by_class(args.data, args.heldout, args.seed, fold)
@@ -174,7 +177,7 @@ def run_fold(args: argparse.Namespace, work: Path, fold: int) -> tuple[dict[str,
     t0 = time.perf_counter()
     cache = str(work / f"train-{split}" / "cache")
     try:
-        from pipeline.cache import FeatureCache
+        from pipeline.store.feature_cache import FeatureCache
 
         done = len(FeatureCache.open(cache)) == len(train_rows)
     except Exception:  # no cache yet
@@ -294,7 +297,7 @@ def summary(rows: dict[str, tuple[float, list[float], int]]) -> tuple[list[float
 def main() -> int:
     args = parse_args()
     local_ray_env()
-    from pipeline.checkpoints import load_checkpoint
+    from pipeline.train.checkpoints import load_checkpoint
 
     work = work_folder(args.work, args.fresh)
     t_all = time.perf_counter()

@@ -17,7 +17,7 @@ and only a shared component learns:
 beta is one shared bias shift (it only moves the training mask's sigmoid; the explanation is
 min-max normalised, so it does not change any map). All are ordinary rows after folding:
 w_k . (F + M F) = ((I + M)^T w_k) . F, so each trained variant is written as a standard
-L-CAM-Fm checkpoint and scored by the real ``lcam eval`` (``pipeline.evaluate``, local engine,
+L-CAM-Fm checkpoint and scored by the real ``lcam eval`` (``pipeline.evaluation``, local engine,
 L-CAM only) on the same 200 held-out images (and the same seeded 200 training images) as
 generalisation.py; Grad-CAM's per-image terms come from that benchmark's stored baselines
 evaluation, and the paired differences and standard errors are computed with its code.
@@ -147,7 +147,7 @@ def make_attention(kind: str, base, seed: int, train_rows: bool = False):
 def load_cache(url: str):
     import torch
 
-    from pipeline.cache import FeatureCache
+    from pipeline.store.feature_cache import FeatureCache
 
     cache = FeatureCache.open(url)
     keys, feats, top1 = [], [], []
@@ -167,8 +167,8 @@ def distil_variant(ridge: float, args, cache, targets, out: Path) -> str:
     import torch
 
     from lcam.training import init_attention
-    from pipeline.checkpoints import load_checkpoint, save_checkpoint
-    from pipeline.train_setup import backbone_for_cache
+    from pipeline.train.checkpoints import load_checkpoint, save_checkpoint
+    from pipeline.train.setup import backbone_for_cache
 
     ckpt = out / "checkpoint.pt"
     if ckpt.exists():
@@ -204,8 +204,8 @@ def train_variant(kind: str, lr: float, args, cache, feats, targets, out: Path) 
     from lcam.loss import LCAMLoss
     from lcam.recipe import Recipe, make_scheduler
     from lcam.training import init_attention
-    from pipeline.checkpoints import save_checkpoint
-    from pipeline.train_setup import backbone_for_cache
+    from pipeline.train.checkpoints import save_checkpoint
+    from pipeline.train.setup import backbone_for_cache
 
     ckpt = out / "checkpoint.pt"
     if ckpt.exists():
@@ -272,7 +272,8 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from pipeline.evaluate import EvalConfig, evaluate
+    from pipeline.configs import EvalConfig
+    from pipeline.evaluation.run import evaluate
 
     work, out = Path(args.work), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -203,11 +203,15 @@ class Stage:
 
 
 def run_size(n: int, work: Path, images: Path, per_shard: int, head: str, workers: set[str], cpu: TreeSampler, threads: int) -> dict:
-    from pipeline.cache import FeatureCache
-    from pipeline.cams import CamsConfig, generate_cams
-    from pipeline.extract import ExtractConfig, extract
-    from pipeline.shards import list_shards, pack_folder
-    from pipeline.training import TrainConfig, train
+    from pipeline.store.feature_cache import FeatureCache
+    from pipeline.configs import CamsConfig
+    from pipeline.cams.run import generate_cams
+    from pipeline.configs import ExtractConfig
+    from pipeline.extract.run import extract
+    from pipeline.shards.read import list_shards
+    from pipeline.shards.pack import pack_folder
+    from pipeline.configs import TrainConfig
+    from pipeline.train.run import train
 
     out = work / f"n{n}"
     folder = out / "images"

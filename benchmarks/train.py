@@ -73,8 +73,9 @@ class PeakMemory:
 
 
 def prepare_cache(data: str, work: str) -> tuple[str, str]:
-    from pipeline.extract import ExtractConfig, extract
-    from pipeline.shards import pack_folder
+    from pipeline.configs import ExtractConfig
+    from pipeline.extract.run import extract
+    from pipeline.shards.pack import pack_folder
 
     shards, cache = os.path.join(work, "shards"), os.path.join(work, "cache")
     if not os.path.exists(os.path.join(shards, "index.json")):
@@ -92,7 +93,7 @@ def prepare_cache(data: str, work: str) -> tuple[str, str]:
 def decoded_images(shards: str, prep) -> dict[str, torch.Tensor]:
     """key -> (3, 224, 224) uint8 centre crop (the reference's inputs, decoded before timing)."""
     from pipeline.images import decode_image, preprocess
-    from pipeline.shards import iter_samples, list_shards
+    from pipeline.shards.read import iter_samples, list_shards
 
     out = {}
     for info in list_shards(shards):
@@ -138,9 +139,9 @@ def main() -> int:
     from lcam import LCAM, LCAMLoss, build_backbone
     from lcam.recipe import default_recipe, make_optimizer, make_scheduler
     from lcam.training import LCAMTrainer, TrainBatch, init_attention
-    from pipeline.cache import FeatureCache
-    from pipeline.loader import CacheLoader
-    from pipeline.training import fm_batches
+    from pipeline.store.feature_cache import FeatureCache
+    from pipeline.train.loader import CacheLoader
+    from pipeline.train.fm import fm_batches
 
     os.makedirs(args.work, exist_ok=True)
     shards, cache_url = prepare_cache(args.data, args.work)

@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     cfg = config_from_args(args)  # mistakes in the options answer before the stage (Ray) is imported
-    from pipeline.audit import run_audit
+    from pipeline.audit.run import run_audit
 
     summary = run_audit(cfg)
     if args.quiet:

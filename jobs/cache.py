@@ -60,11 +60,11 @@ def _size(n: float) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.cache import FeatureCache
+    from pipeline.store.feature_cache import FeatureCache
 
     options = parse_storage_options(args.storage_option)
     if args.action == "repair":
-        from pipeline.cams import FORMAT as CAM_FORMAT, CamStore
+        from pipeline.store.cam_store import FORMAT as CAM_FORMAT, CamStore
         from pipeline.fs import join, read_json
 
         fmt = ((read_json(join(args.url, "zarr.json"), options) or {}).get("attributes") or {}).get("format")

@@ -47,14 +47,14 @@ def info_lines(info: dict) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     if args.checkpoint == "info":
-        from pipeline.cams import CamStore
+        from pipeline.store.cam_store import CamStore
 
         info = CamStore.open(args.out, parse_storage_options(args.out_storage_option)).info()
         print(json.dumps(info, indent=1, sort_keys=True) if args.json else "\n".join(info_lines(info)))
         return 0
 
     cfg = config_from_args(args)  # mistakes in the options answer before the stage (torch, Ray) is imported
-    from pipeline.cams import generate_cams
+    from pipeline.cams.run import generate_cams
 
     summary = generate_cams(cfg)
     print(json.dumps(summary.to_dict(), indent=1) if args.json else "\n".join(summary.lines()))

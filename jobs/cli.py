@@ -90,7 +90,7 @@ def user_error_message(exc: BaseException) -> str | None:
 
     if isinstance(exc, (UserError, FileNotFoundError)):  # the common case answers without importing torch
         return str(exc)
-    from lcam.backbones import BackboneSpecError, WeightsUnavailable
+    from lcam.backbones.base import BackboneSpecError, WeightsUnavailable
     from pipeline.fs import storage_error_message
 
     if isinstance(exc, (WeightsUnavailable, BackboneSpecError)):

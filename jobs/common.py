@@ -23,7 +23,7 @@ def backbone_spec(backbone: str | None, layer: str | None) -> str | None:
         from pipeline.errors import UserError
 
         raise UserError("--layer needs --backbone: name the model to split")
-    from lcam.specs import parse_spec
+    from lcam.backbones.specs import parse_spec
 
     return parse_spec(backbone, layer).canonical
 

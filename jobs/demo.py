@@ -48,7 +48,7 @@ def _is_shard_folder(path: Path) -> bool:
 def run(args: argparse.Namespace) -> int:
     from jobs import pipeline as pipeline_job
     from pipeline.errors import UserError
-    from pipeline.shards import pack_folder
+    from pipeline.shards.pack import pack_folder
 
     t0 = time.perf_counter()
     out = Path(args.out)

@@ -36,8 +36,8 @@ def _show(value: Any) -> str:
 def add_registry_options(parser: argparse.ArgumentParser) -> None:
     """One flag per option of every registered CAM method and metric (no torch import:
     the registries are torch-free), and ``--NAME`` per optional metric."""
-    from lcam.cam_methods import COST_CLASSES, default_methods, method_classes
-    from pipeline.evaluation.metrics import metric_classes
+    from lcam.cam_methods.base import COST_CLASSES, default_methods, method_classes
+    from pipeline.evaluation.metrics.base import metric_classes
 
     classes = method_classes()
     listing = "; ".join(f"{n} ({c.label}, cost: {c.cost})" for n, c in classes.items())
@@ -60,8 +60,8 @@ def add_registry_options(parser: argparse.ArgumentParser) -> None:
 
 def registry_config(args: argparse.Namespace) -> dict[str, Any]:
     """EvalConfig's methods, method_options, metrics and metric_options from the flags above."""
-    from lcam.cam_methods import method_classes
-    from pipeline.evaluation.metrics import metric_classes
+    from lcam.cam_methods.base import method_classes
+    from pipeline.evaluation.metrics.base import metric_classes
 
     def dest(flag: str) -> str:
         return flag.replace("-", "_")
@@ -87,7 +87,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)  # mistakes in the options answer before the stage (torch, Ray) is imported
-    from pipeline.evaluate import evaluate
+    from pipeline.evaluation.run import evaluate
 
     summary = run_stage(flag_names(EvalConfig), evaluate, cfg)  # fields spelt otherwise (checkpoints: --checkpoint)
     print(json.dumps(summary.to_dict(), indent=1, default=str) if args.json else "\n".join(summary.lines()))

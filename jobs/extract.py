@@ -26,7 +26,7 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)  # mistakes in the options answer before the stage (torch, Ray) is imported
-    from pipeline.extract import extract
+    from pipeline.extract.run import extract
 
     summary = extract(cfg)
     print(json.dumps(summary.to_dict(), indent=1) if args.json else "\n".join(summary.lines()))

@@ -111,7 +111,7 @@ def _methods(args: argparse.Namespace) -> list[str]:
 
 def _eval_methods(text: str | None) -> tuple[str, ...]:
     """--eval-methods checked against the CAM-method registry before any stage runs."""
-    from lcam.cam_methods import default_methods, method_names
+    from lcam.cam_methods.base import default_methods, method_names
     from pipeline.errors import UserError
 
     if text is None:
@@ -155,7 +155,7 @@ def _refuse_up_front(args: argparse.Namespace, stages: list[str], eval_methods: 
     written, rather than a failure after extraction and training have spent their time.
     ``eval_methods``: --eval-methods, already checked against the registry."""
     from pipeline.errors import UserError
-    from pipeline.training import check_config
+    from pipeline.train.setup import check_config
 
     if "cams" in stages and "center" not in _views(args):
         raise UserError(f"--views {args.views} leaves out center, the view the cams stage explains; add it (e.g. --views center,hflip)")
@@ -185,7 +185,8 @@ def _train_config(args: argparse.Namespace, method: str, cache: str, out: str, s
     """The training stage's config; ``fm_run``: this pipeline's L-CAM-Fm run, which warm-starts
     L-CAM-Img when ``--img-from-fm`` (the attention then starts from its checkpoint, not ``--init``)."""
     from pipeline.fs import join
-    from pipeline.training import CHECKPOINT, TrainConfig
+    from pipeline.train.run_folder import CHECKPOINT
+    from pipeline.configs import TrainConfig
 
     warm = method == "img" and bool(args.img_from_fm) and fm_run is not None
 
@@ -204,13 +205,17 @@ def _train_config(args: argparse.Namespace, method: str, cache: str, out: str, s
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.cams import CamsConfig, generate_cams
+    from pipeline.configs import CamsConfig
+    from pipeline.cams.run import generate_cams
     from pipeline.errors import UserError
-    from pipeline.evaluate import EvalConfig, evaluate
-    from pipeline.extract import ExtractConfig, extract
+    from pipeline.configs import EvalConfig
+    from pipeline.evaluation.run import evaluate
+    from pipeline.configs import ExtractConfig
+    from pipeline.extract.run import extract
     from pipeline.fs import absolute, exists, join
-    from pipeline.report import write_report
-    from pipeline.training import CHECKPOINT, train
+    from pipeline.report.page import write_report
+    from pipeline.train.run_folder import CHECKPOINT
+    from pipeline.train.run import train
 
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = sorted(set(stages) - set(STAGES))
@@ -273,7 +278,7 @@ def run(args: argparse.Namespace) -> int:
 
     audit_dir = join(wd, "audit")
     if "audit" in stages:
-        from pipeline.audit import MAPS_FILE, run_audit
+        from pipeline.audit.run import MAPS_FILE, run_audit
 
         stage("audit: errors explained, evidence per class")
         compare = eval_dir if "gradcam" in eval_methods and exists(join(eval_dir, MAPS_FILE), so) else None

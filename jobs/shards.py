@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.shards import LAYOUTS, pack_folder
+from pipeline.shards.pack import LAYOUTS, pack_folder
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -23,7 +23,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)  # mistakes in the options answer before the stage (torch, Ray) is imported
-    from pipeline.training import train
+    from pipeline.train.run import train
 
     with speaking_flags(flag_names(TrainConfig)) as flag:  # fields this command spells its own way (recipe_rule: --recipe)
         summary = train(cfg)

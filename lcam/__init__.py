@@ -19,12 +19,12 @@ from typing import Any
 
 _EXPORTS = {
     "AttentionMechanism": "lcam.attention",
-    "Backbone": "lcam.backbones",
-    "Preprocessing": "lcam.backbones",
-    "WeightsUnavailable": "lcam.backbones",
-    "available_backbones": "lcam.backbones",
-    "build_backbone": "lcam.backbones",
-    "register_backbone": "lcam.backbones",
+    "Backbone": "lcam.backbones.base",
+    "Preprocessing": "lcam.backbones.base",
+    "WeightsUnavailable": "lcam.backbones.base",
+    "available_backbones": "lcam.backbones.registry",
+    "build_backbone": "lcam.backbones.registry",
+    "register_backbone": "lcam.backbones.registry",
     "Explanation": "lcam.explain",
     "minmax_normalize": "lcam.explain",
     "upsample": "lcam.explain",
@@ -43,11 +43,11 @@ _EXPORTS = {
 # attribute access only, so importing lcam still does not import pipeline/ (nor Ray,
 # Zarr, fsspec), and lcam/ works without pipeline/ installed next to it.
 _FROM_PIPELINE = {
-    "Explainer": "pipeline.explainer",
-    "CamStore": "pipeline.cam_store",
-    "FeatureCache": "pipeline.cache",
-    "TrainConfig": "pipeline.training",
-    "train": "pipeline.training",
+    "Explainer": "pipeline.cams.explainer",
+    "CamStore": "pipeline.store.cam_store",
+    "FeatureCache": "pipeline.store.feature_cache",
+    "TrainConfig": "pipeline.configs",
+    "train": "pipeline.train.run",
 }
 
 

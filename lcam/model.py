@@ -9,7 +9,7 @@ import torch.nn.functional as nnf
 from torch import nn
 
 from .attention import AttentionMechanism, check_targets
-from .backbones import Backbone
+from .backbones.base import Backbone
 from .explain import Explanation, explain_from_features
 
 Method = Literal["fm", "img"]

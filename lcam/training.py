@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .attention import AttentionMechanism
-from .backbones import Backbone
+from .backbones.base import Backbone
 from .loss import LCAMLoss
 from .model import LCAM, Method
 from .recipe import Recipe, make_optimizer, make_scheduler

@@ -1,8 +1,7 @@
 """The stages' config dataclasses, each field declared once with its command-line option.
 
 Torch-free on purpose: ``lcam <cmd> --help`` builds its options from these declarations
-(``jobs/options.py``) without importing the stages, which import torch and Ray. The stage
-modules re-export their config (``from pipeline.extract import ExtractConfig`` keeps working).
+(``jobs/options.py``) without importing the stages, which import torch and Ray.
 """
 
 from __future__ import annotations
@@ -193,7 +192,7 @@ def method_limit_pairs(pairs: Sequence[str]) -> dict[str, int]:
 
 
 def _default_methods() -> tuple[str, ...]:
-    from lcam.cam_methods import default_methods  # the registry (torch-free), read when a config is made
+    from lcam.cam_methods.base import default_methods  # the registry (torch-free), read when a config is made
 
     return default_methods()
 

@@ -53,3 +53,13 @@ def autocast_dtype(precision: str, device: Any, *, allow_fp16: bool = True) -> A
             return torch.bfloat16
         return torch.float16 if allow_fp16 else None
     return torch.float16
+
+
+def pad_lone_image(x: Any) -> Any:
+    """(N, 3, H, W) channels-last input; a batch of one image, doubled. On CPU (oneDNN) a batch of one runs another kernel whose
+    float32 rounding differs from any larger batch's (measured: batches of 2, 3, 8 agree
+    bitwise, 1 does not), so a shard of one image would get features 1 float16 ulp off those
+    the same image gets in a bigger shard. Doubled, every image sees a batch of >= 2."""
+    import torch
+
+    return torch.cat([x, x]).contiguous(memory_format=torch.channels_last) if len(x) == 1 else x

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from lcam.backbones import Preprocessing
+from lcam.backbones.base import Preprocessing
 
 # Never set ImageFile.LOAD_TRUNCATED_IMAGES: a truncated file must fail, not be padded grey.
 

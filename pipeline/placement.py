@@ -77,7 +77,7 @@ def node_id() -> str:
 def user_error_in(exc: BaseException) -> UserError | None:
     """The UserError a task, actor or Ray Train worker raised, if that is what failed (also a
     missing file, a denied permission or unavailable backbone weights: one line, as in-process)."""
-    from lcam.backbones import BackboneSpecError, WeightsUnavailable
+    from lcam.backbones.base import BackboneSpecError, WeightsUnavailable
 
     seen: list[BaseException] = [exc]
     seen += list(getattr(exc, "worker_failures", {}).values())

@@ -92,6 +92,24 @@ def pin_torch_threads(torch_threads: int | None, device_type: str) -> int | None
     return threads
 
 
+def actor_device(torch_threads: int | None = None, device: Any = "auto") -> tuple[Any, int | None]:
+    """An actor's torch device, resolved the one way (:func:`pipeline.device.resolve_device`),
+    and on a CPU its thread count, pinned now (:func:`pin_torch_threads`). Every actor starts
+    with this and calls :func:`repin_threads` with the count at the top of every call."""
+    from .device import resolve_device
+
+    dev = resolve_device(device)
+    return dev, pin_torch_threads(torch_threads, dev.type)
+
+
+def repin_threads(threads: int | None) -> None:
+    """Re-apply an actor's CPU thread count (None on a GPU: nothing to do)."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 # ---------------------------------------------------------------- shard-per-unit stages
 @dataclass
 class StageStats:

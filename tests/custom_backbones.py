@@ -10,7 +10,7 @@ import os
 import torch
 from torch import nn
 
-from lcam.backbones import Backbone, Preprocessing
+from lcam.backbones.base import Backbone, Preprocessing
 
 
 class TinyNet(nn.Module):

@@ -21,7 +21,8 @@ def node_loss(shards: str, cache_url: str) -> dict:
     import ray
     from ray.cluster_utils import Cluster
 
-    from pipeline.extract import ExtractConfig, extract
+    from pipeline.configs import ExtractConfig
+    from pipeline.extract.run import extract
     from pipeline.fs import read_json
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})

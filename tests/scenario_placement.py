@@ -26,9 +26,11 @@ def placement(cache: str, checkpoint: str, workdir: str) -> dict:
     import ray
     from ray.cluster_utils import Cluster
 
-    from pipeline.cams import CamsConfig, generate_cams
+    from pipeline.configs import CamsConfig
+    from pipeline.cams.run import generate_cams
     from pipeline.errors import UserError
-    from pipeline.training import TrainConfig, train
+    from pipeline.configs import TrainConfig
+    from pipeline.train.run import train
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     worker = cluster.add_node(num_cpus=2, num_gpus=2)  # fake GPUs: torch sees none, so the model runs on the node's CPU

@@ -26,7 +26,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.audit_stats import (
+from pipeline.audit.stats import (
     area_above_half_max,
     average_ranks,
     border_mask,
@@ -38,7 +38,7 @@ from pipeline.audit_stats import (
     spread,
     top_region_iou,
 )
-from pipeline.cams import ClassSelection
+from pipeline.cams.explainer import ClassSelection
 from pipeline.errors import UserError
 
 
@@ -142,11 +142,12 @@ def lcam(argv: list[str]) -> int:
 @pytest.fixture(scope="module")
 def audited(tmp_path_factory, ray_local):
     from lcam import LCAM, build_backbone
-    from pipeline.cache import FeatureCache
-    from pipeline.checkpoints import save_checkpoint
-    from pipeline.extract import cache_identity
-    from pipeline.report import save_comparison_maps
-    from pipeline.shards import list_shards, pack_folder, read_shard
+    from pipeline.store.feature_cache import FeatureCache
+    from pipeline.train.checkpoints import save_checkpoint
+    from pipeline.extract.run import cache_identity
+    from pipeline.report.page import save_comparison_maps
+    from pipeline.shards.read import list_shards, read_shard
+    from pipeline.shards.pack import pack_folder
 
     root = tmp_path_factory.mktemp("audit")
     rng = np.random.default_rng(0)
@@ -204,7 +205,7 @@ def audited(tmp_path_factory, ray_local):
 
 
 def test_store_holds_both_maps_duplicated_when_the_label_is_predicted(audited):
-    from pipeline.cams import CamStore
+    from pipeline.store.cam_store import CamStore
 
     store = CamStore.open(audited["cams"])
     assert store.width == 2 and store.identity["classes"]["columns"] == ["predicted", "label"]

@@ -13,10 +13,11 @@ import torch
 from PIL import Image
 
 from lcam import Preprocessing, build_backbone
-from pipeline.cache import FeatureCache
-from pipeline.checkpoints import load_checkpoint
+from pipeline.store.feature_cache import FeatureCache
+from pipeline.train.checkpoints import load_checkpoint
 from pipeline.images import decode_image, preprocess
-from pipeline.shards import list_shards, pack_folder, read_shard
+from pipeline.shards.read import list_shards, read_shard
+from pipeline.shards.pack import pack_folder
 from tests.helpers import skimage_photos
 
 

@@ -12,8 +12,8 @@ import torchvision
 from PIL import Image
 
 from lcam import LCAM, build_backbone, register_backbone
-from lcam.backbones import BackboneSpecError, Preprocessing, WeightsUnavailable
-from lcam.specs import parse_spec
+from lcam.backbones.base import BackboneSpecError, Preprocessing, WeightsUnavailable
+from lcam.backbones.specs import parse_spec
 from pipeline.images import preprocess
 
 
@@ -168,7 +168,7 @@ def test_vit_masking_reaches_the_logits_through_the_class_token(vit64):
 
 
 def test_gradcam_on_a_vit_hooks_the_token_grid(vit64):
-    from lcam.cam_methods import build_method
+    from lcam.cam_methods.base import build_method
 
     x, targets = torch.rand(2, 3, 64, 64), torch.tensor([3, 4])
     maps = build_method("gradcam", vit64).compute(x, targets)
@@ -189,7 +189,7 @@ def scale(cam):
 
 def test_avg_pooled_vit_splits_after_the_last_block():
     m = timm.create_model("vit_tiny_patch16_224", pretrained=False, global_pool="avg", img_size=64).eval()
-    from lcam.specs import BackboneSpec, split_timm, timm_preprocessing
+    from lcam.backbones.specs import BackboneSpec, split_timm, timm_preprocessing
 
     spec = BackboneSpec("timm", "vit_tiny_patch16_224", {"size": "64"})
     b = split_timm(spec, m, timm_preprocessing(m, 64), "random")

@@ -3,7 +3,8 @@ import torch
 import torchvision
 
 from lcam import WeightsUnavailable, available_backbones, build_backbone
-from lcam.backbones import Backbone, register_backbone
+from lcam.backbones.base import Backbone
+from lcam.backbones.registry import register_backbone
 from tests.helpers import center_crop_tensor, skimage_photos
 
 EXPECTED_SHAPES = {
@@ -133,7 +134,7 @@ def test_folded_backbone_computes_the_same_function(name):
 
 
 def test_fold_leaves_shared_or_untraceable_modules_alone():
-    from lcam.backbones import fold_for_inference
+    from lcam.backbones.base import fold_for_inference
 
     class Shared(torch.nn.Module):  # one conv called twice: folding one BN would change the other call
         def __init__(self):

@@ -6,8 +6,18 @@ import pytest
 import torch
 from torch import nn
 
-from lcam.backbones import Backbone, Preprocessing, build_backbone
-from lcam.cam_methods import CAMMethod, LCAMMethod, build_method, default_methods, method_classes, method_names, register, unregister
+from lcam.backbones.base import Backbone, Preprocessing
+from lcam.backbones.registry import build_backbone
+from lcam.cam_methods.base import (
+    CAMMethod,
+    build_method,
+    default_methods,
+    method_classes,
+    method_names,
+    register,
+    unregister,
+)
+from lcam.cam_methods.lcam_method import LCAMMethod
 from lcam.cam_methods.gradcam import GradCAM
 from lcam.cam_methods.random_map import RandomMap
 from lcam.cam_methods.rise import RISE
@@ -183,7 +193,7 @@ def test_registry_lists_every_method_once_with_metadata():
 
 
 def test_registry_refuses_a_duplicate_name_and_a_taken_flag():
-    from lcam.cam_methods import Option
+    from lcam.cam_methods.base import Option
 
     class Another(CAMMethod):
         name, label = "gradcam", "Another Grad-CAM"
@@ -203,7 +213,7 @@ def test_registry_refuses_a_duplicate_name_and_a_taken_flag():
 
 def test_a_method_is_one_class_and_the_evaluation_can_run_it():
     """Registering a class is all it takes: build_method and the option plumbing find it."""
-    from lcam.cam_methods import Option
+    from lcam.cam_methods.base import Option
 
     @register
     class Constant(CAMMethod):

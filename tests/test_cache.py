@@ -11,14 +11,9 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.cache import (
-    CacheMismatch,
-    CacheNotFound,
-    FeatureCache,
-    NonFiniteFeatures,
-    make_zarr_store,
-    shard_id_for,
-)
+from pipeline.store.feature_cache import CacheMismatch, CacheNotFound, FeatureCache, NonFiniteFeatures
+from pipeline.store.clients import make_zarr_store
+from pipeline.store.identity import shard_id_for
 from pipeline.errors import UserError
 from pipeline.fs import get_fs, join
 

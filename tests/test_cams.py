@@ -18,13 +18,19 @@ import torch.nn.functional as nnf
 from PIL import Image
 
 from lcam import LCAM, build_backbone
-from pipeline.cache import FeatureCache, shard_id_for
-from pipeline.cams import CamsConfig, CamStore, CamStoreMismatch, ClassSelection, Explainer, generate_cams
-from pipeline.checkpoints import CheckpointMismatch, save_checkpoint
+from pipeline.store.feature_cache import FeatureCache
+from pipeline.store.identity import shard_id_for
+from pipeline.configs import CamsConfig
+from pipeline.store.cam_store import CamStore, CamStoreMismatch
+from pipeline.cams.explainer import ClassSelection, Explainer
+from pipeline.cams.run import generate_cams
+from pipeline.train.checkpoints import CheckpointMismatch, save_checkpoint
 from pipeline.errors import UserError
-from pipeline.extract import ExtractConfig, extract
+from pipeline.configs import ExtractConfig
+from pipeline.extract.run import extract
 from pipeline.fs import get_fs, read_json, write_json_atomic
-from pipeline.shards import list_shards, pack_folder, read_shard
+from pipeline.shards.read import list_shards, read_shard
+from pipeline.shards.pack import pack_folder
 from tests.helpers import skimage_photos
 
 SIDE = 256  # photos cut to 256 x 256: Resize(256) is then the identity and the centre crop is [16:240]

@@ -12,9 +12,11 @@ import fsspec
 import pytest
 import yaml
 
-from pipeline.cache import FeatureCache
-from pipeline.extract import ExtractConfig, extract
-from pipeline.shards import list_shards, pack_folder
+from pipeline.store.feature_cache import FeatureCache
+from pipeline.configs import ExtractConfig
+from pipeline.extract.run import extract
+from pipeline.shards.read import list_shards
+from pipeline.shards.pack import pack_folder
 from tests.test_extract import make_folder
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -24,10 +24,10 @@ from PIL import Image
 from jobs import eval as eval_job
 from jobs import pipeline as pipeline_job
 from jobs.cli import main as cli_main
-from pipeline.cache import FeatureCache
-from pipeline.cams import CamStore
-from pipeline.checkpoints import load_lcam
-from pipeline.shards import list_shards, read_shard
+from pipeline.store.feature_cache import FeatureCache
+from pipeline.store.cam_store import CamStore
+from pipeline.train.checkpoints import load_lcam
+from pipeline.shards.read import list_shards, read_shard
 
 N_IMAGES = 4
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -231,7 +231,7 @@ def test_demo(ray_local, work, images):
 
 def test_default_baselines_exist():
     """The pipeline's and eval's default baselines are known methods (the matrix runs eval's)."""
-    from lcam.cam_methods import method_names
+    from lcam.cam_methods.base import method_names
 
     assert default_methods(pipeline_job, "eval_methods") and set(default_methods(pipeline_job, "eval_methods")) <= set(method_names())
     assert default_methods(eval_job, "methods") and set(default_methods(eval_job, "methods")) <= set(method_names())
@@ -279,7 +279,7 @@ def test_stage_messages_name_the_flags_of_the_running_command():
     """A stage's message names config fields; each job spells them as its own flags."""
     import ray.cloudpickle
 
-    from pipeline.checkpoints import CheckpointMismatch
+    from pipeline.train.checkpoints import CheckpointMismatch
     from pipeline.errors import UserError, flag_namer
 
     err = CheckpointMismatch(lambda flag: f"use {flag('augment')} center or another {flag('batch_size')}")

@@ -21,11 +21,17 @@ import torch.nn.functional as nnf
 from PIL import Image
 
 from lcam import LCAM, build_backbone
-from lcam.metrics import AD_FORMULA, IC_FORMULA
-from pipeline.checkpoints import CheckpointMismatch, save_checkpoint
+from lcam.metrics.adic import AD_FORMULA, IC_FORMULA
+from pipeline.train.checkpoints import CheckpointMismatch, save_checkpoint
 from pipeline.errors import UserError
-from pipeline.evaluate import EvalConfig, Evaluator, MethodSpec, evaluate, plan_batches
-from pipeline.shards import ShardInfo, list_shards, pack_folder, read_shard
+from pipeline.configs import EvalConfig
+from pipeline.evaluation.engine import Evaluator
+from pipeline.evaluation.config import MethodSpec
+from pipeline.evaluation.run import evaluate
+from pipeline.evaluation.plan import plan_batches
+from pipeline.shards.format import ShardInfo
+from pipeline.shards.read import list_shards, read_shard
+from pipeline.shards.pack import pack_folder
 from tests.helpers import center_crop_tensor, skimage_photos
 
 RATIOS = (1.0, 0.5, 0.15)
@@ -103,7 +109,7 @@ def test_metric_contract_does_not_import_the_aggregation():
     import pathlib
 
     from pipeline.evaluation import metrics
-    from pipeline.evaluation.metrics import EvalOutcome, MethodOutcome
+    from pipeline.evaluation.metrics.base import EvalOutcome, MethodOutcome
     from pipeline.evaluation.results import EvalResults, MethodResult
 
     for path in sorted(pathlib.Path(metrics.__file__).parent.glob("*.py")):
@@ -143,7 +149,7 @@ def test_all_ratios_agree_with_pytorch_grad_cam_on_the_same_maps(backbone):
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
 
     from lcam.cam_methods.gradcam import GradCAM
-    from lcam.metrics import keep_mask, keep_top, prepare_cams
+    from lcam.metrics.adic import keep_mask, keep_top, prepare_cams
 
     images = torch.stack([center_crop_tensor(p) for p in skimage_photos().values()])
     pixels = (images * 255).round().to(torch.uint8).numpy()
@@ -334,7 +340,7 @@ def test_road_option_reports_morf_lerf(data, tmp_path):
 def test_insertion_deletion_plugin_end_to_end(data, tmp_path, backbone):
     """The proof that a metric is one plug-in: it reaches results.json, results.md and per_image.csv,
     and its per-image AUCs are those of lcam.metrics on the same images and maps."""
-    from lcam.cam_methods import build_method
+    from lcam.cam_methods.base import build_method
     from lcam.metrics import insertion_deletion
 
     out = tmp_path / "insdel"

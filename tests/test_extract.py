@@ -11,10 +11,12 @@ import torch
 from PIL import Image
 
 from lcam import build_backbone
-from pipeline.cache import CacheMismatch, FeatureCache
-from pipeline.extract import ExtractConfig, extract
+from pipeline.store.feature_cache import CacheMismatch, FeatureCache
+from pipeline.configs import ExtractConfig
+from pipeline.extract.run import extract
 from pipeline.images import decode_image, preprocess
-from pipeline.shards import pack_folder, read_shard, list_shards
+from pipeline.shards.pack import pack_folder
+from pipeline.shards.read import read_shard, list_shards
 from tests.helpers import skimage_photos
 
 

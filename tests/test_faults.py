@@ -26,11 +26,15 @@ from PIL import Image
 
 from jobs.cli import main
 from lcam import LCAM, build_backbone
-from pipeline.cache import FeatureCache, StoreDamaged, shard_id_for
-from pipeline.cams import CamStore
-from pipeline.checkpoints import save_checkpoint
+from pipeline.store.feature_cache import FeatureCache
+from pipeline.store.layer import StoreDamaged
+from pipeline.store.identity import shard_id_for
+from pipeline.store.cam_store import CamStore
+from pipeline.train.checkpoints import save_checkpoint
 from pipeline.fs import read_json
-from pipeline.shards import ShardCountMismatch, ShardError, ShardInfo, ShardReadError, list_shards, pack_folder, read_shard
+from pipeline.shards.format import ShardCountMismatch, ShardError, ShardInfo, ShardReadError
+from pipeline.shards.read import list_shards, read_shard
+from pipeline.shards.pack import pack_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 F16 = 6 * 2.0**-11  # float16 rounding of features up to 6 (ReLU6)
@@ -190,7 +194,7 @@ def test_cam_store_lost_chunk_refused_repaired_and_resumed(base, tmp_path, capsy
     with pytest.raises(StoreDamaged, match=f"shard {url}.*chunk objects of raw are missing.*lcam cache repair {store_url}"):
         store.read_shard(sid)
     # the gallery reads the store: refused, naming the shard
-    from pipeline.gallery import write_gallery
+    from pipeline.cams.gallery import write_gallery
 
     with pytest.raises(StoreDamaged, match=f"shard {url}"):
         write_gallery(store, 8, out_url=str(tmp_path / "gallery"), progress=False)
@@ -458,7 +462,7 @@ def test_folder_labels_are_flagged_when_packing_and_training(packed, tmp_path, c
     assert read_json(f"{tmp_path}/wn-out/index.json")["labels"]["classifier_classes"] is True
 
     # a cache whose shards came from such folders (extraction records the scheme per shard)
-    from pipeline.loader import CacheLoader
+    from pipeline.train.loader import CacheLoader
 
     cache = FeatureCache.create_or_open(str(tmp_path / "cache"), {"backbone": "tiny"}, feature_shape=(2, 1, 1))
     for i, scheme in enumerate(["imagenet", "folders"]):
@@ -466,7 +470,7 @@ def test_folder_labels_are_flagged_when_packing_and_training(packed, tmp_path, c
         cache.mark_done([{**entry, "labels_scheme": scheme}])
     cache = FeatureCache.open(str(tmp_path / "cache"))
     assert cache.folder_labelled_shards() == ["/data/s1.tar"]
-    with caplog.at_level("WARNING", logger="pipeline.loader"):
+    with caplog.at_level("WARNING", logger="pipeline.train.loader"):
         CacheLoader(cache, 4, target="predicted")
         assert not caplog.records
         CacheLoader(cache, 4, target="label")

@@ -11,14 +11,16 @@ from torch import nn
 
 from jobs.cli import main as cli_main
 from lcam import LCAM, LCAMLoss, build_backbone, minmax_normalize
-from lcam.backbones import Backbone
+from lcam.backbones.base import Backbone
 from lcam.recipe import Recipe, recipe_for_data
 from lcam.training import LCAMTrainer, NoLinearClassifier, TrainBatch, expand_targets, init_attention
-from pipeline.cache import FeatureCache
-from pipeline.checkpoints import CheckpointMismatch, load_checkpoint, load_lcam
+from pipeline.store.feature_cache import FeatureCache
+from pipeline.train.checkpoints import CheckpointMismatch, load_checkpoint, load_lcam
 from pipeline.errors import UserError
-from pipeline.extract import cache_identity
-from pipeline.training import TrainConfig, initial_attention, train_fm
+from pipeline.extract.run import cache_identity
+from pipeline.configs import TrainConfig
+from pipeline.train.setup import initial_attention
+from pipeline.train.fm import train_fm
 from tests.helpers import center_crop_tensor, skimage_photos
 
 # A toy dataset of 10 samples in 2 shards: labels chosen so that class rows get 0, 1, 2 and 3 samples.
@@ -220,8 +222,10 @@ def test_recipe_by_data_size(toy, tmp_path):
 
 # ---------------------------------------------------------------- coverage beside the maps, in the gallery and in eval
 def test_cam_store_keeps_the_coverage_of_each_explained_class(toy, tmp_path):
-    from pipeline.cams import CamsConfig, CamStore, generate_cams
-    from pipeline.gallery import coverage_mark, gallery_html
+    from pipeline.configs import CamsConfig
+    from pipeline.store.cam_store import CamStore
+    from pipeline.cams.run import generate_cams
+    from pipeline.cams.gallery import coverage_mark, gallery_html
 
     train_fm(config(toy, tmp_path / "run", target="label", epochs=1))
     ckpt = load_checkpoint(str(tmp_path / "run" / "checkpoint.pt"))
@@ -247,9 +251,10 @@ def test_eval_split_by_coverage(effnet, tmp_path):
 
     from PIL import Image
 
-    from pipeline.checkpoints import save_checkpoint
-    from pipeline.evaluate import EvalConfig, evaluate
-    from pipeline.shards import pack_folder
+    from pipeline.train.checkpoints import save_checkpoint
+    from pipeline.configs import EvalConfig
+    from pipeline.evaluation.run import evaluate
+    from pipeline.shards.pack import pack_folder
 
     photos = skimage_photos()
     for i, (name, rgb) in enumerate(photos.items()):
@@ -286,7 +291,7 @@ def test_eval_split_by_coverage(effnet, tmp_path):
     assert {g["group"]: g["rows"][0]["n"] for g in split["groups"]} == {"covered": 2, "uncovered": 2}
     assert "## Split by coverage" in (out / "results.md").read_text()
     # the report's gallery marks L-CAM's maps of classes whose row never trained (one mark per such image)
-    from pipeline.report import write_report
+    from pipeline.report.page import write_report
 
     write_report(str(tmp_path / "report.html"), eval_dir=str(out))
     page = (tmp_path / "report.html").read_text()

@@ -12,7 +12,7 @@ from PIL import Image
 from skimage import data as skdata
 from torchvision import transforms as T
 
-from lcam.backbones import Preprocessing
+from lcam.backbones.base import Preprocessing
 from pipeline.images import DecodeError, decode_image, decode_pil, preprocess, random_crop_flip, resized_size
 
 PREP = Preprocessing()

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.cache import FeatureCache
+from pipeline.store.feature_cache import FeatureCache
 from pipeline.errors import UserError
-from pipeline.loader import CacheLoader
+from pipeline.train.loader import CacheLoader
 
 SHAPE = (8, 4, 4)
 SIZES = {"/d/s0.tar": 37, "/d/s1.tar": 0, "/d/s2.tar": 50, "/d/s3.tar": 13}  # 100 rows, 13 chunks of <= 8

@@ -10,8 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from lcam.backbones import Backbone, Preprocessing, build_backbone
-from lcam.metrics import (
+from lcam.backbones.base import Backbone, Preprocessing
+from lcam.backbones.registry import build_backbone
+from lcam.metrics.adic import (
     AD_FORMULA,
     IC_FORMULA,
     ADICAccumulator,
@@ -226,7 +227,8 @@ class MeanScore(nn.Module):
 
 
 def test_insertion_deletion_auc_hand_computed():
-    from lcam.metrics import area_under_curve, insertion_deletion
+    from lcam.metrics.insertion_deletion import area_under_curve
+    from lcam.metrics import insertion_deletion
 
     # pixel values 0.8, 0.4 / 0.2, 0.6; the map ranks them 0.8 > 0.6 > 0.4 > 0.2
     image = torch.tensor([[0.8, 0.4], [0.2, 0.6]]).expand(1, 3, 2, 2).clone()

@@ -19,14 +19,20 @@ from PIL import Image
 
 from lcam import build_backbone
 from lcam.training import init_attention
-from pipeline.cache import FeatureCache
-from pipeline.cams import CacheCamActor, CamsConfig, CamStore, ClassSelection, generate_cams
-from pipeline.checkpoints import load_checkpoint, save_checkpoint
-from pipeline.extract import cache_identity
-from pipeline.shards import pack_folder
+from pipeline.store.feature_cache import FeatureCache
+from pipeline.cams.from_cache import CacheCamActor
+from pipeline.configs import CamsConfig
+from pipeline.store.cam_store import CamStore
+from pipeline.cams.explainer import ClassSelection
+from pipeline.cams.run import generate_cams
+from pipeline.train.checkpoints import load_checkpoint, save_checkpoint
+from pipeline.extract.run import cache_identity
+from pipeline.shards.pack import pack_folder
 from pipeline.errors import UserError
 from pipeline.placement import resolve_where
-from pipeline.training import TrainConfig, check_config, ray_train_storage, train_img
+from pipeline.configs import TrainConfig
+from pipeline.train.setup import check_config
+from pipeline.train.img import ray_train_storage, train_img
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = "tests.custom_backbones:tiny,size=32"  # (16, 8, 8) features, 10 classes: milliseconds a batch

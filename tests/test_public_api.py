@@ -46,9 +46,9 @@ def test_lcam_reexports_pipeline_names_lazily():
     code = (
         "import sys, lcam; before = 'pipeline.cams' in sys.modules;"
         "from lcam import Explainer, FeatureCache, CamStore, build_backbone, LCAM, TrainConfig, train;"
-        "import pipeline.cams, pipeline.cache;"
-        "print(before, Explainer is pipeline.cams.Explainer, CamStore is pipeline.cams.CamStore,"
-        " FeatureCache is pipeline.cache.FeatureCache)"
+        "import pipeline.cams.explainer, pipeline.store.cam_store, pipeline.store.feature_cache;"
+        "print(before, Explainer is pipeline.cams.explainer.Explainer, CamStore is pipeline.store.cam_store.CamStore,"
+        " FeatureCache is pipeline.store.feature_cache.FeatureCache)"
     )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)

@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 from pipeline.fs import write_json_atomic
-from pipeline.report import save_comparison_maps, write_report
-from pipeline.training import RunFolder
+from pipeline.report.page import save_comparison_maps, write_report
+from pipeline.train.run_folder import RunFolder
 
 HARNESS = """<!doctype html><html><body><iframe id="r" src="report.html" style="width:1400px;height:3000px"></iframe>
 <pre id="out">pending</pre><script>

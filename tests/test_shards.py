@@ -19,16 +19,9 @@ from skimage import data as skdata
 
 from pipeline.errors import UserError
 from pipeline.images import decode_image
-from pipeline.shards import (
-    ShardCountMismatch,
-    ShardInfo,
-    ShardReadError,
-    iter_samples,
-    list_shards,
-    pack_folder,
-    read_shard,
-    register_fsspec_opener,
-)
+from pipeline.shards.format import ShardCountMismatch, ShardInfo, ShardReadError
+from pipeline.shards.read import iter_samples, list_shards, read_shard, register_fsspec_opener
+from pipeline.shards.pack import pack_folder
 
 SAFE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -410,7 +403,7 @@ def test_shard_info_is_plain_data():
 
 def test_require_shards_names_the_pattern(tmp_path):
     from pipeline.errors import UserError
-    from pipeline.shards import require_shards
+    from pipeline.shards.read import require_shards
 
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match=r"no shards match \[\].*lcam shards"):  # nothing given

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.cache import FeatureCache
-from pipeline.checkpoints import load_lcam
+from pipeline.store.feature_cache import FeatureCache
+from pipeline.train.checkpoints import load_lcam
 from pipeline.fs import read_json
-from pipeline.shards import list_shards, pack_folder
+from pipeline.shards.read import list_shards
+from pipeline.shards.pack import pack_folder
 from tests.test_extract import make_folder
 
 ROOT = Path(__file__).resolve().parent.parent

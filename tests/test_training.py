@@ -15,26 +15,19 @@ from jobs.cli import main as cli_main
 from lcam import LCAM, LCAMLoss, build_backbone
 from lcam.recipe import Recipe, default_recipe
 from lcam.training import LCAMTrainer, TrainBatch, init_attention
-from pipeline.cache import FeatureCache
-from pipeline.checkpoints import CheckpointMismatch, load_checkpoint, load_lcam, save_checkpoint
+from pipeline.store.feature_cache import FeatureCache
+from pipeline.train.checkpoints import CheckpointMismatch, load_checkpoint, load_lcam, save_checkpoint
 from pipeline.errors import UserError
-from pipeline.extract import cache_identity
+from pipeline.extract.run import cache_identity
 from pipeline.images import decode_image, preprocess, random_crop_flip
-from pipeline.loader import CacheLoader
-from pipeline.run_folder import format_epoch, trainer_state_from_checkpoint
-from pipeline.shards import list_shards, pack_folder, read_shard
-from pipeline.training import (
-    TrainConfig,
-    crop_flip,
-    crop_seed,
-    decode_for_training,
-    fm_batches,
-    image_batches,
-    read_training_rows,
-    train_fm,
-    train_img,
-)
-from pipeline.train_img import progress_line
+from pipeline.train.loader import CacheLoader
+from pipeline.train.run_folder import format_epoch, trainer_state_from_checkpoint
+from pipeline.shards.read import list_shards, read_shard
+from pipeline.shards.pack import pack_folder
+from pipeline.configs import TrainConfig
+from pipeline.train.img import crop_flip, crop_seed, decode_for_training, image_batches, read_training_rows, train_img
+from pipeline.train.fm import fm_batches, train_fm
+from pipeline.train.img import progress_line
 from tests.helpers import skimage_photos
 
 N_IMAGES, PER_SHARD, BATCH = 12, 3, 4  # 4 shards, 3 steps per epoch
@@ -297,7 +290,7 @@ def test_training_rows_decode_and_worker_batches(data, backbone):
 
 def test_crop_flip_draws_like_random_crop_flip():
     rgb = skimage_photos(("coffee",))["coffee"]
-    from lcam.backbones import Preprocessing
+    from lcam.backbones.base import Preprocessing
     from pipeline.images import resized_size
 
     prep = Preprocessing()

@@ -13,9 +13,9 @@ from jobs.cli import main as cli_main
 from lcam import minmax_normalize
 from lcam.training import init_attention
 from lcam.uncovered import cross_validate, fill_uncovered, pull_to_start
-from pipeline.checkpoints import load_checkpoint, load_lcam
-from pipeline.run_folder import trainer_state_from_checkpoint
-from pipeline.training import train_fm
+from pipeline.train.checkpoints import load_checkpoint, load_lcam
+from pipeline.train.run_folder import trainer_state_from_checkpoint
+from pipeline.train.fm import train_fm
 from tests.test_heldout import LABELS, config, effnet, toy  # noqa: F401  (fixtures)
 
 COVERED = sorted(set(LABELS))  # rows 3, 7, 9, 500

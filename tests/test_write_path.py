@@ -14,10 +14,14 @@ import pytest
 from PIL import Image
 
 from lcam import build_backbone
-from pipeline.cache import FeatureCache, shard_id_for
-from pipeline.extract import BackboneRunner, ExtractConfig, ExtractWorker, decode_part, extract, open_cache_for, read_parts
+from pipeline.store.feature_cache import FeatureCache
+from pipeline.store.identity import shard_id_for
+from pipeline.extract.run import BackboneRunner, ExtractWorker, extract, open_cache_for
+from pipeline.shard_tasks import decode_part, read_parts
+from pipeline.configs import ExtractConfig
 from pipeline.raykit import ShardWorker
-from pipeline.shards import list_shards, pack_folder
+from pipeline.shards.read import list_shards
+from pipeline.shards.pack import pack_folder
 
 BACKBONE, WEIGHTS = "torchvision:resnet18,size=64", "random"
 

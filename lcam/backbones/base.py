@@ -1,8 +1,8 @@
 """The frozen classifier split in two (SPEC section 6): :class:`Backbone` and what every
 backbone source shares (preprocessing, weights loading, BatchNorm folding, fingerprints).
 
-The built-ins and :func:`lcam.backbones.build_backbone` sit above this module, and so do
-the spec resolvers (:mod:`lcam.specs`, :mod:`lcam.split`, :mod:`lcam.vit`): they all import
+The built-ins and :func:`lcam.backbones.registry.build_backbone` sit above this module, and so do
+the spec resolvers (:mod:`lcam.backbones.specs`, :mod:`lcam.backbones.split`, :mod:`lcam.backbones.vit`): they all import
 from here and this module imports none of them.
 """
 
@@ -116,7 +116,7 @@ class Backbone(nn.Module):
         self.__dict__["_target_layer"] = target_layer
         self.reshape_transform = reshape_transform
         # Channels of F that are spatial features; the rest (a ViT's class/register tokens,
-        # see lcam.vit) ride along and L-CAM-Fm's mask never touches them.
+        # see lcam.backbones.vit) ride along and L-CAM-Fm's mask never touches them.
         self.patch_channels = patch_channels
         for p in self.parameters():
             p.requires_grad_(False)

@@ -7,7 +7,7 @@ in pixel space (L-CAM-Img, evaluation) composes with it directly.
 
 Any timm or torchvision classifier, or your own, is reachable by a spec string
 (``timm:convnext_tiny``, ``torchvision:resnet101``, ``mypkg.models:build``; see
-:mod:`lcam.specs`), which every process resolves. Built-ins are registered by name; a
+:mod:`lcam.backbones.specs`), which every process resolves. Built-ins are registered by name; a
 registry entry lives in one process only (Ray workers see the ones made at import)::
 
     @register_backbone("mobilenet_v3_large")
@@ -27,26 +27,15 @@ import torch
 import torchvision
 from torch import nn
 
-from .backbone import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
+from .base import (
     Backbone,
     BackboneSpecError,
     Preprocessing,
     WeightsUnavailable,
-    backbone_fingerprint,
-    fold_for_inference,
     load_weights,
-    read_state_dict,
 )
 from .specs import build_from_spec, parse_spec
 
-# the base names are re-exported: callers build and type backbones through this module
-__all__ = [
-    "IMAGENET_MEAN", "IMAGENET_STD", "Backbone", "BackboneSpecError", "Preprocessing", "WeightsUnavailable",
-    "available_backbones", "backbone_fingerprint", "build_backbone", "fold_for_inference", "load_weights",
-    "read_state_dict", "register_backbone",
-]
 BackboneBuilder = Callable[[str], Backbone]
 _REGISTRY: dict[str, BackboneBuilder] = {}
 
@@ -56,7 +45,7 @@ def register_backbone(name: str) -> Callable[[BackboneBuilder], BackboneBuilder]
 
     A registry lives in one process: Ray workers and the CLI only see names registered at
     import of ``lcam``. For your own model anywhere, use the spec ``module.path:factory``
-    (see :mod:`lcam.specs`). Registering a name twice is an error.
+    (see :mod:`lcam.backbones.specs`). Registering a name twice is an error.
     """
     if not name or any(ch in name for ch in ":,@ "):
         raise ValueError(f"backbone name {name!r} must be non-empty without ':', ',', '@' or spaces (those make specs)")
@@ -79,7 +68,7 @@ def build_backbone(spec: str, weights: str = "default", layer: str | None = None
 
     ``spec``: a registered name (``efficientnet_lite0``, ``vgg16``, ...), ``timm:<model>``,
     ``torchvision:<builder>``, or ``module.path:factory``; options may follow after commas,
-    ``,layer=NAME`` (split there) and ``,size=N`` (input crop size), see :mod:`lcam.specs`.
+    ``,layer=NAME`` (split there) and ``,size=N`` (input crop size), see :mod:`lcam.backbones.specs`.
     ``layer`` is the same as appending ``,layer=NAME``. The returned backbone's ``name`` is
     the canonical spec, which caches and checkpoints record.
 

@@ -8,7 +8,7 @@ Grammar: ``SOURCE[,layer=NAME][,size=N]`` where SOURCE is
 * ``torchvision:<builder>``: any torchvision classification model (``torchvision:resnet101``);
 * ``module.path:factory``: your own code, importable where it runs (``lcam submit`` ships
   the working directory). ``factory(weights)`` (or ``factory()`` when it takes no
-  argument) returns a :class:`~lcam.backbones.Backbone` (used as it is) or a plain
+  argument) returns a :class:`~lcam.backbones.registry.Backbone` (used as it is) or a plain
   ``nn.Module`` classifier (split at ``layer=``, or automatically when it is a timm or
   torchvision model; ``weights`` that are a path/URL are loaded into it).
 
@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .backbone import Backbone, BackboneSpecError, Preprocessing, WeightsUnavailable, load_weights, read_state_dict
+from .base import Backbone, BackboneSpecError, Preprocessing, WeightsUnavailable, load_weights, read_state_dict
 from .split import ForwardFeatures, ForwardHead, default_layer, split_at_layer, verify_split
 
 OPTIONS = ("layer", "size")
@@ -88,7 +88,7 @@ def parse_spec(spec: str, layer: str | None = None) -> BackboneSpec:
 
 
 def build_from_spec(spec: BackboneSpec, weights: str) -> Backbone:
-    """Build a non-registry spec (see :func:`lcam.backbones.build_backbone`, which seeds the RNG)."""
+    """Build a non-registry spec (see :func:`lcam.backbones.registry.build_backbone`, which seeds the RNG)."""
     if spec.source == "timm":
         return _build_timm(spec, weights)
     if spec.source == "torchvision":

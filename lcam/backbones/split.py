@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 from torch import fx, nn
 
-from .backbone import BackboneSpecError
+from .base import BackboneSpecError
 
 # Families whose last spatial feature map is one named module (torchvision's class names).
 TORCHVISION_LAYERS = {

@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .backbone import BackboneSpecError
+from .base import BackboneSpecError
 
 
 class TokensToGrid:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 if TYPE_CHECKING:
     import torch
 
-    from ..backbones import Backbone
+    from ..backbones.base import Backbone
 
 # What one map costs, per image; the report and ``--help`` show it.
 COST_CLASSES = {

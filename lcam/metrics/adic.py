@@ -173,7 +173,7 @@ def confidence_scores(
     """Y and O of SPEC section 5 for one batch, all ratios in one batched forward.
 
     ``model`` maps pixel-space images (B, 3, H, W) in [0, 1] to logits (a
-    :class:`~lcam.backbones.Backbone`). The clean images and the R masked batches are
+    :class:`~lcam.backbones.registry.Backbone`). The clean images and the R masked batches are
     concatenated and run together (chunked by ``batch_size`` when set), so Y and O come
     from the same forward. A masked image bitwise equal to its clean image (an all-ones
     map at r = 1) is not forwarded again: its O is Y, so that float noise from a

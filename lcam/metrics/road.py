@@ -11,7 +11,7 @@ import torch
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
 
 from ..attention import check_targets
-from ..backbones import Backbone
+from ..backbones.base import Backbone
 from .adic import prepare_cams
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import html
 from typing import Any, Mapping, Sequence
 
-from .audit_stats import STAT_NAMES
+from .stats import STAT_NAMES
 
 CONFUSIONS_SHOWN = 12  # rows of the confusion table in the page (confusions.csv has them all)
 

@@ -1,7 +1,7 @@
 """``lcam audit``: a classifier audited over a whole CAM store, as a Ray Data job.
 
 One read task per shard group of the store computes every sample's figures on a worker
-(:mod:`pipeline.audit_stats` on its maps: area, entropy, border share, centre of mass,
+(:mod:`pipeline.audit.stats` on its maps: area, entropy, border share, centre of mass,
 spread; for a misclassified sample the overlap of its predicted-class and true-class maps;
 with ``--compare`` the rank correlation with the evaluation's Grad-CAM map). Those rows stay
 in Ray's object store; what reaches the driver is bounded whatever the dataset's size:
@@ -36,10 +36,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .audit_html import picture_name
-from .audit_stats import STAT_NAMES, map_statistics, resize_maps, spearman, top_region_iou
-from .errors import UserError
-from .fs import StorageOptions, get_fs, join, write_bytes_atomic
+from .html import picture_name
+from .stats import STAT_NAMES, map_statistics, resize_maps, spearman, top_region_iou
+from ..errors import UserError
+from ..fs import StorageOptions, get_fs, join, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ STRIP = 3  # typical and extreme samples per class strip
 MAPS_FILE = "maps.npz"  # what `lcam eval --save-maps N` writes
 
 
-from .configs import AuditConfig  # noqa: E402  re-exported: the config lives in the torch-free pipeline.configs
+from ..configs import AuditConfig  # noqa: E402
 
 
 @dataclass
@@ -257,7 +257,7 @@ def merge_partials(parts: Sequence[Mapping[str, Any]], n_errors: int, n_disagree
 # ---------------------------------------------------------------- the job
 def _load_compare(cfg: AuditConfig) -> tuple[dict[str, tuple[int, np.ndarray]], str]:
     """key -> (class id, map) of the second method from an evaluation's maps.npz."""
-    from .fs import get_fs
+    from ..fs import get_fs
 
     url = join(cfg.compare, MAPS_FILE)
     fs, path = get_fs(url, cfg.storage_options)
@@ -282,11 +282,11 @@ def run_audit(cfg: AuditConfig) -> AuditSummary:
     """Read the CAM store with Ray Data, aggregate, draw a bounded number of thumbnails, write the page."""
     import ray
 
-    from .audit_html import render_audit
-    from .cam_store import CamStore
-    from .classes import class_names_options, describe_classes, store_columns
-    from .classes import load_class_names
-    from .raykit import ensure_ray
+    from .html import render_audit
+    from ..store.cam_store import CamStore
+    from ..classes import class_names_options, describe_classes, store_columns
+    from ..classes import load_class_names
+    from ..raykit import ensure_ray
 
     t0 = time.perf_counter()
     if cfg.max_thumbnails < 0:
@@ -393,12 +393,12 @@ def draw_shard(store: Any, entry: Mapping[str, Any], shard_index: int, rows: Map
     import torch
     from PIL import Image
 
-    from lcam.backbones import Preprocessing
+    from lcam.backbones.base import Preprocessing
 
     from lcam.explain import upsampled_uint8
-    from .images import decode_image, preprocess
-    from .render import overlay, tensor_to_uint8
-    from .shards import iter_samples
+    from ..images import decode_image, preprocess
+    from ..render import overlay, tensor_to_uint8
+    from ..shards.read import iter_samples
 
     data = store.read_shard(entry["shard_id"], fields=["class_ids", "raw"], normalized=False)
     keys = {data["keys"][r]: r for r in rows}

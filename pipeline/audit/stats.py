@@ -21,7 +21,7 @@ import math
 import numpy as np
 
 # defined beside AuditConfig, whose defaults they are (the torch-free pipeline.configs)
-from .configs import BORDER_BAND, TOP_FRACTION
+from ..configs import BORDER_BAND, TOP_FRACTION
 
 STAT_NAMES = ("area", "entropy", "border", "com_y", "com_x", "spread")
 

@@ -1,7 +1,7 @@
 """The public Python API of a trained L-CAM: :class:`Explainer` (images in memory), the
 class selection of a bulk run (:class:`ClassSelection`), the checkpoint's fingerprint, and
 :func:`explain_rows` (the CAM store's columns for a batch of feature maps), which both bulk
-sources (:mod:`pipeline.cams_cache`, :mod:`pipeline.cams_shards`) share."""
+sources (:mod:`pipeline.cams.from_cache`, :mod:`pipeline.cams.from_shards`) share."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ import torch
 from lcam import LCAM, Explanation, Preprocessing
 from lcam.explain import choose_targets, explain_from_features, upsampled_uint8
 
-from .device import autocast_dtype, resolve_device
-from .errors import UserError
-from .fs import StorageOptions
+from ..device import autocast_dtype, resolve_device
+from ..errors import UserError
+from ..fs import StorageOptions
 
 MODES = ("predicted", "label", "top-k", "ids")
 
@@ -185,7 +185,7 @@ class Explainer:
         backbone's weights come from (the digest must still match). ``precision``:
         fp32 (default), or fp16/bf16/auto autocast for the backbone on a GPU.
         """
-        from .checkpoints import load_lcam
+        from ..train.checkpoints import load_lcam
         dev = resolve_device(device)
         model, ckpt = load_lcam(url, storage_options, weights=weights, device=dev)
         return cls(model, ckpt, autocast_dtype(precision, dev))
@@ -208,7 +208,7 @@ class Explainer:
 
     def preprocess(self, image: bytes | np.ndarray | Any) -> torch.Tensor:
         """Encoded bytes, an RGB array or a PIL image -> (3, crop, crop) in [0, 1] on the model's device."""
-        from .images import decode_image, preprocess
+        from ..images import decode_image, preprocess
 
         rgb = decode_image(image) if isinstance(image, (bytes, bytearray)) else image
         return preprocess(rgb, self.preprocessing).to(self.device)

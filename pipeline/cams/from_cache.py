@@ -19,16 +19,15 @@ import torch
 
 from lcam import LCAM
 
-from .cam_store import CamStore
-from .device import resolve_device
-from .errors import UserError
+from ..store.cam_store import CamStore
+from ..errors import UserError
 from .explainer import ClassSelection, checkpoint_fingerprint, explain_rows
-from .fs import StorageOptions
-from .progress import Progress
-from .raykit import pin_torch_threads
+from ..fs import StorageOptions
+from ..progress import Progress
+from ..raykit import actor_device, repin_threads
 
-from .configs import CamsConfig  # torch-free, no loop with pipeline.cams
-# The job's summary (pipeline.cams.CamsSummary) comes in as an argument: pipeline.cams
+from ..configs import CamsConfig  # torch-free, no loop with pipeline.cams
+# The job's summary (pipeline.cams.run.CamsSummary) comes in as an argument: pipeline.cams
 # dispatches to this module, so naming its type here would tie the two modules in a loop.
 CamsSummary = Any
 
@@ -108,23 +107,21 @@ class CacheCamActor:
     """
 
     def __init__(self, checkpoint: str, storage_options: StorageOptions, weights: str | None, fingerprint: str, device: str, torch_threads: int | None) -> None:
-        from .checkpoints import load_lcam
+        from ..train.checkpoints import load_lcam
 
-        dev = resolve_device(device)
-        self.threads = pin_torch_threads(torch_threads, dev.type)
+        dev, self.threads = actor_device(torch_threads, device)
         self.model, ckpt = load_lcam(checkpoint, storage_options, weights=weights, device=dev)
         if checkpoint_fingerprint(ckpt) != fingerprint:
             raise RuntimeError(f"checkpoint {checkpoint} changed during the run (fingerprint {checkpoint_fingerprint(ckpt)}, expected {fingerprint}); re-run")
 
     def node(self) -> str:
-        from .placement import node_id
+        from ..placement import node_id
 
         return node_id()
 
     def write_group(self, cache: Any, store: CamStore, entry: Mapping[str, Any], view: int, selection: ClassSelection, use_top5: bool,
                     fields: list[str]) -> dict[str, Any]:
-        if self.threads:
-            torch.set_num_threads(self.threads)
+        repin_threads(self.threads)
         chunks = math.ceil(int(entry["count"]) / cache.chunk_rows)
         parts: list[dict[str, np.ndarray]] = []
         with ThreadPoolExecutor(1) as reader:
@@ -142,8 +139,8 @@ def cams_from_cache_on_ray(cfg: CamsConfig, cache: Any, store: CamStore, selecti
     overrides; one CPU actor on a CPU-only cluster), each fed whole shards, two in flight."""
     import ray
 
-    from .placement import model_resources, raise_user_errors
-    from .raykit import ensure_ray
+    from ..placement import model_resources, raise_user_errors
+    from ..raykit import ensure_ray
 
     todo = deque(todo)
     t0 = time.perf_counter()

@@ -12,16 +12,15 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from .cam_store import CamStore
-from .device import resolve_device
+from ..store.cam_store import CamStore
+from ..device import pad_lone_image
 from .explainer import ClassSelection, Explainer, explain_rows
-from .extract import pad_lone_image
-from .fs import StorageOptions
-from .progress import Progress
-from .raykit import ShardWorker, pin_torch_threads
+from ..fs import StorageOptions
+from ..progress import Progress
+from ..raykit import ShardWorker, actor_device, repin_threads
 
-from .configs import CamsConfig  # torch-free, no loop with pipeline.cams
-# The job's summary (pipeline.cams.CamsSummary) comes in as an argument: pipeline.cams
+from ..configs import CamsConfig  # torch-free, no loop with pipeline.cams
+# The job's summary (pipeline.cams.run.CamsSummary) comes in as an argument: pipeline.cams
 # dispatches to this module, so naming its type here would tie the two modules in a loop.
 CamsSummary = Any
 
@@ -30,8 +29,7 @@ class CamActor:
     """Backbone + attention in an actor: (n, 1, 3, H, W) uint8 pixels -> the store's columns."""
 
     def __init__(self, checkpoint: str, storage_options: StorageOptions, weights: str | None, fingerprint: str, selection: ClassSelection, upsample_to: int | None, precision: str, torch_threads: int | None) -> None:
-        device = resolve_device("auto")
-        self.threads = pin_torch_threads(torch_threads, device.type)
+        device, self.threads = actor_device(torch_threads)
         self.explainer = Explainer.from_checkpoint(checkpoint, device=device, weights=weights, storage_options=storage_options, precision=precision)
         if self.explainer.fingerprint != fingerprint:
             raise RuntimeError(f"checkpoint {checkpoint} changed during the run (fingerprint {self.explainer.fingerprint}, expected {fingerprint}); re-run")
@@ -42,8 +40,7 @@ class CamActor:
         self.ready_at = time.time()  # wall clock: the driver compares it with its own
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self.threads:
-            torch.set_num_threads(self.threads)
+        repin_threads(self.threads)
         ex, sel = self.explainer, self.selection
         model, dev = ex.model, ex.device
         pixels = batch["pixels"][:, 0]
@@ -112,10 +109,10 @@ class CamWorker(ShardWorker):
 
 def cams_from_shards(cfg: CamsConfig, ckpt: Mapping[str, Any], store: CamStore, selection: ClassSelection, todo: list[Any], summary: CamsSummary) -> CamsSummary:
     """Explain the shards ``todo`` (not yet in the store) on Ray actors; counts go to ``summary``."""
-    from lcam.backbones import Preprocessing
+    from lcam.backbones.base import Preprocessing
 
-    from .extract import shard_parts
-    from .raykit import actor_pool, ensure_ray, run_shard_stage
+    from ..shard_tasks import shard_parts
+    from ..raykit import actor_pool, ensure_ray, run_shard_stage
 
     t0, wall0 = time.perf_counter(), time.time()
     summary.ray_startup_seconds = ensure_ray()

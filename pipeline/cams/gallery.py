@@ -25,8 +25,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from .errors import UserError
-from .fs import StorageOptions, join, write_bytes_atomic
+from ..errors import UserError
+from ..fs import StorageOptions, join, write_bytes_atomic
 
 
 @dataclass
@@ -75,7 +75,7 @@ def _safe_name(key: str) -> str:
 
 def _source_images(url: str, keys: set[str], storage_options: StorageOptions) -> dict[str, bytes]:
     """Encoded images of ``keys`` from one source shard, reading only as far as needed."""
-    from .shards import iter_samples
+    from ..shards.read import iter_samples
 
     found: dict[str, bytes] = {}
     try:
@@ -109,16 +109,16 @@ def write_gallery(
     progress: bool = True,
 ) -> GalleryResult:
     """Write ``n`` overlay PNGs (image + colour map, class name and probability in the
-    caption), the matching originals and ``index.html`` for a :class:`~pipeline.cams.CamStore`."""
-    from lcam.backbones import Preprocessing
+    caption), the matching originals and ``index.html`` for a :class:`~pipeline.cams.run.CamStore`."""
+    from lcam.backbones.base import Preprocessing
 
     from lcam.explain import upsampled_uint8
 
-    from .classes import class_names_options
-    from .classes import load_class_names
-    from .progress import Progress, say
-    from .images import decode_image, preprocess
-    from .render import overlay_panels, png_bytes, tensor_to_uint8
+    from ..classes import class_names_options
+    from ..classes import load_class_names
+    from ..progress import Progress, say
+    from ..images import decode_image, preprocess
+    from ..render import overlay_panels, png_bytes, tensor_to_uint8
 
     t0 = time.perf_counter()
     out_url = (out_url or join(store.url, "gallery")).rstrip("/")
@@ -193,7 +193,7 @@ def write_gallery(
 
 
 def _subtitle(info: Mapping[str, Any], colormap: str, opacity: float) -> str:
-    from .classes import describe_classes
+    from ..classes import describe_classes
 
     ck, src, cls = info["checkpoint"], info["source"], info["classes"]
     what = describe_classes(cls)

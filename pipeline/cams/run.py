@@ -2,7 +2,7 @@
 
 Two sources, one store format:
 
-* a **feature cache** (:mod:`pipeline.cache`): no image is read; per chunk of cached F
+* a **feature cache** (:mod:`pipeline.store.feature_cache`): no image is read; per chunk of cached F
   one small matrix product (``attention.selected_many``) and, where the stored top-5
   cannot answer, the head for the clean logits. In this process (``where`` local), or
   (``where`` ray, the default on a cluster: :mod:`pipeline.placement`) on model actors
@@ -14,10 +14,10 @@ Two sources, one store format:
   (one GPU per actor when the cluster has GPUs) that each take a whole shard and write
   its group; the driver records manifest entries only. No cache needed.
 
-Modules: :mod:`pipeline.explainer` (the Python API, the class selection),
-:mod:`pipeline.cam_store` (the store), :mod:`pipeline.cams_cache` and
-:mod:`pipeline.cams_shards` (the two sources); this one holds the job's configuration, its
-summary and the dispatcher (:func:`generate_cams`), and re-exports the public names.
+Modules: :mod:`pipeline.cams.explainer` (the Python API, the class selection),
+:mod:`pipeline.store.cam_store` (the store), :mod:`pipeline.cams.from_cache` and
+:mod:`pipeline.cams.from_shards` (the two sources); this one holds the job's configuration, its
+summary and the dispatcher (:func:`generate_cams`).
 
 The fingerprint covers the checkpoint's weights, the source's features (the cache's
 fingerprint, or the backbone and preprocessing for images), the class selection and
@@ -33,22 +33,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-from .cam_store import FORMAT, SMALL_CHUNK_ROWS, UPSAMPLED_CHUNK_BYTES, CamStore, CamStoreMismatch, CamStoreNotFound
-from .cams_cache import CacheCamActor, cams_from_cache, cams_from_cache_on_ray
-from .cams_shards import CamActor, CamWorker, cams_from_shards
-from .device import resolve_device
-from .errors import UserError
-from .explainer import MODES, ClassSelection, Explainer, checkpoint_fingerprint, explain_rows
+from ..store.cam_store import CamStore
+from .from_cache import cams_from_cache, cams_from_cache_on_ray
+from .from_shards import cams_from_shards
+from ..device import resolve_device
+from ..errors import UserError
+from .explainer import ClassSelection, checkpoint_fingerprint
 
-__all__ = [
-    "FORMAT", "MODES", "SMALL_CHUNK_ROWS", "UPSAMPLED_CHUNK_BYTES",
-    "CacheCamActor", "CamActor", "CamWorker", "CamStore", "CamStoreMismatch", "CamStoreNotFound",
-    "CamsConfig", "CamsSummary", "ClassSelection", "Explainer", "checkpoint_fingerprint", "explain_rows", "generate_cams",
-]
 
 
 # ---------------------------------------------------------------- bulk generation
-from .configs import CamsConfig  # noqa: E402  re-exported: the config lives in the torch-free pipeline.configs
+from ..configs import CamsConfig  # noqa: E402
 
 
 @dataclass
@@ -123,8 +118,8 @@ def generate_cams(cfg: CamsConfig) -> CamsSummary:
     All inputs are checked (checkpoint against the source's backbone, class ids, an
     empty or missing source) before anything is written at ``cfg.out``.
     """
-    from .checkpoints import check_backbone, load_checkpoint, load_lcam
-    from .placement import check_where, resolve_where
+    from ..train.checkpoints import check_backbone, load_checkpoint, load_lcam
+    from ..placement import check_where, resolve_where
 
     if (cfg.cache is None) == (cfg.shards is None):
         raise UserError("give exactly one source: a feature cache (--cache URL) or WebDataset shards (--shards PATTERN)")
@@ -149,7 +144,7 @@ def generate_cams(cfg: CamsConfig) -> CamsSummary:
     backbone = ckpt["backbone"]
     selection.validate(int(backbone["num_classes"]))
     if cfg.class_names is not None or cfg.overlays:  # a bad names file fails now, not after the work
-        from .classes import class_names_options, load_class_names
+        from ..classes import class_names_options, load_class_names
 
         load_class_names(cfg.class_names, class_names_options(cfg.class_names, cfg.source_storage_options), int(backbone["num_classes"]))
     crop = int(backbone["preprocessing"]["crop"])
@@ -170,7 +165,7 @@ def generate_cams(cfg: CamsConfig) -> CamsSummary:
     }
 
     if cfg.cache is not None:
-        from .cache import FeatureCache
+        from ..store.feature_cache import FeatureCache
 
         cache = FeatureCache.open(cfg.cache, cfg.source_storage_options)
         check_backbone(ckpt, cache.identity, f"the feature cache {cfg.cache}")
@@ -239,8 +234,8 @@ def _require_labels(cache: Any) -> None:
 
 def _list_existing_shards(cfg: CamsConfig) -> list[Any]:
     """The source shards, with a clear error for a pattern that matches nothing or a missing shard."""
-    from .fs import get_fs
-    from .shards import require_shards
+    from ..fs import get_fs
+    from ..shards.read import require_shards
 
     shards = require_shards(cfg.shards, storage_options=cfg.source_storage_options, index_url=cfg.index)
     by_folder: dict[str, list[str]] = {}

@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from lcam.cam_methods import LCAMMethod, method_class, method_names
+from lcam.cam_methods.lcam_method import LCAMMethod
+from lcam.cam_methods.base import method_class, method_names
 
-from ..configs import EvalConfig  # re-exported: the config lives in the torch-free pipeline.configs
+from ..configs import EvalConfig
 from ..errors import UserError
 
 
@@ -35,9 +36,9 @@ def split_checkpoint_arg(arg: str) -> tuple[str | None, str]:
 def resolve_backbone(cfg: EvalConfig) -> tuple[Any, list[tuple[str | None, str, dict[str, Any]]]]:
     """The backbone (from ``cfg`` or the first checkpoint) and the loaded checkpoints, all checked against it."""
     from lcam import build_backbone
-    from lcam.backbones import WeightsUnavailable
+    from lcam.backbones.base import WeightsUnavailable
 
-    from ..checkpoints import check_backbone, load_checkpoint
+    from ..train.checkpoints import check_backbone, load_checkpoint
 
     loaded = []
     for arg in cfg.checkpoints:

@@ -14,9 +14,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from lcam.metrics import average_drop, increase_in_confidence
+from lcam.metrics.adic import average_drop, increase_in_confidence
 
-from .errors import UserError
+from ..errors import UserError
 
 
 def check_coverage(loaded: Sequence[tuple[str | None, str, Mapping[str, Any]]]) -> None:

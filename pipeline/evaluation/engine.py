@@ -23,13 +23,14 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from lcam.metrics import DEFAULT_RATIOS
+from lcam.metrics.adic import DEFAULT_RATIOS
 
 from ..errors import UserError
 from ..device import resolve_device
 from ..fs import StorageOptions
-from .config import EvalConfig, MethodSpec
-from .metrics import MetricBatch, build_metrics
+from ..configs import EvalConfig
+from .config import MethodSpec
+from .metrics.base import MetricBatch, build_metrics
 from .metrics.base import batch_seed
 from .plan import DecodedBatch, Plan, PlannedBatch, decode_batch, read_selected, shard_groups
 
@@ -99,7 +100,8 @@ class Evaluator:
         cost (``forwards_per_image``: RISE, Score-CAM) computes its maps, so a long method
         shows progress between batches."""
         from lcam import LCAM
-        from lcam.cam_methods import LCAMMethod, build_method
+        from lcam.cam_methods.lcam_method import LCAMMethod
+        from lcam.cam_methods.base import build_method
 
         self.device = torch.device(device)
         # an inference copy (Backbone.folded): every method, clean and masked passes share it
@@ -141,7 +143,7 @@ class Evaluator:
         indices it scored, its map's seconds and forwards, and per metric NAME its per-image
         arrays (``entry[NAME]``, e.g. AD/IC's ``O`` (R, m)), ``NAME_seconds`` and ``NAME_forwards``.
         """
-        from lcam.cam_methods import LCAMMethod
+        from lcam.cam_methods.lcam_method import LCAMMethod
 
         # One memory format whatever the pixels' strides: oneDNN picks other kernels (other
         # rounding) per layout, and the engines deliver different strides. Channels-last:
@@ -276,13 +278,10 @@ class EvalActor:
     def __init__(self, backbone_name: str, weights: str, digest: str, specs: list[MethodSpec], options: dict[str, Any]) -> None:
         from lcam import build_backbone
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        # Ray sets OMP_NUM_THREADS=1 for its workers; use the node's cores. The count is
-        # per OpenMP thread and Ray Data may call the actor from another thread than the
-        # constructor's, so it is set again on every call.
-        self.threads = (options.get("torch_threads") or os.cpu_count() or 1) if device == "cpu" else None
-        if self.threads:
-            torch.set_num_threads(self.threads)
+        from ..raykit import actor_device
+
+        dev, self.threads = actor_device(options.get("torch_threads"))
+        device = dev.type
         backbone = build_backbone(backbone_name, weights)
         if backbone.weights_digest() != digest:
             raise UserError(f"the {backbone_name} weights {weights!r} on this worker differ from the driver's (digest "
@@ -301,8 +300,9 @@ class EvalActor:
                                    on_method_forwards=relay if queue is not None else None)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self.threads:  # unconditionally: torch reports the count it was last given, not this thread's
-            torch.set_num_threads(self.threads)
+        from ..raykit import repin_threads
+
+        repin_threads(self.threads)  # unconditionally: torch reports the count it was last given, not this thread's
         payloads = []
         for bid, payload in zip(batch["batch_id"], batch["payload"]):
             d = pickle.loads(payload)

@@ -37,7 +37,7 @@ class Plan:
 
 
 def count_samples(url: str, storage_options: StorageOptions) -> int:
-    from ..shards import iter_samples
+    from ..shards.read import iter_samples
 
     return sum(1 for _ in iter_samples(url, storage_options))
 
@@ -101,7 +101,8 @@ def decode_to_uint8(data: bytes, prep: Any) -> np.ndarray:
 
 def read_selected(batches: Sequence[PlannedBatch], storage_options: StorageOptions) -> dict[int, list[Any]]:
     """Read one shard (count checked against its index) and keep the samples the batches need."""
-    from ..shards import ShardInfo, read_shard
+    from ..shards.format import ShardInfo
+    from ..shards.read import read_shard
 
     b0 = batches[0]
     samples = read_shard(ShardInfo(b0.shard_url, b0.shard_name, b0.shard_count), storage_options)

@@ -11,7 +11,7 @@ import torch
 
 from ..errors import UserError
 from .config import MethodSpec
-from .metrics import EvalMetric
+from .metrics.base import EvalMetric
 from .plan import DecodedBatch
 
 

@@ -19,12 +19,13 @@ import torch
 from ..errors import UserError
 from ..progress import Progress, say
 from ..fs import StorageOptions, join, write_bytes_atomic, write_json_atomic
-from .config import EvalConfig, MethodSpec, method_specs, resolve_backbone
+from ..configs import EvalConfig
+from .config import MethodSpec, method_specs, resolve_backbone
 from .engine import Evaluator, choose_engine, pick_device, run_local, run_ray
-from .metrics import build_metrics, optional_metrics
+from .metrics.base import build_metrics, optional_metrics
 from .metrics.adic import pct, subset_table
 from .plan import DecodedBatch, plan_batches
-from ..coverage import check_coverage, coverage_markdown, coverage_split
+from .coverage import check_coverage, coverage_markdown, coverage_split
 from .render import render_charts, render_csv, render_markdown
 from .results import Collector, MethodResult, aggregate, jsonable, versions
 
@@ -36,7 +37,7 @@ class MethodProgress:
     backbone forwards, with rate and ETA, since one of their batches can take many minutes."""
 
     def __init__(self, specs: Sequence[MethodSpec], backbone: Any, selected: int, enabled: bool) -> None:
-        from lcam.cam_methods import build_method
+        from lcam.cam_methods.base import build_method
 
         self.bars: dict[str, Progress] = {}
         if not enabled:
@@ -89,7 +90,7 @@ class EvalSummary:
 
 
 def protocol_dict(ratios: Sequence[float], n: int) -> dict[str, Any]:
-    from lcam.metrics import ProtocolInfo
+    from lcam.metrics.adic import ProtocolInfo
 
     d = ProtocolInfo(ratios=tuple(ratios), target="predicted", num_images=n).to_dict()
     d["preprocessing"] = "resize shorter side 256 (bilinear, PIL), centre crop 224, [0, 1] (torchvision-exact)"
@@ -109,7 +110,7 @@ def check_metrics(cfg: EvalConfig) -> None:
 
 def evaluate(cfg: EvalConfig) -> EvalSummary:
     """Plan, score every batch with every method, write the outputs; see the module docstring."""
-    from ..shards import require_shards
+    from ..shards.read import require_shards
 
     t_start = time.perf_counter()
     ratios = tuple(float(r) for r in cfg.ratios)
@@ -208,7 +209,7 @@ def evaluate(cfg: EvalConfig) -> EvalSummary:
 
 def save_gallery_maps(collected: Collector, specs: Sequence[MethodSpec], url: str, so: StorageOptions) -> None:
     """Every method's map of the first images by rank (NaN where a method's subset left one out)."""
-    from ..report import save_comparison_maps
+    from ..report.page import save_comparison_maps
 
     keys, images, ids, probs, maps = [], [], [], [], {s.id: [] for s in specs}
     for bid in sorted(collected.batches):

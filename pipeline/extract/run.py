@@ -18,9 +18,7 @@ One unit of work = one source shard (:func:`pipeline.raykit.run_shard_stage`):
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
-import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -28,15 +26,16 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .cache import FeatureCache
-from .device import autocast_dtype, resolve_device
-from .errors import UserError
-from .fs import StorageOptions, absolute
-from .progress import Progress
-from .raykit import ShardWorker, StageStats, actor_pool, ensure_ray, pin_torch_threads, run_shard_stage
+from ..store.feature_cache import FeatureCache
+from ..device import autocast_dtype, pad_lone_image
+from ..errors import UserError
+from ..fs import absolute
+from ..progress import Progress
+from ..raykit import ShardWorker, StageStats, actor_device, actor_pool, ensure_ray, repin_threads, run_shard_stage
+from ..shard_tasks import shard_parts
 
-# re-exported: the config lives in the torch-free pipeline.configs (lcam extract --help reads it)
-from .configs import DECODE_PART_ROWS, VIEWS, ExtractConfig
+# the config lives in the torch-free pipeline.configs (lcam extract --help reads it)
+from ..configs import VIEWS, ExtractConfig
 
 log = logging.getLogger(__name__)
 
@@ -131,70 +130,6 @@ def open_cache_for(backbone: Any, cfg: ExtractConfig) -> FeatureCache:
     )
 
 
-# ---------------------------------------------------------------- Ray Data stages
-def read_shard_rows(row: dict[str, Any], storage_options: StorageOptions = None) -> list[dict[str, Any]]:
-    """One source shard -> one row per sample; a damaged shard -> one error row (never a crash)."""
-    from .shards import ShardInfo, read_shard
-
-    info = ShardInfo(url=row["url"], name=row["name"], count=row["count"] if row["count"] >= 0 else None, sha256=None)
-    try:
-        samples = read_shard(info, storage_options=storage_options)
-    except Exception as exc:  # count mismatch, cut tar, unreadable object: report the shard
-        return [_error_row(row["url"], f"{type(exc).__name__}: {exc}")]
-    n = len(samples)
-    return [
-        {
-            "shard": row["url"],
-            "index": i,
-            "shard_count": n,
-            "key": s.key,
-            "label": int(s.label),
-            "image": s.image,
-            "shard_error": "",
-        }
-        for i, s in enumerate(samples)
-    ]
-
-
-def _error_row(url: str, reason: str) -> dict[str, Any]:
-    return {"shard": url, "index": -1, "shard_count": -1, "key": "", "label": -1, "image": b"", "shard_error": reason}
-
-
-def decode_preprocess(batch: dict[str, np.ndarray], preprocessing: Any, views: Sequence[str]) -> dict[str, np.ndarray]:
-    """CPU stage: bytes -> RGB -> resize/crop per view -> uint8 pixels (lossless: ToTensor is k/255)."""
-    from .images import decode_image, error_text, preprocess
-
-    n = len(batch["key"])
-    crop = preprocessing.crop
-    pixels = np.zeros((n, len(views), 3, crop, crop), dtype=np.uint8)
-    errors = np.array(batch["shard_error"], dtype=object)
-    for i in range(n):
-        if errors[i]:
-            continue
-        try:
-            centre = preprocess(decode_image(batch["image"][i]), preprocessing, "center")
-        except Exception as exc:  # DecodeError and anything PIL raises on odd files
-            errors[i] = f"decode: {error_text(exc)}"
-            continue
-        for v, name in enumerate(views):
-            t = centre if name == "center" else centre.flip(-1)
-            pixels[i, v] = (t * 255).round().byte().numpy()
-    out = {k: batch[k] for k in ("shard", "index", "shard_count", "key", "label")}
-    out["pixels"] = pixels
-    out["error"] = errors.astype(str)
-    return out
-
-
-def pad_lone_image(x: Any) -> Any:
-    """(N, 3, H, W) channels-last input; a batch of one image, doubled. On CPU (oneDNN) a batch of one runs another kernel whose
-    float32 rounding differs from any larger batch's (measured: batches of 2, 3, 8 agree
-    bitwise, 1 does not), so a shard of one image would get features 1 float16 ulp off those
-    the same image gets in a bigger shard. Doubled, every image sees a batch of >= 2."""
-    import torch
-
-    return torch.cat([x, x]).contiguous(memory_format=torch.channels_last) if len(x) == 1 else x
-
-
 class BackboneRunner:
     """The frozen backbone: (n, V, 3, H, W) uint8 -> features, top-5, logits (one batch)."""
 
@@ -204,8 +139,7 @@ class BackboneRunner:
         from lcam import build_backbone
 
         self.torch = torch
-        self.device = resolve_device("auto")
-        self.threads = pin_torch_threads(torch_threads, self.device.type)
+        self.device, self.threads = actor_device(torch_threads)
         # BatchNorm folded into the convolutions: the same features (identity unchanged), faster;
         # channels-last weights and input: faster on GPU, and 1.5-2x on CPU (depthwise convs)
         self.model = build_backbone(backbone, weights).folded().to(self.device).to(memory_format=torch.channels_last)
@@ -215,8 +149,7 @@ class BackboneRunner:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self.torch
-        if self.threads:
-            torch.set_num_threads(self.threads)
+        repin_threads(self.threads)
         pixels = batch["pixels"]
         n, v = pixels.shape[:2]
         ok = np.array([not e for e in batch["error"]], dtype=bool)
@@ -241,51 +174,6 @@ class BackboneRunner:
             if self.store_logits:
                 logits_out[ok] = logits.cpu().numpy().astype(np.float16)
         return {"features": feats, "top5_classes": top5_c, "top5_probs": top5_p, "logits": logits_out}
-
-
-# ---------------------------------------------------------------- one shard per unit of work
-def read_parts(item: dict[str, Any], storage_options: StorageOptions, parts: int) -> Any:
-    """CPU task: one shard's rows in ``parts`` lists (one Ray return each); a damaged shard's
-    error row goes in the first."""
-    rows = read_shard_rows(item, storage_options)
-    if parts == 1:
-        return rows
-    if rows and int(rows[0]["index"]) < 0:
-        return [rows] + [[] for _ in range(parts - 1)]
-    size = math.ceil(len(rows) / parts)
-    return [rows[i * size : (i + 1) * size] for i in range(parts)]
-
-
-def decode_part(rows: list[dict[str, Any]], preprocessing: Any, views: Sequence[str]) -> dict[str, Any]:
-    """CPU task: one part's rows -> the columns a worker needs (pixels), or ``shard_error``."""
-    if rows and int(rows[0]["index"]) < 0:
-        return {"shard_error": rows[0]["shard_error"]}
-    if not rows:  # a shard of fewer samples than parts
-        crop = preprocessing.crop
-        return {"key": np.zeros(0, dtype=str), "label": np.zeros(0, np.int64), "error": np.zeros(0, dtype=str),
-                "pixels": np.zeros((0, len(views), 3, crop, crop), np.uint8)}
-    text = ("shard", "key", "image", "shard_error")
-    batch = {k: np.array([r[k] for r in rows], dtype=object if k in text else np.int64) for k in (*text, "index", "shard_count", "label")}
-    out = decode_preprocess(batch, preprocessing, views)
-    return {"key": out["key"].astype(str), "label": out["label"].astype(np.int64), "error": out["error"], "pixels": out["pixels"]}
-
-
-@functools.lru_cache(maxsize=None)
-def _remote(fn: Any) -> Any:
-    """One remote function per task function and process: Ray exports each once, not per shard."""
-    import ray
-
-    # Half a CPU each: two decode tasks per core overlap their I/O waits and the actor's forward.
-    return ray.remote(num_cpus=0.5)(fn)
-
-
-def shard_parts(item: dict[str, Any], *, storage_options: StorageOptions, preprocessing: Any, views: Sequence[str], part_rows: int = DECODE_PART_ROWS) -> list[Any]:
-    """Submit the read and decode tasks of one shard; the refs of its decoded parts (driver side)."""
-    count = int(item["count"])
-    parts = max(1, math.ceil(count / part_rows)) if count > 0 else 1  # index-less: one part
-    refs = _remote(read_parts).options(num_returns=parts).remote(item, storage_options, parts)
-    refs = [refs] if parts == 1 else refs
-    return [_remote(decode_part).remote(r, preprocessing, tuple(views)) for r in refs]
 
 
 class ExtractWorker(ShardWorker):
@@ -339,7 +227,7 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
     """Run (or resume) an extraction; returns a summary. Idempotent: done shards are skipped."""
     from lcam import build_backbone
 
-    from .shards import require_shards
+    from ..shards.read import require_shards
 
     t_start = time.perf_counter()
     check_config(cfg)

@@ -15,9 +15,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .classes import imagenet_classes
-from .fs import StorageOptions, get_fs, join, write_bytes_atomic
-from .render import overlay, png_bytes
+from ..classes import imagenet_classes
+from ..fs import StorageOptions, get_fs, join, write_bytes_atomic
+from ..render import overlay, png_bytes
 
 ASSETS = "report_files"
 MAPS_FILE = "maps.npz"
@@ -57,7 +57,7 @@ def save_comparison_maps(url: str, *, keys: Sequence[str], images: np.ndarray, c
 def method_order() -> tuple[str, ...]:
     """Table order: the explainers under test first, then the registered methods in their
     rank order (baselines, then the sanity floors)."""
-    from lcam.cam_methods import method_names
+    from lcam.cam_methods.base import method_names
 
     return ("lcam-fm", "lcam-img", *method_names())
 
@@ -167,7 +167,7 @@ def _gallery(data: Any, assets: str, colormap: str, opacity: float, storage_opti
     untrained or barely trained rows are marked."""
     from lcam.explain import minmax_normalize, upsample
 
-    from .gallery import coverage_mark
+    from ..cams.gallery import coverage_mark
 
     import torch
 

@@ -1,4 +1,4 @@
-"""The CAM store: a :class:`~pipeline.store.ShardedStore` holding maps, one group per source shard.
+"""The CAM store: a :class:`~pipeline.store.layer.ShardedStore` holding maps, one group per source shard.
 
 Layout at URL (local path, s3://, gs://, any fsspec URL), mirroring the feature cache::
 
@@ -14,7 +14,7 @@ Layout at URL (local path, s3://, gs://, any fsspec URL), mirroring the feature 
         predicted      (n,) int32;  predicted_prob (n,) float32   (the classifier's top-1)
         coverage       (n, T) int32    training samples of each explained class row (the checkpoint's
                                        coverage; 0 = an untrained row), when the checkpoint records it
-    gallery/         overlays and index.html, when asked (pipeline.gallery)
+    gallery/         overlays and index.html, when asked (pipeline.cams.gallery)
 
 The fingerprint covers the checkpoint's weights, the source's features (the cache's
 fingerprint, or the backbone and preprocessing for images), the class selection and
@@ -33,10 +33,10 @@ import torch
 
 from lcam.explain import minmax_normalize
 
-from .errors import UserError
-from .fs import StorageOptions, join
-from .store import ShardedStore
-from .store_identity import shard_id_for, utc_now
+from ..errors import UserError
+from ..fs import StorageOptions, join
+from .layer import ShardedStore
+from .identity import shard_id_for, utc_now
 
 FORMAT = "lcam-cam-store/1"
 SMALL_CHUNK_ROWS = 1024  # class ids, probs, raw maps: ~100 bytes a row

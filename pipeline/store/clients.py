@@ -1,7 +1,7 @@
 """The clients a sharded store talks through: one fsspec filesystem and one Zarr store per
 process and (URL, options).
 
-Stores ship to Ray tasks as URL + options and reopen lazily (:class:`pipeline.store.ShardedStore`);
+Stores ship to Ray tasks as URL + options and reopen lazily (:class:`pipeline.store.layer.ShardedStore`);
 every unpickled store in a Ray worker (one per task) would otherwise build a new S3 client,
 ~1 s of CPU each.
 """
@@ -13,7 +13,7 @@ import os
 import threading
 from typing import Any, Callable
 
-from .fs import StorageOptions, get_fs, local_path
+from ..fs import StorageOptions, get_fs, local_path
 
 _SHARED: dict[tuple, Any] = {}
 _SHARED_LOCK = threading.Lock()

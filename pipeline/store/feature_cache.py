@@ -1,6 +1,6 @@
 """Feature cache: last-conv feature maps F of a frozen backbone in a Zarr v3 store.
 
-A :class:`~pipeline.store.ShardedStore` (the layout, the manifest and why they are so are
+A :class:`~pipeline.store.layer.ShardedStore` (the layout, the manifest and why they are so are
 described there). Layout at URL (local path, s3://, gs://, any fsspec URL)::
 
     zarr.json        root group; attrs {"format", "identity", "fingerprint"}
@@ -10,9 +10,6 @@ described there). Layout at URL (local path, s3://, gs://, any fsspec URL)::
         labels       (n,) int32, -1 = no label
         top5_classes (n, 5) int32;  top5_probs (n, 5) float32
         logits       (n, K) float16, only with store_logits
-
-This module re-exports the store layer's names that others import from it
-(``StoreDamaged``, ``shard_id_for``, ``make_zarr_store``, ...).
 """
 
 from __future__ import annotations
@@ -27,18 +24,11 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 import zarr
 
-from .errors import UserError
-from .fs import StorageOptions
-from .store import ShardedStore, StoreDamaged, VerifyReport, default_compressors
-from .store_clients import make_zarr_store
-from .store_identity import canonical, shard_id_for, utc_now
+from ..errors import UserError
+from ..fs import StorageOptions
+from .layer import ShardedStore, VerifyReport
+from .identity import canonical, shard_id_for, utc_now
 
-# The store layer's names that callers import from here (pipeline.store and its helper
-# modules store_clients and store_identity are their home).
-__all__ = [
-    "DEFAULT_CHUNK_ROWS", "DTYPES", "FORMAT", "TOP_K", "CacheMismatch", "CacheNotFound", "FeatureCache", "NonFiniteFeatures",
-    "ShardedStore", "StoreDamaged", "VerifyReport", "bf16_to_f32", "default_compressors", "make_zarr_store", "shard_id_for",
-]
 
 FORMAT = "lcam-feature-cache/1"
 DTYPES = {"float16": "float16", "float32": "float32", "bfloat16": "uint16"}  # name -> stored numpy dtype

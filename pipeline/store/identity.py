@@ -3,7 +3,7 @@ identity, how two identities differ, the name of each source shard's group and t
 manifest a new store starts from.
 
 Pure functions over strings and JSON-able values (no filesystem, no Zarr):
-:class:`pipeline.store.ShardedStore` compares what a URL holds against what a run asks for
+:class:`pipeline.store.layer.ShardedStore` compares what a URL holds against what a run asks for
 with them.
 """
 
@@ -16,7 +16,7 @@ import json
 import re
 from typing import Any, Mapping
 
-from .fs import local_path
+from ..fs import local_path
 
 
 def utc_now() -> str:

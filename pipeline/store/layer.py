@@ -15,10 +15,10 @@ once it is in the manifest; a group without a manifest entry is left-over work.
 :class:`ShardedStore` owns creating or opening a store (identity and fingerprint
 checked), the manifest, group writes, the damage checks and the error messages (template
 methods: a subclass names itself and its advice); what is stored in a group is the
-subclass's (:class:`pipeline.cache.FeatureCache`, :class:`pipeline.cam_store.CamStore`).
-Beside it: :mod:`pipeline.store_identity` (fingerprints, identity diffs, group names, the
-empty manifest), :mod:`pipeline.store_clients` (one client per process) and
-:mod:`pipeline.leases` (``leases/``, held through :attr:`ShardedStore.leases`).
+subclass's (:class:`pipeline.store.feature_cache.FeatureCache`, :class:`pipeline.store.cam_store.CamStore`).
+Beside it: :mod:`pipeline.store.identity` (fingerprints, identity diffs, group names, the
+empty manifest), :mod:`pipeline.store.clients` (one client per process) and
+:mod:`pipeline.store.leases` (``leases/``, held through :attr:`ShardedStore.leases`).
 """
 
 from __future__ import annotations
@@ -34,11 +34,11 @@ import zarr.api.asynchronous as zarr_async
 from zarr.codecs import ZstdCodec
 from zarr.core.sync import sync as zsync
 
-from .errors import UserError
-from .fs import StorageOptions, is_local, join, read_json_fs, write_json_atomic
+from ..errors import UserError
+from ..fs import StorageOptions, is_local, join, read_json_fs, write_json_atomic
 from .leases import WriterLeases
-from .store_clients import connect_fs, make_zarr_store
-from .store_identity import canonical, fingerprint_of, identity_diff, new_manifest, package_versions, shard_id_for, utc_now
+from .clients import connect_fs, make_zarr_store
+from .identity import canonical, fingerprint_of, identity_diff, new_manifest, package_versions, shard_id_for, utc_now
 
 
 def default_compressors() -> list:

@@ -15,8 +15,8 @@ import socket
 import uuid
 from typing import Any, Mapping
 
-from .fs import is_local, read_json_fs
-from .store_identity import utc_now
+from ..fs import is_local, read_json_fs
+from .identity import utc_now
 
 
 def _alive(pid: int) -> bool:

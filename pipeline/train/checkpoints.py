@@ -15,8 +15,8 @@ from typing import Any, Mapping
 
 import torch
 
-from .errors import UserError
-from .fs import StorageOptions, get_fs, write_bytes_atomic
+from ..errors import UserError
+from ..fs import StorageOptions, get_fs, write_bytes_atomic
 
 FORMAT = "lcam-checkpoint/1"
 

@@ -1,4 +1,4 @@
-"""L-CAM-Fm: training from the Zarr feature cache through :class:`pipeline.loader.CacheLoader`
+"""L-CAM-Fm: training from the Zarr feature cache through :class:`pipeline.train.loader.CacheLoader`
 (whole chunks, shuffled, prefetched, bounded memory). Its order is a function of (seed,
 epoch), so a checkpoint taken after any step resumes exactly. :func:`train_fm_placed` runs
 it in this process or as one Ray task that asks for a GPU when the cluster has one
@@ -14,15 +14,23 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
-from .configs import TrainConfig
+from ..configs import TrainConfig
 from .checkpoints import CheckpointMismatch, check_backbone, check_cache
-from .device import autocast_dtype, resolve_device
-from .errors import UserError
-from .fs import exists
-from .progress import Progress, say
+from ..device import autocast_dtype, resolve_device
+from ..errors import UserError
+from ..fs import exists
+from ..progress import Progress, say
 from .run_folder import CHECKPOINT, CURVES, METRICS, RunFolder, StepWindow, epoch_record, format_epoch, history_until, trainer_state_from_checkpoint
-from .train_setup import (TrainSummary, backbone_for_cache, check_config, export_changed, export_fill, export_start, initial_attention,
-                          resolve_recipe)
+from .setup import (
+    TrainSummary,
+    backbone_for_cache,
+    check_config,
+    export_changed,
+    export_fill,
+    export_start,
+    initial_attention,
+    resolve_recipe,
+)
 
 
 # a training task lost with its worker or node runs again from its last checkpoint, 3 times in all
@@ -40,7 +48,7 @@ def fm_batches(loader: Any, start: int, top_k: int = 1) -> Iterator[Any]:
 
 def train_fm(cfg: TrainConfig) -> TrainSummary:
     """Train L-CAM-Fm from a feature cache (resumable at any step)."""
-    from .cache import FeatureCache
+    from ..store.feature_cache import FeatureCache
     from .loader import CacheLoader
 
     t0 = time.perf_counter()
@@ -147,7 +155,7 @@ def _train_fm_loop(cfg: TrainConfig, cache: Any, backbone: Any, run_dir: RunFold
 
 def _fm_task(cfg: TrainConfig, log_queue: Any) -> TrainSummary:
     """The Ray task of :func:`train_fm_placed`: the same training, its log lines relayed."""
-    from .placement import node_id, relayed_logs
+    from ..placement import node_id, relayed_logs
 
     with relayed_logs(log_queue):
         summary = train_fm(cfg)
@@ -160,8 +168,8 @@ def train_fm_placed(cfg: TrainConfig) -> TrainSummary:
     GPU when the cluster has one (one CPU elsewhere), so that a job's driver on a CPU-only
     head never trains. The task writes the run folder itself; resume, checkpoints and
     metrics are those of :func:`train_fm`."""
-    from .placement import model_resources, resolve_where, run_task
-    from .raykit import ensure_ray
+    from ..placement import model_resources, resolve_where, run_task
+    from ..raykit import ensure_ray
 
     if resolve_where(cfg.where) == "local":
         return train_fm(cfg)

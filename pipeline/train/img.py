@@ -21,14 +21,22 @@ import numpy as np
 import torch
 
 from .checkpoints import CheckpointMismatch, check_backbone, check_cache, load_checkpoint
-from .device import autocast_dtype
-from .errors import UserError
-from .fs import StorageOptions, absolute, get_fs, join
-from .progress import say
+from ..device import autocast_dtype
+from ..errors import UserError
+from ..fs import StorageOptions, absolute, get_fs, join
+from ..progress import say
 from .run_folder import CHECKPOINT, CURVES, METRICS, RunFolder, StepWindow, epoch_record, format_epoch, history_until, trainer_state_from_checkpoint
-from .train_setup import TrainSummary, check_config, export_changed, export_fill, export_start, initial_attention, resolve_recipe
+from .setup import (
+    TrainSummary,
+    check_config,
+    export_changed,
+    export_fill,
+    export_start,
+    initial_attention,
+    resolve_recipe,
+)
 
-from .configs import TrainConfig  # torch-free, no loop with pipeline.training
+from ..configs import TrainConfig  # torch-free, no loop with pipeline.train.run
 
 # ---------------------------------------------------------------- L-CAM-Img: Ray Data stages
 def crop_seed(seed: int, epoch: int, key: str) -> int:
@@ -50,13 +58,14 @@ def crop_flip(resized: np.ndarray, crop: int, generator: torch.Generator) -> tor
 
 def read_training_rows(item: dict[str, Any], storage_options: StorageOptions = None, cache: Any = None, view_index: int = 0) -> list[dict[str, Any]]:
     """One shard -> one row per sample; with a cache, each row carries its cached F (clean centre crop)."""
-    from .shards import ShardInfo, read_shard
+    from ..shards.format import ShardInfo
+    from ..shards.read import read_shard
 
     info = ShardInfo(url=item["url"], name=item["name"], count=item["count"] if item["count"] >= 0 else None)
     samples = read_shard(info, storage_options=storage_options)  # a damaged shard fails the run, loudly
     cached: dict[str, tuple[np.ndarray, int]] = {}
     if cache is not None:
-        from .cache import shard_id_for
+        from ..store.identity import shard_id_for
 
         sid = shard_id_for(item["url"])
         for ci in range(cache.num_chunks(sid)):
@@ -80,7 +89,7 @@ def decode_for_training(batch: dict[str, np.ndarray], preprocessing: Any, augmen
     """CPU stage: bytes -> RGB -> the 256 resize (``random``: the worker crops) or centre crop 224, uint8."""
     from PIL import Image
 
-    from .images import decode_pil, preprocess, resized_size
+    from ..images import decode_pil, preprocess, resized_size
 
     n = len(batch["key"])
     errors = [str(e) for e in batch["error"]]
@@ -302,7 +311,8 @@ def _shard_counts(shards: Sequence[Any], storage_options: StorageOptions) -> lis
     """Counts from the index; shards without one are read once to count (reported)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from .shards import ShardInfo, read_shard
+    from ..shards.format import ShardInfo
+    from ..shards.read import read_shard
 
     unknown = [s for s in shards if s.count is None]
     if not unknown:
@@ -315,7 +325,7 @@ def _shard_counts(shards: Sequence[Any], storage_options: StorageOptions) -> lis
 
 def _img_cache(cfg: TrainConfig, augment: str, backbone: Any, shards: Sequence[Any]):
     """The feature cache that gives pass 1, checked to hold exactly these features; else None."""
-    from .cache import FeatureCache
+    from ..store.feature_cache import FeatureCache
 
     if not cfg.cache:
         return None, 0
@@ -356,9 +366,9 @@ def train_img(cfg: TrainConfig) -> TrainSummary:
 
     from lcam import build_backbone
 
-    from .placement import LogRelay, raise_user_errors
-    from .raykit import ensure_ray
-    from .shards import require_shards
+    from ..placement import LogRelay, raise_user_errors
+    from ..raykit import ensure_ray
+    from ..shards.read import require_shards
 
     t0 = time.perf_counter()
     check_config(dataclasses.replace(cfg, method="img"))
@@ -370,7 +380,7 @@ def train_img(cfg: TrainConfig) -> TrainSummary:
     name = cfg.backbone or (ckpt["backbone"]["backbone"] if ckpt else None)
     weights = cfg.weights or (ckpt["backbone"].get("weights") if ckpt else None)
     if name is None and cfg.cache:
-        from .cache import FeatureCache
+        from ..store.feature_cache import FeatureCache
 
         ident = FeatureCache.open(cfg.cache, cfg.cache_storage_options).identity
         name, weights = ident["backbone"], weights or ident.get("weights")

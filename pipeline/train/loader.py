@@ -24,8 +24,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from .cache import FeatureCache, bf16_to_f32
-from .errors import UserError
+from ..store.feature_cache import FeatureCache, bf16_to_f32
+from ..errors import UserError
 
 Batch = tuple[torch.Tensor, torch.Tensor, list[str]]
 log = logging.getLogger(__name__)

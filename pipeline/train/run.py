@@ -1,7 +1,7 @@
 """Data, run folder and Ray Train plumbing around :class:`lcam.training.LCAMTrainer`.
 
 L-CAM-Fm (:func:`train_fm`) trains from the Zarr feature cache through
-:class:`pipeline.loader.CacheLoader` (whole chunks, shuffled, prefetched, bounded
+:class:`pipeline.train.loader.CacheLoader` (whole chunks, shuffled, prefetched, bounded
 memory). Its order is a function of (seed, epoch), so a checkpoint taken after any
 step resumes exactly. :func:`train` runs it in this process or as one Ray task that asks
 for a GPU when the cluster has one (``where``, :mod:`pipeline.placement`): the same
@@ -14,10 +14,10 @@ cached feature maps of the clean centre crop when a matching cache is given). Th
 random 224 crop and flip are drawn in the worker from a generator seeded by
 (seed, epoch, key), so the augmentation of every image is reproducible.
 
-Modules: :mod:`pipeline.run_folder` (the run folder, its records and plot),
-:mod:`pipeline.train_setup` (config checks, recipe, starting attention, the summary),
-:mod:`pipeline.train_fm` and :mod:`pipeline.train_img` (the two methods). This one holds
-the job's configuration and :func:`train` (the dispatch), and re-exports the public names.
+Modules: :mod:`pipeline.train.run_folder` (the run folder, its records and plot),
+:mod:`pipeline.train.setup` (config checks, recipe, starting attention, the summary),
+:mod:`pipeline.train.fm` and :mod:`pipeline.train.img` (the two methods). This one holds
+the dispatch, :func:`train`; the job's configuration is :class:`pipeline.configs.TrainConfig`.
 """
 
 
@@ -25,24 +25,14 @@ from __future__ import annotations
 
 import dataclasses
 
-from .fs import absolute
-from .run_folder import CHECKPOINT, CURVES, METRICS, RunFolder, StepWindow, epoch_record, history_until, plot_curves, trainer_state_from_checkpoint
-from .train_fm import fm_batches, train_fm, train_fm_placed
-from .train_img import (
-    RAY_TRAIN_FOLDER,
-    build_image_dataset,
-    crop_flip,
-    crop_seed,
-    decode_for_training,
-    image_batches,
-    ray_train_storage,
-    read_training_rows,
-    train_img,
-)
-from .train_setup import FIXED_ON_RESUME, TrainSummary, backbone_for_cache, check_config, initial_attention, resolve_recipe
+from ..fs import absolute
+from .run_folder import RunFolder
+from .fm import train_fm_placed
+from .img import train_img
+from .setup import TrainSummary, check_config
 
 
-from .configs import TrainConfig  # noqa: E402  re-exported: the config lives in the torch-free pipeline.configs
+from ..configs import TrainConfig  # noqa: E402
 
 
 def train(cfg: TrainConfig) -> TrainSummary:
@@ -62,9 +52,3 @@ def train(cfg: TrainConfig) -> TrainSummary:
     return train_img(cfg) if method == "img" else train_fm_placed(cfg)
 
 
-__all__ = [
-    "CHECKPOINT", "CURVES", "FIXED_ON_RESUME", "METRICS", "RAY_TRAIN_FOLDER", "RunFolder", "StepWindow", "TrainConfig", "TrainSummary",
-    "backbone_for_cache", "build_image_dataset", "check_config", "crop_flip", "crop_seed", "decode_for_training", "epoch_record",
-    "fm_batches", "history_until", "image_batches", "initial_attention", "plot_curves", "ray_train_storage", "read_training_rows",
-    "resolve_recipe", "train", "train_fm", "train_fm_placed", "train_img", "trainer_state_from_checkpoint",
-]

@@ -21,8 +21,8 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from .checkpoints import load_checkpoint, save_checkpoint
-from .errors import UserError
-from .fs import StorageOptions, exists, get_fs, join, write_bytes_atomic
+from ..errors import UserError
+from ..fs import StorageOptions, exists, get_fs, join, write_bytes_atomic
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"

@@ -11,11 +11,11 @@ from typing import Any, Mapping
 import torch
 
 from .checkpoints import CheckpointMismatch, check_backbone, load_checkpoint
-from .errors import FlagNamer, UserError, option_flag
-from .fs import StorageOptions
+from ..errors import FlagNamer, UserError, option_flag
+from ..fs import StorageOptions
 from .run_folder import format_epoch
 
-from .configs import TrainConfig  # torch-free, no loop with pipeline.training
+from ..configs import TrainConfig  # torch-free, no loop with pipeline.train.run
 
 # Options that decide the trajectory of a run: a resumed run must keep them.
 FIXED_ON_RESUME = ("method", "backbone", "lr", "batch_size", "schedule", "target", "seed", "view", "augment", "init", "targets",
@@ -68,7 +68,7 @@ def check_config(cfg: TrainConfig) -> None:
     from lcam.training import INITS
     from lcam.uncovered import FILLS, parse_ridge
 
-    from .placement import check_where
+    from ..placement import check_where
 
     method = cfg.method or "fm"
     if method not in ("fm", "img"):

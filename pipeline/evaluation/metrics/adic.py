@@ -19,7 +19,7 @@ def subset_table(res: EvalOutcome, limit: int) -> list[dict[str, Any]]:
     """AD/IC of every method on the images of rank < ``limit`` (the images a limited method saw)."""
     import torch
 
-    from lcam.metrics import average_drop, increase_in_confidence
+    from lcam.metrics.adic import average_drop, increase_in_confidence
 
     out = []
     for m in res.methods:
@@ -40,7 +40,7 @@ class AverageDropIncrease(EvalMetric):
     name, title, always, chart_file = "adic", "Average Drop / Increase in Confidence", True, "adic.png"
 
     def compute(self, batch: MetricBatch) -> dict[str, np.ndarray]:
-        from lcam.metrics import confidence_scores
+        from lcam.metrics.adic import confidence_scores
 
         scores = confidence_scores(batch.model, batch.images, batch.cams, self.ratios, batch_size=batch.forward_batch,
                                    clean_probs=batch.clean_probs)
@@ -50,7 +50,7 @@ class AverageDropIncrease(EvalMetric):
         import numpy as np
         import torch
 
-        from lcam.metrics import average_drop, increase_in_confidence
+        from lcam.metrics.adic import average_drop, increase_in_confidence
 
         O = np.asarray(arrays.get("O", np.zeros((len(self.ratios), 0))), dtype=np.float64)
         if O.shape[1] == 0:
@@ -65,7 +65,7 @@ class AverageDropIncrease(EvalMetric):
                               for r, a, i, s, t in zip(self.ratios, ad, ic, ad_se, ic_se)}}
 
     def markdown(self, res: EvalOutcome) -> list[str]:
-        from lcam.metrics import AD_FORMULA, IC_FORMULA, TIE_RULE
+        from lcam.metrics.adic import AD_FORMULA, IC_FORMULA, TIE_RULE
 
         ratios, n_all = self.ratios, len(res.keys)
         head = ["Method", "N"] + [f"AD {pct(r)} ↓" for r in ratios] + [f"IC {pct(r)} ↑" for r in ratios]

@@ -49,7 +49,7 @@ class InsertionDeletionAUC(EvalMetric):
     def aucs(arrays: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         import torch
 
-        from lcam.metrics import area_under_curve
+        from lcam.metrics.insertion_deletion import area_under_curve
 
         return (area_under_curve(torch.from_numpy(arrays["insertion"])).numpy(),
                 area_under_curve(torch.from_numpy(arrays["deletion"])).numpy())

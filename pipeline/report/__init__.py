@@ -1,0 +1,3 @@
+"""The run's report: one page that links the stages' outputs (:mod:`.page`). Nothing is
+imported here.
+"""
