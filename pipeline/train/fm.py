@@ -10,27 +10,17 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator
 
 import torch
 
 from ..configs import TrainConfig
-from .checkpoints import CheckpointMismatch, check_backbone, check_cache
 from ..device import autocast_dtype, resolve_device
 from ..errors import UserError
 from ..fs import exists
 from ..progress import Progress, say
 from .run_folder import CHECKPOINT, CURVES, METRICS, RunFolder, StepWindow, epoch_record, format_epoch, history_until, trainer_state_from_checkpoint
-from .setup import (
-    TrainSummary,
-    backbone_for_cache,
-    check_config,
-    export_changed,
-    export_fill,
-    export_start,
-    initial_attention,
-    resolve_recipe,
-)
+from .setup import RunPlan, TrainStart, TrainSummary, backbone_for_cache
 
 
 # a training task lost with its worker or node runs again from its last checkpoint, 3 times in all
@@ -47,25 +37,24 @@ def fm_batches(loader: Any, start: int, top_k: int = 1) -> Iterator[Any]:
 
 
 def train_fm(cfg: TrainConfig) -> TrainSummary:
-    """Train L-CAM-Fm from a feature cache (resumable at any step)."""
+    """Train L-CAM-Fm from a feature cache (resumable at any step), in this process."""
+    return run_fm(TrainStart.from_config(cfg, "fm"))
+
+
+def run_fm(start: TrainStart) -> TrainSummary:
+    """The L-CAM-Fm loop from its :class:`TrainStart`."""
     from ..store.feature_cache import FeatureCache
     from .loader import CacheLoader
 
     t0 = time.perf_counter()
-    check_config(dataclasses.replace(cfg, method="fm"))
+    cfg = start.cfg
     cache = FeatureCache.open(cfg.cache, cfg.cache_storage_options)
     if len(cache) == 0:
         raise UserError(f"the feature cache {cache.url} holds no finished shards yet; run (or finish) `lcam extract` first")
     backbone = backbone_for_cache(cache, cfg.weights)
-    run_dir = RunFolder(cfg.out, cfg.storage_options)
-    ckpt = run_dir.checkpoint_for_start(cfg.resume)
-    if ckpt is not None:
-        if ckpt["method"] != "fm":
-            raise CheckpointMismatch(f"the checkpoint in {cfg.out} is an L-CAM-{ckpt['method'].capitalize()} run, not L-CAM-Fm")
-        check_backbone(ckpt, backbone.describe(), f"the backbone of the cache {cache.url}")
-        check_cache(ckpt, cache.fingerprint)
-    recipe, run_cfg = resolve_recipe(cfg, "fm", backbone.name, ckpt, samples=len(cache))
-    run_cfg.update(cache=cache.url, cache_fingerprint=cache.fingerprint, cache_views=list(cache.views))
+    plan = start.begin(backbone, len(cache), {"cache": cache.url, "cache_fingerprint": cache.fingerprint, "cache_views": list(cache.views)},
+                       cache.fingerprint, f"the backbone of the cache {cache.url}")
+    recipe, run_cfg = plan.recipe, plan.run_cfg
     view: str | int = int(run_cfg["view"]) if str(run_cfg["view"]).isdigit() else run_cfg["view"]
     loader = CacheLoader(
         cache, recipe.batch_size, seed=run_cfg["seed"], target=run_cfg["target"], view=view,
@@ -77,19 +66,19 @@ def train_fm(cfg: TrainConfig) -> TrainSummary:
         # Per-step work is small: more threads mostly spin, while the loader's threads need cores to decode.
         torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 2) // 2))
     try:
-        return _train_fm_loop(cfg, cache, backbone, run_dir, ckpt, recipe, run_cfg, loader, device, t0)
+        return _train_fm_loop(start, plan, cache, backbone, loader, device, t0)
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _train_fm_loop(cfg: TrainConfig, cache: Any, backbone: Any, run_dir: RunFolder, ckpt: Mapping[str, Any] | None, recipe: Any,
-                   run_cfg: dict[str, Any], loader: Any, device: torch.device, t0: float) -> TrainSummary:
+def _train_fm_loop(start: TrainStart, plan: RunPlan, cache: Any, backbone: Any, loader: Any, device: torch.device, t0: float) -> TrainSummary:
     from lcam import LCAM
     from lcam.training import LCAMTrainer
 
-    attention, inherited = initial_attention(backbone, run_cfg, cfg.storage_options) if ckpt is None else (None, None)
+    cfg, run_dir, ckpt = start.cfg, start.run_dir, start.ckpt
+    recipe, run_cfg, attention, inherited = plan.recipe, plan.run_cfg, plan.attention, plan.inherited
     # The exported checkpoint fills rows no sample trained from the start (recomputed on resume).
-    fill = export_fill(run_cfg, export_start(backbone, run_cfg, cfg.storage_options, attention))
+    fill = plan.fill
     model = LCAM(backbone, attention)  # resuming: the checkpoint's attention is loaded below
     # Only the head runs per step: full precision unless bf16 is asked for explicitly.
     trainer = LCAMTrainer(model, "fm", recipe, len(loader), device=device,
@@ -118,7 +107,7 @@ def _train_fm_loop(cfg: TrainConfig, cache: Any, backbone: Any, run_dir: RunFold
          + (f"; resuming at epoch {trainer.epoch + 1}, step {trainer.global_step}" if ckpt is not None else ""))
     stopped = False
     last: dict[str, Any] | None = next((r for r in reversed(history) if r["kind"] == "epoch"), None)
-    if ckpt is not None and trainer.epoch >= recipe.epochs and export_changed(ckpt["config"], run_cfg):
+    if plan.reexport_only:
         save(epoch_end=True)  # a finished run resumed with another --uncovered / --row-prior: re-export only, no step
     while trainer.epoch < recipe.epochs:
         loader.set_epoch(trainer.epoch)
@@ -153,17 +142,17 @@ def _train_fm_loop(cfg: TrainConfig, cache: Any, backbone: Any, run_dir: RunFold
                         run_dir.path(CHECKPOINT), run_dir.path(METRICS), run_dir.path(CURVES), resumed_from)
 
 
-def _fm_task(cfg: TrainConfig, log_queue: Any) -> TrainSummary:
+def _fm_task(start: TrainStart, log_queue: Any) -> TrainSummary:
     """The Ray task of :func:`train_fm_placed`: the same training, its log lines relayed."""
     from ..placement import node_id, relayed_logs
 
     with relayed_logs(log_queue):
-        summary = train_fm(cfg)
+        summary = run_fm(start)
     summary.ran_on = node_id()
     return summary
 
 
-def train_fm_placed(cfg: TrainConfig) -> TrainSummary:
+def train_fm_placed(start: TrainStart) -> TrainSummary:
     """L-CAM-Fm where ``cfg.where`` says: in this process, or as one Ray task that asks for a
     GPU when the cluster has one (one CPU elsewhere), so that a job's driver on a CPU-only
     head never trains. The task writes the run folder itself; resume, checkpoints and
@@ -171,8 +160,9 @@ def train_fm_placed(cfg: TrainConfig) -> TrainSummary:
     from ..placement import model_resources, resolve_where, run_task
     from ..raykit import ensure_ray
 
+    cfg = start.cfg
     if resolve_where(cfg.where) == "local":
-        return train_fm(cfg)
+        return run_fm(start)
     ensure_ray()
     resources = model_resources(cfg.device)
     what = "1 GPU" if resources.get("num_gpus") else f"{resources['num_cpus']:g} CPU"
@@ -182,7 +172,7 @@ def train_fm_placed(cfg: TrainConfig) -> TrainSummary:
         # the lost attempt's last checkpoint (saved every epoch, or mid-epoch at exact
         # positions) is where the next one continues: resume is exact (see train_fm)
         have = exists(RunFolder(cfg.out, cfg.storage_options).path(CHECKPOINT), cfg.storage_options)
-        return (dataclasses.replace(cfg, resume=True) if have else cfg,)
+        return (TrainStart.from_config(dataclasses.replace(cfg, resume=True)) if have else start,)
 
-    return run_task(_fm_task, cfg, resources=resources, progress=cfg.progress, name="lcam-train-fm",
+    return run_task(_fm_task, start, resources=resources, progress=cfg.progress, name="lcam-train-fm",
                     attempts=LOST_TASK_ATTEMPTS, retry_args=resume_args)

@@ -7,7 +7,6 @@ reproducible."""
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import math
 import json
@@ -20,21 +19,13 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from .checkpoints import CheckpointMismatch, check_backbone, check_cache, load_checkpoint
+from .checkpoints import load_checkpoint
 from ..device import autocast_dtype
 from ..errors import UserError
 from ..fs import StorageOptions, absolute, get_fs, join
 from ..progress import say
 from .run_folder import CHECKPOINT, CURVES, METRICS, RunFolder, StepWindow, epoch_record, format_epoch, history_until, trainer_state_from_checkpoint
-from .setup import (
-    TrainSummary,
-    check_config,
-    export_changed,
-    export_fill,
-    export_start,
-    initial_attention,
-    resolve_recipe,
-)
+from .setup import TrainStart, TrainSummary, export_fill, initial_attention
 
 from ..configs import TrainConfig  # torch-free, no loop with pipeline.train.run
 
@@ -178,8 +169,8 @@ def _img_worker_loop(config: dict[str, Any]) -> None:
     from lcam.recipe import Recipe
     from lcam.training import LCAMTrainer, MetricSums
 
-    cfg: TrainConfig = config["cfg"]
-    plan: dict[str, Any] = config["plan"]
+    start: TrainStart = config["start"]
+    cfg, plan = start.cfg, config["plan"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -219,8 +210,8 @@ def _img_worker_loop(config: dict[str, Any]) -> None:
     if ray_ckpt is not None:
         with ray_ckpt.as_directory() as d:
             ckpt = load_checkpoint(os.path.join(d, CHECKPOINT))
-    elif plan["resume"]:
-        ckpt = load_checkpoint(run_dir.path(CHECKPOINT), cfg.storage_options)
+    elif start.ckpt is not None:  # the checkpoint the driver read, shipped with the start
+        ckpt = start.ckpt
     if ckpt is not None:
         trainer.load_state_dict(trainer_state_from_checkpoint(ckpt))
         history = history_until(ckpt["metrics"], trainer.global_step)
@@ -360,6 +351,11 @@ def progress_line(msg: Mapping[str, Any], epochs: int) -> str | None:
 
 def train_img(cfg: TrainConfig) -> TrainSummary:
     """Train L-CAM-Img with Ray Train over ``cfg.workers`` data-parallel workers."""
+    return run_img(TrainStart.from_config(cfg, "img"))
+
+
+def run_img(start: TrainStart) -> TrainSummary:
+    """The L-CAM-Img run from its :class:`TrainStart`: Ray Train over ``cfg.workers`` data-parallel workers."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -371,11 +367,7 @@ def train_img(cfg: TrainConfig) -> TrainSummary:
     from ..shards.read import require_shards
 
     t0 = time.perf_counter()
-    check_config(dataclasses.replace(cfg, method="img"))
-    run_dir = RunFolder(cfg.out, cfg.storage_options)
-    ckpt = run_dir.checkpoint_for_start(cfg.resume)
-    augment = cfg.augment or (ckpt["config"].get("augment") if ckpt else None) or "random"
-    check_config(dataclasses.replace(cfg, method="img", augment=augment))  # a resumed run's augmentation against --cache
+    cfg, run_dir, ckpt, augment = start.cfg, start.run_dir, start.ckpt, start.augment
     shards = require_shards(cfg.shards, storage_options=cfg.shard_storage_options, index_url=cfg.index)
     name = cfg.backbone or (ckpt["backbone"]["backbone"] if ckpt else None)
     weights = cfg.weights or (ckpt["backbone"].get("weights") if ckpt else None)
@@ -387,14 +379,11 @@ def train_img(cfg: TrainConfig) -> TrainSummary:
     backbone = build_backbone(name or "efficientnet_lite0", weights or "default")
     ident = backbone.describe()
     cache, view_index = _img_cache(cfg, augment, backbone, shards)
-    if ckpt is not None:
-        if ckpt["method"] != "img":
-            raise CheckpointMismatch(f"the checkpoint in {cfg.out} is an L-CAM-{ckpt['method'].capitalize()} run, not L-CAM-Img")
-        check_backbone(ckpt, ident)
-        if cache is not None:
-            check_cache(ckpt, cache.fingerprint)
     shards = _shard_counts(shards, cfg.shard_storage_options)
-    recipe, run_cfg = resolve_recipe(cfg, "img", backbone.name, ckpt, samples=sum(s.count for s in shards))
+    # a bad --init / --init-from / --uncovered fails here, before Ray starts
+    run_plan = start.begin(backbone, sum(s.count for s in shards), {"shards": [s.url for s in shards], "cache": cache.url if cache else None,
+                                                                "workers": cfg.workers}, cache.fingerprint if cache is not None else None)
+    recipe, run_cfg = run_plan.recipe, run_plan.run_cfg
     if recipe.batch_size % cfg.workers:  # a resumed run's batch size (a new run's is checked by check_config)
         raise UserError(lambda flag: f"the batch size {recipe.batch_size} is the global batch: it must split evenly over {cfg.workers} workers; "
                                      f"change {flag('workers')}")
@@ -404,12 +393,11 @@ def train_img(cfg: TrainConfig) -> TrainSummary:
     if per_worker < 1:
         raise UserError(lambda flag: f"{total} images cannot feed {cfg.workers} workers; lower {flag('workers')}")
     steps_per_epoch = math.ceil(per_worker / worker_batch)
-    run_cfg.update(shards=[s.url for s in shards], cache=cache.url if cache else None, workers=cfg.workers)
-    if ckpt is not None and int(ckpt["epoch"]) >= recipe.epochs and export_changed(ckpt["config"], run_cfg):
+    if run_plan.reexport_only:
         # a finished run resumed with another --uncovered / --row-prior: re-export only, no Ray Train
         run_dir.save(trainer_state_from_checkpoint(ckpt), method="img", backbone=ident, cache_fingerprint=ckpt.get("cache_fingerprint"),
                      config=run_cfg, history=list(ckpt["metrics"]), epoch_end=True,
-                     fill=export_fill(run_cfg, export_start(backbone, run_cfg, cfg.storage_options)))
+                     fill=run_plan.fill)
         pos = ckpt["extra"]["position"]
         say(enabled=cfg.progress, line=f"L-CAM-Img: {cfg.out} re-exported (--uncovered {run_cfg['uncovered']}, --row-prior {run_cfg['row_prior']:g}), no step")
         return TrainSummary(cfg.out, "img", int(pos["epoch"]), recipe.epochs, int(pos["global_step"]), False, None,
@@ -419,12 +407,9 @@ def train_img(cfg: TrainConfig) -> TrainSummary:
     use_gpu = bool(ray.cluster_resources().get("GPU", 0)) if cfg.use_gpu is None else cfg.use_gpu
     ds = build_image_dataset(shards, backbone.preprocessing, run_cfg["augment"], cache=cache, view_index=view_index,
                              storage_options=cfg.shard_storage_options, decode_batch_size=cfg.decode_batch_size, data_cpus=cfg.data_cpus)
-    if ckpt is None:
-        # a bad --init / --init-from / --uncovered fails here, before Ray starts
-        export_fill(run_cfg, initial_attention(backbone, run_cfg, cfg.storage_options)[0])
     del backbone  # the workers build their own
     plan = {"backbone": ident["backbone"], "weights": ident["weights"], "identity": ident, "run": run_cfg, "steps_per_epoch": steps_per_epoch,
-            "worker_batch": worker_batch, "resume": ckpt is not None, "cache_fingerprint": cache.fingerprint if cache else None}
+            "worker_batch": worker_batch, "cache_fingerprint": cache.fingerprint if cache else None}
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
 
     def show(msg: Mapping[str, Any]) -> None:
@@ -436,7 +421,7 @@ def train_img(cfg: TrainConfig) -> TrainSummary:
     storage_path, storage_fs = ray_train_storage(cfg)
     trainer = TorchTrainer(
         _img_worker_loop,
-        train_loop_config={"cfg": cfg, "plan": plan, "progress_queue": relay.queue},
+        train_loop_config={"start": start, "plan": plan, "progress_queue": relay.queue},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=f"lcam-img-{uuid.uuid4().hex[:8]}", storage_path=storage_path, storage_filesystem=storage_fs,

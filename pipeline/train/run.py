@@ -26,29 +26,21 @@ from __future__ import annotations
 import dataclasses
 
 from ..fs import absolute
-from .run_folder import RunFolder
 from .fm import train_fm_placed
-from .img import train_img
-from .setup import TrainSummary, check_config
+from .img import run_img
+from .setup import TrainStart, TrainSummary
 
 
 from ..configs import TrainConfig  # noqa: E402
 
 
 def train(cfg: TrainConfig) -> TrainSummary:
-    """``lcam train``: L-CAM-Fm or L-CAM-Img; on --resume, what is not given comes from the checkpoint."""
+    """``lcam train``: L-CAM-Fm or L-CAM-Img; on --resume, what is not given comes from the checkpoint
+    (:class:`TrainStart`)."""
     # Ray Train workers run in their own trial folders: a relative path would land there.
     cfg = dataclasses.replace(
         cfg, out=absolute(cfg.out), cache=cfg.cache and absolute(cfg.cache),
         shards=[absolute(s) for s in cfg.shards] if isinstance(cfg.shards, list) else (cfg.shards and absolute(cfg.shards)),
     )
-    if cfg.resume:
-        ckpt = RunFolder(cfg.out, cfg.storage_options).checkpoint_for_start(True)
-        stored = ckpt["config"]
-        cfg = dataclasses.replace(cfg, method=cfg.method or ckpt["method"], cache=cfg.cache or stored.get("cache"),
-                                  shards=cfg.shards or stored.get("shards"))
-    method = cfg.method or "fm"
-    check_config(dataclasses.replace(cfg, method=method))
-    return train_img(cfg) if method == "img" else train_fm_placed(cfg)
-
-
+    start = TrainStart.from_config(cfg)  # checked once, the checkpoint read once
+    return run_img(start) if start.method == "img" else train_fm_placed(start)

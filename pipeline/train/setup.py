@@ -1,6 +1,7 @@
-"""What both training methods start from: the config's checks (:func:`check_config`), the
-recipe (:func:`resolve_recipe`), the backbone of a cache, the starting attention, and the
-summary a run returns (:class:`TrainSummary`)."""
+"""What both training methods start from: one :class:`TrainStart` built once from the config
+(the config's checks, :func:`check_config`; the checkpoint to resume, read once; the recipe,
+:func:`resolve_recipe`; the starting attention; the export rules), the backbone of a cache,
+and the summary a run returns (:class:`TrainSummary`)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ from typing import Any, Mapping
 
 import torch
 
-from .checkpoints import CheckpointMismatch, check_backbone, load_checkpoint
+from .checkpoints import CheckpointMismatch, check_backbone, check_cache, load_checkpoint
 from ..errors import FlagNamer, UserError, option_flag
 from ..fs import StorageOptions
-from .run_folder import format_epoch
+from .run_folder import RunFolder, format_epoch
 
 from ..configs import TrainConfig  # torch-free, no loop with pipeline.train.run
 
@@ -54,6 +55,69 @@ class TrainSummary:
             out.append(f"trained in a Ray task on node {self.ran_on[:12]}")
         out += [f"checkpoint {self.checkpoint}", f"metrics    {self.metrics}", f"curves     {self.curves}"]
         return out
+
+
+@dataclass
+class TrainStart:
+    """A run's start, built once from the config (:meth:`from_config`) and handed to the
+    L-CAM-Fm and L-CAM-Img loops, which then only run their loops: the config checked once
+    (a resumed run's method, data and augmentation taken from its checkpoint), the checkpoint
+    to resume from read once (None for a new run), and what both methods derive from them:
+    the recipe, the starting attention and the export rules."""
+
+    cfg: TrainConfig
+    method: str
+    run_dir: RunFolder
+    ckpt: dict[str, Any] | None
+    augment: str  # L-CAM-Img's: given, else the resumed run's, else random
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, method: str | None = None) -> "TrainStart":
+        """Check ``cfg`` and read the checkpoint to resume (``cfg.resume``); ``method``: the
+        loop that asks (a new run's method is ``cfg.method``, fm if not given)."""
+        run_dir = RunFolder(cfg.out, cfg.storage_options)
+        ckpt = run_dir.checkpoint_for_start(cfg.resume)  # None for a new run (refused where a run exists)
+        stored = ckpt["config"] if ckpt is not None else {}
+        method = method or cfg.method or (ckpt["method"] if ckpt is not None else "fm")
+        cfg = dataclasses.replace(cfg, method=method, cache=cfg.cache or stored.get("cache"), shards=cfg.shards or stored.get("shards"))
+        augment = cfg.augment or stored.get("augment") or "random"
+        # L-CAM-Img: a resumed run's augmentation is checked against --cache too
+        check_config(dataclasses.replace(cfg, augment=augment) if method == "img" else cfg)
+        if ckpt is not None and ckpt["method"] != method:
+            raise CheckpointMismatch(f"the checkpoint in {cfg.out} is an L-CAM-{ckpt['method'].capitalize()} run, "
+                                     f"not L-CAM-{method.capitalize()}")
+        return cls(cfg, method, run_dir, ckpt, augment)
+
+    def begin(self, backbone: Any, samples: int | None, data: Mapping[str, Any], cache_fingerprint: str | None = None,
+              what: str = "this backbone") -> "RunPlan":
+        """What the loop runs: a resumed run's backbone and cache checked against its checkpoint,
+        the recipe and run config (:func:`resolve_recipe`, ``samples`` training samples, with the
+        ``data`` fields the checkpoints record), a new run's starting attention and inherited
+        coverage (:func:`initial_attention`), and the export rule for rows no sample trained
+        (:func:`export_fill`, against the start, recomputed on resume)."""
+        recipe, run_cfg = resolve_recipe(self.cfg, self.method, backbone.name, self.ckpt, samples=samples)
+        run_cfg.update(data)
+        attention, inherited = (None, None) if self.ckpt is not None else initial_attention(backbone, run_cfg, self.cfg.storage_options)
+        if self.ckpt is not None:
+            check_backbone(self.ckpt, backbone.describe(), what)
+            if cache_fingerprint is not None:
+                check_cache(self.ckpt, cache_fingerprint)
+        fill = export_fill(run_cfg, export_start(backbone, run_cfg, self.cfg.storage_options, attention))
+        # a finished run resumed with another export (--uncovered, --row-prior): export again, no step
+        reexport = self.ckpt is not None and int(self.ckpt["epoch"]) >= recipe.epochs and export_changed(self.ckpt["config"], run_cfg)
+        return RunPlan(recipe, run_cfg, attention, inherited, fill, reexport)
+
+
+@dataclass
+class RunPlan:
+    """:meth:`TrainStart.begin`'s answer: what a training loop runs with."""
+
+    recipe: Any
+    run_cfg: dict[str, Any]
+    attention: Any  # a new run's starting attention; None when resuming (the checkpoint's is loaded)
+    inherited: torch.Tensor | None  # coverage an --init-from checkpoint's rows bring
+    fill: Any  # the export rule, (trained state, coverage) -> FillResult
+    reexport_only: bool
 
 
 def check_config(cfg: TrainConfig) -> None:
