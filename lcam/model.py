@@ -75,13 +75,13 @@ class LCAM(nn.Module):
         images: torch.Tensor,
         targets: torch.Tensor | list[int] | None = None,
         top_k: int | None = None,
-        upsample: bool = False,
+        upsample: bool | int = False,
         all_classes: bool = False,
     ) -> Explanation:
-        """One forward pass: CAMs for the predicted class (or ``targets`` / ``top_k``)."""
+        """One forward pass: CAMs for the predicted class (or ``targets`` / ``top_k``);
+        ``upsample`` adds maps at the input's size (True) or at ``upsample`` x ``upsample``."""
         feats, logits = self.backbone.extract(images)
-        size = tuple(images.shape[-2:]) if upsample else None
-        return explain_from_features(self.attention, feats, logits, targets, top_k, size, all_classes)
+        return explain_from_features(self.attention, feats, logits, targets, top_k, upsample_size(upsample, images.shape[-2:]), all_classes)
 
     @torch.no_grad()
     def explain_features(
@@ -89,13 +89,24 @@ class LCAM(nn.Module):
         feats: torch.Tensor,
         targets: torch.Tensor | list[int] | None = None,
         top_k: int | None = None,
-        upsample_to: int | None = None,
+        upsample: bool | int = False,
         logits: torch.Tensor | None = None,
     ) -> Explanation:
-        """Explain from cached F (no image); the logits are recomputed with the head if absent."""
+        """Explain from cached F (no image); the logits are recomputed with the head if absent.
+        ``upsample`` as in :meth:`explain`; True is the backbone's input crop."""
         if logits is None:
             logits = self.backbone.head(feats.to(next(self.attention.parameters()).dtype))
-        return explain_from_features(self.attention, feats.to(logits.dtype), logits, targets, top_k, upsample_to)
+        crop = self.backbone.preprocessing.crop
+        return explain_from_features(self.attention, feats.to(logits.dtype), logits, targets, top_k, upsample_size(upsample, (crop, crop)))
 
 
-__all__ = ["LCAM", "Method", "check_targets"]
+def upsample_size(upsample: bool | int, input_size: tuple[int, ...] | torch.Size) -> tuple[int, int] | None:
+    """The one convention of ``upsample``: False none, True the input's size, an int that square size."""
+    if upsample is True:
+        return (int(input_size[0]), int(input_size[1]))
+    if not upsample:
+        return None
+    return (int(upsample), int(upsample))
+
+
+__all__ = ["LCAM", "Method", "check_targets", "upsample_size"]

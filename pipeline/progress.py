@@ -12,7 +12,8 @@ import logging
 import math
 import sys
 import time
-from typing import Any
+from collections import Counter
+from typing import Any, Callable, Mapping, Sequence
 
 log = logging.getLogger("lcam.progress")
 
@@ -109,3 +110,17 @@ class Progress:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def skipped_lines(skipped: Sequence[Mapping[str, Any]], what: str, where: str, shown: int = 20,
+                  name: Callable[[Mapping[str, Any]], str] = lambda s: f"{s.get('shard', '')}/{s['key']}") -> list[str]:
+    """The one summary of what a stage skipped: the count of ``what`` by reason, the first
+    ``shown`` (``name``: how to name one), and ``where`` the rest is recorded."""
+    if not skipped:
+        return []
+    reasons = Counter(s["reason"].split(":")[0] for s in skipped)
+    out = [f"skipped {len(skipped)} {what}: " + ", ".join(f"{r} x{n}" for r, n in reasons.most_common())]
+    out += [f"  {name(s)}: {s['reason']}" for s in skipped[:shown]]
+    if len(skipped) > shown:
+        out.append(f"  ... and {len(skipped) - shown} more ({where})")
+    return out

@@ -155,3 +155,19 @@ def test_fold_leaves_shared_or_untraceable_modules_alone():
     x = torch.rand(1, 3, 4, 4)
     with torch.no_grad():
         assert torch.allclose(out(x), shared(x), atol=1e-6)
+
+
+def test_one_rule_for_a_weights_path_and_safetensors_files_load(tmp_path):
+    """Every builder decides "is this weights string a file" the same way, .safetensors included."""
+    import torch
+    from safetensors.torch import save_file
+
+    from lcam.backbones.base import is_weights_path, load_weights
+
+    assert [is_weights_path(w) for w in ("w.safetensors", "w.pt", "dir/w", "s3://b/w", "default", "random", "IMAGENET1K_V1")] == [
+        True, True, True, True, False, False, False]
+    model = torch.nn.Linear(3, 2)
+    state = {k: torch.randn_like(v) for k, v in model.state_dict().items()}
+    save_file(state, str(tmp_path / "w.safetensors"))
+    load_weights(model, str(tmp_path / "w.safetensors"))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())

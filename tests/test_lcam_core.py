@@ -165,3 +165,18 @@ def test_optimizer_bias_lr_and_step_schedule():
         sched.step() if sched.last_epoch < 79 else None
         peak = max(peak, opt.param_groups[0]["lr"])
     assert peak == pytest.approx(1e-3, rel=1e-2)
+
+
+
+def test_upsample_is_one_convention_for_images_and_features(model):
+    """``upsample`` means the same in explain and explain_features: True the input crop, an int that size."""
+    from lcam.model import upsample_size
+
+    assert (upsample_size(False, (224, 224)), upsample_size(True, (200, 100)), upsample_size(64, (224, 224))) == (None, (200, 100), (64, 64))
+    crop = model.backbone.preprocessing.crop
+    x = torch.rand(2, 3, crop, crop)
+    feats, _ = model.backbone.extract(x)
+    a, b = model.explain(x, upsample=True), model.explain_features(feats, upsample=True)
+    assert a.upsampled.shape[-2:] == b.upsampled.shape[-2:] == (crop, crop)
+    torch.testing.assert_close(a.upsampled, b.upsampled, atol=1e-5, rtol=1e-5)
+    assert model.explain_features(feats, upsample=32).upsampled.shape[-2:] == (32, 32)

@@ -413,3 +413,14 @@ def test_require_shards_names_the_pattern(tmp_path):
             require_shards(str(empty))
     with pytest.raises(UserError, match=r"shards .*missing.*no such shard folder"):
         require_shards(str(tmp_path / "missing"))
+
+
+def test_skipped_summary_is_written_in_one_place():
+    """Extraction, CAMs and packing summarise what they skipped with the same lines."""
+    from pipeline.progress import skipped_lines
+
+    skipped = [{"shard": "s0", "key": f"k{i}", "reason": "decode: bad" if i % 3 else "empty: no bytes"} for i in range(7)]
+    assert skipped_lines([], "images", "see x") == []
+    assert skipped_lines(skipped, "images", "see the cache manifest", shown=2) == [
+        "skipped 7 images: decode x4, empty x3", "  s0/k0: empty: no bytes", "  s0/k1: decode: bad",
+        "  ... and 5 more (see the cache manifest)"]

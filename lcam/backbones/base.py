@@ -299,8 +299,13 @@ def fold_for_inference(module: nn.Module) -> nn.Module:
     return gm
 
 
-def _is_checkpoint_path(weights: str) -> bool:
-    return "/" in weights or "://" in weights or weights.endswith((".pt", ".pth", ".bin"))
+WEIGHTS_FILE_EXTS = (".pt", ".pth", ".bin", ".safetensors")
+
+
+def is_weights_path(weights: str) -> bool:
+    """Whether a ``weights`` string names a state-dict file (a path, a URL or a file name with a
+    weights extension) rather than named weights (``default``, ``random``, a torchvision name)."""
+    return "/" in weights or "://" in weights or weights.endswith(WEIGHTS_FILE_EXTS)
 
 
 def read_state_dict(url: str) -> Mapping[str, torch.Tensor]:
@@ -313,7 +318,12 @@ def read_state_dict(url: str) -> Mapping[str, torch.Tensor]:
     except FileNotFoundError as exc:
         raise WeightsUnavailable(f"weights file {url!r} not found") from exc
     try:
-        state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+        if url.endswith(".safetensors"):
+            from safetensors.torch import load as load_safetensors
+
+            state = load_safetensors(payload)
+        else:
+            state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle.UnpicklingError for objects outside the safe set
         raise WeightsUnavailable(
             f"refusing to load {url!r}: it is not a plain tensor state dict (weights_only=True "
@@ -332,7 +342,7 @@ def load_weights(model: nn.Module, weights: str, torchvision_weights: Any = None
     ``default_name``: the torchvision weight that ``"default"`` means."""
     if weights == "random":
         return
-    if _is_checkpoint_path(weights):
+    if is_weights_path(weights):
         model.load_state_dict(read_state_dict(weights))
         return
     if torchvision_weights is None:

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import Backbone, BackboneSpecError, Preprocessing, WeightsUnavailable, load_weights, read_state_dict
+from .base import Backbone, BackboneSpecError, Preprocessing, WeightsUnavailable, is_weights_path, load_weights, read_state_dict
 from .split import ForwardFeatures, ForwardHead, default_layer, split_at_layer, verify_split
 
 OPTIONS = ("layer", "size")
@@ -130,7 +130,7 @@ def _build_timm(spec: BackboneSpec, weights: str) -> Backbone:
     except ImportError:
         raise BackboneSpecError(f"backbone {spec.canonical!r} needs timm: pip install timm") from None
     pretrained = weights == "default"
-    if weights not in ("default", "random") and not _is_path(weights):
+    if weights not in ("default", "random") and not is_weights_path(weights):
         raise WeightsUnavailable(f"weights {weights!r} for {spec.canonical}: use 'default' (timm's pretrained weights of the "
                                  "tag in the name), a state-dict path or fsspec URL, or 'random'")
     if not timm.is_model(spec.name):
@@ -146,7 +146,7 @@ def _build_timm(spec: BackboneSpec, weights: str) -> Backbone:
             "path or fsspec URL to a state dict (--weights /path/to/model.pth or s3://...), copy the Hugging Face cache "
             "(HF_HOME) from a machine that has it, or use --weights random for tests"
         ) from None
-    if _is_path(weights):
+    if is_weights_path(weights):
         model.load_state_dict(read_state_dict(weights))
     model.eval()
     return split_timm(spec, model, timm_preprocessing(model, spec.size), weights)
@@ -247,7 +247,7 @@ def _build_module(spec: BackboneSpec, weights: str) -> Backbone:
     if not isinstance(made, nn.Module):
         raise BackboneSpecError(f"backbone {spec.canonical}: the factory returned {type(made).__name__}, not an nn.Module or lcam Backbone")
     if not takes_weights and weights not in ("default", "random"):
-        if not _is_path(weights):
+        if not is_weights_path(weights):
             raise WeightsUnavailable(f"weights {weights!r}: {spec.canonical} takes a state-dict path/URL, 'default' or 'random'")
         made.load_state_dict(read_state_dict(weights))
     made.eval()
@@ -255,7 +255,3 @@ def _build_module(spec: BackboneSpec, weights: str) -> Backbone:
         return split_timm(spec, made, timm_preprocessing(made, spec.size), weights)
     prep = Preprocessing.from_crop_pct(spec.size, 0.875) if spec.size else Preprocessing()
     return _split_module(spec, made, prep, weights)
-
-
-def _is_path(weights: str) -> bool:
-    return "/" in weights or "://" in weights or weights.endswith((".pt", ".pth", ".bin", ".safetensors"))

@@ -7,14 +7,13 @@ from .library import PytorchGradCAMMethod
 
 
 @register
-class AblationCAM(PytorchGradCAMMethod):
+class AblationCAM(PytorchGradCAMMethod, name="ablationcam", label="Ablation-CAM", cost="channels", rank=21):
     """w_k = (y_c - y_c with channel k of F zeroed) / y_c; ReLU(sum_k w_k F_k).
 
     pytorch-grad-cam swaps the target layer for an ablation layer that replays the
     cached F, so each of the C ablations costs one pass through the head only;
     ``batch_size`` ablations per pass."""
 
-    name, label, cost, rank = "ablationcam", "Ablation-CAM", "channels", 21
     library_class = "AblationCAM"
     uses_gradients = False
     options = (Option("batch_size", int, 32, "Ablation-CAM ablated channels per head pass", flag="ablationcam-batch"),)

@@ -1,8 +1,9 @@
 """The CAM-method base class, its options and the registry (no torch import here).
 
 A method is one short subclass of :class:`CAMMethod` in its own module of this package,
-decorated with :func:`register`: its ``name`` (what ``--methods`` takes), ``label`` (the
-table's row), ``cost`` (a cost class, see :data:`COST_CLASSES`) and ``options`` (each
+decorated with :func:`register`, declaring by keywords on its class statement its ``name``
+(what ``--methods`` takes), ``label`` (the table's row), ``cost`` (a cost class, see
+:data:`COST_CLASSES`), ``default`` and ``rank``; and its ``options`` (each
 becomes a ``lcam eval`` flag and an ``EvalConfig.method_options`` entry). Evaluation,
 the CLI, ``lcam pipeline`` and the report read their lists from the registry, so adding
 a method is adding one module. This module and the method modules import torch only
@@ -73,6 +74,16 @@ class CAMMethod:
     default: ClassVar[bool] = False  # in the default list of ``lcam eval --methods``
     rank: ClassVar[int] = 50  # table order: explainers, baselines, then sanity floors
     reseed_per_batch: ClassVar[bool] = False  # the evaluator calls reseed(seed of the batch)
+
+    def __init_subclass__(cls, *, name: str | None = None, label: str | None = None, cost: str | None = None,
+                          default: bool | None = None, rank: int | None = None, **kwargs: Any) -> None:
+        """A method declares itself by keywords on its class statement:
+        ``class GradCAM(CAMMethod, name="gradcam", label="Grad-CAM", cost="backward", default=True, rank=10)``;
+        what it leaves out it inherits."""
+        super().__init_subclass__(**kwargs)
+        for key, value in (("name", name), ("label", label), ("cost", cost), ("default", default), ("rank", rank)):
+            if value is not None:
+                setattr(cls, key, value)
 
     def __init__(self, backbone: Backbone, **options: Any) -> None:
         known = {o.name: o for o in self.options}

@@ -5,10 +5,9 @@ from .library import PytorchGradCAMMethod
 
 
 @register
-class EigenCAM(PytorchGradCAMMethod):
+class EigenCAM(PytorchGradCAMMethod, name="eigencam", label="Eigen-CAM", cost="forward", rank=15):
     """F projected on its first principal component: one forward, no gradient, and the
     same map for every class (a class-agnostic baseline)."""
 
-    name, label, cost, rank = "eigencam", "Eigen-CAM", "forward", 15
     library_class = "EigenCAM"
     uses_gradients = False

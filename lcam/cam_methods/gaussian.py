@@ -11,11 +11,10 @@ if TYPE_CHECKING:
 
 
 @register
-class CenteredGaussian(CAMMethod):
+class CenteredGaussian(CAMMethod, name="gaussian", label="Centred Gaussian", cost="free", default=True, rank=90):
     """exp(-((y - H/2)^2 + (x - W/2)^2) / (2 sigma^2)) at pixel centres, the same for every
     image; sigma = ``sigma`` x the shorter image side."""
 
-    name, label, cost, default, rank = "gaussian", "Centred Gaussian", "free", True, 90
     options = (Option("sigma", float, 0.25, "centred Gaussian sigma, x the shorter image side", flag="gaussian-sigma"),)
 
     def compute(self, images: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:

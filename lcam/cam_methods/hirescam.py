@@ -5,8 +5,7 @@ from .library import PytorchGradCAMMethod
 
 
 @register
-class HiResCAM(PytorchGradCAMMethod):
+class HiResCAM(PytorchGradCAMMethod, name="hirescam", label="HiResCAM", cost="backward", rank=14):
     """sum_k dy_c/dF_kij F_kij (element-wise, no spatial averaging of the gradient)."""
 
-    name, label, cost, rank = "hirescam", "HiResCAM", "backward", 14
     library_class = "HiResCAM"

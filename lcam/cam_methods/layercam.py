@@ -5,8 +5,7 @@ from .library import PytorchGradCAMMethod
 
 
 @register
-class LayerCAM(PytorchGradCAMMethod):
+class LayerCAM(PytorchGradCAMMethod, name="layercam", label="LayerCAM", cost="backward", rank=13):
     """ReLU(sum_k ReLU(dy_c/dF_kij) F_kij): a weight per location, not per channel."""
 
-    name, label, cost, rank = "layercam", "LayerCAM", "backward", 13
     library_class = "LayerCAM"

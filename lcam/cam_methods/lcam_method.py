@@ -10,12 +10,11 @@ if TYPE_CHECKING:
     import torch
 
 
-class LCAMMethod(CAMMethod):
+class LCAMMethod(CAMMethod, name="lcam", label="L-CAM", cost="forward"):
     """Raw Z[b, t_b] (before the sigmoid) at feature resolution, from one forward pass.
     Raw Z can be negative: the only map here that is not non-negative; the protocol's
     min-max normalisation makes the offset moot."""
 
-    name, label, cost = "lcam", "L-CAM", "forward"
     LABELS: ClassVar[dict[str, str]] = {"fm": "L-CAM-Fm", "img": "L-CAM-Img"}  # by training method
 
     def __init__(self, lcam_model: torch.nn.Module) -> None:

@@ -11,7 +11,7 @@ if TYPE_CHECKING:
 
 
 @register
-class RandomMap(CAMMethod):
+class RandomMap(CAMMethod, name="random", label="Random map", cost="free", default=True, rank=91):
     """Uniform noise in [0, 1) at ``size`` x ``size`` (default 7 x 7).
 
     The generator is seeded once at construction: two instances with the same seed give
@@ -20,7 +20,6 @@ class RandomMap(CAMMethod):
     depend on which worker ran which batch.
     """
 
-    name, label, cost, default, rank = "random", "Random map", "free", True, 91
     reseed_per_batch = True
     options = (
         Option("size", int, 7, "random map cells per side", flag="random-size"),

@@ -19,7 +19,7 @@ def probability(p: float | str) -> float:
 
 
 @register
-class RISE(CAMMethod):
+class RISE(CAMMethod, name="rise", label="RISE", cost="masks", default=True, rank=30):
     """saliency_c = sum_i P_c(x * M_i) M_i / (N p).
 
     M_i: a random binary s x s grid (each cell 1 with probability p), upsampled
@@ -39,7 +39,6 @@ class RISE(CAMMethod):
     512-2048), keep it small on a CPU. Output at input resolution.
     """
 
-    name, label, cost, default, rank = "rise", "RISE", "masks", True, 30
     options = (
         Option("num_masks", int, 4000, "RISE masks per image (papers: 4000 VGG-16, 8000 ResNet-50)", flag="rise-masks"),
         Option("grid", int, 7, "RISE grid cells per side", flag="rise-grid"),

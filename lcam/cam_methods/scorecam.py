@@ -7,12 +7,11 @@ from .library import PytorchGradCAMMethod
 
 
 @register
-class ScoreCAM(PytorchGradCAMMethod):
+class ScoreCAM(PytorchGradCAMMethod, name="scorecam", label="Score-CAM", cost="channels", default=True, rank=20):
     """Each of the C feature maps, upsampled and min-max normalised, masks the image;
     weights = softmax over channels of the class logit of the masked images;
     ReLU(sum_k w_k F_k). ``batch_size`` masked images per forward."""
 
-    name, label, cost, default, rank = "scorecam", "Score-CAM", "channels", True, 20
     library_class = "ScoreCAM"
     uses_gradients = False
     options = (Option("batch_size", int, 32, "Score-CAM masked images per forward", flag="scorecam-batch"),)

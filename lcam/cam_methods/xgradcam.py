@@ -5,8 +5,7 @@ from .library import PytorchGradCAMMethod
 
 
 @register
-class XGradCAM(PytorchGradCAMMethod):
+class XGradCAM(PytorchGradCAMMethod, name="xgradcam", label="XGrad-CAM", cost="backward", rank=12):
     """w_k = sum_ij (F_kij / sum_ij F_kij) dy_c/dF_kij: gradients weighted by the normalised activations."""
 
-    name, label, cost, rank = "xgradcam", "XGrad-CAM", "backward", 12
     library_class = "XGradCAM"

@@ -250,10 +250,6 @@ class ADICResult:
         """(R, N): max(0, Y_i - O_i) / Y_i, whose mean x 100 is AD."""
         return per_image_drop(self.Y, self.O)
 
-    def per_image_increase(self) -> torch.Tensor:
-        """(R, N) bool: O_i > Y_i, whose mean x 100 is IC."""
-        return self.O > self.Y
-
     def to_dict(self) -> dict[str, Any]:
         """JSON-able summary (no per-image tensors); every number sits next to its formula."""
         return {

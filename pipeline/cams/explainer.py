@@ -16,6 +16,7 @@ import torch
 
 from lcam import LCAM, Explanation, Preprocessing
 from lcam.explain import choose_targets, explain_from_features, upsampled_uint8
+from lcam.model import upsample_size
 
 from ..device import autocast_dtype, resolve_device
 from ..errors import UserError
@@ -100,11 +101,6 @@ class ClassSelection:
     def width(self) -> int:
         """T: classes explained per sample."""
         return self.k
-
-    @property
-    def needs_label(self) -> bool:
-        """Whether a column holds the ground-truth label."""
-        return self.mode == "label" or any(p.mode == "label" for p in self.parts)
 
     def columns(self) -> list[str]:
         """What each of the T columns holds: predicted, top-2, ..., label, id:281."""
@@ -233,11 +229,12 @@ class Explainer:
         images: torch.Tensor,
         targets: int | Sequence[int] | torch.Tensor | None = None,
         top_k: int | None = None,
-        upsample: bool = False,
+        upsample: bool | int = False,
         all_classes: bool = False,
     ) -> Explanation:
         """CAMs from one forward pass: the predicted class, or ``targets`` (one id per
-        image, or (B, T) ids), or the ``top_k`` classes; ``upsample`` adds maps at the input size."""
+        image, or (B, T) ids), or the ``top_k`` classes; ``upsample`` adds maps at the input
+        size (True) or at that size (an int), as :meth:`lcam.model.LCAM.explain`."""
         images = self._images(images)
         if isinstance(targets, int):
             targets = [targets]
@@ -247,7 +244,7 @@ class Explainer:
             targets = targets.to(self.device)
         with torch.inference_mode(), self.autocast_context():
             feats, logits = self.model.backbone.extract(images)
-        size = tuple(images.shape[-2:]) if upsample else None
+        size = upsample_size(upsample, images.shape[-2:])
         with torch.inference_mode():  # maps in fp32 whatever the backbone ran in: the product is tiny
             return explain_from_features(self.model.attention, feats.float(), logits.float(), targets, top_k, size, all_classes)
 
@@ -262,15 +259,15 @@ class Explainer:
         feats: torch.Tensor,
         targets: int | Sequence[int] | torch.Tensor | None = None,
         top_k: int | None = None,
-        upsample: bool = False,
+        upsample: bool | int = False,
     ) -> Explanation:
-        """From feature maps F (B, C, h, w), e.g. read from a feature cache: no image needed."""
+        """From feature maps F (B, C, h, w), e.g. read from a feature cache: no image needed;
+        ``upsample`` True is the backbone's input crop."""
         if feats.dim() == 3:
             feats = feats.unsqueeze(0)
         if isinstance(targets, int):
             targets = [targets]
-        size = self.preprocessing.crop if upsample else None
-        return self.model.explain_features(feats.to(self.device).float(), targets, top_k, size)
+        return self.model.explain_features(feats.to(self.device).float(), targets, top_k, upsample)
 
 
 # ---------------------------------------------------------------- maps for a batch of rows

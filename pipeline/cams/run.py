@@ -38,6 +38,7 @@ from .from_cache import cams_from_cache, cams_from_cache_on_ray
 from .from_shards import cams_from_shards
 from ..device import resolve_device
 from ..errors import UserError
+from ..progress import skipped_lines
 from .explainer import ClassSelection, checkpoint_fingerprint
 
 
@@ -99,12 +100,7 @@ class CamsSummary:
         if self.ran_on:
             nodes = Counter(n[:12] for n in self.ran_on)
             out.append(f"model actors: {len(self.ran_on)} on Ray node(s) " + ", ".join(f"{n} (x{c})" for n, c in nodes.items()))
-        if self.skipped:
-            reasons = Counter(s["reason"].split(":")[0] for s in self.skipped)
-            out.append(f"skipped {len(self.skipped)} samples: " + ", ".join(f"{r} x{n}" for r, n in reasons.items()))
-            out += [f"  {s.get('shard', '')}/{s['key']}: {s['reason']}" for s in self.skipped[:20]]
-            if len(self.skipped) > 20:
-                out.append(f"  ... and {len(self.skipped) - 20} more (see the store's manifest.json)")
+        out += skipped_lines(self.skipped, "samples", "see the store's manifest.json")
         for f in self.failed_shards:
             out.append(f"FAILED shard {f['url']}: {f['reason']}")
         if self.gallery:

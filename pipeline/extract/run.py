@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -30,7 +29,7 @@ from ..store.feature_cache import FeatureCache
 from ..device import autocast_dtype, pad_lone_image
 from ..errors import UserError
 from ..fs import absolute
-from ..progress import Progress
+from ..progress import Progress, skipped_lines
 from ..raykit import ShardWorker, StageStats, actor_device, actor_pool, ensure_ray, repin_threads, run_shard_stage
 from ..shard_tasks import shard_parts
 
@@ -74,12 +73,7 @@ class ExtractSummary:
             f"images: {self.images} in {self.seconds:.1f}s ({self.images_per_second:.1f} images/s overall, "
             f"{self.steady_images_per_second:.1f} in steady state; Ray start-up {self.ray_startup_seconds:.1f}s)",
         ]
-        if self.skipped:
-            reasons = Counter(s["reason"].split(":")[0] for s in self.skipped)
-            out.append(f"skipped {len(self.skipped)} images: " + ", ".join(f"{r} x{n}" for r, n in reasons.items()))
-            out += [f"  {s['shard']}/{s['key']}: {s['reason']}" for s in self.skipped[:20]]
-            if len(self.skipped) > 20:
-                out.append(f"  ... and {len(self.skipped) - 20} more (see the cache manifest)")
+        out += skipped_lines(self.skipped, "images", "see the cache manifest")
         for f in self.failed_shards:
             out.append(f"FAILED shard {f['url']}: {f['reason']}")
         if self.failed_shards:

@@ -32,7 +32,7 @@ from pipeline.classes import imagenet_classes, imagenet_wnids
 from pipeline.errors import UserError
 from pipeline.fs import StorageOptions, get_fs, is_local, join, write_json_atomic
 
-from ..progress import Progress
+from ..progress import Progress, skipped_lines
 from .format import INDEX_FORMAT, INDEX_NAME, as_int
 
 
@@ -78,12 +78,7 @@ class PackReport:
             f"{len(self.shards)} shard(s), {size / 2**20:.1f} MiB, at {self.out_url} "
             f"in {self.seconds:.1f} s ({rate:.0f} img/s)",
         ]
-        if self.skipped:
-            by = Counter(s["reason"].split(":")[0] for s in self.skipped)
-            lines.append(f"skipped {len(self.skipped)}: " + ", ".join(f"{k} x{v}" for k, v in by.most_common()))
-            lines += [f"  {s['file']}: {s['reason']}" for s in self.skipped[:5]]
-            if len(self.skipped) > 5:
-                lines.append(f"  ... {len(self.skipped) - 5} more")
+        lines += skipped_lines(self.skipped, "files", f"{REPORT_NAME} lists them all", shown=5, name=lambda s: s["file"])
         if self.labels_scheme == "folders":
             lines.append(FOLDER_LABELS_WARNING)
         if self.notes:
