@@ -47,15 +47,15 @@ from benchmarks.common import DEFAULT_DATA, compare, local_ray_env, target_ratio
 
 local_ray_env()  # before Ray is imported: its own temp dir, no auth token (Score-CAM's tqdm bar still shows here)
 from lcam import LCAM, build_backbone  # noqa: E402
-from pipeline.configs import CamsConfig
-from pipeline.cams.explainer import Explainer
+from pipeline.configs import CamsConfig  # noqa: E402
+from pipeline.cams.explainer import Explainer  # noqa: E402
 from pipeline.cams.run import generate_cams  # noqa: E402
 from pipeline.train.checkpoints import save_checkpoint  # noqa: E402
-from pipeline.configs import ExtractConfig
-from pipeline.extract.run import extract
+from pipeline.configs import ExtractConfig  # noqa: E402
+from pipeline.extract.run import extract  # noqa: E402
 from pipeline.raykit import ensure_ray  # noqa: E402
 from pipeline.images import decode_image, preprocess  # noqa: E402
-from pipeline.shards.read import list_shards, read_shard
+from pipeline.shards.read import list_shards, read_shard  # noqa: E402
 from pipeline.shards.pack import pack_folder  # noqa: E402
 
 PER_SHARD = 200  # a subset of whole shards for the image-based methods; fewer per-shard overheads

@@ -64,7 +64,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import local_ray_env  # noqa: E402
-from benchmarks.generalisation import RATIOS, key, paired, per_image  # noqa: E402
+from benchmarks.generalisation import key, paired, per_image  # noqa: E402
 
 WORK = "/tmp/lcam-bench-heldout"
 SPLIT = "5e7ccf9ecf"  # generalisation.py's key(seed=0, heldout=200)

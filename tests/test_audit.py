@@ -186,14 +186,14 @@ def audited(tmp_path_factory, ray_local):
         probs = np.array([[q, (1 - q) / 2, (1 - q) / 4, (1 - q) / 8, (1 - q) / 16] for _, (_, _, q) in rows])
         entry = cache.write_shard(info.url, keys, labels, np.repeat(feature[None], len(rows), 0), top5, probs)
         cache.mark_done([entry])
-        truth.update({k: (int(l), int(t[0]), float(p[0]), info.url) for k, l, t, p in zip(keys, labels, top5, probs)})
+        truth.update({k: (int(lab), int(t[0]), float(p[0]), info.url) for k, lab, t, p in zip(keys, labels, top5, probs)})
     assert sorted({v[0] for v in truth.values()}) == [0, 1]  # folder a -> 0, b -> 1
 
     cams = str(root / "cams")
     assert lcam(["cams", ckpt, cams, "--cache", str(root / "cache"), "--classes", "predicted,label", "--quiet"]) == 0
     # the second method: "Grad-CAM" maps of two samples, one equal to L-CAM's and one its negative
-    wrong = sorted(k for k, (l, p, _, _) in truth.items() if l != p)
-    right = sorted(k for k, (l, p, _, _) in truth.items() if l == p)
+    wrong = sorted(k for k, (lab, p, _, _) in truth.items() if lab != p)
+    right = sorted(k for k, (lab, p, _, _) in truth.items() if lab == p)
     save_comparison_maps(
         str(root / "eval" / "maps.npz"), keys=[right[0], wrong[0]], images=np.zeros((2, 8, 8, 3), np.uint8),
         class_ids=np.array([truth[right[0]][1], truth[wrong[0]][1]]), probs=np.array([0.5, 0.5]),

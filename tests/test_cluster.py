@@ -63,7 +63,7 @@ def test_worker_node_lost_mid_extraction_still_gives_every_sample_once(tmp_path)
         [sys.executable, str(ROOT / "tests" / "scenario_cluster.py"), "node-loss", str(tmp_path / "shards"), cache_url],
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=900,
     )
-    line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+    line = next((t for t in out.stdout.splitlines() if t.startswith("RESULT ")), None)
     assert line, out.stdout[-3000:] + out.stderr[-3000:]
     result = json.loads(line[len("RESULT ") :])
     assert result["error"] is None, result

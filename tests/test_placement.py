@@ -114,7 +114,7 @@ def test_model_stages_leave_the_head_and_give_the_same_results(tiny, tmp_path):
     env.pop("RAY_ADDRESS", None)
     out = subprocess.run([sys.executable, str(ROOT / "tests" / "scenario_placement.py"), tiny["cache"], tiny["ckpt"], str(tmp_path)],
                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+    line = next((t for t in out.stdout.splitlines() if t.startswith("RESULT ")), None)
     assert line, out.stdout[-3000:] + out.stderr[-3000:]
     result = json.loads(line[len("RESULT "):])
     assert result["error"] is None, result

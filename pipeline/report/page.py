@@ -173,7 +173,7 @@ def _gallery(data: Any, assets: str, colormap: str, opacity: float, storage_opti
 
     names = imagenet_classes()
     methods, labels = [str(m) for m in data["methods"]], [str(x) for x in data["labels"]]
-    head = "<tr><th>image</th>" + "".join(f"<th>{html.escape(l)}</th>" for l in labels) + "</tr>"
+    head = "<tr><th>image</th>" + "".join(f"<th>{html.escape(label)}</th>" for label in labels) + "</tr>"
     rows = []
     # images that every method ran on first (costly methods run on a subset)
     evaluated = [sum(not np.isnan(np.asarray(data[f"map__{m}"][i], dtype=np.float32)).all() for m in methods) for i in range(len(data["keys"]))]
