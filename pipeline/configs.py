@@ -212,7 +212,7 @@ class EvalConfig:
     metric_options: dict[str, dict[str, Any]] = derived(default_factory=dict, why="one flag per registered metric option, e.g. --insdel-steps (jobs/eval.py)")
     backbone: str | None = opt(None, "default: the checkpoints' backbone, else efficientnet_lite0; " + BACKBONE_HELP)  # + --layer
     weights: str | None = opt(None, "default: the checkpoints' weights, else 'default'")
-    # SPEC section 5's keep ratios: lcam.metrics.DEFAULT_RATIOS (tests/test_options.py checks they agree; lcam.metrics imports torch)
+    # SPEC section 5's keep ratios: lcam.metrics.adic.DEFAULT_RATIOS (tests/test_options.py checks they agree; lcam.metrics imports torch)
     ratios: tuple[float, ...] = opt((1.0, 0.5, 0.15), "keep ratios", parse=keep_ratios, cli_default="1,0.5,0.15")
     limit: int | None = opt(None, "evaluate a seeded random subset of N images (the papers: 2000)", min=1)
     seed: int = opt(0, "seed of the image subset and of the method-subset ranking")

@@ -341,7 +341,7 @@ def test_insertion_deletion_plugin_end_to_end(data, tmp_path, backbone):
     """The proof that a metric is one plug-in: it reaches results.json, results.md and per_image.csv,
     and its per-image AUCs are those of lcam.metrics on the same images and maps."""
     from lcam.cam_methods.base import build_method
-    from lcam.metrics import insertion_deletion
+    from lcam.metrics.insertion_deletion import insertion_deletion
 
     out = tmp_path / "insdel"
     summary = evaluate(config(data, out, checkpoints=[], methods=("gaussian",), method_limits={}, limit=2,

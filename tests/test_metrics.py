@@ -228,7 +228,7 @@ class MeanScore(nn.Module):
 
 def test_insertion_deletion_auc_hand_computed():
     from lcam.metrics.insertion_deletion import area_under_curve
-    from lcam.metrics import insertion_deletion
+    from lcam.metrics.insertion_deletion import insertion_deletion
 
     # pixel values 0.8, 0.4 / 0.2, 0.6; the map ranks them 0.8 > 0.6 > 0.4 > 0.2
     image = torch.tensor([[0.8, 0.4], [0.2, 0.6]]).expand(1, 3, 2, 2).clone()

@@ -11,35 +11,6 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from .base import (
-    COST_CLASSES,
-    CAMMethod,
-    Option,
-    build_method,
-    default_methods,
-    int_list,
-    method_class,
-    method_classes,
-    method_names,
-    register,
-    unregister,
-)
-from .lcam_method import LCAMMethod
-
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = [
-    "COST_CLASSES",
-    "CAMMethod",
-    "LCAMMethod",
-    "Option",
-    "build_method",
-    "default_methods",
-    "int_list",
-    "method_class",
-    "method_classes",
-    "method_names",
-    "register",
-    "unregister",
-]

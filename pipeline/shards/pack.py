@@ -8,7 +8,6 @@ decided once, here, with PIL, and reported; odd-but-usable images are packed and
 from __future__ import annotations
 
 import concurrent.futures
-import csv
 import hashlib
 import io
 import json
@@ -33,7 +32,8 @@ from pipeline.errors import UserError
 from pipeline.fs import StorageOptions, get_fs, is_local, join, write_json_atomic
 
 from ..progress import Progress, skipped_lines
-from .format import INDEX_FORMAT, INDEX_NAME, as_int
+from .format import INDEX_FORMAT, INDEX_NAME
+from .labels import WNID, find_labels_file, parse_labels
 
 
 REPORT_NAME = "pack_report.json"
@@ -49,10 +49,8 @@ FOLDER_LABELS_WARNING = (
     "classifier reads label 0 as tench, 1 as goldfish, ... Train L-CAM with --target predicted (the classifier's own "
     "class), or pack with --labels FILE mapping each image to the classifier's class index (or name the folders by WordNet id)"
 )
-_WNID = re.compile(r"^n\d{8}$")
 _VAL_NAME = re.compile(r"^ILSVRC2012_val_(\d{8})$")
 _UNSAFE_KEY = re.compile(r"[^A-Za-z0-9_-]")
-_LABELS_SUFFIXES = (".tsv", ".csv", ".txt")
 _DEVKIT_GT = "ILSVRC2012_validation_ground_truth.txt"
 
 
@@ -136,94 +134,6 @@ def _is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTS
 
 
-def _read_text(url: str) -> str:
-    try:
-        fs, path = get_fs(url)
-        raw = fs.cat_file(path)
-    except (FileNotFoundError, IsADirectoryError):
-        raise UserError(f"labels file {url} does not exist") from None
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise UserError(f"labels file {url} is not UTF-8 text") from None
-
-
-def _rows(text: str) -> list[list[str]]:
-    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
-    if not lines:
-        return []
-    if "\t" in lines[0]:
-        return [[c.strip() for c in ln.split("\t")] for ln in lines]
-    if "," in lines[0]:
-        return [[c.strip() for c in row] for row in csv.reader(lines)]
-    return [ln.split() for ln in lines]
-
-
-_FILE_COLS = ("file", "filename", "file_name", "path", "image", "img", "image_id", "imageid", "image_name", "id")
-_CLASS_COLS = ("class_index", "class_idx", "label", "cls", "class", "target", "class_id", "label_index", "predictionstring")
-_WNID_COLS = ("wnid", "synset")
-
-
-def _class_value(value: str, where: str) -> int:
-    """An int class index, or a WordNet id mapped to the standard ImageNet index."""
-    token = value.split()[0] if value.split() else ""  # LOC_val_solution.csv: "n01751748 x y w h ..."
-    idx = as_int(token)
-    if idx is not None:
-        return idx
-    if _WNID.match(token):
-        if token not in imagenet_wnids():
-            raise UserError(f"{where}: {token!r} is not one of the 1000 ImageNet classes")
-        return imagenet_wnids()[token]
-    raise UserError(f"{where}: class {value!r} is neither an integer class index nor an ImageNet WordNet id")
-
-
-def _parse_labels(url: str) -> tuple[str, dict[str, int] | list[int]]:
-    """("table", {file-name-or-stem: class}) or ("per-line", [class of line 1, line 2, ...])."""
-    rows = _rows(_read_text(url))
-    if not rows:
-        raise UserError(f"labels file {url} is empty")
-    if all(len(r) == 1 for r in rows):
-        values = [as_int(r[0]) for r in rows]
-        if any(v is None for v in values):
-            bad = next(i for i, v in enumerate(values) if v is None)
-            raise UserError(f"labels file {url}: line {bad + 1} ({rows[bad][0]!r}) is not an integer class index")
-        return "per-line", values  # type: ignore[return-value]
-    # A header names known columns; anything else is data (and errors name its line).
-    header = [c.lower() for c in rows[0]]
-    has_header = any(c in _FILE_COLS + _CLASS_COLS + _WNID_COLS for c in header)
-    file_col, class_col = 0, 1
-    if has_header:
-        file_col = next((header.index(c) for c in _FILE_COLS if c in header), 0)
-        class_col = next((header.index(c) for c in _CLASS_COLS if c in header), None)
-        if class_col is None:
-            class_col = next((header.index(c) for c in _WNID_COLS if c in header), None)
-        if class_col is None:
-            raise UserError(f"labels file {url}: header {rows[0]} has no class column (expected one of {', '.join(_CLASS_COLS + _WNID_COLS)})")
-        rows = rows[1:]
-    table: dict[str, int] = {}
-    for n, row in enumerate(rows, start=2 if has_header else 1):
-        where = f"labels file {url}, line {n}"
-        if len(row) <= max(file_col, class_col):
-            raise UserError(f"{where}: expected at least {max(file_col, class_col) + 1} columns, got {row}")
-        if n == 1 and as_int(row[class_col]) is None and not _WNID.match(row[class_col]):
-            where += " (if this is a header, name the columns e.g. 'file' and 'class_index')"
-        name, cls = row[file_col], _class_value(row[class_col], where)
-        if table.get(name, cls) != cls:
-            raise UserError(f"{where}: {name!r} is listed twice with different classes ({table[name]} and {cls})")
-        table[name] = cls
-    return "table", table
-
-
-def _find_labels_file(src: Path, top_files: list[str]) -> Path | None:
-    cands = [n for n in top_files if n.lower().endswith(_LABELS_SUFFIXES)]
-    if len(cands) > 1:
-        narrowed = [n for n in cands if re.search(r"label|ground_truth|solution|^val\.txt$", n, re.I)]
-        cands = narrowed or cands
-    if len(cands) > 1:
-        raise UserError(f"{src}: several possible labels files {cands}; pass the right one with --labels")
-    return src / cands[0] if cands else None
-
-
 def _val_number(rel: str) -> int | None:
     m = _VAL_NAME.match(os.path.splitext(os.path.basename(rel))[0])
     return int(m.group(1)) if m else None
@@ -247,11 +157,11 @@ def _plan(src: Path, layout: str, labels_file: str | None, exclude: Path | None)
             layout = "imagefolder"
         elif top_images:
             if labels_path is None:
-                found = _find_labels_file(src, top_files)
+                found = find_labels_file(src, top_files)
                 if found is None:
                     raise UserError(f"{src} is a flat folder of images with no labels file; pass --labels FILE (or use class sub-folders)")
                 labels_path = str(found)
-            kind, _ = _parse_labels(labels_path)
+            kind, _ = parse_labels(labels_path)
             all_val = all(_val_number(n) is not None for n in top_images)
             layout = "imagenet-val" if kind == "per-line" and all_val else "labels"
         else:
@@ -276,7 +186,7 @@ def _plan(src: Path, layout: str, labels_file: str | None, exclude: Path | None)
             raise UserError(f"{src}: no class sub-folders with files in them")
         names = sorted(class_dirs)
         wnids = imagenet_wnids()
-        if all(_WNID.match(n) for n in names):
+        if all(WNID.match(n) for n in names):
             unknown = [n for n in names if n not in wnids]
             if unknown:
                 raise UserError(f"{src}: folders look like ImageNet WordNet ids but {unknown[:5]} are not ImageNet classes")
@@ -299,11 +209,11 @@ def _plan(src: Path, layout: str, labels_file: str | None, exclude: Path | None)
     if layout not in ("labels", "imagenet-val"):
         raise UserError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     if labels_path is None:
-        labels_path = str(_find_labels_file(src, top_files) or "")
+        labels_path = str(find_labels_file(src, top_files) or "")
         if not labels_path:
             raise UserError(f"layout {layout} needs a labels file; pass --labels FILE")
         used_labels = Path(labels_path).resolve()
-    kind, labels = _parse_labels(labels_path)
+    kind, labels = parse_labels(labels_path)
     rels = [*top_files, *(f for files in folders.values() for f in files)]
     images = [rel for rel in rels if not not_image(rel)]
 

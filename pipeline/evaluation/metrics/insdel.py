@@ -39,7 +39,7 @@ class InsertionDeletionAUC(EvalMetric):
     )
 
     def compute(self, batch: MetricBatch) -> dict[str, np.ndarray]:
-        from lcam.metrics import insertion_deletion
+        from lcam.metrics.insertion_deletion import insertion_deletion
 
         r = insertion_deletion(batch.model, batch.images, batch.cams, batch.class_ids, self.steps,
                                self.insertion_baseline, self.deletion_baseline, batch_size=batch.forward_batch)
