@@ -68,8 +68,11 @@ def run(args: argparse.Namespace) -> int:
         from pipeline.fs import join, read_json
 
         fmt = ((read_json(join(args.url, "zarr.json"), options) or {}).get("attributes") or {}).get("format")
-        store = CamStore.open(args.url, options, writable=True) if fmt == CAM_FORMAT else FeatureCache.open(args.url, options, writable=True)
+        store = (CamStore if fmt == CAM_FORMAT else FeatureCache).open_for_repair(args.url, options)
         report, forgotten = store.repair(workers=args.workers)
+        for n in report.notes:
+            if n.startswith("manifest.json rebuilt"):
+                print(f"rebuilt  {n}")
         for p in report.problems:
             print(f"PROBLEM  {p}")
         for url in forgotten:

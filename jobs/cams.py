@@ -42,6 +42,12 @@ def info_lines(info: dict) -> list[str]:
     ]
     if info.get("gallery"):
         lines.append(f"gallery      {info['gallery']}")
+    if not info.get("manifest_found", True):
+        lines.append("PROBLEM      manifest.json is missing: no shard counts as done; re-run `lcam cams` (or `lcam cache repair` to rebuild it)")
+    for url, f in sorted(info.get("failed", {}).items()):
+        lines.append(f"FAILED       {url}: {f.get('reason')} (at {f.get('at')}); a re-run of `lcam cams` retries it")
+    for url, what in sorted(info.get("damaged", {}).items()):
+        lines.append(f"DAMAGED      {url}: {what}; a re-run of `lcam cams` re-makes it")
     return lines
 
 

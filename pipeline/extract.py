@@ -136,7 +136,7 @@ def read_shard_rows(row: dict[str, Any], storage_options: StorageOptions = None)
     """One source shard -> one row per sample; a damaged shard -> one error row (never a crash)."""
     from .shards import ShardInfo, read_shard
 
-    info = ShardInfo(url=row["url"], name=row["name"], count=row["count"] if row["count"] >= 0 else None, sha256=None)
+    info = ShardInfo(url=row["url"], name=row["name"], count=row["count"] if row["count"] >= 0 else None, sha256=row.get("sha256") or None)
     try:
         samples = read_shard(info, storage_options=storage_options)
     except Exception as exc:  # count mismatch, cut tar, unreadable object: report the shard
@@ -382,7 +382,7 @@ def _run(cfg: ExtractConfig, cache: FeatureCache, preprocessing: Any, todo: list
     summary.ray_startup_seconds = ensure_ray()
     known = cache.manifest.get("expected_counts", {})
     total = sum((s.count if s.count is not None else known.get(s.url, 0)) for s in todo) or None
-    items = [{"url": s.url, "name": s.name, "count": s.count if s.count is not None else -1} for s in todo]
+    items = [{"url": s.url, "name": s.name, "count": s.count if s.count is not None else -1, "sha256": s.sha256 or ""} for s in todo]
     actors, gpus = actor_pool(cfg.num_actors)
     progress = Progress(total, cfg.progress, what="extract")
     t_pipe = time.perf_counter()
