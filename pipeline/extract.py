@@ -29,6 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .cache import FeatureCache
+from .store import KeyOwners
 from .device import autocast_dtype, resolve_device
 from .errors import UserError
 from .fs import StorageOptions, absolute
@@ -390,9 +391,15 @@ def _run(cfg: ExtractConfig, cache: FeatureCache, preprocessing: Any, todo: list
     schemes = {s.url: s.labels_scheme for s in todo}  # what the labels mean, for training's --target label
     first_count = 0
 
+    owners = KeyOwners(cache)  # the keys of the done shards: a shard repeating one fails at its commit
+
     def committed(entry: dict[str, Any]) -> None:  # driver: metadata in, manifest out
         nonlocal first_count
         url = entry["url"]
+        clash = owners.clash(url, cache.group_keys(entry["shard_id"]))
+        if clash:
+            failed(url, clash)
+            return
         counts[url] = int(entry["expected_count"])
         entry["labels_scheme"] = schemes.get(url)
         cache.mark_done([entry])
