@@ -59,7 +59,8 @@ def train(cfg: TrainConfig) -> TrainSummary:
                                   shards=cfg.shards or stored.get("shards"))
     method = cfg.method or "fm"
     check_config(dataclasses.replace(cfg, method=method))
-    return train_img(cfg) if method == "img" else train_fm_placed(cfg)
+    with RunFolder(cfg.out, cfg.storage_options).writing(f"lcam train ({method})"):
+        return train_img(cfg) if method == "img" else train_fm_placed(cfg)
 
 
 __all__ = [

@@ -12,12 +12,14 @@ where a real process must die (SIGKILL) or run beside another.
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 
 import numpy as np
@@ -725,3 +727,52 @@ def test_cam_store_damage_listed_and_remade_by_a_rerun(base, tmp_path, capsys):
         for name, v in row.items():
             np.testing.assert_array_equal(v, base["maps"][k][name])
     assert not os.listdir(f"{store}/leases")  # the run's lease is gone
+
+
+def test_ctrl_c_during_ray_start_leaves_no_ray_process(packed, tmp_path):
+    """A local Ray (no RAY_ADDRESS) interrupted while starting: within 10 s of the command's
+    end, none of the processes it started lives (Ray's agents used to outlive it by a minute)."""
+    from pipeline.raykit import _alive, _descendants
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(PYTHONPATH=ROOT, RAY_TMPDIR=tempfile.mkdtemp(prefix="rc-", dir="/tmp"))  # short: Ray's socket paths
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "extract", packed["shards"], str(tmp_path / "cache")],
+                            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline, seen = time.time() + 240, []
+    while time.time() < deadline and proc.poll() is None:
+        seen = _descendants(proc.pid)
+        names = [open(f"/proc/{p}/comm").read().strip() if os.path.exists(f"/proc/{p}/comm") else "" for p in seen]
+        if any("raylet" in n for n in names):  # mid start-up: the raylet is up, its agents are starting
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the extraction ended before Ray started"
+    seen = _descendants(proc.pid)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted; finished work is kept" in err and "Traceback" not in err, err
+    end = time.time() + 10
+    while time.time() < end and any(_alive(p) for p in seen):
+        time.sleep(0.2)
+    assert not [p for p in seen if _alive(p)], "Ray processes outlived the interrupted command by 10 s"
+    shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+
+
+def test_second_writer_of_a_cam_store_or_a_run_is_told_who_holds_it(base, tmp_path, capsys, caplog):
+    store = str(tmp_path / "cams")
+    shutil.copytree(base["cams"], store)
+    os.makedirs(f"{store}/leases", exist_ok=True)
+    other = {"host": "gpu-node-7", "pid": 4242, "started": "2026-01-01T00:00:00+00:00", "what": "CAM generation"}
+    with open(f"{store}/leases/abc.json", "w") as f:
+        json.dump(other, f)
+    code, out, _ = cli(capsys, "cams", base["ckpt"], store, "--cache", base["cache"])
+    assert code == 0 and "notice: another writer (CAM generation)" in out and "host gpu-node-7, pid 4242" in out
+    assert os.listdir(f"{store}/leases") == ["abc.json"]  # its own lease dropped, the other's kept
+
+    run = tmp_path / "run"
+    os.makedirs(run / "leases")
+    with open(run / "leases" / "abc.json", "w") as f:
+        json.dump({**other, "what": "lcam train (fm)"}, f)
+    with caplog.at_level("WARNING", logger="pipeline.leases"):
+        assert cli(capsys, *train_args(base["cache"], run))[0] == 0
+    assert any("another writer (lcam train (fm))" in r.getMessage() and "gpu-node-7" in r.getMessage() for r in caplog.records)
+    assert os.listdir(run / "leases") == ["abc.json"]
