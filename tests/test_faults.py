@@ -718,6 +718,10 @@ def test_cam_store_damage_listed_and_remade_by_a_rerun(base, tmp_path, capsys):
     os.remove(f"{store}/shards/{shard_id_for(url)}/probs/c/0/0")
     code, out, _ = cli(capsys, "cams", "info", store)
     assert code == 0 and f"DAMAGED      {url}: 1 chunk objects missing (e.g. shards/{shard_id_for(url)}/probs/c/0/0)" in out
+    t0 = time.time()
+    line = one_line_error(capsys, "audit", store, "--out", tmp_path / "audit")
+    assert f"CAM store {store}: 1 shard(s) damaged, e.g. {url}" in line and time.time() - t0 < 20  # before Ray starts
+    assert not (tmp_path / "audit").exists()
     code, out, _ = cli(capsys, "cams", base["ckpt"], store, "--cache", base["cache"])
     assert code == 0 and f"re-made damaged shard {url}" in out and "3 already done, 1 written now" in out
     assert "DAMAGED" not in cli(capsys, "cams", "info", store)[1]
@@ -776,3 +780,26 @@ def test_second_writer_of_a_cam_store_or_a_run_is_told_who_holds_it(base, tmp_pa
         assert cli(capsys, *train_args(base["cache"], run))[0] == 0
     assert any("another writer (lcam train (fm))" in r.getMessage() and "gpu-node-7" in r.getMessage() for r in caplog.records)
     assert os.listdir(run / "leases") == ["abc.json"]
+
+
+def test_disk_full_is_one_line_naming_the_file_and_nothing_is_marked_done(base, tmp_path, capsys, monkeypatch):
+    """ENOSPC while the manifest is committed (the last write of a shard): one line naming the
+    file, exit 2, the shard not marked done; a re-run once there is space makes exactly it."""
+    from pipeline import fs as fs_module
+
+    store = str(tmp_path / "cams")
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(fs_module.os, "fsync", full)
+    line = one_line_error(capsys, "cams", base["ckpt"], store, "--cache", base["cache"], "--quiet")
+    assert f"no space left on the device writing {store}/manifest.json" in line and "a re-run resumes" in line
+    monkeypatch.undo()
+    assert not os.path.exists(f"{store}/manifest.json") or not read_json(f"{store}/manifest.json")["shards"]
+    assert cli(capsys, "cams", base["ckpt"], store, "--cache", base["cache"], "--quiet")[0] == 0
+    got = cams_by_key(store)
+    assert sorted(got) == sorted(base["maps"])
+    for k, row in got.items():
+        for name, v in row.items():
+            np.testing.assert_array_equal(v, base["maps"][k][name])
