@@ -100,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
             f"features     {info['dtype']} {tuple(info['feature_shape'])} x views {info['views']}, chunks of {info['chunk_rows']} rows",
             f"samples      {info['samples']} in {info['shards_done']} shards ({info['skipped']} skipped at extraction)",
             f"size         {_size(info['bytes_on_disk'])} on disk, {_size(info['raw_bytes'])} raw, compression ratio {info['compression_ratio']:.2f}",
+            f"checksum     {info['chunk_checksum'] or 'none (made before chunk checksums)'} per chunk",
             "versions     " + ", ".join(f"{k} {v}" for k, v in sorted(info["versions"].items())),
             f"updated      {info['updated']} (created {info['created']})",
         ]

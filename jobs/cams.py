@@ -37,7 +37,7 @@ def info_lines(info: dict) -> list[str]:
         f"classes      {what}: {info['classes_per_sample']} map(s) per sample",
         f"maps         raw float16 {tuple(info['map_size'])}{up}",
         f"samples      {info['samples']} in {info['shards_done']} shards ({info['skipped']} skipped)",
-        f"size         {info['bytes_on_disk'] / 2**20:.1f} MiB on disk",
+        f"size         {info['bytes_on_disk'] / 2**20:.1f} MiB on disk, checksum {info.get('chunk_checksum') or 'none'} per chunk",
         f"updated      {info['updated']} (created {info['created']})",
     ]
     if info.get("gallery"):

@@ -389,6 +389,7 @@ class FeatureCache(ShardedStore):
             "failed": self.failed(),
             "damaged": damaged,
             "manifest_found": self.manifest_found,
+            "chunk_checksum": self.root_attrs.get("chunk_checksum"),
             "bytes_on_disk": on_disk,
             "raw_bytes": raw,
             "compression_ratio": round(raw / on_disk, 3) if on_disk else 0.0,
