@@ -68,8 +68,11 @@ def run(args: argparse.Namespace) -> int:
         from pipeline.fs import join, read_json
 
         fmt = ((read_json(join(args.url, "zarr.json"), options) or {}).get("attributes") or {}).get("format")
-        store = CamStore.open(args.url, options, writable=True) if fmt == CAM_FORMAT else FeatureCache.open(args.url, options, writable=True)
+        store = (CamStore if fmt == CAM_FORMAT else FeatureCache).open_for_repair(args.url, options)
         report, forgotten = store.repair(workers=args.workers)
+        for n in report.notes:
+            if n.startswith("manifest.json rebuilt"):
+                print(f"rebuilt  {n}")
         for p in report.problems:
             print(f"PROBLEM  {p}")
         for url in forgotten:
@@ -97,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
             f"features     {info['dtype']} {tuple(info['feature_shape'])} x views {info['views']}, chunks of {info['chunk_rows']} rows",
             f"samples      {info['samples']} in {info['shards_done']} shards ({info['skipped']} skipped at extraction)",
             f"size         {_size(info['bytes_on_disk'])} on disk, {_size(info['raw_bytes'])} raw, compression ratio {info['compression_ratio']:.2f}",
+            f"checksum     {info['chunk_checksum'] or 'none (made before chunk checksums)'} per chunk",
             "versions     " + ", ".join(f"{k} {v}" for k, v in sorted(info["versions"].items())),
             f"updated      {info['updated']} (created {info['created']})",
         ]

@@ -37,11 +37,17 @@ def info_lines(info: dict) -> list[str]:
         f"classes      {what}: {info['classes_per_sample']} map(s) per sample",
         f"maps         raw float16 {tuple(info['map_size'])}{up}",
         f"samples      {info['samples']} in {info['shards_done']} shards ({info['skipped']} skipped)",
-        f"size         {info['bytes_on_disk'] / 2**20:.1f} MiB on disk",
+        f"size         {info['bytes_on_disk'] / 2**20:.1f} MiB on disk, checksum {info.get('chunk_checksum') or 'none'} per chunk",
         f"updated      {info['updated']} (created {info['created']})",
     ]
     if info.get("gallery"):
         lines.append(f"gallery      {info['gallery']}")
+    if not info.get("manifest_found", True):
+        lines.append("PROBLEM      manifest.json is missing: no shard counts as done; re-run `lcam cams` (or `lcam cache repair` to rebuild it)")
+    for url, f in sorted(info.get("failed", {}).items()):
+        lines.append(f"FAILED       {url}: {f.get('reason')} (at {f.get('at')}); a re-run of `lcam cams` retries it")
+    for url, what in sorted(info.get("damaged", {}).items()):
+        lines.append(f"DAMAGED      {url}: {what}; a re-run of `lcam cams` re-makes it")
     return lines
 
 

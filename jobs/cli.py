@@ -123,6 +123,10 @@ def run_job(name: str, argv: list[str]) -> int:
         return 2
     except KeyboardInterrupt:
         print(f"lcam {name}: interrupted; finished work is kept and a re-run resumes", file=sys.stderr)
+        if "ray" in sys.modules:  # a local Ray this run started: no process of it outlives the command
+            from pipeline.raykit import stop_local_ray
+
+            stop_local_ray()
         return 130
 
 

@@ -17,6 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefix", default="shard", metavar="P", help="shard name prefix: P-000000.tar (default 'shard')")
     parser.add_argument("--overwrite", action="store_true", help="allow an output folder that already holds shards")
     parser.add_argument("--shuffle-seed", type=int, default=None, metavar="S", help="pack in a seeded random order instead of file order")
+    parser.add_argument("--num-classes", type=int, default=1000, metavar="K", help="the classifier's classes: a labels file class outside 0..K-1 is refused (default 1000)")
+    parser.add_argument("--skip-bad-labels", action="store_true", help="leave out images whose labels file class is outside 0..K-1 (listed in the report) instead of refusing")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -32,6 +34,8 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         overwrite=args.overwrite,
         shuffle_seed=args.shuffle_seed,
+        num_classes=args.num_classes,
+        skip_bad_labels=args.skip_bad_labels,
     )
     print(report.summary())
     return 0 if report.packed > 0 else 1

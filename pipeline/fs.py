@@ -52,9 +52,23 @@ def storage_error_message(exc: BaseException) -> str | None:
     if names & set(_UNREACHABLE):
         return (f"cannot reach the object store ({type(exc).__name__}: {first}): check the endpoint "
                 "(--...storage-option client_kwargs.endpoint_url=...), the network and the service")
+    full = _disk_full(exc)
+    if full is not None:
+        return (f"no space left on the device writing {full.filename or 'the output'} ({full.strerror or 'disk full'}): "
+                "free space or give a location with room; what was finished is kept (nothing half-written counts as done) and a re-run resumes")
     if isinstance(exc, PermissionError) or (isinstance(exc, OSError) and exc.errno == errno.EROFS):
         what = exc.filename or first
         return f"permission denied: {what} ({exc.strerror or first}); choose a location you may write to, or fix its permissions or credentials"
+    return None
+
+
+def _disk_full(exc: BaseException | None) -> OSError | None:
+    """The disk-full or quota error in ``exc``'s chain (Ray wraps a task's error as its cause), else None."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return exc
+        exc, seen = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__, seen + 1
     return None
 
 
@@ -93,6 +107,10 @@ def write_bytes_atomic(url: str, data: bytes, storage_options: StorageOptions = 
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+        except OSError as exc:  # disk full, quota: name the file being written, not the temporary
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
+                raise type(exc)(exc.errno, exc.strerror, path) from None
+            raise
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)

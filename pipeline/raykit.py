@@ -67,6 +67,60 @@ def ensure_ray() -> float:
     return time.perf_counter() - t0
 
 
+def _descendants(root: int) -> list[int]:
+    """Process ids below ``root`` (from /proc; Linux), children before grandchildren."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    children.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+            except (OSError, IndexError, ValueError):
+                continue
+    out, stack = [], [root]
+    while stack:
+        for pid in children.get(stack.pop(), []):
+            out.append(pid)
+            stack.append(pid)
+    return out
+
+
+def stop_local_ray(grace_s: float = 5.0) -> None:
+    """After Ctrl-C: shut down the Ray this process started (never a cluster it joined) and end
+    what is left of it within ``grace_s`` + 1 s. Ray's agents outlive their raylet by about a
+    minute, so this process's own descendants, listed before the shutdown, are ended by id."""
+    import signal
+    import sys
+
+    if "ray" not in sys.modules or os.environ.get("RAY_ADDRESS"):
+        return
+    import ray
+
+    ours = _descendants(os.getpid())  # also when interrupted inside ray.init: its processes may be up already
+    try:
+        ray.shutdown()
+    except BaseException:  # a second Ctrl-C, or a half-started Ray: the processes are ended below
+        pass
+    deadline = time.monotonic() + grace_s
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in ours:
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        while time.monotonic() < deadline and any(_alive(p) for p in ours):
+            time.sleep(0.1)
+        deadline = time.monotonic() + 1.0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except (OSError, IndexError):
+        return False
+
+
 def actor_pool(requested: int | None) -> tuple[int, float]:
     """(actors, GPUs per actor): one actor per GPU of the cluster, else one CPU actor; ``requested`` overrides the count."""
     import ray

@@ -22,7 +22,7 @@ def read_shard_rows(row: dict[str, Any], storage_options: StorageOptions = None)
     from .shards.format import ShardInfo
     from .shards.read import read_shard
 
-    info = ShardInfo(url=row["url"], name=row["name"], count=row["count"] if row["count"] >= 0 else None, sha256=None)
+    info = ShardInfo(url=row["url"], name=row["name"], count=row["count"] if row["count"] >= 0 else None, sha256=row.get("sha256") or None)
     try:
         samples = read_shard(info, storage_options=storage_options)
     except Exception as exc:  # count mismatch, cut tar, unreadable object: report the shard

@@ -12,12 +12,14 @@ where a real process must die (SIGKILL) or run beside another.
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 
 import numpy as np
@@ -486,3 +488,322 @@ def test_skip_reasons_carry_no_object_repr(tmp_path, capsys):
     assert [s["file"] for s in report.skipped] == ["cats/junk.jpg"]
     reason = report.skipped[0]["reason"]
     assert "0x" not in reason and "<" not in reason and "not a recognised image format" in reason
+
+
+# ================================================================ round 2 (issue #30)
+def damaged_checkpoints(good: str, folder) -> dict[str, tuple[str, str]]:
+    """name -> (path, phrase its one line must hold): each way a checkpoint file goes wrong."""
+    import torch
+
+    data = open(good, "rb").read()
+    payload = torch.load(good, weights_only=True)
+
+    def variant(name: str, **change) -> str:
+        q = {k: v for k, v in payload.items() if change.get(k, "") is not None}
+        q.update({k: v for k, v in change.items() if v is not None})
+        buf = io.BytesIO()
+        torch.save(q, buf)
+        (folder / name).write_bytes(buf.getvalue())
+        return str(folder / name)
+
+    (folder / "empty.pt").write_bytes(b"")
+    (folder / "cut.pt").write_bytes(data[: len(data) // 2])
+    return {
+        "empty": (str(folder / "empty.pt"), "is empty (0 bytes)"),
+        "truncated": (str(folder / "cut.pt"), "is truncated or damaged"),
+        "wrong shape": (variant("shape.pt", attention={"conv.weight": torch.zeros(10, 1280, 1, 1), "conv.bias": torch.zeros(10)}),
+                        "attention conv.weight has shape (10, 1280, 1, 1), but its backbone efficientnet_lite0 needs (1000, 1280, 1, 1)"),
+        "no attention": (variant("noatt.pt", attention=None), "it has no 'attention' entry"),
+        "bad metadata": (variant("json.pt", backbone='{"backbone": "eff'), "its 'backbone' entry is not valid JSON"),
+    }
+
+
+def test_damaged_checkpoints_are_one_line_for_cams_eval_and_resume(base, tmp_path, capsys):
+    for what, (path, phrase) in damaged_checkpoints(base["ckpt"], tmp_path).items():
+        line = one_line_error(capsys, "cams", path, tmp_path / "cams-out", "--cache", base["cache"], "--quiet")
+        assert f"checkpoint {path!r}" in line and phrase in line, (what, line)
+        assert not (tmp_path / "cams-out").exists()
+    empty = str(tmp_path / "empty.pt")
+    line = one_line_error(capsys, "eval", base["shards"], tmp_path / "eval-out", "--checkpoint", empty, "--methods", "none")
+    assert f"checkpoint {empty!r} is empty (0 bytes)" in line
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(tmp_path / "cut.pt", run / "checkpoint.pt")
+    before = sorted(os.listdir(run))
+    line = one_line_error(capsys, *train_args(base["cache"], run), "--resume")
+    assert f"checkpoint.pt' ({os.path.getsize(run / 'checkpoint.pt')} bytes) is truncated or damaged" in line
+    assert sorted(os.listdir(run)) == before  # nothing written beside it
+
+
+def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
+    """A write that dies half-way leaves the previous checkpoint whole under its name, and no temporary."""
+    from pipeline import fs as fs_module
+    from pipeline.train.checkpoints import load_checkpoint
+
+    backbone = build_backbone("efficientnet_lite0")
+    state = LCAM(backbone).attention.state_dict()
+    url = str(tmp_path / "checkpoint.pt")
+    save_checkpoint(url, attention_state=state, method="fm", backbone=backbone.describe(), epoch=1)
+    real_fsync = os.fsync
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(fs_module.os, "fsync", full_disk)
+    with pytest.raises(Exception, match="No space left|disk full"):
+        save_checkpoint(url, attention_state=state, method="fm", backbone=backbone.describe(), epoch=2)
+    monkeypatch.setattr(fs_module.os, "fsync", real_fsync)
+    assert load_checkpoint(url)["epoch"] == 1 and os.listdir(tmp_path) == ["checkpoint.pt"]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty"])
+def test_damaged_manifest_is_one_line_and_repair_rebuilds_it(base, tmp_path, capsys, damage):
+    cache = copy_cache(base, tmp_path)
+    manifest = f"{cache}/manifest.json"
+    data = open(manifest, "rb").read()
+    open(manifest, "wb").write(data[: len(data) // 2] if damage == "truncated" else b"")
+    want = "manifest.json is damaged: " + ("not valid JSON" if damage == "truncated" else "empty (0 bytes)")
+    for argv in (("cache", "info", cache), ("cache", "verify", cache), train_args(cache, tmp_path / "run"),
+                 ("extract", base["shards"], cache), ("cams", base["ckpt"], tmp_path / "cams-out", "--cache", cache, "--quiet")):
+        line = one_line_error(capsys, *argv)
+        assert f"feature cache {cache}: {want}" in line and f"lcam cache repair {cache}" in line, line
+    code, out, _ = cli(capsys, "cache", "repair", cache)
+    assert code == 0 and "manifest.json rebuilt from 4 complete shard groups" in out
+    assert cli(capsys, "cache", "verify", cache)[0] == 0
+    got = features_by_key(cache)
+    assert sorted(got) == sorted(base["features"])
+    for k, f in got.items():
+        np.testing.assert_array_equal(f, base["features"][k])
+
+    store = str(tmp_path / "cams")
+    shutil.copytree(base["cams"], store)
+    open(f"{store}/manifest.json", "wb").write(b"")
+    line = one_line_error(capsys, "cams", "info", store)
+    assert f"CAM store {store}: manifest.json is damaged: empty (0 bytes)" in line
+    code, out, _ = cli(capsys, "cache", "repair", store)
+    assert code == 0 and "rebuilt from 4 complete shard groups" in out
+    got = cams_by_key(store)
+    assert sorted(got) == sorted(base["maps"])
+    for k, row in got.items():
+        for name, v in row.items():
+            np.testing.assert_array_equal(v, base["maps"][k][name])
+
+
+def labelled_folder(root, rows: list[str]):
+    """A flat folder of 3 images and a labels.tsv of ``rows``."""
+    make_images(root / "tmp", n=3)
+    root.mkdir(exist_ok=True)
+    for i, p in enumerate(sorted((root / "tmp").rglob("*.jpg"))):
+        shutil.move(p, root / f"im{i}.jpg")
+    shutil.rmtree(root / "tmp")
+    (root / "labels.tsv").write_text("file\tclass_index\n" + "".join(r + "\n" for r in rows))
+    return root
+
+
+def test_labels_outside_the_classifier_and_rows_without_files(tmp_path, capsys):
+    src = labelled_folder(tmp_path / "flat", ["im0.jpg\t3", "im1.jpg\t1000", "im2.jpg\t7", "gone.jpg\t5"])
+    line = one_line_error(capsys, "shards", src, tmp_path / "out", "--no-progress")
+    assert "labels.tsv, line 3: class 1000 is outside the classifier's classes 0..999" in line and "--skip-bad-labels" in line
+    assert not (tmp_path / "out" / "index.json").exists()
+
+    code, out, _ = cli(capsys, "shards", src, tmp_path / "out", "--no-progress", "--skip-bad-labels")
+    assert code == 0 and "packed 2 images" in out
+    assert "im1.jpg: class 1000 outside the classifier's 0..999 (labels.tsv line 3)" in out
+    assert "labels file rows naming no image in the folder: 1" in out and "line 5: gone.jpg" in out
+    report = read_json(f"{tmp_path}/out/pack_report.json")
+    assert report["labels_unmatched"] == [{"line": 5, "file": "gone.jpg"}]
+    assert [s["file"] for s in report["skipped"]] == ["im1.jpg"]
+    assert sorted((s.key, s.label) for s in read_shard(list_shards(str(tmp_path / "out"))[0])) == [("im0", 3), ("im2", 7)]
+    # another classifier: --num-classes sets the range
+    line = one_line_error(capsys, "shards", src, tmp_path / "out5", "--no-progress", "--num-classes", "2")
+    assert "line 2: class 3 is outside the classifier's classes 0..1" in line
+    code, out, _ = cli(capsys, "shards", src, tmp_path / "out1001", "--no-progress", "--num-classes", "1001")
+    assert code == 0 and "packed 3 images" in out
+
+
+def third_party_shard(path, samples: list[tuple[str, bytes, int]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for key, image, label in samples:
+            for ext, data in (("cls", str(label).encode()), ("jpg", image)):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def test_third_party_class_outside_the_classifier_refused_by_train_and_skipped_by_cams(base, tmp_path, capsys):
+    cache = str(tmp_path / "cache")
+    shutil.copytree(base["cache"], cache)
+    # one shard of the cache, its labels rewritten to a class the classifier lacks
+    import zarr
+
+    url = base["urls"][0]
+    labels = zarr.open_array(f"{cache}/shards/{shard_id_for(url)}/labels", mode="r+")
+    labels[:] = np.array([1000, 3], dtype=np.int32)
+    keys = zarr.open_group(f"{cache}/shards/{shard_id_for(url)}", mode="r").attrs["keys"]
+    argv = [a if a != "predicted" else "label" for a in train_args(cache, tmp_path / "run")]
+    line = one_line_error(capsys, *argv)
+    assert f"sample {keys[0]!r}" in line and "has class 1000, outside the classifier's classes 0..999" in line
+    code, out, _ = cli(capsys, "cams", base["ckpt"], tmp_path / "cams", "--cache", cache, "--classes", "label", "--quiet")
+    assert code == 0 and f"{keys[0]}: label 1000 is not one of the classifier's classes" in out
+    assert sorted(cams_by_key(str(tmp_path / "cams"))) == sorted(k for k in base["maps"] if k != keys[0])
+
+
+def test_changed_shard_bytes_and_duplicate_keys_fail_their_shards_at_extraction(base, tmp_path, capsys):
+    folder = tmp_path / "shards"
+    shutil.copytree(base["shards"], folder)
+    changed = folder / os.path.basename(base["urls"][1])
+    image = next(o for o in member_offsets(changed) if o[0].endswith(".jpg"))
+    data = bytearray(changed.read_bytes())
+    data[image[2] - 40 : image[2] - 36] = bytes(b ^ 0x5A for b in data[image[2] - 40 : image[2] - 36])  # 4 bytes inside one JPEG
+    changed.write_bytes(bytes(data))
+    # two third-party shards (no index entry) that share a key
+    with tarfile.open(base["urls"][0]) as tar:
+        jpeg = tar.extractfile(next(m for m in tar.getmembers() if m.name.endswith(".jpg"))).read()
+    third_party_shard(folder / "extra-a.tar", [("same", jpeg, 1), ("only-a", jpeg, 2)])
+    third_party_shard(folder / "extra-b.tar", [("same", jpeg, 1)])
+    cache = str(tmp_path / "cache")
+    code, out, _ = cli(capsys, "extract", folder / "*.tar", cache, "--batch-size", "8")
+    assert code == 1, out
+    assert f"FAILED shard {changed}" in out and "its bytes changed since packing" in out
+    dup = [ln for ln in out.splitlines() if "duplicate key 'same'" in ln]
+    assert len(dup) == 1 and "already holds it" in dup[0]
+    loser = os.path.basename(dup[0].split()[2].rstrip(":"))  # whichever finished second
+    winner = {"extra-a.tar": "extra-b.tar", "extra-b.tar": "extra-a.tar"}[loser]
+    assert f"shard {folder / winner} already holds it" in dup[0]
+    code, out, _ = cli(capsys, "cache", "verify", cache)
+    assert code == 1 and f"failed shard {changed}" in out and f"failed shard {folder / loser}" in out and "duplicate key" in out
+    assert "PROBLEM  duplicate key 'same': appears" not in out  # the cache itself holds no duplicate
+
+    # the shard restored: a re-run makes exactly it, the features equal the original cache's
+    shutil.copy(base["urls"][1], changed)
+    (folder / loser).unlink()
+    code, out, _ = cli(capsys, "extract", folder / "*.tar", cache, "--batch-size", "8")
+    assert code == 0 and "extracted now" in out
+    got = features_by_key(cache)
+    for k, f in base["features"].items():
+        np.testing.assert_array_equal(got[k], f)
+
+
+def test_flipped_bits_in_chunks_are_errors_never_values(base, tmp_path, capsys):
+    cache = copy_cache(base, tmp_path)
+    assert read_json(f"{cache}/zarr.json")["attributes"]["chunk_checksum"] == "crc32c"
+    url = base["urls"][2]
+    obj = f"{cache}/shards/{shard_id_for(url)}/features/c/0/0/0/0/0"
+    clean = open(obj, "rb").read()
+    rng = np.random.default_rng(5)
+    for bit in rng.choice(len(clean) * 8, size=6, replace=False):
+        data = bytearray(clean)
+        data[bit // 8] ^= 1 << (bit % 8)
+        open(obj, "wb").write(bytes(data))
+        code, out, _ = cli(capsys, "cache", "verify", cache)
+        assert code == 1 and f"shard {url}: a chunk object is unreadable" in out, (bit, out)
+    assert_readers_refuse(capsys, base, cache, tmp_path, f"shard {url}", "chunk object is unreadable")
+
+
+def test_non_finite_features_read_back_are_damage_not_a_training_problem(base, tmp_path, capsys):
+    import zarr
+
+    cache = copy_cache(base, tmp_path)
+    url = base["urls"][3]
+    arr = zarr.open_array(f"{cache}/shards/{shard_id_for(url)}/features", mode="r+")  # rewritten with a valid checksum
+    feats = arr[:]
+    feats[1, 0, 5, 0, 0] = np.nan
+    arr[:] = feats
+    code, out, _ = cli(capsys, "cache", "verify", cache)
+    assert code == 1 and f"shard {url}: 1 rows have NaN/Inf features" in out
+    line = one_line_error(capsys, *train_args(cache, tmp_path / "run"))
+    assert f"shard {url}" in line and "is damaged" in line and "NaN/Inf" in line and "learning rate" not in line
+
+
+def test_cam_store_damage_listed_and_remade_by_a_rerun(base, tmp_path, capsys):
+    store = str(tmp_path / "cams")
+    shutil.copytree(base["cams"], store)
+    url = base["urls"][1]
+    os.remove(f"{store}/shards/{shard_id_for(url)}/probs/c/0/0")
+    code, out, _ = cli(capsys, "cams", "info", store)
+    assert code == 0 and f"DAMAGED      {url}: 1 chunk objects missing (e.g. shards/{shard_id_for(url)}/probs/c/0/0)" in out
+    t0 = time.time()
+    line = one_line_error(capsys, "audit", store, "--out", tmp_path / "audit")
+    assert f"CAM store {store}: 1 shard(s) damaged, e.g. {url}" in line and time.time() - t0 < 20  # before Ray starts
+    assert not (tmp_path / "audit").exists()
+    code, out, _ = cli(capsys, "cams", base["ckpt"], store, "--cache", base["cache"])
+    assert code == 0 and f"re-made damaged shard {url}" in out and "3 already done, 1 written now" in out
+    assert "DAMAGED" not in cli(capsys, "cams", "info", store)[1]
+    got = cams_by_key(store)
+    assert sorted(got) == sorted(base["maps"])
+    for k, row in got.items():
+        for name, v in row.items():
+            np.testing.assert_array_equal(v, base["maps"][k][name])
+    assert not os.listdir(f"{store}/leases")  # the run's lease is gone
+
+
+def test_ctrl_c_during_ray_start_leaves_no_ray_process(packed, tmp_path):
+    """A local Ray (no RAY_ADDRESS) interrupted while starting: within 10 s of the command's
+    end, none of the processes it started lives (Ray's agents used to outlive it by a minute)."""
+    from pipeline.raykit import _alive, _descendants
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(PYTHONPATH=ROOT, RAY_TMPDIR=tempfile.mkdtemp(prefix="rc-", dir="/tmp"))  # short: Ray's socket paths
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "extract", packed["shards"], str(tmp_path / "cache")],
+                            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline, seen = time.time() + 240, []
+    while time.time() < deadline and proc.poll() is None:
+        seen = _descendants(proc.pid)
+        names = [open(f"/proc/{p}/comm").read().strip() if os.path.exists(f"/proc/{p}/comm") else "" for p in seen]
+        if any("raylet" in n for n in names):  # mid start-up: the raylet is up, its agents are starting
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the extraction ended before Ray started"
+    seen = _descendants(proc.pid)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted; finished work is kept" in err and "Traceback" not in err, err
+    end = time.time() + 10
+    while time.time() < end and any(_alive(p) for p in seen):
+        time.sleep(0.2)
+    assert not [p for p in seen if _alive(p)], "Ray processes outlived the interrupted command by 10 s"
+    shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+
+
+def test_second_writer_of_a_cam_store_or_a_run_is_told_who_holds_it(base, tmp_path, capsys, caplog):
+    store = str(tmp_path / "cams")
+    shutil.copytree(base["cams"], store)
+    os.makedirs(f"{store}/leases", exist_ok=True)
+    other = {"host": "gpu-node-7", "pid": 4242, "started": "2026-01-01T00:00:00+00:00", "what": "CAM generation"}
+    with open(f"{store}/leases/abc.json", "w") as f:
+        json.dump(other, f)
+    code, out, _ = cli(capsys, "cams", base["ckpt"], store, "--cache", base["cache"])
+    assert code == 0 and "notice: another writer (CAM generation)" in out and "host gpu-node-7, pid 4242" in out
+    assert os.listdir(f"{store}/leases") == ["abc.json"]  # its own lease dropped, the other's kept
+
+    run = tmp_path / "run"
+    os.makedirs(run / "leases")
+    with open(run / "leases" / "abc.json", "w") as f:
+        json.dump({**other, "what": "lcam train (fm)"}, f)
+    with caplog.at_level("WARNING", logger="pipeline.store.leases"):
+        assert cli(capsys, *train_args(base["cache"], run))[0] == 0
+    assert any("another writer (lcam train (fm))" in r.getMessage() and "gpu-node-7" in r.getMessage() for r in caplog.records)
+    assert os.listdir(run / "leases") == ["abc.json"]
+
+
+def test_disk_full_is_one_line_naming_the_file_and_nothing_is_marked_done(base, tmp_path, capsys, monkeypatch):
+    """ENOSPC while the manifest is committed (the last write of a shard): one line naming the
+    file, exit 2, the shard not marked done; a re-run once there is space makes exactly it."""
+    from pipeline import fs as fs_module
+
+    store = str(tmp_path / "cams")
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(fs_module.os, "fsync", full)
+    line = one_line_error(capsys, "cams", base["ckpt"], store, "--cache", base["cache"], "--quiet")
+    assert f"no space left on the device writing {store}/manifest.json" in line and "a re-run resumes" in line
+    monkeypatch.undo()
+    assert not os.path.exists(f"{store}/manifest.json") or not read_json(f"{store}/manifest.json")["shards"]
+    assert cli(capsys, "cams", base["ckpt"], store, "--cache", base["cache"], "--quiet")[0] == 0
+    got = cams_by_key(store)
+    assert sorted(got) == sorted(base["maps"])
+    for k, row in got.items():
+        for name, v in row.items():
+            np.testing.assert_array_equal(v, base["maps"][k][name])

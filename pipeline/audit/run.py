@@ -39,6 +39,7 @@ import numpy as np
 from .html import picture_name
 from .stats import STAT_NAMES, map_statistics, resize_maps, spearman, top_region_iou
 from ..errors import UserError
+from ..store.layer import StoreDamaged
 from ..fs import StorageOptions, get_fs, join, write_bytes_atomic
 
 log = logging.getLogger(__name__)
@@ -297,6 +298,11 @@ def run_audit(cfg: AuditConfig) -> AuditSummary:
     entries = store.entries()
     if not entries or len(store) == 0:
         raise UserError(f"the CAM store {cfg.cams} holds no samples; run `lcam cams` into it first")
+    damaged = store.damage_scan()  # before Ray starts: a lost object would fail the audit minutes in
+    if damaged:
+        url, what = sorted(damaged.items())[0]
+        raise StoreDamaged(f"CAM store {store.url}: {len(damaged)} shard(s) damaged, e.g. {url}: {what}; "
+                           "re-run the `lcam cams` that made the store (it re-makes damaged shards), then audit")
     backbone = store.identity["checkpoint"]["backbone"]
     names = load_class_names(cfg.class_names, class_names_options(cfg.class_names, cfg.storage_options), int(backbone["num_classes"]))
     compare, compare_label = _load_compare(cfg) if cfg.compare else ({}, "")

@@ -198,9 +198,11 @@ def _read_cache_chunk(cache: Any, entry: Mapping[str, Any], ci: int, fields: lis
 @torch.no_grad()
 def _explain_cache_chunk(model: LCAM, chunk: dict[str, Any], view: int, selection: ClassSelection, use_top5: bool, size: int | None) -> dict[str, np.ndarray]:
     labels = np.asarray(chunk["labels"], dtype=np.int64)
-    keep = labels >= 0 if selection.mode == "label" else np.ones(len(labels), dtype=bool)
+    classes = model.attention.num_classes
+    # classes 'label' explains each row's label: rows without one, or with a class the classifier lacks, are skipped
+    keep = (labels >= 0) & (labels < classes) if selection.mode == "label" else np.ones(len(labels), dtype=bool)
     keys = np.array(chunk["keys"], dtype=object)
-    out: dict[str, np.ndarray] = {"key": keys[keep], "label": labels[keep], "dropped": keys[~keep]}
+    out: dict[str, np.ndarray] = {"key": keys[keep], "label": labels[keep], "dropped": keys[~keep], "dropped_label": labels[~keep]}
     if not keep.any():
         return out
     device = next(model.attention.parameters()).device
@@ -223,8 +225,12 @@ def _explain_cache_chunk(model: LCAM, chunk: dict[str, Any], view: int, selectio
     return out
 
 
+def _skip_reason(label: int) -> str:
+    return "no label: classes 'label' needs one" if label < 0 else f"label {label} is not one of the classifier's classes"
+
+
 def _join_parts(parts: list[dict[str, np.ndarray]], url: str) -> tuple[dict[str, np.ndarray], list[dict[str, str]]]:
-    skipped = [{"key": str(k), "reason": "no label: classes 'label' needs one", "shard": url} for p in parts for k in p.pop("dropped")]
+    skipped = [{"key": str(k), "reason": _skip_reason(int(lab)), "shard": url} for p in parts for k, lab in zip(p.pop("dropped"), p.pop("dropped_label"))]
     names = set().union(*(p.keys() for p in parts))
     rows = {n: np.concatenate([p[n] for p in parts if n in p]) for n in names}
     return rows, skipped

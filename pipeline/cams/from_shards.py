@@ -48,6 +48,8 @@ class CamActor:
         labels = np.asarray(batch["label"], dtype=np.int64)
         if sel.mode == "label":
             errors[(labels < 0) & (errors == "")] = "no label: classes 'label' needs one"
+            beyond = (labels >= model.attention.num_classes) & (errors == "")
+            errors[beyond] = [f"label {lab} is not one of the classifier's classes" for lab in labels[beyond]]
         ok = errors == ""
         n, t, (h, w) = len(labels), sel.width, model.backbone.feature_shape[1:]
         out = {k: batch[k] for k in ("key", "label")}
@@ -117,7 +119,7 @@ def cams_from_shards(cfg: CamsConfig, ckpt: Mapping[str, Any], store: CamStore, 
     t0, wall0 = time.perf_counter(), time.time()
     summary.ray_startup_seconds = ensure_ray()
     preprocessing = Preprocessing.from_dict(ckpt["backbone"]["preprocessing"])
-    items = [{"url": s.url, "name": s.name, "count": s.count if s.count is not None else -1} for s in todo]
+    items = [{"url": s.url, "name": s.name, "count": s.count if s.count is not None else -1, "sha256": s.sha256 or ""} for s in todo]
     actors, gpus = actor_pool(cfg.num_actors)
     progress = Progress(sum(s.count or 0 for s in todo) or None, cfg.progress, what="cams", unit="images")
     ready_at = math.inf

@@ -27,10 +27,12 @@ one with other settings is refused rather than mixed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 
 from ..store.cam_store import CamStore
@@ -39,11 +41,14 @@ from .from_shards import cams_from_shards
 from ..device import resolve_device
 from ..errors import UserError
 from ..progress import skipped_lines
+from ..store.leases import announce_writers
 from .explainer import ClassSelection, checkpoint_fingerprint
 
 
 
 # ---------------------------------------------------------------- bulk generation
+log = logging.getLogger(__name__)
+
 from ..configs import CamsConfig  # noqa: E402
 
 
@@ -59,6 +64,8 @@ class CamsSummary:
     maps: int = 0
     skipped: list[dict[str, str]] = field(default_factory=list)
     failed_shards: list[dict[str, str]] = field(default_factory=list)
+    remade_damaged: list[str] = field(default_factory=list)  # done shards found damaged at the start: re-made
+    notices: list[str] = field(default_factory=list)  # e.g. another writer into the same store
     seconds: float = 0.0
     ray_startup_seconds: float = 0.0
     actors_ready_seconds: float = 0.0  # shard source: from the start until the first model actor was ready
@@ -101,6 +108,9 @@ class CamsSummary:
             nodes = Counter(n[:12] for n in self.ran_on)
             out.append(f"model actors: {len(self.ran_on)} on Ray node(s) " + ", ".join(f"{n} (x{c})" for n, c in nodes.items()))
         out += skipped_lines(self.skipped, "samples", "see the store's manifest.json")
+        for url in self.remade_damaged:
+            out.append(f"re-made damaged shard {url} (objects were missing)")
+        out += [f"notice: {n}" for n in self.notices]
         for f in self.failed_shards:
             out.append(f"FAILED shard {f['url']}: {f['reason']}")
         if self.gallery:
@@ -175,24 +185,28 @@ def generate_cams(cfg: CamsConfig) -> CamsSummary:
         store = CamStore.create_or_open(cfg.out, identity, checkpoint_url=cfg.checkpoint, source_url=cfg.cache, storage_options=cfg.out_storage_options,
                                         class_coverage=None if coverage is None else coverage.tolist())
         entries = [cache.manifest["shards"][u] for u in sorted(cache.done_sources())]  # the cache's own order
+        remade = _forget_damaged(store)
         done = store.done_sources()
         todo = [e for e in entries if e["url"] not in done]  # a re-run resumes: done shards are skipped
-        summary = CamsSummary(store.url, store.fingerprint, f"feature cache {cache.url}", len(entries), len(entries) - len(todo))
-        if on_ray:
-            if todo:
-                cams_from_cache_on_ray(cfg, cache, store, selection, todo, summary)
-        elif todo:
-            cams_from_cache(cfg, model, cache, store, selection, todo, summary)
+        summary = CamsSummary(store.url, store.fingerprint, f"feature cache {cache.url}", len(entries), len(entries) - len(todo), remade_damaged=remade)
+        with _writing(store, summary, todo):
+            if on_ray:
+                if todo:
+                    cams_from_cache_on_ray(cfg, cache, store, selection, todo, summary)
+            elif todo:
+                cams_from_cache(cfg, model, cache, store, selection, todo, summary)
     else:
         shards = _list_existing_shards(cfg)
         identity["source"] = {"kind": "images", "preprocessing": backbone["preprocessing"], "view": "center"}
         store = CamStore.create_or_open(cfg.out, identity, checkpoint_url=cfg.checkpoint, source_url=str(cfg.shards), storage_options=cfg.out_storage_options,
                                         class_coverage=None if coverage is None else coverage.tolist())
+        remade = _forget_damaged(store)
         done = store.done_sources()
         todo = [s for s in shards if s.url not in done]
-        summary = CamsSummary(store.url, store.fingerprint, f"shards {cfg.shards}", len(shards), len(shards) - len(todo))
-        if todo:
-            cams_from_shards(cfg, ckpt, store, selection, todo, summary)
+        summary = CamsSummary(store.url, store.fingerprint, f"shards {cfg.shards}", len(shards), len(shards) - len(todo), remade_damaged=remade)
+        with _writing(store, summary, todo):
+            if todo:
+                cams_from_shards(cfg, ckpt, store, selection, todo, summary)
 
     if cfg.overlays:
         from .gallery import write_gallery
@@ -210,6 +224,28 @@ def generate_cams(cfg: CamsConfig) -> CamsSummary:
         )
         summary.gallery = result.index_url
     return summary
+
+
+def _forget_damaged(store: CamStore) -> list[str]:
+    """Done shards with lost objects (one listing of the store) are forgotten, so this run re-makes them."""
+    damaged = store.damage_scan()
+    for url, what in sorted(damaged.items()):
+        log.warning("CAM store %s: shard %s is damaged (%s); re-making it", store.url, url, what)
+    return store.forget(sorted(damaged)) if damaged else []
+
+
+@contextlib.contextmanager
+def _writing(store: CamStore, summary: CamsSummary, todo: list[Any]) -> Iterator[None]:
+    """This run's writer lease on the store (another writer is named in the summary), and
+    the shards that failed recorded in the manifest (``cams info`` lists them, a re-run retries)."""
+    summary.notices += announce_writers(store.leases, "CAM generation", store.url)
+    lease = store.leases.take({"what": "CAM generation", "todo": len(todo)}) if todo else None
+    try:
+        yield
+    finally:
+        if lease is not None:
+            store.leases.drop(lease)
+        store.mark_failed({f["url"]: f["reason"] for f in summary.failed_shards})
 
 
 def _check_colormap(name: str) -> None:

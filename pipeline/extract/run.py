@@ -27,6 +27,7 @@ import numpy as np
 
 from ..store.feature_cache import FeatureCache
 from ..device import autocast_dtype, pad_lone_image
+from ..store.layer import KeyOwners
 from ..errors import UserError
 from ..fs import absolute
 from ..progress import Progress, skipped_lines
@@ -264,7 +265,7 @@ def _run(cfg: ExtractConfig, cache: FeatureCache, preprocessing: Any, todo: list
     summary.ray_startup_seconds = ensure_ray()
     known = cache.manifest.get("expected_counts", {})
     total = sum((s.count if s.count is not None else known.get(s.url, 0)) for s in todo) or None
-    items = [{"url": s.url, "name": s.name, "count": s.count if s.count is not None else -1} for s in todo]
+    items = [{"url": s.url, "name": s.name, "count": s.count if s.count is not None else -1, "sha256": s.sha256 or ""} for s in todo]
     actors, gpus = actor_pool(cfg.num_actors)
     progress = Progress(total, cfg.progress, what="extract")
     t_pipe = time.perf_counter()
@@ -272,9 +273,15 @@ def _run(cfg: ExtractConfig, cache: FeatureCache, preprocessing: Any, todo: list
     schemes = {s.url: s.labels_scheme for s in todo}  # what the labels mean, for training's --target label
     first_count = 0
 
+    owners = KeyOwners(cache)  # the keys of the done shards: a shard repeating one fails at its commit
+
     def committed(entry: dict[str, Any]) -> None:  # driver: metadata in, manifest out
         nonlocal first_count
         url = entry["url"]
+        clash = owners.clash(url, cache.group_keys(entry["shard_id"]))
+        if clash:
+            failed(url, clash)
+            return
         counts[url] = int(entry["expected_count"])
         entry["labels_scheme"] = schemes.get(url)
         cache.mark_done([entry])

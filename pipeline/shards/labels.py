@@ -5,6 +5,7 @@ WordNet ids; and finding the labels file beside the images."""
 from __future__ import annotations
 
 import csv
+import os
 import re
 from pathlib import Path
 
@@ -58,8 +59,21 @@ def _class_value(value: str, where: str) -> int:
     raise UserError(f"{where}: class {value!r} is neither an integer class index nor an ImageNet WordNet id")
 
 
-def parse_labels(url: str) -> tuple[str, dict[str, int] | list[int]]:
-    """("table", {file-name-or-stem: class}) or ("per-line", [class of line 1, line 2, ...])."""
+class LabelsTable(dict):
+    """{file-name-or-stem: class} of a labels file, with the line of each row and the rows
+    whose class is outside the classifier's range (skipped: name -> reason)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: dict[str, int] = {}
+        self.out_of_range: dict[str, str] = {}
+
+
+def parse_labels(url: str, num_classes: int | None = None, skip_out_of_range: bool = False) -> tuple[str, dict[str, int] | list[int]]:
+    """("table", {file-name-or-stem: class}) or ("per-line", [class of line 1, line 2, ...]).
+
+    ``num_classes``: a class outside 0..num_classes-1 is refused with its line, or with
+    ``skip_out_of_range`` left out of the table (in ``out_of_range``, with its reason)."""
     rows = _rows(_read_text(url))
     if not rows:
         raise UserError(f"labels file {url} is empty")
@@ -81,7 +95,7 @@ def parse_labels(url: str) -> tuple[str, dict[str, int] | list[int]]:
         if class_col is None:
             raise UserError(f"labels file {url}: header {rows[0]} has no class column (expected one of {', '.join(_CLASS_COLS + _WNID_COLS)})")
         rows = rows[1:]
-    table: dict[str, int] = {}
+    table = LabelsTable()
     for n, row in enumerate(rows, start=2 if has_header else 1):
         where = f"labels file {url}, line {n}"
         if len(row) <= max(file_col, class_col):
@@ -91,7 +105,15 @@ def parse_labels(url: str) -> tuple[str, dict[str, int] | list[int]]:
         name, cls = row[file_col], _class_value(row[class_col], where)
         if table.get(name, cls) != cls:
             raise UserError(f"{where}: {name!r} is listed twice with different classes ({table[name]} and {cls})")
+        if num_classes is not None and not 0 <= cls < num_classes:
+            why = f"class {cls} outside the classifier's 0..{num_classes - 1} ({os.path.basename(url)} line {n})"
+            if not skip_out_of_range:
+                raise UserError(f"{where}: class {cls} is outside the classifier's classes 0..{num_classes - 1}; "
+                                "fix the row, or pass --skip-bad-labels to leave such images out (listed in the report)")
+            table.out_of_range[name] = why
+            continue
         table[name] = cls
+        table.lines.setdefault(name, n)
     return "table", table
 
 

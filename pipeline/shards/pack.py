@@ -20,7 +20,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -64,6 +64,7 @@ class PackReport:
     layout: str = ""
     out_url: str = ""
     labels_scheme: str = ""
+    labels_unmatched: list[dict] = field(default_factory=list)  # labels file rows naming no image: {"line", "file"}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -79,6 +80,11 @@ class PackReport:
         lines += skipped_lines(self.skipped, "files", f"{REPORT_NAME} lists them all", shown=5, name=lambda s: s["file"])
         if self.labels_scheme == "folders":
             lines.append(FOLDER_LABELS_WARNING)
+        if self.labels_unmatched:
+            lines.append(f"labels file rows naming no image in the folder: {len(self.labels_unmatched)} (not packed)")
+            lines += [f"  line {u['line']}: {u['file']}" for u in self.labels_unmatched[:5]]
+            if len(self.labels_unmatched) > 5:
+                lines.append(f"  ... {len(self.labels_unmatched) - 5} more (all in {REPORT_NAME})")
         if self.notes:
             by = Counter(n["kind"] for n in self.notes)
             lines.append(f"notes {len(self.notes)} (packed anyway): " + ", ".join(f"{k} x{v}" for k, v in by.most_common()))
@@ -105,6 +111,7 @@ class _Plan:
     notes: list[dict]
     labels_scheme: str
     class_names: list[str] | None
+    unmatched: list[dict] = field(default_factory=list)  # labels file rows naming no image: {"line", "file"}
 
 
 def _is_hidden(name: str) -> bool:
@@ -139,7 +146,7 @@ def _val_number(rel: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _plan(src: Path, layout: str, labels_file: str | None, exclude: Path | None) -> _Plan:
+def _plan(src: Path, layout: str, labels_file: str | None, exclude: Path | None, num_classes: int = 1000, skip_bad_labels: bool = False) -> _Plan:
     top_files, folders = _scan(src, exclude)
     top_images = [n for n in top_files if _is_image_name(n)]
     class_dirs = {d: f for d, f in folders.items() if any(_is_image_name(x) for x in f)}
@@ -213,7 +220,7 @@ def _plan(src: Path, layout: str, labels_file: str | None, exclude: Path | None)
         if not labels_path:
             raise UserError(f"layout {layout} needs a labels file; pass --labels FILE")
         used_labels = Path(labels_path).resolve()
-    kind, labels = parse_labels(labels_path)
+    kind, labels = parse_labels(labels_path, num_classes, skip_bad_labels)
     rels = [*top_files, *(f for files in folders.values() for f in files)]
     images = [rel for rel in rels if not not_image(rel)]
 
@@ -235,6 +242,7 @@ def _plan(src: Path, layout: str, labels_file: str | None, exclude: Path | None)
         )
 
     scheme = "imagenet" if layout == "imagenet-val" else "labels-file"
+    used: set[str] = set()
     for rel in images:
         if kind == "per-line":
             n = _val_number(rel)
@@ -242,14 +250,21 @@ def _plan(src: Path, layout: str, labels_file: str | None, exclude: Path | None)
         else:
             base = os.path.basename(rel)
             stem = os.path.splitext(base)[0]
-            label = next((labels[k] for k in (rel, base, stem) if k in labels), None)  # type: ignore[call-overload]
+            name = next((k for k in (rel, base, stem) if k in labels), None)
+            label = labels[name] if name is not None else None  # type: ignore[call-overload]
+            used.add(name or "")
+            bad = next((labels.out_of_range[k] for k in (rel, base, stem) if k in labels.out_of_range), None)  # type: ignore[union-attr]
+            if label is None and bad:
+                skipped.append({"file": rel, "reason": bad})
+                continue
         if label is None:
             label = -1
             notes.append({"file": rel, "kind": "unlabeled", "note": f"no entry in {os.path.basename(labels_path)}: cls -1"})
         items.append(_Item(rel, str(src / rel), label))
     if scheme == "imagenet":
         class_names = list(imagenet_classes())
-    return _Plan(layout, items, skipped, notes, scheme, class_names)
+    unmatched = [] if kind == "per-line" else [{"line": ln, "file": k} for k, ln in labels.lines.items() if k not in used]  # type: ignore[union-attr]
+    return _Plan(layout, items, skipped, notes, scheme, class_names, sorted(unmatched, key=lambda u: u["line"]))
 
 
 def _assign_keys(items: list[_Item]) -> None:
@@ -437,6 +452,8 @@ def pack_folder(
     overwrite: bool = False,
     shuffle_seed: int | None = None,
     workers: int | None = None,
+    num_classes: int = 1000,
+    skip_bad_labels: bool = False,
 ) -> PackReport:
     """Pack an image folder into ``{prefix}-{i:06d}.tar`` shards + ``index.json`` at ``out_url``.
 
@@ -445,7 +462,9 @@ def pack_folder(
     "auto". ``overwrite`` allows an output that already holds shards (stale shards of
     the same prefix are removed at the end). ``shuffle_seed`` packs in a seeded random
     order instead of sorted file order. ``workers`` threads check images (PIL releases
-    the GIL while decoding); default min(8, CPUs).
+    the GIL while decoding); default min(8, CPUs). ``num_classes``: the classifier's classes;
+    a labels file row outside 0..num_classes-1 is refused (with ``skip_bad_labels``: its
+    image is skipped, with the reason in the report).
     """
     t0 = time.time()
     if layout not in LAYOUTS:
@@ -463,7 +482,7 @@ def pack_folder(
     fs, base = get_fs(out_url, storage_options)
     base = base.rstrip("/")
     exclude = Path(base).resolve() if is_local(fs) else None
-    plan = _plan(src_path, layout, str(labels_file) if labels_file else None, exclude)
+    plan = _plan(src_path, layout, str(labels_file) if labels_file else None, exclude, num_classes, skip_bad_labels)
     _assign_keys(plan.items)
     if shuffle_seed is not None:
         random.Random(shuffle_seed).shuffle(plan.items)
@@ -534,6 +553,7 @@ def pack_folder(
         layout=plan.layout,
         out_url=out_url,
         labels_scheme=plan.labels_scheme,
+        labels_unmatched=plan.unmatched,
     )
     _write_json(fs, base, REPORT_NAME, report.to_dict())
     index = {

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import io
 import json
 import tarfile
 from typing import Any, BinaryIO, Iterable, Iterator
@@ -183,29 +182,41 @@ def _check_end_of_archive(tail: bytes, size: int, url: str) -> None:
         )
 
 
-def read_shard(info: ShardInfo | str, storage_options: StorageOptions = None, verify_sha256: bool = False) -> list[Sample]:
-    """All samples of a shard, checked against the index count (and sha256 if asked).
+class _HashingReader:
+    """A read-only stream that hashes (sha256) what passes through it and keeps the last
+    bytes: one pass over a shard gives its samples, its digest and its tail."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f, self.sha, self.size, self.tail = f, hashlib.sha256(), 0, b""
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.sha.update(data)
+        self.size += len(data)
+        self.tail = (self.tail + data)[-_END_BYTES:]
+        return data
+
+    def drain(self) -> None:
+        """Read to the end (a tar reader stops at the end blocks, some bytes may follow)."""
+        while self.read(1 << 20):
+            pass
+
+
+def read_shard(info: ShardInfo | str, storage_options: StorageOptions = None, verify_sha256: bool = True) -> list[Sample]:
+    """All samples of a shard, checked against the index: the count and (``verify_sha256``,
+    the default) the sha256, hashed while the tar streams (no second read).
 
     Raises :class:`ShardCountMismatch` when the index says N but the tar holds another
-    number: a tar cut at a member boundary reads without any error otherwise.
+    number: a tar cut at a member boundary reads without any error otherwise;
+    :class:`ShardChecksumMismatch` when the bytes differ from what was packed.
     """
     if isinstance(info, str):
         info = ShardInfo(info, info.rsplit("/", 1)[-1])
-    if verify_sha256 and info.sha256:
-        fs, path = get_fs(info.url, storage_options)
-        data = fs.cat_file(path)
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != info.sha256:
-            raise ShardChecksumMismatch(
-                f"shard {info.url}: sha256 {digest} differs from the index's {info.sha256}; re-download or re-pack it"
-            )
-        samples = list(_samples_from_stream(io.BytesIO(data), info.url))
-        tail, size = data[-_END_BYTES:], len(data)
-    else:
-        samples = list(iter_samples(info.url, storage_options))
-        fs, path = get_fs(info.url, storage_options)
-        size = fs.size(path)
-        tail = fs.read_block(path, max(0, size - _END_BYTES), _END_BYTES) if size else b""
+    fs, path = get_fs(info.url, storage_options)
+    with fs.open(path, "rb") as f:
+        reader = _HashingReader(f)
+        samples = list(_samples_from_stream(reader, info.url))  # type: ignore[arg-type]
+        reader.drain()
     if info.count is not None and len(samples) != info.count:
         with_image = sum(1 for s in samples if s.image)
         raise ShardCountMismatch(
@@ -224,7 +235,13 @@ def read_shard(info: ShardInfo | str, storage_options: StorageOptions = None, ve
                 f"shard {info.url}: sample {empty[0]!r} has no image member ({len(empty)} such): the shard is "
                 "incomplete; re-download it or re-pack the dataset"
             )
-    _check_end_of_archive(tail, size, info.url)  # last: a known count or a lost image names the loss better
+    digest = reader.sha.hexdigest()
+    if verify_sha256 and info.sha256 and digest != info.sha256:
+        raise ShardChecksumMismatch(
+            f"shard {info.url}: its bytes changed since packing (sha256 {digest[:16]}..., the index records {info.sha256[:16]}...); "
+            "re-download or re-pack it"
+        )
+    _check_end_of_archive(reader.tail, reader.size, info.url)  # last: a known count or a lost image names the loss better
     return samples
 
 

@@ -130,7 +130,7 @@ class CamStore(ShardedStore):
         }
         if self.upsampled_size:
             s = self.upsampled_size
-            spec["upsampled"] = ((n, t, s, s), np.uint8, 0, max(1, UPSAMPLED_CHUNK_BYTES // (t * s * s)))
+            spec["upsampled"] = ((n, t, s, s), np.uint8, 0, self.chunk_rows("upsampled"))
         source_names = {"labels": "label"}
         arrays: dict[str, tuple[np.ndarray, Any, int]] = {}
         for name, (shape, dtype, fill, chunk) in spec.items():
@@ -177,6 +177,27 @@ class CamStore(ShardedStore):
         names = [n for n in ("labels", "class_ids", "probs", "raw", "upsampled", "predicted", "predicted_prob") if n != "upsampled" or self.upsampled_size]
         return names + (["coverage"] if self.class_coverage is not None else [])
 
+    def lost_chunks(self, entry: Mapping[str, Any], present: set[str]) -> list[str]:
+        sid, n = entry["shard_id"], int(entry["count"])
+        ndims = {"labels": 1, "predicted": 1, "predicted_prob": 1, "class_ids": 2, "probs": 2, "coverage": 2, "raw": 4, "upsampled": 4}
+        lost = []
+        for name in self.stored_arrays():
+            if f"{sid}/{name}/zarr.json" not in present:
+                lost.append(f"{name}/zarr.json")
+                continue
+            rows = self.chunk_rows(name)
+            for i in range(-(-n // rows)):
+                key = f"{name}/c/" + "/".join([str(i)] + ["0"] * (ndims[name] - 1))
+                if f"{sid}/{key}" not in present:
+                    lost.append(key)
+        return lost
+
+    def chunk_rows(self, name: str) -> int:
+        """Rows per chunk of array ``name`` (as :meth:`write_shard` writes them)."""
+        if name == "upsampled" and self.upsampled_size:
+            return max(1, UPSAMPLED_CHUNK_BYTES // (self.width * self.upsampled_size**2))
+        return SMALL_CHUNK_ROWS
+
     def repair_hint(self, source_url: str) -> str:
         return f"`lcam cache repair {self.url}` (forgets damaged shards), then re-run the `lcam cams` that made this store"
 
@@ -215,6 +236,10 @@ class CamStore(ShardedStore):
             "bytes_on_disk": int(fs.du(path, total=True)) if fs.exists(path) else 0,
             "gallery": join(self.url, "gallery", "index.html") if fs.exists(f"{path}/gallery/index.html") else None,
             "class_rows_trained": None if self.class_coverage is None else int((self.class_coverage > 0).sum()),
+            "damaged": self.damage_scan(),
+            "failed": self.failed(),
+            "manifest_found": self.manifest_found,
+            "chunk_checksum": self.root_attrs.get("chunk_checksum"),
             "versions": self._manifest.get("versions", {}),
             "created": self._manifest.get("created"),
             "updated": self._manifest.get("updated"),

@@ -287,10 +287,19 @@ class FeatureCache(ShardedStore):
         out: dict[str, Any] = {"keys": list(attrs["keys"][lo:hi])}
         for name in names if fields is None else [f for f in fields if f != "keys"]:
             data = self.read_array(handle.entry, name, handle.array(name), slice(lo, hi))
+            if name == "features":
+                self._check_finite(handle.entry, data, lo, out["keys"])
             if name == "features" and self.dtype == "bfloat16" and not raw:
                 data = bf16_to_f32(data)
             out[name] = data
         return out
+
+    def _check_finite(self, entry: Mapping[str, Any], stored: np.ndarray, lo: int, keys: Sequence[str]) -> None:
+        """NaN/Inf is never written (:meth:`write_shard` refuses it): read back, it is damage."""
+        bad = np.flatnonzero(~_finite_rows(stored, self.dtype))
+        if len(bad):
+            raise self.damaged(entry, f"{len(bad)} rows from row {lo} read back as NaN/Inf features (e.g. {keys[bad[0]]!r}), "
+                                      "which extraction never writes: the stored data changed")
 
     def iter_rows(self, batch_size: int = 64, *, shard_ids: Sequence[str] | None = None, view: int | None = None) -> Iterator[tuple[list[str], np.ndarray, np.ndarray, np.ndarray]]:
         """Batches ``(keys, features float32, labels int64, top1 int64)`` in shard order, row order.
@@ -316,6 +325,9 @@ class FeatureCache(ShardedStore):
         V, (C, h, w) = len(self.views), self.feature_shape
         item = 4 if self.dtype == "float32" else 2
         return V * C * h * w * item + 4 + TOP_K * 4 * 2 + (self.num_classes * 2 if self.store_logits else 0)
+
+    def lost_chunks(self, entry: Mapping[str, Any], present: set[str]) -> list[str]:
+        return self._lost_chunks(entry, present)
 
     def _lost_chunks(self, entry: Mapping[str, Any], present: set[str]) -> list[str]:
         """Chunk objects of a done shard absent from ``present`` (keys below shards/), from the
@@ -367,6 +379,7 @@ class FeatureCache(ShardedStore):
             "failed": self.failed(),
             "damaged": damaged,
             "manifest_found": self.manifest_found,
+            "chunk_checksum": self.root_attrs.get("chunk_checksum"),
             "bytes_on_disk": on_disk,
             "raw_bytes": raw,
             "compression_ratio": round(raw / on_disk, 3) if on_disk else 0.0,
@@ -489,8 +502,12 @@ class FeatureCache(ShardedStore):
         return problems, keys, chunks
 
     def repair(self, *, workers: int = 4) -> tuple[VerifyReport, list[str]]:
-        """Verify, then forget the damaged shards so the next extraction re-makes them."""
+        """Rebuild a missing or damaged manifest from the groups present, verify, then forget
+        the damaged shards so the next extraction re-makes them."""
+        rebuilt = VerifyReport()
+        self.rebuild_manifest(rebuilt)
         report = self.verify(workers=workers)
+        report.notes[:0] = rebuilt.notes
         return report, self.forget(report.damaged) if report.damaged else []
 
     def _orphan_groups(self, known: set[str]) -> list[str]:

@@ -24,14 +24,16 @@ empty manifest), :mod:`pipeline.store.clients` (one client per process) and
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import zarr
 import zarr.api.asynchronous as zarr_async
-from zarr.codecs import ZstdCodec
+from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.core.sync import sync as zsync
 
 from ..errors import UserError
@@ -41,9 +43,13 @@ from .clients import connect_fs, make_zarr_store
 from .identity import canonical, fingerprint_of, identity_diff, new_manifest, package_versions, shard_id_for, utc_now
 
 
-def default_compressors() -> list:
-    """zstd level 1: best ratio and fastest decode on real features (benchmarks/RESULTS.md)."""
-    return [ZstdCodec(level=1)]
+CHUNK_CHECKSUM = "crc32c"  # root attrs "chunk_checksum" of stores made since checksums were added
+
+
+def default_compressors(checksum: str | None = CHUNK_CHECKSUM) -> list:
+    """zstd level 1: best ratio and fastest decode on real features (benchmarks/RESULTS.md);
+    then a crc32c of the compressed bytes, so a changed bit is a read error, never a value."""
+    return [ZstdCodec(level=1)] + ([Crc32cCodec()] if checksum == "crc32c" else [])
 
 
 class StoreDamaged(UserError):
@@ -52,6 +58,14 @@ class StoreDamaged(UserError):
     Zarr reads a missing chunk as its fill value; readers must never see those zeros,
     so every group is checked against its chunk set when first opened, and decode errors
     are turned into this. The message names the shard and the commands that repair it.
+    """
+
+
+class ManifestDamaged(UserError):
+    """``manifest.json`` exists but cannot be read (empty, truncated, not a manifest).
+
+    The manifest can be derived from the store (every complete group names its source and
+    count), so the message names ``lcam cache repair``, which rebuilds it.
     """
 
 
@@ -72,6 +86,44 @@ class VerifyReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, "problems": self.problems, "notes": self.notes, "shards": self.shards, "rows": self.rows, "chunks_read": self.chunks_read, "damaged": self.damaged}
+
+
+def _key_hashes(keys: Sequence[str]) -> np.ndarray:
+    return np.array([int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), "little") for k in keys], dtype=np.uint64)
+
+
+class KeyOwners:
+    """Which done shard holds each key, to refuse a shard that repeats another's key when it
+    is committed (not later, in verify). 12 bytes a key (a 64-bit hash and a shard number,
+    sorted numpy arrays): 15 MB for ImageNet's 1.28M; a hash hit is confirmed on the keys."""
+
+    def __init__(self, store: "ShardedStore") -> None:
+        self.store, self.urls = store, []  # type: list[str]
+        self.hashes, self.owner = np.zeros(0, np.uint64), np.zeros(0, np.int32)
+        entries = store.entries()
+        with ThreadPoolExecutor(16) as pool:  # one small read per done shard, once per run
+            for e, keys in zip(entries, pool.map(lambda e: store.group_keys(e["shard_id"]), entries)):
+                self._add(e["url"], keys)
+
+    def _add(self, url: str, keys: Sequence[str]) -> None:
+        self.urls.append(url)
+        hashes = np.concatenate([self.hashes, _key_hashes(keys)])
+        owner = np.concatenate([self.owner, np.full(len(keys), len(self.urls) - 1, np.int32)])
+        order = np.argsort(hashes, kind="stable")
+        self.hashes, self.owner = hashes[order], owner[order]
+
+    def clash(self, url: str, keys: Sequence[str]) -> str | None:
+        """Why shard ``url`` may not be added (a key another shard holds), or None (then it is added)."""
+        new = _key_hashes(keys)
+        at = np.searchsorted(self.hashes, new)
+        for i in np.flatnonzero(at < len(self.hashes)):
+            if self.hashes[at[i]] == new[i] and self.urls[self.owner[at[i]]] != url:
+                other = self.urls[self.owner[at[i]]]
+                sid = self.store.manifest["shards"].get(other, {}).get("shard_id") or shard_id_for(other)
+                if keys[i] in self.store.group_keys(sid):
+                    return f"duplicate key {keys[i]!r}: shard {other} already holds it; keys must be unique across the dataset (rename or drop one)"
+        self._add(url, keys)
+        return None
 
 
 class ShardedStore:
@@ -137,11 +189,12 @@ class ShardedStore:
         if found is not None:
             if found.get("fingerprint") != fp:
                 raise cls.MISMATCH(cls.mismatch_message(url, found, full, fp))
-            manifest = read_json_fs(fs, f"{root}/manifest.json") or new_manifest(fp, cls.FORMAT)
+            manifest = cls._read_manifest(fs, root, url) or new_manifest(fp, cls.FORMAT)
             return cls(url, found, manifest, storage_options, writable=True, fs=(fs, root))
         if fs.exists(root) and fs.ls(root):
             raise UserError(f"{url} exists and holds files but no {cls.KIND} (no zarr.json); pick an empty or new location")
-        root_attrs = {"format": cls.FORMAT, "identity": full, "fingerprint": fp, **dict(attrs or {})}
+        # the checksum is recorded beside the identity, not in it: it changes no value, so no fingerprint
+        root_attrs = {"format": cls.FORMAT, "identity": full, "fingerprint": fp, "chunk_checksum": CHUNK_CHECKSUM, **dict(attrs or {})}
         zstore = make_zarr_store(url, storage_options, read_only=False)
         zarr.open_group(zstore, mode="w", attributes=root_attrs)
         zarr.open_group(zstore, path="shards", mode="w")
@@ -157,8 +210,39 @@ class ShardedStore:
         attrs = cls._read_root_attrs(fs, root, url)
         if attrs is None:
             raise cls.NOT_FOUND(f"no {cls.KIND} at {url} (no zarr.json with format {cls.FORMAT}); {cls.make_hint(url)}")
-        manifest = read_json_fs(fs, f"{root}/manifest.json") or {}  # {}: lost (verify reports it)
+        manifest = cls._read_manifest(fs, root, url) or {}  # {}: lost (verify reports it)
         return cls(url, attrs, manifest or new_manifest(attrs["fingerprint"], cls.FORMAT), storage_options, writable=writable, fs=(fs, root)).with_manifest_found(bool(manifest))
+
+    @classmethod
+    def open_for_repair(cls, url: str, storage_options: StorageOptions = None) -> "ShardedStore":
+        """Open for :meth:`repair` even when ``manifest.json`` is damaged (repair rebuilds it)."""
+        try:
+            return cls.open(url, storage_options, writable=True)
+        except ManifestDamaged:
+            url = url.rstrip("/")
+            fs, root = connect_fs(url, storage_options)
+            attrs = cls._read_root_attrs(fs, root, url) or {}
+            store = cls(url, attrs, new_manifest(attrs["fingerprint"], cls.FORMAT), storage_options, writable=True, fs=(fs, root))
+            return store.with_manifest_found(False)
+
+    @classmethod
+    def _read_manifest(cls, fs: Any, root: str, url: str) -> dict[str, Any] | None:
+        """``manifest.json`` (None when absent); a damaged one is :class:`ManifestDamaged`, one line."""
+        try:
+            data = fs.cat_file(f"{root}/manifest.json")
+        except FileNotFoundError:
+            return None
+        why = ""
+        try:
+            manifest = json.loads(data)
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+            manifest, why = None, "empty (0 bytes)" if not data else f"not valid JSON, {len(data)} bytes ({str(exc).splitlines()[0][:80]})"
+        if not why and not (isinstance(manifest, dict) and isinstance(manifest.get("shards"), dict)):
+            why = "not a manifest (no 'shards' object)"
+        if why:
+            raise ManifestDamaged(f"{cls.KIND} {url}: manifest.json is damaged: {why}. The data is intact; "
+                                  f"rebuild the manifest from the shard groups present with `lcam cache repair {url}`")
+        return manifest
 
     @classmethod
     def _read_root_attrs(cls, fs: Any, root: str, url: str) -> dict[str, Any] | None:
@@ -218,6 +302,10 @@ class ShardedStore:
     def _group_attrs(self, sid: str) -> dict[str, Any] | None:
         return (self._read_json("shards", sid, "zarr.json") or {}).get("attributes")
 
+    def group_keys(self, sid: str) -> list[str]:
+        """The keys a shard group records (empty while it is incomplete or absent)."""
+        return [str(k) for k in (self._group_attrs(sid) or {}).get("keys", [])]
+
     # ---- damage: what readers must refuse
     def repair_hint(self, source_url: str) -> str:
         """The commands that rebuild one shard (subclasses name the re-run command)."""
@@ -266,6 +354,28 @@ class ShardedStore:
         except Exception as exc:  # zstd/codec errors, short reads: the object is damaged
             raise self.damaged(entry, f"array {name}, rows {rows.start}-{rows.stop}: a chunk object is unreadable ({type(exc).__name__}: {str(exc)[:120]})") from None
 
+    def lost_chunks(self, entry: Mapping[str, Any], present: set[str]) -> list[str]:
+        """Objects of a done shard's arrays absent from ``present`` (keys below ``shards/``),
+        from the layout alone (subclasses: they know each array's chunking)."""
+        raise NotImplementedError
+
+    def damage_scan(self) -> dict[str, str]:
+        """Done shards with lost objects (source URL -> what), from ONE listing of the store:
+        cheap enough for ``info`` and for every run's start."""
+        fs, path = self._fs()
+        try:
+            objects = fs.find(f"{path}/shards")
+        except FileNotFoundError:
+            objects = []
+        prefix = f"{path}/shards/"
+        present = {p[len(prefix):] for p in objects if p.startswith(prefix)}
+        damaged = {}
+        for e in self.entries():
+            lost = self.lost_chunks(e, present)
+            if lost:
+                damaged[e["url"]] = f"{len(lost)} chunk objects missing (e.g. shards/{e['shard_id']}/{lost[0]})"
+        return damaged
+
     def failed(self) -> dict[str, dict[str, Any]]:
         """Shards whose last attempt failed (url -> {reason, at}); a later run retries them."""
         return dict(self._manifest.get("failed", {}))
@@ -285,8 +395,8 @@ class ShardedStore:
 
     def repair(self, *, workers: int = 4) -> tuple[VerifyReport, list[str]]:
         """Check every done shard, forget the damaged ones so the next run re-makes them."""
-        self.refresh()
         report = VerifyReport()
+        self.rebuild_manifest(report)
         for e in self._index()[0]:
             report.shards += 1
             try:
@@ -295,6 +405,32 @@ class ShardedStore:
                 report.problems.append(str(exc))
                 report.damaged.append(e["url"])
         return report, self.forget(report.damaged) if report.damaged else []
+
+    def rebuild_manifest(self, report: VerifyReport) -> None:
+        """A missing or damaged ``manifest.json`` rebuilt from the complete groups present
+        (a group with ``keys`` and ``source`` attrs was written whole); noted in ``report``.
+        A readable manifest is kept as it is."""
+        try:
+            self.refresh()
+            if self.manifest_found:
+                return
+        except ManifestDamaged:
+            pass
+        manifest = new_manifest(self.fingerprint, self.FORMAT)
+        fs, root = self._fs()
+        try:
+            names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(f"{root}/shards", detail=False))
+        except FileNotFoundError:
+            names = []
+        for sid in names:
+            attrs = self._group_attrs(sid) if sid != "zarr.json" else None
+            if not attrs or "keys" not in attrs or not attrs.get("source") or attrs.get("count") != len(attrs["keys"]):
+                continue  # incomplete (an interrupted write): the next run re-makes it
+            manifest["shards"][attrs["source"]] = {"url": attrs["source"], "shard_id": sid, "count": int(attrs["count"]),
+                                                   "skipped": list(attrs.get("skipped", [])), "seconds": 0.0, "finished_at": utc_now(), "rebuilt": True}
+        self._save_manifest(manifest)
+        self.manifest_found = True
+        report.notes.append(f"manifest.json rebuilt from {len(manifest['shards'])} complete shard groups")
 
     @property
     def leases(self) -> WriterLeases:
@@ -315,7 +451,7 @@ class ShardedStore:
 
     def refresh(self) -> dict[str, Any]:
         """Re-read manifest.json (another process may have advanced it)."""
-        found = self._read_json("manifest.json")
+        found = self._read_manifest(*self._fs(), self.url)
         self.manifest_found = bool(found)
         self._manifest = found or new_manifest(self.fingerprint, self.FORMAT)
         self._sorted = None
@@ -387,7 +523,7 @@ class ShardedStore:
                 shape=data.shape,
                 chunks=(chunk_rows, *data.shape[1:]),
                 dtype=data.dtype,
-                compressors=default_compressors(),
+                compressors=default_compressors(self.root_attrs.get("chunk_checksum")),
                 fill_value=fill,
                 dimension_names=dims if dims is not None and len(dims) == data.ndim else None,
                 config={"write_empty_chunks": True},

@@ -10,6 +10,7 @@ that writer's run removes it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import uuid
@@ -17,6 +18,8 @@ from typing import Any, Mapping
 
 from ..fs import is_local, read_json_fs
 from .identity import utc_now
+
+log = logging.getLogger(__name__)
 
 
 def _alive(pid: int) -> bool:
@@ -68,3 +71,16 @@ class WriterLeases:
                 continue
             out.append(info)
         return out
+
+
+def announce_writers(leases: WriterLeases, what: str, url: str) -> list[str]:
+    """Warn about every other live writer of ``url`` (its host, pid, start and kind); the
+    notices, one line each, for the run's summary. Take this run's own lease after."""
+    notices = []
+    for other in leases.others():
+        notice = (f"another writer ({other.get('what', 'a run')}) into {url} is running or was killed on another host: "
+                  f"host {other.get('host')}, pid {other.get('pid')}, started {other.get('started')}; both write correct results, "
+                  "the work is done twice: stop one to save it")
+        log.warning(notice)
+        notices.append(notice)
+    return notices

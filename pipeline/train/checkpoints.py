@@ -73,23 +73,88 @@ def save_checkpoint(
 
 
 def load_checkpoint(url: str, storage_options: StorageOptions = None, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """The checkpoint as a dict, JSON fields decoded; clear errors for a missing or foreign file."""
+    """The checkpoint as a dict, JSON fields decoded; any missing, damaged or foreign file is
+    one :class:`UserError` naming the file and what is wrong with it."""
     fs, path = get_fs(url, storage_options)
     try:
         data = fs.cat_file(path)
     except FileNotFoundError:
         raise UserError(f"checkpoint {url!r} not found; train one with `lcam train` first") from None
+    except IsADirectoryError:
+        raise UserError(f"checkpoint {url!r} is a folder; give the checkpoint file in it (e.g. {url.rstrip('/')}/checkpoint.pt)") from None
+    except PermissionError:
+        raise UserError(f"checkpoint {url!r} cannot be read (permission denied); fix its permissions or give another file") from None
+    payload = _unpickle(url, data, map_location)
+    _check_payload(url, payload)
+    return payload
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message, or its class name (EOFError has none)."""
+    lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+    return lines[0][:200] if lines else type(exc).__name__
+
+
+def _unpickle(url: str, data: bytes, map_location: str | torch.device) -> dict[str, Any]:
+    if not data:
+        raise UserError(f"checkpoint {url!r} is empty (0 bytes): it was cut while being written or copied; use another checkpoint (e.g. epoch-NNN.pt of the run) or train again")
     try:
         payload = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
-    except Exception as exc:
-        raise UserError(f"{url!r} is not a loadable L-CAM checkpoint ({str(exc).splitlines()[0]})") from None
+    except Exception as exc:  # EOFError, zip reader errors, unpickling errors, unsupported globals
+        cut = isinstance(exc, EOFError) or "central directory" in str(exc) or "failed reading" in str(exc)
+        why = "truncated or damaged: its zip structure is incomplete" if cut else f"not a readable PyTorch checkpoint ({_first_line(exc)[:100]})"
+        raise UserError(f"checkpoint {url!r} ({len(data)} bytes) is {why}; use another checkpoint (e.g. epoch-NNN.pt of the run) or train again") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise UserError(f"{url!r} is not an L-CAM checkpoint (format {payload.get('format') if isinstance(payload, dict) else type(payload).__name__!r}, expected {FORMAT})")
-    for key in ("backbone", "config", "metrics", "extra"):
-        payload[key] = json.loads(payload[key])
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise UserError(f"{url!r} is not an L-CAM checkpoint (format {found!r}, expected {FORMAT})")
+    return payload
+
+
+# What every checkpoint holds (save_checkpoint writes them all) and of which type
+_REQUIRED: dict[str, type | tuple[type, ...]] = {
+    "method": str, "attention": dict, "backbone": str, "cache_fingerprint": str, "epoch": int, "step": int,
+    "config": str, "metrics": str, "extra": str, "optimizer": dict, "scheduler": dict,
+}
+_JSON_FIELDS: dict[str, type] = {"backbone": dict, "config": dict, "metrics": list, "extra": dict}
+
+
+def _check_payload(url: str, payload: dict[str, Any]) -> None:
+    """Decode the JSON fields and check keys, types and the attention's shapes, in place."""
+    bad = f"checkpoint {url!r} is damaged or foreign:"
+    for key, kind in _REQUIRED.items():
+        if key not in payload:
+            raise UserError(f"{bad} it has no {key!r} entry; use a checkpoint written by `lcam train`")
+        if not isinstance(payload[key], kind):
+            raise UserError(f"{bad} its {key!r} entry is a {type(payload[key]).__name__}, not a {kind.__name__}")
+    for key, kind in _JSON_FIELDS.items():
+        try:
+            payload[key] = json.loads(payload[key])
+        except ValueError as exc:
+            raise UserError(f"{bad} its {key!r} entry is not valid JSON ({_first_line(exc)})") from None
+        if not isinstance(payload[key], kind):
+            raise UserError(f"{bad} its {key!r} entry is a JSON {type(payload[key]).__name__}, not a {kind.__name__}")
     payload.setdefault("coverage", None)  # checkpoints from before coverage was recorded
     payload.setdefault("trained_rows", None)  # no filled rows (or from before filling existed)
-    return payload
+    _check_attention(url, payload["attention"], payload["backbone"])
+
+
+def _check_attention(url: str, attention: Mapping[str, Any], backbone: Mapping[str, Any]) -> None:
+    """The attention is a 1x1 conv from the backbone's C feature channels to its K classes."""
+    try:
+        channels, classes = int(backbone["feature_shape"][0]), int(backbone["num_classes"])
+    except (KeyError, IndexError, TypeError, ValueError):
+        raise UserError(f"checkpoint {url!r} is damaged or foreign: its backbone record lacks feature_shape/num_classes ({backbone!r:.120})") from None
+    expected = {"conv.weight": (classes, channels, 1, 1), "conv.bias": (classes,)}
+    for key, shape in expected.items():
+        value = attention.get(key)
+        if not isinstance(value, torch.Tensor):
+            raise UserError(f"checkpoint {url!r} is damaged or foreign: its attention has no tensor {key!r} (keys: {sorted(attention)[:6]})")
+        if tuple(value.shape) != shape:
+            raise UserError(f"checkpoint {url!r} is damaged or foreign: attention {key} has shape {tuple(value.shape)}, "
+                            f"but its backbone {backbone.get('backbone')} needs {shape} ({channels} feature channels, {classes} classes)")
+    extra = sorted(set(attention) - set(expected))
+    if extra:
+        raise UserError(f"checkpoint {url!r} is damaged or foreign: its attention holds unexpected entries {extra[:6]}")
 
 
 def check_backbone(checkpoint: Mapping[str, Any], backbone: Mapping[str, Any], what: str = "this backbone") -> None:

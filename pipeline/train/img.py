@@ -52,7 +52,7 @@ def read_training_rows(item: dict[str, Any], storage_options: StorageOptions = N
     from ..shards.format import ShardInfo
     from ..shards.read import read_shard
 
-    info = ShardInfo(url=item["url"], name=item["name"], count=item["count"] if item["count"] >= 0 else None)
+    info = ShardInfo(url=item["url"], name=item["name"], count=item["count"] if item["count"] >= 0 else None, sha256=item.get("sha256") or None)
     samples = read_shard(info, storage_options=storage_options)  # a damaged shard fails the run, loudly
     cached: dict[str, tuple[np.ndarray, int]] = {}
     if cache is not None:
@@ -114,7 +114,7 @@ def build_image_dataset(shards: Sequence[Any], preprocessing: Any, augment: str,
     """Ray Dataset of training rows: shards in a new random order each epoch, read, decoded."""
     import ray
 
-    items = [{"url": s.url, "name": s.name, "count": s.count if s.count is not None else -1} for s in shards]
+    items = [{"url": s.url, "name": s.name, "count": s.count if s.count is not None else -1, "sha256": s.sha256 or ""} for s in shards]
     return (
         ray.data.from_items(items, override_num_blocks=len(items))
         .randomize_block_order()

@@ -214,6 +214,10 @@ class CacheLoader:
             bad = [keys[i] for i in np.flatnonzero(tgt < 0)[:3]]
             raise UserError(f"sample {bad[0]!r} (shard {sid}) has no label (-1){' and others ' + str(bad[1:]) if len(bad) > 1 else ''}; "
                             "train with target='predicted' (the backbone's top-1 class) or give the data labels")
+        if self.target == "label" and (tgt >= self.cache.num_classes).any():
+            i = int(np.flatnonzero(tgt >= self.cache.num_classes)[0])
+            raise UserError(f"sample {keys[i]!r} (shard {sid}) has class {int(tgt[i])}, outside the classifier's classes 0..{self.cache.num_classes - 1}: "
+                            "its shard's labels are not this classifier's; fix them (re-pack with a labels file) or train with target='predicted'")
         return gids, feats, tgt.astype(np.int64), keys
 
     def _top_up(self, pool: ThreadPoolExecutor, inflight: deque, reads: list, next_read: int, views: np.ndarray) -> int:

@@ -28,6 +28,7 @@ import dataclasses
 from ..fs import absolute
 from .fm import train_fm_placed
 from .img import run_img
+from .run_folder import RunFolder
 from .setup import TrainStart, TrainSummary
 
 
@@ -43,4 +44,5 @@ def train(cfg: TrainConfig) -> TrainSummary:
         shards=[absolute(s) for s in cfg.shards] if isinstance(cfg.shards, list) else (cfg.shards and absolute(cfg.shards)),
     )
     start = TrainStart.from_config(cfg)  # checked once, the checkpoint read once
-    return run_img(start) if start.method == "img" else train_fm_placed(start)
+    with RunFolder(cfg.out, cfg.storage_options).writing(f"lcam train ({start.method})"):
+        return run_img(start) if start.method == "img" else train_fm_placed(start)

@@ -13,16 +13,18 @@ checkpoint back into a trainer state (exact resume); :class:`StepWindow` and
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
 from .checkpoints import load_checkpoint, save_checkpoint
 from ..errors import UserError
-from ..fs import StorageOptions, exists, get_fs, join, write_bytes_atomic
+from ..fs import StorageOptions, exists, get_fs, is_local, join, write_bytes_atomic
+from ..store.leases import WriterLeases, announce_writers
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -49,6 +51,26 @@ class RunFolder:
         if have:
             raise UserError(lambda flag: f"{self.url} already holds a training run ({CHECKPOINT}); continue it with {flag('resume')} or choose another {flag('out')}")
         return None
+
+    @contextlib.contextmanager
+    def writing(self, what: str) -> Iterator[list[str]]:
+        """Hold this run's writer lease in ``leases/`` while training: a second ``lcam train``
+        (or ``--resume``) into the same folder is told who holds it (the notices, yielded)."""
+        fs, path = get_fs(self.url, self.storage_options)
+        path = path.rstrip("/")
+        made = [path] if not fs.exists(path) else []  # the folders this lease creates, innermost first
+        while made and made[-1].rsplit("/", 1)[0] and not fs.exists(made[-1].rsplit("/", 1)[0]):
+            made.append(made[-1].rsplit("/", 1)[0])
+        leases = WriterLeases(fs, path)
+        notices = announce_writers(leases, what, self.url)
+        lease = leases.take({"what": what})
+        try:
+            yield notices
+        finally:
+            leases.drop(lease)
+            for folder in (leases.folder, *made):  # a refused run leaves nothing behind
+                if is_local(fs) and fs.isdir(folder) and not fs.ls(folder):
+                    fs.rmdir(folder)
 
     def save(self, state: Mapping[str, Any], *, method: str, backbone: Mapping[str, Any], cache_fingerprint: str | None,
              config: Mapping[str, Any], history: list[dict[str, Any]], epoch_end: bool,
