@@ -33,6 +33,7 @@ from pipeline.errors import UserError
 from pipeline.fs import StorageOptions, get_fs, is_local, join, write_json_atomic
 
 from ..progress import Progress
+from .boxes import box_columns, row_boxes
 from .format import INDEX_FORMAT, INDEX_NAME, as_int
 
 
@@ -66,6 +67,7 @@ class PackReport:
     layout: str = ""
     out_url: str = ""
     labels_scheme: str = ""
+    boxed: int = 0  # samples packed with bounding boxes
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -76,7 +78,7 @@ class PackReport:
         lines = [
             f"packed {self.packed} images ({self.layout} layout, labels: {self.labels_scheme}) into "
             f"{len(self.shards)} shard(s), {size / 2**20:.1f} MiB, at {self.out_url} "
-            f"in {self.seconds:.1f} s ({rate:.0f} img/s)",
+            f"in {self.seconds:.1f} s ({rate:.0f} img/s)" + (f"; {self.boxed} with bounding boxes" if self.boxed else ""),
         ]
         if self.skipped:
             by = Counter(s["reason"].split(":")[0] for s in self.skipped)
@@ -102,6 +104,7 @@ class _Item:
     path: str
     label: int
     key: str = ""
+    boxes: list[list[int]] | None = None  # from the labels file (pipeline.shards.boxes): original pixels, inclusive
 
 
 @dataclass
@@ -182,8 +185,8 @@ def _class_value(value: str, where: str) -> int:
     raise UserError(f"{where}: class {value!r} is neither an integer class index nor an ImageNet WordNet id")
 
 
-def _parse_labels(url: str) -> tuple[str, dict[str, int] | list[int]]:
-    """("table", {file-name-or-stem: class}) or ("per-line", [class of line 1, line 2, ...])."""
+def _parse_labels(url: str) -> tuple[str, dict[str, int] | list[int], dict[str, list[list[int]]]]:
+    """("table", {file-name-or-stem: class}, {name: boxes}) or ("per-line", [class of line 1, line 2, ...], {})."""
     rows = _rows(_read_text(url))
     if not rows:
         raise UserError(f"labels file {url} is empty")
@@ -192,12 +195,13 @@ def _parse_labels(url: str) -> tuple[str, dict[str, int] | list[int]]:
         if any(v is None for v in values):
             bad = next(i for i, v in enumerate(values) if v is None)
             raise UserError(f"labels file {url}: line {bad + 1} ({rows[bad][0]!r}) is not an integer class index")
-        return "per-line", values  # type: ignore[return-value]
+        return "per-line", values, {}  # type: ignore[return-value]
     # A header names known columns; anything else is data (and errors name its line).
     header = [c.lower() for c in rows[0]]
     has_header = any(c in _FILE_COLS + _CLASS_COLS + _WNID_COLS for c in header)
-    file_col, class_col = 0, 1
+    file_col, class_col, corners = 0, 1, None
     if has_header:
+        corners = box_columns(header)  # pipeline.shards.boxes: x0 y0 x1 y1 columns or a PredictionString
         file_col = next((header.index(c) for c in _FILE_COLS if c in header), 0)
         class_col = next((header.index(c) for c in _CLASS_COLS if c in header), None)
         if class_col is None:
@@ -206,6 +210,7 @@ def _parse_labels(url: str) -> tuple[str, dict[str, int] | list[int]]:
             raise UserError(f"labels file {url}: header {rows[0]} has no class column (expected one of {', '.join(_CLASS_COLS + _WNID_COLS)})")
         rows = rows[1:]
     table: dict[str, int] = {}
+    boxes: dict[str, list[list[int]]] = {}
     for n, row in enumerate(rows, start=2 if has_header else 1):
         where = f"labels file {url}, line {n}"
         if len(row) <= max(file_col, class_col):
@@ -216,7 +221,9 @@ def _parse_labels(url: str) -> tuple[str, dict[str, int] | list[int]]:
         if table.get(name, cls) != cls:
             raise UserError(f"{where}: {name!r} is listed twice with different classes ({table[name]} and {cls})")
         table[name] = cls
-    return "table", table
+        if corners is not None:
+            boxes.setdefault(name, []).extend(row_boxes(row, corners, where))
+    return "table", table, boxes
 
 
 def _find_labels_file(src: Path, top_files: list[str]) -> Path | None:
@@ -256,7 +263,7 @@ def _plan(src: Path, layout: str, labels_file: str | None, exclude: Path | None)
                 if found is None:
                     raise UserError(f"{src} is a flat folder of images with no labels file; pass --labels FILE (or use class sub-folders)")
                 labels_path = str(found)
-            kind, _ = _parse_labels(labels_path)
+            kind, _, _ = _parse_labels(labels_path)
             all_val = all(_val_number(n) is not None for n in top_images)
             layout = "imagenet-val" if kind == "per-line" and all_val else "labels"
         else:
@@ -308,7 +315,7 @@ def _plan(src: Path, layout: str, labels_file: str | None, exclude: Path | None)
         if not labels_path:
             raise UserError(f"layout {layout} needs a labels file; pass --labels FILE")
         used_labels = Path(labels_path).resolve()
-    kind, labels = _parse_labels(labels_path)
+    kind, labels, boxes = _parse_labels(labels_path)
     rels = [*top_files, *(f for files in folders.values() for f in files)]
     images = [rel for rel in rels if not not_image(rel)]
 
@@ -341,7 +348,8 @@ def _plan(src: Path, layout: str, labels_file: str | None, exclude: Path | None)
         if label is None:
             label = -1
             notes.append({"file": rel, "kind": "unlabeled", "note": f"no entry in {os.path.basename(labels_path)}: cls -1"})
-        items.append(_Item(rel, str(src / rel), label))
+        found = next((boxes[k] for k in (rel, os.path.basename(rel), os.path.splitext(os.path.basename(rel))[0]) if k in boxes), None)
+        items.append(_Item(rel, str(src / rel), label, boxes=found))
     if scheme == "imagenet":
         class_names = list(imagenet_classes())
     return _Plan(layout, items, skipped, notes, scheme, class_names)
@@ -415,6 +423,8 @@ def _inspect(item: _Item) -> tuple[bytes, str, dict, list[tuple[str, str]]]:
     if min(w, h) < CROP:
         notes.append(("small", f"{w}x{h} is smaller than the {CROP} crop: packed, upsampled by the resize"))
     meta = {"file": item.rel, "width": w, "height": h, "mode": mode, "format": fmt, "label": item.label}
+    if item.boxes is not None:
+        meta["boxes"] = item.boxes
     return data, ext, meta, notes
 
 
@@ -449,6 +459,7 @@ class _ShardWriter:
         self.index = 0
         self.count = 0
         self.bytes = 0
+        self.boxed = 0  # samples with boxes in the open shard
 
     def _open(self) -> None:
         self.name = f"{self.prefix}-{self.index:06d}.tar"
@@ -456,9 +467,9 @@ class _ShardWriter:
         self.file = open(self.tmp, "wb")
         self.hw = _HashingWriter(self.file)
         self.tar = tarfile.open(fileobj=self.hw, mode="w", format=tarfile.PAX_FORMAT)
-        self.count = self.bytes = 0
+        self.count = self.bytes = self.boxed = 0
 
-    def add(self, key: str, members: list[tuple[str, bytes]], limit_samples: int, limit_bytes: int) -> dict | None:
+    def add(self, key: str, members: list[tuple[str, bytes]], limit_samples: int, limit_bytes: int, boxed: bool = False) -> dict | None:
         """Add one sample; returns the finished shard's entry when this sample started a new one."""
         size = sum(512 + -(-len(b) // 512) * 512 for _, b in members)  # headers + padded data
         done = None
@@ -472,6 +483,7 @@ class _ShardWriter:
             info.size, info.mtime, info.mode = len(data), 0, 0o444  # fixed mtime: same input, same sha256
             self.tar.addfile(info, io.BytesIO(data))  # type: ignore[union-attr]
         self.count += 1
+        self.boxed += int(boxed)
         self.bytes += size
         return done
 
@@ -483,6 +495,8 @@ class _ShardWriter:
         os.fsync(self.file.fileno())
         self.file.close()
         entry = {"name": self.name, "count": self.count, "bytes": self.hw.n, "sha256": self.hw.h.hexdigest()}
+        if self.boxed:  # how many of its samples carry boxes (their json member holds them)
+            entry["boxes"] = self.boxed
         final = self.base.rstrip("/") + "/" + self.name
         if self.local:
             os.replace(self.tmp, final)
@@ -574,7 +588,7 @@ def pack_folder(
     skipped, notes, entries = list(plan.skipped), list(plan.notes), []
     writer = _ShardWriter(fs, base, prefix)
     bar = Progress(len(plan.items), progress, what="pack", unit="img", every=10.0)
-    packed = 0
+    packed = boxed = n_boxes = 0
     n_workers = workers or min(8, os.cpu_count() or 1)
     try:
         with concurrent.futures.ThreadPoolExecutor(n_workers) as pool:
@@ -597,7 +611,9 @@ def pack_folder(
                         ("json", json.dumps(meta, sort_keys=True).encode()),
                         (ext, data),
                     ]
-                    done = writer.add(it.key, members, samples_per_shard, max_shard_bytes)
+                    done = writer.add(it.key, members, samples_per_shard, max_shard_bytes, boxed="boxes" in meta)
+                    boxed += "boxes" in meta
+                    n_boxes += len(meta.get("boxes", ()))
                     if done:
                         entries.append(done)
                         bar.update(0, postfix=f"{len(entries)} shards")
@@ -629,6 +645,7 @@ def pack_folder(
         layout=plan.layout,
         out_url=out_url,
         labels_scheme=plan.labels_scheme,
+        boxed=boxed,
     )
     _write_json(fs, base, REPORT_NAME, report.to_dict())
     index = {
@@ -640,5 +657,7 @@ def pack_folder(
         "labels": {"scheme": plan.labels_scheme, "names": plan.class_names, "classifier_classes": plan.labels_scheme != "folders"},
         "shards": entries,
     }
+    if boxed:  # per-sample boxes in each json member; readers map them to the model's input grid
+        index["boxes"] = {"samples": boxed, "boxes": n_boxes, "grid": "original image pixels, x0 y0 x1 y1 inclusive"}
     _write_json(fs, base, INDEX_NAME, index)  # last: the commit point
     return report

@@ -6,9 +6,9 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from .base import EvalMetric, EvalOutcome, MethodOutcome, MetricBatch, build_metrics, metric_classes, optional_metrics, register_metric
+from .base import EvalMetric, EvalOutcome, MethodOutcome, MetricBatch, box_metrics, build_metrics, metric_classes, optional_metrics, register_metric
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["EvalMetric", "EvalOutcome", "MethodOutcome", "MetricBatch", "build_metrics", "metric_classes", "optional_metrics", "register_metric"]
+__all__ = ["EvalMetric", "EvalOutcome", "MethodOutcome", "MetricBatch", "box_metrics", "build_metrics", "metric_classes", "optional_metrics", "register_metric"]
