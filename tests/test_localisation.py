@@ -193,3 +193,38 @@ def test_eval_reports_localisation_only_with_boxes(tmp_path):
     res2 = json.loads((out2 / "results.json").read_text())
     assert "pointing_game" not in res2["metrics"] and "Localisation" not in (out2 / "results.md").read_text()
     assert "pointing_game" not in (out2 / "per_image.csv").read_text().splitlines()[0]
+
+
+def test_report_shows_localisation_and_training_samples_per_class(tmp_path):
+    from pipeline.fs import write_json_atomic
+    from pipeline.report import save_comparison_maps, write_report
+
+    coverage = [0] * 1000
+    coverage[281], coverage[1] = 25, 3  # tabby trained on 25 samples, goldfish on 3; the rest never
+    loc = {"pointing_game": {"n": 9, "mean": 66.67, "se": 16.67}, "energy_pointing_game": {"n": 9, "mean": 41.5, "se": 3.2},
+           "box_iou": {"n": 9, "mean": 30.25, "se": 2.5}}
+    per_ratio = {r: {"AD": 10.0, "IC": 20.0} for r in ("1", "0.5", "0.15")}
+    results = {"protocol": {"ratios": [1.0, 0.5, 0.15]}, "data": {"evaluated": 10},
+               "methods": {"lcam-fm": {"label": "L-CAM-Fm", "n": 10, "per_ratio": per_ratio, "info": {"coverage": coverage},
+                                       **{k: dict(v, mean=v["mean"] + 1) for k, v in loc.items()}},
+                           "gradcam": {"label": "Grad-CAM", "n": 10, "per_ratio": per_ratio, "info": {}, **loc}}}
+    eval_dir = tmp_path / "eval"
+    write_json_atomic(str(eval_dir / "results.json"), results)
+    rng = np.random.default_rng(0)
+    save_comparison_maps(str(eval_dir / "maps.npz"), keys=["a", "b"], images=(rng.random((2, 32, 32, 3)) * 255).astype(np.uint8),
+                         class_ids=np.array([281, 1]), probs=np.array([0.5, 0.9]),
+                         maps={m: rng.random((2, 7, 7)) for m in ("lcam-fm", "gradcam")}, labels={"lcam-fm": "L-CAM-Fm", "gradcam": "Grad-CAM"})
+    page_url = write_report(str(tmp_path / "report.html"), eval_dir=str(eval_dir))
+    page = open(page_url).read()
+    table = page[page.index('id="localisation"') :]
+    table = table[: table.index("</table>")]
+    assert "<th>pointing game ↑</th><th>energy pointing game ↑</th><th>box IoU ↑</th>" in table
+    assert '<td class="best">67.67 ± 16.67</td>' in table and "<td>41.50 ± 3.20</td>" in table  # L-CAM best, Grad-CAM not
+    assert "2 of 1000 class rows trained, on 28 samples: per trained row median 14, min 3, max 25" in page
+    assert "25 training samples" in page and "class row trained on 3 samples only" in page  # each map's count
+    # an evaluation without boxes: no localisation section
+    for m in results["methods"].values():
+        for k in loc:
+            m.pop(k)
+    write_json_atomic(str(eval_dir / "results.json"), results)
+    assert "Localisation" not in open(write_report(str(tmp_path / "plain.html"), eval_dir=str(eval_dir))).read()
