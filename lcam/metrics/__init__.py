@@ -1,6 +1,7 @@
 """Faithfulness metrics: AD/IC (SPEC section 5, :mod:`.adic`), ROAD (:mod:`.road`) and
-insertion/deletion AUC (:mod:`.insertion_deletion`). The dataset-scale evaluation wraps
-each as a plug-in (``pipeline/evaluation/metrics``)."""
+insertion/deletion AUC (:mod:`.insertion_deletion`); localisation against bounding boxes
+(:mod:`.localisation`: pointing game, energy-based pointing game, box IoU). The
+dataset-scale evaluation wraps each as a plug-in (``pipeline/evaluation/metrics``)."""
 
 from .adic import (
     AD_FORMULA,
@@ -23,6 +24,7 @@ from .adic import (
     prepare_cams,
 )
 from .insertion_deletion import InsertionDeletion, area_under_curve, insertion_deletion
+from .localisation import box_iou, box_masks, energy_pointing_game, pointing_game
 
 __all__ = [
     "ADICAccumulator",
@@ -36,7 +38,10 @@ __all__ = [
     "TIE_RULE",
     "area_under_curve",
     "average_drop",
+    "box_iou",
+    "box_masks",
     "confidence_scores",
+    "energy_pointing_game",
     "increase_in_confidence",
     "insertion_deletion",
     "keep_mask",
@@ -45,5 +50,6 @@ __all__ = [
     "masked_images",
     "per_image_drop",
     "pixel_ranks",
+    "pointing_game",
     "prepare_cams",
 ]
