@@ -52,7 +52,7 @@ def add_registry_options(parser: argparse.ArgumentParser) -> None:
     metrics = parser.add_argument_group("metrics (AD/IC always)")
     for name, cls in metric_classes().items():
         if not cls.always:
-            metrics.add_argument(f"--{name}", action="store_true", help=cls.help)
+            metrics.add_argument(f"--{name.replace('_', '-')}", action="store_true", help=cls.help)
         for o in cls.options:
             metrics.add_argument(f"--{o.cli_flag(name)}", type=_cli_type(o.type), default=o.default,
                                  help=f"{o.help} (default {_show(o.default)})")

@@ -173,3 +173,22 @@ def random_crop_flip(rgb: np.ndarray | Image.Image, prep: Preprocessing, generat
     flip = bool(torch.rand((), generator=generator) < 0.5)
     out = _to_tensor(_resize_crop(im, prep, top, left))
     return out.flip(-1) if flip else out
+
+
+def boxes_in_crop(boxes: object, width: int, height: int, prep: Preprocessing) -> np.ndarray:
+    """Boxes of a ``width`` x ``height`` image -> (k, 4) float32 on the centre crop's grid.
+
+    In: ``x0 y0 x1 y1`` pixel indices of the original image, inclusive (Tiny ImageNet's
+    labels, ImageNet's LOC files), so a box covers [x0, x1 + 1) x [y0, y1 + 1). Out: the
+    same region through :func:`preprocess`'s resize and centre crop, continuous and end
+    exclusive, clipped to the crop; boxes cut away by the crop are dropped (k may be 0).
+    """
+    a = np.asarray(boxes if boxes is not None else [], dtype=np.float64).reshape(-1, 4)
+    rw, rh = resized_size(width, height, prep.resize)
+    top = int(round((rh - prep.crop) / 2.0))  # preprocess's centre crop
+    left = int(round((rw - prep.crop) / 2.0))
+    sx, sy = rw / width, rh / height
+    out = np.stack([a[:, 0] * sx - left, a[:, 1] * sy - top, (a[:, 2] + 1) * sx - left, (a[:, 3] + 1) * sy - top], 1)
+    out = np.clip(out, 0, prep.crop)
+    keep = (out[:, 2] > out[:, 0]) & (out[:, 3] > out[:, 1])
+    return out[keep].astype(np.float32)

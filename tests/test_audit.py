@@ -130,6 +130,7 @@ def test_class_selection_combinations():
 # ---------------------------------------------------------------- a store with known mistakes
 CLASSES = {"blob": (0, 1), "ring": (5, 7)}
 # (folder, predicted class, its probability) per image; labels: folder a -> 0, b -> 1
+TRAINED = {0: 40, 1: 3, 7: 12}  # the checkpoint's coverage: training samples per class row (5: untrained)
 PLAN = [("a", 0, 0.8), ("a", 5, 0.9), ("a", 5, 0.6), ("a", 0, 0.7), ("b", 1, 0.8), ("b", 7, 0.75), ("b", 1, 0.95), ("b", 1, 0.85)]
 
 
@@ -168,7 +169,10 @@ def audited(tmp_path_factory, ray_local):
         for c in (0, 1, 5, 7):
             model.attention.conv.weight[c, c] = 1.0
     ckpt = str(root / "ckpt.pt")
-    save_checkpoint(ckpt, attention_state=model.attention.state_dict(), method="fm", backbone=backbone.describe())
+    coverage = torch.zeros(backbone.num_classes, dtype=torch.int32)
+    for c, n in TRAINED.items():
+        coverage[c] = n
+    save_checkpoint(ckpt, attention_state=model.attention.state_dict(), method="fm", backbone=backbone.describe(), coverage=coverage)
     feature = np.zeros((C, h, w), np.float32)
     yy, xx = np.mgrid[0:h, 0:w]
     for c in CLASSES["blob"]:
@@ -255,6 +259,11 @@ def test_classes_ranked_by_border_share_and_compared_with_the_second_method(audi
     counts = {int(r["class"]): int(r["n"]) for r in ranked}
     assert counts == {0: 2, 5: 2, 1: 3, 7: 1}
     by_class = {int(r["class"]): r for r in ranked}
+    assert {c: int(r["train_samples"]) for c, r in by_class.items()} == {0: 40, 1: 3, 5: 0, 7: 12}  # the samples behind each map
+    page = (out / "audit.html").read_text()
+    classes = page[page.index('id="classes"') :]
+    classes = classes[: classes.index("</table>")]
+    assert "<th>training samples</th>" in classes and "0 [untrained]" in classes and "3 [3 samples]" in classes
     assert float(by_class[0]["precision"]) == 1.0 and float(by_class[5]["precision"]) == 0.0
     import pyarrow.parquet as pq
 

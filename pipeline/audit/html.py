@@ -125,14 +125,22 @@ def render_audit(ctx: Mapping[str, Any], *, per_class: Sequence[Mapping[str, Any
         f'<b>border</b>: share of the map\'s mass within {ctx["band"]:.0%} of the image side from an edge (an even map scores the band\'s area); '
         f"<b>centre</b> of mass (y, x; 0.5 = middle); <b>spread</b> around it (image sides). "
         "Classes ranked by border share: evidence at the border or spread thin is the classic symptom of a learned context bias "
-        "(water for boats, snow for wolves). Click a header to sort.</p>"
+        "(water for boats, snow for wolves). <b>training samples</b> (when the store's checkpoint records them): the samples "
+        "that trained the class's L-CAM row; 0 is an untrained row, its map not learnt. Click a header to sort.</p>"
     )
     head = "<th>rank</th><th>class</th><th>n</th><th>precision</th>" + "".join(f"<th>{s}</th>" for s in ("area", "entropy", "border", "centre y", "centre x", "spread"))
     head += f"<th>ρ {_e(ctx['compare_label'])}</th>" if ctx["compare_label"] else ""
+    from ..cams.gallery import coverage_mark  # imports torch: only here
+
+    trained = any("train_samples" in r for r in per_class)  # the checkpoint's coverage: samples behind each class row
+    head += "<th>training samples</th>" if trained else ""
     body = []
     for i, r in enumerate(per_class, 1):
         cells = "".join(f'<td data-v="{_num(r[f"{s}_mean"], ".6f")}">{_num(r[f"{s}_mean"])} ± {_num(r[f"{s}_std"], ".2f")}</td>' for s in STAT_NAMES)
         rho = f'<td>{_num(r["rho_mean"], ".2f")}</td>' if ctx["compare_label"] else ""
+        if trained:
+            k = int(r.get("train_samples", -1))
+            rho += f'<td data-v="{k}">{k}{_e(coverage_mark(k, short=True))}</td>'
         body.append(f'<tr><td>{i}</td><td class="l">{_cls(names, int(r["class"]))}</td><td>{int(r["n"])}</td><td>{_num(r["precision"], ".2f")}</td>{cells}{rho}</tr>')
     parts.append(f'<div class="scroll"><table class="t sortable" id="classes"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>')
     if strips:

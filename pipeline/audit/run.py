@@ -332,6 +332,8 @@ def run_audit(cfg: AuditConfig) -> AuditSummary:
             typical[int(c)] = sorted(typical.get(int(c), []) + picks)[:STRIP]
     for row in agg.per_class:
         row["typical"] = [(si, r) for _, si, r in typical.get(row["class"], [])]
+        if store.class_coverage is not None and 0 <= row["class"] < len(store.class_coverage):
+            row["train_samples"] = int(store.class_coverage[row["class"]])  # the samples behind this class's maps
     n_err = sum(r["count"] for r in agg.confusions)
     labelled = sum(int(r["labelled"]) for r in agg.per_class)
     ranked = sorted(agg.per_class, key=lambda r: (-r["border_mean"], -r["spread_mean"], r["class"]))
@@ -455,6 +457,7 @@ def _name(names: Sequence[str], c: int) -> str:
 
 def per_class_csv(per_class: Sequence[Mapping[str, Any]], names: Sequence[str]) -> bytes:
     cols = ["class", "n", "labelled", "precision", "mean_prob"] + [f"{s}_{a}" for s in STAT_NAMES for a in ("mean", "std")] + ["rho_n", "rho_mean"]
+    cols += ["train_samples"] if any("train_samples" in r for r in per_class) else []
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["rank", "class", "name"] + cols[1:])

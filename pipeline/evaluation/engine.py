@@ -134,11 +134,13 @@ class Evaluator:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def evaluate_batch(self, pixels: np.ndarray | torch.Tensor, ranks: Sequence[int], batch_id: int) -> dict[str, Any]:
+    def evaluate_batch(self, pixels: np.ndarray | torch.Tensor, ranks: Sequence[int], batch_id: int,
+                       boxes: Sequence[np.ndarray] | None = None) -> dict[str, Any]:
         """Score one batch with every method.
 
         ``pixels``: (n, 3, H, W) uint8 centre crops; ``ranks``: each image's rank (method
-        subsets); ``batch_id`` seeds the random map and ROAD's imputation noise. Returns
+        subsets); ``batch_id`` seeds the random map and ROAD's imputation noise; ``boxes``:
+        per image its (k, 4) boxes on the crop's pixel grid, for the localisation metrics. Returns
         plain numpy/Python values: ``class_ids`` and ``Y`` (n,), and per method the batch
         indices it scored, its map's seconds and forwards, and per metric NAME its per-image
         arrays (``entry[NAME]``, e.g. AD/IC's ``O`` (R, m)), ``NAME_seconds`` and ``NAME_forwards``.
@@ -193,7 +195,7 @@ class Evaluator:
             self._sync()
             entry: dict[str, Any] = {"index": sel.numpy(), "map_seconds": time.perf_counter() - t1, "map_forwards": self.counter.images - c1}
             batch = MetricBatch(self.model, self.backbone, xs, cams, ids_s, probs if whole else probs[sel.to(self.device)],
-                                int(batch_id), self.forward_batch)
+                                int(batch_id), self.forward_batch, None if boxes is None else [boxes[i] for i in sel.tolist()])
             for metric in self.metrics:
                 t2, c2 = time.perf_counter(), self.counter.images
                 entry[metric.name] = metric.compute(batch)
@@ -258,7 +260,7 @@ def run_local(plan: Plan, evaluator: Evaluator, prep: Any, storage_options: Stor
                     yield partial(decode_batch, b, samples[b.batch_id], prep)
 
         for decoded in _prefetch(decode_calls(), decoder, depth=workers):
-            result = evaluator.evaluate_batch(decoded.pixels, decoded.ranks, decoded.batch_id) if len(decoded.keys) else None
+            result = evaluator.evaluate_batch(decoded.pixels, decoded.ranks, decoded.batch_id, decoded.boxes) if len(decoded.keys) else None
             on_batch(decoded, result)
 
 
@@ -309,7 +311,7 @@ class EvalActor:
             if int(bid) < 0:  # a shard read error passes through to the driver
                 payloads.append(payload)
                 continue
-            result = self.evaluator.evaluate_batch(d.pixels, d.ranks, d.batch_id) if len(d.keys) else None
+            result = self.evaluator.evaluate_batch(d.pixels, d.ranks, d.batch_id, d.boxes) if len(d.keys) else None
             d.pixels = d.pixels[:0]  # the driver needs the metadata, not the pixels
             payloads.append(pickle.dumps((d, result)))
         return {"batch_id": np.asarray(batch["batch_id"]), "payload": np.array(payloads, dtype=object)}

@@ -89,14 +89,29 @@ class DecodedBatch:
     ranks: np.ndarray  # (n,) int64
     pixels: np.ndarray  # (n, 3, H, W) uint8
     skipped: list[dict[str, str]]  # {"key", "shard", "reason"} of images that did not decode
+    boxes: list[np.ndarray] | None = None  # per image (k, 4) on the crop's grid; None: no sample carries boxes
 
 
 def decode_to_uint8(data: bytes, prep: Any) -> np.ndarray:
     """Bytes -> (3, crop, crop) uint8 of the centre crop. Lossless: ``preprocess`` gives k/255,
     and ``u8.float() / 255`` gives back the same float32 values bit for bit."""
-    from ..images import decode_image, preprocess
+    from ..images import decode_image
 
-    return np.ascontiguousarray((preprocess(decode_image(data), prep, "center") * 255).round_().to(torch.uint8).numpy())
+    return crop_uint8(decode_image(data), prep)
+
+
+def crop_uint8(rgb: np.ndarray, prep: Any) -> np.ndarray:
+    from ..images import preprocess
+
+    return np.ascontiguousarray((preprocess(rgb, prep, "center") * 255).round_().to(torch.uint8).numpy())
+
+
+def decode_with_boxes(data: bytes, boxes: Any, prep: Any) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`decode_to_uint8` and the sample's boxes (original pixels, inclusive) on the crop's grid."""
+    from ..images import boxes_in_crop, decode_image
+
+    rgb = decode_image(data)
+    return crop_uint8(rgb, prep), boxes_in_crop(boxes, rgb.shape[1], rgb.shape[0], prep)
 
 
 def read_selected(batches: Sequence[PlannedBatch], storage_options: StorageOptions) -> dict[int, list[Any]]:
@@ -118,14 +133,25 @@ def decode_batch(batch: PlannedBatch, samples: Sequence[Any], prep: Any, pool: c
         except Exception as exc:  # DecodeError and whatever PIL raises on odd files
             return None, f"decode: {exc}"
 
-    decoded = list(pool.map(one, samples)) if pool is not None else [one(s) for s in samples]
-    ok = [i for i, (px, _) in enumerate(decoded) if px is not None]
-    skipped = [{"key": s.key, "shard": batch.shard_url, "reason": err} for s, (px, err) in zip(samples, decoded) if px is None]
+    def one_with_boxes(s: Any) -> tuple[np.ndarray | None, str, np.ndarray | None]:
+        if "boxes" not in s.meta:
+            return (*one(s), None)
+        try:
+            pixels, boxes = decode_with_boxes(s.image, s.meta["boxes"], prep)
+            return pixels, "", boxes
+        except Exception as exc:
+            return None, f"decode: {exc}", None
+
+    decoded = list(pool.map(one_with_boxes, samples)) if pool is not None else [one_with_boxes(s) for s in samples]
+    ok = [i for i, (px, _, _) in enumerate(decoded) if px is not None]
+    skipped = [{"key": s.key, "shard": batch.shard_url, "reason": err} for s, (px, err, _) in zip(samples, decoded) if px is None]
+    boxed = any(decoded[i][2] is not None for i in ok)
+    boxes = [decoded[i][2] if decoded[i][2] is not None else np.zeros((0, 4), np.float32) for i in ok] if boxed else None
     crop = prep.crop
     pixels = np.stack([decoded[i][0] for i in ok]) if ok else np.zeros((0, 3, crop, crop), np.uint8)
     return DecodedBatch(
         batch.batch_id, batch.shard_url, [samples[i].key for i in ok], np.array([samples[i].label for i in ok], np.int64),
-        np.array([batch.ranks[i] for i in ok], np.int64), pixels, skipped,
+        np.array([batch.ranks[i] for i in ok], np.int64), pixels, skipped, boxes,
     )
 
 

@@ -22,6 +22,7 @@ from ..fs import StorageOptions, join, write_bytes_atomic, write_json_atomic
 from ..configs import EvalConfig
 from .config import MethodSpec, method_specs, resolve_backbone
 from .engine import Evaluator, choose_engine, pick_device, run_local, run_ray
+from .metrics import box_metrics
 from .metrics.base import build_metrics, optional_metrics
 from .metrics.adic import pct, subset_table
 from .plan import DecodedBatch, plan_batches
@@ -81,6 +82,12 @@ class EvalSummary:
         out = [f"evaluated {self.images} images in {self.seconds:.1f}s" + (f" ({self.skipped} skipped: undecodable)" if self.skipped else ""), head]
         for m in self.methods:
             out.append(f"{m.label:<22} {m.n:>5}  " + "  ".join(f"{v:7.2f}" for v in m.ad) + "  " + "  ".join(f"{v:7.2f}" for v in m.ic))
+        boxes = [k for k in box_metrics() if any(k in m.metrics for m in self.methods)]
+        if boxes:  # localisation against the shards' boxes, percent
+            out.append(f"{'method':<22} {'N':>5}  " + "  ".join(f"{k:>20}" for k in boxes))
+            for m in self.methods:
+                n = max(m.metrics[k].get("n", 0) for k in boxes)
+                out.append(f"{m.label:<22} {n:>5}  " + "  ".join(f"{m.metrics[k].get('mean', float('nan')):20.2f}" for k in boxes))
         out += [f"{k:<13} {v}" for k, v in self.files.items()]
         return out
 
@@ -120,6 +127,9 @@ def evaluate(cfg: EvalConfig) -> EvalSummary:
     check_metrics(cfg)
     engine = choose_engine(cfg.engine)
     shards = require_shards(cfg.shards, storage_options=cfg.shard_storage_options, index_url=cfg.index)
+    boxed = sum(s.boxes or 0 for s in shards)  # samples with bounding boxes, per the index
+    if boxed:  # localisation against them, for every method
+        cfg.metrics = (*cfg.metrics, *(n for n in box_metrics() if n not in cfg.metrics))
     backbone, loaded = resolve_backbone(cfg)
     specs = method_specs(cfg, loaded)
     if cfg.split_coverage:
@@ -173,7 +183,8 @@ def evaluate(cfg: EvalConfig) -> EvalSummary:
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "protocol": protocol_dict(ratios, len(res.keys)),
         "data": {"shards": cfg.shards, "index": cfg.index, "available": plan.available, "selected": plan.selected,
-                 "evaluated": len(res.keys), "limit": cfg.limit, "seed": cfg.seed, "skipped": res.skipped},
+                 "evaluated": len(res.keys), "limit": cfg.limit, "seed": cfg.seed, "skipped": res.skipped,
+                 "boxed": boxed},
         "backbone": backbone.describe(),
         "methods": {m.id: m.to_dict(ratios) for m in res.methods},
         "metrics": [m.name for m in metrics],

@@ -84,6 +84,51 @@ def _metrics_table(results: Mapping[str, Any]) -> str:
     return f'<table class="metrics"><tr><th>method</th><th>N</th>{head}</tr>{"".join(rows)}</table>'
 
 
+LOCALISATION = (("pointing_game", "pointing game"), ("energy_pointing_game", "energy pointing game"), ("box_iou", "box IoU"))
+
+
+def _ordered_methods(results: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    rank = {m: i for i, m in enumerate(method_order())}
+    return [results["methods"][k] for k in sorted(results["methods"], key=lambda k: (rank.get(k, len(rank)), k))]
+
+
+def _localisation_table(results: Mapping[str, Any]) -> str:
+    """The localisation metrics (``lcam eval`` on shards with boxes): percent, mean ± s.e.; '' without boxes."""
+    methods = _ordered_methods(results)
+    cols = [(k, t) for k, t in LOCALISATION if any((m.get(k) or {}).get("n") for m in methods)]
+    if not cols:
+        return ""
+    best = {k: max((m[k]["mean"] for m in methods if (m.get(k) or {}).get("n")), default=None) for k, _ in cols}
+    rows = []
+    for m in methods:
+        cells = []
+        for k, _ in cols:
+            s = m.get(k) or {}
+            if not s.get("n"):
+                cells.append("<td></td>")
+                continue
+            cls = ' class="best"' if s["mean"] == best[k] else ""
+            se = "" if s.get("se") is None else f" ± {s['se']:.2f}"
+            cells.append(f"<td{cls}>{s['mean']:.2f}{se}</td>")
+        n = max((m.get(k) or {}).get("n", 0) for k, _ in cols)
+        rows.append(f"<tr><td class=\"m\">{html.escape(m['label'])}</td><td>{n}</td>{''.join(cells)}</tr>")
+    head = "".join(f"<th>{t} ↑</th>" for _, t in cols)
+    return (f'<table class="metrics" id="localisation"><tr><th>method</th><th>N</th>{head}</tr>{"".join(rows)}</table>'
+            '<p class="note">Percent, mean ± standard error over the images whose object box lies in the crop. Pointing game: '
+            "the map's maximum inside a box; energy pointing game (Score-CAM): the share of the map's sum inside the boxes; "
+            "box IoU: the map's top 15% of pixels against the boxes. Boxes go through the model's resize and centre crop.</p>")
+
+
+def coverage_summary(coverage: Sequence[int]) -> str:
+    """One line on the training samples behind an L-CAM checkpoint's class rows."""
+    cov = np.asarray(coverage, dtype=np.int64)
+    trained = cov[cov > 0]
+    if not len(trained):
+        return f"no class row of {len(cov)} trained"
+    return (f"{len(trained)} of {len(cov)} class rows trained, on {int(trained.sum())} samples: per trained row median "
+            f"{int(np.median(trained))}, min {int(trained.min())}, max {int(trained.max())}; the other rows never trained")
+
+
 def write_report(
     url: str,
     *,
@@ -119,6 +164,14 @@ def write_report(
         p = results["protocol"]
         parts.append("<h2>Faithfulness: Average Drop and Increase in Confidence</h2>")
         parts.append(_metrics_table(results))
+        covered = {m["label"]: m["info"]["coverage"] for m in _ordered_methods(results) if (m.get("info") or {}).get("coverage")}
+        if covered:  # how many training samples stand behind each class's L-CAM map
+            parts.append("<p class=\"note\" id=\"coverage\">Training samples per class row: " + "; ".join(
+                f"{html.escape(label)}: {html.escape(coverage_summary(cov))}" for label, cov in covered.items())
+                + ". The gallery gives each map's count.</p>")
+        loc = _localisation_table(results)
+        if loc:
+            parts.append("<h2>Localisation against boxes</h2>" + loc)
         parts.append(
             f'<p class="note">N = {results["data"]["evaluated"]} images (per-method N in the table). '
             f"AD = 100/N Σ max(0, Y−O)/Y (lower is better); IC = 100/N Σ [O &gt; Y] (higher is better). "
@@ -195,8 +248,10 @@ def _gallery(data: Any, assets: str, colormap: str, opacity: float, storage_opti
             oname = f"img-{i:03d}-{m.replace('+', 'p')}.png"
             write_bytes_atomic(join(assets, oname), png_bytes(overlay(image, cam, colormap, opacity)), storage_options)
             cov = (coverage or {}).get(m)
-            mark = coverage_mark(int(cov[cls])) if cov is not None and 0 <= cls < len(cov) else ""
+            known = cov is not None and 0 <= cls < len(cov)
+            mark = coverage_mark(int(cov[cls])) if known else ""
+            count = f'<span class="note">{int(cov[cls])} training samples</span>' if known and not mark else ""
             cells.append(f'<td><img src="{ASSETS}/{oname}" alt="{html.escape(label)} on {html.escape(str(key))}">'
-                         + (f'<span class="warn">{html.escape(mark)}</span>' if mark else "") + "</td>")
+                         + (f'<span class="warn">{html.escape(mark)}</span>' if mark else count) + "</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
     return f'<table class="gallery">{head}{"".join(rows)}</table>'

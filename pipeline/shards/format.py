@@ -50,6 +50,7 @@ class ShardInfo:
     count: int | None = None
     sha256: str | None = None
     labels_scheme: str | None = None  # from the index: imagenet, labels-file, folders (0..N-1: not the classifier's classes)
+    boxes: int | None = None  # from the index: samples carrying bounding boxes (pipeline.shards.boxes)
 
 
 @dataclass

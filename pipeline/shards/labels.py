@@ -12,6 +12,7 @@ from pathlib import Path
 from ..classes import imagenet_wnids
 from ..errors import UserError
 from ..fs import get_fs
+from .boxes import box_columns, row_boxes
 from .format import as_int
 
 WNID = re.compile(r"^n\d{8}$")  # an ImageNet WordNet id
@@ -61,12 +62,14 @@ def _class_value(value: str, where: str) -> int:
 
 class LabelsTable(dict):
     """{file-name-or-stem: class} of a labels file, with the line of each row and the rows
-    whose class is outside the classifier's range (skipped: name -> reason)."""
+    whose class is outside the classifier's range (skipped: name -> reason), and the boxes
+    given with each row (:mod:`.boxes`: original pixels, x0 y0 x1 y1 inclusive)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.lines: dict[str, int] = {}
         self.out_of_range: dict[str, str] = {}
+        self.boxes: dict[str, list[list[int]]] = {}
 
 
 def parse_labels(url: str, num_classes: int | None = None, skip_out_of_range: bool = False) -> tuple[str, dict[str, int] | list[int]]:
@@ -86,8 +89,9 @@ def parse_labels(url: str, num_classes: int | None = None, skip_out_of_range: bo
     # A header names known columns; anything else is data (and errors name its line).
     header = [c.lower() for c in rows[0]]
     has_header = any(c in _FILE_COLS + _CLASS_COLS + _WNID_COLS for c in header)
-    file_col, class_col = 0, 1
+    file_col, class_col, corners = 0, 1, None
     if has_header:
+        corners = box_columns(header)  # x0 y0 x1 y1 columns or a PredictionString
         file_col = next((header.index(c) for c in _FILE_COLS if c in header), 0)
         class_col = next((header.index(c) for c in _CLASS_COLS if c in header), None)
         if class_col is None:
@@ -114,6 +118,8 @@ def parse_labels(url: str, num_classes: int | None = None, skip_out_of_range: bo
             continue
         table[name] = cls
         table.lines.setdefault(name, n)
+        if corners is not None:
+            table.boxes.setdefault(name, []).extend(row_boxes(row, corners, where))
     return "table", table
 
 

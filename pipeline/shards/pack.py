@@ -65,6 +65,7 @@ class PackReport:
     out_url: str = ""
     labels_scheme: str = ""
     labels_unmatched: list[dict] = field(default_factory=list)  # labels file rows naming no image: {"line", "file"}
+    boxed: int = 0  # samples packed with bounding boxes
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,7 +76,7 @@ class PackReport:
         lines = [
             f"packed {self.packed} images ({self.layout} layout, labels: {self.labels_scheme}) into "
             f"{len(self.shards)} shard(s), {size / 2**20:.1f} MiB, at {self.out_url} "
-            f"in {self.seconds:.1f} s ({rate:.0f} img/s)",
+            f"in {self.seconds:.1f} s ({rate:.0f} img/s)" + (f"; {self.boxed} with bounding boxes" if self.boxed else ""),
         ]
         lines += skipped_lines(self.skipped, "files", f"{REPORT_NAME} lists them all", shown=5, name=lambda s: s["file"])
         if self.labels_scheme == "folders":
@@ -101,6 +102,7 @@ class _Item:
     path: str
     label: int
     key: str = ""
+    boxes: list[list[int]] | None = None  # from the labels file (pipeline.shards.boxes): original pixels, inclusive
 
 
 @dataclass
@@ -221,6 +223,7 @@ def _plan(src: Path, layout: str, labels_file: str | None, exclude: Path | None,
             raise UserError(f"layout {layout} needs a labels file; pass --labels FILE")
         used_labels = Path(labels_path).resolve()
     kind, labels = parse_labels(labels_path, num_classes, skip_bad_labels)
+    boxes = getattr(labels, "boxes", {})  # a per-line labels file carries none
     rels = [*top_files, *(f for files in folders.values() for f in files)]
     images = [rel for rel in rels if not not_image(rel)]
 
@@ -260,7 +263,8 @@ def _plan(src: Path, layout: str, labels_file: str | None, exclude: Path | None,
         if label is None:
             label = -1
             notes.append({"file": rel, "kind": "unlabeled", "note": f"no entry in {os.path.basename(labels_path)}: cls -1"})
-        items.append(_Item(rel, str(src / rel), label))
+        found = next((boxes[k] for k in (rel, os.path.basename(rel), os.path.splitext(os.path.basename(rel))[0]) if k in boxes), None)
+        items.append(_Item(rel, str(src / rel), label, boxes=found))
     if scheme == "imagenet":
         class_names = list(imagenet_classes())
     unmatched = [] if kind == "per-line" else [{"line": ln, "file": k} for k, ln in labels.lines.items() if k not in used]  # type: ignore[union-attr]
@@ -335,6 +339,8 @@ def _inspect(item: _Item) -> tuple[bytes, str, dict, list[tuple[str, str]]]:
     if min(w, h) < CROP:
         notes.append(("small", f"{w}x{h} is smaller than the {CROP} crop: packed, upsampled by the resize"))
     meta = {"file": item.rel, "width": w, "height": h, "mode": mode, "format": fmt, "label": item.label}
+    if item.boxes is not None:
+        meta["boxes"] = item.boxes
     return data, ext, meta, notes
 
 
@@ -369,6 +375,7 @@ class _ShardWriter:
         self.index = 0
         self.count = 0
         self.bytes = 0
+        self.boxed = 0  # samples with boxes in the open shard
 
     def _open(self) -> None:
         self.name = f"{self.prefix}-{self.index:06d}.tar"
@@ -376,9 +383,9 @@ class _ShardWriter:
         self.file = open(self.tmp, "wb")
         self.hw = _HashingWriter(self.file)
         self.tar = tarfile.open(fileobj=self.hw, mode="w", format=tarfile.PAX_FORMAT)
-        self.count = self.bytes = 0
+        self.count = self.bytes = self.boxed = 0
 
-    def add(self, key: str, members: list[tuple[str, bytes]], limit_samples: int, limit_bytes: int) -> dict | None:
+    def add(self, key: str, members: list[tuple[str, bytes]], limit_samples: int, limit_bytes: int, boxed: bool = False) -> dict | None:
         """Add one sample; returns the finished shard's entry when this sample started a new one."""
         size = sum(512 + -(-len(b) // 512) * 512 for _, b in members)  # headers + padded data
         done = None
@@ -392,6 +399,7 @@ class _ShardWriter:
             info.size, info.mtime, info.mode = len(data), 0, 0o444  # fixed mtime: same input, same sha256
             self.tar.addfile(info, io.BytesIO(data))  # type: ignore[union-attr]
         self.count += 1
+        self.boxed += int(boxed)
         self.bytes += size
         return done
 
@@ -403,6 +411,8 @@ class _ShardWriter:
         os.fsync(self.file.fileno())
         self.file.close()
         entry = {"name": self.name, "count": self.count, "bytes": self.hw.n, "sha256": self.hw.h.hexdigest()}
+        if self.boxed:  # how many of its samples carry boxes (their json member holds them)
+            entry["boxes"] = self.boxed
         final = self.base.rstrip("/") + "/" + self.name
         if self.local:
             os.replace(self.tmp, final)
@@ -498,7 +508,7 @@ def pack_folder(
     skipped, notes, entries = list(plan.skipped), list(plan.notes), []
     writer = _ShardWriter(fs, base, prefix)
     bar = Progress(len(plan.items), progress, what="pack", unit="img", every=10.0)
-    packed = 0
+    packed = boxed = n_boxes = 0
     n_workers = workers or min(8, os.cpu_count() or 1)
     try:
         with concurrent.futures.ThreadPoolExecutor(n_workers) as pool:
@@ -521,7 +531,9 @@ def pack_folder(
                         ("json", json.dumps(meta, sort_keys=True).encode()),
                         (ext, data),
                     ]
-                    done = writer.add(it.key, members, samples_per_shard, max_shard_bytes)
+                    done = writer.add(it.key, members, samples_per_shard, max_shard_bytes, boxed="boxes" in meta)
+                    boxed += "boxes" in meta
+                    n_boxes += len(meta.get("boxes", ()))
                     if done:
                         entries.append(done)
                         bar.update(0, postfix=f"{len(entries)} shards")
@@ -554,6 +566,7 @@ def pack_folder(
         out_url=out_url,
         labels_scheme=plan.labels_scheme,
         labels_unmatched=plan.unmatched,
+        boxed=boxed,
     )
     _write_json(fs, base, REPORT_NAME, report.to_dict())
     index = {
@@ -565,5 +578,7 @@ def pack_folder(
         "labels": {"scheme": plan.labels_scheme, "names": plan.class_names, "classifier_classes": plan.labels_scheme != "folders"},
         "shards": entries,
     }
+    if boxed:  # per-sample boxes in each json member; readers map them to the model's input grid
+        index["boxes"] = {"samples": boxed, "boxes": n_boxes, "grid": "original image pixels, x0 y0 x1 y1 inclusive"}
     _write_json(fs, base, INDEX_NAME, index)  # last: the commit point
     return report

@@ -105,7 +105,7 @@ def list_shards(
                 beside[folder] = {e["name"]: {**e, "labels_scheme": scheme} for e in idx["shards"]} if idx else {}
             entry = beside[folder].get(name)
         out.append(ShardInfo(url, name, entry["count"] if entry else None, entry.get("sha256") if entry else None,
-                             entry.get("labels_scheme") if entry else None))
+                             entry.get("labels_scheme") if entry else None, entry.get("boxes") if entry else None))
     return out
 
 

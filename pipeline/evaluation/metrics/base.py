@@ -32,6 +32,9 @@ class MetricBatch:
     clean_probs: torch.Tensor  # (m, K) softmax of the clean forward
     batch_id: int
     forward_batch: int | None
+    # per image (k, 4) boxes x0 y0 x1 y1 on the images' pixel grid (end exclusive, k may be 0);
+    # None when the shards carry no boxes (pipeline.images.boxes_in_crop maps them there)
+    boxes: Sequence[np.ndarray] | None = None
 
 
 class MethodOutcome(Protocol):
@@ -65,6 +68,8 @@ class EvalOutcome(Protocol):
     def per_method(self) -> dict[str, dict[str, Any]]: ...  # id -> {"rows": image indices, metric name -> its arrays}
     @property
     def methods(self) -> Sequence[MethodOutcome]: ...
+    @property
+    def metrics(self) -> Sequence[EvalMetric]: ...  # the metrics evaluated, in order
 
 
 class EvalMetric:
@@ -73,6 +78,7 @@ class EvalMetric:
     name: ClassVar[str]
     title: ClassVar[str]
     always: ClassVar[bool] = False  # AD/IC: the protocol's metric, always computed
+    needs_boxes: ClassVar[bool] = False  # localisation: on by itself when the shards carry boxes (MetricBatch.boxes)
     help: ClassVar[str] = ""  # the --NAME switch's help
     options: ClassVar[tuple[Option, ...]] = ()
     chart_file: ClassVar[str | None] = None
@@ -151,6 +157,11 @@ def metric_classes() -> dict[str, type[EvalMetric]]:
 
 def optional_metrics() -> tuple[str, ...]:
     return tuple(n for n, c in metric_classes().items() if not c.always)
+
+
+def box_metrics() -> tuple[str, ...]:
+    """The metrics that need bounding boxes: ``lcam eval`` adds them when the shards carry boxes."""
+    return tuple(n for n, c in metric_classes().items() if c.needs_boxes)
 
 
 def build_metrics(ratios: Sequence[float], enabled: Sequence[str] = (),
