@@ -9,8 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 
+from jobs.common import announce
 from jobs.options import add_options, config_from_args as build_config, parse_storage_options
 from pipeline.configs import CamsConfig
+
+RESUMES = "a re-run resumes"  # what Ctrl-C leaves (jobs/cli.py)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     cfg = config_from_args(args)  # mistakes in the options answer before the stage (torch, Ray) is imported
+    if cfg.progress:
+        announce(f"lcam cams: {cfg.checkpoint} -> {cfg.out}; loading torch and the checkpoint ...")
     from pipeline.cams import generate_cams
 
     summary = generate_cams(cfg)

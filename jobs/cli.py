@@ -16,11 +16,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     # name: (module, one-line help)
     "shards": ("jobs.shards", "pack an image folder into WebDataset shards with an index"),
     "extract": ("jobs.extract", "run the frozen backbone over shards into a Zarr feature cache (Ray)"),
-    "cache": ("jobs.cache", "inspect (info) or check (verify) a feature cache"),
+    "cache": ("jobs.cache", "inspect (info), check (verify) or repair a feature cache or a CAM store"),
     "train": ("jobs.train", "train L-CAM-Fm from a cache or L-CAM-Img from shards"),
     "cams": ("jobs.cams", "generate CAMs in bulk into a CAM store; overlays and a gallery"),
     "eval": ("jobs.eval", "Average Drop / Increase in Confidence against the baselines"),
     "audit": ("jobs.audit", "audit a classifier over a CAM store: errors explained, evidence per class (audit.html)"),
+    "report": ("jobs.report", "report.html from stages run by hand: metrics, training curves, galleries, audit"),
     "pipeline": ("jobs.pipeline", "extract -> train -> cams -> eval -> report in one job"),
     "submit": ("jobs.submit", "submit a job to a Ray cluster and follow its logs"),
     "jobs": ("jobs.submit", "list, show logs of, or stop Ray jobs"),
@@ -122,8 +123,23 @@ def run_job(name: str, argv: list[str]) -> int:
         print(f"lcam {name}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"lcam {name}: interrupted; finished work is kept and a re-run resumes", file=sys.stderr)
+        print(f"lcam {name}: {interrupted_message(module, locals().get('args'))}", file=sys.stderr)
         return 130
+
+
+def interrupted_message(module: object, args: argparse.Namespace | None) -> str:
+    """What Ctrl-C left: a re-run resumes only where the job resumes and its output exists."""
+    out = getattr(args, getattr(module, "OUTPUT", "out"), None) if args is not None else None
+    try:
+        from pipeline.fs import exists
+
+        made = bool(out) and isinstance(out, str) and exists(out)
+    except Exception:  # an unreachable store: say nothing about it
+        made = False
+    if not made:
+        return "interrupted before any output was written"
+    resumes = getattr(module, "RESUMES", "")
+    return f"interrupted; the finished part of {out} is kept" + (f" and {resumes}" if resumes else "")
 
 
 def main(argv: list[str] | None = None) -> int:

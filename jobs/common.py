@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Mapping, TypeVar
 
@@ -10,7 +11,7 @@ from pipeline.errors import FlagNamer, UserError, flag_namer
 # declared with the config fields (pipeline/options.py); re-exported for the jobs
 from pipeline.options import LAYER_HELP, parse_storage_options
 
-__all__ = ["LAYER_HELP", "add_storage_options", "backbone_spec", "parse_storage_options", "run_stage", "speaking_flags"]
+__all__ = ["LAYER_HELP", "add_storage_options", "announce", "backbone_spec", "parse_storage_options", "run_stage", "speaking_flags"]
 
 T = TypeVar("T")
 
@@ -52,3 +53,9 @@ def run_stage(names: Mapping[str, str], stage: Callable[..., T], *args: Any, **k
     """``stage(*args, **kwargs)`` under :func:`speaking_flags` (``names``: field -> this job's flag)."""
     with speaking_flags(names):
         return stage(*args, **kwargs)
+
+
+def announce(text: str) -> None:
+    """The job's first line, printed as soon as its options are checked (before torch and Ray
+    load, which take seconds): the user sees at once that the command runs."""
+    print(text, file=sys.stderr, flush=True)

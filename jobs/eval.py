@@ -11,7 +11,7 @@ import argparse
 import json
 from typing import Any, Callable
 
-from jobs.common import LAYER_HELP, backbone_spec, run_stage
+from jobs.common import LAYER_HELP, announce, backbone_spec, run_stage
 from jobs.options import add_options, config_from_args as build_config
 from pipeline.configs import EvalConfig
 from pipeline.options import flag_names
@@ -87,6 +87,8 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)  # mistakes in the options answer before the stage (torch, Ray) is imported
+    if cfg.progress:
+        announce(f"lcam eval: {cfg.shards} -> {cfg.out}; loading torch and the backbone ...")
     from pipeline.evaluate import evaluate
 
     summary = run_stage(flag_names(EvalConfig), evaluate, cfg)  # fields spelt otherwise (checkpoints: --checkpoint)

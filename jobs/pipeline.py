@@ -17,6 +17,8 @@ from jobs.common import LAYER_HELP, add_storage_options, backbone_spec, parse_st
 from jobs.options import add_option
 from pipeline.configs import AuditConfig, CamsConfig, EvalConfig, ExtractConfig, TrainConfig
 
+OUTPUT, RESUMES = "workdir", "a re-run resumes"  # what Ctrl-C leaves (jobs/cli.py)
+
 STAGES = ("extract", "train", "cams", "eval", "audit", "report")
 METHOD_LABELS = {"fm": "L-CAM-Fm", "img": "L-CAM-Img"}
 

@@ -72,8 +72,31 @@ def save_checkpoint(
     write_bytes_atomic(url, buf.getvalue(), storage_options)
 
 
+RUN_CHECKPOINT = "checkpoint.pt"  # the file a run folder keeps its latest checkpoint in (pipeline.run_folder writes it)
+
+
+def checkpoint_file(url: str, storage_options: StorageOptions = None) -> str:
+    """``url`` itself, or ``url/checkpoint.pt`` when ``url`` is a run folder (what `lcam train --out` made):
+    every command that takes a checkpoint takes the run folder too."""
+    from .fs import join
+
+    fs, path = get_fs(url, storage_options)
+    try:
+        is_dir = fs.isdir(path)
+    except Exception:  # an unreachable store answers when the file is read, with its own message
+        return url
+    if not is_dir:
+        return url
+    inner = join(url, RUN_CHECKPOINT)
+    if not fs.exists(get_fs(inner, storage_options)[1]):
+        raise UserError(f"{url} is a folder without {RUN_CHECKPOINT}; give a checkpoint file or a run folder made by `lcam train --out`")
+    return inner
+
+
 def load_checkpoint(url: str, storage_options: StorageOptions = None, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """The checkpoint as a dict, JSON fields decoded; clear errors for a missing or foreign file."""
+    """The checkpoint as a dict, JSON fields decoded; clear errors for a missing or foreign file.
+    A run folder stands for its ``checkpoint.pt``."""
+    url = checkpoint_file(url, storage_options)
     fs, path = get_fs(url, storage_options)
     try:
         data = fs.cat_file(path)

@@ -32,6 +32,7 @@ from .cache import FeatureCache
 from .device import autocast_dtype, resolve_device
 from .errors import UserError
 from .fs import StorageOptions, absolute
+from .options import validate
 from .progress import Progress
 from .raykit import ShardWorker, StageStats, actor_pool, ensure_ray, pin_torch_threads, run_shard_stage
 
@@ -90,20 +91,9 @@ class ExtractSummary:
 
 
 def check_config(cfg: ExtractConfig) -> None:
-    """Mistakes in the settings, found before anything is read, created or started."""
-    for name in ("batch_size", "decode_batch_size"):
-        if int(getattr(cfg, name)) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be a positive number of images, got {getattr(cfg, name)}")
-    for name, flag in (("num_actors", "--actors"), ("torch_threads", "--torch-threads")):
-        if getattr(cfg, name) is not None and int(getattr(cfg, name)) < 1:
-            raise UserError(f"{flag} must be at least 1, got {getattr(cfg, name)}")
-    if not cfg.views:
-        raise UserError(f"--views names no view; choose from {', '.join(VIEWS)}")
-    for v in cfg.views:
-        if v not in VIEWS:
-            raise UserError(f"unknown view {v!r}; choose from {', '.join(VIEWS)}")
-    if cfg.precision not in ("auto", "fp32", "fp16", "bf16"):
-        raise UserError(f"unknown precision {cfg.precision!r}; choose auto, fp32, fp16 or bf16")
+    """Mistakes in the settings, found before anything is read, created or started: the
+    declared choices and ranges and ``ExtractConfig.check`` (:func:`pipeline.options.validate`)."""
+    validate(cfg)
 
 
 def cache_identity(backbone: Any, views: Sequence[str], dtype: str) -> dict[str, Any]:
@@ -116,9 +106,6 @@ def cache_identity(backbone: Any, views: Sequence[str], dtype: str) -> dict[str,
 
 
 def open_cache_for(backbone: Any, cfg: ExtractConfig) -> FeatureCache:
-    for v in cfg.views:
-        if v not in VIEWS:
-            raise UserError(f"unknown view {v!r}; choose from {', '.join(VIEWS)}")
     return FeatureCache.create_or_open(
         cfg.cache,
         cache_identity(backbone, cfg.views, cfg.dtype),

@@ -20,11 +20,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from .checkpoints import load_checkpoint, save_checkpoint
+from .checkpoints import RUN_CHECKPOINT, load_checkpoint, save_checkpoint
 from .errors import UserError
 from .fs import StorageOptions, exists, get_fs, join, write_bytes_atomic
 
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = RUN_CHECKPOINT
 METRICS = "metrics.jsonl"
 CURVES = "curves.png"
 

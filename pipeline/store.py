@@ -283,17 +283,23 @@ class ShardedStore:
         """Read one done shard whole; raise :class:`StoreDamaged` if it cannot be (subclasses)."""
         raise NotImplementedError
 
-    def repair(self, *, workers: int = 4) -> tuple[VerifyReport, list[str]]:
-        """Check every done shard, forget the damaged ones so the next run re-makes them."""
+    def check_done_shards(self) -> VerifyReport:
+        """Read every done shard whole (``check_shard``); the damaged ones are the report's problems."""
         self.refresh()
         report = VerifyReport()
         for e in self._index()[0]:
             report.shards += 1
             try:
                 self.check_shard(e)
+                report.rows += int(e.get("count", 0))
             except StoreDamaged as exc:
                 report.problems.append(str(exc))
                 report.damaged.append(e["url"])
+        return report
+
+    def repair(self, *, workers: int = 4) -> tuple[VerifyReport, list[str]]:
+        """Check every done shard, forget the damaged ones so the next run re-makes them."""
+        report = self.check_done_shards()
         return report, self.forget(report.damaged) if report.damaged else []
 
     @property

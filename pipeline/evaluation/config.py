@@ -37,11 +37,12 @@ def resolve_backbone(cfg: EvalConfig) -> tuple[Any, list[tuple[str | None, str, 
     from lcam import build_backbone
     from lcam.backbones import WeightsUnavailable
 
-    from ..checkpoints import check_backbone, load_checkpoint
+    from ..checkpoints import check_backbone, checkpoint_file, load_checkpoint
 
     loaded = []
     for arg in cfg.checkpoints:
         name, url = split_checkpoint_arg(arg)
+        url = checkpoint_file(url, cfg.checkpoint_storage_options)  # a run folder: its checkpoint.pt
         loaded.append((name, url, load_checkpoint(url, cfg.checkpoint_storage_options)))
     first = loaded[0][2]["backbone"] if loaded else {}
     name = cfg.backbone or first.get("backbone") or "efficientnet_lite0"
