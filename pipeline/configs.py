@@ -245,6 +245,8 @@ class EvalConfig:
                                         default_factory=dict, kind="list", flag="--method-limit", dest="method_limits",
                                         metavar="METHOD=N", parse=method_limit_pairs)
     batch_size: int = opt(16, "images per batch and per forward (default 16: fastest on CPU; raise it on a GPU)", min=1)
+    costly_on_cpu: bool = opt(False, "on a CPU, also run the default list's costly methods (Score-CAM, RISE: about a thousand forwards "
+                              "per image each), left out there by default; --method-limit scorecam=N caps one to N images", kind="switch")
     split_coverage: bool = opt(False, "also the table on images whose class row L-CAM trained (coverage > 0) and on the others", kind="switch")
     save_maps: int = opt(0, "keep every method's map of the first N images (by rank) in maps.npz, for the report's gallery", min=0, metavar="N")
     engine: str = opt("auto", "local = in this process; ray = Ray Data with an actor pool; auto (default) = ray when there is a cluster "

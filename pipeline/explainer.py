@@ -47,10 +47,21 @@ class Explainer:
     (3, H, W) image gives a batch of one.
     """
 
-    def __init__(self, model: LCAM, checkpoint: Mapping[str, Any] | None = None, autocast: torch.dtype | None = None) -> None:
+    def __init__(self, model: LCAM, checkpoint: Mapping[str, Any] | None = None, autocast: torch.dtype | None = None,
+                 class_names: Sequence[str] | None = None) -> None:
         self.model = model.eval()
         self.checkpoint = dict(checkpoint or {})
         self.autocast = autocast
+        self._names = list(class_names) if class_names is not None else None
+
+    @classmethod
+    def fit(cls, model: Any, data: Any, **kwargs: Any) -> "Explainer":
+        """Train an L-CAM-Fm for ``model`` (an ``nn.Module`` classifier, a Backbone or a spec
+        string) on ``data`` (image paths or a folder, PIL images, a tensor, a DataLoader, or
+        shards) and return its Explainer; see :func:`pipeline.fit.fit_lcam` for the options."""
+        from .fit import fit_lcam
+
+        return fit_lcam(model, data, **kwargs)
 
     @classmethod
     def from_checkpoint(
@@ -96,9 +107,25 @@ class Explainer:
         rgb = decode_image(image) if isinstance(image, (bytes, bytearray)) else image
         return preprocess(rgb, self.preprocessing).to(self.device)
 
-    def _images(self, images: torch.Tensor) -> torch.Tensor:
+    @property
+    def names(self) -> list[str]:
+        """The classifier's class names (ImageNet's for 1,000 classes, else "class k"; ``class_names=`` overrides)."""
+        if self._names is None:
+            from .classes import load_class_names
+
+            self._names = load_class_names(None, None, self.num_classes)
+        return self._names
+
+    def _images(self, images: Any) -> torch.Tensor:
+        if is_one_image(images):
+            images = [images]
+        if isinstance(images, (list, tuple)):  # paths, PIL images, bytes, arrays or (3, H, W) tensors
+            if not images:
+                raise ValueError("no images given")
+            images = torch.stack([load_image(x, self.preprocessing) for x in images])
         if not isinstance(images, torch.Tensor):
-            raise TypeError(f"images must be a torch tensor (B, 3, H, W) or (3, H, W) in [0, 1], got {type(images).__name__}")
+            raise TypeError(f"images must be paths, PIL images, encoded bytes, RGB arrays or a tensor (B, 3, H, W) in [0, 1], "
+                            f"got {type(images).__name__}")
         if images.dim() == 3:
             images = images.unsqueeze(0)
         if images.dim() != 4 or images.shape[1] != 3:
@@ -120,7 +147,10 @@ class Explainer:
         all_classes: bool = False,
     ) -> Explanation:
         """CAMs from one forward pass: the predicted class, or ``targets`` (one id per
-        image, or (B, T) ids), or the ``top_k`` classes; ``upsample`` adds maps at the input size."""
+        image, or (B, T) ids), or the ``top_k`` classes; ``upsample`` adds maps at the input size.
+        ``images``: a tensor in [0, 1], or an image path, PIL image, encoded bytes or RGB array,
+        or a list of those (each resized and centre-cropped as the backbone's preprocessing says);
+        ``e.class_names`` names the explained classes."""
         images = self._images(images)
         if isinstance(targets, int):
             targets = [targets]
@@ -132,7 +162,9 @@ class Explainer:
             feats, logits = self.model.backbone.extract(images)
         size = tuple(images.shape[-2:]) if upsample else None
         with torch.inference_mode():  # maps in fp32 whatever the backbone ran in: the product is tiny
-            return explain_from_features(self.model.attention, feats.float(), logits.float(), targets, top_k, size, all_classes)
+            e = explain_from_features(self.model.attention, feats.float(), logits.float(), targets, top_k, size, all_classes)
+        e.names = self.names
+        return e
 
     def autocast_context(self) -> contextlib.AbstractContextManager:
         """Autocast for the backbone's forward when a reduced precision was asked for."""
@@ -154,6 +186,39 @@ class Explainer:
             targets = [targets]
         size = self.preprocessing.crop if upsample else None
         return self.model.explain_features(feats.to(self.device).float(), targets, top_k, size)
+
+
+# ---------------------------------------------------------------- images from Python
+def is_one_image(x: Any) -> bool:
+    """A single image (a path, encoded bytes, an RGB array, a PIL image), not a batch."""
+    import os
+
+    if isinstance(x, (str, os.PathLike, bytes, bytearray)):
+        return True
+    if isinstance(x, np.ndarray):
+        return x.ndim == 3
+    return hasattr(x, "convert") and hasattr(x, "size")  # a PIL image, without importing PIL
+
+
+def load_image(x: Any, prep: Preprocessing) -> torch.Tensor:
+    """One image -> (3, crop, crop) float32 in [0, 1] on the CPU, the backbone's preprocessing applied
+    (a tensor is taken as already preprocessed)."""
+    import os
+
+    from .images import decode_image, preprocess
+
+    if isinstance(x, torch.Tensor):
+        return x.float().cpu() if x.dtype != torch.uint8 else x.float().div(255.0)
+    if isinstance(x, (str, os.PathLike)):
+        from .fs import get_fs
+
+        fs, path = get_fs(os.fspath(x))
+        x = fs.cat_file(path)
+    if isinstance(x, (bytes, bytearray)):
+        x = decode_image(bytes(x))
+    elif hasattr(x, "convert"):
+        x = x.convert("RGB")
+    return preprocess(x, prep)
 
 
 # ---------------------------------------------------------------- maps for a batch of rows

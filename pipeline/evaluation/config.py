@@ -75,6 +75,21 @@ def method_kwargs(name: str, cfg: EvalConfig) -> dict[str, Any]:
     return out
 
 
+COSTLY = ("channels", "masks")  # cost classes of the registry that take minutes per image on a CPU
+
+
+def methods_for_machine(cfg: EvalConfig, on_cpu: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(methods to run, methods left out): on a CPU the default list's costly methods are
+    left out unless ``cfg.costly_on_cpu``; a list the user gave runs as given."""
+    from lcam.cam_methods import default_methods, method_names
+
+    methods = tuple(cfg.methods)
+    if not on_cpu or cfg.costly_on_cpu or methods != default_methods():
+        return methods, ()
+    left_out = tuple(m for m in methods if m in method_names() and method_class(m).cost in COSTLY)
+    return tuple(m for m in methods if m not in left_out), left_out
+
+
 def method_specs(cfg: EvalConfig, loaded: Sequence[tuple[str | None, str, dict[str, Any]]]) -> list[MethodSpec]:
     """L-CAM rows from the checkpoints, then the registered methods, with their subset limits."""
     specs: list[MethodSpec] = []
