@@ -28,6 +28,9 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)  # mistakes in the options answer before the stage (torch, Ray) is imported
+    from pipeline.shards import require_shards
+
+    require_shards(cfg.shards, storage_options=cfg.shard_storage_options, index_url=cfg.index)  # an image folder: says `lcam shards`
     if cfg.progress:
         announce(f"lcam extract: {cfg.shards} -> {cfg.cache}; loading the backbone and starting Ray ...")
     from pipeline.extract import extract

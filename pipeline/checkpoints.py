@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import io
 import json
-from typing import Any, Mapping
-
-import torch
+from typing import TYPE_CHECKING, Any, Mapping
 
 from .errors import UserError
 from .fs import StorageOptions, get_fs, write_bytes_atomic
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT = "lcam-checkpoint/1"
 
@@ -63,6 +64,8 @@ def save_checkpoint(
         "optimizer": optimizer_state or {},
         "scheduler": scheduler_state or {},
     }
+    import torch
+
     if coverage is not None:
         payload["coverage"] = torch.as_tensor(coverage).detach().cpu().to(torch.int32)
     if trained_rows is not None:
@@ -96,6 +99,8 @@ def checkpoint_file(url: str, storage_options: StorageOptions = None) -> str:
 def load_checkpoint(url: str, storage_options: StorageOptions = None, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """The checkpoint as a dict, JSON fields decoded; clear errors for a missing or foreign file.
     A run folder stands for its ``checkpoint.pt``."""
+    import torch
+
     url = checkpoint_file(url, storage_options)
     fs, path = get_fs(url, storage_options)
     try:
@@ -113,6 +118,41 @@ def load_checkpoint(url: str, storage_options: StorageOptions = None, map_locati
     payload.setdefault("coverage", None)  # checkpoints from before coverage was recorded
     payload.setdefault("trained_rows", None)  # no filled rows (or from before filling existed)
     return payload
+
+
+def checkpoint_summary(url: str, storage_options: StorageOptions = None) -> dict[str, Any]:
+    """The checkpoint's plain fields (format, method, backbone, epoch, ...) without torch: its
+    pickle is read with every tensor left out, so a command can check its options against the
+    checkpoint (e.g. class ids against the classifier's classes) before torch loads (~seconds).
+    Anything unexpected: {} (the full load then says what is wrong)."""
+    import pickle
+    import zipfile
+
+    class NoTensors(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            if module == "collections" and name == "OrderedDict":
+                import collections
+
+                return collections.OrderedDict
+            return lambda *args, **kwargs: None  # torch's rebuild functions and classes: no tensor is made
+
+        def persistent_load(self, pid: Any) -> Any:
+            return None
+
+    try:
+        url = checkpoint_file(url, storage_options)
+        fs, path = get_fs(url, storage_options)
+        with zipfile.ZipFile(io.BytesIO(fs.cat_file(path))) as z:
+            name = next(n for n in z.namelist() if n.endswith("/data.pkl") or n == "data.pkl")
+            payload = NoTensors(io.BytesIO(z.read(name))).load()
+        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+            return {}
+        return {k: json.loads(payload[k]) if k in ("backbone", "config", "extra") else payload[k]
+                for k in ("format", "method", "backbone", "epoch", "step", "config", "extra") if k in payload}
+    except UserError:
+        raise
+    except Exception:
+        return {}
 
 
 def check_backbone(checkpoint: Mapping[str, Any], backbone: Mapping[str, Any], what: str = "this backbone") -> None:
