@@ -63,6 +63,7 @@ def command_parser(name: str) -> argparse.ArgumentParser:
         module.add_command_arguments(parser, name)
     else:
         module.add_arguments(parser)
+    parser.add_argument("--verbose", action="store_true", help="also show Ray's own log lines (hidden by default)")
     show_defaults(parser)
     return parser
 
@@ -114,6 +115,10 @@ def run_job(name: str, argv: list[str]) -> int:
         args = parser.parse_args(argv) if own_config else build_namespace(parser, argv)
         check_ranges(parser, args)  # the declared ranges (jobs/options.py), as one line naming the flag
         args.command = name
+        if getattr(args, "verbose", False):
+            import os
+
+            os.environ["LCAM_VERBOSE"] = "1"  # pipeline.raykit.VERBOSE_ENV: Ray's log lines stay on
         return int(module.run(args) or 0)
     except Exception as exc:
         message = user_error_message(exc)

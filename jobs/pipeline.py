@@ -101,10 +101,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             add_option(groups[stage], config, field, flag=flag, **overrides)
             if field == "backbone":
                 groups[stage].add_argument("--layer", default=None, help=LAYER_HELP)
+    add_option(groups["eval"], EvalConfig, "costly_on_cpu")
     groups["eval"].add_argument("--eval-methods", default=None,
                                 help="CAM methods next to L-CAM, comma-separated (default: lcam eval's default list; see lcam eval --help)")
     groups["eval"].add_argument("--method-limit", default=None, help="per-method image limits, e.g. scorecam=16,rise=32")
-    groups["eval"].add_argument("--rise-masks", type=int, default=4000)
+    from jobs.eval import add_registry_options
+
+    add_registry_options(parser, methods_flag=None)  # every method's and metric's options, from the registries (--rise-masks, --road, ...)
 
 
 def _methods(args: argparse.Namespace) -> list[str]:
@@ -206,6 +209,7 @@ def _train_config(args: argparse.Namespace, method: str, cache: str, out: str, s
 
 
 def run(args: argparse.Namespace) -> int:
+    from jobs.eval import registry_config
     from pipeline.cams import CamsConfig, generate_cams
     from pipeline.errors import UserError
     from pipeline.evaluate import EvalConfig, evaluate
@@ -267,7 +271,7 @@ def run(args: argparse.Namespace) -> int:
             shards=args.eval_shards or args.train_shards, out=eval_dir,
             checkpoints=[f"lcam-{m}={join(out, CHECKPOINT)}" for m, out in runs.items()],
             methods=eval_methods,
-            limit=args.eval_limit, method_limits=_limits(args.method_limit), method_options={"rise": {"num_masks": args.rise_masks}},
+            limit=args.eval_limit, method_limits=_limits(args.method_limit), **registry_config(args), costly_on_cpu=args.costly_on_cpu,
             seed=args.seed, save_maps=args.gallery_images,
             shard_storage_options=so, out_storage_options=so, checkpoint_storage_options=so,
         ))
