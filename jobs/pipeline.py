@@ -33,7 +33,7 @@ STAGE_OPTIONS: dict[str, list[tuple[type, str, str, dict]]] = {
         (ExtractConfig, "batch_size", "--extract-batch-size", {}),
     ],
     "train": [
-        (TrainConfig, "epochs", "--epochs", {"help": "default: the backbone's recipe (SPEC section 3)"}),
+        (TrainConfig, "epochs", "--epochs", {"help": "default: the backbone's recipe (docs/method.md section 3)"}),
         (TrainConfig, "lr", "--lr", {}),
         (TrainConfig, "batch_size", "--batch-size", {"help": "training batch (default 64)"}),
         (TrainConfig, "target", "--target", {"default": "label"}),

@@ -125,7 +125,7 @@ class TrainConfig:
     index: str | None = opt(None, "img: shard index URL (default: index.json beside the shards)")
     backbone: str | None = opt(None, "img without --cache: backbone spec (default efficientnet_lite0): " + BACKBONE_HELP)  # + --layer
     weights: str | None = opt(None, "backbone weights (default: those the cache was made with, else 'default')")
-    epochs: int | None = opt(None, "default per backbone (SPEC section 3)", min=1)
+    epochs: int | None = opt(None, "default per backbone (docs/method.md section 3)", min=1)
     lr: float | None = opt(None, "weight learning rate (biases x2); default per backbone and schedule", min=0)
     batch_size: int | None = opt(None, "global batch size (default 64)", min=1)  # split over the img workers
     # These four and the seed decide the run's trajectory; None: the default for a new run
@@ -138,15 +138,15 @@ class TrainConfig:
     # The attention's start: random (SPEC) | cam (the classifier's weights: untrained rows are CAM);
     # init_from: an L-CAM checkpoint URL whose attention is the start (e.g. L-CAM-Fm for L-CAM-Img).
     init: str | None = opt(None, "the attention's start: cam (row k = the classifier's weights for class k: an untrained row gives "
-                           "CAM's map; pooling + linear heads only), random (the SPEC's draw), or auto (cam where the head allows "
+                           "CAM's map; pooling + linear heads only), random (docs/method.md, PyTorch's default draw), or auto (cam where the head allows "
                            "it, else random, e.g. VGG-16). Default: random with --recipe spec, auto with --recipe data-size",
                            choices=("auto", "random", "cam"))
     init_from: str | None = opt(None, "start from this L-CAM checkpoint's attention (e.g. --method img from an L-CAM-Fm run's checkpoint.pt)",
                                 metavar="CHECKPOINT")
-    targets: str | None = opt(None, "single: one target per image (SPEC, default); top-k: the top-K predicted classes, each its own CE target "
+    targets: str | None = opt(None, "single: one target per image (docs/method.md, default); top-k: the top-K predicted classes, each its own CE target "
                               "and map (needs --target predicted)", choices=("single", "top-k"))
     top_k: int | None = opt(None, "K for --targets top-k (default 3)", min=1)
-    recipe_rule: str | None = opt(None, "defaults for lr/epochs/batch/schedule: spec (SPEC section 3, default) or data-size "
+    recipe_rule: str | None = opt(None, "defaults for lr/epochs/batch/schedule: spec (docs/method.md section 3, default) or data-size "
                                   "(below 20,000 samples: the small-data recipe, see README)", flag="--recipe", choices=("spec", "data-size"))
     # Export only: the trained state (resume) stays as trained; see lcam/uncovered.py.
     uncovered: str | None = opt(None, "rows no training sample trained (coverage 0), in the exported checkpoint: init (default: the row "

@@ -99,3 +99,43 @@ def test_a_wrong_command_line_is_caught():
     with pytest.raises(AssertionError, match="required"):
         parse_command_line(["lcam", "eval", "--shards", "SHARDS"])
     assert expand_alternatives("lcam cache info|verify URL ...") == [["lcam", "cache", "info", "URL"], ["lcam", "cache", "verify", "URL"]]
+
+
+def python_blocks(text: str, section: str) -> list[str]:
+    """The ```python blocks of one ``## section`` of the README."""
+    part = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", part, flags=re.S)
+
+
+def test_readme_python_blocks_run(tmp_path, monkeypatch):
+    """The README's Python examples run as written, on generated photos in their folder layout,
+    with the classifier at random weights (nothing downloaded) and a run folder made by
+    save_checkpoint. (The other Python blocks name an s3 bucket or a user's package.)"""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from lcam import build_backbone
+    from pipeline.checkpoints import save_checkpoint
+
+    rng = np.random.default_rng(0)
+    for folder, name in (("class0", "chelsea"), ("class1", "coffee"), ("class1", "rocket")):
+        (tmp_path / "photos" / folder).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)).save(tmp_path / "photos" / folder / f"{name}.jpg")
+    backbone = build_backbone("efficientnet_lite0")
+    torch.manual_seed(0)
+    from lcam import LCAM
+
+    save_checkpoint(str(tmp_path / "runs" / "fm" / "checkpoint.pt"), attention_state=LCAM(backbone).attention.state_dict(),
+                    method="fm", backbone=backbone.describe())
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    text = README.read_text()
+    blocks = python_blocks(text, "Explain a model from Python") + python_blocks(text, "The method in code")[:1]
+    assert len(blocks) == 3
+    namespace: dict = {}
+    for block in blocks:
+        code = block.replace('weights="DEFAULT"', "weights=None")  # random weights: no download in a test
+        exec(compile(code, "README.md", "exec"), namespace)
+    e = namespace["explain"]("photos/class0/chelsea.jpg")
+    assert e.maps.shape == (1, 1, 7, 7) and isinstance(e.class_names[0][0], str)
