@@ -73,8 +73,10 @@ class ExtractSummary:
         out = [
             f"cache {self.cache} (fingerprint {self.fingerprint})",
             f"shards: {self.shards_total} in the dataset, {self.shards_done_before} already cached, {self.shards_extracted} extracted now",
-            f"images: {self.images} in {self.seconds:.1f}s ({self.images_per_second:.1f} images/s overall, "
-            f"{self.steady_images_per_second:.1f} in steady state; Ray start-up {self.ray_startup_seconds:.1f}s)",
+            f"images: {self.images} in {self.seconds:.1f}s ({self.images_per_second:.3g} images/s overall, "
+            + (f"{self.steady_images_per_second:.3g} in steady state" if self.steady_images_per_second > 0
+               else "no steady state: one shard")  # the rate after the first shard needs a second one
+            + f"; Ray start-up {self.ray_startup_seconds:.1f}s)",
         ]
         if self.skipped:
             reasons = Counter(s["reason"].split(":")[0] for s in self.skipped)

@@ -49,14 +49,14 @@ VERBOSE_ENV = "LCAM_VERBOSE"  # set by `lcam --verbose`: Ray's own log lines are
 
 
 def quiet_ray_loggers() -> None:
-    """Ray's and Ray Data's own INFO lines (timestamps, dataset ids) off the console unless
+    """Ray's and Ray Data's own INFO and WARNING lines (timestamps, dataset ids) off the console unless
     ``lcam --verbose``: the stage prints its own progress and summary."""
     import logging
 
     if os.environ.get(VERBOSE_ENV):
         return
     for name in ("ray", "ray.data", "ray.train", "ray.tune", "ray._private", "ray.util"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger(name).setLevel(logging.ERROR)  # Ray Data's "Progress bars disabled" is a WARNING
 
 
 def ensure_ray() -> float:

@@ -153,3 +153,20 @@ def test_one_word_per_idea_in_every_command(name):
     if name in ("train", "audit"):  # the output: OUT as in every command, --out its other spelling
         positional = [a.dest for a in command_parser(name)._actions if not a.option_strings]
         assert "out" in positional and "--out" in opts
+
+
+def test_ctrl_c_says_what_it_left(tmp_path):
+    """Interrupted before any output: no promise of a resume; with output: the job's own resume rule."""
+    import argparse
+    import importlib
+
+    from jobs.cli import interrupted_message
+
+    extract, audit = importlib.import_module("jobs.extract"), importlib.import_module("jobs.audit")
+    missing = argparse.Namespace(cache=str(tmp_path / "cache"), out=str(tmp_path / "out"))
+    assert interrupted_message(extract, missing) == "interrupted before any output was written"
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "out").mkdir()
+    assert interrupted_message(extract, missing) == f"interrupted; the finished part of {tmp_path / 'cache'} is kept and a re-run resumes"
+    assert interrupted_message(audit, missing) == f"interrupted; the finished part of {tmp_path / 'out'} is kept"  # audit does not resume
+    assert interrupted_message(extract, None) == "interrupted before any output was written"  # Ctrl-C while parsing
