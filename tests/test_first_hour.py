@@ -170,3 +170,18 @@ def test_ctrl_c_says_what_it_left(tmp_path):
     assert interrupted_message(extract, missing) == f"interrupted; the finished part of {tmp_path / 'cache'} is kept and a re-run resumes"
     assert interrupted_message(audit, missing) == f"interrupted; the finished part of {tmp_path / 'out'} is kept"  # audit does not resume
     assert interrupted_message(extract, None) == "interrupted before any output was written"  # Ctrl-C while parsing
+
+
+def test_submit_ships_the_working_directory_and_runs_every_stage(tmp_path):
+    """The user's directory is the job's working directory (their module.path:factory travels);
+    this project's packages go beside it; every stage, audit and report included, can be submitted."""
+    from jobs.submit import JOB_NAMES, PROJECT_ROOT, shipped_files
+
+    env = shipped_files(str(tmp_path))
+    assert env["working_dir"] == str(tmp_path)
+    assert sorted(Path(p).name for p in env["py_modules"]) == ["jobs", "lcam", "pipeline"]
+    assert all(Path(p).parent == Path(PROJECT_ROOT) for p in env["py_modules"])
+    assert "py_modules" not in shipped_files(PROJECT_ROOT)  # from the checkout itself: the working directory holds them
+    assert {"shards", "extract", "cache", "train", "cams", "eval", "audit", "report", "pipeline"} <= set(JOB_NAMES)
+    args = command_parser("submit").parse_args(["audit", "--config", "audit.yaml"])
+    assert args.job == "audit"
