@@ -185,3 +185,18 @@ def test_submit_ships_the_working_directory_and_runs_every_stage(tmp_path):
     assert {"shards", "extract", "cache", "train", "cams", "eval", "audit", "report", "pipeline"} <= set(JOB_NAMES)
     args = command_parser("submit").parse_args(["audit", "--config", "audit.yaml"])
     assert args.job == "audit"
+
+
+def test_costly_methods_of_the_default_list_are_left_out_on_a_cpu():
+    from lcam.cam_methods import default_methods, method_class
+    from pipeline.configs import EvalConfig
+    from pipeline.evaluation.config import methods_for_machine
+
+    default = EvalConfig("S", "O")
+    kept, left = methods_for_machine(default, on_cpu=True)
+    assert set(left) == {m for m in default_methods() if method_class(m).cost in ("channels", "masks")} == {"scorecam", "rise"}
+    assert kept == tuple(m for m in default_methods() if m not in left)
+    assert methods_for_machine(default, on_cpu=False) == (default_methods(), ())  # a GPU runs them all
+    assert methods_for_machine(EvalConfig("S", "O", costly_on_cpu=True), on_cpu=True) == (default_methods(), ())
+    asked = EvalConfig("S", "O", methods=("gradcam", "scorecam"))
+    assert methods_for_machine(asked, on_cpu=True) == (("gradcam", "scorecam"), ())  # a list the user gave runs as given
