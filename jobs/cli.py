@@ -108,6 +108,9 @@ def run_job(name: str, argv: list[str]) -> int:
     from jobs.config import build_namespace
     from jobs.options import check_ranges
 
+    from pipeline.raykit import set_local_ray_env  # torch- and Ray-free at import
+
+    set_local_ray_env()  # before any stage imports Ray: the Makefile's RAY_AUTH_MODE / RAY_USAGE_STATS_ENABLED, for every path
     module = importlib.import_module(COMMANDS[name][0])
     parser = command_parser(name)
     own_config = getattr(module, "OWN_CONFIG", False)

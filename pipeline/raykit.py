@@ -48,6 +48,13 @@ LOCAL_RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
 VERBOSE_ENV = "LCAM_VERBOSE"  # set by `lcam --verbose`: Ray's own log lines are shown
 
 
+def set_local_ray_env() -> None:
+    """:data:`LOCAL_RAY_ENV` for a Ray this process will start (no RAY_ADDRESS); the user's values win."""
+    if not os.environ.get("RAY_ADDRESS"):
+        for name, value in LOCAL_RAY_ENV.items():
+            os.environ.setdefault(name, value)
+
+
 def quiet_ray_loggers() -> None:
     """Ray's and Ray Data's own INFO and WARNING lines (timestamps, dataset ids) off the console unless
     ``lcam --verbose``: the stage prints its own progress and summary."""
@@ -61,6 +68,7 @@ def quiet_ray_loggers() -> None:
 
 def ensure_ray() -> float:
     """Connect to the cluster (RAY_ADDRESS, or inside a Ray job) or start a local Ray; seconds taken."""
+    set_local_ray_env()  # before Ray is imported: it may read them then
     import ray
 
     t0 = time.perf_counter()
@@ -68,8 +76,6 @@ def ensure_ray() -> float:
         kwargs: dict[str, Any] = {}
         quiet_ray_loggers()
         if not os.environ.get("RAY_ADDRESS"):  # a new local Ray: ours to configure
-            for name, value in LOCAL_RAY_ENV.items():
-                os.environ.setdefault(name, value)
             print("starting Ray on this machine (RAY_ADDRESS unset) ...", file=sys.stderr, flush=True)
             # Ray keeps at most num_cpus idle workers and kills the rest; on a small machine
             # the read/decode tasks then land on fresh workers that re-import torch (~3 s CPU
