@@ -130,6 +130,11 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch):
                     method="fm", backbone=backbone.describe())
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MPLBACKEND", "Agg")
+    import pipeline.fit
+    from lcam.recipe import Recipe
+
+    # the small-data recipe's 80 epochs, shortened to 2: the blocks' calls are what is tested here
+    monkeypatch.setattr(pipeline.fit, "recipe_for_data", lambda backbone, method, samples: Recipe(lr=3.0, epochs=2, batch_size=16, schedule="onecycle"))
     text = README.read_text()
     blocks = python_blocks(text, "Explain a model from Python") + python_blocks(text, "The method in code")[:1]
     assert len(blocks) == 3
