@@ -23,6 +23,7 @@ from jobs.cli import COMMANDS, command_parser
 from jobs.config import split_config_args
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+DOCS = sorted((README.parent / "docs").glob("*.md"))  # the README's details live there: their command lines are checked too
 # a placeholder that must be one of a positional's choices: the value it stands for here
 CHOICE_PLACEHOLDERS = {"JOB": "pipeline"}
 
@@ -30,11 +31,15 @@ CHOICE_PLACEHOLDERS = {"JOB": "pipeline"}
 def readme_command_lines(text: str) -> list[str]:
     lines: list[str] = []
     in_block = False
+    shell = False
     for raw in text.splitlines():
         if raw.startswith("```"):
             in_block = not in_block
+            shell = in_block and raw[3:].strip() in ("", "sh", "bash", "shell", "console")  # not ```text: printed output
             continue
         if in_block:
+            if not shell:
+                continue
             line = raw.split(" #", 1)[0].strip()
             if line.startswith("lcam "):
                 lines.append(line)
@@ -83,7 +88,7 @@ def test_readme_shows_command_lines():
     assert {"shards", "extract", "cache", "train", "cams", "eval", "pipeline", "submit", "demo"} <= shown
 
 
-@pytest.mark.parametrize("line", readme_command_lines(README.read_text()))
+@pytest.mark.parametrize("line", readme_command_lines("\n".join(p.read_text() for p in [README, *DOCS])))
 def test_readme_command_line_parses(line):
     for tokens in expand_alternatives(line):
         try:
