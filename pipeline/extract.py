@@ -30,14 +30,13 @@ import numpy as np
 
 from .cache import FeatureCache
 from .device import autocast_dtype, resolve_device
-from .errors import UserError
 from .fs import StorageOptions, absolute
 from .options import validate
 from .progress import Progress
 from .raykit import ShardWorker, StageStats, actor_pool, ensure_ray, pin_torch_threads, run_shard_stage
 
 # re-exported: the config lives in the torch-free pipeline.configs (lcam extract --help reads it)
-from .configs import DECODE_PART_ROWS, VIEWS, ExtractConfig
+from .configs import DECODE_PART_ROWS, VIEWS, ExtractConfig  # noqa: F401
 
 log = logging.getLogger(__name__)
 
