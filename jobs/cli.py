@@ -128,6 +128,9 @@ def run_job(name: str, argv: list[str]) -> int:
         if message is None:
             raise
         # problems the user can fix: one line naming the thing, no traceback
+        from jobs.common import retract_announcement
+
+        retract_announcement()  # a terminal's "starting ..." line gives way to the refusal
         print(f"lcam {name}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -55,7 +55,21 @@ def run_stage(names: Mapping[str, str], stage: Callable[..., T], *args: Any, **k
         return stage(*args, **kwargs)
 
 
+_ANNOUNCED: list[bool] = [False]
+
+
 def announce(text: str) -> None:
-    """The job's first line, printed as soon as its options are checked (before torch and Ray
-    load, which take seconds): the user sees at once that the command runs."""
-    print(text, file=sys.stderr, flush=True)
+    """The job's first line, printed on a terminal as soon as its options are checked (before
+    torch and Ray load, which take seconds): the user sees at once that the command runs. In a
+    log (not a terminal) the stage's own progress lines say it; a refusal that follows on a
+    terminal replaces this line (:func:`retract_announcement`), so it stays one line."""
+    if sys.stderr.isatty():
+        print(text, file=sys.stderr, flush=True)
+        _ANNOUNCED[0] = True
+
+
+def retract_announcement() -> None:
+    """Erase the announcement line on the terminal (cursor up one line, clear it) before an error line."""
+    if _ANNOUNCED[0]:
+        print("\033[F\033[K", end="", file=sys.stderr, flush=True)
+        _ANNOUNCED[0] = False

@@ -76,7 +76,8 @@ def ensure_ray() -> float:
         kwargs: dict[str, Any] = {}
         quiet_ray_loggers()
         if not os.environ.get("RAY_ADDRESS"):  # a new local Ray: ours to configure
-            print("starting Ray on this machine (RAY_ADDRESS unset) ...", file=sys.stderr, flush=True)
+            if sys.stderr.isatty():  # in a log, the stage's progress lines say it; errors stay one line
+                print("starting Ray on this machine (RAY_ADDRESS unset) ...", file=sys.stderr, flush=True)
             # Ray keeps at most num_cpus idle workers and kills the rest; on a small machine
             # the read/decode tasks then land on fresh workers that re-import torch (~3 s CPU
             # each): measured 2.7x slower extraction on 2 cores. Keep more workers alive.
