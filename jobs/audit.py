@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from jobs.common import announce
 from jobs.options import add_options, config_from_args as build_config
 from pipeline.configs import AuditConfig
 
@@ -27,6 +28,8 @@ def run(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     cfg = config_from_args(args)  # mistakes in the options answer before the stage (Ray) is imported
+    if cfg.progress and not args.quiet:
+        announce(f"lcam audit: {cfg.cams} -> {cfg.out}; starting Ray ...")
     from pipeline.audit.run import run_audit
 
     summary = run_audit(cfg)

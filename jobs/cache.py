@@ -1,4 +1,7 @@
-"""``lcam cache info URL``, ``lcam cache verify URL [--index INDEX_URL]`` and ``lcam cache repair URL``."""
+"""``lcam cache info URL``, ``lcam cache verify URL [--index INDEX_URL]`` and ``lcam cache repair URL``.
+
+URL is a feature cache (``lcam extract``) or a CAM store (``lcam cams``): the store's own
+format decides which, so every action works on both."""
 
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     verify = sub.add_parser("verify", help="check every shard, key and feature value; exit 1 on problems")
     repair = sub.add_parser("repair", help="verify, then forget damaged shards so the next `lcam extract` re-makes them")
     for p in (info, verify, repair):
-        p.add_argument("url", help="feature cache URL (local path, s3://, gs://)")
+        p.add_argument("url", help="feature cache or CAM store URL (local path, s3://, gs://)")
         p.add_argument("--index", default=None, help="shard index (index.json, or the folder holding it): expected shards and counts")
         p.add_argument("--json", action="store_true", help="print JSON instead of text")
         add_storage_options(p, what=" for the cache")
@@ -59,16 +62,44 @@ def _size(n: float) -> str:
     return str(n)
 
 
+def is_cam_store(url: str, options: Any) -> bool:
+    """Whether ``url`` holds a CAM store (its root's format attribute), not a feature cache."""
+    from pipeline.store.cam_store import FORMAT as CAM_FORMAT
+    from pipeline.fs import join, read_json
+
+    return ((read_json(join(url, "zarr.json"), options) or {}).get("attributes") or {}).get("format") == CAM_FORMAT
+
+
+def run_on_cam_store(args: argparse.Namespace, options: Any) -> int:
+    """``info`` and ``verify`` of a CAM store (``lcam cams info`` prints the same info)."""
+    from jobs.cams import info_lines
+    from pipeline.store.cam_store import CamStore
+
+    store = CamStore.open(args.url, options)
+    if args.action == "info":
+        info = store.info()
+        print(json.dumps(info, indent=1, sort_keys=True) if args.json else "\n".join(info_lines(info)))
+        return 0
+    report = store.check_done_shards()
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=1))
+    else:
+        for p in report.problems:
+            print(f"PROBLEM  {p}")
+        status = "OK" if report.ok else f"{len(report.problems)} problem(s); `lcam cache repair {store.url}` then re-run `lcam cams`"
+        print(f"verify {store.url}: {status} ({report.shards} shards, {report.rows} rows)")
+    return 0 if report.ok else 1
+
+
 def run(args: argparse.Namespace) -> int:
     from pipeline.store.feature_cache import FeatureCache
 
     options = parse_storage_options(args.storage_option)
+    cam_store = is_cam_store(args.url, options)
     if args.action == "repair":
-        from pipeline.store.cam_store import FORMAT as CAM_FORMAT, CamStore
-        from pipeline.fs import join, read_json
+        from pipeline.store.cam_store import CamStore
 
-        fmt = ((read_json(join(args.url, "zarr.json"), options) or {}).get("attributes") or {}).get("format")
-        store = (CamStore if fmt == CAM_FORMAT else FeatureCache).open_for_repair(args.url, options)
+        store = (CamStore if cam_store else FeatureCache).open_for_repair(args.url, options)
         report, forgotten = store.repair(workers=args.workers)
         for n in report.notes:
             if n.startswith("manifest.json rebuilt"):
@@ -82,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"repair {store.url}: {len(forgotten)} damaged shard(s) forgotten, {len(store.failed())} failed shard(s) to retry")
         return 0
 
+    if cam_store:
+        return run_on_cam_store(args, options)
     cache = FeatureCache.open(args.url, storage_options=options)
     expected = None
     if args.index:

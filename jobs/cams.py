@@ -9,8 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 
+from jobs.common import announce
 from jobs.options import add_options, config_from_args as build_config, parse_storage_options
 from pipeline.configs import CamsConfig
+
+RESUMES = "a re-run resumes"  # what Ctrl-C leaves (jobs/cli.py)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,6 +23,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> CamsConfig:
     return build_config(CamsConfig, args)
+
+
+def check_against_checkpoint(cfg: CamsConfig) -> None:
+    """Class ids and top-k against the checkpoint's classifier, read without torch (a run
+    folder stands for its checkpoint.pt): a refusal answers at once, not after the model loads."""
+    from pipeline.train.checkpoints import checkpoint_summary
+    from pipeline.classes import ClassSelection
+
+    found = checkpoint_summary(cfg.checkpoint, cfg.checkpoint_storage_options)
+    if found.get("backbone", {}).get("num_classes"):
+        ClassSelection.parse(cfg.classes, cfg.top_k, cfg.class_ids).validate(int(found["backbone"]["num_classes"]))
 
 
 def info_lines(info: dict) -> list[str]:
@@ -60,6 +74,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     cfg = config_from_args(args)  # mistakes in the options answer before the stage (torch, Ray) is imported
+    check_against_checkpoint(cfg)
+    if cfg.progress:
+        announce(f"lcam cams: {cfg.checkpoint} -> {cfg.out}; loading torch and the checkpoint ...")
     from pipeline.cams.run import generate_cams
 
     summary = generate_cams(cfg)

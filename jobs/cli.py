@@ -16,11 +16,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     # name: (module, one-line help)
     "shards": ("jobs.shards", "pack an image folder into WebDataset shards with an index"),
     "extract": ("jobs.extract", "run the frozen backbone over shards into a Zarr feature cache (Ray)"),
-    "cache": ("jobs.cache", "inspect (info) or check (verify) a feature cache"),
+    "cache": ("jobs.cache", "inspect (info), check (verify) or repair a feature cache or a CAM store"),
     "train": ("jobs.train", "train L-CAM-Fm from a cache or L-CAM-Img from shards"),
     "cams": ("jobs.cams", "generate CAMs in bulk into a CAM store; overlays and a gallery"),
     "eval": ("jobs.eval", "Average Drop / Increase in Confidence against the baselines"),
     "audit": ("jobs.audit", "audit a classifier over a CAM store: errors explained, evidence per class (audit.html)"),
+    "report": ("jobs.report", "report.html from stages run by hand: metrics, training curves, galleries, audit"),
     "pipeline": ("jobs.pipeline", "extract -> train -> cams -> eval -> report in one job"),
     "submit": ("jobs.submit", "submit a job to a Ray cluster and follow its logs"),
     "jobs": ("jobs.submit", "list, show logs of, or stop Ray jobs"),
@@ -62,6 +63,7 @@ def command_parser(name: str) -> argparse.ArgumentParser:
         module.add_command_arguments(parser, name)
     else:
         module.add_arguments(parser)
+    parser.add_argument("--verbose", action="store_true", help="also show Ray's own log lines (hidden by default)")
     show_defaults(parser)
     return parser
 
@@ -106,6 +108,9 @@ def run_job(name: str, argv: list[str]) -> int:
     from jobs.config import build_namespace
     from jobs.options import check_ranges
 
+    from pipeline.raykit import set_local_ray_env  # torch- and Ray-free at import
+
+    set_local_ray_env()  # before any stage imports Ray: the Makefile's RAY_AUTH_MODE / RAY_USAGE_STATS_ENABLED, for every path
     module = importlib.import_module(COMMANDS[name][0])
     parser = command_parser(name)
     own_config = getattr(module, "OWN_CONFIG", False)
@@ -113,21 +118,43 @@ def run_job(name: str, argv: list[str]) -> int:
         args = parser.parse_args(argv) if own_config else build_namespace(parser, argv)
         check_ranges(parser, args)  # the declared ranges (jobs/options.py), as one line naming the flag
         args.command = name
+        if getattr(args, "verbose", False):
+            import os
+
+            os.environ["LCAM_VERBOSE"] = "1"  # pipeline.raykit.VERBOSE_ENV: Ray's log lines stay on
         return int(module.run(args) or 0)
     except Exception as exc:
         message = user_error_message(exc)
         if message is None:
             raise
         # problems the user can fix: one line naming the thing, no traceback
+        from jobs.common import retract_announcement
+
+        retract_announcement()  # a terminal's "starting ..." line gives way to the refusal
         print(f"lcam {name}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"lcam {name}: interrupted; finished work is kept and a re-run resumes", file=sys.stderr)
+        print(f"lcam {name}: {interrupted_message(module, locals().get('args'))}", file=sys.stderr)
         if "ray" in sys.modules:  # a local Ray this run started: no process of it outlives the command
             from pipeline.raykit import stop_local_ray
 
             stop_local_ray()
         return 130
+
+
+def interrupted_message(module: object, args: argparse.Namespace | None) -> str:
+    """What Ctrl-C left: a re-run resumes only where the job resumes and its output exists."""
+    out = getattr(args, getattr(module, "OUTPUT", "out"), None) if args is not None else None
+    try:
+        from pipeline.fs import exists
+
+        made = bool(out) and isinstance(out, str) and exists(out)
+    except Exception:  # an unreachable store: say nothing about it
+        made = False
+    if not made:
+        return "interrupted before any output was written"
+    resumes = getattr(module, "RESUMES", "")
+    return f"interrupted; the finished part of {out} is kept" + (f" and {resumes}" if resumes else "")
 
 
 def main(argv: list[str] | None = None) -> int:

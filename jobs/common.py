@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Mapping, TypeVar
 
@@ -10,7 +11,7 @@ from pipeline.errors import FlagNamer, UserError, flag_namer
 # declared with the config fields (pipeline/options.py); re-exported for the jobs
 from pipeline.options import LAYER_HELP, parse_storage_options
 
-__all__ = ["LAYER_HELP", "add_storage_options", "backbone_spec", "parse_storage_options", "run_stage", "speaking_flags"]
+__all__ = ["LAYER_HELP", "add_storage_options", "announce", "backbone_spec", "parse_storage_options", "run_stage", "speaking_flags"]
 
 T = TypeVar("T")
 
@@ -52,3 +53,23 @@ def run_stage(names: Mapping[str, str], stage: Callable[..., T], *args: Any, **k
     """``stage(*args, **kwargs)`` under :func:`speaking_flags` (``names``: field -> this job's flag)."""
     with speaking_flags(names):
         return stage(*args, **kwargs)
+
+
+_ANNOUNCED: list[bool] = [False]
+
+
+def announce(text: str) -> None:
+    """The job's first line, printed on a terminal as soon as its options are checked (before
+    torch and Ray load, which take seconds): the user sees at once that the command runs. In a
+    log (not a terminal) the stage's own progress lines say it; a refusal that follows on a
+    terminal replaces this line (:func:`retract_announcement`), so it stays one line."""
+    if sys.stderr.isatty():
+        print(text, file=sys.stderr, flush=True)
+        _ANNOUNCED[0] = True
+
+
+def retract_announcement() -> None:
+    """Erase the announcement line on the terminal (cursor up one line, clear it) before an error line."""
+    if _ANNOUNCED[0]:
+        print("\033[F\033[K", end="", file=sys.stderr, flush=True)
+        _ANNOUNCED[0] = False

@@ -86,7 +86,7 @@ def namespace_from_config(parser: argparse.ArgumentParser, config: Mapping[str, 
     for dest, action in actions.items():
         if dest in values:
             setattr(ns, dest, values[dest])
-        elif action.required or (not action.option_strings and action.nargs not in ("?", "*")):
+        elif action.required or getattr(action, "required_field", False) or (not action.option_strings and action.nargs not in ("?", "*")):
             raise UserError(f"{source}: missing field {dest!r} ({action.help or 'required'})")
         else:
             setattr(ns, dest, action.default)

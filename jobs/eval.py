@@ -11,7 +11,7 @@ import argparse
 import json
 from typing import Any, Callable
 
-from jobs.common import LAYER_HELP, backbone_spec, run_stage
+from jobs.common import LAYER_HELP, announce, backbone_spec, run_stage
 from jobs.options import add_options, config_from_args as build_config
 from pipeline.configs import EvalConfig
 from pipeline.options import flag_names
@@ -33,17 +33,20 @@ def _show(value: Any) -> str:
     return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
 
 
-def add_registry_options(parser: argparse.ArgumentParser) -> None:
+def add_registry_options(parser: argparse.ArgumentParser, methods_flag: str | None = "--methods") -> None:
     """One flag per option of every registered CAM method and metric (no torch import:
-    the registries are torch-free), and ``--NAME`` per optional metric."""
+    the registries are torch-free), and ``--NAME`` per optional metric. ``methods_flag``:
+    the method list's flag (None: the command declares its own, as ``lcam pipeline``'s ``--eval-methods``)."""
     from lcam.cam_methods.base import COST_CLASSES, default_methods, method_classes
     from pipeline.evaluation.metrics.base import metric_classes
 
     classes = method_classes()
     listing = "; ".join(f"{n} ({c.label}, cost: {c.cost})" for n, c in classes.items())
-    parser.add_argument("--methods", default=",".join(default_methods()),
-                        help=f"CAM methods next to the checkpoints, comma-separated, or 'none' (default {','.join(default_methods())}). "
-                             f"Available: {listing}. Costs per image: " + "; ".join(f"{k}: {v}" for k, v in COST_CLASSES.items()))
+    if methods_flag:
+        parser.add_argument(methods_flag, default=",".join(default_methods()),
+                            help=f"CAM methods next to the checkpoints, comma-separated, or 'none' (default {','.join(default_methods())}; "
+                                 "on a CPU without --costly-on-cpu the costly ones are left out). "
+                                 f"Available: {listing}. Costs per image: " + "; ".join(f"{k}: {v}" for k, v in COST_CLASSES.items()))
     group = parser.add_argument_group("method options")
     for name, cls in classes.items():
         for o in cls.options:
@@ -59,19 +62,22 @@ def add_registry_options(parser: argparse.ArgumentParser) -> None:
 
 
 def registry_config(args: argparse.Namespace) -> dict[str, Any]:
-    """EvalConfig's methods, method_options, metrics and metric_options from the flags above."""
+    """EvalConfig's methods, method_options, metrics and metric_options from the flags above
+    (``methods`` only when the command has ``--methods``)."""
     from lcam.cam_methods.base import method_classes
     from pipeline.evaluation.metrics.base import metric_classes
 
     def dest(flag: str) -> str:
         return flag.replace("-", "_")
 
-    methods = () if args.methods.strip().lower() in ("", "none") else tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    text = getattr(args, "methods", None)
+    methods = None if text is None else () if text.strip().lower() in ("", "none") else tuple(m.strip() for m in text.split(",") if m.strip())
     method_options = {n: {o.name: getattr(args, dest(o.cli_flag(n))) for o in c.options} for n, c in method_classes().items() if c.options}
     metric_cls = metric_classes()
     metrics = tuple(n for n, c in metric_cls.items() if not c.always and getattr(args, dest(n)))
     metric_options = {n: {o.name: getattr(args, dest(o.cli_flag(n))) for o in c.options} for n, c in metric_cls.items() if c.options}
-    return {"methods": methods, "method_options": method_options, "metrics": metrics, "metric_options": metric_options}
+    out = {"method_options": method_options, "metrics": metrics, "metric_options": metric_options}
+    return out if methods is None else {"methods": methods, **out}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -87,6 +93,8 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)  # mistakes in the options answer before the stage (torch, Ray) is imported
+    if cfg.progress:
+        announce(f"lcam eval: {cfg.shards} -> {cfg.out}; loading torch and the backbone ...")
     from pipeline.evaluation.run import evaluate
 
     summary = run_stage(flag_names(EvalConfig), evaluate, cfg)  # fields spelt otherwise (checkpoints: --checkpoint)

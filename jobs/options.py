@@ -16,7 +16,7 @@ import dataclasses
 from typing import Any, Callable
 
 from pipeline.errors import UserError
-from pipeline.options import MISSING, UNSET, Option, check_range, comma_list, option_of, parse_storage_options
+from pipeline.options import MISSING, UNSET, Option, check_range, comma_list, option_of, parse_storage_options, validate
 
 __all__ = ["add_option", "add_options", "check_ranges", "comma_list", "config_from_args", "field_value", "option_dest", "parse_storage_options"]
 
@@ -60,6 +60,9 @@ def option_dest(name: str, option: Option, prefix: str = "") -> str:
     return option.flag_for(name, prefix)[2:].replace("-", "_")
 
 
+FLAG_SUFFIX = "__flag"  # the dest of a positional's flag spelling (OUT and --out)
+
+
 def _field(config: type, name: str) -> dataclasses.Field:
     fields = {f.name: f for f in dataclasses.fields(config)}
     if name not in fields:
@@ -99,9 +102,16 @@ def add_option(parser: Any, config: type, name: str, *, prefix: str = "", flag: 
         if default not in (MISSING, None) and (o.parse is not None or isinstance(default, (tuple, list))) and o.help and "default" not in o.help:
             kwargs["help"] = f"{o.help} (default {_show(default)})"  # the text form, not a tuple's repr
     if o.positional:
-        kwargs.pop("default", None) if default is MISSING else kwargs.update(nargs="?")
+        if o.aliases:  # OUT or --out: the same value either way (one word for the output everywhere)
+            kwargs.update(nargs="?", default=None if default is MISSING else default)
+        else:
+            kwargs.pop("default", None) if default is MISSING else kwargs.update(nargs="?")
         kwargs.pop("metavar", None)
         action = parser.add_argument(dest, **kwargs)
+        if o.aliases:
+            alias = parser.add_argument(*o.aliases, dest=dest + FLAG_SUFFIX, default=None, metavar=dest.upper(), help=f"the same as {dest.upper()}")
+            alias.option = o
+            action.required_field = default in (MISSING, None)  # a YAML config must give it (jobs/config.py)
     else:
         if o.required:
             kwargs.update(required=True, default=None)
@@ -128,6 +138,11 @@ def field_value(config: type, name: str, args: argparse.Namespace, prefix: str =
     o = option_of(_field(config, name))
     dest = option_dest(name, o, prefix)
     value = getattr(args, dest)
+    if o.positional and o.aliases:
+        flagged = getattr(args, dest + FLAG_SUFFIX, None)
+        if flagged is not None and value is not None and flagged != value and value != _field(config, name).default:
+            raise UserError(f"{dest.upper()} was given twice ({value} and {o.aliases[0]} {flagged}); give it once")
+        value = flagged if flagged is not None else value
     if o.kind == "negated" and dest != name:
         value = not value
     elif o.kind == "storage":
@@ -153,7 +168,7 @@ def config_from_args(config: type, args: argparse.Namespace, *, prefix: str = ""
             values[f.name] = given[f.name]
         elif not option_of(f).derived:
             values[f.name] = field_value(config, f.name, args, prefix)
-    return config(**values)
+    return validate(config(**values))  # declared choices and ranges, then the config's own check(): before torch or Ray
 
 
 def check_ranges(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -17,6 +17,8 @@ from jobs.common import LAYER_HELP, add_storage_options, backbone_spec, parse_st
 from jobs.options import add_option
 from pipeline.configs import AuditConfig, CamsConfig, EvalConfig, ExtractConfig, TrainConfig
 
+OUTPUT, RESUMES = "workdir", "a re-run resumes"  # what Ctrl-C leaves (jobs/cli.py)
+
 STAGES = ("extract", "train", "cams", "eval", "audit", "report")
 METHOD_LABELS = {"fm": "L-CAM-Fm", "img": "L-CAM-Img"}
 
@@ -31,7 +33,7 @@ STAGE_OPTIONS: dict[str, list[tuple[type, str, str, dict]]] = {
         (ExtractConfig, "batch_size", "--extract-batch-size", {}),
     ],
     "train": [
-        (TrainConfig, "epochs", "--epochs", {"help": "default: the backbone's recipe (SPEC section 3)"}),
+        (TrainConfig, "epochs", "--epochs", {"help": "default: the backbone's recipe (docs/method.md section 3)"}),
         (TrainConfig, "lr", "--lr", {}),
         (TrainConfig, "batch_size", "--batch-size", {"help": "training batch (default 64)"}),
         (TrainConfig, "target", "--target", {"default": "label"}),
@@ -99,10 +101,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             add_option(groups[stage], config, field, flag=flag, **overrides)
             if field == "backbone":
                 groups[stage].add_argument("--layer", default=None, help=LAYER_HELP)
+    add_option(groups["eval"], EvalConfig, "costly_on_cpu")
     groups["eval"].add_argument("--eval-methods", default=None,
                                 help="CAM methods next to L-CAM, comma-separated (default: lcam eval's default list; see lcam eval --help)")
     groups["eval"].add_argument("--method-limit", default=None, help="per-method image limits, e.g. scorecam=16,rise=32")
-    groups["eval"].add_argument("--rise-masks", type=int, default=4000)
+    from jobs.eval import add_registry_options
+
+    add_registry_options(parser, methods_flag=None)  # every method's and metric's options, from the registries (--rise-masks, --road, ...)
 
 
 def _methods(args: argparse.Namespace) -> list[str]:
@@ -205,6 +210,7 @@ def _train_config(args: argparse.Namespace, method: str, cache: str, out: str, s
 
 
 def run(args: argparse.Namespace) -> int:
+    from jobs.eval import registry_config
     from pipeline.configs import CamsConfig
     from pipeline.cams.run import generate_cams
     from pipeline.errors import UserError
@@ -270,7 +276,7 @@ def run(args: argparse.Namespace) -> int:
             shards=args.eval_shards or args.train_shards, out=eval_dir,
             checkpoints=[f"lcam-{m}={join(out, CHECKPOINT)}" for m, out in runs.items()],
             methods=eval_methods,
-            limit=args.eval_limit, method_limits=_limits(args.method_limit), method_options={"rise": {"num_masks": args.rise_masks}},
+            limit=args.eval_limit, method_limits=_limits(args.method_limit), **registry_config(args), costly_on_cpu=args.costly_on_cpu,
             seed=args.seed, save_maps=args.gallery_images,
             shard_storage_options=so, out_storage_options=so, checkpoint_storage_options=so,
         ))

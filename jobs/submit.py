@@ -1,7 +1,9 @@
 """``lcam submit`` and ``lcam jobs``: Ray jobs on a cluster through ``JobSubmissionClient``.
 
-``lcam submit JOB --address http://HEAD:8265 --config FILE [key=value ...]`` ships this
-project as the job's working directory (Ray honours ``.gitignore``), runs
+``lcam submit JOB --address http://HEAD:8265 --config FILE [key=value ...]`` ships the
+current directory as the job's working directory (Ray honours ``.gitignore``; a
+``module.path:factory`` backbone of yours travels with it) and this project's packages
+beside it (when the current directory is not this checkout), runs
 ``python -m jobs.JOB --config ...`` on the cluster, follows the logs and exits with the
 job's status. The config travels inside the job's runtime environment, so it may live
 anywhere on the submitting machine; credentials never travel: the cluster uses its
@@ -27,7 +29,7 @@ import time
 from pipeline.errors import UserError
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-JOB_NAMES = ("extract", "train", "cams", "eval", "pipeline")
+JOB_NAMES = ("shards", "extract", "cache", "train", "cams", "eval", "audit", "report", "pipeline")  # every stage
 CONFIG_ENV = "LCAM_JOB_CONFIG"
 OWN_CONFIG = True
 SECRET_WORDS = ("secret", "password", "token", "credential", "key_id", "private_key")
@@ -102,6 +104,19 @@ def entrypoint_options(config: dict, source: str) -> dict:
     return out
 
 
+PACKAGES = ("lcam", "pipeline", "jobs")
+
+
+def shipped_files(cwd: str) -> dict:
+    """The runtime environment's files: the user's working directory (their own backbone
+    factories, configs, class-name files) and, when that is not this checkout, this
+    project's packages as ``py_modules`` so that ``python -m jobs.JOB`` imports there."""
+    env: dict = {"working_dir": cwd, "excludes": [".venv", "runs", ".git", "*.egg-info", "__pycache__"]}
+    if os.path.realpath(cwd) != os.path.realpath(PROJECT_ROOT):
+        env["py_modules"] = [os.path.join(PROJECT_ROOT, p) for p in PACKAGES]
+    return env
+
+
 def submit(args: argparse.Namespace) -> int:
     from jobs.cli import command_parser
     from jobs.config import namespace_from_config, parse_overrides, read_config
@@ -116,11 +131,8 @@ def submit(args: argparse.Namespace) -> int:
 
     client = _client(args.address)
     entrypoint = f"python -m jobs.{args.job} --config env:{CONFIG_ENV}"
-    runtime_env = {
-        "working_dir": PROJECT_ROOT,
-        "excludes": [".venv", "runs", ".git", "*.egg-info", "__pycache__"],
-        "env_vars": {CONFIG_ENV: yaml.safe_dump(config, sort_keys=True)},
-    }
+    runtime_env = shipped_files(os.getcwd())
+    runtime_env["env_vars"] = {CONFIG_ENV: yaml.safe_dump(config, sort_keys=True)}
     job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=args.submission_id, metadata={"lcam_job": args.job},
                                **resources)
     reserved = ", ".join(f"{k.removeprefix('entrypoint_')} {v}" for k, v in resources.items())

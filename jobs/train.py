@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 
-from jobs.common import LAYER_HELP, backbone_spec, speaking_flags
+from jobs.common import LAYER_HELP, announce, backbone_spec, speaking_flags
 from jobs.options import add_options, config_from_args as build_config
 from pipeline.configs import TrainConfig
 from pipeline.options import flag_names
+
+RESUMES = "`lcam train --resume` continues it"  # what Ctrl-C leaves (jobs/cli.py)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,6 +25,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)  # mistakes in the options answer before the stage (torch, Ray) is imported
+    if cfg.progress:
+        announce(f"lcam train: run folder {cfg.out}; loading torch ...")
     from pipeline.train.run import train
 
     with speaking_flags(flag_names(TrainConfig)) as flag:  # fields this command spells its own way (recipe_rule: --recipe)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -72,6 +72,13 @@ class Explanation:
     maps: torch.Tensor
     upsampled: torch.Tensor | None = None
     all_maps: torch.Tensor | None = None
+    names: Sequence[str] | None = None  # the classifier's class names, index = class id (set by pipeline.cams.explainer.Explainer)
+
+    @property
+    def class_names(self) -> list[list[str]]:
+        """The name of every explained class, (B, T) like ``class_ids`` ("class k" where no names are known)."""
+        names = self.names or ()
+        return [[names[c] if 0 <= c < len(names) else f"class {c}" for c in row] for row in self.class_ids.tolist()]
 
     def __repr__(self) -> str:
         """One line: sizes and the first images' classes and scores, never the tensors

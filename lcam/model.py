@@ -22,8 +22,12 @@ class LCAM(nn.Module):
     section 1; :meth:`explain` is SPEC section 4 from images in [0, 1].
     """
 
-    def __init__(self, backbone: Backbone, attention: AttentionMechanism | None = None) -> None:
+    def __init__(self, backbone: Backbone | nn.Module, attention: AttentionMechanism | None = None) -> None:
         super().__init__()
+        if not isinstance(backbone, Backbone):  # a classifier object (timm, torchvision, your own): split it
+            from .backbones.specs import backbone_from_module
+
+            backbone = backbone_from_module(backbone)
         self.backbone = backbone
         channels = backbone.feature_shape[0]
         self.attention = attention or AttentionMechanism(channels, backbone.num_classes)

@@ -46,6 +46,14 @@ class ExtractConfig:
     cache_storage_options: StorageOptions = storage(" for the cache", "--cache-storage-option")
     progress: bool = opt(True, "no progress bar or progress lines", kind="negated", flag="--no-progress")
 
+    def check(self) -> None:
+        """The rules between fields (:func:`pipeline.options.validate` runs the declared ones first)."""
+        if not self.views:
+            raise UserError(f"--views names no view; choose from {', '.join(VIEWS)}")
+        for v in self.views:
+            if v not in VIEWS:
+                raise UserError(f"--views: unknown view {v!r}; choose from {', '.join(VIEWS)}")
+
 
 @dataclass
 class CamsConfig:
@@ -86,6 +94,16 @@ class CamsConfig:
     out_storage_options: StorageOptions = storage(" for the CAM store and gallery", "--out-storage-option")
     progress: bool = opt(True, "no progress lines", kind="negated", flag="--no-progress", aliases=("--quiet",), dest="quiet")
 
+    def check(self) -> None:
+        """One source, and a class selection that parses (the class ids' range needs the checkpoint: the stage checks it)."""
+        from .classes import ClassSelection
+
+        if self.checkpoint is None or self.out is None:
+            raise UserError("give the checkpoint (or run folder) and the CAM store: lcam cams CHECKPOINT OUT --cache URL")
+        if (self.cache is None) == (self.shards is None):
+            raise UserError("give exactly one source: a feature cache (--cache URL) or WebDataset shards (--shards PATTERN)")
+        ClassSelection.parse(self.classes, self.top_k, self.class_ids)
+
 
 def use_gpu_choice(text: str | bool | None) -> bool | None:
     """``--use-gpu auto|yes|no`` -> None (when the cluster has GPUs) | True | False."""
@@ -99,13 +117,14 @@ class TrainConfig:
     """Everything ``lcam train`` needs; None means "the per-backbone default" (SPEC 3) or "from the checkpoint"."""
 
     method: str | None = opt(None, "fm: from the feature cache (default); img: from the image shards (--resume: the run's)", choices=("fm", "img"))
-    out: str = opt("runs/train", "run folder URL: checkpoint.pt, epoch-NNN.pt, metrics.jsonl, curves.png (default runs/train)")
+    out: str = opt("runs/train", "run folder URL: checkpoint.pt, epoch-NNN.pt, metrics.jsonl, curves.png (default runs/train)",
+                   positional=True, aliases=("--out",))
     cache: str | None = opt(None, "feature cache URL (fm: required; img: pass 1 from it, needs --augment center)")
     shards: str | list[str] | None = opt(None, "img: shard URLs, a pattern (train-{000000..000146}.tar, *.tar) or a folder with index.json")
     index: str | None = opt(None, "img: shard index URL (default: index.json beside the shards)")
     backbone: str | None = opt(None, "img without --cache: backbone spec (default efficientnet_lite0): " + BACKBONE_HELP)  # + --layer
     weights: str | None = opt(None, "backbone weights (default: those the cache was made with, else 'default')")
-    epochs: int | None = opt(None, "default per backbone (SPEC section 3)", min=1)
+    epochs: int | None = opt(None, "default per backbone (docs/method.md section 3)", min=1)
     lr: float | None = opt(None, "weight learning rate (biases x2); default per backbone and schedule", min=0)
     batch_size: int | None = opt(None, "global batch size (default 64)", min=1)  # split over the img workers
     # These four and the seed decide the run's trajectory; None: the default for a new run
@@ -118,15 +137,15 @@ class TrainConfig:
     # The attention's start: random (SPEC) | cam (the classifier's weights: untrained rows are CAM);
     # init_from: an L-CAM checkpoint URL whose attention is the start (e.g. L-CAM-Fm for L-CAM-Img).
     init: str | None = opt(None, "the attention's start: cam (row k = the classifier's weights for class k: an untrained row gives "
-                           "CAM's map; pooling + linear heads only), random (the SPEC's draw), or auto (cam where the head allows "
+                           "CAM's map; pooling + linear heads only), random (docs/method.md, PyTorch's default draw), or auto (cam where the head allows "
                            "it, else random, e.g. VGG-16). Default: random with --recipe spec, auto with --recipe data-size",
                            choices=("auto", "random", "cam"))
     init_from: str | None = opt(None, "start from this L-CAM checkpoint's attention (e.g. --method img from an L-CAM-Fm run's checkpoint.pt)",
                                 metavar="CHECKPOINT")
-    targets: str | None = opt(None, "single: one target per image (SPEC, default); top-k: the top-K predicted classes, each its own CE target "
+    targets: str | None = opt(None, "single: one target per image (docs/method.md, default); top-k: the top-K predicted classes, each its own CE target "
                               "and map (needs --target predicted)", choices=("single", "top-k"))
     top_k: int | None = opt(None, "K for --targets top-k (default 3)", min=1)
-    recipe_rule: str | None = opt(None, "defaults for lr/epochs/batch/schedule: spec (SPEC section 3, default) or data-size "
+    recipe_rule: str | None = opt(None, "defaults for lr/epochs/batch/schedule: spec (docs/method.md section 3, default) or data-size "
                                   "(below 20,000 samples: the small-data recipe, see README)", flag="--recipe", choices=("spec", "data-size"))
     # Export only: the trained state (resume) stays as trained; see lcam/uncovered.py.
     uncovered: str | None = opt(None, "rows no training sample trained (coverage 0), in the exported checkpoint: init (default: the row "
@@ -149,7 +168,7 @@ class TrainConfig:
     threads: int | None = opt(None, "fm on CPU: torch threads (default half the cores; the rest decode the cache)", min=1,
                               aliases=("--torch-threads",))  # the other jobs' word for it
     precision: str = opt("auto", PRECISION_HELP.replace("fp16 on a GPU without bf16", "fp32 on a GPU without bf16: no loss scaling")
-                         + "; L-CAM-Fm keeps fp32 under auto (only the head runs per step)", choices=("auto", "fp32", "bf16"))
+                         + "; L-CAM-Fm keeps fp32 under auto (only the head runs per step); fp16 is refused (no loss scaling)", choices=PRECISIONS)
     # fm loader
     buffer_rows: int = opt(2048, "fm: rows in the loader's shuffle buffer", min=1)
     prefetch_chunks: int = opt(4, "fm: cache chunks read ahead", min=1)
@@ -166,6 +185,11 @@ class TrainConfig:
     cache_storage_options: StorageOptions = storage(" for the cache", "--cache-storage-option")
     shard_storage_options: StorageOptions = storage(" for the shards", "--shard-storage-option")
     progress: bool = opt(True, "no progress bar or per-epoch lines", kind="negated", flag="--no-progress")
+
+    def check(self) -> None:
+        """The rules between fields that need no file (pipeline.train.setup checks the rest)."""
+        if self.precision == "fp16":
+            raise UserError("--precision fp16 is not offered for training (no loss scaling); use bf16, fp32 or auto")
 
 
 def keep_ratios(text: str | Sequence[float]) -> tuple[float, ...]:
@@ -220,10 +244,12 @@ class EvalConfig:
                                         default_factory=dict, kind="list", flag="--method-limit", dest="method_limits",
                                         metavar="METHOD=N", parse=method_limit_pairs)
     batch_size: int = opt(16, "images per batch and per forward (default 16: fastest on CPU; raise it on a GPU)", min=1)
+    costly_on_cpu: bool = opt(False, "on a CPU, also run the default list's costly methods (Score-CAM, RISE: about a thousand forwards "
+                              "per image each), left out there by default; --method-limit scorecam=N caps one to N images", kind="switch")
     split_coverage: bool = opt(False, "also the table on images whose class row L-CAM trained (coverage > 0) and on the others", kind="switch")
     save_maps: int = opt(0, "keep every method's map of the first N images (by rank) in maps.npz, for the report's gallery", min=0, metavar="N")
-    engine: str = opt("auto", "local: one process; ray: Ray Data with an actor pool; auto: ray when connected to a cluster",
-                      choices=("auto", "local", "ray"))
+    engine: str = opt("auto", "local = in this process; ray = Ray Data with an actor pool; auto (default) = ray when there is a cluster "
+                      "(RAY_ADDRESS set), else local", choices=("auto", "local", "ray"), flag="--where", aliases=("--engine",))
     actors: int | None = opt(None, "ray: actors (default: one per GPU, else 1)", min=1)
     decode_workers: int = opt(4, "local: decoding threads", min=1)
     torch_threads: int | None = opt(None, "ray CPU actors: torch threads (default: the node's cores)", min=1)
@@ -253,7 +279,8 @@ class AuditConfig:
     """Everything ``lcam audit`` needs."""
 
     cams: str = opt(help="CAM store URL (made by `lcam cams`; --classes predicted,label gives the errors both maps)", positional=True)
-    out: str = opt(help="output folder: audit.html, per_class.csv, confusions.csv, per_sample.parquet", required=True, parse=no_trailing_slash)
+    out: str | None = opt(None, "output folder: audit.html, per_class.csv, confusions.csv, per_sample.parquet", positional=True, aliases=("--out",),
+                          parse=no_trailing_slash)
     compare: str | None = opt(None, "an `lcam eval --save-maps N` output folder: rank correlation with its maps", metavar="EVAL_DIR")
     compare_method: str = opt("gradcam", "which of the evaluation's methods to compare with (default gradcam)")
     max_thumbnails: int = opt(300, "pictures in the page, all sections together (default 300)", min=0)
@@ -266,3 +293,8 @@ class AuditConfig:
     opacity: float = derived(0.5, "the page's overlay opacity (layout)")
     storage_options: StorageOptions = storage(" for the CAM store, its source shards and --compare", "--storage-option")
     out_storage_options: StorageOptions = storage(" for the output folder", "--out-storage-option")
+    progress: bool = opt(True, "no progress lines (the summary is still printed; --quiet prints nothing)", kind="negated", flag="--no-progress")
+
+    def check(self) -> None:
+        if not self.out:
+            raise UserError("give the output folder: lcam audit CAMS OUT (or --out OUT)")

@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from .errors import UserError
+from .errors import UserError, option_flag
 
 MISSING: Any = dataclasses.MISSING
 
@@ -165,3 +165,34 @@ def check_range(value: Any, option: Option, flag: str) -> None:
     problem = range_problem(value, option)
     if problem:
         raise UserError(f"{flag} {problem}")
+
+
+def spoken(flag: Callable[[str], str], field: str, option: Option) -> str:
+    """The field's flag as the command that runs the stage spells it (its own flag: the declared one)."""
+    return option.flag_for(field) if flag is option_flag else flag(field)
+
+
+def validate(config: Any) -> Any:
+    """Every field of a config dataclass against its declared choices and range, then the
+    config's own ``check()`` (rules between fields, torch-free): the one check of a config's
+    values, run by the job layer before any stage imports torch or starts Ray (so any
+    refusal answers in well under a second), and again by the stage for configs made in
+    Python. The first problem is one :class:`UserError` naming the flag; returns ``config``."""
+    for f in dataclasses.fields(config):
+        o = option_of(f)
+        value = getattr(config, f.name)
+        if o.derived or value is None:
+            continue
+        if o.choices:
+            items = list(value) if isinstance(value, (list, tuple)) else [value] if o.parse is None else []
+            for item in items:
+                if item not in o.choices:
+                    raise UserError(lambda flag, f=f, item=item, o=o: f"{spoken(flag, f.name, o)}: {item!r} is not one of "
+                                    f"{', '.join(map(str, o.choices))}")
+        problem = range_problem(value, o)
+        if problem:
+            raise UserError(lambda flag, f=f, o=o, problem=problem: f"{spoken(flag, f.name, o)} {problem}")
+    check = getattr(config, "check", None)
+    if callable(check):
+        check()
+    return config

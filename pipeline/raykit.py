@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import pickle
 import time
 from dataclasses import dataclass, field
@@ -42,14 +43,41 @@ def local_object_store_bytes() -> int:
     return int(float(mb) * 2**20) if mb else LOCAL_OBJECT_STORE_BYTES
 
 
+# A local Ray of ours: no token to set up, no usage report sent (the user's own values win).
+LOCAL_RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+VERBOSE_ENV = "LCAM_VERBOSE"  # set by `lcam --verbose`: Ray's own log lines are shown
+
+
+def set_local_ray_env() -> None:
+    """:data:`LOCAL_RAY_ENV` for a Ray this process will start (no RAY_ADDRESS); the user's values win."""
+    if not os.environ.get("RAY_ADDRESS"):
+        for name, value in LOCAL_RAY_ENV.items():
+            os.environ.setdefault(name, value)
+
+
+def quiet_ray_loggers() -> None:
+    """Ray's and Ray Data's own INFO and WARNING lines (timestamps, dataset ids) off the console unless
+    ``lcam --verbose``: the stage prints its own progress and summary."""
+    import logging
+
+    if os.environ.get(VERBOSE_ENV):
+        return
+    for name in ("ray", "ray.data", "ray.train", "ray.tune", "ray._private", "ray.util"):
+        logging.getLogger(name).setLevel(logging.ERROR)  # Ray Data's "Progress bars disabled" is a WARNING
+
+
 def ensure_ray() -> float:
     """Connect to the cluster (RAY_ADDRESS, or inside a Ray job) or start a local Ray; seconds taken."""
+    set_local_ray_env()  # before Ray is imported: it may read them then
     import ray
 
     t0 = time.perf_counter()
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {}
+        quiet_ray_loggers()
         if not os.environ.get("RAY_ADDRESS"):  # a new local Ray: ours to configure
+            if sys.stderr.isatty():  # in a log, the stage's progress lines say it; errors stay one line
+                print("starting Ray on this machine (RAY_ADDRESS unset) ...", file=sys.stderr, flush=True)
             # Ray keeps at most num_cpus idle workers and kills the rest; on a small machine
             # the read/decode tasks then land on fresh workers that re-import torch (~3 s CPU
             # each): measured 2.7x slower extraction on 2 cores. Keep more workers alive.
@@ -58,6 +86,7 @@ def ensure_ray() -> float:
         ray.init(ignore_reinit_error=True, log_to_driver=False, configure_logging=False, **kwargs)
     from ray.data import DataContext
 
+    quiet_ray_loggers()  # again: importing Ray Data configures its loggers
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # the driver reports its own progress with rate and ETA
     ctx.print_on_execution_start = False

@@ -75,3 +75,18 @@ def split_backbone(weights: str) -> Backbone:
 
 
 not_callable = 3
+
+
+# The factory contract (issue 29): factory(weights), factory() and factory(**kwargs) all work.
+SEEN_KWARGS: list[dict] = []
+
+
+def tiny_kwargs(**kwargs) -> nn.Module:
+    """``def build(**kw)``: called with ``weights=...`` (recorded), never positionally."""
+    SEEN_KWARGS.append(dict(kwargs))
+    return TinyNet()
+
+
+def tiny_keyword_only(*, weights: str = "default") -> nn.Module:
+    SEEN_KWARGS.append({"weights": weights})
+    return TinyNet()

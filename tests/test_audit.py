@@ -38,7 +38,7 @@ from pipeline.audit.stats import (
     spread,
     top_region_iou,
 )
-from pipeline.cams.explainer import ClassSelection
+from pipeline.classes import ClassSelection
 from pipeline.errors import UserError
 
 

@@ -22,7 +22,8 @@ from pipeline.store.feature_cache import FeatureCache
 from pipeline.store.identity import shard_id_for
 from pipeline.configs import CamsConfig
 from pipeline.store.cam_store import CamStore, CamStoreMismatch
-from pipeline.cams.explainer import ClassSelection, Explainer
+from pipeline.classes import ClassSelection
+from pipeline.cams.explainer import Explainer
 from pipeline.cams.run import generate_cams
 from pipeline.train.checkpoints import CheckpointMismatch, save_checkpoint
 from pipeline.errors import UserError

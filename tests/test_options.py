@@ -22,7 +22,7 @@ from pipeline.options import option_of
 # job -> (config class, the required argv, the same as config fields)
 JOBS = {
     "extract": (ExtractConfig, ["S", "C"], {"shards": "S", "cache": "C"}),
-    "cams": (CamsConfig, ["CKPT", "OUT"], {"checkpoint": "CKPT", "out": "OUT"}),
+    "cams": (CamsConfig, ["CKPT", "OUT", "--cache", "C"], {"checkpoint": "CKPT", "out": "OUT", "cache": "C"}),  # one source is required
     "train": (TrainConfig, [], {}),
     "eval": (EvalConfig, ["S", "OUT"], {"shards": "S", "out": "OUT"}),
     "audit": (AuditConfig, ["CAMS", "--out", "OUT/"], {"cams": "CAMS", "out": "OUT"}),  # --out's parse drops the slash
@@ -119,9 +119,9 @@ def test_options_parse_to_fields_in_every_job():
     def parse(job, *argv):
         return job_config(job, command_parser(job).parse_args(list(argv)))
 
-    cams = parse("cams", "C", "O", "--quiet", "--actors", "2", "--opacity", "0.25", "--out-storage-option", "anon=true")
+    cams = parse("cams", "C", "O", "--cache", "K", "--quiet", "--actors", "2", "--opacity", "0.25", "--out-storage-option", "anon=true")
     assert cams.progress is False and cams.num_actors == 2 and cams.opacity == 0.25 and cams.out_storage_options == {"anon": True}
-    assert parse("cams", "C", "O", "--no-progress").progress is False  # one vocabulary: --no-progress here too
+    assert parse("cams", "C", "O", "--cache", "K", "--no-progress").progress is False  # one vocabulary: --no-progress here too
     train = parse("train", "--recipe", "data-size", "--use-gpu", "no", "--no-progress", "--storage-option", "a.b=1", "--lr", "0.5")
     assert train.recipe_rule == "data-size" and train.use_gpu is False and train.progress is False
     assert train.storage_options == {"a": {"b": 1}} and train.lr == 0.5 and parse("train", "--use-gpu", "yes").use_gpu is True

@@ -23,7 +23,7 @@ from pipeline.store.feature_cache import FeatureCache
 from pipeline.cams.from_cache import CacheCamActor
 from pipeline.configs import CamsConfig
 from pipeline.store.cam_store import CamStore
-from pipeline.cams.explainer import ClassSelection
+from pipeline.classes import ClassSelection
 from pipeline.cams.run import generate_cams
 from pipeline.train.checkpoints import load_checkpoint, save_checkpoint
 from pipeline.extract.run import cache_identity

@@ -23,6 +23,7 @@ from jobs.cli import COMMANDS, command_parser
 from jobs.config import split_config_args
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+DOCS = sorted((README.parent / "docs").glob("*.md"))  # the README's details live there: their command lines are checked too
 # a placeholder that must be one of a positional's choices: the value it stands for here
 CHOICE_PLACEHOLDERS = {"JOB": "pipeline"}
 
@@ -30,11 +31,15 @@ CHOICE_PLACEHOLDERS = {"JOB": "pipeline"}
 def readme_command_lines(text: str) -> list[str]:
     lines: list[str] = []
     in_block = False
+    shell = False
     for raw in text.splitlines():
         if raw.startswith("```"):
             in_block = not in_block
+            shell = in_block and raw[3:].strip() in ("", "sh", "bash", "shell", "console")  # not ```text: printed output
             continue
         if in_block:
+            if not shell:
+                continue
             line = raw.split(" #", 1)[0].strip()
             if line.startswith("lcam "):
                 lines.append(line)
@@ -83,7 +88,7 @@ def test_readme_shows_command_lines():
     assert {"shards", "extract", "cache", "train", "cams", "eval", "pipeline", "submit", "demo"} <= shown
 
 
-@pytest.mark.parametrize("line", readme_command_lines(README.read_text()))
+@pytest.mark.parametrize("line", readme_command_lines("\n".join(p.read_text() for p in [README, *DOCS])))
 def test_readme_command_line_parses(line):
     for tokens in expand_alternatives(line):
         try:
@@ -99,3 +104,48 @@ def test_a_wrong_command_line_is_caught():
     with pytest.raises(AssertionError, match="required"):
         parse_command_line(["lcam", "eval", "--shards", "SHARDS"])
     assert expand_alternatives("lcam cache info|verify URL ...") == [["lcam", "cache", "info", "URL"], ["lcam", "cache", "verify", "URL"]]
+
+
+def python_blocks(text: str, section: str) -> list[str]:
+    """The ```python blocks of one ``## section`` of the README."""
+    part = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", part, flags=re.S)
+
+
+def test_readme_python_blocks_run(tmp_path, monkeypatch):
+    """The README's Python examples run as written, on generated photos in their folder layout,
+    with the classifier at random weights (nothing downloaded) and a run folder made by
+    save_checkpoint. (The other Python blocks name an s3 bucket or a user's package.)"""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from lcam import build_backbone
+    from pipeline.train.checkpoints import save_checkpoint
+
+    rng = np.random.default_rng(0)
+    for folder, name in (("class0", "chelsea"), ("class1", "coffee"), ("class1", "rocket")):
+        (tmp_path / "photos" / folder).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)).save(tmp_path / "photos" / folder / f"{name}.jpg")
+    backbone = build_backbone("efficientnet_lite0")
+    torch.manual_seed(0)
+    from lcam import LCAM
+
+    save_checkpoint(str(tmp_path / "runs" / "fm" / "checkpoint.pt"), attention_state=LCAM(backbone).attention.state_dict(),
+                    method="fm", backbone=backbone.describe())
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    import pipeline.cams.fit
+    from lcam.recipe import Recipe
+
+    # the small-data recipe's 80 epochs, shortened to 2: the blocks' calls are what is tested here
+    monkeypatch.setattr(pipeline.cams.fit, "recipe_for_data", lambda backbone, method, samples: Recipe(lr=3.0, epochs=2, batch_size=16, schedule="onecycle"))
+    text = README.read_text()
+    blocks = python_blocks(text, "Explain a model from Python") + python_blocks(text, "The method in code")[:1]
+    assert len(blocks) == 3
+    namespace: dict = {}
+    for block in blocks:
+        code = block.replace('weights="DEFAULT"', "weights=None")  # random weights: no download in a test
+        exec(compile(code, "README.md", "exec"), namespace)
+    e = namespace["explain"]("photos/class0/chelsea.jpg")
+    assert e.maps.shape == (1, 1, 7, 7) and isinstance(e.class_names[0][0], str)

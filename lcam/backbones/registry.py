@@ -63,7 +63,7 @@ def available_backbones() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build_backbone(spec: str, weights: str = "default", layer: str | None = None) -> Backbone:
+def build_backbone(spec: "str | nn.Module", weights: str = "default", layer: str | None = None) -> Backbone:
     """Build a backbone from its spec string (any process resolves the same string).
 
     ``spec``: a registered name (``efficientnet_lite0``, ``vgg16``, ...), ``timm:<model>``,
@@ -76,6 +76,10 @@ def build_backbone(spec: str, weights: str = "default", layer: str | None = None
     ``IMAGENET1K_V1`` or EfficientNet-Lite0's packaged file, timm's pretrained tag), a
     torchvision weight name, a local path or fsspec URL to a state-dict checkpoint, or ``"random"``.
     """
+    if isinstance(spec, nn.Module):  # a model object from Python: split as it is (weights are its own)
+        from .specs import backbone_from_module
+
+        return backbone_from_module(spec, layer)
     parsed = parse_spec(spec, layer)
     # Fixed seed: every process (Ray actors included) builds the same model, so even
     # "random" weights have one digest and caches made from them are reusable.

@@ -7,7 +7,7 @@ Grammar: ``SOURCE[,layer=NAME][,size=N]`` where SOURCE is
   (``timm:resnet50.a1_in1k``, ``timm:convnext_tiny``, ``timm:vit_tiny_patch16_224``);
 * ``torchvision:<builder>``: any torchvision classification model (``torchvision:resnet101``);
 * ``module.path:factory``: your own code, importable where it runs (``lcam submit`` ships
-  the working directory). ``factory(weights)`` (or ``factory()`` when it takes no
+  the working directory). ``factory(weights)`` (or ``factory(weights=...)`` for ``def f(**kw)``, or ``factory()`` when it takes no
   argument) returns a :class:`~lcam.backbones.registry.Backbone` (used as it is) or a plain
   ``nn.Module`` classifier (split at ``layer=``, or automatically when it is a timm or
   torchvision model; ``weights`` that are a path/URL are loaded into it).
@@ -220,6 +220,26 @@ def _split_module(spec: BackboneSpec, model: nn.Module, prep: Preprocessing, wei
     return Backbone(spec.canonical, features, head, shape, prep, num_classes=num_classes, weights=weights)
 
 
+# --------------------------------------------------------------------------- a model object
+def backbone_from_module(model: nn.Module | Backbone, layer: str | None = None, size: int | None = None) -> Backbone:
+    """A classifier object from Python (timm, torchvision, your own) split into ``features``
+    and ``head`` as a spec's model is (``layer``: a ``named_modules`` name, else the automatic
+    split; ``size``: the input crop), checked the same way. Its name records the class only: a
+    Ray job or a cache cannot rebuild it from that, so use a spec string (``module.path:factory``)
+    for those. The model itself is used (put in eval mode, not copied); a Backbone passes through."""
+    if isinstance(model, Backbone):
+        return model
+    if not isinstance(model, nn.Module):
+        raise BackboneSpecError(f"expected a backbone spec string or an nn.Module classifier, got {type(model).__name__}")
+    options = {k: str(v) for k, v in (("layer", layer), ("size", size)) if v}
+    spec = BackboneSpec("module", f"object:{type(model).__module__}.{type(model).__qualname__}", options)
+    model.eval()
+    if _is_timm_model(model):
+        return split_timm(spec, model, timm_preprocessing(model, spec.size), "object")
+    prep = Preprocessing.from_crop_pct(spec.size, 0.875) if spec.size else Preprocessing()
+    return _split_module(spec, model, prep, "object")
+
+
 # --------------------------------------------------------------------------- module.path:factory
 def _build_module(spec: BackboneSpec, weights: str) -> Backbone:
     module_name, _, attr = spec.name.partition(":")
@@ -233,11 +253,9 @@ def _build_module(spec: BackboneSpec, weights: str) -> Backbone:
         factory = getattr(factory, part, None)
     if not callable(factory):
         raise BackboneSpecError(f"backbone {spec.canonical}: {module_name} has no callable {attr!r}")
-    try:
-        takes_weights = len(inspect.signature(factory).parameters) > 0
-    except (TypeError, ValueError):
-        takes_weights = True
-    made = factory(weights) if takes_weights else factory()
+    call = factory_call(factory)
+    takes_weights = call != "none"
+    made = factory(weights) if call == "positional" else factory(weights=weights) if call == "keyword" else factory()
     if isinstance(made, Backbone):
         if spec.options:
             raise BackboneSpecError(f"backbone {spec.canonical}: the factory returns a Backbone (already split); layer= and size= "
@@ -255,3 +273,19 @@ def _build_module(spec: BackboneSpec, weights: str) -> Backbone:
         return split_timm(spec, made, timm_preprocessing(made, spec.size), weights)
     prep = Preprocessing.from_crop_pct(spec.size, 0.875) if spec.size else Preprocessing()
     return _split_module(spec, made, prep, weights)
+
+
+def factory_call(factory: Any) -> str:
+    """How a ``module.path:factory`` takes the weights: ``positional`` (``def build(weights)``,
+    ``*args``), ``keyword`` (``def build(*, weights)``, ``def build(**kw)``) or ``none``
+    (``def build()``: a weights path is then loaded into what it returns)."""
+    try:
+        params = list(inspect.signature(factory).parameters.values())
+    except (TypeError, ValueError):  # a builtin or C callable: the documented form
+        return "positional"
+    kinds = {p.kind for p in params}
+    if kinds & {inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.VAR_POSITIONAL}:
+        return "positional"
+    if inspect.Parameter.VAR_KEYWORD in kinds or any(p.name == "weights" for p in params):
+        return "keyword"
+    return "none"

@@ -18,6 +18,26 @@ if TYPE_CHECKING:
 _AT_FEATURES: dict[str, type] = {}
 
 
+def silence_library_bars() -> None:
+    """pytorch-grad-cam's own tqdm bars (Score-CAM, Ablation-CAM) off: they would print through
+    ``--no-progress`` and into logs; the evaluation reports a costly method's progress itself
+    (``forwards_per_image``, with rate and ETA)."""
+    import functools
+    import importlib
+    import types
+
+    import tqdm
+
+    quiet = types.SimpleNamespace(tqdm=functools.partial(tqdm.tqdm, disable=True))
+    for name in ("score_cam", "ablation_cam", "ablation_cam_multilayer"):
+        try:
+            module = importlib.import_module(f"pytorch_grad_cam.{name}")
+        except ImportError:  # a library version without that method
+            continue
+        if getattr(module, "tqdm", None) is tqdm:
+            module.tqdm = quiet
+
+
 def at_feature_resolution(class_name: str) -> type:
     """pytorch-grad-cam's ``class_name`` with maps kept at the target layer's resolution.
 
@@ -29,6 +49,7 @@ def at_feature_resolution(class_name: str) -> type:
     if class_name not in _AT_FEATURES:
         import pytorch_grad_cam
 
+        silence_library_bars()
         base = getattr(pytorch_grad_cam, class_name)
         _AT_FEATURES[class_name] = type(f"{class_name}AtFeatures", (base,), {"get_target_width_height": lambda self, x: None})
     return _AT_FEATURES[class_name]

@@ -108,8 +108,9 @@ def render_audit(ctx: Mapping[str, Any], *, per_class: Sequence[Mapping[str, Any
             body.append(
                 f'<tr><td>{_img(pictures, assets, picture_name("image", si, row, -1), r["key"])}<code>{_e(r["key"])}</code></td>'
                 f'<td>{_img(pictures, assets, picture_name("cam", si, row, p), "map of the predicted class")}</td>'
-                f'<td>{_img(pictures, assets, picture_name("cam", si, row, t), "map of the true class")}</td>'
-                f'<td class="l">{_cls(names, p)}<br>p = {_num(r["predicted_prob"])}</td><td class="l">{_cls(names, t)}<br>p = {_num(r["label_prob"])}</td>'
+                + (f'<td>{_img(pictures, assets, picture_name("cam", si, row, t), "map of the true class")}</td>' if has_label_maps
+                   else '<td><span class="note">not in this store</span></td>')
+                + f'<td class="l">{_cls(names, p)}<br>p = {_num(r["predicted_prob"])}</td><td class="l">{_cls(names, t)}<br>p = {_num(r["label_prob"])}</td>'
                 f'<td>{_num(r["pred_label_iou"], ".2f")}</td></tr>'
             )
         parts.append(

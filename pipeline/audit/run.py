@@ -64,6 +64,7 @@ class AuditSummary:
     thumbnails: int
     seconds: float
     files: dict[str, str] = field(default_factory=dict)
+    label_maps: bool = True  # the store holds the true class's map of a misclassified sample
 
     def lines(self) -> list[str]:
         acc = f", accuracy {1 - self.errors / self.labelled:.1%}" if self.labelled else " (no labels: no errors to explain)"
@@ -72,6 +73,9 @@ class AuditSummary:
             f"compared with the second method on {self.compared} samples" if self.compared else "no second method compared (--compare EVAL_DIR)",
             f"{self.thumbnails} thumbnails; done in {self.seconds:.1f}s",
         ]
+        if self.errors and not self.label_maps:
+            out.insert(1, "errors are explained with the predicted class's map only: a store made with "
+                          "`lcam cams ... --classes predicted,label` adds the true class's map and their overlap")
         out += [f"{name}: {url}" for name, url in self.files.items()]
         return out
 
@@ -287,13 +291,11 @@ def run_audit(cfg: AuditConfig) -> AuditSummary:
     from ..store.cam_store import CamStore
     from ..classes import class_names_options, describe_classes, store_columns
     from ..classes import load_class_names
+    from ..options import validate
     from ..raykit import ensure_ray
 
     t0 = time.perf_counter()
-    if cfg.max_thumbnails < 0:
-        raise UserError(f"--max-thumbnails must be >= 0, got {cfg.max_thumbnails}")
-    if not 0 < cfg.band < 0.5:
-        raise UserError(f"--band must be between 0 and 0.5 (a share of the image side), got {cfg.band}")
+    validate(cfg)  # --max-thumbnails, --band: their declared ranges
     store = CamStore.open(cfg.cams, cfg.storage_options)
     entries = store.entries()
     if not entries or len(store) == 0:
@@ -345,7 +347,9 @@ def run_audit(cfg: AuditConfig) -> AuditSummary:
     wanted: dict[int, dict[int, list[tuple[str, int]]]] = {}  # shard index -> row -> [(what, class id)]
     for r in top_errors:
         w = wanted.setdefault(int(r["shard_index"]), {}).setdefault(int(r["row"]), [])
-        w += [("image", -1), ("cam", int(r["predicted"])), ("cam", int(r["label"]))]
+        w += [("image", -1), ("cam", int(r["predicted"]))]
+        if np.isfinite(float(r["label_prob"])):  # the store holds the true class's map (a --classes predicted,label store)
+            w.append(("cam", int(r["label"])))
     for r in disagreements:
         w = wanted.setdefault(int(r["shard_index"]), {}).setdefault(int(r["row"]), [])
         w += [("image", -1), ("cam", int(r["compare_class"])), ("compare", int(r["compare_class"]))]
@@ -373,8 +377,9 @@ def run_audit(cfg: AuditConfig) -> AuditSummary:
     page = render_audit(context, per_class=ranked, confusions=agg.confusions, top_errors=top_errors, strips=ranked[:n_strips],
                         disagreements=disagreements, pictures=set(pictures), assets=ASSETS)
     write_bytes_atomic(files["audit.html"], page.encode(), out_so)  # last: the page never links to a missing picture
+    columns = store_columns(info["classes"])
     return AuditSummary(cfg.out, files["audit.html"], len(store), labelled, n_err, len(ranked), n_compared, len(pictures),
-                        time.perf_counter() - t0, files)
+                        time.perf_counter() - t0, files, label_maps="label" in columns or any(c.startswith("top-") for c in columns))
 
 
 def _draw(store: Any, entries: Sequence[Mapping[str, Any]], wanted: Mapping[int, Mapping[int, list[tuple[str, int]]]],
@@ -438,7 +443,10 @@ def draw_shard(store: Any, entry: Mapping[str, Any], shard_index: int, rows: Map
                 pic = thumb
             else:
                 if what == "cam":
-                    col = int(np.nonzero(data["class_ids"][r] == cls)[0][0])
+                    cols = np.nonzero(data["class_ids"][r] == cls)[0]
+                    if not len(cols):  # the store holds no map of this class for this sample: the page says "not drawn"
+                        continue
+                    col = int(cols[0])
                     raw = torch.from_numpy(data["raw"][r, col].astype(np.float32))
                 else:
                     raw = torch.from_numpy(np.asarray(compare[key][1], dtype=np.float32))

@@ -1,5 +1,5 @@
 """The public Python API of a trained L-CAM: :class:`Explainer` (images in memory), the
-class selection of a bulk run (:class:`ClassSelection`), the checkpoint's fingerprint, and
+class selection of a bulk run (:class:`ClassSelection`, defined torch-free in :mod:`pipeline.classes`), the checkpoint's fingerprint, and
 :func:`explain_rows` (the CAM store's columns for a batch of feature maps), which both bulk
 sources (:mod:`pipeline.cams.from_cache`, :mod:`pipeline.cams.from_shards`) share."""
 
@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import re
-from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -19,118 +17,8 @@ from lcam.explain import choose_targets, explain_from_features, upsampled_uint8
 from lcam.model import upsample_size
 
 from ..device import autocast_dtype, resolve_device
-from ..errors import UserError
+from ..classes import MODES, ClassSelection  # noqa: F401  the class selection is torch-free (answers before torch loads)
 from ..fs import StorageOptions
-
-MODES = ("predicted", "label", "top-k", "ids")
-
-
-# ---------------------------------------------------------------- which classes
-@dataclass(frozen=True)
-class ClassSelection:
-    """Which classes to explain per sample: ``predicted`` (top-1), ``label`` (ground truth),
-    ``top-k`` (the k most probable) or ``ids`` (the same list of class ids for every sample);
-    or ``combined``: several of those side by side (``--classes predicted,label``,
-    ``top5,label``), ``parts`` in the order given, ``k`` the total columns.
-
-    A combination de-duplicates nothing: a sample whose label equals its prediction stores
-    that class (and its map) in both columns, so column t always means the same thing. In a
-    combination, a sample without a label is kept (its other columns are useful) and its
-    label column holds class id -1, probability 0 and an all-zero raw map.
-    """
-
-    mode: str = "predicted"
-    k: int = 1
-    ids: tuple[int, ...] = ()
-    parts: tuple["ClassSelection", ...] = ()
-
-    @classmethod
-    def parse(cls, classes: str | None = None, top_k: int | None = None, class_ids: str | Sequence[int] | None = None) -> "ClassSelection":
-        """From command-line style settings; ``classes`` is inferred from ``top_k``/``class_ids`` when absent."""
-        if isinstance(class_ids, str):
-            try:
-                class_ids = [int(c) for c in class_ids.replace(" ", "").split(",") if c]
-            except ValueError:
-                raise UserError(f"class ids {class_ids!r} must be integers separated by commas, e.g. 281,285") from None
-        if classes and "," in classes:
-            return cls._combined(classes, top_k, class_ids)
-        mode = classes or ("ids" if class_ids else "top-k" if top_k is not None else "predicted")
-        short = re.fullmatch(r"top-?(\d+)", mode)
-        if short:  # top5 = top-k with k 5
-            if top_k is not None and top_k != int(short.group(1)):
-                raise UserError(f"classes {mode!r} and top-k {top_k} disagree; give one of them")
-            mode, top_k = "top-k", int(short.group(1))
-        if mode not in MODES:
-            raise UserError(f"unknown class selection {mode!r}; choose from {', '.join(MODES)}, top5 (any k), or a combination such as predicted,label")
-        if mode == "ids":
-            if not class_ids:
-                raise UserError("classes 'ids' needs the class ids (e.g. --class-ids 281,285)")
-            if top_k is not None:
-                raise UserError("give either class ids or top-k, not both")
-            return cls("ids", len(class_ids), tuple(int(c) for c in class_ids))
-        if class_ids:
-            raise UserError(f"class ids were given but the class selection is {mode!r}; use classes 'ids'")
-        if mode == "top-k":
-            k = 5 if top_k is None else int(top_k)
-            if k < 1:
-                raise UserError(f"top-k must be at least 1, got {k}")
-            return cls("top-k", k)
-        if top_k is not None and top_k != 1:
-            raise UserError(f"top-k {top_k} was given but the class selection is {mode!r}; use classes 'top-k'")
-        return cls(mode, 1)
-
-    @classmethod
-    def _combined(cls, classes: str, top_k: int | None, class_ids: Sequence[int] | None) -> "ClassSelection":
-        names = [c.strip() for c in classes.split(",") if c.strip()]
-        parts = []
-        for name in names:  # --top-k goes to a 'top-k' part, --class-ids to an 'ids' part
-            parts.append(cls.parse(name, top_k if name == "top-k" else None, class_ids if name == "ids" else None))
-        if top_k is not None and not any(p.mode == "top-k" and n == "top-k" for p, n in zip(parts, names)):
-            raise UserError(f"top-k {top_k} was given but the classes {classes!r} have no 'top-k' part; write e.g. top5,label")
-        if class_ids and not any(p.mode == "ids" for p in parts):
-            raise UserError(f"class ids were given but the classes {classes!r} have no 'ids' part; write e.g. predicted,ids")
-        kinds = [p.mode for p in parts]
-        dup = sorted({m for m in kinds if kinds.count(m) > 1})
-        if dup:
-            raise UserError(f"classes {classes!r} name {dup[0]!r} twice; give each kind once")
-        if "predicted" in kinds and "top-k" in kinds:
-            raise UserError(f"classes {classes!r}: top-k already starts with the predicted class; drop 'predicted'")
-        return cls("combined", sum(p.width for p in parts), (), tuple(parts))
-
-    @property
-    def width(self) -> int:
-        """T: classes explained per sample."""
-        return self.k
-
-    def columns(self) -> list[str]:
-        """What each of the T columns holds: predicted, top-2, ..., label, id:281."""
-        out: list[str] = []
-        for p in self.parts or (self,):
-            if p.mode == "top-k":
-                out += ["predicted"] + [f"top-{i + 1}" for i in range(1, p.k)]
-            elif p.mode == "ids":
-                out += [f"id:{c}" for c in p.ids]
-            else:
-                out.append(p.mode)
-        return out
-
-    def validate(self, num_classes: int) -> None:
-        for p in self.parts:
-            p.validate(num_classes)
-        if self.mode == "top-k" and not 1 <= self.k <= num_classes:
-            raise UserError(f"top-k {self.k} must be between 1 and the number of classes ({num_classes})")
-        bad = [c for c in self.ids if not 0 <= c < num_classes]
-        if bad:
-            raise UserError(f"class id {bad[0]} is out of range: the classifier has {num_classes} classes (0..{num_classes - 1})")
-        if len(set(self.ids)) != len(self.ids):
-            raise UserError(f"class ids {list(self.ids)} repeat an id; give each class once")
-
-    def identity(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"mode": self.mode, "k": self.k, "ids": list(self.ids)}
-        if self.parts:  # only combinations carry it: single selections keep their old fingerprint
-            out["parts"] = [p.identity() for p in self.parts]
-            out["columns"] = self.columns()
-        return out
 
 
 def checkpoint_fingerprint(checkpoint: Mapping[str, Any]) -> str:
@@ -160,10 +48,21 @@ class Explainer:
     (3, H, W) image gives a batch of one.
     """
 
-    def __init__(self, model: LCAM, checkpoint: Mapping[str, Any] | None = None, autocast: torch.dtype | None = None) -> None:
+    def __init__(self, model: LCAM, checkpoint: Mapping[str, Any] | None = None, autocast: torch.dtype | None = None,
+                 class_names: Sequence[str] | None = None) -> None:
         self.model = model.eval()
         self.checkpoint = dict(checkpoint or {})
         self.autocast = autocast
+        self._names = list(class_names) if class_names is not None else None
+
+    @classmethod
+    def fit(cls, model: Any, data: Any, **kwargs: Any) -> "Explainer":
+        """Train an L-CAM-Fm for ``model`` (an ``nn.Module`` classifier, a Backbone or a spec
+        string) on ``data`` (image paths or a folder, PIL images, a tensor, a DataLoader, or
+        shards) and return its Explainer; see :func:`pipeline.cams.fit.fit_lcam` for the options."""
+        from .fit import fit_lcam
+
+        return fit_lcam(model, data, **kwargs)
 
     @classmethod
     def from_checkpoint(
@@ -209,9 +108,25 @@ class Explainer:
         rgb = decode_image(image) if isinstance(image, (bytes, bytearray)) else image
         return preprocess(rgb, self.preprocessing).to(self.device)
 
-    def _images(self, images: torch.Tensor) -> torch.Tensor:
+    @property
+    def names(self) -> list[str]:
+        """The classifier's class names (ImageNet's for 1,000 classes, else "class k"; ``class_names=`` overrides)."""
+        if self._names is None:
+            from ..classes import load_class_names
+
+            self._names = load_class_names(None, None, self.num_classes)
+        return self._names
+
+    def _images(self, images: Any) -> torch.Tensor:
+        if is_one_image(images):
+            images = [images]
+        if isinstance(images, (list, tuple)):  # paths, PIL images, bytes, arrays or (3, H, W) tensors
+            if not images:
+                raise ValueError("no images given")
+            images = torch.stack([load_image(x, self.preprocessing) for x in images])
         if not isinstance(images, torch.Tensor):
-            raise TypeError(f"images must be a torch tensor (B, 3, H, W) or (3, H, W) in [0, 1], got {type(images).__name__}")
+            raise TypeError(f"images must be paths, PIL images, encoded bytes, RGB arrays or a tensor (B, 3, H, W) in [0, 1], "
+                            f"got {type(images).__name__}")
         if images.dim() == 3:
             images = images.unsqueeze(0)
         if images.dim() != 4 or images.shape[1] != 3:
@@ -234,7 +149,10 @@ class Explainer:
     ) -> Explanation:
         """CAMs from one forward pass: the predicted class, or ``targets`` (one id per
         image, or (B, T) ids), or the ``top_k`` classes; ``upsample`` adds maps at the input
-        size (True) or at that size (an int), as :meth:`lcam.model.LCAM.explain`."""
+        size (True) or at that size (an int), as :meth:`lcam.model.LCAM.explain`.
+        ``images``: a tensor in [0, 1], or an image path, PIL image, encoded bytes or RGB array,
+        or a list of those (each resized and centre-cropped as the backbone's preprocessing says);
+        ``e.class_names`` names the explained classes."""
         images = self._images(images)
         if isinstance(targets, int):
             targets = [targets]
@@ -246,7 +164,9 @@ class Explainer:
             feats, logits = self.model.backbone.extract(images)
         size = upsample_size(upsample, images.shape[-2:])
         with torch.inference_mode():  # maps in fp32 whatever the backbone ran in: the product is tiny
-            return explain_from_features(self.model.attention, feats.float(), logits.float(), targets, top_k, size, all_classes)
+            e = explain_from_features(self.model.attention, feats.float(), logits.float(), targets, top_k, size, all_classes)
+        e.names = self.names
+        return e
 
     def autocast_context(self) -> contextlib.AbstractContextManager:
         """Autocast for the backbone's forward when a reduced precision was asked for."""
@@ -268,6 +188,39 @@ class Explainer:
         if isinstance(targets, int):
             targets = [targets]
         return self.model.explain_features(feats.to(self.device).float(), targets, top_k, upsample)
+
+
+# ---------------------------------------------------------------- images from Python
+def is_one_image(x: Any) -> bool:
+    """A single image (a path, encoded bytes, an RGB array, a PIL image), not a batch."""
+    import os
+
+    if isinstance(x, (str, os.PathLike, bytes, bytearray)):
+        return True
+    if isinstance(x, np.ndarray):
+        return x.ndim == 3
+    return hasattr(x, "convert") and hasattr(x, "size")  # a PIL image, without importing PIL
+
+
+def load_image(x: Any, prep: Preprocessing) -> torch.Tensor:
+    """One image -> (3, crop, crop) float32 in [0, 1] on the CPU, the backbone's preprocessing applied
+    (a tensor is taken as already preprocessed)."""
+    import os
+
+    from ..images import decode_image, preprocess
+
+    if isinstance(x, torch.Tensor):
+        return x.float().cpu() if x.dtype != torch.uint8 else x.float().div(255.0)
+    if isinstance(x, (str, os.PathLike)):
+        from ..fs import get_fs
+
+        fs, path = get_fs(os.fspath(x))
+        x = fs.cat_file(path)
+    if isinstance(x, (bytes, bytearray)):
+        x = decode_image(bytes(x))
+    elif hasattr(x, "convert"):
+        x = x.convert("RGB")
+    return preprocess(x, prep)
 
 
 # ---------------------------------------------------------------- maps for a batch of rows

@@ -21,7 +21,8 @@ from lcam import LCAM
 
 from ..store.cam_store import CamStore
 from ..errors import UserError
-from .explainer import ClassSelection, checkpoint_fingerprint, explain_rows
+from ..classes import ClassSelection
+from .explainer import checkpoint_fingerprint, explain_rows
 from ..fs import StorageOptions
 from ..progress import Progress
 from ..raykit import actor_device, repin_threads

@@ -14,7 +14,8 @@ import torch
 
 from ..store.cam_store import CamStore
 from ..device import pad_lone_image
-from .explainer import ClassSelection, Explainer, explain_rows
+from ..classes import ClassSelection
+from .explainer import Explainer, explain_rows
 from ..fs import StorageOptions
 from ..progress import Progress
 from ..raykit import ShardWorker, actor_device, repin_threads

@@ -42,7 +42,8 @@ from ..device import resolve_device
 from ..errors import UserError
 from ..progress import skipped_lines
 from ..store.leases import announce_writers
-from .explainer import ClassSelection, checkpoint_fingerprint
+from ..classes import ClassSelection
+from .explainer import checkpoint_fingerprint
 
 
 
@@ -124,17 +125,14 @@ def generate_cams(cfg: CamsConfig) -> CamsSummary:
     All inputs are checked (checkpoint against the source's backbone, class ids, an
     empty or missing source) before anything is written at ``cfg.out``.
     """
-    from ..train.checkpoints import check_backbone, load_checkpoint, load_lcam
-    from ..placement import check_where, resolve_where
+    from ..train.checkpoints import check_backbone, checkpoint_file, load_checkpoint, load_lcam
+    from ..options import validate
+    from ..placement import resolve_where
 
-    if (cfg.cache is None) == (cfg.shards is None):
-        raise UserError("give exactly one source: a feature cache (--cache URL) or WebDataset shards (--shards PATTERN)")
-    check_where(cfg.where)
+    cfg = dataclasses.replace(cfg, checkpoint=checkpoint_file(cfg.checkpoint, cfg.checkpoint_storage_options))  # a run folder: its checkpoint.pt
+
+    validate(cfg)  # the declared choices and ranges, one source, a class selection that parses (CamsConfig.check)
     selection = ClassSelection.parse(cfg.classes, cfg.top_k, cfg.class_ids)
-    if cfg.overlays < 0:
-        raise UserError(f"--overlays must be >= 0, got {cfg.overlays}")
-    if not 0.0 <= cfg.opacity <= 1.0:
-        raise UserError(f"--opacity must be between 0 and 1, got {cfg.opacity}")
     _check_colormap(cfg.colormap)
     on_ray = cfg.cache is not None and resolve_where(cfg.where) == "ray"
     # The model is built where it runs: here for a cache without Ray; otherwise the actors
@@ -142,13 +140,12 @@ def generate_cams(cfg: CamsConfig) -> CamsSummary:
     # small dict. Weights given by --weights are still checked here against the checkpoint's
     # digest, before anything is written.
     model = None
+    ckpt = load_checkpoint(cfg.checkpoint, cfg.checkpoint_storage_options)
+    selection.validate(int(ckpt["backbone"]["num_classes"]))  # a class id out of range answers before the model is built
     if (cfg.cache is not None and not on_ray) or cfg.weights:
         device = resolve_device(cfg.device) if cfg.cache is not None and not on_ray else "cpu"
         model, ckpt = load_lcam(cfg.checkpoint, cfg.checkpoint_storage_options, weights=cfg.weights, device=device)
-    else:
-        ckpt = load_checkpoint(cfg.checkpoint, cfg.checkpoint_storage_options)
     backbone = ckpt["backbone"]
-    selection.validate(int(backbone["num_classes"]))
     if cfg.class_names is not None or cfg.overlays:  # a bad names file fails now, not after the work
         from ..classes import class_names_options, load_class_names
 

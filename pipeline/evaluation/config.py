@@ -38,11 +38,12 @@ def resolve_backbone(cfg: EvalConfig) -> tuple[Any, list[tuple[str | None, str, 
     from lcam import build_backbone
     from lcam.backbones.base import WeightsUnavailable
 
-    from ..train.checkpoints import check_backbone, load_checkpoint
+    from ..train.checkpoints import check_backbone, checkpoint_file, load_checkpoint
 
     loaded = []
     for arg in cfg.checkpoints:
         name, url = split_checkpoint_arg(arg)
+        url = checkpoint_file(url, cfg.checkpoint_storage_options)  # a run folder: its checkpoint.pt
         loaded.append((name, url, load_checkpoint(url, cfg.checkpoint_storage_options)))
     first = loaded[0][2]["backbone"] if loaded else {}
     name = cfg.backbone or first.get("backbone") or "efficientnet_lite0"
@@ -73,6 +74,21 @@ def method_kwargs(name: str, cfg: EvalConfig) -> dict[str, Any]:
         except (TypeError, ValueError) as exc:
             raise UserError(f"--{o.cli_flag(name)}: {exc}") from None
     return out
+
+
+COSTLY = ("channels", "masks")  # cost classes of the registry that take minutes per image on a CPU
+
+
+def methods_for_machine(cfg: EvalConfig, on_cpu: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(methods to run, methods left out): on a CPU the default list's costly methods are
+    left out unless ``cfg.costly_on_cpu``; a list the user gave runs as given."""
+    from lcam.cam_methods.base import default_methods, method_names
+
+    methods = tuple(cfg.methods)
+    if not on_cpu or cfg.costly_on_cpu or methods != default_methods():
+        return methods, ()
+    left_out = tuple(m for m in methods if m in method_names() and method_class(m).cost in COSTLY)
+    return tuple(m for m in methods if m not in left_out), left_out
 
 
 def method_specs(cfg: EvalConfig, loaded: Sequence[tuple[str | None, str, dict[str, Any]]]) -> list[MethodSpec]:

@@ -20,7 +20,7 @@ from ..errors import UserError
 from ..progress import Progress, say
 from ..fs import StorageOptions, join, write_bytes_atomic, write_json_atomic
 from ..configs import EvalConfig
-from .config import MethodSpec, method_specs, resolve_backbone
+from .config import MethodSpec, method_specs, methods_for_machine, resolve_backbone
 from .engine import Evaluator, choose_engine, pick_device, run_local, run_ray
 from .metrics import box_metrics
 from .metrics.base import build_metrics, optional_metrics
@@ -115,6 +115,18 @@ def check_metrics(cfg: EvalConfig) -> None:
         raise UserError(str(exc)) from None
 
 
+def on_cpu(cfg: EvalConfig, engine: str) -> bool:
+    """Whether the evaluation's model work runs on CPUs: the local device, or a Ray cluster without GPUs."""
+    if engine == "local":
+        return pick_device(cfg.device) == "cpu"
+    import ray
+
+    from ..raykit import ensure_ray
+
+    ensure_ray()
+    return not ray.cluster_resources().get("GPU", 0)
+
+
 def evaluate(cfg: EvalConfig) -> EvalSummary:
     """Plan, score every batch with every method, write the outputs; see the module docstring."""
     from ..shards.read import require_shards
@@ -130,6 +142,13 @@ def evaluate(cfg: EvalConfig) -> EvalSummary:
     boxed = sum(s.boxes or 0 for s in shards)  # samples with bounding boxes, per the index
     if boxed:  # localisation against them, for every method
         cfg.metrics = (*cfg.metrics, *(n for n in box_metrics() if n not in cfg.metrics))
+    cfg.methods, left_out = methods_for_machine(cfg, on_cpu(cfg, engine))
+    if left_out and cfg.progress:
+        from lcam.cam_methods.base import method_class
+
+        labels = ", ".join(method_class(m).label for m in left_out)
+        say(f"eval: {labels} left out on a CPU (about a thousand forwards per image each); --costly-on-cpu runs them "
+            f"(--method-limit {left_out[0]}=N caps one to N images), or give --methods")
     backbone, loaded = resolve_backbone(cfg)
     specs = method_specs(cfg, loaded)
     if cfg.split_coverage:

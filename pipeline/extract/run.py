@@ -30,6 +30,7 @@ from ..device import autocast_dtype, pad_lone_image
 from ..store.layer import KeyOwners
 from ..errors import UserError
 from ..fs import absolute
+from ..options import validate
 from ..progress import Progress, skipped_lines
 from ..raykit import ShardWorker, StageStats, actor_device, actor_pool, ensure_ray, repin_threads, run_shard_stage
 from ..shard_tasks import shard_parts
@@ -71,8 +72,10 @@ class ExtractSummary:
         out = [
             f"cache {self.cache} (fingerprint {self.fingerprint})",
             f"shards: {self.shards_total} in the dataset, {self.shards_done_before} already cached, {self.shards_extracted} extracted now",
-            f"images: {self.images} in {self.seconds:.1f}s ({self.images_per_second:.1f} images/s overall, "
-            f"{self.steady_images_per_second:.1f} in steady state; Ray start-up {self.ray_startup_seconds:.1f}s)",
+            f"images: {self.images} in {self.seconds:.1f}s ({self.images_per_second:.3g} images/s overall, "
+            + (f"{self.steady_images_per_second:.3g} in steady state" if self.steady_images_per_second > 0
+               else "no steady state: one shard")  # the rate after the first shard needs a second one
+            + f"; Ray start-up {self.ray_startup_seconds:.1f}s)",
         ]
         out += skipped_lines(self.skipped, "images", "see the cache manifest")
         for f in self.failed_shards:
@@ -84,20 +87,9 @@ class ExtractSummary:
 
 
 def check_config(cfg: ExtractConfig) -> None:
-    """Mistakes in the settings, found before anything is read, created or started."""
-    for name in ("batch_size", "decode_batch_size"):
-        if int(getattr(cfg, name)) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be a positive number of images, got {getattr(cfg, name)}")
-    for name, flag in (("num_actors", "--actors"), ("torch_threads", "--torch-threads")):
-        if getattr(cfg, name) is not None and int(getattr(cfg, name)) < 1:
-            raise UserError(f"{flag} must be at least 1, got {getattr(cfg, name)}")
-    if not cfg.views:
-        raise UserError(f"--views names no view; choose from {', '.join(VIEWS)}")
-    for v in cfg.views:
-        if v not in VIEWS:
-            raise UserError(f"unknown view {v!r}; choose from {', '.join(VIEWS)}")
-    if cfg.precision not in ("auto", "fp32", "fp16", "bf16"):
-        raise UserError(f"unknown precision {cfg.precision!r}; choose auto, fp32, fp16 or bf16")
+    """Mistakes in the settings, found before anything is read, created or started: the
+    declared choices and ranges and ``ExtractConfig.check`` (:func:`pipeline.options.validate`)."""
+    validate(cfg)
 
 
 def cache_identity(backbone: Any, views: Sequence[str], dtype: str) -> dict[str, Any]:
@@ -110,9 +102,6 @@ def cache_identity(backbone: Any, views: Sequence[str], dtype: str) -> dict[str,
 
 
 def open_cache_for(backbone: Any, cfg: ExtractConfig) -> FeatureCache:
-    for v in cfg.views:
-        if v not in VIEWS:
-            raise UserError(f"unknown view {v!r}; choose from {', '.join(VIEWS)}")
     return FeatureCache.create_or_open(
         cfg.cache,
         cache_identity(backbone, cfg.views, cfg.dtype),

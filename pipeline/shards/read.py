@@ -37,6 +37,19 @@ def _load_index(url: str, storage_options: StorageOptions) -> dict | None:
     return index
 
 
+def image_folder_hint(patterns: str | list[str]) -> str:
+    """When a local folder of images was given where shards are expected: how to pack it."""
+    import os
+
+    folder = patterns if isinstance(patterns, str) else (patterns[0] if len(patterns) == 1 else "")
+    if not folder or "://" in folder or not os.path.isdir(folder):
+        return ""
+    for _, _, files in os.walk(folder):
+        if any(os.path.splitext(f)[1].lower() in (".jpg", ".jpeg", ".png", ".webp") for f in files):
+            return f"; {folder} is a folder of images: pack it into shards first, `lcam shards {folder} SHARDS`, then give SHARDS"
+    return ""
+
+
 def require_shards(
     patterns: str | list[str],
     storage_options: StorageOptions = None,
@@ -47,9 +60,9 @@ def require_shards(
     try:
         shards = list_shards(patterns, storage_options=storage_options, index_url=index_url)
     except FileNotFoundError as exc:
-        raise UserError(f"shards {patterns!r}: {exc}") from None
+        raise UserError(f"shards {patterns!r}: {exc}" + image_folder_hint(patterns)) from None
     if not shards:
-        raise UserError(f"no shards match {patterns!r}: check the pattern, or pack images with `lcam shards`")
+        raise UserError(f"no shards match {patterns!r}: check the pattern, or pack images with `lcam shards`" + image_folder_hint(patterns))
     return shards
 
 

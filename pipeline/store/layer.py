@@ -393,17 +393,27 @@ class ShardedStore:
         """Read one done shard whole; raise :class:`StoreDamaged` if it cannot be (subclasses)."""
         raise NotImplementedError
 
-    def repair(self, *, workers: int = 4) -> tuple[VerifyReport, list[str]]:
-        """Check every done shard, forget the damaged ones so the next run re-makes them."""
+    def check_done_shards(self, *, rebuild_manifest: bool = False) -> VerifyReport:
+        """Read every done shard whole (``check_shard``); the damaged ones are the report's problems.
+        ``rebuild_manifest`` (repair): a missing or damaged manifest is first rebuilt from the groups."""
         report = VerifyReport()
-        self.rebuild_manifest(report)
+        if rebuild_manifest:
+            self.rebuild_manifest(report)
+        else:
+            self.refresh()
         for e in self._index()[0]:
             report.shards += 1
             try:
                 self.check_shard(e)
+                report.rows += int(e.get("count", 0))
             except StoreDamaged as exc:
                 report.problems.append(str(exc))
                 report.damaged.append(e["url"])
+        return report
+
+    def repair(self, *, workers: int = 4) -> tuple[VerifyReport, list[str]]:
+        """Check every done shard, forget the damaged ones so the next run re-makes them."""
+        report = self.check_done_shards(rebuild_manifest=True)
         return report, self.forget(report.damaged) if report.damaged else []
 
     def rebuild_manifest(self, report: VerifyReport) -> None:

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import io
 import json
-from typing import Any, Mapping
-
-import torch
+from typing import TYPE_CHECKING, Any, Mapping
 
 from ..errors import UserError
 from ..fs import StorageOptions, get_fs, write_bytes_atomic
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT = "lcam-checkpoint/1"
 
@@ -63,6 +64,8 @@ def save_checkpoint(
         "optimizer": optimizer_state or {},
         "scheduler": scheduler_state or {},
     }
+    import torch
+
     if coverage is not None:
         payload["coverage"] = torch.as_tensor(coverage).detach().cpu().to(torch.int32)
     if trained_rows is not None:
@@ -72,9 +75,32 @@ def save_checkpoint(
     write_bytes_atomic(url, buf.getvalue(), storage_options)
 
 
+RUN_CHECKPOINT = "checkpoint.pt"  # the file a run folder keeps its latest checkpoint in (pipeline.train.run_folder writes it)
+
+
+def checkpoint_file(url: str, storage_options: StorageOptions = None) -> str:
+    """``url`` itself, or ``url/checkpoint.pt`` when ``url`` is a run folder (what `lcam train --out` made):
+    every command that takes a checkpoint takes the run folder too."""
+    from ..fs import join
+
+    fs, path = get_fs(url, storage_options)
+    try:
+        is_dir = fs.isdir(path)
+    except Exception:  # an unreachable store answers when the file is read, with its own message
+        return url
+    if not is_dir:
+        return url
+    inner = join(url, RUN_CHECKPOINT)
+    if not fs.exists(get_fs(inner, storage_options)[1]):
+        raise UserError(f"{url} is a folder without {RUN_CHECKPOINT}; give a checkpoint file or a run folder made by `lcam train --out`")
+    return inner
+
+
 def load_checkpoint(url: str, storage_options: StorageOptions = None, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """The checkpoint as a dict, JSON fields decoded; any missing, damaged or foreign file is
-    one :class:`UserError` naming the file and what is wrong with it."""
+    one :class:`UserError` naming the file and what is wrong with it. A run folder stands for
+    its ``checkpoint.pt``."""
+    url = checkpoint_file(url, storage_options)
     fs, path = get_fs(url, storage_options)
     try:
         data = fs.cat_file(path)
@@ -155,6 +181,41 @@ def _check_attention(url: str, attention: Mapping[str, Any], backbone: Mapping[s
     extra = sorted(set(attention) - set(expected))
     if extra:
         raise UserError(f"checkpoint {url!r} is damaged or foreign: its attention holds unexpected entries {extra[:6]}")
+
+
+def checkpoint_summary(url: str, storage_options: StorageOptions = None) -> dict[str, Any]:
+    """The checkpoint's plain fields (format, method, backbone, epoch, ...) without torch: its
+    pickle is read with every tensor left out, so a command can check its options against the
+    checkpoint (e.g. class ids against the classifier's classes) before torch loads (~seconds).
+    Anything unexpected: {} (the full load then says what is wrong)."""
+    import pickle
+    import zipfile
+
+    class NoTensors(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            if module == "collections" and name == "OrderedDict":
+                import collections
+
+                return collections.OrderedDict
+            return lambda *args, **kwargs: None  # torch's rebuild functions and classes: no tensor is made
+
+        def persistent_load(self, pid: Any) -> Any:
+            return None
+
+    try:
+        url = checkpoint_file(url, storage_options)
+        fs, path = get_fs(url, storage_options)
+        with zipfile.ZipFile(io.BytesIO(fs.cat_file(path))) as z:
+            name = next(n for n in z.namelist() if n.endswith("/data.pkl") or n == "data.pkl")
+            payload = NoTensors(io.BytesIO(z.read(name))).load()
+        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+            return {}
+        return {k: json.loads(payload[k]) if k in ("backbone", "config", "extra") else payload[k]
+                for k in ("format", "method", "backbone", "epoch", "step", "config", "extra") if k in payload}
+    except UserError:
+        raise
+    except Exception:
+        return {}
 
 
 def check_backbone(checkpoint: Mapping[str, Any], backbone: Mapping[str, Any], what: str = "this backbone") -> None:

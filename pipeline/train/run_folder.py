@@ -21,12 +21,12 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
-from .checkpoints import load_checkpoint, save_checkpoint
+from .checkpoints import RUN_CHECKPOINT, load_checkpoint, save_checkpoint
 from ..errors import UserError
 from ..fs import StorageOptions, exists, get_fs, is_local, join, write_bytes_atomic
 from ..store.leases import WriterLeases, announce_writers
 
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = RUN_CHECKPOINT
 METRICS = "metrics.jsonl"
 CURVES = "curves.png"
 
