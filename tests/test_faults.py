@@ -1,4 +1,4 @@
-"""Fault injection: nothing ends with exit 0 and wrong or missing data (issue #14).
+"""Fault injection: nothing ends with exit 0 and wrong or missing data (issues #14 and #30).
 
 Damaged feature caches and CAM stores (a lost chunk, group or manifest; a truncated chunk
 object), cut tars with and without an index, killed and concurrent runs, and the user
@@ -6,7 +6,10 @@ mistakes that must be one line with exit 2. For each: the exit status, the messa
 that every later reader (verify, info, train, cams, eval) gives exactly the right data or
 refuses clearly. One small cache and CAM store (4 shards x 2 tiny images) are built once
 per module; tests damage copies. CLI jobs run in-process through ``jobs.cli.main``, except
-where a real process must die (SIGKILL) or run beside another.
+where a real process must die (SIGKILL) or run beside another. Round 2 (issue #30): damaged
+checkpoints and manifests, labels outside the classifier, shard bytes changed since packing,
+flipped bits in chunks (crc32c), NaN read back, duplicate keys at extraction, CAM store damage
+re-made, a full disk, second writers and Ctrl-C during Ray's start.
 """
 
 from __future__ import annotations
