@@ -25,7 +25,9 @@ from pipeline.train.run_folder import format_epoch, trainer_state_from_checkpoin
 from pipeline.shards.read import list_shards, read_shard
 from pipeline.shards.pack import pack_folder
 from pipeline.configs import TrainConfig
-from pipeline.train.img import crop_flip, crop_seed, decode_for_training, image_batches, read_training_rows, train_img
+from pipeline.train.img_data import crop_flip, decode_for_training, read_training_rows
+from pipeline.train.img import train_img
+from pipeline.train.img_data import crop_seed, image_batches
 from pipeline.train.fm import fm_batches, train_fm
 from pipeline.train.img import progress_line
 from tests.helpers import skimage_photos

@@ -27,11 +27,11 @@ import zarr
 from ..errors import UserError
 from ..fs import StorageOptions
 from .layer import ShardedStore, VerifyReport
+from .dtypes import DTYPES, bf16_to_f32, finite_rows, to_storage
 from .identity import canonical, shard_id_for, utc_now
 
 
 FORMAT = "lcam-feature-cache/1"
-DTYPES = {"float16": "float16", "float32": "float32", "bfloat16": "uint16"}  # name -> stored numpy dtype
 DEFAULT_CHUNK_ROWS = 64  # 64 x 1280x7x7 float16 = 8 MB raw per view, ~1 MB compressed: a good object size
 TOP_K = 5
 
@@ -46,32 +46,6 @@ class CacheNotFound(UserError):
 
 class NonFiniteFeatures(UserError):
     """Features hold NaN/Inf after casting to the cache dtype (e.g. float16 overflow)."""
-
-
-def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
-    """bfloat16 stored as uint16 -> float32 (exact: bf16 is the top half of an f32)."""
-    return (bits.astype(np.uint32) << 16).view(np.float32)
-
-
-def _to_storage(features: Any, dtype: str) -> np.ndarray:
-    """Cast to the stored numpy dtype; bfloat16 goes through torch (round to nearest even)."""
-    if dtype == "bfloat16":
-        import torch
-
-        t = features if isinstance(features, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
-        return t.detach().cpu().to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-    if hasattr(features, "detach"):  # torch tensor (possibly bf16, which numpy lacks)
-        features = features.detach().cpu().float().numpy()
-    with np.errstate(over="ignore"):  # overflow becomes Inf, reported by the caller with advice
-        return np.ascontiguousarray(features, dtype=DTYPES[dtype])
-
-
-def _finite_rows(stored: np.ndarray, dtype: str) -> np.ndarray:
-    """Per-row bool: all values finite. Works on the stored representation."""
-    flat = stored.reshape(len(stored), int(np.prod(stored.shape[1:])))
-    if dtype == "bfloat16":
-        return ~((flat & 0x7F80) == 0x7F80).any(axis=1)  # exponent all ones = Inf/NaN
-    return np.isfinite(flat).all(axis=1)
 
 
 class FeatureCache(ShardedStore):
@@ -183,12 +157,12 @@ class FeatureCache(ShardedStore):
             dup = [k for k, c in Counter(keys).items() if c > 1][:5]
             raise ValueError(f"duplicate keys within shard {source_url}: {dup}")
         V, (C, h, w) = len(self.views), self.feature_shape
-        feats = _to_storage(features, self.dtype)
+        feats = to_storage(features, self.dtype)
         if feats.ndim == 4 and V == 1:
             feats = feats[:, None]
         if feats.shape != (n, V, C, h, w):
             raise ValueError(f"features of {source_url} have shape {feats.shape}, expected {(n, V, C, h, w)} (rows, views {list(self.views)}, C, h, w)")
-        bad = ~_finite_rows(feats, self.dtype)
+        bad = ~finite_rows(feats, self.dtype)
         if bad.any():
             bad_keys = [keys[i] for i in np.flatnonzero(bad)[:5]]
             raise NonFiniteFeatures(
@@ -489,7 +463,7 @@ class FeatureCache(ShardedStore):
             for lo in range(0, count, self.chunk_rows):
                 data = arrays["features"][lo : lo + self.chunk_rows]
                 chunks += 1
-                nonfinite.extend(lo + i for i in np.flatnonzero(~_finite_rows(data, self.dtype)))
+                nonfinite.extend(lo + i for i in np.flatnonzero(~finite_rows(data, self.dtype)))
                 del data
             small = {name: arrays[name][:] for name in arrays if name != "features"}  # decodes every chunk object
         except Exception as exc:  # a truncated or corrupt chunk object

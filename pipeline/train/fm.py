@@ -142,10 +142,15 @@ def _train_fm_loop(start: TrainStart, plan: RunPlan, cache: Any, backbone: Any, 
                         run_dir.path(CHECKPOINT), run_dir.path(METRICS), run_dir.path(CURVES), resumed_from)
 
 
-def _fm_task(start: TrainStart, log_queue: Any) -> TrainSummary:
-    """The Ray task of :func:`train_fm_placed`: the same training, its log lines relayed."""
+def _fm_task(start: TrainStart | TrainConfig, log_queue: Any) -> TrainSummary:
+    """The Ray task of :func:`train_fm_placed`: the same training, its log lines relayed. A
+    retry gets the config: the lost attempt's last checkpoint (saved every epoch, or mid-epoch
+    at exact positions), if it wrote one, is where it continues: resume is exact (see train_fm)."""
     from ..placement import node_id, relayed_logs
 
+    if not isinstance(start, TrainStart):
+        have = exists(RunFolder(start.out, start.storage_options).path(CHECKPOINT), start.storage_options)
+        start = TrainStart.from_config(dataclasses.replace(start, resume=have))
     with relayed_logs(log_queue):
         summary = run_fm(start)
     summary.ran_on = node_id()
@@ -168,11 +173,5 @@ def train_fm_placed(start: TrainStart) -> TrainSummary:
     what = "1 GPU" if resources.get("num_gpus") else f"{resources['num_cpus']:g} CPU"
     say(enabled=cfg.progress, line=f"L-CAM-Fm: training in a Ray task ({what})")
 
-    def resume_args() -> tuple:
-        # the lost attempt's last checkpoint (saved every epoch, or mid-epoch at exact
-        # positions) is where the next one continues: resume is exact (see train_fm)
-        have = exists(RunFolder(cfg.out, cfg.storage_options).path(CHECKPOINT), cfg.storage_options)
-        return (TrainStart.from_config(dataclasses.replace(cfg, resume=True)) if have else start,)
-
     return run_task(_fm_task, start, resources=resources, progress=cfg.progress, name="lcam-train-fm",
-                    attempts=LOST_TASK_ATTEMPTS, retry_args=resume_args)
+                    attempts=LOST_TASK_ATTEMPTS, retry_args=lambda: (cfg,))

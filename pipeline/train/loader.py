@@ -24,7 +24,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from ..store.feature_cache import FeatureCache, bf16_to_f32
+from ..store.dtypes import bf16_to_f32
+from ..store.feature_cache import FeatureCache
 from ..errors import UserError
 
 Batch = tuple[torch.Tensor, torch.Tensor, list[str]]

@@ -95,13 +95,13 @@ class TrainStart:
         ``data`` fields the checkpoints record), a new run's starting attention and inherited
         coverage (:func:`initial_attention`), and the export rule for rows no sample trained
         (:func:`export_fill`, against the start, recomputed on resume)."""
-        recipe, run_cfg = resolve_recipe(self.cfg, self.method, backbone.name, self.ckpt, samples=samples)
-        run_cfg.update(data)
-        attention, inherited = (None, None) if self.ckpt is not None else initial_attention(backbone, run_cfg, self.cfg.storage_options)
         if self.ckpt is not None:
             check_backbone(self.ckpt, backbone.describe(), what)
             if cache_fingerprint is not None:
                 check_cache(self.ckpt, cache_fingerprint)
+        recipe, run_cfg = resolve_recipe(self.cfg, self.method, backbone.name, self.ckpt, samples=samples)
+        run_cfg.update(data)
+        attention, inherited = (None, None) if self.ckpt is not None else initial_attention(backbone, run_cfg, self.cfg.storage_options)
         fill = export_fill(run_cfg, export_start(backbone, run_cfg, self.cfg.storage_options, attention))
         # a finished run resumed with another export (--uncovered, --row-prior): export again, no step
         reexport = self.ckpt is not None and int(self.ckpt["epoch"]) >= recipe.epochs and export_changed(self.ckpt["config"], run_cfg)
