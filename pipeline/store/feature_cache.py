@@ -270,7 +270,7 @@ class FeatureCache(ShardedStore):
 
     def _check_finite(self, entry: Mapping[str, Any], stored: np.ndarray, lo: int, keys: Sequence[str]) -> None:
         """NaN/Inf is never written (:meth:`write_shard` refuses it): read back, it is damage."""
-        bad = np.flatnonzero(~_finite_rows(stored, self.dtype))
+        bad = np.flatnonzero(~finite_rows(stored, self.dtype))
         if len(bad):
             raise self.damaged(entry, f"{len(bad)} rows from row {lo} read back as NaN/Inf features (e.g. {keys[bad[0]]!r}), "
                                       "which extraction never writes: the stored data changed")
