@@ -43,7 +43,7 @@ def cheap_baselines(methods: list[str], limit_flag: str = "--method-limit") -> l
 
 def default_methods(job, dest: str) -> list[str]:
     """The baselines a job evaluates by default (read from its parser: the defaults may change)."""
-    from lcam import cam_methods
+    from lcam.cam_methods import base as cam_methods
 
     parser = argparse.ArgumentParser()
     job.add_arguments(parser)
