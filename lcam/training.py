@@ -306,6 +306,43 @@ class LCAMTrainer:
         self.batch_in_epoch = 0
         return sums
 
+    def evaluate(self, batches: Iterable[TrainBatch], attention_state: Mapping[str, torch.Tensor] | None = None) -> MetricSums:
+        """The loss terms and agreement on ``batches`` without a step (validation): nothing of the
+        trainer's state changes (no optimizer step, no coverage count, no RNG draw).
+        ``attention_state``: evaluate these attention weights instead of the trained ones (e.g.
+        the exported checkpoint's, whose untrained rows are filled); the trained ones are put back."""
+        attention = self.model.attention
+        saved = {k: v.detach().clone() for k, v in attention.state_dict().items()} if attention_state is not None else None
+        sums = MetricSums()
+        was_training = attention.training
+        try:
+            if attention_state is not None:
+                attention.load_state_dict({k: v.to(self.device) for k, v in attention_state.items()})
+            attention.eval()
+            with torch.no_grad():
+                for batch in batches:
+                    feats = batch.feats.to(self.device, non_blocking=True) if batch.feats is not None else None
+                    images = batch.images.to(self.device, non_blocking=True) if batch.images is not None else None
+                    targets, feats = self._targets(batch, feats, images)
+                    if self.method == "fm" and feats is None:
+                        backbone = self.model.backbone
+                        with self._autocast():
+                            feats = backbone.features(backbone.normalize(images))
+                    if feats is not None and self.method == "fm":
+                        feats = feats.float()
+                    if targets.dim() == 2:
+                        targets, feats, images = expand_targets(targets, feats, images)
+                    with self._autocast():
+                        masked_logits, maps = self.model.training_forward(self.method, targets, feats=feats, images=images)
+                    terms = self.loss_fn(masked_logits, targets, maps)
+                    sums.add(int(targets.shape[0]), float(terms.total), float(terms.ce), float(terms.area), float(terms.tv),
+                             int((masked_logits.argmax(1) == targets).sum()))
+        finally:
+            if saved is not None:
+                attention.load_state_dict(saved)
+            attention.train(was_training)
+        return sums
+
     @property
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])

@@ -139,6 +139,13 @@ class TrainConfig:
                                   "the start were worth N samples: a row trained by n samples points n/(n+N) of the way from its start "
                                   "to its trained direction; 0: as trained. Default: 1 with --recipe data-size and a CAM start, else 0",
                                   min=0, metavar="N")
+    val_shards: int | None = opt(None, "fm: hold back the cache's last N shards (in shard order) for validation: each epoch's loss on them "
+                                 "picks best.pt, the epoch that explains held-back images best. Default: 1 in 20 of the shards when the "
+                                 "cache has 20 or more, else 0 (no validation; best.pt = the last epoch)", min=0, metavar="N")
+    train_shards_limit: int | None = opt(None, "fm: train on the first N shards of the cache only (after --val-shards are held back; "
+                                         "e.g. a learning curve)", min=1, flag="--limit-shards", metavar="N")
+    keep: int = opt(1, "epoch-NNN.pt files kept: the N most recent (0: all); checkpoint.pt (the last state) and best.pt are always kept",
+                    min=0, metavar="N")
     max_steps: int | None = opt(None, "stop after this many steps in total (a checkpoint is kept; --resume continues)", min=0)
     resume: bool = opt(False, "continue the run in --out from its checkpoint (its method, cache, shards and recipe)", kind="switch")
     checkpoint_minutes: float = opt(10.0, "fm: also checkpoint mid-epoch this often (0: at epoch ends only)", min=0)

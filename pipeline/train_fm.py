@@ -20,7 +20,8 @@ from .device import autocast_dtype, resolve_device
 from .errors import UserError
 from .fs import exists
 from .progress import Progress, say
-from .run_folder import CHECKPOINT, CURVES, METRICS, RunFolder, StepWindow, epoch_record, format_epoch, history_until, trainer_state_from_checkpoint
+from .run_folder import (BEST, CHECKPOINT, CURVES, METRICS, RunFolder, StepWindow, best_epoch, epoch_record, format_epoch, history_until,
+                         trainer_state_from_checkpoint, validation_fields)
 from .train_setup import (TrainSummary, backbone_for_cache, check_config, export_changed, export_fill, export_start, initial_attention,
                           resolve_recipe)
 
@@ -56,26 +57,61 @@ def train_fm(cfg: TrainConfig) -> TrainSummary:
             raise CheckpointMismatch(f"the checkpoint in {cfg.out} is an L-CAM-{ckpt['method'].capitalize()} run, not L-CAM-Fm")
         check_backbone(ckpt, backbone.describe(), f"the backbone of the cache {cache.url}")
         check_cache(ckpt, cache.fingerprint)
-    recipe, run_cfg = resolve_recipe(cfg, "fm", backbone.name, ckpt, samples=len(cache))
-    run_cfg.update(cache=cache.url, cache_fingerprint=cache.fingerprint, cache_views=list(cache.views))
+    train_ids, val_ids = split_cache_shards(cache, cfg, ckpt)
+    recipe, run_cfg = resolve_recipe(cfg, "fm", backbone.name, ckpt, samples=sum(cache.num_rows(s) for s in train_ids))
+    run_cfg.update(cache=cache.url, cache_fingerprint=cache.fingerprint, cache_views=list(cache.views),
+                   val_shards=len(val_ids), train_shards_limit=cfg.train_shards_limit if ckpt is None else run_cfg.get("train_shards_limit"),
+                   val_shard_ids=val_ids)
     view: str | int = int(run_cfg["view"]) if str(run_cfg["view"]).isdigit() else run_cfg["view"]
     loader = CacheLoader(
         cache, recipe.batch_size, seed=run_cfg["seed"], target=run_cfg["target"], view=view,
-        buffer_rows=cfg.buffer_rows, prefetch_chunks=cfg.prefetch_chunks, num_threads=cfg.loader_threads,
+        buffer_rows=cfg.buffer_rows, prefetch_chunks=cfg.prefetch_chunks, num_threads=cfg.loader_threads, shard_ids=train_ids,
     )
+    # the held-back part: in shard order, its first view (the clean centre crop), no shuffle
+    val_loader = CacheLoader(cache, 256, shuffle=False, target=run_cfg["target"], view="first", buffer_rows=0,
+                             prefetch_chunks=cfg.prefetch_chunks, num_threads=cfg.loader_threads, shard_ids=val_ids) if val_ids else None
     device = resolve_device(cfg.device)
     threads_before = torch.get_num_threads()
     if device.type == "cpu":
         # Per-step work is small: more threads mostly spin, while the loader's threads need cores to decode.
         torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 2) // 2))
     try:
-        return _train_fm_loop(cfg, cache, backbone, run_dir, ckpt, recipe, run_cfg, loader, device, t0)
+        return _train_fm_loop(cfg, cache, backbone, run_dir, ckpt, recipe, run_cfg, loader, device, t0, val_loader)
     finally:
         torch.set_num_threads(threads_before)
 
 
+def split_cache_shards(cache: Any, cfg: TrainConfig, ckpt: Mapping[str, Any] | None) -> tuple[list[str], list[str]]:
+    """(training shard ids, validation shard ids) of the cache: the last ``val_shards`` shards in
+    shard order are held back (default: 1 in 20 when the cache has 20 or more), the first
+    ``train_shards_limit`` of the rest train. On resume, the checkpoint's split."""
+    ids = cache.shard_ids()
+    run = (ckpt or {}).get("config", {})
+    if ckpt is not None:
+        held = list(run.get("val_shard_ids") or [])  # runs saved before validation existed: none
+        if cfg.val_shards is not None and cfg.val_shards != len(held):
+            raise CheckpointMismatch(lambda flag: f"cannot resume with {flag('val_shards')} {cfg.val_shards}: the run holds back "
+                                                  f"{len(held)} shards; drop the option or start a new run")
+        missing = [s for s in held if s not in ids]
+        if missing:
+            raise UserError(f"the run's validation shards {missing[:3]} are no longer in the cache {cache.url}; start a new run")
+        rest = [s for s in ids if s not in set(held)]
+        limit = run.get("train_shards_limit")
+        return (rest[:limit] if limit else rest), held
+    n_val = cfg.val_shards if cfg.val_shards is not None else (len(ids) // 20 if len(ids) >= 20 else 0)
+    if n_val >= len(ids):
+        raise UserError(lambda flag: f"{flag('val_shards')} {n_val} holds back every shard of the cache {cache.url} ({len(ids)}): "
+                                     "leave some to train on")
+    held = ids[len(ids) - n_val:] if n_val else []
+    rest = ids[:len(ids) - n_val]
+    if cfg.train_shards_limit is not None and cfg.train_shards_limit > len(rest):
+        raise UserError(lambda flag: f"{flag('train_shards_limit')} {cfg.train_shards_limit}: the cache {cache.url} has only {len(rest)} "
+                                     "training shards (after the validation shards)")
+    return (rest[:cfg.train_shards_limit] if cfg.train_shards_limit else rest), held
+
+
 def _train_fm_loop(cfg: TrainConfig, cache: Any, backbone: Any, run_dir: RunFolder, ckpt: Mapping[str, Any] | None, recipe: Any,
-                   run_cfg: dict[str, Any], loader: Any, device: torch.device, t0: float) -> TrainSummary:
+                   run_cfg: dict[str, Any], loader: Any, device: torch.device, t0: float, val_loader: Any = None) -> TrainSummary:
     from lcam import LCAM
     from lcam.training import LCAMTrainer
 
@@ -98,11 +134,19 @@ def _train_fm_loop(cfg: TrainConfig, cache: Any, backbone: Any, run_dir: RunFold
 
     last_save = [time.perf_counter()]
 
-    def save(epoch_end: bool) -> None:
+    def save(epoch_end: bool, best: bool = False) -> None:
         last_save[0] = time.perf_counter()
         run_dir.save(trainer.state_dict(), method="fm", backbone=ident, cache_fingerprint=cache.fingerprint,
-                     config=run_cfg, history=history, epoch_end=epoch_end, fill=fill)
+                     config=run_cfg, history=history, epoch_end=epoch_end, fill=fill, best=best, keep=cfg.keep)
         run_dir.write_metrics(history)
+
+    def validate() -> dict[str, Any]:
+        """The exported attention (untrained rows filled, row prior applied) on the held-back samples."""
+        if val_loader is None:
+            return {}
+        state = trainer.state_dict()
+        exported = fill(state["attention"], trainer.coverage).state if fill is not None else state["attention"]
+        return validation_fields(trainer.evaluate(fm_batches(val_loader, 0), exported))
 
     say(enabled=cfg.progress, line=f"L-CAM-Fm: {len(cache)} cached samples ({backbone.name}, views {list(cache.views)}), {len(loader)} steps/epoch, "
          f"batch {recipe.batch_size}, lr {recipe.lr:g} ({recipe.schedule}), target {run_cfg['target']}"
@@ -135,14 +179,17 @@ def _train_fm_loop(cfg: TrainConfig, cache: Any, backbone: Any, run_dir: RunFold
             save(epoch_end=False)
             stopped = True
             break
-        last = epoch_record(trainer.epoch, trainer.global_step, sums, lr_used[0], time.perf_counter() - t_epoch)
+        last = epoch_record(trainer.epoch, trainer.global_step, sums, lr_used[0], time.perf_counter() - t_epoch, **validate())
         history.append(last)
-        save(epoch_end=True)
+        chosen = best_epoch(history)
+        save(epoch_end=True, best=chosen is None or chosen == trainer.epoch)
         say(enabled=cfg.progress, line=format_epoch(last))
     run_dir.write_metrics(history)
     run_dir.write_curves(history, f"L-CAM-Fm, {backbone.name}, cache {cache.fingerprint}")
+    have_best = exists(run_dir.path(BEST), cfg.storage_options)
     return TrainSummary(cfg.out, "fm", trainer.epoch, recipe.epochs, trainer.global_step, stopped, last, time.perf_counter() - t0,
-                        run_dir.path(CHECKPOINT), run_dir.path(METRICS), run_dir.path(CURVES), resumed_from)
+                        run_dir.path(CHECKPOINT), run_dir.path(METRICS), run_dir.path(CURVES), resumed_from,
+                        best=run_dir.path(BEST) if have_best else None, best_epoch=best_epoch(history) if have_best else None)
 
 
 def _fm_task(cfg: TrainConfig, log_queue: Any) -> TrainSummary:

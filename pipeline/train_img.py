@@ -263,7 +263,8 @@ def _img_worker_loop(config: dict[str, Any]) -> None:
                 if stopped:
                     state["running"] = MetricSums.from_tensor(total).to_dict()
                 kw = dict(method="img", backbone=plan["identity"], cache_fingerprint=plan["cache_fingerprint"], config=plan["run"], history=history, fill=fill)
-                run_dir.save(state, epoch_end=not stopped, **kw)
+                # no validation part here: best.pt is the last epoch
+                run_dir.save(state, epoch_end=not stopped, best=not stopped, keep=cfg.keep, **kw)
                 run_dir.write_metrics(history)
                 RunFolder(tmp).save(state, epoch_end=False, **kw)  # the same file for Ray Train's own restarts
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
@@ -398,7 +399,7 @@ def train_img(cfg: TrainConfig) -> TrainSummary:
     if ckpt is not None and int(ckpt["epoch"]) >= recipe.epochs and export_changed(ckpt["config"], run_cfg):
         # a finished run resumed with another --uncovered / --row-prior: re-export only, no Ray Train
         run_dir.save(trainer_state_from_checkpoint(ckpt), method="img", backbone=ident, cache_fingerprint=ckpt.get("cache_fingerprint"),
-                     config=run_cfg, history=list(ckpt["metrics"]), epoch_end=True,
+                     config=run_cfg, history=list(ckpt["metrics"]), epoch_end=True, best=True, keep=cfg.keep,
                      fill=export_fill(run_cfg, export_start(backbone, run_cfg, cfg.storage_options)))
         pos = ckpt["extra"]["position"]
         say(enabled=cfg.progress, line=f"L-CAM-Img: {cfg.out} re-exported (--uncovered {run_cfg['uncovered']}, --row-prior {run_cfg['row_prior']:g}), no step")

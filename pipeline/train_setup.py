@@ -38,6 +38,8 @@ class TrainSummary:
     resumed_from_step: int = 0
     skipped: int = 0
     ran_on: str | None = None  # fm as a Ray task: the Ray node id that trained; None: this process
+    best: str | None = None  # best.pt: the epoch with the lowest validation loss (the last without validation)
+    best_epoch: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -52,7 +54,10 @@ class TrainSummary:
             out.append(f"skipped {self.skipped} undecodable images")
         if self.ran_on:
             out.append(f"trained in a Ray task on node {self.ran_on[:12]}")
-        out += [f"checkpoint {self.checkpoint}", f"metrics    {self.metrics}", f"curves     {self.curves}"]
+        out += [f"checkpoint {self.checkpoint} (the last epoch)"]
+        if self.best:
+            out.append(f"best       {self.best}" + (f" (epoch {self.best_epoch}: the lowest validation loss)" if self.best_epoch else ""))
+        out += [f"metrics    {self.metrics}", f"curves     {self.curves}"]
         return out
 
 
