@@ -23,6 +23,9 @@ class Recipe:
     weight_decay: float = 5e-4
     nesterov: bool = True
     bias_lr_mult: float = 2.0
+    # where weight decay pulls: "zero" (SGD's own, the SPEC) or "start" (the same L2 pull towards the
+    # attention the run started from, e.g. CAM's rows: a row no batch trained stays what it was)
+    decay_to: str = "zero"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -91,7 +94,7 @@ def make_optimizer(attention: nn.Module, recipe: Recipe) -> torch.optim.SGD:
         ],
         lr=recipe.lr,
         momentum=recipe.momentum,
-        weight_decay=recipe.weight_decay,
+        weight_decay=recipe.weight_decay if recipe.decay_to == "zero" else 0.0,  # "start": the trainer adds the pull
         nesterov=recipe.nesterov,
     )
 

@@ -179,6 +179,7 @@ class LCAMTrainer:
         autocast_dtype: torch.dtype | None = None,
         wrap: Callable[[nn.Module], nn.Module] | None = None,
         top_k: int = 1,
+        start: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         if method not in ("fm", "img"):
             raise ValueError(f"unknown method {method!r}: use 'fm' or 'img'")
@@ -196,6 +197,14 @@ class LCAMTrainer:
         self.autocast_dtype = autocast_dtype
         forward = _TrainingForward(self.model, method)
         self.forward = wrap(forward) if wrap is not None else forward
+        if recipe.decay_to not in ("zero", "start"):
+            raise ValueError(f"unknown decay_to {recipe.decay_to!r}: use 'zero' or 'start'")
+        # recipe.decay_to "start": weight decay pulls towards these weights (default: the attention as given, i.e. the start of a new run;
+        # a resumed run passes its start again). The gradient gets weight_decay * (p - start), as SGD's own decay adds weight_decay * p.
+        self.start: dict[str, torch.Tensor] | None = None
+        if recipe.decay_to == "start" and recipe.weight_decay:
+            src = start if start is not None else self.model.attention.state_dict()
+            self.start = {k: v.detach().to(self.device, torch.float32).clone() for k, v in src.items()}
         self.optimizer = make_optimizer(self.model.attention, recipe)
         self.scheduler = make_scheduler(self.optimizer, recipe, self.steps_per_epoch)
         self.epoch = 0  # the epoch in progress (or next to start)
@@ -260,6 +269,11 @@ class LCAMTrainer:
         terms = self.loss_fn(masked_logits, targets, maps)
         self.optimizer.zero_grad(set_to_none=True)
         terms.total.backward()
+        if self.start is not None:
+            with torch.no_grad():
+                for name, p in self.model.attention.named_parameters():
+                    if p.grad is not None:
+                        p.grad.add_(p - self.start[name], alpha=self.recipe.weight_decay)
         self.optimizer.step()
         self.scheduler.step()
         agree = int((masked_logits.detach().argmax(1) == targets).sum())

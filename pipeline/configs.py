@@ -109,6 +109,9 @@ class TrainConfig:
     epochs: int | None = opt(None, "default per backbone (SPEC section 3)", min=1)
     lr: float | None = opt(None, "weight learning rate (biases x2); default per backbone and schedule", min=0)
     batch_size: int | None = opt(None, "global batch size (default 64)", min=1)  # split over the img workers
+    weight_decay: float | None = opt(None, "SGD weight decay (default 5e-4, SPEC section 3)", min=0)
+    decay_to: str | None = opt(None, "where weight decay pulls the attention: zero (SGD's, the SPEC) or start (towards the weights the run "
+                               "started from, e.g. CAM's rows). Default: the recipe's", choices=("zero", "start"))
     # These four and the seed decide the run's trajectory; None: the default for a new run
     # (step, label, random, random, 0), the checkpoint's value on --resume.
     schedule: str | None = opt(None, "lr schedule (default step)", choices=("step", "onecycle"))

@@ -117,12 +117,16 @@ def _train_fm_loop(cfg: TrainConfig, cache: Any, backbone: Any, run_dir: RunFold
 
     attention, inherited = initial_attention(backbone, run_cfg, cfg.storage_options) if ckpt is None else (None, None)
     # The exported checkpoint fills rows no sample trained from the start (recomputed on resume).
-    fill = export_fill(run_cfg, export_start(backbone, run_cfg, cfg.storage_options, attention))
+    start = export_start(backbone, run_cfg, cfg.storage_options, attention)
+    fill = export_fill(run_cfg, start)
+    if recipe.decay_to == "start" and start is None:  # (export_start skips it when the export needs none)
+        start = initial_attention(backbone, run_cfg, cfg.storage_options)[0]
     model = LCAM(backbone, attention)  # resuming: the checkpoint's attention is loaded below
     # Only the head runs per step: full precision unless bf16 is asked for explicitly.
     trainer = LCAMTrainer(model, "fm", recipe, len(loader), device=device,
                           autocast_dtype=autocast_dtype(cfg.precision, device, allow_fp16=False) if cfg.precision != "auto" else None,
-                          top_k=int(run_cfg.get("top_k", 1)))
+                          top_k=int(run_cfg.get("top_k", 1)),
+                          start=start.state_dict() if recipe.decay_to == "start" and start is not None else None)
     if inherited is not None:
         trainer.max_counts = inherited.long().clone()
     history: list[dict[str, Any]] = []

@@ -142,7 +142,8 @@ def resolve_recipe(cfg: TrainConfig, method: str, backbone_name: str, ckpt: Mapp
                 recipe = default_recipe(backbone_name, cfg.schedule)
         else:
             recipe = default_recipe(backbone_name, cfg.schedule or "step")
-        recipe = recipe.with_overrides(lr=cfg.lr, epochs=cfg.epochs, batch_size=cfg.batch_size)
+        recipe = recipe.with_overrides(lr=cfg.lr, epochs=cfg.epochs, batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
+                                       decay_to=cfg.decay_to)
         if recipe.lr <= 0 or recipe.epochs < 1 or recipe.batch_size < 1:
             raise UserError(lambda flag: f"{flag('lr')}, {flag('epochs')} and {flag('batch_size')} must be positive "
                                          f"(got lr {recipe.lr}, epochs {recipe.epochs}, batch size {recipe.batch_size})")
@@ -179,6 +180,11 @@ def resolve_recipe(cfg: TrainConfig, method: str, backbone_name: str, ckpt: Mapp
              "target": cfg.target, "seed": cfg.seed, "view": cfg.view if method == "fm" else run.get("view"),
              "augment": cfg.augment if method == "img" else run.get("augment"), "init": cfg.init, "init_from": cfg.init_from,
              "targets": cfg.targets, "top_k": cfg.top_k, "recipe_rule": cfg.recipe_rule}
+    saved = Recipe(**run["recipe"])
+    for fld in ("weight_decay", "decay_to"):  # part of the recipe: fixed on resume too
+        if getattr(cfg, fld) is not None and getattr(cfg, fld) != getattr(saved, fld):
+            raise CheckpointMismatch(lambda flag: f"cannot resume with {flag(fld)} {getattr(cfg, fld)}: the run trained with "
+                                                  f"{getattr(saved, fld)}; drop it or start a new run with another {flag('out')}")
     differ = [k for k, v in given.items() if v is not None and k in FIXED_ON_RESUME and run.get(k) != v]
     if differ:
         raise CheckpointMismatch(lambda flag: (

@@ -70,13 +70,15 @@ def run_in(folder: Path, argv: list[str]) -> int:
 
 
 def assert_run_folder(run: Path, method: str, epochs: int | None) -> None:
-    """``lcam train --out``'s promise: checkpoint.pt (loads as an explainer), epoch-NNN.pt, metrics.jsonl, curves.png."""
+    """``lcam train --out``'s promise: checkpoint.pt (loads as an explainer), best.pt, the last epoch-NNN.pt (--keep 1),
+    metrics.jsonl, curves.png."""
     model, ckpt = load_lcam(str(run / "checkpoint.pt"))
     assert ckpt["method"] == method and ckpt["backbone"]["backbone"] == "efficientnet_lite0"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     if epochs is not None:
         assert ckpt["epoch"] == epochs
-        assert sorted(p.name for p in run.glob("epoch-*.pt")) == [f"epoch-{e:03d}.pt" for e in range(1, epochs + 1)]
+        assert sorted(p.name for p in run.glob("epoch-*.pt")) == [f"epoch-{epochs:03d}.pt"]
+        assert load_lcam(str(run / "best.pt"))[1]["method"] == method
         assert [r["epoch"] for r in records if r["kind"] == "epoch"] == list(range(1, epochs + 1))
     assert (run / "curves.png").read_bytes().startswith(PNG)
 

@@ -412,3 +412,27 @@ def test_validation_shards_pick_best_and_keep_prunes_epoch_files(data, backbone,
     assert {r["samples"] for r in rec if r["kind"] == "epoch"} == {2 * PER_SHARD}
     with pytest.raises(UserError, match="--val-shards 4 holds back every shard"):
         train_fm(config(data, tmp_path / "run3", epochs=1, val_shards=4))
+
+
+def test_decay_to_start_pulls_towards_the_start_not_zero(backbone, data):
+    """Recipe.decay_to "start": the gradient gets weight_decay * (p - start) instead of SGD's weight_decay * p.
+    After one step from the start (Nesterov, first step: update = lr * (1 + momentum) * grad), a row no target
+    touched is exactly its start, and a trained row differs from SGD's decay by lr * (1 + m) * wd * p."""
+    keys = sorted(data["feats"])[:4]
+    feats = torch.stack([data["feats"][k] for k in keys]).float()
+    targets = torch.tensor([data["top1"][k] for k in keys])
+    after = {}
+    for mode in ("zero", "start"):
+        att = init_attention(backbone, 0, "cam")
+        start = {k: v.clone() for k, v in att.state_dict().items()}
+        recipe = Recipe(lr=0.5, weight_decay=0.01, decay_to=mode)
+        trainer = LCAMTrainer(LCAM(backbone, att), "fm", recipe, 1)
+        trainer.step(TrainBatch(targets=targets, feats=feats))
+        after[mode] = {k: v.detach().clone() for k, v in att.state_dict().items()}
+    untouched = next(k for k in range(backbone.num_classes) if k not in set(targets.tolist()))
+    w0 = start["conv.weight"].flatten(1)
+    ws, wz = after["start"]["conv.weight"].flatten(1), after["zero"]["conv.weight"].flatten(1)
+    assert torch.equal(ws[untouched], w0[untouched])
+    torch.testing.assert_close(wz[untouched], w0[untouched] * (1 - 0.5 * 1.9 * 0.01))
+    t = int(targets[0])
+    torch.testing.assert_close(ws[t] - wz[t], 0.5 * 1.9 * 0.01 * w0[t], rtol=1e-4, atol=1e-7)
