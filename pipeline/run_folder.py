@@ -88,6 +88,10 @@ class RunFolder:
         if epoch_end and keep > 0:
             self.prune_epochs(keep)
 
+    def chosen(self) -> str:
+        """The checkpoint to explain with: best.pt when the run has one, else checkpoint.pt (a run stopped before its first epoch ended)."""
+        return self.path(BEST) if exists(self.path(BEST), self.storage_options) else self.path(CHECKPOINT)
+
     def prune_epochs(self, keep: int) -> list[str]:
         """Remove all but the ``keep`` most recent ``epoch-NNN.pt`` files; returns the removed names."""
         fs, base = get_fs(self.url, self.storage_options)

@@ -54,7 +54,7 @@ class TrainSummary:
             out.append(f"skipped {self.skipped} undecodable images")
         if self.ran_on:
             out.append(f"trained in a Ray task on node {self.ran_on[:12]}")
-        out += [f"checkpoint {self.checkpoint} (the last epoch)"]
+        out += [f"checkpoint {self.checkpoint} (the last state)"]
         if self.best:
             out.append(f"best       {self.best}" + (f" (epoch {self.best_epoch}: the lowest validation loss)" if self.best_epoch else ""))
         out += [f"metrics    {self.metrics}", f"curves     {self.curves}"]
@@ -97,7 +97,7 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.row_prior is not None and not cfg.row_prior >= 0:
         raise UserError(lambda flag: f"{flag('row_prior')} must be a number of samples >= 0, got {cfg.row_prior!r}")
     if not cfg.resume:
-        check_start(cfg.uncovered, cfg.row_prior, cfg.init or ("auto" if cfg.recipe_rule == "data-size" else "random"), cfg.init_from)
+        check_start(cfg.uncovered, cfg.row_prior, cfg.init or ("random" if cfg.recipe_rule == "spec" else "auto"), cfg.init_from)
         if cfg.top_k is not None and cfg.targets != "top-k":
             raise UserError(lambda flag: f"{flag('top_k')} needs {flag('targets')} top-k")
         if cfg.targets == "top-k" and (cfg.target or "label") != "predicted":
@@ -133,7 +133,7 @@ def resolve_recipe(cfg: TrainConfig, method: str, backbone_name: str, ckpt: Mapp
     if ckpt is None:
         from lcam.recipe import recipe_for_data
 
-        rule = cfg.recipe_rule or "spec"
+        rule = cfg.recipe_rule or "data-size"  # the default of lcam train, lcam pipeline and lcam demo alike
         if rule == "data-size":
             if samples is None:
                 raise UserError(lambda flag: f"{flag('recipe_rule')} data-size needs the number of training samples (known for a cache and for indexed shards)")

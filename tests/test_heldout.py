@@ -211,9 +211,15 @@ def test_recipe_by_data_size(toy, tmp_path):
     train_fm(config(toy, tmp_path / "small", target="label", recipe_rule="data-size", epochs=None, batch_size=None, max_steps=0))
     run = load_checkpoint(str(tmp_path / "small" / "checkpoint.pt"))["config"]
     assert run["recipe_rule"] == "data-size" and run["init"] == "cam"  # "auto": EfficientNet-Lite0's head is pooling + linear
-    assert (run["lr"], run["batch_size"], run["schedule"], run["recipe"]["epochs"]) == (3.0, 16, "onecycle", 80)
-    assert recipe_for_data("efficientnet_lite0", "fm", 800) == Recipe(lr=3.0, epochs=80, batch_size=16, schedule="onecycle")
-    assert recipe_for_data("efficientnet_lite0", "fm", 8000).epochs == 8
+    assert (run["lr"], run["batch_size"], run["schedule"], run["recipe"]["epochs"]) == (0.3, 16, "onecycle", 80)
+    assert recipe_for_data("efficientnet_lite0", "fm", 800) == Recipe(lr=0.3, epochs=20, batch_size=16, schedule="onecycle", decay_to="start")
+    assert recipe_for_data("efficientnet_lite0", "fm", 1000).epochs == 16
+    assert recipe_for_data("efficientnet_lite0", "fm", 8000).epochs == 4
+    # the default rule is data-size: the same run without --recipe
+    train_fm(config(toy, tmp_path / "default", target="label", epochs=None, batch_size=None, max_steps=0))
+    default = load_checkpoint(str(tmp_path / "default" / "checkpoint.pt"))["config"]
+    assert {k: default[k] for k in ("recipe_rule", "recipe", "init", "row_prior", "uncovered")} == \
+        {k: run[k] for k in ("recipe_rule", "recipe", "init", "row_prior", "uncovered")}
     assert recipe_for_data("efficientnet_lite0", "img", 800) == Recipe(lr=0.1, epochs=4, batch_size=8, schedule="onecycle")
     assert recipe_for_data("resnet50", "fm", 1_281_167) == Recipe(lr=1e-4, epochs=26, gamma=0.95, decay_epochs=12)
 
