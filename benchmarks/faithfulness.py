@@ -61,7 +61,8 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="/work/shared/data/tiny-imagenet")
     p.add_argument("--work", default="/tmp/lcam-bench-faithful", help="shards, cache, runs and evaluations (outside the repository)")
-    p.add_argument("--held-back", type=int, default=10, help="images per class of train/ held back for validation (the last shards)")
+    p.add_argument("--held-back", default="10", help="images per class of train/ held back for validation (the last shards); "
+                                                    "one number, or one per --curve point (comma-separated)")
     p.add_argument("--curve", default="5,25,90", help="learning-curve points: training images per class")
     p.add_argument("--candidates", default=None,
                    help="settings to choose among on the held-back part, NAME=FLAGS;... (default: the script's CANDIDATES); "
@@ -121,7 +122,7 @@ def epochs_of(run: Path) -> list[dict]:
 
 def train_run(work: Path, cache: str, name: str, flags: str, n: int, held: int) -> dict:
     """One `lcam train` (kept); returns its best epoch's record, its path and its training time."""
-    run = work / "runs" / f"n{n}-{name}"
+    run = work / "runs" / (f"n{n}-{name}" if held == 10 else f"n{n}-h{held}-{name}")
     done = run / "done.json"
     if not done.exists():
         import shutil
@@ -204,7 +205,9 @@ def main() -> int:
         print(f"extraction: {time.perf_counter() - t0:.0f}s", flush=True)
     per_class = (have if args.cached_only else n_train_images) // classes
     curve = [int(v) for v in args.curve.split(",")]
-    if max(curve) + args.held_back > per_class:
+    held_list = [int(v) for v in args.held_back.split(",")]
+    held_back = dict(zip(curve, held_list if len(held_list) == len(curve) else held_list[:1] * len(curve)))
+    if any(n + held_back[n] > per_class for n in curve):
         raise SystemExit(f"--curve {args.curve} with --held-back {args.held_back}: the cache has {per_class} images per class")
     if args.cached_only and have < n_train_images:
         print(f"--cached-only: {have} of {n_train_images} images of train/ cached ({per_class} per class)", flush=True)
@@ -218,17 +221,17 @@ def main() -> int:
             cands[name.strip()] = flags.strip()
     trained: dict[int, dict[str, dict]] = {}
     for n in curve:
-        trained[n] = {name: train_run(work, cache, name, flags, n, args.held_back) for name, flags in cands.items()}
+        trained[n] = {name: train_run(work, cache, name, flags, n, held_back[n]) for name, flags in cands.items()}
     print("\n## The choice on the held-back part of train/ (validation loss of best.pt; lower is better)\n")
-    print(f"Held back: the last {args.held_back} images per class of train/ ({args.held_back * classes}); training on the first N per class.\n")
-    print("| N per class | setting | flags | epochs | best epoch | val loss first / best / last | val CE best | val area best | train loss first / last | training time |")
-    print("|--:|---|---|--:|--:|---|--:|--:|---|--:|")
+    print("Held back: the last H images per class of train/; training on the first N per class of the rest.\n")
+    print("| N per class | H | setting | flags | epochs | best epoch | val loss first / best / last | val CE best | val area best | train loss first / last | training time |")
+    print("|--:|--:|---|---|--:|--:|---|--:|--:|---|--:|")
     chosen: dict[int, str] = {}
     for n in curve:
         chosen[n] = min(trained[n], key=lambda name: trained[n][name]["best"]["val_loss"])
         for name, info in trained[n].items():
             b, f, last = info["best"], info["first"], info["last"]
-            print(f"| {n} | {name}{' (chosen)' if name == chosen[n] else ''} | `{cands[name] or '(defaults)'}` | {info['epochs']} | {b['epoch']} | "
+            print(f"| {n} | {held_back[n]} | {name}{' (chosen)' if name == chosen[n] else ''} | `{cands[name] or '(defaults)'}` | {info['epochs']} | {b['epoch']} | "
                   f"{f['val_loss']:.4f} / {b['val_loss']:.4f} / {last['val_loss']:.4f} | {b['val_ce']:.3f} | {b['val_area']:.3f} | "
                   f"{f['loss']:.4f} / {last['loss']:.4f} | {info['seconds']:.0f}s |")
     if args.no_eval:

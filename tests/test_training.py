@@ -91,8 +91,9 @@ def write_cache(url, backbone, shards, feats, logits, keys, dtype) -> FeatureCac
 
 
 def config(data, out, **kw) -> TrainConfig:
+    # the SPEC's recipe (step schedule, random init): these tests check its mechanics
     base = dict(method="fm", out=str(out), cache=str(data["caches"]["float16"].url), batch_size=BATCH, target="predicted",
-                view="first", seed=0, log_every=1, checkpoint_minutes=0, progress=False)
+                view="first", seed=0, log_every=1, checkpoint_minutes=0, progress=False, recipe_rule="spec")
     base.update(kw)
     return TrainConfig(**base)
 
@@ -181,7 +182,7 @@ def test_img_first_pass_from_features_equals_backbone_pass():
 
 def test_fm_cli_loss_falls_and_writes_checkpoints_metrics_plot(data, backbone, tmp_path, capsys):
     out = tmp_path / "run"
-    rc = cli_main(["train", "--method", "fm", "--cache", data["caches"]["float16"].url, "--out", str(out), "--epochs", "6",
+    rc = cli_main(["train", "--method", "fm", "--cache", data["caches"]["float16"].url, "--out", str(out), "--epochs", "6", "--recipe", "spec",
                    "--batch-size", str(BATCH), "--target", "predicted", "--log-every", "1", "--no-progress"])
     assert rc == 0
     printed = capsys.readouterr().out
@@ -335,7 +336,7 @@ def test_img_ray_train_two_workers_checkpoint_loads_and_explains(ray_local, data
     logging.getLogger("lcam").addHandler(keep)
     try:
         summary = train_img(TrainConfig(method="img", out=str(out), shards=str(data["shards"]), cache=data["caches"]["float16"].url,
-                                        augment="center", target="predicted", epochs=1, batch_size=BATCH, workers=2,
+                                        augment="center", target="predicted", epochs=1, batch_size=BATCH, workers=2, recipe_rule="spec",
                                         cpus_per_worker=0.5, ray_storage=str(tmp_path / "ray"), progress=True))
     finally:
         logging.getLogger("lcam").removeHandler(keep)
