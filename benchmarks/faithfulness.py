@@ -300,6 +300,7 @@ def main() -> int:
     # the learning curve: L-CAM (defaults) minus Grad-CAM and minus CAM, AD at 50%, per N
     try:
         import matplotlib
+        import matplotlib.ticker
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -313,6 +314,7 @@ def main() -> int:
             ax[j].axhline(0, color="grey", lw=0.8)
             ax[j].set_xscale("log")
             ax[j].set_xticks(points, [str(n) for n in points])
+            ax[j].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax[j].set_xlabel("training images per class")
             ax[j].set_title(metric)
             ax[j].legend(fontsize=8)
