@@ -262,9 +262,9 @@ def test_options_that_only_work_together_are_refused_up_front(shards, tmp_path, 
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and " --workers" in err and "--img-workers" not in err
     assert not (tmp_path / "train" / "runs").exists()
-    # --uncovered reaches both trainings: transfer maps CAM rows, so the SPEC's random init is refused up front;
+    # --uncovered reaches both trainings: transfer maps CAM rows, so the SPEC's random init (--recipe spec) is refused up front;
     # a warm-started L-CAM-Img keeps L-CAM-Fm's exported rows (init), so only its worker split is refused
-    for extra, named, absent in [(["--uncovered", "transfer"], "--uncovered transfer", "--workers"),
+    for extra, named, absent in [(["--uncovered", "transfer", "--recipe", "spec"], "--uncovered transfer", "--workers"),
                                  (["--method", "both", "--img-from-fm", "--init", "cam", "--uncovered", "transfer", "--img-workers", "3"],
                                   "--img-workers", "--uncovered")]:
         proc = subprocess.run([str(lcam), "pipeline", "--train-shards", str(shards), "--workdir", str(wd), *extra],
@@ -275,7 +275,8 @@ def test_options_that_only_work_together_are_refused_up_front(shards, tmp_path, 
         assert not wd.exists()
     # --row-prior too: pulling rows towards the SPEC's random start is refused before any stage (before
     # the shards are even looked at: a missing folder here, so that a missing refusal fails fast)
-    assert cli_main(["pipeline", "--train-shards", str(tmp_path / "no-shards"), "--workdir", str(wd), "--row-prior", "1"]) == 2
+    assert cli_main(["pipeline", "--train-shards", str(tmp_path / "no-shards"), "--workdir", str(wd), "--row-prior", "1",
+                     "--recipe", "spec"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--row-prior pulls trained rows" in err, err
     assert not wd.exists()
