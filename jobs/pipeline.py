@@ -38,14 +38,14 @@ STAGE_OPTIONS: dict[str, list[tuple[type, str, str, dict]]] = {
         (TrainConfig, "batch_size", "--batch-size", {"help": "training batch (default 64)"}),
         (TrainConfig, "target", "--target", {"default": "label"}),
         (TrainConfig, "schedule", "--schedule", {"help": "default: the recipe's (step for --recipe spec)"}),
-        (TrainConfig, "init", "--init", {"default": "random", "choices": ("random", "cam"), "help": "the attention's start (see lcam train --init)"}),
+        (TrainConfig, "init", "--init", {"help": "the attention's start (see lcam train --init)"}),
         (TrainConfig, "uncovered", "--uncovered", {"help": "rows no training sample trained, in the exported checkpoints (see lcam train "
                                                     "--uncovered; default init). L-CAM-Img with --img-from-fm keeps L-CAM-Fm's exported rows"}),
         (TrainConfig, "row_prior", "--row-prior", {"help": "pull trained rows towards their start in the exported checkpoints (see lcam "
                                                     "train --row-prior; default 1 with --recipe data-size and a CAM start, else 0)"}),
         (TrainConfig, "targets", "--targets", {"default": "single", "help": "training targets per image (see lcam train)"}),
         (TrainConfig, "top_k", "--top-k", {}),
-        (TrainConfig, "recipe_rule", "--recipe", {"default": "spec", "help": "training defaults (see lcam train --recipe)"}),
+        (TrainConfig, "recipe_rule", "--recipe", {"help": "training defaults (see lcam train --recipe)"}),
         (TrainConfig, "max_steps", "--max-steps", {"help": "stop training after this many steps (quick runs)"}),
         (TrainConfig, "max_steps", "--img-max-steps", {"help": "L-CAM-Img's own step limit (default: --max-steps)"}),
         (TrainConfig, "workers", "--img-workers", {"help": "Ray Train workers for L-CAM-Img (GPUs on a cluster)"}),
@@ -220,6 +220,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.extract.run import extract
     from pipeline.fs import absolute, exists, join
     from pipeline.report.page import write_report
+    from pipeline.train.run_folder import RunFolder
     from pipeline.train.run_folder import CHECKPOINT
     from pipeline.train.run import train
 
@@ -265,7 +266,7 @@ def run(args: argparse.Namespace) -> int:
     if "cams" in stages:
         stage("cams: CAM store from the cache")
         summary = generate_cams(CamsConfig(
-            checkpoint=join(first, CHECKPOINT), out=join(wd, "cams"), cache=cache, overlays=args.overlays, classes=args.cams_classes, where=args.where,
+            checkpoint=RunFolder(first, so).chosen(), out=join(wd, "cams"), cache=cache, overlays=args.overlays, classes=args.cams_classes, where=args.where,
             checkpoint_storage_options=so, source_storage_options=so, out_storage_options=so,
         ))
         print("\n".join(summary.lines()), flush=True)
@@ -274,7 +275,7 @@ def run(args: argparse.Namespace) -> int:
         stage("eval: AD/IC against the baselines")
         summary = run_stage(EVAL_FLAGS, evaluate, EvalConfig(
             shards=args.eval_shards or args.train_shards, out=eval_dir,
-            checkpoints=[f"lcam-{m}={join(out, CHECKPOINT)}" for m, out in runs.items()],
+            checkpoints=[f"lcam-{m}={RunFolder(out, so).chosen()}" for m, out in runs.items()],  # best.pt (validation loss)
             methods=eval_methods,
             limit=args.eval_limit, method_limits=_limits(args.method_limit), **registry_config(args), costly_on_cpu=args.costly_on_cpu,
             seed=args.seed, save_maps=args.gallery_images,

@@ -179,6 +179,7 @@ class LCAMTrainer:
         autocast_dtype: torch.dtype | None = None,
         wrap: Callable[[nn.Module], nn.Module] | None = None,
         top_k: int = 1,
+        start: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         if method not in ("fm", "img"):
             raise ValueError(f"unknown method {method!r}: use 'fm' or 'img'")
@@ -196,6 +197,14 @@ class LCAMTrainer:
         self.autocast_dtype = autocast_dtype
         forward = _TrainingForward(self.model, method)
         self.forward = wrap(forward) if wrap is not None else forward
+        if recipe.decay_to not in ("zero", "start"):
+            raise ValueError(f"unknown decay_to {recipe.decay_to!r}: use 'zero' or 'start'")
+        # recipe.decay_to "start": weight decay pulls towards these weights (default: the attention as given, i.e. the start of a new run;
+        # a resumed run passes its start again). The gradient gets weight_decay * (p - start), as SGD's own decay adds weight_decay * p.
+        self.start: dict[str, torch.Tensor] | None = None
+        if recipe.decay_to == "start" and recipe.weight_decay:
+            src = start if start is not None else self.model.attention.state_dict()
+            self.start = {k: v.detach().to(self.device, torch.float32).clone() for k, v in src.items()}
         self.optimizer = make_optimizer(self.model.attention, recipe)
         self.scheduler = make_scheduler(self.optimizer, recipe, self.steps_per_epoch)
         self.epoch = 0  # the epoch in progress (or next to start)
@@ -260,6 +269,11 @@ class LCAMTrainer:
         terms = self.loss_fn(masked_logits, targets, maps)
         self.optimizer.zero_grad(set_to_none=True)
         terms.total.backward()
+        if self.start is not None:
+            with torch.no_grad():
+                for name, p in self.model.attention.named_parameters():
+                    if p.grad is not None:
+                        p.grad.add_(p - self.start[name], alpha=self.recipe.weight_decay)
         self.optimizer.step()
         self.scheduler.step()
         agree = int((masked_logits.detach().argmax(1) == targets).sum())
@@ -304,6 +318,43 @@ class LCAMTrainer:
         self.epoch_counts = torch.zeros_like(self.max_counts)
         self.epoch += 1
         self.batch_in_epoch = 0
+        return sums
+
+    def evaluate(self, batches: Iterable[TrainBatch], attention_state: Mapping[str, torch.Tensor] | None = None) -> MetricSums:
+        """The loss terms and agreement on ``batches`` without a step (validation): nothing of the
+        trainer's state changes (no optimizer step, no coverage count, no RNG draw).
+        ``attention_state``: evaluate these attention weights instead of the trained ones (e.g.
+        the exported checkpoint's, whose untrained rows are filled); the trained ones are put back."""
+        attention = self.model.attention
+        saved = {k: v.detach().clone() for k, v in attention.state_dict().items()} if attention_state is not None else None
+        sums = MetricSums()
+        was_training = attention.training
+        try:
+            if attention_state is not None:
+                attention.load_state_dict({k: v.to(self.device) for k, v in attention_state.items()})
+            attention.eval()
+            with torch.no_grad():
+                for batch in batches:
+                    feats = batch.feats.to(self.device, non_blocking=True) if batch.feats is not None else None
+                    images = batch.images.to(self.device, non_blocking=True) if batch.images is not None else None
+                    targets, feats = self._targets(batch, feats, images)
+                    if self.method == "fm" and feats is None:
+                        backbone = self.model.backbone
+                        with self._autocast():
+                            feats = backbone.features(backbone.normalize(images))
+                    if feats is not None and self.method == "fm":
+                        feats = feats.float()
+                    if targets.dim() == 2:
+                        targets, feats, images = expand_targets(targets, feats, images)
+                    with self._autocast():
+                        masked_logits, maps = self.model.training_forward(self.method, targets, feats=feats, images=images)
+                    terms = self.loss_fn(masked_logits, targets, maps)
+                    sums.add(int(targets.shape[0]), float(terms.total), float(terms.ce), float(terms.area), float(terms.tv),
+                             int((masked_logits.argmax(1) == targets).sum()))
+        finally:
+            if saved is not None:
+                attention.load_state_dict(saved)
+            attention.train(was_training)
         return sums
 
     @property

@@ -127,6 +127,9 @@ class TrainConfig:
     epochs: int | None = opt(None, "default per backbone (docs/method.md section 3)", min=1)
     lr: float | None = opt(None, "weight learning rate (biases x2); default per backbone and schedule", min=0)
     batch_size: int | None = opt(None, "global batch size (default 64)", min=1)  # split over the img workers
+    weight_decay: float | None = opt(None, "SGD weight decay (default 5e-4, SPEC section 3)", min=0)
+    decay_to: str | None = opt(None, "where weight decay pulls the attention: zero (SGD's, the SPEC) or start (towards the weights the run "
+                               "started from, e.g. CAM's rows). Default: the recipe's", choices=("zero", "start"))
     # These four and the seed decide the run's trajectory; None: the default for a new run
     # (step, label, random, random, 0), the checkpoint's value on --resume.
     schedule: str | None = opt(None, "lr schedule (default step)", choices=("step", "onecycle"))
@@ -138,15 +141,16 @@ class TrainConfig:
     # init_from: an L-CAM checkpoint URL whose attention is the start (e.g. L-CAM-Fm for L-CAM-Img).
     init: str | None = opt(None, "the attention's start: cam (row k = the classifier's weights for class k: an untrained row gives "
                            "CAM's map; pooling + linear heads only), random (docs/method.md, PyTorch's default draw), or auto (cam where the head allows "
-                           "it, else random, e.g. VGG-16). Default: random with --recipe spec, auto with --recipe data-size",
+                           "it, else random, e.g. VGG-16). Default: auto (random with --recipe spec)",
                            choices=("auto", "random", "cam"))
     init_from: str | None = opt(None, "start from this L-CAM checkpoint's attention (e.g. --method img from an L-CAM-Fm run's checkpoint.pt)",
                                 metavar="CHECKPOINT")
     targets: str | None = opt(None, "single: one target per image (docs/method.md, default); top-k: the top-K predicted classes, each its own CE target "
                               "and map (needs --target predicted)", choices=("single", "top-k"))
     top_k: int | None = opt(None, "K for --targets top-k (default 3)", min=1)
-    recipe_rule: str | None = opt(None, "defaults for lr/epochs/batch/schedule: spec (docs/method.md section 3, default) or data-size "
-                                  "(below 20,000 samples: the small-data recipe, see README)", flag="--recipe", choices=("spec", "data-size"))
+    recipe_rule: str | None = opt(None, "defaults for lr/epochs/batch/schedule/init: data-size (default: chosen by the number of "
+                                  "training samples, see README) or spec (docs/method.md section 3: random init, step schedule)",
+                                  flag="--recipe", choices=("spec", "data-size"))
     # Export only: the trained state (resume) stays as trained; see lcam/uncovered.py.
     uncovered: str | None = opt(None, "rows no training sample trained (coverage 0), in the exported checkpoint: init (default: the row "
                                 "it started from, e.g. CAM's; undoes weight decay), transfer (--init cam: CAM rows mapped by a ridge "
@@ -155,8 +159,15 @@ class TrainConfig:
                                      "or a number (multiple of the mean eigenvalue of their Gram matrix)", metavar="auto|FLOAT")
     row_prior: float | None = opt(None, "in the exported checkpoint, pull each trained row towards its start row (e.g. CAM's) as if "
                                   "the start were worth N samples: a row trained by n samples points n/(n+N) of the way from its start "
-                                  "to its trained direction; 0: as trained. Default: 1 with --recipe data-size and a CAM start, else 0",
+                                  "to its trained direction; 0: as trained. Default: by the recipe (see README), 0 with --recipe spec",
                                   min=0, metavar="N")
+    val_shards: int | None = opt(None, "fm: hold back the cache's last N shards (in shard order) for validation: each epoch's loss on them "
+                                 "picks best.pt, the epoch that explains held-back images best. Default: 1 in 20 of the shards when the "
+                                 "cache has 20 or more, else 0 (no validation; best.pt = the last epoch)", min=0, metavar="N")
+    train_shards_limit: int | None = opt(None, "fm: train on the first N shards of the cache only (after --val-shards are held back; "
+                                         "e.g. a learning curve)", min=1, flag="--limit-shards", metavar="N")
+    keep: int = opt(1, "epoch-NNN.pt files kept: the N most recent (0: all); checkpoint.pt (the last state) and best.pt are always kept",
+                    min=0, metavar="N")
     max_steps: int | None = opt(None, "stop after this many steps in total (a checkpoint is kept; --resume continues)", min=0)
     resume: bool = opt(False, "continue the run in --out from its checkpoint (its method, cache, shards and recipe)", kind="switch")
     checkpoint_minutes: float = opt(10.0, "fm: also checkpoint mid-epoch this often (0: at epoch ends only)", min=0)

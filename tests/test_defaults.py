@@ -70,13 +70,15 @@ def run_in(folder: Path, argv: list[str]) -> int:
 
 
 def assert_run_folder(run: Path, method: str, epochs: int | None) -> None:
-    """``lcam train --out``'s promise: checkpoint.pt (loads as an explainer), epoch-NNN.pt, metrics.jsonl, curves.png."""
+    """``lcam train --out``'s promise: checkpoint.pt (loads as an explainer), best.pt, the last epoch-NNN.pt (--keep 1),
+    metrics.jsonl, curves.png."""
     model, ckpt = load_lcam(str(run / "checkpoint.pt"))
     assert ckpt["method"] == method and ckpt["backbone"]["backbone"] == "efficientnet_lite0"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     if epochs is not None:
         assert ckpt["epoch"] == epochs
-        assert sorted(p.name for p in run.glob("epoch-*.pt")) == [f"epoch-{e:03d}.pt" for e in range(1, epochs + 1)]
+        assert sorted(p.name for p in run.glob("epoch-*.pt")) == [f"epoch-{epochs:03d}.pt"]
+        assert load_lcam(str(run / "best.pt"))[1]["method"] == method
         assert [r["epoch"] for r in records if r["kind"] == "epoch"] == list(range(1, epochs + 1))
     assert (run / "curves.png").read_bytes().startswith(PNG)
 
@@ -143,11 +145,13 @@ def test_extract(cache, shards, capsys):
 
 
 def test_train_fm(fm_run):
-    assert_run_folder(fm_run, "fm", epochs=8)  # EfficientNet-Lite0's recipe: 8 epochs (one step each here)
+    # the default recipe by data size: 4 samples -> one-cycle, 20 epochs (one step each here)
+    assert_run_folder(fm_run, "fm", epochs=20)
+    assert load_lcam(str(fm_run / "checkpoint.pt"))[1]["config"]["init"] == "cam"
 
 
 def test_train_img(ray_local, work, shards):
-    # --max-steps 2: each of the recipe's 8 epochs is a Ray Train report and checkpoint round;
+    # --max-steps 2: each of the recipe's 4 epochs is a Ray Train report and checkpoint round;
     # two steps (two epochs of one batch here) show the run and its checkpoint work.
     assert run_in(work / "train-img", ["train", "--method", "img", "--shards", str(shards), "--max-steps", "2"]) == 0
     run = work / "train-img" / "runs" / "train"
@@ -239,9 +243,11 @@ def test_pipeline(ray_local, work, shards, capsys):
     # L-CAM-Img streamed its images (the default random crops cannot come from the cache)
     ckpt = load_lcam(str(wd / "lcam-img" / "checkpoint.pt"))[1]
     assert ckpt["config"]["augment"] == "random" and not ckpt["cache_fingerprint"] and not ckpt["config"]["cache"]
-    # L-CAM-Fm trained from the cache (its fingerprint recorded), with the recipe's 8 epochs
+    # L-CAM-Fm trained from the cache (its fingerprint recorded), with the recipe's 20 epochs (the
+    # default by data size, as lcam train's)
     fm_ckpt = load_lcam(str(wd / "lcam-fm" / "checkpoint.pt"))[1]
-    assert fm_ckpt["cache_fingerprint"] and fm_ckpt["config"]["cache"] and fm_ckpt["epoch"] == 8
+    assert fm_ckpt["cache_fingerprint"] and fm_ckpt["config"]["cache"] and fm_ckpt["epoch"] == 20
+    assert fm_ckpt["config"]["recipe_rule"] == "data-size" and fm_ckpt["config"]["init"] == "cam"
     # a training error inside the pipeline names the pipeline's flags, not lcam train's
     capsys.readouterr()
     rc = cli_main(argv + ["--img-augment", "center", "--stages", "train"])

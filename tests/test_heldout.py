@@ -55,8 +55,9 @@ def toy(tmp_path_factory, effnet):
 
 
 def config(toy, out, **kw) -> TrainConfig:
+    # the SPEC's recipe unless a test names another (recipe_rule None: the default, by data size)
     base = dict(method="fm", out=str(out), cache=toy["cache"], batch_size=4, view="first", seed=0, log_every=1,
-                checkpoint_minutes=0, progress=False, epochs=2)
+                checkpoint_minutes=0, progress=False, epochs=2, recipe_rule="spec")
     base.update(kw)
     return TrainConfig(**base)
 
@@ -213,9 +214,15 @@ def test_recipe_by_data_size(toy, tmp_path):
     train_fm(config(toy, tmp_path / "small", target="label", recipe_rule="data-size", epochs=None, batch_size=None, max_steps=0))
     run = load_checkpoint(str(tmp_path / "small" / "checkpoint.pt"))["config"]
     assert run["recipe_rule"] == "data-size" and run["init"] == "cam"  # "auto": EfficientNet-Lite0's head is pooling + linear
-    assert (run["lr"], run["batch_size"], run["schedule"], run["recipe"]["epochs"]) == (3.0, 16, "onecycle", 80)
-    assert recipe_for_data("efficientnet_lite0", "fm", 800) == Recipe(lr=3.0, epochs=80, batch_size=16, schedule="onecycle")
-    assert recipe_for_data("efficientnet_lite0", "fm", 8000).epochs == 8
+    assert (run["lr"], run["batch_size"], run["schedule"], run["recipe"]["epochs"]) == (0.3, 16, "onecycle", 20)
+    assert recipe_for_data("efficientnet_lite0", "fm", 800) == Recipe(lr=0.3, epochs=20, batch_size=16, schedule="onecycle", decay_to="start")
+    assert recipe_for_data("efficientnet_lite0", "fm", 1000).epochs == 16
+    assert recipe_for_data("efficientnet_lite0", "fm", 8000).epochs == 4
+    # the default rule is data-size: the same run without --recipe
+    train_fm(config(toy, tmp_path / "default", target="label", epochs=None, batch_size=None, max_steps=0, recipe_rule=None))
+    default = load_checkpoint(str(tmp_path / "default" / "checkpoint.pt"))["config"]
+    assert {k: default[k] for k in ("recipe_rule", "recipe", "init", "row_prior", "uncovered")} == \
+        {k: run[k] for k in ("recipe_rule", "recipe", "init", "row_prior", "uncovered")}
     assert recipe_for_data("efficientnet_lite0", "img", 800) == Recipe(lr=0.1, epochs=4, batch_size=8, schedule="onecycle")
     assert recipe_for_data("resnet50", "fm", 1_281_167) == Recipe(lr=1e-4, epochs=26, gamma=0.95, decay_epochs=12)
 

@@ -86,8 +86,9 @@ def write_cache(url, backbone, shards, feats, logits, keys, dtype) -> FeatureCac
 
 
 def config(data, out, **kw) -> TrainConfig:
+    # the SPEC's recipe (step schedule, random init): these tests check its mechanics
     base = dict(method="fm", out=str(out), cache=str(data["caches"]["float16"].url), batch_size=BATCH, target="predicted",
-                view="first", seed=0, log_every=1, checkpoint_minutes=0, progress=False)
+                view="first", seed=0, log_every=1, checkpoint_minutes=0, progress=False, recipe_rule="spec")
     base.update(kw)
     return TrainConfig(**base)
 
@@ -176,7 +177,7 @@ def test_img_first_pass_from_features_equals_backbone_pass():
 
 def test_fm_cli_loss_falls_and_writes_checkpoints_metrics_plot(data, backbone, tmp_path, capsys):
     out = tmp_path / "run"
-    rc = cli_main(["train", "--method", "fm", "--cache", data["caches"]["float16"].url, "--out", str(out), "--epochs", "6",
+    rc = cli_main(["train", "--method", "fm", "--cache", data["caches"]["float16"].url, "--out", str(out), "--epochs", "6", "--recipe", "spec",
                    "--batch-size", str(BATCH), "--target", "predicted", "--log-every", "1", "--no-progress"])
     assert rc == 0
     printed = capsys.readouterr().out
@@ -194,7 +195,11 @@ def test_fm_cli_loss_falls_and_writes_checkpoints_metrics_plot(data, backbone, t
         assert abs(sum(s["loss"] * s["samples"] for s in mine) / N_IMAGES - r["loss"]) < 1e-5
     png = (out / "curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and Image.open(io.BytesIO(png)).size[0] >= 800
-    assert sorted(p.name for p in out.glob("epoch-*.pt")) == [f"epoch-{e:03d}.pt" for e in range(1, 7)]
+    # kept by default: the last state (checkpoint.pt, and its epoch file) and best.pt (no validation
+    # shards in a 4-shard cache: the last epoch)
+    assert sorted(p.name for p in out.glob("*.pt")) == ["best.pt", "checkpoint.pt", "epoch-006.pt"]
+    assert torch.equal(load_checkpoint(str(out / "best.pt"))["attention"]["conv.weight"],
+                       load_checkpoint(str(out / "checkpoint.pt"))["attention"]["conv.weight"])
 
     model, ckpt = load_lcam(str(out / "checkpoint.pt"))
     assert ckpt["method"] == "fm" and ckpt["epoch"] == 6 and ckpt["step"] == 18
@@ -326,7 +331,7 @@ def test_img_ray_train_two_workers_checkpoint_loads_and_explains(ray_local, data
     logging.getLogger("lcam").addHandler(keep)
     try:
         summary = train_img(TrainConfig(method="img", out=str(out), shards=str(data["shards"]), cache=data["caches"]["float16"].url,
-                                        augment="center", target="predicted", epochs=1, batch_size=BATCH, workers=2,
+                                        augment="center", target="predicted", epochs=1, batch_size=BATCH, workers=2, recipe_rule="spec",
                                         cpus_per_worker=0.5, ray_storage=str(tmp_path / "ray"), progress=True))
     finally:
         logging.getLogger("lcam").removeHandler(keep)
@@ -364,3 +369,66 @@ def test_img_ray_train_two_workers_checkpoint_loads_and_explains(ray_local, data
     for k in raw:
         assert torch.equal(after["attention"][k], raw[k])
     assert torch.equal(load_checkpoint(str(out / "epoch-001.pt"))["attention"]["conv.weight"], after["attention"]["conv.weight"])
+
+
+def test_validation_shards_pick_best_and_keep_prunes_epoch_files(data, backbone, tmp_path):
+    """--val-shards 1: the last shard is held back; every epoch's validation loss is the L-CAM loss of the
+    exported attention on its samples (recomputed here independently); best.pt is the epoch with the lowest;
+    --keep 2 leaves the two most recent epoch files; --limit-shards trains on the first shards only."""
+    cache = data["caches"]["float16"]
+    out = tmp_path / "run"
+    s = train_fm(config(data, out, epochs=4, val_shards=1, keep=0, lr=0.5, schedule="onecycle"))
+    epochs = [r for r in (json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "epoch"]
+    held = cache.shard_ids()[-1]
+    assert all(r["samples"] == N_IMAGES - PER_SHARD and r["val_samples"] == PER_SHARD for r in epochs)
+    keys, feats = [], []
+    for ks, f, _labels, _top in cache.iter_rows(64, shard_ids=[held], view=0):
+        keys += ks
+        feats.append(torch.from_numpy(np.asarray(f, dtype=np.float32)))
+    f = torch.cat(feats)
+    targets = torch.tensor([data["top1"][k] for k in keys])
+    for r in epochs:
+        ck = load_checkpoint(str(out / f"epoch-{r['epoch']:03d}.pt"))
+        att = init_attention(backbone, 0)
+        att.load_state_dict(ck["attention"])
+        with torch.no_grad():
+            logits, maps = LCAM(backbone, att).training_forward("fm", targets, feats=f)
+            loss = LCAMLoss()(logits, targets, maps)
+        assert abs(float(loss.total) - r["val_loss"]) < 1e-4 and abs(float(loss.ce) - r["val_ce"]) < 1e-4
+    best = min(epochs, key=lambda r: r["val_loss"])["epoch"]
+    assert s.best_epoch == best
+    assert torch.equal(load_checkpoint(str(out / "best.pt"))["attention"]["conv.weight"],
+                       load_checkpoint(str(out / f"epoch-{best:03d}.pt"))["attention"]["conv.weight"])
+    # --keep 2 and a training subset
+    out2 = tmp_path / "run2"
+    train_fm(config(data, out2, epochs=4, val_shards=1, train_shards_limit=2, keep=2))
+    assert sorted(p.name for p in out2.glob("epoch-*.pt")) == ["epoch-003.pt", "epoch-004.pt"]
+    assert (out2 / "best.pt").exists() and (out2 / "checkpoint.pt").exists()
+    rec = [json.loads(line) for line in (out2 / "metrics.jsonl").read_text().splitlines()]
+    assert {r["samples"] for r in rec if r["kind"] == "epoch"} == {2 * PER_SHARD}
+    with pytest.raises(UserError, match="--val-shards 4 holds back every shard"):
+        train_fm(config(data, tmp_path / "run3", epochs=1, val_shards=4))
+
+
+def test_decay_to_start_pulls_towards_the_start_not_zero(backbone, data):
+    """Recipe.decay_to "start": the gradient gets weight_decay * (p - start) instead of SGD's weight_decay * p.
+    After one step from the start (Nesterov, first step: update = lr * (1 + momentum) * grad), a row no target
+    touched is exactly its start, and a trained row differs from SGD's decay by lr * (1 + m) * wd * p."""
+    keys = sorted(data["feats"])[:4]
+    feats = torch.stack([data["feats"][k] for k in keys]).float()
+    targets = torch.tensor([data["top1"][k] for k in keys])
+    after = {}
+    for mode in ("zero", "start"):
+        att = init_attention(backbone, 0, "cam")
+        start = {k: v.clone() for k, v in att.state_dict().items()}
+        recipe = Recipe(lr=0.5, weight_decay=0.01, decay_to=mode)
+        trainer = LCAMTrainer(LCAM(backbone, att), "fm", recipe, 1)
+        trainer.step(TrainBatch(targets=targets, feats=feats))
+        after[mode] = {k: v.detach().clone() for k, v in att.state_dict().items()}
+    untouched = next(k for k in range(backbone.num_classes) if k not in set(targets.tolist()))
+    w0 = start["conv.weight"].flatten(1)
+    ws, wz = after["start"]["conv.weight"].flatten(1), after["zero"]["conv.weight"].flatten(1)
+    assert torch.equal(ws[untouched], w0[untouched])
+    torch.testing.assert_close(wz[untouched], w0[untouched] * (1 - 0.5 * 1.9 * 0.01))
+    t = int(targets[0])
+    torch.testing.assert_close(ws[t] - wz[t], 0.5 * 1.9 * 0.01 * w0[t], rtol=1e-4, atol=1e-7)

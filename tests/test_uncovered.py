@@ -108,7 +108,7 @@ def test_user_errors_for_the_rules(toy, tmp_path, capsys):
         (["--uncovered", "transfer", "--init-from", str(tmp_path / "x.pt")], "--uncovered transfer maps CAM rows"),
         (["--uncovered", "init", "--transfer-ridge", "-1"], "--transfer-ridge must be auto or a number >= 0"),
         (["--row-prior", "1", "--init", "random"], "--row-prior pulls trained rows towards where they started, here a random draw"),
-        (["--row-prior", "1"], "--row-prior pulls trained rows"),  # the SPEC recipe's default init is the random draw
+        (["--row-prior", "1", "--recipe", "spec"], "--row-prior pulls trained rows"),  # the SPEC recipe's default init is the random draw
         (["--row-prior", "-1", "--init", "cam"], "--row-prior"),
     ]
     for extra, needle in cases:

@@ -51,6 +51,7 @@ def _img_worker_loop(config: dict[str, Any]) -> None:
     recipe = Recipe(**plan["run"]["recipe"])
     attention, inherited = initial_attention(backbone, plan["run"], cfg.storage_options)
     fill = export_fill(plan["run"], attention)  # copies the start before training moves it
+    start = {k: v.detach().clone() for k, v in attention.state_dict().items()}  # for recipe.decay_to "start"
     model = LCAM(backbone, attention)
 
     def ddp(module: torch.nn.Module) -> torch.nn.Module:
@@ -64,7 +65,8 @@ def _img_worker_loop(config: dict[str, Any]) -> None:
         return ray.train.torch.prepare_model(module, parallel_strategy_kwargs={key: False})
 
     trainer = LCAMTrainer(model, "img", recipe, plan["steps_per_epoch"], device=device,
-                          autocast_dtype=autocast_dtype(cfg.precision, device, allow_fp16=False), wrap=ddp, top_k=int(plan["run"].get("top_k", 1)))
+                          autocast_dtype=autocast_dtype(cfg.precision, device, allow_fp16=False), wrap=ddp, top_k=int(plan["run"].get("top_k", 1)),
+                          start=start)
     if inherited is not None:
         trainer.max_counts = inherited.long().clone()
     if world > 1:
@@ -134,7 +136,8 @@ def _img_worker_loop(config: dict[str, Any]) -> None:
                 if stopped:
                     state["running"] = MetricSums.from_tensor(total).to_dict()
                 kw = dict(method="img", backbone=plan["identity"], cache_fingerprint=plan["cache_fingerprint"], config=plan["run"], history=history, fill=fill)
-                run_dir.save(state, epoch_end=not stopped, **kw)
+                # no validation part here: best.pt is the last epoch
+                run_dir.save(state, epoch_end=not stopped, best=not stopped, keep=cfg.keep, **kw)
                 run_dir.write_metrics(history)
                 RunFolder(tmp).save(state, epoch_end=False, **kw)  # the same file for Ray Train's own restarts
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
@@ -267,7 +270,7 @@ def run_img(start: TrainStart) -> TrainSummary:
     if run_plan.reexport_only:
         # a finished run resumed with another --uncovered / --row-prior: re-export only, no Ray Train
         run_dir.save(trainer_state_from_checkpoint(ckpt), method="img", backbone=ident, cache_fingerprint=ckpt.get("cache_fingerprint"),
-                     config=run_cfg, history=list(ckpt["metrics"]), epoch_end=True,
+                     config=run_cfg, history=list(ckpt["metrics"]), epoch_end=True, best=True, keep=cfg.keep,
                      fill=run_plan.fill)
         pos = ckpt["extra"]["position"]
         say(enabled=cfg.progress, line=f"L-CAM-Img: {cfg.out} re-exported (--uncovered {run_cfg['uncovered']}, --row-prior {run_cfg['row_prior']:g}), no step")

@@ -1,7 +1,9 @@
 """A training run's folder and its records (any fsspec URL, all writes atomic)::
 
     checkpoint.pt        latest state (attention, optimizer, scheduler, position, RNG)
-    epoch-NNN.pt         the state after each completed epoch
+    epoch-NNN.pt         the state after each completed epoch (the --keep most recent are kept)
+    best.pt              the epoch that explained the held-back validation samples best (lowest
+                         validation loss; without validation samples, the last epoch)
     metrics.jsonl        one JSON record per logged step window and per epoch
     curves.png           the loss terms, agreement and learning rate over the run
 
@@ -27,6 +29,7 @@ from ..fs import StorageOptions, exists, get_fs, is_local, join, write_bytes_ato
 from ..store.leases import WriterLeases, announce_writers
 
 CHECKPOINT = RUN_CHECKPOINT
+BEST = "best.pt"
 METRICS = "metrics.jsonl"
 CURVES = "curves.png"
 
@@ -74,10 +77,13 @@ class RunFolder:
 
     def save(self, state: Mapping[str, Any], *, method: str, backbone: Mapping[str, Any], cache_fingerprint: str | None,
              config: Mapping[str, Any], history: list[dict[str, Any]], epoch_end: bool,
-             fill: Callable[[Mapping[str, torch.Tensor], torch.Tensor], Any] | None = None) -> None:
+             fill: Callable[[Mapping[str, torch.Tensor], torch.Tensor], Any] | None = None, best: bool = False,
+             keep: int = 0) -> None:
         """``fill``: (trained attention state, coverage) -> :class:`lcam.uncovered.FillResult`: the
         checkpoint's ``attention`` (what ``lcam cams``/``lcam eval``/``--init-from`` read) is its
-        state, the trained values of the rows it replaced go to ``trained_rows`` (resume)."""
+        state, the trained values of the rows it replaced go to ``trained_rows`` (resume).
+        ``best`` (an epoch end): also written as ``best.pt``; ``keep`` > 0: only the ``keep`` most
+        recent ``epoch-NNN.pt`` stay (older ones are removed after the new one is written)."""
         pos = state["position"]
         coverage = torch.maximum(state["coverage"]["epoch"], state["coverage"]["max"]) if "coverage" in state else None
         extra = {"position": pos, "running": state["running"], "rng": _encode_rng(state["rng"]),
@@ -98,7 +104,27 @@ class RunFolder:
         )
         if epoch_end:  # the per-epoch copy first: checkpoint.pt never points past a missing epoch file
             save_checkpoint(self.path(f"epoch-{pos['epoch']:03d}.pt"), **kw)
+            if best:
+                save_checkpoint(self.path(BEST), **kw)
         save_checkpoint(self.path(CHECKPOINT), **kw)
+        if epoch_end and keep > 0:
+            self.prune_epochs(keep)
+
+    def chosen(self) -> str:
+        """The checkpoint to explain with: best.pt when the run has one, else checkpoint.pt (a run stopped before its first epoch ended)."""
+        return self.path(BEST) if exists(self.path(BEST), self.storage_options) else self.path(CHECKPOINT)
+
+    def prune_epochs(self, keep: int) -> list[str]:
+        """Remove all but the ``keep`` most recent ``epoch-NNN.pt`` files; returns the removed names."""
+        fs, base = get_fs(self.url, self.storage_options)
+        try:
+            names = sorted(p.rsplit("/", 1)[-1] for p in fs.glob(f"{base}/epoch-*.pt"))
+        except FileNotFoundError:
+            return []
+        old = names[:-keep] if keep > 0 else []
+        for name in old:
+            fs.rm(f"{base}/{name}")
+        return old
 
     def write_metrics(self, history: Sequence[Mapping[str, Any]]) -> None:
         # Rewritten whole (small): object stores cannot append, and a resumed run drops
@@ -160,10 +186,23 @@ def epoch_record(epoch: int, step: int, sums: Any, lr: float, seconds: float, **
     return rec
 
 
+def validation_fields(sums: Any) -> dict[str, Any]:
+    """An epoch record's validation fields (``val_loss``, ``val_ce``, ...) from a held-back part's metric sums."""
+    return {"val_samples": int(sums.n), **{f"val_{k}": round(v, 6) for k, v in sums.means().items()}}
+
+
+def best_epoch(history: Sequence[Mapping[str, Any]]) -> int | None:
+    """The epoch with the lowest validation loss among the epoch records (the first of ties), or None without validation."""
+    scored = [(r["val_loss"], r["epoch"]) for r in history if r.get("kind") == "epoch" and r.get("val_loss") is not None]
+    return min(scored)[1] if scored else None
+
+
 def format_epoch(r: Mapping[str, Any]) -> str:
     return (f"epoch {r['epoch']}: loss {r['loss']:.4f} (ce {r['ce']:.4f}, area {r['area']:.4f}, tv {r['tv']:.4f}), "
             f"agreement {100 * r['agreement']:.1f}%, lr {r['lr']:.3g}, {r['samples']} samples in {r['seconds']:.1f}s "
-            f"({r['samples_per_s']:.3g} samples/s)")
+            f"({r['samples_per_s']:.3g} samples/s)"
+            + (f"; validation loss {r['val_loss']:.4f} (ce {r['val_ce']:.4f}, area {r['val_area']:.4f}), agreement "
+               f"{100 * r['val_agreement']:.1f}% on {r['val_samples']} held-back samples" if r.get("val_loss") is not None else ""))
 
 
 class StepWindow:

@@ -39,6 +39,8 @@ class TrainSummary:
     resumed_from_step: int = 0
     skipped: int = 0
     ran_on: str | None = None  # fm as a Ray task: the Ray node id that trained; None: this process
+    best: str | None = None  # best.pt: the epoch with the lowest validation loss (the last without validation)
+    best_epoch: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -53,7 +55,10 @@ class TrainSummary:
             out.append(f"skipped {self.skipped} undecodable images")
         if self.ran_on:
             out.append(f"trained in a Ray task on node {self.ran_on[:12]}")
-        out += [f"checkpoint {self.checkpoint}", f"metrics    {self.metrics}", f"curves     {self.curves}"]
+        out += [f"checkpoint {self.checkpoint} (the last state)"]
+        if self.best:
+            out.append(f"best       {self.best}" + (f" (epoch {self.best_epoch}: the lowest validation loss)" if self.best_epoch else ""))
+        out += [f"metrics    {self.metrics}", f"curves     {self.curves}"]
         return out
 
 
@@ -102,10 +107,16 @@ class TrainStart:
         recipe, run_cfg = resolve_recipe(self.cfg, self.method, backbone.name, self.ckpt, samples=samples)
         run_cfg.update(data)
         attention, inherited = (None, None) if self.ckpt is not None else initial_attention(backbone, run_cfg, self.cfg.storage_options)
-        fill = export_fill(run_cfg, export_start(backbone, run_cfg, self.cfg.storage_options, attention))
+        start = export_start(backbone, run_cfg, self.cfg.storage_options, attention)
+        fill = export_fill(run_cfg, start)
+        # the weight decay of recipe.decay_to "start" pulls towards the start (recomputed on resume)
+        if recipe.decay_to == "start" and start is None:  # (export_start skips it when the export needs none)
+            start = initial_attention(backbone, run_cfg, self.cfg.storage_options)[0]
+        decay_start = ({k: v.detach().clone() for k, v in start.state_dict().items()}
+                       if recipe.decay_to == "start" and start is not None else None)
         # a finished run resumed with another export (--uncovered, --row-prior): export again, no step
         reexport = self.ckpt is not None and int(self.ckpt["epoch"]) >= recipe.epochs and export_changed(self.ckpt["config"], run_cfg)
-        return RunPlan(recipe, run_cfg, attention, inherited, fill, reexport)
+        return RunPlan(recipe, run_cfg, attention, inherited, fill, reexport, decay_start)
 
 
 @dataclass
@@ -118,6 +129,7 @@ class RunPlan:
     inherited: torch.Tensor | None  # coverage an --init-from checkpoint's rows bring
     fill: Any  # the export rule, (trained state, coverage) -> FillResult
     reexport_only: bool
+    decay_start: dict[str, torch.Tensor] | None = None  # the attention recipe.decay_to "start" decays towards
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -156,7 +168,7 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.row_prior is not None and not cfg.row_prior >= 0:
         raise UserError(lambda flag: f"{flag('row_prior')} must be a number of samples >= 0, got {cfg.row_prior!r}")
     if not cfg.resume:
-        check_start(cfg.uncovered, cfg.row_prior, cfg.init or ("auto" if cfg.recipe_rule == "data-size" else "random"), cfg.init_from)
+        check_start(cfg.uncovered, cfg.row_prior, cfg.init or ("random" if cfg.recipe_rule == "spec" else "auto"), cfg.init_from)
         if cfg.top_k is not None and cfg.targets != "top-k":
             raise UserError(lambda flag: f"{flag('top_k')} needs {flag('targets')} top-k")
         if cfg.targets == "top-k" and (cfg.target or "label") != "predicted":
@@ -192,7 +204,7 @@ def resolve_recipe(cfg: TrainConfig, method: str, backbone_name: str, ckpt: Mapp
     if ckpt is None:
         from lcam.recipe import recipe_for_data
 
-        rule = cfg.recipe_rule or "spec"
+        rule = cfg.recipe_rule or "data-size"  # the default of lcam train, lcam pipeline and lcam demo alike
         if rule == "data-size":
             if samples is None:
                 raise UserError(lambda flag: f"{flag('recipe_rule')} data-size needs the number of training samples (known for a cache and for indexed shards)")
@@ -201,7 +213,8 @@ def resolve_recipe(cfg: TrainConfig, method: str, backbone_name: str, ckpt: Mapp
                 recipe = default_recipe(backbone_name, cfg.schedule)
         else:
             recipe = default_recipe(backbone_name, cfg.schedule or "step")
-        recipe = recipe.with_overrides(lr=cfg.lr, epochs=cfg.epochs, batch_size=cfg.batch_size)
+        recipe = recipe.with_overrides(lr=cfg.lr, epochs=cfg.epochs, batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
+                                       decay_to=cfg.decay_to)
         if recipe.lr <= 0 or recipe.epochs < 1 or recipe.batch_size < 1:
             raise UserError(lambda flag: f"{flag('lr')}, {flag('epochs')} and {flag('batch_size')} must be positive "
                                          f"(got lr {recipe.lr}, epochs {recipe.epochs}, batch size {recipe.batch_size})")
@@ -238,6 +251,11 @@ def resolve_recipe(cfg: TrainConfig, method: str, backbone_name: str, ckpt: Mapp
              "target": cfg.target, "seed": cfg.seed, "view": cfg.view if method == "fm" else run.get("view"),
              "augment": cfg.augment if method == "img" else run.get("augment"), "init": cfg.init, "init_from": cfg.init_from,
              "targets": cfg.targets, "top_k": cfg.top_k, "recipe_rule": cfg.recipe_rule}
+    saved = Recipe(**run["recipe"])
+    for fld in ("weight_decay", "decay_to"):  # part of the recipe: fixed on resume too
+        if getattr(cfg, fld) is not None and getattr(cfg, fld) != getattr(saved, fld):
+            raise CheckpointMismatch(lambda flag: f"cannot resume with {flag(fld)} {getattr(cfg, fld)}: the run trained with "
+                                                  f"{getattr(saved, fld)}; drop it or start a new run with another {flag('out')}")
     differ = [k for k, v in given.items() if v is not None and k in FIXED_ON_RESUME and run.get(k) != v]
     if differ:
         raise CheckpointMismatch(lambda flag: (
