@@ -22,7 +22,7 @@ from ..fs import StorageOptions, join, write_bytes_atomic, write_json_atomic
 from ..configs import EvalConfig
 from .config import MethodSpec, method_specs, methods_for_machine, resolve_backbone
 from .engine import Evaluator, choose_engine, pick_device, run_local, run_ray
-from .metrics import box_metrics
+from .metrics.base import box_metrics
 from .metrics.base import build_metrics, optional_metrics
 from .metrics.adic import pct, subset_table
 from .plan import DecodedBatch, plan_batches
