@@ -57,7 +57,10 @@ def candidates() -> dict[str, list]:
     return {
         "none": [],
         "zstd-1": [ZstdCodec(level=1)],
-        "zstd-1+crc32c": [ZstdCodec(level=1), Crc32cCodec()],  # the stores' codecs (pipeline.store.layer.default_compressors)
+        "zstd-1+crc32c": [
+            ZstdCodec(level=1),
+            Crc32cCodec(),
+        ],  # the stores' codecs (pipeline.store.layer.default_compressors)
         "zstd-3": [ZstdCodec(level=3)],
         "blosc-zstd-1-noshuffle": [BloscCodec(cname="zstd", clevel=1, shuffle=none, typesize=2)],
         "blosc-zstd-1-shuffle": [BloscCodec(cname="zstd", clevel=1, shuffle=shuffle, typesize=2)],
@@ -75,8 +78,12 @@ def measure(data: np.ndarray, compressors: list, repeats: int) -> dict[str, floa
     for _ in range(repeats):
         store = MemoryStore()
         arr = zarr.create_array(
-            store, shape=data.shape, chunks=(64, *data.shape[1:]), dtype=data.dtype,
-            compressors=compressors, fill_value=0,
+            store,
+            shape=data.shape,
+            chunks=(64, *data.shape[1:]),
+            dtype=data.dtype,
+            compressors=compressors,
+            fill_value=0,
         )
         t = time.perf_counter()
         arr[:] = data
@@ -100,8 +107,10 @@ def main() -> None:
     t = time.perf_counter()
     f16 = features(load_images(args.pattern, args.images))
     f16 = f16[:, None]  # (n, V=1, C, h, w), the cache's layout
-    print(f"features {f16.shape} float16, {f16.nbytes / 1e6:.1f} MB raw, "
-          f"{(f16 == 0).mean():.1%} zeros, extracted in {time.perf_counter() - t:.1f}s")
+    print(
+        f"features {f16.shape} float16, {f16.nbytes / 1e6:.1f} MB raw, "
+        f"{(f16 == 0).mean():.1%} zeros, extracted in {time.perf_counter() - t:.1f}s"
+    )
 
     results, load_before = {}, load_average()
     print(f"{'codec':28s} {'ratio':>6s} {'enc MB/s':>9s} {'dec MB/s':>9s}")
@@ -115,14 +124,18 @@ def main() -> None:
     # EfficientNet-Lite0 images/s, far above what the backbone extracts per CPU core.
     fast = {k: v for k, v in results.items() if v["dec_mbs"] >= 300 and k not in ("none", "zstd-1+crc32c")}
     best = max(fast or results, key=lambda k: results[k]["ratio"])
-    print(f"choice: {best}; load {load_before:.1f} before the codecs, {load_average():.1f} after (the speeds are best of "
-          f"{args.repeats}; the ratios are exact)")
+    print(
+        f"choice: {best}; load {load_before:.1f} before the codecs, {load_average():.1f} after (the speeds are best of "
+        f"{args.repeats}; the ratios are exact)"
+    )
     target("compression_ratio", results[best]["ratio"], ">=", 1.0)
     # The chunk checksum's cost (the stores write zstd-1 + crc32c): decode times interleaved,
     # with and without, median of 9 rounds each, so that the load of other work hits both alike
     cost = checksum_cost(f16, rounds=9)
-    print(f"crc32c checksum: ratio {results['zstd-1+crc32c']['ratio']:.2f} vs {results['zstd-1']['ratio']:.2f}; decode median "
-          f"{cost['with_mbs']:.0f} vs {cost['without_mbs']:.0f} MB/s (interleaved, 9 rounds; load {load_average():.1f})")
+    print(
+        f"crc32c checksum: ratio {results['zstd-1+crc32c']['ratio']:.2f} vs {results['zstd-1']['ratio']:.2f}; decode median "
+        f"{cost['with_mbs']:.0f} vs {cost['without_mbs']:.0f} MB/s (interleaved, 9 rounds; load {load_average():.1f})"
+    )
     target("crc32c_decode_cost", cost["ratio"], "<=", 1.10)
 
 
@@ -130,7 +143,14 @@ def checksum_cost(data: np.ndarray, rounds: int) -> dict[str, float]:
     """Decode time with crc32c over without: the median of ``rounds`` interleaved reads each."""
     arrays, times = {}, {"with": [], "without": []}
     for name, comp in (("without", [ZstdCodec(level=1)]), ("with", [ZstdCodec(level=1), Crc32cCodec()])):
-        arrays[name] = zarr.create_array(MemoryStore(), shape=data.shape, chunks=(64, *data.shape[1:]), dtype=data.dtype, compressors=comp, fill_value=0)
+        arrays[name] = zarr.create_array(
+            MemoryStore(),
+            shape=data.shape,
+            chunks=(64, *data.shape[1:]),
+            dtype=data.dtype,
+            compressors=comp,
+            fill_value=0,
+        )
         arrays[name][:] = data
     for _ in range(rounds):
         for name, arr in arrays.items():
@@ -138,7 +158,11 @@ def checksum_cost(data: np.ndarray, rounds: int) -> dict[str, float]:
             arr[:]
             times[name].append(time.perf_counter() - t)
     med = {k: float(np.median(v)) for k, v in times.items()}
-    return {"ratio": med["with"] / med["without"], "with_mbs": data.nbytes / med["with"] / 1e6, "without_mbs": data.nbytes / med["without"] / 1e6}
+    return {
+        "ratio": med["with"] / med["without"],
+        "with_mbs": data.nbytes / med["with"] / 1e6,
+        "without_mbs": data.nbytes / med["without"] / 1e6,
+    }
 
 
 if __name__ == "__main__":

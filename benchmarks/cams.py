@@ -47,16 +47,18 @@ from benchmarks.common import DEFAULT_DATA, compare, local_ray_env, target_ratio
 
 local_ray_env()  # before Ray is imported: its own temp dir, no auth token (Score-CAM's tqdm bar still shows here)
 from lcam import LCAM, build_backbone  # noqa: E402
-from pipeline.configs import CamsConfig  # noqa: E402
 from pipeline.cams.explainer import Explainer  # noqa: E402
 from pipeline.cams.run import generate_cams  # noqa: E402
-from pipeline.train.checkpoints import save_checkpoint  # noqa: E402
-from pipeline.configs import ExtractConfig  # noqa: E402
+from pipeline.configs import (
+    CamsConfig,  # noqa: E402
+    ExtractConfig,  # noqa: E402
+)
 from pipeline.extract.run import extract  # noqa: E402
-from pipeline.raykit import ensure_ray  # noqa: E402
 from pipeline.images import decode_image, preprocess  # noqa: E402
-from pipeline.shards.read import list_shards, read_shard  # noqa: E402
+from pipeline.raykit import ensure_ray  # noqa: E402
 from pipeline.shards.pack import pack_folder  # noqa: E402
+from pipeline.shards.read import list_shards, read_shard  # noqa: E402
+from pipeline.train.checkpoints import save_checkpoint  # noqa: E402
 
 PER_SHARD = 200  # a subset of whole shards for the image-based methods; fewer per-shard overheads
 
@@ -66,11 +68,19 @@ def prepare(data: str, work: str) -> tuple[str, str, str]:
     ckpt = os.path.join(work, "ckpt.pt")
     if not os.path.exists(os.path.join(shards, "index.json")):
         labels = os.path.join(data, "labels.tsv")
-        pack_folder(data, shards, labels_file=labels if os.path.exists(labels) else None, samples_per_shard=PER_SHARD, progress=False)
+        pack_folder(
+            data,
+            shards,
+            labels_file=labels if os.path.exists(labels) else None,
+            samples_per_shard=PER_SHARD,
+            progress=False,
+        )
     t = time.perf_counter()
     s = extract(ExtractConfig(shards=shards, cache=cache, batch_size=32, progress=True))
     if s.shards_extracted:
-        print(f"extracted {s.images} images into the cache in {time.perf_counter() - t:.0f}s ({s.images_per_second:.1f} images/s)")
+        print(
+            f"extracted {s.images} images into the cache in {time.perf_counter() - t:.0f}s ({s.images_per_second:.1f} images/s)"
+        )
     if not os.path.exists(ckpt):
         backbone = build_backbone("efficientnet_lite0")
         model = LCAM(backbone)
@@ -95,7 +105,9 @@ def lcam_store_runs(ckpt: str, out_root: str, repeats: int, **source) -> list:
 
 
 def decoded(shard_urls: list[str], prep) -> torch.Tensor:
-    return torch.stack([preprocess(decode_image(s.image), prep) for info in list_shards(shard_urls) for s in read_shard(info)])
+    return torch.stack(
+        [preprocess(decode_image(s.image), prep) for info in list_shards(shard_urls) for s in read_shard(info)]
+    )
 
 
 def rate(fn, n: int) -> float:
@@ -127,14 +139,23 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=DEFAULT_DATA)
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "lcam-bench-cams"))
-    ap.add_argument("--images", type=int, default=200, help=f"images for the image-based methods (whole shards of {PER_SHARD})")
+    ap.add_argument(
+        "--images", type=int, default=200, help=f"images for the image-based methods (whole shards of {PER_SHARD})"
+    )
     ap.add_argument("--scorecam-images", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3, help="interleaved repetitions of every compared method, after a warm-up round (medians reported)")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="interleaved repetitions of every compared method, after a warm-up round (medians reported)",
+    )
     args = ap.parse_args()
 
     os.makedirs(args.work, exist_ok=True)
-    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads, CUDA {torch.cuda.is_available()}; load {os.getloadavg()[0]:.1f}")
+    print(
+        f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads, CUDA {torch.cuda.is_available()}; load {os.getloadavg()[0]:.1f}"
+    )
     shards, cache, ckpt = prepare(args.data, args.work)
     all_shards = [s.url for s in list_shards(shards)]
     subset = all_shards[: max(1, math.ceil(args.images / PER_SHARD))]
@@ -157,6 +178,7 @@ def main() -> int:
             torch.set_num_threads(threads)
             s = last[name] = lcam_store_runs(ckpt, stores, 1, **source)[0]
             return 1 / (s.steady_maps_per_second if "shards" in source else s.maps_per_second)
+
         return arm
 
     def api() -> float:
@@ -172,13 +194,17 @@ def main() -> int:
 
     # the warm-up round's images run starts the CAM actors' workers; the steady rate leaves
     # their start-up out anyway (it counts from the model actor's start)
-    comparison = compare({
-        "lcam_cache": store_arm("lcam_cache", cache=cache),
-        "lcam_cache_upsampled": store_arm("lcam_cache_upsampled", cache=cache, upsample=True),
-        "lcam_images": store_arm("lcam_images", shards=subset, batch_size=args.batch_size),
-        "lcam_api": api,
-        "gradcam": gradcam,
-    }, reps=args.repeats, unit="s/map")
+    comparison = compare(
+        {
+            "lcam_cache": store_arm("lcam_cache", cache=cache),
+            "lcam_cache_upsampled": store_arm("lcam_cache_upsampled", cache=cache, upsample=True),
+            "lcam_images": store_arm("lcam_images", shards=subset, batch_size=args.batch_size),
+            "lcam_api": api,
+            "gradcam": gradcam,
+        },
+        reps=args.repeats,
+        unit="s/map",
+    )
     comparison.report("bulk CAMs", rate="maps/s")
     img = last["lcam_images"]
     m = args.scorecam_images
@@ -187,17 +213,42 @@ def main() -> int:
 
     rate_of = {arm: 1 / comparison.median(arm) for arm in comparison.arms}
     rows: dict[str, tuple[float, float, str]] = {
-        "lcam_cache": (rate_of["lcam_cache"], comparison.ratio("lcam_cache", "gradcam").median,
-                       f"`lcam cams --cache`: {last['lcam_cache'].samples} rows read, explained, stored"),
-        "lcam_cache_upsampled": (rate_of["lcam_cache_upsampled"], comparison.ratio("lcam_cache_upsampled", "gradcam").median,
-                                 "same, plus uint8 maps at 224x224 in the store"),
-        "lcam_images": (rate_of["lcam_images"], comparison.ratio("lcam_images", "gradcam").median,
-                        f"`lcam cams --shards`: {img.samples} images, Ray read/decode/forward/store, from the model actor's start "
-                        f"({img.actors_ready_seconds:.0f}s start-up excluded, last run)"),
-        "lcam_images_end_to_end": (img.maps_per_second, img.maps_per_second / rate_of["gradcam"], "the last images run end to end, start-up included"),
-        "lcam_api": (rate_of["lcam_api"], comparison.ratio("lcam_api", "gradcam").median, f"Explainer on {n} decoded tensors, batch {args.batch_size}"),
-        "gradcam": (rate_of["gradcam"], 1.0, f"pytorch-grad-cam GradCAM on the same {n} tensors, batch {args.batch_size}"),
-        "scorecam": (scorecam, scorecam / rate_of["gradcam"], f"pytorch-grad-cam ScoreCAM on {m} of them, {args.batch_size} masks a forward (one run)"),
+        "lcam_cache": (
+            rate_of["lcam_cache"],
+            comparison.ratio("lcam_cache", "gradcam").median,
+            f"`lcam cams --cache`: {last['lcam_cache'].samples} rows read, explained, stored",
+        ),
+        "lcam_cache_upsampled": (
+            rate_of["lcam_cache_upsampled"],
+            comparison.ratio("lcam_cache_upsampled", "gradcam").median,
+            "same, plus uint8 maps at 224x224 in the store",
+        ),
+        "lcam_images": (
+            rate_of["lcam_images"],
+            comparison.ratio("lcam_images", "gradcam").median,
+            f"`lcam cams --shards`: {img.samples} images, Ray read/decode/forward/store, from the model actor's start "
+            f"({img.actors_ready_seconds:.0f}s start-up excluded, last run)",
+        ),
+        "lcam_images_end_to_end": (
+            img.maps_per_second,
+            img.maps_per_second / rate_of["gradcam"],
+            "the last images run end to end, start-up included",
+        ),
+        "lcam_api": (
+            rate_of["lcam_api"],
+            comparison.ratio("lcam_api", "gradcam").median,
+            f"Explainer on {n} decoded tensors, batch {args.batch_size}",
+        ),
+        "gradcam": (
+            rate_of["gradcam"],
+            1.0,
+            f"pytorch-grad-cam GradCAM on the same {n} tensors, batch {args.batch_size}",
+        ),
+        "scorecam": (
+            scorecam,
+            scorecam / rate_of["gradcam"],
+            f"pytorch-grad-cam ScoreCAM on {m} of them, {args.batch_size} masks a forward (one run)",
+        ),
     }
     print()
     print(f"medians of {args.repeats} interleaved repetitions; x Grad-CAM: the median of the per-repetition ratios")
@@ -205,7 +256,9 @@ def main() -> int:
     for name, (value, ratio, what) in rows.items():
         print(f"{name:<22} {value:>10.4g} {ratio:>11.4g}  {what}")
     print()
-    print(f"(from images end to end, start-up included: {rows['lcam_images_end_to_end'][1]:.2f}x Grad-CAM over {img.samples} images, last run)")
+    print(
+        f"(from images end to end, start-up included: {rows['lcam_images_end_to_end'][1]:.2f}x Grad-CAM over {img.samples} images, last run)"
+    )
     target_ratio("cams_cache_vs_gradcam", comparison.ratio("lcam_cache", "gradcam"), ">=", 200, "{:.1f}")
     target_ratio("cams_images_vs_gradcam", comparison.ratio("lcam_images", "gradcam"), ">=", 2, "{:.2f}")
     shutil.rmtree(stores, ignore_errors=True)

@@ -274,8 +274,10 @@ def compare(
 def target_ratio(name: str, ratio: Ratio, op: str, goal: float, fmt: str = "{:.2f}") -> bool:
     """The spread line (median, min-max, load while measured), then :func:`target`'s TARGET
     line on the ratio's median."""
-    spread = (f"{name}: median {fmt.format(ratio.median)} of {len(ratio.values)} repetitions "
-              f"({', '.join(fmt.format(v) for v in ratio.values)}), spread {fmt.format(ratio.lo)}-{fmt.format(ratio.hi)}")
+    spread = (
+        f"{name}: median {fmt.format(ratio.median)} of {len(ratio.values)} repetitions "
+        f"({', '.join(fmt.format(v) for v in ratio.values)}), spread {fmt.format(ratio.lo)}-{fmt.format(ratio.hi)}"
+    )
     if ratio.loads:
         spread += f", load {min(ratio.loads):.1f}-{max(ratio.loads):.1f}"
     print(spread, flush=True)

@@ -39,7 +39,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import DEFAULT_DATA, compare, load_average, local_ray_env, target, target_ratio, work_folder  # noqa: E402
 
-
 # the baselines added with the method registry (Ablation-CAM limited like Score-CAM: C head passes per image)
 NEW_METHODS = ("xgradcam", "layercam", "hirescam", "eigencam", "ablationcam")
 
@@ -63,7 +62,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--img-epochs", type=int, default=4)
     p.add_argument("--img-lr", type=float, default=0.1, help="one-cycle peak")
     p.add_argument("--img-batch", type=int, default=8)
-    p.add_argument("--target", default="predicted", choices=["label", "predicted"], help="training target (default: the top-1 class, what eval explains)")
+    p.add_argument(
+        "--target",
+        default="predicted",
+        choices=["label", "predicted"],
+        help="training target (default: the top-1 class, what eval explains)",
+    )
     return p.parse_args()
 
 
@@ -73,10 +77,9 @@ def stage_key(**kw) -> str:
 
 def prepare(args: argparse.Namespace, work: Path) -> dict[str, str]:
     """Shards, feature cache and L-CAM-Fm through the pipeline; L-CAM-Img fine-tuned from it (reused when present)."""
-    from pipeline.configs import ExtractConfig
+    from pipeline.configs import ExtractConfig, TrainConfig
     from pipeline.extract.run import extract
     from pipeline.shards.pack import pack_folder
-    from pipeline.configs import TrainConfig
     from pipeline.train.run import train
 
     shards = work / "shards"
@@ -85,22 +88,42 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, str]:
         pack_folder(args.data, str(shards), samples_per_shard=100, progress=False, overwrite=True)
     cache = work / "cache"
     summary = extract(ExtractConfig(shards=str(shards), cache=str(cache), batch_size=16, progress=False))
-    print(f"shards + cache: {time.perf_counter() - t0:.1f}s ({summary.shards_extracted} shards extracted now)", flush=True)
+    print(
+        f"shards + cache: {time.perf_counter() - t0:.1f}s ({summary.shards_extracted} shards extracted now)", flush=True
+    )
     out = {"shards": str(shards), "cache": str(cache)}
     fm_key = stage_key(epochs=args.fm_epochs, lr=args.fm_lr, batch=args.fm_batch, target=args.target, seed=args.seed)
     run = work / f"fm-{fm_key}"
     t0 = time.perf_counter()
     if not (run / f"epoch-{args.fm_epochs:03d}.pt").exists():
         shutil.rmtree(run, ignore_errors=True)
-        s = train(TrainConfig(method="fm", out=str(run), cache=str(cache), epochs=args.fm_epochs, lr=args.fm_lr, batch_size=args.fm_batch,
-                              schedule="onecycle", target=args.target, view="first", seed=args.seed, progress=False))
-        print(f"L-CAM-Fm (lcam train): {args.fm_epochs} epochs on the 800 cached images, one-cycle lr {args.fm_lr}, batch {args.fm_batch}, "
-              f"target {args.target}: {time.perf_counter() - t0:.1f}s; last epoch loss {s.last_epoch['loss']:.3f} "
-              f"(ce {s.last_epoch['ce']:.3f}, area {s.last_epoch['area']:.3f})", flush=True)
+        s = train(
+            TrainConfig(
+                method="fm",
+                out=str(run),
+                cache=str(cache),
+                epochs=args.fm_epochs,
+                lr=args.fm_lr,
+                batch_size=args.fm_batch,
+                schedule="onecycle",
+                target=args.target,
+                view="first",
+                seed=args.seed,
+                progress=False,
+            )
+        )
+        print(
+            f"L-CAM-Fm (lcam train): {args.fm_epochs} epochs on the 800 cached images, one-cycle lr {args.fm_lr}, batch {args.fm_batch}, "
+            f"target {args.target}: {time.perf_counter() - t0:.1f}s; last epoch loss {s.last_epoch['loss']:.3f} "
+            f"(ce {s.last_epoch['ce']:.3f}, area {s.last_epoch['area']:.3f})",
+            flush=True,
+        )
     else:
         print(f"L-CAM-Fm: reusing {run}", flush=True)
     out["fm"] = str(run / "checkpoint.pt")
-    img_key = stage_key(fm=fm_key, epochs=args.img_epochs, lr=args.img_lr, batch=args.img_batch, limit=args.limit, seed=args.seed)
+    img_key = stage_key(
+        fm=fm_key, epochs=args.img_epochs, lr=args.img_lr, batch=args.img_batch, limit=args.limit, seed=args.seed
+    )
     img = work / f"img-{img_key}" / "checkpoint.pt"
     if not img.exists():
         finetune_img(args, out["shards"], out["fm"], img)
@@ -121,9 +144,9 @@ def finetune_img(args: argparse.Namespace, shards: str, fm_ckpt: str, out: Path)
     from lcam import LCAM, build_backbone
     from lcam.recipe import Recipe
     from lcam.training import LCAMTrainer, TrainBatch, init_attention
-    from pipeline.train.checkpoints import load_checkpoint, save_checkpoint
     from pipeline.evaluation.plan import decode_batch, plan_batches, read_selected, shard_groups
     from pipeline.shards.read import list_shards
+    from pipeline.train.checkpoints import load_checkpoint, save_checkpoint
 
     t0 = time.perf_counter()
     backbone = build_backbone("efficientnet_lite0")
@@ -141,20 +164,45 @@ def finetune_img(args: argparse.Namespace, shards: str, fm_ckpt: str, out: Path)
     attention.load_state_dict(load_checkpoint(fm_ckpt)["attention"])
     model = LCAM(backbone, attention)
     steps = math.ceil(len(x) / args.img_batch)
-    trainer = LCAMTrainer(model, "img", Recipe(lr=args.img_lr, epochs=args.img_epochs, batch_size=args.img_batch, schedule="onecycle"), steps)
+    trainer = LCAMTrainer(
+        model,
+        "img",
+        Recipe(lr=args.img_lr, epochs=args.img_epochs, batch_size=args.img_batch, schedule="onecycle"),
+        steps,
+    )
     g = torch.Generator().manual_seed(args.seed)
     for _ in range(args.img_epochs):
         order = torch.randperm(len(x), generator=g)
         for idx in order.split(args.img_batch):
-            trainer.step(TrainBatch(targets=targets[idx], feats=feats[idx], images=x[idx].contiguous(memory_format=torch.channels_last)))
+            trainer.step(
+                TrainBatch(
+                    targets=targets[idx], feats=feats[idx], images=x[idx].contiguous(memory_format=torch.channels_last)
+                )
+            )
         sums = trainer.finish_epoch().means()
-    save_checkpoint(str(out), attention_state=model.attention.state_dict(), method="img", backbone=backbone.describe(),
-                    epoch=trainer.epoch, step=trainer.global_step,
-                    config={"init": fm_ckpt, "images": len(x), "lr": args.img_lr, "schedule": "onecycle", "batch_size": args.img_batch,
-                            "epochs": args.img_epochs, "target": "predicted", "view": "center"})
-    print(f"L-CAM-Img (lcam.training, from L-CAM-Fm): {args.img_epochs} epochs on the {len(x)} table images, one-cycle lr {args.img_lr}, "
-          f"batch {args.img_batch}: {time.perf_counter() - t0:.1f}s; last epoch loss {sums['loss']:.3f} (ce {sums['ce']:.3f}, area {sums['area']:.3f})",
-          flush=True)
+    save_checkpoint(
+        str(out),
+        attention_state=model.attention.state_dict(),
+        method="img",
+        backbone=backbone.describe(),
+        epoch=trainer.epoch,
+        step=trainer.global_step,
+        config={
+            "init": fm_ckpt,
+            "images": len(x),
+            "lr": args.img_lr,
+            "schedule": "onecycle",
+            "batch_size": args.img_batch,
+            "epochs": args.img_epochs,
+            "target": "predicted",
+            "view": "center",
+        },
+    )
+    print(
+        f"L-CAM-Img (lcam.training, from L-CAM-Fm): {args.img_epochs} epochs on the {len(x)} table images, one-cycle lr {args.img_lr}, "
+        f"batch {args.img_batch}: {time.perf_counter() - t0:.1f}s; last epoch loss {sums['loss']:.3f} (ce {sums['ce']:.3f}, area {sums['area']:.3f})",
+        flush=True,
+    )
 
 
 def reference_style(backbone, models, images) -> tuple[float, int, list]:
@@ -193,17 +241,20 @@ def main() -> int:
     import torch
 
     from lcam import LCAM, build_backbone
-    from pipeline.train.checkpoints import load_checkpoint
     from lcam.cam_methods.base import default_methods
     from pipeline.configs import EvalConfig
     from pipeline.evaluation.plan import decode_to_uint8
     from pipeline.evaluation.run import evaluate
     from pipeline.shards.read import list_shards, read_shard
+    from pipeline.train.checkpoints import load_checkpoint
 
     work = work_folder(args.work, args.fresh)
     t_all = time.perf_counter()
-    print(f"ImageNet sample {args.data}; EfficientNet-Lite0; {os.cpu_count()} cores; torch threads {torch.get_num_threads()}; "
-          f"load {load_average():.1f}", flush=True)
+    print(
+        f"ImageNet sample {args.data}; EfficientNet-Lite0; {os.cpu_count()} cores; torch threads {torch.get_num_threads()}; "
+        f"load {load_average():.1f}",
+        flush=True,
+    )
     paths = prepare(args, work)
     import ray
 
@@ -213,23 +264,41 @@ def main() -> int:
     # ---- the table
     out = work / "eval"
     t0, load_table = time.perf_counter(), load_average()
-    evaluate(EvalConfig(
-        shards=paths["shards"], out=str(out), checkpoints=[paths["fm"], paths["img"]], limit=args.limit, seed=args.seed,
-        methods=(*default_methods(), *NEW_METHODS),
-        method_limits={"rise": args.rise_images, "scorecam": args.scorecam_images, "ablationcam": args.scorecam_images},
-        method_options={"rise": {"num_masks": args.rise_masks, "mask_batch": args.batch_size},
-                        "scorecam": {"batch_size": args.batch_size}, "ablationcam": {"batch_size": args.batch_size}},
-        batch_size=args.batch_size, engine="local",
-    ))
+    evaluate(
+        EvalConfig(
+            shards=paths["shards"],
+            out=str(out),
+            checkpoints=[paths["fm"], paths["img"]],
+            limit=args.limit,
+            seed=args.seed,
+            methods=(*default_methods(), *NEW_METHODS),
+            method_limits={
+                "rise": args.rise_images,
+                "scorecam": args.scorecam_images,
+                "ablationcam": args.scorecam_images,
+            },
+            method_options={
+                "rise": {"num_masks": args.rise_masks, "mask_batch": args.batch_size},
+                "scorecam": {"batch_size": args.batch_size},
+                "ablationcam": {"batch_size": args.batch_size},
+            },
+            batch_size=args.batch_size,
+            engine="local",
+        )
+    )
     t_table = time.perf_counter() - t0
     report = json.loads((out / "results.json").read_text())
-    print(f"\nevaluation of all methods: {t_table:.1f}s (load before {load_table:.1f}, after {load_average():.1f}); outputs in {out}\n")
+    print(
+        f"\nevaluation of all methods: {t_table:.1f}s (load before {load_table:.1f}, after {load_average():.1f}); outputs in {out}\n"
+    )
     print((out / "results.md").read_text())
     print("per-image cost of every method in this run (its map + AD/IC's masked forwards):")
     for m in report["methods"].values():
         if m["n"]:
-            print(f"  {m['label']:<18} N={m['n']:<4} {m['seconds'] / m['n']:8.3f} s/image  "
-                  f"{(m['map_forwards'] + m['masked_forwards']) / m['n']:8.1f} forwards/image")
+            print(
+                f"  {m['label']:<18} N={m['n']:<4} {m['seconds'] / m['n']:8.3f} s/image  "
+                f"{(m['map_forwards'] + m['masked_forwards']) / m['n']:8.1f} forwards/image"
+            )
 
     # ---- batched vs reference style, the two L-CAM checkpoints on the same images,
     # interleaved (benchmarks.common.compare): batched with BatchNorm folded, the reference
@@ -242,14 +311,28 @@ def main() -> int:
         def arm() -> float:
             torch.set_num_threads(threads)
             out_dir = tout if fold else work / "eval-timing-unfolded"
-            evaluate(EvalConfig(shards=paths["shards"], out=str(out_dir), checkpoints=[paths["fm"], paths["img"]], methods=(),
-                                limit=args.timing_images, seed=args.seed + 1, batch_size=args.batch_size, engine="local",
-                                fold_batchnorm=fold, progress=False))
+            evaluate(
+                EvalConfig(
+                    shards=paths["shards"],
+                    out=str(out_dir),
+                    checkpoints=[paths["fm"], paths["img"]],
+                    methods=(),
+                    limit=args.timing_images,
+                    seed=args.seed + 1,
+                    batch_size=args.batch_size,
+                    engine="local",
+                    fold_batchnorm=fold,
+                    progress=False,
+                )
+            )
             timings[str(fold)] = json.loads((out_dir / "results.json").read_text())
             return timings[str(fold)]["timings"]["evaluation_seconds"]  # its own timer: reading + decoding + forwards
+
         return arm
 
-    first = batched(True)()  # the batched arm's warm-up: it also picks the images (per_image.csv) the reference style runs on
+    first = batched(
+        True
+    )()  # the batched arm's warm-up: it also picks the images (per_image.csv) the reference style runs on
     with open(tout / "per_image.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     keys = list(dict.fromkeys(r["key"] for r in rows))
@@ -273,12 +356,22 @@ def main() -> int:
         seconds, reference["forwards"], reference["scores"] = reference_style(backbone, models, images)
         return seconds
 
-    comparison = compare({"batched": batched(True), "reference": reference_arm, "unfolded": batched(False)},
-                         reps=args.timing_reps, warmup={"batched": lambda: first}, unit="s")
+    comparison = compare(
+        {"batched": batched(True), "reference": reference_arm, "unfolded": batched(False)},
+        reps=args.timing_reps,
+        warmup={"batched": lambda: first},
+        unit="s",
+    )
     comparison.report(f"batched evaluation vs reference style, {len(keys)} images")
     timing = timings["True"]
-    batched_s, unfolded_s, ref_s = comparison.median("batched"), comparison.median("unfolded"), comparison.median("reference")
-    batched_fwd = timing["timings"]["clean_forwards"] + sum(m["map_forwards"] + m["masked_forwards"] for m in timing["methods"].values())
+    batched_s, unfolded_s, ref_s = (
+        comparison.median("batched"),
+        comparison.median("unfolded"),
+        comparison.median("reference"),
+    )
+    batched_fwd = timing["timings"]["clean_forwards"] + sum(
+        m["map_forwards"] + m["masked_forwards"] for m in timing["methods"].values()
+    )
     ref_fwd, ref_scores = reference["forwards"], reference["scores"]
     # the two styles compute the same numbers, up to float noise (batch size, memory layout)
     # that can flip near-tied pixels at the keep threshold
@@ -291,14 +384,24 @@ def main() -> int:
     n = len(keys)
     print(f"## Batched evaluation vs the reference style ({n} images, L-CAM-Fm + L-CAM-Img, 3 keep ratios)\n")
     print("| style | seconds | images/s | forward passes | per image |\n|---|--:|--:|--:|--:|")
-    print(f"| reference (batch 1, attention recomputed per ratio) | {ref_s:.1f} | {n / ref_s:.2f} | {ref_fwd} | {ref_fwd / n:.0f} |")
-    print(f"| batched (lcam eval, batch {args.batch_size}, incl. reading + decoding) | {batched_s:.1f} | {n / batched_s:.2f} | {batched_fwd} | {batched_fwd / n:.0f} |")
-    print(f"| batched, BatchNorm not folded (--no-fold-batchnorm) | {unfolded_s:.1f} | {n / unfolded_s:.2f} | {batched_fwd} | {batched_fwd / n:.0f} |")
+    print(
+        f"| reference (batch 1, attention recomputed per ratio) | {ref_s:.1f} | {n / ref_s:.2f} | {ref_fwd} | {ref_fwd / n:.0f} |"
+    )
+    print(
+        f"| batched (lcam eval, batch {args.batch_size}, incl. reading + decoding) | {batched_s:.1f} | {n / batched_s:.2f} | {batched_fwd} | {batched_fwd / n:.0f} |"
+    )
+    print(
+        f"| batched, BatchNorm not folded (--no-fold-batchnorm) | {unfolded_s:.1f} | {n / unfolded_s:.2f} | {batched_fwd} | {batched_fwd / n:.0f} |"
+    )
     speedup = comparison.ratio("batched", "reference")
     folding = comparison.ratio("batched", "unfolded")
-    print(f"\ntimes: medians of {comparison.reps} interleaved repetitions; BatchNorm folding alone: {folding.median:.2f}x "
-          f"(spread {folding.lo:.2f}-{folding.hi:.2f})")
-    print(f"speed-up {speedup.median:.2f}x with {ref_fwd / n:.0f} vs {batched_fwd / n:.0f} forward passes per image (forward ratio {ref_fwd / batched_fwd:.2f})")
+    print(
+        f"\ntimes: medians of {comparison.reps} interleaved repetitions; BatchNorm folding alone: {folding.median:.2f}x "
+        f"(spread {folding.lo:.2f}-{folding.hi:.2f})"
+    )
+    print(
+        f"speed-up {speedup.median:.2f}x with {ref_fwd / n:.0f} vs {batched_fwd / n:.0f} forward passes per image (forward ratio {ref_fwd / batched_fwd:.2f})"
+    )
     for j, mid in enumerate(("lcam-fm", "lcam-img")):
         Yb = torch.tensor([float(by[(k, mid)]["Y"]) for k in keys])
         Ob = torch.tensor([[float(by[(k, mid)][f"O@{q:g}"]) for k in keys] for q in ratios])
@@ -306,9 +409,11 @@ def main() -> int:
         Or = torch.tensor([[ref_scores[i][j][2][qi] for i in range(n)] for qi in range(len(ratios))])
         d = (Ob - Or).abs().flatten().numpy()
         same_class = sum(int(by[(k, mid)]["predicted"]) == ref_scores[i][j][0] for i, k in enumerate(keys))
-        print(f"{mid}: AD batched {np.round(average_drop(Yb, Ob).numpy(), 2).tolist()} vs reference {np.round(average_drop(Yr, Or).numpy(), 2).tolist()}; "
-              f"IC {np.round(increase_in_confidence(Yb, Ob).numpy(), 2).tolist()} vs {np.round(increase_in_confidence(Yr, Or).numpy(), 2).tolist()}; "
-              f"same class {same_class}/{n}; |O_b - O_r| median {np.median(d):.1e}, max {d.max():.1e} ({int((d > 1e-3).sum())} of {d.size} > 1e-3)")
+        print(
+            f"{mid}: AD batched {np.round(average_drop(Yb, Ob).numpy(), 2).tolist()} vs reference {np.round(average_drop(Yr, Or).numpy(), 2).tolist()}; "
+            f"IC {np.round(increase_in_confidence(Yb, Ob).numpy(), 2).tolist()} vs {np.round(increase_in_confidence(Yr, Or).numpy(), 2).tolist()}; "
+            f"same class {same_class}/{n}; |O_b - O_r| median {np.median(d):.1e}, max {d.max():.1e} ({int((d > 1e-3).sum())} of {d.size} > 1e-3)"
+        )
     print(f"whole benchmark: {time.perf_counter() - t_all:.0f}s; load average now {load_average():.1f}\n")
 
     target_ratio("eval_speedup_vs_reference", speedup, ">=", 3.0)

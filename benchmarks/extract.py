@@ -39,12 +39,22 @@ def main() -> int:
     parser.add_argument("--data", default=DEFAULT_DATA)
     parser.add_argument("--limit", type=int, default=480, help="images (default 480 of the 800)")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--backbone", default="efficientnet_lite0", help="any backbone spec; others than the default run the interleaved a/b comparison")
+    parser.add_argument(
+        "--backbone",
+        default="efficientnet_lite0",
+        help="any backbone spec; others than the default run the interleaved a/b comparison",
+    )
     parser.add_argument("--weights", default="default")
-    parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions of the arms, after an uncounted warm-up round")
-    parser.add_argument("--pipeline-threads", type=int, default=None,
-                        help="also run the pipeline with its model actor on this many torch threads (arm a2; the "
-                             "default actor uses all cores, and on a small machine shares them with the decode tasks)")
+    parser.add_argument(
+        "--reps", type=int, default=3, help="interleaved repetitions of the arms, after an uncounted warm-up round"
+    )
+    parser.add_argument(
+        "--pipeline-threads",
+        type=int,
+        default=None,
+        help="also run the pipeline with its model actor on this many torch threads (arm a2; the "
+        "default actor uses all cores, and on a small machine shares them with the decode tasks)",
+    )
     args = parser.parse_args()
 
     local_ray_env()
@@ -52,12 +62,12 @@ def main() -> int:
     from PIL import Image
 
     from lcam import build_backbone
-    from pipeline.store.feature_cache import FeatureCache
     from pipeline.configs import ExtractConfig
     from pipeline.extract.run import extract
-    from pipeline.raykit import ensure_ray
     from pipeline.images import preprocess
+    from pipeline.raykit import ensure_ray
     from pipeline.shards.pack import pack_folder
+    from pipeline.store.feature_cache import FeatureCache
 
     items = sample_images(args.data, args.limit)
     work = Path(tempfile.mkdtemp(prefix="bench-extract-"))
@@ -72,8 +82,11 @@ def main() -> int:
     n = len(items)
     if args.backbone != "efficientnet_lite0":
         return compare_with_model_alone(args, items, work)
-    print(f"{n} images from {args.data}, EfficientNet-Lite0, batch {args.batch_size}, {os.cpu_count()} cores, "
-          f"{args.reps} interleaved repetitions after a warm-up round; load {os.getloadavg()}", flush=True)
+    print(
+        f"{n} images from {args.data}, EfficientNet-Lite0, batch {args.batch_size}, {os.cpu_count()} cores, "
+        f"{args.reps} interleaved repetitions after a warm-up round; load {os.getloadavg()}",
+        flush=True,
+    )
 
     t0 = time.perf_counter()
     ensure_ray()
@@ -81,9 +94,14 @@ def main() -> int:
     # the model as the pipeline's actor runs it: BatchNorm folded, channels-last
     backbone = build_backbone("efficientnet_lite0").folded().to(memory_format=torch.channels_last)
     tensors = [preprocess(Image.open(p).convert("RGB"), backbone.preprocessing) for p, _ in items]
-    batches = [torch.stack(tensors[i : i + args.batch_size]).contiguous(memory_format=torch.channels_last) for i in range(0, n, args.batch_size)]
+    batches = [
+        torch.stack(tensors[i : i + args.batch_size]).contiguous(memory_format=torch.channels_last)
+        for i in range(0, n, args.batch_size)
+    ]
     del tensors
-    loader = torch.utils.data.DataLoader(Files(items, backbone.preprocessing), batch_size=args.batch_size, num_workers=2)
+    loader = torch.utils.data.DataLoader(
+        Files(items, backbone.preprocessing), batch_size=args.batch_size, num_workers=2
+    )
 
     # every arm returns seconds per image in its steady state; the harness's warm-up round is
     # the pipeline's first run into its own cache, which starts Ray's workers (each imports
@@ -140,17 +158,26 @@ def main() -> int:
     comparison = compare(arms, reps=args.reps, unit="s/image")
     cold = runs[0]
     info = FeatureCache.open(str(work / "cache-0")).info()
-    print(f"(a) pipeline, first run (cold workers, the warm-up): {cold.images} images in {cold.seconds:.1f}s; steady state {cold.steady_images_per_second:.1f} images/s")
-    print(f"    cache: {info['bytes_on_disk'] / max(1, cold.images) / 1024:.1f} KiB per image on disk (raw {info['raw_bytes'] / max(1, cold.images) / 1024:.1f} KiB, "
-          f"compression ratio {info['compression_ratio']:.2f})", flush=True)
+    print(
+        f"(a) pipeline, first run (cold workers, the warm-up): {cold.images} images in {cold.seconds:.1f}s; steady state {cold.steady_images_per_second:.1f} images/s"
+    )
+    print(
+        f"    cache: {info['bytes_on_disk'] / max(1, cold.images) / 1024:.1f} KiB per image on disk (raw {info['raw_bytes'] / max(1, cold.images) / 1024:.1f} KiB, "
+        f"compression ratio {info['compression_ratio']:.2f})",
+        flush=True,
+    )
     comparison.report("(a) pipeline, (b) model alone, (c) DataLoader + model", rate="images/s")
-    print(f"peak memory (process tree, driver + Ray workers): (a) {peaks['a']:.0f} MiB, (b) {peaks['b']:.0f} MiB, (c) {peaks['c']:.0f} MiB")
+    print(
+        f"peak memory (process tree, driver + Ray workers): (a) {peaks['a']:.0f} MiB, (b) {peaks['b']:.0f} MiB, (c) {peaks['c']:.0f} MiB"
+    )
     ok = target_ratio("extract_vs_dataloader", comparison.ratio("a_pipeline", "c_dataloader"), ">=", 1.0)
     ok &= target_ratio("extract_vs_model_alone", comparison.ratio("a_pipeline", "b_model_alone"), ">=", 0.8)
     if args.pipeline_threads:
         r = comparison.ratio("a2_pipeline_threads", "c_dataloader")
-        print(f"(a2) pipeline, {args.pipeline_threads} torch thread(s) in the actor, vs (c): median {r.median:.2f} (spread {r.lo:.2f}-{r.hi:.2f}); "
-              f"vs (a): {comparison.ratio('a2_pipeline_threads', 'a_pipeline').median:.2f}")
+        print(
+            f"(a2) pipeline, {args.pipeline_threads} torch thread(s) in the actor, vs (c): median {r.median:.2f} (spread {r.lo:.2f}-{r.hi:.2f}); "
+            f"vs (a): {comparison.ratio('a2_pipeline_threads', 'a_pipeline').median:.2f}"
+        )
     return 0 if ok else 1
 
 
@@ -180,18 +207,28 @@ def compare_with_model_alone(args: argparse.Namespace, items: list, work: Path) 
     from lcam import build_backbone
     from pipeline.configs import ExtractConfig
     from pipeline.extract.run import extract
-    from pipeline.raykit import ensure_ray
     from pipeline.images import preprocess
+    from pipeline.raykit import ensure_ray
 
     backbone = build_backbone(args.backbone, args.weights)
-    print(f"{len(items)} images, {backbone.name} (weights {args.weights}), F {backbone.feature_shape}, "
-          f"batch {args.batch_size}, {os.cpu_count()} cores")
-    cfg = dict(shards=str(work / "shards"), backbone=args.backbone, weights=args.weights, batch_size=args.batch_size, progress=False)
+    print(
+        f"{len(items)} images, {backbone.name} (weights {args.weights}), F {backbone.feature_shape}, "
+        f"batch {args.batch_size}, {os.cpu_count()} cores"
+    )
+    cfg = dict(
+        shards=str(work / "shards"),
+        backbone=args.backbone,
+        weights=args.weights,
+        batch_size=args.batch_size,
+        progress=False,
+    )
     ensure_ray()
     model = backbone.folded().to(memory_format=torch.channels_last)  # as the actor runs it
     tensors = [preprocess(Image.open(p).convert("RGB"), backbone.preprocessing) for p, _ in items]
-    batches = [torch.stack(tensors[i : i + args.batch_size]).contiguous(memory_format=torch.channels_last)
-               for i in range(0, len(tensors), args.batch_size)]
+    batches = [
+        torch.stack(tensors[i : i + args.batch_size]).contiguous(memory_format=torch.channels_last)
+        for i in range(0, len(tensors), args.batch_size)
+    ]
     caches = iter(range(1_000_000))
 
     def pipeline() -> float:  # the warm-up round's run starts the workers
@@ -209,7 +246,11 @@ def compare_with_model_alone(args: argparse.Namespace, items: list, work: Path) 
     comparison = compare({"a_pipeline": pipeline, "b_model_alone": model_alone}, reps=args.reps, unit="s/image")
     comparison.report(f"(a) pipeline, (b) model alone, {backbone.name}", rate="images/s")
     safe = args.backbone.replace(":", "_").replace(",", "_").replace("=", "")
-    return 0 if target_ratio(f"extract_vs_model_alone[{safe}]", comparison.ratio("a_pipeline", "b_model_alone"), ">=", 0.8) else 1
+    return (
+        0
+        if target_ratio(f"extract_vs_model_alone[{safe}]", comparison.ratio("a_pipeline", "b_model_alone"), ">=", 0.8)
+        else 1
+    )
 
 
 if __name__ == "__main__":

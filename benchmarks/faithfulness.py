@@ -60,21 +60,37 @@ CANDIDATES = {
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="/work/shared/data/tiny-imagenet")
-    p.add_argument("--work", default="/tmp/lcam-bench-faithful", help="shards, cache, runs and evaluations (outside the repository)")
-    p.add_argument("--held-back", default="10", help="images per class of train/ held back for validation (the last shards); "
-                                                    "one number, or one per --curve point (comma-separated)")
+    p.add_argument(
+        "--work",
+        default="/tmp/lcam-bench-faithful",
+        help="shards, cache, runs and evaluations (outside the repository)",
+    )
+    p.add_argument(
+        "--held-back",
+        default="10",
+        help="images per class of train/ held back for validation (the last shards); "
+        "one number, or one per --curve point (comma-separated)",
+    )
     p.add_argument("--curve", default="5,25,90", help="learning-curve points: training images per class")
-    p.add_argument("--candidates", default=None,
-                   help="settings to choose among on the held-back part, NAME=FLAGS;... (default: the script's CANDIDATES); "
-                        "'default' (no flags) is always trained")
-    p.add_argument("--eval-limit", type=int, default=400, help="val/ images evaluated (seeded subset; the protocol's cost)")
+    p.add_argument(
+        "--candidates",
+        default=None,
+        help="settings to choose among on the held-back part, NAME=FLAGS;... (default: the script's CANDIDATES); "
+        "'default' (no flags) is always trained",
+    )
+    p.add_argument(
+        "--eval-limit", type=int, default=400, help="val/ images evaluated (seeded subset; the protocol's cost)"
+    )
     p.add_argument("--eval-points", default=None, help="curve points evaluated on val/ (default: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", default=str(Path(__file__).resolve().parent / "faithfulness-curve.png"))
     p.add_argument("--no-eval", action="store_true", help="stop after the trainings (the choice on the held-back part)")
-    p.add_argument("--cached-only", action="store_true",
-                   help="use the shards the cache already holds (e.g. an extraction still running): no extraction; the curve "
-                        "points must fit in them")
+    p.add_argument(
+        "--cached-only",
+        action="store_true",
+        help="use the shards the cache already holds (e.g. an extraction still running): no extraction; the curve "
+        "points must fit in them",
+    )
     return p.parse_args()
 
 
@@ -104,7 +120,9 @@ def interleaved_folder(src: Path, out: Path) -> tuple[Path, int]:
         named.append(name + "\t" + "\t".join(r.split("\t")[1:]))
     (out / "labels.tsv").write_text("\n".join([header, *sorted(named)]) + "\n")
     if len(set(rank.values())) != 1:
-        raise SystemExit(f"{src}: classes have different image counts ({sorted(set(rank.values()))}); the shards would not be one rank each")
+        raise SystemExit(
+            f"{src}: classes have different image counts ({sorted(set(rank.values()))}); the shards would not be one rank each"
+        )
     return out, len(rank)
 
 
@@ -117,7 +135,11 @@ def shards_of(data: Path, part: str, work: Path) -> tuple[str, int]:
 
 
 def epochs_of(run: Path) -> list[dict]:
-    return [r for r in (json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "epoch"]
+    return [
+        r
+        for r in (json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines())
+        if r["kind"] == "epoch"
+    ]
 
 
 def train_run(work: Path, cache: str, name: str, flags: str, n: int, held: int) -> dict:
@@ -129,11 +151,38 @@ def train_run(work: Path, cache: str, name: str, flags: str, n: int, held: int) 
 
         shutil.rmtree(run, ignore_errors=True)
         t0 = time.perf_counter()
-        cli(["train", "--method", "fm", "--cache", cache, "--out", str(run), "--val-shards", str(held), "--limit-shards", str(n),
-             "--target", "predicted", "--no-progress", *shlex.split(flags)])
+        cli(
+            [
+                "train",
+                "--method",
+                "fm",
+                "--cache",
+                cache,
+                "--out",
+                str(run),
+                "--val-shards",
+                str(held),
+                "--limit-shards",
+                str(n),
+                "--target",
+                "predicted",
+                "--no-progress",
+                *shlex.split(flags),
+            ]
+        )
         rec = epochs_of(run)
         best = min(rec, key=lambda r: r["val_loss"])
-        done.write_text(json.dumps({"seconds": time.perf_counter() - t0, "best": best, "first": rec[0], "last": rec[-1], "epochs": len(rec)}))
+        done.write_text(
+            json.dumps(
+                {
+                    "seconds": time.perf_counter() - t0,
+                    "best": best,
+                    "first": rec[0],
+                    "last": rec[-1],
+                    "epochs": len(rec),
+                }
+            )
+        )
     info = json.loads(done.read_text())
     info["checkpoint"] = str(run / "best.pt")
     info["run"] = str(run)
@@ -185,7 +234,10 @@ def main() -> int:
     data, work = Path(args.data), Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg()
-    print(f"data {data}; work {work}; EfficientNet-Lite0; {os.cpu_count()} cores; load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}", flush=True)
+    print(
+        f"data {data}; work {work}; EfficientNet-Lite0; {os.cpu_count()} cores; load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}",
+        flush=True,
+    )
     t_all = time.perf_counter()
 
     # 1-2. shards and the training cache
@@ -208,7 +260,9 @@ def main() -> int:
     held_list = [int(v) for v in args.held_back.split(",")]
     held_back = dict(zip(curve, held_list if len(held_list) == len(curve) else held_list[:1] * len(curve)))
     if any(n + held_back[n] > per_class for n in curve):
-        raise SystemExit(f"--curve {args.curve} with --held-back {args.held_back}: the cache has {per_class} images per class")
+        raise SystemExit(
+            f"--curve {args.curve} with --held-back {args.held_back}: the cache has {per_class} images per class"
+        )
     if args.cached_only and have < n_train_images:
         print(f"--cached-only: {have} of {n_train_images} images of train/ cached ({per_class} per class)", flush=True)
 
@@ -224,23 +278,42 @@ def main() -> int:
         trained[n] = {name: train_run(work, cache, name, flags, n, held_back[n]) for name, flags in cands.items()}
     print("\n## The choice on the held-back part of train/ (validation loss of best.pt; lower is better)\n")
     print("Held back: the last H images per class of train/; training on the first N per class of the rest.\n")
-    print("| N per class | H | setting | flags | epochs | best epoch | val loss first / best / last | val CE best | val area best | train loss first / last | training time |")
+    print(
+        "| N per class | H | setting | flags | epochs | best epoch | val loss first / best / last | val CE best | val area best | train loss first / last | training time |"
+    )
     print("|--:|--:|---|---|--:|--:|---|--:|--:|---|--:|")
     chosen: dict[int, str] = {}
     for n in curve:
         chosen[n] = min(trained[n], key=lambda name: trained[n][name]["best"]["val_loss"])
         for name, info in trained[n].items():
             b, f, last = info["best"], info["first"], info["last"]
-            print(f"| {n} | {held_back[n]} | {name}{' (chosen)' if name == chosen[n] else ''} | `{cands[name] or '(defaults)'}` | {info['epochs']} | {b['epoch']} | "
-                  f"{f['val_loss']:.4f} / {b['val_loss']:.4f} / {last['val_loss']:.4f} | {b['val_ce']:.3f} | {b['val_area']:.3f} | "
-                  f"{f['loss']:.4f} / {last['loss']:.4f} | {info['seconds']:.0f}s |")
+            print(
+                f"| {n} | {held_back[n]} | {name}{' (chosen)' if name == chosen[n] else ''} | `{cands[name] or '(defaults)'}` | {info['epochs']} | {b['epoch']} | "
+                f"{f['val_loss']:.4f} / {b['val_loss']:.4f} / {last['val_loss']:.4f} | {b['val_ce']:.3f} | {b['val_area']:.3f} | "
+                f"{f['loss']:.4f} / {last['loss']:.4f} | {info['seconds']:.0f}s |"
+            )
     if args.no_eval:
         return 0
 
     # 4. the untrained CAM rows: the default's start
     cam_run = work / "runs" / "cam-start"
     if not (cam_run / "checkpoint.pt").exists():
-        cli(["train", "--method", "fm", "--cache", cache, "--out", str(cam_run), "--init", "cam", "--max-steps", "0", "--no-progress"])
+        cli(
+            [
+                "train",
+                "--method",
+                "fm",
+                "--cache",
+                cache,
+                "--out",
+                str(cam_run),
+                "--init",
+                "cam",
+                "--max-steps",
+                "0",
+                "--no-progress",
+            ]
+        )
 
     # 5. lcam eval on the same val/ images: one evaluation per checkpoint, one for the baselines
     points = [int(v) for v in args.eval_points.split(",")] if args.eval_points else curve
@@ -255,7 +328,11 @@ def main() -> int:
         out = work / "eval" / f"{name}-limit{args.eval_limit}-seed{args.seed}"
         if not (out / "per_image.csv").exists():
             t0 = time.perf_counter()
-            extra = ["--methods", "gradcam,gradcam++,random"] if url is None else ["--checkpoint", f"{name}={url}", "--methods", "none"]
+            extra = (
+                ["--methods", "gradcam,gradcam++,random"]
+                if url is None
+                else ["--checkpoint", f"{name}={url}", "--methods", "none"]
+            )
             cli(["eval", val_shards, str(out), *extra, *common])
             print(f"eval {name}: {time.perf_counter() - t0:.0f}s", flush=True)
         rows.update(per_image(out / "per_image.csv"))
@@ -267,8 +344,10 @@ def main() -> int:
     methods = [m for m in checkpoints] + ["gradcam", "gradcam++", "random"]
     n_img = len(rows["gradcam"])
     print(f"\n## AD / IC on val/ ({n_img} images of the 200 trained classes, never trained on)\n")
-    print("AD = 100/N Σ max(0, Y − O)/Y (lower better), IC = 100/N Σ [O > Y] (higher better); softmax of the top-1 class, "
-          "pixel-space masking, keep 100/50/15%.\n")
+    print(
+        "AD = 100/N Σ max(0, Y − O)/Y (lower better), IC = 100/N Σ [O > Y] (higher better); softmax of the top-1 class, "
+        "pixel-space masking, keep 100/50/15%.\n"
+    )
     loc = [c for c in LOCALISATION if any(c in r for r in rows["gradcam"].values())]
     print("| method | N | AD 100 / 50 / 15% | IC 100 / 50 / 15% |" + "".join(f" {c} |" for c in loc))
     print("|---|--:|---|---|" + "--:|" * len(loc))
@@ -276,11 +355,21 @@ def main() -> int:
         r = rows[m]
         ad = [sum(ad_term(v, j) for v in r.values()) / len(r) for j in range(3)]
         ic = [sum(ic_term(v, j) for v in r.values()) / len(r) for j in range(3)]
-        cells = [f"{sum(v[c] for v in r.values() if c in v) / max(1, sum(1 for v in r.values() if c in v)):.3f}" for c in loc]
-        print(f"| {m} | {len(r)} | " + " / ".join(f"{v:.1f}" for v in ad) + " | " + " / ".join(f"{v:.1f}" for v in ic) + " |"
-              + "".join(f" {c} |" for c in cells))
+        cells = [
+            f"{sum(v[c] for v in r.values() if c in v) / max(1, sum(1 for v in r.values() if c in v)):.3f}" for c in loc
+        ]
+        print(
+            f"| {m} | {len(r)} | "
+            + " / ".join(f"{v:.1f}" for v in ad)
+            + " | "
+            + " / ".join(f"{v:.1f}" for v in ic)
+            + " |"
+            + "".join(f" {c} |" for c in cells)
+        )
     for ref in ("gradcam", "cam"):
-        print(f"\n## Paired differences against {ref} on val/ (mean ± standard error over the same images; AD: negative is better, IC: positive)\n")
+        print(
+            f"\n## Paired differences against {ref} on val/ (mean ± standard error over the same images; AD: negative is better, IC: positive)\n"
+        )
         print("| method | images | N | AD 100% | AD 50% | AD 15% | IC 100% | IC 50% | IC 15% |")
         print("|---|---|--:|--:|--:|--:|--:|--:|--:|")
         for m in methods:
@@ -294,7 +383,13 @@ def main() -> int:
                 if keys is not None and len(keys) < 2:
                     continue
                 ad, ic, n = paired(rows, m, ref, keys)
-                print(f"| {m} | {part} | {n} | " + " | ".join(fmt(v) for v in ad) + " | " + " | ".join(fmt(v) for v in ic) + " |")
+                print(
+                    f"| {m} | {part} | {n} | "
+                    + " | ".join(fmt(v) for v in ad)
+                    + " | "
+                    + " | ".join(fmt(v) for v in ic)
+                    + " |"
+                )
     print(f"\nwhole benchmark: {time.perf_counter() - t_all:.0f}s; load average now {os.getloadavg()[0]:.1f}\n")
 
     # the learning curve: L-CAM (defaults) minus Grad-CAM and minus CAM, AD at 50%, per N
@@ -306,11 +401,27 @@ def main() -> int:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(1, 2, figsize=(10, 4))
-        for j, (metric, term) in enumerate((("AD at 50% (lower is better)", ad_term), ("IC at 50% (higher is better)", ic_term))):
+        for j, (metric, term) in enumerate(
+            (("AD at 50% (lower is better)", ad_term), ("IC at 50% (higher is better)", ic_term))
+        ):
             for ref, style in (("gradcam", "o-"), ("cam", "s--")):
-                ms = [mean_se([term(rows[f"lcam-n{n}"][k], 1) - term(rows[ref][k], 1) for k in sorted(set(rows[f"lcam-n{n}"]) & set(rows[ref]))])
-                      for n in points]
-                ax[j].errorbar(points, [m for m, _ in ms], yerr=[s for _, s in ms], fmt=style, capsize=3, label=f"L-CAM-Fm minus {ref}")
+                ms = [
+                    mean_se(
+                        [
+                            term(rows[f"lcam-n{n}"][k], 1) - term(rows[ref][k], 1)
+                            for k in sorted(set(rows[f"lcam-n{n}"]) & set(rows[ref]))
+                        ]
+                    )
+                    for n in points
+                ]
+                ax[j].errorbar(
+                    points,
+                    [m for m, _ in ms],
+                    yerr=[s for _, s in ms],
+                    fmt=style,
+                    capsize=3,
+                    label=f"L-CAM-Fm minus {ref}",
+                )
             ax[j].axhline(0, color="grey", lw=0.8)
             ax[j].set_xscale("log")
             ax[j].set_xticks(points, [str(n) for n in points])
@@ -318,7 +429,9 @@ def main() -> int:
             ax[j].set_xlabel("training images per class")
             ax[j].set_title(metric)
             ax[j].legend(fontsize=8)
-        fig.suptitle(f"L-CAM-Fm (lcam train defaults) on {n_img} val/ images of Tiny ImageNet's classes, paired differences ± s.e.")
+        fig.suptitle(
+            f"L-CAM-Fm (lcam train defaults) on {n_img} val/ images of Tiny ImageNet's classes, paired differences ± s.e."
+        )
         fig.tight_layout()
         fig.savefig(args.plot, dpi=90)
         print(f"learning curve: {args.plot}")

@@ -72,12 +72,22 @@ SPLIT = "5e7ccf9ecf"  # generalisation.py's key(seed=0, heldout=200)
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work", default=WORK, help="generalisation.py's --work folder (its cache, shards and baselines are reused)")
-    p.add_argument("--out", default=os.path.join(WORK, "transfer"), help="where this experiment's checkpoints and evaluations go")
-    p.add_argument("--variants", default="shared-row,adapter-full", help="KIND[@LR], comma separated; KIND: shared-row, adapter-full, adapter-rR, each optionally +rows (class rows trained too), or distil (LR: the ridge); LR: peak lr (default --adapter-lr)")
+    p.add_argument(
+        "--work", default=WORK, help="generalisation.py's --work folder (its cache, shards and baselines are reused)"
+    )
+    p.add_argument(
+        "--out", default=os.path.join(WORK, "transfer"), help="where this experiment's checkpoints and evaluations go"
+    )
+    p.add_argument(
+        "--variants",
+        default="shared-row,adapter-full",
+        help="KIND[@LR], comma separated; KIND: shared-row, adapter-full, adapter-rR, each optionally +rows (class rows trained too), or distil (LR: the ridge); LR: peak lr (default --adapter-lr)",
+    )
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--adapter-lr", type=float, default=3.0, help="one-cycle peak lr of the shared parameters")
-    p.add_argument("--rows-lr", type=float, default=3.0, help="KIND+rows: one-cycle peak lr of the class rows (trained too)")
+    p.add_argument(
+        "--rows-lr", type=float, default=3.0, help="KIND+rows: one-cycle peak lr of the class rows (trained too)"
+    )
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tables", default="held-out,in-sample")
@@ -107,7 +117,7 @@ def make_attention(kind: str, base, seed: int, train_rows: bool = False):
             elif kind == "adapter-full":
                 self.m = nn.Parameter(torch.zeros(c, c))
             elif kind.startswith("adapter-r"):
-                r = int(kind[len("adapter-r"):])
+                r = int(kind[len("adapter-r") :])
                 g = torch.Generator().manual_seed(seed)
                 self.a = nn.Parameter(torch.zeros(c, r))  # M = a @ b: zero at the start, so the rows start as CAM
                 self.b = nn.Parameter(torch.randn(r, c, generator=g) / math.sqrt(c))
@@ -139,7 +149,10 @@ def make_attention(kind: str, base, seed: int, train_rows: bool = False):
             ``lcam train``), so a shared beta of ~4 would swamp those maps in float32 (measured:
             held-out AD 92 / 94 / 99 with beta folded in)."""
             w = self.rows(self.conv.weight.flatten(1))
-            return {"conv.weight": w.reshape(self.conv.weight.shape).clone(), "conv.bias": self.conv.bias.detach().clone()}
+            return {
+                "conv.weight": w.reshape(self.conv.weight.shape).clone(),
+                "conv.bias": self.conv.bias.detach().clone(),
+            }
 
     return SharedComponentAttention()
 
@@ -180,20 +193,33 @@ def distil_variant(ridge: float, args, cache, targets, out: Path) -> str:
     trained_rows = ref["attention"]["conv.weight"].flatten(1).double()
     covered = ref["coverage"] > 0
     w_tr, r_tr = w[covered], trained_rows[covered]
-    goal = r_tr / r_tr.norm(dim=1, keepdim=True) * w_tr.norm(dim=1, keepdim=True)  # direction of the trained row, scale of W_k
+    goal = (
+        r_tr / r_tr.norm(dim=1, keepdim=True) * w_tr.norm(dim=1, keepdim=True)
+    )  # direction of the trained row, scale of W_k
     gram = w_tr @ w_tr.T
     lam = ridge * float(gram.diagonal().mean())
     m = w_tr.T @ torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), goal - w_tr)
     fitted = w_tr + w_tr @ m
     cos = torch.nn.functional.cosine_similarity(fitted, r_tr, dim=1).mean()
     cos0 = torch.nn.functional.cosine_similarity(w_tr, r_tr, dim=1).mean()
-    print(f"  distil ridge {ridge:g}: {int(covered.sum())} trained rows; mean cosine to the trained rows {cos0:.3f} (CAM rows) -> "
-          f"{cos:.3f} (W (I + M)); |M| {float(m.norm()):.3g}", flush=True)
+    print(
+        f"  distil ridge {ridge:g}: {int(covered.sum())} trained rows; mean cosine to the trained rows {cos0:.3f} (CAM rows) -> "
+        f"{cos:.3f} (W (I + M)); |M| {float(m.norm()):.3g}",
+        flush=True,
+    )
     rows = (w + w @ m).float()
-    save_checkpoint(str(ckpt), attention_state={"conv.weight": rows.reshape(base.conv.weight.shape), "conv.bias": base.conv.bias.detach().clone()},
-                    method="fm", backbone=backbone.describe(), cache_fingerprint=cache.fingerprint,
-                    config={"experiment": "heldout_transfer", "variant": "distil", "ridge": ridge, "reference": "fm-cam-k1"},
-                    coverage=torch.bincount(targets, minlength=base.num_classes))
+    save_checkpoint(
+        str(ckpt),
+        attention_state={
+            "conv.weight": rows.reshape(base.conv.weight.shape),
+            "conv.bias": base.conv.bias.detach().clone(),
+        },
+        method="fm",
+        backbone=backbone.describe(),
+        cache_fingerprint=cache.fingerprint,
+        config={"experiment": "heldout_transfer", "variant": "distil", "ridge": ridge, "reference": "fm-cam-k1"},
+        coverage=torch.bincount(targets, minlength=base.num_classes),
+    )
     return str(ckpt)
 
 
@@ -219,13 +245,19 @@ def train_variant(kind: str, lr: float, args, cache, feats, targets, out: Path) 
     for p in model.backbone.parameters():
         p.requires_grad_(False)
     recipe = Recipe(lr=lr, epochs=args.epochs, batch_size=args.batch, schedule="onecycle")
-    shared = [p for n, p in attention.named_parameters() if p.requires_grad and n not in ("beta", "conv.weight", "conv.bias")]
+    shared = [
+        p for n, p in attention.named_parameters() if p.requires_grad and n not in ("beta", "conv.weight", "conv.bias")
+    ]
     # as lcam.recipe.make_optimizer: weights at lr, biases (beta) at bias_lr_mult x lr; class rows (+rows) at the held-out recipe's
     groups = [{"params": shared, "lr": recipe.lr}, {"params": [attention.beta], "lr": recipe.lr * recipe.bias_lr_mult}]
     if train_rows:
-        groups += [{"params": [attention.conv.weight], "lr": args.rows_lr}, {"params": [attention.conv.bias], "lr": args.rows_lr * recipe.bias_lr_mult}]
-    opt = torch.optim.SGD(groups,
-                          lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay, nesterov=recipe.nesterov)
+        groups += [
+            {"params": [attention.conv.weight], "lr": args.rows_lr},
+            {"params": [attention.conv.bias], "lr": args.rows_lr * recipe.bias_lr_mult},
+        ]
+    opt = torch.optim.SGD(
+        groups, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay, nesterov=recipe.nesterov
+    )
     n = feats.shape[0]
     steps = math.ceil(n / args.batch)
     sched = make_scheduler(opt, recipe, steps)
@@ -237,7 +269,7 @@ def train_variant(kind: str, lr: float, args, cache, feats, targets, out: Path) 
         order = torch.randperm(n, generator=g)
         sums = {"loss": 0.0, "ce": 0.0, "area": 0.0, "tv": 0.0, "agree": 0.0}
         for s in range(steps):
-            idx = order[s * args.batch:(s + 1) * args.batch]
+            idx = order[s * args.batch : (s + 1) * args.batch]
             f, t = feats[idx], targets[idx]
             logits, maps = model.fm_forward(f, t)
             terms = loss_fn(logits, t, maps)
@@ -253,16 +285,35 @@ def train_variant(kind: str, lr: float, args, cache, feats, targets, out: Path) 
         history.append(rec)
         if epoch == 0 or (epoch + 1) % 5 == 0 or epoch + 1 == args.epochs:
             size = {name: float(p.detach().norm()) for name, p in attention.named_parameters() if p.requires_grad}
-            print(f"  {kind} epoch {epoch + 1}: loss {rec['loss']:.3f} ce {rec['ce']:.3f} area {rec['area']:.3f} tv {rec['tv']:.3f} "
-                  f"agree {rec['agree']:.2f}; |params| " + ", ".join(f"{k} {v:.3g}" for k, v in size.items())
-                  + f" ({time.perf_counter() - t0:.0f}s)", flush=True)
+            print(
+                f"  {kind} epoch {epoch + 1}: loss {rec['loss']:.3f} ce {rec['ce']:.3f} area {rec['area']:.3f} tv {rec['tv']:.3f} "
+                f"agree {rec['agree']:.2f}; |params| "
+                + ", ".join(f"{k} {v:.3g}" for k, v in size.items())
+                + f" ({time.perf_counter() - t0:.0f}s)",
+                flush=True,
+            )
     # coverage: the rows whose own images trained (the class-specific part); every row got the shared part
     coverage = torch.bincount(targets, minlength=attention.num_classes)
-    save_checkpoint(str(ckpt), attention_state=attention.folded_state(), method="fm", backbone=backbone.describe(),
-                    cache_fingerprint=cache.fingerprint, epoch=args.epochs, step=args.epochs * steps,
-                    config={"experiment": "heldout_transfer", "variant": kind, "epochs": args.epochs, "adapter_lr": lr,
-                            "batch_size": args.batch, "seed": args.seed, "rows": f"trained, lr {args.rows_lr:g}" if train_rows else "frozen at the classifier's (cam init)"},
-                    metrics=history, coverage=coverage)
+    save_checkpoint(
+        str(ckpt),
+        attention_state=attention.folded_state(),
+        method="fm",
+        backbone=backbone.describe(),
+        cache_fingerprint=cache.fingerprint,
+        epoch=args.epochs,
+        step=args.epochs * steps,
+        config={
+            "experiment": "heldout_transfer",
+            "variant": kind,
+            "epochs": args.epochs,
+            "adapter_lr": lr,
+            "batch_size": args.batch,
+            "seed": args.seed,
+            "rows": f"trained, lr {args.rows_lr:g}" if train_rows else "frozen at the classifier's (cam init)",
+        },
+        metrics=history,
+        coverage=coverage,
+    )
     return str(ckpt)
 
 
@@ -281,7 +332,10 @@ def main() -> int:
     print(f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}; torch threads {args.threads}", flush=True)
     cache, _keys, feats, targets = load_cache(str(work / f"train-{SPLIT}" / "cache"))
     print(f"cache: {feats.shape[0]} training images, features {tuple(feats.shape[1:])}", flush=True)
-    shards = {"held-out": (str(work / f"heldout-{SPLIT}" / "shards"), None), "in-sample": (str(work / f"train-{SPLIT}" / "shards"), 200)}
+    shards = {
+        "held-out": (str(work / f"heldout-{SPLIT}" / "shards"), None),
+        "in-sample": (str(work / f"train-{SPLIT}" / "shards"), 200),
+    }
     baselines = {label: next(work.glob(f"eval-{label}-baselines-*")) / "per_image.csv" for label in shards}
     reference = {label: next(work.glob(f"eval-{label}-fm-cam-k1-*")) / "per_image.csv" for label in shards}
     wanted = [t.strip() for t in args.tables.split(",") if t.strip()]
@@ -302,8 +356,20 @@ def main() -> int:
             ev = out / f"eval-{label}-{name}-{key(url=url, limit=limit, seed=args.seed)}"
             if not (ev / "results.json").exists():
                 t0 = time.perf_counter()
-                evaluate(EvalConfig(shards=shard_url, out=str(ev), checkpoints=[f"{name}={url}"], methods=(), limit=limit, seed=args.seed,
-                                    batch_size=16, engine="local", decode_workers=1, progress=False))
+                evaluate(
+                    EvalConfig(
+                        shards=shard_url,
+                        out=str(ev),
+                        checkpoints=[f"{name}={url}"],
+                        methods=(),
+                        limit=limit,
+                        seed=args.seed,
+                        batch_size=16,
+                        engine="local",
+                        decode_workers=1,
+                        progress=False,
+                    )
+                )
                 print(f"  eval {label}: {time.perf_counter() - t0:.0f}s", flush=True)
             rows = per_image(baselines[label])
             rows.update(per_image(reference[label]))
@@ -313,13 +379,23 @@ def main() -> int:
             ad_k1, ic_k1, _ = paired(rows, name, "fm-cam-k1")
             results[(name, label)] = (m, ad, ic, n, ad_k1, ic_k1)
             fmt = lambda v: " / ".join(f"{a:+.1f}±{s:.1f}" for a, s in v)  # noqa: E731
-            print(f"  {label} (N={n}): AD {' / '.join(f'{v:.1f}' for v in m['ad'])}, IC {' / '.join(f'{v:.1f}' for v in m['ic'])}\n"
-                  f"    minus Grad-CAM: AD {fmt(ad)}, IC {fmt(ic)}\n"
-                  f"    minus fm-cam-k1 (the trained-rows L-CAM): AD {fmt(ad_k1)}, IC {fmt(ic_k1)}", flush=True)
-    print("\n| variant | table | N | AD 100/50/15 | IC 100/50/15 | AD minus Grad-CAM | IC minus Grad-CAM |\n|---|---|--:|---|---|---|---|")
+            print(
+                f"  {label} (N={n}): AD {' / '.join(f'{v:.1f}' for v in m['ad'])}, IC {' / '.join(f'{v:.1f}' for v in m['ic'])}\n"
+                f"    minus Grad-CAM: AD {fmt(ad)}, IC {fmt(ic)}\n"
+                f"    minus fm-cam-k1 (the trained-rows L-CAM): AD {fmt(ad_k1)}, IC {fmt(ic_k1)}",
+                flush=True,
+            )
+    print(
+        "\n| variant | table | N | AD 100/50/15 | IC 100/50/15 | AD minus Grad-CAM | IC minus Grad-CAM |\n|---|---|--:|---|---|---|---|"
+    )
     for (name, label), (m, ad, ic, n, _a, _i) in results.items():
-        print(f"| {name} | {label} | {n} | {' / '.join(f'{v:.1f}' for v in m['ad'])} | {' / '.join(f'{v:.1f}' for v in m['ic'])} | "
-              + " / ".join(f"{a:+.1f}±{s:.1f}" for a, s in ad) + " | " + " / ".join(f"{a:+.1f}±{s:.1f}" for a, s in ic) + " |")
+        print(
+            f"| {name} | {label} | {n} | {' / '.join(f'{v:.1f}' for v in m['ad'])} | {' / '.join(f'{v:.1f}' for v in m['ic'])} | "
+            + " / ".join(f"{a:+.1f}±{s:.1f}" for a, s in ad)
+            + " | "
+            + " / ".join(f"{a:+.1f}±{s:.1f}" for a, s in ic)
+            + " |"
+        )
     print(f"load average now {os.getloadavg()[0]:.1f}")
     return 0
 

@@ -83,7 +83,12 @@ def _proc_table() -> dict[int, tuple[int, int, float, int]]:
             continue
         # after the name: state ppid ... utime(12) stime(13) ... starttime(20), 0-based here
         # fields[21] is rss in pages
-        out[int(entry)] = (int(fields[1]), int(fields[19]), (int(fields[11]) + int(fields[12])) / tick, int(fields[21]) * page)
+        out[int(entry)] = (
+            int(fields[1]),
+            int(fields[19]),
+            (int(fields[11]) + int(fields[12])) / tick,
+            int(fields[21]) * page,
+        )
     return out
 
 
@@ -198,19 +203,21 @@ class Stage:
         return self.driver_cpu / self.tree_cpu if self.tree_cpu > 0 else 0.0
 
     def line(self) -> str:
-        return (f"{self.name:8s} {self.images / self.seconds:8.1f} images/s  {self.seconds:7.1f}s  driver CPU {self.driver_cpu:6.1f}s of {self.tree_cpu:7.1f}s "
-                f"({100 * self.share:4.1f}%)  peak {self.peak / 2**30:5.2f} GiB  spilled {self.spill:.0f} MiB")
+        return (
+            f"{self.name:8s} {self.images / self.seconds:8.1f} images/s  {self.seconds:7.1f}s  driver CPU {self.driver_cpu:6.1f}s of {self.tree_cpu:7.1f}s "
+            f"({100 * self.share:4.1f}%)  peak {self.peak / 2**30:5.2f} GiB  spilled {self.spill:.0f} MiB"
+        )
 
 
-def run_size(n: int, work: Path, images: Path, per_shard: int, head: str, workers: set[str], cpu: TreeSampler, threads: int) -> dict:
-    from pipeline.store.feature_cache import FeatureCache
-    from pipeline.configs import CamsConfig
+def run_size(
+    n: int, work: Path, images: Path, per_shard: int, head: str, workers: set[str], cpu: TreeSampler, threads: int
+) -> dict:
     from pipeline.cams.run import generate_cams
-    from pipeline.configs import ExtractConfig
+    from pipeline.configs import CamsConfig, ExtractConfig, TrainConfig
     from pipeline.extract.run import extract
-    from pipeline.shards.read import list_shards
     from pipeline.shards.pack import pack_folder
-    from pipeline.configs import TrainConfig
+    from pipeline.shards.read import list_shards
+    from pipeline.store.feature_cache import FeatureCache
     from pipeline.train.run import train
 
     out = work / f"n{n}"
@@ -231,38 +238,91 @@ def run_size(n: int, work: Path, images: Path, per_shard: int, head: str, worker
     stages.append(s)
     print(s.line(), flush=True)
     with Stage("extract", n, cpu) as s:
-        summary = extract(ExtractConfig(shards=str(out / "shards"), cache=str(out / "cache"), backbone=BACKBONE, weights=WEIGHTS,
-                                        batch_size=256, torch_threads=threads, progress=False))
+        summary = extract(
+            ExtractConfig(
+                shards=str(out / "shards"),
+                cache=str(out / "cache"),
+                backbone=BACKBONE,
+                weights=WEIGHTS,
+                batch_size=256,
+                torch_threads=threads,
+                progress=False,
+            )
+        )
     stages.append(s)
     print(s.line(), flush=True)
     stage = summary.stage
     cache = FeatureCache.open(str(out / "cache"))
     raw = len(cache) * cache.raw_bytes_per_row()
-    print(f"         driver received {stage.result_bytes} bytes of results ({stage.result_bytes / max(1, stage.shards_done):.0f} per shard), "
-          f"{stage.array_bytes} bytes of arrays; the features are {raw / 2**20:.1f} MiB raw (what iter_batches on the driver moved before)", flush=True)
+    print(
+        f"         driver received {stage.result_bytes} bytes of results ({stage.result_bytes / max(1, stage.shards_done):.0f} per shard), "
+        f"{stage.array_bytes} bytes of arrays; the features are {raw / 2**20:.1f} MiB raw (what iter_batches on the driver moved before)",
+        flush=True,
+    )
     report = cache.verify(expected={i.url: i.count for i in list_shards(str(out / "shards"))})
     with Stage("train", n, cpu) as s:
-        trained = train(TrainConfig(method="fm", cache=str(out / "cache"), out=str(out / "run"), epochs=1, batch_size=256, target="predicted", progress=False))
+        trained = train(
+            TrainConfig(
+                method="fm",
+                cache=str(out / "cache"),
+                out=str(out / "run"),
+                epochs=1,
+                batch_size=256,
+                target="predicted",
+                progress=False,
+            )
+        )
     stages.append(s)
     print(s.line(), flush=True)
     with Stage("cams", n, cpu) as s:
-        generate_cams(CamsConfig(checkpoint=trained.checkpoint, out=str(out / "cams"), cache=str(out / "cache"), classes="top-k", top_k=5, torch_threads=threads, progress=False))
+        generate_cams(
+            CamsConfig(
+                checkpoint=trained.checkpoint,
+                out=str(out / "cams"),
+                cache=str(out / "cache"),
+                classes="top-k",
+                top_k=5,
+                torch_threads=threads,
+                progress=False,
+            )
+        )
     stages.append(s)
     print(s.line(), flush=True)
     for s in stages:
-        where = "driver (head)" if not s.nodes else ("worker nodes" if s.nodes <= workers else f"nodes incl. the head ({len(s.nodes)})")
+        where = (
+            "driver (head)"
+            if not s.nodes
+            else ("worker nodes" if s.nodes <= workers else f"nodes incl. the head ({len(s.nodes)})")
+        )
         print(f"         {s.name}: ran on {where}", flush=True)
-    return {"n": n, "stages": stages, "summary": summary, "verify": report, "raw": raw, "workers": workers, "head": head}
+    return {
+        "n": n,
+        "stages": stages,
+        "summary": summary,
+        "verify": report,
+        "raw": raw,
+        "workers": workers,
+        "head": head,
+    }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=100_000)
-    parser.add_argument("--compare", type=int, default=10_000, help="the smaller size whose peak memory the larger's is held to (0: none)")
+    parser.add_argument(
+        "--compare",
+        type=int,
+        default=10_000,
+        help="the smaller size whose peak memory the larger's is held to (0: none)",
+    )
     parser.add_argument("--per-shard", type=int, default=1000)
     parser.add_argument("--workers", type=int, default=2, help="worker nodes (2 CPUs and one fake GPU each)")
-    parser.add_argument("--torch-threads", type=int, default=None,
-                        help="torch threads per model actor (default: the machine's cores / worker nodes, at least 1)")
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="torch threads per model actor (default: the machine's cores / worker nodes, at least 1)",
+    )
     parser.add_argument("--work", default=None, help="folder for images, shards, caches (default: a new temp folder)")
     args = parser.parse_args()
 
@@ -273,7 +333,10 @@ def main() -> int:
     from ray.cluster_utils import Cluster
 
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-scale-"))
-    print(f"work folder {work}; load {os.getloadavg()}; {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB", flush=True)
+    print(
+        f"work folder {work}; load {os.getloadavg()}; {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB",
+        flush=True,
+    )
     t0 = time.perf_counter()
     make_images(work / "images", args.images)
     print(f"generated {args.images} JPEGs in {time.perf_counter() - t0:.0f}s", flush=True)
@@ -287,8 +350,16 @@ def main() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         dashboard_port = sock.getsockname()[1]
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "num_gpus": 0, "include_dashboard": True,
-                                                            "dashboard_port": dashboard_port, "object_store_memory": 2**30})
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 0,
+            "num_gpus": 0,
+            "include_dashboard": True,
+            "dashboard_port": dashboard_port,
+            "object_store_memory": 2**30,
+        },
+    )
     for _ in range(args.workers):
         cluster.add_node(num_cpus=2, num_gpus=1, object_store_memory=2**30)
     cluster.wait_for_nodes()
@@ -297,7 +368,9 @@ def main() -> int:
     workers = {n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] != head}
     print(f"cluster: head {head[:8]} (0 CPU, 0 GPU), workers {', '.join(w[:8] for w in sorted(workers))}", flush=True)
 
-    sizes = [s for s in (args.compare, args.images) if s] if args.compare and args.compare < args.images else [args.images]
+    sizes = (
+        [s for s in (args.compare, args.images) if s] if args.compare and args.compare < args.images else [args.images]
+    )
     # The simulated nodes share this machine's cores: an actor taking every core (torch's
     # default on a node) oversubscribes them, one actor per node each spinning on all cores.
     threads = args.torch_threads or max(1, (os.cpu_count() or 1) // max(1, args.workers))
@@ -316,8 +389,10 @@ def main() -> int:
     ok &= target("scale_feature_bytes_through_driver", big["summary"].stage.array_bytes, "<=", 0, "{:.0f}")
     if len(results) > 1:
         ratio = max(s.peak for s in big["stages"]) / max(s.peak for s in results[0]["stages"])
-        print(f"peak tree memory: {max(s.peak for s in results[0]['stages']) / 2**30:.2f} GiB at {results[0]['n']} images, "
-              f"{max(s.peak for s in big['stages']) / 2**30:.2f} GiB at {big['n']}")
+        print(
+            f"peak tree memory: {max(s.peak for s in results[0]['stages']) / 2**30:.2f} GiB at {results[0]['n']} images, "
+            f"{max(s.peak for s in big['stages']) / 2**30:.2f} GiB at {big['n']}"
+        )
         ok &= target("scale_peak_memory_ratio", ratio, "<=", 1.2)
     rep = big["verify"]
     exact = rep.ok and rep.rows == big["n"]  # every generated image decodes: none skipped
@@ -325,7 +400,9 @@ def main() -> int:
     ok &= target("scale_cache_verify_exact", float(exact), ">=", 1.0, "{:.0f}")
     for name in ("extract", "train", "cams"):
         s = by[name]
-        ok &= target(f"scale_placed_on_workers[{name}]", float(bool(s.nodes) and s.nodes <= workers), ">=", 1.0, "{:.0f}")
+        ok &= target(
+            f"scale_placed_on_workers[{name}]", float(bool(s.nodes) and s.nodes <= workers), ">=", 1.0, "{:.0f}"
+        )
     print(f"total {time.perf_counter() - t0:.0f}s; load {os.getloadavg()}")
     ray.shutdown()
     cluster.shutdown()

@@ -45,7 +45,6 @@ import torch  # noqa: E402
 import torch.nn.functional as nnf  # noqa: E402
 
 
-
 def peak_rss_mb() -> float:
     return int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1)) / 1024
 
@@ -128,10 +127,24 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--img-batch", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3, help="interleaved L-CAM-Fm epochs per style (after a warm-up round)")
-    ap.add_argument("--img-steps", type=int, default=3, help="measured L-CAM-Img steps per style, interleaved (after one warm-up each)")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads for BOTH styles (default 1: what `lcam train` uses for L-CAM-Fm on 2 cores; 0: torch's default)")
-    ap.add_argument("--ref-steps", type=int, default=0, help="reference Fm epoch: time only this many steps and extrapolate (0: the full epoch)")
+    ap.add_argument(
+        "--img-steps",
+        type=int,
+        default=3,
+        help="measured L-CAM-Img steps per style, interleaved (after one warm-up each)",
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads for BOTH styles (default 1: what `lcam train` uses for L-CAM-Fm on 2 cores; 0: torch's default)",
+    )
+    ap.add_argument(
+        "--ref-steps",
+        type=int,
+        default=0,
+        help="reference Fm epoch: time only this many steps and extrapolate (0: the full epoch)",
+    )
     args = ap.parse_args()
 
     import ray
@@ -140,8 +153,8 @@ def main() -> int:
     from lcam.recipe import default_recipe, make_optimizer, make_scheduler
     from lcam.training import LCAMTrainer, TrainBatch, init_attention
     from pipeline.store.feature_cache import FeatureCache
-    from pipeline.train.loader import CacheLoader
     from pipeline.train.fm import fm_batches
+    from pipeline.train.loader import CacheLoader
 
     os.makedirs(args.work, exist_ok=True)
     shards, cache_url = prepare_cache(args.data, args.work)
@@ -153,7 +166,10 @@ def main() -> int:
     backbone = build_backbone("efficientnet_lite0")
     recipe = default_recipe(backbone.name).with_overrides(batch_size=args.batch)
     n = len(cache)
-    print(f"\ncache: {n} samples, {cache.dtype}, views {list(cache.views)}; torch threads {torch.get_num_threads()}, batch {args.batch}", flush=True)
+    print(
+        f"\ncache: {n} samples, {cache.dtype}, views {list(cache.views)}; torch threads {torch.get_num_threads()}, batch {args.batch}",
+        flush=True,
+    )
 
     # ---- reference style: decoded images, backbone at every step, all K maps
     print("decoding the images for the reference style (not timed) ...", flush=True)
@@ -196,8 +212,11 @@ def main() -> int:
         if epoch:  # epoch 0 is the warm-up round's
             cpu["fm"].append(cpu_s)
             rise["fm"] = max(rise["fm"], mem.rise)
-        print(f"  L-CAM-Fm from cache: epoch of {int(sums.n)} samples ({len(loader)} steps) in {wall:.3f}s "
-              f"(process CPU {cpu_s:.2f}s), loss {sums.means()['loss']:.3f}", flush=True)
+        print(
+            f"  L-CAM-Fm from cache: epoch of {int(sums.n)} samples ({len(loader)} steps) in {wall:.3f}s "
+            f"(process CPU {cpu_s:.2f}s), loss {sums.means()['loss']:.3f}",
+            flush=True,
+        )
         return wall
 
     def reference_epoch(steps: list | None = None) -> float:
@@ -209,7 +228,10 @@ def main() -> int:
             for i, b in enumerate(run):
                 x = torch.stack([images[k] for k in b]).float().div_(255)
                 loss = reference_step(ref, opt, sched, loss_fn, "fm", x, torch.tensor([labels[k] for k in b]))
-                print(f"    reference Fm step {i + 1}/{len(run)}: {time.perf_counter() - t0:.1f}s, loss {loss:.3f}", flush=True)
+                print(
+                    f"    reference Fm step {i + 1}/{len(run)}: {time.perf_counter() - t0:.1f}s, loss {loss:.3f}",
+                    flush=True,
+                )
             wall, cpu_s = time.perf_counter() - t0, time.process_time() - c0
         to_epoch = len(order) / sum(map(len, run))
         if steps is None:
@@ -220,8 +242,12 @@ def main() -> int:
     # warm-up round: one cache epoch (opens the shards, starts the prefetch threads) and a
     # single reference step (oneDNN's first-call set-up; reported extrapolated to an epoch),
     # not a whole ~100 s reference epoch
-    fm = compare({"fm": fm_epoch, "reference": reference_epoch}, reps=args.reps,
-                 warmup={"reference": lambda: reference_epoch(timed[:1])}, unit="s/epoch")
+    fm = compare(
+        {"fm": fm_epoch, "reference": reference_epoch},
+        reps=args.reps,
+        warmup={"reference": lambda: reference_epoch(timed[:1])},
+        unit="s/epoch",
+    )
     fm.report("L-CAM-Fm epoch")
     fm_cpu, ref_cpu = statistics.median(cpu["fm"]), statistics.median(cpu["reference"])
 
@@ -272,13 +298,19 @@ def main() -> int:
     fm_epoch_s, ref_epoch = fm.median("fm"), fm.median("reference")
     img_ours_s, img_ref_s = img.median("ours"), img.median("reference")
     fm_ratio, img_ratio = fm.ratio("fm", "reference"), img.ratio("ours", "reference")
-    print("\n| measurement (EfficientNet-Lite0, CPU; medians of interleaved repetitions) | ours | reference style | ratio |")
+    print(
+        "\n| measurement (EfficientNet-Lite0, CPU; medians of interleaved repetitions) | ours | reference style | ratio |"
+    )
     print("|---|---|---|---|")
-    print(f"| L-CAM-Fm epoch, {n} images, batch {args.batch} (median of {fm.reps}) | {fm_epoch_s:.3f} s (from cache) | {ref_epoch:.1f} s{note} | {fm_ratio.median:.0f}x |")
+    print(
+        f"| L-CAM-Fm epoch, {n} images, batch {args.batch} (median of {fm.reps}) | {fm_epoch_s:.3f} s (from cache) | {ref_epoch:.1f} s{note} | {fm_ratio.median:.0f}x |"
+    )
     print(f"| L-CAM-Fm epoch, process CPU time | {fm_cpu:.2f} s | {ref_cpu:.1f} s | {ref_cpu / fm_cpu:.0f}x |")
     print(f"| L-CAM-Fm samples/s | {n / fm_epoch_s:.0f} | {n / ref_epoch:.1f} | |")
     print(f"| L-CAM-Fm peak RSS rise | {rise['fm']:.0f} MB | {rise['reference']:.0f} MB | |")
-    print(f"| L-CAM-Img step, batch {args.img_batch} (median of {img.reps}) | {img_ours_s:.2f} s (pass 1 cached) | {img_ref_s:.2f} s | {img_ratio.median:.2f}x |")
+    print(
+        f"| L-CAM-Img step, batch {args.img_batch} (median of {img.reps}) | {img_ours_s:.2f} s (pass 1 cached) | {img_ref_s:.2f} s | {img_ratio.median:.2f}x |"
+    )
     print(f"| L-CAM-Img peak RSS rise per step | {img_rise['ours']:.0f} MB | {img_rise['reference']:.0f} MB | |")
     print()
     target_ratio("fm_epoch_speedup", fm_ratio, ">=", 100, "{:.1f}")

@@ -10,7 +10,8 @@ import argparse
 import json
 
 from jobs.common import announce
-from jobs.options import add_options, config_from_args as build_config
+from jobs.options import add_options
+from jobs.options import config_from_args as build_config
 from pipeline.configs import AuditConfig
 
 

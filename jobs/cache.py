@@ -16,10 +16,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     info = sub.add_parser("info", help="identity, samples, shards, size on disk, compression ratio")
     verify = sub.add_parser("verify", help="check every shard, key and feature value; exit 1 on problems")
-    repair = sub.add_parser("repair", help="verify, then forget damaged shards so the next `lcam extract` re-makes them")
+    repair = sub.add_parser(
+        "repair", help="verify, then forget damaged shards so the next `lcam extract` re-makes them"
+    )
     for p in (info, verify, repair):
         p.add_argument("url", help="feature cache or CAM store URL (local path, s3://, gs://)")
-        p.add_argument("--index", default=None, help="shard index (index.json, or the folder holding it): expected shards and counts")
+        p.add_argument(
+            "--index",
+            default=None,
+            help="shard index (index.json, or the folder holding it): expected shards and counts",
+        )
         p.add_argument("--json", action="store_true", help="print JSON instead of text")
         add_storage_options(p, what=" for the cache")
         add_storage_options(p, "--index-storage-option", "index_storage_option", " for the index")
@@ -64,8 +70,8 @@ def _size(n: float) -> str:
 
 def is_cam_store(url: str, options: Any) -> bool:
     """Whether ``url`` holds a CAM store (its root's format attribute), not a feature cache."""
-    from pipeline.store.cam_store import FORMAT as CAM_FORMAT
     from pipeline.fs import join, read_json
+    from pipeline.store.cam_store import FORMAT as CAM_FORMAT
 
     return ((read_json(join(url, "zarr.json"), options) or {}).get("attributes") or {}).get("format") == CAM_FORMAT
 
@@ -86,7 +92,11 @@ def run_on_cam_store(args: argparse.Namespace, options: Any) -> int:
     else:
         for p in report.problems:
             print(f"PROBLEM  {p}")
-        status = "OK" if report.ok else f"{len(report.problems)} problem(s); `lcam cache repair {store.url}` then re-run `lcam cams`"
+        status = (
+            "OK"
+            if report.ok
+            else f"{len(report.problems)} problem(s); `lcam cache repair {store.url}` then re-run `lcam cams`"
+        )
         print(f"verify {store.url}: {status} ({report.shards} shards, {report.rows} rows)")
     return 0 if report.ok else 1
 
@@ -110,7 +120,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"forgot   {url}")
         if forgotten or store.failed():
             print(f"re-make them: {store.repair_hint('SHARDS').split(', then ', 1)[-1]}")
-        print(f"repair {store.url}: {len(forgotten)} damaged shard(s) forgotten, {len(store.failed())} failed shard(s) to retry")
+        print(
+            f"repair {store.url}: {len(forgotten)} damaged shard(s) forgotten, {len(store.failed())} failed shard(s) to retry"
+        )
         return 0
 
     if cam_store:
@@ -118,7 +130,9 @@ def run(args: argparse.Namespace) -> int:
     cache = FeatureCache.open(args.url, storage_options=options)
     expected = None
     if args.index:
-        expected = expected_from_index(args.index, sorted(cache.done_sources()), parse_storage_options(args.index_storage_option))
+        expected = expected_from_index(
+            args.index, sorted(cache.done_sources()), parse_storage_options(args.index_storage_option)
+        )
 
     if args.action == "info":
         info = cache.info(sorted(expected) if expected is not None else None)
@@ -138,18 +152,25 @@ def run(args: argparse.Namespace) -> int:
             f"updated      {info['updated']} (created {info['created']})",
         ]
         if not info["manifest_found"]:
-            lines.append("PROBLEM      manifest.json is missing: no shard counts as done; re-run the extraction (`lcam cache verify` for details)")
+            lines.append(
+                "PROBLEM      manifest.json is missing: no shard counts as done; re-run the extraction (`lcam cache verify` for details)"
+            )
         for url, f in sorted(info["failed"].items()):
-            lines.append(f"FAILED       {url}: {f.get('reason')} (at {f.get('at')}); a re-run of the extraction retries it")
+            lines.append(
+                f"FAILED       {url}: {f.get('reason')} (at {f.get('at')}); a re-run of the extraction retries it"
+            )
         for url, what in sorted(info["damaged"].items()):
             lines.append(f"DAMAGED      {url}: {what}; `lcam cache repair {info['url']}` then re-run the extraction")
         if "shards_missing" in info:
             missing = info["shards_missing"]
-            lines.append(f"missing      {len(missing)} of {info['shards_expected']} expected shards" + (":" if missing else ""))
-            lines += [f"  {m}" for m in missing[:20]] + ([f"  ... and {len(missing) - 20} more"] if len(missing) > 20 else [])
+            lines.append(
+                f"missing      {len(missing)} of {info['shards_expected']} expected shards" + (":" if missing else "")
+            )
+            lines += [f"  {m}" for m in missing[:20]] + (
+                [f"  ... and {len(missing) - 20} more"] if len(missing) > 20 else []
+            )
         print("\n".join(lines))
         return 0
-
 
     report = cache.verify(expected, workers=args.workers)
     if args.json:
@@ -160,7 +181,9 @@ def run(args: argparse.Namespace) -> int:
         for n in report.notes:
             print(f"note     {n}")
         status = "OK" if report.ok else f"{len(report.problems)} problem(s)"
-        print(f"verify {cache.url}: {status} ({report.shards} shards, {report.rows} rows, {report.chunks_read} chunks read)")
+        print(
+            f"verify {cache.url}: {status} ({report.shards} shards, {report.rows} rows, {report.chunks_read} chunks read)"
+        )
     return 0 if report.ok else 1
 
 

@@ -10,7 +10,8 @@ import argparse
 import json
 
 from jobs.common import announce
-from jobs.options import add_options, config_from_args as build_config, parse_storage_options
+from jobs.options import add_options, parse_storage_options
+from jobs.options import config_from_args as build_config
 from pipeline.configs import CamsConfig
 
 RESUMES = "a re-run resumes"  # what Ctrl-C leaves (jobs/cli.py)
@@ -28,8 +29,8 @@ def config_from_args(args: argparse.Namespace) -> CamsConfig:
 def check_against_checkpoint(cfg: CamsConfig) -> None:
     """Class ids and top-k against the checkpoint's classifier, read without torch (a run
     folder stands for its checkpoint.pt): a refusal answers at once, not after the model loads."""
-    from pipeline.train.checkpoints import checkpoint_summary
     from pipeline.classes import ClassSelection
+    from pipeline.train.checkpoints import checkpoint_summary
 
     found = checkpoint_summary(cfg.checkpoint, cfg.checkpoint_storage_options)
     if found.get("backbone", {}).get("num_classes"):
@@ -42,7 +43,9 @@ def info_lines(info: dict) -> list[str]:
     ck, src = info["checkpoint"], info["source"]
     what = describe_classes(info["classes"])
     up = f", upsampled {info['upsampled_size']}x{info['upsampled_size']} uint8" if info["upsampled_size"] else ""
-    src_id = f"fingerprint {src['fingerprint']}, view {src['view']}" if src["kind"] == "cache" else f"view {src['view']}"
+    src_id = (
+        f"fingerprint {src['fingerprint']}, view {src['view']}" if src["kind"] == "cache" else f"view {src['view']}"
+    )
     lines = [
         f"CAM store    {info['url']}",
         f"fingerprint  {info['fingerprint']}",
@@ -57,7 +60,9 @@ def info_lines(info: dict) -> list[str]:
     if info.get("gallery"):
         lines.append(f"gallery      {info['gallery']}")
     if not info.get("manifest_found", True):
-        lines.append("PROBLEM      manifest.json is missing: no shard counts as done; re-run `lcam cams` (or `lcam cache repair` to rebuild it)")
+        lines.append(
+            "PROBLEM      manifest.json is missing: no shard counts as done; re-run `lcam cams` (or `lcam cache repair` to rebuild it)"
+        )
     for url, f in sorted(info.get("failed", {}).items()):
         lines.append(f"FAILED       {url}: {f.get('reason')} (at {f.get('at')}); a re-run of `lcam cams` retries it")
     for url, what in sorted(info.get("damaged", {}).items()):

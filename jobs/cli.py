@@ -58,7 +58,9 @@ def command_parser(name: str) -> argparse.ArgumentParser:
     module = importlib.import_module(COMMANDS[name][0])
     parser = argparse.ArgumentParser(prog=f"lcam {name}", description=COMMANDS[name][1])
     if not getattr(module, "OWN_CONFIG", False):  # submit: --config is the job's, not its own
-        parser.add_argument("--config", metavar="FILE", help="YAML file with this job's fields; key=value overrides may follow")
+        parser.add_argument(
+            "--config", metavar="FILE", help="YAML file with this job's fields; key=value overrides may follow"
+        )
     if hasattr(module, "add_command_arguments"):
         module.add_command_arguments(parser, name)
     else:
@@ -107,7 +109,6 @@ def run_job(name: str, argv: list[str]) -> int:
     print one clear line (no traceback) and exit 2."""
     from jobs.config import build_namespace
     from jobs.options import check_ranges
-
     from pipeline.raykit import set_local_ray_env  # torch- and Ray-free at import
 
     set_local_ray_env()  # before any stage imports Ray: the Makefile's RAY_AUTH_MODE / RAY_USAGE_STATS_ENABLED, for every path

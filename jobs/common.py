@@ -8,10 +8,19 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 from pipeline.errors import FlagNamer, UserError, flag_namer
+
 # declared with the config fields (pipeline/options.py); re-exported for the jobs
 from pipeline.options import LAYER_HELP, parse_storage_options
 
-__all__ = ["LAYER_HELP", "add_storage_options", "announce", "backbone_spec", "parse_storage_options", "run_stage", "speaking_flags"]
+__all__ = [
+    "LAYER_HELP",
+    "add_storage_options",
+    "announce",
+    "backbone_spec",
+    "parse_storage_options",
+    "run_stage",
+    "speaking_flags",
+]
 
 T = TypeVar("T")
 
@@ -29,9 +38,14 @@ def backbone_spec(backbone: str | None, layer: str | None) -> str | None:
     return parse_spec(backbone, layer).canonical
 
 
-def add_storage_options(parser: argparse.ArgumentParser, flag: str = "--storage-option", dest: str = "storage_option", what: str = "") -> None:
+def add_storage_options(
+    parser: argparse.ArgumentParser, flag: str = "--storage-option", dest: str = "storage_option", what: str = ""
+) -> None:
     parser.add_argument(
-        flag, dest=dest, action="append", metavar="KEY=VALUE",
+        flag,
+        dest=dest,
+        action="append",
+        metavar="KEY=VALUE",
         help=f"fsspec storage option{what} (repeatable; dots nest: client_kwargs.endpoint_url=http://...)",
     )
 

@@ -71,7 +71,9 @@ def _flatten_options(value: Any, prefix: str = "") -> list[str]:
     return [f"{prefix[:-1]}={json.dumps(value) if not isinstance(value, str) else value}"]
 
 
-def namespace_from_config(parser: argparse.ArgumentParser, config: Mapping[str, Any], source: str) -> argparse.Namespace:
+def namespace_from_config(
+    parser: argparse.ArgumentParser, config: Mapping[str, Any], source: str
+) -> argparse.Namespace:
     """Fill ``parser``'s defaults from ``config``; unknown keys, wrong types, missing fields named."""
     actions = {a.dest: a for a in parser._actions if a.dest not in _SKIP and a.dest != argparse.SUPPRESS}
     known = sorted(actions)
@@ -86,7 +88,11 @@ def namespace_from_config(parser: argparse.ArgumentParser, config: Mapping[str, 
     for dest, action in actions.items():
         if dest in values:
             setattr(ns, dest, values[dest])
-        elif action.required or getattr(action, "required_field", False) or (not action.option_strings and action.nargs not in ("?", "*")):
+        elif (
+            action.required
+            or getattr(action, "required_field", False)
+            or (not action.option_strings and action.nargs not in ("?", "*"))
+        ):
             raise UserError(f"{source}: missing field {dest!r} ({action.help or 'required'})")
         else:
             setattr(ns, dest, action.default)

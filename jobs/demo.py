@@ -16,17 +16,34 @@ import time
 from pathlib import Path
 
 # Photos inside scikit-image's wheel (no download); camera is grayscale on purpose.
-DEMO_PHOTOS = ("chelsea", "coffee", "astronaut", "rocket", "camera", "hubble_deep_field", "immunohistochemistry", "retina")
+DEMO_PHOTOS = (
+    "chelsea",
+    "coffee",
+    "astronaut",
+    "rocket",
+    "camera",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=None, help="image folder or shard folder (default: scikit-image's photos)")
     parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="stop L-CAM-Fm after this many steps (default: the recipe lcam train and lcam pipeline choose by data size)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="stop L-CAM-Fm after this many steps (default: the recipe lcam train and lcam pipeline choose by data size)",
+    )
     parser.add_argument("--img-steps", type=int, default=6, help="L-CAM-Img training steps (default 6)")
-    parser.add_argument("--scorecam-images", type=int, default=1,
-                        help="Score-CAM is ~1,280 forwards per image: evaluate it on this many (0: leave Score-CAM out, for quick checks)")
+    parser.add_argument(
+        "--scorecam-images",
+        type=int,
+        default=1,
+        help="Score-CAM is ~1,280 forwards per image: evaluate it on this many (0: leave Score-CAM out, for quick checks)",
+    )
 
 
 def write_demo_photos(folder: Path) -> None:
@@ -68,16 +85,34 @@ def run(args: argparse.Namespace) -> int:
 
     parser = argparse.ArgumentParser()
     pipeline_job.add_arguments(parser)
-    pargs = parser.parse_args([
-        "--train-shards", str(shards), "--workdir", str(out), "--method", "both", "--target", "predicted",
-        # the training defaults of lcam train and lcam pipeline (the recipe by data size), step limits only
-        *(["--max-steps", str(args.steps)] if args.steps is not None else []),
-        "--img-max-steps", str(args.img_steps), "--img-augment", "center", "--overlays", "8",
-        # Score-CAM dominates the demo's cost: on --scorecam-images photos, or left out with 0
-        *(["--eval-methods", "gradcam,gradcam++,scorecam", "--method-limit", f"scorecam={args.scorecam_images}"]
-          if args.scorecam_images > 0 else ["--eval-methods", "gradcam,gradcam++"]),
-        "--gallery-images", "8",
-    ])
+    pargs = parser.parse_args(
+        [
+            "--train-shards",
+            str(shards),
+            "--workdir",
+            str(out),
+            "--method",
+            "both",
+            "--target",
+            "predicted",
+            # the training defaults of lcam train and lcam pipeline (the recipe by data size), step limits only
+            *(["--max-steps", str(args.steps)] if args.steps is not None else []),
+            "--img-max-steps",
+            str(args.img_steps),
+            "--img-augment",
+            "center",
+            "--overlays",
+            "8",
+            # Score-CAM dominates the demo's cost: on --scorecam-images photos, or left out with 0
+            *(
+                ["--eval-methods", "gradcam,gradcam++,scorecam", "--method-limit", f"scorecam={args.scorecam_images}"]
+                if args.scorecam_images > 0
+                else ["--eval-methods", "gradcam,gradcam++"]
+            ),
+            "--gallery-images",
+            "8",
+        ]
+    )
     pipeline_job.run(pargs)
     report = (out / "report.html").resolve()
     print(f"\ndemo done in {time.perf_counter() - t0:.0f}s; open the report: {report}")

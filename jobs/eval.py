@@ -12,13 +12,15 @@ import json
 from typing import Any, Callable
 
 from jobs.common import LAYER_HELP, announce, backbone_spec, run_stage
-from jobs.options import add_options, config_from_args as build_config
+from jobs.options import add_options
+from jobs.options import config_from_args as build_config
 from pipeline.configs import EvalConfig
 from pipeline.options import flag_names
 
 
 def _cli_type(convert: Callable[[Any], Any]) -> Callable[[str], Any]:
     """An option's converter as an argparse type: its ValueError becomes argparse's message."""
+
     def parse(text: str) -> Any:
         try:
             return convert(text)
@@ -43,22 +45,33 @@ def add_registry_options(parser: argparse.ArgumentParser, methods_flag: str | No
     classes = method_classes()
     listing = "; ".join(f"{n} ({c.label}, cost: {c.cost})" for n, c in classes.items())
     if methods_flag:
-        parser.add_argument(methods_flag, default=",".join(default_methods()),
-                            help=f"CAM methods next to the checkpoints, comma-separated, or 'none' (default {','.join(default_methods())}; "
-                                 "on a CPU without --costly-on-cpu the costly ones are left out). "
-                                 f"Available: {listing}. Costs per image: " + "; ".join(f"{k}: {v}" for k, v in COST_CLASSES.items()))
+        parser.add_argument(
+            methods_flag,
+            default=",".join(default_methods()),
+            help=f"CAM methods next to the checkpoints, comma-separated, or 'none' (default {','.join(default_methods())}; "
+            "on a CPU without --costly-on-cpu the costly ones are left out). "
+            f"Available: {listing}. Costs per image: " + "; ".join(f"{k}: {v}" for k, v in COST_CLASSES.items()),
+        )
     group = parser.add_argument_group("method options")
     for name, cls in classes.items():
         for o in cls.options:
-            group.add_argument(f"--{o.cli_flag(name)}", type=_cli_type(o.type), default=o.default,
-                               help=f"{o.help} (default {_show(o.default)})")
+            group.add_argument(
+                f"--{o.cli_flag(name)}",
+                type=_cli_type(o.type),
+                default=o.default,
+                help=f"{o.help} (default {_show(o.default)})",
+            )
     metrics = parser.add_argument_group("metrics (AD/IC always)")
     for name, cls in metric_classes().items():
         if not cls.always:
             metrics.add_argument(f"--{name.replace('_', '-')}", action="store_true", help=cls.help)
         for o in cls.options:
-            metrics.add_argument(f"--{o.cli_flag(name)}", type=_cli_type(o.type), default=o.default,
-                                 help=f"{o.help} (default {_show(o.default)})")
+            metrics.add_argument(
+                f"--{o.cli_flag(name)}",
+                type=_cli_type(o.type),
+                default=o.default,
+                help=f"{o.help} (default {_show(o.default)})",
+            )
 
 
 def registry_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -71,11 +84,23 @@ def registry_config(args: argparse.Namespace) -> dict[str, Any]:
         return flag.replace("-", "_")
 
     text = getattr(args, "methods", None)
-    methods = None if text is None else () if text.strip().lower() in ("", "none") else tuple(m.strip() for m in text.split(",") if m.strip())
-    method_options = {n: {o.name: getattr(args, dest(o.cli_flag(n))) for o in c.options} for n, c in method_classes().items() if c.options}
+    methods = (
+        None
+        if text is None
+        else ()
+        if text.strip().lower() in ("", "none")
+        else tuple(m.strip() for m in text.split(",") if m.strip())
+    )
+    method_options = {
+        n: {o.name: getattr(args, dest(o.cli_flag(n))) for o in c.options}
+        for n, c in method_classes().items()
+        if c.options
+    }
     metric_cls = metric_classes()
     metrics = tuple(n for n, c in metric_cls.items() if not c.always and getattr(args, dest(n)))
-    metric_options = {n: {o.name: getattr(args, dest(o.cli_flag(n))) for o in c.options} for n, c in metric_cls.items() if c.options}
+    metric_options = {
+        n: {o.name: getattr(args, dest(o.cli_flag(n))) for o in c.options} for n, c in metric_cls.items() if c.options
+    }
     out = {"method_options": method_options, "metrics": metrics, "metric_options": metric_options}
     return out if methods is None else {"methods": methods, **out}
 

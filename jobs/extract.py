@@ -10,7 +10,8 @@ import argparse
 import json
 
 from jobs.common import LAYER_HELP, announce, backbone_spec
-from jobs.options import add_options, config_from_args as build_config
+from jobs.options import add_options
+from jobs.options import config_from_args as build_config
 from pipeline.configs import ExtractConfig
 
 OUTPUT, RESUMES = "cache", "a re-run resumes"  # what Ctrl-C leaves (jobs/cli.py)
@@ -30,7 +31,9 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)  # mistakes in the options answer before the stage (torch, Ray) is imported
     from pipeline.shards.read import require_shards
 
-    require_shards(cfg.shards, storage_options=cfg.shard_storage_options, index_url=cfg.index)  # an image folder: says `lcam shards`
+    require_shards(
+        cfg.shards, storage_options=cfg.shard_storage_options, index_url=cfg.index
+    )  # an image folder: says `lcam shards`
     if cfg.progress:
         announce(f"lcam extract: {cfg.shards} -> {cfg.cache}; loading the backbone and starting Ray ...")
     from pipeline.extract.run import extract

@@ -18,7 +18,16 @@ from typing import Any, Callable
 from pipeline.errors import UserError
 from pipeline.options import MISSING, UNSET, Option, check_range, comma_list, option_of, parse_storage_options, validate
 
-__all__ = ["add_option", "add_options", "check_ranges", "comma_list", "config_from_args", "field_value", "option_dest", "parse_storage_options"]
+__all__ = [
+    "add_option",
+    "add_options",
+    "check_ranges",
+    "comma_list",
+    "config_from_args",
+    "field_value",
+    "option_dest",
+    "parse_storage_options",
+]
 
 
 def _base_type(field: dataclasses.Field) -> Callable[[Any], Any]:
@@ -32,6 +41,7 @@ def _number(base: Callable[[Any], Any]) -> Callable[[Any], Any]:
     """An argparse type for a number that reads the command line's text and a YAML config's
     values alike: no booleans, no fractions for an int. (The declared range is checked after
     parsing, as one line naming the flag or the config field: argparse would add its usage.)"""
+
     def convert(value: Any) -> Any:
         if isinstance(value, bool):
             raise argparse.ArgumentTypeError(f"expected a number, got {value!r}")
@@ -70,7 +80,9 @@ def _field(config: type, name: str) -> dataclasses.Field:
     return fields[name]
 
 
-def add_option(parser: Any, config: type, name: str, *, prefix: str = "", flag: str | None = None, **override: Any) -> argparse.Action:
+def add_option(
+    parser: Any, config: type, name: str, *, prefix: str = "", flag: str | None = None, **override: Any
+) -> argparse.Action:
     """One field's option on ``parser`` (or an argument group). ``prefix``: ``img-`` makes
     ``--augment`` ``--img-augment``; ``flag`` names it outright; ``override`` replaces parts
     of the declaration (``default``, ``help``, ``choices``) where a job means something else."""
@@ -85,8 +97,15 @@ def add_option(parser: Any, config: type, name: str, *, prefix: str = "", flag: 
     if o.derived:
         raise ValueError(f"{config.__name__}.{name} has no option: {o.derived}")
     if default is MISSING:
-        default = o.cli_default if o.cli_default is not UNSET else (
-            field.default if field.default is not MISSING else (field.default_factory() if field.default_factory is not MISSING else MISSING))
+        default = (
+            o.cli_default
+            if o.cli_default is not UNSET
+            else (
+                field.default
+                if field.default is not MISSING
+                else (field.default_factory() if field.default_factory is not MISSING else MISSING)
+            )
+        )
     option_flag = flag or o.flag_for(name, prefix)
     dest = option_dest(name, o, prefix) if flag is None else flag[2:].replace("-", "_")
     kwargs: dict[str, Any] = {"help": o.help or None}
@@ -97,9 +116,18 @@ def add_option(parser: Any, config: type, name: str, *, prefix: str = "", flag: 
         kwargs.update(action="append", default=None, metavar=o.metavar)
     else:
         base = o.type or _base_type(field)
-        kwargs.update(type=_number(base) if base in (int, float) else (None if base is str else base), default=None if default is MISSING else default,
-                      choices=o.choices, metavar=o.metavar)
-        if default not in (MISSING, None) and (o.parse is not None or isinstance(default, (tuple, list))) and o.help and "default" not in o.help:
+        kwargs.update(
+            type=_number(base) if base in (int, float) else (None if base is str else base),
+            default=None if default is MISSING else default,
+            choices=o.choices,
+            metavar=o.metavar,
+        )
+        if (
+            default not in (MISSING, None)
+            and (o.parse is not None or isinstance(default, (tuple, list)))
+            and o.help
+            and "default" not in o.help
+        ):
             kwargs["help"] = f"{o.help} (default {_show(default)})"  # the text form, not a tuple's repr
     if o.positional:
         if o.aliases:  # OUT or --out: the same value either way (one word for the output everywhere)
@@ -109,7 +137,13 @@ def add_option(parser: Any, config: type, name: str, *, prefix: str = "", flag: 
         kwargs.pop("metavar", None)
         action = parser.add_argument(dest, **kwargs)
         if o.aliases:
-            alias = parser.add_argument(*o.aliases, dest=dest + FLAG_SUFFIX, default=None, metavar=dest.upper(), help=f"the same as {dest.upper()}")
+            alias = parser.add_argument(
+                *o.aliases,
+                dest=dest + FLAG_SUFFIX,
+                default=None,
+                metavar=dest.upper(),
+                help=f"the same as {dest.upper()}",
+            )
             alias.option = o
             action.required_field = default in (MISSING, None)  # a YAML config must give it (jobs/config.py)
     else:

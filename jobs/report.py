@@ -16,12 +16,34 @@ from jobs.common import add_storage_options, parse_storage_options
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("out", metavar="OUT", help="the report to write: an .html path (its pictures go beside it, in report_files/)")
-    parser.add_argument("--eval", dest="eval_dir", default=None, metavar="DIR", help="an `lcam eval` output folder: metrics, chart, gallery")
-    parser.add_argument("--run", dest="runs", action="append", default=[], metavar="NAME=RUN",
-                        help="a training run folder (`lcam train --out`) and its name in the report; repeatable")
-    parser.add_argument("--cams", default=None, metavar="CAMS", help="a CAM store made with `lcam cams --overlays N`: links its gallery")
-    parser.add_argument("--audit", dest="audit_dir", default=None, metavar="DIR", help="an `lcam audit` output folder: links its audit.html")
+    parser.add_argument(
+        "out", metavar="OUT", help="the report to write: an .html path (its pictures go beside it, in report_files/)"
+    )
+    parser.add_argument(
+        "--eval",
+        dest="eval_dir",
+        default=None,
+        metavar="DIR",
+        help="an `lcam eval` output folder: metrics, chart, gallery",
+    )
+    parser.add_argument(
+        "--run",
+        dest="runs",
+        action="append",
+        default=[],
+        metavar="NAME=RUN",
+        help="a training run folder (`lcam train --out`) and its name in the report; repeatable",
+    )
+    parser.add_argument(
+        "--cams", default=None, metavar="CAMS", help="a CAM store made with `lcam cams --overlays N`: links its gallery"
+    )
+    parser.add_argument(
+        "--audit",
+        dest="audit_dir",
+        default=None,
+        metavar="DIR",
+        help="an `lcam audit` output folder: links its audit.html",
+    )
     parser.add_argument("--title", default="L-CAM report", help="the page's title")
     add_storage_options(parser, what=" for every URL")
 
@@ -59,8 +81,15 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("nothing to report: give at least one of --eval DIR, --run NAME=RUN, --cams CAMS, --audit DIR")
     from pipeline.report.page import write_report
 
-    url = write_report(out, title=args.title, eval_dir=args.eval_dir, train_runs=runs,
-                       cams_gallery=gallery and _link(gallery, out), audit_page=audit and _link(audit, out), storage_options=so)
+    url = write_report(
+        out,
+        title=args.title,
+        eval_dir=args.eval_dir,
+        train_runs=runs,
+        cams_gallery=gallery and _link(gallery, out),
+        audit_page=audit and _link(audit, out),
+        storage_options=so,
+    )
     print(f"report: {url}")
     return 0
 

@@ -37,13 +37,21 @@ ENTRYPOINT_FIELDS = ("entrypoint_num_cpus", "entrypoint_num_gpus", "entrypoint_r
 
 
 def add_command_arguments(parser: argparse.ArgumentParser, name: str) -> None:
-    default_address = os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265"
+    default_address = (
+        os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265"
+    )
     if name == "submit":
         parser.add_argument("job", choices=JOB_NAMES, help="which job to run on the cluster")
-        parser.add_argument("--address", default=default_address, help="the head's dashboard address (default: RAY_ADDRESS or http://127.0.0.1:8265)")
+        parser.add_argument(
+            "--address",
+            default=default_address,
+            help="the head's dashboard address (default: RAY_ADDRESS or http://127.0.0.1:8265)",
+        )
         parser.add_argument("--config", dest="job_config", required=True, metavar="FILE", help="the job's YAML config")
         parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of the config's fields")
-        parser.add_argument("--no-wait", action="store_true", help="submit and return the job id without following the logs")
+        parser.add_argument(
+            "--no-wait", action="store_true", help="submit and return the job id without following the logs"
+        )
         parser.add_argument("--submission-id", default=None)
     else:
         parser.add_argument("action", choices=("list", "logs", "stop", "status"))
@@ -58,7 +66,9 @@ def _client(address: str):
     try:
         return JobSubmissionClient(address)
     except Exception as exc:  # connection refused, wrong port, not a Ray dashboard
-        raise UserError(f"cannot reach the Ray dashboard at {address} ({type(exc).__name__}: {str(exc).splitlines()[0]}); is the head up (ray up / ray start --head)?") from None
+        raise UserError(
+            f"cannot reach the Ray dashboard at {address} ({type(exc).__name__}: {str(exc).splitlines()[0]}); is the head up (ray up / ray start --head)?"
+        ) from None
 
 
 def check_no_secrets(config: dict, path: str = "") -> None:
@@ -96,10 +106,14 @@ def entrypoint_options(config: dict, source: str) -> dict:
             out[name] = _amount(value, where)
             continue
         if not isinstance(value, dict) or not value:
-            raise UserError(f"{where} must map custom resource names to amounts, e.g. {{\"accelerator_type:A10G\": 0.01}}, got {value!r}")
+            raise UserError(
+                f'{where} must map custom resource names to amounts, e.g. {{"accelerator_type:A10G": 0.01}}, got {value!r}'
+            )
         reserved = sorted({"CPU", "GPU", "memory"} & set(map(str, value)))
         if reserved:
-            raise UserError(f"{where}: {', '.join(reserved)} cannot be given here; use entrypoint_num_cpus / entrypoint_num_gpus")
+            raise UserError(
+                f"{where}: {', '.join(reserved)} cannot be given here; use entrypoint_num_cpus / entrypoint_num_gpus"
+            )
         out[name] = {str(k): _amount(v, f"{where}[{k!r}]") for k, v in value.items()}
     return out
 
@@ -133,10 +147,19 @@ def submit(args: argparse.Namespace) -> int:
     entrypoint = f"python -m jobs.{args.job} --config env:{CONFIG_ENV}"
     runtime_env = shipped_files(os.getcwd())
     runtime_env["env_vars"] = {CONFIG_ENV: yaml.safe_dump(config, sort_keys=True)}
-    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=args.submission_id, metadata={"lcam_job": args.job},
-                               **resources)
+    job_id = client.submit_job(
+        entrypoint=entrypoint,
+        runtime_env=runtime_env,
+        submission_id=args.submission_id,
+        metadata={"lcam_job": args.job},
+        **resources,
+    )
     reserved = ", ".join(f"{k.removeprefix('entrypoint_')} {v}" for k, v in resources.items())
-    print(f"submitted {args.job} as {job_id} to {args.address}" + (f" (its driver reserves {reserved})" if reserved else ""), flush=True)
+    print(
+        f"submitted {args.job} as {job_id} to {args.address}"
+        + (f" (its driver reserves {reserved})" if reserved else ""),
+        flush=True,
+    )
     if args.no_wait:
         return 0
     return follow(client, job_id)

@@ -6,7 +6,8 @@ import argparse
 import json
 
 from jobs.common import LAYER_HELP, announce, backbone_spec, speaking_flags
-from jobs.options import add_options, config_from_args as build_config
+from jobs.options import add_options
+from jobs.options import config_from_args as build_config
 from pipeline.configs import TrainConfig
 from pipeline.options import flag_names
 
@@ -29,7 +30,9 @@ def run(args: argparse.Namespace) -> int:
         announce(f"lcam train: run folder {cfg.out}; loading torch ...")
     from pipeline.train.run import train
 
-    with speaking_flags(flag_names(TrainConfig)) as flag:  # fields this command spells its own way (recipe_rule: --recipe)
+    with speaking_flags(
+        flag_names(TrainConfig)
+    ) as flag:  # fields this command spells its own way (recipe_rule: --recipe)
         summary = train(cfg)
     print(json.dumps(summary.to_dict(), indent=1) if args.json else "\n".join(summary.lines(flag)))
     return 0

@@ -28,8 +28,10 @@ class AttentionMechanism(nn.Module):
         CAM does, never as noise; and the spatial mean of Z_k is the logit of class k.
         """
         if tuple(weight.shape) != (self.num_classes, self.in_channels) or tuple(bias.shape) != (self.num_classes,):
-            raise ValueError(f"classifier {tuple(weight.shape)} + {tuple(bias.shape)} does not fit the attention "
-                             f"{self.in_channels} -> {self.num_classes}")
+            raise ValueError(
+                f"classifier {tuple(weight.shape)} + {tuple(bias.shape)} does not fit the attention "
+                f"{self.in_channels} -> {self.num_classes}"
+            )
         self.conv.weight.copy_(weight.reshape(self.conv.weight.shape))
         self.conv.bias.copy_(bias)
         return self
@@ -70,10 +72,14 @@ def check_targets(targets: torch.Tensor | list[int], batch: int, num_classes: in
     """One class id per sample, in range; a mismatch is an error, never a truncation."""
     targets = torch.as_tensor(targets)
     if targets.dim() != 1 or targets.shape[0] != batch:
-        raise ValueError(f"got {tuple(targets.shape)} targets for a batch of {batch}: give exactly one class id per image")
+        raise ValueError(
+            f"got {tuple(targets.shape)} targets for a batch of {batch}: give exactly one class id per image"
+        )
     if targets.dtype.is_floating_point:
         raise ValueError("class ids must be integers")
     if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= num_classes):
         bad = targets[(targets < 0) | (targets >= num_classes)][0].item()
-        raise ValueError(f"class id {bad} is out of range: the classifier has {num_classes} classes (0..{num_classes - 1})")
+        raise ValueError(
+            f"class id {bad} is out of range: the classifier has {num_classes} classes (0..{num_classes - 1})"
+        )
     return targets.long()

@@ -47,12 +47,16 @@ def choose_targets(
     if targets.dim() == 1:
         targets = targets[:, None]
     if targets.dim() != 2 or targets.shape[0] != b:
-        raise ValueError(f"got targets of shape {tuple(targets.shape)} for a batch of {b}: give one row of class ids per image")
+        raise ValueError(
+            f"got targets of shape {tuple(targets.shape)} for a batch of {b}: give one row of class ids per image"
+        )
     if targets.dtype.is_floating_point:
         raise ValueError("class ids must be integers")
     bad = (targets < 0) | (targets >= k)
     if bool(bad.any()):
-        raise ValueError(f"class id {targets[bad][0].item()} is out of range: the classifier has {k} classes (0..{k - 1})")
+        raise ValueError(
+            f"class id {targets[bad][0].item()} is out of range: the classifier has {k} classes (0..{k - 1})"
+        )
     return targets.long()
 
 
@@ -72,7 +76,9 @@ class Explanation:
     maps: torch.Tensor
     upsampled: torch.Tensor | None = None
     all_maps: torch.Tensor | None = None
-    names: Sequence[str] | None = None  # the classifier's class names, index = class id (set by pipeline.cams.explainer.Explainer)
+    names: Sequence[str] | None = (
+        None  # the classifier's class names, index = class id (set by pipeline.cams.explainer.Explainer)
+    )
 
     @property
     def class_names(self) -> list[list[str]]:
@@ -89,9 +95,12 @@ class Explanation:
         probs = [[round(float(p), 3) for p in row] for row in self.probs[:shown].tolist()]
         more = f", ... {b - shown} more" if b > shown else ""
         parts = [
-            f"images={b}", f"targets={t}", f"classes={self.logits.shape[1]}",
+            f"images={b}",
+            f"targets={t}",
+            f"classes={self.logits.shape[1]}",
             f"maps={'x'.join(map(str, self.maps.shape[-2:]))}",
-            f"class_ids={ids}{more}", f"probs={probs}{more}",
+            f"class_ids={ids}{more}",
+            f"probs={probs}{more}",
         ]
         if self.upsampled is not None:
             parts.append(f"upsampled={'x'.join(map(str, self.upsampled.shape[-2:]))}")
@@ -99,8 +108,9 @@ class Explanation:
             parts.append(f"all_maps={tuple(self.all_maps.shape)}")
         return f"Explanation({', '.join(parts)})"
 
-    def overlay(self, image: torch.Tensor | np.ndarray, index: int = 0, target: int = 0,
-                cmap: str = "jet", alpha: float = 0.5) -> np.ndarray:
+    def overlay(
+        self, image: torch.Tensor | np.ndarray, index: int = 0, target: int = 0, cmap: str = "jet", alpha: float = 0.5
+    ) -> np.ndarray:
         """The map of image ``index``, class ``target`` (column of ``class_ids``), colour-mapped
         and blended over ``image``: (H, W, 3) uint8 at the image's size.
 
@@ -129,8 +139,15 @@ class Explanation:
         blended = (1.0 - alpha) * rgb.astype(np.float32) + alpha * heat
         return blended.round().clip(0, 255).astype(np.uint8)
 
-    def show(self, image: torch.Tensor | np.ndarray, index: int = 0, target: int = 0, ax: Any = None,
-             class_names: Any = None, **overlay_kwargs: Any) -> Any:
+    def show(
+        self,
+        image: torch.Tensor | np.ndarray,
+        index: int = 0,
+        target: int = 0,
+        ax: Any = None,
+        class_names: Any = None,
+        **overlay_kwargs: Any,
+    ) -> Any:
         """Draw :meth:`overlay` with matplotlib (in a notebook: inline), titled with the class
         and its probability; returns the axes."""
         import matplotlib.pyplot as plt

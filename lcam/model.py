@@ -61,7 +61,11 @@ class LCAM(nn.Module):
         return self.backbone(up * images), m
 
     def training_forward(
-        self, method: Method, targets: torch.Tensor, feats: torch.Tensor | None = None, images: torch.Tensor | None = None
+        self,
+        method: Method,
+        targets: torch.Tensor,
+        feats: torch.Tensor | None = None,
+        images: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if method == "fm":
             if feats is None:
@@ -85,7 +89,9 @@ class LCAM(nn.Module):
         """One forward pass: CAMs for the predicted class (or ``targets`` / ``top_k``);
         ``upsample`` adds maps at the input's size (True) or at ``upsample`` x ``upsample``."""
         feats, logits = self.backbone.extract(images)
-        return explain_from_features(self.attention, feats, logits, targets, top_k, upsample_size(upsample, images.shape[-2:]), all_classes)
+        return explain_from_features(
+            self.attention, feats, logits, targets, top_k, upsample_size(upsample, images.shape[-2:]), all_classes
+        )
 
     @torch.no_grad()
     def explain_features(
@@ -101,7 +107,9 @@ class LCAM(nn.Module):
         if logits is None:
             logits = self.backbone.head(feats.to(next(self.attention.parameters()).dtype))
         crop = self.backbone.preprocessing.crop
-        return explain_from_features(self.attention, feats.to(logits.dtype), logits, targets, top_k, upsample_size(upsample, (crop, crop)))
+        return explain_from_features(
+            self.attention, feats.to(logits.dtype), logits, targets, top_k, upsample_size(upsample, (crop, crop))
+        )
 
 
 def upsample_size(upsample: bool | int, input_size: tuple[int, ...] | torch.Size) -> tuple[int, int] | None:

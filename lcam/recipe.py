@@ -62,7 +62,9 @@ def default_recipe(backbone: str, schedule: Schedule = "step") -> Recipe:
 # ImageNet images: 13 steps per epoch); L-CAM-Fm then trains more steps at a higher peak, and the
 # run keeps the epoch that explains held-back samples best (lcam train --val-shards: best.pt).
 SMALL_DATA = 20_000
-SMALL_FM_SAMPLE_STEPS = 16_000  # samples x epochs of L-CAM-Fm on small data: 1,000 samples -> 16 epochs (1,000 steps of 16), 4 to 20 epochs
+SMALL_FM_SAMPLE_STEPS = (
+    16_000  # samples x epochs of L-CAM-Fm on small data: 1,000 samples -> 16 epochs (1,000 steps of 16), 4 to 20 epochs
+)
 SMALL_FM_PEAK_LR = 0.3
 # Measured on Tiny ImageNet (benchmarks/faithfulness.py, RESULTS.md): from CAM's rows, one-cycle
 # peak 3.0 (this recipe before) makes the training loss RISE from epoch 5 on (the steps overshoot)

@@ -74,7 +74,9 @@ class MetricSums:
 
     def to_tensor(self) -> torch.Tensor:
         """float64 vector, e.g. for an all-reduce across data-parallel workers."""
-        return torch.tensor([self.n, self.loss, self.ce, self.area, self.tv, self.agree, self.steps], dtype=torch.float64)
+        return torch.tensor(
+            [self.n, self.loss, self.ce, self.area, self.tv, self.agree, self.steps], dtype=torch.float64
+        )
 
     @classmethod
     def from_tensor(cls, t: torch.Tensor) -> "MetricSums":
@@ -85,10 +87,24 @@ class MetricSums:
         """Per-sample means: loss, ce, area, tv and agreement (fraction of samples whose
         masked prediction is the target)."""
         n = max(self.n, 1.0)
-        return {"loss": self.loss / n, "ce": self.ce / n, "area": self.area / n, "tv": self.tv / n, "agreement": self.agree / n}
+        return {
+            "loss": self.loss / n,
+            "ce": self.ce / n,
+            "area": self.area / n,
+            "tv": self.tv / n,
+            "agreement": self.agree / n,
+        }
 
     def to_dict(self) -> dict[str, float]:
-        return {"n": self.n, "loss": self.loss, "ce": self.ce, "area": self.area, "tv": self.tv, "agree": self.agree, "steps": self.steps}
+        return {
+            "n": self.n,
+            "loss": self.loss,
+            "ce": self.ce,
+            "area": self.area,
+            "tv": self.tv,
+            "agree": self.agree,
+            "steps": self.steps,
+        }
 
 
 @dataclass
@@ -112,7 +128,9 @@ class _TrainingForward(nn.Module):
         self.model = model
         self.method = method
 
-    def forward(self, targets: torch.Tensor, feats: torch.Tensor | None, images: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, targets: torch.Tensor, feats: torch.Tensor | None, images: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return self.model.training_forward(self.method, targets, feats=feats, images=images)
 
 
@@ -227,12 +245,16 @@ class LCAMTrainer:
         return torch.maximum(self.max_counts, self.epoch_counts)
 
     # ---- one step
-    def _targets(self, batch: TrainBatch, feats: torch.Tensor | None, images: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _targets(
+        self, batch: TrainBatch, feats: torch.Tensor | None, images: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Targets and (for 'predicted' without targets) the F computed to find them."""
         if batch.targets is not None:
             if self.top_k > 1 and (batch.targets.dim() != 2 or batch.targets.shape[1] != self.top_k):
-                raise ValueError(f"top_k={self.top_k} needs (B, {self.top_k}) targets or none (the top-{self.top_k} "
-                                 f"is then computed), got shape {tuple(batch.targets.shape)}")
+                raise ValueError(
+                    f"top_k={self.top_k} needs (B, {self.top_k}) targets or none (the top-{self.top_k} "
+                    f"is then computed), got shape {tuple(batch.targets.shape)}"
+                )
             return batch.targets.to(self.device, non_blocking=True).long(), feats
         backbone = self.model.backbone
         with torch.no_grad(), self._autocast():
@@ -278,7 +300,15 @@ class LCAMTrainer:
         self.scheduler.step()
         agree = int((masked_logits.detach().argmax(1) == targets).sum())
         n = int(targets.shape[0])
-        stats = StepStats(n, float(terms.total.detach()), float(terms.ce.detach()), float(terms.area.detach()), float(terms.tv.detach()), agree, lr)
+        stats = StepStats(
+            n,
+            float(terms.total.detach()),
+            float(terms.ce.detach()),
+            float(terms.area.detach()),
+            float(terms.tv.detach()),
+            agree,
+            lr,
+        )
         if not math.isfinite(stats.loss):
             raise FloatingPointError(
                 f"the loss became {stats.loss} at epoch {self.epoch}, batch {self.batch_in_epoch}: lower the learning rate ({lr:g})"
@@ -320,13 +350,17 @@ class LCAMTrainer:
         self.batch_in_epoch = 0
         return sums
 
-    def evaluate(self, batches: Iterable[TrainBatch], attention_state: Mapping[str, torch.Tensor] | None = None) -> MetricSums:
+    def evaluate(
+        self, batches: Iterable[TrainBatch], attention_state: Mapping[str, torch.Tensor] | None = None
+    ) -> MetricSums:
         """The loss terms and agreement on ``batches`` without a step (validation): nothing of the
         trainer's state changes (no optimizer step, no coverage count, no RNG draw).
         ``attention_state``: evaluate these attention weights instead of the trained ones (e.g.
         the exported checkpoint's, whose untrained rows are filled); the trained ones are put back."""
         attention = self.model.attention
-        saved = {k: v.detach().clone() for k, v in attention.state_dict().items()} if attention_state is not None else None
+        saved = (
+            {k: v.detach().clone() for k, v in attention.state_dict().items()} if attention_state is not None else None
+        )
         sums = MetricSums()
         was_training = attention.training
         try:
@@ -347,10 +381,18 @@ class LCAMTrainer:
                     if targets.dim() == 2:
                         targets, feats, images = expand_targets(targets, feats, images)
                     with self._autocast():
-                        masked_logits, maps = self.model.training_forward(self.method, targets, feats=feats, images=images)
+                        masked_logits, maps = self.model.training_forward(
+                            self.method, targets, feats=feats, images=images
+                        )
                     terms = self.loss_fn(masked_logits, targets, maps)
-                    sums.add(int(targets.shape[0]), float(terms.total), float(terms.ce), float(terms.area), float(terms.tv),
-                             int((masked_logits.argmax(1) == targets).sum()))
+                    sums.add(
+                        int(targets.shape[0]),
+                        float(terms.total),
+                        float(terms.ce),
+                        float(terms.area),
+                        float(terms.tv),
+                        int((masked_logits.argmax(1) == targets).sum()),
+                    )
         finally:
             if saved is not None:
                 attention.load_state_dict(saved)
@@ -370,7 +412,12 @@ class LCAMTrainer:
             "attention": {k: v.detach().cpu().clone() for k, v in self.model.attention.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "position": {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "global_step": self.global_step, "steps_per_epoch": self.steps_per_epoch},
+            "position": {
+                "epoch": self.epoch,
+                "batch_in_epoch": self.batch_in_epoch,
+                "global_step": self.global_step,
+                "steps_per_epoch": self.steps_per_epoch,
+            },
             "running": self.running.to_dict(),
             "rng": rng,
             "coverage": {"epoch": self.epoch_counts.clone(), "max": self.max_counts.clone()},
@@ -386,7 +433,11 @@ class LCAMTrainer:
         self.model.attention.load_state_dict(state["attention"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.epoch, self.batch_in_epoch, self.global_step = int(pos["epoch"]), int(pos["batch_in_epoch"]), int(pos["global_step"])
+        self.epoch, self.batch_in_epoch, self.global_step = (
+            int(pos["epoch"]),
+            int(pos["batch_in_epoch"]),
+            int(pos["global_step"]),
+        )
         r = state["running"]
         self.running = MetricSums(r["n"], r["loss"], r["ce"], r["area"], r["tv"], r["agree"], int(r["steps"]))
         cov = state.get("coverage")  # absent in states saved before coverage was counted
@@ -399,5 +450,14 @@ class LCAMTrainer:
             torch.cuda.set_rng_state(rng["cuda"].cpu(), self.device)
 
 
-__all__ = ["INITS", "LCAMTrainer", "METRIC_NAMES", "MetricSums", "NoLinearClassifier", "StepStats", "TrainBatch", "expand_targets",
-           "init_attention"]
+__all__ = [
+    "INITS",
+    "LCAMTrainer",
+    "METRIC_NAMES",
+    "MetricSums",
+    "NoLinearClassifier",
+    "StepStats",
+    "TrainBatch",
+    "expand_targets",
+    "init_attention",
+]

@@ -82,8 +82,16 @@ def _rows(state: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor
     return weight.reshape(weight.shape[0], -1), bias
 
 
-def fill_uncovered(trained: Mapping[str, torch.Tensor], coverage: torch.Tensor, start: Mapping[str, torch.Tensor], rule: str = "init",
-                   ridge: float | str = "auto", folds: int = CV_FOLDS, grid: Sequence[float] = RIDGE_GRID, prior: float = 0.0) -> FillResult:
+def fill_uncovered(
+    trained: Mapping[str, torch.Tensor],
+    coverage: torch.Tensor,
+    start: Mapping[str, torch.Tensor],
+    rule: str = "init",
+    ridge: float | str = "auto",
+    folds: int = CV_FOLDS,
+    grid: Sequence[float] = RIDGE_GRID,
+    prior: float = 0.0,
+) -> FillResult:
     """The attention state (``AttentionMechanism.state_dict()`` layout) whose rows with
     ``coverage`` 0 are filled by ``rule``; covered rows are the trained ones, bit for bit.
 
@@ -106,8 +114,15 @@ def fill_uncovered(trained: Mapping[str, torch.Tensor], coverage: torch.Tensor, 
     return result
 
 
-def _fill(trained: Mapping[str, torch.Tensor], coverage: torch.Tensor, start: Mapping[str, torch.Tensor], rule: str,
-          ridge: float | str, folds: int, grid: Sequence[float]) -> FillResult:
+def _fill(
+    trained: Mapping[str, torch.Tensor],
+    coverage: torch.Tensor,
+    start: Mapping[str, torch.Tensor],
+    rule: str,
+    ridge: float | str,
+    folds: int,
+    grid: Sequence[float],
+) -> FillResult:
     out = {k: v.detach().clone() for k, v in trained.items()}
     weight, bias = _rows(out)
     if coverage.numel() != weight.shape[0]:
@@ -122,8 +137,14 @@ def _fill(trained: Mapping[str, torch.Tensor], coverage: torch.Tensor, start: Ma
         # first step) has nothing to fit: those exports get the start rows, and say so
         weight[uncovered] = w0[uncovered].to(weight.dtype)
         bias[uncovered] = b0[uncovered].to(bias.dtype)
-        return FillResult(out, "init", uncovered.tolist(), note="" if rule == "init" else
-                          f"transfer asked, {covered.numel()} row trained (at least 2 are needed): filled by init")
+        return FillResult(
+            out,
+            "init",
+            uncovered.tolist(),
+            note=""
+            if rule == "init"
+            else f"transfer asked, {covered.numel()} row trained (at least 2 are needed): filled by init",
+        )
     w_start = w0.double()
     goal = _goal(w_start[covered], weight[covered].double())
     cv: dict[str, float] = {}
@@ -142,8 +163,9 @@ def _fill(trained: Mapping[str, torch.Tensor], coverage: torch.Tensor, start: Ma
     return FillResult(out, rule, uncovered.tolist(), ridge_value, {f"{r:g}": c for r, c in cv.items()})
 
 
-def pull_to_start(weight: torch.Tensor, bias: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor, coverage: torch.Tensor,
-                  prior: float) -> list[int]:
+def pull_to_start(
+    weight: torch.Tensor, bias: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor, coverage: torch.Tensor, prior: float
+) -> list[int]:
     """In place: each row with coverage n > 0 moves to s = n / (n + prior) of the way from its
     start: direction ``normalize((1 - s) w0/|w0| + s w/|w|)``, norm ``(1 - s)|w0| + s|w|``, bias
     ``(1 - s) b0 + s b``. Directions, not raw rows: a trained row's norm reflects the lr and the
@@ -182,7 +204,9 @@ def transfer_rows(w_fit: torch.Tensor, goal: torch.Tensor, w_new: torch.Tensor, 
     return pred / pred.norm(dim=1, keepdim=True).clamp_min(1e-30) * w_new.norm(dim=1, keepdim=True)
 
 
-def cross_validate(w_fit: torch.Tensor, goal: torch.Tensor, folds: int = CV_FOLDS, grid: Sequence[float] = RIDGE_GRID) -> dict[float, float]:
+def cross_validate(
+    w_fit: torch.Tensor, goal: torch.Tensor, folds: int = CV_FOLDS, grid: Sequence[float] = RIDGE_GRID
+) -> dict[float, float]:
     """Ridge -> mean cosine between predicted and trained directions on held-out covered
     rows (``folds``-fold; rows assigned to folds by index modulo, deterministic)."""
     n = w_fit.shape[0]
@@ -209,4 +233,14 @@ def parse_ridge(text: str | float | None) -> float | str:
     return value
 
 
-__all__ = ["CV_FOLDS", "FILLS", "FillResult", "RIDGE_GRID", "cross_validate", "fill_uncovered", "parse_ridge", "pull_to_start", "transfer_rows"]
+__all__ = [
+    "CV_FOLDS",
+    "FILLS",
+    "FillResult",
+    "RIDGE_GRID",
+    "cross_validate",
+    "fill_uncovered",
+    "parse_ridge",
+    "pull_to_start",
+    "transfer_rows",
+]

@@ -59,7 +59,9 @@ def imagenet_wnids() -> dict[str, int]:
     return {r["wnid"]: int(r["class_index"]) for r in rows}
 
 
-def load_class_names(url: str | None = None, storage_options: StorageOptions = None, num_classes: int = 1000) -> list[str]:
+def load_class_names(
+    url: str | None = None, storage_options: StorageOptions = None, num_classes: int = 1000
+) -> list[str]:
     """ImageNet's names, or a user's file (TSV/CSV with a ``name`` column, or a name a line);
     without a file, a classifier that has not 1,000 classes gets ``class 0``, ``class 1``, ..."""
     if url is None:
@@ -73,7 +75,9 @@ def load_class_names(url: str | None = None, storage_options: StorageOptions = N
         except FileNotFoundError:
             raise UserError(f"class names file {url!r} not found") from None
     if len(names) != num_classes:
-        raise UserError(f"class names {url or 'ImageNet'}: {len(names)} names for a classifier with {num_classes} classes")
+        raise UserError(
+            f"class names {url or 'ImageNet'}: {len(names)} names for a classifier with {num_classes} classes"
+        )
     return names
 
 
@@ -87,7 +91,12 @@ def describe_classes(identity: Mapping[str, Any]) -> str:
     mode = identity["mode"]
     if mode == "combined":
         return " + ".join(describe_classes(p) for p in identity["parts"])
-    return {"predicted": "predicted class", "label": "ground-truth label", "top-k": f"top-{identity['k']} classes", "ids": f"classes {identity['ids']}"}.get(mode, mode)
+    return {
+        "predicted": "predicted class",
+        "label": "ground-truth label",
+        "top-k": f"top-{identity['k']} classes",
+        "ids": f"classes {identity['ids']}",
+    }.get(mode, mode)
 
 
 def store_columns(identity: Mapping[str, Any]) -> list[str]:
@@ -126,7 +135,9 @@ class ClassSelection:
     parts: tuple["ClassSelection", ...] = ()
 
     @classmethod
-    def parse(cls, classes: str | None = None, top_k: int | None = None, class_ids: str | Sequence[int] | None = None) -> "ClassSelection":
+    def parse(
+        cls, classes: str | None = None, top_k: int | None = None, class_ids: str | Sequence[int] | None = None
+    ) -> "ClassSelection":
         """From command-line style settings; ``classes`` is inferred from ``top_k``/``class_ids`` when absent."""
         if isinstance(class_ids, str):
             try:
@@ -142,7 +153,9 @@ class ClassSelection:
                 raise UserError(f"classes {mode!r} and top-k {top_k} disagree; give one of them")
             mode, top_k = "top-k", int(short.group(1))
         if mode not in MODES:
-            raise UserError(f"unknown class selection {mode!r}; choose from {', '.join(MODES)}, top5 (any k), or a combination such as predicted,label")
+            raise UserError(
+                f"unknown class selection {mode!r}; choose from {', '.join(MODES)}, top5 (any k), or a combination such as predicted,label"
+            )
         if mode == "ids":
             if not class_ids:
                 raise UserError("classes 'ids' needs the class ids (e.g. --class-ids 281,285)")
@@ -167,9 +180,13 @@ class ClassSelection:
         for name in names:  # --top-k goes to a 'top-k' part, --class-ids to an 'ids' part
             parts.append(cls.parse(name, top_k if name == "top-k" else None, class_ids if name == "ids" else None))
         if top_k is not None and not any(p.mode == "top-k" and n == "top-k" for p, n in zip(parts, names)):
-            raise UserError(f"top-k {top_k} was given but the classes {classes!r} have no 'top-k' part; write e.g. top5,label")
+            raise UserError(
+                f"top-k {top_k} was given but the classes {classes!r} have no 'top-k' part; write e.g. top5,label"
+            )
         if class_ids and not any(p.mode == "ids" for p in parts):
-            raise UserError(f"class ids were given but the classes {classes!r} have no 'ids' part; write e.g. predicted,ids")
+            raise UserError(
+                f"class ids were given but the classes {classes!r} have no 'ids' part; write e.g. predicted,ids"
+            )
         kinds = [p.mode for p in parts]
         dup = sorted({m for m in kinds if kinds.count(m) > 1})
         if dup:
@@ -207,7 +224,9 @@ class ClassSelection:
             raise UserError(f"top-k {self.k} must be between 1 and the number of classes ({num_classes})")
         bad = [c for c in self.ids if not 0 <= c < num_classes]
         if bad:
-            raise UserError(f"class id {bad[0]} is out of range: the classifier has {num_classes} classes (0..{num_classes - 1})")
+            raise UserError(
+                f"class id {bad[0]} is out of range: the classifier has {num_classes} classes (0..{num_classes - 1})"
+            )
         if len(set(self.ids)) != len(self.ids):
             raise UserError(f"class ids {list(self.ids)} repeat an id; give each class once")
 

@@ -25,7 +25,11 @@ def resolve_device(device: Any = "auto") -> Any:
     if name.split(":")[0] not in ("cpu", "cuda"):
         raise UserError(lambda flag: f"unknown {flag('device')} {name!r}; use auto, cpu or cuda")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(lambda flag: f"{flag('device')} {name} asked for, but torch sees no GPU here; use {flag('device')} cpu or auto")
+        raise UserError(
+            lambda flag: (
+                f"{flag('device')} {name} asked for, but torch sees no GPU here; use {flag('device')} cpu or auto"
+            )
+        )
     return torch.device(name)
 
 
@@ -43,7 +47,11 @@ def autocast_dtype(precision: str, device: Any, *, allow_fp16: bool = True) -> A
     if precision == "fp32" or (precision == "auto" and device_type != "cuda"):
         return None
     if precision == "fp16" and not allow_fp16:
-        raise UserError(lambda flag: f"{flag('precision')} fp16 is not offered for training (no loss scaling); use bf16, fp32 or auto")
+        raise UserError(
+            lambda flag: (
+                f"{flag('precision')} fp16 is not offered for training (no loss scaling); use bf16, fp32 or auto"
+            )
+        )
     if precision == "bf16":
         return torch.bfloat16
     if device_type != "cuda":

@@ -23,21 +23,40 @@ def get_fs(url: str, storage_options: StorageOptions = None) -> tuple[fsspec.Abs
     try:
         return url_to_fs(url, **dict(storage_options or {}))
     except ImportError as exc:  # e.g. gs:// without gcsfs: fsspec says which package to install
-        raise UserError(f"{url}: this storage needs a package that is not installed ({exc}); pip install it, or use another URL") from None
+        raise UserError(
+            f"{url}: this storage needs a package that is not installed ({exc}); pip install it, or use another URL"
+        ) from None
     except ValueError as exc:
         if "protocol" not in str(exc).lower():
             raise
         proto = url.split("://", 1)[0]
-        raise UserError(f"{url}: unknown storage protocol {proto!r}; use a local path or s3://, gs://, or another fsspec protocol") from None
+        raise UserError(
+            f"{url}: unknown storage protocol {proto!r}; use a local path or s3://, gs://, or another fsspec protocol"
+        ) from None
     except TypeError as exc:  # an option the filesystem does not take (a typo in --storage-option)
-        raise UserError(f"{url}: storage options {sorted(dict(storage_options or {}))} are not accepted by this storage ({exc})") from None
+        raise UserError(
+            f"{url}: storage options {sorted(dict(storage_options or {}))} are not accepted by this storage ({exc})"
+        ) from None
 
 
 # Errors of the object-store clients the user fixes with settings, not code. Matched by class
 # name: botocore, aiohttp and google-auth are optional here, so nothing is imported for it.
-_NO_CREDENTIALS = ("NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError", "CredentialRetrievalError")
-_UNREACHABLE = ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError", "ClientConnectorError",
-                "ClientConnectorDNSError", "ProxyConnectionError", "InvalidEndpointError", "ReadTimeoutError")
+_NO_CREDENTIALS = (
+    "NoCredentialsError",
+    "PartialCredentialsError",
+    "DefaultCredentialsError",
+    "CredentialRetrievalError",
+)
+_UNREACHABLE = (
+    "EndpointConnectionError",
+    "ConnectTimeoutError",
+    "ConnectionClosedError",
+    "ClientConnectorError",
+    "ClientConnectorDNSError",
+    "ProxyConnectionError",
+    "InvalidEndpointError",
+    "ReadTimeoutError",
+)
 
 
 def storage_error_message(exc: BaseException) -> str | None:
@@ -46,16 +65,22 @@ def storage_error_message(exc: BaseException) -> str | None:
     names = {c.__name__ for c in type(exc).__mro__}
     first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     if names & set(_NO_CREDENTIALS):
-        return (f"no credentials for the object store ({type(exc).__name__}: {first}): set AWS_ACCESS_KEY_ID and "
-                "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, GOOGLE_APPLICATION_CREDENTIALS), give the machine a role, "
-                "or pass --...storage-option anon=true for a public bucket")
+        return (
+            f"no credentials for the object store ({type(exc).__name__}: {first}): set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, GOOGLE_APPLICATION_CREDENTIALS), give the machine a role, "
+            "or pass --...storage-option anon=true for a public bucket"
+        )
     if names & set(_UNREACHABLE):
-        return (f"cannot reach the object store ({type(exc).__name__}: {first}): check the endpoint "
-                "(--...storage-option client_kwargs.endpoint_url=...), the network and the service")
+        return (
+            f"cannot reach the object store ({type(exc).__name__}: {first}): check the endpoint "
+            "(--...storage-option client_kwargs.endpoint_url=...), the network and the service"
+        )
     full = _disk_full(exc)
     if full is not None:
-        return (f"no space left on the device writing {full.filename or 'the output'} ({full.strerror or 'disk full'}): "
-                "free space or give a location with room; what was finished is kept (nothing half-written counts as done) and a re-run resumes")
+        return (
+            f"no space left on the device writing {full.filename or 'the output'} ({full.strerror or 'disk full'}): "
+            "free space or give a location with room; what was finished is kept (nothing half-written counts as done) and a re-run resumes"
+        )
     if isinstance(exc, PermissionError) or (isinstance(exc, OSError) and exc.errno == errno.EROFS):
         what = exc.filename or first
         return f"permission denied: {what} ({exc.strerror or first}); choose a location you may write to, or fix its permissions or credentials"
@@ -196,7 +221,9 @@ def expand_braces(pattern: str) -> list[str]:
             if alternatives is None:
                 # not an expansion: keep "{...}" literal, but still expand groups inside it
                 inner = expand_braces(pattern[start + 1 : i])
-                return [pattern[:start] + "{" + x + "}" + rest for x in inner for rest in expand_braces(pattern[i + 1 :])]
+                return [
+                    pattern[:start] + "{" + x + "}" + rest for x in inner for rest in expand_braces(pattern[i + 1 :])
+                ]
             prefix, suffixes = pattern[:start], expand_braces(pattern[i + 1 :])
             return [prefix + x + rest for alt in alternatives for x in expand_braces(alt) for rest in suffixes]
     return [pattern]

@@ -68,7 +68,9 @@ def open_image(data: bytes) -> Image.Image:
     try:
         im.load()
     except Exception as exn:  # OSError("image file is truncated"), SyntaxError, ...
-        raise DecodeError(f"corrupt or truncated {im.format or ''} image: {error_text(exn)}".replace("  ", " ")) from None
+        raise DecodeError(
+            f"corrupt or truncated {im.format or ''} image: {error_text(exn)}".replace("  ", " ")
+        ) from None
     return im
 
 
@@ -108,8 +110,14 @@ def resized_size(width: int, height: int, resize: int) -> tuple[int, int]:
 
 # Preprocessing.interpolation -> the PIL filter torchvision's Resize passes for PIL images
 # (timm's eval transform is torchvision's Resize too), so bicubic models stay bit-identical.
-_PIL_FILTERS = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "box": Image.BOX,
-                "hamming": Image.HAMMING, "lanczos": Image.LANCZOS}
+_PIL_FILTERS = {
+    "nearest": Image.NEAREST,
+    "bilinear": Image.BILINEAR,
+    "bicubic": Image.BICUBIC,
+    "box": Image.BOX,
+    "hamming": Image.HAMMING,
+    "lanczos": Image.LANCZOS,
+}
 
 
 def _resize_crop(im: Image.Image, prep: Preprocessing, top: int, left: int) -> Image.Image:

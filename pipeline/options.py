@@ -31,8 +31,10 @@ OPTION_KEY = "option"  # the metadata key holding a field's Option
 # one meaning of --precision auto everywhere (pipeline/device.py)
 PRECISION_HELP = "auto: bf16 autocast on a GPU (fp16 on a GPU without bf16), fp32 on a CPU"
 LAYER_HELP = "split the backbone after this layer (a named_modules name, as Grad-CAM target layers); the same as the spec option ,layer=NAME"
-BACKBONE_HELP = ("a built-in name (efficientnet_lite0, vgg16, resnet50, ...), timm:<model>, torchvision:<builder> or "
-                 "module.path:factory; options ,layer=NAME ,size=N")
+BACKBONE_HELP = (
+    "a built-in name (efficientnet_lite0, vgg16, resnet50, ...), timm:<model>, torchvision:<builder> or "
+    "module.path:factory; options ,layer=NAME ,size=N"
+)
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 
@@ -60,7 +62,9 @@ class Option:
     choices: tuple[Any, ...] | None = None
     min: float | None = None  # inclusive range of a number
     max: float | None = None
-    range_text: str | None = None  # the range in words, when "at least MIN" says it badly ("a positive number of images")
+    range_text: str | None = (
+        None  # the range in words, when "at least MIN" says it badly ("a positive number of images")
+    )
     parse: Callable[[Any], Any] | None = None
     cli_default: Any = UNSET
     metavar: str | None = None
@@ -87,8 +91,13 @@ def derived(default: Any = MISSING, why: str = "", *, default_factory: Any = MIS
 
 def storage(what: str, flag: str) -> Any:
     """A storage options field (default None), given as repeatable ``flag key=value``."""
-    return opt(None, f"fsspec storage option{what} (repeatable; dots nest: client_kwargs.endpoint_url=http://...)",
-               kind="storage", flag=flag, metavar="KEY=VALUE")
+    return opt(
+        None,
+        f"fsspec storage option{what} (repeatable; dots nest: client_kwargs.endpoint_url=http://...)",
+        kind="storage",
+        flag=flag,
+        metavar="KEY=VALUE",
+    )
 
 
 def option_of(field: dataclasses.Field) -> Option:
@@ -129,7 +138,9 @@ def parse_storage_options(pairs: list[str] | None) -> dict[str, Any] | None:
         key, sep, value = pair.partition("=")
         parts = key.split(".")
         if not sep or not key or not all(p.strip() for p in parts):
-            raise UserError(f"storage option {pair!r} must look like key=value (dots nest: client_kwargs.endpoint_url=http://...)")
+            raise UserError(
+                f"storage option {pair!r} must look like key=value (dots nest: client_kwargs.endpoint_url=http://...)"
+            )
         try:
             parsed: Any = json.loads(value)
         except json.JSONDecodeError:
@@ -139,7 +150,9 @@ def parse_storage_options(pairs: list[str] | None) -> dict[str, Any] | None:
         for p in parents:
             cursor = cursor.setdefault(p, {})
             if not isinstance(cursor, dict):
-                raise UserError(f"storage option {pair!r}: {p!r} was already given a value, it cannot also hold {leaf!r}")
+                raise UserError(
+                    f"storage option {pair!r}: {p!r} was already given a value, it cannot also hold {leaf!r}"
+                )
         cursor[leaf] = parsed
     return out
 
@@ -187,8 +200,11 @@ def validate(config: Any) -> Any:
             items = list(value) if isinstance(value, (list, tuple)) else [value] if o.parse is None else []
             for item in items:
                 if item not in o.choices:
-                    raise UserError(lambda flag, f=f, item=item, o=o: f"{spoken(flag, f.name, o)}: {item!r} is not one of "
-                                    f"{', '.join(map(str, o.choices))}")
+                    raise UserError(
+                        lambda flag, f=f, item=item, o=o: (
+                            f"{spoken(flag, f.name, o)}: {item!r} is not one of {', '.join(map(str, o.choices))}"
+                        )
+                    )
         problem = range_problem(value, o)
         if problem:
             raise UserError(lambda flag, f=f, o=o, problem=problem: f"{spoken(flag, f.name, o)} {problem}")

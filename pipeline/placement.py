@@ -63,7 +63,11 @@ def model_resources(device: str = "auto", cpus: float = 1.0) -> dict[str, float]
     if name != "cpu" and ray.cluster_resources().get("GPU", 0) >= 1:
         return {"num_gpus": 1.0, "num_cpus": 1.0}
     if name == "cuda":
-        raise UserError(lambda flag: f"{flag('device')} {device} asked for, but the Ray cluster has no GPU; use {flag('device')} auto or cpu")
+        raise UserError(
+            lambda flag: (
+                f"{flag('device')} {device} asked for, but the Ray cluster has no GPU; use {flag('device')} auto or cpu"
+            )
+        )
     return {"num_cpus": float(cpus)}
 
 
@@ -183,8 +187,15 @@ class LogRelay:
 LOST_TASK_ERRORS = ("WorkerCrashedError", "NodeDiedError", "LocalRayletDiedError", "OutOfMemoryError")
 
 
-def run_task(fn: Callable[..., Any], *args: Any, resources: dict[str, float], progress: bool = True, name: str | None = None,
-             attempts: int = 1, retry_args: Callable[[], tuple] | None = None) -> Any:
+def run_task(
+    fn: Callable[..., Any],
+    *args: Any,
+    resources: dict[str, float],
+    progress: bool = True,
+    name: str | None = None,
+    attempts: int = 1,
+    retry_args: Callable[[], tuple] | None = None,
+) -> Any:
     """``fn(*args, log_queue)`` as one Ray task with ``resources``; its result, or the
     UserError it raised (Ctrl-C cancels the task). A task lost with its worker or node runs
     again, ``attempts`` times in all, with ``retry_args()`` as its arguments when given;
@@ -204,7 +215,13 @@ def run_task(fn: Callable[..., Any], *args: Any, resources: dict[str, float], pr
         except lost as exc:
             if attempt >= attempts:
                 raise
-            log.warning("%s was lost (%s); running it again (attempt %d of %d)", task_name, type(exc).__name__, attempt + 1, attempts)
+            log.warning(
+                "%s was lost (%s); running it again (attempt %d of %d)",
+                task_name,
+                type(exc).__name__,
+                attempt + 1,
+                attempts,
+            )
             if retry_args is not None:
                 args = retry_args()
         except KeyboardInterrupt:
@@ -215,4 +232,16 @@ def run_task(fn: Callable[..., Any], *args: Any, resources: dict[str, float], pr
     raise AssertionError("unreachable")
 
 
-__all__ = ["WHERE", "LogRelay", "check_where", "model_resources", "node_id", "raise_user_errors", "relayed_logs", "resolve_where", "run_task", "user_error_in", "LOST_TASK_ERRORS"]
+__all__ = [
+    "WHERE",
+    "LogRelay",
+    "check_where",
+    "model_resources",
+    "node_id",
+    "raise_user_errors",
+    "relayed_logs",
+    "resolve_where",
+    "run_task",
+    "user_error_in",
+    "LOST_TASK_ERRORS",
+]

@@ -52,8 +52,17 @@ def say(line: str, enabled: bool = True) -> None:
 class Progress:
     """Count done units of one stage and report them; ``close()`` prints the final rate."""
 
-    def __init__(self, total: int | None, enabled: bool = True, *, what: str = "progress", unit: str = "images",
-                 every: float = 5.0, initial: int = 0, bar: bool | None = None) -> None:
+    def __init__(
+        self,
+        total: int | None,
+        enabled: bool = True,
+        *,
+        what: str = "progress",
+        unit: str = "images",
+        every: float = 5.0,
+        initial: int = 0,
+        bar: bool | None = None,
+    ) -> None:
         self.total, self.enabled, self.every = total, enabled, every
         self.what, self.unit = what, unit
         self.done = self.start = initial
@@ -65,8 +74,17 @@ class Progress:
         if enabled and bar:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, desc=what, unit=unit, file=sys.stderr, mininterval=1.0,
-                            dynamic_ncols=True, leave=False, smoothing=0.1)
+            self.bar = tqdm(
+                total=total,
+                initial=initial,
+                desc=what,
+                unit=unit,
+                file=sys.stderr,
+                mininterval=1.0,
+                dynamic_ncols=True,
+                leave=False,
+                smoothing=0.1,
+            )
 
     @property
     def rate(self) -> float:
@@ -112,8 +130,13 @@ class Progress:
         self.close()
 
 
-def skipped_lines(skipped: Sequence[Mapping[str, Any]], what: str, where: str, shown: int = 20,
-                  name: Callable[[Mapping[str, Any]], str] = lambda s: f"{s.get('shard', '')}/{s['key']}") -> list[str]:
+def skipped_lines(
+    skipped: Sequence[Mapping[str, Any]],
+    what: str,
+    where: str,
+    shown: int = 20,
+    name: Callable[[Mapping[str, Any]], str] = lambda s: f"{s.get('shard', '')}/{s['key']}",
+) -> list[str]:
     """The one summary of what a stage skipped: the count of ``what`` by reason, the first
     ``shown`` (``name``: how to name one), and ``where`` the rest is recorded."""
     if not skipped:

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import pickle
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
-
 
 log = logging.getLogger(__name__)
 
@@ -400,7 +399,9 @@ class ShardWorker:
         # two calls at once (see run_shard_stage): one shard's model section at a time
         self.model_lock = threading.Lock()
 
-    def run_parts(self, parts: Sequence[Any], fn: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], batch_size: int) -> ShardRun:
+    def run_parts(
+        self, parts: Sequence[Any], fn: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], batch_size: int
+    ) -> ShardRun:
         """Run ``fn`` over a shard's decoded parts in slices of ``batch_size`` rows, in row order.
 
         ``parts``: decoded parts (dicts), their object refs, or lists of refs (what

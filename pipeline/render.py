@@ -52,7 +52,9 @@ def tensor_to_uint8(image) -> np.ndarray:
     return (arr * 255).round().astype(np.uint8)
 
 
-def overlay_panels(image: np.ndarray, cams: np.ndarray, captions: list[str], cmap: str = "jet", alpha: float = 0.5, gap: int = 4) -> np.ndarray:
+def overlay_panels(
+    image: np.ndarray, cams: np.ndarray, captions: list[str], cmap: str = "jet", alpha: float = 0.5, gap: int = 4
+) -> np.ndarray:
     """One captioned overlay per map, side by side: (T, H, W) maps in [0, 1] over one RGB image."""
     if len(cams) != len(captions):
         raise ValueError(f"{len(cams)} maps but {len(captions)} captions")

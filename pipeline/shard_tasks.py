@@ -22,7 +22,12 @@ def read_shard_rows(row: dict[str, Any], storage_options: StorageOptions = None)
     from .shards.format import ShardInfo
     from .shards.read import read_shard
 
-    info = ShardInfo(url=row["url"], name=row["name"], count=row["count"] if row["count"] >= 0 else None, sha256=row.get("sha256") or None)
+    info = ShardInfo(
+        url=row["url"],
+        name=row["name"],
+        count=row["count"] if row["count"] >= 0 else None,
+        sha256=row.get("sha256") or None,
+    )
     try:
         samples = read_shard(info, storage_options=storage_options)
     except Exception as exc:  # count mismatch, cut tar, unreadable object: report the shard
@@ -89,12 +94,24 @@ def decode_part(rows: list[dict[str, Any]], preprocessing: Any, views: Sequence[
         return {"shard_error": rows[0]["shard_error"]}
     if not rows:  # a shard of fewer samples than parts
         crop = preprocessing.crop
-        return {"key": np.zeros(0, dtype=str), "label": np.zeros(0, np.int64), "error": np.zeros(0, dtype=str),
-                "pixels": np.zeros((0, len(views), 3, crop, crop), np.uint8)}
+        return {
+            "key": np.zeros(0, dtype=str),
+            "label": np.zeros(0, np.int64),
+            "error": np.zeros(0, dtype=str),
+            "pixels": np.zeros((0, len(views), 3, crop, crop), np.uint8),
+        }
     text = ("shard", "key", "image", "shard_error")
-    batch = {k: np.array([r[k] for r in rows], dtype=object if k in text else np.int64) for k in (*text, "index", "shard_count", "label")}
+    batch = {
+        k: np.array([r[k] for r in rows], dtype=object if k in text else np.int64)
+        for k in (*text, "index", "shard_count", "label")
+    }
     out = decode_preprocess(batch, preprocessing, views)
-    return {"key": out["key"].astype(str), "label": out["label"].astype(np.int64), "error": out["error"], "pixels": out["pixels"]}
+    return {
+        "key": out["key"].astype(str),
+        "label": out["label"].astype(np.int64),
+        "error": out["error"],
+        "pixels": out["pixels"],
+    }
 
 
 @functools.lru_cache(maxsize=None)
@@ -106,7 +123,14 @@ def _remote(fn: Any) -> Any:
     return ray.remote(num_cpus=0.5)(fn)
 
 
-def shard_parts(item: dict[str, Any], *, storage_options: StorageOptions, preprocessing: Any, views: Sequence[str], part_rows: int = DECODE_PART_ROWS) -> list[Any]:
+def shard_parts(
+    item: dict[str, Any],
+    *,
+    storage_options: StorageOptions,
+    preprocessing: Any,
+    views: Sequence[str],
+    part_rows: int = DECODE_PART_ROWS,
+) -> list[Any]:
     """Submit the read and decode tasks of one shard; the refs of its decoded parts (driver side)."""
     count = int(item["count"])
     parts = max(1, math.ceil(count / part_rows)) if count > 0 else 1  # index-less: one part

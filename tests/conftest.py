@@ -48,7 +48,11 @@ def s3(s3_server, request):
         "client_kwargs": {"endpoint_url": s3_server, "region_name": "us-east-1"},
     }
     boto3.client(
-        "s3", endpoint_url=s3_server, aws_access_key_id="testing", aws_secret_access_key="testing-secret", region_name="us-east-1"
+        "s3",
+        endpoint_url=s3_server,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing-secret",
+        region_name="us-east-1",
     ).create_bucket(Bucket=bucket)
     yield f"s3://{bucket}", options
 
@@ -61,8 +65,13 @@ def ray_local():
     # Configured as pipeline.raykit.ensure_ray configures a local Ray: beyond num_cpus idle
     # workers Ray kills the spare ones after 1 s, and every later task or actor then starts
     # a fresh worker that imports torch again (seconds of CPU each, many times per test run).
-    kwargs = dict(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-                  _system_config={"num_workers_soft_limit": 8})
+    kwargs = dict(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+        _system_config={"num_workers_soft_limit": 8},
+    )
     if not ray.is_initialized():
         try:
             ray.init(**kwargs)
@@ -91,7 +100,20 @@ def ray_head(tmp_path_factory):
     import urllib.request
 
     temp = tempfile.mkdtemp(prefix="rayhead-", dir="/tmp")
-    ports = {name: free_port() for name in ("port", "dashboard", "client", "agent_listen", "agent_grpc", "runtime_env", "metrics", "node_manager", "object_manager")}
+    ports = {
+        name: free_port()
+        for name in (
+            "port",
+            "dashboard",
+            "client",
+            "agent_listen",
+            "agent_grpc",
+            "runtime_env",
+            "metrics",
+            "node_manager",
+            "object_manager",
+        )
+    }
     # workers get ports of their own, chosen like the others (a range could overlap them)
     taken = set(ports.values())
     worker_ports: list[int] = []
@@ -101,16 +123,34 @@ def ray_head(tmp_path_factory):
             taken.add(p)
             worker_ports.append(p)
     bin_dir = os.path.dirname(sys.executable)
-    env = dict(os.environ, PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""), RAY_AUTH_MODE=os.environ["RAY_AUTH_MODE"], RAY_USAGE_STATS_ENABLED="0")
+    env = dict(
+        os.environ,
+        PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""),
+        RAY_AUTH_MODE=os.environ["RAY_AUTH_MODE"],
+        RAY_USAGE_STATS_ENABLED="0",
+    )
     env.pop("RAY_ADDRESS", None)
     cmd = [
-        os.path.join(bin_dir, "ray"), "start", "--head", "--block", "--disable-usage-stats",
-        "--node-ip-address=127.0.0.1", f"--port={ports['port']}", "--num-cpus=2", "--num-gpus=0",
-        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={ports['dashboard']}",
-        f"--ray-client-server-port={ports['client']}", f"--dashboard-agent-listen-port={ports['agent_listen']}",
-        f"--dashboard-agent-grpc-port={ports['agent_grpc']}", f"--runtime-env-agent-port={ports['runtime_env']}",
-        f"--metrics-export-port={ports['metrics']}", f"--node-manager-port={ports['node_manager']}",
-        f"--object-manager-port={ports['object_manager']}", "--worker-port-list=" + ",".join(map(str, worker_ports)),
+        os.path.join(bin_dir, "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--disable-usage-stats",
+        "--node-ip-address=127.0.0.1",
+        f"--port={ports['port']}",
+        "--num-cpus=2",
+        "--num-gpus=0",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={ports['dashboard']}",
+        f"--ray-client-server-port={ports['client']}",
+        f"--dashboard-agent-listen-port={ports['agent_listen']}",
+        f"--dashboard-agent-grpc-port={ports['agent_grpc']}",
+        f"--runtime-env-agent-port={ports['runtime_env']}",
+        f"--metrics-export-port={ports['metrics']}",
+        f"--node-manager-port={ports['node_manager']}",
+        f"--object-manager-port={ports['object_manager']}",
+        "--worker-port-list=" + ",".join(map(str, worker_ports)),
         f"--temp-dir={temp}",
     ]
     log = open(os.path.join(temp, "head.log"), "w")

@@ -18,8 +18,13 @@ class TinyNet(nn.Module):
 
     def __init__(self, classes: int = 10) -> None:
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                                      nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU())
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, stride=2, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 16, 3, stride=2, padding=1),
+            nn.ReLU(),
+        )
         self.classifier = nn.Linear(16, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -71,7 +76,9 @@ def split_backbone(weights: str) -> Backbone:
     """A factory that returns an lcam Backbone: used as it is (its own split, preprocessing)."""
     m = TinyNet()
     head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), m.classifier)
-    return Backbone("anything", m.features, head, (16, 8, 8), Preprocessing(resize=36, crop=32), num_classes=10, weights=weights)
+    return Backbone(
+        "anything", m.features, head, (16, 8, 8), Preprocessing(resize=36, crop=32), num_classes=10, weights=weights
+    )
 
 
 not_callable = 3

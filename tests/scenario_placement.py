@@ -26,10 +26,9 @@ def placement(cache: str, checkpoint: str, workdir: str) -> dict:
     import ray
     from ray.cluster_utils import Cluster
 
-    from pipeline.configs import CamsConfig
     from pipeline.cams.run import generate_cams
+    from pipeline.configs import CamsConfig, TrainConfig
     from pipeline.errors import UserError
-    from pipeline.configs import TrainConfig
     from pipeline.train.run import train
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
@@ -46,20 +45,56 @@ def placement(cache: str, checkpoint: str, workdir: str) -> dict:
     logging.getLogger("lcam.remote").addHandler(Keep())
 
     def fm(where: str):
-        return train(TrainConfig(method="fm", out=os.path.join(workdir, f"fm-{where}"), cache=cache, epochs=2, batch_size=4, target="label",
-                                 view="first", seed=5, log_every=1, checkpoint_minutes=0, threads=1, where=where, progress=where == "auto"))
+        return train(
+            TrainConfig(
+                method="fm",
+                out=os.path.join(workdir, f"fm-{where}"),
+                cache=cache,
+                epochs=2,
+                batch_size=4,
+                target="label",
+                view="first",
+                seed=5,
+                log_every=1,
+                checkpoint_minutes=0,
+                threads=1,
+                where=where,
+                progress=where == "auto",
+            )
+        )
 
     def cams(where: str):
-        return generate_cams(CamsConfig(checkpoint=checkpoint, out=os.path.join(workdir, f"cams-{where}"), cache=cache, classes="top-k", top_k=2,
-                                        upsample=True, where=where, progress=False))
+        return generate_cams(
+            CamsConfig(
+                checkpoint=checkpoint,
+                out=os.path.join(workdir, f"cams-{where}"),
+                cache=cache,
+                classes="top-k",
+                top_k=2,
+                upsample=True,
+                where=where,
+                progress=False,
+            )
+        )
 
     try:
         here, there = fm("local"), fm("auto")
         result["train"] = {"local": [here.ran_on, here.steps], "auto": [there.ran_on, there.steps]}
         here, there, again = cams("local"), cams("auto"), cams("auto")
-        result["cams"] = {"local": [here.ran_on, here.samples], "auto": [there.ran_on, there.samples], "again": again.shards_written}
+        result["cams"] = {
+            "local": [here.ran_on, here.samples],
+            "auto": [there.ran_on, there.samples],
+            "again": again.shards_written,
+        }
         try:  # a user's mistake found inside the task comes back as the same one-line UserError
-            train(TrainConfig(method="fm", out=os.path.join(workdir, "fm-bad"), cache=os.path.join(workdir, "no-cache"), progress=False))
+            train(
+                TrainConfig(
+                    method="fm",
+                    out=os.path.join(workdir, "fm-bad"),
+                    cache=os.path.join(workdir, "no-cache"),
+                    progress=False,
+                )
+            )
         except UserError as exc:
             result["user_error"] = str(exc)
     except BaseException as exc:  # reported in the JSON line

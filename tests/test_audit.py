@@ -131,7 +131,16 @@ def test_class_selection_combinations():
 CLASSES = {"blob": (0, 1), "ring": (5, 7)}
 # (folder, predicted class, its probability) per image; labels: folder a -> 0, b -> 1
 TRAINED = {0: 40, 1: 3, 7: 12}  # the checkpoint's coverage: training samples per class row (5: untrained)
-PLAN = [("a", 0, 0.8), ("a", 5, 0.9), ("a", 5, 0.6), ("a", 0, 0.7), ("b", 1, 0.8), ("b", 7, 0.75), ("b", 1, 0.95), ("b", 1, 0.85)]
+PLAN = [
+    ("a", 0, 0.8),
+    ("a", 5, 0.9),
+    ("a", 5, 0.6),
+    ("a", 0, 0.7),
+    ("b", 1, 0.8),
+    ("b", 7, 0.75),
+    ("b", 1, 0.95),
+    ("b", 1, 0.85),
+]
 
 
 def lcam(argv: list[str]) -> int:
@@ -143,12 +152,12 @@ def lcam(argv: list[str]) -> int:
 @pytest.fixture(scope="module")
 def audited(tmp_path_factory, ray_local):
     from lcam import LCAM, build_backbone
-    from pipeline.store.feature_cache import FeatureCache
-    from pipeline.train.checkpoints import save_checkpoint
     from pipeline.extract.run import cache_identity
     from pipeline.report.page import save_comparison_maps
-    from pipeline.shards.read import list_shards, read_shard
     from pipeline.shards.pack import pack_folder
+    from pipeline.shards.read import list_shards, read_shard
+    from pipeline.store.feature_cache import FeatureCache
+    from pipeline.train.checkpoints import save_checkpoint
 
     root = tmp_path_factory.mktemp("audit")
     rng = np.random.default_rng(0)
@@ -172,15 +181,21 @@ def audited(tmp_path_factory, ray_local):
     coverage = torch.zeros(backbone.num_classes, dtype=torch.int32)
     for c, n in TRAINED.items():
         coverage[c] = n
-    save_checkpoint(ckpt, attention_state=model.attention.state_dict(), method="fm", backbone=backbone.describe(), coverage=coverage)
+    save_checkpoint(
+        ckpt, attention_state=model.attention.state_dict(), method="fm", backbone=backbone.describe(), coverage=coverage
+    )
     feature = np.zeros((C, h, w), np.float32)
     yy, xx = np.mgrid[0:h, 0:w]
     for c in CLASSES["blob"]:
         feature[c] = np.exp(-((yy - 3) ** 2 + (xx - 3) ** 2) / 1.5)
     for c in CLASSES["ring"]:
         feature[c] = ((yy == 0) | (yy == h - 1) | (xx == 0) | (xx == w - 1)).astype(np.float32)
-    cache = FeatureCache.create_or_open(str(root / "cache"), cache_identity(backbone, ["center"], "float16"),
-                                        feature_shape=(C, h, w), num_classes=backbone.num_classes)
+    cache = FeatureCache.create_or_open(
+        str(root / "cache"),
+        cache_identity(backbone, ["center"], "float16"),
+        feature_shape=(C, h, w),
+        num_classes=backbone.num_classes,
+    )
     truth = {}
     for info in shards:
         rows = [(s, PLAN[int(re.search(r"im(\d)", s.key).group(1))]) for i2, s in samples if i2.url == info.url]
@@ -190,7 +205,9 @@ def audited(tmp_path_factory, ray_local):
         probs = np.array([[q, (1 - q) / 2, (1 - q) / 4, (1 - q) / 8, (1 - q) / 16] for _, (_, _, q) in rows])
         entry = cache.write_shard(info.url, keys, labels, np.repeat(feature[None], len(rows), 0), top5, probs)
         cache.mark_done([entry])
-        truth.update({k: (int(lab), int(t[0]), float(p[0]), info.url) for k, lab, t, p in zip(keys, labels, top5, probs)})
+        truth.update(
+            {k: (int(lab), int(t[0]), float(p[0]), info.url) for k, lab, t, p in zip(keys, labels, top5, probs)}
+        )
     assert sorted({v[0] for v in truth.values()}) == [0, 1]  # folder a -> 0, b -> 1
 
     cams = str(root / "cams")
@@ -199,12 +216,19 @@ def audited(tmp_path_factory, ray_local):
     wrong = sorted(k for k, (lab, p, _, _) in truth.items() if lab != p)
     right = sorted(k for k, (lab, p, _, _) in truth.items() if lab == p)
     save_comparison_maps(
-        str(root / "eval" / "maps.npz"), keys=[right[0], wrong[0]], images=np.zeros((2, 8, 8, 3), np.uint8),
-        class_ids=np.array([truth[right[0]][1], truth[wrong[0]][1]]), probs=np.array([0.5, 0.5]),
-        maps={"gradcam": np.stack([feature[truth[right[0]][1]], -feature[truth[wrong[0]][1]]])}, labels={"gradcam": "Grad-CAM"},
+        str(root / "eval" / "maps.npz"),
+        keys=[right[0], wrong[0]],
+        images=np.zeros((2, 8, 8, 3), np.uint8),
+        class_ids=np.array([truth[right[0]][1], truth[wrong[0]][1]]),
+        probs=np.array([0.5, 0.5]),
+        maps={"gradcam": np.stack([feature[truth[right[0]][1]], -feature[truth[wrong[0]][1]]])},
+        labels={"gradcam": "Grad-CAM"},
     )
     out = root / "audit"
-    assert lcam(["audit", cams, "--out", str(out), "--compare", str(root / "eval"), "--max-thumbnails", "60", "--quiet"]) == 0
+    assert (
+        lcam(["audit", cams, "--out", str(out), "--compare", str(root / "eval"), "--max-thumbnails", "60", "--quiet"])
+        == 0
+    )
     return {"root": root, "cams": cams, "out": out, "truth": truth, "wrong": wrong, "right": right}
 
 
@@ -259,7 +283,12 @@ def test_classes_ranked_by_border_share_and_compared_with_the_second_method(audi
     counts = {int(r["class"]): int(r["n"]) for r in ranked}
     assert counts == {0: 2, 5: 2, 1: 3, 7: 1}
     by_class = {int(r["class"]): r for r in ranked}
-    assert {c: int(r["train_samples"]) for c, r in by_class.items()} == {0: 40, 1: 3, 5: 0, 7: 12}  # the samples behind each map
+    assert {c: int(r["train_samples"]) for c, r in by_class.items()} == {
+        0: 40,
+        1: 3,
+        5: 0,
+        7: 12,
+    }  # the samples behind each map
     page = (out / "audit.html").read_text()
     classes = page[page.index('id="classes"') :]
     classes = classes[: classes.index("</table>")]
@@ -267,9 +296,16 @@ def test_classes_ranked_by_border_share_and_compared_with_the_second_method(audi
     assert float(by_class[0]["precision"]) == 1.0 and float(by_class[5]["precision"]) == 0.0
     import pyarrow.parquet as pq
 
-    rho = {r["key"]: r["compare_rho"] for r in pq.read_table(str(out / "per_sample.parquet")).to_pylist() if not math.isnan(r["compare_rho"])}
+    rho = {
+        r["key"]: r["compare_rho"]
+        for r in pq.read_table(str(out / "per_sample.parquet")).to_pylist()
+        if not math.isnan(r["compare_rho"])
+    }
     # the store's maps come from float16 features: a few near-equal pixels may swap ranks
-    assert rho == {audited["right"][0]: pytest.approx(1.0, abs=1e-3), audited["wrong"][0]: pytest.approx(-1.0, abs=1e-3)}
+    assert rho == {
+        audited["right"][0]: pytest.approx(1.0, abs=1e-3),
+        audited["wrong"][0]: pytest.approx(-1.0, abs=1e-3),
+    }
     assert float(by_class[truth[audited["wrong"][0]][1]]["rho_mean"]) == pytest.approx(-1.0)
 
 
@@ -295,7 +331,9 @@ document.getElementById('r').addEventListener('load', () => {
 def test_audit_page_loads_every_image_in_chromium(audited):
     exe = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if exe is None:
-        pytest.skip("no Chromium here: install Debian's 'chromium' package (make test does when it may) to run the browser test")
+        pytest.skip(
+            "no Chromium here: install Debian's 'chromium' package (make test does when it may) to run the browser test"
+        )
     out = audited["out"]
     (out / "harness.html").write_text(HARNESS)
 
@@ -308,10 +346,24 @@ def test_audit_page_loads_every_image_in_chromium(audited):
     profile = tempfile.mkdtemp(prefix="chromium-")
     try:
         res = subprocess.run(
-            [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}", "--virtual-time-budget=15000", "--dump-dom",
-             f"http://127.0.0.1:{server.server_address[1]}/harness.html"],
-            capture_output=True, text=True, timeout=120,
+            [
+                exe,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={profile}",
+                "--virtual-time-budget=15000",
+                "--dump-dom",
+                f"http://127.0.0.1:{server.server_address[1]}/harness.html",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
     finally:
         server.shutdown()

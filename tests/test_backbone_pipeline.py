@@ -13,11 +13,11 @@ import torch
 from PIL import Image
 
 from lcam import Preprocessing, build_backbone
+from pipeline.images import decode_image, preprocess
+from pipeline.shards.pack import pack_folder
+from pipeline.shards.read import list_shards, read_shard
 from pipeline.store.feature_cache import FeatureCache
 from pipeline.train.checkpoints import load_checkpoint
-from pipeline.images import decode_image, preprocess
-from pipeline.shards.read import list_shards, read_shard
-from pipeline.shards.pack import pack_folder
 from tests.helpers import skimage_photos
 
 
@@ -37,15 +37,50 @@ def shards(tmp_path_factory):
     return root / "shards"
 
 
-@pytest.mark.parametrize("spec,layer", [("timm:resnet18,size=64", None), ("tests.custom_backbones:tiny,size=32", "features")])
+@pytest.mark.parametrize(
+    "spec,layer", [("timm:resnet18,size=64", None), ("tests.custom_backbones:tiny,size=32", "features")]
+)
 def test_pipeline_end_to_end_with_a_spec(ray_local, shards, tmp_path, spec, layer, capsys):
     from jobs.cli import main
 
     wd = tmp_path / "wd"
-    argv = ["pipeline", "--train-shards", str(shards), "--workdir", str(wd), "--backbone", spec, "--weights", "random",
-            "--method", "both", "--target", "predicted", "--epochs", "1", "--max-steps", "2", "--batch-size", "3",
-            "--schedule", "onecycle", "--lr", "0.05", "--views", "center", "--img-augment", "center",
-            "--eval-methods", "gradcam", "--overlays", "2", "--gallery-images", "2", "--extract-batch-size", "3"]
+    argv = [
+        "pipeline",
+        "--train-shards",
+        str(shards),
+        "--workdir",
+        str(wd),
+        "--backbone",
+        spec,
+        "--weights",
+        "random",
+        "--method",
+        "both",
+        "--target",
+        "predicted",
+        "--epochs",
+        "1",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "3",
+        "--schedule",
+        "onecycle",
+        "--lr",
+        "0.05",
+        "--views",
+        "center",
+        "--img-augment",
+        "center",
+        "--eval-methods",
+        "gradcam",
+        "--overlays",
+        "2",
+        "--gallery-images",
+        "2",
+        "--extract-batch-size",
+        "3",
+    ]
     if layer:  # --layer folds into the spec: the recorded name says where the split is
         argv += ["--layer", layer]
     assert main(argv) == 0, capsys.readouterr().err
@@ -62,7 +97,9 @@ def test_pipeline_end_to_end_with_a_spec(ray_local, shards, tmp_path, spec, laye
     for info in list_shards(str(shards)):
         for s in read_shard(info):
             with torch.no_grad():
-                want[s.key] = backbone.extract(preprocess(decode_image(s.image), backbone.preprocessing)[None])[0][0].numpy()
+                want[s.key] = backbone.extract(preprocess(decode_image(s.image), backbone.preprocessing)[None])[0][
+                    0
+                ].numpy()
     seen = {k: f for keys, feats, _, _ in cache.iter_rows(batch_size=4, view=0) for k, f in zip(keys, feats)}
     assert sorted(seen) == sorted(want)
     for k, f in seen.items():

@@ -31,23 +31,31 @@ def test_spec_grammar_canonical_form_and_errors():
     assert parse_spec("timm:resnet18", layer="layer2").canonical == "timm:resnet18,layer=layer2"
     assert parse_spec("mypkg.models:build").source == "module" and parse_spec("vgg16").source == "registry"
     assert parse_spec("torchvision:resnet101").canonical == "torchvision:resnet101"
-    for bad, why in [("timm:", "name the model"), ("timm:resnet18,depth=3", "option"), ("timm:resnet18,size=abc", "size"),
-                     ("my-pkg:build", "module.path:factory"), ("", "non-empty")]:
+    for bad, why in [
+        ("timm:", "name the model"),
+        ("timm:resnet18,depth=3", "option"),
+        ("timm:resnet18,size=abc", "size"),
+        ("my-pkg:build", "module.path:factory"),
+        ("", "non-empty"),
+    ]:
         with pytest.raises(BackboneSpecError, match=why):
             parse_spec(bad)
 
 
-@pytest.mark.parametrize("spec,why", [
-    ("alexnet9", "unknown backbone 'alexnet9'.*timm:<model>"),
-    ("timm:resnet_not_a_model", "timm has no model"),
-    ("torchvision:resnet_not_a_model", "torchvision has no classification model"),
-    ("no_such_module_xyz:build", "cannot import 'no_such_module_xyz'"),
-    ("tests.custom_backbones:not_callable", "no callable"),
-    ("tests.custom_backbones:no_features", "no known split for NoFeatures.*--layer"),
-    ("tests.custom_backbones:no_features,layer=body", "skip connection"),
-    ("tests.custom_backbones:no_features,layer=nope", "has no layer 'nope'"),
-    ("vgg16,layer=features", "built-in backbones take no options"),
-])
+@pytest.mark.parametrize(
+    "spec,why",
+    [
+        ("alexnet9", "unknown backbone 'alexnet9'.*timm:<model>"),
+        ("timm:resnet_not_a_model", "timm has no model"),
+        ("torchvision:resnet_not_a_model", "torchvision has no classification model"),
+        ("no_such_module_xyz:build", "cannot import 'no_such_module_xyz'"),
+        ("tests.custom_backbones:not_callable", "no callable"),
+        ("tests.custom_backbones:no_features", "no known split for NoFeatures.*--layer"),
+        ("tests.custom_backbones:no_features,layer=body", "skip connection"),
+        ("tests.custom_backbones:no_features,layer=nope", "has no layer 'nope'"),
+        ("vgg16,layer=features", "built-in backbones take no options"),
+    ],
+)
 def test_unknown_or_unsplittable_specs_raise_one_clear_error(spec, why):
     with pytest.raises(BackboneSpecError, match=why) as info:
         build_backbone(spec, weights="random")
@@ -99,7 +107,10 @@ def test_layer_override_splits_there_and_state_dict_weights_load(tmp_path):
     x = torch.rand(2, 3, 96, 96)
     with torch.no_grad():
         assert torch.allclose(b(x), ref(b.normalize(x)), atol=1e-5, rtol=0)
-        assert torch.allclose(b.extract(x)[0], ref.layer3(ref.layer2(ref.layer1(ref.maxpool(ref.act1(ref.bn1(ref.conv1(b.normalize(x)))))))))
+        assert torch.allclose(
+            b.extract(x)[0],
+            ref.layer3(ref.layer2(ref.layer1(ref.maxpool(ref.act1(ref.bn1(ref.conv1(b.normalize(x)))))))),
+        )
     with pytest.raises(BackboneSpecError, match="skip connection"):  # inside a residual block
         build_backbone("timm:resnet18,layer=layer4.0.conv1,size=64", weights="random")
 
@@ -210,7 +221,10 @@ def test_module_factory_specs(tmp_path):
     path = tmp_path / "tiny.pth"
     torch.save(ref.state_dict(), path)
     x = torch.rand(3, 3, 32, 32)
-    for spec in ("tests.custom_backbones:tiny", "tests.custom_backbones:tiny_with_weights"):  # lcam loads / the factory loads
+    for spec in (
+        "tests.custom_backbones:tiny",
+        "tests.custom_backbones:tiny_with_weights",
+    ):  # lcam loads / the factory loads
         b = build_backbone(spec, weights=str(path))
         with torch.no_grad():
             assert torch.allclose(b(x), ref(b.normalize(x)), atol=1e-6)
@@ -223,9 +237,13 @@ def test_interpolation_is_applied_and_recorded():
     prep = Preprocessing.from_crop_pct(32, 0.875, interpolation="bicubic")
     assert (prep.resize, prep.crop) == (36, 32) and prep.crop_pct == pytest.approx(32 / 36)
     ours = preprocess(rgb, prep)
-    tv = torchvision.transforms.Compose([
-        torchvision.transforms.Resize(36, interpolation=torchvision.transforms.InterpolationMode.BICUBIC),
-        torchvision.transforms.CenterCrop(32), torchvision.transforms.ToTensor()])
+    tv = torchvision.transforms.Compose(
+        [
+            torchvision.transforms.Resize(36, interpolation=torchvision.transforms.InterpolationMode.BICUBIC),
+            torchvision.transforms.CenterCrop(32),
+            torchvision.transforms.ToTensor(),
+        ]
+    )
     assert torch.equal(ours, tv(Image.fromarray(rgb)))
     assert not torch.equal(ours, preprocess(rgb, Preprocessing(36, 32)))  # bilinear differs
     assert Preprocessing.from_dict(prep.to_dict()) == prep

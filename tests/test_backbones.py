@@ -20,7 +20,9 @@ def test_builtins_are_registered():
     assert set(EXPECTED_SHAPES) <= set(available_backbones())
 
 
-@pytest.mark.parametrize("name,builder", [("vgg16", "vgg16"), ("vgg16_7x7", "vgg16"), ("resnet50", "resnet50"), ("resnet18", "resnet18")])
+@pytest.mark.parametrize(
+    "name,builder", [("vgg16", "vgg16"), ("vgg16_7x7", "vgg16"), ("resnet50", "resnet50"), ("resnet18", "resnet18")]
+)
 def test_split_equals_unsplit_torchvision(name, builder, tmp_path):
     torch.manual_seed(0)
     full = getattr(torchvision.models, builder)(weights=None).eval()
@@ -164,8 +166,9 @@ def test_one_rule_for_a_weights_path_and_safetensors_files_load(tmp_path):
 
     from lcam.backbones.base import is_weights_path, load_weights
 
-    assert [is_weights_path(w) for w in ("w.safetensors", "w.pt", "dir/w", "s3://b/w", "default", "random", "IMAGENET1K_V1")] == [
-        True, True, True, True, False, False, False]
+    assert [
+        is_weights_path(w) for w in ("w.safetensors", "w.pt", "dir/w", "s3://b/w", "default", "random", "IMAGENET1K_V1")
+    ] == [True, True, True, True, False, False, False]
     model = torch.nn.Linear(3, 2)
     state = {k: torch.randn_like(v) for k, v in model.state_dict().items()}
     save_file(state, str(tmp_path / "w.safetensors"))

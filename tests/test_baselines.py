@@ -17,8 +17,8 @@ from lcam.cam_methods.base import (
     register,
     unregister,
 )
-from lcam.cam_methods.lcam_method import LCAMMethod
 from lcam.cam_methods.gradcam import GradCAM
+from lcam.cam_methods.lcam_method import LCAMMethod
 from lcam.cam_methods.random_map import RandomMap
 from lcam.cam_methods.rise import RISE
 from lcam.cam_methods.scorecam import ScoreCAM
@@ -33,9 +33,13 @@ AT_FEATURES = {"gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "eige
 def toy_backbone(seed: int = 0, classes: int = 5) -> Backbone:
     """8 x 8 features at 64 x 64 input; a non-linear head, so dlogit/dF varies over space."""
     torch.manual_seed(seed)
-    features = nn.Sequential(nn.Conv2d(3, 8, 3, stride=4, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU())
+    features = nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=4, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU()
+    )
     head = nn.Sequential(nn.Conv2d(8, 16, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(16, classes))
-    return Backbone("toy", features, head, (8, 8, 8), Preprocessing(mean=(0.5,) * 3, std=(0.25,) * 3), num_classes=classes)
+    return Backbone(
+        "toy", features, head, (8, 8, 8), Preprocessing(mean=(0.5,) * 3, std=(0.25,) * 3), num_classes=classes
+    )
 
 
 class RegionScore(nn.Module):
@@ -128,12 +132,23 @@ def test_rise_batched_across_images_equals_the_formula_image_by_image():
             p = backbone(images[i : i + 1] * masks[:, None].float()).softmax(1)[:, int(ids[i])].double()
         hand = (p[:, None, None] * masks).sum(0) / (10 * 0.5)
         assert torch.allclose(batched[i].double(), hand, atol=1e-6)
-        assert torch.allclose(RISE(backbone, num_masks=10, grid=4, mask_batch=1, seed=2)(images[i : i + 1], ids[i : i + 1])[0], batched[i], atol=1e-6)
+        assert torch.allclose(
+            RISE(backbone, num_masks=10, grid=4, mask_batch=1, seed=2)(images[i : i + 1], ids[i : i + 1])[0],
+            batched[i],
+            atol=1e-6,
+        )
 
 
 def test_rise_peaks_in_the_region_the_model_scores():
     rows, cols = slice(8, 16), slice(16, 24)
-    backbone = Backbone("region", nn.Identity(), RegionScore(rows, cols), (3, 32, 32), Preprocessing(mean=(0.0,) * 3, std=(1.0,) * 3), num_classes=2)
+    backbone = Backbone(
+        "region",
+        nn.Identity(),
+        RegionScore(rows, cols),
+        (3, 32, 32),
+        Preprocessing(mean=(0.0,) * 3, std=(1.0,) * 3),
+        num_classes=2,
+    )
     images = torch.full((1, 3, 32, 32), 0.5)
     sal = RISE(backbone, num_masks=600, grid=4, mask_batch=200, seed=0)(images, [0])[0]
     inside = torch.zeros(32, 32, dtype=torch.bool)
@@ -183,9 +198,27 @@ def test_road_scores_shapes_and_seed():
 
 def test_registry_lists_every_method_once_with_metadata():
     classes = method_classes()
-    assert {"gradcam", "gradcam++", "scorecam", "rise", "gaussian", "random",
-            "xgradcam", "layercam", "eigencam", "hirescam", "ablationcam"} <= set(classes)
-    assert default_methods() == ("gradcam", "gradcam++", "scorecam", "rise", "gaussian", "random")  # today's defaults kept
+    assert {
+        "gradcam",
+        "gradcam++",
+        "scorecam",
+        "rise",
+        "gaussian",
+        "random",
+        "xgradcam",
+        "layercam",
+        "eigencam",
+        "hirescam",
+        "ablationcam",
+    } <= set(classes)
+    assert default_methods() == (
+        "gradcam",
+        "gradcam++",
+        "scorecam",
+        "rise",
+        "gaussian",
+        "random",
+    )  # today's defaults kept
     assert list(classes)[-2:] == ["gaussian", "random"]  # the sanity floors last in table order
     for name, cls in classes.items():
         assert cls.name == name and cls.label and cls.cost

@@ -23,7 +23,9 @@ def scripted(calls: list[str], name: str, values: list[float | None]):
 
 def test_arms_alternate_after_one_uncounted_warm_up_round():
     calls: list[str] = []
-    c = compare({"a": scripted(calls, "a", [9.0, 1.0, 2.0, 3.0]), "b": scripted(calls, "b", [90.0, 4.0, 8.0, 9.0])}, reps=3)
+    c = compare(
+        {"a": scripted(calls, "a", [9.0, 1.0, 2.0, 3.0]), "b": scripted(calls, "b", [90.0, 4.0, 8.0, 9.0])}, reps=3
+    )
     assert calls == ["a", "b"] * 4
     assert c.warmup == {"a": 9.0, "b": 90.0}
     assert c.seconds == {"a": [1.0, 2.0, 3.0], "b": [4.0, 8.0, 9.0]}
@@ -33,8 +35,11 @@ def test_arms_alternate_after_one_uncounted_warm_up_round():
 
 def test_warm_up_mapping_replaces_only_the_arms_it_names_and_false_skips_the_round():
     calls: list[str] = []
-    compare({"a": scripted(calls, "a", [1.0, 1.0]), "b": scripted(calls, "b", [2.0])},
-            reps=1, warmup={"b": scripted(calls, "b-short", [0.5])})
+    compare(
+        {"a": scripted(calls, "a", [1.0, 1.0]), "b": scripted(calls, "b", [2.0])},
+        reps=1,
+        warmup={"b": scripted(calls, "b-short", [0.5])},
+    )
     assert calls == ["a", "b-short", "a", "b"]
     calls.clear()
     c = compare({"a": scripted(calls, "a", [1.0]), "b": scripted(calls, "b", [2.0])}, reps=1, warmup=False)
@@ -48,8 +53,10 @@ def test_an_arm_returning_none_is_timed_around_its_call_with_the_clock():
 
 
 def test_ratio_is_the_median_of_per_repetition_ratios_not_the_ratio_of_medians():
-    c = Comparison(seconds={"fast": [1.0, 2.0, 4.0], "slow": [3.0, 2.0, 20.0]},
-                   loads={"fast": [1.0, 2.0, 3.0], "slow": [4.0, 0.5, 1.5]})
+    c = Comparison(
+        seconds={"fast": [1.0, 2.0, 4.0], "slow": [3.0, 2.0, 20.0]},
+        loads={"fast": [1.0, 2.0, 3.0], "slow": [4.0, 0.5, 1.5]},
+    )
     r = c.ratio("fast", "slow")  # per round: 3/1, 2/2, 20/4
     assert r.values == (3.0, 1.0, 5.0)
     assert (r.median, r.lo, r.hi) == (3.0, 1.0, 5.0)
@@ -67,15 +74,23 @@ def test_target_ratio_judges_the_median_and_prints_the_spread_and_load(capsys):
     assert target_ratio("x_vs_y", Ratio((0.9, 1.2, 1.1), loads=(0.5, 3.0)), ">=", 1.0)
     assert not target_ratio("x_vs_y", Ratio((0.9, 1.2, 0.95)), ">=", 1.0)
     lines = capsys.readouterr().out.splitlines()
-    assert lines[:2] == ["x_vs_y: median 1.10 of 3 repetitions (0.90, 1.20, 1.10), spread 0.90-1.20, load 0.5-3.0",
-                         "TARGET x_vs_y measured=1.10 goal=>=1.0 PASS"]
+    assert lines[:2] == [
+        "x_vs_y: median 1.10 of 3 repetitions (0.90, 1.20, 1.10), spread 0.90-1.20, load 0.5-3.0",
+        "TARGET x_vs_y measured=1.10 goal=>=1.0 PASS",
+    ]
     assert lines[3] == "TARGET x_vs_y measured=0.95 goal=>=1.0 MISS"
 
 
 def test_report_prints_one_row_per_arm_with_median_spread_and_rate(capsys):
-    c = Comparison(seconds={"a": [0.5, 0.25, 1.0], "b": [2.0, 2.0, 2.0]}, loads={"a": [1.0, 2.0, 1.5], "b": [1.0, 1.0, 1.0]},
-                   warmup={"a": 3.0, "b": 2.5}, unit="s/image")
+    c = Comparison(
+        seconds={"a": [0.5, 0.25, 1.0], "b": [2.0, 2.0, 2.0]},
+        loads={"a": [1.0, 2.0, 1.5], "b": [1.0, 1.0, 1.0]},
+        warmup={"a": 3.0, "b": 2.5},
+        unit="s/image",
+    )
     c.report("extraction", rate="images/s")
-    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(("a ", "b "))}
+    rows = {
+        line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(("a ", "b "))
+    }
     assert rows["a"] == ["a", "0.5", "0.25-1", "3", "2", "1.0-2.0"]
     assert rows["b"] == ["b", "2", "2-2", "2.5", "0.5", "1.0-1.0"]

@@ -11,14 +11,19 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.store.feature_cache import CacheMismatch, CacheNotFound, FeatureCache, NonFiniteFeatures
-from pipeline.store.clients import make_zarr_store
-from pipeline.store.identity import shard_id_for
 from pipeline.errors import UserError
 from pipeline.fs import get_fs, join
+from pipeline.store.clients import make_zarr_store
+from pipeline.store.feature_cache import CacheMismatch, CacheNotFound, FeatureCache, NonFiniteFeatures
+from pipeline.store.identity import shard_id_for
 
 SHAPE = (16, 7, 7)
-IDENTITY = {"backbone": "toy", "weights_digest": "a" * 64, "layer": "features", "preprocessing": {"resize": 256, "crop": 224}}
+IDENTITY = {
+    "backbone": "toy",
+    "weights_digest": "a" * 64,
+    "layer": "features",
+    "preprocessing": {"resize": 256, "crop": 224},
+}
 # float16 keeps 11 significant bits: |x - f16(x)| <= 2**-11 |x| for normal values (atol for subnormals).
 F16_RTOL, F16_ATOL = 2.0**-11, 1e-7
 BF16_RTOL = 2.0**-8
@@ -51,7 +56,10 @@ def files_under(url: str, storage_options=None) -> dict[str, bytes]:
 
 def check_round_trip(url: str, storage_options=None, dtype: str = "float16", views: tuple = ("center",)) -> None:
     cache = create(url, storage_options, dtype=dtype, views=views)
-    data = {"/d/b/shard-000001.tar": rows(21, 1, "b", len(views)), "/d/a/shard-000000.tar": rows(10, 2, "a", len(views))}
+    data = {
+        "/d/b/shard-000001.tar": rows(21, 1, "b", len(views)),
+        "/d/a/shard-000000.tar": rows(10, 2, "a", len(views)),
+    }
     entries = [write(cache, src, r) for src, r in data.items()]
     assert [e["count"] for e in entries] == [21, 10]
     cache.mark_done(entries)
@@ -63,7 +71,9 @@ def check_round_trip(url: str, storage_options=None, dtype: str = "float16", vie
     for src in sorted(data):
         r, sid = data[src], shard_id_for(src)
         got = [ro.read_chunk(sid, ci) for ci in range(ro.num_chunks(sid))]
-        assert [len(g["keys"]) for g in got] == [8] * (len(r["keys"]) // 8) + ([len(r["keys"]) % 8] if len(r["keys"]) % 8 else [])
+        assert [len(g["keys"]) for g in got] == [8] * (len(r["keys"]) // 8) + (
+            [len(r["keys"]) % 8] if len(r["keys"]) % 8 else []
+        )
         feats = np.concatenate([g["features"] for g in got])
         assert sum((g["keys"] for g in got), []) == r["keys"]
         if dtype == "float16":
@@ -85,20 +95,31 @@ def check_round_trip(url: str, storage_options=None, dtype: str = "float16", vie
     keys = sum((b[0] for b in batches), [])
     assert keys == data["/d/a/shard-000000.tar"]["keys"] + data["/d/b/shard-000001.tar"]["keys"]
     expect = np.concatenate([data[s]["features"][:, -1] for s in sorted(data)])
-    np.testing.assert_allclose(np.concatenate([b[1] for b in batches]), expect, rtol=BF16_RTOL if dtype == "bfloat16" else F16_RTOL, atol=F16_ATOL)
-    np.testing.assert_array_equal(np.concatenate([b[3] for b in batches]), np.concatenate([data[s]["top5_classes"][:, 0] for s in sorted(data)]))
+    np.testing.assert_allclose(
+        np.concatenate([b[1] for b in batches]),
+        expect,
+        rtol=BF16_RTOL if dtype == "bfloat16" else F16_RTOL,
+        atol=F16_ATOL,
+    )
+    np.testing.assert_array_equal(
+        np.concatenate([b[3] for b in batches]), np.concatenate([data[s]["top5_classes"][:, 0] for s in sorted(data)])
+    )
 
     info = ro.info(expected_sources=[*data, "/d/c/shard-000002.tar"])
     item = {"float16": 2, "bfloat16": 2, "float32": 4}[dtype]
     assert info["samples"] == 31 and info["shards_done"] == 2
     assert info["shards_missing"] == ["/d/c/shard-000002.tar"]
     assert info["raw_bytes"] == 31 * (len(views) * 16 * 49 * item + 4 + 40)
-    assert info["bytes_on_disk"] > 0 and info["compression_ratio"] == pytest.approx(info["raw_bytes"] / info["bytes_on_disk"], rel=1e-3)
+    assert info["bytes_on_disk"] > 0 and info["compression_ratio"] == pytest.approx(
+        info["raw_bytes"] / info["bytes_on_disk"], rel=1e-3
+    )
     assert info["identity"]["cache"]["views"] == list(views) and info["fingerprint"] == ro.fingerprint
     assert ro.verify({s: len(r["keys"]) for s, r in data.items()}).ok
 
 
-@pytest.mark.parametrize("dtype,views", [("float16", ("center",)), ("bfloat16", ("center", "hflip")), ("float32", ("center", "hflip"))])
+@pytest.mark.parametrize(
+    "dtype,views", [("float16", ("center",)), ("bfloat16", ("center", "hflip")), ("float32", ("center", "hflip"))]
+)
 def test_round_trip_local(tmp_path, dtype, views):
     check_round_trip(str(tmp_path / "cache"), dtype=dtype, views=views)
 
@@ -126,12 +147,16 @@ def test_leases_report_other_writers_and_forget_the_dead_of_this_host(tmp_path):
 
     cache = create(str(tmp_path / "cache"))
     mine = cache.leases.take({"todo": 3})
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
     folder = tmp_path / "cache" / "leases"
     (folder / "dead.json").write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout), "todo": 1}))
     (folder / "away.json").write_text(json.dumps({"host": "another-host", "pid": int(dead.stdout), "todo": 2}))
     others = FeatureCache.open(str(tmp_path / "cache")).leases.others()
-    assert sorted((o["host"], o["pid"], o["todo"]) for o in others) == sorted([("another-host", int(dead.stdout), 2), (socket.gethostname(), os.getpid(), 3)])
+    assert sorted((o["host"], o["pid"], o["todo"]) for o in others) == sorted(
+        [("another-host", int(dead.stdout), 2), (socket.gethostname(), os.getpid(), 3)]
+    )
     assert sorted(p.name for p in folder.iterdir()) == sorted(["away.json", f"{mine}.json"])
     cache.leases.drop(mine)
     cache.leases.drop(mine)  # twice: nothing left to remove is no error
@@ -213,8 +238,11 @@ def test_rewrite_is_idempotent(tmp_path):
     # every array names its axes (zarr v3 dimension_names: what xarray reads)
     group = zarr.open_group(join(url, "shards", sid), mode="r")
     assert {name: group[name].metadata.dimension_names for name in group.array_keys()} == {
-        "features": ("sample", "view", "channel", "y", "x"), "labels": ("sample",),
-        "top5_classes": ("sample", "rank"), "top5_probs": ("sample", "rank")}
+        "features": ("sample", "view", "channel", "y", "x"),
+        "labels": ("sample",),
+        "top5_classes": ("sample", "rank"),
+        "top5_probs": ("sample", "rank"),
+    }
 
 
 def test_mark_done_refuses_incomplete_group(tmp_path):
@@ -250,7 +278,9 @@ def check_verify(url: str, storage_options=None) -> None:
     del exp["/d/s2.tar"]
     problems = cache.verify(exp).problems
     assert any(p.startswith("missing shard /d/s9.tar") for p in problems), problems
-    assert any("count mismatch for /d/s0.tar: cache has 12 rows + 0 skipped, expected 13" in p for p in problems), problems
+    assert any("count mismatch for /d/s0.tar: cache has 12 rows + 0 skipped, expected 13" in p for p in problems), (
+        problems
+    )
     assert any(p.startswith("unexpected shard /d/s2.tar") for p in problems), problems
     assert len(problems) == 3
 
@@ -259,7 +289,10 @@ def check_verify(url: str, storage_options=None) -> None:
     r["keys"][1] = "s0/00004"
     cache.mark_done([write(cache, "/d/s3.tar", r)])
     problems = cache.verify().problems
-    assert problems == ["duplicate key 's0/00004': appears 2 times (shards " + f"{shard_id_for('/d/s0.tar')}, {shard_id_for('/d/s3.tar')})"]
+    assert problems == [
+        "duplicate key 's0/00004': appears 2 times (shards "
+        + f"{shard_id_for('/d/s0.tar')}, {shard_id_for('/d/s3.tar')})"
+    ]
 
     # 5. NaN in stored features (corrupt a chunk behind the cache's back)
     store = make_zarr_store(url, storage_options, read_only=False)
@@ -280,7 +313,9 @@ def check_verify(url: str, storage_options=None) -> None:
 
     # recorded counts are the default expectation
     cache.record_counts({"/d/s7.tar": 5})
-    assert any(p.startswith("missing shard /d/s7.tar") for p in FeatureCache.open(url, storage_options).verify().problems)
+    assert any(
+        p.startswith("missing shard /d/s7.tar") for p in FeatureCache.open(url, storage_options).verify().problems
+    )
 
 
 def test_verify_detects_problems_local(tmp_path):
@@ -327,7 +362,10 @@ def test_cli_info_and_verify(tmp_path, capsys):
 
     url = str(tmp_path / "cache")
     cache, expected = build_for_verify(url)
-    index = {"format": "whatever", "shards": [{"name": f"s{i}.tar", "count": n} for i, n in enumerate(expected.values())]}
+    index = {
+        "format": "whatever",
+        "shards": [{"name": f"s{i}.tar", "count": n} for i, n in enumerate(expected.values())],
+    }
     (tmp_path / "index.json").write_text(json.dumps(index))
     # The index lives in another folder than /d: matching falls back to unique file names.
     assert main(["cache", "verify", url, "--index", str(tmp_path / "index.json")]) == 0
@@ -359,7 +397,10 @@ def test_to_xarray_is_a_lazy_view_equal_to_the_chunks(tmp_path):
     ro = FeatureCache.open(url)
     ds = ro.to_xarray()
     assert isinstance(ds["features"].data, da.Array)  # nothing read yet
-    assert ds["features"].dims == ("sample", "view", "channel", "y", "x") and ds["top5_probs"].dims == ("sample", "rank")
+    assert ds["features"].dims == ("sample", "view", "channel", "y", "x") and ds["top5_probs"].dims == (
+        "sample",
+        "rank",
+    )
     # store order (sources sorted): /d/a.tar's 9 rows, then /d/b.tar's 11
     assert list(ds["shard"].values) == [shard_id_for("/d/a.tar")] * 9 + [shard_id_for("/d/b.tar")] * 11
     assert list(ds["key"].values) == data["/d/a.tar"]["keys"] + data["/d/b.tar"]["keys"]

@@ -13,25 +13,24 @@ import shutil
 import numpy as np
 import pytest
 import torch
-import zarr
 import torch.nn.functional as nnf
+import zarr
 from PIL import Image
 
 from lcam import LCAM, build_backbone
-from pipeline.store.feature_cache import FeatureCache
-from pipeline.store.identity import shard_id_for
-from pipeline.configs import CamsConfig
-from pipeline.store.cam_store import CamStore, CamStoreMismatch
-from pipeline.classes import ClassSelection
 from pipeline.cams.explainer import Explainer
 from pipeline.cams.run import generate_cams
-from pipeline.train.checkpoints import CheckpointMismatch, save_checkpoint
+from pipeline.classes import ClassSelection
+from pipeline.configs import CamsConfig, ExtractConfig
 from pipeline.errors import UserError
-from pipeline.configs import ExtractConfig
 from pipeline.extract.run import extract
 from pipeline.fs import get_fs, read_json, write_json_atomic
-from pipeline.shards.read import list_shards, read_shard
 from pipeline.shards.pack import pack_folder
+from pipeline.shards.read import list_shards, read_shard
+from pipeline.store.cam_store import CamStore, CamStoreMismatch
+from pipeline.store.feature_cache import FeatureCache
+from pipeline.store.identity import shard_id_for
+from pipeline.train.checkpoints import CheckpointMismatch, save_checkpoint
 from tests.helpers import skimage_photos
 
 SIDE = 256  # photos cut to 256 x 256: Resize(256) is then the identity and the centre crop is [16:240]
@@ -52,7 +51,14 @@ def classic_cam_lcam(backbone) -> LCAM:
 def make_images(root):
     """2 classes x 3 photos, 256 x 256 crops of scikit-image's photos (one grayscale)."""
     photos = skimage_photos(("chelsea", "coffee", "astronaut", "rocket", "camera"))
-    cuts = [("chelsea", 20, 100), ("coffee", 60, 150), ("astronaut", 0, 120), ("rocket", 100, 300), ("camera", 128, 128), ("astronaut", 250, 200)]
+    cuts = [
+        ("chelsea", 20, 100),
+        ("coffee", 60, 150),
+        ("astronaut", 0, 120),
+        ("rocket", 100, 300),
+        ("camera", 128, 128),
+        ("astronaut", 250, 200),
+    ]
     expected = {}
     for i, (name, y, x) in enumerate(cuts):
         rgb = photos[name][y : y + SIDE, x : x + SIDE]
@@ -74,7 +80,14 @@ def setup(tmp_path_factory, ray_local):
     model = classic_cam_lcam(backbone)
     ckpt = str(root / "ckpt.pt")
     save_checkpoint(ckpt, attention_state=model.attention.state_dict(), method="fm", backbone=backbone.describe())
-    return {"root": root, "crops": crops, "shards": str(root / "shards"), "cache": str(root / "cache"), "ckpt": ckpt, "model": model}
+    return {
+        "root": root,
+        "crops": crops,
+        "shards": str(root / "shards"),
+        "cache": str(root / "cache"),
+        "ckpt": ckpt,
+        "model": model,
+    }
 
 
 def run(setup, out, **kw) -> object:
@@ -120,7 +133,9 @@ def test_cache_cams_equal_hand_computation_and_keys_match_source(setup, cache_st
         maps = data["maps"][:, 0]
         assert np.allclose(maps.reshape(len(maps), -1).min(1), 0) and np.allclose(maps.reshape(len(maps), -1).max(1), 1)
         zn = (Z - Z.min((1, 2), keepdims=True)) / np.ptp(Z, (1, 2), keepdims=True)
-        up = nnf.interpolate(torch.from_numpy(zn)[:, None], size=(224, 224), mode="bilinear", align_corners=False)[:, 0].numpy()
+        up = nnf.interpolate(torch.from_numpy(zn)[:, None], size=(224, 224), mode="bilinear", align_corners=False)[
+            :, 0
+        ].numpy()
         assert np.abs(data["upsampled"][:, 0].astype(float) - np.round(up * 255)).max() <= 1
     src_keys = [s.key for info in list_shards(setup["shards"]) for s in read_shard(info)]
     assert sorted(cache_store.keys()) == sorted(src_keys) and len(cache_store) == 6
@@ -152,7 +167,11 @@ def test_cache_cams_are_bitwise_the_same_with_any_torch_threads(setup, cache_sto
 
 def test_images_give_the_same_cams_as_the_cache(setup, cache_store):
     out = setup["root"] / "cams-images"
-    summary = generate_cams(CamsConfig(checkpoint=setup["ckpt"], out=str(out), shards=setup["shards"], upsample=True, batch_size=4, progress=False))
+    summary = generate_cams(
+        CamsConfig(
+            checkpoint=setup["ckpt"], out=str(out), shards=setup["shards"], upsample=True, batch_size=4, progress=False
+        )
+    )
     assert summary.failed_shards == [] and summary.samples == 6
     store = CamStore.open(str(out))
     assert store.shard_ids() == cache_store.shard_ids()
@@ -249,7 +268,9 @@ def test_bad_inputs_fail_clearly_and_write_nothing(setup, tmp_path):
     save_checkpoint(ckpt, attention_state=LCAM(other).attention.state_dict(), method="fm", backbone=other.describe())
     with pytest.raises(CheckpointMismatch, match="resnet18.*not for the feature cache"):
         generate_cams(CamsConfig(checkpoint=ckpt, out=str(out), cache=setup["cache"], progress=False))
-    empty = FeatureCache.create_or_open(str(tmp_path / "empty"), FeatureCache.open(setup["cache"]).identity, feature_shape=(1280, 7, 7))
+    empty = FeatureCache.create_or_open(
+        str(tmp_path / "empty"), FeatureCache.open(setup["cache"]).identity, feature_shape=(1280, 7, 7)
+    )
     with pytest.raises(UserError, match="holds no samples"):
         run(setup, out, cache=empty.url)
     gone = tmp_path / "shards"
@@ -270,7 +291,9 @@ def test_overlays_show_the_image_and_the_gallery_links_them(setup, cache_store):
     out = setup["root"] / "pics"
     names = setup["root"] / "names.txt"
     names.write_text("\n".join(f"thing {i}" for i in range(1000)))
-    summary = run(setup, out, upsample=True, overlays=4, opacity=0.0, class_names=str(names), gallery=str(setup["root"] / "g0"))
+    summary = run(
+        setup, out, upsample=True, overlays=4, opacity=0.0, class_names=str(names), gallery=str(setup["root"] / "g0")
+    )
     assert summary.gallery.endswith("g0/index.html")
     run(setup, out, upsample=True, overlays=4, opacity=0.6, colormap="viridis", class_names=str(names))
     store = CamStore.open(str(out))
@@ -330,8 +353,15 @@ def test_cli_generates_describes_and_reports_errors(setup, capsys):
     assert "3 written now" in capsys.readouterr().out
     assert main(["cams", "info", out]) == 0
     text = capsys.readouterr().out
-    assert CamStore.open(out).fingerprint in text and "top-2 classes: 2 map(s) per sample" in text and "6 in 3 shards" in text
-    assert main(["cams", setup["ckpt"], str(setup["root"] / "cli2"), "--cache", setup["cache"], "--class-ids", "3,1000"]) == 2
+    assert (
+        CamStore.open(out).fingerprint in text
+        and "top-2 classes: 2 map(s) per sample" in text
+        and "6 in 3 shards" in text
+    )
+    assert (
+        main(["cams", setup["ckpt"], str(setup["root"] / "cli2"), "--cache", setup["cache"], "--class-ids", "3,1000"])
+        == 2
+    )
     err = capsys.readouterr().err
     assert "class id 1000 is out of range" in err and "Traceback" not in err
     assert main(["cams", "info", str(setup["root"] / "nothing")]) == 2
@@ -341,7 +371,16 @@ def test_cli_generates_describes_and_reports_errors(setup, capsys):
 def test_store_on_s3_equals_local(setup, cache_store, s3):
     bucket, options = s3
     url = f"{bucket}/cams"
-    generate_cams(CamsConfig(checkpoint=setup["ckpt"], out=url, cache=setup["cache"], upsample=True, out_storage_options=options, progress=False))
+    generate_cams(
+        CamsConfig(
+            checkpoint=setup["ckpt"],
+            out=url,
+            cache=setup["cache"],
+            upsample=True,
+            out_storage_options=options,
+            progress=False,
+        )
+    )
     remote = CamStore.open(url, options)
     assert remote.shard_ids() == cache_store.shard_ids()
     for (_, a), (_, b) in zip(remote.iter_shards(), cache_store.iter_shards()):

@@ -73,7 +73,9 @@ def test_commands_are_listed_in_the_top_level_help(capsys):
 def test_job_modules_run_as_scripts(job):
     """`lcam submit JOB` runs `python -m jobs.JOB --config ...` on the cluster: every submittable module must be a script."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-m", f"jobs.{job}", "--help"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", f"jobs.{job}", "--help"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300
+    )
     assert proc.returncode == 0 and proc.stdout.startswith(f"usage: lcam {job}")
 
 
@@ -81,12 +83,28 @@ def test_eval_flags_come_from_the_registries():
     from jobs.cli import command_parser
     from jobs.eval import config_from_args
 
-    args = command_parser("eval").parse_args(["SHARDS", "OUT", "--methods", "xgradcam,rise", "--rise-masks", "8",
-                                              "--road", "--road-percentiles", "50,90", "--insdel-steps", "4"])
+    args = command_parser("eval").parse_args(
+        [
+            "SHARDS",
+            "OUT",
+            "--methods",
+            "xgradcam,rise",
+            "--rise-masks",
+            "8",
+            "--road",
+            "--road-percentiles",
+            "50,90",
+            "--insdel-steps",
+            "4",
+        ]
+    )
     cfg = config_from_args(args)
     assert cfg.methods == ("xgradcam", "rise") and cfg.metrics == ("road",)
     assert cfg.method_options["rise"] == {"num_masks": 8, "grid": 7, "p": 0.5, "mask_batch": 32, "seed": 0}
-    assert cfg.metric_options["road"] == {"percentiles": (50, 90), "seed": 0} and cfg.metric_options["insdel"]["steps"] == 4
+    assert (
+        cfg.metric_options["road"] == {"percentiles": (50, 90), "seed": 0}
+        and cfg.metric_options["insdel"]["steps"] == 4
+    )
     none = config_from_args(command_parser("eval").parse_args(["S", "O", "--methods", "none"]))
     assert none.methods == () and none.metrics == ()
 
@@ -105,7 +123,9 @@ def test_help_shows_every_default(name):
                 seen += sum(check(p) for p in action.choices.values())
             elif action.option_strings and action.default not in (None, False, argparse.SUPPRESS, []):
                 assert action.help and "default" in action.help, (name, action.option_strings)
-                assert f"default: {action.default}" in " ".join(text.split()) or "default" in action.help.replace("%(default)s", ""), action.option_strings
+                assert f"default: {action.default}" in " ".join(text.split()) or "default" in action.help.replace(
+                    "%(default)s", ""
+                ), action.option_strings
                 seen += 1
         return seen
 

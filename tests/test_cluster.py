@@ -12,11 +12,11 @@ import fsspec
 import pytest
 import yaml
 
-from pipeline.store.feature_cache import FeatureCache
 from pipeline.configs import ExtractConfig
 from pipeline.extract.run import extract
-from pipeline.shards.read import list_shards
 from pipeline.shards.pack import pack_folder
+from pipeline.shards.read import list_shards
+from pipeline.store.feature_cache import FeatureCache
 from tests.test_extract import make_folder
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,7 +61,11 @@ def test_worker_node_lost_mid_extraction_still_gives_every_sample_once(tmp_path)
     env.pop("RAY_ADDRESS", None)
     out = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "scenario_cluster.py"), "node-loss", str(tmp_path / "shards"), cache_url],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=900,
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     line = next((t for t in out.stdout.splitlines() if t.startswith("RESULT ")), None)
     assert line, out.stdout[-3000:] + out.stderr[-3000:]
@@ -96,12 +100,18 @@ def test_secret_in_storage_options_is_written_nowhere(ray_local, s3, tmp_path):
     pack_folder(tmp_path / "images", f"{bucket}/shards", samples_per_shard=2, storage_options=options, progress=False)
     summary = extract(
         ExtractConfig(
-            shards=f"{bucket}/shards", cache=f"{bucket}/cache", batch_size=4, progress=False,
-            shard_storage_options=options, cache_storage_options=options,
+            shards=f"{bucket}/shards",
+            cache=f"{bucket}/cache",
+            batch_size=4,
+            progress=False,
+            shard_storage_options=options,
+            cache_storage_options=options,
         )
     )
     assert summary.images == 4
     fs = fsspec.filesystem("s3", **options)
     session_logs = os.path.join(os.environ["RAY_TMPDIR"])
-    found = [name for name, data in all_written_bytes([tmp_path, session_logs], fs, [bucket]) if secret.encode() in data]
+    found = [
+        name for name, data in all_written_bytes([tmp_path, session_logs], fs, [bucket]) if secret.encode() in data
+    ]
     assert found == []

@@ -24,14 +24,13 @@ from PIL import Image
 from jobs import eval as eval_job
 from jobs import pipeline as pipeline_job
 from jobs.cli import main as cli_main
-from pipeline.store.feature_cache import FeatureCache
-from pipeline.store.cam_store import CamStore
-from pipeline.train.checkpoints import load_lcam
 from pipeline.shards.read import list_shards, read_shard
+from pipeline.store.cam_store import CamStore
+from pipeline.store.feature_cache import FeatureCache
+from pipeline.train.checkpoints import load_lcam
 
 N_IMAGES = 4
 PNG = b"\x89PNG\r\n\x1a\n"
-
 
 
 def cheap_baselines(methods: list[str], limit_flag: str = "--method-limit") -> list[str]:
@@ -48,7 +47,9 @@ def default_methods(job, dest: str) -> list[str]:
     parser = argparse.ArgumentParser()
     job.add_arguments(parser)
     default = parser.get_default(dest)  # None: the registry's default list (lcam pipeline)
-    return list(cam_methods.default_methods()) if default is None else [m.strip() for m in default.split(",") if m.strip()]
+    return (
+        list(cam_methods.default_methods()) if default is None else [m.strip() for m in default.split(",") if m.strip()]
+    )
 
 
 def write_images(folder: Path) -> Path:
@@ -164,12 +165,21 @@ def test_new_user_path_by_hand(ray_local, work, shards, cache, fm_run, capsys):
     train ran in the fixtures above): cams from the run folder, the CAM store inspected, the
     audit of that default store (only the predicted class's maps), the evaluation of the run
     folder, and report.html from those outputs; then the trained run explains a file in two lines."""
-    cams, audit, ev, report = work / "cams-cache", work / "audit", work / "eval-by-hand", work / "report" / "report.html"
-    assert cli_main(["cams", str(fm_run), str(cams), "--cache", str(cache), "--overlays", "2"]) == 0  # RUN = RUN/checkpoint.pt
+    cams, audit, ev, report = (
+        work / "cams-cache",
+        work / "audit",
+        work / "eval-by-hand",
+        work / "report" / "report.html",
+    )
+    assert (
+        cli_main(["cams", str(fm_run), str(cams), "--cache", str(cache), "--overlays", "2"]) == 0
+    )  # RUN = RUN/checkpoint.pt
     assert_cam_store(cams, "cache")
     assert CamStore.open(str(cams)).info()["checkpoint"]["url"] == str(fm_run / "checkpoint.pt")
     capsys.readouterr()
-    assert cli_main(["cams", "info", str(cams)]) == 0 and cli_main(["cache", "info", str(cams)]) == 0  # one store-aware info
+    assert (
+        cli_main(["cams", "info", str(cams)]) == 0 and cli_main(["cache", "info", str(cams)]) == 0
+    )  # one store-aware info
     assert capsys.readouterr().out.count(f"CAM store    {cams}") == 2
     assert cli_main(["cache", "verify", str(cams)]) == 0
     assert f"verify {cams}: OK (1 shards, {N_IMAGES} rows)" in capsys.readouterr().out
@@ -181,12 +191,49 @@ def test_new_user_path_by_hand(ray_local, work, shards, cache, fm_run, capsys):
     page = (audit / "audit.html").read_text()
     assert "not in this store" in page and "lcam cams --classes predicted,label" in page
 
-    assert cli_main(["eval", str(shards), str(ev), "--checkpoint", f"fm={fm_run}", "--methods", "gradcam", "--save-maps", "2",
-                     "--where", "local", "--no-progress"]) == 0
+    assert (
+        cli_main(
+            [
+                "eval",
+                str(shards),
+                str(ev),
+                "--checkpoint",
+                f"fm={fm_run}",
+                "--methods",
+                "gradcam",
+                "--save-maps",
+                "2",
+                "--where",
+                "local",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert_eval_folder(ev, ["fm", "gradcam"])
-    assert cli_main(["report", str(report), "--eval", str(ev), "--run", f"fm={fm_run}", "--cams", str(cams), "--audit", str(audit)]) == 0
+    assert (
+        cli_main(
+            [
+                "report",
+                str(report),
+                "--eval",
+                str(ev),
+                "--run",
+                f"fm={fm_run}",
+                "--cams",
+                str(cams),
+                "--audit",
+                str(audit),
+            ]
+        )
+        == 0
+    )
     html = report.read_text()
-    assert 'href="../audit/audit.html"' in html and 'href="../cams-cache/gallery/index.html"' in html and "fm training curves" in html
+    assert (
+        'href="../audit/audit.html"' in html
+        and 'href="../cams-cache/gallery/index.html"' in html
+        and "fm training curves" in html
+    )
     assert (report.parent / "report_files" / "adic.png").exists()
 
     from lcam import Explainer
@@ -261,7 +308,10 @@ def test_demo(ray_local, work, images):
     # extraction and evaluation); --steps/--img-steps: 2 and 1 training steps instead of 60 and 6;
     # --scorecam-images 0: Score-CAM (1,280 forwards per image) is run by test_eval.
     folder = work / "demo"
-    assert run_in(folder, ["demo", "--data", str(images), "--steps", "2", "--img-steps", "1", "--scorecam-images", "0"]) == 0
+    assert (
+        run_in(folder, ["demo", "--data", str(images), "--steps", "2", "--img-steps", "1", "--scorecam-images", "0"])
+        == 0
+    )
     wd = folder / "runs" / "demo"
     assert_workdir(wd, ["fm", "img"], ["gradcam", "gradcam++"])
 
@@ -270,7 +320,9 @@ def test_default_baselines_exist():
     """The pipeline's and eval's default baselines are known methods (the matrix runs eval's)."""
     from lcam.cam_methods.base import method_names
 
-    assert default_methods(pipeline_job, "eval_methods") and set(default_methods(pipeline_job, "eval_methods")) <= set(method_names())
+    assert default_methods(pipeline_job, "eval_methods") and set(default_methods(pipeline_job, "eval_methods")) <= set(
+        method_names()
+    )
     assert default_methods(eval_job, "methods") and set(default_methods(eval_job, "methods")) <= set(method_names())
 
 
@@ -281,9 +333,28 @@ def test_options_that_only_work_together_are_refused_up_front(shards, tmp_path, 
     if not lcam.exists():
         pytest.skip(f"no lcam console script beside {sys.executable} (pip install -e .)")
     wd = tmp_path / "wd"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([str(lcam), "pipeline", "--train-shards", str(shards), "--workdir", str(wd), "--method", "img", "--img-workers", "3"],
-                          capture_output=True, text=True, env=env, timeout=300)
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH")])),
+    )
+    proc = subprocess.run(
+        [
+            str(lcam),
+            "pipeline",
+            "--train-shards",
+            str(shards),
+            "--workdir",
+            str(wd),
+            "--method",
+            "img",
+            "--img-workers",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].startswith("lcam pipeline: error:") and "--img-workers" in lines[0] and " --workers" not in lines[0]
@@ -295,18 +366,31 @@ def test_options_that_only_work_together_are_refused_up_front(shards, tmp_path, 
     assert not (tmp_path / "train" / "runs").exists()
     # --uncovered reaches both trainings: transfer maps CAM rows, so the SPEC's random init is refused up front;
     # a warm-started L-CAM-Img keeps L-CAM-Fm's exported rows (init), so only its worker split is refused
-    for extra, named, absent in [(["--uncovered", "transfer"], "--uncovered transfer", "--workers"),
-                                 (["--method", "both", "--img-from-fm", "--init", "cam", "--uncovered", "transfer", "--img-workers", "3"],
-                                  "--img-workers", "--uncovered")]:
-        proc = subprocess.run([str(lcam), "pipeline", "--train-shards", str(shards), "--workdir", str(wd), *extra],
-                              capture_output=True, text=True, env=env, timeout=300)
+    for extra, named, absent in [
+        (["--uncovered", "transfer"], "--uncovered transfer", "--workers"),
+        (
+            ["--method", "both", "--img-from-fm", "--init", "cam", "--uncovered", "transfer", "--img-workers", "3"],
+            "--img-workers",
+            "--uncovered",
+        ),
+    ]:
+        proc = subprocess.run(
+            [str(lcam), "pipeline", "--train-shards", str(shards), "--workdir", str(wd), *extra],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1, proc.stderr
         assert named in lines[0] and absent not in lines[0], lines[0]
         assert not wd.exists()
     # --row-prior too: pulling rows towards the SPEC's random start is refused before any stage (before
     # the shards are even looked at: a missing folder here, so that a missing refusal fails fast)
-    assert cli_main(["pipeline", "--train-shards", str(tmp_path / "no-shards"), "--workdir", str(wd), "--row-prior", "1"]) == 2
+    assert (
+        cli_main(["pipeline", "--train-shards", str(tmp_path / "no-shards"), "--workdir", str(wd), "--row-prior", "1"])
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--row-prior pulls trained rows" in err, err
     assert not wd.exists()
@@ -316,8 +400,8 @@ def test_stage_messages_name_the_flags_of_the_running_command():
     """A stage's message names config fields; each job spells them as its own flags."""
     import ray.cloudpickle
 
-    from pipeline.train.checkpoints import CheckpointMismatch
     from pipeline.errors import UserError, flag_namer
+    from pipeline.train.checkpoints import CheckpointMismatch
 
     err = CheckpointMismatch(lambda flag: f"use {flag('augment')} center or another {flag('batch_size')}")
     assert str(err) == "use --augment center or another --batch-size"  # lcam train's own spelling

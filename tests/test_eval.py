@@ -22,16 +22,16 @@ from PIL import Image
 
 from lcam import LCAM, build_backbone
 from lcam.metrics.adic import AD_FORMULA, IC_FORMULA
-from pipeline.train.checkpoints import CheckpointMismatch, save_checkpoint
-from pipeline.errors import UserError
 from pipeline.configs import EvalConfig
-from pipeline.evaluation.engine import Evaluator
+from pipeline.errors import UserError
 from pipeline.evaluation.config import MethodSpec
-from pipeline.evaluation.run import evaluate
+from pipeline.evaluation.engine import Evaluator
 from pipeline.evaluation.plan import plan_batches
+from pipeline.evaluation.run import evaluate
 from pipeline.shards.format import ShardInfo
-from pipeline.shards.read import list_shards, read_shard
 from pipeline.shards.pack import pack_folder
+from pipeline.shards.read import list_shards, read_shard
+from pipeline.train.checkpoints import CheckpointMismatch, save_checkpoint
 from tests.helpers import center_crop_tensor, skimage_photos
 
 RATIOS = (1.0, 0.5, 0.15)
@@ -55,7 +55,12 @@ def classic_cam_state(backbone) -> dict[str, torch.Tensor]:
 def add_foreign_shard(folder, good_image: bytes):
     """A shard packed elsewhere (no index entry): an undecodable image, then a good one."""
     with tarfile.open(folder / "extra.tar", "w") as tar:
-        for key, ext, data in [("bad0", "jpg", b"\xff\xd8\xff not a jpeg"), ("bad0", "cls", b"1"), ("good0", "jpg", good_image), ("good0", "cls", b"0")]:
+        for key, ext, data in [
+            ("bad0", "jpg", b"\xff\xd8\xff not a jpeg"),
+            ("bad0", "cls", b"1"),
+            ("good0", "jpg", good_image),
+            ("good0", "cls", b"0"),
+        ]:
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
@@ -65,7 +70,14 @@ def add_foreign_shard(folder, good_image: bytes):
 def data(tmp_path_factory, backbone):
     root = tmp_path_factory.mktemp("eval")
     photos = skimage_photos(("chelsea", "coffee", "astronaut", "rocket", "camera"))
-    cuts = [("chelsea", 0, 0), ("coffee", 40, 60), ("astronaut", 0, 100), ("rocket", 60, 200), ("camera", 100, 100), ("astronaut", 200, 150)]
+    cuts = [
+        ("chelsea", 0, 0),
+        ("coffee", 40, 60),
+        ("astronaut", 0, 100),
+        ("rocket", 60, 200),
+        ("camera", 100, 100),
+        ("astronaut", 200, 150),
+    ]
     for i, (name, y, x) in enumerate(cuts):
         d = root / "images" / f"class{i % 2}"
         d.mkdir(parents=True, exist_ok=True)
@@ -74,15 +86,27 @@ def data(tmp_path_factory, backbone):
     first = read_shard(list_shards(str(root / "shards"))[0])[0]
     add_foreign_shard(root / "shards", first.image)
     fm, img = str(root / "fm.pt"), str(root / "img.pt")
-    save_checkpoint(fm, attention_state=classic_cam_state(backbone), method="fm", backbone=backbone.describe(), epoch=3, step=30)
+    save_checkpoint(
+        fm, attention_state=classic_cam_state(backbone), method="fm", backbone=backbone.describe(), epoch=3, step=30
+    )
     torch.manual_seed(1)
-    save_checkpoint(img, attention_state=LCAM(backbone).attention.state_dict(), method="img", backbone=backbone.describe())
+    save_checkpoint(
+        img, attention_state=LCAM(backbone).attention.state_dict(), method="img", backbone=backbone.describe()
+    )
     return {"root": root, "shards": str(root / "shards" / "*.tar"), "fm": fm, "img": img}
 
 
 def config(data, out, **kw) -> EvalConfig:
-    base = dict(shards=data["shards"], out=str(out), checkpoints=[data["fm"], data["img"]], methods=METHODS,
-                method_limits={"rise": 2}, method_options={"rise": {"num_masks": 8, "mask_batch": 8}}, batch_size=3, progress=False)
+    base = dict(
+        shards=data["shards"],
+        out=str(out),
+        checkpoints=[data["fm"], data["img"]],
+        methods=METHODS,
+        method_limits={"rise": 2},
+        method_options={"rise": {"num_masks": 8, "mask_batch": 8}},
+        batch_size=3,
+        progress=False,
+    )
     base.update(kw)
     return EvalConfig(**base)
 
@@ -114,7 +138,13 @@ def test_metric_contract_does_not_import_the_aggregation():
 
     for path in sorted(pathlib.Path(metrics.__file__).parent.glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
-            named = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in getattr(node, "names", [])] if isinstance(node, ast.Import) else []
+            named = (
+                [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else [a.name for a in getattr(node, "names", [])]
+                if isinstance(node, ast.Import)
+                else []
+            )
             assert not any(n.split(".")[-1] == "results" for n in named), f"{path.name} imports {named}"
     for proto, cls in ((EvalOutcome, EvalResults), (MethodOutcome, MethodResult)):
         members = {n for n, v in vars(proto).items() if isinstance(v, property)}
@@ -181,13 +211,18 @@ def test_costly_methods_report_their_forwards_while_they_run(backbone):
     from pipeline.evaluation.run import MethodProgress
 
     seen: list[tuple[str, int]] = []
-    specs = [MethodSpec("gradcam", "gradcam", "Grad-CAM"), MethodSpec("rise", "rise", "RISE", {"num_masks": 6, "mask_batch": 4})]
+    specs = [
+        MethodSpec("gradcam", "gradcam", "Grad-CAM"),
+        MethodSpec("rise", "rise", "RISE", {"num_masks": 6, "mask_batch": 4}),
+    ]
     ev = Evaluator(backbone, specs, RATIOS, on_method_forwards=lambda m, n: seen.append((m, n)))
     pixels = np.random.default_rng(0).integers(0, 256, (3, 3, 224, 224), dtype=np.uint8)
     ev.evaluate_batch(pixels, np.arange(3), batch_id=0)
     ev.close()
     assert {m for m, _ in seen} == {"rise"} and sum(n for _, n in seen) == 3 * 6
-    bars = MethodProgress(specs + [MethodSpec("rise2", "rise", "RISE", {"num_masks": 5}, limit=2)], backbone, 3, True).bars
+    bars = MethodProgress(
+        specs + [MethodSpec("rise2", "rise", "RISE", {"num_masks": 5}, limit=2)], backbone, 3, True
+    ).bars
     assert {k: b.total for k, b in bars.items()} == {"rise": 3 * 6, "rise2": 2 * 5}
     assert MethodProgress(specs, backbone, 3, False).bars == {}
 
@@ -205,7 +240,9 @@ def reference_scores(backbone, state, image: torch.Tensor) -> tuple[int, float, 
         for r in RATIOS:
             z = model.attention(backbone.features(backbone.normalize(x)))[0, c].double()
             z = (z - z.min()) / (z.max() - z.min())
-            up = nnf.interpolate(z[None, None].float(), size=(224, 224), mode="bilinear", align_corners=False)[0, 0].numpy()
+            up = nnf.interpolate(z[None, None].float(), size=(224, 224), mode="bilinear", align_corners=False)[
+                0, 0
+            ].numpy()
             k = math.ceil(round(r * 224 * 224, 6))
             order = np.argsort(-up.ravel(), kind="stable")
             mask = np.zeros(224 * 224, np.float32)
@@ -269,7 +306,12 @@ def test_local_run_rows_subsets_and_numbers(data, local_run):
 
 def test_outputs_record_protocol_and_are_complete(data, local_run):
     summary, out = local_run
-    assert sorted(p.name for p in out.iterdir()) == ["adic.png", "per_image.csv", "results.json", "results.md"]  # no temp files
+    assert sorted(p.name for p in out.iterdir()) == [
+        "adic.png",
+        "per_image.csv",
+        "results.json",
+        "results.md",
+    ]  # no temp files
     report = json.loads((out / "results.json").read_text())
     p = report["protocol"]
     assert p["num_images"] == 7 and p["ratios"] == [1.0, 0.5, 0.15] and p["target"] == "predicted"
@@ -325,8 +367,18 @@ def test_bad_inputs_fail_clearly_and_write_nothing(data, tmp_path):
 def test_road_option_reports_morf_lerf(data, tmp_path):
     out = tmp_path / "road"
     # percentile 90: only 10% of the pixels imputed, so the sparse solves stay small
-    summary = evaluate(config(data, out, checkpoints=[], methods=("gaussian",), method_limits={}, limit=2, metrics=("road",),
-                              metric_options={"road": {"percentiles": (90,)}}))
+    summary = evaluate(
+        config(
+            data,
+            out,
+            checkpoints=[],
+            methods=("gaussian",),
+            method_limits={},
+            limit=2,
+            metrics=("road",),
+            metric_options={"road": {"percentiles": (90,)}},
+        )
+    )
     road = summary.methods[0].metrics["road"]
     assert road["forwards"] == 2 * (2 * 1 + 1)  # per image: 2P + 1 (clean, MoRF, LeRF at one percentile)
     assert len(road["morf_mean"]) == len(road["lerf_mean"]) == 1
@@ -344,8 +396,18 @@ def test_insertion_deletion_plugin_end_to_end(data, tmp_path, backbone):
     from lcam.metrics.insertion_deletion import insertion_deletion
 
     out = tmp_path / "insdel"
-    summary = evaluate(config(data, out, checkpoints=[], methods=("gaussian",), method_limits={}, limit=2,
-                              metrics=("insdel",), metric_options={"insdel": {"steps": 2}}))
+    summary = evaluate(
+        config(
+            data,
+            out,
+            checkpoints=[],
+            methods=("gaussian",),
+            method_limits={},
+            limit=2,
+            metrics=("insdel",),
+            metric_options={"insdel": {"steps": 2}},
+        )
+    )
     report = json.loads((out / "results.json").read_text())
     assert report["insdel"]["steps"] == 2 and "blur" in report["insdel"]["insertion_baseline"]
     assert report["metrics"] == ["adic", "insdel"]
@@ -355,11 +417,18 @@ def test_insertion_deletion_plugin_end_to_end(data, tmp_path, backbone):
         s = m.metrics["insdel"]
         assert s["forwards"] == 2 * 2 * (2 + 1)  # 2 images x 2 curves x (S + 1) points
         mine = [float(r["insertion_auc"]) for r in rows if r["method"] == m.id]
-        assert s["insertion_auc"] == pytest.approx(np.mean(mine)) and report["methods"][m.id]["insdel"]["insertion_auc"] == s["insertion_auc"]
+        assert (
+            s["insertion_auc"] == pytest.approx(np.mean(mine))
+            and report["methods"][m.id]["insdel"]["insertion_auc"] == s["insertion_auc"]
+        )
     # independently: the Gaussian map on the two decoded images, through lcam.metrics directly
     keys = {r["key"] for r in rows}
-    images = {s.key: center_crop_tensor(np.asarray(Image.open(io.BytesIO(s.image)).convert("RGB")))
-              for info in list_shards(data["shards"]) for s in read_shard(info) if s.key in keys}
+    images = {
+        s.key: center_crop_tensor(np.asarray(Image.open(io.BytesIO(s.image)).convert("RGB")))
+        for info in list_shards(data["shards"])
+        for s in read_shard(info)
+        if s.key in keys
+    }
     x = torch.stack([images[k] for k in sorted(keys)])
     ids = torch.tensor([int(next(r["predicted"] for r in rows if r["key"] == k)) for k in sorted(keys)])
     cams = build_method("gaussian", backbone)(x, ids)
@@ -376,7 +445,12 @@ def test_cli_runs_and_reports_errors(data, tmp_path, capsys):
     from jobs.cli import main
 
     out = tmp_path / "cli"
-    assert main(["eval", data["shards"], str(out), "--methods", "gaussian", "--limit", "2", "--seed", "5", "--no-progress"]) == 0
+    assert (
+        main(
+            ["eval", data["shards"], str(out), "--methods", "gaussian", "--limit", "2", "--seed", "5", "--no-progress"]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "Centred Gaussian" in printed and "evaluated 2 images" in printed
     rows = read_csv(out / "per_image.csv")

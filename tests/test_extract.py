@@ -11,12 +11,12 @@ import torch
 from PIL import Image
 
 from lcam import build_backbone
-from pipeline.store.feature_cache import CacheMismatch, FeatureCache
 from pipeline.configs import ExtractConfig
 from pipeline.extract.run import extract
 from pipeline.images import decode_image, preprocess
 from pipeline.shards.pack import pack_folder
-from pipeline.shards.read import read_shard, list_shards
+from pipeline.shards.read import list_shards, read_shard
+from pipeline.store.feature_cache import CacheMismatch, FeatureCache
 from tests.helpers import skimage_photos
 
 
@@ -57,7 +57,12 @@ def add_corrupt_shard(folder):
     good = next(iter(read_shard(list_shards(str(folder))[0])))
     path = folder / "extra-corrupt.tar"
     with tarfile.open(path, "w") as tar:
-        for key, ext, data in [("bad0", "jpg", b"\xff\xd8\xff garbage"), ("bad0", "cls", b"1"), ("good0", "jpg", good.image), ("good0", "cls", b"0")]:
+        for key, ext, data in [
+            ("bad0", "jpg", b"\xff\xd8\xff garbage"),
+            ("bad0", "cls", b"1"),
+            ("good0", "jpg", good.image),
+            ("good0", "cls", b"0"),
+        ]:
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
@@ -145,7 +150,9 @@ def test_other_backbone_or_views_refused(ray_local, shards, tmp_path):
     with pytest.raises(CacheMismatch, match="views"):
         extract(ExtractConfig(shards=str(shards), cache=cache_url, views=("center", "hflip"), progress=False))
     with pytest.raises(CacheMismatch, match="backbone"):
-        extract(ExtractConfig(shards=str(shards), cache=cache_url, backbone="resnet18", weights="random", progress=False))
+        extract(
+            ExtractConfig(shards=str(shards), cache=cache_url, backbone="resnet18", weights="random", progress=False)
+        )
 
 
 def test_two_views_store_the_mirror(ray_local, shards, backbone, tmp_path):

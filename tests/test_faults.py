@@ -31,15 +31,15 @@ from PIL import Image
 
 from jobs.cli import main
 from lcam import LCAM, build_backbone
-from pipeline.store.feature_cache import FeatureCache
-from pipeline.store.layer import StoreDamaged
-from pipeline.store.identity import shard_id_for
-from pipeline.store.cam_store import CamStore
-from pipeline.train.checkpoints import save_checkpoint
 from pipeline.fs import read_json
 from pipeline.shards.format import ShardCountMismatch, ShardError, ShardInfo, ShardReadError
-from pipeline.shards.read import list_shards, read_shard
 from pipeline.shards.pack import pack_folder
+from pipeline.shards.read import list_shards, read_shard
+from pipeline.store.cam_store import CamStore
+from pipeline.store.feature_cache import FeatureCache
+from pipeline.store.identity import shard_id_for
+from pipeline.store.layer import StoreDamaged
+from pipeline.train.checkpoints import save_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 F16 = 6 * 2.0**-11  # float16 rounding of features up to 6 (ReLU6)
@@ -100,9 +100,15 @@ def base(packed, ray_local):
     assert main(["cams", str(root / "ckpt.pt"), str(root / "cams"), "--cache", str(root / "cache"), "--quiet"]) == 0
     urls = [s.url for s in list_shards(str(root / "shards"))]
     return {
-        "root": root, "shards": str(root / "shards"), "single": str(root / "single"), "cache": str(root / "cache"),
-        "ckpt": str(root / "ckpt.pt"), "cams": str(root / "cams"), "urls": urls,
-        "features": features_by_key(str(root / "cache")), "maps": cams_by_key(str(root / "cams")),
+        "root": root,
+        "shards": str(root / "shards"),
+        "single": str(root / "single"),
+        "cache": str(root / "cache"),
+        "ckpt": str(root / "ckpt.pt"),
+        "cams": str(root / "cams"),
+        "urls": urls,
+        "features": features_by_key(str(root / "cache")),
+        "maps": cams_by_key(str(root / "cams")),
     }
 
 
@@ -113,12 +119,30 @@ def copy_cache(base, tmp_path) -> str:
 
 
 def train_args(cache: str, out) -> list[str]:
-    return ["train", "--method", "fm", "--cache", cache, "--out", str(out), "--epochs", "1", "--batch-size", "4", "--target", "predicted", "--no-progress"]
+    return [
+        "train",
+        "--method",
+        "fm",
+        "--cache",
+        cache,
+        "--out",
+        str(out),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--target",
+        "predicted",
+        "--no-progress",
+    ]
 
 
 def assert_readers_refuse(capsys, base, cache: str, tmp_path, *phrases: str) -> None:
     """train and cams --cache: exit 2, one line naming the damage (and no traceback)."""
-    for argv in (train_args(cache, tmp_path / "run"), ["cams", base["ckpt"], tmp_path / "cams-out", "--cache", cache, "--quiet"]):
+    for argv in (
+        train_args(cache, tmp_path / "run"),
+        ["cams", base["ckpt"], tmp_path / "cams-out", "--cache", cache, "--quiet"],
+    ):
         code, _, err = cli(capsys, *argv)
         assert code == 2, (argv[0], err)
         assert "Traceback" not in err
@@ -137,14 +161,25 @@ def test_lost_chunk_every_reader_refuses_then_repair_and_reextract(base, tmp_pat
     assert code == 1 and f"shard {url}: features has 1 of 1 chunk objects missing" in out
     code, out, _ = cli(capsys, "cache", "info", cache)
     assert code == 0 and f"DAMAGED      {url}: 1 chunk objects missing" in out
-    assert_readers_refuse(capsys, base, cache, tmp_path, f"shard {url}", "is damaged", f"lcam cache repair {cache}", f"lcam extract {url} {cache}")
+    assert_readers_refuse(
+        capsys,
+        base,
+        cache,
+        tmp_path,
+        f"shard {url}",
+        "is damaged",
+        f"lcam cache repair {cache}",
+        f"lcam extract {url} {cache}",
+    )
     with pytest.raises(StoreDamaged, match="chunk objects of features are missing"):
         list(FeatureCache.open(cache).iter_rows())
 
     code, out, _ = cli(capsys, "cache", "repair", cache)
     assert code == 0 and f"forgot   {url}" in out and "1 damaged shard(s) forgotten" in out
     code, out, _ = cli(capsys, "cache", "verify", cache)
-    assert code == 1 and f"missing shard {url}: not in the cache (expected 2 samples)" in out  # counts were recorded as planned
+    assert (
+        code == 1 and f"missing shard {url}: not in the cache (expected 2 samples)" in out
+    )  # counts were recorded as planned
     # the command the message names re-makes the shard; then the cache holds exactly the right data
     code, out, _ = cli(capsys, "extract", url, cache, "--batch-size", "8")
     assert code == 0 and "0 already cached, 1 extracted now" in out
@@ -196,7 +231,9 @@ def test_cam_store_lost_chunk_refused_repaired_and_resumed(base, tmp_path, capsy
     sid = shard_id_for(url)
     os.remove(f"{store_url}/shards/{sid}/raw/c/0/0/0/0")
     store = CamStore.open(store_url)
-    with pytest.raises(StoreDamaged, match=f"shard {url}.*chunk objects of raw are missing.*lcam cache repair {store_url}"):
+    with pytest.raises(
+        StoreDamaged, match=f"shard {url}.*chunk objects of raw are missing.*lcam cache repair {store_url}"
+    ):
         store.read_shard(sid)
     # the gallery reads the store: refused, naming the shard
     from pipeline.cams.gallery import write_gallery
@@ -253,7 +290,16 @@ def test_cut_tars_with_and_without_index(base, tmp_path, capsys):
     folder = tmp_path / "evalshards"
     shutil.copytree(base["shards"], folder)
     shutil.copy(boundary, folder / os.path.basename(src))
-    code, _, err = cli(capsys, "eval", folder / os.path.basename(src), tmp_path / "eval-out", "--checkpoint", base["ckpt"], "--methods", "none")
+    code, _, err = cli(
+        capsys,
+        "eval",
+        folder / os.path.basename(src),
+        tmp_path / "eval-out",
+        "--checkpoint",
+        base["ckpt"],
+        "--methods",
+        "none",
+    )
     assert code == 2 and os.path.basename(src) in err and "Traceback" not in err
 
 
@@ -285,7 +331,11 @@ def test_failed_shards_recorded_listed_and_retried(base, tmp_path, capsys):
     failed = read_json(f"{cache}/manifest.json")["failed"]
     assert sorted(failed) == [str(folder / "extra-a.tar"), str(folder / "extra-b.tar")]
     code, out, _ = cli(capsys, "cache", "verify", cache)
-    assert code == 1 and f"failed shard {folder / 'extra-a.tar'}" in out and f"failed shard {folder / 'extra-b.tar'}" in out
+    assert (
+        code == 1
+        and f"failed shard {folder / 'extra-a.tar'}" in out
+        and f"failed shard {folder / 'extra-b.tar'}" in out
+    )
     code, out, _ = cli(capsys, "cache", "info", cache)
     assert f"FAILED       {folder / 'extra-a.tar'}" in out
 
@@ -320,8 +370,13 @@ def _poll_kill(proc, manifest_url: str, at_least: int = 1, timeout: float = 300)
 def test_killed_extraction_verify_is_right_and_resume_completes(base, ray_local, tmp_path, capsys):
     cache = str(tmp_path / "cache")
     env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address, PYTHONPATH=ROOT)
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "extract", base["single"], cache, "--batch-size", "1"],
-                            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jobs.cli", "extract", base["single"], cache, "--batch-size", "1"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     done = _poll_kill(proc, f"{cache}/manifest.json", at_least=2)  # a resume with more than one shard done
     assert 2 <= done < 8, f"the kill did not land mid-run ({done} shards done)"
     code, out, _ = cli(capsys, "cache", "verify", cache)
@@ -348,7 +403,11 @@ def test_two_extractions_at_once_notice_and_consistent(base, ray_local, tmp_path
     # The first has planned its work and taken its lease: pause it there, before its Ray
     # pipeline holds CPUs (two pipelines on the session's 2-CPU Ray could starve each other).
     deadline = time.time() + 300
-    while time.time() < deadline and first.poll() is None and not (os.path.isdir(f"{cache}/leases") and os.listdir(f"{cache}/leases")):
+    while (
+        time.time() < deadline
+        and first.poll() is None
+        and not (os.path.isdir(f"{cache}/leases") and os.listdir(f"{cache}/leases"))
+    ):
         time.sleep(0.02)
     assert first.poll() is None, "the first extraction ended before the second started"
     first.send_signal(signal.SIGSTOP)
@@ -359,7 +418,9 @@ def test_two_extractions_at_once_notice_and_consistent(base, ray_local, tmp_path
     first_out, _ = first.communicate(timeout=600)
     assert second.returncode == 0 and first.returncode == 0, (second.stdout, second.stderr, first_out)
     assert "notice: another extraction into this cache started" in second.stdout
-    assert "8 extracted now" in first_out and "8 extracted now" in second.stdout  # both did all the work (no shard lock yet)
+    assert (
+        "8 extracted now" in first_out and "8 extracted now" in second.stdout
+    )  # both did all the work (no shard lock yet)
     assert not os.listdir(f"{cache}/leases")  # both gave their lease back
     assert FeatureCache.open(cache).verify(expected={s.url: s.count for s in list_shards(base["single"])}).ok
     got = features_by_key(cache)
@@ -371,14 +432,33 @@ def test_two_extractions_at_once_notice_and_consistent(base, ray_local, tmp_path
 def test_killed_cam_generation_resumes_to_the_full_store(base, ray_local, tmp_path, capsys):
     out_url = str(tmp_path / "cams")
     env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address, PYTHONPATH=ROOT)
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "cams", base["ckpt"], out_url, "--shards", base["single"], "--batch-size", "1", "--quiet"],
-                            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "jobs.cli",
+            "cams",
+            base["ckpt"],
+            out_url,
+            "--shards",
+            base["single"],
+            "--batch-size",
+            "1",
+            "--quiet",
+        ],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     done = _poll_kill(proc, f"{out_url}/manifest.json")
     assert 1 <= done < 8, f"the kill did not land mid-run ({done} shards done)"
     store = CamStore.open(out_url)
     report, forgotten = store.repair()
     assert report.ok and forgotten == []  # done shards are whole; half-written groups are not in the manifest
-    code, _, err = cli(capsys, "cams", base["ckpt"], out_url, "--shards", base["single"], "--batch-size", "8", "--quiet")
+    code, _, err = cli(
+        capsys, "cams", base["ckpt"], out_url, "--shards", base["single"], "--batch-size", "8", "--quiet"
+    )
     assert code == 0, err
     got = cams_by_key(out_url)
     assert sorted(got) == sorted(base["maps"])
@@ -441,12 +521,29 @@ def test_s3_without_credentials_or_endpoint(packed, s3, s3_server, tmp_path, cap
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    line = one_line_error(capsys, "extract", base["shards"], f"{bucket}/cache", "--cache-storage-option", f"client_kwargs.endpoint_url={s3_server}")
+    line = one_line_error(
+        capsys,
+        "extract",
+        base["shards"],
+        f"{bucket}/cache",
+        "--cache-storage-option",
+        f"client_kwargs.endpoint_url={s3_server}",
+    )
     assert "no credentials for the object store" in line
     from tests.conftest import free_port
 
-    line = one_line_error(capsys, "extract", base["shards"], f"{bucket}/cache", "--cache-storage-option", "key=testing",
-                          "--cache-storage-option", "secret=testing-secret", "--cache-storage-option", f"client_kwargs.endpoint_url=http://127.0.0.1:{free_port()}")
+    line = one_line_error(
+        capsys,
+        "extract",
+        base["shards"],
+        f"{bucket}/cache",
+        "--cache-storage-option",
+        "key=testing",
+        "--cache-storage-option",
+        "secret=testing-secret",
+        "--cache-storage-option",
+        f"client_kwargs.endpoint_url=http://127.0.0.1:{free_port()}",
+    )
     assert "cannot reach the object store" in line
     assert fsspec.filesystem("s3", **options, skip_instance_cache=True).ls(bucket) == []  # nothing created
 
@@ -471,7 +568,14 @@ def test_folder_labels_are_flagged_when_packing_and_training(packed, tmp_path, c
 
     cache = FeatureCache.create_or_open(str(tmp_path / "cache"), {"backbone": "tiny"}, feature_shape=(2, 1, 1))
     for i, scheme in enumerate(["imagenet", "folders"]):
-        entry = cache.write_shard(f"/data/s{i}.tar", keys=[f"k{i}"], labels=[i], features=np.ones((1, 2, 1, 1)), top5_classes=np.zeros((1, 5)), top5_probs=np.zeros((1, 5)))
+        entry = cache.write_shard(
+            f"/data/s{i}.tar",
+            keys=[f"k{i}"],
+            labels=[i],
+            features=np.ones((1, 2, 1, 1)),
+            top5_classes=np.zeros((1, 5)),
+            top5_probs=np.zeros((1, 5)),
+        )
         cache.mark_done([{**entry, "labels_scheme": scheme}])
     cache = FeatureCache.open(str(tmp_path / "cache"))
     assert cache.folder_labelled_shards() == ["/data/s1.tar"]
@@ -479,7 +583,11 @@ def test_folder_labels_are_flagged_when_packing_and_training(packed, tmp_path, c
         CacheLoader(cache, 4, target="predicted")
         assert not caplog.records
         CacheLoader(cache, 4, target="label")
-    assert len(caplog.records) == 1 and "--target predicted" in caplog.records[0].getMessage() and "/data/s1.tar" in caplog.records[0].getMessage()
+    assert (
+        len(caplog.records) == 1
+        and "--target predicted" in caplog.records[0].getMessage()
+        and "/data/s1.tar" in caplog.records[0].getMessage()
+    )
 
 
 def test_skip_reasons_carry_no_object_repr(tmp_path, capsys):
@@ -514,8 +622,10 @@ def damaged_checkpoints(good: str, folder) -> dict[str, tuple[str, str]]:
     return {
         "empty": (str(folder / "empty.pt"), "is empty (0 bytes)"),
         "truncated": (str(folder / "cut.pt"), "is truncated or damaged"),
-        "wrong shape": (variant("shape.pt", attention={"conv.weight": torch.zeros(10, 1280, 1, 1), "conv.bias": torch.zeros(10)}),
-                        "attention conv.weight has shape (10, 1280, 1, 1), but its backbone efficientnet_lite0 needs (1000, 1280, 1, 1)"),
+        "wrong shape": (
+            variant("shape.pt", attention={"conv.weight": torch.zeros(10, 1280, 1, 1), "conv.bias": torch.zeros(10)}),
+            "attention conv.weight has shape (10, 1280, 1, 1), but its backbone efficientnet_lite0 needs (1000, 1280, 1, 1)",
+        ),
         "no attention": (variant("noatt.pt", attention=None), "it has no 'attention' entry"),
         "bad metadata": (variant("json.pt", backbone='{"backbone": "eff'), "its 'backbone' entry is not valid JSON"),
     }
@@ -527,7 +637,9 @@ def test_damaged_checkpoints_are_one_line_for_cams_eval_and_resume(base, tmp_pat
         assert f"checkpoint {path!r}" in line and phrase in line, (what, line)
         assert not (tmp_path / "cams-out").exists()
     empty = str(tmp_path / "empty.pt")
-    line = one_line_error(capsys, "eval", base["shards"], tmp_path / "eval-out", "--checkpoint", empty, "--methods", "none")
+    line = one_line_error(
+        capsys, "eval", base["shards"], tmp_path / "eval-out", "--checkpoint", empty, "--methods", "none"
+    )
     assert f"checkpoint {empty!r} is empty (0 bytes)" in line
     run = tmp_path / "run"
     run.mkdir()
@@ -566,8 +678,13 @@ def test_damaged_manifest_is_one_line_and_repair_rebuilds_it(base, tmp_path, cap
     data = open(manifest, "rb").read()
     open(manifest, "wb").write(data[: len(data) // 2] if damage == "truncated" else b"")
     want = "manifest.json is damaged: " + ("not valid JSON" if damage == "truncated" else "empty (0 bytes)")
-    for argv in (("cache", "info", cache), ("cache", "verify", cache), train_args(cache, tmp_path / "run"),
-                 ("extract", base["shards"], cache), ("cams", base["ckpt"], tmp_path / "cams-out", "--cache", cache, "--quiet")):
+    for argv in (
+        ("cache", "info", cache),
+        ("cache", "verify", cache),
+        train_args(cache, tmp_path / "run"),
+        ("extract", base["shards"], cache),
+        ("cams", base["ckpt"], tmp_path / "cams-out", "--cache", cache, "--quiet"),
+    ):
         line = one_line_error(capsys, *argv)
         assert f"feature cache {cache}: {want}" in line and f"lcam cache repair {cache}" in line, line
     code, out, _ = cli(capsys, "cache", "repair", cache)
@@ -606,7 +723,10 @@ def labelled_folder(root, rows: list[str]):
 def test_labels_outside_the_classifier_and_rows_without_files(tmp_path, capsys):
     src = labelled_folder(tmp_path / "flat", ["im0.jpg\t3", "im1.jpg\t1000", "im2.jpg\t7", "gone.jpg\t5"])
     line = one_line_error(capsys, "shards", src, tmp_path / "out", "--no-progress")
-    assert "labels.tsv, line 3: class 1000 is outside the classifier's classes 0..999" in line and "--skip-bad-labels" in line
+    assert (
+        "labels.tsv, line 3: class 1000 is outside the classifier's classes 0..999" in line
+        and "--skip-bad-labels" in line
+    )
     assert not (tmp_path / "out" / "index.json").exists()
 
     code, out, _ = cli(capsys, "shards", src, tmp_path / "out", "--no-progress", "--skip-bad-labels")
@@ -616,7 +736,10 @@ def test_labels_outside_the_classifier_and_rows_without_files(tmp_path, capsys):
     report = read_json(f"{tmp_path}/out/pack_report.json")
     assert report["labels_unmatched"] == [{"line": 5, "file": "gone.jpg"}]
     assert [s["file"] for s in report["skipped"]] == ["im1.jpg"]
-    assert sorted((s.key, s.label) for s in read_shard(list_shards(str(tmp_path / "out"))[0])) == [("im0", 3), ("im2", 7)]
+    assert sorted((s.key, s.label) for s in read_shard(list_shards(str(tmp_path / "out"))[0])) == [
+        ("im0", 3),
+        ("im2", 7),
+    ]
     # another classifier: --num-classes sets the range
     line = one_line_error(capsys, "shards", src, tmp_path / "out5", "--no-progress", "--num-classes", "2")
     assert "line 2: class 3 is outside the classifier's classes 0..1" in line
@@ -646,7 +769,9 @@ def test_third_party_class_outside_the_classifier_refused_by_train_and_skipped_b
     argv = [a if a != "predicted" else "label" for a in train_args(cache, tmp_path / "run")]
     line = one_line_error(capsys, *argv)
     assert f"sample {keys[0]!r}" in line and "has class 1000, outside the classifier's classes 0..999" in line
-    code, out, _ = cli(capsys, "cams", base["ckpt"], tmp_path / "cams", "--cache", cache, "--classes", "label", "--quiet")
+    code, out, _ = cli(
+        capsys, "cams", base["ckpt"], tmp_path / "cams", "--cache", cache, "--classes", "label", "--quiet"
+    )
     assert code == 0 and f"{keys[0]}: label 1000 is not one of the classifier's classes" in out
     assert sorted(cams_by_key(str(tmp_path / "cams"))) == sorted(k for k in base["maps"] if k != keys[0])
 
@@ -657,7 +782,9 @@ def test_changed_shard_bytes_and_duplicate_keys_fail_their_shards_at_extraction(
     changed = folder / os.path.basename(base["urls"][1])
     image = next(o for o in member_offsets(changed) if o[0].endswith(".jpg"))
     data = bytearray(changed.read_bytes())
-    data[image[2] - 40 : image[2] - 36] = bytes(b ^ 0x5A for b in data[image[2] - 40 : image[2] - 36])  # 4 bytes inside one JPEG
+    data[image[2] - 40 : image[2] - 36] = bytes(
+        b ^ 0x5A for b in data[image[2] - 40 : image[2] - 36]
+    )  # 4 bytes inside one JPEG
     changed.write_bytes(bytes(data))
     # two third-party shards (no index entry) that share a key
     with tarfile.open(base["urls"][0]) as tar:
@@ -674,7 +801,12 @@ def test_changed_shard_bytes_and_duplicate_keys_fail_their_shards_at_extraction(
     winner = {"extra-a.tar": "extra-b.tar", "extra-b.tar": "extra-a.tar"}[loser]
     assert f"shard {folder / winner} already holds it" in dup[0]
     code, out, _ = cli(capsys, "cache", "verify", cache)
-    assert code == 1 and f"failed shard {changed}" in out and f"failed shard {folder / loser}" in out and "duplicate key" in out
+    assert (
+        code == 1
+        and f"failed shard {changed}" in out
+        and f"failed shard {folder / loser}" in out
+        and "duplicate key" in out
+    )
     assert "PROBLEM  duplicate key 'same': appears" not in out  # the cache itself holds no duplicate
 
     # the shard restored: a re-run makes exactly it, the features equal the original cache's
@@ -724,7 +856,10 @@ def test_cam_store_damage_listed_and_remade_by_a_rerun(base, tmp_path, capsys):
     url = base["urls"][1]
     os.remove(f"{store}/shards/{shard_id_for(url)}/probs/c/0/0")
     code, out, _ = cli(capsys, "cams", "info", store)
-    assert code == 0 and f"DAMAGED      {url}: 1 chunk objects missing (e.g. shards/{shard_id_for(url)}/probs/c/0/0)" in out
+    assert (
+        code == 0
+        and f"DAMAGED      {url}: 1 chunk objects missing (e.g. shards/{shard_id_for(url)}/probs/c/0/0)" in out
+    )
     t0 = time.time()
     line = one_line_error(capsys, "audit", store, "--out", tmp_path / "audit")
     assert f"CAM store {store}: 1 shard(s) damaged, e.g. {url}" in line and time.time() - t0 < 20  # before Ray starts
@@ -747,8 +882,14 @@ def test_ctrl_c_during_ray_start_leaves_no_ray_process(packed, tmp_path):
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(PYTHONPATH=ROOT, RAY_TMPDIR=tempfile.mkdtemp(prefix="rc-", dir="/tmp"))  # short: Ray's socket paths
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "extract", packed["shards"], str(tmp_path / "cache")],
-                            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jobs.cli", "extract", packed["shards"], str(tmp_path / "cache")],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline, seen = time.time() + 240, []
     while time.time() < deadline and proc.poll() is None:
         seen = _descendants(proc.pid)
@@ -785,7 +926,9 @@ def test_second_writer_of_a_cam_store_or_a_run_is_told_who_holds_it(base, tmp_pa
         json.dump({**other, "what": "lcam train (fm)"}, f)
     with caplog.at_level("WARNING", logger="pipeline.store.leases"):
         assert cli(capsys, *train_args(base["cache"], run))[0] == 0
-    assert any("another writer (lcam train (fm))" in r.getMessage() and "gpu-node-7" in r.getMessage() for r in caplog.records)
+    assert any(
+        "another writer (lcam train (fm))" in r.getMessage() and "gpu-node-7" in r.getMessage() for r in caplog.records
+    )
     assert os.listdir(run / "leases") == ["abc.json"]
 
 

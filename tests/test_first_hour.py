@@ -40,7 +40,9 @@ def test_three_lines_explain_a_torchvision_model_object(tmp_path):
     maps, names = e.maps, e.class_names
     assert maps.shape == (2, 2, 7, 7) and len(names) == 2 and all(n.startswith("class ") for row in names for n in row)
     # the classes explained are the classifier's own top-2 on the same preprocessed input
-    x = torch.stack([explain.preprocess(Image.open(tmp_path / "first.png").convert("RGB")), explain.preprocess(images[1])])
+    x = torch.stack(
+        [explain.preprocess(Image.open(tmp_path / "first.png").convert("RGB")), explain.preprocess(images[1])]
+    )
     with torch.no_grad():
         top2 = model(explain.model.backbone.normalize(x)).topk(2, dim=1).indices
     assert torch.equal(e.class_ids.cpu(), top2)
@@ -94,33 +96,56 @@ def test_every_refusal_is_one_line_before_torch_or_ray(tmp_path):
 
     run = tmp_path / "run"
     run.mkdir()
-    save_checkpoint(str(run / "checkpoint.pt"), attention_state={"conv.weight": torch.zeros(1000, 4, 1, 1)}, method="fm",
-                    backbone={"backbone": "b", "num_classes": 1000, "feature_shape": [4, 2, 2]})
+    save_checkpoint(
+        str(run / "checkpoint.pt"),
+        attention_state={"conv.weight": torch.zeros(1000, 4, 1, 1)},
+        method="fm",
+        backbone={"backbone": "b", "num_classes": 1000, "feature_shape": [4, 2, 2]},
+    )
     images = tmp_path / "photos" / "cats"
     images.mkdir(parents=True)
     noise_images(1)[0].save(images / "a.jpg")
     (tmp_path / "empty").mkdir()
     cases = {
         ("cams", str(run), "out", "--cache", "c", "--classes", "top"): "unknown class selection 'top'",
-        ("cams", str(run), "out", "--cache", "c", "--class-ids", "5000"): "class id 5000 is out of range: the classifier has 1000 classes",
+        (
+            "cams",
+            str(run),
+            "out",
+            "--cache",
+            "c",
+            "--class-ids",
+            "5000",
+        ): "class id 5000 is out of range: the classifier has 1000 classes",
         ("cams", str(tmp_path / "empty"), "out", "--cache", "c"): "is a folder without checkpoint.pt",
         ("cams", str(run), "out"): "give exactly one source",
-        ("extract", str(tmp_path / "photos"), "cache"): "is a folder of images: pack it into shards first, `lcam shards",
+        (
+            "extract",
+            str(tmp_path / "photos"),
+            "cache",
+        ): "is a folder of images: pack it into shards first, `lcam shards",
         ("train", "--precision", "fp16", "--cache", "c"): "--precision fp16 is not offered for training",
         ("eval", "s", "o", "--where", "cloud"): "invalid choice: 'cloud'",
         ("audit", "cams"): "give the output folder: lcam audit CAMS OUT",
         ("audit", "cams", "out", "--band", "0.7"): "--band must be between 0 and 0.5",
         ("extract", "s", "c", "--views", "side"): "unknown view 'side'",
     }
-    proc = subprocess.run([sys.executable, "-c", REFUSALS_SCRIPT, json.dumps([list(k) for k in cases])], cwd=tmp_path,
-                          capture_output=True, text=True, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.run(
+        [sys.executable, "-c", REFUSALS_SCRIPT, json.dumps([list(k) for k in cases])],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "PYTHONPATH": str(ROOT)},
+    )
     assert proc.returncode == 0, proc.stderr
     found = json.loads(proc.stdout.strip().splitlines()[-1])
     for run_, words in zip(found["runs"], cases.values()):
         last = run_["lines"][-1] if run_["lines"] else ""
         assert run_["rc"] == 2 and words in last and "Traceback" not in "".join(run_["lines"]), run_
         assert len(run_["lines"]) == 1 or "usage:" in run_["lines"][0], run_  # argparse's own refusal: usage + one line
-    assert found["heavy"] == [], f"a refusal imported {found['heavy']}; seconds: {[round(r['seconds'], 2) for r in found['runs']]}"
+    assert found["heavy"] == [], (
+        f"a refusal imported {found['heavy']}; seconds: {[round(r['seconds'], 2) for r in found['runs']]}"
+    )
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()  # nothing created
 
 
@@ -143,7 +168,9 @@ def test_one_word_per_idea_in_every_command(name):
         assert tuple(opts["--where"].choices) == ("auto", "local", "ray")
     if "--precision" in opts:
         assert tuple(opts["--precision"].choices) == PRECISIONS
-    if "--quiet" in opts and name != "audit":  # audit's --quiet prints nothing; elsewhere the old word for --no-progress
+    if (
+        "--quiet" in opts and name != "audit"
+    ):  # audit's --quiet prints nothing; elsewhere the old word for --no-progress
         assert opts["--quiet"] is opts["--no-progress"]
     if "--threads" in opts:
         assert opts["--threads"] is opts["--torch-threads"]
@@ -167,8 +194,13 @@ def test_ctrl_c_says_what_it_left(tmp_path):
     assert interrupted_message(extract, missing) == "interrupted before any output was written"
     (tmp_path / "cache").mkdir()
     (tmp_path / "out").mkdir()
-    assert interrupted_message(extract, missing) == f"interrupted; the finished part of {tmp_path / 'cache'} is kept and a re-run resumes"
-    assert interrupted_message(audit, missing) == f"interrupted; the finished part of {tmp_path / 'out'} is kept"  # audit does not resume
+    assert (
+        interrupted_message(extract, missing)
+        == f"interrupted; the finished part of {tmp_path / 'cache'} is kept and a re-run resumes"
+    )
+    assert (
+        interrupted_message(audit, missing) == f"interrupted; the finished part of {tmp_path / 'out'} is kept"
+    )  # audit does not resume
     assert interrupted_message(extract, None) == "interrupted before any output was written"  # Ctrl-C while parsing
 
 
@@ -194,9 +226,16 @@ def test_costly_methods_of_the_default_list_are_left_out_on_a_cpu():
 
     default = EvalConfig("S", "O")
     kept, left = methods_for_machine(default, on_cpu=True)
-    assert set(left) == {m for m in default_methods() if method_class(m).cost in ("channels", "masks")} == {"scorecam", "rise"}
+    assert (
+        set(left)
+        == {m for m in default_methods() if method_class(m).cost in ("channels", "masks")}
+        == {"scorecam", "rise"}
+    )
     assert kept == tuple(m for m in default_methods() if m not in left)
     assert methods_for_machine(default, on_cpu=False) == (default_methods(), ())  # a GPU runs them all
     assert methods_for_machine(EvalConfig("S", "O", costly_on_cpu=True), on_cpu=True) == (default_methods(), ())
     asked = EvalConfig("S", "O", methods=("gradcam", "scorecam"))
-    assert methods_for_machine(asked, on_cpu=True) == (("gradcam", "scorecam"), ())  # a list the user gave runs as given
+    assert methods_for_machine(asked, on_cpu=True) == (
+        ("gradcam", "scorecam"),
+        (),
+    )  # a list the user gave runs as given

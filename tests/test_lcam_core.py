@@ -2,7 +2,17 @@ import pytest
 import torch
 import torch.nn.functional as nnf
 
-from lcam import LCAM, AttentionMechanism, LCAMLoss, LossWeights, build_backbone, default_recipe, make_optimizer, make_scheduler, minmax_normalize
+from lcam import (
+    LCAM,
+    AttentionMechanism,
+    LCAMLoss,
+    LossWeights,
+    build_backbone,
+    default_recipe,
+    make_optimizer,
+    make_scheduler,
+    minmax_normalize,
+)
 from lcam.loss import area_term, total_variation
 
 
@@ -31,7 +41,9 @@ def test_loss_combines_terms_with_configurable_weights():
     terms = LCAMLoss()(logits, targets, maps)
     ce = nnf.cross_entropy(logits, targets)
     assert terms.ce.item() == pytest.approx(ce.item(), rel=1e-6)
-    assert terms.total.item() == pytest.approx(1.5 * ce.item() + 2.0 * terms.area.item() + 0.01 * terms.tv.item(), rel=1e-6)
+    assert terms.total.item() == pytest.approx(
+        1.5 * ce.item() + 2.0 * terms.area.item() + 0.01 * terms.tv.item(), rel=1e-6
+    )
     w = LossWeights(ce=1.0, area=0.0, tv=0.0)
     assert LCAMLoss(w)(logits, targets, maps).total.item() == pytest.approx(ce.item(), rel=1e-6)
     w2 = LossWeights(area_exponent=1.0, area_eps=0.0, tv_border=0.0)
@@ -97,7 +109,11 @@ def test_explain_predicted_topk_given_and_all_classes(model):
     assert torch.equal(top.class_ids, logits.topk(3, 1).indices)
     given = model.explain(x, targets=[5, 6, 7])
     assert given.class_ids.flatten().tolist() == [5, 6, 7]
-    assert torch.allclose(given.raw[:, 0], model.attention(model.backbone.extract(x)[0])[torch.arange(3), torch.tensor([5, 6, 7])], atol=1e-5)
+    assert torch.allclose(
+        given.raw[:, 0],
+        model.attention(model.backbone.extract(x)[0])[torch.arange(3), torch.tensor([5, 6, 7])],
+        atol=1e-5,
+    )
     with pytest.raises(ValueError, match="batch of 3"):
         model.explain(x, targets=[1, 2])
 
@@ -167,12 +183,15 @@ def test_optimizer_bias_lr_and_step_schedule():
     assert peak == pytest.approx(1e-3, rel=1e-2)
 
 
-
 def test_upsample_is_one_convention_for_images_and_features(model):
     """``upsample`` means the same in explain and explain_features: True the input crop, an int that size."""
     from lcam.model import upsample_size
 
-    assert (upsample_size(False, (224, 224)), upsample_size(True, (200, 100)), upsample_size(64, (224, 224))) == (None, (200, 100), (64, 64))
+    assert (upsample_size(False, (224, 224)), upsample_size(True, (200, 100)), upsample_size(64, (224, 224))) == (
+        None,
+        (200, 100),
+        (64, 64),
+    )
     crop = model.backbone.preprocessing.crop
     x = torch.rand(2, 3, crop, crop)
     feats, _ = model.backbone.extract(x)

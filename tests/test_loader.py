@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.store.feature_cache import FeatureCache
 from pipeline.errors import UserError
+from pipeline.store.feature_cache import FeatureCache
 from pipeline.train.loader import CacheLoader
 
 SHAPE = (8, 4, 4)
@@ -19,8 +19,17 @@ SIZES = {"/d/s0.tar": 37, "/d/s1.tar": 0, "/d/s2.tar": 50, "/d/s3.tar": 13}  # 1
 IDENTITY = {"backbone": "toy", "weights_digest": "0" * 64}
 
 
-def make_cache(url: str, sizes: dict[str, int], storage_options=None, chunk_rows: int = 8, views=("center", "hflip"), unlabelled: int = 0) -> tuple[FeatureCache, dict]:
-    cache = FeatureCache.create_or_open(url, IDENTITY, feature_shape=SHAPE, views=views, chunk_rows=chunk_rows, storage_options=storage_options)
+def make_cache(
+    url: str,
+    sizes: dict[str, int],
+    storage_options=None,
+    chunk_rows: int = 8,
+    views=("center", "hflip"),
+    unlabelled: int = 0,
+) -> tuple[FeatureCache, dict]:
+    cache = FeatureCache.create_or_open(
+        url, IDENTITY, feature_shape=SHAPE, views=views, chunk_rows=chunk_rows, storage_options=storage_options
+    )
     truth: dict[str, dict] = {}
     entries = []
     for i, (src, n) in enumerate(sizes.items()):
@@ -83,7 +92,9 @@ def test_order_is_a_function_of_seed_and_epoch(cached):
     assert order(0, 3) == order(0, 3)
     # Shuffled beyond chunk boundaries: consecutive output keys rarely come from the same chunk.
     o = order(0, 0)
-    assert sum(a.split("/")[0] == b.split("/")[0] and abs(int(a[-4:]) - int(b[-4:])) == 1 for a, b in zip(o, o[1:])) < 20
+    assert (
+        sum(a.split("/")[0] == b.split("/")[0] and abs(int(a[-4:]) - int(b[-4:])) == 1 for a, b in zip(o, o[1:])) < 20
+    )
 
 
 def test_no_shuffle_equals_iter_rows(cached):
@@ -136,7 +147,16 @@ def test_view_choice(cached):
 @pytest.mark.parametrize("shuffle", [True, False])
 def test_resume_equals_tail_of_full_epoch(cached, shuffle):
     cache, _ = cached
-    loader = CacheLoader(cache, batch_size=8, buffer_rows=20, prefetch_chunks=2, shuffle=shuffle, seed=3, view="random", target="predicted")
+    loader = CacheLoader(
+        cache,
+        batch_size=8,
+        buffer_rows=20,
+        prefetch_chunks=2,
+        shuffle=shuffle,
+        seed=3,
+        view="random",
+        target="predicted",
+    )
     loader.set_epoch(2)
     full = list(loader)
     assert len(full) == len(loader) == 13
@@ -182,7 +202,9 @@ class CountingCache:
 
 
 def test_memory_is_bounded_by_buffer_and_prefetch(tmp_path):
-    cache, truth = make_cache(str(tmp_path / "many"), {f"/d/s{i:02d}.tar": 40 for i in range(12)}, chunk_rows=4, views=("center",))
+    cache, truth = make_cache(
+        str(tmp_path / "many"), {f"/d/s{i:02d}.tar": 40 for i in range(12)}, chunk_rows=4, views=("center",)
+    )
     counting = CountingCache(cache)  # 120 chunks of 4 rows
     loader = CacheLoader(counting, batch_size=8, buffer_rows=16, prefetch_chunks=3, num_threads=2, target="predicted")
     assert loader.capacity == 16 + 4

@@ -4,7 +4,6 @@ way through ``lcam shards`` and the model's resize/crop, and ``lcam eval``'s col
 from __future__ import annotations
 
 import csv
-import io
 import json
 import math
 
@@ -18,8 +17,8 @@ from lcam.metrics.adic import prepare_cams
 from lcam.metrics.localisation import box_iou, box_masks, energy_pointing_game, pointing_game
 from pipeline.errors import UserError
 from pipeline.images import boxes_in_crop, preprocess
-from pipeline.shards.read import list_shards, read_shard
 from pipeline.shards.pack import pack_folder
+from pipeline.shards.read import list_shards, read_shard
 
 H = W = 8
 TINY = "tests.custom_backbones:tiny,size=32"  # random weights: the maps need not be good, only scored right
@@ -71,11 +70,22 @@ def test_agrees_with_quantus():
     rng = np.random.default_rng(0)
     b, h, w = 6, 16, 16
     a = rng.random((b, 1, h, w)).astype(np.float32)
-    boxes = [np.array(x, dtype=np.float32) for x in ([[2, 3, 9, 12]], [[0, 0, 4, 4], [10, 10, 16, 16]], [[5, 5, 6, 6]],
-                                                     [[8, 0, 16, 8]], [[0, 0, 16, 16]], [[3.5, 1, 12.2, 9.7]])]
+    boxes = [
+        np.array(x, dtype=np.float32)
+        for x in (
+            [[2, 3, 9, 12]],
+            [[0, 0, 4, 4], [10, 10, 16, 16]],
+            [[5, 5, 6, 6]],
+            [[8, 0, 16, 8]],
+            [[0, 0, 16, 16]],
+            [[3.5, 1, 12.2, 9.7]],
+        )
+    ]
     masks = box_masks(boxes, (h, w))
     s = masks.numpy()[:, None].astype(np.float32)
-    kw = dict(model=None, x_batch=rng.random((b, 3, h, w)).astype(np.float32), y_batch=np.zeros(b, int), a_batch=a, s_batch=s)
+    kw = dict(
+        model=None, x_batch=rng.random((b, 3, h, w)).astype(np.float32), y_batch=np.zeros(b, int), a_batch=a, s_batch=s
+    )
     k = math.ceil(0.15 * h * w)
     q_pg = np.asarray(quantus.PointingGame(normalise=False, disable_warnings=True)(**kw), dtype=np.float64)
     q_energy = np.asarray(quantus.RelevanceMassAccuracy(normalise=False, disable_warnings=True)(**kw), dtype=np.float64)
@@ -98,7 +108,9 @@ def test_boxes_follow_the_resize_and_centre_crop():
     crop = preprocess(img, prep)[0]
     mapped = boxes_in_crop([box], 100, 60, prep)
     # by hand: resize to 106x64 (scale 1.06, 1.0667), centre crop at left 25, top 4
-    np.testing.assert_allclose(mapped, [[30 * 1.06 - 25, 10 * 64 / 60 - 4, 70 * 1.06 - 25, 40 * 64 / 60 - 4]], rtol=1e-6)
+    np.testing.assert_allclose(
+        mapped, [[30 * 1.06 - 25, 10 * 64 / 60 - 4, 70 * 1.06 - 25, 40 * 64 / 60 - 4]], rtol=1e-6
+    )
     mask = box_masks([mapped], (56, 56))[0]
     assert bool((crop > 0.75)[~mask].sum() == 0) and bool((crop[mask] > 0.25).all())
     # a box the crop cuts away is dropped; one cut by it is clipped
@@ -123,7 +135,10 @@ def test_shards_keep_boxes(tmp_path):
     src = tmp_path / "val"
     src.mkdir()
     boxes = tiny_images(src)
-    rows = [f"val_{i}.JPEG\t1\tn01443537\tgoldfish\t{' '.join(map(str, b)).replace(' ', chr(9))}" for i, b in enumerate(boxes)]
+    rows = [
+        f"val_{i}.JPEG\t1\tn01443537\tgoldfish\t{' '.join(map(str, b)).replace(' ', chr(9))}"
+        for i, b in enumerate(boxes)
+    ]
     rows.append("val_0.JPEG\t1\tn01443537\tgoldfish\t0\t0\t3\t3")  # a second object in val_0
     (src / "labels.tsv").write_text("file\tclass_index\twnid\tname\tx0\ty0\tx1\ty1\n" + "\n".join(rows) + "\n")
     report = pack_folder(src, str(tmp_path / "out"), samples_per_shard=2, progress=False)
@@ -137,7 +152,9 @@ def test_shards_keep_boxes(tmp_path):
 
     # ImageNet's LOC_val_solution.csv: several boxes per image in the PredictionString
     (src / "labels.tsv").unlink()
-    (src / "LOC_val_solution.csv").write_text("ImageId,PredictionString\nval_0,n01443537 1 2 30 40 n01443537 5 6 7 8 \nval_2,n01530575 0 0 63 63\n")
+    (src / "LOC_val_solution.csv").write_text(
+        "ImageId,PredictionString\nval_0,n01443537 1 2 30 40 n01443537 5 6 7 8 \nval_2,n01530575 0 0 63 63\n"
+    )
     pack_folder(src, str(tmp_path / "loc"), progress=False)
     got = {s.key: (s.label, s.meta.get("boxes")) for sh in list_shards(str(tmp_path / "loc")) for s in read_shard(sh)}
     assert got == {"val_0": (1, [[1, 2, 30, 40], [5, 6, 7, 8]]), "val_1": (-1, None), "val_2": (10, [[0, 0, 63, 63]])}
@@ -157,12 +174,26 @@ def test_eval_reports_localisation_only_with_boxes(tmp_path):
     src.mkdir()
     boxes = tiny_images(src)
     head = "file\tclass_index\twnid\tname\tx0\ty0\tx1\ty1\n"
-    (src / "labels.tsv").write_text(head + "".join(f"val_{i}.JPEG\t1\tn01443537\tgoldfish\t" + "\t".join(map(str, b)) + "\n"
-                                                   for i, b in enumerate(boxes)))
+    (src / "labels.tsv").write_text(
+        head
+        + "".join(
+            f"val_{i}.JPEG\t1\tn01443537\tgoldfish\t" + "\t".join(map(str, b)) + "\n" for i, b in enumerate(boxes)
+        )
+    )
     pack_folder(src, str(tmp_path / "boxed"), progress=False)
     out = tmp_path / "eval"
-    summary = evaluate(EvalConfig(shards=str(tmp_path / "boxed"), out=str(out), methods=("gradcam", "random"), backbone=TINY,
-                                  batch_size=2, save_maps=3, progress=False, engine="local"))
+    summary = evaluate(
+        EvalConfig(
+            shards=str(tmp_path / "boxed"),
+            out=str(out),
+            methods=("gradcam", "random"),
+            backbone=TINY,
+            batch_size=2,
+            save_maps=3,
+            progress=False,
+            engine="local",
+        )
+    )
     assert any("pointing_game" in line for line in summary.lines())
     res = json.loads((out / "results.json").read_text())
     assert res["data"]["boxed"] == 3
@@ -190,8 +221,17 @@ def test_eval_reports_localisation_only_with_boxes(tmp_path):
     (src / "labels.tsv").write_text("file\tclass_index\n" + "".join(f"val_{i}.JPEG\t1\n" for i in range(3)))
     pack_folder(src, str(tmp_path / "plain"), progress=False)
     out2 = tmp_path / "eval-plain"
-    evaluate(EvalConfig(shards=str(tmp_path / "plain"), out=str(out2), methods=("random",), backbone=TINY, batch_size=2,
-                        progress=False, engine="local"))
+    evaluate(
+        EvalConfig(
+            shards=str(tmp_path / "plain"),
+            out=str(out2),
+            methods=("random",),
+            backbone=TINY,
+            batch_size=2,
+            progress=False,
+            engine="local",
+        )
+    )
     res2 = json.loads((out2 / "results.json").read_text())
     assert "pointing_game" not in res2["metrics"] and "Localisation" not in (out2 / "results.md").read_text()
     assert "pointing_game" not in (out2 / "per_image.csv").read_text().splitlines()[0]
@@ -203,25 +243,46 @@ def test_report_shows_localisation_and_training_samples_per_class(tmp_path):
 
     coverage = [0] * 1000
     coverage[281], coverage[1] = 25, 3  # tabby trained on 25 samples, goldfish on 3; the rest never
-    loc = {"pointing_game": {"n": 9, "mean": 66.67, "se": 16.67}, "energy_pointing_game": {"n": 9, "mean": 41.5, "se": 3.2},
-           "box_iou": {"n": 9, "mean": 30.25, "se": 2.5}}
+    loc = {
+        "pointing_game": {"n": 9, "mean": 66.67, "se": 16.67},
+        "energy_pointing_game": {"n": 9, "mean": 41.5, "se": 3.2},
+        "box_iou": {"n": 9, "mean": 30.25, "se": 2.5},
+    }
     per_ratio = {r: {"AD": 10.0, "IC": 20.0} for r in ("1", "0.5", "0.15")}
-    results = {"protocol": {"ratios": [1.0, 0.5, 0.15]}, "data": {"evaluated": 10},
-               "methods": {"lcam-fm": {"label": "L-CAM-Fm", "n": 10, "per_ratio": per_ratio, "info": {"coverage": coverage},
-                                       **{k: dict(v, mean=v["mean"] + 1) for k, v in loc.items()}},
-                           "gradcam": {"label": "Grad-CAM", "n": 10, "per_ratio": per_ratio, "info": {}, **loc}}}
+    results = {
+        "protocol": {"ratios": [1.0, 0.5, 0.15]},
+        "data": {"evaluated": 10},
+        "methods": {
+            "lcam-fm": {
+                "label": "L-CAM-Fm",
+                "n": 10,
+                "per_ratio": per_ratio,
+                "info": {"coverage": coverage},
+                **{k: dict(v, mean=v["mean"] + 1) for k, v in loc.items()},
+            },
+            "gradcam": {"label": "Grad-CAM", "n": 10, "per_ratio": per_ratio, "info": {}, **loc},
+        },
+    }
     eval_dir = tmp_path / "eval"
     write_json_atomic(str(eval_dir / "results.json"), results)
     rng = np.random.default_rng(0)
-    save_comparison_maps(str(eval_dir / "maps.npz"), keys=["a", "b"], images=(rng.random((2, 32, 32, 3)) * 255).astype(np.uint8),
-                         class_ids=np.array([281, 1]), probs=np.array([0.5, 0.9]),
-                         maps={m: rng.random((2, 7, 7)) for m in ("lcam-fm", "gradcam")}, labels={"lcam-fm": "L-CAM-Fm", "gradcam": "Grad-CAM"})
+    save_comparison_maps(
+        str(eval_dir / "maps.npz"),
+        keys=["a", "b"],
+        images=(rng.random((2, 32, 32, 3)) * 255).astype(np.uint8),
+        class_ids=np.array([281, 1]),
+        probs=np.array([0.5, 0.9]),
+        maps={m: rng.random((2, 7, 7)) for m in ("lcam-fm", "gradcam")},
+        labels={"lcam-fm": "L-CAM-Fm", "gradcam": "Grad-CAM"},
+    )
     page_url = write_report(str(tmp_path / "report.html"), eval_dir=str(eval_dir))
     page = open(page_url).read()
     table = page[page.index('id="localisation"') :]
     table = table[: table.index("</table>")]
     assert "<th>pointing game ↑</th><th>energy pointing game ↑</th><th>box IoU ↑</th>" in table
-    assert '<td class="best">67.67 ± 16.67</td>' in table and "<td>41.50 ± 3.20</td>" in table  # L-CAM best, Grad-CAM not
+    assert (
+        '<td class="best">67.67 ± 16.67</td>' in table and "<td>41.50 ± 3.20</td>" in table
+    )  # L-CAM best, Grad-CAM not
     assert "2 of 1000 class rows trained, on 28 samples: per trained row median 14, min 3, max 25" in page
     assert "25 training samples" in page and "class row trained on 3 samples only" in page  # each map's count
     # an evaluation without boxes: no localisation section

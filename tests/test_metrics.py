@@ -29,9 +29,13 @@ from tests.helpers import center_crop_tensor, skimage_photos
 
 def toy_backbone(seed: int = 0, classes: int = 5) -> Backbone:
     torch.manual_seed(seed)
-    features = nn.Sequential(nn.Conv2d(3, 8, 3, stride=4, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU())
+    features = nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=4, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU()
+    )
     head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(8, classes))
-    return Backbone("toy", features, head, (8, 4, 4), Preprocessing(mean=(0.5,) * 3, std=(0.25,) * 3), num_classes=classes)
+    return Backbone(
+        "toy", features, head, (8, 4, 4), Preprocessing(mean=(0.5,) * 3, std=(0.25,) * 3), num_classes=classes
+    )
 
 
 class CountingModel(nn.Module):
@@ -60,7 +64,9 @@ def test_keep_top_keeps_exactly_ceil_ratio_pixels(size):
         kept = out != 0
         assert torch.equal(out[kept], cams[kept])  # soft values, not binarised
         if 0 < k < n:  # every kept value >= every dropped value
-            assert (cams.masked_fill(~kept, 2).flatten(1).amin(1) >= cams.masked_fill(kept, -1).flatten(1).amax(1)).all()
+            assert (
+                cams.masked_fill(~kept, 2).flatten(1).amin(1) >= cams.masked_fill(kept, -1).flatten(1).amax(1)
+            ).all()
 
 
 def test_kept_count_ignores_float_error():
@@ -199,7 +205,9 @@ def test_ratio_one_agrees_with_pytorch_grad_cam():
     yy, xx = torch.meshgrid(torch.arange(224.0), torch.arange(224.0), indexing="ij")
     centres = [(112, 112), (60, 150), (100, 90), (170, 60)]
     cams = torch.stack([torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 50.0**2)) for cy, cx in centres])
-    cams = (cams - cams.amin((1, 2), keepdim=True)) / (cams.amax((1, 2), keepdim=True) - cams.amin((1, 2), keepdim=True))
+    cams = (cams - cams.amin((1, 2), keepdim=True)) / (
+        cams.amax((1, 2), keepdim=True) - cams.amin((1, 2), keepdim=True)
+    )
 
     ours = confidence_scores(model, images, cams, ratios=(1.0,))
     targets = [ClassifierOutputSoftmaxTarget(int(c)) for c in ours.class_ids]
@@ -227,8 +235,7 @@ class MeanScore(nn.Module):
 
 
 def test_insertion_deletion_auc_hand_computed():
-    from lcam.metrics.insertion_deletion import area_under_curve
-    from lcam.metrics.insertion_deletion import insertion_deletion
+    from lcam.metrics.insertion_deletion import area_under_curve, insertion_deletion
 
     # pixel values 0.8, 0.4 / 0.2, 0.6; the map ranks them 0.8 > 0.6 > 0.4 > 0.2
     image = torch.tensor([[0.8, 0.4], [0.2, 0.6]]).expand(1, 3, 2, 2).clone()

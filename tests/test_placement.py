@@ -19,20 +19,19 @@ from PIL import Image
 
 from lcam import build_backbone
 from lcam.training import init_attention
-from pipeline.store.feature_cache import FeatureCache
 from pipeline.cams.from_cache import CacheCamActor
-from pipeline.configs import CamsConfig
-from pipeline.store.cam_store import CamStore
-from pipeline.classes import ClassSelection
 from pipeline.cams.run import generate_cams
-from pipeline.train.checkpoints import load_checkpoint, save_checkpoint
-from pipeline.extract.run import cache_identity
-from pipeline.shards.pack import pack_folder
+from pipeline.classes import ClassSelection
+from pipeline.configs import CamsConfig, TrainConfig
 from pipeline.errors import UserError
+from pipeline.extract.run import cache_identity
 from pipeline.placement import resolve_where
-from pipeline.configs import TrainConfig
-from pipeline.train.setup import check_config
+from pipeline.shards.pack import pack_folder
+from pipeline.store.cam_store import CamStore
+from pipeline.store.feature_cache import FeatureCache
+from pipeline.train.checkpoints import load_checkpoint, save_checkpoint
 from pipeline.train.img import ray_train_storage, train_img
+from pipeline.train.setup import check_config
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = "tests.custom_backbones:tiny,size=32"  # (16, 8, 8) features, 10 classes: milliseconds a batch
@@ -55,8 +54,14 @@ def write_tiny_cache(url: str, spec: str = TINY) -> FeatureCache:
     """A feature cache of the tiny backbone (``spec``) over random inputs, written without Ray:
     the sources are names only (training and CAMs from a cache never open a shard)."""
     backbone = build_backbone(spec, "random")
-    cache = FeatureCache.create_or_open(url, cache_identity(backbone, ("center",), "float16"), feature_shape=backbone.feature_shape,
-                                        views=("center",), dtype="float16", num_classes=backbone.num_classes)
+    cache = FeatureCache.create_or_open(
+        url,
+        cache_identity(backbone, ("center",), "float16"),
+        feature_shape=backbone.feature_shape,
+        views=("center",),
+        dtype="float16",
+        num_classes=backbone.num_classes,
+    )
     gen = torch.Generator().manual_seed(0)
     entries = []
     for s in range(SHARDS):
@@ -65,7 +70,9 @@ def write_tiny_cache(url: str, spec: str = TINY) -> FeatureCache:
             f, logits = backbone.extract(x)
         p5, c5 = logits.softmax(1).topk(5)
         keys = [f"s{s}-{i}" for i in range(PER_SHARD)]
-        entries.append(cache.write_shard(f"/data/shard-{s}.tar", keys, [i % 2 for i in range(PER_SHARD)], f[:, None], c5, p5))
+        entries.append(
+            cache.write_shard(f"/data/shard-{s}.tar", keys, [i % 2 for i in range(PER_SHARD)], f[:, None], c5, p5)
+        )
     cache.mark_done(entries)
     return FeatureCache.open(url)
 
@@ -88,8 +95,10 @@ def tiny(tmp_path_factory):
 
 
 def losses(run: Path) -> list[tuple]:
-    return [(r["kind"], r["step"], r["loss"], r["ce"], r["area"], r["tv"]) for r in
-            (json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines())]
+    return [
+        (r["kind"], r["step"], r["loss"], r["ce"], r["area"], r["tv"])
+        for r in (json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines())
+    ]
 
 
 def assert_same_cam_stores(first: Path, second: Path) -> None:
@@ -112,22 +121,37 @@ def test_model_stages_leave_the_head_and_give_the_same_results(tiny, tmp_path):
     checkpoint, the same CAM arrays)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("RAY_ADDRESS", None)
-    out = subprocess.run([sys.executable, str(ROOT / "tests" / "scenario_placement.py"), tiny["cache"], tiny["ckpt"], str(tmp_path)],
-                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "scenario_placement.py"), tiny["cache"], tiny["ckpt"], str(tmp_path)],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     line = next((t for t in out.stdout.splitlines() if t.startswith("RESULT ")), None)
     assert line, out.stdout[-3000:] + out.stderr[-3000:]
-    result = json.loads(line[len("RESULT "):])
+    result = json.loads(line[len("RESULT ") :])
     assert result["error"] is None, result
     head, worker = result["head"], result["worker"]
     assert head != worker
     assert result["train"] == {"local": [None, 12], "auto": [worker, 12]}
-    assert result["cams"] == {"local": [[], SHARDS * PER_SHARD], "auto": [[worker, worker], SHARDS * PER_SHARD], "again": 0}
+    assert result["cams"] == {
+        "local": [[], SHARDS * PER_SHARD],
+        "auto": [[worker, worker], SHARDS * PER_SHARD],
+        "again": 0,
+    }
     assert "no feature cache" in result["user_error"] and "Traceback" not in result["user_error"], result["user_error"]
     relayed = result["relayed"]  # through the relay, not Ray's log forwarding (off)
-    assert any(m.startswith("L-CAM-Fm: 24 cached samples") for m in relayed) and any(m.startswith("epoch 2: loss") for m in relayed), relayed
+    assert any(m.startswith("L-CAM-Fm: 24 cached samples") for m in relayed) and any(
+        m.startswith("epoch 2: loss") for m in relayed
+    ), relayed
 
     assert losses(tmp_path / "fm-local") == losses(tmp_path / "fm-auto")
-    a, b = load_checkpoint(str(tmp_path / "fm-local" / "checkpoint.pt")), load_checkpoint(str(tmp_path / "fm-auto" / "checkpoint.pt"))
+    a, b = (
+        load_checkpoint(str(tmp_path / "fm-local" / "checkpoint.pt")),
+        load_checkpoint(str(tmp_path / "fm-auto" / "checkpoint.pt")),
+    )
     for k in a["attention"]:
         assert torch.equal(a["attention"][k], b["attention"][k]), k
     assert_same_cam_stores(tmp_path / "cams-local", tmp_path / "cams-auto")
@@ -151,17 +175,38 @@ def test_a_re_executed_cam_group_write_leaves_the_store_exact(tiny, tmp_path):
     first time cut short: the group is rewritten whole, and equals a single clean write."""
     cache = FeatureCache.open(tiny["cache"])
     entry = cache.manifest["shards"][sorted(cache.done_sources())[0]]
-    args = (cache, entry, 0, ClassSelection.parse("top-k", 2), True, ["features", "labels", "top5_classes", "top5_probs"])
+    args = (
+        cache,
+        entry,
+        0,
+        ClassSelection.parse("top-k", 2),
+        True,
+        ["features", "labels", "top5_classes", "top5_probs"],
+    )
 
-    generate_cams(CamsConfig(checkpoint=tiny["ckpt"], out=str(tmp_path / "ref"), cache=tiny["cache"], classes="top-k", top_k=2,
-                             where="local", progress=False))
+    generate_cams(
+        CamsConfig(
+            checkpoint=tiny["ckpt"],
+            out=str(tmp_path / "ref"),
+            cache=tiny["cache"],
+            classes="top-k",
+            top_k=2,
+            where="local",
+            progress=False,
+        )
+    )
     identity = CamStore.open(str(tmp_path / "ref")).identity
-    actor = CacheCamActor(tiny["ckpt"], None, None, identity["checkpoint"]["fingerprint"], "cpu", 1)  # the class itself, in this process
+    actor = CacheCamActor(
+        tiny["ckpt"], None, None, identity["checkpoint"]["fingerprint"], "cpu", 1
+    )  # the class itself, in this process
     twice = CamStore.create_or_open(str(tmp_path / "twice"), identity)
     actor.write_group(args[0], twice, *args[1:])
     shutil.rmtree(tmp_path / "twice" / "shards" / entry["shard_id"] / "raw")  # the first attempt died mid-write
     twice.mark_done([actor.write_group(args[0], twice, *args[1:])])
-    got, want = CamStore.open(str(tmp_path / "twice")).read_shard(entry["shard_id"]), CamStore.open(str(tmp_path / "ref")).read_shard(entry["shard_id"])
+    got, want = (
+        CamStore.open(str(tmp_path / "twice")).read_shard(entry["shard_id"]),
+        CamStore.open(str(tmp_path / "ref")).read_shard(entry["shard_id"]),
+    )
     assert got["keys"] == want["keys"] and got.keys() == want.keys()
     for name in want:
         if name != "keys":
@@ -180,13 +225,24 @@ def test_cams_on_ray_build_the_model_in_the_actors_only(ray_local, tmp_path):
     custom_backbones.BUILT_IN.clear()  # the cache and checkpoint above were made here on purpose
 
     def cams(where: str):
-        return generate_cams(CamsConfig(checkpoint=ckpt, out=str(tmp_path / f"cams-{where}"), cache=cache.url, classes="top-k", top_k=2,
-                                        where=where, progress=False))
+        return generate_cams(
+            CamsConfig(
+                checkpoint=ckpt,
+                out=str(tmp_path / f"cams-{where}"),
+                cache=cache.url,
+                classes="top-k",
+                top_k=2,
+                where=where,
+                progress=False,
+            )
+        )
 
     on_ray = cams("ray")
     assert custom_backbones.BUILT_IN == [] and on_ray.samples == SHARDS * PER_SHARD and len(on_ray.ran_on) == 1
     here = cams("local")
-    assert custom_backbones.BUILT_IN == [os.getpid()] and here.samples == SHARDS * PER_SHARD  # the probe sees a driver build
+    assert (
+        custom_backbones.BUILT_IN == [os.getpid()] and here.samples == SHARDS * PER_SHARD
+    )  # the probe sees a driver build
     assert_same_cam_stores(tmp_path / "cams-ray", tmp_path / "cams-local")
 
 
@@ -194,13 +250,19 @@ def test_ray_train_storage_defaults_to_the_run_url_with_its_options(s3, tmp_path
     """What `lcam train --method img` and `lcam pipeline` (run folder WORKDIR/lcam-img) give Ray Train."""
     bucket, options = s3
     path, fs = ray_train_storage(TrainConfig(method="img", out=f"{bucket}/work/lcam-img", storage_options=options))
-    assert path == f"{bucket[len('s3://'):]}/work/lcam-img/ray-train"
+    assert path == f"{bucket[len('s3://') :]}/work/lcam-img/ray-train"
     with fs.open_output_stream(f"{path}/probe") as f:  # through the run's endpoint (moto), not AWS
         f.write(b"here")
     assert fsspec.filesystem("s3", **options).cat_file(f"{bucket}/work/lcam-img/ray-train/probe") == b"here"
     monkeypatch.chdir(tmp_path)
-    assert ray_train_storage(TrainConfig(method="img", out="runs/img")) == (str(tmp_path / "runs" / "img" / "ray-train"), None)
-    assert ray_train_storage(TrainConfig(method="img", out="runs/img", ray_storage="/shared/rt")) == ("/shared/rt", None)
+    assert ray_train_storage(TrainConfig(method="img", out="runs/img")) == (
+        str(tmp_path / "runs" / "img" / "ray-train"),
+        None,
+    )
+    assert ray_train_storage(TrainConfig(method="img", out="runs/img", ray_storage="/shared/rt")) == (
+        "/shared/rt",
+        None,
+    )
 
 
 def test_img_ray_train_storage_goes_under_the_run_url_on_s3(ray_local, s3, tmp_path):
@@ -210,9 +272,24 @@ def test_img_ray_train_storage_goes_under_the_run_url_on_s3(ray_local, s3, tmp_p
     tiny_images(tmp_path / "images")
     pack_folder(tmp_path / "images", f"{bucket}/shards", samples_per_shard=4, storage_options=options, progress=False)
     run = f"{bucket}/run"
-    summary = train_img(TrainConfig(method="img", out=run, shards=f"{bucket}/shards", backbone=TINY, weights="random", augment="center",
-                                    epochs=1, batch_size=4, workers=1, cpus_per_worker=0.5, data_cpus=0.5, progress=False,
-                                    storage_options=options, shard_storage_options=options))
+    summary = train_img(
+        TrainConfig(
+            method="img",
+            out=run,
+            shards=f"{bucket}/shards",
+            backbone=TINY,
+            weights="random",
+            augment="center",
+            epochs=1,
+            batch_size=4,
+            workers=1,
+            cpus_per_worker=0.5,
+            data_cpus=0.5,
+            progress=False,
+            storage_options=options,
+            shard_storage_options=options,
+        )
+    )
     assert summary.epochs_done == 1 and summary.steps == 2
     fs = fsspec.filesystem("s3", **options)
     under = [p for p in fs.find(f"{run}/ray-train") if p.endswith("/checkpoint.pt")]
@@ -250,8 +327,15 @@ def test_a_lost_task_runs_again_with_the_retry_arguments_and_an_own_failure_does
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
     marker = tmp_path / "runs.txt"
-    result = run_task(_crash_once, str(marker), "first", resources={"num_cpus": 1}, progress=False,
-                      attempts=3, retry_args=lambda: (str(marker), "second"))
+    result = run_task(
+        _crash_once,
+        str(marker),
+        "first",
+        resources={"num_cpus": 1},
+        progress=False,
+        attempts=3,
+        retry_args=lambda: (str(marker), "second"),
+    )
     assert result == "done on second"
     assert marker.read_text().split() == ["first", "second"]
 

@@ -16,20 +16,32 @@ from pipeline.fs import expand_braces, expand_urls
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("pattern, expected", [
-    ("{train,val}-{000000..000002}.tar",
-     ["train-000000.tar", "train-000001.tar", "train-000002.tar", "val-000000.tar", "val-000001.tar", "val-000002.tar"]),
-    ("s-{8..11}.tar", ["s-8.tar", "s-9.tar", "s-10.tar", "s-11.tar"]),  # no padding asked
-    ("s-{08..11}.tar", ["s-08.tar", "s-09.tar", "s-10.tar", "s-11.tar"]),
-    ("{0..10..5}", ["0", "5", "10"]),
-    ("{3..1}", ["3", "2", "1"]),
-    ("{a..c}", ["a", "b", "c"]),
-    ("x{a,b{1..2}}y", ["xay", "xb1y", "xb2y"]),  # nested
-    ("s3://bucket/{a,b}/shard.tar", ["s3://bucket/a/shard.tar", "s3://bucket/b/shard.tar"]),
-    ("{x}-{,s}", ["{x}-", "{x}-s"]),  # a group with no comma or range stays literal; empty alternatives count
-    ("plain.tar", ["plain.tar"]),
-    ("open{a,b", ["open{a,b"]),  # unmatched: literal
-])
+@pytest.mark.parametrize(
+    "pattern, expected",
+    [
+        (
+            "{train,val}-{000000..000002}.tar",
+            [
+                "train-000000.tar",
+                "train-000001.tar",
+                "train-000002.tar",
+                "val-000000.tar",
+                "val-000001.tar",
+                "val-000002.tar",
+            ],
+        ),
+        ("s-{8..11}.tar", ["s-8.tar", "s-9.tar", "s-10.tar", "s-11.tar"]),  # no padding asked
+        ("s-{08..11}.tar", ["s-08.tar", "s-09.tar", "s-10.tar", "s-11.tar"]),
+        ("{0..10..5}", ["0", "5", "10"]),
+        ("{3..1}", ["3", "2", "1"]),
+        ("{a..c}", ["a", "b", "c"]),
+        ("x{a,b{1..2}}y", ["xay", "xb1y", "xb2y"]),  # nested
+        ("s3://bucket/{a,b}/shard.tar", ["s3://bucket/a/shard.tar", "s3://bucket/b/shard.tar"]),
+        ("{x}-{,s}", ["{x}-", "{x}-s"]),  # a group with no comma or range stays literal; empty alternatives count
+        ("plain.tar", ["plain.tar"]),
+        ("open{a,b", ["open{a,b"]),  # unmatched: literal
+    ],
+)
 def test_brace_expansion(pattern, expected):
     assert expand_braces(pattern) == expected
 

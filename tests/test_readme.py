@@ -23,7 +23,9 @@ from jobs.cli import COMMANDS, command_parser
 from jobs.config import split_config_args
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-DOCS = sorted((README.parent / "docs").glob("*.md"))  # the README's details live there: their command lines are checked too
+DOCS = sorted(
+    (README.parent / "docs").glob("*.md")
+)  # the README's details live there: their command lines are checked too
 # a placeholder that must be one of a positional's choices: the value it stands for here
 CHOICE_PLACEHOLDERS = {"JOB": "pipeline"}
 
@@ -35,7 +37,13 @@ def readme_command_lines(text: str) -> list[str]:
     for raw in text.splitlines():
         if raw.startswith("```"):
             in_block = not in_block
-            shell = in_block and raw[3:].strip() in ("", "sh", "bash", "shell", "console")  # not ```text: printed output
+            shell = in_block and raw[3:].strip() in (
+                "",
+                "sh",
+                "bash",
+                "shell",
+                "console",
+            )  # not ```text: printed output
             continue
         if in_block:
             if not shell:
@@ -103,7 +111,10 @@ def test_a_wrong_command_line_is_caught():
         parse_command_line(["lcam", "eval", "SHARDS", "OUT", "--no-such-option"])
     with pytest.raises(AssertionError, match="required"):
         parse_command_line(["lcam", "eval", "--shards", "SHARDS"])
-    assert expand_alternatives("lcam cache info|verify URL ...") == [["lcam", "cache", "info", "URL"], ["lcam", "cache", "verify", "URL"]]
+    assert expand_alternatives("lcam cache info|verify URL ...") == [
+        ["lcam", "cache", "info", "URL"],
+        ["lcam", "cache", "verify", "URL"],
+    ]
 
 
 def python_blocks(text: str, section: str) -> list[str]:
@@ -126,20 +137,30 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     for folder, name in (("class0", "chelsea"), ("class1", "coffee"), ("class1", "rocket")):
         (tmp_path / "photos" / folder).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)).save(tmp_path / "photos" / folder / f"{name}.jpg")
+        Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)).save(
+            tmp_path / "photos" / folder / f"{name}.jpg"
+        )
     backbone = build_backbone("efficientnet_lite0")
     torch.manual_seed(0)
     from lcam import LCAM
 
-    save_checkpoint(str(tmp_path / "runs" / "fm" / "checkpoint.pt"), attention_state=LCAM(backbone).attention.state_dict(),
-                    method="fm", backbone=backbone.describe())
+    save_checkpoint(
+        str(tmp_path / "runs" / "fm" / "checkpoint.pt"),
+        attention_state=LCAM(backbone).attention.state_dict(),
+        method="fm",
+        backbone=backbone.describe(),
+    )
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MPLBACKEND", "Agg")
     import pipeline.cams.fit
     from lcam.recipe import Recipe
 
     # the small-data recipe's 80 epochs, shortened to 2: the blocks' calls are what is tested here
-    monkeypatch.setattr(pipeline.cams.fit, "recipe_for_data", lambda backbone, method, samples: Recipe(lr=3.0, epochs=2, batch_size=16, schedule="onecycle"))
+    monkeypatch.setattr(
+        pipeline.cams.fit,
+        "recipe_for_data",
+        lambda backbone, method, samples: Recipe(lr=3.0, epochs=2, batch_size=16, schedule="onecycle"),
+    )
     text = README.read_text()
     blocks = python_blocks(text, "Explain a model from Python") + python_blocks(text, "The method in code")[:1]
     assert len(blocks) == 3

@@ -50,14 +50,24 @@ def make_report(folder, scorecam_on_last_only: bool = False) -> list[str]:
     ``scorecam_on_last_only``: Score-CAM ran on image "c" only (NaN maps elsewhere), as a
     method limited to a subset leaves it."""
     methods = {
-        "lcam-fm": "L-CAM-Fm", "lcam-img": "L-CAM-Img", "gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "scorecam": "Score-CAM",
+        "lcam-fm": "L-CAM-Fm",
+        "lcam-img": "L-CAM-Img",
+        "gradcam": "Grad-CAM",
+        "gradcam++": "Grad-CAM++",
+        "scorecam": "Score-CAM",
     }
     eval_dir = folder / "eval"
     results = {
         "protocol": {"ratios": [1.0, 0.5, 0.15], "tie_rule": "stable sort, smaller index first"},
         "data": {"evaluated": 4},
-        "methods": {m: {"label": label, "n": 4, "per_ratio": {r: {"AD": 10.0 + i, "IC": 20.0 - i} for r in ("1", "0.5", "0.15")}}
-                    for i, (m, label) in enumerate(methods.items())},
+        "methods": {
+            m: {
+                "label": label,
+                "n": 4,
+                "per_ratio": {r: {"AD": 10.0 + i, "IC": 20.0 - i} for r in ("1", "0.5", "0.15")},
+            }
+            for i, (m, label) in enumerate(methods.items())
+        },
     }
     write_json_atomic(str(eval_dir / "results.json"), results)
     from PIL import Image
@@ -71,13 +81,30 @@ def make_report(folder, scorecam_on_last_only: bool = False) -> list[str]:
     if scorecam_on_last_only:
         maps["scorecam"][:2] = np.nan
     save_comparison_maps(
-        str(eval_dir / "maps.npz"), keys=["a", "b", "c"], images=images, class_ids=np.array([281, 967, 1]),
-        probs=np.array([0.5, 0.9, 0.1]), maps=maps, labels=methods,
+        str(eval_dir / "maps.npz"),
+        keys=["a", "b", "c"],
+        images=images,
+        class_ids=np.array([281, 967, 1]),
+        probs=np.array([0.5, 0.9, 0.1]),
+        maps=maps,
+        labels=methods,
     )
     runs = {}
     for name in ("L-CAM-Fm", "L-CAM-Img"):
         run = RunFolder(str(folder / name))
-        history = [{"epoch": e, "step": e * 10, "loss": 3.0 - e * 0.1, "ce": 1.0, "area": 0.9, "tv": 2.0, "agreement": 0.5, "lr": 0.01} for e in range(1, 4)]
+        history = [
+            {
+                "epoch": e,
+                "step": e * 10,
+                "loss": 3.0 - e * 0.1,
+                "ce": 1.0,
+                "area": 0.9,
+                "tv": 2.0,
+                "agreement": 0.5,
+                "lr": 0.01,
+            }
+            for e in range(1, 4)
+        ]
         run.write_metrics(history)
         run.write_curves(history, name)
         runs[name] = run.url
@@ -88,9 +115,12 @@ def make_report(folder, scorecam_on_last_only: bool = False) -> list[str]:
 def test_report_loads_every_image_in_chromium(tmp_path):
     exe = browser()
     if exe is None:
-        pytest.skip("no Chromium here: install Debian's 'chromium' package (make test does when it may) to run the browser test")
+        pytest.skip(
+            "no Chromium here: install Debian's 'chromium' package (make test does when it may) to run the browser test"
+        )
     expected_rows = make_report(tmp_path)
     (tmp_path / "harness.html").write_text(HARNESS)
+
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def log_message(self, *args) -> None:
             pass
@@ -101,11 +131,24 @@ def test_report_loads_every_image_in_chromium(tmp_path):
     profile = tempfile.mkdtemp(prefix="chromium-")
     try:
         out = subprocess.run(
-            [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={profile}", "--virtual-time-budget=15000", "--dump-dom",
-             f"http://127.0.0.1:{server.server_address[1]}/harness.html"],
-            capture_output=True, text=True, timeout=120,
+            [
+                exe,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={profile}",
+                "--virtual-time-budget=15000",
+                "--dump-dom",
+                f"http://127.0.0.1:{server.server_address[1]}/harness.html",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
     finally:
         server.shutdown()
@@ -123,7 +166,7 @@ def test_gallery_shows_images_every_method_ran_on_first(tmp_path):
     """A costly method on a subset: its image leads the gallery, the others keep their order."""
     make_report(tmp_path, scorecam_on_last_only=True)
     page = (tmp_path / "report.html").read_text()
-    gallery = page[page.index('<table class="gallery">'):]
+    gallery = page[page.index('<table class="gallery">') :]
     originals = re.findall(r'<td><img src="[^"]+" alt="([abc])">', gallery)
     assert originals == ["c", "a", "b"]
     assert gallery.count("not evaluated") == 2

@@ -20,8 +20,8 @@ from skimage import data as skdata
 from pipeline.errors import UserError
 from pipeline.images import decode_image
 from pipeline.shards.format import ShardCountMismatch, ShardInfo, ShardReadError
-from pipeline.shards.read import iter_samples, list_shards, read_shard, register_fsspec_opener
 from pipeline.shards.pack import pack_folder
+from pipeline.shards.read import iter_samples, list_shards, read_shard, register_fsspec_opener
 
 SAFE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -34,7 +34,12 @@ def encode(arr_or_im, fmt: str, **kw) -> bytes:
 
 
 # Small but real photos keep the suite fast; sizes stay above the 224 crop.
-PHOTOS = [skdata.chelsea(), skdata.coffee()[::2, ::2][:240], skdata.astronaut()[::2, ::2], skdata.rocket()[::2, ::2][:230]]
+PHOTOS = [
+    skdata.chelsea(),
+    skdata.coffee()[::2, ::2][:240],
+    skdata.astronaut()[::2, ::2],
+    skdata.rocket()[::2, ::2][:230],
+]
 
 
 def write(path: Path, data: bytes) -> bytes:
@@ -61,7 +66,9 @@ def check_index(out: Path) -> dict:
         assert e["sha256"] == hashlib.sha256(raw).hexdigest()
         with tarfile.open(out / e["name"]) as t:
             assert e["count"] == len({m.name.split(".")[0] for m in t.getmembers()})
-    assert sorted(p.name for p in out.iterdir()) == sorted(["index.json", "pack_report.json", *(e["name"] for e in index["shards"])])
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["index.json", "pack_report.json", *(e["name"] for e in index["shards"])]
+    )
     return index
 
 
@@ -110,7 +117,10 @@ def test_imagefolder_wordnet_ids_use_standard_imagenet_index(tmp_path):
 @pytest.mark.parametrize(
     "name, text",
     [
-        ("labels.tsv", "file\tclass_index\twnid\tname\nf0.jpg\t5\tn01491361\tx\nf1.jpg\t7\tn01494475\ty\nf2.png\t9\tz\tz\n"),
+        (
+            "labels.tsv",
+            "file\tclass_index\twnid\tname\nf0.jpg\t5\tn01491361\tx\nf1.jpg\t7\tn01494475\ty\nf2.png\t9\tz\tz\n",
+        ),
         ("labels.csv", "f0.jpg,5\nf1.jpg,7\nf2.png,9\n"),  # no header
         ("classes.txt", "f0 n01514668\nf1 n01518878\nf2.png n01530575\n"),  # stems and WordNet ids
     ],
@@ -141,7 +151,10 @@ def test_imagenet_val_layout(tmp_path):
 
     # Kaggle's LOC_val_solution.csv (ImageId, "wnid x y x y ..."), output folder inside the source
     (src / "val_ground_truth.txt").unlink()
-    write(src / "LOC_val_solution.csv", b"ImageId,PredictionString\nILSVRC2012_val_00000003,n01443537 1 2 3 4 n01443537 5 6 7 8\n")
+    write(
+        src / "LOC_val_solution.csv",
+        b"ImageId,PredictionString\nILSVRC2012_val_00000003,n01443537 1 2 3 4 n01443537 5 6 7 8\n",
+    )
     report = pack_folder(src, str(src / "shards"), layout="imagenet-val", progress=False)
     assert report.packed == 3 and not report.skipped and report.labels_scheme == "imagenet"
     labels = {k: s.label for k, s in read_all(src / "shards").items()}
@@ -199,7 +212,13 @@ def test_bad_inputs_skipped_and_odd_images_packed(tmp_path):
     assert skipped["corrupt.jpg"].startswith("corrupt or truncated image")
     assert skipped["picture.bmp"] == "unknown extension: .bmp"
     notes = {(n["file"].split("/")[-1], n["kind"]) for n in report.notes}
-    assert {("gray.png", "mode"), ("cmyk.jpg", "mode"), ("rgba.png", "mode"), ("deep.png", "mode"), ("pal.png", "mode")} <= notes
+    assert {
+        ("gray.png", "mode"),
+        ("cmyk.jpg", "mode"),
+        ("rgba.png", "mode"),
+        ("deep.png", "mode"),
+        ("pal.png", "mode"),
+    } <= notes
     assert ("small.jpg", "small") in notes and ("actually_png.jpg", "format") in notes
     assert report.packed == 7
     on_disk = json.loads((tmp_path / "out" / "pack_report.json").read_text())
@@ -312,7 +331,10 @@ def test_foreign_shards_without_index(tmp_path):
         w.write({"__key__": "four", "webp": b, "json": json.dumps({"class_index": "8"}).encode()})
         w.write({"__key__": "five", "txt": b"caption only"})  # no image: yielded, not dropped
     infos = list_shards(str(tmp_path / "train-{000000..000001}.tar"))
-    assert [(i.name, i.count, i.sha256) for i in infos] == [("train-000000.tar", None, None), ("train-000001.tar", None, None)]
+    assert [(i.name, i.count, i.sha256) for i in infos] == [
+        ("train-000000.tar", None, None),
+        ("train-000001.tar", None, None),
+    ]
     got = [s for i in infos for s in read_shard(i)]
     assert [(s.key, s.ext, s.label) for s in got] == [
         ("dir/one", "jpeg", 3),
@@ -335,7 +357,10 @@ def test_brace_glob_folder_and_index_url(tmp_path):
     names = lambda infos: [i.url for i in infos]  # noqa: E731
     assert names(list_shards(f"{d}/train-{{000000..000002}}.tar")) == [f"{d}/train-00000{i}.tar" for i in range(3)]
     assert names(list_shards(f"{d}/train-00000[13].tar")) == [f"{d}/train-000001.tar", f"{d}/train-000003.tar"]
-    assert names(list_shards([f"{d}/train-000003.tar", f"{d}/train-*0.tar"])) == [f"{d}/train-000003.tar", f"{d}/train-000000.tar"]
+    assert names(list_shards([f"{d}/train-000003.tar", f"{d}/train-*0.tar"])) == [
+        f"{d}/train-000003.tar",
+        f"{d}/train-000000.tar",
+    ]
     assert names(list_shards(d)) == names(list_shards(d + "/")) == [f"{d}/train-00000{i}.tar" for i in range(4)]
     assert all(i.count == 1 and len(i.sha256) == 64 for i in list_shards(f"{d}/*.tar"))
     with pytest.raises(FileNotFoundError, match="nothing"):
@@ -357,7 +382,9 @@ def test_cli_module(tmp_path, capsys):
     job.add_arguments(parser)
     src = tmp_path / "src"
     write(src / "a" / "x.jpg", jpeg(0))
-    args = parser.parse_args([str(src), str(tmp_path / "out"), "--samples-per-shard", "5", "--prefix", "p", "--no-progress"])
+    args = parser.parse_args(
+        [str(src), str(tmp_path / "out"), "--samples-per-shard", "5", "--prefix", "p", "--no-progress"]
+    )
     assert job.run(args) == 0
     assert (tmp_path / "out" / "p-000000.tar").exists()
     assert "packed 1 images" in capsys.readouterr().out
@@ -419,8 +446,13 @@ def test_skipped_summary_is_written_in_one_place():
     """Extraction, CAMs and packing summarise what they skipped with the same lines."""
     from pipeline.progress import skipped_lines
 
-    skipped = [{"shard": "s0", "key": f"k{i}", "reason": "decode: bad" if i % 3 else "empty: no bytes"} for i in range(7)]
+    skipped = [
+        {"shard": "s0", "key": f"k{i}", "reason": "decode: bad" if i % 3 else "empty: no bytes"} for i in range(7)
+    ]
     assert skipped_lines([], "images", "see x") == []
     assert skipped_lines(skipped, "images", "see the cache manifest", shown=2) == [
-        "skipped 7 images: decode x4, empty x3", "  s0/k0: empty: no bytes", "  s0/k1: decode: bad",
-        "  ... and 5 more (see the cache manifest)"]
+        "skipped 7 images: decode x4, empty x3",
+        "  s0/k0: empty: no bytes",
+        "  s0/k1: decode: bad",
+        "  ... and 5 more (see the cache manifest)",
+    ]

@@ -10,18 +10,20 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.fs import read_json
+from pipeline.shards.pack import pack_folder
+from pipeline.shards.read import list_shards
 from pipeline.store.feature_cache import FeatureCache
 from pipeline.train.checkpoints import load_lcam
-from pipeline.fs import read_json
-from pipeline.shards.read import list_shards
-from pipeline.shards.pack import pack_folder
 from tests.test_extract import make_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def lcam(args, env, timeout=600):
-    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "jobs.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_submit_stop_and_resubmit_resumes(ray_head, tmp_path):
@@ -33,15 +35,41 @@ def test_submit_stop_and_resubmit_resumes(ray_head, tmp_path):
     pack_folder(tmp_path / "images", str(tmp_path / "shards"), samples_per_shard=1, progress=False)
     workdir = tmp_path / "work"
     config = tmp_path / "job.yaml"
-    config.write_text(yaml.safe_dump({
-        "train_shards": str(tmp_path / "shards"), "workdir": str(workdir), "stages": "extract,train",
-        "method": "fm", "views": "center", "extract_batch_size": 1, "batch_size": 4, "epochs": 1, "lr": 0.01,
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "train_shards": str(tmp_path / "shards"),
+                "workdir": str(workdir),
+                "stages": "extract,train",
+                "method": "fm",
+                "views": "center",
+                "extract_batch_size": 1,
+                "batch_size": 4,
+                "epochs": 1,
+                "lr": 0.01,
+            }
+        )
+    )
     env = ray_head["env"]
     address = ray_head["address"]
 
     # the first submission and the stop run in-process: a new interpreter per call is too slow to stop mid-run
-    assert main(["submit", "pipeline", "--address", address, "--config", str(config), "--no-wait", "--submission-id", "lcam-test-1"]) == 0
+    assert (
+        main(
+            [
+                "submit",
+                "pipeline",
+                "--address",
+                address,
+                "--config",
+                str(config),
+                "--no-wait",
+                "--submission-id",
+                "lcam-test-1",
+            ]
+        )
+        == 0
+    )
     job_id = "lcam-test-1"
     client = JobSubmissionClient(address)
     manifest = f"{workdir}/cache/manifest.json"
@@ -49,7 +77,9 @@ def test_submit_stop_and_resubmit_resumes(ray_head, tmp_path):
     while time.time() < deadline:
         if len((read_json(manifest, default={}) or {}).get("shards", {})) >= 1:
             break
-        assert str(client.get_job_status(job_id)).split(".")[-1] not in ("FAILED", "SUCCEEDED"), client.get_job_logs(job_id)[-3000:]
+        assert str(client.get_job_status(job_id)).split(".")[-1] not in ("FAILED", "SUCCEEDED"), client.get_job_logs(
+            job_id
+        )[-3000:]
         time.sleep(0.05)
     assert main(["jobs", "stop", job_id, "--address", address]) == 0
     while str(client.get_job_status(job_id)).split(".")[-1] not in ("STOPPED", "FAILED", "SUCCEEDED"):
@@ -71,7 +101,9 @@ def test_submit_stop_and_resubmit_resumes(ray_head, tmp_path):
 
 def test_submit_refuses_credentials_in_config(tmp_path):
     config = tmp_path / "job.yaml"
-    config.write_text(yaml.safe_dump({"train_shards": "s3://b/x", "workdir": "s3://b/w", "storage_option": {"secret": "hunter2"}}))
+    config.write_text(
+        yaml.safe_dump({"train_shards": "s3://b/x", "workdir": "s3://b/w", "storage_option": {"secret": "hunter2"}})
+    )
     out = lcam(["submit", "pipeline", "--address", "http://127.0.0.1:9", "--config", str(config)], dict(os.environ))
     assert out.returncode == 2
     assert "credential" in out.stderr and "hunter2" not in out.stderr + out.stdout
@@ -86,7 +118,10 @@ def test_submit_checks_entrypoint_resources_and_job_fields_before_submitting(tmp
         ({"entrypoint_num_gpus": -1}, "'entrypoint_num_gpus' must be a number >= 0, got -1"),
         ({"entrypoint_num_cpus": "two"}, "'entrypoint_num_cpus' must be a number >= 0, got 'two'"),
         ({"entrypoint_num_gpus": 1.5}, "above 1 must be a whole number"),
-        ({"entrypoint_resources": {"GPU": 1}}, "GPU cannot be given here; use entrypoint_num_cpus / entrypoint_num_gpus"),
+        (
+            {"entrypoint_resources": {"GPU": 1}},
+            "GPU cannot be given here; use entrypoint_num_cpus / entrypoint_num_gpus",
+        ),
         ({"entrypoint_resources": 3}, "must map custom resource names to amounts"),
         ({"batch_sise": 3}, "unknown field 'batch_sise'"),  # the job's own fields, checked here
     ]:
@@ -103,15 +138,43 @@ def test_submit_passes_entrypoint_resources_to_ray(ray_head, tmp_path, capsys):
     from jobs.cli import main
 
     config = tmp_path / "job.yaml"
-    config.write_text(yaml.safe_dump({"checkpoint": "info", "out": str(tmp_path / "none"), "entrypoint_num_cpus": 0.5,
-                                      "entrypoint_resources": {"node:127.0.0.1": 0.01}}))  # every node has its node:<ip> resource
-    assert main(["submit", "cams", "--address", ray_head["address"], "--config", str(config), "--no-wait", "--submission-id", "lcam-res"]) == 0
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "checkpoint": "info",
+                "out": str(tmp_path / "none"),
+                "entrypoint_num_cpus": 0.5,
+                "entrypoint_resources": {"node:127.0.0.1": 0.01},
+            }
+        )
+    )  # every node has its node:<ip> resource
+    assert (
+        main(
+            [
+                "submit",
+                "cams",
+                "--address",
+                ray_head["address"],
+                "--config",
+                str(config),
+                "--no-wait",
+                "--submission-id",
+                "lcam-res",
+            ]
+        )
+        == 0
+    )
     assert "its driver reserves num_cpus 0.5, resources {'node:127.0.0.1': 0.01}" in capsys.readouterr().out
     from ray.util.state import list_actors
 
     # Ray's own record: the job's supervisor actor (it runs the entrypoint) holds the reservation
-    [supervisor] = [a for a in list_actors(address=ray_head["address"], filters=[("class_name", "=", "JobSupervisor")], detail=True, limit=1000)
-                    if a.name.endswith("lcam-res")]
+    [supervisor] = [
+        a
+        for a in list_actors(
+            address=ray_head["address"], filters=[("class_name", "=", "JobSupervisor")], detail=True, limit=1000
+        )
+        if a.name.endswith("lcam-res")
+    ]
     assert supervisor.required_resources["CPU"] == 0.5 and supervisor.required_resources["node:127.0.0.1"] == 0.01
     info = JobSubmissionClient(ray_head["address"]).get_job_info("lcam-res")
     shipped = yaml.safe_load(info.runtime_env["env_vars"]["LCAM_JOB_CONFIG"])

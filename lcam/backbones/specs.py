@@ -30,7 +30,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import Backbone, BackboneSpecError, Preprocessing, WeightsUnavailable, is_weights_path, load_weights, read_state_dict
+from .base import (
+    Backbone,
+    BackboneSpecError,
+    Preprocessing,
+    WeightsUnavailable,
+    is_weights_path,
+    load_weights,
+    read_state_dict,
+)
 from .split import ForwardFeatures, ForwardHead, default_layer, split_at_layer, verify_split
 
 OPTIONS = ("layer", "size")
@@ -67,7 +75,9 @@ def parse_spec(spec: str, layer: str | None = None) -> BackboneSpec:
     for opt in opts:
         key, eq, value = opt.partition("=")
         if not eq or key not in OPTIONS or not value:
-            raise BackboneSpecError(f"backbone spec {spec!r}: option {opt!r} must be one of {', '.join(o + '=...' for o in OPTIONS)}")
+            raise BackboneSpecError(
+                f"backbone spec {spec!r}: option {opt!r} must be one of {', '.join(o + '=...' for o in OPTIONS)}"
+            )
         options[key] = value
     if layer:
         options["layer"] = layer
@@ -81,8 +91,10 @@ def parse_spec(spec: str, layer: str | None = None) -> BackboneSpec:
             return BackboneSpec(prefix, name, options)
     if ":" in head:
         if not _MODULE_SPEC.match(head):
-            raise BackboneSpecError(f"backbone spec {spec!r}: expected module.path:factory (importable Python names), "
-                                    "timm:<model> or torchvision:<builder>")
+            raise BackboneSpecError(
+                f"backbone spec {spec!r}: expected module.path:factory (importable Python names), "
+                "timm:<model> or torchvision:<builder>"
+            )
         return BackboneSpec("module", head, options)
     return BackboneSpec("registry", head, options)
 
@@ -110,8 +122,13 @@ def timm_preprocessing(model: nn.Module, size: int | None) -> Preprocessing:
     cfg = resolve_data_config({}, model=model)
     crop = size or int(cfg["input_size"][-1])
     interp = cfg.get("interpolation", "bilinear")
-    return Preprocessing.from_crop_pct(crop, float(cfg.get("crop_pct") or 0.875), cfg["mean"], cfg["std"],
-                                       interp if interp in ("nearest", "bilinear", "bicubic", "lanczos") else "bilinear")
+    return Preprocessing.from_crop_pct(
+        crop,
+        float(cfg.get("crop_pct") or 0.875),
+        cfg["mean"],
+        cfg["std"],
+        interp if interp in ("nearest", "bilinear", "bicubic", "lanczos") else "bilinear",
+    )
 
 
 def _create_timm(name: str, pretrained: bool, size: int | None) -> nn.Module:
@@ -131,11 +148,16 @@ def _build_timm(spec: BackboneSpec, weights: str) -> Backbone:
         raise BackboneSpecError(f"backbone {spec.canonical!r} needs timm: pip install timm") from None
     pretrained = weights == "default"
     if weights not in ("default", "random") and not is_weights_path(weights):
-        raise WeightsUnavailable(f"weights {weights!r} for {spec.canonical}: use 'default' (timm's pretrained weights of the "
-                                 "tag in the name), a state-dict path or fsspec URL, or 'random'")
+        raise WeightsUnavailable(
+            f"weights {weights!r} for {spec.canonical}: use 'default' (timm's pretrained weights of the "
+            "tag in the name), a state-dict path or fsspec URL, or 'random'"
+        )
     if not timm.is_model(spec.name):
         close = timm.list_models(f"*{spec.name.split('.')[0][:12]}*")[:6]
-        raise BackboneSpecError(f"timm has no model {spec.name!r}" + (f"; similar: {', '.join(close)}" if close else "; see timm.list_models()"))
+        raise BackboneSpecError(
+            f"timm has no model {spec.name!r}"
+            + (f"; similar: {', '.join(close)}" if close else "; see timm.list_models()")
+        )
     try:
         model = _create_timm(spec.name, pretrained, spec.size)
     except Exception as exc:  # network, missing file, hub errors come in many types
@@ -178,8 +200,18 @@ def split_timm(spec: BackboneSpec, model: nn.Module, prep: Preprocessing, weight
         nhwc = str(getattr(model, "output_fmt", "NCHW")).upper().endswith("NHWC")
         features, head = ForwardFeatures(model, nhwc), ForwardHead(model, nhwc)
     shape = verify_split(model, features, head, prep.crop, what)
-    return Backbone(spec.canonical, features, head, shape, prep, num_classes=int(model.num_classes), weights=weights,
-                    target_layer=target, reshape_transform=reshape, patch_channels=patch_channels)
+    return Backbone(
+        spec.canonical,
+        features,
+        head,
+        shape,
+        prep,
+        num_classes=int(model.num_classes),
+        weights=weights,
+        target_layer=target,
+        reshape_transform=reshape,
+        patch_channels=patch_channels,
+    )
 
 
 # --------------------------------------------------------------------------- torchvision
@@ -189,8 +221,10 @@ def _build_torchvision(spec: BackboneSpec, weights: str) -> Backbone:
     names = torchvision.models.list_models(module=torchvision.models)
     if spec.name not in names:
         close = [n for n in names if spec.name[:4].lower() in n][:6]
-        raise BackboneSpecError(f"torchvision has no classification model {spec.name!r}"
-                                + (f"; similar: {', '.join(close)}" if close else "; see torchvision.models.list_models()"))
+        raise BackboneSpecError(
+            f"torchvision has no classification model {spec.name!r}"
+            + (f"; similar: {', '.join(close)}" if close else "; see torchvision.models.list_models()")
+        )
     enum = torchvision.models.get_model_weights(spec.name)
     model = torchvision.models.get_model(spec.name, weights=None)
     load_weights(model, weights, enum, default_name=enum.DEFAULT.name)
@@ -204,14 +238,20 @@ def _build_torchvision(spec: BackboneSpec, weights: str) -> Backbone:
     return _split_module(spec, model, prep, weights, num_classes=len(enum.DEFAULT.meta.get("categories", [])) or None)
 
 
-def _split_module(spec: BackboneSpec, model: nn.Module, prep: Preprocessing, weights: str, num_classes: int | None = None) -> Backbone:
+def _split_module(
+    spec: BackboneSpec, model: nn.Module, prep: Preprocessing, weights: str, num_classes: int | None = None
+) -> Backbone:
     layer = spec.layer or default_layer(model)
     if layer is None:
-        raise BackboneSpecError(f"backbone {spec.canonical}: no known split for {type(model).__name__}; name the layer whose "
-                                "output is the last feature map with --layer NAME (spec option ,layer=NAME)")
+        raise BackboneSpecError(
+            f"backbone {spec.canonical}: no known split for {type(model).__name__}; name the layer whose "
+            "output is the last feature map with --layer NAME (spec option ,layer=NAME)"
+        )
     if type(model).__name__ == "VisionTransformer" and not spec.layer:
-        raise BackboneSpecError(f"backbone {spec.canonical}: torchvision's ViT is not split automatically; use timm's "
-                                "(e.g. timm:vit_base_patch16_224), which splits before the last block")
+        raise BackboneSpecError(
+            f"backbone {spec.canonical}: torchvision's ViT is not split automatically; use timm's "
+            "(e.g. timm:vit_base_patch16_224), which splits before the last block"
+        )
     features, head = split_at_layer(model, layer)
     shape = verify_split(model, features, head, prep.crop, f"backbone {spec.canonical} split at {layer!r}")
     if num_classes is None:
@@ -230,7 +270,9 @@ def backbone_from_module(model: nn.Module | Backbone, layer: str | None = None, 
     if isinstance(model, Backbone):
         return model
     if not isinstance(model, nn.Module):
-        raise BackboneSpecError(f"expected a backbone spec string or an nn.Module classifier, got {type(model).__name__}")
+        raise BackboneSpecError(
+            f"expected a backbone spec string or an nn.Module classifier, got {type(model).__name__}"
+        )
     options = {k: str(v) for k, v in (("layer", layer), ("size", size)) if v}
     spec = BackboneSpec("module", f"object:{type(model).__module__}.{type(model).__qualname__}", options)
     model.eval()
@@ -246,8 +288,10 @@ def _build_module(spec: BackboneSpec, weights: str) -> Backbone:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise BackboneSpecError(f"backbone {spec.canonical}: cannot import {module_name!r} ({_first_line(exc)}); it must be "
-                                "importable where the job runs (on PYTHONPATH, installed, or in the submitted working directory)") from None
+        raise BackboneSpecError(
+            f"backbone {spec.canonical}: cannot import {module_name!r} ({_first_line(exc)}); it must be "
+            "importable where the job runs (on PYTHONPATH, installed, or in the submitted working directory)"
+        ) from None
     factory: Any = module
     for part in attr.split("."):
         factory = getattr(factory, part, None)
@@ -258,15 +302,21 @@ def _build_module(spec: BackboneSpec, weights: str) -> Backbone:
     made = factory(weights) if call == "positional" else factory(weights=weights) if call == "keyword" else factory()
     if isinstance(made, Backbone):
         if spec.options:
-            raise BackboneSpecError(f"backbone {spec.canonical}: the factory returns a Backbone (already split); layer= and size= "
-                                    "apply only to factories that return a plain nn.Module")
+            raise BackboneSpecError(
+                f"backbone {spec.canonical}: the factory returns a Backbone (already split); layer= and size= "
+                "apply only to factories that return a plain nn.Module"
+            )
         made.name = spec.canonical  # what caches and checkpoints record: the spec that rebuilds it
         return made
     if not isinstance(made, nn.Module):
-        raise BackboneSpecError(f"backbone {spec.canonical}: the factory returned {type(made).__name__}, not an nn.Module or lcam Backbone")
+        raise BackboneSpecError(
+            f"backbone {spec.canonical}: the factory returned {type(made).__name__}, not an nn.Module or lcam Backbone"
+        )
     if not takes_weights and weights not in ("default", "random"):
         if not is_weights_path(weights):
-            raise WeightsUnavailable(f"weights {weights!r}: {spec.canonical} takes a state-dict path/URL, 'default' or 'random'")
+            raise WeightsUnavailable(
+                f"weights {weights!r}: {spec.canonical} takes a state-dict path/URL, 'default' or 'random'"
+            )
         made.load_state_dict(read_state_dict(weights))
     made.eval()
     if _is_timm_model(made):
@@ -284,7 +334,11 @@ def factory_call(factory: Any) -> str:
     except (TypeError, ValueError):  # a builtin or C callable: the documented form
         return "positional"
     kinds = {p.kind for p in params}
-    if kinds & {inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.VAR_POSITIONAL}:
+    if kinds & {
+        inspect.Parameter.POSITIONAL_ONLY,
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        inspect.Parameter.VAR_POSITIONAL,
+    }:
         return "positional"
     if inspect.Parameter.VAR_KEYWORD in kinds or any(p.name == "weights" for p in params):
         return "keyword"

@@ -64,17 +64,23 @@ def _layer_names(model: nn.Module, limit: int = 12) -> str:
 def split_at_layer(model: nn.Module, layer: str) -> tuple[nn.Module, nn.Module]:
     """(features, head) of ``model`` cut after the module named ``layer`` (as in ``named_modules``)."""
     if layer not in dict(model.named_modules()):
-        raise BackboneSpecError(f"{type(model).__name__} has no layer {layer!r}; its top-level layers: {_layer_names(model)} "
-                                "(nested ones by dotted name, e.g. layer4.2)")
+        raise BackboneSpecError(
+            f"{type(model).__name__} has no layer {layer!r}; its top-level layers: {_layer_names(model)} "
+            "(nested ones by dotted name, e.g. layer4.2)"
+        )
     try:
         graph = _Tracer(layer).trace(model)
     except Exception as exc:  # data-dependent Python control flow and friends
-        raise BackboneSpecError(f"cannot split {type(model).__name__} at {layer!r}: torch.fx cannot trace it "
-                                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-                                "return a lcam Backbone from a module.path:factory instead") from None
+        raise BackboneSpecError(
+            f"cannot split {type(model).__name__} at {layer!r}: torch.fx cannot trace it "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            "return a lcam Backbone from a module.path:factory instead"
+        ) from None
     cuts = [n for n in graph.nodes if n.op == "call_module" and n.target == layer]
     if len(cuts) != 1:
-        raise BackboneSpecError(f"layer {layer!r} of {type(model).__name__} runs {len(cuts)} times in forward; choose a layer that runs once")
+        raise BackboneSpecError(
+            f"layer {layer!r} of {type(model).__name__} runs {len(cuts)} times in forward; choose a layer that runs once"
+        )
     cut = cuts[0]
     before = {cut}
     stack = [cut]
@@ -144,13 +150,19 @@ def verify_split(model: nn.Module, features: nn.Module, head: nn.Module, crop: i
         ref = model(x)
         f = features(x)
         if f.dim() != 4:
-            raise BackboneSpecError(f"{what}: the features are {tuple(f.shape)}, not a (B, C, h, w) map; "
-                                    "choose the layer with --layer NAME (spec option ,layer=NAME)")
+            raise BackboneSpecError(
+                f"{what}: the features are {tuple(f.shape)}, not a (B, C, h, w) map; "
+                "choose the layer with --layer NAME (spec option ,layer=NAME)"
+            )
         out = head(f)
     if not isinstance(ref, torch.Tensor) or ref.dim() != 2:
-        raise BackboneSpecError(f"{what}: the model returns {type(ref).__name__} {tuple(getattr(ref, 'shape', ()))}, not (B, classes) logits")
+        raise BackboneSpecError(
+            f"{what}: the model returns {type(ref).__name__} {tuple(getattr(ref, 'shape', ()))}, not (B, classes) logits"
+        )
     err = (out - ref).abs().max().item() if out.shape == ref.shape else float("inf")
     if not err <= 1e-4 * max(1.0, ref.abs().max().item()):
-        raise BackboneSpecError(f"{what}: head(features(x)) does not reproduce the model (max |difference| {err:.3g} on a random input); "
-                                "choose another layer with --layer NAME (spec option ,layer=NAME)")
+        raise BackboneSpecError(
+            f"{what}: head(features(x)) does not reproduce the model (max |difference| {err:.3g} on a random input); "
+            "choose another layer with --layer NAME (spec option ,layer=NAME)"
+        )
     return tuple(int(s) for s in f.shape[1:])

@@ -104,9 +104,15 @@ class ViTHead(nn.Module):
 def split_timm_vit(model: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module, TokensToGrid, int]:
     """(features, head, target layer, reshape transform, patch channels) of a timm ViT."""
     pool = getattr(model, "global_pool", None)
-    if getattr(model, "attn_pool", None) is not None or pool not in ("token", "avg") or getattr(model, "pool_include_prefix", False):
-        raise BackboneSpecError(f"{type(model).__name__} pools with {pool!r}: only class-token ('token') and average ('avg') pooling "
-                                "are split automatically; return a lcam Backbone from a module.path:factory instead")
+    if (
+        getattr(model, "attn_pool", None) is not None
+        or pool not in ("token", "avg")
+        or getattr(model, "pool_include_prefix", False)
+    ):
+        raise BackboneSpecError(
+            f"{type(model).__name__} pools with {pool!r}: only class-token ('token') and average ('avg') pooling "
+            "are split automatically; return a lcam Backbone from a module.path:factory instead"
+        )
     if pool == "token" and not getattr(model, "has_class_token", True):
         raise BackboneSpecError("a ViT with token pooling but no class token cannot be split")
     depth, c = len(model.blocks), model.embed_dim

@@ -75,8 +75,16 @@ class CAMMethod:
     rank: ClassVar[int] = 50  # table order: explainers, baselines, then sanity floors
     reseed_per_batch: ClassVar[bool] = False  # the evaluator calls reseed(seed of the batch)
 
-    def __init_subclass__(cls, *, name: str | None = None, label: str | None = None, cost: str | None = None,
-                          default: bool | None = None, rank: int | None = None, **kwargs: Any) -> None:
+    def __init_subclass__(
+        cls,
+        *,
+        name: str | None = None,
+        label: str | None = None,
+        cost: str | None = None,
+        default: bool | None = None,
+        rank: int | None = None,
+        **kwargs: Any,
+    ) -> None:
         """A method declares itself by keywords on its class statement:
         ``class GradCAM(CAMMethod, name="gradcam", label="Grad-CAM", cost="backward", default=True, rank=10)``;
         what it leaves out it inherits."""
@@ -89,7 +97,9 @@ class CAMMethod:
         known = {o.name: o for o in self.options}
         unknown = sorted(set(options) - set(known))
         if unknown:
-            raise TypeError(f"{self.name}: unknown option(s) {', '.join(unknown)}; options: {', '.join(known) or 'none'}")
+            raise TypeError(
+                f"{self.name}: unknown option(s) {', '.join(unknown)}; options: {', '.join(known) or 'none'}"
+            )
         self.backbone = backbone
         self.option_values = {n: (o.type(options[n]) if n in options else o.default) for n, o in known.items()}
         for n, v in self.option_values.items():
@@ -132,14 +142,18 @@ _REGISTRY: dict[str, type[CAMMethod]] = {}
 def register(cls: type[CAMMethod]) -> type[CAMMethod]:
     """Class decorator: add a method to the registry; a name or flag taken twice is an error."""
     if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise ValueError(f"a CAM method named {cls.name!r} is already registered ({_REGISTRY[cls.name].__module__}."
-                         f"{_REGISTRY[cls.name].__name__}); choose another name for {cls.__module__}.{cls.__name__}")
+        raise ValueError(
+            f"a CAM method named {cls.name!r} is already registered ({_REGISTRY[cls.name].__module__}."
+            f"{_REGISTRY[cls.name].__name__}); choose another name for {cls.__module__}.{cls.__name__}"
+        )
     if cls.cost not in COST_CLASSES:
         raise ValueError(f"{cls.__name__}: cost {cls.cost!r} is not one of {', '.join(COST_CLASSES)}")
     taken = {o.cli_flag(m.name): m.name for m in _REGISTRY.values() if m is not cls for o in m.options}
     for o in cls.options:
         if o.cli_flag(cls.name) in taken:
-            raise ValueError(f"{cls.__name__}: option flag --{o.cli_flag(cls.name)} is already used by {taken[o.cli_flag(cls.name)]!r}")
+            raise ValueError(
+                f"{cls.__name__}: option flag --{o.cli_flag(cls.name)} is already used by {taken[o.cli_flag(cls.name)]!r}"
+            )
     _REGISTRY[cls.name] = cls
     return cls
 

@@ -24,7 +24,9 @@ class LCAMMethod(CAMMethod, name="lcam", label="L-CAM", cost="forward"):
     def compute(self, images: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
         return self.lcam.explain(images, targets=class_ids).raw[:, 0]
 
-    def from_features(self, feats: torch.Tensor, class_ids: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+    def from_features(
+        self, feats: torch.Tensor, class_ids: torch.Tensor, logits: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The same maps from F already computed (e.g. by the evaluation's clean forward):
         no backbone pass at all, the arithmetic of :meth:`compute` after its ``extract``."""
         import torch

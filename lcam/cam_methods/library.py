@@ -51,7 +51,9 @@ def at_feature_resolution(class_name: str) -> type:
 
         silence_library_bars()
         base = getattr(pytorch_grad_cam, class_name)
-        _AT_FEATURES[class_name] = type(f"{class_name}AtFeatures", (base,), {"get_target_width_height": lambda self, x: None})
+        _AT_FEATURES[class_name] = type(
+            f"{class_name}AtFeatures", (base,), {"get_target_width_height": lambda self, x: None}
+        )
     return _AT_FEATURES[class_name]
 
 
@@ -83,7 +85,10 @@ class PytorchGradCAMMethod(CAMMethod):
         targets = [ClassifierOutputTarget(int(c)) for c in class_ids.tolist()]
         reroot = layer.register_forward_hook(reroot_at_features, prepend=True) if self.uses_gradients else None
         cam = at_feature_resolution(self.library_class)(
-            model=self.backbone, target_layers=[layer], reshape_transform=getattr(self.backbone, "reshape_transform", None))
+            model=self.backbone,
+            target_layers=[layer],
+            reshape_transform=getattr(self.backbone, "reshape_transform", None),
+        )
         self.configure(cam)
         try:
             with torch.enable_grad() if self.uses_gradients else torch.no_grad():

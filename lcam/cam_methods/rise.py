@@ -43,8 +43,13 @@ class RISE(CAMMethod, name="rise", label="RISE", cost="masks", default=True, ran
         Option("num_masks", int, 4000, "RISE masks per image (papers: 4000 VGG-16, 8000 ResNet-50)", flag="rise-masks"),
         Option("grid", int, 7, "RISE grid cells per side", flag="rise-grid"),
         Option("p", probability, 0.5, "RISE probability that a cell is kept", flag="rise-p"),
-        Option("mask_batch", int, 32, "RISE masked images per forward, across the batch's images: "
-               "bounds memory (GPU: raise to 512-2048)", flag="rise-batch"),
+        Option(
+            "mask_batch",
+            int,
+            32,
+            "RISE masked images per forward, across the batch's images: bounds memory (GPU: raise to 512-2048)",
+            flag="rise-batch",
+        ),
         Option("seed", int, 0, "RISE mask seed", flag="rise-seed"),
     )
 

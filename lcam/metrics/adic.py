@@ -282,7 +282,9 @@ class ADICAccumulator:
     def update(self, scores: ConfidenceScores) -> None:
         p = scores.protocol
         if self._protocol is not None and (p.ratios, p.target) != (self._protocol.ratios, self._protocol.target):
-            raise ValueError(f"batch protocol {p.ratios}/{p.target} differs from {self._protocol.ratios}/{self._protocol.target}")
+            raise ValueError(
+                f"batch protocol {p.ratios}/{p.target} differs from {self._protocol.ratios}/{self._protocol.target}"
+            )
         self._protocol = p
         drop = per_image_drop(scores.Y, scores.O).sum(-1).cpu()
         inc = (scores.O.double() > scores.Y.double()).double().sum(-1).cpu()
@@ -304,6 +306,7 @@ class ADICAccumulator:
         protocol = ProtocolInfo(ratios=self._protocol.ratios, target=self._protocol.target, num_images=self._n)
         ad = (100.0 * self._drop_sum / self._n).tolist()
         ic = (100.0 * self._inc_sum / self._n).tolist()
+
         def cat(xs: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
             return torch.cat(xs, dim) if xs else torch.empty(0)
 

@@ -131,7 +131,9 @@ def insertion_deletion(
         p = probs.gather(1, ids.repeat(2)[:, None])[:, 0]
         ins.append(p[:b])
         dele.append(p[b:])
-    return InsertionDeletion(steps, torch.stack(ins).cpu(), torch.stack(dele).cpu(), insertion_baseline, deletion_baseline)
+    return InsertionDeletion(
+        steps, torch.stack(ins).cpu(), torch.stack(dele).cpu(), insertion_baseline, deletion_baseline
+    )
 
 
 __all__ = [

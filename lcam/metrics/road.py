@@ -74,7 +74,11 @@ def road_scores(
         warnings.filterwarnings("ignore", message="__array_wrap__ must accept context", category=DeprecationWarning)
         for p in percentiles:
             for metric, out in ((ROADMostRelevantFirst(p), morf), (ROADLeastRelevantFirst(p), lerf)):
-                out.append(torch.from_numpy(np.asarray(metric(images, maps, targets, backbone, return_diff=False), dtype=np.float32)))
+                out.append(
+                    torch.from_numpy(
+                        np.asarray(metric(images, maps, targets, backbone, return_diff=False), dtype=np.float32)
+                    )
+                )
         return torch.stack(morf), torch.stack(lerf)
 
     with warnings.catch_warnings():

@@ -36,12 +36,12 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ..errors import UserError
+from ..fs import StorageOptions, get_fs, join, write_bytes_atomic
+from ..store.layer import StoreDamaged
 from .figures import STRIP, block_partial, block_typical, figures_task, merge_partials
 from .html import picture_name
 from .stats import STAT_NAMES
-from ..errors import UserError
-from ..store.layer import StoreDamaged
-from ..fs import StorageOptions, get_fs, join, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -67,15 +67,24 @@ class AuditSummary:
     label_maps: bool = True  # the store holds the true class's map of a misclassified sample
 
     def lines(self) -> list[str]:
-        acc = f", accuracy {1 - self.errors / self.labelled:.1%}" if self.labelled else " (no labels: no errors to explain)"
+        acc = (
+            f", accuracy {1 - self.errors / self.labelled:.1%}"
+            if self.labelled
+            else " (no labels: no errors to explain)"
+        )
         out = [
             f"audit of {self.samples} samples in {self.classes} predicted classes: {self.labelled} labelled, {self.errors} misclassified{acc}",
-            f"compared with the second method on {self.compared} samples" if self.compared else "no second method compared (--compare EVAL_DIR)",
+            f"compared with the second method on {self.compared} samples"
+            if self.compared
+            else "no second method compared (--compare EVAL_DIR)",
             f"{self.thumbnails} thumbnails; done in {self.seconds:.1f}s",
         ]
         if self.errors and not self.label_maps:
-            out.insert(1, "errors are explained with the predicted class's map only: a store made with "
-                          "`lcam cams ... --classes predicted,label` adds the true class's map and their overlap")
+            out.insert(
+                1,
+                "errors are explained with the predicted class's map only: a store made with "
+                "`lcam cams ... --classes predicted,label` adds the true class's map and their overlap",
+            )
         out += [f"{name}: {url}" for name, url in self.files.items()]
         return out
 
@@ -90,11 +99,15 @@ def _load_compare(cfg: AuditConfig) -> tuple[dict[str, tuple[int, np.ndarray]], 
     try:
         raw = fs.cat_file(path)
     except FileNotFoundError:
-        raise UserError(f"--compare {cfg.compare}: no {MAPS_FILE} there; run `lcam eval ... --save-maps N` into that folder first") from None
+        raise UserError(
+            f"--compare {cfg.compare}: no {MAPS_FILE} there; run `lcam eval ... --save-maps N` into that folder first"
+        ) from None
     data = np.load(io.BytesIO(raw))
     methods = [str(m) for m in data["methods"]]
     if cfg.compare_method not in methods:
-        raise UserError(f"--compare {cfg.compare}: {MAPS_FILE} has no {cfg.compare_method!r} maps (it has {', '.join(methods)}); pick one with --compare-method")
+        raise UserError(
+            f"--compare {cfg.compare}: {MAPS_FILE} has no {cfg.compare_method!r} maps (it has {', '.join(methods)}); pick one with --compare-method"
+        )
     label = [str(x) for x in data["labels"]][methods.index(cfg.compare_method)]
     maps = np.asarray(data[f"map__{cfg.compare_method}"], dtype=np.float32)
     out = {}
@@ -108,12 +121,11 @@ def run_audit(cfg: AuditConfig) -> AuditSummary:
     """Read the CAM store with Ray Data, aggregate, draw a bounded number of thumbnails, write the page."""
     import ray
 
-    from .html import render_audit
-    from ..store.cam_store import CamStore
-    from ..classes import class_names_options, describe_classes, store_columns
-    from ..classes import load_class_names
+    from ..classes import class_names_options, describe_classes, load_class_names, store_columns
     from ..options import validate
     from ..raykit import ensure_ray
+    from ..store.cam_store import CamStore
+    from .html import render_audit
 
     t0 = time.perf_counter()
     validate(cfg)  # --max-thumbnails, --band: their declared ranges
@@ -124,10 +136,14 @@ def run_audit(cfg: AuditConfig) -> AuditSummary:
     damaged = store.damage_scan()  # before Ray starts: a lost object would fail the audit minutes in
     if damaged:
         url, what = sorted(damaged.items())[0]
-        raise StoreDamaged(f"CAM store {store.url}: {len(damaged)} shard(s) damaged, e.g. {url}: {what}; "
-                           "re-run the `lcam cams` that made the store (it re-makes damaged shards), then audit")
+        raise StoreDamaged(
+            f"CAM store {store.url}: {len(damaged)} shard(s) damaged, e.g. {url}: {what}; "
+            "re-run the `lcam cams` that made the store (it re-makes damaged shards), then audit"
+        )
     backbone = store.identity["checkpoint"]["backbone"]
-    names = load_class_names(cfg.class_names, class_names_options(cfg.class_names, cfg.storage_options), int(backbone["num_classes"]))
+    names = load_class_names(
+        cfg.class_names, class_names_options(cfg.class_names, cfg.storage_options), int(backbone["num_classes"])
+    )
     compare, compare_label = _load_compare(cfg) if cfg.compare else ({}, "")
     out_so = cfg.out_storage_options
 
@@ -136,8 +152,18 @@ def run_audit(cfg: AuditConfig) -> AuditSummary:
     items = [{"shard_id": e["shard_id"], "url": e["url"], "shard_index": i} for i, e in enumerate(entries)]
     per_sample = (
         ray.data.from_items(items, override_num_blocks=len(items))
-        .map_batches(figures_task, batch_size=1, batch_format="numpy",
-                     fn_kwargs={"store": store, "grid": cfg.grid, "band": cfg.band, "top_fraction": cfg.top_fraction, "compare": compare_ref})
+        .map_batches(
+            figures_task,
+            batch_size=1,
+            batch_format="numpy",
+            fn_kwargs={
+                "store": store,
+                "grid": cfg.grid,
+                "band": cfg.band,
+                "top_fraction": cfg.top_fraction,
+                "compare": compare_ref,
+            },
+        )
         .materialize()
     )
     # the picture budget: each error row 3 pictures, each disagreement row 3, each class strip 2 x STRIP
@@ -145,9 +171,20 @@ def run_audit(cfg: AuditConfig) -> AuditSummary:
     share_cmp = 0.2 if compare else 0.0
     n_error_rows = int(budget * (0.8 - share_cmp) / 2) // 3
     n_dis_rows = int(budget * share_cmp) // 3
-    partials = [json.loads(r["partial"]) for r in per_sample.map_batches(block_partial, batch_format="numpy", fn_kwargs={"n_errors": n_error_rows, "n_disagree": n_dis_rows}).take_all()]
+    partials = [
+        json.loads(r["partial"])
+        for r in per_sample.map_batches(
+            block_partial, batch_format="numpy", fn_kwargs={"n_errors": n_error_rows, "n_disagree": n_dis_rows}
+        ).take_all()
+    ]
     agg = merge_partials(partials, n_error_rows, n_dis_rows)
-    log.info("audit: figures of %d samples in %d blocks, %d classes, %.1fs", len(store), len(partials), len(agg.per_class), time.perf_counter() - t0)
+    log.info(
+        "audit: figures of %d samples in %d blocks, %d classes, %.1fs",
+        len(store),
+        len(partials),
+        len(agg.per_class),
+        time.perf_counter() - t0,
+    )
     means = {str(r["class"]): r["border_mean"] for r in agg.per_class}
     typical: dict[int, list] = {}
     for r in per_sample.map_batches(block_typical, batch_format="numpy", fn_kwargs={"means": means}).take_all():
@@ -169,7 +206,9 @@ def run_audit(cfg: AuditConfig) -> AuditSummary:
     for r in top_errors:
         w = wanted.setdefault(int(r["shard_index"]), {}).setdefault(int(r["row"]), [])
         w += [("image", -1), ("cam", int(r["predicted"]))]
-        if np.isfinite(float(r["label_prob"])):  # the store holds the true class's map (a --classes predicted,label store)
+        if np.isfinite(
+            float(r["label_prob"])
+        ):  # the store holds the true class's map (a --classes predicted,label store)
             w.append(("cam", int(r["label"])))
     for r in disagreements:
         w = wanted.setdefault(int(r["shard_index"]), {}).setdefault(int(r["row"]), [])
@@ -183,28 +222,67 @@ def run_audit(cfg: AuditConfig) -> AuditSummary:
     for name, data in pictures.items():
         write_bytes_atomic(join(assets, name), data, out_so)
 
-    files = {"per_class.csv": join(cfg.out, "per_class.csv"), "confusions.csv": join(cfg.out, "confusions.csv"),
-             "per_sample.parquet": join(cfg.out, "per_sample.parquet"), "audit.html": join(cfg.out, "audit.html")}
+    files = {
+        "per_class.csv": join(cfg.out, "per_class.csv"),
+        "confusions.csv": join(cfg.out, "confusions.csv"),
+        "per_sample.parquet": join(cfg.out, "per_sample.parquet"),
+        "audit.html": join(cfg.out, "audit.html"),
+    }
     write_bytes_atomic(files["per_class.csv"], per_class_csv(ranked, names), out_so)
     write_bytes_atomic(files["confusions.csv"], confusions_csv(agg.confusions, names), out_so)
     _write_parquet(per_sample, files["per_sample.parquet"], out_so)
     info = store.info()
     context = {
-        "store": cfg.cams, "samples": len(store), "labelled": labelled, "errors": n_err, "classes_desc": describe_classes(info["classes"]),
-        "columns": store_columns(info["classes"]), "checkpoint": info["checkpoint"], "names": names, "band": cfg.band,
-        "top_fraction": cfg.top_fraction, "grid": cfg.grid, "compare_label": compare_label, "compare_dir": cfg.compare,
-        "compared": n_compared, "max_thumbnails": budget,
+        "store": cfg.cams,
+        "samples": len(store),
+        "labelled": labelled,
+        "errors": n_err,
+        "classes_desc": describe_classes(info["classes"]),
+        "columns": store_columns(info["classes"]),
+        "checkpoint": info["checkpoint"],
+        "names": names,
+        "band": cfg.band,
+        "top_fraction": cfg.top_fraction,
+        "grid": cfg.grid,
+        "compare_label": compare_label,
+        "compare_dir": cfg.compare,
+        "compared": n_compared,
+        "max_thumbnails": budget,
     }
-    page = render_audit(context, per_class=ranked, confusions=agg.confusions, top_errors=top_errors, strips=ranked[:n_strips],
-                        disagreements=disagreements, pictures=set(pictures), assets=ASSETS)
+    page = render_audit(
+        context,
+        per_class=ranked,
+        confusions=agg.confusions,
+        top_errors=top_errors,
+        strips=ranked[:n_strips],
+        disagreements=disagreements,
+        pictures=set(pictures),
+        assets=ASSETS,
+    )
     write_bytes_atomic(files["audit.html"], page.encode(), out_so)  # last: the page never links to a missing picture
     columns = store_columns(info["classes"])
-    return AuditSummary(cfg.out, files["audit.html"], len(store), labelled, n_err, len(ranked), n_compared, len(pictures),
-                        time.perf_counter() - t0, files, label_maps="label" in columns or any(c.startswith("top-") for c in columns))
+    return AuditSummary(
+        cfg.out,
+        files["audit.html"],
+        len(store),
+        labelled,
+        n_err,
+        len(ranked),
+        n_compared,
+        len(pictures),
+        time.perf_counter() - t0,
+        files,
+        label_maps="label" in columns or any(c.startswith("top-") for c in columns),
+    )
 
 
-def _draw(store: Any, entries: Sequence[Mapping[str, Any]], wanted: Mapping[int, Mapping[int, list[tuple[str, int]]]],
-          compare: Mapping[str, tuple[int, np.ndarray]], cfg: AuditConfig) -> dict[str, bytes]:
+def _draw(
+    store: Any,
+    entries: Sequence[Mapping[str, Any]],
+    wanted: Mapping[int, Mapping[int, list[tuple[str, int]]]],
+    compare: Mapping[str, tuple[int, np.ndarray]],
+    cfg: AuditConfig,
+) -> dict[str, bytes]:
     import ray
 
     draw = ray.remote(num_cpus=1)(draw_shard)
@@ -213,23 +291,48 @@ def _draw(store: Any, entries: Sequence[Mapping[str, Any]], wanted: Mapping[int,
         cmp = {}
         if compare:
             keys = store.read_shard(entries[si]["shard_id"], fields=[])["keys"]
-            cmp = {keys[r]: compare[keys[r]] for r, w in rows.items() if any(k == "compare" for k, _ in w) and keys[r] in compare}
-        refs.append(draw.remote(store, dict(entries[si]), si, dict(rows), cmp, cfg.storage_options, cfg.thumb_size, cfg.colormap, cfg.opacity))
+            cmp = {
+                keys[r]: compare[keys[r]]
+                for r, w in rows.items()
+                if any(k == "compare" for k, _ in w) and keys[r] in compare
+            }
+        refs.append(
+            draw.remote(
+                store,
+                dict(entries[si]),
+                si,
+                dict(rows),
+                cmp,
+                cfg.storage_options,
+                cfg.thumb_size,
+                cfg.colormap,
+                cfg.opacity,
+            )
+        )
     out: dict[str, bytes] = {}
     for part in ray.get(refs):
         out.update(part)
     return out
 
 
-def draw_shard(store: Any, entry: Mapping[str, Any], shard_index: int, rows: Mapping[int, list[tuple[str, int]]],
-               compare: Mapping[str, tuple[int, np.ndarray]], storage_options: StorageOptions, size: int, colormap: str, opacity: float) -> dict[str, bytes]:
+def draw_shard(
+    store: Any,
+    entry: Mapping[str, Any],
+    shard_index: int,
+    rows: Mapping[int, list[tuple[str, int]]],
+    compare: Mapping[str, tuple[int, np.ndarray]],
+    storage_options: StorageOptions,
+    size: int,
+    colormap: str,
+    opacity: float,
+) -> dict[str, bytes]:
     """JPEG thumbnails of some rows of one shard group: the centre crop the model saw, and overlays."""
     import torch
     from PIL import Image
 
     from lcam.backbones.base import Preprocessing
-
     from lcam.explain import upsampled_uint8
+
     from ..images import decode_image, preprocess
     from ..render import overlay, tensor_to_uint8
     from ..shards.read import iter_samples
@@ -244,13 +347,19 @@ def draw_shard(store: Any, entry: Mapping[str, Any], shard_index: int, rows: Map
                 if len(found) == len(keys):
                     break
     except Exception as exc:  # missing file, no access, damaged tar
-        raise UserError(f"the audit's pictures need the source shard {entry['url']}, which is unreadable ({type(exc).__name__}: {exc}); "
-                        "make it readable (--storage-option) or use --max-thumbnails 0") from None
+        raise UserError(
+            f"the audit's pictures need the source shard {entry['url']}, which is unreadable ({type(exc).__name__}: {exc}); "
+            "make it readable (--storage-option) or use --max-thumbnails 0"
+        ) from None
     lost = sorted(set(keys) - set(found))
     if lost:
-        raise UserError(f"the source shard {entry['url']} no longer holds {len(lost)} samples of the CAM store (e.g. {lost[:3]}); it changed since the CAMs were made")
+        raise UserError(
+            f"the source shard {entry['url']} no longer holds {len(lost)} samples of the CAM store (e.g. {lost[:3]}); it changed since the CAMs were made"
+        )
     prep = store.identity["checkpoint"]["backbone"]["preprocessing"]
-    preprocessing = Preprocessing(resize=prep["resize"], crop=prep["crop"], mean=tuple(prep["mean"]), std=tuple(prep["std"]))
+    preprocessing = Preprocessing(
+        resize=prep["resize"], crop=prep["crop"], mean=tuple(prep["mean"]), std=tuple(prep["std"])
+    )
     view = store.identity["source"].get("view", "center")
     out: dict[str, bytes] = {}
     for key, r in keys.items():
@@ -285,7 +394,11 @@ def _name(names: Sequence[str], c: int) -> str:
 
 
 def per_class_csv(per_class: Sequence[Mapping[str, Any]], names: Sequence[str]) -> bytes:
-    cols = ["class", "n", "labelled", "precision", "mean_prob"] + [f"{s}_{a}" for s in STAT_NAMES for a in ("mean", "std")] + ["rho_n", "rho_mean"]
+    cols = (
+        ["class", "n", "labelled", "precision", "mean_prob"]
+        + [f"{s}_{a}" for s in STAT_NAMES for a in ("mean", "std")]
+        + ["rho_n", "rho_mean"]
+    )
     cols += ["train_samples"] if any("train_samples" in r for r in per_class) else []
     buf = io.StringIO()
     w = csv.writer(buf)
@@ -300,7 +413,15 @@ def confusions_csv(confusions: Sequence[Mapping[str, Any]], names: Sequence[str]
     w = csv.writer(buf)
     w.writerow(["label", "label_name", "predicted", "predicted_name", "count"])
     for r in confusions:
-        w.writerow([int(r["label"]), _name(names, int(r["label"])), int(r["predicted"]), _name(names, int(r["predicted"])), int(r["count"])])
+        w.writerow(
+            [
+                int(r["label"]),
+                _name(names, int(r["label"])),
+                int(r["predicted"]),
+                _name(names, int(r["predicted"])),
+                int(r["count"]),
+            ]
+        )
     return buf.getvalue().encode()
 
 

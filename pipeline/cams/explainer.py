@@ -16,8 +16,8 @@ from lcam import LCAM, Explanation, Preprocessing
 from lcam.explain import choose_targets, explain_from_features, upsampled_uint8
 from lcam.model import upsample_size
 
-from ..device import autocast_dtype, resolve_device
 from ..classes import MODES, ClassSelection  # noqa: F401  the class selection is torch-free (answers before torch loads)
+from ..device import autocast_dtype, resolve_device
 from ..fs import StorageOptions
 
 
@@ -48,8 +48,13 @@ class Explainer:
     (3, H, W) image gives a batch of one.
     """
 
-    def __init__(self, model: LCAM, checkpoint: Mapping[str, Any] | None = None, autocast: torch.dtype | None = None,
-                 class_names: Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        model: LCAM,
+        checkpoint: Mapping[str, Any] | None = None,
+        autocast: torch.dtype | None = None,
+        class_names: Sequence[str] | None = None,
+    ) -> None:
         self.model = model.eval()
         self.checkpoint = dict(checkpoint or {})
         self.autocast = autocast
@@ -81,6 +86,7 @@ class Explainer:
         fp32 (default), or fp16/bf16/auto autocast for the backbone on a GPU.
         """
         from ..train.checkpoints import load_lcam
+
         dev = resolve_device(device)
         model, ckpt = load_lcam(url, storage_options, weights=weights, device=dev)
         return cls(model, ckpt, autocast_dtype(precision, dev))
@@ -99,7 +105,13 @@ class Explainer:
 
     @property
     def fingerprint(self) -> str:
-        return checkpoint_fingerprint({"method": self.checkpoint.get("method"), "backbone": self.model.backbone.describe(), "attention": self.model.attention.state_dict()})
+        return checkpoint_fingerprint(
+            {
+                "method": self.checkpoint.get("method"),
+                "backbone": self.model.backbone.describe(),
+                "attention": self.model.attention.state_dict(),
+            }
+        )
 
     def preprocess(self, image: bytes | np.ndarray | Any) -> torch.Tensor:
         """Encoded bytes, an RGB array or a PIL image -> (3, crop, crop) in [0, 1] on the model's device."""
@@ -125,8 +137,10 @@ class Explainer:
                 raise ValueError("no images given")
             images = torch.stack([load_image(x, self.preprocessing) for x in images])
         if not isinstance(images, torch.Tensor):
-            raise TypeError(f"images must be paths, PIL images, encoded bytes, RGB arrays or a tensor (B, 3, H, W) in [0, 1], "
-                            f"got {type(images).__name__}")
+            raise TypeError(
+                f"images must be paths, PIL images, encoded bytes, RGB arrays or a tensor (B, 3, H, W) in [0, 1], "
+                f"got {type(images).__name__}"
+            )
         if images.dim() == 3:
             images = images.unsqueeze(0)
         if images.dim() != 4 or images.shape[1] != 3:
@@ -136,7 +150,9 @@ class Explainer:
             return images.float().div_(255.0)
         lo, hi = torch.aminmax(images)
         if float(lo) < -1e-3 or float(hi) > 1.0 + 1e-3:  # normalised or 0..255 input gives nonsense maps
-            raise ValueError(f"images must be in pixel space [0, 1] (got values in [{float(lo):.3g}, {float(hi):.3g}]); the backbone normalises inside")
+            raise ValueError(
+                f"images must be in pixel space [0, 1] (got values in [{float(lo):.3g}, {float(hi):.3g}]); the backbone normalises inside"
+            )
         return images.float()
 
     def __call__(
@@ -164,7 +180,9 @@ class Explainer:
             feats, logits = self.model.backbone.extract(images)
         size = upsample_size(upsample, images.shape[-2:])
         with torch.inference_mode():  # maps in fp32 whatever the backbone ran in: the product is tiny
-            e = explain_from_features(self.model.attention, feats.float(), logits.float(), targets, top_k, size, all_classes)
+            e = explain_from_features(
+                self.model.attention, feats.float(), logits.float(), targets, top_k, size, all_classes
+            )
         e.names = self.names
         return e
 

@@ -88,7 +88,9 @@ def collect_images(data: Any, prep: Preprocessing) -> tuple[torch.Tensor, torch.
         if not images:
             raise ValueError("the DataLoader gave no batch")
         return torch.cat(images).cpu(), torch.cat(labels) if labels else None
-    raise TypeError(f"cannot read images from {type(data).__name__}: give paths, a folder, PIL images, a tensor, a DataLoader or shards")
+    raise TypeError(
+        f"cannot read images from {type(data).__name__}: give paths, a folder, PIL images, a tensor, a DataLoader or shards"
+    )
 
 
 def fit_lcam(
@@ -116,12 +118,16 @@ def fit_lcam(
     images, carried = collect_images(data, backbone.preprocessing)
     n = images.shape[0]
     targets = torch.as_tensor(labels).long().reshape(-1) if labels is not None else carried
-    if targets is not None and (targets.shape[0] != n or bool((targets < 0).any()) or bool((targets >= backbone.num_classes).any())):
+    if targets is not None and (
+        targets.shape[0] != n or bool((targets < 0).any()) or bool((targets >= backbone.num_classes).any())
+    ):
         raise ValueError(f"labels must be {n} class ids in 0..{backbone.num_classes - 1}")
     with torch.inference_mode():
-        feats = torch.cat([backbone.features(backbone.normalize(images[i:i + 64].to(dev))) for i in range(0, n, 64)])
+        feats = torch.cat([backbone.features(backbone.normalize(images[i : i + 64].to(dev))) for i in range(0, n, 64)])
     recipe = recipe_for_data(backbone.name, "fm", n)
-    recipe = recipe.with_overrides(**{k: v for k, v in (("epochs", epochs), ("batch_size", batch_size)) if v is not None})
+    recipe = recipe.with_overrides(
+        **{k: v for k, v in (("epochs", epochs), ("batch_size", batch_size)) if v is not None}
+    )
     if init == "auto":
         init = "cam" if backbone.linear_classifier() is not None else "random"
     start = init_attention(backbone, seed, init)
@@ -132,13 +138,25 @@ def fit_lcam(
     order = torch.Generator().manual_seed(seed)
     for _ in range(recipe.epochs):
         perm = torch.randperm(n, generator=order)
-        batches = (TrainBatch(targets=None if targets is None else targets[idx].to(dev), feats=feats[idx.to(dev)].clone())
-                   for idx in perm.split(bs))
+        batches = (
+            TrainBatch(targets=None if targets is None else targets[idx].to(dev), feats=feats[idx.to(dev)].clone())
+            for idx in perm.split(bs)
+        )
         if trainer.train_epoch(batches, max_steps=max_steps) is None:
             break
     prior = row_prior if row_prior is not None else (1.0 if init == "cam" else 0.0)
     filled = fill_uncovered(lcam_model.attention.state_dict(), trainer.coverage, start_state, "init", prior=prior)
     lcam_model.attention.load_state_dict(filled.state)
-    checkpoint = {"method": "fm", "backbone": backbone.describe(), "coverage": trainer.coverage.clone(),
-                  "config": {"samples": n, "recipe": recipe.to_dict(), "init": init, "row_prior": prior, "steps": trainer.global_step}}
+    checkpoint = {
+        "method": "fm",
+        "backbone": backbone.describe(),
+        "coverage": trainer.coverage.clone(),
+        "config": {
+            "samples": n,
+            "recipe": recipe.to_dict(),
+            "init": init,
+            "row_prior": prior,
+            "steps": trainer.global_step,
+        },
+    }
     return Explainer(lcam_model.eval(), checkpoint, class_names=class_names)

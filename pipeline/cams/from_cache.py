@@ -19,26 +19,36 @@ import torch
 
 from lcam import LCAM
 
-from ..store.cam_store import CamStore
-from ..errors import UserError
 from ..classes import ClassSelection
-from .explainer import checkpoint_fingerprint, explain_rows
+from ..configs import CamsConfig  # torch-free, no loop with pipeline.cams
+from ..errors import UserError
 from ..fs import StorageOptions
 from ..progress import Progress
 from ..raykit import actor_device, repin_threads
+from ..store.cam_store import CamStore
+from .explainer import checkpoint_fingerprint, explain_rows
 
-from ..configs import CamsConfig  # torch-free, no loop with pipeline.cams
 # The job's summary (pipeline.cams.run.CamsSummary) comes in as an argument: pipeline.cams
 # dispatches to this module, so naming its type here would tie the two modules in a loop.
 CamsSummary = Any
 
 
-def cams_from_cache(cfg: CamsConfig, model: LCAM, cache: Any, store: CamStore, selection: ClassSelection, todo: list[dict[str, Any]], summary: CamsSummary) -> CamsSummary:
+def cams_from_cache(
+    cfg: CamsConfig,
+    model: LCAM,
+    cache: Any,
+    store: CamStore,
+    selection: ClassSelection,
+    todo: list[dict[str, Any]],
+    summary: CamsSummary,
+) -> CamsSummary:
     """Explain the cache's shard entries ``todo`` in this process, writing one group each; counts go to ``summary``."""
     view = cache.views.index(cfg.view)
     use_top5 = view == 0  # the cache's top-5 (and logits) are those of its first view
     size = store.upsampled_size
-    fields = ["features", "labels", "top5_classes", "top5_probs"] + (["logits"] if cache.store_logits and use_top5 else [])
+    fields = ["features", "labels", "top5_classes", "top5_probs"] + (
+        ["logits"] if cache.store_logits and use_top5 else []
+    )
     progress = Progress(sum(int(e["count"]) for e in todo) or None, cfg.progress, what="cams", unit="samples")
     t0 = time.perf_counter()
 
@@ -64,8 +74,20 @@ def cache_threads(torch_threads: int | None) -> int:
     return torch_threads or max(1, (os.cpu_count() or 2) // 2)
 
 
-def _run_chunks(cfg: CamsConfig, model: LCAM, cache: Any, store: CamStore, selection: ClassSelection, chunks: list[tuple[dict[str, Any], int]],
-                view: int, use_top5: bool, size: int | None, fields: list[str], progress: Progress, summary: CamsSummary) -> None:
+def _run_chunks(
+    cfg: CamsConfig,
+    model: LCAM,
+    cache: Any,
+    store: CamStore,
+    selection: ClassSelection,
+    chunks: list[tuple[dict[str, Any], int]],
+    view: int,
+    use_top5: bool,
+    size: int | None,
+    fields: list[str],
+    progress: Progress,
+    summary: CamsSummary,
+) -> None:
     with ThreadPoolExecutor(2) as readers, ThreadPoolExecutor(1) as writer:
         # Read ahead (zstd decode overlaps the matrix products) and write behind.
         ahead: deque[tuple[dict[str, Any], int, Future]] = deque()
@@ -107,21 +129,39 @@ class CacheCamActor:
     actor rewrites the same group. It returns the manifest entry; only the driver commits it.
     """
 
-    def __init__(self, checkpoint: str, storage_options: StorageOptions, weights: str | None, fingerprint: str, device: str, torch_threads: int | None) -> None:
+    def __init__(
+        self,
+        checkpoint: str,
+        storage_options: StorageOptions,
+        weights: str | None,
+        fingerprint: str,
+        device: str,
+        torch_threads: int | None,
+    ) -> None:
         from ..train.checkpoints import load_lcam
 
         dev, self.threads = actor_device(torch_threads, device)
         self.model, ckpt = load_lcam(checkpoint, storage_options, weights=weights, device=dev)
         if checkpoint_fingerprint(ckpt) != fingerprint:
-            raise RuntimeError(f"checkpoint {checkpoint} changed during the run (fingerprint {checkpoint_fingerprint(ckpt)}, expected {fingerprint}); re-run")
+            raise RuntimeError(
+                f"checkpoint {checkpoint} changed during the run (fingerprint {checkpoint_fingerprint(ckpt)}, expected {fingerprint}); re-run"
+            )
 
     def node(self) -> str:
         from ..placement import node_id
 
         return node_id()
 
-    def write_group(self, cache: Any, store: CamStore, entry: Mapping[str, Any], view: int, selection: ClassSelection, use_top5: bool,
-                    fields: list[str]) -> dict[str, Any]:
+    def write_group(
+        self,
+        cache: Any,
+        store: CamStore,
+        entry: Mapping[str, Any],
+        view: int,
+        selection: ClassSelection,
+        use_top5: bool,
+        fields: list[str],
+    ) -> dict[str, Any]:
         repin_threads(self.threads)
         chunks = math.ceil(int(entry["count"]) / cache.chunk_rows)
         parts: list[dict[str, np.ndarray]] = []
@@ -135,7 +175,14 @@ class CacheCamActor:
         return store.write_shard(entry["url"], rows, skipped)
 
 
-def cams_from_cache_on_ray(cfg: CamsConfig, cache: Any, store: CamStore, selection: ClassSelection, todo: list[dict[str, Any]], summary: CamsSummary) -> CamsSummary:
+def cams_from_cache_on_ray(
+    cfg: CamsConfig,
+    cache: Any,
+    store: CamStore,
+    selection: ClassSelection,
+    todo: list[dict[str, Any]],
+    summary: CamsSummary,
+) -> CamsSummary:
     """:func:`cams_from_cache` over model actors: one per GPU of the cluster (``cfg.num_actors``
     overrides; one CPU actor on a CPU-only cluster), each fed whole shards, two in flight."""
     import ray
@@ -148,13 +195,24 @@ def cams_from_cache_on_ray(cfg: CamsConfig, cache: Any, store: CamStore, selecti
     summary.ray_startup_seconds = ensure_ray()
     view = cache.views.index(cfg.view)
     use_top5 = view == 0
-    fields = ["features", "labels", "top5_classes", "top5_probs"] + (["logits"] if cache.store_logits and use_top5 else [])
+    fields = ["features", "labels", "top5_classes", "top5_probs"] + (
+        ["logits"] if cache.store_logits and use_top5 else []
+    )
     resources = model_resources(cfg.device)
     gpus = int(ray.cluster_resources().get("GPU", 0)) if resources.get("num_gpus") else 0
     count = max(1, min(cfg.num_actors or gpus or 1, len(todo)))
     actor_cls = ray.remote(CacheCamActor).options(max_restarts=1, max_task_retries=2, **resources)
-    actors = [actor_cls.remote(cfg.checkpoint, cfg.checkpoint_storage_options, cfg.weights, store.identity["checkpoint"]["fingerprint"],
-                               cfg.device, cfg.torch_threads) for _ in range(count)]
+    actors = [
+        actor_cls.remote(
+            cfg.checkpoint,
+            cfg.checkpoint_storage_options,
+            cfg.weights,
+            store.identity["checkpoint"]["fingerprint"],
+            cfg.device,
+            cfg.torch_threads,
+        )
+        for _ in range(count)
+    ]
     progress = Progress(sum(int(e["count"]) for e in todo) or None, cfg.progress, what="cams", unit="samples")
     cache_ref, store_ref = ray.put(cache), ray.put(store)
     pending: dict[Any, tuple[Any, dict[str, Any]]] = {}
@@ -197,13 +255,20 @@ def _read_cache_chunk(cache: Any, entry: Mapping[str, Any], ci: int, fields: lis
 
 
 @torch.no_grad()
-def _explain_cache_chunk(model: LCAM, chunk: dict[str, Any], view: int, selection: ClassSelection, use_top5: bool, size: int | None) -> dict[str, np.ndarray]:
+def _explain_cache_chunk(
+    model: LCAM, chunk: dict[str, Any], view: int, selection: ClassSelection, use_top5: bool, size: int | None
+) -> dict[str, np.ndarray]:
     labels = np.asarray(chunk["labels"], dtype=np.int64)
     classes = model.attention.num_classes
     # classes 'label' explains each row's label: rows without one, or with a class the classifier lacks, are skipped
     keep = (labels >= 0) & (labels < classes) if selection.mode == "label" else np.ones(len(labels), dtype=bool)
     keys = np.array(chunk["keys"], dtype=object)
-    out: dict[str, np.ndarray] = {"key": keys[keep], "label": labels[keep], "dropped": keys[~keep], "dropped_label": labels[~keep]}
+    out: dict[str, np.ndarray] = {
+        "key": keys[keep],
+        "label": labels[keep],
+        "dropped": keys[~keep],
+        "dropped_label": labels[~keep],
+    }
     if not keep.any():
         return out
     device = next(model.attention.parameters()).device
@@ -227,11 +292,17 @@ def _explain_cache_chunk(model: LCAM, chunk: dict[str, Any], view: int, selectio
 
 
 def _skip_reason(label: int) -> str:
-    return "no label: classes 'label' needs one" if label < 0 else f"label {label} is not one of the classifier's classes"
+    return (
+        "no label: classes 'label' needs one" if label < 0 else f"label {label} is not one of the classifier's classes"
+    )
 
 
 def _join_parts(parts: list[dict[str, np.ndarray]], url: str) -> tuple[dict[str, np.ndarray], list[dict[str, str]]]:
-    skipped = [{"key": str(k), "reason": _skip_reason(int(lab)), "shard": url} for p in parts for k, lab in zip(p.pop("dropped"), p.pop("dropped_label"))]
+    skipped = [
+        {"key": str(k), "reason": _skip_reason(int(lab)), "shard": url}
+        for p in parts
+        for k, lab in zip(p.pop("dropped"), p.pop("dropped_label"))
+    ]
     names = set().union(*(p.keys() for p in parts))
     rows = {n: np.concatenate([p[n] for p in parts if n in p]) for n in names}
     return rows, skipped

@@ -12,15 +12,15 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from ..store.cam_store import CamStore
-from ..device import pad_lone_image
 from ..classes import ClassSelection
-from .explainer import Explainer, explain_rows
+from ..configs import CamsConfig  # torch-free, no loop with pipeline.cams
+from ..device import pad_lone_image
 from ..fs import StorageOptions
 from ..progress import Progress
 from ..raykit import ShardWorker, actor_device, repin_threads
+from ..store.cam_store import CamStore
+from .explainer import Explainer, explain_rows
 
-from ..configs import CamsConfig  # torch-free, no loop with pipeline.cams
 # The job's summary (pipeline.cams.run.CamsSummary) comes in as an argument: pipeline.cams
 # dispatches to this module, so naming its type here would tie the two modules in a loop.
 CamsSummary = Any
@@ -29,11 +29,25 @@ CamsSummary = Any
 class CamActor:
     """Backbone + attention in an actor: (n, 1, 3, H, W) uint8 pixels -> the store's columns."""
 
-    def __init__(self, checkpoint: str, storage_options: StorageOptions, weights: str | None, fingerprint: str, selection: ClassSelection, upsample_to: int | None, precision: str, torch_threads: int | None) -> None:
+    def __init__(
+        self,
+        checkpoint: str,
+        storage_options: StorageOptions,
+        weights: str | None,
+        fingerprint: str,
+        selection: ClassSelection,
+        upsample_to: int | None,
+        precision: str,
+        torch_threads: int | None,
+    ) -> None:
         device, self.threads = actor_device(torch_threads)
-        self.explainer = Explainer.from_checkpoint(checkpoint, device=device, weights=weights, storage_options=storage_options, precision=precision)
+        self.explainer = Explainer.from_checkpoint(
+            checkpoint, device=device, weights=weights, storage_options=storage_options, precision=precision
+        )
         if self.explainer.fingerprint != fingerprint:
-            raise RuntimeError(f"checkpoint {checkpoint} changed during the run (fingerprint {self.explainer.fingerprint}, expected {fingerprint}); re-run")
+            raise RuntimeError(
+                f"checkpoint {checkpoint} changed during the run (fingerprint {self.explainer.fingerprint}, expected {fingerprint}); re-run"
+            )
         self.selection, self.upsample_to = selection, upsample_to
         # as in extraction: BatchNorm folded (same function and identity), channels-last on CPU and GPU
         model = self.explainer.model
@@ -64,12 +78,20 @@ class CamActor:
         if self.upsample_to:
             out["upsampled"] = np.zeros((n, t, self.upsample_to, self.upsample_to), np.uint8)
         if ok.any():
-            x = torch.from_numpy(pixels[ok]).to(dev, non_blocking=True).float().div_(255.0).contiguous(memory_format=torch.channels_last)
+            x = (
+                torch.from_numpy(pixels[ok])
+                .to(dev, non_blocking=True)
+                .float()
+                .div_(255.0)
+                .contiguous(memory_format=torch.channels_last)
+            )
             with torch.inference_mode():
                 with ex.autocast_context():
                     feats, logits = model.backbone.extract(pad_lone_image(x))  # as in extraction
                 feats, logits = feats[: len(x)], logits[: len(x)]
-                rows = explain_rows(model, feats.float(), sel, logits=logits.float(), labels=labels[ok], upsample_to=self.upsample_to)
+                rows = explain_rows(
+                    model, feats.float(), sel, logits=logits.float(), labels=labels[ok], upsample_to=self.upsample_to
+                )
             for k, v in rows.items():
                 out[k][ok] = v
         out["error"] = errors.astype(str)
@@ -95,8 +117,14 @@ class CamWorker(ShardWorker):
         del parts
         out = run.outputs  # {} when the shard has no row
         keep = out["error"] == "" if out else np.zeros(0, bool)
-        skipped = [{"key": str(k), "reason": str(e), "shard": url} for k, e in zip(out["key"][~keep], out["error"][~keep])] if out else []
-        fields = ("key", "label", "class_ids", "probs", "raw", "predicted", "predicted_prob") + (("upsampled",) if self.store.upsampled_size else ())
+        skipped = (
+            [{"key": str(k), "reason": str(e), "shard": url} for k, e in zip(out["key"][~keep], out["error"][~keep])]
+            if out
+            else []
+        )
+        fields = ("key", "label", "class_ids", "probs", "raw", "predicted", "predicted_prob") + (
+            ("upsampled",) if self.store.upsampled_size else ()
+        )
         rows = {k: out[k][keep] for k in fields} if out else {"key": np.zeros(0, dtype=str)}
         for attempt in range(1, self.WRITE_ATTEMPTS + 1):
             try:
@@ -110,17 +138,27 @@ class CamWorker(ShardWorker):
         return entry
 
 
-def cams_from_shards(cfg: CamsConfig, ckpt: Mapping[str, Any], store: CamStore, selection: ClassSelection, todo: list[Any], summary: CamsSummary) -> CamsSummary:
+def cams_from_shards(
+    cfg: CamsConfig,
+    ckpt: Mapping[str, Any],
+    store: CamStore,
+    selection: ClassSelection,
+    todo: list[Any],
+    summary: CamsSummary,
+) -> CamsSummary:
     """Explain the shards ``todo`` (not yet in the store) on Ray actors; counts go to ``summary``."""
     from lcam.backbones.base import Preprocessing
 
-    from ..shard_tasks import shard_parts
     from ..raykit import actor_pool, ensure_ray, run_shard_stage
+    from ..shard_tasks import shard_parts
 
     t0, wall0 = time.perf_counter(), time.time()
     summary.ray_startup_seconds = ensure_ray()
     preprocessing = Preprocessing.from_dict(ckpt["backbone"]["preprocessing"])
-    items = [{"url": s.url, "name": s.name, "count": s.count if s.count is not None else -1, "sha256": s.sha256 or ""} for s in todo]
+    items = [
+        {"url": s.url, "name": s.name, "count": s.count if s.count is not None else -1, "sha256": s.sha256 or ""}
+        for s in todo
+    ]
     actors, gpus = actor_pool(cfg.num_actors)
     progress = Progress(sum(s.count or 0 for s in todo) or None, cfg.progress, what="cams", unit="images")
     ready_at = math.inf
@@ -135,10 +173,26 @@ def cams_from_shards(cfg: CamsConfig, ckpt: Mapping[str, Any], store: CamStore, 
     # group, the driver records the manifest): pipeline.raykit.run_shard_stage.
     run_shard_stage(
         items,
-        lambda item: shard_parts(item, storage_options=cfg.source_storage_options, preprocessing=preprocessing, views=("center",), part_rows=cfg.decode_batch_size),
+        lambda item: shard_parts(
+            item,
+            storage_options=cfg.source_storage_options,
+            preprocessing=preprocessing,
+            views=("center",),
+            part_rows=cfg.decode_batch_size,
+        ),
         CamWorker,
-        (store, cfg.batch_size, cfg.checkpoint, cfg.checkpoint_storage_options, cfg.weights, store.identity["checkpoint"]["fingerprint"],
-         selection, store.upsampled_size, cfg.precision, cfg.torch_threads),
+        (
+            store,
+            cfg.batch_size,
+            cfg.checkpoint,
+            cfg.checkpoint_storage_options,
+            cfg.weights,
+            store.identity["checkpoint"]["fingerprint"],
+            selection,
+            store.upsampled_size,
+            cfg.precision,
+            cfg.torch_threads,
+        ),
         actors=actors,
         gpus=gpus,
         on_result=committed,

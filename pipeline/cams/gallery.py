@@ -66,7 +66,11 @@ def coverage_mark(samples: int | None, short: bool = False) -> str:
         return ""
     if samples == 0:
         return " [untrained]" if short else "untrained class row: its map was not learnt"
-    return f" [{samples} sample{'s' if samples > 1 else ''}]" if short else f"class row trained on {samples} sample{'s' if samples > 1 else ''} only"
+    return (
+        f" [{samples} sample{'s' if samples > 1 else ''}]"
+        if short
+        else f"class row trained on {samples} sample{'s' if samples > 1 else ''} only"
+    )
 
 
 def _safe_name(key: str) -> str:
@@ -92,7 +96,9 @@ def _source_images(url: str, keys: set[str], storage_options: StorageOptions) ->
         ) from None
     lost = sorted(keys - set(found))
     if lost:
-        raise UserError(f"overlays: the source shard {url} no longer holds {len(lost)} of the samples in the CAM store (e.g. {lost[:3]}); it changed since the CAMs were made")
+        raise UserError(
+            f"overlays: the source shard {url} no longer holds {len(lost)} of the samples in the CAM store (e.g. {lost[:3]}); it changed since the CAMs were made"
+        )
     return found
 
 
@@ -111,13 +117,11 @@ def write_gallery(
     """Write ``n`` overlay PNGs (image + colour map, class name and probability in the
     caption), the matching originals and ``index.html`` for a :class:`~pipeline.cams.run.CamStore`."""
     from lcam.backbones.base import Preprocessing
-
     from lcam.explain import upsampled_uint8
 
-    from ..classes import class_names_options
-    from ..classes import load_class_names
-    from ..progress import Progress, say
+    from ..classes import class_names_options, load_class_names
     from ..images import decode_image, preprocess
+    from ..progress import Progress, say
     from ..render import overlay_panels, png_bytes, tensor_to_uint8
 
     t0 = time.perf_counter()
@@ -126,7 +130,9 @@ def write_gallery(
     if "://" not in out_url or out_url.startswith("file://"):
         options = None  # a local gallery beside a remote store: the store's options are not for it
     backbone = store.identity["checkpoint"]["backbone"]
-    names = load_class_names(class_names_url, class_names_options(class_names_url, source_storage_options), int(backbone["num_classes"]))
+    names = load_class_names(
+        class_names_url, class_names_options(class_names_url, source_storage_options), int(backbone["num_classes"])
+    )
     prep = backbone["preprocessing"]
     preprocessing = Preprocessing.from_dict(prep)
     view = store.identity["source"].get("view", "center")
@@ -141,8 +147,11 @@ def write_gallery(
     items: list[dict[str, Any]] = []
     jobs: list[tuple[str, bytes]] = []
     drawn = Progress(len(picks), progress, what="gallery", unit="overlays")
-    fields = ["labels", "class_ids", "probs", "raw", "predicted", "predicted_prob"] + (["upsampled"] if store.upsampled_size else []) \
+    fields = (
+        ["labels", "class_ids", "probs", "raw", "predicted", "predicted_prob"]
+        + (["upsampled"] if store.upsampled_size else [])
         + (["coverage"] if store.class_coverage is not None else [])
+    )
     for s, rows in sorted(by_shard.items()):
         entry = entries[s]
         data = store.read_shard(entry["shard_id"], fields=fields, normalized=False)
@@ -153,14 +162,27 @@ def write_gallery(
             if "upsampled" in data:
                 maps = data["upsampled"][r].astype(np.float32) / 255.0
             else:
-                maps = upsampled_uint8(torch.from_numpy(data["raw"][r].astype(np.float32)), crop.shape[0]).numpy().astype(np.float32) / 255.0
+                maps = (
+                    upsampled_uint8(torch.from_numpy(data["raw"][r].astype(np.float32)), crop.shape[0])
+                    .numpy()
+                    .astype(np.float32)
+                    / 255.0
+                )
             ids, probs = [int(c) for c in data["class_ids"][r]], [float(p) for p in data["probs"][r]]
             coverage = [int(v) for v in data["coverage"][r]] if "coverage" in data else [None] * len(ids)
             present = [t for t, c in enumerate(ids) if c >= 0]  # -1: a label column of an unlabelled sample
-            ids, probs, coverage, maps = [ids[t] for t in present], [probs[t] for t in present], [coverage[t] for t in present], maps[present]
+            ids, probs, coverage, maps = (
+                [ids[t] for t in present],
+                [probs[t] for t in present],
+                [coverage[t] for t in present],
+                maps[present],
+            )
             captions = [f"{names[c]} ({p:.1%})" + coverage_mark(n, short=True) for c, p, n in zip(ids, probs, coverage)]
             stem = f"{len(items):05d}-{_safe_name(key)}.png"
-            jobs += [(f"img/{stem}", png_bytes(crop)), (f"cam/{stem}", png_bytes(overlay_panels(crop, maps, captions, colormap, opacity)))]
+            jobs += [
+                (f"img/{stem}", png_bytes(crop)),
+                (f"cam/{stem}", png_bytes(overlay_panels(crop, maps, captions, colormap, opacity))),
+            ]
             label = int(data["labels"][r])
             items.append(
                 {
@@ -238,13 +260,18 @@ def gallery_html(items: Sequence[Mapping[str, Any]], title: str = "L-CAM explana
     cards = []
     for it in items:
         cover = it.get("coverage") or [None] * len(it["class_ids"])
-        classes = "<br>".join(f"{e(n)} <code>#{c}</code> {p:.1%}" + (f" <span class='warn'>{e(coverage_mark(k))}</span>" if coverage_mark(k) else "")
-                              for n, c, p, k in zip(it["class_names"], it["class_ids"], it["probs"], cover))
+        classes = "<br>".join(
+            f"{e(n)} <code>#{c}</code> {p:.1%}"
+            + (f" <span class='warn'>{e(coverage_mark(k))}</span>" if coverage_mark(k) else "")
+            for n, c, p, k in zip(it["class_names"], it["class_ids"], it["probs"], cover)
+        )
         label = ""
         off = False
         if it["label"] >= 0:
             off = it["label"] != it["predicted"]
-            label = f"<br>label: {e(it['label_name'])} <code>#{it['label']}</code>" + (" <span class='warn'>&ne; predicted</span>" if off else "")
+            label = f"<br>label: {e(it['label_name'])} <code>#{it['label']}</code>" + (
+                " <span class='warn'>&ne; predicted</span>" if off else ""
+            )
         cards.append(
             f"<div class='card{' off' if off else ''}' data-order='{it['order']}' data-cls='{e(it['class_names'][0], quote=True)}' data-conf='{it['probs'][0]:.6f}'>"
             f"<div class='pics'><a href='{e(it['original'], quote=True)}'><img src='{e(it['original'], quote=True)}' alt='original' loading='lazy'></a>"
@@ -252,7 +279,12 @@ def gallery_html(items: Sequence[Mapping[str, Any]], title: str = "L-CAM explana
             f"<div class='meta'><code>{e(it['key'])}</code><br>{classes}{label}</div></div>"
         )
     # script content is not HTML-decoded: only "</" must not appear in it
-    data = json.dumps([{k: it[k] for k in ("key", "shard", "class_ids", "probs", "label", "predicted", "original", "overlay")} for it in items]).replace("</", "<\\/")
+    data = json.dumps(
+        [
+            {k: it[k] for k in ("key", "shard", "class_ids", "probs", "label", "predicted", "original", "overlay")}
+            for it in items
+        ]
+    ).replace("</", "<\\/")
     return (
         "<!doctype html><html><head><meta charset='utf-8'>"
         f"<title>{e(title)}</title><style>{_STYLE}</style><script>{_SCRIPT}</script></head><body>"

@@ -34,18 +34,15 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-
-from ..store.cam_store import CamStore
-from .from_cache import cams_from_cache, cams_from_cache_on_ray
-from .from_shards import cams_from_shards
+from ..classes import ClassSelection
 from ..device import resolve_device
 from ..errors import UserError
 from ..progress import skipped_lines
+from ..store.cam_store import CamStore
 from ..store.leases import announce_writers
-from ..classes import ClassSelection
 from .explainer import checkpoint_fingerprint
-
-
+from .from_cache import cams_from_cache, cams_from_cache_on_ray
+from .from_shards import cams_from_shards
 
 # ---------------------------------------------------------------- bulk generation
 log = logging.getLogger(__name__)
@@ -103,11 +100,17 @@ class CamsSummary:
             f"CAM store {self.store} (fingerprint {self.fingerprint}) from {self.source}",
             f"shards: {self.shards_total} in the source, {self.shards_done_before} already done, {self.shards_written} written now",
             f"samples: {self.samples}, maps: {self.maps} in {self.seconds:.1f}s ({self.maps_per_second:.1f} maps/s"
-            + (f"; {self.steady_maps_per_second:.1f} maps/s after the {self.actors_ready_seconds:.0f}s start-up)" if self.actors_ready_seconds else ")"),
+            + (
+                f"; {self.steady_maps_per_second:.1f} maps/s after the {self.actors_ready_seconds:.0f}s start-up)"
+                if self.actors_ready_seconds
+                else ")"
+            ),
         ]
         if self.ran_on:
             nodes = Counter(n[:12] for n in self.ran_on)
-            out.append(f"model actors: {len(self.ran_on)} on Ray node(s) " + ", ".join(f"{n} (x{c})" for n, c in nodes.items()))
+            out.append(
+                f"model actors: {len(self.ran_on)} on Ray node(s) " + ", ".join(f"{n} (x{c})" for n, c in nodes.items())
+            )
         out += skipped_lines(self.skipped, "samples", "see the store's manifest.json")
         for url in self.remade_damaged:
             out.append(f"re-made damaged shard {url} (objects were missing)")
@@ -125,11 +128,13 @@ def generate_cams(cfg: CamsConfig) -> CamsSummary:
     All inputs are checked (checkpoint against the source's backbone, class ids, an
     empty or missing source) before anything is written at ``cfg.out``.
     """
-    from ..train.checkpoints import check_backbone, checkpoint_file, load_checkpoint, load_lcam
     from ..options import validate
     from ..placement import resolve_where
+    from ..train.checkpoints import check_backbone, checkpoint_file, load_checkpoint, load_lcam
 
-    cfg = dataclasses.replace(cfg, checkpoint=checkpoint_file(cfg.checkpoint, cfg.checkpoint_storage_options))  # a run folder: its checkpoint.pt
+    cfg = dataclasses.replace(
+        cfg, checkpoint=checkpoint_file(cfg.checkpoint, cfg.checkpoint_storage_options)
+    )  # a run folder: its checkpoint.pt
 
     validate(cfg)  # the declared choices and ranges, one source, a class selection that parses (CamsConfig.check)
     selection = ClassSelection.parse(cfg.classes, cfg.top_k, cfg.class_ids)
@@ -141,7 +146,9 @@ def generate_cams(cfg: CamsConfig) -> CamsSummary:
     # digest, before anything is written.
     model = None
     ckpt = load_checkpoint(cfg.checkpoint, cfg.checkpoint_storage_options)
-    selection.validate(int(ckpt["backbone"]["num_classes"]))  # a class id out of range answers before the model is built
+    selection.validate(
+        int(ckpt["backbone"]["num_classes"])
+    )  # a class id out of range answers before the model is built
     if (cfg.cache is not None and not on_ray) or cfg.weights:
         device = resolve_device(cfg.device) if cfg.cache is not None and not on_ray else "cpu"
         model, ckpt = load_lcam(cfg.checkpoint, cfg.checkpoint_storage_options, weights=cfg.weights, device=device)
@@ -149,7 +156,11 @@ def generate_cams(cfg: CamsConfig) -> CamsSummary:
     if cfg.class_names is not None or cfg.overlays:  # a bad names file fails now, not after the work
         from ..classes import class_names_options, load_class_names
 
-        load_class_names(cfg.class_names, class_names_options(cfg.class_names, cfg.source_storage_options), int(backbone["num_classes"]))
+        load_class_names(
+            cfg.class_names,
+            class_names_options(cfg.class_names, cfg.source_storage_options),
+            int(backbone["num_classes"]),
+        )
     crop = int(backbone["preprocessing"]["crop"])
     maps_layout = {
         "classes_per_sample": selection.width,
@@ -173,19 +184,36 @@ def generate_cams(cfg: CamsConfig) -> CamsSummary:
         cache = FeatureCache.open(cfg.cache, cfg.source_storage_options)
         check_backbone(ckpt, cache.identity, f"the feature cache {cfg.cache}")
         if cfg.view not in cache.views:
-            raise UserError(f"view {cfg.view!r} is not in the feature cache {cfg.cache} (it holds {', '.join(cache.views)}); pick one of those")
+            raise UserError(
+                f"view {cfg.view!r} is not in the feature cache {cfg.cache} (it holds {', '.join(cache.views)}); pick one of those"
+            )
         if len(cache) == 0:
-            raise UserError(f"the feature cache {cfg.cache} holds no samples (no shard is done); run `lcam extract` into it first")
+            raise UserError(
+                f"the feature cache {cfg.cache} holds no samples (no shard is done); run `lcam extract` into it first"
+            )
         if selection.mode == "label":
             _require_labels(cache)
         identity["source"] = {"kind": "cache", "fingerprint": cache.fingerprint, "view": cfg.view}
-        store = CamStore.create_or_open(cfg.out, identity, checkpoint_url=cfg.checkpoint, source_url=cfg.cache, storage_options=cfg.out_storage_options,
-                                        class_coverage=None if coverage is None else coverage.tolist())
+        store = CamStore.create_or_open(
+            cfg.out,
+            identity,
+            checkpoint_url=cfg.checkpoint,
+            source_url=cfg.cache,
+            storage_options=cfg.out_storage_options,
+            class_coverage=None if coverage is None else coverage.tolist(),
+        )
         entries = [cache.manifest["shards"][u] for u in sorted(cache.done_sources())]  # the cache's own order
         remade = _forget_damaged(store)
         done = store.done_sources()
         todo = [e for e in entries if e["url"] not in done]  # a re-run resumes: done shards are skipped
-        summary = CamsSummary(store.url, store.fingerprint, f"feature cache {cache.url}", len(entries), len(entries) - len(todo), remade_damaged=remade)
+        summary = CamsSummary(
+            store.url,
+            store.fingerprint,
+            f"feature cache {cache.url}",
+            len(entries),
+            len(entries) - len(todo),
+            remade_damaged=remade,
+        )
         with _writing(store, summary, todo):
             if on_ray:
                 if todo:
@@ -195,12 +223,25 @@ def generate_cams(cfg: CamsConfig) -> CamsSummary:
     else:
         shards = _list_existing_shards(cfg)
         identity["source"] = {"kind": "images", "preprocessing": backbone["preprocessing"], "view": "center"}
-        store = CamStore.create_or_open(cfg.out, identity, checkpoint_url=cfg.checkpoint, source_url=str(cfg.shards), storage_options=cfg.out_storage_options,
-                                        class_coverage=None if coverage is None else coverage.tolist())
+        store = CamStore.create_or_open(
+            cfg.out,
+            identity,
+            checkpoint_url=cfg.checkpoint,
+            source_url=str(cfg.shards),
+            storage_options=cfg.out_storage_options,
+            class_coverage=None if coverage is None else coverage.tolist(),
+        )
         remade = _forget_damaged(store)
         done = store.done_sources()
         todo = [s for s in shards if s.url not in done]
-        summary = CamsSummary(store.url, store.fingerprint, f"shards {cfg.shards}", len(shards), len(shards) - len(todo), remade_damaged=remade)
+        summary = CamsSummary(
+            store.url,
+            store.fingerprint,
+            f"shards {cfg.shards}",
+            len(shards),
+            len(shards) - len(todo),
+            remade_damaged=remade,
+        )
         with _writing(store, summary, todo):
             if todo:
                 cams_from_shards(cfg, ckpt, store, selection, todo, summary)
@@ -258,7 +299,9 @@ def _require_labels(cache: Any) -> None:
         for ci in range(cache.num_chunks(sid)):
             if (cache.read_chunk(sid, ci, fields=["labels"])["labels"] >= 0).any():
                 return
-    raise UserError(f"classes 'label' was asked for, but no sample of the feature cache {cache.url} has a label; use classes 'predicted', 'top-k' or 'ids'")
+    raise UserError(
+        f"classes 'label' was asked for, but no sample of the feature cache {cache.url} has a label; use classes 'predicted', 'top-k' or 'ids'"
+    )
 
 
 def _list_existing_shards(cfg: CamsConfig) -> list[Any]:
@@ -281,7 +324,9 @@ def _list_existing_shards(cfg: CamsConfig) -> list[Any]:
         missing += [u for u in urls if u.rsplit("/", 1)[-1] not in names]
     if missing:
         more = f" (and {len(missing) - 10} more)" if len(missing) > 10 else ""
-        raise UserError(f"{len(missing)} of {len(shards)} shards are missing: {', '.join(missing[:10])}{more}; restore them or leave them out of the pattern")
+        raise UserError(
+            f"{len(missing)} of {len(shards)} shards are missing: {', '.join(missing[:10])}{more}; restore them or leave them out of the pattern"
+        )
     if sum(s.count or 0 for s in shards) == 0 and all(s.count is not None for s in shards):
         raise UserError(f"the shards {cfg.shards!r} hold no samples (their index says 0)")
     return shards

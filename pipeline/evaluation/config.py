@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from lcam.cam_methods.lcam_method import LCAMMethod
 from lcam.cam_methods.base import method_class, method_names
+from lcam.cam_methods.lcam_method import LCAMMethod
 
 from ..configs import EvalConfig
 from ..errors import UserError
@@ -66,7 +66,9 @@ def method_kwargs(name: str, cfg: EvalConfig) -> dict[str, Any]:
     given = dict(cfg.method_options.get(name, {}))
     unknown = sorted(set(given) - {o.name for o in cls.options})
     if unknown:
-        raise UserError(f"method {name}: unknown option(s) {', '.join(unknown)}; options: {', '.join(o.name for o in cls.options) or 'none'}")
+        raise UserError(
+            f"method {name}: unknown option(s) {', '.join(unknown)}; options: {', '.join(o.name for o in cls.options) or 'none'}"
+        )
     out = {}
     for o in cls.options:
         try:
@@ -109,13 +111,23 @@ def method_specs(cfg: EvalConfig, loaded: Sequence[tuple[str | None, str, dict[s
         used.add(mid)
         lcam_label = LCAMMethod.LABELS[method]
         label = lcam_label if mid == f"lcam-{method}" else (f"{lcam_label} ({mid})" if name is None else mid)
-        info = {"checkpoint": url, "method": method, "epoch": ckpt.get("epoch"), "step": ckpt.get("step"),
-                "cache_fingerprint": ckpt.get("cache_fingerprint") or None, "train_config": ckpt.get("config", {}),
-                "coverage": ckpt["coverage"].tolist() if ckpt.get("coverage") is not None else None}  # the report marks untrained rows
+        info = {
+            "checkpoint": url,
+            "method": method,
+            "epoch": ckpt.get("epoch"),
+            "step": ckpt.get("step"),
+            "cache_fingerprint": ckpt.get("cache_fingerprint") or None,
+            "train_config": ckpt.get("config", {}),
+            "coverage": ckpt["coverage"].tolist() if ckpt.get("coverage") is not None else None,
+        }  # the report marks untrained rows
         specs.append(MethodSpec(mid, "lcam", label, {}, None, dict(ckpt["attention"]), info))
     for name in cfg.methods:
         if name not in method_names():
-            raise UserError(lambda flag: f"{flag('methods')}: unknown method {name!r}; methods: {', '.join(method_names())} (L-CAM rows come from {flag('checkpoints')})")
+            raise UserError(
+                lambda flag: (
+                    f"{flag('methods')}: unknown method {name!r}; methods: {', '.join(method_names())} (L-CAM rows come from {flag('checkpoints')})"
+                )
+            )
         if name in used:
             raise UserError(f"method {name!r} is listed twice")
         used.add(name)
@@ -124,7 +136,9 @@ def method_specs(cfg: EvalConfig, loaded: Sequence[tuple[str | None, str, dict[s
         raise UserError("nothing to evaluate: give --checkpoint and/or --methods")
     unknown = sorted(set(cfg.method_limits) - used)
     if unknown:
-        raise UserError(f"--method-limit names {', '.join(unknown)}, which is not evaluated; methods: {', '.join(s.id for s in specs)}")
+        raise UserError(
+            f"--method-limit names {', '.join(unknown)}, which is not evaluated; methods: {', '.join(s.id for s in specs)}"
+        )
     out = []
     for s in specs:
         limit = cfg.method_limits.get(s.id)

@@ -22,11 +22,15 @@ from ..errors import UserError
 def check_coverage(loaded: Sequence[tuple[str | None, str, Mapping[str, Any]]]) -> None:
     """Refuse ``--split-coverage`` before any work when no checkpoint records a coverage."""
     if not any(ckpt.get("coverage") is not None for _, _, ckpt in loaded):
-        raise UserError("--split-coverage needs an L-CAM checkpoint that records its coverage (trained by this version of "
-                        "`lcam train`); give one with --checkpoint, or drop --split-coverage")
+        raise UserError(
+            "--split-coverage needs an L-CAM checkpoint that records its coverage (trained by this version of "
+            "`lcam train`); give one with --checkpoint, or drop --split-coverage"
+        )
 
 
-def coverage_split(res: Any, specs: Sequence[Any], loaded: Sequence[tuple[str | None, str, Mapping[str, Any]]]) -> list[dict[str, Any]]:
+def coverage_split(
+    res: Any, specs: Sequence[Any], loaded: Sequence[tuple[str | None, str, Mapping[str, Any]]]
+) -> list[dict[str, Any]]:
     """Per L-CAM checkpoint with a coverage: AD/IC of every method on covered / uncovered images.
 
     ``res``: the evaluation's aggregated results (per-image Y, O and class ids); ``specs``:
@@ -47,14 +51,24 @@ def coverage_split(res: Any, specs: Sequence[Any], loaded: Sequence[tuple[str | 
                 keep = covered_image[e["rows"]] == want
                 n = int(keep.sum())
                 if n:
-                    y, o = torch.from_numpy(res.Y[e["rows"][keep]]), torch.from_numpy(e["adic"]["O"][:, keep].astype("float64"))
+                    y, o = (
+                        torch.from_numpy(res.Y[e["rows"][keep]]),
+                        torch.from_numpy(e["adic"]["O"][:, keep].astype("float64")),
+                    )
                     ad, ic = average_drop(y, o).tolist(), increase_in_confidence(y, o).tolist()
                 else:
                     ad = ic = [float("nan")] * len(res.ratios)
                 rows.append({"id": m.id, "label": m.label, "n": n, "AD": ad, "IC": ic})
             groups.append({"group": name, "rows": rows})
-        out.append({"checkpoint": url, "method": spec.id, "label": spec.label, "rows_trained": int((np.asarray(cov) > 0).sum()),
-                    "groups": groups})
+        out.append(
+            {
+                "checkpoint": url,
+                "method": spec.id,
+                "label": spec.label,
+                "rows_trained": int((np.asarray(cov) > 0).sum()),
+                "groups": groups,
+            }
+        )
     return out
 
 
@@ -70,11 +84,23 @@ def coverage_markdown(split: Sequence[Mapping[str, Any]], ratios: Sequence[float
 
     lines = ["", "## Split by coverage (--split-coverage)", ""]
     for s in split:
-        lines += [f"{s['label']} ({s['checkpoint']}): {s['rows_trained']} class rows trained. Covered: images whose explained "
-                  "class row trained on at least one sample; uncovered: the others (an untrained row).", ""]
+        lines += [
+            f"{s['label']} ({s['checkpoint']}): {s['rows_trained']} class rows trained. Covered: images whose explained "
+            "class row trained on at least one sample; uncovered: the others (an untrained row).",
+            "",
+        ]
         for g in s["groups"]:
-            lines += [f"{g['group']}:", "", "| " + " | ".join(head) + " |", "|" + "|".join(["---", "--:"] + ["--:"] * (2 * len(ratios))) + "|"]
-            lines += ["| " + " | ".join([r["label"], str(r["n"])] + [fmt(v) for v in r["AD"]] + [fmt(v) for v in r["IC"]]) + " |"
-                      for r in g["rows"]]
+            lines += [
+                f"{g['group']}:",
+                "",
+                "| " + " | ".join(head) + " |",
+                "|" + "|".join(["---", "--:"] + ["--:"] * (2 * len(ratios))) + "|",
+            ]
+            lines += [
+                "| "
+                + " | ".join([r["label"], str(r["n"])] + [fmt(v) for v in r["AD"]] + [fmt(v) for v in r["IC"]])
+                + " |"
+                for r in g["rows"]
+            ]
             lines.append("")
     return "\n".join(lines)

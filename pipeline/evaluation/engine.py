@@ -25,13 +25,12 @@ import torch
 
 from lcam.metrics.adic import DEFAULT_RATIOS
 
-from ..errors import UserError
-from ..device import resolve_device
-from ..fs import StorageOptions
 from ..configs import EvalConfig
+from ..device import resolve_device
+from ..errors import UserError
+from ..fs import StorageOptions
 from .config import MethodSpec
-from .metrics.base import MetricBatch, build_metrics
-from .metrics.base import batch_seed
+from .metrics.base import MetricBatch, batch_seed, build_metrics
 from .plan import DecodedBatch, Plan, PlannedBatch, decode_batch, read_selected, shard_groups
 
 
@@ -100,8 +99,8 @@ class Evaluator:
         cost (``forwards_per_image``: RISE, Score-CAM) computes its maps, so a long method
         shows progress between batches."""
         from lcam import LCAM
-        from lcam.cam_methods.lcam_method import LCAMMethod
         from lcam.cam_methods.base import build_method
+        from lcam.cam_methods.lcam_method import LCAMMethod
 
         self.device = torch.device(device)
         # an inference copy (Backbone.folded): every method, clean and masked passes share it
@@ -134,8 +133,13 @@ class Evaluator:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def evaluate_batch(self, pixels: np.ndarray | torch.Tensor, ranks: Sequence[int], batch_id: int,
-                       boxes: Sequence[np.ndarray] | None = None) -> dict[str, Any]:
+    def evaluate_batch(
+        self,
+        pixels: np.ndarray | torch.Tensor,
+        ranks: Sequence[int],
+        batch_id: int,
+        boxes: Sequence[np.ndarray] | None = None,
+    ) -> dict[str, Any]:
         """Score one batch with every method.
 
         ``pixels``: (n, 3, H, W) uint8 centre crops; ``ranks``: each image's rank (method
@@ -193,9 +197,22 @@ class Evaluator:
                 if listener is not None:
                     listener.flush()
             self._sync()
-            entry: dict[str, Any] = {"index": sel.numpy(), "map_seconds": time.perf_counter() - t1, "map_forwards": self.counter.images - c1}
-            batch = MetricBatch(self.model, self.backbone, xs, cams, ids_s, probs if whole else probs[sel.to(self.device)],
-                                int(batch_id), self.forward_batch, None if boxes is None else [boxes[i] for i in sel.tolist()])
+            entry: dict[str, Any] = {
+                "index": sel.numpy(),
+                "map_seconds": time.perf_counter() - t1,
+                "map_forwards": self.counter.images - c1,
+            }
+            batch = MetricBatch(
+                self.model,
+                self.backbone,
+                xs,
+                cams,
+                ids_s,
+                probs if whole else probs[sel.to(self.device)],
+                int(batch_id),
+                self.forward_batch,
+                None if boxes is None else [boxes[i] for i in sel.tolist()],
+            )
             for metric in self.metrics:
                 t2, c2 = time.perf_counter(), self.counter.images
                 entry[metric.name] = metric.compute(batch)
@@ -212,7 +229,6 @@ class Evaluator:
 def pick_device(device: str) -> str:
     """The evaluation's device type (``cpu``/``cuda``), resolved the one way (``pipeline.device``)."""
     return resolve_device(device).type
-
 
 
 # ---------------------------------------------------------------------------- engines
@@ -245,13 +261,21 @@ def _prefetch(calls: Iterable[Callable[[], Any]], pool: concurrent.futures.Execu
         yield pending.popleft().result()
 
 
-def run_local(plan: Plan, evaluator: Evaluator, prep: Any, storage_options: StorageOptions, decode_workers: int,
-              on_batch: Callable[[DecodedBatch, dict | None], None]) -> None:
+def run_local(
+    plan: Plan,
+    evaluator: Evaluator,
+    prep: Any,
+    storage_options: StorageOptions,
+    decode_workers: int,
+    on_batch: Callable[[DecodedBatch, dict | None], None],
+) -> None:
     """One process: a reader thread reads one shard ahead, a pool decodes batches ahead of the device."""
     groups = shard_groups(plan)
     workers = max(1, decode_workers)
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="eval-read") as reader, \
-            concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="eval-decode") as decoder:
+    with (
+        concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="eval-read") as reader,
+        concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="eval-decode") as decoder,
+    ):
         shard_samples = _prefetch((partial(read_selected, g, storage_options) for g in groups), reader, depth=1)
 
         def decode_calls() -> Iterator[Callable[[], DecodedBatch]]:
@@ -260,24 +284,35 @@ def run_local(plan: Plan, evaluator: Evaluator, prep: Any, storage_options: Stor
                     yield partial(decode_batch, b, samples[b.batch_id], prep)
 
         for decoded in _prefetch(decode_calls(), decoder, depth=workers):
-            result = evaluator.evaluate_batch(decoded.pixels, decoded.ranks, decoded.batch_id, decoded.boxes) if len(decoded.keys) else None
+            result = (
+                evaluator.evaluate_batch(decoded.pixels, decoded.ranks, decoded.batch_id, decoded.boxes)
+                if len(decoded.keys)
+                else None
+            )
             on_batch(decoded, result)
 
 
 def ray_read_decode(row: dict[str, Any], prep: Any, storage_options: StorageOptions = None) -> list[dict[str, Any]]:
     """Ray task: one shard -> one row per planned batch (decoded pixels pickled; an error row on failure)."""
-    batches = [PlannedBatch(**{**b, "positions": tuple(b["positions"]), "ranks": tuple(b["ranks"])}) for b in json.loads(row["batches"])]
+    batches = [
+        PlannedBatch(**{**b, "positions": tuple(b["positions"]), "ranks": tuple(b["ranks"])})
+        for b in json.loads(row["batches"])
+    ]
     try:
         samples = read_selected(batches, storage_options)
     except Exception as exc:  # count mismatch, cut tar, unreadable object: the driver reports it
         return [{"batch_id": -1, "payload": pickle.dumps({"error": f"{row['url']}: {type(exc).__name__}: {exc}"})}]
-    return [{"batch_id": b.batch_id, "payload": pickle.dumps(decode_batch(b, samples[b.batch_id], prep))} for b in batches]
+    return [
+        {"batch_id": b.batch_id, "payload": pickle.dumps(decode_batch(b, samples[b.batch_id], prep))} for b in batches
+    ]
 
 
 class EvalActor:
     """Ray actor: builds the backbone and the methods once, then scores pickled batches."""
 
-    def __init__(self, backbone_name: str, weights: str, digest: str, specs: list[MethodSpec], options: dict[str, Any]) -> None:
+    def __init__(
+        self, backbone_name: str, weights: str, digest: str, specs: list[MethodSpec], options: dict[str, Any]
+    ) -> None:
         from lcam import build_backbone
 
         from ..raykit import actor_device
@@ -286,8 +321,10 @@ class EvalActor:
         device = dev.type
         backbone = build_backbone(backbone_name, weights)
         if backbone.weights_digest() != digest:
-            raise UserError(f"the {backbone_name} weights {weights!r} on this worker differ from the driver's (digest "
-                            f"{backbone.weights_digest()[:12]} vs {digest[:12]}); give every node the same weights file")
+            raise UserError(
+                f"the {backbone_name} weights {weights!r} on this worker differ from the driver's (digest "
+                f"{backbone.weights_digest()[:12]} vs {digest[:12]}); give every node the same weights file"
+            )
         queue = options.get("progress_queue")
 
         def relay(method_id: str, n: int) -> None:
@@ -296,10 +333,18 @@ class EvalActor:
             except Exception:  # full or gone: progress is best effort, the scores are not affected
                 pass
 
-        self.evaluator = Evaluator(backbone, specs, options["ratios"], metrics=options["metrics"],
-                                   metric_options=options["metric_options"], forward_batch=options["forward_batch"], device=device,
-                                   keep_maps=options.get("keep_maps", 0), fold_batchnorm=options.get("fold_batchnorm", True),
-                                   on_method_forwards=relay if queue is not None else None)
+        self.evaluator = Evaluator(
+            backbone,
+            specs,
+            options["ratios"],
+            metrics=options["metrics"],
+            metric_options=options["metric_options"],
+            forward_batch=options["forward_batch"],
+            device=device,
+            keep_maps=options.get("keep_maps", 0),
+            fold_batchnorm=options.get("fold_batchnorm", True),
+            on_method_forwards=relay if queue is not None else None,
+        )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from ..raykit import repin_threads
@@ -317,9 +362,14 @@ class EvalActor:
         return {"batch_id": np.asarray(batch["batch_id"]), "payload": np.array(payloads, dtype=object)}
 
 
-def run_ray(plan: Plan, cfg: EvalConfig, backbone: Any, specs: Sequence[MethodSpec],
-            on_batch: Callable[[DecodedBatch, dict | None], None],
-            on_method_forwards: Callable[[str, int], None] | None = None) -> dict[str, Any]:
+def run_ray(
+    plan: Plan,
+    cfg: EvalConfig,
+    backbone: Any,
+    specs: Sequence[MethodSpec],
+    on_batch: Callable[[DecodedBatch, dict | None], None],
+    on_method_forwards: Callable[[str, int], None] | None = None,
+) -> dict[str, Any]:
     """Ray Data: read+decode tasks per shard -> actor pool (backbone + methods) -> the driver.
 
     ``on_method_forwards``: the actors' progress inside costly methods reaches it through a
@@ -336,9 +386,15 @@ def run_ray(plan: Plan, cfg: EvalConfig, backbone: Any, specs: Sequence[MethodSp
     gpus = int(ray.cluster_resources().get("GPU", 0))
     actors = cfg.actors or (gpus or 1)
     items = [{"url": g[0].shard_url, "batches": json.dumps([asdict(b) for b in g])} for g in shard_groups(plan)]
-    options = {"ratios": cfg.ratios, "forward_batch": cfg.batch_size, "metrics": tuple(cfg.metrics),
-               "metric_options": dict(cfg.metric_options), "torch_threads": cfg.torch_threads, "keep_maps": cfg.save_maps,
-               "fold_batchnorm": cfg.fold_batchnorm}
+    options = {
+        "ratios": cfg.ratios,
+        "forward_batch": cfg.batch_size,
+        "metrics": tuple(cfg.metrics),
+        "metric_options": dict(cfg.metric_options),
+        "torch_threads": cfg.torch_threads,
+        "keep_maps": cfg.save_maps,
+        "fold_batchnorm": cfg.fold_batchnorm,
+    }
     queue, stop = None, threading.Event()
     if on_method_forwards is not None:
         queue = Queue(maxsize=1000, actor_options={"num_cpus": 0})
@@ -354,7 +410,11 @@ def run_ray(plan: Plan, cfg: EvalConfig, backbone: Any, specs: Sequence[MethodSp
         threading.Thread(target=drain, daemon=True, name="eval-progress").start()
     ds = (
         ray.data.from_items(items, override_num_blocks=len(items))
-        .flat_map(ray_read_decode, fn_kwargs={"prep": backbone.preprocessing, "storage_options": cfg.shard_storage_options}, num_cpus=1)
+        .flat_map(
+            ray_read_decode,
+            fn_kwargs={"prep": backbone.preprocessing, "storage_options": cfg.shard_storage_options},
+            num_cpus=1,
+        )
         .map_batches(
             EvalActor,
             fn_constructor_args=(backbone.name, backbone.weights_name, backbone.weights_digest(), list(specs), options),
@@ -368,7 +428,9 @@ def run_ray(plan: Plan, cfg: EvalConfig, backbone: Any, specs: Sequence[MethodSp
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
             for bid, payload in zip(batch["batch_id"], batch["payload"]):
                 if int(bid) < 0:
-                    raise UserError(f"evaluation stopped: shard {pickle.loads(payload)['error']}; re-download or re-pack that shard")
+                    raise UserError(
+                        f"evaluation stopped: shard {pickle.loads(payload)['error']}; re-download or re-pack that shard"
+                    )
                 decoded, result = pickle.loads(payload)
                 on_batch(decoded, result)
     finally:

@@ -42,7 +42,9 @@ def count_samples(url: str, storage_options: StorageOptions) -> int:
     return sum(1 for _ in iter_samples(url, storage_options))
 
 
-def plan_batches(shards: Sequence[Any], batch_size: int, limit: int | None, seed: int, storage_options: StorageOptions = None) -> Plan:
+def plan_batches(
+    shards: Sequence[Any], batch_size: int, limit: int | None, seed: int, storage_options: StorageOptions = None
+) -> Plan:
     """Fixed batches for any engine: a seeded random subset of ``limit`` images (all if None), in
     shard order, cut into batches of ``batch_size`` that never straddle a shard.
 
@@ -64,7 +66,11 @@ def plan_batches(shards: Sequence[Any], batch_size: int, limit: int | None, seed
         if limit < 1:
             raise UserError(lambda flag: f"{flag('limit')} must be at least 1, got {limit}")
         if limit > total:
-            raise UserError(lambda flag: f"{flag('limit')} {limit} asks for more images than the shards hold ({total}); pass {flag('limit')} {total} or less, or leave it out")
+            raise UserError(
+                lambda flag: (
+                    f"{flag('limit')} {limit} asks for more images than the shards hold ({total}); pass {flag('limit')} {total} or less, or leave it out"
+                )
+            )
         chosen = np.sort(rng.choice(total, size=limit, replace=False))
     ranks = rng.permutation(len(chosen))
     starts = np.cumsum([0, *counts])
@@ -74,7 +80,11 @@ def plan_batches(shards: Sequence[Any], batch_size: int, limit: int | None, seed
         pos = (chosen[lo:hi] - starts[si]).tolist()
         rk = ranks[lo:hi].tolist()
         for b in range(0, len(pos), batch_size):
-            batches.append(PlannedBatch(len(batches), s.url, s.name, s.count, tuple(pos[b : b + batch_size]), tuple(rk[b : b + batch_size])))
+            batches.append(
+                PlannedBatch(
+                    len(batches), s.url, s.name, s.count, tuple(pos[b : b + batch_size]), tuple(rk[b : b + batch_size])
+                )
+            )
     return Plan(batches, total, len(chosen))
 
 
@@ -126,7 +136,9 @@ def read_selected(batches: Sequence[PlannedBatch], storage_options: StorageOptio
     return {b.batch_id: [samples[p] for p in b.positions] for b in batches}
 
 
-def decode_batch(batch: PlannedBatch, samples: Sequence[Any], prep: Any, pool: concurrent.futures.Executor | None = None) -> DecodedBatch:
+def decode_batch(
+    batch: PlannedBatch, samples: Sequence[Any], prep: Any, pool: concurrent.futures.Executor | None = None
+) -> DecodedBatch:
     def one(s: Any) -> tuple[np.ndarray | None, str]:
         try:
             return decode_to_uint8(s.image, prep), ""
@@ -144,14 +156,26 @@ def decode_batch(batch: PlannedBatch, samples: Sequence[Any], prep: Any, pool: c
 
     decoded = list(pool.map(one_with_boxes, samples)) if pool is not None else [one_with_boxes(s) for s in samples]
     ok = [i for i, (px, _, _) in enumerate(decoded) if px is not None]
-    skipped = [{"key": s.key, "shard": batch.shard_url, "reason": err} for s, (px, err, _) in zip(samples, decoded) if px is None]
+    skipped = [
+        {"key": s.key, "shard": batch.shard_url, "reason": err}
+        for s, (px, err, _) in zip(samples, decoded)
+        if px is None
+    ]
     boxed = any(decoded[i][2] is not None for i in ok)
-    boxes = [decoded[i][2] if decoded[i][2] is not None else np.zeros((0, 4), np.float32) for i in ok] if boxed else None
+    boxes = (
+        [decoded[i][2] if decoded[i][2] is not None else np.zeros((0, 4), np.float32) for i in ok] if boxed else None
+    )
     crop = prep.crop
     pixels = np.stack([decoded[i][0] for i in ok]) if ok else np.zeros((0, 3, crop, crop), np.uint8)
     return DecodedBatch(
-        batch.batch_id, batch.shard_url, [samples[i].key for i in ok], np.array([samples[i].label for i in ok], np.int64),
-        np.array([batch.ranks[i] for i in ok], np.int64), pixels, skipped, boxes,
+        batch.batch_id,
+        batch.shard_url,
+        [samples[i].key for i in ok],
+        np.array([samples[i].label for i in ok], np.int64),
+        np.array([batch.ranks[i] for i in ok], np.int64),
+        pixels,
+        skipped,
+        boxes,
     )
 
 

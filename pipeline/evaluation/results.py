@@ -49,8 +49,16 @@ class MethodResult:
     def to_dict(self, ratios: Sequence[float] | None = None) -> dict[str, Any]:
         """results.json's entry: AD/IC's numbers at the top level (ad, ic, per_ratio, ...), every
         other metric under its name."""
-        d = {"id": self.id, "label": self.label, "kind": self.kind, "config": self.config, "n": self.n,
-             "seconds": self.seconds, "map_forwards": self.map_forwards, "info": self.info}
+        d = {
+            "id": self.id,
+            "label": self.label,
+            "kind": self.kind,
+            "config": self.config,
+            "n": self.n,
+            "seconds": self.seconds,
+            "map_forwards": self.map_forwards,
+            "info": self.info,
+        }
         adic = self.metrics.get("adic", {})
         d.update({k: v for k, v in adic.items() if k not in ("seconds", "forwards")})
         d["masked_forwards"] = adic.get("forwards", 0)
@@ -93,8 +101,14 @@ def aggregate(collected: Collector, specs: Sequence[MethodSpec], metrics: Sequen
     keys, shards, labels, ranks, ids, ys, skipped = [], [], [], [], [], [], []
     rows: dict[str, list[np.ndarray]] = {s.id: [] for s in specs}
     arrays: dict[str, dict[str, dict[str, list[np.ndarray]]]] = {s.id: {m.name: {} for m in metrics} for s in specs}
-    cost = {s.id: {"map_seconds": 0.0, "map_forwards": 0, **{f"{m.name}_{k}": 0 for m in metrics for k in ("seconds", "forwards")}}
-            for s in specs}
+    cost = {
+        s.id: {
+            "map_seconds": 0.0,
+            "map_forwards": 0,
+            **{f"{m.name}_{k}": 0 for m in metrics for k in ("seconds", "forwards")},
+        }
+        for s in specs
+    }
     clean_seconds, clean_forwards, offset = 0.0, 0, 0
     for bid in sorted(collected.batches):
         decoded, result = collected.batches[bid]
@@ -131,15 +145,42 @@ def aggregate(collected: Collector, specs: Sequence[MethodSpec], metrics: Sequen
             # images on the last axis; {} for a method that saw no image (every summarize handles it)
             joined = {name: np.concatenate(parts, axis=-1) for name, parts in arrays[s.id][m.name].items()}
             entry[m.name] = joined
-            summaries[m.name] = {**m.summarize(Y[r], joined), "seconds": cost[s.id][f"{m.name}_seconds"],
-                                 "forwards": cost[s.id][f"{m.name}_forwards"]}
+            summaries[m.name] = {
+                **m.summarize(Y[r], joined),
+                "seconds": cost[s.id][f"{m.name}_seconds"],
+                "forwards": cost[s.id][f"{m.name}_forwards"],
+            }
         per_method[s.id] = entry
         c = cost[s.id]
         seconds = c["map_seconds"] + sum(c[f"{m.name}_seconds"] for m in metrics)
-        results.append(MethodResult(s.id, s.label, s.kind, dict(s.kwargs), len(r), seconds, c["map_forwards"],
-                                    dict(s.info, limit=s.limit), summaries))
-    return EvalResults(tuple(metrics[0].ratios), keys, shards, np.concatenate(labels), np.concatenate(ranks), np.concatenate(ids), Y,
-                       per_method, results, skipped, clean_seconds, clean_forwards, list(metrics))
+        results.append(
+            MethodResult(
+                s.id,
+                s.label,
+                s.kind,
+                dict(s.kwargs),
+                len(r),
+                seconds,
+                c["map_forwards"],
+                dict(s.info, limit=s.limit),
+                summaries,
+            )
+        )
+    return EvalResults(
+        tuple(metrics[0].ratios),
+        keys,
+        shards,
+        np.concatenate(labels),
+        np.concatenate(ranks),
+        np.concatenate(ids),
+        Y,
+        per_method,
+        results,
+        skipped,
+        clean_seconds,
+        clean_forwards,
+        list(metrics),
+    )
 
 
 def versions() -> dict[str, str]:

@@ -16,17 +16,16 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..errors import UserError
-from ..progress import Progress, say
-from ..fs import StorageOptions, join, write_bytes_atomic, write_json_atomic
 from ..configs import EvalConfig
+from ..errors import UserError
+from ..fs import StorageOptions, join, write_bytes_atomic, write_json_atomic
+from ..progress import Progress, say
 from .config import MethodSpec, method_specs, methods_for_machine, resolve_backbone
-from .engine import Evaluator, choose_engine, pick_device, run_local, run_ray
-from .metrics.base import box_metrics
-from .metrics.base import build_metrics, optional_metrics
-from .metrics.adic import pct, subset_table
-from .plan import DecodedBatch, plan_batches
 from .coverage import check_coverage, coverage_markdown, coverage_split
+from .engine import Evaluator, choose_engine, pick_device, run_local, run_ray
+from .metrics.adic import pct, subset_table
+from .metrics.base import box_metrics, build_metrics, optional_metrics
+from .plan import DecodedBatch, plan_batches
 from .render import render_charts, render_csv, render_markdown
 from .results import Collector, MethodResult, aggregate, jsonable, versions
 
@@ -50,7 +49,9 @@ class MethodProgress:
             per_image = build_method(s.kind, backbone, **dict(s.kwargs)).forwards_per_image(channels)
             if per_image:
                 images = min(s.limit, selected) if s.limit is not None else selected
-                self.bars[s.id] = Progress(images * per_image, True, what=f"eval {s.label}", unit="forwards", every=10.0, bar=False)
+                self.bars[s.id] = Progress(
+                    images * per_image, True, what=f"eval {s.label}", unit="forwards", every=10.0, bar=False
+                )
 
     def __bool__(self) -> bool:
         return bool(self.bars)
@@ -78,22 +79,45 @@ class EvalSummary:
     ratios: tuple[float, ...]
 
     def lines(self) -> list[str]:
-        head = f"{'method':<22} {'N':>5}  " + "  ".join(f"AD{pct(r):>5}" for r in self.ratios) + "  " + "  ".join(f"IC{pct(r):>5}" for r in self.ratios)
-        out = [f"evaluated {self.images} images in {self.seconds:.1f}s" + (f" ({self.skipped} skipped: undecodable)" if self.skipped else ""), head]
+        head = (
+            f"{'method':<22} {'N':>5}  "
+            + "  ".join(f"AD{pct(r):>5}" for r in self.ratios)
+            + "  "
+            + "  ".join(f"IC{pct(r):>5}" for r in self.ratios)
+        )
+        out = [
+            f"evaluated {self.images} images in {self.seconds:.1f}s"
+            + (f" ({self.skipped} skipped: undecodable)" if self.skipped else ""),
+            head,
+        ]
         for m in self.methods:
-            out.append(f"{m.label:<22} {m.n:>5}  " + "  ".join(f"{v:7.2f}" for v in m.ad) + "  " + "  ".join(f"{v:7.2f}" for v in m.ic))
+            out.append(
+                f"{m.label:<22} {m.n:>5}  "
+                + "  ".join(f"{v:7.2f}" for v in m.ad)
+                + "  "
+                + "  ".join(f"{v:7.2f}" for v in m.ic)
+            )
         boxes = [k for k in box_metrics() if any(k in m.metrics for m in self.methods)]
         if boxes:  # localisation against the shards' boxes, percent
             out.append(f"{'method':<22} {'N':>5}  " + "  ".join(f"{k:>20}" for k in boxes))
             for m in self.methods:
                 n = max(m.metrics[k].get("n", 0) for k in boxes)
-                out.append(f"{m.label:<22} {n:>5}  " + "  ".join(f"{m.metrics[k].get('mean', float('nan')):20.2f}" for k in boxes))
+                out.append(
+                    f"{m.label:<22} {n:>5}  "
+                    + "  ".join(f"{m.metrics[k].get('mean', float('nan')):20.2f}" for k in boxes)
+                )
         out += [f"{k:<13} {v}" for k, v in self.files.items()]
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {"out": self.out, "files": self.files, "images": self.images, "skipped": self.skipped, "seconds": self.seconds,
-                "methods": [m.to_dict(self.ratios) for m in self.methods]}
+        return {
+            "out": self.out,
+            "files": self.files,
+            "images": self.images,
+            "skipped": self.skipped,
+            "seconds": self.seconds,
+            "methods": [m.to_dict(self.ratios) for m in self.methods],
+        }
 
 
 def protocol_dict(ratios: Sequence[float], n: int) -> dict[str, Any]:
@@ -108,7 +132,9 @@ def protocol_dict(ratios: Sequence[float], n: int) -> dict[str, Any]:
 def check_metrics(cfg: EvalConfig) -> None:
     unknown = sorted(set(cfg.metrics) - set(optional_metrics()))
     if unknown:
-        raise UserError(f"unknown metric(s) {', '.join(unknown)}; optional metrics: {', '.join(optional_metrics())} (AD/IC always runs)")
+        raise UserError(
+            f"unknown metric(s) {', '.join(unknown)}; optional metrics: {', '.join(optional_metrics())} (AD/IC always runs)"
+        )
     try:
         build_metrics(cfg.ratios, cfg.metrics, cfg.metric_options)
     except (TypeError, ValueError) as exc:
@@ -147,8 +173,10 @@ def evaluate(cfg: EvalConfig) -> EvalSummary:
         from lcam.cam_methods.base import method_class
 
         labels = ", ".join(method_class(m).label for m in left_out)
-        say(f"eval: {labels} left out on a CPU (about a thousand forwards per image each); --costly-on-cpu runs them "
-            f"(--method-limit {left_out[0]}=N caps one to N images), or give --methods")
+        say(
+            f"eval: {labels} left out on a CPU (about a thousand forwards per image each); --costly-on-cpu runs them "
+            f"(--method-limit {left_out[0]}=N caps one to N images), or give --methods"
+        )
     backbone, loaded = resolve_backbone(cfg)
     specs = method_specs(cfg, loaded)
     if cfg.split_coverage:
@@ -156,10 +184,17 @@ def evaluate(cfg: EvalConfig) -> EvalSummary:
     plan = plan_batches(shards, cfg.batch_size, cfg.limit, cfg.seed, cfg.shard_storage_options)
     for s in specs:
         if s.limit is not None and s.limit > plan.selected:
-            raise UserError(lambda flag: f"--method-limit {s.id}={s.limit} exceeds the {plan.selected} images evaluated; lower it or raise {flag('limit')}")
+            raise UserError(
+                lambda flag: (
+                    f"--method-limit {s.id}={s.limit} exceeds the {plan.selected} images evaluated; lower it or raise {flag('limit')}"
+                )
+            )
     if cfg.progress:
-        say(f"eval: {plan.selected} images of {plan.available} in {len(plan.batches)} batches; methods: "
-              + ", ".join(s.label + (f" (N={s.limit})" if s.limit else "") for s in specs) + f"; engine {engine}")
+        say(
+            f"eval: {plan.selected} images of {plan.available} in {len(plan.batches)} batches; methods: "
+            + ", ".join(s.label + (f" (N={s.limit})" if s.limit else "") for s in specs)
+            + f"; engine {engine}"
+        )
 
     collected = Collector()
     progress = Progress(plan.selected, cfg.progress, what="eval", every=10.0)
@@ -174,16 +209,27 @@ def evaluate(cfg: EvalConfig) -> EvalSummary:
     engine_info: dict[str, Any] = {"name": engine, "batch_size": cfg.batch_size, "fold_batchnorm": cfg.fold_batchnorm}
     if engine == "local":
         device = pick_device(cfg.device)
-        evaluator = Evaluator(backbone, specs, ratios, metrics=cfg.metrics, metric_options=cfg.metric_options,
-                              forward_batch=cfg.batch_size, device=device, keep_maps=cfg.save_maps, fold_batchnorm=cfg.fold_batchnorm,
-                              on_method_forwards=method_progress.update if method_progress else None)
+        evaluator = Evaluator(
+            backbone,
+            specs,
+            ratios,
+            metrics=cfg.metrics,
+            metric_options=cfg.metric_options,
+            forward_batch=cfg.batch_size,
+            device=device,
+            keep_maps=cfg.save_maps,
+            fold_batchnorm=cfg.fold_batchnorm,
+            on_method_forwards=method_progress.update if method_progress else None,
+        )
         try:
             run_local(plan, evaluator, backbone.preprocessing, cfg.shard_storage_options, cfg.decode_workers, on_batch)
         finally:
             evaluator.close()
         engine_info.update(device=device, torch_threads=torch.get_num_threads(), decode_workers=cfg.decode_workers)
     else:
-        engine_info.update(run_ray(plan, cfg, backbone, specs, on_batch, method_progress.update if method_progress else None))
+        engine_info.update(
+            run_ray(plan, cfg, backbone, specs, on_batch, method_progress.update if method_progress else None)
+        )
         engine_info["device"] = "cuda" if engine_info["gpus_per_actor"] else "cpu"
     eval_seconds = time.perf_counter() - t_eval
     method_progress.close()
@@ -201,19 +247,34 @@ def evaluate(cfg: EvalConfig) -> EvalSummary:
         "format": FORMAT,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "protocol": protocol_dict(ratios, len(res.keys)),
-        "data": {"shards": cfg.shards, "index": cfg.index, "available": plan.available, "selected": plan.selected,
-                 "evaluated": len(res.keys), "limit": cfg.limit, "seed": cfg.seed, "skipped": res.skipped,
-                 "boxed": boxed},
+        "data": {
+            "shards": cfg.shards,
+            "index": cfg.index,
+            "available": plan.available,
+            "selected": plan.selected,
+            "evaluated": len(res.keys),
+            "limit": cfg.limit,
+            "seed": cfg.seed,
+            "skipped": res.skipped,
+            "boxed": boxed,
+        },
         "backbone": backbone.describe(),
         "methods": {m.id: m.to_dict(ratios) for m in res.methods},
         "metrics": [m.name for m in metrics],
         "subsets": {str(lim): subset_table(res, lim) for lim in sorted({s.limit for s in specs if s.limit})},
-        "seeds": {"subset": cfg.seed, **seeds,
-                  "per_batch": "random map and ROAD noise seeded by SeedSequence([seed, batch_id])"},
+        "seeds": {
+            "subset": cfg.seed,
+            **seeds,
+            "per_batch": "random map and ROAD noise seeded by SeedSequence([seed, batch_id])",
+        },
         "engine": engine_info,
-        "timings": {"total_seconds": time.perf_counter() - t_start, "evaluation_seconds": eval_seconds,
-                    "clean_forward_seconds": res.clean_seconds, "clean_forwards": res.clean_forwards,
-                    "images_per_second": len(res.keys) / eval_seconds if eval_seconds > 0 else None},
+        "timings": {
+            "total_seconds": time.perf_counter() - t_start,
+            "evaluation_seconds": eval_seconds,
+            "clean_forward_seconds": res.clean_seconds,
+            "clean_forwards": res.clean_forwards,
+            "images_per_second": len(res.keys) / eval_seconds if eval_seconds > 0 else None,
+        },
         "versions": versions(),
         "config": cfg.public(),
     }
@@ -234,7 +295,9 @@ def evaluate(cfg: EvalConfig) -> EvalSummary:
     write_json_atomic(files["results.json"], jsonable(report), so)
     if cfg.save_maps:
         save_gallery_maps(collected, specs, join(cfg.out, "maps.npz"), so)
-    return EvalSummary(cfg.out, files, len(res.keys), len(res.skipped), time.perf_counter() - t_start, res.methods, ratios)
+    return EvalSummary(
+        cfg.out, files, len(res.keys), len(res.skipped), time.perf_counter() - t_start, res.methods, ratios
+    )
 
 
 def save_gallery_maps(collected: Collector, specs: Sequence[MethodSpec], url: str, so: StorageOptions) -> None:
@@ -262,5 +325,13 @@ def save_gallery_maps(collected: Collector, specs: Sequence[MethodSpec], url: st
         shape = next((m.shape for m in per_image if m is not None), None)
         if shape is not None:
             stacked[mid] = np.stack([m if m is not None else np.full(shape, np.nan, np.float32) for m in per_image])
-    save_comparison_maps(url, keys=keys, images=np.stack(images), class_ids=np.asarray(ids), probs=np.asarray(probs),
-                         maps=stacked, labels={s.id: s.label for s in specs}, storage_options=so)
+    save_comparison_maps(
+        url,
+        keys=keys,
+        images=np.stack(images),
+        class_ids=np.asarray(ids),
+        probs=np.asarray(probs),
+        maps=stacked,
+        labels={s.id: s.label for s in specs},
+        storage_options=so,
+    )

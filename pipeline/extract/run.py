@@ -25,22 +25,22 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..store.feature_cache import FeatureCache
+# the config lives in the torch-free pipeline.configs (lcam extract --help reads it)
+from ..configs import ExtractConfig
 from ..device import autocast_dtype, pad_lone_image
-from ..store.layer import KeyOwners
-from ..errors import UserError
 from ..fs import absolute
 from ..options import validate
 from ..progress import Progress, skipped_lines
 from ..raykit import ShardWorker, StageStats, actor_device, actor_pool, ensure_ray, repin_threads, run_shard_stage
 from ..shard_tasks import shard_parts
-
-# the config lives in the torch-free pipeline.configs (lcam extract --help reads it)
-from ..configs import VIEWS, ExtractConfig
+from ..store.feature_cache import FeatureCache
+from ..store.layer import KeyOwners
 
 log = logging.getLogger(__name__)
 
-IN_FLIGHT_BATCHES = 4  # batches of rows read/decoded or queued per actor, at least (run_shard_stage's min_rows_in_flight)
+IN_FLIGHT_BATCHES = (
+    4  # batches of rows read/decoded or queued per actor, at least (run_shard_stage's min_rows_in_flight)
+)
 
 
 @dataclass
@@ -73,15 +73,20 @@ class ExtractSummary:
             f"cache {self.cache} (fingerprint {self.fingerprint})",
             f"shards: {self.shards_total} in the dataset, {self.shards_done_before} already cached, {self.shards_extracted} extracted now",
             f"images: {self.images} in {self.seconds:.1f}s ({self.images_per_second:.3g} images/s overall, "
-            + (f"{self.steady_images_per_second:.3g} in steady state" if self.steady_images_per_second > 0
-               else "no steady state: one shard")  # the rate after the first shard needs a second one
+            + (
+                f"{self.steady_images_per_second:.3g} in steady state"
+                if self.steady_images_per_second > 0
+                else "no steady state: one shard"
+            )  # the rate after the first shard needs a second one
             + f"; Ray start-up {self.ray_startup_seconds:.1f}s)",
         ]
         out += skipped_lines(self.skipped, "images", "see the cache manifest")
         for f in self.failed_shards:
             out.append(f"FAILED shard {f['url']}: {f['reason']}")
         if self.failed_shards:
-            out.append("failed shards are recorded in the cache manifest (`lcam cache info`); re-run the same command to retry them")
+            out.append(
+                "failed shards are recorded in the cache manifest (`lcam cache info`); re-run the same command to retry them"
+            )
         out += [f"notice: {n}" for n in self.notices]
         return out
 
@@ -117,7 +122,9 @@ def open_cache_for(backbone: Any, cfg: ExtractConfig) -> FeatureCache:
 class BackboneRunner:
     """The frozen backbone: (n, V, 3, H, W) uint8 -> features, top-5, logits (one batch)."""
 
-    def __init__(self, backbone: str, weights: str, precision: str, store_logits: bool, dtype: str, torch_threads: int | None) -> None:
+    def __init__(
+        self, backbone: str, weights: str, precision: str, store_logits: bool, dtype: str, torch_threads: int | None
+    ) -> None:
         import torch
 
         from lcam import build_backbone
@@ -145,7 +152,10 @@ class BackboneRunner:
         if ok.any():
             x = torch.from_numpy(pixels[ok].reshape(-1, *pixels.shape[2:])).to(self.device, non_blocking=True)
             x = x.float().div_(255.0).contiguous(memory_format=torch.channels_last)
-            with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            with (
+                torch.inference_mode(),
+                torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None),
+            ):
                 f, logits = self.model.extract(pad_lone_image(x))
                 f, logits = f[: len(x)], logits[: len(x)]
             f = f.float().reshape(int(ok.sum()), v, c, h, w)
@@ -167,8 +177,17 @@ class ExtractWorker(ShardWorker):
 
     WRITE_ATTEMPTS = 3  # storage hiccups (OSError): the group is rewritten whole, so retrying is safe
 
-    def __init__(self, cache: FeatureCache, backbone: str, weights: str, precision: str, store_logits: bool, dtype: str,
-                 torch_threads: int | None, batch_size: int) -> None:
+    def __init__(
+        self,
+        cache: FeatureCache,
+        backbone: str,
+        weights: str,
+        precision: str,
+        store_logits: bool,
+        dtype: str,
+        torch_threads: int | None,
+        batch_size: int,
+    ) -> None:
         super().__init__()
         self.cache = cache
         self.runner = BackboneRunner(backbone, weights, precision, store_logits, dtype, torch_threads)
@@ -181,14 +200,23 @@ class ExtractWorker(ShardWorker):
             return {"url": url, "failed": run.failed}
         batch, n = run.columns, run.rows
         keep = batch["error"] == ""
-        skipped = [{"key": str(k), "reason": str(e), "shard": url} for k, e in zip(batch["key"][~keep], batch["error"][~keep])]
+        skipped = [
+            {"key": str(k), "reason": str(e), "shard": url} for k, e in zip(batch["key"][~keep], batch["error"][~keep])
+        ]
         keys, labels = [str(k) for k in batch["key"][keep]], batch["label"][keep]
-        cols = {k: run.outputs[k][keep] if run.outputs else None for k in ("features", "top5_classes", "top5_probs", "logits")}
+        cols = {
+            k: run.outputs[k][keep] if run.outputs else None
+            for k in ("features", "top5_classes", "top5_probs", "logits")
+        }
         del run, parts  # only the features are kept until written
         if not keep.any():  # every image undecodable: an empty group (verify counts them as skipped)
             V, (C, h, w) = len(self.cache.views), self.cache.feature_shape
-            cols = {"features": np.zeros((0, V, C, h, w), np.float32), "top5_classes": np.zeros((0, 5), np.int32),
-                    "top5_probs": np.zeros((0, 5), np.float32), "logits": np.zeros((0, self.cache.num_classes), np.float16)}
+            cols = {
+                "features": np.zeros((0, V, C, h, w), np.float32),
+                "top5_classes": np.zeros((0, 5), np.int32),
+                "top5_probs": np.zeros((0, 5), np.float32),
+                "logits": np.zeros((0, self.cache.num_classes), np.float16),
+            }
         for attempt in range(1, self.WRITE_ATTEMPTS + 1):
             try:
                 entry = self.cache.write_shard(
@@ -207,6 +235,8 @@ class ExtractWorker(ShardWorker):
                 time.sleep(attempt)
         entry.update(skipped=skipped, expected_count=n, node_id=self.node_id())
         return entry
+
+
 def extract(cfg: ExtractConfig) -> ExtractSummary:
     """Run (or resume) an extraction; returns a summary. Idempotent: done shards are skipped."""
     from lcam import build_backbone
@@ -218,7 +248,8 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
     # Absolute local paths: the cache records shard URLs, and later stages (and Ray workers
     # in other folders) must name the same shards the same way.
     cfg = dataclasses.replace(
-        cfg, cache=absolute(cfg.cache),
+        cfg,
+        cache=absolute(cfg.cache),
         shards=[absolute(s) for s in cfg.shards] if isinstance(cfg.shards, list) else absolute(cfg.shards),
     )
     shards = require_shards(cfg.shards, storage_options=cfg.shard_storage_options, index_url=cfg.index)
@@ -238,9 +269,15 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
         log.warning(
             "another extraction into %s is running or was killed (host %s, pid %s, started %s, %s shards to do): "
             "both do the same shards, and the cache stays consistent; stop one to save the work",
-            cache.url, other.get("host"), other.get("pid"), other.get("started"), other.get("todo"),
+            cache.url,
+            other.get("host"),
+            other.get("pid"),
+            other.get("started"),
+            other.get("todo"),
         )
-        summary.notices.append(f"another extraction into this cache started {other.get('started')} on {other.get('host')} (pid {other.get('pid')})")
+        summary.notices.append(
+            f"another extraction into this cache started {other.get('started')} on {other.get('host')} (pid {other.get('pid')})"
+        )
     lease = cache.leases.take({"todo": len(todo)})
     preprocessing = backbone.preprocessing
     del backbone  # the actors build their own; free the driver's copy
@@ -250,11 +287,16 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
         cache.leases.drop(lease)
 
 
-def _run(cfg: ExtractConfig, cache: FeatureCache, preprocessing: Any, todo: list[Any], summary: ExtractSummary) -> ExtractSummary:
+def _run(
+    cfg: ExtractConfig, cache: FeatureCache, preprocessing: Any, todo: list[Any], summary: ExtractSummary
+) -> ExtractSummary:
     summary.ray_startup_seconds = ensure_ray()
     known = cache.manifest.get("expected_counts", {})
     total = sum((s.count if s.count is not None else known.get(s.url, 0)) for s in todo) or None
-    items = [{"url": s.url, "name": s.name, "count": s.count if s.count is not None else -1, "sha256": s.sha256 or ""} for s in todo]
+    items = [
+        {"url": s.url, "name": s.name, "count": s.count if s.count is not None else -1, "sha256": s.sha256 or ""}
+        for s in todo
+    ]
     actors, gpus = actor_pool(cfg.num_actors)
     progress = Progress(total, cfg.progress, what="extract")
     t_pipe = time.perf_counter()
@@ -286,9 +328,24 @@ def _run(cfg: ExtractConfig, cache: FeatureCache, preprocessing: Any, todo: list
 
     stats = run_shard_stage(
         items,
-        lambda item: shard_parts(item, storage_options=cfg.shard_storage_options, preprocessing=preprocessing, views=cfg.views, part_rows=cfg.decode_batch_size),
+        lambda item: shard_parts(
+            item,
+            storage_options=cfg.shard_storage_options,
+            preprocessing=preprocessing,
+            views=cfg.views,
+            part_rows=cfg.decode_batch_size,
+        ),
         ExtractWorker,
-        (cache, cfg.backbone, cfg.weights, cfg.precision, cfg.store_logits, cfg.dtype, cfg.torch_threads, cfg.batch_size),
+        (
+            cache,
+            cfg.backbone,
+            cfg.weights,
+            cfg.precision,
+            cfg.store_logits,
+            cfg.dtype,
+            cfg.torch_threads,
+            cfg.batch_size,
+        ),
         actors=actors,
         gpus=gpus,
         on_result=committed,
@@ -306,5 +363,7 @@ def _run(cfg: ExtractConfig, cache: FeatureCache, preprocessing: Any, todo: list
     summary.seconds = time.perf_counter() - t_pipe
     if stats.first_result_at is not None and stats.last_result_at and stats.last_result_at > stats.first_result_at:
         # from the first finished shard on: no Ray or model start-up (needs >= 2 shards)
-        summary.steady_images_per_second = (sum(counts.values()) - first_count) / (stats.last_result_at - stats.first_result_at)
+        summary.steady_images_per_second = (sum(counts.values()) - first_count) / (
+            stats.last_result_at - stats.first_result_at
+        )
     return summary

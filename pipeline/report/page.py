@@ -42,14 +42,29 @@ def _read(url: str, storage_options: StorageOptions) -> bytes | None:
         return None
 
 
-def save_comparison_maps(url: str, *, keys: Sequence[str], images: np.ndarray, class_ids: np.ndarray, probs: np.ndarray,
-                         maps: Mapping[str, np.ndarray], labels: Mapping[str, str], storage_options: StorageOptions = None) -> None:
+def save_comparison_maps(
+    url: str,
+    *,
+    keys: Sequence[str],
+    images: np.ndarray,
+    class_ids: np.ndarray,
+    probs: np.ndarray,
+    maps: Mapping[str, np.ndarray],
+    labels: Mapping[str, str],
+    storage_options: StorageOptions = None,
+) -> None:
     """Maps of every method for a few images, at each method's own resolution, for the gallery."""
     buf = io.BytesIO()
     arrays = {f"map__{m}": np.asarray(v, dtype=np.float32) for m, v in maps.items()}
     np.savez_compressed(
-        buf, keys=np.asarray(list(keys)), images=np.asarray(images, dtype=np.uint8), class_ids=np.asarray(class_ids),
-        probs=np.asarray(probs, dtype=np.float32), methods=np.asarray(list(maps)), labels=np.asarray([labels.get(m, m) for m in maps]), **arrays,
+        buf,
+        keys=np.asarray(list(keys)),
+        images=np.asarray(images, dtype=np.uint8),
+        class_ids=np.asarray(class_ids),
+        probs=np.asarray(probs, dtype=np.float32),
+        methods=np.asarray(list(maps)),
+        labels=np.asarray([labels.get(m, m) for m in maps]),
+        **arrays,
     )
     write_bytes_atomic(url, buf.getvalue(), storage_options)
 
@@ -80,11 +95,15 @@ def _metrics_table(results: Mapping[str, Any]) -> str:
             v = m["per_ratio"].get(key[0], {}).get(key[1])
             cls = ' class="best"' if v is not None and v == best.get(key) else ""
             cells.append(f"<td{cls}>{'' if v is None else f'{v:.2f}'}</td>")
-        rows.append(f"<tr><td class=\"m\">{html.escape(m['label'])}</td><td>{m['n']}</td>{''.join(cells)}</tr>")
+        rows.append(f'<tr><td class="m">{html.escape(m["label"])}</td><td>{m["n"]}</td>{"".join(cells)}</tr>')
     return f'<table class="metrics"><tr><th>method</th><th>N</th>{head}</tr>{"".join(rows)}</table>'
 
 
-LOCALISATION = (("pointing_game", "pointing game"), ("energy_pointing_game", "energy pointing game"), ("box_iou", "box IoU"))
+LOCALISATION = (
+    ("pointing_game", "pointing game"),
+    ("energy_pointing_game", "energy pointing game"),
+    ("box_iou", "box IoU"),
+)
 
 
 def _ordered_methods(results: Mapping[str, Any]) -> list[Mapping[str, Any]]:
@@ -111,12 +130,14 @@ def _localisation_table(results: Mapping[str, Any]) -> str:
             se = "" if s.get("se") is None else f" ± {s['se']:.2f}"
             cells.append(f"<td{cls}>{s['mean']:.2f}{se}</td>")
         n = max((m.get(k) or {}).get("n", 0) for k, _ in cols)
-        rows.append(f"<tr><td class=\"m\">{html.escape(m['label'])}</td><td>{n}</td>{''.join(cells)}</tr>")
+        rows.append(f'<tr><td class="m">{html.escape(m["label"])}</td><td>{n}</td>{"".join(cells)}</tr>')
     head = "".join(f"<th>{t} ↑</th>" for _, t in cols)
-    return (f'<table class="metrics" id="localisation"><tr><th>method</th><th>N</th>{head}</tr>{"".join(rows)}</table>'
-            '<p class="note">Percent, mean ± standard error over the images whose object box lies in the crop. Pointing game: '
-            "the map's maximum inside a box; energy pointing game (Score-CAM): the share of the map's sum inside the boxes; "
-            "box IoU: the map's top 15% of pixels against the boxes. Boxes go through the model's resize and centre crop.</p>")
+    return (
+        f'<table class="metrics" id="localisation"><tr><th>method</th><th>N</th>{head}</tr>{"".join(rows)}</table>'
+        '<p class="note">Percent, mean ± standard error over the images whose object box lies in the crop. Pointing game: '
+        "the map's maximum inside a box; energy pointing game (Score-CAM): the share of the map's sum inside the boxes; "
+        "box IoU: the map's top 15% of pixels against the boxes. Boxes go through the model's resize and centre crop.</p>"
+    )
 
 
 def coverage_summary(coverage: Sequence[int]) -> str:
@@ -125,8 +146,10 @@ def coverage_summary(coverage: Sequence[int]) -> str:
     trained = cov[cov > 0]
     if not len(trained):
         return f"no class row of {len(cov)} trained"
-    return (f"{len(trained)} of {len(cov)} class rows trained, on {int(trained.sum())} samples: per trained row median "
-            f"{int(np.median(trained))}, min {int(trained.min())}, max {int(trained.max())}; the other rows never trained")
+    return (
+        f"{len(trained)} of {len(cov)} class rows trained, on {int(trained.sum())} samples: per trained row median "
+        f"{int(np.median(trained))}, min {int(trained.min())}, max {int(trained.max())}; the other rows never trained"
+    )
 
 
 def write_report(
@@ -164,11 +187,19 @@ def write_report(
         p = results["protocol"]
         parts.append("<h2>Faithfulness: Average Drop and Increase in Confidence</h2>")
         parts.append(_metrics_table(results))
-        covered = {m["label"]: m["info"]["coverage"] for m in _ordered_methods(results) if (m.get("info") or {}).get("coverage")}
+        covered = {
+            m["label"]: m["info"]["coverage"]
+            for m in _ordered_methods(results)
+            if (m.get("info") or {}).get("coverage")
+        }
         if covered:  # how many training samples stand behind each class's L-CAM map
-            parts.append("<p class=\"note\" id=\"coverage\">Training samples per class row: " + "; ".join(
-                f"{html.escape(label)}: {html.escape(coverage_summary(cov))}" for label, cov in covered.items())
-                + ". The gallery gives each map's count.</p>")
+            parts.append(
+                '<p class="note" id="coverage">Training samples per class row: '
+                + "; ".join(
+                    f"{html.escape(label)}: {html.escape(coverage_summary(cov))}" for label, cov in covered.items()
+                )
+                + ". The gallery gives each map's count.</p>"
+            )
         loc = _localisation_table(results)
         if loc:
             parts.append("<h2>Localisation against boxes</h2>" + loc)
@@ -192,9 +223,12 @@ def write_report(
             if curves:
                 fname = f"curves-{name.lower().replace(' ', '-')}.png"
                 write_bytes_atomic(join(assets, fname), curves, storage_options)
-                parts.append(f'<figure style="display:inline-block"><img src="{ASSETS}/{fname}" alt="{html.escape(name)} training curves">'
-                             f"<figcaption>{html.escape(name)}" + (f": final loss {last.get('loss', float('nan')):.3f}" if last and "loss" in last else "")
-                             + "</figcaption></figure>")
+                parts.append(
+                    f'<figure style="display:inline-block"><img src="{ASSETS}/{fname}" alt="{html.escape(name)} training curves">'
+                    f"<figcaption>{html.escape(name)}"
+                    + (f": final loss {last.get('loss', float('nan')):.3f}" if last and "loss" in last else "")
+                    + "</figcaption></figure>"
+                )
         parts.append("</div>")
 
     maps_raw = _read(join(eval_dir, MAPS_FILE), storage_options) if eval_dir else None
@@ -203,33 +237,46 @@ def write_report(
         coverage = {mid: m.get("info", {}).get("coverage") for mid, m in (results or {}).get("methods", {}).items()}
         parts.append(_gallery(np.load(io.BytesIO(maps_raw)), assets, colormap, opacity, storage_options, coverage))
     if cams_gallery:
-        parts.append(f'<p>All CAMs of the dataset: <a href="{html.escape(cams_gallery)}">gallery of the CAM store</a>.</p>')
+        parts.append(
+            f'<p>All CAMs of the dataset: <a href="{html.escape(cams_gallery)}">gallery of the CAM store</a>.</p>'
+        )
     if audit_page:
-        parts.append(f'<p>The classifier audited over the whole dataset (errors explained, where each class\'s evidence lies): '
-                     f'<a href="{html.escape(audit_page)}" id="audit-link">audit</a>.</p>')
+        parts.append(
+            f"<p>The classifier audited over the whole dataset (errors explained, where each class's evidence lies): "
+            f'<a href="{html.escape(audit_page)}" id="audit-link">audit</a>.</p>'
+        )
     for n in notes:
         parts.append(f'<p class="note">{html.escape(n)}</p>')
-    page = f"<!doctype html><html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title><style>{CSS}</style></head><body>{''.join(parts)}</body></html>"
+    page = f'<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{CSS}</style></head><body>{"".join(parts)}</body></html>'
     write_bytes_atomic(url, page.encode(), storage_options)
     return url
 
 
-def _gallery(data: Any, assets: str, colormap: str, opacity: float, storage_options: StorageOptions,
-             coverage: Mapping[str, Sequence[int] | None] | None = None) -> str:
+def _gallery(
+    data: Any,
+    assets: str,
+    colormap: str,
+    opacity: float,
+    storage_options: StorageOptions,
+    coverage: Mapping[str, Sequence[int] | None] | None = None,
+) -> str:
     """``coverage``: per L-CAM method, its checkpoint's training samples per class row; maps of
     untrained or barely trained rows are marked."""
+    import torch
+
     from lcam.explain import minmax_normalize, upsample
 
     from ..cams.gallery import coverage_mark
-
-    import torch
 
     names = imagenet_classes()
     methods, labels = [str(m) for m in data["methods"]], [str(x) for x in data["labels"]]
     head = "<tr><th>image</th>" + "".join(f"<th>{html.escape(label)}</th>" for label in labels) + "</tr>"
     rows = []
     # images that every method ran on first (costly methods run on a subset)
-    evaluated = [sum(not np.isnan(np.asarray(data[f"map__{m}"][i], dtype=np.float32)).all() for m in methods) for i in range(len(data["keys"]))]
+    evaluated = [
+        sum(not np.isnan(np.asarray(data[f"map__{m}"][i], dtype=np.float32)).all() for m in methods)
+        for i in range(len(data["keys"]))
+    ]
     for i in sorted(range(len(data["keys"])), key=lambda i: -evaluated[i]):
         key = data["keys"][i]
         image = data["images"][i]
@@ -237,7 +284,9 @@ def _gallery(data: Any, assets: str, colormap: str, opacity: float, storage_opti
         cname = names[cls] if 0 <= cls < len(names) else str(cls)
         fname = f"img-{i:03d}.png"
         write_bytes_atomic(join(assets, fname), png_bytes(image), storage_options)
-        cells = [f'<td><img src="{ASSETS}/{fname}" alt="{html.escape(str(key))}">{html.escape(str(key))}<br>{html.escape(cname)} ({prob:.0%})</td>']
+        cells = [
+            f'<td><img src="{ASSETS}/{fname}" alt="{html.escape(str(key))}">{html.escape(str(key))}<br>{html.escape(cname)} ({prob:.0%})</td>'
+        ]
         for m, label in zip(methods, labels):
             raw = np.asarray(data[f"map__{m}"][i], dtype=np.float32)
             if np.isnan(raw).all():  # this method ran on a subset without this image
@@ -251,7 +300,10 @@ def _gallery(data: Any, assets: str, colormap: str, opacity: float, storage_opti
             known = cov is not None and 0 <= cls < len(cov)
             mark = coverage_mark(int(cov[cls])) if known else ""
             count = f'<span class="note">{int(cov[cls])} training samples</span>' if known and not mark else ""
-            cells.append(f'<td><img src="{ASSETS}/{oname}" alt="{html.escape(label)} on {html.escape(str(key))}">'
-                         + (f'<span class="warn">{html.escape(mark)}</span>' if mark else count) + "</td>")
+            cells.append(
+                f'<td><img src="{ASSETS}/{oname}" alt="{html.escape(label)} on {html.escape(str(key))}">'
+                + (f'<span class="warn">{html.escape(mark)}</span>' if mark else count)
+                + "</td>"
+            )
         rows.append("<tr>" + "".join(cells) + "</tr>")
     return f'<table class="gallery">{head}{"".join(rows)}</table>'

@@ -7,7 +7,6 @@ from typing import Any
 
 from pipeline.errors import UserError
 
-
 INDEX_FORMAT = "lcam-webdataset-shards/1"
 INDEX_NAME = "index.json"
 READ_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # order of preference when reading
@@ -49,7 +48,9 @@ class ShardInfo:
     name: str
     count: int | None = None
     sha256: str | None = None
-    labels_scheme: str | None = None  # from the index: imagenet, labels-file, folders (0..N-1: not the classifier's classes)
+    labels_scheme: str | None = (
+        None  # from the index: imagenet, labels-file, folders (0..N-1: not the classifier's classes)
+    )
     boxes: int | None = None  # from the index: samples carrying bounding boxes (pipeline.shards.boxes)
 
 

@@ -43,7 +43,17 @@ def _rows(text: str) -> list[list[str]]:
 
 
 _FILE_COLS = ("file", "filename", "file_name", "path", "image", "img", "image_id", "imageid", "image_name", "id")
-_CLASS_COLS = ("class_index", "class_idx", "label", "cls", "class", "target", "class_id", "label_index", "predictionstring")
+_CLASS_COLS = (
+    "class_index",
+    "class_idx",
+    "label",
+    "cls",
+    "class",
+    "target",
+    "class_id",
+    "label_index",
+    "predictionstring",
+)
 _WNID_COLS = ("wnid", "synset")
 
 
@@ -72,7 +82,9 @@ class LabelsTable(dict):
         self.boxes: dict[str, list[list[int]]] = {}
 
 
-def parse_labels(url: str, num_classes: int | None = None, skip_out_of_range: bool = False) -> tuple[str, dict[str, int] | list[int]]:
+def parse_labels(
+    url: str, num_classes: int | None = None, skip_out_of_range: bool = False
+) -> tuple[str, dict[str, int] | list[int]]:
     """("table", {file-name-or-stem: class}) or ("per-line", [class of line 1, line 2, ...]).
 
     ``num_classes``: a class outside 0..num_classes-1 is refused with its line, or with
@@ -97,7 +109,9 @@ def parse_labels(url: str, num_classes: int | None = None, skip_out_of_range: bo
         if class_col is None:
             class_col = next((header.index(c) for c in _WNID_COLS if c in header), None)
         if class_col is None:
-            raise UserError(f"labels file {url}: header {rows[0]} has no class column (expected one of {', '.join(_CLASS_COLS + _WNID_COLS)})")
+            raise UserError(
+                f"labels file {url}: header {rows[0]} has no class column (expected one of {', '.join(_CLASS_COLS + _WNID_COLS)})"
+            )
         rows = rows[1:]
     table = LabelsTable()
     for n, row in enumerate(rows, start=2 if has_header else 1):
@@ -112,8 +126,10 @@ def parse_labels(url: str, num_classes: int | None = None, skip_out_of_range: bo
         if num_classes is not None and not 0 <= cls < num_classes:
             why = f"class {cls} outside the classifier's 0..{num_classes - 1} ({os.path.basename(url)} line {n})"
             if not skip_out_of_range:
-                raise UserError(f"{where}: class {cls} is outside the classifier's classes 0..{num_classes - 1}; "
-                                "fix the row, or pass --skip-bad-labels to leave such images out (listed in the report)")
+                raise UserError(
+                    f"{where}: class {cls} is outside the classifier's classes 0..{num_classes - 1}; "
+                    "fix the row, or pass --skip-bad-labels to leave such images out (listed in the report)"
+                )
             table.out_of_range[name] = why
             continue
         table[name] = cls

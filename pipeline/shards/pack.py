@@ -35,7 +35,6 @@ from ..progress import Progress, skipped_lines
 from .format import INDEX_FORMAT, INDEX_NAME
 from .labels import WNID, find_labels_file, parse_labels
 
-
 REPORT_NAME = "pack_report.json"
 
 # File extension -> sample extension; the content decides in the end (see _inspect).
@@ -76,9 +75,12 @@ class PackReport:
         lines = [
             f"packed {self.packed} images ({self.layout} layout, labels: {self.labels_scheme}) into "
             f"{len(self.shards)} shard(s), {size / 2**20:.1f} MiB, at {self.out_url} "
-            f"in {self.seconds:.1f} s ({rate:.0f} img/s)" + (f"; {self.boxed} with bounding boxes" if self.boxed else ""),
+            f"in {self.seconds:.1f} s ({rate:.0f} img/s)"
+            + (f"; {self.boxed} with bounding boxes" if self.boxed else ""),
         ]
-        lines += skipped_lines(self.skipped, "files", f"{REPORT_NAME} lists them all", shown=5, name=lambda s: s["file"])
+        lines += skipped_lines(
+            self.skipped, "files", f"{REPORT_NAME} lists them all", shown=5, name=lambda s: s["file"]
+        )
         if self.labels_scheme == "folders":
             lines.append(FOLDER_LABELS_WARNING)
         if self.labels_unmatched:
@@ -88,7 +90,9 @@ class PackReport:
                 lines.append(f"  ... {len(self.labels_unmatched) - 5} more (all in {REPORT_NAME})")
         if self.notes:
             by = Counter(n["kind"] for n in self.notes)
-            lines.append(f"notes {len(self.notes)} (packed anyway): " + ", ".join(f"{k} x{v}" for k, v in by.most_common()))
+            lines.append(
+                f"notes {len(self.notes)} (packed anyway): " + ", ".join(f"{k} x{v}" for k, v in by.most_common())
+            )
         lines.append(f"full report: {join(self.out_url, REPORT_NAME)}")
         return "\n".join(lines)
 
@@ -131,8 +135,14 @@ def _scan(src: Path, exclude: Path | None) -> tuple[list[str], dict[str, list[st
                 continue  # the output folder inside the source folder
             files = []
             for root, dirs, names in os.walk(entry.path):
-                dirs[:] = sorted(d for d in dirs if not _is_hidden(d) and (exclude is None or Path(root, d).resolve() != exclude))
-                files += [os.path.relpath(os.path.join(root, n), src).replace(os.sep, "/") for n in sorted(names) if not _is_hidden(n)]
+                dirs[:] = sorted(
+                    d for d in dirs if not _is_hidden(d) and (exclude is None or Path(root, d).resolve() != exclude)
+                )
+                files += [
+                    os.path.relpath(os.path.join(root, n), src).replace(os.sep, "/")
+                    for n in sorted(names)
+                    if not _is_hidden(n)
+                ]
             folders[entry.name] = files
         elif entry.is_file():
             top_files.append(entry.name)
@@ -148,7 +158,14 @@ def _val_number(rel: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _plan(src: Path, layout: str, labels_file: str | None, exclude: Path | None, num_classes: int = 1000, skip_bad_labels: bool = False) -> _Plan:
+def _plan(
+    src: Path,
+    layout: str,
+    labels_file: str | None,
+    exclude: Path | None,
+    num_classes: int = 1000,
+    skip_bad_labels: bool = False,
+) -> _Plan:
     top_files, folders = _scan(src, exclude)
     top_images = [n for n in top_files if _is_image_name(n)]
     class_dirs = {d: f for d, f in folders.items() if any(_is_image_name(x) for x in f)}
@@ -162,13 +179,17 @@ def _plan(src: Path, layout: str, labels_file: str | None, exclude: Path | None,
             )
         if class_dirs:
             if labels_path:
-                raise UserError(f"{src} has class sub-folders but --labels was given; pass --layout labels if the labels file lists paths")
+                raise UserError(
+                    f"{src} has class sub-folders but --labels was given; pass --layout labels if the labels file lists paths"
+                )
             layout = "imagefolder"
         elif top_images:
             if labels_path is None:
                 found = find_labels_file(src, top_files)
                 if found is None:
-                    raise UserError(f"{src} is a flat folder of images with no labels file; pass --labels FILE (or use class sub-folders)")
+                    raise UserError(
+                        f"{src} is a flat folder of images with no labels file; pass --labels FILE (or use class sub-folders)"
+                    )
                 labels_path = str(found)
             kind, _ = parse_labels(labels_path)
             all_val = all(_val_number(n) is not None for n in top_images)
@@ -198,7 +219,9 @@ def _plan(src: Path, layout: str, labels_file: str | None, exclude: Path | None,
         if all(WNID.match(n) for n in names):
             unknown = [n for n in names if n not in wnids]
             if unknown:
-                raise UserError(f"{src}: folders look like ImageNet WordNet ids but {unknown[:5]} are not ImageNet classes")
+                raise UserError(
+                    f"{src}: folders look like ImageNet WordNet ids but {unknown[:5]} are not ImageNet classes"
+                )
             index = {n: wnids[n] for n in names}
             scheme, class_names = "imagenet", list(imagenet_classes())
         else:
@@ -212,7 +235,10 @@ def _plan(src: Path, layout: str, labels_file: str | None, exclude: Path | None,
         for d in names:
             items += [_Item(rel, str(src / rel), index[d]) for rel in class_dirs[d] if not not_image(rel)]
         for d in sorted(set(folders) - set(class_dirs)):  # folders without images: not classes
-            skipped += [{"file": rel, "reason": f"unknown extension: {os.path.splitext(rel)[1] or '(none)'}"} for rel in folders[d]]
+            skipped += [
+                {"file": rel, "reason": f"unknown extension: {os.path.splitext(rel)[1] or '(none)'}"}
+                for rel in folders[d]
+            ]
         return _Plan(layout, items, skipped, notes, scheme, class_names)
 
     if layout not in ("labels", "imagenet-val"):
@@ -237,7 +263,9 @@ def _plan(src: Path, layout: str, labels_file: str | None, exclude: Path | None,
         if kind == "per-line":
             bad = [v for v in labels if not 0 <= v < 1000]  # type: ignore[union-attr]
             if bad:
-                raise UserError(f"labels file {labels_path}: values must be 0-based class indices 0..999, found {bad[0]}")
+                raise UserError(
+                    f"labels file {labels_path}: values must be 0-based class indices 0..999, found {bad[0]}"
+                )
     elif kind == "per-line":
         raise UserError(
             f"labels file {labels_path} has one value per line, which only works for ImageNet validation images "
@@ -262,12 +290,19 @@ def _plan(src: Path, layout: str, labels_file: str | None, exclude: Path | None,
                 continue
         if label is None:
             label = -1
-            notes.append({"file": rel, "kind": "unlabeled", "note": f"no entry in {os.path.basename(labels_path)}: cls -1"})
-        found = next((boxes[k] for k in (rel, os.path.basename(rel), os.path.splitext(os.path.basename(rel))[0]) if k in boxes), None)
+            notes.append(
+                {"file": rel, "kind": "unlabeled", "note": f"no entry in {os.path.basename(labels_path)}: cls -1"}
+            )
+        found = next(
+            (boxes[k] for k in (rel, os.path.basename(rel), os.path.splitext(os.path.basename(rel))[0]) if k in boxes),
+            None,
+        )
         items.append(_Item(rel, str(src / rel), label, boxes=found))
     if scheme == "imagenet":
         class_names = list(imagenet_classes())
-    unmatched = [] if kind == "per-line" else [{"line": ln, "file": k} for k, ln in labels.lines.items() if k not in used]  # type: ignore[union-attr]
+    unmatched = (
+        [] if kind == "per-line" else [{"line": ln, "file": k} for k, ln in labels.lines.items() if k not in used]
+    )  # type: ignore[union-attr]
     return _Plan(layout, items, skipped, notes, scheme, class_names, sorted(unmatched, key=lambda u: u["line"]))
 
 
@@ -385,7 +420,9 @@ class _ShardWriter:
         self.tar = tarfile.open(fileobj=self.hw, mode="w", format=tarfile.PAX_FORMAT)
         self.count = self.bytes = self.boxed = 0
 
-    def add(self, key: str, members: list[tuple[str, bytes]], limit_samples: int, limit_bytes: int, boxed: bool = False) -> dict | None:
+    def add(
+        self, key: str, members: list[tuple[str, bytes]], limit_samples: int, limit_bytes: int, boxed: bool = False
+    ) -> dict | None:
         """Add one sample; returns the finished shard's entry when this sample started a new one."""
         size = sum(512 + -(-len(b) // 512) * 512 for _, b in members)  # headers + padded data
         done = None
@@ -433,7 +470,6 @@ class _ShardWriter:
             os.remove(self.tmp)
         if not self.local:
             shutil.rmtree(self.tmpdir, ignore_errors=True)
-
 
     def close(self) -> None:
         pass
@@ -501,7 +537,9 @@ def pack_folder(
         os.makedirs(base, exist_ok=True)
     old = sorted(fs.glob(f"{base}/{prefix}-*.tar")) if fs.exists(base) else []
     if (old or fs.exists(f"{base}/{INDEX_NAME}")) and not overwrite:
-        raise UserError(f"{out_url} already holds shards or an {INDEX_NAME}; choose an empty folder or pass --overwrite")
+        raise UserError(
+            f"{out_url} already holds shards or an {INDEX_NAME}; choose an empty folder or pass --overwrite"
+        )
     if overwrite and fs.exists(f"{base}/{INDEX_NAME}"):
         fs.rm_file(f"{base}/{INDEX_NAME}")  # readers must not pair the old index with new shards
 
@@ -575,7 +613,11 @@ def pack_folder(
         "layout": plan.layout,
         "samples": packed,
         # folders: 0..N-1 by folder name, not the classifier's classes (readers warn on --target label)
-        "labels": {"scheme": plan.labels_scheme, "names": plan.class_names, "classifier_classes": plan.labels_scheme != "folders"},
+        "labels": {
+            "scheme": plan.labels_scheme,
+            "names": plan.class_names,
+            "classifier_classes": plan.labels_scheme != "folders",
+        },
         "shards": entries,
     }
     if boxed:  # per-sample boxes in each json member; readers map them to the model's input grid

@@ -18,8 +18,18 @@ import fsspec
 from pipeline.errors import UserError
 from pipeline.fs import StorageOptions, expand_urls, get_fs, join, read_json
 
-from .format import INDEX_FORMAT, INDEX_NAME, READ_IMAGE_EXTS, JSON_LABEL_KEYS, ShardReadError, ShardCountMismatch, ShardChecksumMismatch, ShardInfo, Sample, as_int
-
+from .format import (
+    INDEX_FORMAT,
+    INDEX_NAME,
+    JSON_LABEL_KEYS,
+    READ_IMAGE_EXTS,
+    Sample,
+    ShardChecksumMismatch,
+    ShardCountMismatch,
+    ShardInfo,
+    ShardReadError,
+    as_int,
+)
 
 # --------------------------------------------------------------------------- listing
 
@@ -62,7 +72,10 @@ def require_shards(
     except FileNotFoundError as exc:
         raise UserError(f"shards {patterns!r}: {exc}" + image_folder_hint(patterns)) from None
     if not shards:
-        raise UserError(f"no shards match {patterns!r}: check the pattern, or pack images with `lcam shards`" + image_folder_hint(patterns))
+        raise UserError(
+            f"no shards match {patterns!r}: check the pattern, or pack images with `lcam shards`"
+            + image_folder_hint(patterns)
+        )
     return shards
 
 
@@ -117,8 +130,16 @@ def list_shards(
                 scheme = (idx.get("labels") or {}).get("scheme") if idx else None
                 beside[folder] = {e["name"]: {**e, "labels_scheme": scheme} for e in idx["shards"]} if idx else {}
             entry = beside[folder].get(name)
-        out.append(ShardInfo(url, name, entry["count"] if entry else None, entry.get("sha256") if entry else None,
-                             entry.get("labels_scheme") if entry else None, entry.get("boxes") if entry else None))
+        out.append(
+            ShardInfo(
+                url,
+                name,
+                entry["count"] if entry else None,
+                entry.get("sha256") if entry else None,
+                entry.get("labels_scheme") if entry else None,
+                entry.get("boxes") if entry else None,
+            )
+        )
     return out
 
 
@@ -215,7 +236,9 @@ class _HashingReader:
             pass
 
 
-def read_shard(info: ShardInfo | str, storage_options: StorageOptions = None, verify_sha256: bool = True) -> list[Sample]:
+def read_shard(
+    info: ShardInfo | str, storage_options: StorageOptions = None, verify_sha256: bool = True
+) -> list[Sample]:
     """All samples of a shard, checked against the index: the count and (``verify_sha256``,
     the default) the sha256, hashed while the tar streams (no second read).
 
@@ -254,14 +277,18 @@ def read_shard(info: ShardInfo | str, storage_options: StorageOptions = None, ve
             f"shard {info.url}: its bytes changed since packing (sha256 {digest[:16]}..., the index records {info.sha256[:16]}...); "
             "re-download or re-pack it"
         )
-    _check_end_of_archive(reader.tail, reader.size, info.url)  # last: a known count or a lost image names the loss better
+    _check_end_of_archive(
+        reader.tail, reader.size, info.url
+    )  # last: a known count or a lost image names the loss better
     return samples
 
 
 # --------------------------------------------------------------------------- webdataset
 
 
-def register_fsspec_opener(storage_options: StorageOptions = None, schemes: Iterable[str] = ("s3", "gs", "gcs")) -> None:
+def register_fsspec_opener(
+    storage_options: StorageOptions = None, schemes: Iterable[str] = ("s3", "gs", "gcs")
+) -> None:
     """Let ``webdataset.WebDataset("s3://...")`` open URLs through fsspec.
 
     webdataset has no s3:// opener of its own (and gs:// shells out to gsutil). The

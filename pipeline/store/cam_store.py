@@ -35,8 +35,8 @@ from lcam.explain import minmax_normalize
 
 from ..errors import UserError
 from ..fs import StorageOptions, join
-from .layer import ShardedStore
 from .identity import shard_id_for, utc_now
+from .layer import ShardedStore
 
 FORMAT = "lcam-cam-store/1"
 SMALL_CHUNK_ROWS = 1024  # class ids, probs, raw maps: ~100 bytes a row
@@ -62,9 +62,14 @@ class CamStore(ShardedStore):
     MISMATCH = CamStoreMismatch
     NOT_FOUND = CamStoreNotFound
     DIMENSIONS = {
-        "labels": ("sample",), "predicted": ("sample",), "predicted_prob": ("sample",), "coverage": ("sample", "target"),
-        "class_ids": ("sample", "target"), "probs": ("sample", "target"),
-        "raw": ("sample", "target", "y", "x"), "upsampled": ("sample", "target", "Y", "X"),
+        "labels": ("sample",),
+        "predicted": ("sample",),
+        "predicted_prob": ("sample",),
+        "coverage": ("sample", "target"),
+        "class_ids": ("sample", "target"),
+        "probs": ("sample", "target"),
+        "raw": ("sample", "target", "y", "x"),
+        "upsampled": ("sample", "target", "Y", "X"),
     }
 
     def read_layout(self) -> None:
@@ -103,7 +108,9 @@ class CamStore(ShardedStore):
         return f"make one with `lcam cams CHECKPOINT {url} --cache ...|--shards ...`"
 
     # ---- writing (one task per source shard)
-    def write_shard(self, source_url: str, rows: Mapping[str, Any], skipped: Sequence[Mapping[str, str]] = ()) -> dict[str, Any]:
+    def write_shard(
+        self, source_url: str, rows: Mapping[str, Any], skipped: Sequence[Mapping[str, str]] = ()
+    ) -> dict[str, Any]:
         """Write all rows of one source shard into its own group, replacing what was there.
 
         ``rows``: ``key`` (n,), ``label`` (n,), ``class_ids`` (n, T), ``probs`` (n, T),
@@ -141,13 +148,24 @@ class CamStore(ShardedStore):
             arrays[name] = (data, fill, chunk)
         if self.class_coverage is not None:
             ids = arrays["class_ids"][0]
-            cov = np.where(ids >= 0, self.class_coverage[np.clip(ids, 0, len(self.class_coverage) - 1)], -1).astype(np.int32)
+            cov = np.where(ids >= 0, self.class_coverage[np.clip(ids, 0, len(self.class_coverage) - 1)], -1).astype(
+                np.int32
+            )
             arrays["coverage"] = (cov, -1, SMALL_CHUNK_ROWS)
         if not np.isfinite(arrays["raw"][0]).all():
-            raise UserError(f"raw maps of {source_url} overflow float16 (|Z| > 65504): the checkpoint's attention weights are far out of range; check the checkpoint")
+            raise UserError(
+                f"raw maps of {source_url} overflow float16 (|Z| > 65504): the checkpoint's attention weights are far out of range; check the checkpoint"
+            )
         sid = shard_id_for(source_url)
         self.write_group(sid, arrays, {"source": source_url, "keys": keys, "count": n})
-        return {"url": source_url, "shard_id": sid, "count": n, "skipped": [dict(s) for s in skipped], "seconds": round(time.perf_counter() - t0, 3), "finished_at": utc_now()}
+        return {
+            "url": source_url,
+            "shard_id": sid,
+            "count": n,
+            "skipped": [dict(s) for s in skipped],
+            "seconds": round(time.perf_counter() - t0, 3),
+            "finished_at": utc_now(),
+        }
 
     # ---- reading
     def _entry(self, shard: str) -> dict[str, Any]:
@@ -174,12 +192,25 @@ class CamStore(ShardedStore):
         return out
 
     def stored_arrays(self) -> list[str]:
-        names = [n for n in ("labels", "class_ids", "probs", "raw", "upsampled", "predicted", "predicted_prob") if n != "upsampled" or self.upsampled_size]
+        names = [
+            n
+            for n in ("labels", "class_ids", "probs", "raw", "upsampled", "predicted", "predicted_prob")
+            if n != "upsampled" or self.upsampled_size
+        ]
         return names + (["coverage"] if self.class_coverage is not None else [])
 
     def lost_chunks(self, entry: Mapping[str, Any], present: set[str]) -> list[str]:
         sid, n = entry["shard_id"], int(entry["count"])
-        ndims = {"labels": 1, "predicted": 1, "predicted_prob": 1, "class_ids": 2, "probs": 2, "coverage": 2, "raw": 4, "upsampled": 4}
+        ndims = {
+            "labels": 1,
+            "predicted": 1,
+            "predicted_prob": 1,
+            "class_ids": 2,
+            "probs": 2,
+            "coverage": 2,
+            "raw": 4,
+            "upsampled": 4,
+        }
         lost = []
         for name in self.stored_arrays():
             if f"{sid}/{name}/zarr.json" not in present:
@@ -199,7 +230,9 @@ class CamStore(ShardedStore):
         return SMALL_CHUNK_ROWS
 
     def repair_hint(self, source_url: str) -> str:
-        return f"`lcam cache repair {self.url}` (forgets damaged shards), then re-run the `lcam cams` that made this store"
+        return (
+            f"`lcam cache repair {self.url}` (forgets damaged shards), then re-run the `lcam cams` that made this store"
+        )
 
     def check_shard(self, entry: Mapping[str, Any]) -> None:
         self.read_shard(entry["shard_id"], normalized=False)

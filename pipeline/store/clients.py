@@ -40,4 +40,10 @@ def make_zarr_store(url: str, storage_options: StorageOptions, read_only: bool) 
 
     if "://" not in url or url.startswith("file://"):
         return LocalStore(local_path(url), read_only=read_only)
-    return _shared("zarr", url, storage_options, read_only, lambda: FsspecStore.from_url(url, storage_options=dict(storage_options or {}), read_only=read_only))
+    return _shared(
+        "zarr",
+        url,
+        storage_options,
+        read_only,
+        lambda: FsspecStore.from_url(url, storage_options=dict(storage_options or {}), read_only=read_only),
+    )

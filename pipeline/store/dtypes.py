@@ -21,7 +21,11 @@ def to_storage(features: Any, dtype: str) -> np.ndarray:
     if dtype == "bfloat16":
         import torch
 
-        t = features if isinstance(features, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+        t = (
+            features
+            if isinstance(features, torch.Tensor)
+            else torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+        )
         return t.detach().cpu().to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     if hasattr(features, "detach"):  # torch tensor (possibly bf16, which numpy lacks)
         features = features.detach().cpu().float().numpy()

@@ -26,10 +26,9 @@ import zarr
 
 from ..errors import UserError
 from ..fs import StorageOptions
-from .layer import ShardedStore, VerifyReport
 from .dtypes import DTYPES, bf16_to_f32, finite_rows, to_storage
 from .identity import canonical, shard_id_for, utc_now
-
+from .layer import ShardedStore, VerifyReport
 
 FORMAT = "lcam-feature-cache/1"
 DEFAULT_CHUNK_ROWS = 64  # 64 x 1280x7x7 float16 = 8 MB raw per view, ~1 MB compressed: a good object size
@@ -59,8 +58,11 @@ class FeatureCache(ShardedStore):
     MISMATCH = CacheMismatch
     NOT_FOUND = CacheNotFound
     DIMENSIONS = {
-        "features": ("sample", "view", "channel", "y", "x"), "labels": ("sample",),
-        "top5_classes": ("sample", "rank"), "top5_probs": ("sample", "rank"), "logits": ("sample", "class"),
+        "features": ("sample", "view", "channel", "y", "x"),
+        "labels": ("sample",),
+        "top5_classes": ("sample", "rank"),
+        "top5_probs": ("sample", "rank"),
+        "logits": ("sample", "class"),
     }
 
     def read_layout(self) -> None:
@@ -111,7 +113,9 @@ class FeatureCache(ShardedStore):
         if chunk_rows < 1:
             raise ValueError("chunk_rows must be >= 1")
         if "feature_shape" in identity and list(identity["feature_shape"]) != list(feature_shape):
-            raise ValueError(f"identity says feature_shape {identity['feature_shape']}, caller passed {list(feature_shape)}")
+            raise ValueError(
+                f"identity says feature_shape {identity['feature_shape']}, caller passed {list(feature_shape)}"
+            )
         full = canonical(dict(identity))
         full["cache"] = {
             "dtype": dtype,
@@ -161,13 +165,19 @@ class FeatureCache(ShardedStore):
         if feats.ndim == 4 and V == 1:
             feats = feats[:, None]
         if feats.shape != (n, V, C, h, w):
-            raise ValueError(f"features of {source_url} have shape {feats.shape}, expected {(n, V, C, h, w)} (rows, views {list(self.views)}, C, h, w)")
+            raise ValueError(
+                f"features of {source_url} have shape {feats.shape}, expected {(n, V, C, h, w)} (rows, views {list(self.views)}, C, h, w)"
+            )
         bad = ~finite_rows(feats, self.dtype)
         if bad.any():
             bad_keys = [keys[i] for i in np.flatnonzero(bad)[:5]]
             raise NonFiniteFeatures(
                 f"{int(bad.sum())} rows of {source_url} have NaN/Inf features after casting to {self.dtype} (e.g. {bad_keys}); "
-                + ("values beyond float16's range (65504) overflow: use dtype bfloat16 or float32" if self.dtype == "float16" else "check the backbone and the images")
+                + (
+                    "values beyond float16's range (65504) overflow: use dtype bfloat16 or float32"
+                    if self.dtype == "float16"
+                    else "check the backbone and the images"
+                )
             )
         arrays: dict[str, tuple[np.ndarray, int | float]] = {
             "features": (feats, 0),
@@ -181,11 +191,21 @@ class FeatureCache(ShardedStore):
             arrays["logits"] = (_rows(logits, (n, self.num_classes), np.float16, "logits"), 0.0)
 
         sid = shard_id_for(source_url)
-        self.write_group(sid, {k: (data, fill, self.chunk_rows) for k, (data, fill) in arrays.items()},
-                         {"source": source_url, "keys": keys, "count": n})
+        self.write_group(
+            sid,
+            {k: (data, fill, self.chunk_rows) for k, (data, fill) in arrays.items()},
+            {"source": source_url, "keys": keys, "count": n},
+        )
         with self._lock:
             self._handles.pop(sid, None)
-        return {"url": source_url, "shard_id": sid, "count": n, "skipped": [], "seconds": round(time.perf_counter() - t0, 3), "finished_at": utc_now()}
+        return {
+            "url": source_url,
+            "shard_id": sid,
+            "count": n,
+            "skipped": [],
+            "seconds": round(time.perf_counter() - t0, 3),
+            "finished_at": utc_now(),
+        }
 
     def record_counts(self, counts: Mapping[str, int]) -> None:
         """Remember how many samples each source shard holds (for shards without an index)."""
@@ -243,7 +263,9 @@ class FeatureCache(ShardedStore):
                 self._handles.popitem(last=False)
         return handle
 
-    def read_chunk(self, shard_id: str, chunk_index: int, *, fields: Sequence[str] | None = None, raw: bool = False) -> dict[str, Any]:
+    def read_chunk(
+        self, shard_id: str, chunk_index: int, *, fields: Sequence[str] | None = None, raw: bool = False
+    ) -> dict[str, Any]:
         """Whole chunk ``chunk_index`` of a shard: ``keys`` (list) and numpy arrays.
 
         ``features`` (rows, V, C, h, w) in the stored dtype (float16/float32); bfloat16
@@ -255,7 +277,9 @@ class FeatureCache(ShardedStore):
         n = int(attrs["count"])
         lo = chunk_index * self.chunk_rows
         if not 0 <= lo < n:
-            raise IndexError(f"chunk {chunk_index} out of range for shard {shard_id} ({n} rows, chunk_rows {self.chunk_rows})")
+            raise IndexError(
+                f"chunk {chunk_index} out of range for shard {shard_id} ({n} rows, chunk_rows {self.chunk_rows})"
+            )
         hi = min(lo + self.chunk_rows, n)
         names = ["features", "labels", "top5_classes", "top5_probs"] + (["logits"] if self.store_logits else [])
         out: dict[str, Any] = {"keys": list(attrs["keys"][lo:hi])}
@@ -272,10 +296,15 @@ class FeatureCache(ShardedStore):
         """NaN/Inf is never written (:meth:`write_shard` refuses it): read back, it is damage."""
         bad = np.flatnonzero(~finite_rows(stored, self.dtype))
         if len(bad):
-            raise self.damaged(entry, f"{len(bad)} rows from row {lo} read back as NaN/Inf features (e.g. {keys[bad[0]]!r}), "
-                                      "which extraction never writes: the stored data changed")
+            raise self.damaged(
+                entry,
+                f"{len(bad)} rows from row {lo} read back as NaN/Inf features (e.g. {keys[bad[0]]!r}), "
+                "which extraction never writes: the stored data changed",
+            )
 
-    def iter_rows(self, batch_size: int = 64, *, shard_ids: Sequence[str] | None = None, view: int | None = None) -> Iterator[tuple[list[str], np.ndarray, np.ndarray, np.ndarray]]:
+    def iter_rows(
+        self, batch_size: int = 64, *, shard_ids: Sequence[str] | None = None, view: int | None = None
+    ) -> Iterator[tuple[list[str], np.ndarray, np.ndarray, np.ndarray]]:
         """Batches ``(keys, features float32, labels int64, top1 int64)`` in shard order, row order.
 
         Batches run across shard boundaries; the last may be short. features are
@@ -331,7 +360,7 @@ class FeatureCache(ShardedStore):
         on_disk = sum(int(o.get("size") or 0) for o in objects.values())
         raw = samples * self.raw_bytes_per_row()
         prefix = f"{path}/shards/"
-        present = {p[len(prefix):] for p in objects if p.startswith(prefix)}
+        present = {p[len(prefix) :] for p in objects if p.startswith(prefix)}
         damaged = {}
         for e in entries:
             lost = self._lost_chunks(e, present)
@@ -407,20 +436,30 @@ class FeatureCache(ShardedStore):
                 e = done[src]
                 have, skipped = int(e["count"]), len(e.get("skipped", []))
                 if have + skipped != int(expected[src]):
-                    report.problems.append(f"count mismatch for {src}: cache has {have} rows + {skipped} skipped, expected {expected[src]} samples")
+                    report.problems.append(
+                        f"count mismatch for {src}: cache has {have} rows + {skipped} skipped, expected {expected[src]} samples"
+                    )
             for src in sorted(set(done) - set(expected)):
                 report.problems.append(f"unexpected shard {src}: in the cache but not among the expected shards")
         for url, f in sorted(self.failed().items()):
-            report.problems.append(f"failed shard {url}: {f.get('reason')} (at {f.get('at')}); re-run the extraction to retry it")
+            report.problems.append(
+                f"failed shard {url}: {f.get('reason')} (at {f.get('at')}); re-run the extraction to retry it"
+            )
         orphans = self._orphan_groups({e["shard_id"] for e in entries})
         if not self.manifest_found and orphans:
-            report.problems.append(f"manifest.json is missing but {len(orphans)} shard groups exist: the cache lost its record of finished shards; "
-                                   "re-run the extraction to rebuild it (every shard is extracted again)")
+            report.problems.append(
+                f"manifest.json is missing but {len(orphans)} shard groups exist: the cache lost its record of finished shards; "
+                "re-run the extraction to rebuild it (every shard is extracted again)"
+            )
         else:
             for sid in orphans:
-                report.notes.append(f"group shards/{sid} is not in the manifest (left by an interrupted or running extraction; ignored by readers)")
+                report.notes.append(
+                    f"group shards/{sid} is not in the manifest (left by an interrupted or running extraction; ignored by readers)"
+                )
         if report.damaged:
-            report.notes.append(f"damaged shards: `lcam cache repair {self.url}` forgets them, then re-run the extraction to re-make them")
+            report.notes.append(
+                f"damaged shards: `lcam cache repair {self.url}` forgets them, then re-run the extraction to re-make them"
+            )
         return report
 
     def _verify_shard(self, e: Mapping[str, Any]) -> tuple[list[str], list[str], int]:
@@ -433,15 +472,24 @@ class FeatureCache(ShardedStore):
         problems: list[str] = []
         keys = list(attrs.get("keys", []))
         if "keys" not in attrs:
-            problems.append(f"shard {src}: group shards/{sid} is incomplete (no keys attribute; its write did not finish)")
+            problems.append(
+                f"shard {src}: group shards/{sid} is incomplete (no keys attribute; its write did not finish)"
+            )
         elif len(keys) != count or attrs.get("count") != count:
-            problems.append(f"shard {src}: manifest says {count} rows, group has count={attrs.get('count')} and {len(keys)} keys")
+            problems.append(
+                f"shard {src}: manifest says {count} rows, group has count={attrs.get('count')} and {len(keys)} keys"
+            )
         if len(set(keys)) != len(keys):
             problems.append(f"shard {src}: {len(keys) - len(set(keys))} keys repeated within the shard")
         if attrs.get("source") not in (None, src):
             problems.append(f"shard {src}: group shards/{sid} was written for another source {attrs.get('source')}")
         V, (C, h, w) = len(self.views), self.feature_shape
-        shapes = {"features": (count, V, C, h, w), "labels": (count,), "top5_classes": (count, TOP_K), "top5_probs": (count, TOP_K)}
+        shapes = {
+            "features": (count, V, C, h, w),
+            "labels": (count,),
+            "top5_classes": (count, TOP_K),
+            "top5_probs": (count, TOP_K),
+        }
         if self.store_logits:
             shapes["logits"] = (count, self.num_classes)
         arrays = {}
@@ -454,7 +502,9 @@ class FeatureCache(ShardedStore):
             if arrays[name].shape != shape:
                 problems.append(f"shard {src}: {name} has shape {arrays[name].shape}, expected {shape}")
             elif arrays[name].nchunks_initialized != arrays[name].nchunks:
-                problems.append(f"shard {src}: {name} has {arrays[name].nchunks - arrays[name].nchunks_initialized} of {arrays[name].nchunks} chunk objects missing")
+                problems.append(
+                    f"shard {src}: {name} has {arrays[name].nchunks - arrays[name].nchunks_initialized} of {arrays[name].nchunks} chunk objects missing"
+                )
         chunks = 0
         if problems:
             return problems, keys, chunks
@@ -469,7 +519,9 @@ class FeatureCache(ShardedStore):
         except Exception as exc:  # a truncated or corrupt chunk object
             return [f"shard {src}: a chunk object is unreadable ({type(exc).__name__}: {str(exc)[:120]})"], keys, chunks
         if nonfinite:
-            problems.append(f"shard {src}: {len(nonfinite)} rows have NaN/Inf features (e.g. {[keys[i] for i in nonfinite[:5]]})")
+            problems.append(
+                f"shard {src}: {len(nonfinite)} rows have NaN/Inf features (e.g. {[keys[i] for i in nonfinite[:5]]})"
+            )
         lab = small["labels"]
         if ((lab < -1) | (lab >= self.num_classes)).any():
             problems.append(f"shard {src}: labels outside [-1, {self.num_classes})")

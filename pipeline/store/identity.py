@@ -51,7 +51,11 @@ def identity_diff(old: Mapping[str, Any], new: Mapping[str, Any], holder: str) -
         s = json.dumps(v) if v is not None else "(absent)"
         return s if len(s) <= 60 else s[:57] + "..."
 
-    return [f"{k}: {holder} has {short(a.get(k))}, requested {short(b.get(k))}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return [
+        f"{k}: {holder} has {short(a.get(k))}, requested {short(b.get(k))}"
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k)
+    ]
 
 
 def shard_id_for(source_url: str) -> str:
@@ -87,4 +91,12 @@ def package_versions() -> dict[str, str]:
 def new_manifest(fingerprint: str, fmt: str) -> dict[str, Any]:
     """An empty manifest of a store of format ``fmt``."""
     now = utc_now()
-    return {"format": fmt, "fingerprint": fingerprint, "shards": {}, "expected_counts": {}, "versions": dict(package_versions()), "created": now, "updated": now}
+    return {
+        "format": fmt,
+        "fingerprint": fingerprint,
+        "shards": {},
+        "expected_counts": {},
+        "versions": dict(package_versions()),
+        "created": now,
+        "updated": now,
+    }

@@ -38,10 +38,9 @@ from zarr.core.sync import sync as zsync
 
 from ..errors import UserError
 from ..fs import StorageOptions, is_local, join, read_json_fs, write_json_atomic
-from .leases import WriterLeases
 from .clients import connect_fs, make_zarr_store
 from .identity import canonical, fingerprint_of, identity_diff, new_manifest, package_versions, shard_id_for, utc_now
-
+from .leases import WriterLeases
 
 CHUNK_CHECKSUM = "crc32c"  # root attrs "chunk_checksum" of stores made since checksums were added
 
@@ -85,11 +84,21 @@ class VerifyReport:
         return not self.problems
 
     def to_dict(self) -> dict[str, Any]:
-        return {"ok": self.ok, "problems": self.problems, "notes": self.notes, "shards": self.shards, "rows": self.rows, "chunks_read": self.chunks_read, "damaged": self.damaged}
+        return {
+            "ok": self.ok,
+            "problems": self.problems,
+            "notes": self.notes,
+            "shards": self.shards,
+            "rows": self.rows,
+            "chunks_read": self.chunks_read,
+            "damaged": self.damaged,
+        }
 
 
 def _key_hashes(keys: Sequence[str]) -> np.ndarray:
-    return np.array([int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), "little") for k in keys], dtype=np.uint64)
+    return np.array(
+        [int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), "little") for k in keys], dtype=np.uint64
+    )
 
 
 class KeyOwners:
@@ -175,7 +184,13 @@ class ShardedStore:
 
     # ---- opening (driver); the messages are template methods over the names above
     @classmethod
-    def _create_or_open(cls, url: str, identity: Mapping[str, Any], storage_options: StorageOptions, attrs: Mapping[str, Any] | None = None) -> "ShardedStore":
+    def _create_or_open(
+        cls,
+        url: str,
+        identity: Mapping[str, Any],
+        storage_options: StorageOptions,
+        attrs: Mapping[str, Any] | None = None,
+    ) -> "ShardedStore":
         """Open the store at ``url`` for writing, creating it with root ``attrs`` if absent.
 
         ``identity``: the full identity; a store made for another one is refused
@@ -192,9 +207,17 @@ class ShardedStore:
             manifest = cls._read_manifest(fs, root, url) or new_manifest(fp, cls.FORMAT)
             return cls(url, found, manifest, storage_options, writable=True, fs=(fs, root))
         if fs.exists(root) and fs.ls(root):
-            raise UserError(f"{url} exists and holds files but no {cls.KIND} (no zarr.json); pick an empty or new location")
+            raise UserError(
+                f"{url} exists and holds files but no {cls.KIND} (no zarr.json); pick an empty or new location"
+            )
         # the checksum is recorded beside the identity, not in it: it changes no value, so no fingerprint
-        root_attrs = {"format": cls.FORMAT, "identity": full, "fingerprint": fp, "chunk_checksum": CHUNK_CHECKSUM, **dict(attrs or {})}
+        root_attrs = {
+            "format": cls.FORMAT,
+            "identity": full,
+            "fingerprint": fp,
+            "chunk_checksum": CHUNK_CHECKSUM,
+            **dict(attrs or {}),
+        }
         zstore = make_zarr_store(url, storage_options, read_only=False)
         zarr.open_group(zstore, mode="w", attributes=root_attrs)
         zarr.open_group(zstore, path="shards", mode="w")
@@ -211,7 +234,14 @@ class ShardedStore:
         if attrs is None:
             raise cls.NOT_FOUND(f"no {cls.KIND} at {url} (no zarr.json with format {cls.FORMAT}); {cls.make_hint(url)}")
         manifest = cls._read_manifest(fs, root, url) or {}  # {}: lost (verify reports it)
-        return cls(url, attrs, manifest or new_manifest(attrs["fingerprint"], cls.FORMAT), storage_options, writable=writable, fs=(fs, root)).with_manifest_found(bool(manifest))
+        return cls(
+            url,
+            attrs,
+            manifest or new_manifest(attrs["fingerprint"], cls.FORMAT),
+            storage_options,
+            writable=writable,
+            fs=(fs, root),
+        ).with_manifest_found(bool(manifest))
 
     @classmethod
     def open_for_repair(cls, url: str, storage_options: StorageOptions = None) -> "ShardedStore":
@@ -222,7 +252,14 @@ class ShardedStore:
             url = url.rstrip("/")
             fs, root = connect_fs(url, storage_options)
             attrs = cls._read_root_attrs(fs, root, url) or {}
-            store = cls(url, attrs, new_manifest(attrs["fingerprint"], cls.FORMAT), storage_options, writable=True, fs=(fs, root))
+            store = cls(
+                url,
+                attrs,
+                new_manifest(attrs["fingerprint"], cls.FORMAT),
+                storage_options,
+                writable=True,
+                fs=(fs, root),
+            )
             return store.with_manifest_found(False)
 
     @classmethod
@@ -236,12 +273,19 @@ class ShardedStore:
         try:
             manifest = json.loads(data)
         except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
-            manifest, why = None, "empty (0 bytes)" if not data else f"not valid JSON, {len(data)} bytes ({str(exc).splitlines()[0][:80]})"
+            manifest, why = (
+                None,
+                "empty (0 bytes)"
+                if not data
+                else f"not valid JSON, {len(data)} bytes ({str(exc).splitlines()[0][:80]})",
+            )
         if not why and not (isinstance(manifest, dict) and isinstance(manifest.get("shards"), dict)):
             why = "not a manifest (no 'shards' object)"
         if why:
-            raise ManifestDamaged(f"{cls.KIND} {url}: manifest.json is damaged: {why}. The data is intact; "
-                                  f"rebuild the manifest from the shard groups present with `lcam cache repair {url}`")
+            raise ManifestDamaged(
+                f"{cls.KIND} {url}: manifest.json is damaged: {why}. The data is intact; "
+                f"rebuild the manifest from the shard groups present with `lcam cache repair {url}`"
+            )
         return manifest
 
     @classmethod
@@ -251,7 +295,9 @@ class ShardedStore:
             return None
         attrs = meta.get("attributes", {})
         if attrs.get("format") != cls.FORMAT:
-            raise UserError(f"{url} is a Zarr store but not {cls.A_KIND} (format {attrs.get('format')!r}, expected {cls.FORMAT!r}); pick another URL")
+            raise UserError(
+                f"{url} is a Zarr store but not {cls.A_KIND} (format {attrs.get('format')!r}, expected {cls.FORMAT!r}); pick another URL"
+            )
         return attrs
 
     @classmethod
@@ -259,7 +305,9 @@ class ShardedStore:
         diff = identity_diff(found.get("identity", {}), identity, cls.HOLDER)
         return (
             f"a {cls.KIND} already exists at {url} for other {cls.IDENTITY_OF} (fingerprint {found.get('fingerprint')}, requested {fingerprint}). "
-            "Differing fields:\n  " + "\n  ".join(diff or ["(identities equal; fingerprint recipe changed)"]) + f"\n{cls.mismatch_advice(url)}"
+            "Differing fields:\n  "
+            + "\n  ".join(diff or ["(identities equal; fingerprint recipe changed)"])
+            + f"\n{cls.mismatch_advice(url)}"
         )
 
     @classmethod
@@ -312,8 +360,10 @@ class ShardedStore:
         return f"`lcam cache repair {self.url}` (forgets damaged shards), then re-run the command that made this {self.KIND}"
 
     def damaged(self, entry: Mapping[str, Any], what: str) -> StoreDamaged:
-        return StoreDamaged(f"{self.KIND} {self.url}: shard {entry['url']} (group shards/{entry['shard_id']}) is damaged: {what}. "
-                            f"Re-make that shard: {self.repair_hint(entry['url'])}")
+        return StoreDamaged(
+            f"{self.KIND} {self.url}: shard {entry['url']} (group shards/{entry['shard_id']}) is damaged: {what}. "
+            f"Re-make that shard: {self.repair_hint(entry['url'])}"
+        )
 
     def open_checked_group(self, entry: Mapping[str, Any], arrays: Sequence[str]) -> tuple[Any, dict[str, Any]]:
         """Open a done shard's group and check it whole before any read: attrs agree with the
@@ -326,11 +376,14 @@ class ShardedStore:
         except Exception as exc:  # FileNotFoundError / GroupNotFoundError depending on the store
             raise self.damaged(entry, f"its group is missing or unreadable ({type(exc).__name__})") from None
         if attrs.get("count") != count or len(attrs.get("keys", [])) != count:
-            raise self.damaged(entry, f"the manifest says {count} rows, the group has count={attrs.get('count')} and {len(attrs.get('keys', []))} keys")
+            raise self.damaged(
+                entry,
+                f"the manifest says {count} rows, the group has count={attrs.get('count')} and {len(attrs.get('keys', []))} keys",
+            )
         fs, root = self._fs()
         prefix = f"{root}/shards/{sid}/"
         try:
-            present = {p[len(prefix):] for p in fs.find(prefix.rstrip("/")) if p.startswith(prefix)}
+            present = {p[len(prefix) :] for p in fs.find(prefix.rstrip("/")) if p.startswith(prefix)}
         except FileNotFoundError:
             present = set()
         opened: dict[str, Any] = {}
@@ -341,9 +394,14 @@ class ShardedStore:
                 raise self.damaged(entry, f"array {name} is missing") from None
             if arr.shape[:1] != (count,):
                 raise self.damaged(entry, f"array {name} has shape {arr.shape}, expected {count} rows")
-            lost = [c for c in np.ndindex(*arr.cdata_shape) if f"{name}/{arr.metadata.encode_chunk_key(c)}" not in present]
+            lost = [
+                c for c in np.ndindex(*arr.cdata_shape) if f"{name}/{arr.metadata.encode_chunk_key(c)}" not in present
+            ]
             if lost:
-                raise self.damaged(entry, f"{len(lost)} of {arr.nchunks} chunk objects of {name} are missing (first: chunk {lost[0][0]}, rows from {lost[0][0] * arr.chunks[0]})")
+                raise self.damaged(
+                    entry,
+                    f"{len(lost)} of {arr.nchunks} chunk objects of {name} are missing (first: chunk {lost[0][0]}, rows from {lost[0][0] * arr.chunks[0]})",
+                )
             opened[name] = arr
         return group, {"attrs": attrs, "arrays": opened}
 
@@ -352,7 +410,10 @@ class ShardedStore:
         try:
             return arr[rows]
         except Exception as exc:  # zstd/codec errors, short reads: the object is damaged
-            raise self.damaged(entry, f"array {name}, rows {rows.start}-{rows.stop}: a chunk object is unreadable ({type(exc).__name__}: {str(exc)[:120]})") from None
+            raise self.damaged(
+                entry,
+                f"array {name}, rows {rows.start}-{rows.stop}: a chunk object is unreadable ({type(exc).__name__}: {str(exc)[:120]})",
+            ) from None
 
     def lost_chunks(self, entry: Mapping[str, Any], present: set[str]) -> list[str]:
         """Objects of a done shard's arrays absent from ``present`` (keys below ``shards/``),
@@ -368,7 +429,7 @@ class ShardedStore:
         except FileNotFoundError:
             objects = []
         prefix = f"{path}/shards/"
-        present = {p[len(prefix):] for p in objects if p.startswith(prefix)}
+        present = {p[len(prefix) :] for p in objects if p.startswith(prefix)}
         damaged = {}
         for e in self.entries():
             lost = self.lost_chunks(e, present)
@@ -436,8 +497,15 @@ class ShardedStore:
             attrs = self._group_attrs(sid) if sid != "zarr.json" else None
             if not attrs or "keys" not in attrs or not attrs.get("source") or attrs.get("count") != len(attrs["keys"]):
                 continue  # incomplete (an interrupted write): the next run re-makes it
-            manifest["shards"][attrs["source"]] = {"url": attrs["source"], "shard_id": sid, "count": int(attrs["count"]),
-                                                   "skipped": list(attrs.get("skipped", [])), "seconds": 0.0, "finished_at": utc_now(), "rebuilt": True}
+            manifest["shards"][attrs["source"]] = {
+                "url": attrs["source"],
+                "shard_id": sid,
+                "count": int(attrs["count"]),
+                "skipped": list(attrs.get("skipped", [])),
+                "seconds": 0.0,
+                "finished_at": utc_now(),
+                "rebuilt": True,
+            }
         self._save_manifest(manifest)
         self.manifest_found = True
         report.notes.append(f"manifest.json rebuilt from {len(manifest['shards'])} complete shard groups")
@@ -486,7 +554,9 @@ class ShardedStore:
             if check:
                 attrs = self._group_attrs(sid)
                 if attrs is None or attrs.get("count") != count or len(attrs.get("keys", [])) != count:
-                    raise RuntimeError(f"shard {url} ({sid}) is not completely written (group attrs {attrs and {k: attrs.get(k) for k in ('count', 'source')}}, entry count {count}); not marking it done")
+                    raise RuntimeError(
+                        f"shard {url} ({sid}) is not completely written (group attrs {attrs and {k: attrs.get(k) for k in ('count', 'source')}}, entry count {count}); not marking it done"
+                    )
             manifest["shards"][url] = {
                 "url": url,
                 "shard_id": sid,
@@ -523,7 +593,9 @@ class ShardedStore:
         attributes come last: a group with ``keys`` is complete."""
         zsync(self._write_group(sid, arrays, attrs))
 
-    async def _write_group(self, sid: str, arrays: Mapping[str, tuple[np.ndarray, Any, int]], attrs: dict[str, Any]) -> None:
+    async def _write_group(
+        self, sid: str, arrays: Mapping[str, tuple[np.ndarray, Any, int]], attrs: dict[str, Any]
+    ) -> None:
         group = await zarr_async.open_group(self._zstore(), path=f"shards/{sid}", mode="w")
 
         async def one(name: str, data: np.ndarray, fill: Any, chunk_rows: int) -> None:
@@ -592,11 +664,19 @@ class ShardedStore:
             _, checked = self.open_checked_group(e, names)
             for name, arr in checked["arrays"].items():
                 columns[name].append(da.from_array(arr, chunks=arr.chunks, asarray=True, fancy=False))
-                dims.setdefault(name, tuple(arr.metadata.dimension_names or self.DIMENSIONS.get(name) or ()) or ("sample", *(f"{name}_{i}" for i in range(1, arr.ndim))))
+                dims.setdefault(
+                    name,
+                    tuple(arr.metadata.dimension_names or self.DIMENSIONS.get(name) or ())
+                    or ("sample", *(f"{name}_{i}" for i in range(1, arr.ndim))),
+                )
             shard_ids += [e["shard_id"]] * int(e["count"])
             keys += [str(k) for k in checked["attrs"]["keys"]]
         if not shard_ids:
             return xr.Dataset(attrs={"url": self.url, "format": self.FORMAT, "fingerprint": self.fingerprint})
-        data = {name: (dims[name], self.lazy_array(name, da.concatenate(parts, axis=0))) for name, parts in columns.items()}
+        data = {
+            name: (dims[name], self.lazy_array(name, da.concatenate(parts, axis=0))) for name, parts in columns.items()
+        }
         coords = {"shard": ("sample", np.array(shard_ids)), "key": ("sample", np.array(keys))}
-        return xr.Dataset(data, coords=coords, attrs={"url": self.url, "format": self.FORMAT, "fingerprint": self.fingerprint})
+        return xr.Dataset(
+            data, coords=coords, attrs={"url": self.url, "format": self.FORMAT, "fingerprint": self.fingerprint}
+        )

@@ -63,7 +63,11 @@ class WriterLeases:
         out = []
         for path in sorted(paths):
             info = read_json_fs(self.fs, path) or {}
-            if info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int) and not _alive(info["pid"]):
+            if (
+                info.get("host") == socket.gethostname()
+                and isinstance(info.get("pid"), int)
+                and not _alive(info["pid"])
+            ):
                 try:  # killed on this machine: its lease means nothing any more
                     self.fs.rm_file(path)
                 except FileNotFoundError:
@@ -78,9 +82,11 @@ def announce_writers(leases: WriterLeases, what: str, url: str) -> list[str]:
     notices, one line each, for the run's summary. Take this run's own lease after."""
     notices = []
     for other in leases.others():
-        notice = (f"another writer ({other.get('what', 'a run')}) into {url} is running or was killed on another host: "
-                  f"host {other.get('host')}, pid {other.get('pid')}, started {other.get('started')}; both write correct results, "
-                  "the work is done twice: stop one to save it")
+        notice = (
+            f"another writer ({other.get('what', 'a run')}) into {url} is running or was killed on another host: "
+            f"host {other.get('host')}, pid {other.get('pid')}, started {other.get('started')}; both write correct results, "
+            "the work is done twice: stop one to save it"
+        )
         log.warning(notice)
         notices.append(notice)
     return notices

@@ -75,7 +75,9 @@ def save_checkpoint(
     write_bytes_atomic(url, buf.getvalue(), storage_options)
 
 
-RUN_CHECKPOINT = "checkpoint.pt"  # the file a run folder keeps its latest checkpoint in (pipeline.train.run_folder writes it)
+RUN_CHECKPOINT = (
+    "checkpoint.pt"  # the file a run folder keeps its latest checkpoint in (pipeline.train.run_folder writes it)
+)
 
 
 def checkpoint_file(url: str, storage_options: StorageOptions = None) -> str:
@@ -92,11 +94,15 @@ def checkpoint_file(url: str, storage_options: StorageOptions = None) -> str:
         return url
     inner = join(url, RUN_CHECKPOINT)
     if not fs.exists(get_fs(inner, storage_options)[1]):
-        raise UserError(f"{url} is a folder without {RUN_CHECKPOINT}; give a checkpoint file or a run folder made by `lcam train --out`")
+        raise UserError(
+            f"{url} is a folder without {RUN_CHECKPOINT}; give a checkpoint file or a run folder made by `lcam train --out`"
+        )
     return inner
 
 
-def load_checkpoint(url: str, storage_options: StorageOptions = None, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(
+    url: str, storage_options: StorageOptions = None, map_location: str | torch.device = "cpu"
+) -> dict[str, Any]:
     """The checkpoint as a dict, JSON fields decoded; any missing, damaged or foreign file is
     one :class:`UserError` naming the file and what is wrong with it. A run folder stands for
     its ``checkpoint.pt``."""
@@ -107,9 +113,13 @@ def load_checkpoint(url: str, storage_options: StorageOptions = None, map_locati
     except FileNotFoundError:
         raise UserError(f"checkpoint {url!r} not found; train one with `lcam train` first") from None
     except IsADirectoryError:
-        raise UserError(f"checkpoint {url!r} is a folder; give the checkpoint file in it (e.g. {url.rstrip('/')}/checkpoint.pt)") from None
+        raise UserError(
+            f"checkpoint {url!r} is a folder; give the checkpoint file in it (e.g. {url.rstrip('/')}/checkpoint.pt)"
+        ) from None
     except PermissionError:
-        raise UserError(f"checkpoint {url!r} cannot be read (permission denied); fix its permissions or give another file") from None
+        raise UserError(
+            f"checkpoint {url!r} cannot be read (permission denied); fix its permissions or give another file"
+        ) from None
     payload = _unpickle(url, data, map_location)
     _check_payload(url, payload)
     return payload
@@ -123,13 +133,21 @@ def _first_line(exc: BaseException) -> str:
 
 def _unpickle(url: str, data: bytes, map_location: str | torch.device) -> dict[str, Any]:
     if not data:
-        raise UserError(f"checkpoint {url!r} is empty (0 bytes): it was cut while being written or copied; use another checkpoint (e.g. epoch-NNN.pt of the run) or train again")
+        raise UserError(
+            f"checkpoint {url!r} is empty (0 bytes): it was cut while being written or copied; use another checkpoint (e.g. epoch-NNN.pt of the run) or train again"
+        )
     try:
         payload = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as exc:  # EOFError, zip reader errors, unpickling errors, unsupported globals
         cut = isinstance(exc, EOFError) or "central directory" in str(exc) or "failed reading" in str(exc)
-        why = "truncated or damaged: its zip structure is incomplete" if cut else f"not a readable PyTorch checkpoint ({_first_line(exc)[:100]})"
-        raise UserError(f"checkpoint {url!r} ({len(data)} bytes) is {why}; use another checkpoint (e.g. epoch-NNN.pt of the run) or train again") from None
+        why = (
+            "truncated or damaged: its zip structure is incomplete"
+            if cut
+            else f"not a readable PyTorch checkpoint ({_first_line(exc)[:100]})"
+        )
+        raise UserError(
+            f"checkpoint {url!r} ({len(data)} bytes) is {why}; use another checkpoint (e.g. epoch-NNN.pt of the run) or train again"
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise UserError(f"{url!r} is not an L-CAM checkpoint (format {found!r}, expected {FORMAT})")
@@ -138,8 +156,17 @@ def _unpickle(url: str, data: bytes, map_location: str | torch.device) -> dict[s
 
 # What every checkpoint holds (save_checkpoint writes them all) and of which type
 _REQUIRED: dict[str, type | tuple[type, ...]] = {
-    "method": str, "attention": dict, "backbone": str, "cache_fingerprint": str, "epoch": int, "step": int,
-    "config": str, "metrics": str, "extra": str, "optimizer": dict, "scheduler": dict,
+    "method": str,
+    "attention": dict,
+    "backbone": str,
+    "cache_fingerprint": str,
+    "epoch": int,
+    "step": int,
+    "config": str,
+    "metrics": str,
+    "extra": str,
+    "optimizer": dict,
+    "scheduler": dict,
 }
 _JSON_FIELDS: dict[str, type] = {"backbone": dict, "config": dict, "metrics": list, "extra": dict}
 
@@ -169,15 +196,21 @@ def _check_attention(url: str, attention: Mapping[str, Any], backbone: Mapping[s
     try:
         channels, classes = int(backbone["feature_shape"][0]), int(backbone["num_classes"])
     except (KeyError, IndexError, TypeError, ValueError):
-        raise UserError(f"checkpoint {url!r} is damaged or foreign: its backbone record lacks feature_shape/num_classes ({backbone!r:.120})") from None
+        raise UserError(
+            f"checkpoint {url!r} is damaged or foreign: its backbone record lacks feature_shape/num_classes ({backbone!r:.120})"
+        ) from None
     expected = {"conv.weight": (classes, channels, 1, 1), "conv.bias": (classes,)}
     for key, shape in expected.items():
         value = attention.get(key)
         if not isinstance(value, torch.Tensor):
-            raise UserError(f"checkpoint {url!r} is damaged or foreign: its attention has no tensor {key!r} (keys: {sorted(attention)[:6]})")
+            raise UserError(
+                f"checkpoint {url!r} is damaged or foreign: its attention has no tensor {key!r} (keys: {sorted(attention)[:6]})"
+            )
         if tuple(value.shape) != shape:
-            raise UserError(f"checkpoint {url!r} is damaged or foreign: attention {key} has shape {tuple(value.shape)}, "
-                            f"but its backbone {backbone.get('backbone')} needs {shape} ({channels} feature channels, {classes} classes)")
+            raise UserError(
+                f"checkpoint {url!r} is damaged or foreign: attention {key} has shape {tuple(value.shape)}, "
+                f"but its backbone {backbone.get('backbone')} needs {shape} ({channels} feature channels, {classes} classes)"
+            )
     extra = sorted(set(attention) - set(expected))
     if extra:
         raise UserError(f"checkpoint {url!r} is damaged or foreign: its attention holds unexpected entries {extra[:6]}")
@@ -210,8 +243,11 @@ def checkpoint_summary(url: str, storage_options: StorageOptions = None) -> dict
             payload = NoTensors(io.BytesIO(z.read(name))).load()
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
             return {}
-        return {k: json.loads(payload[k]) if k in ("backbone", "config", "extra") else payload[k]
-                for k in ("format", "method", "backbone", "epoch", "step", "config", "extra") if k in payload}
+        return {
+            k: json.loads(payload[k]) if k in ("backbone", "config", "extra") else payload[k]
+            for k in ("format", "method", "backbone", "epoch", "step", "config", "extra")
+            if k in payload
+        }
     except UserError:
         raise
     except Exception:
@@ -240,7 +276,9 @@ def check_cache(checkpoint: Mapping[str, Any], fingerprint: str) -> None:
         )
 
 
-def load_lcam(url: str, storage_options: StorageOptions = None, weights: str | None = None, device: str | torch.device = "cpu"):
+def load_lcam(
+    url: str, storage_options: StorageOptions = None, weights: str | None = None, device: str | torch.device = "cpu"
+):
     """Rebuild the trained explainer: (LCAM on ``device`` in eval mode, checkpoint dict).
 
     ``weights`` overrides where the backbone weights come from (e.g. a local copy of

@@ -19,11 +19,22 @@ from ..device import autocast_dtype, resolve_device
 from ..errors import UserError
 from ..fs import exists
 from ..progress import Progress, say
-from .run_folder import (BEST, CHECKPOINT, CURVES, METRICS, RunFolder, StepWindow, best_epoch, epoch_record, format_epoch, history_until,
-                         trainer_state_from_checkpoint, validation_fields)
 from .checkpoints import CheckpointMismatch
+from .run_folder import (
+    BEST,
+    CHECKPOINT,
+    CURVES,
+    METRICS,
+    RunFolder,
+    StepWindow,
+    best_epoch,
+    epoch_record,
+    format_epoch,
+    history_until,
+    trainer_state_from_checkpoint,
+    validation_fields,
+)
 from .setup import RunPlan, TrainStart, TrainSummary, backbone_for_cache
-
 
 # a training task lost with its worker or node runs again from its last checkpoint, 3 times in all
 LOST_TASK_ATTEMPTS = 3
@@ -52,23 +63,55 @@ def run_fm(start: TrainStart) -> TrainSummary:
     cfg = start.cfg
     cache = FeatureCache.open(cfg.cache, cfg.cache_storage_options)
     if len(cache) == 0:
-        raise UserError(f"the feature cache {cache.url} holds no finished shards yet; run (or finish) `lcam extract` first")
+        raise UserError(
+            f"the feature cache {cache.url} holds no finished shards yet; run (or finish) `lcam extract` first"
+        )
     backbone = backbone_for_cache(cache, cfg.weights)
     train_ids, val_ids = split_cache_shards(cache, cfg, start.ckpt)
     stored_limit = start.ckpt["config"].get("train_shards_limit") if start.ckpt is not None else cfg.train_shards_limit
-    plan = start.begin(backbone, sum(cache.num_rows(s) for s in train_ids),
-                       {"cache": cache.url, "cache_fingerprint": cache.fingerprint, "cache_views": list(cache.views),
-                        "val_shards": len(val_ids), "train_shards_limit": stored_limit, "val_shard_ids": val_ids},
-                       cache.fingerprint, f"the backbone of the cache {cache.url}")
+    plan = start.begin(
+        backbone,
+        sum(cache.num_rows(s) for s in train_ids),
+        {
+            "cache": cache.url,
+            "cache_fingerprint": cache.fingerprint,
+            "cache_views": list(cache.views),
+            "val_shards": len(val_ids),
+            "train_shards_limit": stored_limit,
+            "val_shard_ids": val_ids,
+        },
+        cache.fingerprint,
+        f"the backbone of the cache {cache.url}",
+    )
     recipe, run_cfg = plan.recipe, plan.run_cfg
     view: str | int = int(run_cfg["view"]) if str(run_cfg["view"]).isdigit() else run_cfg["view"]
     loader = CacheLoader(
-        cache, recipe.batch_size, seed=run_cfg["seed"], target=run_cfg["target"], view=view,
-        buffer_rows=cfg.buffer_rows, prefetch_chunks=cfg.prefetch_chunks, num_threads=cfg.loader_threads, shard_ids=train_ids,
+        cache,
+        recipe.batch_size,
+        seed=run_cfg["seed"],
+        target=run_cfg["target"],
+        view=view,
+        buffer_rows=cfg.buffer_rows,
+        prefetch_chunks=cfg.prefetch_chunks,
+        num_threads=cfg.loader_threads,
+        shard_ids=train_ids,
     )
     # the held-back part: in shard order, its first view (the clean centre crop), no shuffle
-    val_loader = CacheLoader(cache, 256, shuffle=False, target=run_cfg["target"], view="first", buffer_rows=0,
-                             prefetch_chunks=cfg.prefetch_chunks, num_threads=cfg.loader_threads, shard_ids=val_ids) if val_ids else None
+    val_loader = (
+        CacheLoader(
+            cache,
+            256,
+            shuffle=False,
+            target=run_cfg["target"],
+            view="first",
+            buffer_rows=0,
+            prefetch_chunks=cfg.prefetch_chunks,
+            num_threads=cfg.loader_threads,
+            shard_ids=val_ids,
+        )
+        if val_ids
+        else None
+    )
     device = resolve_device(cfg.device)
     threads_before = torch.get_num_threads()
     if device.type == "cpu":
@@ -89,28 +132,50 @@ def split_cache_shards(cache: Any, cfg: TrainConfig, ckpt: Mapping[str, Any] | N
     if ckpt is not None:
         held = list(run.get("val_shard_ids") or [])  # runs saved before validation existed: none
         if cfg.val_shards is not None and cfg.val_shards != len(held):
-            raise CheckpointMismatch(lambda flag: f"cannot resume with {flag('val_shards')} {cfg.val_shards}: the run holds back "
-                                                  f"{len(held)} shards; drop the option or start a new run")
+            raise CheckpointMismatch(
+                lambda flag: (
+                    f"cannot resume with {flag('val_shards')} {cfg.val_shards}: the run holds back "
+                    f"{len(held)} shards; drop the option or start a new run"
+                )
+            )
         missing = [s for s in held if s not in ids]
         if missing:
-            raise UserError(f"the run's validation shards {missing[:3]} are no longer in the cache {cache.url}; start a new run")
+            raise UserError(
+                f"the run's validation shards {missing[:3]} are no longer in the cache {cache.url}; start a new run"
+            )
         rest = [s for s in ids if s not in set(held)]
         limit = run.get("train_shards_limit")
         return (rest[:limit] if limit else rest), held
     n_val = cfg.val_shards if cfg.val_shards is not None else (len(ids) // 20 if len(ids) >= 20 else 0)
     if n_val >= len(ids):
-        raise UserError(lambda flag: f"{flag('val_shards')} {n_val} holds back every shard of the cache {cache.url} ({len(ids)}): "
-                                     "leave some to train on")
-    held = ids[len(ids) - n_val:] if n_val else []
-    rest = ids[:len(ids) - n_val]
+        raise UserError(
+            lambda flag: (
+                f"{flag('val_shards')} {n_val} holds back every shard of the cache {cache.url} ({len(ids)}): "
+                "leave some to train on"
+            )
+        )
+    held = ids[len(ids) - n_val :] if n_val else []
+    rest = ids[: len(ids) - n_val]
     if cfg.train_shards_limit is not None and cfg.train_shards_limit > len(rest):
-        raise UserError(lambda flag: f"{flag('train_shards_limit')} {cfg.train_shards_limit}: the cache {cache.url} has only {len(rest)} "
-                                     "training shards (after the validation shards)")
-    return (rest[:cfg.train_shards_limit] if cfg.train_shards_limit else rest), held
+        raise UserError(
+            lambda flag: (
+                f"{flag('train_shards_limit')} {cfg.train_shards_limit}: the cache {cache.url} has only {len(rest)} "
+                "training shards (after the validation shards)"
+            )
+        )
+    return (rest[: cfg.train_shards_limit] if cfg.train_shards_limit else rest), held
 
 
-def _train_fm_loop(start: TrainStart, plan: RunPlan, cache: Any, backbone: Any, loader: Any, device: torch.device, t0: float,
-                   val_loader: Any = None) -> TrainSummary:
+def _train_fm_loop(
+    start: TrainStart,
+    plan: RunPlan,
+    cache: Any,
+    backbone: Any,
+    loader: Any,
+    device: torch.device,
+    t0: float,
+    val_loader: Any = None,
+) -> TrainSummary:
     from lcam import LCAM
     from lcam.training import LCAMTrainer
 
@@ -120,10 +185,16 @@ def _train_fm_loop(start: TrainStart, plan: RunPlan, cache: Any, backbone: Any, 
     fill, decay_start = plan.fill, plan.decay_start
     model = LCAM(backbone, attention)  # resuming: the checkpoint's attention is loaded below
     # Only the head runs per step: full precision unless bf16 is asked for explicitly.
-    trainer = LCAMTrainer(model, "fm", recipe, len(loader), device=device,
-                          autocast_dtype=autocast_dtype(cfg.precision, device, allow_fp16=False) if cfg.precision != "auto" else None,
-                          top_k=int(run_cfg.get("top_k", 1)),
-                          start=decay_start)
+    trainer = LCAMTrainer(
+        model,
+        "fm",
+        recipe,
+        len(loader),
+        device=device,
+        autocast_dtype=autocast_dtype(cfg.precision, device, allow_fp16=False) if cfg.precision != "auto" else None,
+        top_k=int(run_cfg.get("top_k", 1)),
+        start=decay_start,
+    )
     if inherited is not None:
         trainer.max_counts = inherited.long().clone()
     history: list[dict[str, Any]] = []
@@ -137,8 +208,18 @@ def _train_fm_loop(start: TrainStart, plan: RunPlan, cache: Any, backbone: Any, 
 
     def save(epoch_end: bool, best: bool = False) -> None:
         last_save[0] = time.perf_counter()
-        run_dir.save(trainer.state_dict(), method="fm", backbone=ident, cache_fingerprint=cache.fingerprint,
-                     config=run_cfg, history=history, epoch_end=epoch_end, fill=fill, best=best, keep=cfg.keep)
+        run_dir.save(
+            trainer.state_dict(),
+            method="fm",
+            backbone=ident,
+            cache_fingerprint=cache.fingerprint,
+            config=run_cfg,
+            history=history,
+            epoch_end=epoch_end,
+            fill=fill,
+            best=best,
+            keep=cfg.keep,
+        )
         run_dir.write_metrics(history)
 
     def validate() -> dict[str, Any]:
@@ -149,10 +230,14 @@ def _train_fm_loop(start: TrainStart, plan: RunPlan, cache: Any, backbone: Any, 
         exported = fill(state["attention"], trainer.coverage).state if fill is not None else state["attention"]
         return validation_fields(trainer.evaluate(fm_batches(val_loader, 0), exported))
 
-    say(enabled=cfg.progress, line=f"L-CAM-Fm: {len(cache)} cached samples ({backbone.name}, views {list(cache.views)}), {len(loader)} steps/epoch, "
-         f"batch {recipe.batch_size}, lr {recipe.lr:g} ({recipe.schedule}), target {run_cfg['target']}"
-         + (f" (top-{trainer.top_k})" if trainer.top_k > 1 else "") + f", init {run_cfg.get('init', 'random')}, device {device}"
-         + (f"; resuming at epoch {trainer.epoch + 1}, step {trainer.global_step}" if ckpt is not None else ""))
+    say(
+        enabled=cfg.progress,
+        line=f"L-CAM-Fm: {len(cache)} cached samples ({backbone.name}, views {list(cache.views)}), {len(loader)} steps/epoch, "
+        f"batch {recipe.batch_size}, lr {recipe.lr:g} ({recipe.schedule}), target {run_cfg['target']}"
+        + (f" (top-{trainer.top_k})" if trainer.top_k > 1 else "")
+        + f", init {run_cfg.get('init', 'random')}, device {device}"
+        + (f"; resuming at epoch {trainer.epoch + 1}, step {trainer.global_step}" if ckpt is not None else ""),
+    )
     stopped = False
     last: dict[str, Any] | None = next((r for r in reversed(history) if r["kind"] == "epoch"), None)
     if plan.reexport_only:
@@ -160,8 +245,14 @@ def _train_fm_loop(start: TrainStart, plan: RunPlan, cache: Any, backbone: Any, 
     while trainer.epoch < recipe.epochs:
         loader.set_epoch(trainer.epoch)
         window, t_epoch, lr_used = StepWindow(), time.perf_counter(), [trainer.lr]
-        bar = Progress(trainer.steps_per_epoch, cfg.progress, what=f"epoch {trainer.epoch + 1}/{recipe.epochs}", unit="steps", every=30.0,
-                       initial=trainer.batch_in_epoch)
+        bar = Progress(
+            trainer.steps_per_epoch,
+            cfg.progress,
+            what=f"epoch {trainer.epoch + 1}/{recipe.epochs}",
+            unit="steps",
+            every=30.0,
+            initial=trainer.batch_in_epoch,
+        )
 
         def on_step(tr: LCAMTrainer, stats: Any) -> None:
             window.add(stats)
@@ -169,18 +260,26 @@ def _train_fm_loop(start: TrainStart, plan: RunPlan, cache: Any, backbone: Any, 
             bar.update(1, postfix=f"loss {stats.loss:.3f}")
             if cfg.log_every and tr.global_step % cfg.log_every == 0:
                 history.append(window.record(tr.epoch, tr.global_step, tr.steps_per_epoch, stats.lr))
-            if cfg.checkpoint_minutes and time.perf_counter() - last_save[0] > 60 * cfg.checkpoint_minutes and tr.batch_in_epoch < tr.steps_per_epoch:
+            if (
+                cfg.checkpoint_minutes
+                and time.perf_counter() - last_save[0] > 60 * cfg.checkpoint_minutes
+                and tr.batch_in_epoch < tr.steps_per_epoch
+            ):
                 save(epoch_end=False)  # exact mid-epoch position: --resume continues from the next batch
 
         try:
-            sums = trainer.train_epoch(fm_batches(loader, trainer.batch_in_epoch, trainer.top_k), max_steps=cfg.max_steps, on_step=on_step)
+            sums = trainer.train_epoch(
+                fm_batches(loader, trainer.batch_in_epoch, trainer.top_k), max_steps=cfg.max_steps, on_step=on_step
+            )
         finally:
             bar.close()
         if sums is None:  # max_steps: keep the exact position for --resume
             save(epoch_end=False)
             stopped = True
             break
-        last = epoch_record(trainer.epoch, trainer.global_step, sums, lr_used[0], time.perf_counter() - t_epoch, **validate())
+        last = epoch_record(
+            trainer.epoch, trainer.global_step, sums, lr_used[0], time.perf_counter() - t_epoch, **validate()
+        )
         history.append(last)
         chosen = best_epoch(history)
         save(epoch_end=True, best=chosen is None or chosen == trainer.epoch)
@@ -188,9 +287,22 @@ def _train_fm_loop(start: TrainStart, plan: RunPlan, cache: Any, backbone: Any, 
     run_dir.write_metrics(history)
     run_dir.write_curves(history, f"L-CAM-Fm, {backbone.name}, cache {cache.fingerprint}")
     have_best = exists(run_dir.path(BEST), cfg.storage_options)
-    return TrainSummary(cfg.out, "fm", trainer.epoch, recipe.epochs, trainer.global_step, stopped, last, time.perf_counter() - t0,
-                        run_dir.path(CHECKPOINT), run_dir.path(METRICS), run_dir.path(CURVES), resumed_from,
-                        best=run_dir.path(BEST) if have_best else None, best_epoch=best_epoch(history) if have_best else None)
+    return TrainSummary(
+        cfg.out,
+        "fm",
+        trainer.epoch,
+        recipe.epochs,
+        trainer.global_step,
+        stopped,
+        last,
+        time.perf_counter() - t0,
+        run_dir.path(CHECKPOINT),
+        run_dir.path(METRICS),
+        run_dir.path(CURVES),
+        resumed_from,
+        best=run_dir.path(BEST) if have_best else None,
+        best_epoch=best_epoch(history) if have_best else None,
+    )
 
 
 def _fm_task(start: TrainStart | TrainConfig, log_queue: Any) -> TrainSummary:
@@ -224,5 +336,12 @@ def train_fm_placed(start: TrainStart) -> TrainSummary:
     what = "1 GPU" if resources.get("num_gpus") else f"{resources['num_cpus']:g} CPU"
     say(enabled=cfg.progress, line=f"L-CAM-Fm: training in a Ray task ({what})")
 
-    return run_task(_fm_task, start, resources=resources, progress=cfg.progress, name="lcam-train-fm",
-                    attempts=LOST_TASK_ATTEMPTS, retry_args=lambda: (cfg,))
+    return run_task(
+        _fm_task,
+        start,
+        resources=resources,
+        progress=cfg.progress,
+        name="lcam-train-fm",
+        attempts=LOST_TASK_ATTEMPTS,
+        retry_args=lambda: (cfg,),
+    )

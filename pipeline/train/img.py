@@ -7,8 +7,8 @@ reproducible."""
 
 from __future__ import annotations
 
-import math
 import json
+import math
 import os
 import tempfile
 import time
@@ -17,16 +17,26 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .checkpoints import load_checkpoint
+from ..configs import TrainConfig  # torch-free, no loop with pipeline.train.run
 from ..device import autocast_dtype
 from ..errors import UserError
 from ..fs import StorageOptions, absolute, get_fs, join
 from ..progress import say
-from .run_folder import CHECKPOINT, CURVES, METRICS, RunFolder, StepWindow, epoch_record, format_epoch, history_until, trainer_state_from_checkpoint
+from .checkpoints import load_checkpoint
 from .img_data import build_image_dataset, crop_seed, image_batches
+from .run_folder import (
+    CHECKPOINT,
+    CURVES,
+    METRICS,
+    RunFolder,
+    StepWindow,
+    epoch_record,
+    format_epoch,
+    history_until,
+    trainer_state_from_checkpoint,
+)
 from .setup import TrainStart, TrainSummary, export_fill, initial_attention
 
-from ..configs import TrainConfig  # torch-free, no loop with pipeline.train.run
 
 # ---------------------------------------------------------------- L-CAM-Img: the Ray Train worker loop
 def _img_worker_loop(config: dict[str, Any]) -> None:
@@ -61,15 +71,28 @@ def _img_worker_loop(config: dict[str, Any]) -> None:
 
         from torch.nn.parallel import DistributedDataParallel
 
-        key = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers"
+        key = (
+            "forward_sync_buffers"
+            if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+            else "broadcast_buffers"
+        )
         return ray.train.torch.prepare_model(module, parallel_strategy_kwargs={key: False})
 
-    trainer = LCAMTrainer(model, "img", recipe, plan["steps_per_epoch"], device=device,
-                          autocast_dtype=autocast_dtype(cfg.precision, device, allow_fp16=False), wrap=ddp, top_k=int(plan["run"].get("top_k", 1)),
-                          start=start)
+    trainer = LCAMTrainer(
+        model,
+        "img",
+        recipe,
+        plan["steps_per_epoch"],
+        device=device,
+        autocast_dtype=autocast_dtype(cfg.precision, device, allow_fp16=False),
+        wrap=ddp,
+        top_k=int(plan["run"].get("top_k", 1)),
+        start=start,
+    )
     if inherited is not None:
         trainer.max_counts = inherited.long().clone()
     if world > 1:
+
         def all_reduce_counts(t: torch.Tensor) -> torch.Tensor:
             t = t.to(device)
             dist.all_reduce(t)
@@ -105,14 +128,36 @@ def _img_worker_loop(config: dict[str, Any]) -> None:
                 history.append(window.record(tr.epoch, tr.global_step, tr.steps_per_epoch, stats.lr))
             if rank == 0 and progress is not None and time.perf_counter() - last_sent > 2.0:
                 last_sent = time.perf_counter()
-                progress.put_nowait({"epoch": tr.epoch, "batch": tr.batch_in_epoch, "steps": tr.steps_per_epoch,
-                                     "loss": stats.loss, "t": last_sent - t_epoch, "global_batch": stats.n * world})
+                progress.put_nowait(
+                    {
+                        "epoch": tr.epoch,
+                        "batch": tr.batch_in_epoch,
+                        "steps": tr.steps_per_epoch,
+                        "loss": stats.loss,
+                        "t": last_sent - t_epoch,
+                        "global_batch": stats.n * world,
+                    }
+                )
 
-        rows = shard.iter_batches(batch_size=plan["worker_batch"], batch_format="numpy", prefetch_batches=2,
-                                  local_shuffle_buffer_size=cfg.shuffle_buffer or None,
-                                  local_shuffle_seed=crop_seed(plan["run"]["seed"], epoch, f"rank{rank}") % (2**31) if cfg.shuffle_buffer else None)
-        batches = image_batches(rows, augment=plan["run"]["augment"], crop=backbone.preprocessing.crop, seed=plan["run"]["seed"],
-                                epoch=epoch, target=plan["run"]["target"], skipped=skipped, top_k=trainer.top_k)
+        rows = shard.iter_batches(
+            batch_size=plan["worker_batch"],
+            batch_format="numpy",
+            prefetch_batches=2,
+            local_shuffle_buffer_size=cfg.shuffle_buffer or None,
+            local_shuffle_seed=crop_seed(plan["run"]["seed"], epoch, f"rank{rank}") % (2**31)
+            if cfg.shuffle_buffer
+            else None,
+        )
+        batches = image_batches(
+            rows,
+            augment=plan["run"]["augment"],
+            crop=backbone.preprocessing.crop,
+            seed=plan["run"]["seed"],
+            epoch=epoch,
+            target=plan["run"]["target"],
+            skipped=skipped,
+            top_k=trainer.top_k,
+        )
         # A mid-epoch checkpoint (max steps) resumes with the epoch's remaining number of steps;
         # which images those are is up to Ray Data's streaming split (not reproducible).
         batches = itertools.islice(batches, trainer.steps_per_epoch - trainer.batch_in_epoch)
@@ -123,19 +168,38 @@ def _img_worker_loop(config: dict[str, Any]) -> None:
         if world > 1:
             dist.all_reduce(total)
             dist.all_reduce(n_skipped)
-        metrics: dict[str, Any] = {"epoch": trainer.epoch, "step": trainer.global_step, "stopped": stopped, "skipped": int(n_skipped.item())}
+        metrics: dict[str, Any] = {
+            "epoch": trainer.epoch,
+            "step": trainer.global_step,
+            "stopped": stopped,
+            "skipped": int(n_skipped.item()),
+        }
         checkpoint = None
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
                 if not stopped:
-                    rec = epoch_record(trainer.epoch, trainer.global_step, MetricSums.from_tensor(total), lr_used[0],
-                                       time.perf_counter() - t_epoch, workers=world, skipped=int(n_skipped.item()))
+                    rec = epoch_record(
+                        trainer.epoch,
+                        trainer.global_step,
+                        MetricSums.from_tensor(total),
+                        lr_used[0],
+                        time.perf_counter() - t_epoch,
+                        workers=world,
+                        skipped=int(n_skipped.item()),
+                    )
                     history.append(rec)
                     metrics.update(rec)
                 state = trainer.state_dict()
                 if stopped:
                     state["running"] = MetricSums.from_tensor(total).to_dict()
-                kw = dict(method="img", backbone=plan["identity"], cache_fingerprint=plan["cache_fingerprint"], config=plan["run"], history=history, fill=fill)
+                kw = dict(
+                    method="img",
+                    backbone=plan["identity"],
+                    cache_fingerprint=plan["cache_fingerprint"],
+                    config=plan["run"],
+                    history=history,
+                    fill=fill,
+                )
                 # no validation part here: best.pt is the last epoch
                 run_dir.save(state, epoch_end=not stopped, best=not stopped, keep=cfg.keep, **kw)
                 run_dir.write_metrics(history)
@@ -199,15 +263,27 @@ def _img_cache(cfg: TrainConfig, augment: str, backbone: Any, shards: Sequence[A
     ident, mine = cache.identity, backbone.describe()
     for fld in ("backbone", "weights_digest", "preprocessing", "feature_shape"):
         if json.dumps(ident.get(fld), sort_keys=True) != json.dumps(mine.get(fld), sort_keys=True):
-            raise UserError(lambda flag: f"the feature cache {cache.url} was made for other features ({fld}: cache {ident.get(fld)}, "
-                            f"training {mine.get(fld)}); use a cache of this backbone and preprocessing, or drop {flag('cache')}")
+            raise UserError(
+                lambda flag: (
+                    f"the feature cache {cache.url} was made for other features ({fld}: cache {ident.get(fld)}, "
+                    f"training {mine.get(fld)}); use a cache of this backbone and preprocessing, or drop {flag('cache')}"
+                )
+            )
     if "center" not in cache.views:
-        raise UserError(lambda flag: f"the feature cache {cache.url} holds views {list(cache.views)}, not the centre crop; drop {flag('cache')}")
+        raise UserError(
+            lambda flag: (
+                f"the feature cache {cache.url} holds views {list(cache.views)}, not the centre crop; drop {flag('cache')}"
+            )
+        )
     done = cache.done_sources()
     missing = [s.url for s in shards if s.url not in done]
     if missing:
-        raise UserError(lambda flag: f"{len(missing)} of {len(shards)} shards are not in the feature cache {cache.url} (e.g. {missing[0]}); "
-                        f"extract them first (`lcam extract` with the same shard URLs), or drop {flag('cache')}")
+        raise UserError(
+            lambda flag: (
+                f"{len(missing)} of {len(shards)} shards are not in the feature cache {cache.url} (e.g. {missing[0]}); "
+                f"extract them first (`lcam extract` with the same shard URLs), or drop {flag('cache')}"
+            )
+        )
     return cache, cache.views.index("center")
 
 
@@ -219,8 +295,10 @@ def progress_line(msg: Mapping[str, Any], epochs: int) -> str | None:
         return format_epoch(m) if "loss" in m else None
     rate = msg["batch"] / max(msg["t"], 1e-9)
     eta = (msg["steps"] - msg["batch"]) / rate if rate > 0 else float("nan")
-    return (f"train: epoch {msg['epoch'] + 1}/{epochs} step {msg['batch']}/{msg['steps']}, loss {msg['loss']:.3f}, "
-            f"{rate * msg['global_batch']:.1f} images/s, ETA {eta:.0f}s")
+    return (
+        f"train: epoch {msg['epoch'] + 1}/{epochs} step {msg['batch']}/{msg['steps']}, loss {msg['loss']:.3f}, "
+        f"{rate * msg['global_batch']:.1f} images/s, ETA {eta:.0f}s"
+    )
 
 
 def train_img(cfg: TrainConfig) -> TrainSummary:
@@ -255,12 +333,20 @@ def run_img(start: TrainStart) -> TrainSummary:
     cache, view_index = _img_cache(cfg, augment, backbone, shards)
     shards = _shard_counts(shards, cfg.shard_storage_options)
     # a bad --init / --init-from / --uncovered fails here, before Ray starts
-    run_plan = start.begin(backbone, sum(s.count for s in shards), {"shards": [s.url for s in shards], "cache": cache.url if cache else None,
-                                                                "workers": cfg.workers}, cache.fingerprint if cache is not None else None)
+    run_plan = start.begin(
+        backbone,
+        sum(s.count for s in shards),
+        {"shards": [s.url for s in shards], "cache": cache.url if cache else None, "workers": cfg.workers},
+        cache.fingerprint if cache is not None else None,
+    )
     recipe, run_cfg = run_plan.recipe, run_plan.run_cfg
     if recipe.batch_size % cfg.workers:  # a resumed run's batch size (a new run's is checked by check_config)
-        raise UserError(lambda flag: f"the batch size {recipe.batch_size} is the global batch: it must split evenly over {cfg.workers} workers; "
-                                     f"change {flag('workers')}")
+        raise UserError(
+            lambda flag: (
+                f"the batch size {recipe.batch_size} is the global batch: it must split evenly over {cfg.workers} workers; "
+                f"change {flag('workers')}"
+            )
+        )
     total = sum(s.count for s in shards)
     worker_batch = recipe.batch_size // cfg.workers
     per_worker = total // cfg.workers  # Ray Train splits with equal=True: the remainder rows are dropped
@@ -269,21 +355,60 @@ def run_img(start: TrainStart) -> TrainSummary:
     steps_per_epoch = math.ceil(per_worker / worker_batch)
     if run_plan.reexport_only:
         # a finished run resumed with another --uncovered / --row-prior: re-export only, no Ray Train
-        run_dir.save(trainer_state_from_checkpoint(ckpt), method="img", backbone=ident, cache_fingerprint=ckpt.get("cache_fingerprint"),
-                     config=run_cfg, history=list(ckpt["metrics"]), epoch_end=True, best=True, keep=cfg.keep,
-                     fill=run_plan.fill)
+        run_dir.save(
+            trainer_state_from_checkpoint(ckpt),
+            method="img",
+            backbone=ident,
+            cache_fingerprint=ckpt.get("cache_fingerprint"),
+            config=run_cfg,
+            history=list(ckpt["metrics"]),
+            epoch_end=True,
+            best=True,
+            keep=cfg.keep,
+            fill=run_plan.fill,
+        )
         pos = ckpt["extra"]["position"]
-        say(enabled=cfg.progress, line=f"L-CAM-Img: {cfg.out} re-exported (--uncovered {run_cfg['uncovered']}, --row-prior {run_cfg['row_prior']:g}), no step")
-        return TrainSummary(cfg.out, "img", int(pos["epoch"]), recipe.epochs, int(pos["global_step"]), False, None,
-                            time.perf_counter() - t0, run_dir.path(CHECKPOINT), run_dir.path(METRICS), run_dir.path(CURVES), int(pos["global_step"]))
+        say(
+            enabled=cfg.progress,
+            line=f"L-CAM-Img: {cfg.out} re-exported (--uncovered {run_cfg['uncovered']}, --row-prior {run_cfg['row_prior']:g}), no step",
+        )
+        return TrainSummary(
+            cfg.out,
+            "img",
+            int(pos["epoch"]),
+            recipe.epochs,
+            int(pos["global_step"]),
+            False,
+            None,
+            time.perf_counter() - t0,
+            run_dir.path(CHECKPOINT),
+            run_dir.path(METRICS),
+            run_dir.path(CURVES),
+            int(pos["global_step"]),
+        )
 
     ensure_ray()
     use_gpu = bool(ray.cluster_resources().get("GPU", 0)) if cfg.use_gpu is None else cfg.use_gpu
-    ds = build_image_dataset(shards, backbone.preprocessing, run_cfg["augment"], cache=cache, view_index=view_index,
-                             storage_options=cfg.shard_storage_options, decode_batch_size=cfg.decode_batch_size, data_cpus=cfg.data_cpus)
+    ds = build_image_dataset(
+        shards,
+        backbone.preprocessing,
+        run_cfg["augment"],
+        cache=cache,
+        view_index=view_index,
+        storage_options=cfg.shard_storage_options,
+        decode_batch_size=cfg.decode_batch_size,
+        data_cpus=cfg.data_cpus,
+    )
     del backbone  # the workers build their own
-    plan = {"backbone": ident["backbone"], "weights": ident["weights"], "identity": ident, "run": run_cfg, "steps_per_epoch": steps_per_epoch,
-            "worker_batch": worker_batch, "cache_fingerprint": cache.fingerprint if cache else None}
+    plan = {
+        "backbone": ident["backbone"],
+        "weights": ident["weights"],
+        "identity": ident,
+        "run": run_cfg,
+        "steps_per_epoch": steps_per_epoch,
+        "worker_batch": worker_batch,
+        "cache_fingerprint": cache.fingerprint if cache else None,
+    }
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
 
     def show(msg: Mapping[str, Any]) -> None:
@@ -298,13 +423,21 @@ def run_img(start: TrainStart) -> TrainSummary:
         train_loop_config={"start": start, "plan": plan, "progress_queue": relay.queue},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(name=f"lcam-img-{uuid.uuid4().hex[:8]}", storage_path=storage_path, storage_filesystem=storage_fs,
-                             failure_config=FailureConfig(max_failures=0), checkpoint_config=CheckpointConfig(num_to_keep=1)),
+        run_config=RunConfig(
+            name=f"lcam-img-{uuid.uuid4().hex[:8]}",
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            failure_config=FailureConfig(max_failures=0),
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+        ),
         datasets={"train": ds},
     )
-    say(enabled=cfg.progress, line=f"L-CAM-Img: {total} images in {len(shards)} shards, {cfg.workers} worker(s) ({'GPU' if use_gpu else 'CPU'}), "
-         f"{steps_per_epoch} steps/epoch of {recipe.batch_size} ({worker_batch} per worker), lr {recipe.lr:g} ({recipe.schedule}), "
-         f"augment {run_cfg['augment']}, pass 1 {'from the cache' if cache else 'by the backbone'}")
+    say(
+        enabled=cfg.progress,
+        line=f"L-CAM-Img: {total} images in {len(shards)} shards, {cfg.workers} worker(s) ({'GPU' if use_gpu else 'CPU'}), "
+        f"{steps_per_epoch} steps/epoch of {recipe.batch_size} ({worker_batch} per worker), lr {recipe.lr:g} ({recipe.schedule}), "
+        f"augment {run_cfg['augment']}, pass 1 {'from the cache' if cache else 'by the backbone'}",
+    )
     try:
         with raise_user_errors():  # a worker's UserError: one line, as in-process
             trainer.fit()
@@ -315,7 +448,18 @@ def run_img(start: TrainStart) -> TrainSummary:
     final = load_checkpoint(run_dir.path(CHECKPOINT), cfg.storage_options)
     pos = final["extra"]["position"]
     epochs_rec = [r for r in history if r["kind"] == "epoch"]
-    return TrainSummary(cfg.out, "img", int(pos["epoch"]), recipe.epochs, int(pos["global_step"]), int(pos["batch_in_epoch"]) > 0,
-                        epochs_rec[-1] if epochs_rec else None, time.perf_counter() - t0, run_dir.path(CHECKPOINT),
-                        run_dir.path(METRICS), run_dir.path(CURVES), ckpt["step"] if ckpt else 0,
-                        skipped=int(epochs_rec[-1].get("skipped", 0)) if epochs_rec else 0)
+    return TrainSummary(
+        cfg.out,
+        "img",
+        int(pos["epoch"]),
+        recipe.epochs,
+        int(pos["global_step"]),
+        int(pos["batch_in_epoch"]) > 0,
+        epochs_rec[-1] if epochs_rec else None,
+        time.perf_counter() - t0,
+        run_dir.path(CHECKPOINT),
+        run_dir.path(METRICS),
+        run_dir.path(CURVES),
+        ckpt["step"] if ckpt else 0,
+        skipped=int(epochs_rec[-1].get("skipped", 0)) if epochs_rec else 0,
+    )

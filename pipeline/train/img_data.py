@@ -29,16 +29,28 @@ def crop_flip(resized: np.ndarray, crop: int, generator: torch.Generator) -> tor
     top = int(torch.randint(0, h - crop + 1, (1,), generator=generator))
     left = int(torch.randint(0, w - crop + 1, (1,), generator=generator))
     flip = bool(torch.rand((), generator=generator) < 0.5)
-    out = torch.from_numpy(np.ascontiguousarray(resized[top : top + crop, left : left + crop])).permute(2, 0, 1).float().div_(255)
+    out = (
+        torch.from_numpy(np.ascontiguousarray(resized[top : top + crop, left : left + crop]))
+        .permute(2, 0, 1)
+        .float()
+        .div_(255)
+    )
     return out.flip(-1) if flip else out
 
 
-def read_training_rows(item: dict[str, Any], storage_options: StorageOptions = None, cache: Any = None, view_index: int = 0) -> list[dict[str, Any]]:
+def read_training_rows(
+    item: dict[str, Any], storage_options: StorageOptions = None, cache: Any = None, view_index: int = 0
+) -> list[dict[str, Any]]:
     """One shard -> one row per sample; with a cache, each row carries its cached F (clean centre crop)."""
     from ..shards.format import ShardInfo
     from ..shards.read import read_shard
 
-    info = ShardInfo(url=item["url"], name=item["name"], count=item["count"] if item["count"] >= 0 else None, sha256=item.get("sha256") or None)
+    info = ShardInfo(
+        url=item["url"],
+        name=item["name"],
+        count=item["count"] if item["count"] >= 0 else None,
+        sha256=item.get("sha256") or None,
+    )
     samples = read_shard(info, storage_options=storage_options)  # a damaged shard fails the run, loudly
     cached: dict[str, tuple[np.ndarray, int]] = {}
     if cache is not None:
@@ -95,23 +107,53 @@ def decode_for_training(batch: dict[str, np.ndarray], preprocessing: Any, augmen
     return res
 
 
-def build_image_dataset(shards: Sequence[Any], preprocessing: Any, augment: str, *, cache: Any = None, view_index: int = 0,
-                        storage_options: StorageOptions = None, decode_batch_size: int = 16, data_cpus: float = 1.0):
+def build_image_dataset(
+    shards: Sequence[Any],
+    preprocessing: Any,
+    augment: str,
+    *,
+    cache: Any = None,
+    view_index: int = 0,
+    storage_options: StorageOptions = None,
+    decode_batch_size: int = 16,
+    data_cpus: float = 1.0,
+):
     """Ray Dataset of training rows: shards in a new random order each epoch, read, decoded."""
     import ray
 
-    items = [{"url": s.url, "name": s.name, "count": s.count if s.count is not None else -1, "sha256": s.sha256 or ""} for s in shards]
+    items = [
+        {"url": s.url, "name": s.name, "count": s.count if s.count is not None else -1, "sha256": s.sha256 or ""}
+        for s in shards
+    ]
     return (
         ray.data.from_items(items, override_num_blocks=len(items))
         .randomize_block_order()
-        .flat_map(read_training_rows, fn_kwargs={"storage_options": storage_options, "cache": cache, "view_index": view_index}, num_cpus=data_cpus)
-        .map_batches(decode_for_training, fn_kwargs={"preprocessing": preprocessing, "augment": augment},
-                     batch_size=decode_batch_size, batch_format="numpy", num_cpus=data_cpus)
+        .flat_map(
+            read_training_rows,
+            fn_kwargs={"storage_options": storage_options, "cache": cache, "view_index": view_index},
+            num_cpus=data_cpus,
+        )
+        .map_batches(
+            decode_for_training,
+            fn_kwargs={"preprocessing": preprocessing, "augment": augment},
+            batch_size=decode_batch_size,
+            batch_format="numpy",
+            num_cpus=data_cpus,
+        )
     )
 
 
-def image_batches(rows: Iterable[Mapping[str, np.ndarray]], *, augment: str, crop: int, seed: int, epoch: int, target: str,
-                  skipped: list[str], top_k: int = 1) -> Iterator[Any]:
+def image_batches(
+    rows: Iterable[Mapping[str, np.ndarray]],
+    *,
+    augment: str,
+    crop: int,
+    seed: int,
+    epoch: int,
+    target: str,
+    skipped: list[str],
+    top_k: int = 1,
+) -> Iterator[Any]:
     """Worker side: numpy row batches -> :class:`lcam.training.TrainBatch` (undecodable rows dropped and listed)."""
     from lcam.training import TrainBatch
 
@@ -120,21 +162,30 @@ def image_batches(rows: Iterable[Mapping[str, np.ndarray]], *, augment: str, cro
         keys = [str(k) for k in b["key"]]
         skipped.extend(k for k, good in zip(keys, ok) if not good)
         if not ok.any():  # skipping the step on one worker only would hang the others' gradient all-reduce
-            raise UserError(f"every image of a training batch failed to decode ({', '.join(keys[:3])}, ...: {b['error'][0]}); "
-                            "re-pack the shards (lcam shards) so that undecodable files are left out")
+            raise UserError(
+                f"every image of a training batch failed to decode ({', '.join(keys[:3])}, ...: {b['error'][0]}); "
+                "re-pack the shards (lcam shards) so that undecodable files are left out"
+            )
         if augment == "center":
             images = torch.from_numpy(np.ascontiguousarray(b["pixels"][ok])).permute(0, 3, 1, 2).float().div_(255)
         else:
-            images = torch.stack([
-                crop_flip(np.asarray(p), crop, torch.Generator().manual_seed(crop_seed(seed, epoch, k)))
-                for p, k, good in zip(b["pixels"], keys, ok) if good
-            ])
+            images = torch.stack(
+                [
+                    crop_flip(np.asarray(p), crop, torch.Generator().manual_seed(crop_seed(seed, epoch, k)))
+                    for p, k, good in zip(b["pixels"], keys, ok)
+                    if good
+                ]
+            )
         feats = torch.from_numpy(np.asarray(b["features"][ok], dtype=np.float32)) if "features" in b else None
         if target == "label":
             labels = np.asarray(b["label"])[ok]
             if (labels < 0).any():
                 bad = [k for k, good, lab in zip(keys, ok, b["label"]) if good and lab < 0][:3]
-                raise UserError(lambda flag: f"sample {bad[0]!r} has no label; train with {flag('target')} predicted (the backbone's top-1) or give the data labels")
+                raise UserError(
+                    lambda flag: (
+                        f"sample {bad[0]!r} has no label; train with {flag('target')} predicted (the backbone's top-1) or give the data labels"
+                    )
+                )
             targets = torch.from_numpy(labels.astype(np.int64))
         elif feats is not None and top_k == 1:
             targets = torch.from_numpy(np.asarray(b["top1"])[ok].astype(np.int64))  # the cache's top-1, as for L-CAM-Fm

@@ -24,9 +24,9 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from ..errors import UserError
 from ..store.dtypes import bf16_to_f32
 from ..store.feature_cache import FeatureCache
-from ..errors import UserError
 
 Batch = tuple[torch.Tensor, torch.Tensor, list[str]]
 log = logging.getLogger(__name__)
@@ -92,7 +92,9 @@ class CacheLoader:
                     "training on labels that are not the classifier's classes: %d shard(s) of %s (e.g. %s) were packed from class "
                     "folders that are not ImageNet WordNet ids, so label 0 is the first folder, which the classifier calls class 0 "
                     "(tench for ImageNet). Use --target predicted, or re-pack with --labels FILE mapping images to the classifier's classes.",
-                    len(folder_labelled), cache.url, folder_labelled[0],
+                    len(folder_labelled),
+                    cache.url,
+                    folder_labelled[0],
                 )
         self.cache = cache
         self.batch_size = int(batch_size)
@@ -200,7 +202,9 @@ class CacheLoader:
         need = [n_recover + int(plan.need[b]) - base for b in range(len(plan.batches))]
         yield from self._execute(plan, reads, need, k)
 
-    def _load(self, item: tuple[int, np.ndarray | None], views: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    def _load(
+        self, item: tuple[int, np.ndarray | None], views: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
         """Worker thread: read one chunk and keep only what the buffer needs (one view, target)."""
         c, mask = item
         sid, ci, rows, start = self._chunks[c]
@@ -213,12 +217,16 @@ class CacheLoader:
         keys = [d["keys"][i] for i in sel]
         if self.target == "label" and (tgt < 0).any():
             bad = [keys[i] for i in np.flatnonzero(tgt < 0)[:3]]
-            raise UserError(f"sample {bad[0]!r} (shard {sid}) has no label (-1){' and others ' + str(bad[1:]) if len(bad) > 1 else ''}; "
-                            "train with target='predicted' (the backbone's top-1 class) or give the data labels")
+            raise UserError(
+                f"sample {bad[0]!r} (shard {sid}) has no label (-1){' and others ' + str(bad[1:]) if len(bad) > 1 else ''}; "
+                "train with target='predicted' (the backbone's top-1 class) or give the data labels"
+            )
         if self.target == "label" and (tgt >= self.cache.num_classes).any():
             i = int(np.flatnonzero(tgt >= self.cache.num_classes)[0])
-            raise UserError(f"sample {keys[i]!r} (shard {sid}) has class {int(tgt[i])}, outside the classifier's classes 0..{self.cache.num_classes - 1}: "
-                            "its shard's labels are not this classifier's; fix them (re-pack with a labels file) or train with target='predicted'")
+            raise UserError(
+                f"sample {keys[i]!r} (shard {sid}) has class {int(tgt[i])}, outside the classifier's classes 0..{self.cache.num_classes - 1}: "
+                "its shard's labels are not this classifier's; fix them (re-pack with a labels file) or train with target='predicted'"
+            )
         return gids, feats, tgt.astype(np.int64), keys
 
     def _top_up(self, pool: ThreadPoolExecutor, inflight: deque, reads: list, next_read: int, views: np.ndarray) -> int:
@@ -230,7 +238,9 @@ class CacheLoader:
             self.stats.max_chunks_ahead = max(self.stats.max_chunks_ahead, self.stats.ahead)
         return next_read
 
-    def _execute(self, plan: _Plan, reads: list[tuple[int, np.ndarray | None]], need: list[int], k: int) -> Iterator[Batch]:
+    def _execute(
+        self, plan: _Plan, reads: list[tuple[int, np.ndarray | None]], need: list[int], k: int
+    ) -> Iterator[Batch]:
         self.stats = stats = LoaderStats(buffer_capacity=self.capacity)
         C, h, w = self.cache.feature_shape
         cap = self.capacity
@@ -272,7 +282,9 @@ class CacheLoader:
                 slots = slot_of[ids]
                 assert feat_buf is not None and (slots >= 0).all(), "loader plan and buffer out of step"
                 feats = feat_buf[slots]
-                feats_t = torch.from_numpy(bf16_to_f32(feats) if self.cache.dtype == "bfloat16" else feats.astype(np.float32, copy=False))
+                feats_t = torch.from_numpy(
+                    bf16_to_f32(feats) if self.cache.dtype == "bfloat16" else feats.astype(np.float32, copy=False)
+                )
                 targets = torch.from_numpy(tgt_buf[slots].copy())
                 keys = key_buf[slots].tolist()
                 free[top : top + len(slots)] = slots

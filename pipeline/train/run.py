@@ -20,11 +20,11 @@ Modules: :mod:`pipeline.train.run_folder` (the run folder, its records and plot)
 the dispatch, :func:`train`; the job's configuration is :class:`pipeline.configs.TrainConfig`.
 """
 
-
 from __future__ import annotations
 
 import dataclasses
 
+from ..configs import TrainConfig  # noqa: E402
 from ..fs import absolute
 from .fm import train_fm_placed
 from .img import run_img
@@ -32,16 +32,17 @@ from .run_folder import RunFolder
 from .setup import TrainStart, TrainSummary
 
 
-from ..configs import TrainConfig  # noqa: E402
-
-
 def train(cfg: TrainConfig) -> TrainSummary:
     """``lcam train``: L-CAM-Fm or L-CAM-Img; on --resume, what is not given comes from the checkpoint
     (:class:`TrainStart`)."""
     # Ray Train workers run in their own trial folders: a relative path would land there.
     cfg = dataclasses.replace(
-        cfg, out=absolute(cfg.out), cache=cfg.cache and absolute(cfg.cache),
-        shards=[absolute(s) for s in cfg.shards] if isinstance(cfg.shards, list) else (cfg.shards and absolute(cfg.shards)),
+        cfg,
+        out=absolute(cfg.out),
+        cache=cfg.cache and absolute(cfg.cache),
+        shards=[absolute(s) for s in cfg.shards]
+        if isinstance(cfg.shards, list)
+        else (cfg.shards and absolute(cfg.shards)),
     )
     start = TrainStart.from_config(cfg)  # checked once, the checkpoint read once
     with RunFolder(cfg.out, cfg.storage_options).writing(f"lcam train ({start.method})"):

@@ -23,10 +23,10 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
-from .checkpoints import RUN_CHECKPOINT, load_checkpoint, save_checkpoint
 from ..errors import UserError
 from ..fs import StorageOptions, exists, get_fs, is_local, join, write_bytes_atomic
 from ..store.leases import WriterLeases, announce_writers
+from .checkpoints import RUN_CHECKPOINT, load_checkpoint, save_checkpoint
 
 CHECKPOINT = RUN_CHECKPOINT
 BEST = "best.pt"
@@ -49,10 +49,18 @@ class RunFolder:
         have = exists(self.path(CHECKPOINT), self.storage_options)
         if resume:
             if not have:
-                raise UserError(lambda flag: f"nothing to resume: no {CHECKPOINT} in {self.url}; start the run without {flag('resume')}")
+                raise UserError(
+                    lambda flag: (
+                        f"nothing to resume: no {CHECKPOINT} in {self.url}; start the run without {flag('resume')}"
+                    )
+                )
             return load_checkpoint(self.path(CHECKPOINT), self.storage_options)
         if have:
-            raise UserError(lambda flag: f"{self.url} already holds a training run ({CHECKPOINT}); continue it with {flag('resume')} or choose another {flag('out')}")
+            raise UserError(
+                lambda flag: (
+                    f"{self.url} already holds a training run ({CHECKPOINT}); continue it with {flag('resume')} or choose another {flag('out')}"
+                )
+            )
         return None
 
     @contextlib.contextmanager
@@ -75,10 +83,20 @@ class RunFolder:
                 if is_local(fs) and fs.isdir(folder) and not fs.ls(folder):
                     fs.rmdir(folder)
 
-    def save(self, state: Mapping[str, Any], *, method: str, backbone: Mapping[str, Any], cache_fingerprint: str | None,
-             config: Mapping[str, Any], history: list[dict[str, Any]], epoch_end: bool,
-             fill: Callable[[Mapping[str, torch.Tensor], torch.Tensor], Any] | None = None, best: bool = False,
-             keep: int = 0) -> None:
+    def save(
+        self,
+        state: Mapping[str, Any],
+        *,
+        method: str,
+        backbone: Mapping[str, Any],
+        cache_fingerprint: str | None,
+        config: Mapping[str, Any],
+        history: list[dict[str, Any]],
+        epoch_end: bool,
+        fill: Callable[[Mapping[str, torch.Tensor], torch.Tensor], Any] | None = None,
+        best: bool = False,
+        keep: int = 0,
+    ) -> None:
         """``fill``: (trained attention state, coverage) -> :class:`lcam.uncovered.FillResult`: the
         checkpoint's ``attention`` (what ``lcam cams``/``lcam eval``/``--init-from`` read) is its
         state, the trained values of the rows it replaced go to ``trained_rows`` (resume).
@@ -86,8 +104,12 @@ class RunFolder:
         recent ``epoch-NNN.pt`` stay (older ones are removed after the new one is written)."""
         pos = state["position"]
         coverage = torch.maximum(state["coverage"]["epoch"], state["coverage"]["max"]) if "coverage" in state else None
-        extra = {"position": pos, "running": state["running"], "rng": _encode_rng(state["rng"]),
-                 "coverage_state": {k: v.tolist() for k, v in state["coverage"].items()} if "coverage" in state else None}
+        extra = {
+            "position": pos,
+            "running": state["running"],
+            "rng": _encode_rng(state["rng"]),
+            "coverage_state": {k: v.tolist() for k, v in state["coverage"].items()} if "coverage" in state else None,
+        }
         attention, trained_rows = state["attention"], None
         if fill is not None and coverage is not None:
             result = fill(state["attention"], coverage)
@@ -97,10 +119,20 @@ class RunFolder:
                 attention = result.state
                 trained_rows = {"index": index, **{k: v[index].clone() for k, v in state["attention"].items()}}
         kw = dict(
-            attention_state=attention, method=method, backbone=backbone, cache_fingerprint=cache_fingerprint,
-            epoch=pos["epoch"], step=pos["global_step"], config=config, optimizer_state=state["optimizer"],
-            scheduler_state=state["scheduler"], metrics=history, storage_options=self.storage_options,
-            extra=extra, coverage=coverage, trained_rows=trained_rows,
+            attention_state=attention,
+            method=method,
+            backbone=backbone,
+            cache_fingerprint=cache_fingerprint,
+            epoch=pos["epoch"],
+            step=pos["global_step"],
+            config=config,
+            optimizer_state=state["optimizer"],
+            scheduler_state=state["scheduler"],
+            metrics=history,
+            storage_options=self.storage_options,
+            extra=extra,
+            coverage=coverage,
+            trained_rows=trained_rows,
         )
         if epoch_end:  # the per-epoch copy first: checkpoint.pt never points past a missing epoch file
             save_checkpoint(self.path(f"epoch-{pos['epoch']:03d}.pt"), **kw)
@@ -160,8 +192,11 @@ def trainer_state_from_checkpoint(ckpt: Mapping[str, Any]) -> dict[str, Any]:
         "position": extra["position"],
         "running": extra["running"],
         "rng": _decode_rng(extra.get("rng") or {}),
-        **({"coverage": {k: torch.tensor(v, dtype=torch.int64) for k, v in extra["coverage_state"].items()}}
-           if extra.get("coverage_state") else {}),
+        **(
+            {"coverage": {k: torch.tensor(v, dtype=torch.int64) for k, v in extra["coverage_state"].items()}}
+            if extra.get("coverage_state")
+            else {}
+        ),
     }
 
 
@@ -179,8 +214,15 @@ def history_until(history: Sequence[Mapping[str, Any]], step: int) -> list[dict[
 
 
 def epoch_record(epoch: int, step: int, sums: Any, lr: float, seconds: float, **extra: Any) -> dict[str, Any]:
-    rec = {"kind": "epoch", "epoch": epoch, "step": step, "samples": int(sums.n), "lr": lr, "seconds": round(seconds, 3),
-           "samples_per_s": round(sums.n / seconds, 2) if seconds > 0 else 0.0}
+    rec = {
+        "kind": "epoch",
+        "epoch": epoch,
+        "step": step,
+        "samples": int(sums.n),
+        "lr": lr,
+        "seconds": round(seconds, 3),
+        "samples_per_s": round(sums.n / seconds, 2) if seconds > 0 else 0.0,
+    }
     rec.update({k: round(v, 6) for k, v in sums.means().items()})
     rec.update(extra)
     return rec
@@ -193,16 +235,24 @@ def validation_fields(sums: Any) -> dict[str, Any]:
 
 def best_epoch(history: Sequence[Mapping[str, Any]]) -> int | None:
     """The epoch with the lowest validation loss among the epoch records (the first of ties), or None without validation."""
-    scored = [(r["val_loss"], r["epoch"]) for r in history if r.get("kind") == "epoch" and r.get("val_loss") is not None]
+    scored = [
+        (r["val_loss"], r["epoch"]) for r in history if r.get("kind") == "epoch" and r.get("val_loss") is not None
+    ]
     return min(scored)[1] if scored else None
 
 
 def format_epoch(r: Mapping[str, Any]) -> str:
-    return (f"epoch {r['epoch']}: loss {r['loss']:.4f} (ce {r['ce']:.4f}, area {r['area']:.4f}, tv {r['tv']:.4f}), "
-            f"agreement {100 * r['agreement']:.1f}%, lr {r['lr']:.3g}, {r['samples']} samples in {r['seconds']:.1f}s "
-            f"({r['samples_per_s']:.3g} samples/s)"
-            + (f"; validation loss {r['val_loss']:.4f} (ce {r['val_ce']:.4f}, area {r['val_area']:.4f}), agreement "
-               f"{100 * r['val_agreement']:.1f}% on {r['val_samples']} held-back samples" if r.get("val_loss") is not None else ""))
+    return (
+        f"epoch {r['epoch']}: loss {r['loss']:.4f} (ce {r['ce']:.4f}, area {r['area']:.4f}, tv {r['tv']:.4f}), "
+        f"agreement {100 * r['agreement']:.1f}%, lr {r['lr']:.3g}, {r['samples']} samples in {r['seconds']:.1f}s "
+        f"({r['samples_per_s']:.3g} samples/s)"
+        + (
+            f"; validation loss {r['val_loss']:.4f} (ce {r['val_ce']:.4f}, area {r['val_area']:.4f}), agreement "
+            f"{100 * r['val_agreement']:.1f}% on {r['val_samples']} held-back samples"
+            if r.get("val_loss") is not None
+            else ""
+        )
+    )
 
 
 class StepWindow:
@@ -220,8 +270,15 @@ class StepWindow:
 
     def record(self, epoch: int, step: int, steps_per_epoch: int, lr: float) -> dict[str, Any]:
         dt = time.perf_counter() - self.t0
-        rec = {"kind": "step", "epoch": epoch, "step": step, "epoch_progress": round(step / steps_per_epoch, 4), "lr": lr,
-               "samples": int(self.sums.n), "samples_per_s": round(self.sums.n / dt, 2) if dt > 0 else 0.0}
+        rec = {
+            "kind": "step",
+            "epoch": epoch,
+            "step": step,
+            "epoch_progress": round(step / steps_per_epoch, 4),
+            "lr": lr,
+            "samples": int(self.sums.n),
+            "samples_per_s": round(self.sums.n / dt, 2) if dt > 0 else 0.0,
+        }
         rec.update({k: round(v, 6) for k, v in self.sums.means().items()})
         self.sums, self.t0 = self._cls(), time.perf_counter()
         return rec
@@ -237,8 +294,14 @@ def plot_curves(history: Sequence[Mapping[str, Any]], title: str = "L-CAM traini
     steps = [r for r in history if r.get("kind") == "step"]
     epochs = [r for r in history if r.get("kind") == "epoch"]
     fig = Figure(figsize=(13, 7), dpi=100)
-    panels = [("loss", "total loss"), ("ce", "cross-entropy (masked)"), ("area", "area term"), ("tv", "total variation"),
-              ("agreement", "agreement (masked argmax = target)"), ("lr", "learning rate (weights)")]
+    panels = [
+        ("loss", "total loss"),
+        ("ce", "cross-entropy (masked)"),
+        ("area", "area term"),
+        ("tv", "total variation"),
+        ("agreement", "agreement (masked argmax = target)"),
+        ("lr", "learning rate (weights)"),
+    ]
     for i, (key, label) in enumerate(panels):
         ax = fig.add_subplot(2, 3, i + 1)
         if steps:

@@ -11,16 +11,29 @@ from typing import Any, Mapping
 
 import torch
 
-from .checkpoints import CheckpointMismatch, check_backbone, check_cache, load_checkpoint
+from ..configs import TrainConfig  # torch-free, no loop with pipeline.train.run
 from ..errors import FlagNamer, UserError, option_flag
 from ..fs import StorageOptions
+from .checkpoints import CheckpointMismatch, check_backbone, check_cache, load_checkpoint
 from .run_folder import RunFolder, format_epoch
 
-from ..configs import TrainConfig  # torch-free, no loop with pipeline.train.run
-
 # Options that decide the trajectory of a run: a resumed run must keep them.
-FIXED_ON_RESUME = ("method", "backbone", "lr", "batch_size", "schedule", "target", "seed", "view", "augment", "init", "targets",
-                   "top_k", "init_from", "recipe_rule")
+FIXED_ON_RESUME = (
+    "method",
+    "backbone",
+    "lr",
+    "batch_size",
+    "schedule",
+    "target",
+    "seed",
+    "view",
+    "augment",
+    "init",
+    "targets",
+    "top_k",
+    "init_from",
+    "recipe_rule",
+)
 
 
 @dataclass
@@ -47,8 +60,14 @@ class TrainSummary:
 
     def lines(self, flag: FlagNamer = option_flag) -> list[str]:
         """Console lines; ``flag`` spells options as the running command does (see :class:`UserError`)."""
-        state = f"stopped after step {self.steps} ({flag('max_steps')}); {flag('resume')} continues" if self.stopped_early else "done"
-        out = [f"L-CAM-{self.method.capitalize()}: {self.epochs_done}/{self.epochs} epochs, {self.steps} steps in {self.seconds:.1f}s: {state}"]
+        state = (
+            f"stopped after step {self.steps} ({flag('max_steps')}); {flag('resume')} continues"
+            if self.stopped_early
+            else "done"
+        )
+        out = [
+            f"L-CAM-{self.method.capitalize()}: {self.epochs_done}/{self.epochs} epochs, {self.steps} steps in {self.seconds:.1f}s: {state}"
+        ]
         if self.last_epoch:
             out.append("last epoch: " + format_epoch(self.last_epoch))
         if self.skipped:
@@ -57,7 +76,10 @@ class TrainSummary:
             out.append(f"trained in a Ray task on node {self.ran_on[:12]}")
         out += [f"checkpoint {self.checkpoint} (the last state)"]
         if self.best:
-            out.append(f"best       {self.best}" + (f" (epoch {self.best_epoch}: the lowest validation loss)" if self.best_epoch else ""))
+            out.append(
+                f"best       {self.best}"
+                + (f" (epoch {self.best_epoch}: the lowest validation loss)" if self.best_epoch else "")
+            )
         out += [f"metrics    {self.metrics}", f"curves     {self.curves}"]
         return out
 
@@ -84,17 +106,27 @@ class TrainStart:
         ckpt = run_dir.checkpoint_for_start(cfg.resume)  # None for a new run (refused where a run exists)
         stored = ckpt["config"] if ckpt is not None else {}
         method = method or cfg.method or (ckpt["method"] if ckpt is not None else "fm")
-        cfg = dataclasses.replace(cfg, method=method, cache=cfg.cache or stored.get("cache"), shards=cfg.shards or stored.get("shards"))
+        cfg = dataclasses.replace(
+            cfg, method=method, cache=cfg.cache or stored.get("cache"), shards=cfg.shards or stored.get("shards")
+        )
         augment = cfg.augment or stored.get("augment") or "random"
         # L-CAM-Img: a resumed run's augmentation is checked against --cache too
         check_config(dataclasses.replace(cfg, augment=augment) if method == "img" else cfg)
         if ckpt is not None and ckpt["method"] != method:
-            raise CheckpointMismatch(f"the checkpoint in {cfg.out} is an L-CAM-{ckpt['method'].capitalize()} run, "
-                                     f"not L-CAM-{method.capitalize()}")
+            raise CheckpointMismatch(
+                f"the checkpoint in {cfg.out} is an L-CAM-{ckpt['method'].capitalize()} run, "
+                f"not L-CAM-{method.capitalize()}"
+            )
         return cls(cfg, method, run_dir, ckpt, augment)
 
-    def begin(self, backbone: Any, samples: int | None, data: Mapping[str, Any], cache_fingerprint: str | None = None,
-              what: str = "this backbone") -> "RunPlan":
+    def begin(
+        self,
+        backbone: Any,
+        samples: int | None,
+        data: Mapping[str, Any],
+        cache_fingerprint: str | None = None,
+        what: str = "this backbone",
+    ) -> "RunPlan":
         """What the loop runs: a resumed run's backbone and cache checked against its checkpoint,
         the recipe and run config (:func:`resolve_recipe`, ``samples`` training samples, with the
         ``data`` fields the checkpoints record), a new run's starting attention and inherited
@@ -106,16 +138,25 @@ class TrainStart:
                 check_cache(self.ckpt, cache_fingerprint)
         recipe, run_cfg = resolve_recipe(self.cfg, self.method, backbone.name, self.ckpt, samples=samples)
         run_cfg.update(data)
-        attention, inherited = (None, None) if self.ckpt is not None else initial_attention(backbone, run_cfg, self.cfg.storage_options)
+        attention, inherited = (
+            (None, None) if self.ckpt is not None else initial_attention(backbone, run_cfg, self.cfg.storage_options)
+        )
         start = export_start(backbone, run_cfg, self.cfg.storage_options, attention)
         fill = export_fill(run_cfg, start)
         # the weight decay of recipe.decay_to "start" pulls towards the start (recomputed on resume)
         if recipe.decay_to == "start" and start is None:  # (export_start skips it when the export needs none)
             start = initial_attention(backbone, run_cfg, self.cfg.storage_options)[0]
-        decay_start = ({k: v.detach().clone() for k, v in start.state_dict().items()}
-                       if recipe.decay_to == "start" and start is not None else None)
+        decay_start = (
+            {k: v.detach().clone() for k, v in start.state_dict().items()}
+            if recipe.decay_to == "start" and start is not None
+            else None
+        )
         # a finished run resumed with another export (--uncovered, --row-prior): export again, no step
-        reexport = self.ckpt is not None and int(self.ckpt["epoch"]) >= recipe.epochs and export_changed(self.ckpt["config"], run_cfg)
+        reexport = (
+            self.ckpt is not None
+            and int(self.ckpt["epoch"]) >= recipe.epochs
+            and export_changed(self.ckpt["config"], run_cfg)
+        )
         return RunPlan(recipe, run_cfg, attention, inherited, fill, reexport, decay_start)
 
 
@@ -148,10 +189,20 @@ def check_config(cfg: TrainConfig) -> None:
 
     method = cfg.method or "fm"
     if method not in ("fm", "img"):
-        raise UserError(lambda flag: f"unknown {flag('method')} {method!r}: use fm (from the feature cache) or img (from the shards)")
+        raise UserError(
+            lambda flag: (
+                f"unknown {flag('method')} {method!r}: use fm (from the feature cache) or img (from the shards)"
+            )
+        )
     check_where(cfg.where)
-    for fld, allowed in (("schedule", ("step", "onecycle")), ("target", ("label", "predicted")), ("augment", ("random", "center")),
-                         ("init", ("auto", *INITS)), ("targets", ("single", "top-k")), ("recipe_rule", ("spec", "data-size"))):
+    for fld, allowed in (
+        ("schedule", ("step", "onecycle")),
+        ("target", ("label", "predicted")),
+        ("augment", ("random", "center")),
+        ("init", ("auto", *INITS)),
+        ("targets", ("single", "top-k")),
+        ("recipe_rule", ("spec", "data-size")),
+    ):
         value = getattr(cfg, fld)
         if value not in (None, *allowed):
             raise UserError(lambda flag: f"{flag(fld)} must be {' or '.join(map(repr, allowed))}, got {value!r}")
@@ -164,37 +215,67 @@ def check_config(cfg: TrainConfig) -> None:
     try:
         parse_ridge(cfg.transfer_ridge)
     except ValueError:
-        raise UserError(lambda flag: f"{flag('transfer_ridge')} must be auto or a number >= 0, got {cfg.transfer_ridge!r}") from None
+        raise UserError(
+            lambda flag: f"{flag('transfer_ridge')} must be auto or a number >= 0, got {cfg.transfer_ridge!r}"
+        ) from None
     if cfg.row_prior is not None and not cfg.row_prior >= 0:
         raise UserError(lambda flag: f"{flag('row_prior')} must be a number of samples >= 0, got {cfg.row_prior!r}")
     if not cfg.resume:
-        check_start(cfg.uncovered, cfg.row_prior, cfg.init or ("random" if cfg.recipe_rule == "spec" else "auto"), cfg.init_from)
+        check_start(
+            cfg.uncovered, cfg.row_prior, cfg.init or ("random" if cfg.recipe_rule == "spec" else "auto"), cfg.init_from
+        )
         if cfg.top_k is not None and cfg.targets != "top-k":
             raise UserError(lambda flag: f"{flag('top_k')} needs {flag('targets')} top-k")
         if cfg.targets == "top-k" and (cfg.target or "label") != "predicted":
-            raise UserError(lambda flag: f"{flag('targets')} top-k trains each image for its top-K predicted classes: add {flag('target')} predicted")
+            raise UserError(
+                lambda flag: (
+                    f"{flag('targets')} top-k trains each image for its top-K predicted classes: add {flag('target')} predicted"
+                )
+            )
         if cfg.init_from and cfg.init == "cam":
-            raise UserError(lambda flag: f"give either {flag('init')} cam or {flag('init_from')} CHECKPOINT, not both ({flag('init_from')} sets the whole attention)")
+            raise UserError(
+                lambda flag: (
+                    f"give either {flag('init')} cam or {flag('init_from')} CHECKPOINT, not both ({flag('init_from')} sets the whole attention)"
+                )
+            )
     if method == "fm" and not cfg.cache:
-        raise UserError(lambda flag: f"L-CAM-Fm trains from a feature cache: pass {flag('cache')} URL (make one with `lcam extract`)")
+        raise UserError(
+            lambda flag: (
+                f"L-CAM-Fm trains from a feature cache: pass {flag('cache')} URL (make one with `lcam extract`)"
+            )
+        )
     if method == "fm":
         return
     if not cfg.shards:
-        raise UserError(lambda flag: f"L-CAM-Img streams images: pass {flag('shards')} (a pattern or a folder with index.json)")
+        raise UserError(
+            lambda flag: f"L-CAM-Img streams images: pass {flag('shards')} (a pattern or a folder with index.json)"
+        )
     if cfg.workers < 1:
         raise UserError(lambda flag: f"{flag('workers')} must be >= 1, got {cfg.workers}")
     augment = cfg.augment or (None if cfg.resume else "random")
     if cfg.cache and augment == "random":
-        raise UserError(lambda flag: f"a feature cache holds the clean centre crop: L-CAM-Img's pass 1 can come from it only with {flag('augment')} center "
-                                     f"(random crops need the backbone at every step); drop {flag('cache')} or use {flag('augment')} center")
+        raise UserError(
+            lambda flag: (
+                f"a feature cache holds the clean centre crop: L-CAM-Img's pass 1 can come from it only with {flag('augment')} center "
+                f"(random crops need the backbone at every step); drop {flag('cache')} or use {flag('augment')} center"
+            )
+        )
     if not cfg.resume:
-        batch = cfg.batch_size or default_recipe(cfg.backbone or "efficientnet_lite0", cfg.schedule or "step").batch_size
+        batch = (
+            cfg.batch_size or default_recipe(cfg.backbone or "efficientnet_lite0", cfg.schedule or "step").batch_size
+        )
         if batch >= 1 and batch % cfg.workers:
-            raise UserError(lambda flag: f"the batch size {batch} is the global batch: it must split evenly over {cfg.workers} workers; "
-                                         f"change {flag('batch_size')} or {flag('workers')}")
+            raise UserError(
+                lambda flag: (
+                    f"the batch size {batch} is the global batch: it must split evenly over {cfg.workers} workers; "
+                    f"change {flag('batch_size')} or {flag('workers')}"
+                )
+            )
 
 
-def resolve_recipe(cfg: TrainConfig, method: str, backbone_name: str, ckpt: Mapping[str, Any] | None, samples: int | None = None):
+def resolve_recipe(
+    cfg: TrainConfig, method: str, backbone_name: str, ckpt: Mapping[str, Any] | None, samples: int | None = None
+):
     """The effective recipe and run config: defaults per backbone (SPEC 3) or by data size
     (``samples``: training samples), or the checkpoint's. Values were checked by :func:`check_config`."""
     from lcam.recipe import Recipe, default_recipe
@@ -207,33 +288,59 @@ def resolve_recipe(cfg: TrainConfig, method: str, backbone_name: str, ckpt: Mapp
         rule = cfg.recipe_rule or "data-size"  # the default of lcam train, lcam pipeline and lcam demo alike
         if rule == "data-size":
             if samples is None:
-                raise UserError(lambda flag: f"{flag('recipe_rule')} data-size needs the number of training samples (known for a cache and for indexed shards)")
+                raise UserError(
+                    lambda flag: (
+                        f"{flag('recipe_rule')} data-size needs the number of training samples (known for a cache and for indexed shards)"
+                    )
+                )
             recipe = recipe_for_data(backbone_name, method, samples)
             if cfg.schedule is not None and cfg.schedule != recipe.schedule:
                 recipe = default_recipe(backbone_name, cfg.schedule)
         else:
             recipe = default_recipe(backbone_name, cfg.schedule or "step")
-        recipe = recipe.with_overrides(lr=cfg.lr, epochs=cfg.epochs, batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
-                                       decay_to=cfg.decay_to)
+        recipe = recipe.with_overrides(
+            lr=cfg.lr,
+            epochs=cfg.epochs,
+            batch_size=cfg.batch_size,
+            weight_decay=cfg.weight_decay,
+            decay_to=cfg.decay_to,
+        )
         if recipe.lr <= 0 or recipe.epochs < 1 or recipe.batch_size < 1:
-            raise UserError(lambda flag: f"{flag('lr')}, {flag('epochs')} and {flag('batch_size')} must be positive "
-                                         f"(got lr {recipe.lr}, epochs {recipe.epochs}, batch size {recipe.batch_size})")
+            raise UserError(
+                lambda flag: (
+                    f"{flag('lr')}, {flag('epochs')} and {flag('batch_size')} must be positive "
+                    f"(got lr {recipe.lr}, epochs {recipe.epochs}, batch size {recipe.batch_size})"
+                )
+            )
         targets = cfg.targets or "single"
         top_k = (cfg.top_k or 3) if targets == "top-k" else 1
         target = cfg.target or "label"
-        run = {"method": method, "backbone": backbone_name, "lr": recipe.lr, "batch_size": recipe.batch_size, "schedule": recipe.schedule,
-               "target": target, "seed": 0 if cfg.seed is None else cfg.seed, "view": cfg.view or "random",
-               "augment": cfg.augment or "random", "recipe": recipe.to_dict(), "recipe_rule": rule,
-               # The small-data recipe starts from CAM where the head allows it (initial_attention
-               # resolves "auto"): on unseen classes a random row is noise, a CAM row Grad-CAM's equal
-               # (benchmarks/generalisation.py). The SPEC's recipe keeps the SPEC's random draw: at its
-               # lr 0.01 CAM-initialised rows barely move (loss 3.82 -> 3.80 in 6 epochs where the
-               # random init falls by a third, tests/test_training.py's run), so it would not be the SPEC's training.
-               "init": "checkpoint" if cfg.init_from else (cfg.init or ("auto" if rule == "data-size" else "random")), "init_from": cfg.init_from,
-               "targets": targets, "top_k": top_k,
-               # export only (not the trajectory): rows no sample trained, see lcam.uncovered
-               "uncovered": cfg.uncovered or "init", "transfer_ridge": cfg.transfer_ridge or "auto",
-               "row_prior": cfg.row_prior}  # None: default_row_prior once init is resolved (initial_attention)
+        run = {
+            "method": method,
+            "backbone": backbone_name,
+            "lr": recipe.lr,
+            "batch_size": recipe.batch_size,
+            "schedule": recipe.schedule,
+            "target": target,
+            "seed": 0 if cfg.seed is None else cfg.seed,
+            "view": cfg.view or "random",
+            "augment": cfg.augment or "random",
+            "recipe": recipe.to_dict(),
+            "recipe_rule": rule,
+            # The small-data recipe starts from CAM where the head allows it (initial_attention
+            # resolves "auto"): on unseen classes a random row is noise, a CAM row Grad-CAM's equal
+            # (benchmarks/generalisation.py). The SPEC's recipe keeps the SPEC's random draw: at its
+            # lr 0.01 CAM-initialised rows barely move (loss 3.82 -> 3.80 in 6 epochs where the
+            # random init falls by a third, tests/test_training.py's run), so it would not be the SPEC's training.
+            "init": "checkpoint" if cfg.init_from else (cfg.init or ("auto" if rule == "data-size" else "random")),
+            "init_from": cfg.init_from,
+            "targets": targets,
+            "top_k": top_k,
+            # export only (not the trajectory): rows no sample trained, see lcam.uncovered
+            "uncovered": cfg.uncovered or "init",
+            "transfer_ridge": cfg.transfer_ridge or "auto",
+            "row_prior": cfg.row_prior,
+        }  # None: default_row_prior once init is resolved (initial_attention)
         return recipe, run
     run = dict(ckpt["config"])
     # runs saved before these options existed trained with the SPEC's choices
@@ -247,26 +354,48 @@ def resolve_recipe(cfg: TrainConfig, method: str, backbone_name: str, ckpt: Mapp
     run["uncovered"] = cfg.uncovered or run.get("uncovered") or "init"
     run["transfer_ridge"] = cfg.transfer_ridge or run.get("transfer_ridge") or "auto"
     run["row_prior"] = cfg.row_prior if cfg.row_prior is not None else float(run.get("row_prior") or 0.0)
-    given = {"method": method, "backbone": backbone_name, "lr": cfg.lr, "batch_size": cfg.batch_size, "schedule": cfg.schedule,
-             "target": cfg.target, "seed": cfg.seed, "view": cfg.view if method == "fm" else run.get("view"),
-             "augment": cfg.augment if method == "img" else run.get("augment"), "init": cfg.init, "init_from": cfg.init_from,
-             "targets": cfg.targets, "top_k": cfg.top_k, "recipe_rule": cfg.recipe_rule}
+    given = {
+        "method": method,
+        "backbone": backbone_name,
+        "lr": cfg.lr,
+        "batch_size": cfg.batch_size,
+        "schedule": cfg.schedule,
+        "target": cfg.target,
+        "seed": cfg.seed,
+        "view": cfg.view if method == "fm" else run.get("view"),
+        "augment": cfg.augment if method == "img" else run.get("augment"),
+        "init": cfg.init,
+        "init_from": cfg.init_from,
+        "targets": cfg.targets,
+        "top_k": cfg.top_k,
+        "recipe_rule": cfg.recipe_rule,
+    }
     saved = Recipe(**run["recipe"])
     for fld in ("weight_decay", "decay_to"):  # part of the recipe: fixed on resume too
         if getattr(cfg, fld) is not None and getattr(cfg, fld) != getattr(saved, fld):
-            raise CheckpointMismatch(lambda flag: f"cannot resume with {flag(fld)} {getattr(cfg, fld)}: the run trained with "
-                                                  f"{getattr(saved, fld)}; drop it or start a new run with another {flag('out')}")
+            raise CheckpointMismatch(
+                lambda flag: (
+                    f"cannot resume with {flag(fld)} {getattr(cfg, fld)}: the run trained with "
+                    f"{getattr(saved, fld)}; drop it or start a new run with another {flag('out')}"
+                )
+            )
     differ = [k for k, v in given.items() if v is not None and k in FIXED_ON_RESUME and run.get(k) != v]
     if differ:
-        raise CheckpointMismatch(lambda flag: (
-            "cannot resume: these options differ from the checkpoint's run, so it would not continue the same training:\n  "
-            + "\n  ".join(f"{flag(k)}: checkpoint {run.get(k)!r}, now {given[k]!r}" for k in differ)
-            + f"\nDrop them (the checkpoint's values are used) or start a new run with another {flag('out')}."
-        ))
+        raise CheckpointMismatch(
+            lambda flag: (
+                "cannot resume: these options differ from the checkpoint's run, so it would not continue the same training:\n  "
+                + "\n  ".join(f"{flag(k)}: checkpoint {run.get(k)!r}, now {given[k]!r}" for k in differ)
+                + f"\nDrop them (the checkpoint's values are used) or start a new run with another {flag('out')}."
+            )
+        )
     recipe = Recipe(**run["recipe"])
     if cfg.epochs is not None and cfg.epochs != recipe.epochs:
         if recipe.schedule == "onecycle":
-            raise CheckpointMismatch(lambda flag: f"the one-cycle schedule of this run spans {recipe.epochs} epochs; {flag('epochs')} cannot change it to {cfg.epochs} on resume")
+            raise CheckpointMismatch(
+                lambda flag: (
+                    f"the one-cycle schedule of this run spans {recipe.epochs} epochs; {flag('epochs')} cannot change it to {cfg.epochs} on resume"
+                )
+            )
         recipe = recipe.with_overrides(epochs=cfg.epochs)
         run["recipe"] = recipe.to_dict()
     return recipe, run
@@ -281,14 +410,18 @@ def backbone_for_cache(cache: Any, weights: str | None):
     backbone = build_backbone(name, weights or ident.get("weights", "default"))
     mine = backbone.describe()
     if mine["weights_digest"] != ident.get("weights_digest"):
-        raise UserError(lambda flag: (
-            f"the cache {cache.url} holds features of {name} with weights {ident.get('weights')} (digest {str(ident.get('weights_digest'))[:12]}), "
-            f"but {flag('weights')} {weights} gives digest {mine['weights_digest'][:12]}; pass the weights the cache was made with"
-        ))
+        raise UserError(
+            lambda flag: (
+                f"the cache {cache.url} holds features of {name} with weights {ident.get('weights')} (digest {str(ident.get('weights_digest'))[:12]}), "
+                f"but {flag('weights')} {weights} gives digest {mine['weights_digest'][:12]}; pass the weights the cache was made with"
+            )
+        )
     return backbone
 
 
-def initial_attention(backbone: Any, run_cfg: dict[str, Any], storage_options: StorageOptions = None) -> tuple[Any, torch.Tensor | None]:
+def initial_attention(
+    backbone: Any, run_cfg: dict[str, Any], storage_options: StorageOptions = None
+) -> tuple[Any, torch.Tensor | None]:
     """The attention a new run starts from (``init``, ``init_from``) and the coverage it
     inherits (an ``init_from`` checkpoint's rows were trained by its samples). ``init``
     "auto" becomes "cam" when the backbone's head is pooling + linear, else "random", in
@@ -318,13 +451,25 @@ def check_start(uncovered: str | None, row_prior: float | None, init: str | None
     towards their start, which must not be a random draw. Checked up front from the options
     (``init`` auto passes) and again at export with ``init`` resolved."""
     if uncovered == "transfer" and (init_from or init not in ("cam", "auto")):
-        raise UserError(lambda flag: f"{flag('uncovered')} transfer maps CAM rows: it needs {flag('init')} cam (or auto on a pooling + "
-                                     f"linear head); this run starts from "
-                                     + (f"its {flag('init_from')} checkpoint, whose own rows {flag('uncovered')} init keeps" if init_from else init)
-                                     + f": use {flag('uncovered')} init")
+        raise UserError(
+            lambda flag: (
+                f"{flag('uncovered')} transfer maps CAM rows: it needs {flag('init')} cam (or auto on a pooling + "
+                f"linear head); this run starts from "
+                + (
+                    f"its {flag('init_from')} checkpoint, whose own rows {flag('uncovered')} init keeps"
+                    if init_from
+                    else init
+                )
+                + f": use {flag('uncovered')} init"
+            )
+        )
     if row_prior and not init_from and init not in ("cam", "auto"):
-        raise UserError(lambda flag: f"{flag('row_prior')} pulls trained rows towards where they started, here a random draw: it needs "
-                                     f"{flag('init')} cam or {flag('init_from')}; drop {flag('row_prior')}")
+        raise UserError(
+            lambda flag: (
+                f"{flag('row_prior')} pulls trained rows towards where they started, here a random draw: it needs "
+                f"{flag('init')} cam or {flag('init_from')}; drop {flag('row_prior')}"
+            )
+        )
 
 
 def default_row_prior(run_cfg: Mapping[str, Any]) -> float:
@@ -340,10 +485,15 @@ def default_row_prior(run_cfg: Mapping[str, Any]) -> float:
 def export_changed(saved: Mapping[str, Any], run_cfg: Mapping[str, Any]) -> bool:
     """Whether a resumed run asks for another export (``--uncovered``, ``--transfer-ridge``,
     ``--row-prior``) than its checkpoint holds: a finished run is then re-exported, no step."""
-    return any(saved.get(k, 0.0 if k == "row_prior" else None) != run_cfg.get(k) for k in ("uncovered", "transfer_ridge", "row_prior"))
+    return any(
+        saved.get(k, 0.0 if k == "row_prior" else None) != run_cfg.get(k)
+        for k in ("uncovered", "transfer_ridge", "row_prior")
+    )
 
 
-def export_start(backbone: Any, run_cfg: dict[str, Any], storage_options: StorageOptions = None, attention: Any = None) -> Any:
+def export_start(
+    backbone: Any, run_cfg: dict[str, Any], storage_options: StorageOptions = None, attention: Any = None
+) -> Any:
     """The start :func:`export_fill` compares against: ``attention`` (a new run's, before it
     trains), else recomputed (resume; an --init-from source is read again), or None when the
     export needs none (``--uncovered keep`` without a row prior)."""

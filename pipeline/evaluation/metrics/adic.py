@@ -28,8 +28,15 @@ def subset_table(res: EvalOutcome, limit: int) -> list[dict[str, Any]]:
         if keep.sum() < min(limit, len(res.keys)):
             continue  # the method did not see all of these images
         y, o = torch.from_numpy(res.Y[e["rows"][keep]]), torch.from_numpy(e["adic"]["O"][:, keep].astype("float64"))
-        out.append({"id": m.id, "label": m.label, "n": int(keep.sum()), "AD": average_drop(y, o).tolist(),
-                    "IC": increase_in_confidence(y, o).tolist()})
+        out.append(
+            {
+                "id": m.id,
+                "label": m.label,
+                "n": int(keep.sum()),
+                "AD": average_drop(y, o).tolist(),
+                "IC": increase_in_confidence(y, o).tolist(),
+            }
+        )
     return out
 
 
@@ -42,8 +49,14 @@ class AverageDropIncrease(EvalMetric):
     def compute(self, batch: MetricBatch) -> dict[str, np.ndarray]:
         from lcam.metrics.adic import confidence_scores
 
-        scores = confidence_scores(batch.model, batch.images, batch.cams, self.ratios, batch_size=batch.forward_batch,
-                                   clean_probs=batch.clean_probs)
+        scores = confidence_scores(
+            batch.model,
+            batch.images,
+            batch.cams,
+            self.ratios,
+            batch_size=batch.forward_batch,
+            clean_probs=batch.clean_probs,
+        )
         return {"O": scores.O.cpu().numpy()}
 
     def summarize(self, Y: np.ndarray, arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
@@ -60,9 +73,16 @@ class AverageDropIncrease(EvalMetric):
             ic = increase_in_confidence(torch.from_numpy(Y), torch.from_numpy(O)).tolist()
             ad_se = standard_error(np.maximum(0.0, Y[None] - O) / Y[None])  # what average_drop averages
             ic_se = standard_error((O > Y[None]).astype(np.float64))
-        return {"ad": ad, "ic": ic, "ad_se": ad_se, "ic_se": ic_se,
-                "per_ratio": {f"{r:g}": {"AD": a, "IC": i, "AD_se": s, "IC_se": t}
-                              for r, a, i, s, t in zip(self.ratios, ad, ic, ad_se, ic_se)}}
+        return {
+            "ad": ad,
+            "ic": ic,
+            "ad_se": ad_se,
+            "ic_se": ic_se,
+            "per_ratio": {
+                f"{r:g}": {"AD": a, "IC": i, "AD_se": s, "IC_se": t}
+                for r, a, i, s, t in zip(self.ratios, ad, ic, ad_se, ic_se)
+            },
+        }
 
     def markdown(self, res: EvalOutcome) -> list[str]:
         from lcam.metrics.adic import AD_FORMULA, IC_FORMULA, TIE_RULE
@@ -73,7 +93,9 @@ class AverageDropIncrease(EvalMetric):
         lines = ["| " + " | ".join(head) + " |", rule]
         for m in res.methods:
             s = m.metrics["adic"]
-            lines.append("| " + " | ".join([m.label, str(m.n)] + [fmt(v) for v in s["ad"]] + [fmt(v) for v in s["ic"]]) + " |")
+            lines.append(
+                "| " + " | ".join([m.label, str(m.n)] + [fmt(v) for v in s["ad"]] + [fmt(v) for v in s["ic"]]) + " |"
+            )
         lines += [
             "",
             f"- {AD_FORMULA}  (lower is better; the drop is divided by Y_i: pytorch-grad-cam's DropInConfidence is not)",
@@ -89,14 +111,27 @@ class AverageDropIncrease(EvalMetric):
         limits = sorted({m.info.get("limit") for m in res.methods if m.info.get("limit")})
         if limits:
             lines += ["", "## Methods on subsets", ""]
-            lines += [f"- {m.label}: {m.n} images (the first {m.info['limit']} of a seeded random ranking of the {n_all})"
-                      for m in res.methods if m.info.get("limit")]
+            lines += [
+                f"- {m.label}: {m.n} images (the first {m.info['limit']} of a seeded random ranking of the {n_all})"
+                for m in res.methods
+                if m.info.get("limit")
+            ]
             for lim in limits:
                 rows = subset_table(res, lim)
                 n = rows[0]["n"] if rows else 0
-                lines += ["", f"All methods on the same {n} images (ranks < {lim}):", "", "| " + " | ".join(head) + " |", rule]
-                lines += ["| " + " | ".join([r["label"], str(r["n"])] + [fmt(v) for v in r["AD"]] + [fmt(v) for v in r["IC"]]) + " |"
-                          for r in rows]
+                lines += [
+                    "",
+                    f"All methods on the same {n} images (ranks < {lim}):",
+                    "",
+                    "| " + " | ".join(head) + " |",
+                    rule,
+                ]
+                lines += [
+                    "| "
+                    + " | ".join([r["label"], str(r["n"])] + [fmt(v) for v in r["AD"]] + [fmt(v) for v in r["IC"]])
+                    + " |"
+                    for r in rows
+                ]
         return lines
 
     def csv_columns(self) -> list[str]:
@@ -120,8 +155,15 @@ class AverageDropIncrease(EvalMetric):
         for ax, what, title in ((axes[0], "ad", "Average Drop (%) ↓"), (axes[1], "ic", "Increase in Confidence (%) ↑")):
             for j, m in enumerate(methods):
                 s = m.metrics["adic"]
-                bars = ax.bar(x + (j - (len(methods) - 1) / 2) * width, s[what], width, yerr=np.nan_to_num(s[f"{what}_se"]),
-                              capsize=2, color=colors(j % 10), label=f"{m.label} (N={m.n})")
+                bars = ax.bar(
+                    x + (j - (len(methods) - 1) / 2) * width,
+                    s[what],
+                    width,
+                    yerr=np.nan_to_num(s[f"{what}_se"]),
+                    capsize=2,
+                    color=colors(j % 10),
+                    label=f"{m.label} (N={m.n})",
+                )
                 ax.bar_label(bars, fmt="%.1f", fontsize=6, padding=1)
             ax.set_xticks(x, [f"{pct(r)} kept" for r in self.ratios])
             ax.set_title(title)

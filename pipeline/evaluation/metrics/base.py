@@ -87,7 +87,9 @@ class EvalMetric:
         known = {o.name: o for o in self.options}
         unknown = sorted(set(options) - set(known))
         if unknown:
-            raise TypeError(f"metric {self.name}: unknown option(s) {', '.join(unknown)}; options: {', '.join(known) or 'none'}")
+            raise TypeError(
+                f"metric {self.name}: unknown option(s) {', '.join(unknown)}; options: {', '.join(known) or 'none'}"
+            )
         self.ratios = tuple(float(r) for r in ratios)
         self.option_values = {n: (o.type(options[n]) if n in options else o.default) for n, o in known.items()}
         for n, v in self.option_values.items():
@@ -145,7 +147,9 @@ _METRICS: dict[str, type[EvalMetric]] = {}
 def register_metric(cls: type[EvalMetric]) -> type[EvalMetric]:
     """Class decorator; a name taken twice is an error."""
     if cls.name in _METRICS and _METRICS[cls.name] is not cls:
-        raise ValueError(f"an evaluation metric named {cls.name!r} is already registered ({_METRICS[cls.name].__module__})")
+        raise ValueError(
+            f"an evaluation metric named {cls.name!r} is already registered ({_METRICS[cls.name].__module__})"
+        )
     _METRICS[cls.name] = cls
     return cls
 
@@ -164,8 +168,9 @@ def box_metrics() -> tuple[str, ...]:
     return tuple(n for n, c in metric_classes().items() if c.needs_boxes)
 
 
-def build_metrics(ratios: Sequence[float], enabled: Sequence[str] = (),
-                  options: Mapping[str, Mapping[str, Any]] | None = None) -> list[EvalMetric]:
+def build_metrics(
+    ratios: Sequence[float], enabled: Sequence[str] = (), options: Mapping[str, Mapping[str, Any]] | None = None
+) -> list[EvalMetric]:
     """The always-on metrics and the ``enabled`` optional ones, with their options."""
     options = options or {}
     classes = metric_classes()

@@ -33,16 +33,38 @@ class InsertionDeletionAUC(EvalMetric):
     name, title = "insdel", "Insertion / deletion AUC"
     help = "also insertion/deletion AUC (RISE's protocol; 2(S+1) forwards per image, S = --insdel-steps)"
     options = (
-        Option("steps", steps_count, 16, "insertion/deletion steps S (pixels change in S equal parts)", flag="insdel-steps"),
-        Option("insertion_baseline", baseline_kind, "blur", "what insertion starts from: blur (RISE) or black", flag="insdel-insertion-baseline"),
-        Option("deletion_baseline", baseline_kind, "black", "what deleted pixels become: black (RISE) or blur", flag="insdel-deletion-baseline"),
+        Option(
+            "steps", steps_count, 16, "insertion/deletion steps S (pixels change in S equal parts)", flag="insdel-steps"
+        ),
+        Option(
+            "insertion_baseline",
+            baseline_kind,
+            "blur",
+            "what insertion starts from: blur (RISE) or black",
+            flag="insdel-insertion-baseline",
+        ),
+        Option(
+            "deletion_baseline",
+            baseline_kind,
+            "black",
+            "what deleted pixels become: black (RISE) or blur",
+            flag="insdel-deletion-baseline",
+        ),
     )
 
     def compute(self, batch: MetricBatch) -> dict[str, np.ndarray]:
         from lcam.metrics.insertion_deletion import insertion_deletion
 
-        r = insertion_deletion(batch.model, batch.images, batch.cams, batch.class_ids, self.steps,
-                               self.insertion_baseline, self.deletion_baseline, batch_size=batch.forward_batch)
+        r = insertion_deletion(
+            batch.model,
+            batch.images,
+            batch.cams,
+            batch.class_ids,
+            self.steps,
+            self.insertion_baseline,
+            self.deletion_baseline,
+            batch_size=batch.forward_batch,
+        )
         return {"insertion": r.insertion.numpy(), "deletion": r.deletion.numpy()}
 
     @staticmethod
@@ -51,16 +73,23 @@ class InsertionDeletionAUC(EvalMetric):
 
         from lcam.metrics.insertion_deletion import area_under_curve
 
-        return (area_under_curve(torch.from_numpy(arrays["insertion"])).numpy(),
-                area_under_curve(torch.from_numpy(arrays["deletion"])).numpy())
+        return (
+            area_under_curve(torch.from_numpy(arrays["insertion"])).numpy(),
+            area_under_curve(torch.from_numpy(arrays["deletion"])).numpy(),
+        )
 
     def summarize(self, Y: np.ndarray, arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
         if "insertion" not in arrays or arrays["insertion"].shape[1] == 0:
             return {}
         ins, dele = self.aucs(arrays)
-        return {"insertion_auc": float(ins.mean()), "deletion_auc": float(dele.mean()),
-                "insertion_auc_se": standard_error(ins[None])[0] / 100, "deletion_auc_se": standard_error(dele[None])[0] / 100,
-                "insertion_curve": arrays["insertion"].mean(1).tolist(), "deletion_curve": arrays["deletion"].mean(1).tolist()}
+        return {
+            "insertion_auc": float(ins.mean()),
+            "deletion_auc": float(dele.mean()),
+            "insertion_auc_se": standard_error(ins[None])[0] / 100,
+            "deletion_auc_se": standard_error(dele[None])[0] / 100,
+            "insertion_curve": arrays["insertion"].mean(1).tolist(),
+            "deletion_curve": arrays["deletion"].mean(1).tolist(),
+        }
 
     def protocol(self) -> dict[str, Any]:
         from lcam.metrics.insertion_deletion import protocol
@@ -69,15 +98,22 @@ class InsertionDeletionAUC(EvalMetric):
 
     def markdown(self, res: EvalOutcome) -> list[str]:
         p = self.protocol()
-        lines = ["## Insertion / deletion AUC", "",
-                 f"{p['steps']} steps (step s changes {p['pixels_changed_at_step_s']} pixels, highest CAM first); insertion "
-                 f"starts from {p['insertion_baseline']}, deletion replaces pixels by {p['deletion_baseline']}; score: "
-                 f"{p['score']}; AUC: {p['auc']}. Cost per image: {p['forwards_per_image']} forwards.", "",
-                 "| Method | N | insertion AUC ↑ | deletion AUC ↓ | seconds |", "|---|--:|--:|--:|--:|"]
+        lines = [
+            "## Insertion / deletion AUC",
+            "",
+            f"{p['steps']} steps (step s changes {p['pixels_changed_at_step_s']} pixels, highest CAM first); insertion "
+            f"starts from {p['insertion_baseline']}, deletion replaces pixels by {p['deletion_baseline']}; score: "
+            f"{p['score']}; AUC: {p['auc']}. Cost per image: {p['forwards_per_image']} forwards.",
+            "",
+            "| Method | N | insertion AUC ↑ | deletion AUC ↓ | seconds |",
+            "|---|--:|--:|--:|--:|",
+        ]
         for m in res.methods:
             s = m.metrics.get("insdel") or {}
             if "insertion_auc" in s:
-                lines.append(f"| {m.label} | {m.n} | {s['insertion_auc']:.4f} | {s['deletion_auc']:.4f} | {fmt(s['seconds'])} |")
+                lines.append(
+                    f"| {m.label} | {m.n} | {s['insertion_auc']:.4f} | {s['deletion_auc']:.4f} | {fmt(s['seconds'])} |"
+                )
         return lines
 
     def csv_columns(self) -> list[str]:

@@ -59,25 +59,36 @@ class BoxMetric(EvalMetric):
             return {}
         s = arrays["score"][np.isfinite(arrays["score"])]
         n = len(s)
-        return {"n": n, "mean": float(100 * s.mean()) if n else float("nan"),
-                "se": float(100 * s.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")}
+        return {
+            "n": n,
+            "mean": float(100 * s.mean()) if n else float("nan"),
+            "se": float(100 * s.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan"),
+        }
 
     def protocol(self) -> dict[str, Any]:
-        return {"meaning": self.meaning, "percent": "mean over the images with a box inside the crop, x 100",
-                "maps": "min-max at their own resolution, bilinear (align_corners=False) to the input grid, as AD/IC",
-                "boxes": "mapped through the model's resize and centre crop; pixel in a box when its centre is; several boxes: their union"}
+        return {
+            "meaning": self.meaning,
+            "percent": "mean over the images with a box inside the crop, x 100",
+            "maps": "min-max at their own resolution, bilinear (align_corners=False) to the input grid, as AD/IC",
+            "boxes": "mapped through the model's resize and centre crop; pixel in a box when its centre is; several boxes: their union",
+        }
 
     def markdown(self, res: EvalOutcome) -> list[str]:
         box = [m for m in res.metrics if getattr(m, "needs_boxes", False)]
         if not box or box[0] is not self:  # one table for every box metric, by the first
             return []
         n_boxed = max((m.metrics.get(b.name, {}).get("n", 0) for m in res.methods for b in box), default=0)
-        lines = ["## Localisation against boxes", "",
-                 "Maps (min-max, bilinear to the input grid, as for AD/IC) against the objects' bounding boxes mapped "
-                 "through the model's resize and centre crop; several boxes count as their union. "
-                 + " ".join(f"{b.short}: {b.meaning}." for b in box)
-                 + f" Percent, mean ± standard error over the images with a box inside the crop (N; at most {n_boxed}).", "",
-                 "| Method | N | " + " | ".join(f"{b.short} ↑" for b in box) + " |", "|---|--:|" + "--:|" * len(box)]
+        lines = [
+            "## Localisation against boxes",
+            "",
+            "Maps (min-max, bilinear to the input grid, as for AD/IC) against the objects' bounding boxes mapped "
+            "through the model's resize and centre crop; several boxes count as their union. "
+            + " ".join(f"{b.short}: {b.meaning}." for b in box)
+            + f" Percent, mean ± standard error over the images with a box inside the crop (N; at most {n_boxed}).",
+            "",
+            "| Method | N | " + " | ".join(f"{b.short} ↑" for b in box) + " |",
+            "|---|--:|" + "--:|" * len(box),
+        ]
         for m in res.methods:
             cells = []
             for b in box:
@@ -123,7 +134,15 @@ class EnergyPointingGame(BoxMetric):
 class BoxIoU(BoxMetric):
     name, title, short = "box_iou", "Box IoU", "box IoU"
     help = "IoU of the map's top pixels with the shards' boxes (on by itself when the shards carry boxes)"
-    options = (Option("fraction", fraction_value, 0.15, "box IoU: the map's top share of pixels against the boxes", flag="box-iou-fraction"),)
+    options = (
+        Option(
+            "fraction",
+            fraction_value,
+            0.15,
+            "box IoU: the map's top share of pixels against the boxes",
+            flag="box-iou-fraction",
+        ),
+    )
 
     @property
     def meaning(self) -> str:  # type: ignore[override]
