@@ -60,7 +60,7 @@ def candidates() -> dict[str, list]:
         "zstd-1+crc32c": [
             ZstdCodec(level=1),
             Crc32cCodec(),
-        ],  # the stores' codecs (pipeline.store.layer.default_compressors)
+        ],  # the stores' codecs (pipeline.store.integrity.default_compressors)
         "zstd-3": [ZstdCodec(level=3)],
         "blosc-zstd-1-noshuffle": [BloscCodec(cname="zstd", clevel=1, shuffle=none, typesize=2)],
         "blosc-zstd-1-shuffle": [BloscCodec(cname="zstd", clevel=1, shuffle=shuffle, typesize=2)],

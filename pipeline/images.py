@@ -26,6 +26,7 @@ from __future__ import annotations
 import io
 import re
 import warnings
+from typing import Any
 
 import numpy as np
 import torch
@@ -200,3 +201,33 @@ def boxes_in_crop(boxes: object, width: int, height: int, prep: Preprocessing) -
     out = np.clip(out, 0, prep.crop)
     keep = (out[:, 2] > out[:, 0]) & (out[:, 3] > out[:, 1])
     return out[keep].astype(np.float32)
+
+
+def is_one_image(x: Any) -> bool:
+    """A single image (a path, encoded bytes, an RGB array, a PIL image), not a batch."""
+    import os
+
+    if isinstance(x, (str, os.PathLike, bytes, bytearray)):
+        return True
+    if isinstance(x, np.ndarray):
+        return x.ndim == 3
+    return hasattr(x, "convert") and hasattr(x, "size")  # a PIL image, without importing PIL
+
+
+def load_image(x: Any, prep: Preprocessing) -> torch.Tensor:
+    """One image -> (3, crop, crop) float32 in [0, 1] on the CPU, the backbone's preprocessing applied
+    (a tensor is taken as already preprocessed)."""
+    import os
+
+    if isinstance(x, torch.Tensor):
+        return x.float().cpu() if x.dtype != torch.uint8 else x.float().div(255.0)
+    if isinstance(x, (str, os.PathLike)):
+        from .fs import get_fs
+
+        fs, path = get_fs(os.fspath(x))
+        x = fs.cat_file(path)
+    if isinstance(x, (bytes, bytearray)):
+        x = decode_image(bytes(x))
+    elif hasattr(x, "convert"):
+        x = x.convert("RGB")
+    return preprocess(x, prep)

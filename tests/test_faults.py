@@ -38,7 +38,7 @@ from pipeline.shards.read import list_shards, read_shard
 from pipeline.store.cam_store import CamStore
 from pipeline.store.feature_cache import FeatureCache
 from pipeline.store.identity import shard_id_for
-from pipeline.store.layer import StoreDamaged
+from pipeline.store.integrity import StoreDamaged
 from pipeline.train.checkpoints import save_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

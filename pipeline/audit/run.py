@@ -38,7 +38,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..fs import StorageOptions, get_fs, join, write_bytes_atomic
-from ..store.layer import StoreDamaged
+from ..store.integrity import StoreDamaged
 from .figures import STRIP, block_partial, block_typical, figures_task, merge_partials
 from .html import picture_name
 from .stats import STAT_NAMES

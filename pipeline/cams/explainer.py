@@ -19,6 +19,7 @@ from lcam.model import upsample_size
 from ..classes import MODES, ClassSelection  # noqa: F401  the class selection is torch-free (answers before torch loads)
 from ..device import autocast_dtype, resolve_device
 from ..fs import StorageOptions
+from ..images import is_one_image, load_image
 
 
 def checkpoint_fingerprint(checkpoint: Mapping[str, Any]) -> str:
@@ -61,13 +62,14 @@ class Explainer:
         self._names = list(class_names) if class_names is not None else None
 
     @classmethod
-    def fit(cls, model: Any, data: Any, **kwargs: Any) -> "Explainer":
+    def fit(cls, model: Any, data: Any, *, class_names: Sequence[str] | None = None, **kwargs: Any) -> "Explainer":
         """Train an L-CAM-Fm for ``model`` (an ``nn.Module`` classifier, a Backbone or a spec
         string) on ``data`` (image paths or a folder, PIL images, a tensor, a DataLoader, or
         shards) and return its Explainer; see :func:`pipeline.cams.fit.fit_lcam` for the options."""
         from .fit import fit_lcam
 
-        return fit_lcam(model, data, **kwargs)
+        lcam_model, record = fit_lcam(model, data, **kwargs)
+        return cls(lcam_model.eval(), record, class_names=class_names)
 
     @classmethod
     def from_checkpoint(
@@ -209,36 +211,6 @@ class Explainer:
 
 
 # ---------------------------------------------------------------- images from Python
-def is_one_image(x: Any) -> bool:
-    """A single image (a path, encoded bytes, an RGB array, a PIL image), not a batch."""
-    import os
-
-    if isinstance(x, (str, os.PathLike, bytes, bytearray)):
-        return True
-    if isinstance(x, np.ndarray):
-        return x.ndim == 3
-    return hasattr(x, "convert") and hasattr(x, "size")  # a PIL image, without importing PIL
-
-
-def load_image(x: Any, prep: Preprocessing) -> torch.Tensor:
-    """One image -> (3, crop, crop) float32 in [0, 1] on the CPU, the backbone's preprocessing applied
-    (a tensor is taken as already preprocessed)."""
-    import os
-
-    from ..images import decode_image, preprocess
-
-    if isinstance(x, torch.Tensor):
-        return x.float().cpu() if x.dtype != torch.uint8 else x.float().div(255.0)
-    if isinstance(x, (str, os.PathLike)):
-        from ..fs import get_fs
-
-        fs, path = get_fs(os.fspath(x))
-        x = fs.cat_file(path)
-    if isinstance(x, (bytes, bytearray)):
-        x = decode_image(bytes(x))
-    elif hasattr(x, "convert"):
-        x = x.convert("RGB")
-    return preprocess(x, prep)
 
 
 # ---------------------------------------------------------------- maps for a batch of rows

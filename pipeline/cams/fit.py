@@ -31,7 +31,7 @@ from lcam.uncovered import fill_uncovered
 
 from ..device import resolve_device
 from ..errors import UserError
-from .explainer import Explainer, is_one_image, load_image
+from ..images import is_one_image, load_image
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -105,9 +105,9 @@ def fit_lcam(
     row_prior: float | None = None,
     device: str | torch.device = "auto",
     seed: int = 0,
-    class_names: Sequence[str] | None = None,
-) -> Explainer:
-    """Train an L-CAM-Fm for ``model`` on ``data`` (see the module docstring) and return its Explainer.
+) -> tuple[LCAM, dict[str, Any]]:
+    """Train an L-CAM-Fm for ``model`` on ``data`` (see the module docstring): the trained
+    :class:`~lcam.LCAM` and its record (what a checkpoint holds: method, backbone, coverage, config).
 
     ``epochs``/``batch_size``: override the small-data recipe; ``max_steps`` stops early;
     ``init``: auto (CAM where the head is pooling + linear, else random), cam or random;
@@ -159,4 +159,4 @@ def fit_lcam(
             "steps": trainer.global_step,
         },
     }
-    return Explainer(lcam_model.eval(), checkpoint, class_names=class_names)
+    return lcam_model.eval(), checkpoint

@@ -34,7 +34,7 @@ from ..progress import Progress, skipped_lines
 from ..raykit import ShardWorker, StageStats, actor_device, actor_pool, ensure_ray, repin_threads, run_shard_stage
 from ..shard_tasks import shard_parts
 from ..store.feature_cache import FeatureCache
-from ..store.layer import KeyOwners
+from ..store.integrity import KeyOwners
 
 log = logging.getLogger(__name__)
 

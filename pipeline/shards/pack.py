@@ -8,21 +8,17 @@ decided once, here, with PIL, and reported; odd-but-usable images are packed and
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
 import io
 import json
 import os
 import random
 import re
 import shutil
-import tarfile
-import tempfile
 import time
-import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import fsspec
 from PIL import Image, UnidentifiedImageError
@@ -34,6 +30,7 @@ from pipeline.fs import StorageOptions, get_fs, is_local, join, write_json_atomi
 from ..progress import Progress, skipped_lines
 from .format import INDEX_FORMAT, INDEX_NAME
 from .labels import WNID, find_labels_file, parse_labels
+from .writer import ShardWriter
 
 REPORT_NAME = "pack_report.json"
 
@@ -379,102 +376,6 @@ def _inspect(item: _Item) -> tuple[bytes, str, dict, list[tuple[str, str]]]:
     return data, ext, meta, notes
 
 
-# --------------------------------------------------------------------------- writing
-
-
-class _HashingWriter:
-    """File wrapper that hashes and counts what tarfile writes (no second read pass)."""
-
-    def __init__(self, f: BinaryIO) -> None:
-        self.f, self.h, self.n = f, hashlib.sha256(), 0
-
-    def write(self, b: bytes) -> int:
-        self.h.update(b)
-        self.n += len(b)
-        return self.f.write(b)
-
-    def tell(self) -> int:
-        return self.n
-
-
-_TAR_TAIL = tarfile.RECORDSIZE + 2 * 512
-
-
-class _ShardWriter:
-    """One shard at a time; visible under its final name only once complete."""
-
-    def __init__(self, fs: fsspec.AbstractFileSystem, base: str, prefix: str) -> None:
-        self.fs, self.base, self.prefix, self.local = fs, base, prefix, is_local(fs)
-        self.tmpdir = base if self.local else tempfile.mkdtemp(prefix="lcam-pack-")
-        self.tar: tarfile.TarFile | None = None
-        self.index = 0
-        self.count = 0
-        self.bytes = 0
-        self.boxed = 0  # samples with boxes in the open shard
-
-    def _open(self) -> None:
-        self.name = f"{self.prefix}-{self.index:06d}.tar"
-        self.tmp = os.path.join(self.tmpdir, f".{self.name}.tmp-{uuid.uuid4().hex[:8]}")
-        self.file = open(self.tmp, "wb")
-        self.hw = _HashingWriter(self.file)
-        self.tar = tarfile.open(fileobj=self.hw, mode="w", format=tarfile.PAX_FORMAT)
-        self.count = self.bytes = self.boxed = 0
-
-    def add(
-        self, key: str, members: list[tuple[str, bytes]], limit_samples: int, limit_bytes: int, boxed: bool = False
-    ) -> dict | None:
-        """Add one sample; returns the finished shard's entry when this sample started a new one."""
-        size = sum(512 + -(-len(b) // 512) * 512 for _, b in members)  # headers + padded data
-        done = None
-        # tarfile.close() adds end-of-archive blocks padded to a 10 KiB record: reserve them.
-        if self.tar is not None and (self.count >= limit_samples or self.bytes + size + _TAR_TAIL > limit_bytes):
-            done = self.finish()
-        if self.tar is None:
-            self._open()
-        for ext, data in members:
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mtime, info.mode = len(data), 0, 0o444  # fixed mtime: same input, same sha256
-            self.tar.addfile(info, io.BytesIO(data))  # type: ignore[union-attr]
-        self.count += 1
-        self.boxed += int(boxed)
-        self.bytes += size
-        return done
-
-    def finish(self) -> dict | None:
-        if self.tar is None:
-            return None
-        self.tar.close()
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        entry = {"name": self.name, "count": self.count, "bytes": self.hw.n, "sha256": self.hw.h.hexdigest()}
-        if self.boxed:  # how many of its samples carry boxes (their json member holds them)
-            entry["boxes"] = self.boxed
-        final = self.base.rstrip("/") + "/" + self.name
-        if self.local:
-            os.replace(self.tmp, final)
-        else:
-            self.fs.put_file(self.tmp, final)  # one whole upload: all or nothing
-            os.remove(self.tmp)
-        self.tar = None
-        self.index += 1
-        return entry
-
-    def abort(self) -> None:
-        if self.tar is not None:
-            try:
-                self.file.close()
-            finally:
-                self.tar = None
-        if getattr(self, "tmp", None) and os.path.exists(self.tmp):
-            os.remove(self.tmp)
-        if not self.local:
-            shutil.rmtree(self.tmpdir, ignore_errors=True)
-
-    def close(self) -> None:
-        pass
-
-
 def _write_json(fs: fsspec.AbstractFileSystem, base: str, name: str, obj: Any) -> None:
     """Atomic JSON write through the filesystem object already in hand (a fresh s3fs
     instance costs a new HTTP session)."""
@@ -544,7 +445,7 @@ def pack_folder(
         fs.rm_file(f"{base}/{INDEX_NAME}")  # readers must not pair the old index with new shards
 
     skipped, notes, entries = list(plan.skipped), list(plan.notes), []
-    writer = _ShardWriter(fs, base, prefix)
+    writer = ShardWriter(fs, base, prefix)
     bar = Progress(len(plan.items), progress, what="pack", unit="img", every=10.0)
     packed = boxed = n_boxes = 0
     n_workers = workers or min(8, os.cpu_count() or 1)
