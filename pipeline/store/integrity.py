@@ -8,16 +8,13 @@ from __future__ import annotations
 import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from ..errors import UserError
 from .identity import shard_id_for
-
-if TYPE_CHECKING:
-    from .layer import ShardedStore
 
 CHUNK_CHECKSUM = "crc32c"  # root attrs "chunk_checksum" of stores made since checksums were added
 
@@ -83,7 +80,7 @@ class KeyOwners:
     is committed (not later, in verify). 12 bytes a key (a 64-bit hash and a shard number,
     sorted numpy arrays): 15 MB for ImageNet's 1.28M; a hash hit is confirmed on the keys."""
 
-    def __init__(self, store: "ShardedStore") -> None:
+    def __init__(self, store: Any) -> None:  # a pipeline.store.layer.ShardedStore
         self.store, self.urls = store, []  # type: list[str]
         self.hashes, self.owner = np.zeros(0, np.uint64), np.zeros(0, np.int32)
         entries = store.entries()
