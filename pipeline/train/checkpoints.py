@@ -132,6 +132,8 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _unpickle(url: str, data: bytes, map_location: str | torch.device) -> dict[str, Any]:
+    import torch
+
     if not data:
         raise UserError(
             f"checkpoint {url!r} is empty (0 bytes): it was cut while being written or copied; use another checkpoint (e.g. epoch-NNN.pt of the run) or train again"
@@ -199,6 +201,8 @@ def _check_attention(url: str, attention: Mapping[str, Any], backbone: Mapping[s
         raise UserError(
             f"checkpoint {url!r} is damaged or foreign: its backbone record lacks feature_shape/num_classes ({backbone!r:.120})"
         ) from None
+    import torch
+
     expected = {"conv.weight": (classes, channels, 1, 1), "conv.bias": (classes,)}
     for key, shape in expected.items():
         value = attention.get(key)
