@@ -123,7 +123,7 @@ def parse_labels(
         name, cls = row[file_col], _class_value(row[class_col], where)
         if table.get(name, cls) != cls:
             raise UserError(f"{where}: {name!r} is listed twice with different classes ({table[name]} and {cls})")
-        if num_classes is not None and not 0 <= cls < num_classes:
+        if num_classes is not None and cls != -1 and not 0 <= cls < num_classes:  # -1: no label (as packed)
             why = f"class {cls} outside the classifier's 0..{num_classes - 1} ({os.path.basename(url)} line {n})"
             if not skip_out_of_range:
                 raise UserError(

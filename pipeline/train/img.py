@@ -61,7 +61,7 @@ def _img_worker_loop(config: dict[str, Any]) -> None:
     recipe = Recipe(**plan["run"]["recipe"])
     attention, inherited = initial_attention(backbone, plan["run"], cfg.storage_options)
     fill = export_fill(plan["run"], attention)  # copies the start before training moves it
-    start = {k: v.detach().clone() for k, v in attention.state_dict().items()}  # for recipe.decay_to "start"
+    decay_start = {k: v.detach().clone() for k, v in attention.state_dict().items()}  # recipe.decay_to "start"
     model = LCAM(backbone, attention)
 
     def ddp(module: torch.nn.Module) -> torch.nn.Module:
@@ -87,7 +87,7 @@ def _img_worker_loop(config: dict[str, Any]) -> None:
         autocast_dtype=autocast_dtype(cfg.precision, device, allow_fp16=False),
         wrap=ddp,
         top_k=int(plan["run"].get("top_k", 1)),
-        start=start,
+        start=decay_start,
     )
     if inherited is not None:
         trainer.max_counts = inherited.long().clone()
