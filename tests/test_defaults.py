@@ -367,7 +367,7 @@ def test_options_that_only_work_together_are_refused_up_front(shards, tmp_path, 
     # --uncovered reaches both trainings: transfer maps CAM rows, so the SPEC's random init is refused up front;
     # a warm-started L-CAM-Img keeps L-CAM-Fm's exported rows (init), so only its worker split is refused
     for extra, named, absent in [
-        (["--uncovered", "transfer"], "--uncovered transfer", "--workers"),
+        (["--uncovered", "transfer", "--recipe", "spec"], "--uncovered transfer", "--workers"),
         (
             ["--method", "both", "--img-from-fm", "--init", "cam", "--uncovered", "transfer", "--img-workers", "3"],
             "--img-workers",
@@ -388,7 +388,7 @@ def test_options_that_only_work_together_are_refused_up_front(shards, tmp_path, 
     # --row-prior too: pulling rows towards the SPEC's random start is refused before any stage (before
     # the shards are even looked at: a missing folder here, so that a missing refusal fails fast)
     assert (
-        cli_main(["pipeline", "--train-shards", str(tmp_path / "no-shards"), "--workdir", str(wd), "--row-prior", "1"])
+        cli_main(["pipeline", "--train-shards", str(tmp_path / "no-shards"), "--workdir", str(wd), "--row-prior", "1", "--recipe", "spec"])
         == 2
     )
     err = capsys.readouterr().err.strip()
