@@ -388,7 +388,19 @@ def test_options_that_only_work_together_are_refused_up_front(shards, tmp_path, 
     # --row-prior too: pulling rows towards the SPEC's random start is refused before any stage (before
     # the shards are even looked at: a missing folder here, so that a missing refusal fails fast)
     assert (
-        cli_main(["pipeline", "--train-shards", str(tmp_path / "no-shards"), "--workdir", str(wd), "--row-prior", "1", "--recipe", "spec"])
+        cli_main(
+            [
+                "pipeline",
+                "--train-shards",
+                str(tmp_path / "no-shards"),
+                "--workdir",
+                str(wd),
+                "--row-prior",
+                "1",
+                "--recipe",
+                "spec",
+            ]
+        )
         == 2
     )
     err = capsys.readouterr().err.strip()
