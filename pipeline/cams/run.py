@@ -203,17 +203,7 @@ def generate_cams(cfg: CamsConfig) -> CamsSummary:
             class_coverage=None if coverage is None else coverage.tolist(),
         )
         entries = [cache.manifest["shards"][u] for u in sorted(cache.done_sources())]  # the cache's own order
-        remade = _forget_damaged(store)
-        done = store.done_sources()
-        todo = [e for e in entries if e["url"] not in done]  # a re-run resumes: done shards are skipped
-        summary = CamsSummary(
-            store.url,
-            store.fingerprint,
-            f"feature cache {cache.url}",
-            len(entries),
-            len(entries) - len(todo),
-            remade_damaged=remade,
-        )
+        todo, summary = _resume(store, entries, lambda e: e["url"], f"feature cache {cache.url}")
         with _writing(store, summary, todo):
             if on_ray:
                 if todo:
@@ -231,17 +221,7 @@ def generate_cams(cfg: CamsConfig) -> CamsSummary:
             storage_options=cfg.out_storage_options,
             class_coverage=None if coverage is None else coverage.tolist(),
         )
-        remade = _forget_damaged(store)
-        done = store.done_sources()
-        todo = [s for s in shards if s.url not in done]
-        summary = CamsSummary(
-            store.url,
-            store.fingerprint,
-            f"shards {cfg.shards}",
-            len(shards),
-            len(shards) - len(todo),
-            remade_damaged=remade,
-        )
+        todo, summary = _resume(store, shards, lambda s: s.url, f"shards {cfg.shards}")
         with _writing(store, summary, todo):
             if todo:
                 cams_from_shards(cfg, ckpt, store, selection, todo, summary)
@@ -262,6 +242,18 @@ def generate_cams(cfg: CamsConfig) -> CamsSummary:
         )
         summary.gallery = result.index_url
     return summary
+
+
+def _resume(store: CamStore, sources: list[Any], url_of: Any, what: str) -> tuple[list[Any], CamsSummary]:
+    """The sources still to do (a re-run skips done shards; damaged ones are forgotten first, so
+    re-made) and the run's summary, for either source (feature cache entries or shards)."""
+    remade = _forget_damaged(store)
+    done = store.done_sources()
+    todo = [src for src in sources if url_of(src) not in done]
+    summary = CamsSummary(
+        store.url, store.fingerprint, what, len(sources), len(sources) - len(todo), remade_damaged=remade
+    )
+    return todo, summary
 
 
 def _forget_damaged(store: CamStore) -> list[str]:
