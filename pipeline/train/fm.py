@@ -21,7 +21,6 @@ from ..fs import exists
 from ..progress import Progress, say
 from .checkpoints import CheckpointMismatch
 from .run_folder import (
-    BEST,
     CHECKPOINT,
     CURVES,
     METRICS,
@@ -66,8 +65,8 @@ def run_fm(start: TrainStart) -> TrainSummary:
         raise UserError(
             f"the feature cache {cache.url} holds no finished shards yet; run (or finish) `lcam extract` first"
         )
-    backbone = backbone_for_cache(cache, cfg.weights)
     train_ids, val_ids = split_cache_shards(cache, cfg, start.ckpt)
+    backbone = backbone_for_cache(cache, cfg.weights)
     stored_limit = start.ckpt["config"].get("train_shards_limit") if start.ckpt is not None else cfg.train_shards_limit
     plan = start.begin(
         backbone,
@@ -284,9 +283,7 @@ def _train_fm_loop(
         chosen = best_epoch(history)
         save(epoch_end=True, best=chosen is None or chosen == trainer.epoch)
         say(enabled=cfg.progress, line=format_epoch(last))
-    run_dir.write_metrics(history)
-    run_dir.write_curves(history, f"L-CAM-Fm, {backbone.name}, cache {cache.fingerprint}")
-    have_best = exists(run_dir.path(BEST), cfg.storage_options)
+    best_path, best_at = run_dir.finish(history, f"L-CAM-Fm, {backbone.name}, cache {cache.fingerprint}")
     return TrainSummary(
         cfg.out,
         "fm",
@@ -300,8 +297,8 @@ def _train_fm_loop(
         run_dir.path(METRICS),
         run_dir.path(CURVES),
         resumed_from,
-        best=run_dir.path(BEST) if have_best else None,
-        best_epoch=best_epoch(history) if have_best else None,
+        best=best_path,
+        best_epoch=best_at,
     )
 
 

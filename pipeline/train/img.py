@@ -444,7 +444,7 @@ def run_img(start: TrainStart) -> TrainSummary:
     finally:
         relay.close()
     history = run_dir.read_metrics()
-    run_dir.write_curves(history, f"L-CAM-Img, {ident['backbone']}, {cfg.workers} worker(s)")
+    best_path, best_at = run_dir.finish(history, f"L-CAM-Img, {ident['backbone']}, {cfg.workers} worker(s)")
     final = load_checkpoint(run_dir.path(CHECKPOINT), cfg.storage_options)
     pos = final["extra"]["position"]
     epochs_rec = [r for r in history if r["kind"] == "epoch"]
@@ -462,4 +462,6 @@ def run_img(start: TrainStart) -> TrainSummary:
         run_dir.path(CURVES),
         ckpt["step"] if ckpt else 0,
         skipped=int(epochs_rec[-1].get("skipped", 0)) if epochs_rec else 0,
+        best=best_path,
+        best_epoch=best_at,
     )

@@ -175,6 +175,15 @@ class RunFolder:
     def write_curves(self, history: Sequence[Mapping[str, Any]], title: str) -> None:
         write_bytes_atomic(self.path(CURVES), plot_curves(history, title), self.storage_options)
 
+    def finish(self, history: Sequence[Mapping[str, Any]], title: str) -> tuple[str | None, int | None]:
+        """A run's end: its records and loss curves written; returns (best.pt's path, its epoch) when
+        the run kept one (validation), else (None, None)."""
+        self.write_metrics(history)
+        self.write_curves(history, title)
+        if not exists(self.path(BEST), self.storage_options):
+            return None, None
+        return self.path(BEST), best_epoch(history)
+
 
 def trainer_state_from_checkpoint(ckpt: Mapping[str, Any]) -> dict[str, Any]:
     """The inverse of :meth:`RunFolder.save`: a state for ``LCAMTrainer.load_state_dict``."""

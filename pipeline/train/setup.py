@@ -138,18 +138,22 @@ class TrainStart:
                 check_cache(self.ckpt, cache_fingerprint)
         recipe, run_cfg = resolve_recipe(self.cfg, self.method, backbone.name, self.ckpt, samples=samples)
         run_cfg.update(data)
+        # the start, computed once: a new run's attention before it trains, or (resume) recomputed
+        # when the export (--uncovered, --row-prior) or the decay towards the start needs it
         attention, inherited = (
             (None, None) if self.ckpt is not None else initial_attention(backbone, run_cfg, self.cfg.storage_options)
         )
-        start = export_start(backbone, run_cfg, self.cfg.storage_options, attention)
-        fill = export_fill(run_cfg, start)
-        # the weight decay of recipe.decay_to "start" pulls towards the start (recomputed on resume)
-        if recipe.decay_to == "start" and start is None:  # (export_start skips it when the export needs none)
+        needs_start = (
+            recipe.decay_to == "start"
+            or (run_cfg.get("uncovered") or "keep") != "keep"
+            or bool(run_cfg.get("row_prior"))
+        )
+        start = attention
+        if start is None and needs_start:
             start = initial_attention(backbone, run_cfg, self.cfg.storage_options)[0]
+        fill = export_fill(run_cfg, start)
         decay_start = (
-            {k: v.detach().clone() for k, v in start.state_dict().items()}
-            if recipe.decay_to == "start" and start is not None
-            else None
+            {k: v.detach().clone() for k, v in start.state_dict().items()} if recipe.decay_to == "start" else None
         )
         # a finished run resumed with another export (--uncovered, --row-prior): export again, no step
         reexport = (
@@ -489,19 +493,6 @@ def export_changed(saved: Mapping[str, Any], run_cfg: Mapping[str, Any]) -> bool
         saved.get(k, 0.0 if k == "row_prior" else None) != run_cfg.get(k)
         for k in ("uncovered", "transfer_ridge", "row_prior")
     )
-
-
-def export_start(
-    backbone: Any, run_cfg: dict[str, Any], storage_options: StorageOptions = None, attention: Any = None
-) -> Any:
-    """The start :func:`export_fill` compares against: ``attention`` (a new run's, before it
-    trains), else recomputed (resume; an --init-from source is read again), or None when the
-    export needs none (``--uncovered keep`` without a row prior)."""
-    if attention is not None:
-        return attention
-    if (run_cfg.get("uncovered") or "keep") == "keep" and not run_cfg.get("row_prior"):
-        return None
-    return initial_attention(backbone, run_cfg, storage_options)[0]
 
 
 def export_fill(run_cfg: Mapping[str, Any], start: Any) -> Any:
