@@ -135,6 +135,40 @@ def test_cam_init_refused_for_a_head_that_is_not_pooling_plus_linear():
     assert torch.equal(init_attention(pooled, 0).conv.weight, init_attention(pooled, 0, "random").conv.weight)
 
 
+def test_cam_rows_of_a_model_object_split_automatically():
+    """torchvision's ResNet given as a model object: its head is traced (avgpool, torch.flatten,
+    fc), and CAM's rows are its fc's, so Explainer.fit and --init cam start from CAM, not random.
+    Checked against the model itself: W mean(F) + b is its logits. A traced head that branches
+    is not claimed to be pooling + linear."""
+    import torchvision
+
+    from lcam import build_backbone
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    backbone = build_backbone(model)
+    assert isinstance(backbone.head, torch.fx.GraphModule)
+    w, b = backbone.linear_classifier()
+    assert torch.equal(w, model.fc.weight) and torch.equal(b, model.fc.bias)
+    x = torch.rand(2, 3, 64, 64)
+    feats, _ = backbone.extract(x)
+    with torch.no_grad():
+        torch.testing.assert_close(feats.mean((-2, -1)) @ w.T + b, model(backbone.normalize(x)), atol=1e-4, rtol=1e-4)
+    assert init_attention(backbone, 0, "cam").conv.weight.flatten(1).equal(w)
+
+    class TwoPaths(nn.Module):  # pooling + linear plus a shortcut: not CAM's head
+        def __init__(self):
+            super().__init__()
+            self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(8, 8)
+
+        def forward(self, f):
+            p = torch.flatten(self.pool(f), 1)
+            return self.fc(p) + p
+
+    branching = Backbone("branching", nn.Conv2d(3, 8, 3), torch.fx.symbolic_trace(TwoPaths()), (8, 5, 5), num_classes=8)
+    assert branching.linear_classifier() is None
+
+
 # ---------------------------------------------------------------- --targets top-k
 def test_top_k_loss_is_the_mean_of_k_single_target_losses(effnet, toy):
     feats, logits = toy["feats"][:4], toy["logits"][:4]

@@ -157,8 +157,10 @@ class Backbone(nn.Module):
         layer (dropout, flatten and identity allowed between): then ``logits = W mean(F) + b``
         and class k's CAM (Zhou et al.) is ``sum_c W[k, c] F_c``. None for any other head
         (VGG-16's fully connected layers). Read from the head's structure, so a new backbone
-        built as ``nn.Sequential(pool, nn.Flatten(1), [dropout,] linear)`` is recognised."""
-        mods = list(self.head) if isinstance(self.head, nn.Sequential) else [self.head]
+        built as ``nn.Sequential(pool, nn.Flatten(1), [dropout,] linear)`` is recognised, and so is
+        the traced head of a model object split automatically (torchvision's ResNet: avgpool,
+        ``torch.flatten(x, 1)``, fc)."""
+        mods = _head_chain(self.head)
         if not mods or not isinstance(mods[-1], nn.Linear) or not _is_global_avg_pool(mods[0]):
             return None
         if not all(isinstance(m, (nn.Flatten, nn.Dropout, nn.Identity)) for m in mods[1:-1]):
@@ -226,6 +228,37 @@ class Backbone(nn.Module):
             "num_classes": self.num_classes,
             "preprocessing": self.preprocessing.to_dict(),
         }
+
+
+def _head_chain(head: nn.Module) -> list[nn.Module] | None:
+    """The head as a straight chain of modules: an ``nn.Sequential``'s children; a traced
+    ``GraphModule``'s module calls in graph order when each step takes only the one before it
+    (a ``flatten(x, 1)`` call counts as ``nn.Flatten``); else the head itself. None for a
+    graph that branches or calls anything else: no claim is made about such a head."""
+    if isinstance(head, nn.Sequential):
+        return list(head)
+    if not isinstance(head, torch.fx.GraphModule):
+        return [head]
+    chain: list[nn.Module] = []
+    prev = None
+    for node in head.graph.nodes:
+        if node.op == "placeholder":
+            if prev is not None:
+                return None  # two inputs
+            prev = node
+            continue
+        if node.op == "output":
+            return chain if node.args and node.args[0] is prev else None
+        if node.all_input_nodes != [prev]:
+            return None
+        if node.op == "call_module":
+            chain.append(head.get_submodule(node.target))
+        elif node.target in (torch.flatten, "flatten") and tuple(node.args[1:]) == (1,) and not node.kwargs:
+            chain.append(nn.Flatten(1))
+        else:
+            return None
+        prev = node
+    return None
 
 
 def _is_global_avg_pool(m: nn.Module) -> bool:
