@@ -62,11 +62,16 @@ class Progress:
         every: float = 5.0,
         initial: int = 0,
         bar: bool | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.total, self.enabled, self.every = total, enabled, every
         self.what, self.unit = what, unit
         self.done = self.start = initial
-        self.t0 = self.last = time.perf_counter()
+        self.clock = clock
+        self.t0 = self.last = clock()
+        # The first update ends the start-up (Ray, actors loading models): the ETA counts from
+        # there, or a stage whose first shard takes 10 s of start-up promises 5x its real time.
+        self.first: tuple[float, int] | None = None
         self.postfix = ""
         self.bar: Any = None
         if bar is None:
@@ -88,20 +93,29 @@ class Progress:
 
     @property
     def rate(self) -> float:
-        return (self.done - self.start) / max(time.perf_counter() - self.t0, 1e-9)
+        return (self.done - self.start) / max(self.clock() - self.t0, 1e-9)
+
+    @property
+    def steady_rate(self) -> float:
+        """Units per second since the first update (the start-up left out); the overall rate before a second one."""
+        if self.first is None or self.done <= self.first[1]:
+            return self.rate
+        return (self.done - self.first[1]) / max(self.clock() - self.first[0], 1e-9)
 
     def line(self) -> str:
         """``what: done/total unit, rate unit/s, ETA Ns[, postfix]``."""
-        rate = self.rate
+        steady = self.steady_rate
         of = f"/{self.total}" if self.total else ""
         eta = ""
-        if self.total and rate > 0 and self.done < self.total:
-            eta = f", ETA {math.ceil((self.total - self.done) / rate)}s"
+        if self.total and steady > 0 and self.done < self.total:
+            eta = f", ETA {math.ceil((self.total - self.done) / steady)}s"
         extra = f", {self.postfix}" if self.postfix else ""
-        return f"{self.what}: {self.done}{of} {self.unit}, {rate:.2f} {self.unit}/s{eta}{extra}"
+        return f"{self.what}: {self.done}{of} {self.unit}, {steady:.2f} {self.unit}/s{eta}{extra}"
 
     def update(self, n: int = 1, postfix: str | None = None) -> None:
         self.done += n
+        if self.first is None and self.done > self.start:
+            self.first = (self.clock(), self.done)
         if postfix is not None:
             self.postfix = postfix
         if not self.enabled:
@@ -111,7 +125,7 @@ class Progress:
                 self.bar.set_postfix_str(postfix, refresh=False)
             self.bar.update(n)
             return
-        now = time.perf_counter()
+        now = self.clock()
         if now - self.last >= self.every or (self.total and self.done >= self.total):
             self.last = now
             log.info(self.line())

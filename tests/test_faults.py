@@ -909,6 +909,40 @@ def test_ctrl_c_during_ray_start_leaves_no_ray_process(packed, tmp_path):
     shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
 
 
+def test_finished_command_exits_at_once_and_leaves_no_ray_process(packed, tmp_path):
+    """The ``lcam`` command (jobs.cli.console) on a local Ray: the summary, exit 0, a complete
+    cache, and within 30 s of its end none of the processes it started lives (it skips the
+    interpreter's slow teardown and ends its Ray by signal)."""
+    from pipeline.raykit import _alive, _descendants
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(PYTHONPATH=ROOT, RAY_TMPDIR=tempfile.mkdtemp(prefix="rq-", dir="/tmp"))
+    cache = str(tmp_path / "cache")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jobs.cli", "extract", packed["shards"], cache, "--no-progress"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    seen: set[int] = set()
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        seen.update(_descendants(proc.pid))
+        time.sleep(0.2)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "extracted now" in out and "Traceback" not in err, out + err
+    assert seen, "no Ray process was seen"
+    assert len(FeatureCache.open(cache)) == 8  # the 8 images of `packed`
+    end = time.time() + 30  # SIGTERM'd, each ends by itself: seconds, more on a loaded machine
+    while time.time() < end and any(_alive(p) for p in seen):
+        time.sleep(0.2)
+    left = [(p, open(f"/proc/{p}/cmdline").read().replace("\0", " ")[:150]) for p in seen if _alive(p)]
+    assert not left, f"Ray processes outlived the finished command by 30 s: {left}"
+    shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+
+
 def test_second_writer_of_a_cam_store_or_a_run_is_told_who_holds_it(base, tmp_path, capsys, caplog):
     store = str(tmp_path / "cams")
     shutil.copytree(base["cams"], store)
