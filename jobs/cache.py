@@ -103,6 +103,7 @@ def run_on_cam_store(args: argparse.Namespace, options: Any) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from pipeline.store.feature_cache import FeatureCache
+    from pipeline.store.layer import LEGACY_MANIFEST, MANIFEST
 
     options = parse_storage_options(args.storage_option)
     cam_store = is_cam_store(args.url, options)
@@ -112,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         store = (CamStore if cam_store else FeatureCache).open_for_repair(args.url, options)
         report, forgotten = store.repair(workers=args.workers)
         for n in report.notes:
-            if n.startswith("manifest.json rebuilt"):
+            if n.startswith((f"{MANIFEST} rebuilt", f"{LEGACY_MANIFEST} moved")):
                 print(f"rebuilt  {n}")
         for p in report.problems:
             print(f"PROBLEM  {p}")
@@ -153,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
         ]
         if not info["manifest_found"]:
             lines.append(
-                "PROBLEM      manifest.json is missing: no shard counts as done; re-run the extraction (`lcam cache verify` for details)"
+                f"PROBLEM      the manifest ({MANIFEST}) is missing: no shard counts as done; re-run the extraction (`lcam cache verify` for details)"
             )
         for url, f in sorted(info["failed"].items()):
             lines.append(

@@ -39,6 +39,7 @@ def check_against_checkpoint(cfg: CamsConfig) -> None:
 
 def info_lines(info: dict) -> list[str]:
     from pipeline.classes import describe_classes
+    from pipeline.store.layer import MANIFEST
 
     ck, src = info["checkpoint"], info["source"]
     what = describe_classes(info["classes"])
@@ -61,7 +62,7 @@ def info_lines(info: dict) -> list[str]:
         lines.append(f"gallery      {info['gallery']}")
     if not info.get("manifest_found", True):
         lines.append(
-            "PROBLEM      manifest.json is missing: no shard counts as done; re-run `lcam cams` (or `lcam cache repair` to rebuild it)"
+            f"PROBLEM      the manifest ({MANIFEST}) is missing: no shard counts as done; re-run `lcam cams` (or `lcam cache repair` to rebuild it)"
         )
     for url, f in sorted(info.get("failed", {}).items()):
         lines.append(f"FAILED       {url}: {f.get('reason')} (at {f.get('at')}); a re-run of `lcam cams` retries it")

@@ -23,3 +23,12 @@ def skimage_photos(names=("chelsea", "coffee", "astronaut", "rocket")) -> dict[s
     from skimage import data
 
     return {n: getattr(data, n)() for n in names}
+
+
+def manifest_of(store: str, storage_options: dict | None = None) -> dict:
+    """A store's manifest as its driver last wrote it (the attributes of its manifest group,
+    pipeline.store.layer.MANIFEST); {} before the first write. Polled while a run writes."""
+    from pipeline.fs import join, read_json
+    from pipeline.store.layer import MANIFEST
+
+    return (read_json(join(store, MANIFEST), storage_options, default={}) or {}).get("attributes", {})

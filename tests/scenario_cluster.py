@@ -42,7 +42,8 @@ def node_loss(shards: str, cache_url: str) -> dict:
     thread.start()
     deadline = time.time() + 300
     while time.time() < deadline and thread.is_alive():
-        done = len((read_json(f"{cache_url}/manifest.json", default={}) or {}).get("shards", {}))
+        doc = read_json(f"{cache_url}/manifest/zarr.json", default={}) or {}  # the manifest group's document
+        done = len(doc.get("attributes", {}).get("shards", {}))
         if done >= 1:
             cluster.remove_node(workers[0], allow_graceful=False)
             result["removed_after_shards"] = done

@@ -139,7 +139,8 @@ def test_shard_id_is_readable_safe_and_distinct():
 
 def test_leases_report_other_writers_and_forget_the_dead_of_this_host(tmp_path):
     """leases/: a live writer's lease and another host's are reported; a lease of a process
-    that died on this host is removed when seen; a writer drops its own."""
+    that died on this host is removed when seen (as a Zarr group, or a leases/<id>.json a
+    writer of before left); a writer drops its own, and its group's folder with it."""
     import os
     import socket
     import subprocess
@@ -151,16 +152,145 @@ def test_leases_report_other_writers_and_forget_the_dead_of_this_host(tmp_path):
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
     )
     folder = tmp_path / "cache" / "leases"
+    assert json.loads((folder / mine / "zarr.json").read_text())["attributes"]["todo"] == 3
     (folder / "dead.json").write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout), "todo": 1}))
     (folder / "away.json").write_text(json.dumps({"host": "another-host", "pid": int(dead.stdout), "todo": 2}))
+    (folder / "deadgroup").mkdir()
+    (folder / "deadgroup" / "zarr.json").write_text(
+        json.dumps(
+            {
+                "zarr_format": 3,
+                "node_type": "group",
+                "attributes": {"host": socket.gethostname(), "pid": int(dead.stdout), "todo": 4},
+            }
+        )
+    )
     others = FeatureCache.open(str(tmp_path / "cache")).leases.others()
     assert sorted((o["host"], o["pid"], o["todo"]) for o in others) == sorted(
         [("another-host", int(dead.stdout), 2), (socket.gethostname(), os.getpid(), 3)]
     )
-    assert sorted(p.name for p in folder.iterdir()) == sorted(["away.json", f"{mine}.json"])
+    assert sorted(p.name for p in folder.iterdir()) == sorted(["away.json", mine, "zarr.json"])
     cache.leases.drop(mine)
     cache.leases.drop(mine)  # twice: nothing left to remove is no error
-    assert [p.name for p in folder.iterdir()] == ["away.json"]
+    assert sorted(p.name for p in folder.iterdir()) == ["away.json", "zarr.json"]
+
+
+def _members_without_warnings(url: str, storage_options=None) -> list[str]:
+    """Every node of the store, listed the way any Zarr user would, with warnings as errors."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        group = zarr.open(url, mode="r", storage_options=storage_options)
+        if storage_options:  # s3fs caches listings per client: list as a new reader would, not
+            group.store.fs.invalidate_cache()  # what this process's client listed before a drop
+        return sorted(name for name, _ in group.members(max_depth=None))
+
+
+def _check_lists_as_zarr(url: str, storage_options=None) -> None:
+    cache = create(url, storage_options)
+    cache.mark_done([write(cache, "/d/s0.tar", rows(5, 0, "s0")), write(cache, "/d/s1.tar", rows(9, 1, "s1"))])
+    lease = cache.leases.take({"todo": 1})
+    sids = [shard_id_for("/d/s0.tar"), shard_id_for("/d/s1.tar")]
+    arrays = ["features", "labels", "top5_classes", "top5_probs"]
+    assert _members_without_warnings(url, storage_options) == sorted(
+        ["shards", "manifest", "leases", f"leases/{lease}", *(f"shards/{s}" for s in sids)]
+        + [f"shards/{s}/{a}" for s in sids for a in arrays]
+    )
+    manifest = zarr.open_group(url, path="manifest", mode="r", storage_options=storage_options)
+    assert set(manifest.attrs["shards"]) == {"/d/s0.tar", "/d/s1.tar"}  # the manifest, as a Zarr user reads it
+    cache.leases.drop(lease)
+    assert "leases" in _members_without_warnings(url, storage_options)  # the group stays, the lease's is gone
+    assert not [m for m in _members_without_warnings(url, storage_options) if m.startswith("leases/")]
+
+
+def test_store_lists_as_zarr_without_warnings(tmp_path):
+    """Issue 29: every object of a store is part of a Zarr node (the manifest and the leases
+    too), so zarr lists it all without a warning; xarray opens a shard group with its axes
+    named, and to_xarray still joins the groups."""
+    import xarray as xr
+
+    url = str(tmp_path / "cache")
+    _check_lists_as_zarr(url)
+    sid = shard_id_for("/d/s1.tar")
+    ds = xr.open_zarr(url, group=f"shards/{sid}", consolidated=False)
+    assert ds["features"].dims == ("sample", "view", "channel", "y", "x") and ds.sizes["sample"] == 9
+    assert ds.attrs["source"] == "/d/s1.tar"
+    whole = FeatureCache.open(url).to_xarray()
+    assert whole.sizes["sample"] == 14 and list(whole["key"].values[:1]) == ["s0/00000"]
+
+
+def test_store_lists_as_zarr_without_warnings_s3(s3):
+    bucket, options = s3
+    _check_lists_as_zarr(f"{bucket}/cache", options)
+
+
+def test_cam_store_lists_as_zarr_without_warnings(tmp_path):
+    from pipeline.store.cam_store import CamStore
+
+    url = str(tmp_path / "cams")
+    store = CamStore.create_or_open(url, {"maps": {"classes_per_sample": 2, "map_size": [3, 3]}})
+    rng = np.random.default_rng(0)
+    n = 4
+    maps = {
+        "key": [f"k{i}" for i in range(n)],
+        "label": np.arange(n),
+        "class_ids": rng.integers(0, 10, (n, 2)),
+        "probs": rng.random((n, 2)),
+        "raw": rng.random((n, 2, 3, 3)),
+        "predicted": np.arange(n),
+        "predicted_prob": rng.random(n),
+    }
+    store.mark_done([store.write_shard("/d/s0.tar", maps)])
+    lease = store.leases.take({"what": "CAM generation"})
+    sid = shard_id_for("/d/s0.tar")
+    names = _members_without_warnings(url)
+    assert {"manifest", "leases", f"leases/{lease}", f"shards/{sid}", f"shards/{sid}/raw"} <= set(names)
+    assert CamStore.open(url).to_xarray()["raw"].dims == ("sample", "target", "y", "x")
+
+
+def test_store_of_the_old_layout_opens_reads_and_moves_its_manifest(tmp_path, capsys):
+    """A store made before the manifest became a Zarr group (manifest.json at the root, a
+    lease as leases/<id>.json) opens and reads the same rows; `lcam cache repair` and the
+    next commit move its manifest to manifest/zarr.json."""
+    import shutil
+
+    from jobs.cli import main
+    from pipeline.fs import write_json_atomic
+    from pipeline.store.layer import LEGACY_MANIFEST, MANIFEST
+
+    def to_old_layout(url: str) -> None:
+        doc = json.loads((tmp_path / url / MANIFEST).read_text())
+        shutil.rmtree(tmp_path / url / "manifest")
+        write_json_atomic(str(tmp_path / url / LEGACY_MANIFEST), doc["attributes"])  # as stores of before did
+
+    url = str(tmp_path / "cache")
+    cache = create(url)
+    cache.mark_done([write(cache, "/d/s0.tar", rows(5, 0, "s0")), write(cache, "/d/s1.tar", rows(9, 1, "s1"))])
+    want = FeatureCache.open(url).to_xarray().compute()
+    to_old_layout("cache")
+    (tmp_path / "cache" / "leases").mkdir()
+    (tmp_path / "cache" / "leases" / "old.json").write_text(json.dumps({"host": "another-host", "pid": 1}))
+
+    old = FeatureCache.open(url)
+    assert old.manifest_found and old.manifest_at == LEGACY_MANIFEST and len(old) == 14
+    got = old.to_xarray().compute()
+    assert list(got["key"].values) == list(want["key"].values)
+    np.testing.assert_array_equal(got["features"].values, want["features"].values)
+    assert [o["host"] for o in old.leases.others()] == ["another-host"]  # an old writer's lease is still seen
+    assert old.verify({"/d/s0.tar": 5, "/d/s1.tar": 9}).ok
+
+    assert main(["cache", "repair", url]) == 0
+    assert f"{LEGACY_MANIFEST} moved to {MANIFEST}" in capsys.readouterr().out
+    assert (tmp_path / "cache" / MANIFEST).exists() and not (tmp_path / "cache" / LEGACY_MANIFEST).exists()
+    assert FeatureCache.open(url).manifest_at == MANIFEST and len(FeatureCache.open(url)) == 14
+
+    to_old_layout("cache")  # the next commit of a run moves it too, keeping what was done
+    again = create(url)
+    assert again.done_sources() == {"/d/s0.tar", "/d/s1.tar"}
+    again.mark_done([write(again, "/d/s2.tar", rows(3, 2, "s2"))])
+    assert not (tmp_path / "cache" / LEGACY_MANIFEST).exists()
+    assert FeatureCache.open(url).done_sources() == {"/d/s0.tar", "/d/s1.tar", "/d/s2.tar"}
 
 
 def test_fingerprint_mismatch_refused(tmp_path):
@@ -353,7 +483,7 @@ def test_pickled_cache_writes_from_threads_s3(s3):
     ro = FeatureCache.open(url, options)
     assert len(ro) == sum(10 + i for i in range(4))
     assert ro.verify({s: len(r["keys"]) for s, r in data.items()}).ok
-    manifest = json.loads(get_fs(url, options)[0].cat_file(f"{url[5:]}/manifest.json"))
+    manifest = json.loads(get_fs(url, options)[0].cat_file(f"{url[5:]}/manifest/zarr.json"))["attributes"]
     assert manifest["fingerprint"] == driver.fingerprint and set(manifest["versions"]) == {"torch", "zarr", "lcam"}
 
 

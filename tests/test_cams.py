@@ -236,10 +236,10 @@ def test_resume_redoes_only_the_unfinished_shard_and_is_idempotent(setup):
     first = run(setup, out, top_k=2)
     before = {sid: CamStore.open(str(out)).read_shard(sid) for sid in CamStore.open(str(out)).shard_ids()}
     # a crash after writing one group but before the manifest recorded it: its arrays half gone
-    manifest = read_json(str(out / "manifest.json"))
-    url = sorted(manifest["shards"])[1]
-    sid = manifest["shards"].pop(url)["shard_id"]
-    write_json_atomic(str(out / "manifest.json"), manifest)
+    doc = read_json(str(out / "manifest" / "zarr.json"))  # the manifest group: the manifest is its attributes
+    url = sorted(doc["attributes"]["shards"])[1]
+    sid = doc["attributes"]["shards"].pop(url)["shard_id"]
+    write_json_atomic(str(out / "manifest" / "zarr.json"), doc)
     shutil.rmtree(out / "shards" / sid / "raw")
     assert len(CamStore.open(str(out))) == 4  # readers see done shards only
     second = run(setup, out, top_k=2)
@@ -388,4 +388,4 @@ def test_store_on_s3_equals_local(setup, cache_store, s3):
         for name in ("class_ids", "probs", "raw", "upsampled"):
             np.testing.assert_array_equal(a[name], b[name])
     fs, path = get_fs(url, options)
-    assert fs.exists(f"{path}/manifest.json") and not [p for p in fs.find(path) if ".tmp" in p]
+    assert fs.exists(f"{path}/manifest/zarr.json") and not [p for p in fs.find(path) if ".tmp" in p]

@@ -187,7 +187,7 @@ def test_s3_shards_to_s3_cache(ray_local, shards, s3, tmp_path):
     assert summary.failed_shards == [] and summary.images == 8
     cache = FeatureCache.open(cache_url, storage_options=options)
     assert len(cache) == 8 and cache.verify().ok
-    assert fs.exists(f"{bucket}/cache/manifest.json")
+    assert fs.exists(f"{bucket}/cache/manifest/zarr.json") and not fs.exists(f"{bucket}/cache/manifest.json")
 
 
 # A killed `lcam extract` resuming with only the unfinished shards: tests/test_faults.py

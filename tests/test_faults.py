@@ -39,7 +39,9 @@ from pipeline.store.cam_store import CamStore
 from pipeline.store.feature_cache import FeatureCache
 from pipeline.store.identity import shard_id_for
 from pipeline.store.integrity import StoreDamaged
+from pipeline.store.layer import MANIFEST
 from pipeline.train.checkpoints import save_checkpoint
+from tests.helpers import manifest_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 F16 = 6 * 2.0**-11  # float16 rounding of features up to 6 (ReLU6)
@@ -200,11 +202,11 @@ def test_lost_group_and_lost_manifest(base, tmp_path, capsys):
 
     shutil.rmtree(cache)
     cache = copy_cache(base, tmp_path)
-    os.remove(f"{cache}/manifest.json")
+    shutil.rmtree(f"{cache}/manifest")
     code, out, _ = cli(capsys, "cache", "verify", cache)
-    assert code == 1 and "manifest.json is missing but 4 shard groups exist" in out
+    assert code == 1 and f"the manifest ({MANIFEST}) is missing but 4 shard groups exist" in out
     code, out, _ = cli(capsys, "cache", "info", cache)
-    assert code == 0 and "PROBLEM      manifest.json is missing" in out
+    assert code == 0 and f"PROBLEM      the manifest ({MANIFEST}) is missing" in out
     code, _, err = cli(capsys, *train_args(cache, tmp_path / "run"))
     assert code == 2 and "holds no finished shards" in err
     code, _, err = cli(capsys, "cams", base["ckpt"], tmp_path / "cams-out", "--cache", cache, "--quiet")
@@ -328,7 +330,7 @@ def test_failed_shards_recorded_listed_and_retried(base, tmp_path, capsys):
     assert code == 1
     assert f"FAILED shard {folder / 'extra-a.tar'}" in out and "end-of-archive" in out
     assert f"FAILED shard {folder / 'extra-b.tar'}" in out
-    failed = read_json(f"{cache}/manifest.json")["failed"]
+    failed = manifest_of(cache)["failed"]
     assert sorted(failed) == [str(folder / "extra-a.tar"), str(folder / "extra-b.tar")]
     code, out, _ = cli(capsys, "cache", "verify", cache)
     assert (
@@ -344,7 +346,7 @@ def test_failed_shards_recorded_listed_and_retried(base, tmp_path, capsys):
     shutil.copy(wholes["y"], folder / "extra-b.tar")
     code, out, _ = cli(capsys, "extract", pattern, cache, "--batch-size", "8")
     assert code == 0 and "4 already cached, 2 extracted now" in out
-    manifest = read_json(f"{cache}/manifest.json")
+    manifest = manifest_of(cache)
     assert manifest.get("failed") == {} and manifest["expected_counts"][str(folder / "extra-a.tar")] == 2
     assert cli(capsys, "cache", "verify", cache)[0] == 0
     got = features_by_key(cache)
@@ -354,11 +356,21 @@ def test_failed_shards_recorded_listed_and_retried(base, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------- killed and concurrent runs
-def _poll_kill(proc, manifest_url: str, at_least: int = 1, timeout: float = 300) -> int:
+def lease_names(store: str) -> list[str]:
+    """The leases, written whole, in a store's ``leases/`` group: a lease group with its
+    zarr.json (its folder appears first), or a leases/<id>.json of before."""
+    folder = f"{store}/leases"
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return sorted(
+        n for n in names if (n.endswith(".json") and n != "zarr.json") or os.path.exists(f"{folder}/{n}/zarr.json")
+    )
+
+
+def _poll_kill(proc, store: str, at_least: int = 1, timeout: float = 300) -> int:
     done = 0
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
-        done = len((read_json(manifest_url, default={}) or {}).get("shards", {}))
+        done = len(manifest_of(store).get("shards", {}))
         if done >= at_least:
             proc.send_signal(signal.SIGKILL)
             break
@@ -377,11 +389,11 @@ def test_killed_extraction_verify_is_right_and_resume_completes(base, ray_local,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    done = _poll_kill(proc, f"{cache}/manifest.json", at_least=2)  # a resume with more than one shard done
+    done = _poll_kill(proc, cache, at_least=2)  # a resume with more than one shard done
     assert 2 <= done < 8, f"the kill did not land mid-run ({done} shards done)"
     code, out, _ = cli(capsys, "cache", "verify", cache)
     problems = [line for line in out.splitlines() if line.startswith("PROBLEM")]
-    done = len(read_json(f"{cache}/manifest.json")["shards"])
+    done = len(manifest_of(cache)["shards"])
     assert code == 1 and len(problems) == 8 - done and all("missing shard" in p for p in problems), out
     code, out, _ = cli(capsys, "extract", base["single"], cache, "--batch-size", "8")
     assert code == 0 and f"{done} already cached, {8 - done} extracted now" in out
@@ -403,11 +415,7 @@ def test_two_extractions_at_once_notice_and_consistent(base, ray_local, tmp_path
     # The first has planned its work and taken its lease: pause it there, before its Ray
     # pipeline holds CPUs (two pipelines on the session's 2-CPU Ray could starve each other).
     deadline = time.time() + 300
-    while (
-        time.time() < deadline
-        and first.poll() is None
-        and not (os.path.isdir(f"{cache}/leases") and os.listdir(f"{cache}/leases"))
-    ):
+    while time.time() < deadline and first.poll() is None and not lease_names(cache):
         time.sleep(0.02)
     assert first.poll() is None, "the first extraction ended before the second started"
     first.send_signal(signal.SIGSTOP)
@@ -421,7 +429,7 @@ def test_two_extractions_at_once_notice_and_consistent(base, ray_local, tmp_path
     assert (
         "8 extracted now" in first_out and "8 extracted now" in second.stdout
     )  # both did all the work (no shard lock yet)
-    assert not os.listdir(f"{cache}/leases")  # both gave their lease back
+    assert os.listdir(f"{cache}/leases") == ["zarr.json"]  # both gave their lease back, folder and all
     assert FeatureCache.open(cache).verify(expected={s.url: s.count for s in list_shards(base["single"])}).ok
     got = features_by_key(cache)
     assert sorted(got) == sorted(base["features"])
@@ -451,7 +459,7 @@ def test_killed_cam_generation_resumes_to_the_full_store(base, ray_local, tmp_pa
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    done = _poll_kill(proc, f"{out_url}/manifest.json")
+    done = _poll_kill(proc, out_url)
     assert 1 <= done < 8, f"the kill did not land mid-run ({done} shards done)"
     store = CamStore.open(out_url)
     report, forgotten = store.repair()
@@ -674,10 +682,10 @@ def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
 @pytest.mark.parametrize("damage", ["truncated", "empty"])
 def test_damaged_manifest_is_one_line_and_repair_rebuilds_it(base, tmp_path, capsys, damage):
     cache = copy_cache(base, tmp_path)
-    manifest = f"{cache}/manifest.json"
+    manifest = f"{cache}/{MANIFEST}"
     data = open(manifest, "rb").read()
     open(manifest, "wb").write(data[: len(data) // 2] if damage == "truncated" else b"")
-    want = "manifest.json is damaged: " + ("not valid JSON" if damage == "truncated" else "empty (0 bytes)")
+    want = f"{MANIFEST} is damaged: " + ("not valid JSON" if damage == "truncated" else "empty (0 bytes)")
     for argv in (
         ("cache", "info", cache),
         ("cache", "verify", cache),
@@ -688,7 +696,7 @@ def test_damaged_manifest_is_one_line_and_repair_rebuilds_it(base, tmp_path, cap
         line = one_line_error(capsys, *argv)
         assert f"feature cache {cache}: {want}" in line and f"lcam cache repair {cache}" in line, line
     code, out, _ = cli(capsys, "cache", "repair", cache)
-    assert code == 0 and "manifest.json rebuilt from 4 complete shard groups" in out
+    assert code == 0 and f"{MANIFEST} rebuilt from 4 complete shard groups" in out
     assert cli(capsys, "cache", "verify", cache)[0] == 0
     got = features_by_key(cache)
     assert sorted(got) == sorted(base["features"])
@@ -697,9 +705,9 @@ def test_damaged_manifest_is_one_line_and_repair_rebuilds_it(base, tmp_path, cap
 
     store = str(tmp_path / "cams")
     shutil.copytree(base["cams"], store)
-    open(f"{store}/manifest.json", "wb").write(b"")
+    open(f"{store}/{MANIFEST}", "wb").write(b"")
     line = one_line_error(capsys, "cams", "info", store)
-    assert f"CAM store {store}: manifest.json is damaged: empty (0 bytes)" in line
+    assert f"CAM store {store}: {MANIFEST} is damaged: empty (0 bytes)" in line
     code, out, _ = cli(capsys, "cache", "repair", store)
     assert code == 0 and "rebuilt from 4 complete shard groups" in out
     got = cams_by_key(store)
@@ -872,7 +880,7 @@ def test_cam_store_damage_listed_and_remade_by_a_rerun(base, tmp_path, capsys):
     for k, row in got.items():
         for name, v in row.items():
             np.testing.assert_array_equal(v, base["maps"][k][name])
-    assert not os.listdir(f"{store}/leases")  # the run's lease is gone
+    assert os.listdir(f"{store}/leases") == ["zarr.json"]  # the run's lease is gone, folder and all
 
 
 def test_ctrl_c_during_ray_start_leaves_no_ray_process(packed, tmp_path):
@@ -946,13 +954,13 @@ def test_finished_command_exits_at_once_and_leaves_no_ray_process(packed, tmp_pa
 def test_second_writer_of_a_cam_store_or_a_run_is_told_who_holds_it(base, tmp_path, capsys, caplog):
     store = str(tmp_path / "cams")
     shutil.copytree(base["cams"], store)
-    os.makedirs(f"{store}/leases", exist_ok=True)
+    os.makedirs(f"{store}/leases", exist_ok=True)  # a lease as a writer of before left it: still read
     other = {"host": "gpu-node-7", "pid": 4242, "started": "2026-01-01T00:00:00+00:00", "what": "CAM generation"}
     with open(f"{store}/leases/abc.json", "w") as f:
         json.dump(other, f)
     code, out, _ = cli(capsys, "cams", base["ckpt"], store, "--cache", base["cache"])
     assert code == 0 and "notice: another writer (CAM generation)" in out and "host gpu-node-7, pid 4242" in out
-    assert os.listdir(f"{store}/leases") == ["abc.json"]  # its own lease dropped, the other's kept
+    assert sorted(os.listdir(f"{store}/leases")) == ["abc.json", "zarr.json"]  # its own lease dropped, the other's kept
 
     run = tmp_path / "run"
     os.makedirs(run / "leases")
@@ -978,9 +986,9 @@ def test_disk_full_is_one_line_naming_the_file_and_nothing_is_marked_done(base, 
 
     monkeypatch.setattr(fs_module.os, "fsync", full)
     line = one_line_error(capsys, "cams", base["ckpt"], store, "--cache", base["cache"], "--quiet")
-    assert f"no space left on the device writing {store}/manifest.json" in line and "a re-run resumes" in line
+    assert f"no space left on the device writing {store}/{MANIFEST}" in line and "a re-run resumes" in line
     monkeypatch.undo()
-    assert not os.path.exists(f"{store}/manifest.json") or not read_json(f"{store}/manifest.json")["shards"]
+    assert not manifest_of(store).get("shards")
     assert cli(capsys, "cams", base["ckpt"], store, "--cache", base["cache"], "--quiet")[0] == 0
     got = cams_by_key(store)
     assert sorted(got) == sorted(base["maps"])

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.fs import read_json
 from pipeline.shards.pack import pack_folder
 from pipeline.shards.read import list_shards
 from pipeline.store.feature_cache import FeatureCache
 from pipeline.train.checkpoints import load_lcam
+from tests.helpers import manifest_of
 from tests.test_extract import make_folder
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,10 +72,9 @@ def test_submit_stop_and_resubmit_resumes(ray_head, tmp_path):
     )
     job_id = "lcam-test-1"
     client = JobSubmissionClient(address)
-    manifest = f"{workdir}/cache/manifest.json"
     deadline = time.time() + 300
     while time.time() < deadline:
-        if len((read_json(manifest, default={}) or {}).get("shards", {})) >= 1:
+        if len(manifest_of(f"{workdir}/cache").get("shards", {})) >= 1:
             break
         assert str(client.get_job_status(job_id)).split(".")[-1] not in ("FAILED", "SUCCEEDED"), client.get_job_logs(
             job_id
@@ -84,7 +83,7 @@ def test_submit_stop_and_resubmit_resumes(ray_head, tmp_path):
     assert main(["jobs", "stop", job_id, "--address", address]) == 0
     while str(client.get_job_status(job_id)).split(".")[-1] not in ("STOPPED", "FAILED", "SUCCEEDED"):
         time.sleep(0.2)
-    done_before = len(read_json(manifest)["shards"])
+    done_before = len(manifest_of(f"{workdir}/cache")["shards"])
     assert 1 <= done_before < 12, "the stop should land mid-extraction"
     assert not (workdir / "lcam-fm" / "checkpoint.pt").exists()
 

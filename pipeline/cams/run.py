@@ -111,7 +111,7 @@ class CamsSummary:
             out.append(
                 f"model actors: {len(self.ran_on)} on Ray node(s) " + ", ".join(f"{n} (x{c})" for n, c in nodes.items())
             )
-        out += skipped_lines(self.skipped, "samples", "see the store's manifest.json")
+        out += skipped_lines(self.skipped, "samples", "see the store's manifest (manifest/zarr.json)")
         for url in self.remade_damaged:
             out.append(f"re-made damaged shard {url} (objects were missing)")
         out += [f"notice: {n}" for n in self.notices]

@@ -3,7 +3,7 @@
 Layout at URL (local path, s3://, gs://, any fsspec URL), mirroring the feature cache::
 
     zarr.json        root group; attrs {"format", "identity", "fingerprint", "checkpoint_url", "source_url"}
-    manifest.json    written by the driver only, atomically (which source shards are done)
+    manifest/        a group whose attributes are the manifest: written by the driver only, atomically
     shards/<id>/     one group per source shard (same <id> as the feature cache), ONE writer;
                      attrs {"source", "keys", "count"}: keys in source order
         class_ids      (n, T) int32    the explained classes
@@ -14,7 +14,8 @@ Layout at URL (local path, s3://, gs://, any fsspec URL), mirroring the feature 
         predicted      (n,) int32;  predicted_prob (n,) float32   (the classifier's top-1)
         coverage       (n, T) int32    training samples of each explained class row (the checkpoint's
                                        coverage; 0 = an untrained row), when the checkpoint records it
-    gallery/         overlays and index.html, when asked (pipeline.cams.gallery)
+    leases/<id>/     one group per running writer, its attributes the lease
+    gallery/         overlays and index.html, when asked (pipeline.cams.gallery); no Zarr node
 
 The fingerprint covers the checkpoint's weights, the source's features (the cache's
 fingerprint, or the backbone and preprocessing for images), the class selection and

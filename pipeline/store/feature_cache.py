@@ -3,13 +3,14 @@
 A :class:`~pipeline.store.layer.ShardedStore` (the layout, the manifest and why they are so are
 described there). Layout at URL (local path, s3://, gs://, any fsspec URL)::
 
-    zarr.json        root group; attrs {"format", "identity", "fingerprint"}
-    manifest.json    written by the driver only, atomically (which shards are done)
-    shards/<id>/     one group per source shard, written by ONE task; attrs {"source", "keys", "count"}
+    zarr.json           root group; attrs {"format", "identity", "fingerprint"}
+    manifest/zarr.json  a group whose attributes are the manifest: written by the driver only, atomically
+    shards/<id>/        one group per source shard, written by ONE task; attrs {"source", "keys", "count"}
         features     (n, V, C, h, w)  float16 | float32 | bfloat16 (stored as uint16 bits)
         labels       (n,) int32, -1 = no label
         top5_classes (n, 5) int32;  top5_probs (n, 5) float32
         logits       (n, K) float16, only with store_logits
+    leases/<id>/        one group per running writer, its attributes the lease
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from ..fs import StorageOptions
 from .dtypes import DTYPES, bf16_to_f32, finite_rows, to_storage
 from .identity import canonical, shard_id_for, utc_now
 from .integrity import VerifyReport
-from .layer import ShardedStore
+from .layer import MANIFEST, ShardedStore
 
 FORMAT = "lcam-feature-cache/1"
 DEFAULT_CHUNK_ROWS = 64  # 64 x 1280x7x7 float16 = 8 MB raw per view, ~1 MB compressed: a good object size
@@ -449,7 +450,7 @@ class FeatureCache(ShardedStore):
         orphans = self._orphan_groups({e["shard_id"] for e in entries})
         if not self.manifest_found and orphans:
             report.problems.append(
-                f"manifest.json is missing but {len(orphans)} shard groups exist: the cache lost its record of finished shards; "
+                f"the manifest ({MANIFEST}) is missing but {len(orphans)} shard groups exist: the cache lost its record of finished shards; "
                 "re-run the extraction to rebuild it (every shard is extracted again)"
             )
         else:

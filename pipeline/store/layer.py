@@ -2,15 +2,23 @@
 
 Layout at URL (local path, s3://, gs://, any fsspec URL)::
 
-    zarr.json        root group; attrs {"format", "identity", "fingerprint", ...}
-    manifest.json    written by the driver only, atomically (which source shards are done)
-    shards/<id>/     one group per source shard, written by ONE task; attrs {"source", "keys", "count"}
-    leases/          one file per running writer (two runs into one store are reported)
+    zarr.json           root group; attrs {"format", "identity", "fingerprint", ...}
+    manifest/zarr.json  a group whose attributes are the manifest (which source shards are done):
+                        ONE object, written by the driver only, atomically
+    shards/<id>/        one group per source shard, written by ONE task; attrs {"source", "keys", "count"}
+    leases/<id>/        one group per running writer, its attributes the lease (two runs into
+                        one store are reported; :mod:`pipeline.store.leases`)
 
 Why this shape: every chunk object has exactly one writer (the task that owns the
 shard), a re-run task rewrites its group identically, and the only shared mutable
-object (manifest.json) has a single writer (the driver). A shard counts as done only
-once it is in the manifest; a group without a manifest entry is left-over work.
+object (the manifest) has a single writer (the driver). A shard counts as done only
+once it is in the manifest; a group without a manifest entry is left-over work. Every
+object is part of a Zarr node, so any Zarr or xarray reader lists the whole store without
+a warning (zarr warns about each object under a group that is no node).
+
+Stores made before the manifest and the leases became Zarr nodes kept ``manifest.json``
+and ``leases/<id>.json`` at the root; they still open (see :data:`LEGACY_MANIFEST`), so
+the format string did not change.
 
 :class:`ShardedStore` owns creating or opening a store (identity and fingerprint
 checked), the manifest, group writes, the damage checks and the error messages (template
@@ -37,12 +45,23 @@ from ..fs import StorageOptions, is_local, join, read_json_fs, write_json_atomic
 from .clients import connect_fs, make_zarr_store
 from .identity import canonical, fingerprint_of, identity_diff, new_manifest, package_versions, shard_id_for, utc_now
 from .integrity import CHUNK_CHECKSUM, ManifestDamaged, StoreDamaged, VerifyReport, default_compressors
-from .leases import WriterLeases
+from .leases import GROUP_DOC, WriterLeases
+
+# The manifest is a Zarr group of its own, its document written whole by the driver (one
+# object, one writer, replaced atomically, as manifest.json was), rather than the root
+# group's attributes: the root document holds the identity every open checks, and zarr
+# writes attributes in place, not atomically; a manifest of its own may be damaged
+# (repair rebuilds it from the shard groups) without making the store unrecognizable.
+MANIFEST = "manifest/zarr.json"
+# Where stores made before kept the manifest. Still read when MANIFEST is absent, so that
+# those stores keep working (their done shards are not extracted again); the driver's
+# next manifest write (a commit, or `lcam cache repair`) moves it to MANIFEST.
+LEGACY_MANIFEST = "manifest.json"
 
 
 class ShardedStore:
     """What the feature cache and the CAM store share: a Zarr v3 root with one group per
-    source shard (one writer each) and ``manifest.json``, which records the shards that are
+    source shard (one writer each) and the manifest (:data:`MANIFEST`), which records the shards that are
     done and is written by the driver only. Picklable: ships to Ray tasks as URL + options,
     handles reopen lazily."""
 
@@ -59,7 +78,8 @@ class ShardedStore:
     DIMENSIONS: dict[str, tuple[str, ...]]
 
     _TRANSIENT: tuple[str, ...] = ("_store", "_fs_path", "_sorted")  # sockets, event loops, derived
-    manifest_found: bool = True  # False when opened without a manifest.json (lost, or none yet)
+    manifest_found: bool = True  # False when opened without a manifest (lost, or none yet)
+    manifest_at: str | None = None  # the object the manifest was read from: MANIFEST or LEGACY_MANIFEST
 
     def __init__(
         self,
@@ -109,8 +129,12 @@ class ShardedStore:
         if found is not None:
             if found.get("fingerprint") != fp:
                 raise cls.MISMATCH(cls.mismatch_message(url, found, full, fp))
-            manifest = cls._read_manifest(fs, root, url) or new_manifest(fp, cls.FORMAT)
-            return cls(url, found, manifest, storage_options, writable=True, fs=(fs, root))
+            manifest, at = cls._find_manifest(fs, root, url)
+            store = cls(
+                url, found, manifest or new_manifest(fp, cls.FORMAT), storage_options, writable=True, fs=(fs, root)
+            )
+            store.manifest_at = at
+            return store
         if fs.exists(root) and fs.ls(root):
             raise UserError(
                 f"{url} exists and holds files but no {cls.KIND} (no zarr.json); pick an empty or new location"
@@ -138,8 +162,8 @@ class ShardedStore:
         attrs = cls._read_root_attrs(fs, root, url)
         if attrs is None:
             raise cls.NOT_FOUND(f"no {cls.KIND} at {url} (no zarr.json with format {cls.FORMAT}); {cls.make_hint(url)}")
-        manifest = cls._read_manifest(fs, root, url) or {}  # {}: lost (verify reports it)
-        return cls(
+        manifest, at = cls._find_manifest(fs, root, url)  # None: lost (verify reports it)
+        store = cls(
             url,
             attrs,
             manifest or new_manifest(attrs["fingerprint"], cls.FORMAT),
@@ -147,10 +171,12 @@ class ShardedStore:
             writable=writable,
             fs=(fs, root),
         ).with_manifest_found(bool(manifest))
+        store.manifest_at = at
+        return store
 
     @classmethod
     def open_for_repair(cls, url: str, storage_options: StorageOptions = None) -> "ShardedStore":
-        """Open for :meth:`repair` even when ``manifest.json`` is damaged (repair rebuilds it)."""
+        """Open for :meth:`repair` even when the manifest is damaged (repair rebuilds it)."""
         try:
             return cls.open(url, storage_options, writable=True)
         except ManifestDamaged:
@@ -168,27 +194,36 @@ class ShardedStore:
             return store.with_manifest_found(False)
 
     @classmethod
-    def _read_manifest(cls, fs: Any, root: str, url: str) -> dict[str, Any] | None:
-        """``manifest.json`` (None when absent); a damaged one is :class:`ManifestDamaged`, one line."""
-        try:
-            data = fs.cat_file(f"{root}/manifest.json")
-        except FileNotFoundError:
-            return None
+    def _find_manifest(cls, fs: Any, root: str, url: str) -> tuple[dict[str, Any] | None, str | None]:
+        """(the manifest, the object it was read from): :data:`MANIFEST`, else a store's of
+        before, :data:`LEGACY_MANIFEST`; (None, None) when neither exists. A damaged one is
+        :class:`ManifestDamaged`, one line naming the object."""
+        for at in (MANIFEST, LEGACY_MANIFEST):
+            try:
+                data = fs.cat_file(f"{root}/{at}")
+            except FileNotFoundError:
+                continue
+            return cls._parse_manifest(data, at, url), at
+        return None, None
+
+    @classmethod
+    def _parse_manifest(cls, data: bytes, at: str, url: str) -> dict[str, Any]:
         why = ""
         try:
-            manifest = json.loads(data)
+            doc = json.loads(data)
         except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
-            manifest, why = (
+            doc, why = (
                 None,
                 "empty (0 bytes)"
                 if not data
                 else f"not valid JSON, {len(data)} bytes ({str(exc).splitlines()[0][:80]})",
             )
+        manifest = doc.get("attributes") if at == MANIFEST and isinstance(doc, dict) else doc
         if not why and not (isinstance(manifest, dict) and isinstance(manifest.get("shards"), dict)):
-            why = "not a manifest (no 'shards' object)"
+            why = "not a manifest (no 'shards' object" + (" in its attributes)" if at == MANIFEST else ")")
         if why:
             raise ManifestDamaged(
-                f"{cls.KIND} {url}: manifest.json is damaged: {why}. The data is intact; "
+                f"{cls.KIND} {url}: {at} is damaged: {why}. The data is intact; "
                 f"rebuild the manifest from the shard groups present with `lcam cache repair {url}`"
             )
         return manifest
@@ -383,12 +418,15 @@ class ShardedStore:
         return report, self.forget(report.damaged) if report.damaged else []
 
     def rebuild_manifest(self, report: VerifyReport) -> None:
-        """A missing or damaged ``manifest.json`` rebuilt from the complete groups present
+        """A missing or damaged manifest rebuilt from the complete groups present
         (a group with ``keys`` and ``source`` attrs was written whole); noted in ``report``.
-        A readable manifest is kept as it is."""
+        A readable manifest is kept as it is (one of before moved to :data:`MANIFEST`)."""
         try:
             self.refresh()
             if self.manifest_found:
+                if self.manifest_at == LEGACY_MANIFEST:
+                    self._save_manifest(self.manifest)
+                    report.notes.append(f"{LEGACY_MANIFEST} moved to {MANIFEST} (the store's current layout)")
                 return
         except ManifestDamaged:
             pass
@@ -413,12 +451,12 @@ class ShardedStore:
             }
         self._save_manifest(manifest)
         self.manifest_found = True
-        report.notes.append(f"manifest.json rebuilt from {len(manifest['shards'])} complete shard groups")
+        report.notes.append(f"{MANIFEST} rebuilt from {len(manifest['shards'])} complete shard groups")
 
     @property
     def leases(self) -> WriterLeases:
         """The store's writer leases: say when two runs write into it (each still writes every shard correctly)."""
-        return WriterLeases(*self._fs())
+        return WriterLeases(*self._fs(), zarr_nodes=True)
 
     def forget(self, urls: Sequence[str]) -> list[str]:
         """Drop shards from the manifest (readers stop seeing them; the next run remakes them)."""
@@ -433,8 +471,8 @@ class ShardedStore:
         return self
 
     def refresh(self) -> dict[str, Any]:
-        """Re-read manifest.json (another process may have advanced it)."""
-        found = self._read_manifest(*self._fs(), self.url)
+        """Re-read the manifest (another process may have advanced it)."""
+        found, self.manifest_at = self._find_manifest(*self._fs(), self.url)
         self.manifest_found = bool(found)
         self._manifest = found or new_manifest(self.fingerprint, self.FORMAT)
         self._sorted = None
@@ -450,7 +488,7 @@ class ShardedStore:
     def mark_done(self, entries: Sequence[Mapping[str, Any]], *, check: bool = True) -> None:
         """Record finished shards (entries from ``write_shard``, plus ``skipped``).
 
-        Driver only: read-modify-write of manifest.json with an atomic replace. With
+        Driver only: read-modify-write of the manifest with an atomic replace. With
         ``check``, each group must be complete (attrs written, count agrees) first.
         """
         manifest = self.refresh()
@@ -482,10 +520,17 @@ class ShardedStore:
         manifest["updated"] = utc_now()
         manifest["versions"] = dict(package_versions())
         fs, root = self._fs()
+        doc = {**GROUP_DOC, "attributes": manifest}  # a Zarr group document: see MANIFEST
         if is_local(fs):
-            write_json_atomic(join(self.url, "manifest.json"), manifest, self.storage_options)
+            write_json_atomic(join(self.url, MANIFEST), doc, self.storage_options)
         else:  # one PUT is atomic on object stores (as in write_bytes_atomic), on the cached client
-            fs.pipe_file(f"{root}/manifest.json", json.dumps(manifest, indent=1, sort_keys=True).encode())
+            fs.pipe_file(f"{root}/{MANIFEST}", json.dumps(doc, indent=1, sort_keys=True).encode())
+        if self.manifest_at != MANIFEST:  # read from a store of before, damaged or lost: the old object goes
+            try:  # after the new one is written: a crash between leaves both, and MANIFEST is read first
+                fs.rm_file(f"{root}/{LEGACY_MANIFEST}")
+            except FileNotFoundError:
+                pass
+        self.manifest_at = MANIFEST
         self._manifest = manifest
         self._sorted = None
 
