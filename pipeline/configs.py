@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
+from .decoders import DECODER_HELP, DECODERS, DEFAULT_DECODER
 from .errors import UserError
 from .options import BACKBONE_HELP, PRECISION_HELP, PRECISIONS, comma_list, derived, opt, storage
 
@@ -41,6 +42,7 @@ class ExtractConfig:
         ("center",), "comma-separated: center, hflip (default center)", parse=comma_list, cli_default="center"
     )
     dtype: str = opt("float16", "how the features are stored", choices=("float16", "bfloat16", "float32"))
+    decoder: str = opt(DEFAULT_DECODER, DECODER_HELP, choices=DECODERS)
     batch_size: int = opt(32, "images per backbone forward", min=1, range_text="a positive number of images")
     num_actors: int | None = opt(None, "backbone actors (default: one per GPU, else 1)", flag="--actors", min=1)
     decode_batch_size: int = derived(
@@ -108,6 +110,7 @@ class CamsConfig:
     decode_batch_size: int = derived(
         DECODE_PART_ROWS, "shard source: images per decode task (pipeline.extract's tuning constant)"
     )
+    decoder: str = opt(DEFAULT_DECODER, "shard source: " + DECODER_HELP, choices=DECODERS, group="compute")
     precision: str = opt(
         "auto", "shard source: the backbone's autocast; " + PRECISION_HELP, choices=PRECISIONS, group="compute"
     )
@@ -324,6 +327,7 @@ class TrainConfig:
     cpus_per_worker: float = opt(1.0, "img: CPUs reserved per training worker", min=0)
     data_cpus: float = opt(1.0, "img: CPUs per Ray Data read/decode task", min=0)
     decode_batch_size: int = opt(16, "img: images per Ray Data decode batch", min=1)
+    decoder: str = opt(DEFAULT_DECODER, "img: " + DECODER_HELP, choices=DECODERS)
     shuffle_buffer: int = opt(256, "img: rows in each worker's shuffle buffer (0: off)", min=0)
     ray_storage: str | None = opt(
         None,

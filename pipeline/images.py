@@ -5,9 +5,10 @@
 the PIL image (sizes and the resize interpolation from the backbone's ``Preprocessing``). Resizing goes through PIL (the same calls torchvision makes for PIL
 inputs), so the result is bit-identical, not merely close.
 
-JPEG ``Image.draft`` (DCT-domain downscaling) is deliberately not used: measured on
-the ImageNet sample it moves pixels by up to 117/255 against the reference, and only
-~6% of ImageNet images are large enough (shorter side >= 512) for it to apply.
+JPEG ``Image.draft`` (DCT-domain downscaling) is not used by default: measured on
+the ImageNet sample it moves pixels by up to 134/255 against the reference, and only
+~5% of ImageNet images are large enough (shorter side >= 512) for it to apply. The
+``pil-draft`` decoder (:mod:`pipeline.decoders`) opts in through ``open_image(draft_to=...)``.
 
 Mode conversions (documented choices):
 
@@ -55,8 +56,13 @@ def error_text(exn: BaseException) -> str:
     return _OBJECT_REPR.sub("", str(exn)).strip() or type(exn).__name__
 
 
-def open_image(data: bytes) -> Image.Image:
-    """PIL image with every pixel loaded (so truncation surfaces here), any mode."""
+def open_image(data: bytes, draft_to: int | None = None) -> Image.Image:
+    """PIL image with every pixel loaded (so truncation surfaces here), any mode.
+
+    ``draft_to``: a JPEG whose shorter side is at least twice this is decoded at 1/2, 1/4
+    or 1/8 scale in the DCT domain (``Image.draft``), the largest that keeps the shorter side
+    at least ``draft_to``: the resize that follows then starts from fewer pixels.
+    """
     if not data:
         raise DecodeError("empty data (0 bytes)")
     try:
@@ -66,6 +72,8 @@ def open_image(data: bytes) -> Image.Image:
     except Exception as exn:  # PIL raises assorted types for broken headers
         # without object reprs such as <_io.BytesIO object at 0x...>: reasons are grouped by text
         raise DecodeError(f"unreadable image header: {error_text(exn)}") from None
+    if draft_to is not None and im.format == "JPEG" and min(im.size) >= 2 * draft_to:
+        im.draft("RGB", resized_size(im.width, im.height, draft_to))
     try:
         im.load()
     except Exception as exn:  # OSError("image file is truncated"), SyntaxError, ...
@@ -92,9 +100,9 @@ def to_rgb(im: Image.Image) -> Image.Image:
         return im.convert("RGB")
 
 
-def decode_pil(data: bytes) -> Image.Image:
-    """Bytes -> loaded PIL image in mode RGB; raises :class:`DecodeError`."""
-    return to_rgb(open_image(data))
+def decode_pil(data: bytes, draft_to: int | None = None) -> Image.Image:
+    """Bytes -> loaded PIL image in mode RGB; raises :class:`DecodeError` (``draft_to``: :func:`open_image`)."""
+    return to_rgb(open_image(data, draft_to))
 
 
 def decode_image(data: bytes) -> np.ndarray:

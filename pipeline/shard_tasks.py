@@ -14,7 +14,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from .configs import DECODE_PART_ROWS
+from .decoders import Decoder
 from .fs import StorageOptions
+
+DEFAULT = Decoder()  # pil: today's exact path
 
 
 def read_shard_rows(row: dict[str, Any], storage_options: StorageOptions = None) -> list[dict[str, Any]]:
@@ -51,21 +54,24 @@ def _error_row(url: str, reason: str) -> dict[str, Any]:
     return {"shard": url, "index": -1, "shard_count": -1, "key": "", "label": -1, "image": b"", "shard_error": reason}
 
 
-def decode_preprocess(batch: dict[str, np.ndarray], preprocessing: Any, views: Sequence[str]) -> dict[str, np.ndarray]:
-    """CPU stage: bytes -> RGB -> resize/crop per view -> uint8 pixels (lossless: ToTensor is k/255)."""
-    from .images import decode_image, error_text, preprocess
+def decode_preprocess(
+    batch: dict[str, np.ndarray], preprocessing: Any, views: Sequence[str], decoder: Decoder = DEFAULT
+) -> dict[str, np.ndarray]:
+    """CPU stage: bytes -> RGB -> resize/crop per view -> uint8 pixels (lossless: ToTensor is k/255).
+
+    ``decoder``: resolved by the stage (:func:`pipeline.decoders.resolve_decoder`), so the
+    cache's identity names what these tasks run; it decodes the part's images as one batch."""
+    from .images import error_text
 
     n = len(batch["key"])
     crop = preprocessing.crop
     pixels = np.zeros((n, len(views), 3, crop, crop), dtype=np.uint8)
     errors = np.array(batch["shard_error"], dtype=object)
-    for i in range(n):
-        if errors[i]:
-            continue
-        try:
-            centre = preprocess(decode_image(batch["image"][i]), preprocessing, "center")
-        except Exception as exc:  # DecodeError and anything PIL raises on odd files
-            errors[i] = f"decode: {error_text(exc)}"
+    todo = [i for i in range(n) if not errors[i]]
+    crops = decoder.crops([batch["image"][i] for i in todo], preprocessing)
+    for i, centre in zip(todo, crops):
+        if isinstance(centre, Exception):  # DecodeError and anything PIL raises on odd files
+            errors[i] = f"decode: {error_text(centre)}"
             continue
         for v, name in enumerate(views):
             t = centre if name == "center" else centre.flip(-1)
@@ -88,7 +94,9 @@ def read_parts(item: dict[str, Any], storage_options: StorageOptions, parts: int
     return [rows[i * size : (i + 1) * size] for i in range(parts)]
 
 
-def decode_part(rows: list[dict[str, Any]], preprocessing: Any, views: Sequence[str]) -> dict[str, Any]:
+def decode_part(
+    rows: list[dict[str, Any]], preprocessing: Any, views: Sequence[str], decoder: Decoder = DEFAULT
+) -> dict[str, Any]:
     """CPU task: one part's rows -> the columns a worker needs (pixels), or ``shard_error``."""
     if rows and int(rows[0]["index"]) < 0:
         return {"shard_error": rows[0]["shard_error"]}
@@ -105,7 +113,7 @@ def decode_part(rows: list[dict[str, Any]], preprocessing: Any, views: Sequence[
         k: np.array([r[k] for r in rows], dtype=object if k in text else np.int64)
         for k in (*text, "index", "shard_count", "label")
     }
-    out = decode_preprocess(batch, preprocessing, views)
+    out = decode_preprocess(batch, preprocessing, views, decoder)
     return {
         "key": out["key"].astype(str),
         "label": out["label"].astype(np.int64),
@@ -130,10 +138,11 @@ def shard_parts(
     preprocessing: Any,
     views: Sequence[str],
     part_rows: int = DECODE_PART_ROWS,
+    decoder: Decoder = DEFAULT,
 ) -> list[Any]:
     """Submit the read and decode tasks of one shard; the refs of its decoded parts (driver side)."""
     count = int(item["count"])
     parts = max(1, math.ceil(count / part_rows)) if count > 0 else 1  # index-less: one part
     refs = _remote(read_parts).options(num_returns=parts).remote(item, storage_options, parts)
     refs = [refs] if parts == 1 else refs
-    return [_remote(decode_part).remote(r, preprocessing, tuple(views)) for r in refs]
+    return [_remote(decode_part).remote(r, preprocessing, tuple(views), decoder) for r in refs]

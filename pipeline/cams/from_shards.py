@@ -14,6 +14,7 @@ import torch
 
 from ..classes import ClassSelection
 from ..configs import CamsConfig  # torch-free, no loop with pipeline.cams
+from ..decoders import Decoder, resolve_decoder
 from ..device import pad_lone_image
 from ..fs import StorageOptions
 from ..progress import Progress
@@ -138,6 +139,12 @@ class CamWorker(ShardWorker):
         return entry
 
 
+def shards_decoder(cfg: CamsConfig) -> Decoder:
+    """The decoder of the decode tasks (CPU tasks: ``auto``/``torchvision`` resolve to their CPU form),
+    one resolution for the store's identity and the tasks alike."""
+    return resolve_decoder(cfg.decoder, device="cpu")
+
+
 def cams_from_shards(
     cfg: CamsConfig,
     ckpt: Mapping[str, Any],
@@ -179,6 +186,7 @@ def cams_from_shards(
             preprocessing=preprocessing,
             views=("center",),
             part_rows=cfg.decode_batch_size,
+            decoder=shards_decoder(cfg),
         ),
         CamWorker,
         (

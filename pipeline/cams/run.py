@@ -42,7 +42,7 @@ from ..store.cam_store import CamStore
 from ..store.leases import announce_writers
 from .explainer import checkpoint_fingerprint
 from .from_cache import cams_from_cache, cams_from_cache_on_ray
-from .from_shards import cams_from_shards
+from .from_shards import cams_from_shards, shards_decoder
 
 # ---------------------------------------------------------------- bulk generation
 log = logging.getLogger(__name__)
@@ -213,6 +213,9 @@ def generate_cams(cfg: CamsConfig) -> CamsSummary:
     else:
         shards = _list_existing_shards(cfg)
         identity["source"] = {"kind": "images", "preprocessing": backbone["preprocessing"], "view": "center"}
+        decoded_by = shards_decoder(cfg).identity()
+        if decoded_by is not None:  # only then: stores made with pil keep their fingerprint
+            identity["source"]["decoder"] = decoded_by
         store = CamStore.create_or_open(
             cfg.out,
             identity,

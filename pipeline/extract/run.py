@@ -27,6 +27,7 @@ import numpy as np
 
 # the config lives in the torch-free pipeline.configs (lcam extract --help reads it)
 from ..configs import ExtractConfig
+from ..decoders import Decoder, resolve_decoder
 from ..device import autocast_dtype, pad_lone_image
 from ..fs import absolute
 from ..options import validate
@@ -97,19 +98,28 @@ def check_config(cfg: ExtractConfig) -> None:
     validate(cfg)
 
 
-def cache_identity(backbone: Any, views: Sequence[str], dtype: str) -> dict[str, Any]:
-    """What makes two caches interchangeable: backbone + weights digest, layer, preprocessing, dtype, views."""
+def cache_identity(backbone: Any, views: Sequence[str], dtype: str, decoder: Decoder | None = None) -> dict[str, Any]:
+    """What makes two caches interchangeable: backbone + weights digest, layer, preprocessing, dtype, views,
+    and the decoder when it gives other crops than ``pil`` (absent otherwise: older caches still match)."""
     ident = backbone.describe()
     ident["layer"] = "features"
     ident["views"] = list(views)
     ident["dtype"] = dtype
+    if decoder is not None and decoder.identity() is not None:
+        ident["decoder"] = decoder.identity()
     return ident
+
+
+def stage_decoder(cfg: ExtractConfig) -> Decoder:
+    """The decoder the decode tasks run: they are CPU tasks (Ray assigns them no GPU), so
+    ``auto`` and ``torchvision`` resolve to their CPU form here, once, for identity and tasks alike."""
+    return resolve_decoder(cfg.decoder, device="cpu")
 
 
 def open_cache_for(backbone: Any, cfg: ExtractConfig) -> FeatureCache:
     return FeatureCache.create_or_open(
         cfg.cache,
-        cache_identity(backbone, cfg.views, cfg.dtype),
+        cache_identity(backbone, cfg.views, cfg.dtype, stage_decoder(cfg)),
         feature_shape=backbone.feature_shape,
         views=cfg.views,
         dtype=cfg.dtype,
@@ -334,6 +344,7 @@ def _run(
             preprocessing=preprocessing,
             views=cfg.views,
             part_rows=cfg.decode_batch_size,
+            decoder=stage_decoder(cfg),
         ),
         ExtractWorker,
         (

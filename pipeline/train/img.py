@@ -18,6 +18,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..configs import TrainConfig  # torch-free, no loop with pipeline.train.run
+from ..decoders import resolve_decoder
 from ..device import autocast_dtype
 from ..errors import UserError
 from ..fs import StorageOptions, absolute, get_fs, join
@@ -398,6 +399,7 @@ def run_img(start: TrainStart) -> TrainSummary:
         storage_options=cfg.shard_storage_options,
         decode_batch_size=cfg.decode_batch_size,
         data_cpus=cfg.data_cpus,
+        decoder=resolve_decoder(cfg.decoder, device="cpu"),  # Ray Data's decode tasks are CPU tasks
     )
     del backbone  # the workers build their own
     plan = {

@@ -12,6 +12,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
+from ..decoders import Decoder
 from ..errors import UserError
 from ..fs import StorageOptions
 
@@ -74,34 +75,40 @@ def read_training_rows(
     return rows
 
 
-def decode_for_training(batch: dict[str, np.ndarray], preprocessing: Any, augment: str) -> dict[str, Any]:
+def decode_for_training(
+    batch: dict[str, np.ndarray], preprocessing: Any, augment: str, decoder: Decoder = Decoder()
+) -> dict[str, Any]:
     """CPU stage: bytes -> RGB -> the 256 resize (``random``: the worker crops) or centre crop 224, uint8."""
     from PIL import Image
 
-    from ..images import decode_pil, preprocess, resized_size
+    from ..images import resized_size
 
     n = len(batch["key"])
     errors = [str(e) for e in batch["error"]]
-    pixels: list[np.ndarray] = []
-    for i in range(n):
-        out = None
-        if not errors[i]:
+    pixels: list[np.ndarray | None] = [None] * n
+    todo = [i for i in range(n) if not errors[i]]
+    if augment == "center":  # the decoder's crops, the part's images as one batch
+        for i, t in zip(todo, decoder.crops([batch["image"][i] for i in todo], preprocessing)):
+            if isinstance(t, Exception):  # DecodeError and whatever PIL raises on odd files
+                errors[i] = f"decode: {t}"
+            else:
+                pixels[i] = (t * 255).round().byte().permute(1, 2, 0).numpy()
+    else:
+        for i in todo:
             try:
-                im = decode_pil(batch["image"][i])
-                if augment == "center":
-                    out = (preprocess(im, preprocessing, "center") * 255).round().byte().permute(1, 2, 0).numpy()
-                else:
-                    size = resized_size(im.width, im.height, preprocessing.resize)
-                    out = np.asarray(im.resize(size, Image.BILINEAR))  # the resize of random_crop_flip
+                im = decoder.rgb(batch["image"][i], preprocessing)
+                size = resized_size(im.width, im.height, preprocessing.resize)
+                pixels[i] = np.asarray(im.resize(size, Image.BILINEAR))  # the resize of random_crop_flip
             except Exception as exc:  # DecodeError and whatever PIL raises on odd files
                 errors[i] = f"decode: {exc}"
-        pixels.append(out if out is not None else np.zeros((preprocessing.crop, preprocessing.crop, 3), dtype=np.uint8))
+    blank = np.zeros((preprocessing.crop, preprocessing.crop, 3), np.uint8)
+    filled = [p if p is not None else blank for p in pixels]
     res: dict[str, Any] = {k: batch[k] for k in batch if k not in ("image", "error")}
     if augment == "center":
-        res["pixels"] = np.stack(pixels)
+        res["pixels"] = np.stack(filled)
     else:  # variable sizes: an object array becomes a variable-shaped tensor column
         arr = np.empty(n, dtype=object)
-        arr[:] = pixels
+        arr[:] = filled
         res["pixels"] = arr
     res["error"] = np.array(errors, dtype=object).astype(str)
     return res
@@ -117,6 +124,7 @@ def build_image_dataset(
     storage_options: StorageOptions = None,
     decode_batch_size: int = 16,
     data_cpus: float = 1.0,
+    decoder: Decoder = Decoder(),
 ):
     """Ray Dataset of training rows: shards in a new random order each epoch, read, decoded."""
     import ray
@@ -135,7 +143,7 @@ def build_image_dataset(
         )
         .map_batches(
             decode_for_training,
-            fn_kwargs={"preprocessing": preprocessing, "augment": augment},
+            fn_kwargs={"preprocessing": preprocessing, "augment": augment, "decoder": decoder},
             batch_size=decode_batch_size,
             batch_format="numpy",
             num_cpus=data_cpus,
