@@ -65,6 +65,26 @@ def quiet_ray_loggers() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)  # Ray Data's "Progress bars disabled" is a WARNING
 
 
+def running_local_ray() -> str | None:
+    """The address of a Ray that ``ray start --head`` left running on this machine (the one
+    ``ray.init()`` itself would join: ``ray_current_cluster`` under Ray's temp dir), or None.
+    Joining it skips the start-up; a new local Ray's settings (``object_store_memory``,
+    ``_system_config``) must then not be passed, as Ray refuses them for a running cluster."""
+    import socket
+
+    try:
+        from ray._private.services import canonicalize_bootstrap_address, parse_address
+
+        address = canonicalize_bootstrap_address(None)
+        if not address:
+            return None
+        host, port = parse_address(address)
+        with socket.create_connection((host, int(port)), timeout=1.0):  # a file left by a Ray that is gone: refused
+            return address
+    except Exception:  # no such Ray, a stale or unreadable address file: start a Ray of our own
+        return None
+
+
 def ensure_ray() -> float:
     """Connect to the cluster (RAY_ADDRESS, or inside a Ray job) or start a local Ray; seconds taken."""
     set_local_ray_env()  # before Ray is imported: it may read them then
@@ -74,7 +94,12 @@ def ensure_ray() -> float:
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {}
         quiet_ray_loggers()
-        if not os.environ.get("RAY_ADDRESS"):  # a new local Ray: ours to configure
+        running = None if os.environ.get("RAY_ADDRESS") else running_local_ray()
+        if running:  # `ray start --head` on this machine: reuse it (no start-up), configured as it was started
+            kwargs["address"] = running
+            if sys.stderr.isatty():
+                print(f"using the Ray already running on this machine at {running} ...", file=sys.stderr, flush=True)
+        elif not os.environ.get("RAY_ADDRESS"):  # a new local Ray: ours to configure
             if sys.stderr.isatty():  # in a log, the stage's progress lines say it; errors stay one line
                 print("starting Ray on this machine (RAY_ADDRESS unset) ...", file=sys.stderr, flush=True)
             # Ray keeps at most num_cpus idle workers and kills the rest; on a small machine
@@ -82,6 +107,7 @@ def ensure_ray() -> float:
             # each): measured 2.7x slower extraction on 2 cores. Keep more workers alive.
             kwargs["_system_config"] = {"num_workers_soft_limit": max(8, os.cpu_count() or 1)}
             kwargs["object_store_memory"] = local_object_store_bytes()
+            kwargs["address"] = "local"  # a new one even where a stale address file names a Ray that is gone
         ray.init(ignore_reinit_error=True, log_to_driver=False, configure_logging=False, **kwargs)
     from ray.data import DataContext
 

@@ -951,6 +951,61 @@ def test_finished_command_exits_at_once_and_leaves_no_ray_process(packed, tmp_pa
     shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
 
 
+def test_a_running_ray_start_head_is_joined_not_refused(packed, tmp_path):
+    """`ray start --head` left running on this machine (RAY_ADDRESS unset): the command joins it
+    (Ray refuses a new Ray's settings for a running cluster: that was a ValueError traceback),
+    starts no Ray of its own, and leaves the head running when it ends."""
+    import socket
+
+    from pipeline.raykit import _alive, _descendants
+
+    temp = tempfile.mkdtemp(prefix="rh-", dir="/tmp")  # short: Ray's socket paths
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(PYTHONPATH=ROOT, RAY_TMPDIR=temp)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    head = subprocess.Popen(
+        [ray_bin, "start", "--head", "--block", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
+         f"--port={port}", "--num-cpus=2", "--num-gpus=0", "--include-dashboard=false"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not os.path.exists(os.path.join(temp, "ray", "ray_current_cluster")):
+            assert head.poll() is None, "ray start --head failed"
+            time.sleep(0.5)
+        cache = str(tmp_path / "cache")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "jobs.cli", "extract", packed["shards"], cache, "--no-progress"],
+            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        names: set[str] = set()
+        while proc.poll() is None:
+            for pid in _descendants(proc.pid):
+                try:
+                    names.add(open(f"/proc/{pid}/comm").read().strip())
+                except OSError:
+                    pass
+            time.sleep(0.2)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0 and "extracted now" in out and "Traceback" not in err, out + err
+        assert not names & {"raylet", "gcs_server"}, f"the command started a Ray of its own: {names}"
+        assert len(FeatureCache.open(cache)) == 8
+        assert head.poll() is None and _alive(head.pid), "the command stopped a Ray it did not start"
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(head.pid, sig)
+            except ProcessLookupError:
+                pass
+            time.sleep(2 if sig == signal.SIGTERM else 0)
+        subprocess.run(["pkill", "-9", "-f", temp], check=False)  # daemons that left the group name the temp dir
+        head.wait(timeout=30)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
 def test_second_writer_of_a_cam_store_or_a_run_is_told_who_holds_it(base, tmp_path, capsys, caplog):
     store = str(tmp_path / "cams")
     shutil.copytree(base["cams"], store)
