@@ -103,7 +103,7 @@ def run_on_cam_store(args: argparse.Namespace, options: Any) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from pipeline.store.feature_cache import FeatureCache
-    from pipeline.store.layer import LEGACY_MANIFEST, MANIFEST
+    from pipeline.store.manifest import LEGACY_MANIFEST, MANIFEST
 
     options = parse_storage_options(args.storage_option)
     cam_store = is_cam_store(args.url, options)

@@ -39,7 +39,7 @@ def check_against_checkpoint(cfg: CamsConfig) -> None:
 
 def info_lines(info: dict) -> list[str]:
     from pipeline.classes import describe_classes
-    from pipeline.store.layer import MANIFEST
+    from pipeline.store.manifest import MANIFEST
 
     ck, src = info["checkpoint"], info["source"]
     what = describe_classes(info["classes"])

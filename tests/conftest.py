@@ -93,7 +93,6 @@ def ray_head(tmp_path_factory):
     names its temp dir. Never ``ray stop``: that kills every Ray process on the machine.
     """
     import shutil
-    import signal
     import subprocess
     import sys
     import time
@@ -173,14 +172,8 @@ def ray_head(tmp_path_factory):
     try:
         yield {"address": address, "env": env, "temp": temp, "gcs": f"127.0.0.1:{ports['port']}"}
     finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                pass
-            time.sleep(2 if sig == signal.SIGTERM else 0)
-        # Ray daemons that left the group still name this head's temp dir on their command line
-        subprocess.run(["pkill", "-9", "-f", temp], check=False)
-        proc.wait(timeout=30)
+        from tests.helpers import stop_ray_head
+
+        stop_ray_head(proc, temp)
         log.close()
         shutil.rmtree(temp, ignore_errors=True)

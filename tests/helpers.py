@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import time
+
 import numpy as np
 import torch
 from PIL import Image
@@ -27,8 +32,22 @@ def skimage_photos(names=("chelsea", "coffee", "astronaut", "rocket")) -> dict[s
 
 def manifest_of(store: str, storage_options: dict | None = None) -> dict:
     """A store's manifest as its driver last wrote it (the attributes of its manifest group,
-    pipeline.store.layer.MANIFEST); {} before the first write. Polled while a run writes."""
+    pipeline.store.manifest.MANIFEST); {} before the first write. Polled while a run writes."""
     from pipeline.fs import join, read_json
-    from pipeline.store.layer import MANIFEST
+    from pipeline.store.manifest import MANIFEST
 
     return (read_json(join(store, MANIFEST), storage_options, default={}) or {}).get("attributes", {})
+
+
+def stop_ray_head(proc: subprocess.Popen, temp: str) -> None:
+    """End a ``ray start --head --block`` a test started in its own session (``start_new_session``)
+    with temp dir ``temp``: its process group, then the daemons that left the group (they name
+    ``temp`` on their command line). Only this head's processes: never another Ray."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        time.sleep(2 if sig == signal.SIGTERM else 0)
+    subprocess.run(["pkill", "-9", "-f", temp], check=False)
+    proc.wait(timeout=30)

@@ -257,7 +257,7 @@ def test_store_of_the_old_layout_opens_reads_and_moves_its_manifest(tmp_path, ca
 
     from jobs.cli import main
     from pipeline.fs import write_json_atomic
-    from pipeline.store.layer import LEGACY_MANIFEST, MANIFEST
+    from pipeline.store.manifest import LEGACY_MANIFEST, MANIFEST
 
     def to_old_layout(url: str) -> None:
         doc = json.loads((tmp_path / url / MANIFEST).read_text())

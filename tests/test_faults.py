@@ -39,7 +39,7 @@ from pipeline.store.cam_store import CamStore
 from pipeline.store.feature_cache import FeatureCache
 from pipeline.store.identity import shard_id_for
 from pipeline.store.integrity import StoreDamaged
-from pipeline.store.layer import MANIFEST
+from pipeline.store.manifest import MANIFEST
 from pipeline.train.checkpoints import save_checkpoint
 from tests.helpers import manifest_of
 
@@ -958,6 +958,7 @@ def test_a_running_ray_start_head_is_joined_not_refused(packed, tmp_path):
     import socket
 
     from pipeline.raykit import _alive, _descendants
+    from tests.helpers import stop_ray_head
 
     temp = tempfile.mkdtemp(prefix="rh-", dir="/tmp")  # short: Ray's socket paths
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -995,14 +996,7 @@ def test_a_running_ray_start_head_is_joined_not_refused(packed, tmp_path):
         assert len(FeatureCache.open(cache)) == 8
         assert head.poll() is None and _alive(head.pid), "the command stopped a Ray it did not start"
     finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(head.pid, sig)
-            except ProcessLookupError:
-                pass
-            time.sleep(2 if sig == signal.SIGTERM else 0)
-        subprocess.run(["pkill", "-9", "-f", temp], check=False)  # daemons that left the group name the temp dir
-        head.wait(timeout=30)
+        stop_ray_head(head, temp)
         shutil.rmtree(temp, ignore_errors=True)
 
 

@@ -30,7 +30,8 @@ from ..fs import StorageOptions
 from .dtypes import DTYPES, bf16_to_f32, finite_rows, to_storage
 from .identity import canonical, shard_id_for, utc_now
 from .integrity import VerifyReport
-from .layer import MANIFEST, ShardedStore
+from .layer import ShardedStore
+from .manifest import MANIFEST
 
 FORMAT = "lcam-feature-cache/1"
 DEFAULT_CHUNK_ROWS = 64  # 64 x 1280x7x7 float16 = 8 MB raw per view, ~1 MB compressed: a good object size

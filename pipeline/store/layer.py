@@ -17,7 +17,7 @@ object is part of a Zarr node, so any Zarr or xarray reader lists the whole stor
 a warning (zarr warns about each object under a group that is no node).
 
 Stores made before the manifest and the leases became Zarr nodes kept ``manifest.json``
-and ``leases/<id>.json`` at the root; they still open (see :data:`LEGACY_MANIFEST`), so
+and ``leases/<id>.json`` at the root; they still open (see :mod:`pipeline.store.manifest`), so
 the format string did not change.
 
 :class:`ShardedStore` owns creating or opening a store (identity and fingerprint
@@ -25,14 +25,14 @@ checked), the manifest, group writes, the damage checks and the error messages (
 methods: a subclass names itself and its advice); what is stored in a group is the
 subclass's (:class:`pipeline.store.feature_cache.FeatureCache`, :class:`pipeline.store.cam_store.CamStore`).
 Beside it: :mod:`pipeline.store.identity` (fingerprints, identity diffs, group names, the
-empty manifest), :mod:`pipeline.store.clients` (one client per process) and
+empty manifest), :mod:`pipeline.store.clients` (one client per process), :mod:`pipeline.store.manifest`
+(where the manifest lives, reading and writing it) and
 :mod:`pipeline.store.leases` (``leases/``, held through :attr:`ShardedStore.leases`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -41,22 +41,12 @@ import zarr.api.asynchronous as zarr_async
 from zarr.core.sync import sync as zsync
 
 from ..errors import UserError
-from ..fs import StorageOptions, is_local, join, read_json_fs, write_json_atomic
+from ..fs import StorageOptions, read_json_fs
 from .clients import connect_fs, make_zarr_store
 from .identity import canonical, fingerprint_of, identity_diff, new_manifest, package_versions, shard_id_for, utc_now
 from .integrity import CHUNK_CHECKSUM, ManifestDamaged, StoreDamaged, VerifyReport, default_compressors
-from .leases import GROUP_DOC, WriterLeases
-
-# The manifest is a Zarr group of its own, its document written whole by the driver (one
-# object, one writer, replaced atomically, as manifest.json was), rather than the root
-# group's attributes: the root document holds the identity every open checks, and zarr
-# writes attributes in place, not atomically; a manifest of its own may be damaged
-# (repair rebuilds it from the shard groups) without making the store unrecognizable.
-MANIFEST = "manifest/zarr.json"
-# Where stores made before kept the manifest. Still read when MANIFEST is absent, so that
-# those stores keep working (their done shards are not extracted again); the driver's
-# next manifest write (a commit, or `lcam cache repair`) moves it to MANIFEST.
-LEGACY_MANIFEST = "manifest.json"
+from .leases import WriterLeases
+from .manifest import LEGACY_MANIFEST, MANIFEST, read_manifest, write_manifest
 
 
 class ShardedStore:
@@ -195,38 +185,8 @@ class ShardedStore:
 
     @classmethod
     def _find_manifest(cls, fs: Any, root: str, url: str) -> tuple[dict[str, Any] | None, str | None]:
-        """(the manifest, the object it was read from): :data:`MANIFEST`, else a store's of
-        before, :data:`LEGACY_MANIFEST`; (None, None) when neither exists. A damaged one is
-        :class:`ManifestDamaged`, one line naming the object."""
-        for at in (MANIFEST, LEGACY_MANIFEST):
-            try:
-                data = fs.cat_file(f"{root}/{at}")
-            except FileNotFoundError:
-                continue
-            return cls._parse_manifest(data, at, url), at
-        return None, None
-
-    @classmethod
-    def _parse_manifest(cls, data: bytes, at: str, url: str) -> dict[str, Any]:
-        why = ""
-        try:
-            doc = json.loads(data)
-        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
-            doc, why = (
-                None,
-                "empty (0 bytes)"
-                if not data
-                else f"not valid JSON, {len(data)} bytes ({str(exc).splitlines()[0][:80]})",
-            )
-        manifest = doc.get("attributes") if at == MANIFEST and isinstance(doc, dict) else doc
-        if not why and not (isinstance(manifest, dict) and isinstance(manifest.get("shards"), dict)):
-            why = "not a manifest (no 'shards' object" + (" in its attributes)" if at == MANIFEST else ")")
-        if why:
-            raise ManifestDamaged(
-                f"{cls.KIND} {url}: {at} is damaged: {why}. The data is intact; "
-                f"rebuild the manifest from the shard groups present with `lcam cache repair {url}`"
-            )
-        return manifest
+        """(the manifest, the object it was read from), see :func:`.manifest.read_manifest`."""
+        return read_manifest(fs, root, url, cls.KIND)
 
     @classmethod
     def _read_root_attrs(cls, fs: Any, root: str, url: str) -> dict[str, Any] | None:
@@ -520,16 +480,7 @@ class ShardedStore:
         manifest["updated"] = utc_now()
         manifest["versions"] = dict(package_versions())
         fs, root = self._fs()
-        doc = {**GROUP_DOC, "attributes": manifest}  # a Zarr group document: see MANIFEST
-        if is_local(fs):
-            write_json_atomic(join(self.url, MANIFEST), doc, self.storage_options)
-        else:  # one PUT is atomic on object stores (as in write_bytes_atomic), on the cached client
-            fs.pipe_file(f"{root}/{MANIFEST}", json.dumps(doc, indent=1, sort_keys=True).encode())
-        if self.manifest_at != MANIFEST:  # read from a store of before, damaged or lost: the old object goes
-            try:  # after the new one is written: a crash between leaves both, and MANIFEST is read first
-                fs.rm_file(f"{root}/{LEGACY_MANIFEST}")
-            except FileNotFoundError:
-                pass
+        write_manifest(fs, root, self.url, manifest, self.storage_options, replaces=self.manifest_at)
         self.manifest_at = MANIFEST
         self._manifest = manifest
         self._sorted = None
