@@ -13,7 +13,7 @@ All three run the same model: the backbone with BatchNorm folded (``Backbone.fol
 channels-last. (a), (b), (c) alternate ``--reps`` times after one uncounted warm-up round
 (``benchmarks.common.compare``; this machine's speed drifts by 10-30% between minutes); the
 targets are the medians of the per-repetition ratios, printed with their spread and load.
-Targets on a 2-core machine: a/c >= 1.0 and a/b >= 0.8.
+Targets on a 2-core machine (issue 31): a/c >= 0.95 and a/b >= 0.9.
 
 Other backbones (``--backbone timm:resnet50 --weights random``, any spec) run
 :func:`compare_with_model_alone` instead: (a) warm pipeline and (b) model alone
@@ -170,8 +170,8 @@ def main() -> int:
     print(
         f"peak memory (process tree, driver + Ray workers): (a) {peaks['a']:.0f} MiB, (b) {peaks['b']:.0f} MiB, (c) {peaks['c']:.0f} MiB"
     )
-    ok = target_ratio("extract_vs_dataloader", comparison.ratio("a_pipeline", "c_dataloader"), ">=", 1.0)
-    ok &= target_ratio("extract_vs_model_alone", comparison.ratio("a_pipeline", "b_model_alone"), ">=", 0.8)
+    ok = target_ratio("extract_vs_dataloader", comparison.ratio("a_pipeline", "c_dataloader"), ">=", 0.95)
+    ok &= target_ratio("extract_vs_model_alone", comparison.ratio("a_pipeline", "b_model_alone"), ">=", 0.9)
     if args.pipeline_threads:
         r = comparison.ratio("a2_pipeline_threads", "c_dataloader")
         print(

@@ -45,6 +45,10 @@ def local_object_store_bytes() -> int:
 # A local Ray of ours: no token to set up, no usage report sent (the user's own values win).
 LOCAL_RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
 VERBOSE_ENV = "LCAM_VERBOSE"  # set by `lcam --verbose`: Ray's own log lines are shown
+# A local Ray of ours runs without Ray's dashboard: a command's Ray ends with the command, so
+# nobody watches it, and its processes took ~2.5 ms of CPU per extracted image on 2 cores
+# (benchmarks/RESULTS.md, "Extraction: where the CPU goes"). LCAM_RAY_DASHBOARD=1 keeps it.
+DASHBOARD_ENV = "LCAM_RAY_DASHBOARD"
 
 
 def set_local_ray_env() -> None:
@@ -108,6 +112,7 @@ def ensure_ray() -> float:
             kwargs["_system_config"] = {"num_workers_soft_limit": max(8, os.cpu_count() or 1)}
             kwargs["object_store_memory"] = local_object_store_bytes()
             kwargs["address"] = "local"  # a new one even where a stale address file names a Ray that is gone
+            kwargs["include_dashboard"] = os.environ.get(DASHBOARD_ENV, "") not in ("", "0")
         ray.init(ignore_reinit_error=True, log_to_driver=False, configure_logging=False, **kwargs)
     from ray.data import DataContext
 

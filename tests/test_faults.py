@@ -935,13 +935,23 @@ def test_finished_command_exits_at_once_and_leaves_no_ray_process(packed, tmp_pa
         text=True,
     )
     seen: set[int] = set()
+    commands: dict[int, str] = {}
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        seen.update(_descendants(proc.pid))
+        for pid in set(_descendants(proc.pid)) - seen:
+            try:
+                commands[pid] = open(f"/proc/{pid}/cmdline").read().replace("\0", " ")
+            except OSError:  # already gone
+                pass
+            seen.add(pid)
         time.sleep(0.2)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0 and "extracted now" in out and "Traceback" not in err, out + err
     assert seen, "no Ray process was seen"
+    # its Ray runs without the dashboard (LCAM_RAY_DASHBOARD unset): Ray keeps a minimal
+    # dashboard.py (usage stats, no frontend) but starts none of the dashboard's module processes
+    dashboards = [c[:150] for c in commands.values() if "ray-dashboard-" in c]
+    assert not dashboards and any("raylet" in c for c in commands.values()), (dashboards, list(commands.values()))
     assert len(FeatureCache.open(cache)) == 8  # the 8 images of `packed`
     end = time.time() + 30  # SIGTERM'd, each ends by itself: seconds, more on a loaded machine
     while time.time() < end and any(_alive(p) for p in seen):
