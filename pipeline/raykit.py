@@ -126,7 +126,7 @@ def ensure_ray() -> float:
     return time.perf_counter() - t0
 
 
-def _descendants(root: int) -> list[int]:
+def descendant_pids(root: int) -> list[int]:
     """Process ids below ``root`` (from /proc; Linux), children before grandchildren."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
@@ -158,7 +158,7 @@ def stop_local_ray(grace_s: float = 5.0, quick: bool = False) -> None:
         return
     import ray
 
-    ours = _descendants(os.getpid())  # also when interrupted inside ray.init: its processes may be up already
+    ours = descendant_pids(os.getpid())  # also when interrupted inside ray.init: its processes may be up already
     if not quick:
         try:
             ray.shutdown()
@@ -171,12 +171,12 @@ def stop_local_ray(grace_s: float = 5.0, quick: bool = False) -> None:
                 os.kill(pid, sig)
             except (ProcessLookupError, PermissionError):
                 pass
-        while not quick and time.monotonic() < deadline and any(_alive(p) for p in ours):
+        while not quick and time.monotonic() < deadline and any(process_alive(p) for p in ours):
             time.sleep(0.1)
         deadline = time.monotonic() + 1.0
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended

@@ -886,7 +886,7 @@ def test_cam_store_damage_listed_and_remade_by_a_rerun(base, tmp_path, capsys):
 def test_ctrl_c_during_ray_start_leaves_no_ray_process(packed, tmp_path):
     """A local Ray (no RAY_ADDRESS) interrupted while starting: within 10 s of the command's
     end, none of the processes it started lives (Ray's agents used to outlive it by a minute)."""
-    from pipeline.raykit import _alive, _descendants
+    from pipeline.raykit import descendant_pids, process_alive
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(PYTHONPATH=ROOT, RAY_TMPDIR=tempfile.mkdtemp(prefix="rc-", dir="/tmp"))  # short: Ray's socket paths
@@ -900,20 +900,20 @@ def test_ctrl_c_during_ray_start_leaves_no_ray_process(packed, tmp_path):
     )
     deadline, seen = time.time() + 240, []
     while time.time() < deadline and proc.poll() is None:
-        seen = _descendants(proc.pid)
+        seen = descendant_pids(proc.pid)
         names = [open(f"/proc/{p}/comm").read().strip() if os.path.exists(f"/proc/{p}/comm") else "" for p in seen]
         if any("raylet" in n for n in names):  # mid start-up: the raylet is up, its agents are starting
             break
         time.sleep(0.2)
     assert proc.poll() is None, "the extraction ended before Ray started"
-    seen = _descendants(proc.pid)
+    seen = descendant_pids(proc.pid)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "lcam extract: interrupted" in err and "Traceback" not in err, err
     end = time.time() + 10
-    while time.time() < end and any(_alive(p) for p in seen):
+    while time.time() < end and any(process_alive(p) for p in seen):
         time.sleep(0.2)
-    assert not [p for p in seen if _alive(p)], "Ray processes outlived the interrupted command by 10 s"
+    assert not [p for p in seen if process_alive(p)], "Ray processes outlived the interrupted command by 10 s"
     shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
 
 
@@ -921,7 +921,7 @@ def test_finished_command_exits_at_once_and_leaves_no_ray_process(packed, tmp_pa
     """The ``lcam`` command (jobs.cli.console) on a local Ray: the summary, exit 0, a complete
     cache, and within 30 s of its end none of the processes it started lives (it skips the
     interpreter's slow teardown and ends its Ray by signal)."""
-    from pipeline.raykit import _alive, _descendants
+    from pipeline.raykit import descendant_pids, process_alive
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(PYTHONPATH=ROOT, RAY_TMPDIR=tempfile.mkdtemp(prefix="rq-", dir="/tmp"))
@@ -938,7 +938,7 @@ def test_finished_command_exits_at_once_and_leaves_no_ray_process(packed, tmp_pa
     commands: dict[int, str] = {}
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        for pid in set(_descendants(proc.pid)) - seen:
+        for pid in set(descendant_pids(proc.pid)) - seen:
             try:
                 commands[pid] = open(f"/proc/{pid}/cmdline").read().replace("\0", " ")
             except OSError:  # already gone
@@ -954,9 +954,9 @@ def test_finished_command_exits_at_once_and_leaves_no_ray_process(packed, tmp_pa
     assert not dashboards and any("raylet" in c for c in commands.values()), (dashboards, list(commands.values()))
     assert len(FeatureCache.open(cache)) == 8  # the 8 images of `packed`
     end = time.time() + 30  # SIGTERM'd, each ends by itself: seconds, more on a loaded machine
-    while time.time() < end and any(_alive(p) for p in seen):
+    while time.time() < end and any(process_alive(p) for p in seen):
         time.sleep(0.2)
-    left = [(p, open(f"/proc/{p}/cmdline").read().replace("\0", " ")[:150]) for p in seen if _alive(p)]
+    left = [(p, open(f"/proc/{p}/cmdline").read().replace("\0", " ")[:150]) for p in seen if process_alive(p)]
     assert not left, f"Ray processes outlived the finished command by 30 s: {left}"
     shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
 
@@ -967,7 +967,7 @@ def test_a_running_ray_start_head_is_joined_not_refused(packed, tmp_path):
     starts no Ray of its own, and leaves the head running when it ends."""
     import socket
 
-    from pipeline.raykit import _alive, _descendants
+    from pipeline.raykit import descendant_pids, process_alive
     from tests.helpers import stop_ray_head
 
     temp = tempfile.mkdtemp(prefix="rh-", dir="/tmp")  # short: Ray's socket paths
@@ -994,7 +994,7 @@ def test_a_running_ray_start_head_is_joined_not_refused(packed, tmp_path):
         )  # fmt: skip
         names: set[str] = set()
         while proc.poll() is None:
-            for pid in _descendants(proc.pid):
+            for pid in descendant_pids(proc.pid):
                 try:
                     names.add(open(f"/proc/{pid}/comm").read().strip())
                 except OSError:
@@ -1004,7 +1004,7 @@ def test_a_running_ray_start_head_is_joined_not_refused(packed, tmp_path):
         assert proc.returncode == 0 and "extracted now" in out and "Traceback" not in err, out + err
         assert not names & {"raylet", "gcs_server"}, f"the command started a Ray of its own: {names}"
         assert len(FeatureCache.open(cache)) == 8
-        assert head.poll() is None and _alive(head.pid), "the command stopped a Ray it did not start"
+        assert head.poll() is None and process_alive(head.pid), "the command stopped a Ray it did not start"
     finally:
         stop_ray_head(head, temp)
         shutil.rmtree(temp, ignore_errors=True)

@@ -119,7 +119,7 @@ class ShardedStore:
         if found is not None:
             if found.get("fingerprint") != fp:
                 raise cls.MISMATCH(cls.mismatch_message(url, found, full, fp))
-            manifest, at = cls._find_manifest(fs, root, url)
+            manifest, at = read_manifest(fs, root, url, cls.KIND)
             store = cls(
                 url, found, manifest or new_manifest(fp, cls.FORMAT), storage_options, writable=True, fs=(fs, root)
             )
@@ -152,7 +152,7 @@ class ShardedStore:
         attrs = cls._read_root_attrs(fs, root, url)
         if attrs is None:
             raise cls.NOT_FOUND(f"no {cls.KIND} at {url} (no zarr.json with format {cls.FORMAT}); {cls.make_hint(url)}")
-        manifest, at = cls._find_manifest(fs, root, url)  # None: lost (verify reports it)
+        manifest, at = read_manifest(fs, root, url, cls.KIND)  # None: lost (verify reports it)
         store = cls(
             url,
             attrs,
@@ -182,11 +182,6 @@ class ShardedStore:
                 fs=(fs, root),
             )
             return store.with_manifest_found(False)
-
-    @classmethod
-    def _find_manifest(cls, fs: Any, root: str, url: str) -> tuple[dict[str, Any] | None, str | None]:
-        """(the manifest, the object it was read from), see :func:`.manifest.read_manifest`."""
-        return read_manifest(fs, root, url, cls.KIND)
 
     @classmethod
     def _read_root_attrs(cls, fs: Any, root: str, url: str) -> dict[str, Any] | None:
@@ -432,7 +427,7 @@ class ShardedStore:
 
     def refresh(self) -> dict[str, Any]:
         """Re-read the manifest (another process may have advanced it)."""
-        found, self.manifest_at = self._find_manifest(*self._fs(), self.url)
+        found, self.manifest_at = read_manifest(*self._fs(), self.url, self.KIND)
         self.manifest_found = bool(found)
         self._manifest = found or new_manifest(self.fingerprint, self.FORMAT)
         self._sorted = None

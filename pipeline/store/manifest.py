@@ -69,9 +69,8 @@ def write_manifest(
         write_json_atomic(join(url, MANIFEST), doc, storage_options)
     else:  # one PUT is atomic on object stores (as in write_bytes_atomic), on the cached client
         fs.pipe_file(f"{root}/{MANIFEST}", json.dumps(doc, indent=1, sort_keys=True).encode())
-    if (
-        replaces != MANIFEST
-    ):  # the old object goes after the new one is written: a crash between leaves both, MANIFEST read first
+    # the old object goes after the new one is written: a crash between leaves both, MANIFEST read first
+    if replaces != MANIFEST:
         try:
             fs.rm_file(f"{root}/{LEGACY_MANIFEST}")
         except FileNotFoundError:
