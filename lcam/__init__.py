@@ -20,7 +20,7 @@ from typing import Any
 _EXPORTS = {
     "AttentionMechanism": "lcam.attention",
     "Backbone": "lcam.backbones.base",
-    "Preprocessing": "lcam.backbones.base",
+    "Preprocessing": "lcam.backbones.preprocessing",
     "WeightsUnavailable": "lcam.backbones.base",
     "available_backbones": "lcam.backbones.registry",
     "build_backbone": "lcam.backbones.registry",

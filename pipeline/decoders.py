@@ -33,9 +33,10 @@ from typing import TYPE_CHECKING, Any, Sequence
 from .errors import UserError
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
-    from lcam.backbones.base import Preprocessing
+    from lcam.backbones.preprocessing import Preprocessing
 
 DECODERS = ("pil", "pil-draft", "torchvision", "auto")
 DEFAULT_DECODER = "pil"
@@ -86,14 +87,26 @@ class Decoder:
             return None if torchvision_matches_pil() else "torchvision-cpu"
         return self.name
 
+    def pixels(self, datas: Sequence[bytes], prep: Preprocessing) -> list[np.ndarray | Exception]:
+        """Each sample's (3, crop, crop) uint8 centre crop, as :func:`pipeline.images.crop_pixels`
+        gives it, or the exception that stopped it (a :class:`pipeline.images.DecodeError` for
+        bad bytes): one bad image never fails the batch. ``pil`` and ``pil-draft`` import no
+        torch (the pipeline's decode tasks run this); a GPU crop is rounded to the grey level."""
+        if self.name == "torchvision":
+            return [
+                c if isinstance(c, Exception) else _to_uint8(c) for c in _torchvision_crops(datas, prep, self.device)
+            ]
+        draft_to = prep.resize if self.name == "pil-draft" else None
+        return [_pil_pixels(d, prep, draft_to) for d in datas]
+
     def crops(self, datas: Sequence[bytes], prep: Preprocessing) -> list[torch.Tensor | Exception]:
-        """Each sample's (3, crop, crop) float32 centre crop in [0, 1] on the CPU, as
-        :func:`pipeline.images.preprocess` gives it, or the exception that stopped it (a
-        :class:`pipeline.images.DecodeError` for bad bytes): one bad image never fails the batch."""
+        """:meth:`pixels` as (3, crop, crop) float32 in [0, 1] on the CPU, as
+        :func:`pipeline.images.preprocess` gives it (a GPU crop unrounded)."""
         if self.name == "torchvision":
             return _torchvision_crops(datas, prep, self.device)
-        draft_to = prep.resize if self.name == "pil-draft" else None
-        return [_pil_crop(d, prep, draft_to) for d in datas]
+        from .images import pixels_to_tensor
+
+        return [p if isinstance(p, Exception) else pixels_to_tensor(p) for p in self.pixels(datas, prep)]
 
     def rgb(self, data: bytes, prep: Preprocessing) -> Any:
         """One sample -> RGB PIL image before any resize (L-CAM-Img's random crops resize it
@@ -124,13 +137,18 @@ def resolve_decoder(name: str, device: str | None = None) -> Decoder:
     return Decoder(name)
 
 
-def _pil_crop(data: bytes, prep: Preprocessing, draft_to: int | None) -> torch.Tensor | Exception:
-    from .images import decode_pil, preprocess
+def _pil_pixels(data: bytes, prep: Preprocessing, draft_to: int | None) -> np.ndarray | Exception:
+    from .images import crop_pixels, decode_pil
 
     try:
-        return preprocess(decode_pil(data, draft_to), prep)
+        return crop_pixels(decode_pil(data, draft_to), prep)
     except Exception as exc:  # DecodeError and anything PIL raises on odd files
         return exc
+
+
+def _to_uint8(crop: torch.Tensor) -> np.ndarray:
+    """A [0, 1] float crop back to grey levels: exact for ToTensor's k / 255."""
+    return (crop * 255).round_().byte().numpy()
 
 
 def _jpeg_for_torchvision(data: bytes) -> bool:
@@ -199,13 +217,14 @@ def tensor_resize_crop(img: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
 
 
 def _torchvision_crops(datas: Sequence[bytes], prep: Preprocessing, device: str) -> list[Any]:
-    from .images import preprocess
+    from .images import pixels_to_tensor, preprocess
 
     on_gpu = device.startswith("cuda") and prep.interpolation in _TENSOR_FILTERS
     out: list[Any] = []
     for data, img in zip(datas, _decode_jpegs(datas, device)):
         if img is None:
-            out.append(_pil_crop(data, prep, None))
+            px = _pil_pixels(data, prep, None)
+            out.append(px if isinstance(px, Exception) else pixels_to_tensor(px))
         elif on_gpu:
             out.append(tensor_resize_crop(img, prep))
         else:  # PIL's resize on the decoded pixels: the exact crop of pil

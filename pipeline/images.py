@@ -27,13 +27,16 @@ from __future__ import annotations
 import io
 import re
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
-from lcam.backbones.base import Preprocessing
+# torch-free (as is everything here up to crop_pixels): a decode task imports no torch
+from lcam.backbones.preprocessing import Preprocessing
+
+if TYPE_CHECKING:
+    import torch
 
 # Never set ImageFile.LOAD_TRUNCATED_IMAGES: a truncated file must fail, not be padded grey.
 
@@ -148,10 +151,17 @@ def _as_pil(rgb: np.ndarray | Image.Image) -> Image.Image:
     return Image.fromarray(rgb, "RGB")
 
 
-def _to_tensor(im: Image.Image) -> torch.Tensor:
-    # Same arithmetic as torchvision ToTensor: uint8 -> float32 / 255. np.array (a
-    # writable crop-sized copy) keeps torch from warning about read-only memory.
-    return torch.from_numpy(np.array(im)).permute(2, 0, 1).float().div_(255)
+def _chw(im: Image.Image) -> np.ndarray:
+    # np.array: a writable crop-sized copy (torch warns about read-only memory)
+    return np.array(im).transpose(2, 0, 1)
+
+
+def pixels_to_tensor(pixels: np.ndarray) -> torch.Tensor:
+    """(..., 3, H, W) uint8 -> float32 in [0, 1]: torchvision ToTensor's arithmetic (k / 255),
+    so ``round(t * 255)`` gives the pixels back exactly."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(pixels)).float().div_(255)
 
 
 def _check(prep: Preprocessing) -> None:
@@ -159,8 +169,9 @@ def _check(prep: Preprocessing) -> None:
         raise ValueError(f"crop {prep.crop} is larger than resize {prep.resize}")
 
 
-def preprocess(rgb: np.ndarray | Image.Image, prep: Preprocessing, view: str = "center") -> torch.Tensor:
-    """(3, crop, crop) float32 in [0, 1]: Resize(prep.resize) + CenterCrop(prep.crop) + ToTensor.
+def crop_pixels(rgb: np.ndarray | Image.Image, prep: Preprocessing, view: str = "center") -> np.ndarray:
+    """(3, crop, crop) uint8: Resize(prep.resize) + CenterCrop(prep.crop), before ToTensor
+    (:func:`preprocess` is this / 255). Torch-free: what the pipeline's decode tasks ship.
 
     ``view="hflip"`` is the mirror image of the centre crop. Accepts the array from
     :func:`decode_image` or an RGB PIL image (from :func:`decode_pil`, saves a copy).
@@ -172,8 +183,14 @@ def preprocess(rgb: np.ndarray | Image.Image, prep: Preprocessing, view: str = "
     rw, rh = resized_size(im.width, im.height, prep.resize)
     top = int(round((rh - prep.crop) / 2.0))  # torchvision CenterCrop's rounding
     left = int(round((rw - prep.crop) / 2.0))
-    out = _to_tensor(_resize_crop(im, prep, top, left))
-    return out.flip(-1) if view == "hflip" else out
+    out = _chw(_resize_crop(im, prep, top, left))
+    return np.ascontiguousarray(out[..., ::-1]) if view == "hflip" else out
+
+
+def preprocess(rgb: np.ndarray | Image.Image, prep: Preprocessing, view: str = "center") -> torch.Tensor:
+    """(3, crop, crop) float32 in [0, 1]: Resize(prep.resize) + CenterCrop(prep.crop) + ToTensor,
+    bit-identical to torchvision's; ``view`` and inputs as :func:`crop_pixels`."""
+    return pixels_to_tensor(crop_pixels(rgb, prep, view))
 
 
 def random_crop_flip(rgb: np.ndarray | Image.Image, prep: Preprocessing, generator: torch.Generator) -> torch.Tensor:
@@ -182,13 +199,15 @@ def random_crop_flip(rgb: np.ndarray | Image.Image, prep: Preprocessing, generat
     Draws, in order, the crop top, the crop left and the flip from ``generator``, so a
     seeded generator gives the same view every time.
     """
+    import torch
+
     _check(prep)
     im = _as_pil(rgb)
     rw, rh = resized_size(im.width, im.height, prep.resize)
     top = int(torch.randint(0, rh - prep.crop + 1, (1,), generator=generator))
     left = int(torch.randint(0, rw - prep.crop + 1, (1,), generator=generator))
     flip = bool(torch.rand((), generator=generator) < 0.5)
-    out = _to_tensor(_resize_crop(im, prep, top, left))
+    out = pixels_to_tensor(_chw(_resize_crop(im, prep, top, left)))
     return out.flip(-1) if flip else out
 
 
@@ -226,6 +245,8 @@ def load_image(x: Any, prep: Preprocessing) -> torch.Tensor:
     """One image -> (3, crop, crop) float32 in [0, 1] on the CPU, the backbone's preprocessing applied
     (a tensor is taken as already preprocessed)."""
     import os
+
+    import torch
 
     if isinstance(x, torch.Tensor):
         return x.float().cpu() if x.dtype != torch.uint8 else x.float().div(255.0)

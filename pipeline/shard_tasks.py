@@ -57,7 +57,8 @@ def _error_row(url: str, reason: str) -> dict[str, Any]:
 def decode_preprocess(
     batch: dict[str, np.ndarray], preprocessing: Any, views: Sequence[str], decoder: Decoder = DEFAULT
 ) -> dict[str, np.ndarray]:
-    """CPU stage: bytes -> RGB -> resize/crop per view -> uint8 pixels (lossless: ToTensor is k/255).
+    """CPU stage: bytes -> RGB -> resize/crop per view -> uint8 pixels (lossless: ToTensor is k/255);
+    no torch in the process for the PIL decoders.
 
     ``decoder``: resolved by the stage (:func:`pipeline.decoders.resolve_decoder`), so the
     cache's identity names what these tasks run; it decodes the part's images as one batch."""
@@ -68,14 +69,13 @@ def decode_preprocess(
     pixels = np.zeros((n, len(views), 3, crop, crop), dtype=np.uint8)
     errors = np.array(batch["shard_error"], dtype=object)
     todo = [i for i in range(n) if not errors[i]]
-    crops = decoder.crops([batch["image"][i] for i in todo], preprocessing)
-    for i, centre in zip(todo, crops):
+    centres = decoder.pixels([batch["image"][i] for i in todo], preprocessing)
+    for i, centre in zip(todo, centres):
         if isinstance(centre, Exception):  # DecodeError and anything PIL raises on odd files
             errors[i] = f"decode: {error_text(centre)}"
             continue
         for v, name in enumerate(views):
-            t = centre if name == "center" else centre.flip(-1)
-            pixels[i, v] = (t * 255).round().byte().numpy()
+            pixels[i, v] = centre if name == "center" else centre[..., ::-1]
     out = {k: batch[k] for k in ("shard", "index", "shard_count", "key", "label")}
     out["pixels"] = pixels
     out["error"] = errors.astype(str)

@@ -70,7 +70,11 @@ def large() -> list[bytes]:
 
 @pytest.fixture(scope="module")
 def reference(large: list[bytes]) -> torch.Tensor:
-    return torch.stack([preprocess(decode_pil(d), PREP) for d in large])
+    """torchvision's own transforms on PIL's RGB image (independent of pipeline.images' crop)."""
+    from torchvision import transforms as T
+
+    tf = T.Compose([T.Resize(PREP.resize), T.CenterCrop(PREP.crop), T.ToTensor()])
+    return torch.stack([tf(decode_pil(d)) for d in large])
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +94,46 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def test_pil_is_todays_path(large, reference):
     assert torch.equal(torch.stack(Decoder("pil").crops(large, PREP)), reference)
+
+
+DECODE_TASK = """
+import pickle, sys
+import numpy as np
+from pipeline.shard_tasks import decode_part  # what a fresh Ray decode worker runs
+prep, decoder, rows = pickle.load(open(sys.argv[1], "rb"))
+out = decode_part(rows, prep, ("center", "hflip"), decoder)
+np.save(sys.argv[2], out["pixels"])
+print(sorted(m for m in ("torch", "torchvision", "lcam.backbones.base") if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize("name", ["pil", "pil-draft"])
+def test_decode_task_ships_the_exact_crops_and_imports_no_torch(large, reference, name, tmp_path):
+    """The pipeline's decode task, in a fresh process as a new Ray worker runs it: uint8 crops
+    equal to the float path's (ToTensor is k / 255: lossless both ways) for both views, and no
+    torch imported (it cost a new worker ~2 s of CPU and ~800 MB, on the model's cores)."""
+    import pickle
+    import subprocess
+    import sys
+
+    rows = [
+        {"shard": "s", "index": i, "shard_count": 4, "key": str(i), "label": 0, "image": d, "shard_error": ""}
+        for i, d in enumerate(large)
+    ]
+    (tmp_path / "in.pkl").write_bytes(pickle.dumps((PREP, Decoder(name), rows)))
+    run = subprocess.run(
+        [sys.executable, "-c", DECODE_TASK, str(tmp_path / "in.pkl"), str(tmp_path / "px.npy")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert run.stdout.strip() == "[]", run.stdout
+    pixels = torch.from_numpy(np.load(tmp_path / "px.npy"))
+    floats = torch.stack(Decoder(name).crops(large, PREP))
+    if name == "pil":
+        assert torch.equal(floats, reference)
+    assert torch.equal(pixels[:, 0].float() / 255, floats)
+    assert torch.equal(pixels[:, 1].float() / 255, floats.flip(-1))
 
 
 def test_torchvision_cpu_equals_pil_exactly(large, reference):
