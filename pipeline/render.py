@@ -46,12 +46,6 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def tensor_to_uint8(image) -> np.ndarray:
-    """(3, H, W) float tensor in [0, 1] -> (H, W, 3) uint8."""
-    arr = image.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy()
-    return (arr * 255).round().astype(np.uint8)
-
-
 def overlay_panels(
     image: np.ndarray, cams: np.ndarray, captions: list[str], cmap: str = "jet", alpha: float = 0.5, gap: int = 4
 ) -> np.ndarray:

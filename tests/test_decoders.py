@@ -99,17 +99,23 @@ def test_pil_is_todays_path(large, reference):
 DECODE_TASK = """
 import pickle, sys
 import numpy as np
-from pipeline.shard_tasks import decode_part  # what a fresh Ray decode worker runs
+# what fresh Ray decode workers run: extraction / CAMs from shards, evaluation, L-CAM-Img training
+from pipeline.evaluation.plan import decode_to_uint8
+from pipeline.shard_tasks import decode_part
+from pipeline.train.img_data import decode_for_training
 prep, decoder, rows = pickle.load(open(sys.argv[1], "rb"))
 out = decode_part(rows, prep, ("center", "hflip"), decoder)
-np.save(sys.argv[2], out["pixels"])
+columns = {k: np.array([r[k] for r in rows], dtype=object) for k in ("key", "label", "image")}
+train = decode_for_training({**columns, "error": np.array([""] * len(rows), dtype=object)}, prep, "center", decoder)
+evaluation = np.stack([decode_to_uint8(r["image"], prep) for r in rows])
+np.savez(sys.argv[2], extract=out["pixels"], train=train["pixels"], evaluation=evaluation)
 print(sorted(m for m in ("torch", "torchvision", "lcam.backbones.base") if m in sys.modules))
 """
 
 
 @pytest.mark.parametrize("name", ["pil", "pil-draft"])
 def test_decode_task_ships_the_exact_crops_and_imports_no_torch(large, reference, name, tmp_path):
-    """The pipeline's decode task, in a fresh process as a new Ray worker runs it: uint8 crops
+    """The pipeline's decode tasks, in a fresh process as a new Ray worker runs them: uint8 crops
     equal to the float path's (ToTensor is k / 255: lossless both ways) for both views, and no
     torch imported (it cost a new worker ~2 s of CPU and ~800 MB, on the model's cores)."""
     import pickle
@@ -122,18 +128,20 @@ def test_decode_task_ships_the_exact_crops_and_imports_no_torch(large, reference
     ]
     (tmp_path / "in.pkl").write_bytes(pickle.dumps((PREP, Decoder(name), rows)))
     run = subprocess.run(
-        [sys.executable, "-c", DECODE_TASK, str(tmp_path / "in.pkl"), str(tmp_path / "px.npy")],
+        [sys.executable, "-c", DECODE_TASK, str(tmp_path / "in.pkl"), str(tmp_path / "px.npz")],
         capture_output=True,
         text=True,
         check=True,
     )
     assert run.stdout.strip() == "[]", run.stdout
-    pixels = torch.from_numpy(np.load(tmp_path / "px.npy"))
+    got = {k: torch.from_numpy(v) for k, v in np.load(tmp_path / "px.npz").items()}
     floats = torch.stack(Decoder(name).crops(large, PREP))
     if name == "pil":
         assert torch.equal(floats, reference)
-    assert torch.equal(pixels[:, 0].float() / 255, floats)
-    assert torch.equal(pixels[:, 1].float() / 255, floats.flip(-1))
+        assert torch.equal(got["evaluation"].float() / 255, reference)  # evaluation decodes with pil only
+    assert torch.equal(got["extract"][:, 0].float() / 255, floats)
+    assert torch.equal(got["extract"][:, 1].float() / 255, floats.flip(-1))
+    assert torch.equal(got["train"].permute(0, 3, 1, 2).float() / 255, floats)  # (n, H, W, 3) there
 
 
 def test_torchvision_cpu_equals_pil_exactly(large, reference):

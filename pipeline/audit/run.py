@@ -330,11 +330,11 @@ def draw_shard(
     import torch
     from PIL import Image
 
-    from lcam.backbones.base import Preprocessing
+    from lcam.backbones.preprocessing import Preprocessing
     from lcam.explain import upsampled_uint8
 
-    from ..images import decode_image, preprocess
-    from ..render import overlay, tensor_to_uint8
+    from ..images import crop_pixels, decode_image
+    from ..render import overlay
     from ..shards.read import iter_samples
 
     data = store.read_shard(entry["shard_id"], fields=["class_ids", "raw"], normalized=False)
@@ -357,13 +357,11 @@ def draw_shard(
             f"the source shard {entry['url']} no longer holds {len(lost)} samples of the CAM store (e.g. {lost[:3]}); it changed since the CAMs were made"
         )
     prep = store.identity["checkpoint"]["backbone"]["preprocessing"]
-    preprocessing = Preprocessing(
-        resize=prep["resize"], crop=prep["crop"], mean=tuple(prep["mean"]), std=tuple(prep["std"])
-    )
+    preprocessing = Preprocessing.from_dict(prep)  # with its interpolation (a bicubic model's crops)
     view = store.identity["source"].get("view", "center")
     out: dict[str, bytes] = {}
     for key, r in keys.items():
-        crop = tensor_to_uint8(preprocess(decode_image(found[key]), preprocessing, view))
+        crop = crop_pixels(decode_image(found[key]), preprocessing, view).transpose(1, 2, 0)
         thumb = np.asarray(Image.fromarray(crop).resize((size, size), Image.BILINEAR))
         for what, cls in rows[r]:
             name = picture_name(what, shard_index, r, cls)

@@ -154,7 +154,7 @@ def cams_from_shards(
     summary: CamsSummary,
 ) -> CamsSummary:
     """Explain the shards ``todo`` (not yet in the store) on Ray actors; counts go to ``summary``."""
-    from lcam.backbones.base import Preprocessing
+    from lcam.backbones.preprocessing import Preprocessing
 
     from ..raykit import actor_pool, ensure_ray, run_shard_stage
     from ..shard_tasks import shard_parts

@@ -116,13 +116,13 @@ def write_gallery(
 ) -> GalleryResult:
     """Write ``n`` overlay PNGs (image + colour map, class name and probability in the
     caption), the matching originals and ``index.html`` for a :class:`~pipeline.cams.run.CamStore`."""
-    from lcam.backbones.base import Preprocessing
+    from lcam.backbones.preprocessing import Preprocessing
     from lcam.explain import upsampled_uint8
 
     from ..classes import class_names_options, load_class_names
-    from ..images import decode_image, preprocess
+    from ..images import crop_pixels, decode_image
     from ..progress import Progress, say
-    from ..render import overlay_panels, png_bytes, tensor_to_uint8
+    from ..render import overlay_panels, png_bytes
 
     t0 = time.perf_counter()
     out_url = (out_url or join(store.url, "gallery")).rstrip("/")
@@ -158,7 +158,7 @@ def write_gallery(
         images = _source_images(entry["url"], {data["keys"][r] for r in rows}, source_storage_options)
         for r in rows:
             key = data["keys"][r]
-            crop = tensor_to_uint8(preprocess(decode_image(images[key]), preprocessing, view))
+            crop = crop_pixels(decode_image(images[key]), preprocessing, view).transpose(1, 2, 0)
             if "upsampled" in data:
                 maps = data["upsampled"][r].astype(np.float32) / 255.0
             else:

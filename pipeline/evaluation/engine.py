@@ -31,7 +31,7 @@ from ..errors import UserError
 from ..fs import StorageOptions
 from .config import MethodSpec
 from .metrics.base import MetricBatch, batch_seed, build_metrics
-from .plan import DecodedBatch, Plan, PlannedBatch, decode_batch, read_selected, shard_groups
+from .plan import DecodedBatch, Plan, decode_batch, ray_read_decode, read_selected, shard_groups
 
 
 class _ForwardCounter:
@@ -290,21 +290,6 @@ def run_local(
                 else None
             )
             on_batch(decoded, result)
-
-
-def ray_read_decode(row: dict[str, Any], prep: Any, storage_options: StorageOptions = None) -> list[dict[str, Any]]:
-    """Ray task: one shard -> one row per planned batch (decoded pixels pickled; an error row on failure)."""
-    batches = [
-        PlannedBatch(**{**b, "positions": tuple(b["positions"]), "ranks": tuple(b["ranks"])})
-        for b in json.loads(row["batches"])
-    ]
-    try:
-        samples = read_selected(batches, storage_options)
-    except Exception as exc:  # count mismatch, cut tar, unreadable object: the driver reports it
-        return [{"batch_id": -1, "payload": pickle.dumps({"error": f"{row['url']}: {type(exc).__name__}: {exc}"})}]
-    return [
-        {"batch_id": b.batch_id, "payload": pickle.dumps(decode_batch(b, samples[b.batch_id], prep))} for b in batches
-    ]
 
 
 class EvalActor:

@@ -7,11 +7,12 @@ shard); every engine reads and decodes those batches with these functions.
 from __future__ import annotations
 
 import concurrent.futures
+import json
+import pickle
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
 from ..errors import UserError
 from ..fs import StorageOptions
@@ -105,23 +106,17 @@ class DecodedBatch:
 def decode_to_uint8(data: bytes, prep: Any) -> np.ndarray:
     """Bytes -> (3, crop, crop) uint8 of the centre crop. Lossless: ``preprocess`` gives k/255,
     and ``u8.float() / 255`` gives back the same float32 values bit for bit."""
-    from ..images import decode_image
+    from ..images import crop_pixels, decode_image
 
-    return crop_uint8(decode_image(data), prep)
-
-
-def crop_uint8(rgb: np.ndarray, prep: Any) -> np.ndarray:
-    from ..images import preprocess
-
-    return np.ascontiguousarray((preprocess(rgb, prep, "center") * 255).round_().to(torch.uint8).numpy())
+    return np.ascontiguousarray(crop_pixels(decode_image(data), prep))
 
 
 def decode_with_boxes(data: bytes, boxes: Any, prep: Any) -> tuple[np.ndarray, np.ndarray]:
     """:func:`decode_to_uint8` and the sample's boxes (original pixels, inclusive) on the crop's grid."""
-    from ..images import boxes_in_crop, decode_image
+    from ..images import boxes_in_crop, crop_pixels, decode_image
 
     rgb = decode_image(data)
-    return crop_uint8(rgb, prep), boxes_in_crop(boxes, rgb.shape[1], rgb.shape[0], prep)
+    return np.ascontiguousarray(crop_pixels(rgb, prep)), boxes_in_crop(boxes, rgb.shape[1], rgb.shape[0], prep)
 
 
 def read_selected(batches: Sequence[PlannedBatch], storage_options: StorageOptions) -> dict[int, list[Any]]:
@@ -188,3 +183,19 @@ def shard_groups(plan: Plan) -> list[list[PlannedBatch]]:
         else:
             groups.append([b])
     return groups
+
+
+def ray_read_decode(row: dict[str, Any], prep: Any, storage_options: StorageOptions = None) -> list[dict[str, Any]]:
+    """Ray task: one shard -> one row per planned batch (decoded pixels pickled; an error row on failure).
+    Here, not beside the actor: this module imports no torch, so a fresh decode worker does not either."""
+    batches = [
+        PlannedBatch(**{**b, "positions": tuple(b["positions"]), "ranks": tuple(b["ranks"])})
+        for b in json.loads(row["batches"])
+    ]
+    try:
+        samples = read_selected(batches, storage_options)
+    except Exception as exc:  # count mismatch, cut tar, unreadable object: the driver reports it
+        return [{"batch_id": -1, "payload": pickle.dumps({"error": f"{row['url']}: {type(exc).__name__}: {exc}"})}]
+    return [
+        {"batch_id": b.batch_id, "payload": pickle.dumps(decode_batch(b, samples[b.batch_id], prep))} for b in batches
+    ]

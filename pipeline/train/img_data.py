@@ -7,14 +7,16 @@ is reproducible."""
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
-import torch
 
 from ..decoders import Decoder
 from ..errors import UserError
 from ..fs import StorageOptions
+
+if TYPE_CHECKING:  # torch only where tensors are made: the Ray Data decode workers import none
+    import torch
 
 
 def crop_seed(seed: int, epoch: int, key: str) -> int:
@@ -26,6 +28,8 @@ def crop_flip(resized: np.ndarray, crop: int, generator: torch.Generator) -> tor
     """A uniformly random ``crop`` x ``crop`` window of an already resized (H, W, 3) uint8 image,
     flipped with p=0.5: (3, crop, crop) in [0, 1]. Draws top, left, flip in the order of
     :func:`pipeline.images.random_crop_flip`, so both give the same view for the same generator."""
+    import torch
+
     h, w = resized.shape[:2]
     top = int(torch.randint(0, h - crop + 1, (1,), generator=generator))
     left = int(torch.randint(0, w - crop + 1, (1,), generator=generator))
@@ -88,11 +92,11 @@ def decode_for_training(
     pixels: list[np.ndarray | None] = [None] * n
     todo = [i for i in range(n) if not errors[i]]
     if augment == "center":  # the decoder's crops, the part's images as one batch
-        for i, t in zip(todo, decoder.crops([batch["image"][i] for i in todo], preprocessing)):
+        for i, t in zip(todo, decoder.pixels([batch["image"][i] for i in todo], preprocessing)):
             if isinstance(t, Exception):  # DecodeError and whatever PIL raises on odd files
                 errors[i] = f"decode: {t}"
             else:
-                pixels[i] = (t * 255).round().byte().permute(1, 2, 0).numpy()
+                pixels[i] = t.transpose(1, 2, 0)
     else:
         for i in todo:
             try:
@@ -163,6 +167,8 @@ def image_batches(
     top_k: int = 1,
 ) -> Iterator[Any]:
     """Worker side: numpy row batches -> :class:`lcam.training.TrainBatch` (undecodable rows dropped and listed)."""
+    import torch
+
     from lcam.training import TrainBatch
 
     for b in rows:
