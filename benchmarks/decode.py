@@ -1,9 +1,10 @@
 """Decoders on the CPU: decode + resize + centre crop per ImageNet-sized image, and how far each
 moves the crops and the features from ``pil`` (pipeline/decoders.py; the numbers behind its ``auto``).
 
-Each arm runs :meth:`pipeline.decoders.Decoder.crops` over the sample's JPEG bytes (read into
-memory first) in parts of 128 images, as the decode tasks do, with one torch thread (a decode
-task's share of a core). Arms alternate pil, pil-draft, torchvision, pil, ... (benchmarks/common.py's
+Each arm runs :meth:`pipeline.decoders.Decoder.pixels` (uint8 crops) over the sample's JPEG
+bytes (read into memory first) in parts of 128 images, as the decode tasks do, with one torch
+thread (a decode task's share of a core). With a CUDA GPU, a ``torchvision-cuda`` arm (nvJPEG
+and the tensor resize on the device, as ``--decoder auto`` runs in a GPU actor) joins them. Arms alternate pil, pil-draft, torchvision, pil, ... (benchmarks/common.py's
 harness), first on the whole sample, then on its images large enough for ``pil-draft`` to apply
 (shorter side >= 2 x 256). Then, untimed: the crops' max/mean abs difference from ``pil``, and the
 features' relative L2 difference and top-1 agreement with EfficientNet-Lite0 (pretrained).
@@ -26,24 +27,35 @@ ARMS = ("pil", "pil-draft", "torchvision")
 PART = 128  # DECODE_PART_ROWS: images per decode task
 
 
-def decode_all(decoder, datas: list[bytes], prep) -> list:
+def decode_all(decoder, datas: list[bytes], prep, floats: bool = False) -> list:
+    """The uint8 crops the decode tasks ship (``floats``: as [0, 1] tensors, for comparisons)."""
     import torch
 
     torch.set_num_threads(1)  # every arm sets its own (benchmarks/common.py, thread settings)
     out = []
     for i in range(0, len(datas), PART):
-        out += decoder.crops(datas[i : i + PART], prep)
+        out += decoder.crops(datas[i : i + PART], prep) if floats else decoder.pixels(datas[i : i + PART], prep)
+    return out
+
+
+def arms() -> dict:
+    """name -> Decoder: the CPU decoders, and nvJPEG when this machine has a CUDA GPU."""
+    import torch
+
+    from pipeline.decoders import Decoder
+
+    out = {name: Decoder(name, "cpu") for name in ARMS}
+    if torch.cuda.is_available():
+        out["torchvision-cuda"] = Decoder("torchvision", "cuda")
     return out
 
 
 def timings(title: str, datas: list[bytes], prep, reps: int):
-    from pipeline.decoders import Decoder
-
     print(f"\n== {title}: {len(datas)} images, decode + resize + crop, seconds per pass", flush=True)
-    decoders = {name: Decoder(name, "cpu") for name in ARMS}
+    decoders = arms()
     res = compare({name: (lambda d=d: decode_all(d, datas, prep) and None) for name, d in decoders.items()}, reps=reps)
     res.report(title)
-    for name in ARMS:
+    for name in decoders:
         per = [s / len(datas) * 1000 for s in res.seconds[name]]
         print(
             f"{name:12s} {statistics.median(per):.2f} ms/image (median of {len(per)}; {min(per):.2f}-{max(per):.2f})",
@@ -61,7 +73,7 @@ def differences(datas: list[bytes], prep, large: list[bool]) -> dict[str, dict[s
     from pipeline.decoders import Decoder
 
     torch.set_num_threads(2)
-    ref = decode_all(Decoder("pil"), datas, prep)
+    ref = decode_all(Decoder("pil"), datas, prep, floats=True)
     model = build_backbone("efficientnet_lite0").folded()
     big = [i for i, b in enumerate(large) if b]
 
@@ -77,8 +89,8 @@ def differences(datas: list[bytes], prep, large: list[bool]) -> dict[str, dict[s
 
     f_ref, top_ref = feats(ref)
     out = {}
-    for name in ARMS[1:]:
-        got = decode_all(Decoder(name, "cpu"), datas, prep)
+    for name, decoder in list(arms().items())[1:]:
+        got = decode_all(decoder, datas, prep, floats=True)
         d = torch.stack([(a - b).abs() for a, b in zip(got, ref)]) * 255
         moved = int((d.amax((1, 2, 3)) > 0).sum())
         f, top = feats(got)
@@ -155,6 +167,9 @@ def main() -> int:
     target("torchvision_cpu_exact_self_check", float(torchvision_matches_pil()), ">=", 1, "{:.0f}")
     target("draft_feature_rel_l2_max", diff["pil-draft"]["feat_rel_l2_max"], "<=", 0.05, "{:.4f}")
     target("draft_top1_agreement_large", diff["pil-draft"]["top1_agree"], ">=", 0.99, "{:.3f}")
+    if "torchvision-cuda" in whole.seconds:  # moving decode to the GPU must at least halve its cost
+        target_ratio("nvjpeg_speed_vs_pil", whole.ratio("torchvision-cuda", "pil"), ">=", 2.0)
+        target("nvjpeg_feature_rel_l2_max", diff["torchvision-cuda"]["feat_rel_l2_max"], "<=", 0.01, "{:.4f}")
     return 0
 
 

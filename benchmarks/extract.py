@@ -45,6 +45,8 @@ def main() -> int:
         help="any backbone spec; others than the default run the interleaved a/b comparison",
     )
     parser.add_argument("--weights", default="default")
+    parser.add_argument("--decoder", default="pil", help="the pipeline's --decoder (auto: nvJPEG in GPU actors)")
+    parser.add_argument("--decode-on", default="auto", help="the pipeline's --decode-on: tasks, actor, auto")
     parser.add_argument(
         "--reps", type=int, default=3, help="interleaved repetitions of the arms, after an uncounted warm-up round"
     )
@@ -106,7 +108,13 @@ def main() -> int:
     # every arm returns seconds per image in its steady state; the harness's warm-up round is
     # the pipeline's first run into its own cache, which starts Ray's workers (each imports
     # torch): the counted runs find them warm, as on a cluster that has been up
-    cfg = dict(shards=str(work / "shards"), batch_size=args.batch_size, progress=False)
+    cfg = dict(
+        shards=str(work / "shards"),
+        batch_size=args.batch_size,
+        progress=False,
+        decoder=args.decoder,
+        decode_on=args.decode_on,
+    )
     peaks = {"a": 0.0, "b": 0.0, "c": 0.0}
     runs: list = []
 
@@ -221,6 +229,8 @@ def compare_with_model_alone(args: argparse.Namespace, items: list, work: Path) 
         weights=args.weights,
         batch_size=args.batch_size,
         progress=False,
+        decoder=args.decoder,
+        decode_on=args.decode_on,
     )
     ensure_ray()
     model = backbone.folded().to(memory_format=torch.channels_last)  # as the actor runs it

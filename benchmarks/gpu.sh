@@ -17,6 +17,9 @@ export PYTHONPATH=.
   # extraction: EfficientNet-Lite0 (real weights) and ResNet-50 (random weights: same cost)
   "$PY" benchmarks/extract.py --data "$DATA" --limit 800 --batch-size 128
   "$PY" benchmarks/extract.py --data "$DATA" --limit 800 --batch-size 128 --backbone resnet50 --weights random
+  # the decoders: per-image cost (nvJPEG beside PIL's), then extraction decoding in the GPU actor
+  "$PY" benchmarks/decode.py --data "$DATA" --limit 800
+  "$PY" benchmarks/extract.py --data "$DATA" --limit 800 --batch-size 128 --decoder auto
   # CAMs from images and from the cache
   "$PY" benchmarks/cams.py --data "$DATA" --images 800 --batch-size 128
   # the simulated cluster with the GPU visible to the model actors

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
-from .decoders import DECODER_HELP, DECODERS, DEFAULT_DECODER
+from .decoders import DECODE_SITE_HELP, DECODE_SITES, DECODER_HELP, DECODERS, DEFAULT_DECODER
 from .errors import UserError
 from .options import BACKBONE_HELP, PRECISION_HELP, PRECISIONS, comma_list, derived, opt, storage
 
@@ -43,6 +43,7 @@ class ExtractConfig:
     )
     dtype: str = opt("float16", "how the features are stored", choices=("float16", "bfloat16", "float32"))
     decoder: str = opt(DEFAULT_DECODER, DECODER_HELP, choices=DECODERS)
+    decode_on: str = opt("auto", DECODE_SITE_HELP, choices=DECODE_SITES)
     batch_size: int = opt(32, "images per backbone forward", min=1, range_text="a positive number of images")
     num_actors: int | None = opt(None, "backbone actors (default: one per GPU, else 1)", flag="--actors", min=1)
     decode_batch_size: int = derived(
@@ -111,6 +112,7 @@ class CamsConfig:
         DECODE_PART_ROWS, "shard source: images per decode task (pipeline.extract's tuning constant)"
     )
     decoder: str = opt(DEFAULT_DECODER, "shard source: " + DECODER_HELP, choices=DECODERS, group="compute")
+    decode_on: str = opt("auto", "shard source: " + DECODE_SITE_HELP, choices=DECODE_SITES, group="compute")
     precision: str = opt(
         "auto", "shard source: the backbone's autocast; " + PRECISION_HELP, choices=PRECISIONS, group="compute"
     )

@@ -15,10 +15,13 @@
   through ``pil``.
 * ``auto``: ``torchvision`` when the decoding process has a GPU, else :data:`CPU_AUTO`.
 
-The pipeline's Ray stages decode in CPU tasks (no GPU is assigned to them), so there
-``auto`` and ``torchvision`` resolve to the CPU path; the stage resolves the choice once
-(:func:`resolve_decoder`) and hands the concrete :class:`Decoder` to its tasks, so what
-the cache's identity records is what the tasks ran.
+Where a shard stage (extraction, CAMs from shards) decodes is ``--decode-on``
+(:func:`stage_decoding`): in CPU tasks beside the model's actors (Ray gives them no GPU, so
+``auto`` and ``torchvision`` take their CPU form there), or inside the model's actor, which
+then gets the shard's compressed bytes and, with a GPU, decodes and resizes them there with
+nvJPEG. ``auto`` decodes in the actor when the actors have GPUs and the decoder is
+``torchvision`` or ``auto``, else in tasks. The stage resolves the choice once and hands the
+concrete :class:`Decoder` to whoever decodes, so what the store's identity records is what ran.
 
 Torch-free at import (pipeline.configs reads :data:`DECODERS` for ``--help``).
 """
@@ -53,6 +56,12 @@ DECODER_HELP = (
     "least twice the resize decoded at 1/2-1/8 scale: faster on large photos, slightly different features), "
     "torchvision (batched decode_jpeg; nvJPEG on a GPU, else bit-identical to pil), auto (torchvision on a GPU, "
     "else pil)"
+)
+DECODE_SITES = ("auto", "tasks", "actor")
+DECODE_SITE_HELP = (
+    "where a shard stage decodes: tasks (CPU tasks beside the model's actors), actor (inside the model's actor: "
+    "its GPU decodes with nvJPEG under --decoder torchvision/auto), auto (default: actor when the actors have a GPU "
+    "and --decoder is torchvision or auto, else tasks)"
 )
 # Tensor resizes the GPU path can do on the device (the other filters resize through PIL).
 _TENSOR_FILTERS = ("nearest", "bilinear", "bicubic")
@@ -135,6 +144,20 @@ def resolve_decoder(name: str, device: str | None = None) -> Decoder:
     if name == "torchvision":
         return Decoder("torchvision", device)
     return Decoder(name)
+
+
+def site_needs_gpus(name: str, site: str) -> bool:
+    """Whether :func:`stage_decoding` needs the actors' GPU count (the cluster must be up to know it)."""
+    return site != "tasks" and name in ("auto", "torchvision")
+
+
+def stage_decoding(name: str, site: str, actor_gpus: float) -> tuple[Decoder, bool]:
+    """(the decoder, whether the model's actors decode) of a shard stage whose actors have
+    ``actor_gpus`` GPUs each: see the module docstring. Unknown names are one :class:`UserError`."""
+    if site not in DECODE_SITES:
+        raise UserError(f"--decode-on: {site!r} is not one of {', '.join(DECODE_SITES)}")
+    in_actor = site == "actor" or (site == "auto" and actor_gpus > 0 and name in ("auto", "torchvision"))
+    return resolve_decoder(name, device="cuda" if in_actor and actor_gpus > 0 else "cpu"), in_actor
 
 
 def _pil_pixels(data: bytes, prep: Preprocessing, draft_to: int | None) -> np.ndarray | Exception:

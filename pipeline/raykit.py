@@ -21,6 +21,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from .shard_tasks import RawPart
+
 log = logging.getLogger(__name__)
 
 # A local Ray we start gets a bounded object store. Ray's default is 30% of the machine's
@@ -440,7 +442,8 @@ class ShardWorker:
         """Run ``fn`` over a shard's decoded parts in slices of ``batch_size`` rows, in row order.
 
         ``parts``: decoded parts (dicts), their object refs, or lists of refs (what
-        :func:`run_shard_stage` passes): refs are fetched one at a time, so the model starts
+        :func:`run_shard_stage` passes), or :class:`pipeline.shard_tasks.RawPart` that this
+        actor decodes (on its GPU) outside the model lock: refs are fetched one at a time, so the model starts
         on the first decoded part while the others still decode. The slices are those of
         the joined shard (rows carried over from one part into the next slice), so the
         batches, hence the features, are the same however the shard was cut into parts.
@@ -460,6 +463,8 @@ class ShardWorker:
             # the model busy meanwhile; each shard's own batches still run in row order
             if isinstance(part, ray.ObjectRef):
                 part = ray.get(part)
+            elif isinstance(part, RawPart):  # --decode-on actor: the bytes came, this process decodes
+                part = part.decode(ray.get(part.rows))
             if part.get("shard_error"):
                 return ShardRun(failed=str(part["shard_error"]))
             carried.append({k: part[k] for k in self.CARRIED})

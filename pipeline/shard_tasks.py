@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -122,6 +123,20 @@ def decode_part(
     }
 
 
+@dataclass(frozen=True)
+class RawPart:
+    """A part of a shard read but not decoded: the model's actor decodes it itself
+    (``--decode-on actor``: on its GPU, nvJPEG), :meth:`pipeline.raykit.ShardWorker.run_parts`."""
+
+    rows: Any  # the ObjectRef of :func:`read_parts`' rows for this part (stays a ref: nested)
+    preprocessing: Any
+    views: tuple[str, ...]
+    decoder: Decoder
+
+    def decode(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        return decode_part(rows, self.preprocessing, self.views, self.decoder)
+
+
 @functools.lru_cache(maxsize=None)
 def _remote(fn: Any) -> Any:
     """One remote function per task function and process: Ray exports each once, not per shard."""
@@ -139,10 +154,14 @@ def shard_parts(
     views: Sequence[str],
     part_rows: int = DECODE_PART_ROWS,
     decoder: Decoder = DEFAULT,
+    in_actor: bool = False,
 ) -> list[Any]:
-    """Submit the read and decode tasks of one shard; the refs of its decoded parts (driver side)."""
+    """Submit the read and decode tasks of one shard; the refs of its decoded parts (driver
+    side), or with ``in_actor`` the read tasks only and their parts as :class:`RawPart`."""
     count = int(item["count"])
     parts = max(1, math.ceil(count / part_rows)) if count > 0 else 1  # index-less: one part
     refs = _remote(read_parts).options(num_returns=parts).remote(item, storage_options, parts)
     refs = [refs] if parts == 1 else refs
+    if in_actor:
+        return [RawPart(r, preprocessing, tuple(views), decoder) for r in refs]
     return [_remote(decode_part).remote(r, preprocessing, tuple(views), decoder) for r in refs]

@@ -238,3 +238,23 @@ def test_option_declared_once_and_validated(config):
 
 def test_cams_option_default():
     assert CamsConfig(checkpoint="c", out="o", cache="x").decoder == "pil"
+
+
+def test_where_a_shard_stage_decodes():
+    """--decode-on: the actor decodes (nvJPEG) when it has a GPU and the decoder can use one."""
+    from pipeline.decoders import site_needs_gpus, stage_decoding
+
+    assert stage_decoding("auto", "auto", 1.0) == (Decoder("torchvision", "cuda"), True)
+    assert stage_decoding("torchvision", "auto", 1.0) == (Decoder("torchvision", "cuda"), True)
+    assert stage_decoding("pil", "auto", 1.0) == (Decoder("pil"), False)  # PIL stays in the CPU tasks
+    assert stage_decoding("auto", "auto", 0.0) == (Decoder(CPU_AUTO), False)
+    assert stage_decoding("torchvision", "tasks", 1.0) == (Decoder("torchvision", "cpu"), False)
+    assert stage_decoding("pil", "actor", 0.0) == (Decoder("pil"), True)
+    assert stage_decoding("auto", "actor", 0.0) == (Decoder(CPU_AUTO), True)
+    assert [site_needs_gpus(n, s) for n, s in [("auto", "auto"), ("pil", "auto"), ("auto", "tasks")]] == [
+        True,
+        False,
+        False,
+    ]
+    with pytest.raises(UserError, match="--decode-on"):
+        stage_decoding("pil", "gpu", 1.0)

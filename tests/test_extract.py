@@ -192,3 +192,51 @@ def test_s3_shards_to_s3_cache(ray_local, shards, s3, tmp_path):
 
 # A killed `lcam extract` resuming with only the unfinished shards: tests/test_faults.py
 # (test_killed_extraction_verify_is_right_and_resume_completes, on the module's shards there).
+
+
+def test_decoding_in_the_actor_gives_the_same_cache(ray_local, shards, tmp_path):
+    """--decode-on actor (how a GPU actor decodes with nvJPEG; here its CPU form): the read tasks
+    ship the compressed bytes as RawParts and the actor decodes them. The same crops as the
+    decode tasks', so the same identity, features bit for bit and the same skipped images."""
+    import shutil
+
+    import ray
+
+    from pipeline.decoders import Decoder
+    from pipeline.shard_tasks import RawPart, shard_parts
+
+    folder = tmp_path / "shards"
+    shutil.copytree(shards, folder)
+    add_corrupt_shard(folder)
+    caches, summaries = {}, {}
+    for site in ("tasks", "actor"):
+        caches[site] = str(tmp_path / f"cache-{site}")
+        summaries[site] = extract(
+            ExtractConfig(
+                shards=str(folder / "*.tar"),
+                cache=caches[site],
+                views=("center", "hflip"),
+                decoder="torchvision",  # on a CPU: pil's crops exactly (test_decoders)
+                decode_on=site,
+                batch_size=4,
+                progress=False,
+            )
+        )
+    tasks, actor = (FeatureCache.open(caches[s]) for s in ("tasks", "actor"))
+    assert actor.fingerprint == tasks.fingerprint
+    assert summaries["actor"].images == summaries["tasks"].images == 9
+    assert [s["key"] for s in summaries["actor"].skipped] == [s["key"] for s in summaries["tasks"].skipped] == ["bad0"]
+    got = {k: f for keys, feats, _, _ in actor.iter_rows(batch_size=4) for k, f in zip(keys, feats)}
+    want = {k: f for keys, feats, _, _ in tasks.iter_rows(batch_size=4) for k, f in zip(keys, feats)}
+    assert sorted(got) == sorted(want)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k])
+
+    info = list_shards(str(folder))[0]
+    item = {"url": info.url, "name": info.name, "count": info.count, "sha256": info.sha256 or ""}
+    parts = shard_parts(
+        item, storage_options=None, preprocessing=None, views=("center",), decoder=Decoder(), in_actor=True
+    )
+    assert parts and all(isinstance(p, RawPart) for p in parts)
+    rows = ray.get(parts[0].rows)
+    assert rows[0]["image"][:3] == b"\xff\xd8\xff"  # what crosses to the actor: the JPEG's bytes

@@ -14,7 +14,7 @@ import torch
 
 from ..classes import ClassSelection
 from ..configs import CamsConfig  # torch-free, no loop with pipeline.cams
-from ..decoders import Decoder, resolve_decoder
+from ..decoders import Decoder, site_needs_gpus, stage_decoding
 from ..device import pad_lone_image
 from ..fs import StorageOptions
 from ..progress import Progress
@@ -139,10 +139,17 @@ class CamWorker(ShardWorker):
         return entry
 
 
-def shards_decoder(cfg: CamsConfig) -> Decoder:
-    """The decoder of the decode tasks (CPU tasks: ``auto``/``torchvision`` resolve to their CPU form),
-    one resolution for the store's identity and the tasks alike."""
-    return resolve_decoder(cfg.decoder, device="cpu")
+def shards_decoder(cfg: CamsConfig) -> tuple[Decoder, bool]:
+    """(the decoder, whether the model's actors decode): :func:`pipeline.decoders.stage_decoding`
+    for this cluster's actors (Ray starts first when the choice depends on their GPUs), one
+    resolution for the store's identity and the workers alike."""
+    gpus = 0.0
+    if site_needs_gpus(cfg.decoder, cfg.decode_on):
+        from ..raykit import actor_pool, ensure_ray
+
+        ensure_ray()
+        gpus = actor_pool(cfg.num_actors)[1]
+    return stage_decoding(cfg.decoder, cfg.decode_on, gpus)
 
 
 def cams_from_shards(
@@ -167,6 +174,7 @@ def cams_from_shards(
         for s in todo
     ]
     actors, gpus = actor_pool(cfg.num_actors)
+    decoder, in_actor = stage_decoding(cfg.decoder, cfg.decode_on, gpus)
     progress = Progress(sum(s.count or 0 for s in todo) or None, cfg.progress, what="cams", unit="images")
     ready_at = math.inf
 
@@ -186,7 +194,8 @@ def cams_from_shards(
             preprocessing=preprocessing,
             views=("center",),
             part_rows=cfg.decode_batch_size,
-            decoder=shards_decoder(cfg),
+            decoder=decoder,
+            in_actor=in_actor,
         ),
         CamWorker,
         (

@@ -213,7 +213,7 @@ def generate_cams(cfg: CamsConfig) -> CamsSummary:
     else:
         shards = _list_existing_shards(cfg)
         identity["source"] = {"kind": "images", "preprocessing": backbone["preprocessing"], "view": "center"}
-        decoded_by = shards_decoder(cfg).identity()
+        decoded_by = shards_decoder(cfg)[0].identity()
         if decoded_by is not None:  # only then: stores made with pil keep their fingerprint
             identity["source"]["decoder"] = decoded_by
         store = CamStore.create_or_open(

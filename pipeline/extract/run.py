@@ -27,7 +27,7 @@ import numpy as np
 
 # the config lives in the torch-free pipeline.configs (lcam extract --help reads it)
 from ..configs import ExtractConfig
-from ..decoders import Decoder, resolve_decoder
+from ..decoders import Decoder, site_needs_gpus, stage_decoding
 from ..device import autocast_dtype, pad_lone_image
 from ..fs import absolute
 from ..options import validate
@@ -110,16 +110,16 @@ def cache_identity(backbone: Any, views: Sequence[str], dtype: str, decoder: Dec
     return ident
 
 
-def stage_decoder(cfg: ExtractConfig) -> Decoder:
-    """The decoder the decode tasks run: they are CPU tasks (Ray assigns them no GPU), so
-    ``auto`` and ``torchvision`` resolve to their CPU form here, once, for identity and tasks alike."""
-    return resolve_decoder(cfg.decoder, device="cpu")
+def stage_decoder(cfg: ExtractConfig, actor_gpus: float = 0.0) -> tuple[Decoder, bool]:
+    """(the decoder, whether the model's actors decode) for actors of ``actor_gpus`` GPUs:
+    :func:`pipeline.decoders.stage_decoding`, once for the cache's identity and the workers alike."""
+    return stage_decoding(cfg.decoder, cfg.decode_on, actor_gpus)
 
 
-def open_cache_for(backbone: Any, cfg: ExtractConfig) -> FeatureCache:
+def open_cache_for(backbone: Any, cfg: ExtractConfig, actor_gpus: float = 0.0) -> FeatureCache:
     return FeatureCache.create_or_open(
         cfg.cache,
-        cache_identity(backbone, cfg.views, cfg.dtype, stage_decoder(cfg)),
+        cache_identity(backbone, cfg.views, cfg.dtype, stage_decoder(cfg, actor_gpus)[0]),
         feature_shape=backbone.feature_shape,
         views=cfg.views,
         dtype=cfg.dtype,
@@ -264,10 +264,17 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
     )
     shards = require_shards(cfg.shards, storage_options=cfg.shard_storage_options, index_url=cfg.index)
     backbone = build_backbone(cfg.backbone, cfg.weights)
-    cache = open_cache_for(backbone, cfg)
+    # the decoder can depend on the actors' GPUs (nvJPEG in them): then Ray starts before the
+    # cache opens, as its identity names the decoder
+    ray_seconds, gpus = 0.0, 0.0
+    if site_needs_gpus(cfg.decoder, cfg.decode_on):
+        ray_seconds = ensure_ray()
+        gpus = actor_pool(cfg.num_actors)[1]
+    cache = open_cache_for(backbone, cfg, gpus)
     done = cache.done_sources()
     todo = [s for s in shards if s.url not in done]
     summary = ExtractSummary(cfg.cache, cache.fingerprint, len(shards), len(shards) - len(todo), 0)
+    summary.ray_startup_seconds = ray_seconds
     if not todo:
         summary.seconds = time.perf_counter() - t_start
         return summary
@@ -300,7 +307,7 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
 def _run(
     cfg: ExtractConfig, cache: FeatureCache, preprocessing: Any, todo: list[Any], summary: ExtractSummary
 ) -> ExtractSummary:
-    summary.ray_startup_seconds = ensure_ray()
+    summary.ray_startup_seconds += ensure_ray()
     known = cache.manifest.get("expected_counts", {})
     total = sum((s.count if s.count is not None else known.get(s.url, 0)) for s in todo) or None
     items = [
@@ -308,6 +315,7 @@ def _run(
         for s in todo
     ]
     actors, gpus = actor_pool(cfg.num_actors)
+    decoder, in_actor = stage_decoder(cfg, gpus)
     progress = Progress(total, cfg.progress, what="extract")
     t_pipe = time.perf_counter()
     counts: dict[str, int] = {}
@@ -344,7 +352,8 @@ def _run(
             preprocessing=preprocessing,
             views=cfg.views,
             part_rows=cfg.decode_batch_size,
-            decoder=stage_decoder(cfg),
+            decoder=decoder,
+            in_actor=in_actor,
         ),
         ExtractWorker,
         (
