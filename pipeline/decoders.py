@@ -239,8 +239,19 @@ def tensor_resize_crop(img: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
     return out.float().div_(255).cpu()
 
 
+class DecoderUnavailable(RuntimeError):
+    """A resolved decoder that cannot run in this process (nvJPEG without a CUDA device)."""
+
+
 def _torchvision_crops(datas: Sequence[bytes], prep: Preprocessing, device: str) -> list[Any]:
     from .images import pixels_to_tensor, preprocess
+
+    if device.startswith("cuda") and not _cuda_available():
+        # never PIL's crops under a cache identity that says nvJPEG: the shard fails, saying why
+        raise DecoderUnavailable(
+            f"--decoder torchvision on {device}: torch sees no CUDA device in this process (a GPU resource "
+            "without a usable GPU?); run with --decode-on tasks or --decoder pil"
+        )
 
     on_gpu = device.startswith("cuda") and prep.interpolation in _TENSOR_FILTERS
     out: list[Any] = []

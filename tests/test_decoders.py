@@ -258,3 +258,14 @@ def test_where_a_shard_stage_decodes():
     ]
     with pytest.raises(UserError, match="--decode-on"):
         stage_decoding("pil", "gpu", 1.0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where no CUDA device is")
+def test_nvjpeg_without_a_cuda_device_refuses_instead_of_falling_back(large):
+    """A stage resolved to nvJPEG (actors with a GPU resource) whose process sees no CUDA device:
+    an error naming the way out, never PIL's crops under the ``torchvision-cuda`` identity."""
+    from pipeline.decoders import DecoderUnavailable
+
+    for decode in (Decoder("torchvision", "cuda").pixels, Decoder("torchvision", "cuda").crops):
+        with pytest.raises(DecoderUnavailable, match="--decode-on tasks"):
+            decode(large[:1], PREP)
