@@ -152,8 +152,8 @@ def _as_pil(rgb: np.ndarray | Image.Image) -> Image.Image:
 
 
 def _chw(im: Image.Image) -> np.ndarray:
-    # np.array: a writable crop-sized copy (torch warns about read-only memory)
-    return np.array(im).transpose(2, 0, 1)
+    # one copy, contiguous and writable (torch warns about read-only memory)
+    return np.ascontiguousarray(np.asarray(im).transpose(2, 0, 1))
 
 
 def pixels_to_tensor(pixels: np.ndarray) -> torch.Tensor:
@@ -170,7 +170,7 @@ def _check(prep: Preprocessing) -> None:
 
 
 def crop_pixels(rgb: np.ndarray | Image.Image, prep: Preprocessing, view: str = "center") -> np.ndarray:
-    """(3, crop, crop) uint8: Resize(prep.resize) + CenterCrop(prep.crop), before ToTensor
+    """(3, crop, crop) uint8, contiguous: Resize(prep.resize) + CenterCrop(prep.crop), before ToTensor
     (:func:`preprocess` is this / 255). Torch-free: what the pipeline's decode tasks ship.
 
     ``view="hflip"`` is the mirror image of the centre crop. Accepts the array from

@@ -108,7 +108,7 @@ def decode_to_uint8(data: bytes, prep: Any) -> np.ndarray:
     and ``u8.float() / 255`` gives back the same float32 values bit for bit."""
     from ..images import crop_pixels, decode_image
 
-    return np.ascontiguousarray(crop_pixels(decode_image(data), prep))
+    return crop_pixels(decode_image(data), prep)
 
 
 def decode_with_boxes(data: bytes, boxes: Any, prep: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -116,7 +116,7 @@ def decode_with_boxes(data: bytes, boxes: Any, prep: Any) -> tuple[np.ndarray, n
     from ..images import boxes_in_crop, crop_pixels, decode_image
 
     rgb = decode_image(data)
-    return np.ascontiguousarray(crop_pixels(rgb, prep)), boxes_in_crop(boxes, rgb.shape[1], rgb.shape[0], prep)
+    return crop_pixels(rgb, prep), boxes_in_crop(boxes, rgb.shape[1], rgb.shape[0], prep)
 
 
 def read_selected(batches: Sequence[PlannedBatch], storage_options: StorageOptions) -> dict[int, list[Any]]:
