@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from .processes import descendant_pids, process_alive
 from .shard_tasks import RawPart
 
 log = logging.getLogger(__name__)
@@ -128,24 +129,6 @@ def ensure_ray() -> float:
     return time.perf_counter() - t0
 
 
-def descendant_pids(root: int) -> list[int]:
-    """Process ids below ``root`` (from /proc; Linux), children before grandchildren."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    children.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(entry))
-            except (OSError, IndexError, ValueError):
-                continue
-    out, stack = [], [root]
-    while stack:
-        for pid in children.get(stack.pop(), []):
-            out.append(pid)
-            stack.append(pid)
-    return out
-
-
 def stop_local_ray(grace_s: float = 5.0, quick: bool = False) -> None:
     """After Ctrl-C or at the end of the ``lcam`` command: shut down the Ray this process started
     (never a cluster it joined) and end what is left of it within ``grace_s`` + 1 s. Ray's agents
@@ -176,14 +159,6 @@ def stop_local_ray(grace_s: float = 5.0, quick: bool = False) -> None:
         while not quick and time.monotonic() < deadline and any(process_alive(p) for p in ours):
             time.sleep(0.1)
         deadline = time.monotonic() + 1.0
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
-    except (OSError, IndexError):
-        return False
 
 
 def actor_pool(requested: int | None) -> tuple[int, float]:

@@ -140,11 +140,13 @@ def test_shard_id_is_readable_safe_and_distinct():
 def test_leases_report_other_writers_and_forget_the_dead_of_this_host(tmp_path):
     """leases/: a live writer's lease and another host's are reported; a lease of a process
     that died on this host is removed when seen (as a Zarr group, or a leases/<id>.json a
-    writer of before left); a writer drops its own, and its group's folder with it."""
+    writer of before left), and so is one of a writer that ended but is not yet reaped (a
+    zombie: signal 0 still reaches it); a writer drops its own, and its group's folder with it."""
     import os
     import socket
     import subprocess
     import sys
+    import time
 
     cache = create(str(tmp_path / "cache"))
     mine = cache.leases.take({"todo": 3})
@@ -155,6 +157,11 @@ def test_leases_report_other_writers_and_forget_the_dead_of_this_host(tmp_path):
     assert json.loads((folder / mine / "zarr.json").read_text())["attributes"]["todo"] == 3
     (folder / "dead.json").write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout), "todo": 1}))
     (folder / "away.json").write_text(json.dumps({"host": "another-host", "pid": int(dead.stdout), "todo": 2}))
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])  # never waited for until the end
+    end = time.time() + 30
+    while time.time() < end and open(f"/proc/{zombie.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+        time.sleep(0.05)
+    (folder / "zombie.json").write_text(json.dumps({"host": socket.gethostname(), "pid": zombie.pid, "todo": 5}))
     (folder / "deadgroup").mkdir()
     (folder / "deadgroup" / "zarr.json").write_text(
         json.dumps(
@@ -166,6 +173,7 @@ def test_leases_report_other_writers_and_forget_the_dead_of_this_host(tmp_path):
         )
     )
     others = FeatureCache.open(str(tmp_path / "cache")).leases.others()
+    zombie.wait()
     assert sorted((o["host"], o["pid"], o["todo"]) for o in others) == sorted(
         [("another-host", int(dead.stdout), 2), (socket.gethostname(), os.getpid(), 3)]
     )

@@ -886,7 +886,7 @@ def test_cam_store_damage_listed_and_remade_by_a_rerun(base, tmp_path, capsys):
 def test_ctrl_c_during_ray_start_leaves_no_ray_process(packed, tmp_path):
     """A local Ray (no RAY_ADDRESS) interrupted while starting: within 10 s of the command's
     end, none of the processes it started lives (Ray's agents used to outlive it by a minute)."""
-    from pipeline.raykit import descendant_pids, process_alive
+    from pipeline.processes import descendant_pids, process_alive
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(PYTHONPATH=ROOT, RAY_TMPDIR=tempfile.mkdtemp(prefix="rc-", dir="/tmp"))  # short: Ray's socket paths
@@ -921,7 +921,7 @@ def test_finished_command_exits_at_once_and_leaves_no_ray_process(packed, tmp_pa
     """The ``lcam`` command (jobs.cli.console) on a local Ray: the summary, exit 0, a complete
     cache, and within 30 s of its end none of the processes it started lives (it skips the
     interpreter's slow teardown and ends its Ray by signal)."""
-    from pipeline.raykit import descendant_pids, process_alive
+    from pipeline.processes import descendant_pids, process_alive
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(PYTHONPATH=ROOT, RAY_TMPDIR=tempfile.mkdtemp(prefix="rq-", dir="/tmp"))
@@ -967,7 +967,7 @@ def test_a_running_ray_start_head_is_joined_not_refused(packed, tmp_path):
     starts no Ray of its own, and leaves the head running when it ends."""
     import socket
 
-    from pipeline.raykit import descendant_pids, process_alive
+    from pipeline.processes import descendant_pids, process_alive
     from tests.helpers import stop_ray_head
 
     temp = tempfile.mkdtemp(prefix="rh-", dir="/tmp")  # short: Ray's socket paths

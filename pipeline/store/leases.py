@@ -28,19 +28,10 @@ import uuid
 from typing import Any, Mapping
 
 from ..fs import is_local, read_json_fs, write_bytes_atomic
+from ..processes import process_alive
 from .identity import utc_now
 
 log = logging.getLogger(__name__)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, another user's
-        return True
-    return True
 
 
 # What makes a folder a Zarr v3 group (attributes aside); every writer writes the same bytes.
@@ -124,7 +115,7 @@ class WriterLeases:
             if (
                 info.get("host") == socket.gethostname()
                 and isinstance(info.get("pid"), int)
-                and not _alive(info["pid"])
+                and not process_alive(info["pid"])
             ):
                 self._remove(path)  # killed on this machine: its lease means nothing any more
                 continue
