@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from .decoders import Decoder, site_needs_gpus, stage_decoding
 from .processes import descendant_pids, process_alive
 from .shard_tasks import RawPart
 
@@ -169,6 +170,18 @@ def actor_pool(requested: int | None) -> tuple[int, float]:
     if requested:
         return requested, (1.0 if gpus else 0.0)
     return (gpus, 1.0) if gpus else (1, 0.0)
+
+
+def shard_stage_decoding(name: str, site: str, num_actors: int | None) -> tuple[Decoder, bool, float]:
+    """(the decoder, whether the model's actors decode, seconds spent starting Ray) of a shard
+    stage on this cluster (``--decoder``, ``--decode-on``, ``--num-actors``). A stage records
+    the decoder in its output's identity before any work, so when the choice depends on the
+    actors' GPUs (:func:`pipeline.decoders.site_needs_gpus`) Ray starts here, first; otherwise
+    no cluster is needed to know it."""
+    if not site_needs_gpus(name, site):
+        return (*stage_decoding(name, site, 0.0), 0.0)
+    seconds = ensure_ray()
+    return (*stage_decoding(name, site, actor_pool(num_actors)[1]), seconds)
 
 
 def pin_torch_threads(torch_threads: int | None, device_type: str) -> int | None:

@@ -258,6 +258,11 @@ def test_where_a_shard_stage_decodes():
     ]
     with pytest.raises(UserError, match="--decode-on"):
         stage_decoding("pil", "gpu", 1.0)
+    # a stage asks the cluster only when the answer depends on the actors' GPUs: no Ray start here
+    from pipeline.raykit import shard_stage_decoding
+
+    assert shard_stage_decoding("pil", "auto", None) == (Decoder("pil"), False, 0.0)
+    assert shard_stage_decoding("auto", "tasks", 2) == (Decoder(CPU_AUTO), False, 0.0)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where no CUDA device is")

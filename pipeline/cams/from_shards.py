@@ -14,7 +14,7 @@ import torch
 
 from ..classes import ClassSelection
 from ..configs import CamsConfig  # torch-free, no loop with pipeline.cams
-from ..decoders import Decoder, site_needs_gpus, stage_decoding
+from ..decoders import Decoder
 from ..device import pad_lone_image
 from ..fs import StorageOptions
 from ..progress import Progress
@@ -139,19 +139,6 @@ class CamWorker(ShardWorker):
         return entry
 
 
-def shards_decoder(cfg: CamsConfig) -> tuple[Decoder, bool]:
-    """(the decoder, whether the model's actors decode): :func:`pipeline.decoders.stage_decoding`
-    for this cluster's actors (Ray starts first when the choice depends on their GPUs), one
-    resolution for the store's identity and the workers alike."""
-    gpus = 0.0
-    if site_needs_gpus(cfg.decoder, cfg.decode_on):
-        from ..raykit import actor_pool, ensure_ray
-
-        ensure_ray()
-        gpus = actor_pool(cfg.num_actors)[1]
-    return stage_decoding(cfg.decoder, cfg.decode_on, gpus)
-
-
 def cams_from_shards(
     cfg: CamsConfig,
     ckpt: Mapping[str, Any],
@@ -159,22 +146,24 @@ def cams_from_shards(
     selection: ClassSelection,
     todo: list[Any],
     summary: CamsSummary,
+    decoding: tuple[Decoder, bool],
 ) -> CamsSummary:
-    """Explain the shards ``todo`` (not yet in the store) on Ray actors; counts go to ``summary``."""
+    """Explain the shards ``todo`` (not yet in the store) on Ray actors; counts go to ``summary``.
+    ``decoding``: (the decoder, whether the actors decode), as the store's identity records it."""
     from lcam.backbones.preprocessing import Preprocessing
 
     from ..raykit import actor_pool, ensure_ray, run_shard_stage
     from ..shard_tasks import shard_parts
 
     t0, wall0 = time.perf_counter(), time.time()
-    summary.ray_startup_seconds = ensure_ray()
+    summary.ray_startup_seconds += ensure_ray()
     preprocessing = Preprocessing.from_dict(ckpt["backbone"]["preprocessing"])
     items = [
         {"url": s.url, "name": s.name, "count": s.count if s.count is not None else -1, "sha256": s.sha256 or ""}
         for s in todo
     ]
     actors, gpus = actor_pool(cfg.num_actors)
-    decoder, in_actor = stage_decoding(cfg.decoder, cfg.decode_on, gpus)
+    decoder, in_actor = decoding
     progress = Progress(sum(s.count or 0 for s in todo) or None, cfg.progress, what="cams", unit="images")
     ready_at = math.inf
 

@@ -38,11 +38,12 @@ from ..classes import ClassSelection
 from ..device import resolve_device
 from ..errors import UserError
 from ..progress import skipped_lines
+from ..raykit import shard_stage_decoding
 from ..store.cam_store import CamStore
 from ..store.leases import announce_writers
 from .explainer import checkpoint_fingerprint
 from .from_cache import cams_from_cache, cams_from_cache_on_ray
-from .from_shards import cams_from_shards, shards_decoder
+from .from_shards import cams_from_shards
 
 # ---------------------------------------------------------------- bulk generation
 log = logging.getLogger(__name__)
@@ -213,7 +214,8 @@ def generate_cams(cfg: CamsConfig) -> CamsSummary:
     else:
         shards = _list_existing_shards(cfg)
         identity["source"] = {"kind": "images", "preprocessing": backbone["preprocessing"], "view": "center"}
-        decoded_by = shards_decoder(cfg)[0].identity()
+        decoder, in_actor, ray_seconds = shard_stage_decoding(cfg.decoder, cfg.decode_on, cfg.num_actors)
+        decoded_by = decoder.identity()
         if decoded_by is not None:  # only then: stores made with pil keep their fingerprint
             identity["source"]["decoder"] = decoded_by
         store = CamStore.create_or_open(
@@ -225,9 +227,10 @@ def generate_cams(cfg: CamsConfig) -> CamsSummary:
             class_coverage=None if coverage is None else coverage.tolist(),
         )
         todo, summary = _resume(store, shards, lambda s: s.url, f"shards {cfg.shards}")
+        summary.ray_startup_seconds += ray_seconds
         with _writing(store, summary, todo):
             if todo:
-                cams_from_shards(cfg, ckpt, store, selection, todo, summary)
+                cams_from_shards(cfg, ckpt, store, selection, todo, summary, (decoder, in_actor))
 
     if cfg.overlays:
         from .gallery import write_gallery

@@ -27,12 +27,21 @@ import numpy as np
 
 # the config lives in the torch-free pipeline.configs (lcam extract --help reads it)
 from ..configs import ExtractConfig
-from ..decoders import Decoder, site_needs_gpus, stage_decoding
+from ..decoders import Decoder, stage_decoding
 from ..device import autocast_dtype, pad_lone_image
 from ..fs import absolute
 from ..options import validate
 from ..progress import Progress, skipped_lines
-from ..raykit import ShardWorker, StageStats, actor_device, actor_pool, ensure_ray, repin_threads, run_shard_stage
+from ..raykit import (
+    ShardWorker,
+    StageStats,
+    actor_device,
+    actor_pool,
+    ensure_ray,
+    repin_threads,
+    run_shard_stage,
+    shard_stage_decoding,
+)
 from ..shard_tasks import shard_parts
 from ..store.feature_cache import FeatureCache
 from ..store.integrity import KeyOwners
@@ -110,16 +119,14 @@ def cache_identity(backbone: Any, views: Sequence[str], dtype: str, decoder: Dec
     return ident
 
 
-def stage_decoder(cfg: ExtractConfig, actor_gpus: float = 0.0) -> tuple[Decoder, bool]:
-    """(the decoder, whether the model's actors decode) for actors of ``actor_gpus`` GPUs:
-    :func:`pipeline.decoders.stage_decoding`, once for the cache's identity and the workers alike."""
-    return stage_decoding(cfg.decoder, cfg.decode_on, actor_gpus)
-
-
-def open_cache_for(backbone: Any, cfg: ExtractConfig, actor_gpus: float = 0.0) -> FeatureCache:
+def open_cache_for(backbone: Any, cfg: ExtractConfig, decoder: Decoder | None = None) -> FeatureCache:
+    """The cache ``cfg`` names, for features decoded by ``decoder`` (None: the one a cluster
+    without GPUs resolves ``cfg``'s choice to)."""
+    if decoder is None:
+        decoder = stage_decoding(cfg.decoder, cfg.decode_on, 0.0)[0]
     return FeatureCache.create_or_open(
         cfg.cache,
-        cache_identity(backbone, cfg.views, cfg.dtype, stage_decoder(cfg, actor_gpus)[0]),
+        cache_identity(backbone, cfg.views, cfg.dtype, decoder),
         feature_shape=backbone.feature_shape,
         views=cfg.views,
         dtype=cfg.dtype,
@@ -264,13 +271,8 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
     )
     shards = require_shards(cfg.shards, storage_options=cfg.shard_storage_options, index_url=cfg.index)
     backbone = build_backbone(cfg.backbone, cfg.weights)
-    # the decoder can depend on the actors' GPUs (nvJPEG in them): then Ray starts before the
-    # cache opens, as its identity names the decoder
-    ray_seconds, gpus = 0.0, 0.0
-    if site_needs_gpus(cfg.decoder, cfg.decode_on):
-        ray_seconds = ensure_ray()
-        gpus = actor_pool(cfg.num_actors)[1]
-    cache = open_cache_for(backbone, cfg, gpus)
+    decoder, in_actor, ray_seconds = shard_stage_decoding(cfg.decoder, cfg.decode_on, cfg.num_actors)
+    cache = open_cache_for(backbone, cfg, decoder)
     done = cache.done_sources()
     todo = [s for s in shards if s.url not in done]
     summary = ExtractSummary(cfg.cache, cache.fingerprint, len(shards), len(shards) - len(todo), 0)
@@ -299,13 +301,18 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
     preprocessing = backbone.preprocessing
     del backbone  # the actors build their own; free the driver's copy
     try:
-        return _run(cfg, cache, preprocessing, todo, summary)
+        return _run(cfg, cache, preprocessing, todo, summary, (decoder, in_actor))
     finally:
         cache.leases.drop(lease)
 
 
 def _run(
-    cfg: ExtractConfig, cache: FeatureCache, preprocessing: Any, todo: list[Any], summary: ExtractSummary
+    cfg: ExtractConfig,
+    cache: FeatureCache,
+    preprocessing: Any,
+    todo: list[Any],
+    summary: ExtractSummary,
+    decoding: tuple[Decoder, bool],
 ) -> ExtractSummary:
     summary.ray_startup_seconds += ensure_ray()
     known = cache.manifest.get("expected_counts", {})
@@ -315,7 +322,7 @@ def _run(
         for s in todo
     ]
     actors, gpus = actor_pool(cfg.num_actors)
-    decoder, in_actor = stage_decoder(cfg, gpus)
+    decoder, in_actor = decoding
     progress = Progress(total, cfg.progress, what="extract")
     t_pipe = time.perf_counter()
     counts: dict[str, int] = {}
