@@ -182,3 +182,30 @@ def test_small_shards_widen_the_window_up_to_the_rows_asked(ray_local, counts, m
     )
     assert stats.shards_done == len(items) and prepared == [it["url"] for it in items]
     assert seen_at_first == [expected]
+
+
+def test_the_runner_rounds_features_and_logits_to_float16_as_numpy_does():
+    """The runner casts to float16 with torch (on the model's device); the cache's bytes must be
+    numpy's rounding of the same float32 outputs, bit for bit, edge values included (overflow to
+    inf, the largest finite, halfway ties, subnormals, signed zero, NaN)."""
+    import torch
+
+    edges = np.array(
+        [65504, 65519.99, 65520, 1e6, -1e6, 1 + 2**-11, 1 + 3 * 2**-11, 6e-8, 2.9e-8, 1e-9, -0.0, np.inf, np.nan],
+        dtype=np.float32,
+    )
+    rng = np.random.default_rng(0)
+    values = np.concatenate([edges, (rng.standard_normal(4096) * 10.0 ** rng.integers(-9, 6, 4096)).astype(np.float32)])
+    assert np.array_equal(
+        torch.from_numpy(values).half().numpy().view(np.uint16), values.astype(np.float16).view(np.uint16)
+    )
+
+    runner = BackboneRunner(BACKBONE, WEIGHTS, "auto", True, "float16", 1)
+    pixels = rng.integers(0, 256, (3, 1, 3, 64, 64), dtype=np.uint8)
+    out = runner({"pixels": pixels, "error": ["", "", ""]})
+    x = torch.from_numpy(pixels[:, 0]).float().div_(255.0).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        f, logits = runner.model.extract(x)
+    assert out["features"].dtype == np.float16 and out["logits"].dtype == np.float16
+    assert np.array_equal(out["features"][:, 0].view(np.uint16), f.float().numpy().astype(np.float16).view(np.uint16))
+    assert np.array_equal(out["logits"].view(np.uint16), logits.float().numpy().astype(np.float16).view(np.uint16))
