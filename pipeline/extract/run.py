@@ -154,7 +154,7 @@ class BackboneRunner:
         self.autocast = autocast_dtype(precision, self.device)
         self.store_logits = store_logits
         self.out_dtype = {"float16": np.float16, "float32": np.float32, "bfloat16": np.float32}[dtype]
-        # cast by torch on the model's device: 5x faster than numpy's astype on CPU (6.5 vs 1.2 ms
+        # cast by torch on the model's device: ~20x faster than numpy's astype on CPU (6.6 vs ~0.3 ms
         # a 32-image batch), half the bytes off a GPU, and the same IEEE round-to-nearest-even
         self.out_torch_dtype = torch.float16 if self.out_dtype == np.float16 else torch.float32
 
