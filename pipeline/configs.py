@@ -267,15 +267,15 @@ class TrainConfig:
     )
     val_shards: int | None = opt(
         None,
-        "fm: hold back the cache's last N shards (in shard order) for validation: each epoch's loss on them "
-        "picks best.pt, the epoch that explains held-back images best. Default: 1 in 20 of the shards when the "
-        "cache has 20 or more, else 0 (no validation; best.pt = the last epoch)",
+        "hold back the last N shards (the cache's for fm, the image shards' for img; sorted by URL) for "
+        "validation: each epoch's loss on them picks best.pt, the epoch that explains held-back images best. "
+        "Default: 1 in 20 of the shards when there are 20 or more, else 0 (no validation; best.pt = the last epoch)",
         min=0,
         metavar="N",
     )
     train_shards_limit: int | None = opt(
         None,
-        "fm: train on the first N shards of the cache only (after --val-shards are held back; e.g. a learning curve)",
+        "train on the first N shards only (after --val-shards are held back; e.g. a learning curve)",
         min=1,
         flag="--limit-shards",
         metavar="N",

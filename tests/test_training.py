@@ -556,6 +556,62 @@ def test_validation_shards_pick_best_and_keep_prunes_epoch_files(data, backbone,
         train_fm(config(data, tmp_path / "run3", epochs=1, val_shards=4))
 
 
+def test_img_validation_shards_pick_best_over_two_workers(ray_local, data, backbone, tmp_path):
+    """L-CAM-Img with --val-shards 1 on 2 Ray Train workers: the last shard (by URL) is held back; each
+    epoch's validation loss is the L-CAM-Img loss of the exported attention on all of its images (split
+    unequally over the workers, summed; recomputed here in one batch), and best.pt is the lowest epoch."""
+    cache = data["caches"]["float16"]
+    out = tmp_path / "img-val"
+    summary = train_img(
+        TrainConfig(
+            method="img",
+            out=str(out),
+            shards=str(data["shards"]),
+            cache=cache.url,
+            augment="center",
+            target="predicted",
+            epochs=2,
+            batch_size=BATCH,
+            lr=0.5,
+            schedule="onecycle",
+            workers=2,
+            val_shards=1,
+            keep=0,
+            recipe_rule="spec",
+            cpus_per_worker=0.5,
+            ray_storage=str(tmp_path / "ray"),
+            progress=False,
+        )
+    )
+    held = sorted(info.url for info in list_shards(str(data["shards"])))[-1]
+    ckpt = load_checkpoint(str(out / "checkpoint.pt"))
+    assert ckpt["config"]["val_shard_ids"] == [held] and len(ckpt["config"]["shards"]) == N_IMAGES // PER_SHARD
+    epochs = [
+        r
+        for r in (json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines())
+        if r["kind"] == "epoch"
+    ]
+    # training: 9 images, equal split over 2 workers (4 each); validation: all 3 held-back images
+    assert [(r["samples"], r["val_samples"]) for r in epochs] == [(8, PER_SHARD), (8, PER_SHARD)]
+    keys = [s.key for s in read_shard(next(i for i in list_shards(str(data["shards"])) if i.url == held))]
+    images = torch.stack([data["images"][k] for k in keys])
+    feats = torch.stack([data["feats"][k] for k in keys]).half().float()  # the cache's float16, as pass 1 reads it
+    targets = torch.tensor([data["top1"][k] for k in keys])
+    for r in epochs:
+        att = init_attention(backbone, 0)
+        att.load_state_dict(load_checkpoint(str(out / f"epoch-{r['epoch']:03d}.pt"))["attention"])
+        with torch.no_grad():
+            logits, maps = LCAM(backbone, att).training_forward("img", targets, feats=feats, images=images)
+            loss = LCAMLoss()(logits, targets, maps)
+        assert abs(float(loss.total) - r["val_loss"]) < 1e-4 and abs(float(loss.ce) - r["val_ce"]) < 1e-4
+    best = min(epochs, key=lambda r: r["val_loss"])["epoch"]
+    assert summary.best_epoch == best
+    assert torch.equal(
+        load_checkpoint(str(out / "best.pt"))["attention"]["conv.weight"],
+        load_checkpoint(str(out / f"epoch-{best:03d}.pt"))["attention"]["conv.weight"],
+    )
+
+
 def test_decay_to_start_pulls_towards_the_start_not_zero(backbone, data):
     """Recipe.decay_to "start": the gradient gets weight_decay * (p - start) instead of SGD's weight_decay * p.
     After one step from the start (Nesterov, first step: update = lr * (1 + momentum) * grad), a row no target

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator
 
 import torch
 
@@ -19,7 +19,6 @@ from ..device import autocast_dtype, resolve_device
 from ..errors import UserError
 from ..fs import exists
 from ..progress import Progress, say
-from .checkpoints import CheckpointMismatch
 from .run_folder import (
     CHECKPOINT,
     CURVES,
@@ -34,6 +33,7 @@ from .run_folder import (
     validation_fields,
 )
 from .setup import RunPlan, TrainStart, TrainSummary, backbone_for_cache
+from .split import split_held_back
 
 # a training task lost with its worker or node runs again from its last checkpoint, 3 times in all
 LOST_TASK_ATTEMPTS = 3
@@ -65,7 +65,7 @@ def run_fm(start: TrainStart) -> TrainSummary:
         raise UserError(
             f"the feature cache {cache.url} holds no finished shards yet; run (or finish) `lcam extract` first"
         )
-    train_ids, val_ids = split_cache_shards(cache, cfg, start.ckpt)
+    train_ids, val_ids = split_held_back(cache.shard_ids(), cfg, start.ckpt, f"the feature cache {cache.url}")
     backbone = backbone_for_cache(cache, cfg.weights)
     stored_limit = start.ckpt["config"].get("train_shards_limit") if start.ckpt is not None else cfg.train_shards_limit
     plan = start.begin(
@@ -120,49 +120,6 @@ def run_fm(start: TrainStart) -> TrainSummary:
         return _train_fm_loop(start, plan, cache, backbone, loader, device, t0, val_loader)
     finally:
         torch.set_num_threads(threads_before)
-
-
-def split_cache_shards(cache: Any, cfg: TrainConfig, ckpt: Mapping[str, Any] | None) -> tuple[list[str], list[str]]:
-    """(training shard ids, validation shard ids) of the cache: the last ``val_shards`` shards in
-    shard order are held back (default: 1 in 20 when the cache has 20 or more), the first
-    ``train_shards_limit`` of the rest train. On resume, the checkpoint's split."""
-    ids = cache.shard_ids()
-    run = (ckpt or {}).get("config", {})
-    if ckpt is not None:
-        held = list(run.get("val_shard_ids") or [])  # runs saved before validation existed: none
-        if cfg.val_shards is not None and cfg.val_shards != len(held):
-            raise CheckpointMismatch(
-                lambda flag: (
-                    f"cannot resume with {flag('val_shards')} {cfg.val_shards}: the run holds back "
-                    f"{len(held)} shards; drop the option or start a new run"
-                )
-            )
-        missing = [s for s in held if s not in ids]
-        if missing:
-            raise UserError(
-                f"the run's validation shards {missing[:3]} are no longer in the cache {cache.url}; start a new run"
-            )
-        rest = [s for s in ids if s not in set(held)]
-        limit = run.get("train_shards_limit")
-        return (rest[:limit] if limit else rest), held
-    n_val = cfg.val_shards if cfg.val_shards is not None else (len(ids) // 20 if len(ids) >= 20 else 0)
-    if n_val >= len(ids):
-        raise UserError(
-            lambda flag: (
-                f"{flag('val_shards')} {n_val} holds back every shard of the cache {cache.url} ({len(ids)}): "
-                "leave some to train on"
-            )
-        )
-    held = ids[len(ids) - n_val :] if n_val else []
-    rest = ids[: len(ids) - n_val]
-    if cfg.train_shards_limit is not None and cfg.train_shards_limit > len(rest):
-        raise UserError(
-            lambda flag: (
-                f"{flag('train_shards_limit')} {cfg.train_shards_limit}: the cache {cache.url} has only {len(rest)} "
-                "training shards (after the validation shards)"
-            )
-        )
-    return (rest[: cfg.train_shards_limit] if cfg.train_shards_limit else rest), held
 
 
 def _train_fm_loop(

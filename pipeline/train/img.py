@@ -31,12 +31,18 @@ from .run_folder import (
     METRICS,
     RunFolder,
     StepWindow,
+    best_epoch,
     epoch_record,
     format_epoch,
     history_until,
     trainer_state_from_checkpoint,
+    validation_fields,
 )
 from .setup import TrainStart, TrainSummary, export_fill, initial_attention
+from .split import split_held_back
+
+# Ray Train's dataset names: the training shards, and the held-back ones that pick best.pt
+TRAIN, VAL = "train", "val"
 
 
 # ---------------------------------------------------------------- L-CAM-Img: the Ray Train worker loop
@@ -115,7 +121,32 @@ def _img_worker_loop(config: dict[str, Any]) -> None:
         if rank != 0:  # the saved partial-epoch sums are global: count them once in the all-reduce
             trainer.running = MetricSums()
     progress = config.get("progress_queue")
-    shard = ray.train.get_dataset_shard("train")
+    shard = ray.train.get_dataset_shard(TRAIN)
+    held_back = ray.train.get_dataset_shard(VAL) if plan["validate"] else None
+
+    def validate() -> torch.Tensor | None:
+        """The exported attention (untrained rows filled, row prior applied) on this worker's part
+        of the held-back images, summed over the workers; every worker takes part (a collective)."""
+        if held_back is None:
+            return None
+        state = trainer.state_dict()
+        exported = fill(state["attention"], trainer.coverage).state if fill is not None else state["attention"]
+        rows = held_back.iter_batches(batch_size=plan["worker_batch"], batch_format="numpy", prefetch_batches=2)
+        batches = image_batches(
+            rows,
+            augment="center",
+            crop=backbone.preprocessing.crop,
+            seed=plan["run"]["seed"],
+            epoch=0,
+            target=plan["run"]["target"],
+            skipped=[],
+            top_k=trainer.top_k,
+        )
+        total = trainer.evaluate(batches, exported).to_tensor()
+        if world > 1:
+            dist.all_reduce(total)
+        return total
+
     skipped: list[str] = []
     while trainer.epoch < recipe.epochs:
         window, t_epoch, last_sent, lr_used = StepWindow(), time.perf_counter(), 0.0, [trainer.lr]
@@ -165,6 +196,7 @@ def _img_worker_loop(config: dict[str, Any]) -> None:
         sums = trainer.train_epoch(batches, max_steps=cfg.max_steps, on_step=on_step)
         stopped = sums is None
         total = (trainer.running if stopped else sums).to_tensor()
+        val_total = None if stopped else validate()
         n_skipped = torch.tensor([float(len(skipped))], dtype=torch.float64)
         if world > 1:
             dist.all_reduce(total)
@@ -187,6 +219,7 @@ def _img_worker_loop(config: dict[str, Any]) -> None:
                         time.perf_counter() - t_epoch,
                         workers=world,
                         skipped=int(n_skipped.item()),
+                        **(validation_fields(MetricSums.from_tensor(val_total)) if val_total is not None else {}),
                     )
                     history.append(rec)
                     metrics.update(rec)
@@ -201,8 +234,9 @@ def _img_worker_loop(config: dict[str, Any]) -> None:
                     history=history,
                     fill=fill,
                 )
-                # no validation part here: best.pt is the last epoch
-                run_dir.save(state, epoch_end=not stopped, best=not stopped, keep=cfg.keep, **kw)
+                chosen = best_epoch(history)  # without a held-back part: None, best.pt is the last epoch
+                best = not stopped and (chosen is None or chosen == trainer.epoch)
+                run_dir.save(state, epoch_end=not stopped, best=best, keep=cfg.keep, **kw)
                 run_dir.write_metrics(history)
                 RunFolder(tmp).save(state, epoch_end=False, **kw)  # the same file for Ray Train's own restarts
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
@@ -214,6 +248,24 @@ def _img_worker_loop(config: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------- L-CAM-Img: the driver
+def held_back_data_config() -> Any:
+    """Ray Train's dataset split: the training stream as Ray Train splits it (``equal``: every
+    worker the same number of steps, the remainder dropped), the held-back images split
+    unequally, so that the validation loss counts every one of them."""
+    from ray.train import DataConfig
+
+    class HeldBackSplit(DataConfig):
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):  # type: ignore[override]
+            rest = {k: v for k, v in datasets.items() if k != VAL}
+            out = super().configure(rest, world_size, worker_handles, worker_node_ids, **kwargs)
+            if VAL in datasets:
+                for i, split in enumerate(datasets[VAL].streaming_split(world_size, equal=False)):
+                    out[i][VAL] = split
+            return out
+
+    return HeldBackSplit(datasets_to_split=[TRAIN])
+
+
 RAY_TRAIN_FOLDER = "ray-train"
 
 
@@ -235,6 +287,11 @@ def ray_train_storage(cfg: TrainConfig) -> tuple[str, Any]:
     if "://" not in url:
         return path, None  # local: Ray Train's own local filesystem
     return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+def shards_named(shards: str | Sequence[str]) -> str:
+    """The training shards as errors name them: the pattern given, or a resumed run's list by its size."""
+    return f"the shards {shards}" if isinstance(shards, str) else f"the run's {len(shards)} shards"
 
 
 def _shard_counts(shards: Sequence[Any], storage_options: StorageOptions) -> list[Any]:
@@ -332,12 +389,25 @@ def run_img(start: TrainStart) -> TrainSummary:
     backbone = build_backbone(name or "efficientnet_lite0", weights or "default")
     ident = backbone.describe()
     cache, view_index = _img_cache(cfg, augment, backbone, shards)
-    shards = _shard_counts(shards, cfg.shard_storage_options)
+    shards = sorted(_shard_counts(shards, cfg.shard_storage_options), key=lambda s: s.url)
+    # the held-back part: the same rule (and, over the same shards, the same images) as L-CAM-Fm's
+    train_urls, val_urls = split_held_back([s.url for s in shards], cfg, ckpt, shards_named(cfg.shards))
+    by_url = {s.url: s for s in shards}
+    val_part = [by_url[u] for u in val_urls]
+    shards = [by_url[u] for u in train_urls]
+    stored_limit = ckpt["config"].get("train_shards_limit") if ckpt is not None else cfg.train_shards_limit
     # a bad --init / --init-from / --uncovered fails here, before Ray starts
     run_plan = start.begin(
         backbone,
         sum(s.count for s in shards),
-        {"shards": [s.url for s in shards], "cache": cache.url if cache else None, "workers": cfg.workers},
+        {
+            "shards": sorted(by_url),  # every shard given: a resume splits them again as recorded below
+            "cache": cache.url if cache else None,
+            "workers": cfg.workers,
+            "val_shards": len(val_urls),
+            "train_shards_limit": stored_limit,
+            "val_shard_ids": val_urls,
+        },
         cache.fingerprint if cache is not None else None,
     )
     recipe, run_cfg = run_plan.recipe, run_plan.run_cfg
@@ -390,10 +460,7 @@ def run_img(start: TrainStart) -> TrainSummary:
 
     ensure_ray()
     use_gpu = bool(ray.cluster_resources().get("GPU", 0)) if cfg.use_gpu is None else cfg.use_gpu
-    ds = build_image_dataset(
-        shards,
-        backbone.preprocessing,
-        run_cfg["augment"],
+    data_kw = dict(
         cache=cache,
         view_index=view_index,
         storage_options=cfg.shard_storage_options,
@@ -401,6 +468,9 @@ def run_img(start: TrainStart) -> TrainSummary:
         data_cpus=cfg.data_cpus,
         decoder=resolve_decoder(cfg.decoder, device="cpu"),  # Ray Data's decode tasks are CPU tasks
     )
+    datasets = {TRAIN: build_image_dataset(shards, backbone.preprocessing, run_cfg["augment"], **data_kw)}
+    if val_part:  # the clean centre crop, as explained later; every worker evaluates its part
+        datasets[VAL] = build_image_dataset(val_part, backbone.preprocessing, "center", **data_kw)
     del backbone  # the workers build their own
     plan = {
         "backbone": ident["backbone"],
@@ -410,6 +480,7 @@ def run_img(start: TrainStart) -> TrainSummary:
         "steps_per_epoch": steps_per_epoch,
         "worker_batch": worker_batch,
         "cache_fingerprint": cache.fingerprint if cache else None,
+        "validate": bool(val_part),
     }
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
 
@@ -432,13 +503,19 @@ def run_img(start: TrainStart) -> TrainSummary:
             failure_config=FailureConfig(max_failures=0),
             checkpoint_config=CheckpointConfig(num_to_keep=1),
         ),
-        datasets={"train": ds},
+        datasets=datasets,
+        dataset_config=held_back_data_config(),
     )
     say(
         enabled=cfg.progress,
         line=f"L-CAM-Img: {total} images in {len(shards)} shards, {cfg.workers} worker(s) ({'GPU' if use_gpu else 'CPU'}), "
         f"{steps_per_epoch} steps/epoch of {recipe.batch_size} ({worker_batch} per worker), lr {recipe.lr:g} ({recipe.schedule}), "
-        f"augment {run_cfg['augment']}, pass 1 {'from the cache' if cache else 'by the backbone'}",
+        f"augment {run_cfg['augment']}, pass 1 {'from the cache' if cache else 'by the backbone'}"
+        + (
+            f"; {sum(s.count for s in val_part)} images in {len(val_part)} held-back shards pick best.pt"
+            if val_part
+            else ""
+        ),
     )
     try:
         with raise_user_errors():  # a worker's UserError: one line, as in-process
