@@ -334,7 +334,7 @@ def test_recipe_by_data_size(toy, tmp_path):
         k: run[k] for k in ("recipe_rule", "recipe", "init", "row_prior", "uncovered")
     }
     assert recipe_for_data("efficientnet_lite0", "img", 800) == Recipe(
-        lr=0.1, epochs=4, batch_size=8, schedule="onecycle"
+        lr=0.03, epochs=4, batch_size=8, schedule="onecycle", decay_to="start"
     )
     assert recipe_for_data("resnet50", "fm", 1_281_167) == Recipe(lr=1e-4, epochs=26, gamma=0.95, decay_epochs=12)
 

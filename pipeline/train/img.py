@@ -196,6 +196,7 @@ def _img_worker_loop(config: dict[str, Any]) -> None:
         sums = trainer.train_epoch(batches, max_steps=cfg.max_steps, on_step=on_step)
         stopped = sums is None
         total = (trainer.running if stopped else sums).to_tensor()
+        seconds = time.perf_counter() - t_epoch  # the training's, as L-CAM-Fm's records give it
         val_total = None if stopped else validate()
         n_skipped = torch.tensor([float(len(skipped))], dtype=torch.float64)
         if world > 1:
@@ -216,7 +217,7 @@ def _img_worker_loop(config: dict[str, Any]) -> None:
                         trainer.global_step,
                         MetricSums.from_tensor(total),
                         lr_used[0],
-                        time.perf_counter() - t_epoch,
+                        seconds,
                         workers=world,
                         skipped=int(n_skipped.item()),
                         **(validation_fields(MetricSums.from_tensor(val_total)) if val_total is not None else {}),
