@@ -53,6 +53,20 @@ VERBOSE_ENV = "LCAM_VERBOSE"  # set by `lcam --verbose`: Ray's own log lines are
 # nobody watches it, and its processes took ~2.5 ms of CPU per extracted image on 2 cores
 # (benchmarks/RESULTS.md, "Extraction: where the CPU goes"). LCAM_RAY_DASHBOARD=1 keeps it.
 DASHBOARD_ENV = "LCAM_RAY_DASHBOARD"
+# ... and, without the dashboard, Ray's metrics are off, its log monitor rescans the log folder
+# every 5 s instead of every 0.1 s, and its dashboard agent takes its node stats (psutil over
+# every Ray process) every 60 s instead of every 5 s: nothing reads any of them (no dashboard or
+# Prometheus; the log monitor only forwards workers' output to drivers, and ours say
+# log_to_driver=False). Measured on 2 cores (benchmarks/RESULTS.md, "Ray's own processes, idle
+# and under small tasks"): Ray's daemons 32 -> 20 ms of CPU a second idle, 65 -> 44 at 15
+# small tasks a second (metrics ~7 idle / ~14 busy, the log monitor's scans ~6, the node stats
+# ~2.5). Ray's memory monitor (OOM protection) and task events (the state API) stay as they are.
+QUIET_SYSTEM_CONFIG = {"enable_metrics_collection": False}
+QUIET_RAY_ENV = {  # read by the log monitor and the dashboard agent that ray.init starts
+    "LOG_NAME_UPDATE_INTERVAL_S": "5",
+    "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0",  # else it rescans at every 0.1 s poll under 1,000 files
+    "REPORTER_UPDATE_INTERVAL_MS": "60000",
+}
 
 
 def set_local_ray_env() -> None:
@@ -117,6 +131,10 @@ def ensure_ray() -> float:
             kwargs["object_store_memory"] = local_object_store_bytes()
             kwargs["address"] = "local"  # a new one even where a stale address file names a Ray that is gone
             kwargs["include_dashboard"] = os.environ.get(DASHBOARD_ENV, "") not in ("", "0")
+            if not kwargs["include_dashboard"]:  # with it, its metrics pages need both
+                kwargs["_system_config"].update(QUIET_SYSTEM_CONFIG)
+                for name, value in QUIET_RAY_ENV.items():  # the user's values win
+                    os.environ.setdefault(name, value)
         ray.init(ignore_reinit_error=True, log_to_driver=False, configure_logging=False, **kwargs)
     from ray.data import DataContext
 

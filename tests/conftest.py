@@ -65,12 +65,13 @@ def ray_local():
     # Configured as pipeline.raykit.ensure_ray configures a local Ray: beyond num_cpus idle
     # workers Ray kills the spare ones after 1 s, and every later task or actor then starts
     # a fresh worker that imports torch again (seconds of CPU each, many times per test run).
+    # Ray's metrics off, as there (its log monitor's slower scan is ensure_ray's environment).
     kwargs = dict(
         num_cpus=2,
         include_dashboard=False,
         log_to_driver=False,
         configure_logging=False,
-        _system_config={"num_workers_soft_limit": 8},
+        _system_config={"num_workers_soft_limit": 8, "enable_metrics_collection": False},
     )
     if not ray.is_initialized():
         try:

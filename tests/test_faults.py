@@ -961,6 +961,50 @@ def test_finished_command_exits_at_once_and_leaves_no_ray_process(packed, tmp_pa
     shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
 
 
+LOCAL_RAY_PROBE = """
+import json, os
+from pipeline.raykit import ensure_ray, stop_local_ray
+from pipeline.processes import descendant_pids
+ensure_ray()
+from ray._private.state import state
+env = {}
+for pid in descendant_pids(os.getpid()):
+    try:
+        if b"log_monitor.py" in open(f"/proc/{pid}/cmdline", "rb").read():
+            env = dict(v.split("=", 1) for v in open(f"/proc/{pid}/environ").read().split("\\0") if "=" in v)
+    except OSError:
+        pass
+print(json.dumps({"config": state.get_system_config(), "log_monitor_env": env}))
+stop_local_ray()
+"""
+
+
+def test_a_local_ray_of_ours_runs_without_metrics_and_polls_less():
+    """A Ray that ``ensure_ray`` starts (no dashboard) has Ray's metrics collection off, its log
+    monitor rescanning the log folder every 5 s (not every 0.1 s) and its dashboard agent taking
+    node stats every 60 s (not 5 s): its daemons' CPU cut by a third on 2 cores (benchmarks/RESULTS.md).
+    Its memory monitor (OOM protection) and task events stay on. The Ray processes that ray.init
+    starts inherit the environment; the log monitor's is read (the agent retitles itself)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "LCAM_RAY_DASHBOARD")}
+    env.update(PYTHONPATH=ROOT, RAY_TMPDIR=tempfile.mkdtemp(prefix="rq-", dir="/tmp"))
+    for name in ("LOG_NAME_UPDATE_INTERVAL_S", "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "REPORTER_UPDATE_INTERVAL_MS"):
+        env.pop(name, None)
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", LOCAL_RAY_PROBE], env=env, cwd=ROOT, capture_output=True, text=True, timeout=240
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        seen = json.loads(out.stdout.strip().splitlines()[-1])
+    finally:
+        shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+    config = seen["config"]
+    assert config.get("enable_metrics_collection") is False, config
+    assert config.get("memory_monitor_refresh_ms", 250) > 0 and "task_events_report_interval_ms" not in config
+    assert seen["log_monitor_env"].get("LOG_NAME_UPDATE_INTERVAL_S") == "5", sorted(seen["log_monitor_env"])
+    assert seen["log_monitor_env"].get("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD") == "0"
+    assert seen["log_monitor_env"].get("REPORTER_UPDATE_INTERVAL_MS") == "60000"
+
+
 def test_a_running_ray_start_head_is_joined_not_refused(packed, tmp_path):
     """`ray start --head` left running on this machine (RAY_ADDRESS unset): the command joins it
     (Ray refuses a new Ray's settings for a running cluster: that was a ValueError traceback),
