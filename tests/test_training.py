@@ -111,6 +111,26 @@ def config(data, out, **kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
+def img_config(data, out, ray_storage, **kw) -> TrainConfig:
+    """L-CAM-Img on 2 Ray Train workers, pass 1 from the float16 cache, the SPEC's recipe."""
+    base = dict(
+        method="img",
+        out=str(out),
+        shards=str(data["shards"]),
+        cache=data["caches"]["float16"].url,
+        augment="center",
+        target="predicted",
+        batch_size=BATCH,
+        workers=2,
+        recipe_rule="spec",
+        cpus_per_worker=0.5,
+        ray_storage=str(ray_storage),
+        progress=False,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
 def train_steps(backbone, batches_of_epoch, steps: int, recipe: Recipe) -> LCAMTrainer:
     trainer = LCAMTrainer(LCAM(backbone, init_attention(backbone, 0)), "fm", recipe, N_IMAGES // BATCH)
     while trainer.global_step < steps:
@@ -438,23 +458,7 @@ def test_img_ray_train_two_workers_checkpoint_loads_and_explains(ray_local, data
     keep = Keep()
     logging.getLogger("lcam").addHandler(keep)
     try:
-        summary = train_img(
-            TrainConfig(
-                method="img",
-                out=str(out),
-                shards=str(data["shards"]),
-                cache=data["caches"]["float16"].url,
-                augment="center",
-                target="predicted",
-                epochs=1,
-                batch_size=BATCH,
-                workers=2,
-                recipe_rule="spec",
-                cpus_per_worker=0.5,
-                ray_storage=str(tmp_path / "ray"),
-                progress=True,
-            )
-        )
+        summary = train_img(img_config(data, out, tmp_path / "ray", epochs=1, progress=True))
     finally:
         logging.getLogger("lcam").removeHandler(keep)
     assert summary.epochs_done == 1 and summary.steps == 3 and not summary.stopped_early
@@ -511,6 +515,24 @@ def test_img_ray_train_two_workers_checkpoint_loads_and_explains(ray_local, data
     )
 
 
+def assert_validation_picks_best(out, epochs, best_epoch, backbone, method, targets, **inputs) -> None:
+    """Every epoch record's validation loss is the L-CAM loss of that epoch's exported attention on the
+    held-back ``inputs`` (recomputed here in one batch), and best.pt is the epoch with the lowest."""
+    for r in epochs:
+        att = init_attention(backbone, 0)
+        att.load_state_dict(load_checkpoint(str(out / f"epoch-{r['epoch']:03d}.pt"))["attention"])
+        with torch.no_grad():
+            logits, maps = LCAM(backbone, att).training_forward(method, targets, **inputs)
+            loss = LCAMLoss()(logits, targets, maps)
+        assert abs(float(loss.total) - r["val_loss"]) < 1e-4 and abs(float(loss.ce) - r["val_ce"]) < 1e-4
+    best = min(epochs, key=lambda r: r["val_loss"])["epoch"]
+    assert best_epoch == best
+    assert torch.equal(
+        load_checkpoint(str(out / "best.pt"))["attention"]["conv.weight"],
+        load_checkpoint(str(out / f"epoch-{best:03d}.pt"))["attention"]["conv.weight"],
+    )
+
+
 def test_validation_shards_pick_best_and_keep_prunes_epoch_files(data, backbone, tmp_path):
     """--val-shards 1: the last shard is held back; every epoch's validation loss is the L-CAM loss of the
     exported attention on its samples (recomputed here independently); best.pt is the epoch with the lowest;
@@ -531,20 +553,7 @@ def test_validation_shards_pick_best_and_keep_prunes_epoch_files(data, backbone,
         feats.append(torch.from_numpy(np.asarray(f, dtype=np.float32)))
     f = torch.cat(feats)
     targets = torch.tensor([data["top1"][k] for k in keys])
-    for r in epochs:
-        ck = load_checkpoint(str(out / f"epoch-{r['epoch']:03d}.pt"))
-        att = init_attention(backbone, 0)
-        att.load_state_dict(ck["attention"])
-        with torch.no_grad():
-            logits, maps = LCAM(backbone, att).training_forward("fm", targets, feats=f)
-            loss = LCAMLoss()(logits, targets, maps)
-        assert abs(float(loss.total) - r["val_loss"]) < 1e-4 and abs(float(loss.ce) - r["val_ce"]) < 1e-4
-    best = min(epochs, key=lambda r: r["val_loss"])["epoch"]
-    assert s.best_epoch == best
-    assert torch.equal(
-        load_checkpoint(str(out / "best.pt"))["attention"]["conv.weight"],
-        load_checkpoint(str(out / f"epoch-{best:03d}.pt"))["attention"]["conv.weight"],
-    )
+    assert_validation_picks_best(out, epochs, s.best_epoch, backbone, "fm", targets, feats=f)
     # --keep 2 and a training subset
     out2 = tmp_path / "run2"
     train_fm(config(data, out2, epochs=4, val_shards=1, train_shards_limit=2, keep=2))
@@ -560,28 +569,9 @@ def test_img_validation_shards_pick_best_over_two_workers(ray_local, data, backb
     """L-CAM-Img with --val-shards 1 on 2 Ray Train workers: the last shard (by URL) is held back; each
     epoch's validation loss is the L-CAM-Img loss of the exported attention on all of its images (split
     unequally over the workers, summed; recomputed here in one batch), and best.pt is the lowest epoch."""
-    cache = data["caches"]["float16"]
     out = tmp_path / "img-val"
     summary = train_img(
-        TrainConfig(
-            method="img",
-            out=str(out),
-            shards=str(data["shards"]),
-            cache=cache.url,
-            augment="center",
-            target="predicted",
-            epochs=2,
-            batch_size=BATCH,
-            lr=0.5,
-            schedule="onecycle",
-            workers=2,
-            val_shards=1,
-            keep=0,
-            recipe_rule="spec",
-            cpus_per_worker=0.5,
-            ray_storage=str(tmp_path / "ray"),
-            progress=False,
-        )
+        img_config(data, out, tmp_path / "ray", epochs=2, lr=0.5, schedule="onecycle", val_shards=1, keep=0)
     )
     held = sorted(info.url for info in list_shards(str(data["shards"])))[-1]
     ckpt = load_checkpoint(str(out / "checkpoint.pt"))
@@ -597,19 +587,7 @@ def test_img_validation_shards_pick_best_over_two_workers(ray_local, data, backb
     images = torch.stack([data["images"][k] for k in keys])
     feats = torch.stack([data["feats"][k] for k in keys]).half().float()  # the cache's float16, as pass 1 reads it
     targets = torch.tensor([data["top1"][k] for k in keys])
-    for r in epochs:
-        att = init_attention(backbone, 0)
-        att.load_state_dict(load_checkpoint(str(out / f"epoch-{r['epoch']:03d}.pt"))["attention"])
-        with torch.no_grad():
-            logits, maps = LCAM(backbone, att).training_forward("img", targets, feats=feats, images=images)
-            loss = LCAMLoss()(logits, targets, maps)
-        assert abs(float(loss.total) - r["val_loss"]) < 1e-4 and abs(float(loss.ce) - r["val_ce"]) < 1e-4
-    best = min(epochs, key=lambda r: r["val_loss"])["epoch"]
-    assert summary.best_epoch == best
-    assert torch.equal(
-        load_checkpoint(str(out / "best.pt"))["attention"]["conv.weight"],
-        load_checkpoint(str(out / f"epoch-{best:03d}.pt"))["attention"]["conv.weight"],
-    )
+    assert_validation_picks_best(out, epochs, summary.best_epoch, backbone, "img", targets, feats=feats, images=images)
 
 
 def test_decay_to_start_pulls_towards_the_start_not_zero(backbone, data):
