@@ -65,9 +65,9 @@ def run_fm(start: TrainStart) -> TrainSummary:
         raise UserError(
             f"the feature cache {cache.url} holds no finished shards yet; run (or finish) `lcam extract` first"
         )
-    train_ids, val_ids = split_held_back(cache.shard_ids(), cfg, start.ckpt, f"the feature cache {cache.url}")
+    split = split_held_back(cache.shard_ids(), cfg, start.ckpt, f"the feature cache {cache.url}")
+    train_ids, val_ids = split.train, split.held
     backbone = backbone_for_cache(cache, cfg.weights)
-    stored_limit = start.ckpt["config"].get("train_shards_limit") if start.ckpt is not None else cfg.train_shards_limit
     plan = start.begin(
         backbone,
         sum(cache.num_rows(s) for s in train_ids),
@@ -75,9 +75,7 @@ def run_fm(start: TrainStart) -> TrainSummary:
             "cache": cache.url,
             "cache_fingerprint": cache.fingerprint,
             "cache_views": list(cache.views),
-            "val_shards": len(val_ids),
-            "train_shards_limit": stored_limit,
-            "val_shard_ids": val_ids,
+            **split.run_fields(),
         },
         cache.fingerprint,
         f"the backbone of the cache {cache.url}",

@@ -392,11 +392,10 @@ def run_img(start: TrainStart) -> TrainSummary:
     cache, view_index = _img_cache(cfg, augment, backbone, shards)
     shards = sorted(_shard_counts(shards, cfg.shard_storage_options), key=lambda s: s.url)
     # the held-back part: the same rule (and, over the same shards, the same images) as L-CAM-Fm's
-    train_urls, val_urls = split_held_back([s.url for s in shards], cfg, ckpt, shards_named(cfg.shards))
+    split = split_held_back([s.url for s in shards], cfg, ckpt, shards_named(cfg.shards))
     by_url = {s.url: s for s in shards}
-    val_part = [by_url[u] for u in val_urls]
-    shards = [by_url[u] for u in train_urls]
-    stored_limit = ckpt["config"].get("train_shards_limit") if ckpt is not None else cfg.train_shards_limit
+    val_part = [by_url[u] for u in split.held]
+    shards = [by_url[u] for u in split.train]
     # a bad --init / --init-from / --uncovered fails here, before Ray starts
     run_plan = start.begin(
         backbone,
@@ -405,9 +404,7 @@ def run_img(start: TrainStart) -> TrainSummary:
             "shards": sorted(by_url),  # every shard given: a resume splits them again as recorded below
             "cache": cache.url if cache else None,
             "workers": cfg.workers,
-            "val_shards": len(val_urls),
-            "train_shards_limit": stored_limit,
-            "val_shard_ids": val_urls,
+            **split.run_fields(),
         },
         cache.fingerprint if cache is not None else None,
     )

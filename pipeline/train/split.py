@@ -7,6 +7,7 @@ keeps the split its checkpoint records."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from ..configs import TrainConfig
@@ -22,12 +23,23 @@ def default_val_shards(n_shards: int) -> int:
     return n_shards // DEFAULT_HOLD_BACK_ONE_IN if n_shards >= DEFAULT_HOLD_BACK_ONE_IN else 0
 
 
-def split_held_back(
-    ids: Sequence[str], cfg: TrainConfig, ckpt: Mapping[str, Any] | None, where: str
-) -> tuple[list[str], list[str]]:
-    """(training ids, held-back ids) of ``ids`` (in the order given: sorted by source URL);
-    ``where`` names them in errors ("the feature cache s3://..."). On resume, the checkpoint's
-    held-back ids (``val_shard_ids``) and training limit."""
+@dataclass(frozen=True)
+class HeldBack:
+    """A run's split: the ids it trains on, the ids it holds back, and the ``--limit-shards`` it records."""
+
+    train: list[str]
+    held: list[str]
+    limit: int | None
+
+    def run_fields(self) -> dict[str, Any]:
+        """What the run's checkpoints record, so that a resume splits the same way."""
+        return {"val_shards": len(self.held), "train_shards_limit": self.limit, "val_shard_ids": self.held}
+
+
+def split_held_back(ids: Sequence[str], cfg: TrainConfig, ckpt: Mapping[str, Any] | None, where: str) -> HeldBack:
+    """The split of ``ids`` (in the order given: sorted by source URL); ``where`` names them in
+    errors ("the feature cache s3://..."). On resume, the checkpoint's held-back ids
+    (``val_shard_ids``) and training limit."""
     ids = list(ids)
     if ckpt is not None:
         run = ckpt.get("config", {})
@@ -44,7 +56,7 @@ def split_held_back(
             raise UserError(f"the run's validation shards {missing[:3]} are no longer in {where}; start a new run")
         rest = [s for s in ids if s not in set(held)]
         limit = run.get("train_shards_limit")
-        return (rest[:limit] if limit else rest), held
+        return HeldBack(rest[:limit] if limit else rest, held, limit)
     n_val = cfg.val_shards if cfg.val_shards is not None else default_val_shards(len(ids))
     if n_val >= len(ids):
         raise UserError(
@@ -61,4 +73,5 @@ def split_held_back(
                 "training shards (after the validation shards)"
             )
         )
-    return (rest[: cfg.train_shards_limit] if cfg.train_shards_limit else rest), held
+    limit = cfg.train_shards_limit
+    return HeldBack(rest[:limit] if limit else rest, held, limit)
